@@ -1,0 +1,18 @@
+"""fastopt: optimizer steps as fused single-pass Numba kernels over flat float32 buffers.
+
+>>> import numpy as np, fastopt
+>>> params = {"w": np.ones((3, 2), np.float32), "b": np.zeros(2, np.float32)}
+>>> opt = fastopt.Adam(params, lr=0.1)
+>>> opt.grads["w"][:] = 1.0
+>>> opt.step()
+>>> round(float(opt.params["w"][0, 0]), 6)  # Adam's first step moves by lr
+0.9
+"""
+
+from .flat import adopt
+from .optim import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, NAdam, Optimizer, RMSprop
+
+__version__ = "0.1.0"
+
+__all__ = ["SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "NAdam", "Optimizer",
+           "RMSprop", "adopt"]

@@ -1,0 +1,120 @@
+"""Where the buffers live: NumPy arrays run the CPU kernels, CUDA arrays the CUDA ones.
+
+A backend turns user arrays into its own array type without copying, allocates and
+fills flat buffers, and launches a rule's kernel. Both offer the same small interface,
+so the optimizers never branch on the device.
+"""
+
+import sys
+
+import numpy as np
+
+FLOAT32 = np.dtype(np.float32)
+
+
+def is_cuda_array(x):
+    """True for anything that lives on a CUDA device (CuPy, torch, Numba arrays)."""
+    if hasattr(x, "__cuda_array_interface__"):
+        return True
+    # The CUDA simulator's arrays carry no interface, so recognise them by type.
+    devicearray = getattr(sys.modules.get("numba.cuda"), "devicearray", None)
+    fake = getattr(devicearray, "FakeCUDAArray", None)
+    return fake is not None and isinstance(x, fake)
+
+
+def is_c_contiguous(a):
+    flags = getattr(a, "flags", None)  # NumPy, and the CUDA simulator's arrays
+    if flags is not None:
+        return bool(flags["C_CONTIGUOUS"])
+    return a.is_c_contiguous()
+
+
+class HostBackend:
+    device = "cpu"
+
+    def asarray(self, x, what):
+        """A zero-copy NumPy view of ``x``, or a TypeError naming ``what``."""
+        if isinstance(x, np.ndarray):
+            return x
+        if hasattr(x, "__array_interface__") or hasattr(x, "__array__"):
+            try:
+                return np.asarray(x)
+            except Exception as error:
+                raise TypeError(f"{what} cannot be viewed as a NumPy array: {error}") from None
+        raise TypeError(f"{what} must be an array, got {type(x).__name__}")
+
+    def zeros(self, n):
+        return np.zeros(n, FLOAT32)
+
+    def fill(self, a, value):
+        a.fill(value)
+
+    def copy(self, destination, source):
+        """Copy ``source`` (any layout) into ``destination``, a slice of a flat buffer."""
+        np.copyto(destination.reshape(source.shape), source)
+
+    def is_writeable(self, a):
+        return a.flags.writeable
+
+    def overlaps(self, a, b):
+        return np.may_share_memory(a, b)
+
+    def run(self, rule, present, p, g, states, h):
+        from .kernels import cpu
+
+        cpu.kernel(rule, present)(p, g, *states, h, p.size >= cpu.PARALLEL_MIN_SIZE)
+
+
+class CudaBackend:
+    device = "cuda"
+
+    def __init__(self):
+        from numba import cuda
+
+        from .kernels import cuda as kernels
+
+        self._cuda = cuda
+        self._kernels = kernels
+
+    def asarray(self, x, what):
+        if hasattr(x, "__cuda_array_interface__"):
+            return self._cuda.as_cuda_array(x)
+        if is_cuda_array(x):
+            return x
+        raise TypeError(f"{what} must be a CUDA array like the other parameters, "
+                        f"got {type(x).__name__}")
+
+    def zeros(self, n):
+        a = self._cuda.device_array(n, FLOAT32)
+        self.fill(a, 0.0)
+        return a
+
+    def fill(self, a, value):
+        self._kernels.launch(self._kernels.fill, a.size, a, FLOAT32.type(value))
+
+    def copy(self, destination, source):
+        destination.copy_to_device(source.reshape(destination.size))
+
+    def is_writeable(self, a):
+        return True
+
+    def overlaps(self, a, b):
+        (a_start, a_end), (b_start, b_end) = _extent(a), _extent(b)
+        return a_start < b_end and b_start < a_end
+
+    def run(self, rule, present, p, g, states, h):
+        kernels = self._kernels
+        kernels.launch(kernels.kernel(rule, present), p.size, p, g, *states, h)
+
+
+def _extent(a):
+    """The byte range of a contiguous device array."""
+    if hasattr(a, "__cuda_array_interface__"):
+        start = a.__cuda_array_interface__["data"][0]
+    else:  # the simulator keeps a NumPy array inside
+        start = a._ary.ctypes.data
+    return start, start + a.size * a.dtype.itemsize
+
+
+def backend_of(x):
+    return CudaBackend() if is_cuda_array(x) else HostBackend()

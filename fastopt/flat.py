@@ -1,0 +1,161 @@
+"""Flattening: many parameter arrays become one contiguous float32 buffer.
+
+The optimizer owns the buffer and hands out views of it, so a kernel sees one array and
+makes one pass, whatever the number of parameter tensors.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._backend import FLOAT32, backend_of, is_c_contiguous, is_cuda_array
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each parameter lives in the flat buffer.
+
+    ``keys`` are the dict keys of the parameters, or None when they came as a list.
+    """
+
+    keys: tuple | None
+    shapes: tuple
+    offsets: tuple
+    size: int
+
+    @classmethod
+    def of(cls, keys, shapes):
+        shapes = tuple(tuple(int(d) for d in s) for s in shapes)
+        sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
+        offsets = tuple(int(o) for o in np.cumsum([0] + sizes[:-1]))
+        return cls(keys, shapes, offsets, sum(sizes))
+
+    def names(self):
+        return param_names(self.keys, len(self.shapes))
+
+    def slices(self, flat):
+        """1-D slices of ``flat``, one per parameter."""
+        return [flat[o:o + _size(s)] for o, s in zip(self.offsets, self.shapes)]
+
+    def views(self, flat):
+        """Views of ``flat`` shaped like the parameters, in the parameters' structure."""
+        views = [s.reshape(shape) for s, shape in zip(self.slices(flat), self.shapes)]
+        return views if self.keys is None else dict(zip(self.keys, views))
+
+
+def param_names(keys, count):
+    """How parameters are named in messages: ``params['w']`` or ``params[0]``."""
+    if keys is None:
+        return [f"params[{i}]" for i in range(count)]
+    return [f"params[{k!r}]" for k in keys]
+
+
+def _size(shape):
+    return int(np.prod(shape, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class Adopted:
+    """A buffer the optimizer uses in place; made by :func:`adopt`."""
+
+    buffer: object
+    shapes: object = None
+    grads: object = None
+
+
+def adopt(buffer, shapes=None, *, grads=None):
+    """Let an optimizer use ``buffer`` as its parameters, without copying.
+
+    ``buffer`` must be a 1-D, C-contiguous, writeable float32 array (NumPy or CUDA).
+    The optimizer updates it in place, so every view the caller holds stays live.
+    ``shapes`` (a dict of name -> shape, or a list of shapes, whose sizes add up to
+    ``buffer.size``) gives ``opt.params`` and ``opt.grads`` that structure; without it
+    they are one-element lists holding the whole buffer. ``grads``, a buffer like
+    ``buffer``, is adopted as ``opt.flat_grads`` too; otherwise one is allocated::
+
+        flat = np.zeros(1000, np.float32)
+        opt = fastopt.Adam(fastopt.adopt(flat, {"w": (10, 90), "b": (100,)}))
+        opt.params["w"].base is flat  # True
+    """
+    return Adopted(buffer, shapes, grads)
+
+
+def _check_flat(backend, x, what, size=None):
+    a = backend.asarray(x, what)
+    if a.dtype != FLOAT32:
+        raise TypeError(f"{what} must be float32, got {a.dtype}")
+    if a.ndim != 1 or not is_c_contiguous(a):
+        raise ValueError(f"{what} must be a 1-D C-contiguous array, got shape {a.shape}"
+                         + ("" if a.ndim != 1 else " with strides"))
+    if not backend.is_writeable(a):
+        raise ValueError(f"{what} must be writeable")
+    if size is not None and a.size != size:
+        raise ValueError(f"{what} must have {size} elements, got {a.size}")
+    return a
+
+
+def flatten(params):
+    """``(backend, layout, flat_params, flat_grads)`` for what the user passed as params.
+
+    Copies the given arrays into a new buffer, or adopts one (:func:`adopt`).
+    Raises TypeError/ValueError naming the offending parameter; the inputs are never
+    modified.
+    """
+    if isinstance(params, Adopted):
+        return _adopt(params)
+    if isinstance(params, dict):
+        keys, arrays = tuple(params), list(params.values())
+    elif isinstance(params, (list, tuple)):
+        keys, arrays = None, list(params)
+    else:
+        raise TypeError("params must be a dict of arrays, a list of arrays or "
+                        f"fastopt.adopt(buffer), got {type(params).__name__}; to optimize "
+                        "one array, pass [array] (copied) or fastopt.adopt(array)")
+    if not arrays:
+        raise ValueError("params is empty: give the optimizer at least one array")
+    names = param_names(keys, len(arrays))
+    backend = backend_of(arrays[0])
+    views = []
+    seen = {}
+    for name, x in zip(names, arrays):
+        if is_cuda_array(x) != (backend.device == "cuda"):
+            raise TypeError(f"{name} and {names[0]} are on different devices; all "
+                            "parameters must be NumPy arrays, or all CUDA arrays")
+        if id(x) in seen:
+            raise ValueError(f"{name} is the same array as {seen[id(x)]}; "
+                             "each parameter may appear only once")
+        seen[id(x)] = name
+        a = backend.asarray(x, name)
+        if a.dtype != FLOAT32:
+            raise TypeError(f"{name} has dtype {a.dtype}; fastopt optimizes float32 "
+                            "arrays only (convert with .astype(np.float32))")
+        views.append(a)
+    layout = Layout.of(keys, [a.shape for a in views])
+    flat_params = backend.zeros(layout.size)
+    for destination, source in zip(layout.slices(flat_params), views):
+        backend.copy(destination, source)
+    return backend, layout, flat_params, backend.zeros(layout.size)
+
+
+def _adopt(adopted):
+    backend = backend_of(adopted.buffer)
+    flat_params = _check_flat(backend, adopted.buffer, "adopted buffer")
+    shapes = adopted.shapes
+    if shapes is None:
+        layout = Layout.of(None, [flat_params.shape])
+    elif isinstance(shapes, dict):
+        layout = Layout.of(tuple(shapes), shapes.values())
+    elif isinstance(shapes, (list, tuple)):
+        layout = Layout.of(None, shapes)
+    else:
+        raise TypeError(f"shapes must be a dict or list of shapes, got {type(shapes).__name__}")
+    if layout.size != flat_params.size:
+        raise ValueError(f"shapes add up to {layout.size} elements but the adopted "
+                         f"buffer has {flat_params.size}")
+    if adopted.grads is None:
+        flat_grads = backend.zeros(layout.size)
+    else:
+        flat_grads = _check_flat(backend, adopted.grads, "adopted grads", layout.size)
+        if backend.overlaps(flat_grads, flat_params):
+            raise ValueError("adopted grads must not share memory with the adopted buffer")
+    return backend, layout, flat_params, flat_grads

@@ -1,0 +1,93 @@
+import math
+
+from .optimizer import (Optimizer, check_betas, check_eps, check_flag, check_lr,
+                        check_nonnegative, f32, grad_sign)
+
+
+class Adam(Optimizer):
+    r"""Adam, with the AMSGrad variant and optional decoupled weight decay; torch.optim.Adam.
+
+    .. math::
+        g_t &\leftarrow \pm\nabla f(\theta_{t-1}) + \lambda\,\theta_{t-1}
+            \quad\text{(L2; or } \theta_{t-1} \leftarrow (1 - \gamma\lambda)\,
+            \theta_{t-1} \text{ if decoupled)} \\
+        m_t &\leftarrow \beta_1 m_{t-1} + (1 - \beta_1)\,g_t \\
+        v_t &\leftarrow \beta_2 v_{t-1} + (1 - \beta_2)\,g_t^2 \\
+        \hat v_t &\leftarrow \max(\hat v_{t-1}, v_t) \text{ if amsgrad else } v_t \\
+        \theta_t &\leftarrow \theta_{t-1} - \frac{\gamma}{1 - \beta_1^t}\,
+            \frac{m_t}{\sqrt{\hat v_t} / \sqrt{1 - \beta_2^t} + \epsilon}
+
+    eps is added after bias-correcting :math:`\sqrt{\hat v_t}`. With
+    ``bias_correction=False`` both corrections are left out:
+    :math:`\theta_t \leftarrow \theta_{t-1} - \gamma\,m_t / (\sqrt{\hat v_t} + \epsilon)`.
+    The step count and the corrections are computed on the host in float64.
+
+    Args:
+        params: a dict or list of float32 arrays (copied), or :func:`fastopt.adopt`.
+        lr (γ), betas (β₁, β₂), eps (ε), weight_decay (λ), amsgrad, maximize,
+        decoupled_weight_decay: as in torch.optim.Adam, with the same defaults.
+        bias_correction: fastopt's own; False skips both bias corrections.
+
+    State: ``exp_avg`` (m) and ``exp_avg_sq`` (v), plus ``max_exp_avg_sq`` with
+    amsgrad: 8 or 12 bytes per parameter. A step moves 28 bytes per parameter (32 with
+    amsgrad).
+
+    References:
+        Kingma & Ba, 2015, "Adam: A Method for Stochastic Optimization"; Reddi, Kale &
+        Kumar, 2018, "On the Convergence of Adam and Beyond" (AMSGrad); Loshchilov &
+        Hutter, 2019, "Decoupled Weight Decay Regularization".
+    """
+
+    rule = "adam"
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, *, maximize=False, decoupled_weight_decay=False,
+                 bias_correction=True):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        amsgrad=amsgrad, maximize=maximize,
+                        decoupled_weight_decay=decoupled_weight_decay,
+                        bias_correction=bias_correction)
+        super().__init__(params, defaults)
+
+    def _check(self, group):
+        check_lr(group["lr"])
+        check_eps(group["eps"])
+        check_betas(group["betas"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        for flag in ("amsgrad", "maximize", "decoupled_weight_decay", "bias_correction"):
+            check_flag(flag, group[flag])
+
+    def _state_spec(self, group):
+        spec = {"exp_avg": 0.0, "exp_avg_sq": 0.0}
+        if group["amsgrad"]:
+            spec["max_exp_avg_sq"] = 0.0
+        return spec
+
+    def _scalars(self, group, step, fresh):
+        lr, (beta1, beta2), wd = group["lr"], group["betas"], group["weight_decay"]
+        if group["bias_correction"]:
+            step_size = lr / (1.0 - beta1 ** step)
+            inv_bc2_sqrt = 1.0 / math.sqrt(1.0 - beta2 ** step)
+        else:
+            step_size, inv_bc2_sqrt = lr, 1.0
+        l2, decay = (0.0, 1.0 - lr * wd) if group["decoupled_weight_decay"] else (wd, 1.0)
+        return (f32(step_size), f32(inv_bc2_sqrt), f32(group["eps"]), grad_sign(group),
+                f32(l2), f32(decay), f32(1.0 - beta1), f32(beta2), f32(1.0 - beta2),
+                bool(group["amsgrad"]))
+
+
+class AdamW(Adam):
+    r"""Adam with decoupled weight decay; torch.optim.AdamW.
+
+    The update of :class:`Adam` with ``decoupled_weight_decay=True``: before the Adam
+    step the parameters shrink by :math:`\theta \leftarrow (1 - \gamma\lambda)\,\theta`,
+    and the gradient carries no L2 term. The default ``weight_decay`` is 1e-2.
+
+    References:
+        Loshchilov & Hutter, 2019, "Decoupled Weight Decay Regularization".
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False, bias_correction=True):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+                         decoupled_weight_decay=True, bias_correction=bias_correction)

@@ -1,0 +1,47 @@
+from .optimizer import (Optimizer, check_betas, check_eps, check_flag, check_lr,
+                        check_nonnegative, f32, grad_sign)
+
+
+class Adamax(Optimizer):
+    r"""Adamax, Adam's infinity-norm variant; torch.optim.Adamax.
+
+    .. math::
+        g_t &\leftarrow \pm\nabla f(\theta_{t-1}) + \lambda\,\theta_{t-1} \\
+        m_t &\leftarrow \beta_1 m_{t-1} + (1 - \beta_1)\,g_t \\
+        u_t &\leftarrow \max(\beta_2 u_{t-1},\ |g_t| + \epsilon) \\
+        \theta_t &\leftarrow \theta_{t-1} - \frac{\gamma}{1 - \beta_1^t}\,\frac{m_t}{u_t}
+
+    Args:
+        params: a dict or list of float32 arrays (copied), or :func:`fastopt.adopt`.
+        lr (γ), betas (β₁, β₂), eps (ε), weight_decay (λ), maximize: as in
+        torch.optim.Adamax, with the same defaults.
+
+    State: ``exp_avg`` (m) and ``exp_inf`` (u), 8 bytes per parameter.
+
+    References:
+        Kingma & Ba, 2015, "Adam: A Method for Stochastic Optimization", section 7.
+    """
+
+    rule = "adamax"
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 *, maximize=False):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        maximize=maximize)
+        super().__init__(params, defaults)
+
+    def _check(self, group):
+        check_lr(group["lr"])
+        check_eps(group["eps"])
+        check_betas(group["betas"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        check_flag("maximize", group["maximize"])
+
+    def _state_spec(self, group):
+        return {"exp_avg": 0.0, "exp_inf": 0.0}
+
+    def _scalars(self, group, step, fresh):
+        beta1, beta2 = group["betas"]
+        clr = group["lr"] / (1.0 - beta1 ** step)
+        return (f32(clr), f32(group["eps"]), grad_sign(group), f32(group["weight_decay"]),
+                f32(1.0 - beta1), f32(beta2))

@@ -1,0 +1,70 @@
+from .optimizer import (Optimizer, check_betas, check_eps, check_flag, check_lr,
+                        check_nonnegative, f32, grad_sign)
+
+
+class NAdam(Optimizer):
+    r"""NAdam, Adam with Nesterov momentum; torch.optim.NAdam.
+
+    .. math::
+        g_t &\leftarrow \pm\nabla f(\theta_{t-1}) + \lambda\,\theta_{t-1}
+            \quad\text{(or } \theta_{t-1} \leftarrow (1 - \gamma\lambda)\,\theta_{t-1}
+            \text{ if decoupled)} \\
+        \mu_t &\leftarrow \beta_1 \bigl(1 - \tfrac12\,0.96^{t\psi}\bigr), \quad
+            \Pi_t \leftarrow \prod_{i \le t} \mu_i \\
+        m_t &\leftarrow \beta_1 m_{t-1} + (1 - \beta_1)\,g_t \\
+        v_t &\leftarrow \beta_2 v_{t-1} + (1 - \beta_2)\,g_t^2 \\
+        d_t &\leftarrow \sqrt{v_t / (1 - \beta_2^t)} + \epsilon \\
+        \theta_t &\leftarrow \theta_{t-1}
+            - \gamma\,\frac{1 - \mu_t}{1 - \Pi_t}\,\frac{g_t}{d_t}
+            - \gamma\,\frac{\mu_{t+1}}{1 - \Pi_t\,\mu_{t+1}}\,\frac{m_t}{d_t}
+
+    The momentum schedule :math:`\mu_t` and its running product are computed on the
+    host in float64; ``state["mu_product"]`` holds :math:`\Pi_t`.
+
+    Args:
+        params: a dict or list of float32 arrays (copied), or :func:`fastopt.adopt`.
+        lr (γ), betas (β₁, β₂), eps (ε), weight_decay (λ), momentum_decay (ψ),
+        decoupled_weight_decay, maximize: as in torch.optim.NAdam, with the same
+        defaults.
+
+    State: ``exp_avg`` (m) and ``exp_avg_sq`` (v), 8 bytes per parameter.
+
+    References:
+        Dozat, 2016, "Incorporating Nesterov Momentum into Adam".
+    """
+
+    rule = "nadam"
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 momentum_decay=4e-3, decoupled_weight_decay=False, *, maximize=False):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        momentum_decay=momentum_decay,
+                        decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+        super().__init__(params, defaults)
+        self.state["mu_product"] = 1.0
+
+    def _check(self, group):
+        check_lr(group["lr"])
+        check_eps(group["eps"])
+        check_betas(group["betas"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        check_nonnegative("momentum_decay", group["momentum_decay"])
+        check_flag("decoupled_weight_decay", group["decoupled_weight_decay"])
+        check_flag("maximize", group["maximize"])
+
+    def _state_spec(self, group):
+        return {"exp_avg": 0.0, "exp_avg_sq": 0.0}
+
+    def _scalars(self, group, step, fresh):
+        lr, (beta1, beta2), wd = group["lr"], group["betas"], group["weight_decay"]
+        psi = group["momentum_decay"]
+        mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * psi))
+        mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * psi))
+        mu_product = self.state["mu_product"] * mu
+        self.state["mu_product"] = mu_product
+        grad_coef = lr * (1.0 - mu) / (1.0 - mu_product)
+        avg_coef = lr * mu_next / (1.0 - mu_product * mu_next)
+        l2, decay = (0.0, 1.0 - lr * wd) if group["decoupled_weight_decay"] else (wd, 1.0)
+        return (f32(grad_coef), f32(avg_coef), f32(1.0 / (1.0 - beta2 ** step)),
+                f32(group["eps"]), grad_sign(group), f32(l2), f32(decay), f32(1.0 - beta1),
+                f32(beta2), f32(1.0 - beta2))

@@ -1,0 +1,54 @@
+from .optimizer import Optimizer, check_flag, check_lr, check_nonnegative, f32, grad_sign, real
+
+
+class SGD(Optimizer):
+    r"""Stochastic gradient descent, with optional (Nesterov) momentum; torch.optim.SGD.
+
+    .. math::
+        g_t &\leftarrow \pm\nabla f(\theta_{t-1}) + \lambda\,\theta_{t-1} \\
+        b_t &\leftarrow \begin{cases} g_t & t = 1 \\
+                                      \mu\,b_{t-1} + (1 - \tau)\,g_t & t > 1 \end{cases} \\
+        d_t &\leftarrow g_t + \mu\,b_t \text{ if nesterov else } b_t \\
+        \theta_t &\leftarrow \theta_{t-1} - \gamma\,d_t
+
+    With ``momentum=0`` there is no buffer and :math:`d_t = g_t`.
+
+    Args:
+        params: a dict or list of float32 arrays (copied), or :func:`fastopt.adopt`.
+        lr (γ), momentum (μ), dampening (τ), weight_decay (λ, an L2 penalty),
+        nesterov, maximize: as in torch.optim.SGD, with the same defaults.
+
+    State: ``momentum_buffer`` when momentum > 0 (4 bytes per parameter).
+
+    References:
+        Sutskever et al., 2013, "On the importance of initialization and momentum in
+        deep learning".
+    """
+
+    rule = "sgd"
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 nesterov=False, *, maximize=False):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
+                        weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
+        super().__init__(params, defaults)
+
+    def _check(self, group):
+        check_lr(group["lr"])
+        check_nonnegative("momentum", group["momentum"])
+        real("dampening", group["dampening"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        check_flag("nesterov", group["nesterov"])
+        check_flag("maximize", group["maximize"])
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+    def _state_spec(self, group):
+        return {"momentum_buffer": 0.0} if group["momentum"] != 0 else {}
+
+    def _scalars(self, group, step, fresh):
+        momentum = group["momentum"]
+        # The buffer's first update takes the raw gradient: torch clones it.
+        keep = 1.0 if momentum == 0 or "momentum_buffer" in fresh else 1.0 - group["dampening"]
+        return (f32(group["lr"]), grad_sign(group), f32(group["weight_decay"]),
+                f32(momentum), f32(keep), bool(group["nesterov"]))

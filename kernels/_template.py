@@ -1,0 +1,50 @@
+"""Turns a rule into a driver function that applies it to every element.
+
+Numba caches a compiled function on disk only if what it calls are globals of a source
+file: a closure over a jitted rule gets a new cache key in every process. So each driver
+is generated as source text that names its rule as the global ``rule``.
+
+Numba keys its cache on the driver's file and bytecode, which miss edits to a rule, a
+constant or a compiler option. The driver's name therefore carries a hash of everything
+it is built from, and an edit gives it a new name and a fresh cache entry.
+"""
+
+import functools
+import hashlib
+import inspect
+
+from . import rules
+
+
+def state_names(rule):
+    """The state arguments of ``rule``: everything between ``p, g`` and ``h``."""
+    return tuple(inspect.signature(rule).parameters)[2:-1]
+
+
+@functools.cache
+def _rules_source():
+    return inspect.getsource(rules)
+
+
+def build(rule, present, loops, namespace, filename, fingerprint):
+    """Define ``<rule>__<present...>__<hash>(p, g, *present, h, ...)`` and return it.
+
+    ``loops`` is the function body: its first line ends the argument list, and it holds
+    a ``{body}`` placeholder for the per-element statement. A state not in ``present``
+    is passed to the rule as ``ZERO`` and its new value is dropped. ``fingerprint``
+    is whatever else the compiled code depends on (compiler options, constants).
+    """
+    names = state_names(rule)
+    unknown = set(present) - set(names)
+    if unknown:
+        raise ValueError(f"rule {rule.__name__} has no state {sorted(unknown)}")
+    loads = ", ".join(f"{s}[i]" if s in present else "ZERO" for s in names)
+    stores = ", ".join(f"{s}[i]" if s in present else "_" for s in names)
+    body = f"p[i], {stores} = rule(p[i], g[i], {loads}, h)"
+    text = loops.format(body=body)
+    digest = hashlib.sha1((_rules_source() + text + fingerprint).encode()).hexdigest()
+    name = "__".join((rule.__name__,) + tuple(present) + (digest[:10],))
+    args = ", ".join(("p", "g") + tuple(present) + ("h",))
+    source = f"def {name}({args}{text}"
+    exec(compile(source, filename, "exec"), namespace)
+    return namespace[name]

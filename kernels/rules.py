@@ -1,0 +1,102 @@
+"""The per-element update of every algorithm, written once.
+
+Each rule is a plain function of float32 scalars: the parameter ``p``, its gradient
+``g``, the algorithm's state values, and ``h``, a tuple of float32 hyperparameters that
+the optimizer computed on the host for this step (bias corrections, decayed learning
+rates ...). It returns the new parameter followed by the new state values, in the order
+it received them.
+
+The same function is compiled for the CPU (``kernels.cpu``) and for CUDA
+(``kernels.cuda``). A rule may be called with some of its state absent: the driver
+then passes 0 for it and drops the returned value, and the rule's flags in ``h`` make
+sure an absent value never reaches ``p``.
+
+Python float literals are float64 and would promote the whole expression, so every
+constant, including ``1 - beta``, arrives through ``h`` as a float32.
+
+Every rule begins the same way: ``g * g_scale`` flips the sign for ``maximize`` (and
+will also carry loss-scale and clipping factors), and ``weight_decay * p`` is torch's L2
+penalty, 0 when unused.
+"""
+
+import math
+
+
+def sgd(p, g, momentum_buffer, h):
+    lr, g_scale, weight_decay, momentum, keep, nesterov = h
+    g = g * g_scale + weight_decay * p
+    # With the buffer absent, momentum = 0 and keep = 1 make this plain SGD; on the
+    # first step keep = 1 too, so the buffer takes the raw gradient as in torch.
+    momentum_buffer = momentum * momentum_buffer + keep * g
+    if nesterov:
+        direction = g + momentum * momentum_buffer
+    else:
+        direction = momentum_buffer
+    return p - lr * direction, momentum_buffer
+
+
+def adagrad(p, g, total, h):
+    clr, g_scale, weight_decay, eps = h
+    g = g * g_scale + weight_decay * p
+    total = total + g * g
+    return p - clr * (g / (math.sqrt(total) + eps)), total
+
+
+def rmsprop(p, g, square_avg, grad_avg, momentum_buffer, h):
+    lr, g_scale, weight_decay, alpha, one_minus_alpha, eps, momentum, centered = h
+    g = g * g_scale + weight_decay * p
+    square_avg = alpha * square_avg + one_minus_alpha * (g * g)
+    if centered:
+        grad_avg = grad_avg + one_minus_alpha * (g - grad_avg)
+        avg = math.sqrt(square_avg - grad_avg * grad_avg) + eps
+    else:
+        avg = math.sqrt(square_avg) + eps
+    # Without a momentum buffer, momentum = 0 and this is torch's p -= lr * g / avg.
+    momentum_buffer = momentum * momentum_buffer + g / avg
+    return p - lr * momentum_buffer, square_avg, grad_avg, momentum_buffer
+
+
+def adadelta(p, g, square_avg, acc_delta, h):
+    lr, g_scale, weight_decay, rho, one_minus_rho, eps = h
+    g = g * g_scale + weight_decay * p
+    square_avg = rho * square_avg + one_minus_rho * (g * g)
+    delta = math.sqrt(acc_delta + eps) / math.sqrt(square_avg + eps) * g
+    acc_delta = rho * acc_delta + one_minus_rho * (delta * delta)
+    return p - lr * delta, square_avg, acc_delta
+
+
+def adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, h):
+    (step_size, inv_bc2_sqrt, eps, g_scale, weight_decay, decay,
+     one_minus_beta1, beta2, one_minus_beta2, amsgrad) = h
+    g = g * g_scale + weight_decay * p
+    exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
+    exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * (g * g)
+    if amsgrad:
+        max_exp_avg_sq = max(max_exp_avg_sq, exp_avg_sq)
+        second = max_exp_avg_sq
+    else:
+        second = exp_avg_sq
+    denom = math.sqrt(second) * inv_bc2_sqrt + eps
+    # decay is AdamW's 1 - lr * weight_decay, applied before the Adam step.
+    return p * decay - step_size * (exp_avg / denom), exp_avg, exp_avg_sq, max_exp_avg_sq
+
+
+def adamax(p, g, exp_avg, exp_inf, h):
+    clr, eps, g_scale, weight_decay, one_minus_beta1, beta2 = h
+    g = g * g_scale + weight_decay * p
+    exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
+    exp_inf = max(beta2 * exp_inf, abs(g) + eps)
+    return p - clr * (exp_avg / exp_inf), exp_avg, exp_inf
+
+
+def nadam(p, g, exp_avg, exp_avg_sq, h):
+    (grad_coef, avg_coef, inv_bc2, eps, g_scale, weight_decay, decay,
+     one_minus_beta1, beta2, one_minus_beta2) = h
+    g = g * g_scale + weight_decay * p
+    exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
+    exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * (g * g)
+    denom = math.sqrt(exp_avg_sq * inv_bc2) + eps
+    # The Nesterov look-ahead: a (1 - mu) share of the gradient and a mu_next share of
+    # the momentum, each divided by its own product of mus (computed on the host).
+    p = p * decay - grad_coef * (g / denom)
+    return p - avg_coef * (exp_avg / denom), exp_avg, exp_avg_sq
