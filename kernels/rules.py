@@ -35,11 +35,11 @@ def sgd(p, g, momentum_buffer, h):
     return p - lr * direction, momentum_buffer
 
 
-def adagrad(p, g, total, h):
+def adagrad(p, g, sum, h):
     clr, g_scale, weight_decay, eps = h
     g = g * g_scale + weight_decay * p
-    total = total + g * g
-    return p - clr * (g / (math.sqrt(total) + eps)), total
+    sum = sum + g * g
+    return p - clr * (g / (math.sqrt(sum) + eps)), sum
 
 
 def rmsprop(p, g, square_avg, grad_avg, momentum_buffer, h):

@@ -1,0 +1,44 @@
+"""fastopt against torch.optim: same arguments, same gradients, same numbers."""
+
+import numpy as np
+import pytest
+
+import fastopt
+from cases import ALL, case_id
+from conftest import SIZES, gradients, initial_params
+
+torch = pytest.importorskip("torch")
+
+# Both sides compute in float32 but round differently (torch fuses some multiply-adds
+# and divides where fastopt multiplies by a reciprocal), so a few ulps per step.
+RTOL = ATOL = 1e-5
+
+TORCH_CASES = [c for c in ALL if "bias_correction" not in c[1]]  # fastopt's own option
+
+
+def run_torch(name, kwargs, p0, grads):
+    p = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+    opt = getattr(torch.optim, name)([p], foreach=False, **kwargs)
+    for g in grads:
+        p.grad = torch.from_numpy(g)
+        opt.step()
+    return p.detach().numpy(), opt.state[p]
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("case", TORCH_CASES, ids=case_id)
+def test_matches_torch(case, n):
+    name, kwargs = case
+    p0, grads = initial_params(n, n), gradients(n, n)
+    opt = getattr(fastopt, name)([p0], **kwargs)
+    for g in grads:
+        opt.step(g)
+    expected, torch_state = run_torch(name, kwargs, p0, grads)
+    np.testing.assert_allclose(opt.flat_params, expected, rtol=RTOL, atol=ATOL)
+    for key, value in torch_state.items():  # the state buffers agree too, by name
+        if isinstance(value, torch.Tensor) and value.numel() == n and n > 1:
+            value = value.numpy()
+            np.testing.assert_allclose(opt.state[key], value, rtol=1e-4,
+                                       atol=1e-5 * np.abs(value).max(), err_msg=key)
+    if "mu_product" in torch_state:
+        assert opt.state["mu_product"] == pytest.approx(float(torch_state["mu_product"]), rel=1e-5)
