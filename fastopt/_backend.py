@@ -32,6 +32,11 @@ def is_c_contiguous(a):
 class HostBackend:
     device = "cpu"
 
+    def __init__(self):
+        from .kernels import cpu
+
+        self._kernels = cpu
+
     def asarray(self, x, what):
         """A zero-copy NumPy view of ``x``, or a TypeError naming ``what``."""
         if isinstance(x, np.ndarray):
@@ -60,9 +65,8 @@ class HostBackend:
         return np.may_share_memory(a, b)
 
     def run(self, rule, present, p, g, states, h):
-        from .kernels import cpu
-
-        cpu.kernel(rule, present)(p, g, *states, h, p.size >= cpu.PARALLEL_MIN_SIZE)
+        kernels = self._kernels
+        kernels.kernel(rule, present)(p, g, *states, h, p.size >= kernels.PARALLEL_MIN_SIZE)
 
 
 class CudaBackend:

@@ -40,6 +40,7 @@ class Optimizer:
         self._grad_slices = self._layout.slices(self.flat_grads)
         self.param_groups = [dict(defaults)]
         self.state = {"step": 0}
+        self._checked = tuple(defaults.items())
 
     @property
     def device(self):
@@ -63,7 +64,10 @@ class Optimizer:
         place). Invalid input raises before anything is modified.
         """
         group = self.param_groups[0]
-        self._check(group)
+        snapshot = tuple(group.items())
+        if snapshot != self._checked:  # changed since the last step: validate again
+            self._check(group)
+            self._checked = snapshot
         g = self._gradients(grads)
         spec = self._state_spec(group)
         fresh = [name for name in spec if name not in self.state]

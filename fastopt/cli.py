@@ -1,0 +1,122 @@
+"""The ``fastopt`` command line (also ``python -m fastopt``)."""
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+import fastopt
+
+ALGORITHMS = {
+    "SGD": dict(lr=0.05, momentum=0.9),
+    "Adagrad": dict(lr=0.5),
+    "RMSprop": dict(lr=0.01),
+    "Adadelta": dict(lr=1.0),
+    "Adam": dict(lr=0.05),
+    "AdamW": dict(lr=0.05),
+    "Adamax": dict(lr=0.05),
+    "NAdam": dict(lr=0.05),
+}
+
+
+def least_squares(seed=0, rows=200, cols=50):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((rows, cols)).astype(np.float32) / np.sqrt(cols)
+    b = rng.standard_normal(rows).astype(np.float32)
+    return a, b
+
+
+def train(name, kwargs, steps):
+    """Fit least squares with one optimizer; returns (initial loss, final loss)."""
+    a, b = least_squares()
+    opt = getattr(fastopt, name)({"x": np.zeros(a.shape[1], np.float32)}, **kwargs)
+    x, grad = opt.params["x"], opt.grads["x"]
+    first = None
+    for _ in range(steps):
+        residual = a @ x - b
+        loss = 0.5 * float(residual @ residual) / len(b)
+        first = loss if first is None else first
+        grad[:] = a.T @ residual / len(b)
+        opt.step()
+    residual = a @ x - b
+    return first, 0.5 * float(residual @ residual) / len(b)
+
+
+def best_time(fn, repeats, number):
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        best = min(best, (time.perf_counter() - start) / number)
+    return best
+
+
+def numpy_adam(p, g, m, v, t, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8):
+    """Adam as one writes it in NumPy: one pass (and temporaries) per operation."""
+    m[:] = b1 * m + (1 - b1) * g
+    v[:] = b2 * v + (1 - b2) * g * g
+    p -= lr / (1 - b1 ** t) * m / (np.sqrt(v / (1 - b2 ** t)) + eps)
+
+
+def speed(n):
+    """Adam at n parameters against naive NumPy and the in-place stream, in one run."""
+    from fastopt.kernels import stream
+
+    rng = np.random.default_rng(0)
+    opt = fastopt.Adam(fastopt.adopt(rng.standard_normal(n).astype(np.float32)))
+    opt.flat_grads[:] = rng.standard_normal(n).astype(np.float32)
+    p, g, m, v = (opt.flat_params.copy(), opt.flat_grads, np.zeros(n, np.float32),
+                  np.zeros(n, np.float32))
+    c, scale = np.ones(n, np.float32), np.float32(1e-9)
+    opt.step()
+    stream.add_scaled(p, c, scale)
+    number = max(1, int(2e7 // n))
+    t_stream = best_time(lambda: stream.add_scaled(p, c, scale), 5, number)
+    t_fast = best_time(opt.step, 5, number)
+    t_numpy = best_time(lambda: numpy_adam(p, g, m, v, 10), 3, max(1, number // 10))
+    stream_gbs = stream.BYTES_PER_ELEMENT * n / t_stream / 1e9
+    adam_gbs = 28 * n / t_fast / 1e9
+    return t_fast, t_numpy, adam_gbs, stream_gbs
+
+
+def check(args):
+    print(f"fastopt {fastopt.__version__}: every algorithm fits a least-squares problem "
+          f"({args.steps} steps)\n")
+    print(f"{'algorithm':10s} {'loss before':>12s} {'loss after':>12s}")
+    failed = []
+    for name, kwargs in ALGORITHMS.items():
+        before, after = train(name, kwargs, args.steps)
+        print(f"{name:10s} {before:12.5f} {after:12.5f}")
+        if not after < 0.9 * before:
+            failed.append(name)
+    print("\nAdam step time, measured side by side with an in-place stream (a += s*c)")
+    print(f"{'params':>10s} {'fastopt':>10s} {'NumPy':>10s} {'speed-up':>9s} "
+          f"{'Adam GB/s':>10s} {'stream GB/s':>12s} {'% stream':>9s}")
+    for n in args.sizes:
+        t_fast, t_numpy, adam_gbs, stream_gbs = speed(n)
+        print(f"{n:10.0e} {t_fast * 1e6:8.1f}us {t_numpy * 1e6:8.1f}us {t_numpy / t_fast:8.1f}x "
+              f"{adam_gbs:10.1f} {stream_gbs:12.1f} {100 * adam_gbs / stream_gbs:8.0f}%")
+    if failed:
+        print(f"\nFAILED: the loss did not fall for {', '.join(failed)}")
+        return 1
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="fastopt", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    check_parser = commands.add_parser(
+        "check", help="train a small problem with every algorithm and time Adam")
+    check_parser.add_argument("--steps", type=int, default=300)
+    check_parser.add_argument("--sizes", type=lambda s: [int(float(x)) for x in s.split(",")],
+                              default=[1000, 1000000, 10000000],
+                              help="comma-separated parameter counts to time Adam at")
+    check_parser.set_defaults(run=check)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

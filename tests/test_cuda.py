@@ -1,0 +1,101 @@
+"""The CUDA kernels against the CPU kernels.
+
+Runs on a GPU, or without one in Numba's simulator: ``NUMBA_ENABLE_CUDASIM=1 pytest
+tests/test_cuda.py`` (the variable must be set before numba is imported, hence a
+separate run). The simulator is slow, so the sizes are small; a tiny launch shape makes
+the grid-stride loop wrap several times.
+"""
+
+import numpy as np
+import pytest
+
+import fastopt
+from cases import ALL, case_id
+from conftest import gradients, initial_params
+
+cuda = pytest.importorskip("numba.cuda")
+if not cuda.is_available():
+    pytest.skip("no GPU, and NUMBA_ENABLE_CUDASIM is not set", allow_module_level=True)
+
+from fastopt.kernels import cuda as cuda_kernels  # noqa: E402
+
+SIZES = [0, 1, 7, 300]
+STEPS = 30
+# The simulator evaluates the rules in Python, partly in float64; a GPU differs from the
+# CPU only by fused multiply-adds. Either way, rounding.
+RTOL = ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def small_launch(monkeypatch):
+    monkeypatch.setattr(cuda_kernels, "threads_per_block", 8)
+    monkeypatch.setattr(cuda_kernels, "max_blocks", 4)
+
+
+def host(a):
+    return a.copy_to_host()
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("case", ALL, ids=case_id)
+def test_cuda_matches_cpu(case, n):
+    name, kwargs = case
+    p0, grads = initial_params(n, n), gradients(n, n, STEPS)
+    on_gpu = getattr(fastopt, name)([cuda.to_device(p0)], **kwargs)
+    on_cpu = getattr(fastopt, name)([p0], **kwargs)
+    assert on_gpu.device == "cuda" and on_cpu.device == "cpu"
+    for g in grads:
+        on_gpu.step(cuda.to_device(g))
+        on_cpu.step(g)
+    np.testing.assert_allclose(host(on_gpu.flat_params), on_cpu.flat_params,
+                               rtol=RTOL, atol=ATOL)
+    for key, value in on_cpu.state.items():
+        if isinstance(value, np.ndarray):
+            np.testing.assert_allclose(host(on_gpu.state[key]), value, rtol=1e-4,
+                                       atol=1e-5 * max(1.0, np.abs(value).max(initial=0)),
+                                       err_msg=key)
+    if n:
+        assert np.abs(on_cpu.flat_params - p0).max() > 4 * ATOL
+
+
+def test_structured_params_and_grads_on_device():
+    rng = np.random.default_rng(0)
+    host_params = {"w": rng.standard_normal((5, 3)).astype(np.float32),
+                   "b": rng.standard_normal(3).astype(np.float32)}
+    opt = fastopt.SGD({k: cuda.to_device(v) for k, v in host_params.items()}, lr=0.5)
+    np.testing.assert_array_equal(host(opt.params["w"]), host_params["w"])
+    g = {"w": np.ones((5, 3), np.float32), "b": np.full(3, 2.0, np.float32)}
+    opt.step({k: cuda.to_device(v) for k, v in g.items()})
+    np.testing.assert_allclose(host(opt.params["w"]), host_params["w"] - 0.5)
+    np.testing.assert_allclose(host(opt.params["b"]), host_params["b"] - 1.0)
+    # Gradients written through the views, then zero_grad.
+    opt.grads["b"].copy_to_device(np.full(3, 4.0, np.float32))
+    opt.step()
+    np.testing.assert_allclose(host(opt.params["b"]), host_params["b"] - 3.0)
+    np.testing.assert_allclose(host(opt.params["w"]), host_params["w"] - 1.0)  # stale grads
+    opt.zero_grad()
+    assert not host(opt.flat_grads).any()
+
+
+def test_adopted_device_buffer_is_updated_in_place():
+    flat = cuda.to_device(np.ones(10, np.float32))
+    opt = fastopt.SGD(fastopt.adopt(flat), lr=0.25)
+    opt.step(cuda.to_device(np.ones(10, np.float32)))
+    np.testing.assert_allclose(host(flat), 0.75)
+
+
+def test_initial_accumulator_is_filled_on_device():
+    opt = fastopt.Adagrad([cuda.to_device(np.zeros(9, np.float32))], lr=1.0,
+                          initial_accumulator_value=3.0)
+    opt.step(cuda.to_device(np.ones(9, np.float32)))
+    np.testing.assert_allclose(host(opt.state["sum"]), 4.0)
+    np.testing.assert_allclose(host(opt.flat_params), -0.5, rtol=1e-6)
+
+
+def test_mixed_devices_are_refused():
+    with pytest.raises(TypeError, match="different devices"):
+        fastopt.Adam([cuda.to_device(np.zeros(3, np.float32)), np.zeros(3, np.float32)])
+    opt = fastopt.Adam([cuda.to_device(np.zeros(3, np.float32))])
+    with pytest.raises(TypeError, match="CUDA array"):
+        opt.step(np.zeros(3, np.float32))
+    assert opt.state["step"] == 0
