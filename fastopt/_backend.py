@@ -58,8 +58,8 @@ class HostBackend:
         """Copy ``source`` (any layout) into ``destination``, a slice of a flat buffer."""
         np.copyto(destination.reshape(source.shape), source)
 
-    def is_writeable(self, a):
-        return a.flags.writeable
+    def is_writeable(self, x):
+        return self.asarray(x, "array").flags.writeable
 
     def overlaps(self, a, b):
         return np.may_share_memory(a, b)
@@ -99,8 +99,9 @@ class CudaBackend:
     def copy(self, destination, source):
         destination.copy_to_device(source.reshape(destination.size))
 
-    def is_writeable(self, a):
-        return True
+    def is_writeable(self, x):
+        interface = getattr(x, "__cuda_array_interface__", None)
+        return interface is None or not interface["data"][1]  # (pointer, read-only)
 
     def overlaps(self, a, b):
         (a_start, a_end), (b_start, b_end) = _extent(a), _extent(b)

@@ -4,6 +4,7 @@ The optimizer owns the buffer and hands out views of it, so a kernel sees one ar
 makes one pass, whatever the number of parameter tensors.
 """
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,6 +81,17 @@ def adopt(buffer, shapes=None, *, grads=None):
     return Adopted(buffer, shapes, grads)
 
 
+def _shape(what, shape):
+    """``shape`` as a tuple of non-negative ints (an int means a 1-D shape)."""
+    dims = (shape,) if isinstance(shape, numbers.Integral) else shape
+    if not isinstance(dims, (tuple, list)) or not all(
+            isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in dims):
+        raise TypeError(f"{what} must be a tuple of ints, got {shape!r}")
+    if any(d < 0 for d in dims):
+        raise ValueError(f"{what} has a negative dimension: {shape!r}")
+    return tuple(int(d) for d in dims)
+
+
 def _check_flat(backend, x, what, size=None):
     a = backend.asarray(x, what)
     if a.dtype != FLOAT32:
@@ -87,7 +99,7 @@ def _check_flat(backend, x, what, size=None):
     if a.ndim != 1 or not is_c_contiguous(a):
         raise ValueError(f"{what} must be a 1-D C-contiguous array, got shape {a.shape}"
                          + ("" if a.ndim != 1 else " with strides"))
-    if not backend.is_writeable(a):
+    if not backend.is_writeable(x):
         raise ValueError(f"{what} must be writeable")
     if size is not None and a.size != size:
         raise ValueError(f"{what} must have {size} elements, got {a.size}")
@@ -144,9 +156,9 @@ def _adopt(adopted):
     if shapes is None:
         layout = Layout.of(None, [flat_params.shape])
     elif isinstance(shapes, dict):
-        layout = Layout.of(tuple(shapes), shapes.values())
+        layout = Layout.of(tuple(shapes), [_shape(f"shapes[{k!r}]", s) for k, s in shapes.items()])
     elif isinstance(shapes, (list, tuple)):
-        layout = Layout.of(None, shapes)
+        layout = Layout.of(None, [_shape(f"shapes[{i}]", s) for i, s in enumerate(shapes)])
     else:
         raise TypeError(f"shapes must be a dict or list of shapes, got {type(shapes).__name__}")
     if layout.size != flat_params.size:

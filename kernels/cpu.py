@@ -12,8 +12,8 @@ from . import _template, rules
 _OPTIONS = dict(parallel=True, cache=True, nogil=True, error_model="numpy")
 
 # Below this size the serial loop wins: waking the worker threads costs more than they
-# save. Measured on 2 cores with Adam (bench/ has the sweep): serial and parallel tie
-# near 16k elements.
+# save. bench/crossover.py measures it; on 2 cores the two loops tie for Adam between
+# 16k and 32k elements.
 PARALLEL_MIN_SIZE = 1 << 14
 
 _LOOPS = """\

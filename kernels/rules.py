@@ -14,20 +14,26 @@ sure an absent value never reaches ``p``.
 Python float literals are float64 and would promote the whole expression, so every
 constant, including ``1 - beta``, arrives through ``h`` as a float32.
 
-Every rule begins the same way: ``g * g_scale`` flips the sign for ``maximize`` (and
-will also carry loss-scale and clipping factors), and ``weight_decay * p`` is torch's L2
-penalty, 0 when unused.
+Every ``h`` starts with ``g_scale, weight_decay`` and every rule starts the same way:
+``g * g_scale`` flips the sign for ``maximize`` (and can carry loss-scale and clipping
+factors), and ``weight_decay * p`` is torch's L2 penalty. Like torch, a rule skips the
+penalty when it is 0, so that an infinite parameter does not turn g into NaN.
+
+``max`` would drop a NaN where torch.maximum keeps it, hence the explicit selects.
 """
 
 import math
 
 
 def sgd(p, g, momentum_buffer, h):
-    lr, g_scale, weight_decay, momentum, keep, nesterov = h
-    g = g * g_scale + weight_decay * p
-    # With the buffer absent, momentum = 0 and keep = 1 make this plain SGD; on the
-    # first step keep = 1 too, so the buffer takes the raw gradient as in torch.
-    momentum_buffer = momentum * momentum_buffer + keep * g
+    g_scale, weight_decay, lr, momentum, grad_weight, nesterov = h
+    g = g * g_scale
+    if weight_decay:
+        g = g + weight_decay * p
+    # grad_weight is 1 - dampening. With the buffer absent, momentum = 0 and
+    # grad_weight = 1 make this plain SGD; on the buffer's first step grad_weight = 1
+    # too, so it takes the raw gradient as torch's does.
+    momentum_buffer = momentum * momentum_buffer + grad_weight * g
     if nesterov:
         direction = g + momentum * momentum_buffer
     else:
@@ -35,16 +41,20 @@ def sgd(p, g, momentum_buffer, h):
     return p - lr * direction, momentum_buffer
 
 
-def adagrad(p, g, sum, h):
-    clr, g_scale, weight_decay, eps = h
-    g = g * g_scale + weight_decay * p
+def adagrad(p, g, sum, h):  # "sum" is torch's name for the accumulator
+    g_scale, weight_decay, clr, eps = h
+    g = g * g_scale
+    if weight_decay:
+        g = g + weight_decay * p
     sum = sum + g * g
     return p - clr * (g / (math.sqrt(sum) + eps)), sum
 
 
 def rmsprop(p, g, square_avg, grad_avg, momentum_buffer, h):
-    lr, g_scale, weight_decay, alpha, one_minus_alpha, eps, momentum, centered = h
-    g = g * g_scale + weight_decay * p
+    g_scale, weight_decay, lr, alpha, one_minus_alpha, eps, momentum, centered = h
+    g = g * g_scale
+    if weight_decay:
+        g = g + weight_decay * p
     square_avg = alpha * square_avg + one_minus_alpha * (g * g)
     if centered:
         grad_avg = grad_avg + one_minus_alpha * (g - grad_avg)
@@ -57,8 +67,10 @@ def rmsprop(p, g, square_avg, grad_avg, momentum_buffer, h):
 
 
 def adadelta(p, g, square_avg, acc_delta, h):
-    lr, g_scale, weight_decay, rho, one_minus_rho, eps = h
-    g = g * g_scale + weight_decay * p
+    g_scale, weight_decay, lr, rho, one_minus_rho, eps = h
+    g = g * g_scale
+    if weight_decay:
+        g = g + weight_decay * p
     square_avg = rho * square_avg + one_minus_rho * (g * g)
     delta = math.sqrt(acc_delta + eps) / math.sqrt(square_avg + eps) * g
     acc_delta = rho * acc_delta + one_minus_rho * (delta * delta)
@@ -66,13 +78,16 @@ def adadelta(p, g, square_avg, acc_delta, h):
 
 
 def adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, h):
-    (step_size, inv_bc2_sqrt, eps, g_scale, weight_decay, decay,
+    (g_scale, weight_decay, decay, step_size, inv_bc2_sqrt, eps,
      one_minus_beta1, beta2, one_minus_beta2, amsgrad) = h
-    g = g * g_scale + weight_decay * p
+    g = g * g_scale
+    if weight_decay:
+        g = g + weight_decay * p
     exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
     exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * (g * g)
     if amsgrad:
-        max_exp_avg_sq = max(max_exp_avg_sq, exp_avg_sq)
+        if exp_avg_sq > max_exp_avg_sq or exp_avg_sq != exp_avg_sq:
+            max_exp_avg_sq = exp_avg_sq
         second = max_exp_avg_sq
     else:
         second = exp_avg_sq
@@ -82,21 +97,28 @@ def adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, h):
 
 
 def adamax(p, g, exp_avg, exp_inf, h):
-    clr, eps, g_scale, weight_decay, one_minus_beta1, beta2 = h
-    g = g * g_scale + weight_decay * p
+    g_scale, weight_decay, clr, eps, one_minus_beta1, beta2 = h
+    g = g * g_scale
+    if weight_decay:
+        g = g + weight_decay * p
     exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
-    exp_inf = max(beta2 * exp_inf, abs(g) + eps)
+    exp_inf = beta2 * exp_inf
+    bound = abs(g) + eps
+    if bound > exp_inf or bound != bound:
+        exp_inf = bound
     return p - clr * (exp_avg / exp_inf), exp_avg, exp_inf
 
 
 def nadam(p, g, exp_avg, exp_avg_sq, h):
-    (grad_coef, avg_coef, inv_bc2, eps, g_scale, weight_decay, decay,
+    (g_scale, weight_decay, decay, grad_coef, avg_coef, inv_bc2, eps,
      one_minus_beta1, beta2, one_minus_beta2) = h
-    g = g * g_scale + weight_decay * p
+    g = g * g_scale
+    if weight_decay:
+        g = g + weight_decay * p
     exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
     exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * (g * g)
     denom = math.sqrt(exp_avg_sq * inv_bc2) + eps
-    # The Nesterov look-ahead: a (1 - mu) share of the gradient and a mu_next share of
-    # the momentum, each divided by its own product of mus (computed on the host).
+    # The Nesterov look-ahead: the gradient weighted by (1 - mu_t) / (1 - prod mu) and
+    # the momentum by mu_(t+1) / (1 - prod mu * mu_(t+1)), both folded on the host.
     p = p * decay - grad_coef * (g / denom)
     return p - avg_coef * (exp_avg / denom), exp_avg, exp_avg_sq

@@ -43,6 +43,7 @@ CASES = {
         dict(lr=0.01, amsgrad=True),
         dict(lr=0.01, weight_decay=0.1),
         dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+        dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
         dict(lr=0.01, maximize=True),
         dict(lr=0.01, bias_correction=False),
         dict(lr=0.01, betas=(0.8, 0.99), eps=1e-3),
@@ -53,6 +54,7 @@ CASES = {
         dict(lr=0.01, weight_decay=0.0),
         dict(lr=0.01, amsgrad=True, weight_decay=0.2),
         dict(lr=0.01, maximize=True, bias_correction=False),
+        dict(lr=0.01, maximize=True, weight_decay=0.3),
     ],
     "Adamax": [
         dict(lr=0.01),
@@ -66,6 +68,8 @@ CASES = {
         dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
         dict(lr=0.01, momentum_decay=0.1),
         dict(lr=0.01, maximize=True, betas=(0.8, 0.99)),
+        dict(lr=0.01, maximize=True, weight_decay=0.1),
+        dict(lr=0.01, maximize=True, weight_decay=0.1, decoupled_weight_decay=True),
     ],
 }
 

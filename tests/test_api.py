@@ -73,6 +73,8 @@ def test_adopt_updates_the_callers_buffer_in_place():
     (np.ones(8, f32)[::2], None, None, ValueError, "C-contiguous"),
     (np.ones(4, f32), {"a": (3,)}, None, ValueError, "add up to 3"),
     (np.ones(4, f32), 4, None, TypeError, "shapes"),
+    (np.ones(4, f32), {"a": (2.0,), "b": (2,)}, None, TypeError, r"shapes\['a'\]"),
+    (np.ones(4, f32), [(6,), (-2,)], None, ValueError, "negative"),
     (np.ones(4, f32), None, np.ones(5, f32), ValueError, "4 elements"),
     (np.ones(4, f32), None, np.ones(4, np.float64), TypeError, "float32"),
     ([1.0, 2.0], None, None, TypeError, "array"),
@@ -161,6 +163,8 @@ def test_the_same_array_twice_is_refused():
     (fastopt.Adadelta, dict(rho=1.5), "rho"),
     (fastopt.NAdam, dict(momentum_decay=-1.0), "momentum_decay"),
     (fastopt.Adamax, dict(betas=(0.9, 1.0)), "index 1"),
+    (fastopt.Adam, dict(lr=1e39), "float32"),
+    (fastopt.SGD, dict(lr=float("inf")), "float32"),
 ])
 def test_bad_hyperparameters_raise_value_error(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -219,11 +223,13 @@ def test_bad_gradients_change_nothing(rng, grads, error, match):
     assert opt.state["step"] == 1
 
 
-def test_gradients_aliasing_the_parameters_are_refused(rng):
+@pytest.mark.parametrize("buffer", ["params", "exp_avg", "max_exp_avg_sq"])
+def test_gradients_aliasing_parameters_or_state_are_refused(rng, buffer):
     opt = stepped_adam(rng)
     before = snapshot(opt)
+    aliased = opt.flat_params if buffer == "params" else opt.state[buffer]
     with pytest.raises(ValueError, match="share memory"):
-        opt.step(opt.flat_params)
+        opt.step(aliased)
     assert_unchanged(opt, before)
 
 
@@ -243,14 +249,27 @@ def test_hyperparameters_changed_between_steps_take_effect(rng):
     np.testing.assert_allclose(opt.params[0], -1.25)
 
 
-def test_an_invalid_hyperparameter_change_is_refused_at_step(rng):
-    opt = stepped_adam(rng)
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW",
+                                  "Adamax", "NAdam"])
+def test_an_invalid_hyperparameter_change_is_refused_at_step(rng, name):
+    opt = getattr(fastopt, name)(make_params(rng))
+    opt.step(rng.standard_normal(15).astype(f32))
+    before = snapshot(opt)  # includes the step count and NAdam's mu_product
+    opt.param_groups[0]["lr"] = -1.0
+    with pytest.raises(ValueError, match="learning rate"):
+        opt.step(rng.standard_normal(15).astype(f32))
+    assert_unchanged(opt, before)
+
+
+def test_a_list_hyperparameter_edited_in_place_is_checked_again(rng):
+    betas = [0.9, 0.999]
+    opt = fastopt.Adam(make_params(rng), betas=betas)
+    opt.step()
     before = snapshot(opt)
-    opt.param_groups[0]["betas"] = (0.9, 1.5)
+    betas[1] = 1.0  # the group holds this very list
     with pytest.raises(ValueError, match="index 1"):
         opt.step()
     assert_unchanged(opt, before)
-    assert opt.state["step"] == 1
 
 
 def test_sgd_momentum_switched_on_later_starts_from_the_raw_gradient():

@@ -42,3 +42,24 @@ def test_matches_torch(case, n):
                                        atol=1e-5 * np.abs(value).max(), err_msg=key)
     if "mu_product" in torch_state:
         assert opt.state["mu_product"] == pytest.approx(float(torch_state["mu_product"]), rel=1e-5)
+
+
+@pytest.mark.parametrize("case", TORCH_CASES, ids=case_id)
+def test_non_finite_gradients_propagate_as_in_torch(case):
+    name, kwargs = case
+    n = 8
+    p0 = initial_params(0, n)
+    grads = gradients(0, n, 4)
+    grads[1][2], grads[1][5], grads[2][6] = np.nan, np.inf, -np.inf
+    opt = getattr(fastopt, name)([p0], **kwargs)
+    for g in grads:
+        opt.step(g)
+    expected, torch_state = run_torch(name, kwargs, p0, grads)
+    np.testing.assert_array_equal(np.isnan(opt.flat_params), np.isnan(expected))
+    np.testing.assert_array_equal(np.isinf(opt.flat_params), np.isinf(expected))
+    finite = np.isfinite(expected)
+    np.testing.assert_allclose(opt.flat_params[finite], expected[finite], rtol=RTOL, atol=ATOL)
+    for key, value in torch_state.items():
+        if isinstance(value, torch.Tensor) and value.numel() == n:
+            np.testing.assert_array_equal(np.isnan(opt.state[key]), np.isnan(value.numpy()),
+                                          err_msg=key)

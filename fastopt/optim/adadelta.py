@@ -45,5 +45,5 @@ class Adadelta(Optimizer):
 
     def _scalars(self, group, step, fresh):
         rho = group["rho"]
-        return (f32(group["lr"]), grad_sign(group), f32(group["weight_decay"]), f32(rho),
+        return (grad_sign(group), f32(group["weight_decay"]), f32(group["lr"]), f32(rho),
                 f32(1.0 - rho), f32(group["eps"]))

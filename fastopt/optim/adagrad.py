@@ -45,4 +45,4 @@ class Adagrad(Optimizer):
 
     def _scalars(self, group, step, fresh):
         clr = group["lr"] / (1.0 + (step - 1) * group["lr_decay"])
-        return f32(clr), grad_sign(group), f32(group["weight_decay"]), f32(group["eps"])
+        return grad_sign(group), f32(group["weight_decay"]), f32(clr), f32(group["eps"])

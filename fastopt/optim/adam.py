@@ -1,7 +1,7 @@
 import math
 
 from .optimizer import (Optimizer, check_betas, check_eps, check_flag, check_lr,
-                        check_nonnegative, f32, grad_sign)
+                        check_nonnegative, f32, grad_sign, weight_decay_terms)
 
 
 class Adam(Optimizer):
@@ -64,16 +64,15 @@ class Adam(Optimizer):
         return spec
 
     def _scalars(self, group, step, fresh):
-        lr, (beta1, beta2), wd = group["lr"], group["betas"], group["weight_decay"]
+        lr, (beta1, beta2) = group["lr"], group["betas"]
         if group["bias_correction"]:
             step_size = lr / (1.0 - beta1 ** step)
             inv_bc2_sqrt = 1.0 / math.sqrt(1.0 - beta2 ** step)
         else:
             step_size, inv_bc2_sqrt = lr, 1.0
-        l2, decay = (0.0, 1.0 - lr * wd) if group["decoupled_weight_decay"] else (wd, 1.0)
-        return (f32(step_size), f32(inv_bc2_sqrt), f32(group["eps"]), grad_sign(group),
-                f32(l2), f32(decay), f32(1.0 - beta1), f32(beta2), f32(1.0 - beta2),
-                bool(group["amsgrad"]))
+        return (grad_sign(group), *weight_decay_terms(group), f32(step_size),
+                f32(inv_bc2_sqrt), f32(group["eps"]), f32(1.0 - beta1), f32(beta2),
+                f32(1.0 - beta2), bool(group["amsgrad"]))
 
 
 class AdamW(Adam):

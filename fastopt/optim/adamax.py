@@ -43,5 +43,5 @@ class Adamax(Optimizer):
     def _scalars(self, group, step, fresh):
         beta1, beta2 = group["betas"]
         clr = group["lr"] / (1.0 - beta1 ** step)
-        return (f32(clr), f32(group["eps"]), grad_sign(group), f32(group["weight_decay"]),
+        return (grad_sign(group), f32(group["weight_decay"]), f32(clr), f32(group["eps"]),
                 f32(1.0 - beta1), f32(beta2))

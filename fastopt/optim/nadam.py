@@ -1,5 +1,5 @@
 from .optimizer import (Optimizer, check_betas, check_eps, check_flag, check_lr,
-                        check_nonnegative, f32, grad_sign)
+                        check_nonnegative, f32, grad_sign, weight_decay_terms)
 
 
 class NAdam(Optimizer):
@@ -55,16 +55,21 @@ class NAdam(Optimizer):
     def _state_spec(self, group):
         return {"exp_avg": 0.0, "exp_avg_sq": 0.0}
 
-    def _scalars(self, group, step, fresh):
-        lr, (beta1, beta2), wd = group["lr"], group["betas"], group["weight_decay"]
-        psi = group["momentum_decay"]
+    def _momentum(self, group, step):
+        """mu_t, mu_(t+1) and the product of mu_1 .. mu_t."""
+        beta1, psi = group["betas"][0], group["momentum_decay"]
         mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * psi))
         mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * psi))
-        mu_product = self.state["mu_product"] * mu
-        self.state["mu_product"] = mu_product
+        return mu, mu_next, self.state["mu_product"] * mu
+
+    def _host_state(self, group, step):
+        return {"mu_product": self._momentum(group, step)[2]}
+
+    def _scalars(self, group, step, fresh):
+        lr, (beta1, beta2) = group["lr"], group["betas"]
+        mu, mu_next, mu_product = self._momentum(group, step)
         grad_coef = lr * (1.0 - mu) / (1.0 - mu_product)
         avg_coef = lr * mu_next / (1.0 - mu_product * mu_next)
-        l2, decay = (0.0, 1.0 - lr * wd) if group["decoupled_weight_decay"] else (wd, 1.0)
-        return (f32(grad_coef), f32(avg_coef), f32(1.0 / (1.0 - beta2 ** step)),
-                f32(group["eps"]), grad_sign(group), f32(l2), f32(decay), f32(1.0 - beta1),
+        return (grad_sign(group), *weight_decay_terms(group), f32(grad_coef), f32(avg_coef),
+                f32(1.0 / (1.0 - beta2 ** step)), f32(group["eps"]), f32(1.0 - beta1),
                 f32(beta2), f32(1.0 - beta2))

@@ -40,7 +40,7 @@ class Optimizer:
         self._grad_slices = self._layout.slices(self.flat_grads)
         self.param_groups = [dict(defaults)]
         self.state = {"step": 0}
-        self._checked = tuple(defaults.items())
+        self._checked = _snapshot(defaults)
 
     @property
     def device(self):
@@ -64,22 +64,23 @@ class Optimizer:
         place). Invalid input raises before anything is modified.
         """
         group = self.param_groups[0]
-        snapshot = tuple(group.items())
+        snapshot = _snapshot(group)
         if snapshot != self._checked:  # changed since the last step: validate again
             self._check(group)
             self._checked = snapshot
         g = self._gradients(grads)
         spec = self._state_spec(group)
         fresh = [name for name in spec if name not in self.state]
+        step = self.state["step"] + 1
+        h = self._scalars(group, step, fresh)
+        host_state = self._host_state(group, step)
         for name in fresh:
             self.state[name] = self._backend.zeros(self.flat_params.size)
             if spec[name] != 0:
                 self._backend.fill(self.state[name], spec[name])
-        step = self.state["step"] + 1
-        h = self._scalars(group, step, fresh)
         states = [self.state[name] for name in spec]
         self._backend.run(self.rule, tuple(spec), self.flat_params, g, states, h)
-        self.state["step"] = step
+        self.state.update(host_state, step=step)
 
     # -- for subclasses -------------------------------------------------------------
 
@@ -95,9 +96,14 @@ class Optimizer:
     def _scalars(self, group, step, fresh):
         """The rule's ``h`` tuple of float32 for step number ``step`` (1-based).
 
-        ``fresh`` names the state buffers created for this step.
+        ``fresh`` names the state buffers that this step creates. Must not modify
+        anything: a step that fails leaves the optimizer as it was.
         """
         raise NotImplementedError
+
+    def _host_state(self, group, step):
+        """Host-side state (plain numbers) as it will be after step ``step``."""
+        return {}
 
     # -- gradients ------------------------------------------------------------------
 
@@ -119,9 +125,16 @@ class Optimizer:
             raise ValueError(f"grads must have {layout.size} elements, got {g.size}")
         if not is_c_contiguous(g):
             raise ValueError("grads must be C-contiguous")
-        if g.size and backend.overlaps(g, self.flat_params):
-            raise ValueError("grads must not share memory with the parameters")
+        for name, buffer in self._buffers():
+            if g.size and backend.overlaps(g, buffer):
+                raise ValueError(f"grads must not share memory with {name}")
         return g
+
+    def _buffers(self):
+        yield "the parameters", self.flat_params
+        for name, value in self.state.items():
+            if name != "step" and hasattr(value, "shape"):
+                yield f"state['{name}']", value
 
     def _copy_structured(self, grads):
         layout, backend = self._layout, self._backend
@@ -155,11 +168,21 @@ class Optimizer:
         return self.flat_grads
 
 
+def _snapshot(group):
+    """The group's values, with lists frozen so that an in-place edit shows as a change."""
+    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in group.items())
+
+
 # -- hyperparameter checks, with torch's messages --------------------------------------
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 def real(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r}")
+    if abs(value) > FLOAT32_MAX:
+        raise ValueError(f"{name}={value} does not fit in float32")
     return float(value)
 
 
@@ -193,3 +216,12 @@ def check_flag(name, value):
 def grad_sign(group):
     """The gradient's factor: -1 to maximize the objective, +1 to minimize it."""
     return f32(-1.0 if group["maximize"] else 1.0)
+
+
+def weight_decay_terms(group):
+    """``(l2, decay)`` as float32: torch's L2 term added to the gradient, or the
+    decoupled factor ``1 - lr * weight_decay`` that scales the parameters."""
+    wd = group["weight_decay"]
+    if group["decoupled_weight_decay"]:
+        return f32(0.0), f32(1.0 - group["lr"] * wd)
+    return f32(wd), f32(1.0)

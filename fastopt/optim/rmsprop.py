@@ -58,6 +58,6 @@ class RMSprop(Optimizer):
 
     def _scalars(self, group, step, fresh):
         alpha = group["alpha"]
-        return (f32(group["lr"]), grad_sign(group), f32(group["weight_decay"]), f32(alpha),
+        return (grad_sign(group), f32(group["weight_decay"]), f32(group["lr"]), f32(alpha),
                 f32(1.0 - alpha), f32(group["eps"]), f32(group["momentum"]),
                 bool(group["centered"]))

@@ -48,7 +48,8 @@ class SGD(Optimizer):
 
     def _scalars(self, group, step, fresh):
         momentum = group["momentum"]
-        # The buffer's first update takes the raw gradient: torch clones it.
-        keep = 1.0 if momentum == 0 or "momentum_buffer" in fresh else 1.0 - group["dampening"]
-        return (f32(group["lr"]), grad_sign(group), f32(group["weight_decay"]),
-                f32(momentum), f32(keep), bool(group["nesterov"]))
+        # A new buffer takes the raw gradient: torch clones it.
+        fresh_buffer = momentum == 0 or "momentum_buffer" in fresh
+        grad_weight = 1.0 if fresh_buffer else 1.0 - group["dampening"]
+        return (grad_sign(group), f32(group["weight_decay"]), f32(group["lr"]), f32(momentum),
+                f32(grad_weight), bool(group["nesterov"]))

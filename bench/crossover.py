@@ -1,0 +1,42 @@
+"""Where the parallel loop starts to beat the serial one (kernels.cpu.PARALLEL_MIN_SIZE).
+
+    python bench/crossover.py
+
+Times the raw Adam kernel with each loop, interleaved, at sizes around the threshold.
+"""
+
+import time
+
+import numba
+import numpy as np
+
+import fastopt
+from fastopt.kernels import cpu
+
+
+def per_call(fn, number):
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - start) / number
+
+
+def main():
+    kernel = cpu.kernel("adam", ("exp_avg", "exp_avg_sq"))
+    opt = fastopt.Adam([np.zeros(1, np.float32)])
+    h = opt._scalars(opt.param_groups[0], 10, [])
+    print(f"threads: {numba.get_num_threads()}, PARALLEL_MIN_SIZE = {cpu.PARALLEL_MIN_SIZE}")
+    print(f"{'size':>8s} {'serial':>10s} {'parallel':>10s}")
+    for n in [1 << k for k in range(10, 19)]:
+        arrays = [np.full(n, 0.5, np.float32) for _ in range(4)]
+        number = max(10, int(2e7 // n))
+        best = {False: float("inf"), True: float("inf")}
+        for _ in range(7):
+            for parallel in best:
+                best[parallel] = min(best[parallel],
+                                     per_call(lambda: kernel(*arrays, h, parallel), number))
+        print(f"{n:8d} {best[False] * 1e6:8.2f}us {best[True] * 1e6:8.2f}us")
+
+
+if __name__ == "__main__":
+    main()
