@@ -22,8 +22,8 @@ class Optimizer:
         params, grads: views into ``flat_params`` / ``flat_grads``, in the structure the
             parameters were given in (a dict or a list).
         flat_params, flat_grads: the 1-D float32 buffers the kernel updates.
-        state: ``step`` (the number of steps taken) and the state buffers, flat, created
-            on the first step as in torch.
+        state: ``step`` (the number of steps taken) and the state buffers, flat, each
+            created on the first step that needs it.
         param_groups: a one-element list holding the hyperparameters; change them
             between steps (``opt.param_groups[0]["lr"] = 1e-4``) and the next step
             uses the new values.
@@ -68,12 +68,12 @@ class Optimizer:
         if snapshot != self._checked:  # changed since the last step: validate again
             self._check(group)
             self._checked = snapshot
-        g = self._gradients(grads)
         spec = self._state_spec(group)
         fresh = [name for name in spec if name not in self.state]
         step = self.state["step"] + 1
         h = self._scalars(group, step, fresh)
         host_state = self._host_state(group, step)
+        g = self._gradients(grads)  # the last check, and the first write
         for name in fresh:
             self.state[name] = self._backend.zeros(self.flat_params.size)
             if spec[name] != 0:
