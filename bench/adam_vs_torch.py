@@ -8,21 +8,13 @@ round and the table reports the best round of each, plus the ratio. The in-place
 """
 
 import argparse
-import time
-
 import numba
 import numpy as np
 import torch
 
 import fastopt
+from fastopt.cli import per_call
 from fastopt.kernels import stream
-
-
-def per_call(fn, number):
-    start = time.perf_counter()
-    for _ in range(number):
-        fn()
-    return (time.perf_counter() - start) / number
 
 
 def contenders(n):

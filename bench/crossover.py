@@ -5,20 +5,12 @@
 Times the raw Adam kernel with each loop, interleaved, at sizes around the threshold.
 """
 
-import time
-
 import numba
 import numpy as np
 
 import fastopt
+from fastopt.cli import per_call
 from fastopt.kernels import cpu
-
-
-def per_call(fn, number):
-    start = time.perf_counter()
-    for _ in range(number):
-        fn()
-    return (time.perf_counter() - start) / number
 
 
 def main():

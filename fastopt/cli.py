@@ -43,14 +43,16 @@ def train(name, kwargs, steps):
     return first, 0.5 * float(residual @ residual) / len(b)
 
 
+def per_call(fn, number):
+    """Seconds per call of ``fn``, averaged over ``number`` calls."""
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - start) / number
+
+
 def best_time(fn, repeats, number):
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(number):
-            fn()
-        best = min(best, (time.perf_counter() - start) / number)
-    return best
+    return min(per_call(fn, number) for _ in range(repeats))
 
 
 def numpy_adam(p, g, m, v, t, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8):

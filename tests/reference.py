@@ -22,7 +22,7 @@ class Reference:
         return g + self.h.get("weight_decay", 0.0) * p if not self.decoupled() else g
 
     def decoupled(self):
-        return False
+        return self.h.get("decoupled_weight_decay", False)
 
 
 class SGD(Reference):
@@ -114,9 +114,6 @@ class Adam(Reference):
         self.v = np.zeros(n)
         self.vmax = np.zeros(n)
 
-    def decoupled(self):
-        return self.h["decoupled_weight_decay"]
-
     def step(self, p, g):
         self.t += 1
         h, t = self.h, self.t
@@ -172,9 +169,6 @@ class NAdam(Reference):
         self.m = np.zeros(n)
         self.v = np.zeros(n)
         self.mus = []
-
-    def decoupled(self):
-        return self.h["decoupled_weight_decay"]
 
     def mu(self, t):
         b1, _ = self.h["betas"]

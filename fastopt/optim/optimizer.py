@@ -125,8 +125,8 @@ class Optimizer:
             raise ValueError(f"grads must have {layout.size} elements, got {g.size}")
         if not is_c_contiguous(g):
             raise ValueError("grads must be C-contiguous")
-        for name, buffer in self._buffers():
-            if g.size and backend.overlaps(g, buffer):
+        for name, buffer in self._buffers() if g.size else ():
+            if backend.overlaps(g, buffer):
                 raise ValueError(f"grads must not share memory with {name}")
         return g
 

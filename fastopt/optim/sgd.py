@@ -48,8 +48,8 @@ class SGD(Optimizer):
 
     def _scalars(self, group, step, fresh):
         momentum = group["momentum"]
-        # A new buffer takes the raw gradient: torch clones it.
-        fresh_buffer = momentum == 0 or "momentum_buffer" in fresh
-        grad_weight = 1.0 if fresh_buffer else 1.0 - group["dampening"]
+        # No buffer, or a new one (which torch fills with a clone): the raw gradient.
+        raw_gradient = momentum == 0 or "momentum_buffer" in fresh
+        grad_weight = 1.0 if raw_gradient else 1.0 - group["dampening"]
         return (grad_sign(group), f32(group["weight_decay"]), f32(group["lr"]), f32(momentum),
                 f32(grad_weight), bool(group["nesterov"]))
