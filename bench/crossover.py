@@ -16,7 +16,8 @@ from fastopt.kernels import cpu
 def main():
     kernel = cpu.kernel("adam", ("exp_avg", "exp_avg_sq"))
     opt = fastopt.Adam([np.zeros(1, np.float32)])
-    h = opt._scalars(opt.param_groups[0], 10, [])
+    h = opt._scalars(opt.param_groups[0], 10, [], 0)
+    prep = (np.float32(1), np.float32(np.inf), np.float32(0))
     print(f"threads: {numba.get_num_threads()}, PARALLEL_MIN_SIZE = {cpu.PARALLEL_MIN_SIZE}")
     print(f"{'size':>8s} {'serial':>10s} {'parallel':>10s}")
     for n in [1 << k for k in range(10, 19)]:
@@ -26,7 +27,7 @@ def main():
         for _ in range(7):
             for parallel in best:
                 best[parallel] = min(best[parallel],
-                                     per_call(lambda: kernel(*arrays, h, parallel), number))
+                                     per_call(lambda: kernel(*arrays, prep, h, parallel), number))
         print(f"{n:8d} {best[False] * 1e6:8.2f}us {best[True] * 1e6:8.2f}us")
 
 

@@ -9,10 +9,13 @@
 0.9
 """
 
+from . import schedules
+from .ema import EMA
 from .flat import adopt
-from .optim import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, NAdam, Optimizer, RMSprop
+from .optim import SGD, SWATS, Adadelta, Adagrad, Adam, Adamax, AdamW, NAdam, Optimizer, RMSprop
+from .scaler import DynamicLossScaler
 
 __version__ = "0.1.0"
 
-__all__ = ["SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "NAdam", "Optimizer",
-           "RMSprop", "adopt"]
+__all__ = ["EMA", "SGD", "SWATS", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax",
+           "DynamicLossScaler", "NAdam", "Optimizer", "RMSprop", "adopt", "schedules"]

@@ -5,6 +5,7 @@ fills flat buffers, and launches a rule's kernel. Both offer the same small inte
 so the optimizers never branch on the device.
 """
 
+import math
 import sys
 
 import numpy as np
@@ -36,6 +37,7 @@ class HostBackend:
         from .kernels import cpu
 
         self._kernels = cpu
+        self._reduction_buffers = {}
 
     def asarray(self, x, what):
         """A zero-copy NumPy view of ``x``, or a TypeError naming ``what``."""
@@ -64,9 +66,36 @@ class HostBackend:
     def overlaps(self, a, b):
         return np.may_share_memory(a, b)
 
-    def run(self, rule, present, p, g, states, h):
-        kernels = self._kernels
-        kernels.kernel(rule, present)(p, g, *states, h, p.size >= kernels.PARALLEL_MIN_SIZE)
+    def run(self, rule, present, p, g, states, prep, h):
+        self._kernels.kernel(rule, present)(p, g, *states, prep, h, self._parallel(p))
+
+    def sum_squares(self, g):
+        """The float64 sum of squares of ``g``, deterministic (see kernels.cpu)."""
+        partials = self._partials(g.size, ())
+        return self._kernels.sum_squares(g, partials, self._parallel(g))
+
+    def swats_adam(self, p, g, exp_avg, exp_avg_sq, prep, h):
+        """SWATS's Adam step over the buffers; returns the sums ``(d.d, d.g)``."""
+        partials = self._partials(p.size, (2,))
+        return self._kernels.swats_adam(p, g, exp_avg, exp_avg_sq, prep, h, partials,
+                                        self._parallel(p))
+
+    def ema(self, average, value, h):
+        self._kernels.ema(average, value, h, self._parallel(average))
+
+    def scale_into(self, out, a, s):
+        np.multiply(a, s, out=out)
+
+    def _parallel(self, a):
+        return a.size >= self._kernels.PARALLEL_MIN_SIZE
+
+    def _partials(self, n, width):
+        """Chunk sums for a reduction over ``n`` elements, kept to be reused."""
+        key = (n, width)
+        if key not in self._reduction_buffers:
+            chunks = self._kernels.reduction_chunks(n)
+            self._reduction_buffers[key] = np.zeros((chunks, *width), np.float64)
+        return self._reduction_buffers[key]
 
 
 class CudaBackend:
@@ -79,6 +108,7 @@ class CudaBackend:
 
         self._cuda = cuda
         self._kernels = kernels
+        self._reduction_buffers = {}
 
     def asarray(self, x, what):
         if hasattr(x, "__cuda_array_interface__"):
@@ -107,9 +137,36 @@ class CudaBackend:
         (a_start, a_end), (b_start, b_end) = _extent(a), _extent(b)
         return a_start < b_end and b_start < a_end
 
-    def run(self, rule, present, p, g, states, h):
+    def run(self, rule, present, p, g, states, prep, h):
         kernels = self._kernels
-        kernels.launch(kernels.kernel(rule, present), p.size, p, g, *states, h)
+        kernels.launch(kernels.kernel(rule, present), p.size, p, g, *states, prep, h)
+
+    def sum_squares(self, g):
+        """The float64 sum of squares of ``g``: one partial per block, added exactly."""
+        partials = self._partials(g.size, ())
+        self._kernels.launch(self._kernels.sum_squares, g.size, g, partials[0])
+        return math.fsum(partials[0].copy_to_host(partials[1]))
+
+    def swats_adam(self, p, g, exp_avg, exp_avg_sq, prep, h):
+        partials = self._partials(p.size, (2,))
+        self._kernels.launch(self._kernels.swats_adam, p.size, p, g, exp_avg, exp_avg_sq,
+                             prep, h, partials[0])
+        host = partials[0].copy_to_host(partials[1])
+        return math.fsum(host[:, 0]), math.fsum(host[:, 1])
+
+    def ema(self, average, value, h):
+        self._kernels.launch(self._kernels.ema, average.size, average, value, h)
+
+    def scale_into(self, out, a, s):
+        self._kernels.launch(self._kernels.scale_into, out.size, out, a, s)
+
+    def _partials(self, n, width):
+        """(device, host) arrays of one partial sum per block, kept to be reused."""
+        key = (n, width, self._kernels.threads_per_block, self._kernels.max_blocks)
+        if key not in self._reduction_buffers:
+            host = np.zeros((max(1, self._kernels.blocks(n)), *width), np.float64)
+            self._reduction_buffers[key] = (self._cuda.to_device(host), host)
+        return self._reduction_buffers[key]
 
 
 def _extent(a):

@@ -17,22 +17,30 @@ class Layout:
     """Where each parameter lives in the flat buffer.
 
     ``keys`` are the dict keys of the parameters, or None when they came as a list.
+    The parameters fill ``flat[start:stop]``; with parameter groups each group has a
+    layout, and ``prefix`` names the group's parameters in messages.
     """
 
     keys: tuple | None
     shapes: tuple
     offsets: tuple
     size: int
+    start: int = 0
+    prefix: str = "params"
 
     @classmethod
-    def of(cls, keys, shapes):
+    def of(cls, keys, shapes, start=0, prefix="params"):
         shapes = tuple(tuple(int(d) for d in s) for s in shapes)
-        sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
-        offsets = tuple(int(o) for o in np.cumsum([0] + sizes[:-1]))
-        return cls(keys, shapes, offsets, sum(sizes))
+        sizes = [_size(s) for s in shapes]
+        offsets = tuple(int(o) for o in np.cumsum([start] + sizes[:-1]))
+        return cls(keys, shapes, offsets, sum(sizes), start, prefix)
+
+    @property
+    def stop(self):
+        return self.start + self.size
 
     def names(self):
-        return param_names(self.keys, len(self.shapes))
+        return param_names(self.keys, len(self.shapes), self.prefix)
 
     def slices(self, flat):
         """1-D slices of ``flat``, one per parameter."""
@@ -44,11 +52,11 @@ class Layout:
         return views if self.keys is None else dict(zip(self.keys, views))
 
 
-def param_names(keys, count):
+def param_names(keys, count, prefix="params"):
     """How parameters are named in messages: ``params['w']`` or ``params[0]``."""
     if keys is None:
-        return [f"params[{i}]" for i in range(count)]
-    return [f"params[{k!r}]" for k in keys]
+        return [f"{prefix}[{i}]" for i in range(count)]
+    return [f"{prefix}[{k!r}]" for k in keys]
 
 
 def _size(shape):
@@ -106,47 +114,63 @@ def _check_flat(backend, x, what, size=None):
     return a
 
 
-def flatten(params):
-    """``(backend, layout, flat_params, flat_grads)`` for what the user passed as params.
+def flatten(groups):
+    """``(backend, layouts, flat_params, flat_grads)`` for the parameters of each group.
 
-    Copies the given arrays into a new buffer, or adopts one (:func:`adopt`).
-    Raises TypeError/ValueError naming the offending parameter; the inputs are never
-    modified.
+    ``groups`` lists one structure per parameter group (a dict or list of arrays), or
+    holds one :func:`adopt` result. The arrays are copied into one new buffer, group
+    after group, so each group is a contiguous segment with its own layout. Raises
+    TypeError/ValueError naming the offending parameter; the inputs are never modified.
     """
-    if isinstance(params, Adopted):
-        return _adopt(params)
+    if len(groups) == 1 and isinstance(groups[0], Adopted):
+        return _adopt(groups[0])
+    prefixes = ["params"] if len(groups) == 1 else [f"params[{i}]" for i in range(len(groups))]
+    structures = [_structure(prefix, params) for prefix, params in zip(prefixes, groups)]
+    if not any(arrays for _, _, arrays in structures):
+        raise ValueError("params is empty: give the optimizer at least one array")
+    first_name, first = next((names[0], arrays[0]) for names, _, arrays in structures if arrays)
+    backend = backend_of(first)
+    seen = {}
+    layouts, views = [], []
+    for prefix, (names, keys, arrays) in zip(prefixes, structures):
+        group_views = []
+        for name, x in zip(names, arrays):
+            if is_cuda_array(x) != (backend.device == "cuda"):
+                raise TypeError(f"{name} and {first_name} are on different devices; all "
+                                "parameters must be NumPy arrays, or all CUDA arrays")
+            if id(x) in seen:
+                raise ValueError(f"{name} is the same array as {seen[id(x)]}; "
+                                 "each parameter may appear only once")
+            seen[id(x)] = name
+            a = backend.asarray(x, name)
+            if a.dtype != FLOAT32:
+                raise TypeError(f"{name} has dtype {a.dtype}; fastopt optimizes float32 "
+                                "arrays only (convert with .astype(np.float32))")
+            group_views.append(a)
+        start = layouts[-1].stop if layouts else 0
+        layouts.append(Layout.of(keys, [a.shape for a in group_views], start, prefix))
+        views += group_views
+    size = layouts[-1].stop
+    flat_params = backend.zeros(size)
+    slices = [s for layout in layouts for s in layout.slices(flat_params)]
+    for destination, source in zip(slices, views):
+        backend.copy(destination, source)
+    return backend, layouts, flat_params, backend.zeros(size)
+
+
+def _structure(prefix, params):
+    """``(names, keys, arrays)`` of one group's parameters, a dict or list of arrays."""
     if isinstance(params, dict):
         keys, arrays = tuple(params), list(params.values())
     elif isinstance(params, (list, tuple)):
         keys, arrays = None, list(params)
     else:
-        raise TypeError("params must be a dict of arrays, a list of arrays or "
-                        f"fastopt.adopt(buffer), got {type(params).__name__}; to optimize "
-                        "one array, pass [array] (copied) or fastopt.adopt(array)")
-    if not arrays:
-        raise ValueError("params is empty: give the optimizer at least one array")
-    names = param_names(keys, len(arrays))
-    backend = backend_of(arrays[0])
-    views = []
-    seen = {}
-    for name, x in zip(names, arrays):
-        if is_cuda_array(x) != (backend.device == "cuda"):
-            raise TypeError(f"{name} and {names[0]} are on different devices; all "
-                            "parameters must be NumPy arrays, or all CUDA arrays")
-        if id(x) in seen:
-            raise ValueError(f"{name} is the same array as {seen[id(x)]}; "
-                             "each parameter may appear only once")
-        seen[id(x)] = name
-        a = backend.asarray(x, name)
-        if a.dtype != FLOAT32:
-            raise TypeError(f"{name} has dtype {a.dtype}; fastopt optimizes float32 "
-                            "arrays only (convert with .astype(np.float32))")
-        views.append(a)
-    layout = Layout.of(keys, [a.shape for a in views])
-    flat_params = backend.zeros(layout.size)
-    for destination, source in zip(layout.slices(flat_params), views):
-        backend.copy(destination, source)
-    return backend, layout, flat_params, backend.zeros(layout.size)
+        what = "fastopt.adopt(buffer)" if isinstance(params, Adopted) else type(params).__name__
+        raise TypeError(f"{prefix} must be a dict of arrays or a list of arrays, got {what}"
+                        + ("; an adopted buffer cannot be split into parameter groups"
+                           if isinstance(params, Adopted) else "; to optimize one array, "
+                           "pass [array] (copied) or fastopt.adopt(array)"))
+    return param_names(keys, len(arrays), prefix), keys, arrays
 
 
 def _adopt(adopted):
@@ -170,4 +194,4 @@ def _adopt(adopted):
         flat_grads = _check_flat(backend, adopted.grads, "adopted grads", layout.size)
         if backend.overlaps(flat_grads, flat_params):
             raise ValueError("adopted grads must not share memory with the adopted buffer")
-    return backend, layout, flat_params, flat_grads
+    return backend, [layout], flat_params, flat_grads

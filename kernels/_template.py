@@ -27,24 +27,25 @@ def _rules_source():
 
 
 def build(rule, present, loops, namespace, filename, fingerprint):
-    """Define ``<rule>__<present...>__<hash>(p, g, *present, h, ...)`` and return it.
+    """Define ``<rule>__<present...>__<hash>(p, g, *present, prep, h, ...)`` and return it.
 
     ``loops`` is the function body: its first line ends the argument list, and it holds
-    a ``{body}`` placeholder for the per-element statement. A state not in ``present``
-    is passed to the rule as ``ZERO`` and its new value is dropped. ``fingerprint``
-    is whatever else the compiled code depends on (compiler options, constants).
+    a ``{body}`` placeholder for the per-element statement, which prepares the gradient
+    with ``prepare(p, g, prep)`` and applies the rule. A state not in ``present`` is
+    passed to the rule as ``ZERO`` and its new value is dropped. ``fingerprint`` is
+    whatever else the compiled code depends on (compiler options, constants).
     """
     names = state_names(rule)
     unknown = set(present) - set(names)
     if unknown:
         raise ValueError(f"rule {rule.__name__} has no state {sorted(unknown)}")
-    loads = ", ".join(f"{s}[i]" if s in present else "ZERO" for s in names)
-    stores = ", ".join(f"{s}[i]" if s in present else "_" for s in names)
-    body = f"p[i], {stores} = rule(p[i], g[i], {loads}, h)"
+    loads = "".join(f", {s}[i]" if s in present else ", ZERO" for s in names)
+    stores = "".join(f", {s}[i]" if s in present else ", _" for s in names)
+    body = f"p[i]{stores} = rule(p[i], prepare(p[i], g[i], prep){loads}, h)"
     text = loops.format(body=body)
     digest = hashlib.sha1((_rules_source() + text + fingerprint).encode()).hexdigest()
     name = "__".join((rule.__name__,) + tuple(present) + (digest[:10],))
-    args = ", ".join(("p", "g") + tuple(present) + ("h",))
+    args = ", ".join(("p", "g") + tuple(present) + ("prep", "h"))
     source = f"def {name}({args}{text}"
     exec(compile(source, filename, "exec"), namespace)
     return namespace[name]

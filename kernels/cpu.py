@@ -27,9 +27,16 @@ _LOOPS = """\
 """
 
 
+def _inline(function):
+    return njit(inline="always", error_model="numpy")(function)
+
+
+_prepare = _inline(rules.prepare)
+
+
 @functools.cache
 def kernel(rule_name, present):
-    """The compiled ``kernel(p, g, *present_state, h, parallel)`` for one rule.
+    """The compiled ``kernel(p, g, *present_state, prep, h, parallel)`` for one rule.
 
     Pass ``parallel=p.size >= PARALLEL_MIN_SIZE``.
 
@@ -40,9 +47,104 @@ def kernel(rule_name, present):
     rule = getattr(rules, rule_name)
     namespace = {
         "__name__": __name__,  # Numba's cache re-imports this module when loading
-        "rule": njit(inline="always", error_model="numpy")(rule),
+        "rule": _inline(rule),
+        "prepare": _prepare,
         "prange": prange,
         "ZERO": np.float32(0),
     }
     driver = _template.build(rule, present, _LOOPS, namespace, __file__, repr(_OPTIONS))
     return njit(**_OPTIONS)(driver)
+
+
+# -- reductions ---------------------------------------------------------------------
+#
+# A sum is taken per fixed chunk of REDUCTION_CHUNK elements and the chunk sums are
+# added in order, so the result does not depend on the thread count or scheduling.
+# Sums are float64: a float32 square cannot overflow them, so the sum of squares is
+# finite exactly when every element is.
+
+REDUCTION_CHUNK = 1 << 14
+
+
+def reduction_chunks(n):
+    """How many chunk sums a reduction over ``n`` elements needs."""
+    return -(-n // REDUCTION_CHUNK)
+
+
+# reassoc lets LLVM vectorise the sum inside a chunk; the order it picks is fixed at
+# compile time, so the result is still the same on every run.
+@njit(inline="always", error_model="numpy", fastmath={"reassoc"})
+def _chunk_sum_squares(g, start, stop):
+    chunk = g[start:stop]  # indices from 0: contiguous loads, where range(start, stop) gathers
+    total = 0.0
+    for i in range(chunk.size):
+        x = np.float64(chunk[i])
+        total += x * x
+    return total
+
+
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
+def sum_squares(g, partials, parallel):
+    """The float64 sum of ``g[i]**2``; ``partials`` holds ``reduction_chunks(g.size)``."""
+    chunks = partials.size
+    if parallel:
+        for c in prange(chunks):
+            partials[c] = _chunk_sum_squares(g, c * REDUCTION_CHUNK,
+                                             min(g.size, (c + 1) * REDUCTION_CHUNK))
+    else:
+        for c in range(chunks):
+            partials[c] = _chunk_sum_squares(g, c * REDUCTION_CHUNK,
+                                             min(g.size, (c + 1) * REDUCTION_CHUNK))
+    total = 0.0
+    for c in range(chunks):
+        total += partials[c]
+    return total
+
+
+# -- kernels outside the optimizer template ----------------------------------------
+#
+# Numba checks only this file's time stamp for its cache, so after editing the rules
+# these use, clear the cache (NUMBA_CACHE_DIR, or the __pycache__ folder beside this file).
+
+_swats_adam = _inline(rules.swats_adam)
+_ema = _inline(rules.ema)
+
+
+@njit(inline="always", error_model="numpy")
+def _swats_chunk(p, g, exp_avg, exp_avg_sq, prep, h, partials, c):
+    direction_sq = direction_g = 0.0
+    for i in range(c * REDUCTION_CHUNK, min(p.size, (c + 1) * REDUCTION_CHUNK)):
+        grad = _prepare(p[i], g[i], prep)
+        p[i], exp_avg[i], exp_avg_sq[i], d = _swats_adam(p[i], grad, exp_avg[i],
+                                                         exp_avg_sq[i], h)
+        direction_sq += np.float64(d) * np.float64(d)
+        direction_g += np.float64(d) * np.float64(grad)
+    partials[c, 0] = direction_sq
+    partials[c, 1] = direction_g
+
+
+@njit(**_OPTIONS)
+def swats_adam(p, g, exp_avg, exp_avg_sq, prep, h, partials, parallel):
+    """SWATS's Adam step; returns ``(d.d, d.g)``, summed per chunk into ``partials``."""
+    if parallel:
+        for c in prange(partials.shape[0]):
+            _swats_chunk(p, g, exp_avg, exp_avg_sq, prep, h, partials, c)
+    else:
+        for c in range(partials.shape[0]):
+            _swats_chunk(p, g, exp_avg, exp_avg_sq, prep, h, partials, c)
+    direction_sq = direction_g = 0.0
+    for c in range(partials.shape[0]):
+        direction_sq += partials[c, 0]
+        direction_g += partials[c, 1]
+    return direction_sq, direction_g
+
+
+@njit(**_OPTIONS)
+def ema(average, value, h, parallel):
+    """``average = rules.ema(average, value, h)`` element-wise."""
+    if parallel:
+        for i in prange(average.size):
+            average[i] = _ema(average[i], value[i], h)
+    else:
+        for i in range(average.size):
+            average[i] = _ema(average[i], value[i], h)

@@ -7,7 +7,7 @@ when ``NUMBA_ENABLE_CUDASIM=1`` is set before numba is imported.
 import functools
 
 import numpy as np
-from numba import cuda
+from numba import cuda, float64
 
 from . import _template, rules
 
@@ -26,13 +26,17 @@ _LOOPS = """\
 """
 
 
+_prepare = cuda.jit(device=True)(rules.prepare)
+
+
 @functools.cache
 def kernel(rule_name, present):
-    """The compiled CUDA kernel ``kernel[grid, block](p, g, *present_state, h)``."""
+    """The compiled CUDA kernel ``kernel[grid, block](p, g, *present_state, prep, h)``."""
     rule = getattr(rules, rule_name)
     namespace = {
         "__name__": __name__,
         "rule": cuda.jit(device=True)(rule),
+        "prepare": _prepare,
         "cuda": cuda,
         "ZERO": np.float32(0),
     }
@@ -49,9 +53,96 @@ def fill(a, value):
         i += stride
 
 
+def blocks(n):
+    """The number of blocks a launch over ``n`` elements uses."""
+    return min(max_blocks, -(-n // threads_per_block))
+
+
 def launch(compiled, n, *args):
     """Run ``compiled`` over ``n`` elements with a grid that covers them once."""
     if n == 0:
         return
-    blocks = min(max_blocks, (n + threads_per_block - 1) // threads_per_block)
-    compiled[blocks, threads_per_block](*args)
+    compiled[blocks(n), threads_per_block](*args)
+
+
+# -- reductions ---------------------------------------------------------------------
+#
+# Each block sums a fixed set of elements in a fixed order and writes one float64
+# partial; the host adds the partials in order. For a given launch shape the result
+# is the same on every run. Blocks must have a power-of-two number of threads.
+
+MAX_THREADS = 1024
+
+
+@cuda.jit(device=True)
+def _block_sum(shared, value):
+    t = cuda.threadIdx.x
+    shared[t] = value
+    cuda.syncthreads()
+    width = cuda.blockDim.x // 2
+    while width > 0:
+        if t < width:
+            shared[t] += shared[t + width]
+        cuda.syncthreads()
+        width //= 2
+    total = shared[0]
+    cuda.syncthreads()  # everyone has read shared[0] before it is reused
+    return total
+
+
+@cuda.jit(cache=True)
+def sum_squares(g, partials):
+    """``partials[block]``: the float64 sum of ``g[i]**2`` over the block's elements."""
+    shared = cuda.shared.array(MAX_THREADS, float64)
+    total = float64(0)
+    i = cuda.grid(1)
+    while i < g.size:
+        x = float64(g[i])
+        total += x * x
+        i += cuda.gridsize(1)
+    total = _block_sum(shared, total)
+    if cuda.threadIdx.x == 0:
+        partials[cuda.blockIdx.x] = total
+
+
+# -- kernels outside the optimizer template ----------------------------------------
+
+_swats_adam = cuda.jit(device=True)(rules.swats_adam)
+_ema = cuda.jit(device=True)(rules.ema)
+
+
+@cuda.jit(cache=True)
+def swats_adam(p, g, exp_avg, exp_avg_sq, prep, h, partials):
+    """SWATS's Adam step; ``partials[block] = (d.d, d.g)`` over the block's elements."""
+    shared = cuda.shared.array(MAX_THREADS, float64)
+    direction_sq = direction_g = float64(0)
+    i = cuda.grid(1)
+    while i < p.size:
+        grad = _prepare(p[i], g[i], prep)
+        p[i], exp_avg[i], exp_avg_sq[i], d = _swats_adam(p[i], grad, exp_avg[i],
+                                                         exp_avg_sq[i], h)
+        direction_sq += float64(d) * float64(d)
+        direction_g += float64(d) * float64(grad)
+        i += cuda.gridsize(1)
+    direction_sq = _block_sum(shared, direction_sq)
+    direction_g = _block_sum(shared, direction_g)
+    if cuda.threadIdx.x == 0:
+        partials[cuda.blockIdx.x, 0] = direction_sq
+        partials[cuda.blockIdx.x, 1] = direction_g
+
+
+@cuda.jit(cache=True)
+def ema(average, value, h):
+    i = cuda.grid(1)
+    while i < average.size:
+        average[i] = _ema(average[i], value[i], h)
+        i += cuda.gridsize(1)
+
+
+@cuda.jit(cache=True)
+def scale_into(out, a, s):
+    """``out = s * a``."""
+    i = cuda.grid(1)
+    while i < out.size:
+        out[i] = s * a[i]
+        i += cuda.gridsize(1)

@@ -14,10 +14,10 @@ sure an absent value never reaches ``p``.
 Python float literals are float64 and would promote the whole expression, so every
 constant, including ``1 - beta``, arrives through ``h`` as a float32.
 
-Every ``h`` starts with ``g_scale, weight_decay`` and every rule starts the same way:
-``g * g_scale`` flips the sign for ``maximize`` (and can carry loss-scale and clipping
-factors), and ``weight_decay * p`` is torch's L2 penalty. Like torch, a rule skips the
-penalty when it is 0, so that an infinite parameter does not turn g into NaN.
+A rule receives the gradient already prepared by :func:`prepare`, which the drivers
+call first with the optimizer's ``prep`` tuple: the sign for ``maximize``, loss-scale
+and clipping factors, value clipping and torch's L2 weight decay are the same for
+every algorithm, so they are written once, there.
 
 ``max`` would drop a NaN where torch.maximum keeps it, hence the explicit selects.
 """
@@ -25,11 +25,28 @@ penalty when it is 0, so that an infinite parameter does not turn g into NaN.
 import math
 
 
-def sgd(p, g, momentum_buffer, h):
-    g_scale, weight_decay, lr, momentum, grad_weight, nesterov = h
+def prepare(p, g, prep):
+    """The gradient a rule sees: scaled, clipped to [-clip, clip], plus L2 decay.
+
+    ``g_scale`` folds the sign for ``maximize``, the inverse loss scale and the
+    gradient-norm clipping coefficient into one factor. ``clip`` is +inf when value
+    clipping is off, and a NaN passes through the comparisons as it does through
+    torch's clamp. Like torch, a zero weight decay adds nothing, so that an infinite
+    parameter does not turn g into NaN.
+    """
+    g_scale, clip, weight_decay = prep
     g = g * g_scale
+    if g > clip:
+        g = clip
+    elif g < -clip:
+        g = -clip
     if weight_decay:
         g = g + weight_decay * p
+    return g
+
+
+def sgd(p, g, momentum_buffer, h):
+    lr, momentum, grad_weight, nesterov = h
     # grad_weight is 1 - dampening. With the buffer absent, momentum = 0 and
     # grad_weight = 1 make this plain SGD; on the buffer's first step grad_weight = 1
     # too, so it takes the raw gradient as torch's does.
@@ -42,19 +59,13 @@ def sgd(p, g, momentum_buffer, h):
 
 
 def adagrad(p, g, sum, h):  # "sum" is torch's name for the accumulator
-    g_scale, weight_decay, clr, eps = h
-    g = g * g_scale
-    if weight_decay:
-        g = g + weight_decay * p
+    clr, eps = h
     sum = sum + g * g
     return p - clr * (g / (math.sqrt(sum) + eps)), sum
 
 
 def rmsprop(p, g, square_avg, grad_avg, momentum_buffer, h):
-    g_scale, weight_decay, lr, alpha, one_minus_alpha, eps, momentum, centered = h
-    g = g * g_scale
-    if weight_decay:
-        g = g + weight_decay * p
+    lr, alpha, one_minus_alpha, eps, momentum, centered = h
     square_avg = alpha * square_avg + one_minus_alpha * (g * g)
     if centered:
         grad_avg = grad_avg + one_minus_alpha * (g - grad_avg)
@@ -67,10 +78,7 @@ def rmsprop(p, g, square_avg, grad_avg, momentum_buffer, h):
 
 
 def adadelta(p, g, square_avg, acc_delta, h):
-    g_scale, weight_decay, lr, rho, one_minus_rho, eps = h
-    g = g * g_scale
-    if weight_decay:
-        g = g + weight_decay * p
+    lr, rho, one_minus_rho, eps = h
     square_avg = rho * square_avg + one_minus_rho * (g * g)
     delta = math.sqrt(acc_delta + eps) / math.sqrt(square_avg + eps) * g
     acc_delta = rho * acc_delta + one_minus_rho * (delta * delta)
@@ -78,11 +86,8 @@ def adadelta(p, g, square_avg, acc_delta, h):
 
 
 def adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, h):
-    (g_scale, weight_decay, decay, step_size, inv_bc2_sqrt, eps,
+    (decay, step_size, inv_bc2_sqrt, eps,
      one_minus_beta1, beta2, one_minus_beta2, amsgrad) = h
-    g = g * g_scale
-    if weight_decay:
-        g = g + weight_decay * p
     exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
     exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * (g * g)
     if amsgrad:
@@ -97,10 +102,7 @@ def adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, h):
 
 
 def adamax(p, g, exp_avg, exp_inf, h):
-    g_scale, weight_decay, clr, eps, one_minus_beta1, beta2 = h
-    g = g * g_scale
-    if weight_decay:
-        g = g + weight_decay * p
+    clr, eps, one_minus_beta1, beta2 = h
     exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
     exp_inf = beta2 * exp_inf
     bound = abs(g) + eps
@@ -110,11 +112,8 @@ def adamax(p, g, exp_avg, exp_inf, h):
 
 
 def nadam(p, g, exp_avg, exp_avg_sq, h):
-    (g_scale, weight_decay, decay, grad_coef, avg_coef, inv_bc2, eps,
+    (decay, grad_coef, avg_coef, inv_bc2, eps,
      one_minus_beta1, beta2, one_minus_beta2) = h
-    g = g * g_scale
-    if weight_decay:
-        g = g + weight_decay * p
     exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
     exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * (g * g)
     denom = math.sqrt(exp_avg_sq * inv_bc2) + eps
@@ -122,3 +121,20 @@ def nadam(p, g, exp_avg, exp_avg_sq, h):
     # the momentum by mu_(t+1) / (1 - prod mu * mu_(t+1)), both folded on the host.
     p = p * decay - grad_coef * (g / denom)
     return p - avg_coef * (exp_avg / denom), exp_avg, exp_avg_sq
+
+
+def swats_adam(p, g, exp_avg, exp_avg_sq, h):
+    """SWATS's Adam phase. Also returns the direction d, where the step is -coef * d,
+    so that the driver can reduce d.d and d.g for the switching test."""
+    coef, eps, one_minus_beta1, beta2, one_minus_beta2 = h
+    exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
+    exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * (g * g)
+    # eps is added to the uncorrected sqrt: the paper folds both corrections into coef.
+    direction = exp_avg / (math.sqrt(exp_avg_sq) + eps)
+    return p - coef * direction, exp_avg, exp_avg_sq, direction
+
+
+def ema(average, value, h):
+    """An exponential moving average: ``decay * average + (1 - decay) * value``."""
+    decay, one_minus_decay = h
+    return decay * average + one_minus_decay * value

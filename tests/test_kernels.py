@@ -28,7 +28,7 @@ asm = {}
 for name, kwargs in json.loads(sys.argv[1]).items():
     opt = getattr(fastopt, name)([np.ones(64, np.float32)], **kwargs)
     opt.step()
-    kernel = cpu.kernel(opt.rule, tuple(opt._state_spec(opt.param_groups[0])))
+    kernel = cpu.kernel(opt.rule, tuple(opt._state_spec(opt.param_groups[0], 0)))
     asm[name] = "\n".join(kernel.inspect_asm().values())
 print(json.dumps(asm))
 """
@@ -62,7 +62,8 @@ def test_rules_use_no_numeric_literals():
     # promotes a float32 expression to float64.
     tree = ast.parse(inspect.getsource(rules))
     functions = [node for node in tree.body if isinstance(node, ast.FunctionDef)]
-    assert len(functions) == len(EVERY_RULE)
+    names = {function.name for function in functions}
+    assert names >= {"prepare", "ema", "swats_adam"} and len(names) == len(EVERY_RULE) + 3
     for function in functions:
         literals = [node.value for node in ast.walk(function)
                     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float))]
@@ -78,11 +79,11 @@ def test_absent_state_reads_as_zero_and_is_not_written():
     f = np.float32
     p, g = np.ones(3, f), np.full(3, 2.0, f)
     buf = np.full(3, 5.0, f)
-    # g_scale, weight_decay, lr, momentum, grad_weight, nesterov
-    h = (f(1), f(0), f(0.5), f(0.9), f(1), False)
-    cpu.kernel("sgd", ())(p, g, h, False)
+    prep = (f(1), f(np.inf), f(0))  # g_scale, clip, weight_decay: g as it is
+    h = (f(0.5), f(0.9), f(1), False)  # lr, momentum, grad_weight, nesterov
+    cpu.kernel("sgd", ())(p, g, prep, h, False)
     np.testing.assert_array_equal(p, 0.0)  # 1 - 0.5 * 2: the buffer read as 0, then dropped
-    cpu.kernel("sgd", ("momentum_buffer",))(p, g, buf, h, False)
+    cpu.kernel("sgd", ("momentum_buffer",))(p, g, buf, prep, h, False)
     np.testing.assert_allclose(buf, 0.9 * 5.0 + 2.0)
 
 
@@ -90,12 +91,13 @@ def test_serial_and_parallel_loops_agree_bitwise():
     n = 3 * cpu.PARALLEL_MIN_SIZE + 11
     rng = np.random.default_rng(0)
     opt = fastopt.Adam([np.zeros(1, np.float32)], lr=1e-2, amsgrad=True)
-    h = opt._scalars(opt.param_groups[0], 1, [])
+    h = opt._scalars(opt.param_groups[0], 1, [], 0)
+    prep = (np.float32(0.5), np.float32(1.5), np.float32(0.1))  # scale, clip, L2
     arrays = [rng.standard_normal(n).astype(np.float32) for _ in range(2)]
     arrays += [np.abs(rng.standard_normal(n)).astype(np.float32) for _ in range(3)]
     serial = [a.copy() for a in arrays]
     kernel = cpu.kernel("adam", ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
-    kernel(*serial, h, False)
-    kernel(*arrays, h, True)
+    kernel(*serial, prep, h, False)
+    kernel(*arrays, prep, h, True)
     for a, b in zip(arrays, serial):
         np.testing.assert_array_equal(a, b)

@@ -41,7 +41,7 @@ def test_matches_torch(case, n):
             np.testing.assert_allclose(opt.state[key], value, rtol=1e-4,
                                        atol=1e-5 * np.abs(value).max(), err_msg=key)
     if "mu_product" in torch_state:
-        assert opt.state["mu_product"] == pytest.approx(float(torch_state["mu_product"]), rel=1e-5)
+        assert opt.state["mu_product"][0] == pytest.approx(float(torch_state["mu_product"]), rel=1e-5)
 
 
 @pytest.mark.parametrize("case", TORCH_CASES, ids=case_id)

@@ -8,6 +8,7 @@ from .nadam import NAdam
 from .optimizer import Optimizer
 from .rmsprop import RMSprop
 from .sgd import SGD
+from .swats import SWATS
 
 __all__ = ["Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "NAdam", "Optimizer",
-           "RMSprop", "SGD"]
+           "RMSprop", "SGD", "SWATS"]

@@ -1,4 +1,4 @@
-from .optimizer import Optimizer, check_eps, check_flag, check_lr, check_nonnegative, f32, grad_sign, real
+from .optimizer import Optimizer, check_eps, check_flag, check_lr, check_nonnegative, f32, real
 
 
 class Adadelta(Optimizer):
@@ -14,7 +14,8 @@ class Adadelta(Optimizer):
     eps is inside both square roots.
 
     Args:
-        params: a dict or list of float32 arrays (copied), or :func:`fastopt.adopt`.
+        params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt`, or
+            a list of parameter-group dicts.
         lr (γ), rho (ρ), eps (ε), weight_decay (λ), maximize: as in
         torch.optim.Adadelta, with the same defaults.
 
@@ -27,10 +28,10 @@ class Adadelta(Optimizer):
     rule = "adadelta"
 
     def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, *,
-                 maximize=False):
+                 maximize=False, **options):
         defaults = dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay,
                         maximize=maximize)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, **options)
 
     def _check(self, group):
         check_lr(group["lr"])
@@ -40,10 +41,10 @@ class Adadelta(Optimizer):
         check_nonnegative("weight_decay", group["weight_decay"])
         check_flag("maximize", group["maximize"])
 
-    def _state_spec(self, group):
+    def _state_spec(self, group, index):
         return {"square_avg": 0.0, "acc_delta": 0.0}
 
-    def _scalars(self, group, step, fresh):
+    def _scalars(self, group, step, fresh, index):
         rho = group["rho"]
-        return (grad_sign(group), f32(group["weight_decay"]), f32(group["lr"]), f32(rho),
+        return (f32(group["lr"]), f32(rho),
                 f32(1.0 - rho), f32(group["eps"]))

@@ -1,4 +1,4 @@
-from .optimizer import Optimizer, check_eps, check_flag, check_lr, check_nonnegative, f32, grad_sign
+from .optimizer import Optimizer, check_eps, check_flag, check_lr, check_nonnegative, f32
 
 
 class Adagrad(Optimizer):
@@ -11,7 +11,8 @@ class Adagrad(Optimizer):
         \theta_t &\leftarrow \theta_{t-1} - \tilde\gamma_t\,g_t / (\sqrt{s_t} + \epsilon)
 
     Args:
-        params: a dict or list of float32 arrays (copied), or :func:`fastopt.adopt`.
+        params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt`, or
+            a list of parameter-group dicts.
         lr (γ), lr_decay (η), weight_decay (λ), initial_accumulator_value (s₀), eps (ε),
         maximize: as in torch.optim.Adagrad, with the same defaults.
 
@@ -25,11 +26,11 @@ class Adagrad(Optimizer):
     rule = "adagrad"
 
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
-                 initial_accumulator_value=0.0, eps=1e-10, *, maximize=False):
+                 initial_accumulator_value=0.0, eps=1e-10, *, maximize=False, **options):
         defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                         initial_accumulator_value=initial_accumulator_value, eps=eps,
                         maximize=maximize)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, **options)
 
     def _check(self, group):
         check_lr(group["lr"])
@@ -40,9 +41,9 @@ class Adagrad(Optimizer):
         check_eps(group["eps"])
         check_flag("maximize", group["maximize"])
 
-    def _state_spec(self, group):
+    def _state_spec(self, group, index):
         return {"sum": group["initial_accumulator_value"]}
 
-    def _scalars(self, group, step, fresh):
+    def _scalars(self, group, step, fresh, index):
         clr = group["lr"] / (1.0 + (step - 1) * group["lr_decay"])
-        return grad_sign(group), f32(group["weight_decay"]), f32(clr), f32(group["eps"])
+        return f32(clr), f32(group["eps"])

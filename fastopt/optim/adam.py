@@ -1,7 +1,7 @@
 import math
 
 from .optimizer import (Optimizer, check_betas, check_eps, check_flag, check_lr,
-                        check_nonnegative, f32, grad_sign, weight_decay_terms)
+                        check_nonnegative, f32, decoupled_decay)
 
 
 class Adam(Optimizer):
@@ -23,7 +23,8 @@ class Adam(Optimizer):
     The step count and the corrections are computed on the host in float64.
 
     Args:
-        params: a dict or list of float32 arrays (copied), or :func:`fastopt.adopt`.
+        params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt`, or
+            a list of parameter-group dicts.
         lr (γ), betas (β₁, β₂), eps (ε), weight_decay (λ), amsgrad, maximize,
         decoupled_weight_decay: as in torch.optim.Adam, with the same defaults.
         bias_correction: fastopt's own; False skips both bias corrections.
@@ -42,12 +43,12 @@ class Adam(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, maximize=False, decoupled_weight_decay=False,
-                 bias_correction=True):
+                 bias_correction=True, **options):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize,
                         decoupled_weight_decay=decoupled_weight_decay,
                         bias_correction=bias_correction)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, **options)
 
     def _check(self, group):
         check_lr(group["lr"])
@@ -57,20 +58,20 @@ class Adam(Optimizer):
         for flag in ("amsgrad", "maximize", "decoupled_weight_decay", "bias_correction"):
             check_flag(flag, group[flag])
 
-    def _state_spec(self, group):
+    def _state_spec(self, group, index):
         spec = {"exp_avg": 0.0, "exp_avg_sq": 0.0}
         if group["amsgrad"]:
             spec["max_exp_avg_sq"] = 0.0
         return spec
 
-    def _scalars(self, group, step, fresh):
+    def _scalars(self, group, step, fresh, index):
         lr, (beta1, beta2) = group["lr"], group["betas"]
         if group["bias_correction"]:
             step_size = lr / (1.0 - beta1 ** step)
             inv_bc2_sqrt = 1.0 / math.sqrt(1.0 - beta2 ** step)
         else:
             step_size, inv_bc2_sqrt = lr, 1.0
-        return (grad_sign(group), *weight_decay_terms(group), f32(step_size),
+        return (decoupled_decay(group), f32(step_size),
                 f32(inv_bc2_sqrt), f32(group["eps"]), f32(1.0 - beta1), f32(beta2),
                 f32(1.0 - beta2), bool(group["amsgrad"]))
 
@@ -87,6 +88,7 @@ class AdamW(Adam):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, *, maximize=False, bias_correction=True):
+                 amsgrad=False, *, maximize=False, bias_correction=True, **options):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
-                         decoupled_weight_decay=True, bias_correction=bias_correction)
+                         decoupled_weight_decay=True, bias_correction=bias_correction,
+                         **options)

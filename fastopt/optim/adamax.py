@@ -1,5 +1,5 @@
 from .optimizer import (Optimizer, check_betas, check_eps, check_flag, check_lr,
-                        check_nonnegative, f32, grad_sign)
+                        check_nonnegative, f32)
 
 
 class Adamax(Optimizer):
@@ -12,7 +12,8 @@ class Adamax(Optimizer):
         \theta_t &\leftarrow \theta_{t-1} - \frac{\gamma}{1 - \beta_1^t}\,\frac{m_t}{u_t}
 
     Args:
-        params: a dict or list of float32 arrays (copied), or :func:`fastopt.adopt`.
+        params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt`, or
+            a list of parameter-group dicts.
         lr (γ), betas (β₁, β₂), eps (ε), weight_decay (λ), maximize: as in
         torch.optim.Adamax, with the same defaults.
 
@@ -25,10 +26,10 @@ class Adamax(Optimizer):
     rule = "adamax"
 
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 *, maximize=False):
+                 *, maximize=False, **options):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         maximize=maximize)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, **options)
 
     def _check(self, group):
         check_lr(group["lr"])
@@ -37,11 +38,11 @@ class Adamax(Optimizer):
         check_nonnegative("weight_decay", group["weight_decay"])
         check_flag("maximize", group["maximize"])
 
-    def _state_spec(self, group):
+    def _state_spec(self, group, index):
         return {"exp_avg": 0.0, "exp_inf": 0.0}
 
-    def _scalars(self, group, step, fresh):
+    def _scalars(self, group, step, fresh, index):
         beta1, beta2 = group["betas"]
         clr = group["lr"] / (1.0 - beta1 ** step)
-        return (grad_sign(group), f32(group["weight_decay"]), f32(clr), f32(group["eps"]),
+        return (f32(clr), f32(group["eps"]),
                 f32(1.0 - beta1), f32(beta2))

@@ -1,5 +1,5 @@
 from .optimizer import (Optimizer, check_betas, check_eps, check_flag, check_lr,
-                        check_nonnegative, f32, grad_sign, weight_decay_terms)
+                        check_nonnegative, f32, decoupled_decay)
 
 
 class NAdam(Optimizer):
@@ -19,10 +19,11 @@ class NAdam(Optimizer):
             - \gamma\,\frac{\mu_{t+1}}{1 - \Pi_t\,\mu_{t+1}}\,\frac{m_t}{d_t}
 
     The momentum schedule :math:`\mu_t` and its running product are computed on the
-    host in float64; ``state["mu_product"]`` holds :math:`\Pi_t`.
+    host in float64; ``state["mu_product"][i]`` holds :math:`\Pi_t` of group i.
 
     Args:
-        params: a dict or list of float32 arrays (copied), or :func:`fastopt.adopt`.
+        params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt`, or
+            a list of parameter-group dicts.
         lr (γ), betas (β₁, β₂), eps (ε), weight_decay (λ), momentum_decay (ψ),
         decoupled_weight_decay, maximize: as in torch.optim.NAdam, with the same
         defaults.
@@ -36,12 +37,12 @@ class NAdam(Optimizer):
     rule = "nadam"
 
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 momentum_decay=4e-3, decoupled_weight_decay=False, *, maximize=False):
+                 momentum_decay=4e-3, decoupled_weight_decay=False, *, maximize=False, **options):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         momentum_decay=momentum_decay,
                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
-        super().__init__(params, defaults)
-        self.state["mu_product"] = 1.0
+        super().__init__(params, defaults, **options)
+        self.state["mu_product"] = [1.0] * len(self.param_groups)
 
     def _check(self, group):
         check_lr(group["lr"])
@@ -52,24 +53,24 @@ class NAdam(Optimizer):
         check_flag("decoupled_weight_decay", group["decoupled_weight_decay"])
         check_flag("maximize", group["maximize"])
 
-    def _state_spec(self, group):
+    def _state_spec(self, group, index):
         return {"exp_avg": 0.0, "exp_avg_sq": 0.0}
 
-    def _momentum(self, group, step):
-        """mu_t, mu_(t+1) and the product of mu_1 .. mu_t."""
+    def _momentum(self, group, step, index):
+        """mu_t, mu_(t+1) and the product of mu_1 .. mu_t for group ``index``."""
         beta1, psi = group["betas"][0], group["momentum_decay"]
         mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * psi))
         mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * psi))
-        return mu, mu_next, self.state["mu_product"] * mu
+        return mu, mu_next, self.state["mu_product"][index] * mu
 
-    def _host_state(self, group, step):
-        return {"mu_product": self._momentum(group, step)[2]}
+    def _host_state(self, group, step, index):
+        return {"mu_product": self._momentum(group, step, index)[2]}
 
-    def _scalars(self, group, step, fresh):
+    def _scalars(self, group, step, fresh, index):
         lr, (beta1, beta2) = group["lr"], group["betas"]
-        mu, mu_next, mu_product = self._momentum(group, step)
+        mu, mu_next, mu_product = self._momentum(group, step, index)
         grad_coef = lr * (1.0 - mu) / (1.0 - mu_product)
         avg_coef = lr * mu_next / (1.0 - mu_product * mu_next)
-        return (grad_sign(group), *weight_decay_terms(group), f32(grad_coef), f32(avg_coef),
+        return (decoupled_decay(group), f32(grad_coef), f32(avg_coef),
                 f32(1.0 / (1.0 - beta2 ** step)), f32(group["eps"]), f32(1.0 - beta1),
                 f32(beta2), f32(1.0 - beta2))

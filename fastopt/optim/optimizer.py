@@ -1,5 +1,6 @@
-"""The base class every algorithm builds on: buffers, state and the step sequence."""
+"""The base class every algorithm builds on: buffers, groups, state and the step."""
 
+import math
 import numbers
 
 import numpy as np
@@ -9,38 +10,90 @@ from ..flat import flatten
 
 f32 = np.float32
 
+# torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing by it.
+CLIP_NORM_EPS = 1e-6
+
 
 class Optimizer:
     """Owns the flat parameter and gradient buffers and the state of one algorithm.
 
     A subclass names its rule in ``kernels.rules`` and supplies three small methods:
-    ``_check`` validates hyperparameters, ``_state_spec`` lists the state buffers with
-    their initial values, and ``_scalars`` folds the hyperparameters and the step count
-    into the float32 tuple the rule receives. Everything else lives here.
+    ``_check`` validates a group's hyperparameters, ``_state_spec`` lists the state
+    buffers with their initial values, and ``_scalars`` folds the hyperparameters and
+    the step count into the float32 tuple the rule receives. Everything else lives here.
+
+    **Parameter groups.** ``params`` is a dict or list of arrays, or a list of torch-style
+    group dicts, each with its own ``"params"`` and any hyperparameters that differ from
+    the defaults::
+
+        fastopt.Adam([{"params": {"w": w}, "lr": 1e-2},
+                      {"params": [b], "weight_decay": 0.0}], lr=1e-3)
+
+    All groups share one flat buffer, in which each group is a contiguous segment; the
+    kernel makes one pass over each segment with the group's hyperparameters.
+
+    **Learning-rate schedules.** A group's ``lr`` may be any callable ``t -> lr``, such
+    as the classes in :mod:`fastopt.schedules`. It is called on the host with the number
+    of steps already taken (0 for the first step), like a torch.optim.lr_scheduler.
+
+    **Gradient processing**, fused into the step's single pass over the buffers. In
+    order: the gradients are divided by ``step(grad_scale=S)`` (loss scaling), scaled by
+    the norm-clipping coefficient, clipped to ``[-clip_grad_value, clip_grad_value]``,
+    and then the algorithm's L2 weight decay is added.
+
+    Keyword-only options, which every optimizer takes and which can be changed between
+    steps as attributes:
+
+    - ``clip_grad_norm=max_norm`` scales all gradients by
+      ``min(1, max_norm / (norm + 1e-6))``, where ``norm`` is the global L2 norm of the
+      (unscaled) gradients, as torch.nn.utils.clip_grad_norm_ does. The norm takes one
+      parallel, deterministic read pass over the gradients before the step.
+    - ``clip_grad_value=v`` clips every gradient element to ``[-v, v]``, as
+      torch.nn.utils.clip_grad_value_ does.
+    - ``skip_nonfinite=True`` checks the gradients for NaN and Inf in that same read
+      pass. A step that finds one changes nothing (parameters, state and step count
+      stay bit-identical) and counts itself in ``skipped_steps``.
 
     Attributes:
         params, grads: views into ``flat_params`` / ``flat_grads``, in the structure the
-            parameters were given in (a dict or a list).
+            parameters were given in (with groups, a list of one structure per group).
         flat_params, flat_grads: the 1-D float32 buffers the kernel updates.
-        state: ``step`` (the number of steps taken) and the state buffers, flat, each
-            created on the first step that needs it.
-        param_groups: a one-element list holding the hyperparameters; change them
-            between steps (``opt.param_groups[0]["lr"] = 1e-4``) and the next step
-            uses the new values.
+        param_groups: a list of dicts, one per group, holding the group's ``params``
+            (views, fixed at construction) and its hyperparameters; change them between
+            steps (``opt.param_groups[0]["lr"] = 1e-4``) and the next step uses the new
+            values, validated again.
+        state: ``step`` (the number of steps taken) and the state buffers, flat over all
+            groups, each created on the first step that needs it. Host-side values that
+            differ per group (NAdam's ``mu_product``) are lists with one entry per group.
+        last_grad_norm: the global gradient norm (after unscaling, before clipping)
+            measured by the last step that measured it, or None.
+        skipped_steps: how many steps ``skip_nonfinite`` has skipped.
     """
 
     rule = None
 
-    def __init__(self, params, defaults):
-        self._check(defaults)
+    def __init__(self, params, defaults, *, clip_grad_norm=None, clip_grad_value=None,
+                 skip_nonfinite=False):
+        structures, groups, self._grouped = _split_groups(params, defaults)
+        for index, group in enumerate(groups):
+            self._check_group(index, group)
+        self.clip_grad_norm = clip_grad_norm
+        self.clip_grad_value = clip_grad_value
+        self.skip_nonfinite = skip_nonfinite
         self.defaults = dict(defaults)
-        self._backend, self._layout, self.flat_params, self.flat_grads = flatten(params)
-        self.params = self._layout.views(self.flat_params)
-        self.grads = self._layout.views(self.flat_grads)
-        self._grad_slices = self._layout.slices(self.flat_grads)
-        self.param_groups = [dict(defaults)]
+        self._backend, self._layouts, self.flat_params, self.flat_grads = flatten(structures)
+        param_views = [layout.views(self.flat_params) for layout in self._layouts]
+        grad_views = [layout.views(self.flat_grads) for layout in self._layouts]
+        self.params = param_views if self._grouped else param_views[0]
+        self.grads = grad_views if self._grouped else grad_views[0]
+        self._grad_slices = [layout.slices(self.flat_grads) for layout in self._layouts]
+        self.param_groups = [{"params": views, **group}
+                             for views, group in zip(param_views, groups)]
+        self._checked = [_snapshot(group) for group in self.param_groups]
+        self._started = [set() for _ in groups]  # the state buffers each group has begun
         self.state = {"step": 0}
-        self._checked = _snapshot(defaults)
+        self.last_grad_norm = None
+        self.skipped_steps = 0
 
     @property
     def device(self):
@@ -48,39 +101,130 @@ class Optimizer:
         return self._backend.device
 
     def __repr__(self):
-        group = ", ".join(f"{k}={v!r}" for k, v in self.param_groups[0].items())
-        return f"{type(self).__name__}({self.flat_params.size} params on {self.device}, {group})"
+        groups = "; ".join(", ".join(f"{k}={v!r}" for k, v in group.items() if k != "params")
+                           for group in self.param_groups)
+        return f"{type(self).__name__}({self.flat_params.size} params on {self.device}, {groups})"
+
+    # -- options, validated when set ------------------------------------------------
+
+    @property
+    def clip_grad_norm(self):
+        return self._clip_grad_norm
+
+    @clip_grad_norm.setter
+    def clip_grad_norm(self, value):
+        self._clip_grad_norm = _positive_or_none("clip_grad_norm", value)
+
+    @property
+    def clip_grad_value(self):
+        return self._clip_grad_value
+
+    @clip_grad_value.setter
+    def clip_grad_value(self, value):
+        self._clip_grad_value = _positive_or_none("clip_grad_value", value)
+
+    @property
+    def skip_nonfinite(self):
+        return self._skip_nonfinite
+
+    @skip_nonfinite.setter
+    def skip_nonfinite(self, value):
+        check_flag("skip_nonfinite", value)
+        self._skip_nonfinite = bool(value)
+
+    # -- the step -------------------------------------------------------------------
 
     def zero_grad(self):
         """Set every gradient to zero."""
         self._backend.fill(self.flat_grads, 0.0)
 
-    def step(self, grads=None):
+    def step(self, grads=None, *, grad_scale=None, skip_nonfinite=None):
         """Take one optimization step, updating ``flat_params`` and the state in place.
 
         ``grads`` may be None (use ``flat_grads``, where ``opt.grads`` views write),
         arrays in the same structure as the parameters (copied into ``flat_grads``), or
         one flat float32 array with as many elements as ``flat_params`` (used in
-        place). Invalid input raises before anything is modified.
+        place). ``grad_scale=S`` divides the gradients by S in the kernel, for loss
+        scaling. ``skip_nonfinite`` overrides the optimizer's option for this step.
+
+        A step skipped because of a non-finite gradient counts in ``skipped_steps``.
+        Invalid input raises before anything is modified.
         """
-        group = self.param_groups[0]
-        snapshot = _snapshot(group)
-        if snapshot != self._checked:  # changed since the last step: validate again
-            self._check(group)
-            self._checked = snapshot
-        spec = self._state_spec(group)
-        fresh = [name for name in spec if name not in self.state]
         step = self.state["step"] + 1
-        h = self._scalars(group, step, fresh)
-        host_state = self._host_state(group, step)
+        plans = [self._plan(index, group, step) for index, group in enumerate(self.param_groups)]
+        inverse_scale = 1.0 if grad_scale is None else 1.0 / _loss_scale(grad_scale)
+        if skip_nonfinite is None:
+            skip_nonfinite = self._skip_nonfinite
+        else:
+            check_flag("skip_nonfinite", skip_nonfinite)
         g = self._gradients(grads)  # the last check, and the first write
-        for name in fresh:
-            self.state[name] = self._backend.zeros(self.flat_params.size)
-            if spec[name] != 0:
-                self._backend.fill(self.state[name], spec[name])
-        states = [self.state[name] for name in spec]
-        self._backend.run(self.rule, tuple(spec), self.flat_params, g, states, h)
-        self.state.update(host_state, step=step)
+        coefficient = 1.0
+        if skip_nonfinite or self._clip_grad_norm is not None:
+            norm = math.sqrt(self._backend.sum_squares(g)) * inverse_scale
+            self.last_grad_norm = norm
+            if skip_nonfinite and not math.isfinite(norm):
+                self.skipped_steps += 1
+                return
+            if self._clip_grad_norm is not None:
+                coefficient = clip_coefficient(self._clip_grad_norm, norm)
+        clip = f32(math.inf if self._clip_grad_value is None else self._clip_grad_value)
+        self._allocate_state(plans)
+        for index, (group, spec, fresh, h, host_state) in enumerate(plans):
+            sign = -1.0 if group.get("maximize") else 1.0
+            prep = (f32(sign * inverse_scale * coefficient), clip, f32(self._l2(group)))
+            self._update(index, group, spec, g, prep, h)
+            self._started[index].update(spec)
+            for name, value in host_state.items():
+                self.state[name][index] = value
+        self.state["step"] = step
+
+    def _plan(self, index, group, step):
+        """``(group, spec, fresh, h, host_state)`` for one group's part of step ``step``,
+        the group with its scheduled lr. Validates, and modifies nothing."""
+        snapshot = _snapshot(group)
+        if snapshot != self._checked[index]:  # changed since the last step: validate again
+            self._check_group(index, group)
+            self._checked[index] = snapshot
+        lr = group.get("lr")
+        if callable(lr):
+            group = dict(group, lr=_scheduled_lr(index, lr, step - 1))
+        spec = self._state_spec(group, index)
+        fresh = [name for name in spec if name not in self._started[index]]
+        h = self._scalars(group, step, fresh, index)
+        return group, spec, fresh, h, self._host_state(group, step, index)
+
+    def _allocate_state(self, plans):
+        """Create the state buffers this step needs, and initialize the segments of
+        the groups that begin using one."""
+        for index, (group, spec, fresh, _, _) in enumerate(plans):
+            for name in fresh:
+                if name not in self.state:
+                    self.state[name] = self._backend.zeros(self.flat_params.size)
+                    if spec[name] == 0:
+                        continue
+                self._backend.fill(self._segment(index, self.state[name]), spec[name])
+
+    def _segment(self, index, flat):
+        """Group ``index``'s part of a flat buffer."""
+        layout = self._layouts[index]
+        if layout.size == flat.size:
+            return flat
+        return flat[layout.start:layout.stop]
+
+    def _update(self, index, group, spec, g, prep, h):
+        """Run the rule over group ``index``'s segment of the buffers."""
+        segment = self._segment
+        states = [segment(index, self.state[name]) for name in spec]
+        self._backend.run(self.rule, tuple(spec), segment(index, self.flat_params),
+                          segment(index, g), states, prep, h)
+
+    def _check_group(self, index, group):
+        try:
+            self._check(group)
+        except (TypeError, ValueError) as error:
+            if not self._grouped:
+                raise
+            raise type(error)(f"{error} (in param_groups[{index}])") from None
 
     # -- for subclasses -------------------------------------------------------------
 
@@ -88,22 +232,30 @@ class Optimizer:
         """Raise ValueError/TypeError for an invalid hyperparameter in ``group``."""
         raise NotImplementedError
 
-    def _state_spec(self, group):
+    def _state_spec(self, group, index):
         """``{state name: initial value}`` for the buffers this step needs, in the
         order of the rule's arguments."""
         raise NotImplementedError
 
-    def _scalars(self, group, step, fresh):
-        """The rule's ``h`` tuple of float32 for step number ``step`` (1-based).
+    def _scalars(self, group, step, fresh, index):
+        """The rule's ``h`` tuple of float32 for step number ``step`` (1-based) of
+        group number ``index``.
 
-        ``fresh`` names the state buffers that this step creates. Must not modify
-        anything: a step that fails leaves the optimizer as it was.
+        ``fresh`` names the state buffers that this step begins for the group. Must not
+        modify anything: a step that fails leaves the optimizer as it was.
         """
         raise NotImplementedError
 
-    def _host_state(self, group, step):
-        """Host-side state (plain numbers) as it will be after step ``step``."""
+    def _host_state(self, group, step, index):
+        """Host-side state of group ``index`` (plain numbers, stored in per-group lists
+        in ``state``) as it will be after step ``step``."""
         return {}
+
+    def _l2(self, group):
+        """torch's L2 weight decay, which prepare() adds to the gradient."""
+        if group.get("decoupled_weight_decay"):
+            return 0.0
+        return group.get("weight_decay", 0.0)
 
     # -- gradients ------------------------------------------------------------------
 
@@ -111,18 +263,18 @@ class Optimizer:
         """The flat gradient array to use for this step, after validating ``grads``."""
         if grads is None:
             return self.flat_grads
-        backend, layout = self._backend, self._layout
+        backend, size = self._backend, self.flat_params.size
         if isinstance(grads, (dict, list, tuple)):
             return self._copy_structured(grads)
         g = backend.asarray(grads, "grads")
         if g.ndim != 1:
             raise ValueError(
-                f"grads must be a flat 1-D array of {layout.size} elements or arrays in "
+                f"grads must be a flat 1-D array of {size} elements or arrays in "
                 f"the structure of params, got an array of shape {g.shape}")
         if g.dtype != FLOAT32:
             raise TypeError(f"grads must be float32, got {g.dtype}")
-        if g.size != layout.size:
-            raise ValueError(f"grads must have {layout.size} elements, got {g.size}")
+        if g.size != size:
+            raise ValueError(f"grads must have {size} elements, got {g.size}")
         if not is_c_contiguous(g):
             raise ValueError("grads must be C-contiguous")
         for name, buffer in self._buffers() if g.size else ():
@@ -133,24 +285,41 @@ class Optimizer:
     def _buffers(self):
         yield "the parameters", self.flat_params
         for name, value in self.state.items():
-            if name != "step" and hasattr(value, "shape"):
+            if hasattr(value, "shape"):
                 yield f"state['{name}']", value
 
     def _copy_structured(self, grads):
-        layout, backend = self._layout, self._backend
+        if not self._grouped:
+            pairs = [(self._layouts[0], grads)]
+        elif not isinstance(grads, (list, tuple)) or len(grads) != len(self._layouts):
+            raise TypeError(f"grads must be a list of {len(self._layouts)} structures, one "
+                            "per parameter group like params, or one flat array")
+        else:
+            pairs = list(zip(self._layouts, grads))
+        copies = []
+        for (layout, group_grads), slices in zip(pairs, self._grad_slices):
+            copies += zip(slices, self._group_gradients(layout, group_grads))
+        for destination, source in copies:
+            self._backend.copy(destination, source)
+        return self.flat_grads
+
+    def _group_gradients(self, layout, grads):
+        """The validated gradient arrays of one group, in the layout's order."""
+        backend = self._backend
+        where = "grads" + layout.prefix[len("params"):]
         if layout.keys is None:
             if not isinstance(grads, (list, tuple)):
-                raise TypeError("grads must be a list like params, got a dict")
+                raise TypeError(f"{where} must be a list like params, got {type(grads).__name__}")
             if len(grads) != len(layout.shapes):
-                raise ValueError(f"grads has {len(grads)} arrays, params has {len(layout.shapes)}")
+                raise ValueError(f"{where} has {len(grads)} arrays, params has {len(layout.shapes)}")
             items = list(grads)
         else:
             if not isinstance(grads, dict):
-                raise TypeError(f"grads must be a dict like params, got {type(grads).__name__}")
+                raise TypeError(f"{where} must be a dict like params, got {type(grads).__name__}")
             if set(grads) != set(layout.keys):
                 missing, extra = set(layout.keys) - set(grads), set(grads) - set(layout.keys)
-                raise ValueError(f"grads keys differ from params: missing {sorted(map(str, missing))}, "
-                                 f"unexpected {sorted(map(str, extra))}")
+                raise ValueError(f"{where} keys differ from params: missing "
+                                 f"{sorted(map(str, missing))}, unexpected {sorted(map(str, extra))}")
             items = [grads[k] for k in layout.keys]
         arrays = []
         for name, shape, x in zip(layout.names(), layout.shapes, items):
@@ -163,14 +332,65 @@ class Optimizer:
             if backend.device == "cuda" and not is_c_contiguous(a):
                 raise ValueError(f"{name} must be C-contiguous on the GPU")
             arrays.append(a)
-        for destination, source in zip(self._grad_slices, arrays):
-            backend.copy(destination, source)
-        return self.flat_grads
+        return arrays
+
+
+def _split_groups(params, defaults):
+    """``(structures, groups, grouped)``: each group's parameters and hyperparameters,
+    and whether params came as a list of group dicts."""
+    if not (isinstance(params, (list, tuple)) and params and isinstance(params[0], dict)):
+        return [params], [dict(defaults)], False
+    allowed = set(defaults) | {"params", "name"}
+    structures, groups = [], []
+    for index, group in enumerate(params):
+        if not isinstance(group, dict) or "params" not in group:
+            raise TypeError(f"params[{index}] must be a dict with a 'params' entry, like "
+                            "the other parameter groups")
+        unknown = set(group) - allowed
+        if unknown:
+            raise ValueError(f"params[{index}] has unknown options {sorted(map(str, unknown))}; "
+                             f"a group may set {sorted(allowed - {'params'})}")
+        structures.append(group["params"])
+        groups.append({**defaults, **{k: v for k, v in group.items() if k != "params"}})
+    return structures, groups, True
+
+
+def _scheduled_lr(index, schedule, t):
+    lr = schedule(t)
+    try:
+        check_lr(lr)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"the lr schedule of param_groups[{index}] returned {lr!r} "
+                          f"for t={t}: {error}") from None
+    return float(lr)
+
+
+def clip_coefficient(max_norm, norm):
+    """torch's ``min(1, max_norm / (norm + 1e-6))``; a NaN norm gives NaN, as in torch."""
+    coefficient = max_norm / (norm + CLIP_NORM_EPS)
+    return coefficient if coefficient < 1.0 or math.isnan(coefficient) else 1.0
+
+
+def _loss_scale(value):
+    scale = real("grad_scale", value)
+    if not (0.0 < scale < math.inf):
+        raise ValueError(f"grad_scale must be a finite number > 0, got {value!r}")
+    return scale
+
+
+def _positive_or_none(name, value):
+    if value is None:
+        return None
+    if not real(name, value) > 0.0:
+        raise ValueError(f"{name} must be None or a number > 0, got {value!r}")
+    return float(value)
 
 
 def _snapshot(group):
-    """The group's values, with lists frozen so that an in-place edit shows as a change."""
-    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in group.items())
+    """The group's hyperparameters, with lists frozen so that an in-place edit shows as
+    a change."""
+    return tuple((k, tuple(v) if isinstance(v, list) else v)
+                 for k, v in group.items() if k != "params")
 
 
 # -- hyperparameter checks, with torch's messages --------------------------------------
@@ -192,7 +412,8 @@ def check_nonnegative(name, value, label=None):
 
 
 def check_lr(value):
-    check_nonnegative("lr", value, "learning rate")
+    if not callable(value):  # a schedule's values are checked at every step
+        check_nonnegative("lr", value, "learning rate")
 
 
 def check_eps(value):
@@ -213,15 +434,9 @@ def check_flag(name, value):
         raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
-def grad_sign(group):
-    """The gradient's factor: -1 to maximize the objective, +1 to minimize it."""
-    return f32(-1.0 if group["maximize"] else 1.0)
-
-
-def weight_decay_terms(group):
-    """``(l2, decay)`` as float32: torch's L2 term added to the gradient, or the
-    decoupled factor ``1 - lr * weight_decay`` that scales the parameters."""
-    wd = group["weight_decay"]
+def decoupled_decay(group):
+    """The factor ``1 - lr * weight_decay`` that scales the parameters with decoupled
+    weight decay, as float32; 1 otherwise (the L2 form goes through ``_l2``)."""
     if group["decoupled_weight_decay"]:
-        return f32(0.0), f32(1.0 - group["lr"] * wd)
-    return f32(wd), f32(1.0)
+        return f32(1.0 - group["lr"] * group["weight_decay"])
+    return f32(1.0)

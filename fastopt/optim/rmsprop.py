@@ -1,4 +1,4 @@
-from .optimizer import Optimizer, check_eps, check_flag, check_lr, check_nonnegative, f32, grad_sign
+from .optimizer import Optimizer, check_eps, check_flag, check_lr, check_nonnegative, f32
 
 
 class RMSprop(Optimizer):
@@ -18,7 +18,8 @@ class RMSprop(Optimizer):
     the step is :math:`\gamma\,g_t / a_t`.
 
     Args:
-        params: a dict or list of float32 arrays (copied), or :func:`fastopt.adopt`.
+        params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt`, or
+            a list of parameter-group dicts.
         lr (γ), alpha (α), eps (ε), weight_decay (λ), momentum (μ), centered, maximize:
         as in torch.optim.RMSprop, with the same defaults.
 
@@ -34,10 +35,10 @@ class RMSprop(Optimizer):
     rule = "rmsprop"
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
-                 momentum=0.0, centered=False, *, maximize=False):
+                 momentum=0.0, centered=False, *, maximize=False, **options):
         defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                         momentum=momentum, centered=centered, maximize=maximize)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, **options)
 
     def _check(self, group):
         check_lr(group["lr"])
@@ -48,7 +49,7 @@ class RMSprop(Optimizer):
         check_flag("centered", group["centered"])
         check_flag("maximize", group["maximize"])
 
-    def _state_spec(self, group):
+    def _state_spec(self, group, index):
         spec = {"square_avg": 0.0}
         if group["centered"]:
             spec["grad_avg"] = 0.0
@@ -56,8 +57,8 @@ class RMSprop(Optimizer):
             spec["momentum_buffer"] = 0.0
         return spec
 
-    def _scalars(self, group, step, fresh):
+    def _scalars(self, group, step, fresh, index):
         alpha = group["alpha"]
-        return (grad_sign(group), f32(group["weight_decay"]), f32(group["lr"]), f32(alpha),
+        return (f32(group["lr"]), f32(alpha),
                 f32(1.0 - alpha), f32(group["eps"]), f32(group["momentum"]),
                 bool(group["centered"]))

@@ -1,4 +1,4 @@
-from .optimizer import Optimizer, check_flag, check_lr, check_nonnegative, f32, grad_sign, real
+from .optimizer import Optimizer, check_flag, check_lr, check_nonnegative, f32, real
 
 
 class SGD(Optimizer):
@@ -14,7 +14,8 @@ class SGD(Optimizer):
     With ``momentum=0`` there is no buffer and :math:`d_t = g_t`.
 
     Args:
-        params: a dict or list of float32 arrays (copied), or :func:`fastopt.adopt`.
+        params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt`, or
+            a list of parameter-group dicts.
         lr (γ), momentum (μ), dampening (τ), weight_decay (λ, an L2 penalty),
         nesterov, maximize: as in torch.optim.SGD, with the same defaults.
 
@@ -28,10 +29,10 @@ class SGD(Optimizer):
     rule = "sgd"
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, *, maximize=False):
+                 nesterov=False, *, maximize=False, **options):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, **options)
 
     def _check(self, group):
         check_lr(group["lr"])
@@ -43,13 +44,13 @@ class SGD(Optimizer):
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
-    def _state_spec(self, group):
+    def _state_spec(self, group, index):
         return {"momentum_buffer": 0.0} if group["momentum"] != 0 else {}
 
-    def _scalars(self, group, step, fresh):
+    def _scalars(self, group, step, fresh, index):
         momentum = group["momentum"]
         # No buffer, or a new one (which torch fills with a clone): the raw gradient.
         raw_gradient = momentum == 0 or "momentum_buffer" in fresh
         grad_weight = 1.0 if raw_gradient else 1.0 - group["dampening"]
-        return (grad_sign(group), f32(group["weight_decay"]), f32(group["lr"]), f32(momentum),
+        return (f32(group["lr"]), f32(momentum),
                 f32(grad_weight), bool(group["nesterov"]))

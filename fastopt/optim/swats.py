@@ -1,0 +1,113 @@
+import math
+
+from .optimizer import Optimizer, check_betas, check_eps, check_flag, check_lr, check_nonnegative, f32
+
+
+class SWATS(Optimizer):
+    r"""SWATS: Adam that switches to SGD once its SGD learning-rate estimate settles.
+
+    Algorithm 1 of Keskar & Socher (2017), applied to each parameter group on its own.
+    In the Adam phase, step :math:`k`:
+
+    .. math::
+        m_k &\leftarrow \beta_1 m_{k-1} + (1 - \beta_1)\,g_k \\
+        a_k &\leftarrow \beta_2 a_{k-1} + (1 - \beta_2)\,g_k^2 \\
+        p_k &\leftarrow -\alpha\,\frac{\sqrt{1 - \beta_2^k}}{1 - \beta_1^k}\,
+            \frac{m_k}{\sqrt{a_k} + \epsilon}, \qquad w_k \leftarrow w_{k-1} + p_k \\
+        \gamma_k &\leftarrow \frac{p_k^\top p_k}{-p_k^\top g_k}, \qquad
+        \lambda_k \leftarrow \beta_2 \lambda_{k-1} + (1 - \beta_2)\,\gamma_k
+            \quad\text{(when } p_k^\top g_k \ne 0\text{)}
+
+    and when :math:`k > 1` and :math:`|\lambda_k / (1 - \beta_2^k) - \gamma_k| < \epsilon`
+    the group switches to SGD with momentum and the fixed learning rate
+    :math:`\Lambda = \lambda_k / (1 - \beta_2^k)`:
+
+    .. math::
+        v_k \leftarrow \beta_1 v_{k-1} + g_k, \qquad
+        w_k \leftarrow w_{k-1} - (1 - \beta_1)\,\Lambda\,v_k \quad (v = 0 \text{ at the switch})
+
+    The Adam step and the two dot products :math:`d^\top d` and :math:`d^\top g` (where
+    :math:`p_k = -\text{coef}\cdot d`) come from one fused pass with a deterministic
+    reduction; :math:`\gamma`, :math:`\lambda` and the switch are decided on the host.
+    ``lr`` (α) drives the Adam phase only: after the switch the SGD rate is Λ, as in the
+    paper, whatever ``lr`` does.
+
+    Args:
+        params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt`, or a
+            list of parameter-group dicts. Each group switches on its own.
+        lr (α), betas (β₁, β₂), eps (ε, in the Adam denominator and the switching test;
+        the paper's 1e-9), weight_decay (an L2 penalty), maximize.
+        **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see
+            :class:`Optimizer`.
+
+    State: ``exp_avg`` (m) and ``exp_avg_sq`` (a) in the Adam phase, ``momentum_buffer``
+    (v) after the switch. Per group: ``lr_estimate`` (λ), ``sgd_lr`` (Λ, None before the
+    switch) and ``switch_step`` (the step that switched, or None).
+
+    References:
+        Keskar & Socher, 2017, "Improving Generalization Performance by Switching from
+        Adam to SGD", arXiv:1712.07628.
+    """
+
+    rule = "swats_adam"
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-9, weight_decay=0.0, *,
+                 maximize=False, **options):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        maximize=maximize)
+        super().__init__(params, defaults, **options)
+        groups = len(self.param_groups)
+        self.state.update(lr_estimate=[0.0] * groups, sgd_lr=[None] * groups,
+                          switch_step=[None] * groups)
+
+    def _check(self, group):
+        check_lr(group["lr"])
+        check_eps(group["eps"])
+        check_betas(group["betas"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        check_flag("maximize", group["maximize"])
+
+    def _switched(self, index):
+        return self.state["sgd_lr"][index] is not None
+
+    def _state_spec(self, group, index):
+        if self._switched(index):
+            return {"momentum_buffer": 0.0}
+        return {"exp_avg": 0.0, "exp_avg_sq": 0.0}
+
+    def _scalars(self, group, step, fresh, index):
+        beta1, beta2 = group["betas"]
+        if self._switched(index):  # rules.sgd: lr, momentum, grad_weight, nesterov
+            return (f32((1.0 - beta1) * self.state["sgd_lr"][index]), f32(beta1), f32(1.0),
+                    False)
+        coef = group["lr"] * math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
+        return (f32(coef), f32(group["eps"]), f32(1.0 - beta1), f32(beta2), f32(1.0 - beta2))
+
+    def _update(self, index, group, spec, g, prep, h):
+        if self._switched(index):
+            segment = self._segment
+            self._backend.run("sgd", ("momentum_buffer",), segment(index, self.flat_params),
+                              segment(index, g), [segment(index, self.state["momentum_buffer"])],
+                              prep, h)
+            return
+        segment = self._segment
+        direction_sq, direction_g = self._backend.swats_adam(
+            segment(index, self.flat_params), segment(index, g),
+            segment(index, self.state["exp_avg"]), segment(index, self.state["exp_avg_sq"]),
+            prep, h)
+        self._estimate(index, group, float(h[0]), direction_sq, direction_g)
+
+    def _estimate(self, index, group, coef, direction_sq, direction_g):
+        """Update λ from this step's p_k = -coef * d, and switch when it has settled."""
+        step = self.state["step"] + 1
+        beta2, eps = group["betas"][1], group["eps"]
+        projection = -coef * direction_g  # p_k . g_k
+        if projection == 0.0 or not math.isfinite(projection):
+            return
+        gamma = coef * coef * direction_sq / -projection
+        estimate = beta2 * self.state["lr_estimate"][index] + (1.0 - beta2) * gamma
+        self.state["lr_estimate"][index] = estimate
+        corrected = estimate / (1.0 - beta2 ** step)
+        if step > 1 and abs(corrected - gamma) < eps:
+            self.state["sgd_lr"][index] = corrected
+            self.state["switch_step"][index] = step

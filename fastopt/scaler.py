@@ -1,0 +1,100 @@
+"""Dynamic loss scaling for mixed-precision training, with torch.amp.GradScaler's policy."""
+
+import math
+import numbers
+
+import numpy as np
+
+from .optim.optimizer import real
+
+f32 = np.float32
+
+
+class DynamicLossScaler:
+    """Scales the loss up so that small fp16 gradients survive, and adapts the scale.
+
+    The policy is torch.amp.GradScaler's: a step whose gradients hold an Inf or NaN is
+    skipped and the scale is multiplied by ``backoff_factor``; after ``growth_interval``
+    skipless steps in a row it is multiplied by ``growth_factor`` (unless that would
+    overflow float32). The scale is kept in float32, as torch keeps it.
+
+    The optimizer divides the gradients by the scale inside its step kernel
+    (``step(grad_scale=...)``), and the non-finite check rides in the read pass over the
+    gradients, so unscaling costs no pass of its own::
+
+        scaler = fastopt.DynamicLossScaler()
+        loss = scaler.scale_loss(loss)   # then backpropagate the scaled loss
+        scaler.step(opt)                 # unscale, check, and step (or skip)
+        scaler.update()                  # adapt the scale
+
+    Several optimizers may share one scaler: call ``step`` for each, then ``update``
+    once; a non-finite gradient in any of them backs the scale off.
+
+    Attributes:
+        scale: the current loss scale.
+        growth_tracker: steps without Inf/NaN since the scale last changed.
+    """
+
+    def __init__(self, init_scale=2.0 ** 16, growth_factor=2.0, backoff_factor=0.5,
+                 growth_interval=2000):
+        if not real("init_scale", init_scale) > 0.0:
+            raise ValueError(f"init_scale must be > 0, got {init_scale!r}")
+        if not real("growth_factor", growth_factor) > 1.0:
+            raise ValueError(f"growth_factor must be > 1, got {growth_factor!r}")
+        if not 0.0 < real("backoff_factor", backoff_factor) < 1.0:
+            raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor!r}")
+        if isinstance(growth_interval, bool) or not isinstance(growth_interval, numbers.Integral):
+            raise TypeError(f"growth_interval must be an int, got {growth_interval!r}")
+        if growth_interval < 1:
+            raise ValueError(f"growth_interval must be >= 1, got {growth_interval!r}")
+        self.scale = _float32(init_scale)
+        self.growth_factor = float(growth_factor)
+        self.backoff_factor = float(backoff_factor)
+        self.growth_interval = int(growth_interval)
+        self.growth_tracker = 0
+        self._found_inf = None  # None until a step since the last update
+
+    def scale_loss(self, loss):
+        """``loss * scale``: backpropagate this, not the loss itself."""
+        return loss * self.scale
+
+    def step(self, optimizer, grads=None):
+        """Step ``optimizer`` with the gradients divided by the scale, skipping the step
+        if any gradient is Inf or NaN. Returns True if the step was taken."""
+        skipped = optimizer.skipped_steps
+        optimizer.step(grads, grad_scale=self.scale, skip_nonfinite=True)
+        applied = optimizer.skipped_steps == skipped
+        self._found_inf = bool(self._found_inf) or not applied
+        return applied
+
+    def update(self):
+        """Adapt the scale to the steps taken since the last update."""
+        if self._found_inf is None:
+            raise RuntimeError("update() needs a step() first")
+        if self._found_inf:
+            self.scale = _float32(self.scale * self.backoff_factor)
+            self.growth_tracker = 0
+        elif self.growth_tracker + 1 == self.growth_interval:
+            grown = _float32(self.scale * self.growth_factor)
+            if math.isfinite(grown):
+                self.scale = grown
+            self.growth_tracker = 0
+        else:
+            self.growth_tracker += 1
+        self._found_inf = None
+
+    def state_dict(self):
+        return {"scale": self.scale, "growth_tracker": self.growth_tracker}
+
+    def load_state_dict(self, state):
+        self.scale = float(state["scale"])
+        self.growth_tracker = int(state["growth_tracker"])
+
+    def __repr__(self):
+        return f"DynamicLossScaler(scale={self.scale}, growth_tracker={self.growth_tracker})"
+
+
+def _float32(x):
+    """``x`` rounded to float32, as torch stores its scale; inf past float32's range."""
+    with np.errstate(over="ignore"):
+        return float(f32(x))
