@@ -114,17 +114,18 @@ def _check_flat(backend, x, what, size=None):
     return a
 
 
-def flatten(groups):
+def flatten(groups, grouped=False):
     """``(backend, layouts, flat_params, flat_grads)`` for the parameters of each group.
 
     ``groups`` lists one structure per parameter group (a dict or list of arrays), or
-    holds one :func:`adopt` result. The arrays are copied into one new buffer, group
+    holds one :func:`adopt` result; ``grouped`` says they came as group dicts, which
+    names them ``params[i]...`` in messages. The arrays are copied into one new buffer, group
     after group, so each group is a contiguous segment with its own layout. Raises
     TypeError/ValueError naming the offending parameter; the inputs are never modified.
     """
-    if len(groups) == 1 and isinstance(groups[0], Adopted):
+    if not grouped and isinstance(groups[0], Adopted):
         return _adopt(groups[0])
-    prefixes = ["params"] if len(groups) == 1 else [f"params[{i}]" for i in range(len(groups))]
+    prefixes = [f"params[{i}]" for i in range(len(groups))] if grouped else ["params"]
     structures = [_structure(prefix, params) for prefix, params in zip(prefixes, groups)]
     if not any(arrays for _, _, arrays in structures):
         raise ValueError("params is empty: give the optimizer at least one array")

@@ -189,3 +189,39 @@ class NAdam(Reference):
         mu, mu_next = self.mus[-1], self.mu(t + 1)
         return (p - h["lr"] * (1 - mu) / (1 - product) * g / denom
                 - h["lr"] * mu_next / (1 - product * mu_next) * self.m / denom)
+
+
+class SWATS(Reference):
+    """Algorithm 1 of Keskar & Socher (2017), "Improving Generalization Performance by
+    Switching from Adam to SGD", for one parameter vector."""
+
+    def __init__(self, n, lr=1e-3, betas=(0.9, 0.999), eps=1e-9, weight_decay=0.0,
+                 maximize=False):
+        super().__init__(n, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         maximize=maximize)
+        self.m = np.zeros(n)
+        self.a = np.zeros(n)
+        self.lam = 0.0
+        self.sgd_lr = None  # Λ once switched
+        self.switch_step = None
+        self.v = None
+
+    def step(self, p, g):
+        self.t += 1
+        k, (beta1, beta2), eps = self.t, self.h["betas"], self.h["eps"]
+        g = self.gradient(p, g)
+        if self.sgd_lr is not None:
+            self.v = beta1 * self.v + g
+            return p - (1 - beta1) * self.sgd_lr * self.v
+        self.m = beta1 * self.m + (1 - beta1) * g
+        self.a = beta2 * self.a + (1 - beta2) * g * g
+        step = (-self.h["lr"] * math.sqrt(1 - beta2 ** k) / (1 - beta1 ** k)
+                * self.m / (np.sqrt(self.a) + eps))
+        if step @ g != 0:
+            gamma = (step @ step) / -(step @ g)
+            self.lam = beta2 * self.lam + (1 - beta2) * gamma
+            if k > 1 and abs(self.lam / (1 - beta2 ** k) - gamma) < eps:
+                self.sgd_lr = self.lam / (1 - beta2 ** k)
+                self.switch_step = k
+                self.v = np.zeros_like(p)
+        return p + step

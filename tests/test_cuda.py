@@ -99,3 +99,81 @@ def test_mixed_devices_are_refused():
     with pytest.raises(TypeError, match="CUDA array"):
         opt.step(np.zeros(3, np.float32))
     assert opt.state["step"] == 0
+
+
+# -- training-loop features on the device ------------------------------------------------
+
+def group_params(seed):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(np.float32) for s in [(40,), (9, 7), (33,)]]
+
+
+def on_both(name, kwargs, seed=0):
+    """The same grouped optimizer on the device and on the CPU."""
+    p = group_params(seed)
+
+    def groups(put):
+        return [{"params": [put(p[0]), put(p[1])]},
+                {"params": {"c": put(p[2])}, "lr": 0.02, "weight_decay": 0.1}]
+
+    return (getattr(fastopt, name)(groups(cuda.to_device), **kwargs),
+            getattr(fastopt, name)(groups(np.copy), **kwargs))
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "NAdam"])
+def test_groups_clipping_scaling_and_skip_on_device(name):
+    options = dict(clip_grad_norm=8.0, clip_grad_value=0.3, skip_nonfinite=True, lr=0.05)
+    on_gpu, on_cpu = on_both(name, options)
+    rng = np.random.default_rng(1)
+    for t in range(8):
+        g = (rng.standard_normal(on_cpu.flat_params.size) * (t + 1) * 128).astype(np.float32)
+        if t == 3:
+            g[5] = np.nan
+        on_gpu.step(cuda.to_device(g), grad_scale=128.0)
+        on_cpu.step(g, grad_scale=128.0)
+        assert on_gpu.last_grad_norm == pytest.approx(on_cpu.last_grad_norm, rel=1e-12, nan_ok=True)
+    assert on_gpu.skipped_steps == on_cpu.skipped_steps == 1
+    np.testing.assert_allclose(host(on_gpu.flat_params), on_cpu.flat_params, rtol=RTOL, atol=ATOL)
+
+
+def test_device_sum_of_squares_is_exact_enough_and_repeatable():
+    g = np.random.default_rng(2).standard_normal(1001).astype(np.float32)
+    backend = fastopt.SGD([cuda.to_device(g)])._backend
+    results = {backend.sum_squares(cuda.to_device(g)) for _ in range(3)}
+    assert len(results) == 1
+    assert results.pop() == pytest.approx(float(np.sum(g.astype(np.float64) ** 2)), rel=1e-13)
+
+
+def test_swats_on_device_switches_like_the_cpu():
+    rng = np.random.default_rng(3)
+    base = rng.uniform(0.5, 1.5, 200) * rng.choice([-1.0, 1.0], 200)
+    kwargs = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-5)
+    p0 = rng.standard_normal(200).astype(np.float32)
+    on_gpu = fastopt.SWATS([cuda.to_device(p0)], **kwargs)
+    on_cpu = fastopt.SWATS([p0], **kwargs)
+    for _ in range(40):
+        g = (base + 0.05 * rng.standard_normal(200)).astype(np.float32)
+        on_gpu.step(cuda.to_device(g))
+        on_cpu.step(g)
+    assert on_cpu.state["switch_step"][0] is not None
+    assert on_gpu.state["switch_step"] == on_cpu.state["switch_step"]
+    np.testing.assert_allclose(host(on_gpu.flat_params), on_cpu.flat_params, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_ema_on_device(bias_correction):
+    on_gpu, on_cpu = on_both("SGD", dict(lr=0.1))
+    averages = [fastopt.EMA(opt, decay=0.8, bias_correction=bias_correction)
+                for opt in (on_gpu, on_cpu)]
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        g = rng.standard_normal(on_cpu.flat_params.size).astype(np.float32)
+        on_gpu.step(cuda.to_device(g))
+        on_cpu.step(g)
+        for average in averages:
+            average.update()
+    live = host(on_gpu.flat_params)
+    with averages[0].applied(), averages[1].applied():
+        np.testing.assert_allclose(host(on_gpu.flat_params), on_cpu.flat_params, rtol=1e-6)
+        assert not np.allclose(host(on_gpu.flat_params), live)
+    np.testing.assert_array_equal(host(on_gpu.flat_params), live)

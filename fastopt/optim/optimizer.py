@@ -81,7 +81,7 @@ class Optimizer:
         self.clip_grad_value = clip_grad_value
         self.skip_nonfinite = skip_nonfinite
         self.defaults = dict(defaults)
-        self._backend, self._layouts, self.flat_params, self.flat_grads = flatten(structures)
+        self._backend, self._layouts, self.flat_params, self.flat_grads = flatten(structures, self._grouped)
         param_views = [layout.views(self.flat_params) for layout in self._layouts]
         grad_views = [layout.views(self.flat_grads) for layout in self._layouts]
         self.params = param_views if self._grouped else param_views[0]

@@ -1,0 +1,261 @@
+"""fastopt.EMA against a float64 reference: the update, bias correction, copy_to/restore,
+the structures it tracks, its errors, and the serial and parallel kernels."""
+
+import numpy as np
+import pytest
+
+import fastopt
+from conftest import gradients, initial_params
+from fastopt.kernels import cpu
+
+f32 = np.float32
+RTOL = 1e-6
+
+
+def reference(history, decay, bias_correction):
+    """``(v_t, the average copy_to writes)`` in float64. ``history[0]`` holds the
+    parameters when the EMA was made, ``history[t]`` those seen by update number t."""
+    v = np.zeros(history[0].shape) if bias_correction else history[0].astype(np.float64)
+    for theta in history[1:]:
+        v = decay * v + (1.0 - decay) * theta.astype(np.float64)
+    t = len(history) - 1
+    return v, (v / (1.0 - decay ** t) if bias_correction else v)
+
+
+def bits(arrays):
+    """The bit patterns of arrays, so that -0.0 and NaN payloads count as well."""
+    return [np.array(a, f32).view(np.uint32) for a in arrays]
+
+
+def assert_same_bits(arrays, expected):
+    for a, b in zip(bits(arrays), expected, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("decay", [0.9, 0.999])
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_update_and_copy_to_match_the_reference(decay, bias_correction):
+    n = 37
+    opt = fastopt.SGD([initial_params(3, n)], lr=0.1, momentum=0.5)
+    ema = fastopt.EMA(opt, decay=decay, bias_correction=bias_correction)
+    history = [opt.flat_params.copy()]
+    for t, g in enumerate(gradients(3, n, 20), start=1):
+        opt.step(g)
+        ema.update()
+        history.append(opt.flat_params.copy())
+        v, averaged = reference(history, decay, bias_correction)
+        assert ema.updates == t
+        np.testing.assert_allclose(ema.shadow, v, rtol=RTOL, err_msg=f"update {t}")
+        with ema.applied():
+            np.testing.assert_allclose(opt.flat_params, averaged, rtol=RTOL, err_msg=f"update {t}")
+            np.testing.assert_allclose(opt.params[0], averaged, rtol=RTOL)
+        np.testing.assert_array_equal(opt.flat_params, history[-1])
+    assert not np.allclose(averaged, history[-1], rtol=1e-3)  # the average lags the parameters
+
+
+@pytest.mark.parametrize("decay", [0.9, 0.999])
+def test_bias_correction_removes_the_pull_towards_zero(decay):
+    c = 3.0 * initial_params(5, 64)
+    constant = c.copy()
+    corrected = fastopt.EMA([constant], decay=decay)
+    plain = fastopt.EMA([c.copy()], decay=decay, bias_correction=False)
+    for t in range(1, 11):
+        corrected.update()
+        plain.update()
+        # The raw zero-started average holds (1 - decay**t) c: far below c.
+        np.testing.assert_allclose(corrected.shadow, (1.0 - decay ** t) * c, rtol=RTOL)
+        assert np.all(np.abs(corrected.shadow - c) > 0.3 * np.abs(c))
+        np.testing.assert_allclose(plain.shadow, c, rtol=RTOL)  # v0 = c, never biased
+        if t in (1, 2, 10):
+            with corrected.applied():
+                np.testing.assert_allclose(constant, c, rtol=RTOL, err_msg=f"update {t}")
+    np.testing.assert_allclose(fastopt.EMA([c.copy()], decay=decay).shadow, 0.0)
+
+
+def special_params(rng):
+    """Live parameters holding values whose bits a float round trip might lose."""
+    nan_payload = np.array([0x7FC00123], np.uint32).view(f32)[0]
+    w = rng.standard_normal((3, 4)).astype(f32)
+    w[0, :3] = [-0.0, np.float32(1e-45), nan_payload]
+    return {"w": w, "b": rng.standard_normal(5).astype(f32)}
+
+
+def test_copy_to_then_restore_is_bit_identical(rng):
+    params = special_params(rng)
+    ema = fastopt.EMA(params, decay=0.5)
+    history = [np.concatenate([a.ravel() for a in params.values()])]
+    for _ in range(3):
+        for a in params.values():
+            a += f32(0.25)  # in place: the EMA tracks these very arrays
+        ema.update()
+        history.append(np.concatenate([a.ravel() for a in params.values()]))
+    live = bits(params.values())
+    ema.copy_to()
+    averaged = np.concatenate([a.ravel() for a in params.values()])
+    np.testing.assert_allclose(averaged, reference(history, 0.5, True)[1], rtol=RTOL)
+    assert not np.array_equal(averaged, history[-1], equal_nan=True)
+    ema.restore()
+    assert_same_bits(params.values(), live)
+    with pytest.raises(RuntimeError, match="copy_to"):
+        ema.restore()  # nothing left to restore
+
+
+def test_applied_restores_even_when_the_body_raises(rng):
+    params = special_params(rng)
+    ema = fastopt.EMA(params, decay=0.9)
+    params["b"] *= f32(2.0)
+    ema.update()
+    live = bits(params.values())
+    with ema.applied() as applied:
+        assert applied is ema
+        assert not np.array_equal(params["b"], live[1].view(f32))
+    assert_same_bits(params.values(), live)
+    with pytest.raises(ZeroDivisionError):
+        with ema.applied():
+            np.testing.assert_allclose(params["b"], ema.shadow[-5:] / (1 - 0.9), rtol=RTOL)
+            1 / 0
+    assert_same_bits(params.values(), live)
+    with pytest.raises(RuntimeError, match="copy_to"):
+        ema.restore()
+
+
+@pytest.mark.parametrize("container", [dict, list])
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_dicts_and_lists_of_arrays_are_tracked_in_place(rng, container, bias_correction):
+    arrays = [rng.standard_normal((3, 4)).astype(f32), rng.standard_normal(5).astype(f32),
+              rng.standard_normal((2, 1, 3)).astype(f32)]
+    params = dict(zip("wbk", arrays)) if container is dict else list(arrays)
+    ema = fastopt.EMA(params, decay=0.8, bias_correction=bias_correction)
+
+    def flat():
+        return np.concatenate([a.ravel() for a in arrays])
+
+    history = [flat()]
+    for t in range(6):
+        arrays[0] *= f32(0.5)  # modified in place by the user, not through fastopt
+        arrays[1][:] = rng.standard_normal(5).astype(f32)
+        arrays[2][0, 0, t % 3] += f32(10.0)
+        ema.update()
+        history.append(flat())
+        np.testing.assert_allclose(ema.shadow, reference(history, 0.8, bias_correction)[0],
+                                   rtol=RTOL)
+    averaged = reference(history, 0.8, bias_correction)[1]
+    ema.copy_to()  # writes into the caller's arrays, in their shapes
+    np.testing.assert_allclose(flat(), averaged, rtol=RTOL)
+    assert [a.shape for a in arrays] == [(3, 4), (5,), (2, 1, 3)]
+    ema.restore()
+    np.testing.assert_array_equal(flat(), history[-1])
+
+
+def test_an_optimizer_with_parameter_groups(rng):
+    a, b = rng.standard_normal(6).astype(f32), rng.standard_normal((2, 3)).astype(f32)
+    w = rng.standard_normal((4, 4)).astype(f32)
+    opt = fastopt.Adam([{"params": [a, b]}, {"params": {"w": w}, "lr": 0.05}], lr=0.01)
+    ema = fastopt.EMA(opt, decay=0.9)
+    views = [*opt.params[0], opt.params[1]["w"]]  # every group, as the user sees it
+
+    def flat():
+        return np.concatenate([v.ravel() for v in views])
+
+    history = [flat()]
+    for g in gradients(7, opt.flat_params.size, 12):
+        opt.step(g)
+        ema.update()
+        history.append(flat())
+    v, averaged = reference(history, 0.9, True)
+    np.testing.assert_allclose(np.sort(ema.shadow), np.sort(v), rtol=RTOL)
+    with ema.applied():
+        np.testing.assert_allclose(flat(), averaged, rtol=RTOL)
+    np.testing.assert_array_equal(flat(), history[-1])
+
+
+def read_only(shape):
+    a = np.ones(shape, f32)
+    a.flags.writeable = False
+    return a
+
+
+@pytest.mark.parametrize("params, kwargs, error, match", [
+    ("list", dict(decay=1.0), ValueError, "decay"),
+    ("list", dict(decay=-0.01), ValueError, "decay"),
+    ("list", dict(decay=float("nan")), ValueError, "decay"),
+    ("list", dict(decay=float("inf")), ValueError, "decay"),
+    ("list", dict(decay="0.9"), TypeError, "decay"),
+    ("list", dict(decay=None), TypeError, "decay"),
+    ("list", dict(decay=True), TypeError, "decay"),
+    ("list", dict(bias_correction=1), TypeError, "bias_correction"),
+    ("list", dict(bias_correction="yes"), TypeError, "bias_correction"),
+    ("list", dict(bias_correction=None), TypeError, "bias_correction"),
+    ([], {}, ValueError, "empty"),
+    ({}, {}, ValueError, "empty"),
+    (np.ones(3, f32), {}, TypeError, "dict or list"),
+    ([np.ones(3)], {}, TypeError, r"params\[0\] must be float32"),
+    ({"w": np.ones(3, f32), "h": np.ones(3, np.float16)}, {}, TypeError, r"params\['h'\] must be float32"),
+    ({"w": np.ones((4, 4), f32)[:, ::2]}, {}, ValueError, r"params\['w'\] must be C-contiguous"),
+    ([np.ones(3, f32), np.ones((3, 4), f32).T], {}, ValueError, r"params\[1\] must be C-contiguous"),
+    ([read_only(3)], {}, ValueError, r"params\[0\] .*writeable"),
+    ([[1.0, 2.0]], {}, TypeError, "array"),
+])
+def test_bad_arguments_are_refused(params, kwargs, error, match):
+    params = [np.ones(3, f32)] if params == "list" else params
+    with pytest.raises(error, match=match):
+        fastopt.EMA(params, **kwargs)
+
+
+@pytest.mark.parametrize("call", ["copy_to", "applied", "restore"])
+def test_copy_to_before_any_update_and_restore_without_copy_to_change_nothing(rng, call):
+    w = rng.standard_normal(7).astype(f32)
+    live = w.copy()
+    ema = fastopt.EMA([w])
+    match = "restore" if call == "restore" else "update"
+    with pytest.raises(RuntimeError, match=match):
+        if call == "applied":
+            with ema.applied():
+                pytest.fail("the body must not run")
+        else:
+            getattr(ema, call)()
+    np.testing.assert_array_equal(w, live)
+    assert ema.updates == 0 and not ema.shadow.any()
+    with pytest.raises(RuntimeError, match="copy_to"):
+        ema.restore()  # the failed call saved nothing
+
+
+def test_without_bias_correction_copy_to_before_any_update_writes_the_initial_values(rng):
+    w = rng.standard_normal(7).astype(f32)
+    initial = w.copy()
+    ema = fastopt.EMA([w], bias_correction=False)
+    w += f32(1.0)  # changed since the EMA was made
+    with ema.applied():
+        np.testing.assert_array_equal(w, initial)  # v0 = theta0, used as it is
+    np.testing.assert_array_equal(w, initial + f32(1.0))
+
+
+def test_a_large_buffer_matches_the_reference_and_the_serial_kernel_bitwise(rng):
+    n = 100003
+    assert n >= cpu.PARALLEL_MIN_SIZE > 10000  # one array takes the parallel path, pieces do not
+    big = rng.standard_normal(n).astype(f32)
+    twin = big.copy()
+    pieces = np.split(twin, range(10000, n, 10000))  # writeable contiguous views of twin
+    whole, split = fastopt.EMA([big], decay=0.95), fastopt.EMA(pieces, decay=0.95)
+    history = [big.copy()]
+    for _ in range(5):
+        big[:] = rng.standard_normal(n).astype(f32)
+        twin[:] = big
+        whole.update()
+        split.update()
+        history.append(big.copy())
+    v, averaged = reference(history, 0.95, True)
+    np.testing.assert_allclose(whole.shadow, v, rtol=RTOL)
+    np.testing.assert_array_equal(whole.shadow, split.shadow)
+    with whole.applied():
+        np.testing.assert_allclose(big, averaged, rtol=RTOL)
+    np.testing.assert_array_equal(big, history[-1])
+
+    value = rng.standard_normal(n).astype(f32)
+    h = (f32(0.95), f32(0.05))
+    serial, parallel = whole.shadow.copy(), whole.shadow.copy()
+    cpu.ema(serial, value, h, False)
+    cpu.ema(parallel, value, h, True)
+    np.testing.assert_array_equal(parallel, serial)
+    np.testing.assert_allclose(serial, 0.95 * whole.shadow.astype(np.float64) + 0.05 * value,
+                               rtol=RTOL)
