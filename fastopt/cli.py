@@ -17,6 +17,7 @@ ALGORITHMS = {
     "AdamW": dict(lr=0.05),
     "Adamax": dict(lr=0.05),
     "NAdam": dict(lr=0.05),
+    "SWATS": dict(lr=0.05, eps=1e-6),
 }
 
 

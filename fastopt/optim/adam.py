@@ -28,6 +28,8 @@ class Adam(Optimizer):
         lr (γ), betas (β₁, β₂), eps (ε), weight_decay (λ), amsgrad, maximize,
         decoupled_weight_decay: as in torch.optim.Adam, with the same defaults.
         bias_correction: fastopt's own; False skips both bias corrections.
+        **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see
+            :class:`fastopt.Optimizer`.
 
     State: ``exp_avg`` (m) and ``exp_avg_sq`` (v), plus ``max_exp_avg_sq`` with
     amsgrad: 8 or 12 bytes per parameter. A step moves 28 bytes per parameter (32 with
