@@ -82,9 +82,11 @@ class EMA:
 
     def copy_to(self):
         """Save the live parameters, then overwrite them with the average."""
+        if self._backup is not None:
+            raise RuntimeError("the average is already in place: restore() first, or the "
+                               "saved parameters would be overwritten")
         scale = f32(self.correction())
-        if self._backup is None:
-            self._backup = self._backend.zeros(self.shadow.size)
+        self._backup = self._backend.zeros(self.shadow.size)
         for backup, shadow, target in zip(self._slices(self._backup), self._shadows,
                                           self._targets):
             self._backend.copy(backup, target)
@@ -130,8 +132,11 @@ def _targets(params):
     if not named:
         raise ValueError("params is empty: give EMA at least one array")
     backend = backend_of(named[0][1])
-    views = []
+    views, seen = [], {}
     for name, x in named:
+        if id(x) in seen:
+            raise ValueError(f"{name} is the same array as {seen[id(x)]}; each may appear once")
+        seen[id(x)] = name
         a = backend.asarray(x, name)
         if a.dtype != FLOAT32:
             raise TypeError(f"{name} must be float32, got {a.dtype}")

@@ -43,14 +43,10 @@ class DynamicLossScaler:
             raise ValueError(f"growth_factor must be > 1, got {growth_factor!r}")
         if not 0.0 < real("backoff_factor", backoff_factor) < 1.0:
             raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor!r}")
-        if isinstance(growth_interval, bool) or not isinstance(growth_interval, numbers.Integral):
-            raise TypeError(f"growth_interval must be an int, got {growth_interval!r}")
-        if growth_interval < 1:
-            raise ValueError(f"growth_interval must be >= 1, got {growth_interval!r}")
         self.scale = _float32(init_scale)
         self.growth_factor = float(growth_factor)
         self.backoff_factor = float(backoff_factor)
-        self.growth_interval = int(growth_interval)
+        self.growth_interval = _count("growth_interval", growth_interval, 1)
         self.growth_tracker = 0
         self._found_inf = None  # None until a step since the last update
 
@@ -84,14 +80,33 @@ class DynamicLossScaler:
         self._found_inf = None
 
     def state_dict(self):
-        return {"scale": self.scale, "growth_tracker": self.growth_tracker}
+        """The scale, the policy and the tracker, under torch.amp.GradScaler's keys, so
+        that either loads the other's."""
+        return {"scale": self.scale, "growth_factor": self.growth_factor,
+                "backoff_factor": self.backoff_factor, "growth_interval": self.growth_interval,
+                "_growth_tracker": self.growth_tracker}
 
     def load_state_dict(self, state):
-        self.scale = float(state["scale"])
-        self.growth_tracker = int(state["growth_tracker"])
+        """Load a :meth:`state_dict` (or torch.amp.GradScaler's); validated first."""
+        missing = {"scale", "growth_factor", "backoff_factor", "growth_interval",
+                   "_growth_tracker"} - set(state)
+        if missing:
+            raise ValueError(f"state is missing {sorted(missing)}")
+        loaded = DynamicLossScaler(state["scale"], state["growth_factor"],
+                                   state["backoff_factor"], state["growth_interval"])
+        loaded.growth_tracker = _count("_growth_tracker", state["_growth_tracker"], 0)
+        vars(self).update(vars(loaded))
 
     def __repr__(self):
         return f"DynamicLossScaler(scale={self.scale}, growth_tracker={self.growth_tracker})"
+
+
+def _count(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value!r}")
+    return int(value)
 
 
 def _float32(x):
