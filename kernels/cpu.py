@@ -74,8 +74,7 @@ def reduction_chunks(n):
 # reassoc lets LLVM vectorise the sum inside a chunk; the order it picks is fixed at
 # compile time, so the result is still the same on every run.
 @njit(inline="always", error_model="numpy", fastmath={"reassoc"})
-def _chunk_sum_squares(g, start, stop):
-    chunk = g[start:stop]  # indices from 0: contiguous loads, where range(start, stop) gathers
+def _sum_squares(chunk):
     total = 0.0
     for i in range(chunk.size):
         x = np.float64(chunk[i])
@@ -83,18 +82,18 @@ def _chunk_sum_squares(g, start, stop):
     return total
 
 
+# Each chunk is a slice (clamped at the end), so its loop indexes from 0: contiguous
+# loads, where ``range(start, stop)`` made LLVM gather.
 @njit(parallel=True, cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
 def sum_squares(g, partials, parallel):
     """The float64 sum of ``g[i]**2``; ``partials`` holds ``reduction_chunks(g.size)``."""
     chunks = partials.size
     if parallel:
         for c in prange(chunks):
-            partials[c] = _chunk_sum_squares(g, c * REDUCTION_CHUNK,
-                                             min(g.size, (c + 1) * REDUCTION_CHUNK))
+            partials[c] = _sum_squares(g[c * REDUCTION_CHUNK:(c + 1) * REDUCTION_CHUNK])
     else:
         for c in range(chunks):
-            partials[c] = _chunk_sum_squares(g, c * REDUCTION_CHUNK,
-                                             min(g.size, (c + 1) * REDUCTION_CHUNK))
+            partials[c] = _sum_squares(g[c * REDUCTION_CHUNK:(c + 1) * REDUCTION_CHUNK])
     total = 0.0
     for c in range(chunks):
         total += partials[c]
@@ -112,8 +111,10 @@ _ema = _inline(rules.ema)
 
 @njit(inline="always", error_model="numpy")
 def _swats_chunk(p, g, exp_avg, exp_avg_sq, prep, h, partials, c):
+    chunk = slice(c * REDUCTION_CHUNK, (c + 1) * REDUCTION_CHUNK)
+    p, g, exp_avg, exp_avg_sq = p[chunk], g[chunk], exp_avg[chunk], exp_avg_sq[chunk]
     direction_sq = direction_g = 0.0
-    for i in range(c * REDUCTION_CHUNK, min(p.size, (c + 1) * REDUCTION_CHUNK)):
+    for i in range(p.size):
         grad = _prepare(p[i], g[i], prep)
         p[i], exp_avg[i], exp_avg_sq[i], d = _swats_adam(p[i], grad, exp_avg[i],
                                                          exp_avg_sq[i], h)
