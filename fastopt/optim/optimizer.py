@@ -81,7 +81,8 @@ class Optimizer:
         self.clip_grad_value = clip_grad_value
         self.skip_nonfinite = skip_nonfinite
         self.defaults = dict(defaults)
-        self._backend, self._layouts, self.flat_params, self.flat_grads = flatten(structures, self._grouped)
+        flat = flatten(structures, self._grouped)
+        self._backend, self._layouts, self.flat_params, self.flat_grads = flat
         param_views = [layout.views(self.flat_params) for layout in self._layouts]
         grad_views = [layout.views(self.flat_grads) for layout in self._layouts]
         self.params = param_views if self._grouped else param_views[0]
@@ -311,7 +312,8 @@ class Optimizer:
             if not isinstance(grads, (list, tuple)):
                 raise TypeError(f"{where} must be a list like params, got {type(grads).__name__}")
             if len(grads) != len(layout.shapes):
-                raise ValueError(f"{where} has {len(grads)} arrays, params has {len(layout.shapes)}")
+                raise ValueError(f"{where} has {len(grads)} arrays, "
+                                 f"params has {len(layout.shapes)}")
             items = list(grads)
         else:
             if not isinstance(grads, dict):
@@ -319,7 +321,8 @@ class Optimizer:
             if set(grads) != set(layout.keys):
                 missing, extra = set(layout.keys) - set(grads), set(grads) - set(layout.keys)
                 raise ValueError(f"{where} keys differ from params: missing "
-                                 f"{sorted(map(str, missing))}, unexpected {sorted(map(str, extra))}")
+                                 f"{sorted(map(str, missing))}, "
+                                 f"unexpected {sorted(map(str, extra))}")
             items = [grads[k] for k in layout.keys]
         arrays = []
         for name, shape, x in zip(layout.names(), layout.shapes, items):

@@ -1,6 +1,7 @@
 import math
 
-from .optimizer import Optimizer, check_betas, check_eps, check_flag, check_lr, check_nonnegative, f32
+from .optimizer import (Optimizer, check_betas, check_eps, check_flag, check_lr,
+                        check_nonnegative, f32)
 
 
 class SWATS(Optimizer):
