@@ -119,9 +119,10 @@ def flatten(groups, grouped=False):
 
     ``groups`` lists one structure per parameter group (a dict or list of arrays), or
     holds one :func:`adopt` result; ``grouped`` says they came as group dicts, which
-    names them ``params[i]...`` in messages. The arrays are copied into one new buffer, group
-    after group, so each group is a contiguous segment with its own layout. Raises
-    TypeError/ValueError naming the offending parameter; the inputs are never modified.
+    names them ``params[i]...`` in messages. The arrays are copied into one new buffer,
+    group after group, so each group is a contiguous segment with its own layout.
+    Raises TypeError/ValueError naming the offending parameter; the inputs are never
+    modified.
     """
     if not grouped and isinstance(groups[0], Adopted):
         return _adopt(groups[0])
@@ -165,12 +166,13 @@ def _structure(prefix, params):
         keys, arrays = tuple(params), list(params.values())
     elif isinstance(params, (list, tuple)):
         keys, arrays = None, list(params)
+    elif isinstance(params, Adopted):
+        raise TypeError(f"{prefix} must be a dict or list of arrays: an adopted buffer "
+                        "cannot be split into parameter groups")
     else:
-        what = "fastopt.adopt(buffer)" if isinstance(params, Adopted) else type(params).__name__
-        raise TypeError(f"{prefix} must be a dict of arrays or a list of arrays, got {what}"
-                        + ("; an adopted buffer cannot be split into parameter groups"
-                           if isinstance(params, Adopted) else "; to optimize one array, "
-                           "pass [array] (copied) or fastopt.adopt(array)"))
+        raise TypeError(f"{prefix} must be a dict of arrays or a list of arrays, got "
+                        f"{type(params).__name__}; to optimize one array, pass [array] "
+                        "(copied) or fastopt.adopt(array)")
     return param_names(keys, len(arrays), prefix), keys, arrays
 
 

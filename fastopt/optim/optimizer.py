@@ -213,10 +213,14 @@ class Optimizer:
         return flat[layout.start:layout.stop]
 
     def _update(self, index, group, spec, g, prep, h):
-        """Run the rule over group ``index``'s segment of the buffers."""
+        """Apply the step to group ``index``'s segment of the buffers."""
+        self._run(self.rule, index, spec, g, prep, h)
+
+    def _run(self, rule, index, spec, g, prep, h):
+        """Run ``rule`` over group ``index``'s segment of the buffers."""
         segment = self._segment
         states = [segment(index, self.state[name]) for name in spec]
-        self._backend.run(self.rule, tuple(spec), segment(index, self.flat_params),
+        self._backend.run(rule, tuple(spec), segment(index, self.flat_params),
                           segment(index, g), states, prep, h)
 
     def _check_group(self, index, group):

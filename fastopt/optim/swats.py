@@ -86,10 +86,7 @@ class SWATS(Optimizer):
 
     def _update(self, index, group, spec, g, prep, h):
         if self._switched(index):
-            segment = self._segment
-            self._backend.run("sgd", ("momentum_buffer",), segment(index, self.flat_params),
-                              segment(index, g), [segment(index, self.state["momentum_buffer"])],
-                              prep, h)
+            self._run("sgd", index, spec, g, prep, h)
             return
         segment = self._segment
         direction_sq, direction_g = self._backend.swats_adam(
