@@ -28,7 +28,7 @@ asm = {}
 for name, kwargs in json.loads(sys.argv[1]).items():
     opt = getattr(fastopt, name)([np.ones(64, np.float32)], **kwargs)
     opt.step()
-    kernel = cpu.kernel(opt.rule, tuple(opt._state_spec(opt.param_groups[0], 0)))
+    kernel = cpu.kernel(opt.rule, tuple(opt._state_spec(opt.param_groups[0], {})))
     asm[name] = "\n".join(kernel.inspect_asm().values())
 print(json.dumps(asm))
 """
@@ -91,7 +91,7 @@ def test_serial_and_parallel_loops_agree_bitwise():
     n = 3 * cpu.PARALLEL_MIN_SIZE + 11
     rng = np.random.default_rng(0)
     opt = fastopt.Adam([np.zeros(1, np.float32)], lr=1e-2, amsgrad=True)
-    h = opt._scalars(opt.param_groups[0], 1, [], 0)
+    h = opt._scalars(opt.param_groups[0], 1, [], {})
     prep = (np.float32(0.5), np.float32(1.5), np.float32(0.1))  # scale, clip, L2
     arrays = [rng.standard_normal(n).astype(np.float32) for _ in range(2)]
     arrays += [np.abs(rng.standard_normal(n)).astype(np.float32) for _ in range(3)]

@@ -43,10 +43,10 @@ class Adadelta(Optimizer):
         check_nonnegative("weight_decay", group["weight_decay"])
         check_flag("maximize", group["maximize"])
 
-    def _state_spec(self, group, index):
+    def _state_spec(self, group, host):
         return {"square_avg": 0.0, "acc_delta": 0.0}
 
-    def _scalars(self, group, step, fresh, index):
+    def _scalars(self, group, step, fresh, host):
         rho = group["rho"]
         return (f32(group["lr"]), f32(rho),
                 f32(1.0 - rho), f32(group["eps"]))

@@ -43,9 +43,9 @@ class Adagrad(Optimizer):
         check_eps(group["eps"])
         check_flag("maximize", group["maximize"])
 
-    def _state_spec(self, group, index):
+    def _state_spec(self, group, host):
         return {"sum": group["initial_accumulator_value"]}
 
-    def _scalars(self, group, step, fresh, index):
+    def _scalars(self, group, step, fresh, host):
         clr = group["lr"] / (1.0 + (step - 1) * group["lr_decay"])
         return f32(clr), f32(group["eps"])

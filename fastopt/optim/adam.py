@@ -60,13 +60,13 @@ class Adam(Optimizer):
         for flag in ("amsgrad", "maximize", "decoupled_weight_decay", "bias_correction"):
             check_flag(flag, group[flag])
 
-    def _state_spec(self, group, index):
+    def _state_spec(self, group, host):
         spec = {"exp_avg": 0.0, "exp_avg_sq": 0.0}
         if group["amsgrad"]:
             spec["max_exp_avg_sq"] = 0.0
         return spec
 
-    def _scalars(self, group, step, fresh, index):
+    def _scalars(self, group, step, fresh, host):
         lr, (beta1, beta2) = group["lr"], group["betas"]
         if group["bias_correction"]:
             step_size = lr / (1.0 - beta1 ** step)

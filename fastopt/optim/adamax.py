@@ -40,10 +40,10 @@ class Adamax(Optimizer):
         check_nonnegative("weight_decay", group["weight_decay"])
         check_flag("maximize", group["maximize"])
 
-    def _state_spec(self, group, index):
+    def _state_spec(self, group, host):
         return {"exp_avg": 0.0, "exp_inf": 0.0}
 
-    def _scalars(self, group, step, fresh, index):
+    def _scalars(self, group, step, fresh, host):
         beta1, beta2 = group["betas"]
         clr = group["lr"] / (1.0 - beta1 ** step)
         return (f32(clr), f32(group["eps"]),

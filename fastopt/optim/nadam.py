@@ -44,7 +44,6 @@ class NAdam(Optimizer):
                         momentum_decay=momentum_decay,
                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
         super().__init__(params, defaults, **options)
-        self.state["mu_product"] = [1.0] * len(self.param_groups)
 
     def _check(self, group):
         check_lr(group["lr"])
@@ -55,22 +54,25 @@ class NAdam(Optimizer):
         check_flag("decoupled_weight_decay", group["decoupled_weight_decay"])
         check_flag("maximize", group["maximize"])
 
-    def _state_spec(self, group, index):
+    def _state_spec(self, group, host):
         return {"exp_avg": 0.0, "exp_avg_sq": 0.0}
 
-    def _momentum(self, group, step, index):
-        """mu_t, mu_(t+1) and the product of mu_1 .. mu_t for group ``index``."""
+    def _initial_host(self):
+        return {"mu_product": 1.0}
+
+    def _momentum(self, group, step, host):
+        """mu_t, mu_(t+1) and the product of mu_1 .. mu_t."""
         beta1, psi = group["betas"][0], group["momentum_decay"]
         mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * psi))
         mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * psi))
-        return mu, mu_next, self.state["mu_product"][index] * mu
+        return mu, mu_next, host["mu_product"] * mu
 
-    def _host_state(self, group, step, index):
-        return {"mu_product": self._momentum(group, step, index)[2]}
+    def _host_state(self, group, step, host):
+        return {"mu_product": self._momentum(group, step, host)[2]}
 
-    def _scalars(self, group, step, fresh, index):
+    def _scalars(self, group, step, fresh, host):
         lr, (beta1, beta2) = group["lr"], group["betas"]
-        mu, mu_next, mu_product = self._momentum(group, step, index)
+        mu, mu_next, mu_product = self._momentum(group, step, host)
         grad_coef = lr * (1.0 - mu) / (1.0 - mu_product)
         avg_coef = lr * mu_next / (1.0 - mu_product * mu_next)
         return (decoupled_decay(group), f32(grad_coef), f32(avg_coef),

@@ -93,6 +93,8 @@ class Optimizer:
         self._checked = [_snapshot(group) for group in self.param_groups]
         self._started = [set() for _ in groups]  # the state buffers each group has begun
         self.state = {"step": 0}
+        for name, value in self._initial_host().items():
+            self.state[name] = [value] * len(groups)
         self.last_grad_norm = None
         self.skipped_steps = 0
 
@@ -170,18 +172,20 @@ class Optimizer:
                 coefficient = clip_coefficient(self._clip_grad_norm, norm)
         clip = f32(math.inf if self._clip_grad_value is None else self._clip_grad_value)
         self._allocate_state(plans)
-        for index, (group, spec, fresh, h, host_state) in enumerate(plans):
+        for index, (group, spec, fresh, h, host) in enumerate(plans):
             sign = -1.0 if group.get("maximize") else 1.0
             prep = (f32(sign * inverse_scale * coefficient), clip, f32(self._l2(group)))
-            self._update(index, group, spec, g, prep, h)
+            layout = self._layouts[index]
+            host = self._update(group, step, spec, g, prep, h, layout.start, layout.stop, host)
             self._started[index].update(spec)
-            for name, value in host_state.items():
+            for name, value in host.items():
                 self.state[name][index] = value
         self.state["step"] = step
 
     def _plan(self, index, group, step):
-        """``(group, spec, fresh, h, host_state)`` for one group's part of step ``step``,
-        the group with its scheduled lr. Validates, and modifies nothing."""
+        """``(group, spec, fresh, h, host)`` for one group's part of step ``step``: the
+        group with its scheduled lr, and its host state before the step. Validates, and
+        modifies nothing."""
         snapshot = _snapshot(group)
         if snapshot != self._checked[index]:  # changed since the last step: validate again
             self._check_group(index, group)
@@ -189,39 +193,35 @@ class Optimizer:
         lr = group.get("lr")
         if callable(lr):
             group = dict(group, lr=_scheduled_lr(index, lr, step - 1))
-        spec = self._state_spec(group, index)
+        host = {name: self.state[name][index] for name in self._initial_host()}
+        spec = self._state_spec(group, host)
         fresh = [name for name in spec if name not in self._started[index]]
-        h = self._scalars(group, step, fresh, index)
-        return group, spec, fresh, h, self._host_state(group, step, index)
+        return group, spec, fresh, self._scalars(group, step, fresh, host), host
 
     def _allocate_state(self, plans):
         """Create the state buffers this step needs, and initialize the segments of
         the groups that begin using one."""
         for index, (group, spec, fresh, _, _) in enumerate(plans):
+            layout = self._layouts[index]
             for name in fresh:
                 if name not in self.state:
                     self.state[name] = self._backend.zeros(self.flat_params.size)
                     if spec[name] == 0:
                         continue
-                self._backend.fill(self._segment(index, self.state[name]), spec[name])
+                cut = _cutter(layout.start, layout.stop)
+                self._backend.fill(cut(self.state[name]), spec[name])
 
-    def _segment(self, index, flat):
-        """Group ``index``'s part of a flat buffer."""
-        layout = self._layouts[index]
-        if layout.size == flat.size:
-            return flat
-        return flat[layout.start:layout.stop]
+    def _update(self, group, step, spec, g, prep, h, start, stop, host):
+        """Apply step number ``step`` to ``[start:stop]`` of the buffers, which share the
+        host state ``host``; returns that host state after the step."""
+        self._launch(self.rule, spec, start, stop, g, prep, h)
+        return self._host_state(group, step, host)
 
-    def _update(self, index, group, spec, g, prep, h):
-        """Apply the step to group ``index``'s segment of the buffers."""
-        self._run(self.rule, index, spec, g, prep, h)
-
-    def _run(self, rule, index, spec, g, prep, h):
-        """Run ``rule`` over group ``index``'s segment of the buffers."""
-        segment = self._segment
-        states = [segment(index, self.state[name]) for name in spec]
-        self._backend.run(rule, tuple(spec), segment(index, self.flat_params),
-                          segment(index, g), states, prep, h)
+    def _launch(self, rule, spec, start, stop, g, prep, h):
+        """Run ``rule`` over ``[start:stop]`` of the parameters, ``g`` and the state."""
+        cut = _cutter(start, stop)
+        self._backend.run(rule, tuple(spec), cut(self.flat_params), cut(g),
+                          [cut(self.state[name]) for name in spec], prep, h)
 
     def _check_group(self, index, group):
         try:
@@ -237,24 +237,28 @@ class Optimizer:
         """Raise ValueError/TypeError for an invalid hyperparameter in ``group``."""
         raise NotImplementedError
 
-    def _state_spec(self, group, index):
+    def _state_spec(self, group, host):
         """``{state name: initial value}`` for the buffers this step needs, in the
         order of the rule's arguments."""
         raise NotImplementedError
 
-    def _scalars(self, group, step, fresh, index):
-        """The rule's ``h`` tuple of float32 for step number ``step`` (1-based) of
-        group number ``index``.
+    def _scalars(self, group, step, fresh, host):
+        """The rule's ``h`` tuple of float32 for step number ``step`` (1-based).
 
-        ``fresh`` names the state buffers that this step begins for the group. Must not
-        modify anything: a step that fails leaves the optimizer as it was.
+        ``fresh`` names the state buffers that this step begins, ``host`` is the host
+        state before the step. Must not modify anything: a step that fails leaves the
+        optimizer as it was.
         """
         raise NotImplementedError
 
-    def _host_state(self, group, step, index):
-        """Host-side state of group ``index`` (plain numbers, stored in per-group lists
-        in ``state``) as it will be after step ``step``."""
+    def _initial_host(self):
+        """Host-side state (plain numbers, like NAdam's ``mu_product``) and its initial
+        values. ``state`` holds each as a list with one entry per group."""
         return {}
+
+    def _host_state(self, group, step, host):
+        """The host state after step ``step``, from ``host``, the one before it."""
+        return host
 
     def _l2(self, group):
         """torch's L2 weight decay, which prepare() adds to the gradient."""
@@ -340,6 +344,12 @@ class Optimizer:
                 raise ValueError(f"{name} must be C-contiguous on the GPU")
             arrays.append(a)
         return arrays
+
+
+def _cutter(start, stop):
+    """A function that returns ``[start:stop]`` of a flat buffer (the buffer itself when
+    that is all of it, which saves a slice on the device)."""
+    return lambda flat: flat if start == 0 and stop == flat.size else flat[start:stop]
 
 
 def _split_groups(params, defaults):

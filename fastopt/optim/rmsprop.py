@@ -51,7 +51,7 @@ class RMSprop(Optimizer):
         check_flag("centered", group["centered"])
         check_flag("maximize", group["maximize"])
 
-    def _state_spec(self, group, index):
+    def _state_spec(self, group, host):
         spec = {"square_avg": 0.0}
         if group["centered"]:
             spec["grad_avg"] = 0.0
@@ -59,7 +59,7 @@ class RMSprop(Optimizer):
             spec["momentum_buffer"] = 0.0
         return spec
 
-    def _scalars(self, group, step, fresh, index):
+    def _scalars(self, group, step, fresh, host):
         alpha = group["alpha"]
         return (f32(group["lr"]), f32(alpha),
                 f32(1.0 - alpha), f32(group["eps"]), f32(group["momentum"]),

@@ -46,10 +46,10 @@ class SGD(Optimizer):
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
-    def _state_spec(self, group, index):
+    def _state_spec(self, group, host):
         return {"momentum_buffer": 0.0} if group["momentum"] != 0 else {}
 
-    def _scalars(self, group, step, fresh, index):
+    def _scalars(self, group, step, fresh, host):
         momentum = group["momentum"]
         # No buffer, or a new one (which torch fills with a clone): the raw gradient.
         raw_gradient = momentum == 0 or "momentum_buffer" in fresh

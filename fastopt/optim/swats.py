@@ -1,6 +1,6 @@
 import math
 
-from .optimizer import (Optimizer, check_betas, check_eps, check_flag, check_lr,
+from .optimizer import (Optimizer, _cutter, check_betas, check_eps, check_flag, check_lr,
                         check_nonnegative, f32)
 
 
@@ -57,9 +57,9 @@ class SWATS(Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         maximize=maximize)
         super().__init__(params, defaults, **options)
-        groups = len(self.param_groups)
-        self.state.update(lr_estimate=[0.0] * groups, sgd_lr=[None] * groups,
-                          switch_step=[None] * groups)
+
+    def _initial_host(self):
+        return {"lr_estimate": 0.0, "sgd_lr": None, "switch_step": None}
 
     def _check(self, group):
         check_lr(group["lr"])
@@ -68,44 +68,39 @@ class SWATS(Optimizer):
         check_nonnegative("weight_decay", group["weight_decay"])
         check_flag("maximize", group["maximize"])
 
-    def _switched(self, index):
-        return self.state["sgd_lr"][index] is not None
-
-    def _state_spec(self, group, index):
-        if self._switched(index):
+    def _state_spec(self, group, host):
+        if host["sgd_lr"] is not None:
             return {"momentum_buffer": 0.0}
         return {"exp_avg": 0.0, "exp_avg_sq": 0.0}
 
-    def _scalars(self, group, step, fresh, index):
+    def _scalars(self, group, step, fresh, host):
         beta1, beta2 = group["betas"]
-        if self._switched(index):  # rules.sgd: lr, momentum, grad_weight, nesterov
-            return (f32((1.0 - beta1) * self.state["sgd_lr"][index]), f32(beta1), f32(1.0),
-                    False)
+        if host["sgd_lr"] is not None:  # rules.sgd: lr, momentum, grad_weight, nesterov
+            return (f32((1.0 - beta1) * host["sgd_lr"]), f32(beta1), f32(1.0), False)
         coef = group["lr"] * math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
         return (f32(coef), f32(group["eps"]), f32(1.0 - beta1), f32(beta2), f32(1.0 - beta2))
 
-    def _update(self, index, group, spec, g, prep, h):
-        if self._switched(index):
-            self._run("sgd", index, spec, g, prep, h)
-            return
-        segment = self._segment
+    def _update(self, group, step, spec, g, prep, h, start, stop, host):
+        if host["sgd_lr"] is not None:
+            self._launch("sgd", spec, start, stop, g, prep, h)
+            return host
+        cut = _cutter(start, stop)
         direction_sq, direction_g = self._backend.swats_adam(
-            segment(index, self.flat_params), segment(index, g),
-            segment(index, self.state["exp_avg"]), segment(index, self.state["exp_avg_sq"]),
-            prep, h)
-        self._estimate(index, group, float(h[0]), direction_sq, direction_g)
+            cut(self.flat_params), cut(g), cut(self.state["exp_avg"]),
+            cut(self.state["exp_avg_sq"]), prep, h)
+        return _estimate(group, step, host, float(h[0]), direction_sq, direction_g)
 
-    def _estimate(self, index, group, coef, direction_sq, direction_g):
-        """Update λ from this step's p_k = -coef * d, and switch when it has settled."""
-        step = self.state["step"] + 1
-        beta2, eps = group["betas"][1], group["eps"]
-        projection = -coef * direction_g  # p_k . g_k
-        if projection == 0.0 or not math.isfinite(projection):
-            return
-        gamma = coef * coef * direction_sq / -projection
-        estimate = beta2 * self.state["lr_estimate"][index] + (1.0 - beta2) * gamma
-        self.state["lr_estimate"][index] = estimate
-        corrected = estimate / (1.0 - beta2 ** step)
-        if step > 1 and abs(corrected - gamma) < eps:
-            self.state["sgd_lr"][index] = corrected
-            self.state["switch_step"][index] = step
+
+def _estimate(group, step, host, coef, direction_sq, direction_g):
+    """The host state after an Adam step p_k = -coef * d: λ updated from γ, and the
+    switch recorded once the estimate has settled."""
+    beta2, eps = group["betas"][1], group["eps"]
+    projection = -coef * direction_g  # p_k . g_k
+    if projection == 0.0 or not math.isfinite(projection):
+        return host
+    gamma = coef * coef * direction_sq / -projection
+    estimate = beta2 * host["lr_estimate"] + (1.0 - beta2) * gamma
+    corrected = estimate / (1.0 - beta2 ** step)
+    if step > 1 and abs(corrected - gamma) < eps:
+        return {"lr_estimate": estimate, "sgd_lr": corrected, "switch_step": step}
+    return dict(host, lr_estimate=estimate)
