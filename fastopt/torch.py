@@ -1,0 +1,452 @@
+"""Drop-in torch.optim optimizers backed by fastopt's fused kernels.
+
+Switching is a one-line change::
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)    # before
+    opt = fastopt.torch.Adam(model.parameters(), lr=1e-3)  # after
+
+Each class is a real :class:`torch.optim.Optimizer` that takes its torch.optim namesake's
+arguments (plus fastopt's own options) and gives its numbers. At construction it copies
+the parameters of each device into one contiguous float32 buffer and makes every
+``p.data`` a view into it; the gradients get a flat buffer too, and every ``p.grad`` it
+hands out is a view, so autograd accumulates in place and ``step()`` runs one fused
+kernel per run of parameters that share a group and a step count. CPU tensors run the
+CPU kernels on zero-copy NumPy views; CUDA tensors run the CUDA kernels through
+``__cuda_array_interface__``.
+
+As in torch, a parameter whose ``.grad`` is None is left untouched, and the step count,
+bias corrections and NAdam's momentum product are kept per parameter. A ``.grad`` that
+was replaced by another tensor (autograd after ``zero_grad(set_to_none=True)``, or a
+library that assigns ``.grad``) is copied into the flat buffer and replaced by a view.
+Hyperparameters are read from ``param_groups`` at every step, so every
+torch.optim.lr_scheduler works, and so does torch.amp.GradScaler. ``state_dict()`` and
+``load_state_dict()`` use torch's layout and key names, so checkpoints move both ways
+between fastopt.torch and torch.optim.
+
+Differences from torch.optim: ``zero_grad()`` zeroes the flat gradient buffer by
+default (``set_to_none=False``), which keeps the views; ``foreach`` and ``fused`` are
+accepted and ignored (every step is fused); ``capturable`` and ``differentiable`` must
+stay False. Parameters must be float32: other dtypes raise a TypeError at construction.
+"""
+
+import numpy as np
+import torch
+
+from . import optim as core
+from .flat import adopt
+from .optim.optimizer import (_loss_scale, _positive_or_none, _snapshot, check_flag,
+                              clip_coefficient, f32)
+
+__all__ = ["SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax", "NAdam",
+           "SWATS"]
+
+_NOT_HYPERPARAMETERS = ("params", "param_names")
+_TORCH_SCALARS = ("step", "mu_product")  # per-parameter numbers torch keeps as tensors
+
+
+class Optimizer(torch.optim.Optimizer):
+    """The base of the drop-in classes: flat buffers per device, and a step that drives
+    the fastopt algorithm ``algorithm`` over runs of parameters.
+
+    fastopt's options: ``clip_grad_norm``, ``clip_grad_value`` and ``skip_nonfinite``
+    (see :class:`fastopt.Optimizer`); the norm is taken over the parameters that have
+    a gradient, as torch.nn.utils.clip_grad_norm_ takes it.
+    """
+
+    algorithm = None  # the fastopt class whose math this optimizer runs
+    counts_steps = True  # torch keeps state["step"] (SGD does not)
+
+    def __init__(self, params, defaults, torch_options, *, clip_grad_norm=None,
+                 clip_grad_value=None, skip_nonfinite=False):
+        for name, value in torch_options.items():
+            if name in ("capturable", "differentiable") and value:
+                raise ValueError(f"fastopt.torch.{type(self).__name__} does not support "
+                                 f"{name}=True")
+        self._math = self.algorithm(adopt(np.zeros(1, np.float32)))  # hooks only
+        self._devices = None
+        super().__init__(params, {**defaults, **torch_options})
+        self.clip_grad_norm = _positive_or_none("clip_grad_norm", clip_grad_norm)
+        self.clip_grad_value = _positive_or_none("clip_grad_value", clip_grad_value)
+        check_flag("skip_nonfinite", skip_nonfinite)
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.last_grad_norm = None
+        self.skipped_steps = 0
+        self._flatten()
+
+    def add_param_group(self, param_group):
+        """Add a group, as torch does; the buffers are rebuilt to take it in."""
+        super().add_param_group(param_group)
+        index = len(self.param_groups) - 1
+        try:
+            self._validate(index, self.param_groups[index])
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+        if self._devices is not None:
+            self._flatten()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:  # a torch checkpoint lacks fastopt's own options
+            for name, value in self.defaults.items():
+                group.setdefault(name, value)
+
+    def _validate(self, index, group):
+        for j, p in enumerate(group["params"]):
+            if p.dtype != torch.float32:
+                raise TypeError(f"param_groups[{index}]['params'][{j}] has dtype {p.dtype}; "
+                                "fastopt optimizes float32 parameters only")
+            if p.layout != torch.strided:
+                raise TypeError(f"param_groups[{index}]['params'][{j}] is not a dense tensor")
+        try:
+            self._math._check(_hyperparameters(group))
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{error} (in param_groups[{index}])") from None
+
+    # -- the flat buffers -------------------------------------------------------------
+
+    def _flatten(self):
+        """Copy every parameter, gradient and state tensor into flat buffers per device,
+        and make the parameters' data and the state views into them."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        devices = {}
+        for p in params:
+            devices.setdefault(p.device, []).append(p)
+        self._devices = {device: _Device(self.algorithm, members, self.state)
+                         for device, members in devices.items()}
+        self._checked = [None] * len(self.param_groups)
+
+    # -- the step ---------------------------------------------------------------------
+
+    def zero_grad(self, set_to_none=False):
+        """Zero the gradients: the flat buffer, with every existing ``.grad`` made a view
+        of it again; or with ``set_to_none=True`` set every ``.grad`` to None, as torch
+        does."""
+        if not set_to_none:
+            for device in self._devices.values():
+                device.flat_grads.zero_()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad = None if set_to_none else self._devices[p.device].grad_view(p)
+
+    @torch.no_grad()
+    def step(self, closure=None, *, grad_scale=None):
+        """One step of every parameter that has a gradient. ``closure`` re-evaluates the
+        loss as in torch; ``grad_scale`` divides the gradients by a loss scale."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plans = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
+        inverse_scale = 1.0 if grad_scale is None else 1.0 / _loss_scale(grad_scale)
+        runs = [run for _, _, group_runs in plans for run in group_runs]
+        for run in runs:
+            run.device.gather_grads(run)
+        coefficient = 1.0
+        if self.skip_nonfinite or self.clip_grad_norm is not None:
+            total = sum(run.device.sum_squares(run) for run in runs)
+            norm = float(np.sqrt(total)) * inverse_scale
+            self.last_grad_norm = norm
+            if self.skip_nonfinite and not np.isfinite(norm):
+                self.skipped_steps += 1
+                return loss
+            if self.clip_grad_norm is not None:
+                coefficient = clip_coefficient(self.clip_grad_norm, norm)
+        clip = f32(np.inf if self.clip_grad_value is None else self.clip_grad_value)
+        for group, hyper, group_runs in plans:
+            sign = -1.0 if hyper.get("maximize") else 1.0
+            prep = (f32(sign * inverse_scale * coefficient), clip, f32(self._math._l2(hyper)))
+            for run in group_runs:
+                self._apply(hyper, run, prep)
+        return loss
+
+    def _plan(self, index, group):
+        """``(group, hyperparameters, runs)``: validated, nothing modified."""
+        snapshot = _snapshot(_hyperparameters(group))
+        if snapshot != self._checked[index]:
+            self._validate(index, group)
+            self._checked[index] = snapshot
+        hyper = _hyperparameters(group)
+        runs, run = [], None
+        for p in group["params"]:
+            if p.grad is None:
+                run = None
+                continue
+            if p.grad.is_sparse:
+                raise TypeError("fastopt.torch does not support sparse gradients")
+            state = self.state[p]
+            device = self._devices[p.device]
+            host = {name: state.get(name, value)
+                    for name, value in self._math._initial_host().items()}
+            key = (device, state.get("step", 0), tuple(host.values()),
+                   tuple(name in state for name in device.buffer_names))
+            if run is not None and run.key == key and run.stop == device.offsets[p]:
+                run.add(p)
+            else:
+                run = _Run(key, device, p, host)
+                runs.append(run)
+        return group, hyper, runs
+
+    def _apply(self, hyper, run, prep):
+        step = run.step + 1
+        host = run.host
+        spec = self._math._state_spec(hyper, host)
+        fresh = [name for name in spec if name not in self.state[run.params[0]]]
+        h = self._math._scalars(hyper, step, fresh, host)
+        run.device.begin_state(run, spec, fresh, self.state)
+        host = run.device.core._update(hyper, step, spec, run.device.core.flat_grads, prep, h,
+                                       run.start, run.stop, host)
+        for p in run.params:
+            state = self.state[p]
+            if self.counts_steps:
+                state["step"] = step
+            state.update(host)
+
+    # -- checkpoints in torch's layout ------------------------------------------------
+
+    def state_dict(self):
+        """torch's layout: ``state`` by parameter index with torch's key names (``step``
+        and NAdam's ``mu_product`` as tensors), and ``param_groups``."""
+        packed = super().state_dict()
+        for state in packed["state"].values():
+            for name in _TORCH_SCALARS:
+                if isinstance(state.get(name), (int, float)):
+                    state[name] = torch.tensor(float(state[name]), dtype=torch.float32)
+        return packed
+
+    def load_state_dict(self, state_dict):
+        """Load a state_dict of this class or of its torch.optim namesake."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for name in _TORCH_SCALARS:
+                value = state.get(name)
+                if isinstance(value, torch.Tensor):
+                    state[name] = int(value.item()) if name == "step" else value.item()
+        self._flatten()
+
+
+def _hyperparameters(group):
+    return {k: (v.item() if isinstance(v, torch.Tensor) else v)
+            for k, v in group.items() if k not in _NOT_HYPERPARAMETERS}
+
+
+class _Device:
+    """The flat buffers of the parameters on one device, and a fastopt optimizer that
+    adopts them (its backend runs the kernels)."""
+
+    def __init__(self, algorithm, params, state):
+        device = params[0].device
+        self.offsets, offset = {}, 0
+        for p in params:
+            self.offsets[p] = offset
+            offset += p.numel()
+        self.flat_params = torch.zeros(offset, dtype=torch.float32, device=device)
+        self.flat_grads = torch.zeros(offset, dtype=torch.float32, device=device)
+        for p in params:
+            view = self._slice(self.flat_params, p)
+            view.copy_(p.detach().reshape(-1))
+            p.data = view.view_as(p)
+            if p.grad is not None:
+                self._slice(self.flat_grads, p).copy_(p.grad.reshape(-1))
+                p.grad = self.grad_view(p)
+        self.core = algorithm(adopt(_array(self.flat_params), grads=_array(self.flat_grads)))
+        self.buffer_names = []
+        self._flat_state = {}
+        for p in params:  # existing state (added groups, loaded checkpoints) moves in
+            for name, value in list(state.get(p, {}).items()):
+                if isinstance(value, torch.Tensor) and value.numel() == p.numel() and value.dim():
+                    flat = self._buffer(name)
+                    self._slice(flat, p).copy_(value.reshape(-1))
+                    state[p][name] = self._slice(flat, p).view_as(p)
+
+    def _slice(self, flat, p):
+        start = self.offsets[p]
+        return flat[start:start + p.numel()]
+
+    def _buffer(self, name):
+        if name not in self._flat_state:
+            self._flat_state[name] = torch.zeros_like(self.flat_params)
+            self.core.state[name] = _array(self._flat_state[name])
+            self.buffer_names.append(name)
+        return self._flat_state[name]
+
+    def grad_view(self, p):
+        return self._slice(self.flat_grads, p).view_as(p)
+
+    def gather_grads(self, run):
+        """Copy gradients that are not views of the flat buffer into it, and make them
+        views, so that the next backward pass accumulates in place."""
+        for p in run.params:
+            view = self._slice(self.flat_grads, p)
+            if p.grad.data_ptr() != view.data_ptr() or p.grad.shape != p.shape:
+                view.copy_(p.grad.reshape(-1))
+                p.grad = view.view_as(p)
+
+    def sum_squares(self, run):
+        return self.core._backend.sum_squares(self.core.flat_grads[run.start:run.stop])
+
+    def begin_state(self, run, spec, fresh, state):
+        """Create and initialize the state buffers that ``run`` begins using."""
+        for name in fresh:
+            flat = self._buffer(name)
+            flat[run.start:run.stop].fill_(spec[name])
+            for p in run.params:
+                state[p][name] = self._slice(flat, p).view_as(p)
+
+
+def _array(tensor):
+    """A zero-copy NumPy view of a CPU tensor, or a Numba view of a CUDA tensor."""
+    if tensor.device.type == "cpu":
+        return tensor.numpy()
+    from numba import cuda
+
+    return cuda.as_cuda_array(tensor)
+
+
+class _Run:
+    """Consecutive parameters of one group that step together with the same step
+    count and host state: one kernel launch."""
+
+    def __init__(self, key, device, p, host):
+        self.key, self.device, self.params, self.host = key, device, [p], host
+        self.start = device.offsets[p]
+        self.stop = self.start + p.numel()
+        self.step = key[1]
+
+    def add(self, p):
+        self.params.append(p)
+        self.stop += p.numel()
+
+
+# -- the drop-in classes: torch.optim's signatures, fastopt's algorithms ------------------
+
+def _drop_in(algorithm):
+    return (f"Drop-in torch.optim.{algorithm.__name__} on fastopt's fused kernels; see "
+            f":class:`fastopt.{algorithm.__name__}` for the math and :mod:`fastopt.torch` for "
+            "how parameters and gradients are kept.")
+
+
+class SGD(Optimizer):
+    __doc__ = _drop_in(core.SGD)
+    algorithm = core.SGD
+    counts_steps = False
+
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0,
+                 nesterov=False, *, maximize=False, foreach=None, differentiable=False,
+                 fused=None, **options):
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
+                                      weight_decay=weight_decay, nesterov=nesterov,
+                                      maximize=maximize),
+                         dict(foreach=foreach, differentiable=differentiable, fused=fused),
+                         **options)
+
+
+class Adagrad(Optimizer):
+    __doc__ = _drop_in(core.Adagrad)
+    algorithm = core.Adagrad
+
+    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
+                 eps=1e-10, foreach=None, *, maximize=False, differentiable=False, fused=None,
+                 **options):
+        super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                                      initial_accumulator_value=initial_accumulator_value,
+                                      eps=eps, maximize=maximize),
+                         dict(foreach=foreach, differentiable=differentiable, fused=fused),
+                         **options)
+
+
+class RMSprop(Optimizer):
+    __doc__ = _drop_in(core.RMSprop)
+    algorithm = core.RMSprop
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
+                 centered=False, capturable=False, foreach=None, maximize=False,
+                 differentiable=False, **options):
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                                      momentum=momentum, centered=centered, maximize=maximize),
+                         dict(capturable=capturable, foreach=foreach,
+                              differentiable=differentiable), **options)
+
+
+class Adadelta(Optimizer):
+    __doc__ = _drop_in(core.Adadelta)
+    algorithm = core.Adadelta
+
+    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0, foreach=None, *,
+                 capturable=False, maximize=False, differentiable=False, **options):
+        super().__init__(params, dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay,
+                                      maximize=maximize),
+                         dict(foreach=foreach, capturable=capturable,
+                              differentiable=differentiable), **options)
+
+
+class Adam(Optimizer):
+    __doc__ = _drop_in(core.Adam)
+    algorithm = core.Adam
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False, fused=None, decoupled_weight_decay=False,
+                 bias_correction=True, **options):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      amsgrad=amsgrad, maximize=maximize,
+                                      decoupled_weight_decay=decoupled_weight_decay,
+                                      bias_correction=bias_correction),
+                         dict(foreach=foreach, capturable=capturable,
+                              differentiable=differentiable, fused=fused), **options)
+
+
+class AdamW(Adam):
+    __doc__ = _drop_in(core.AdamW)
+    algorithm = core.AdamW
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
+                 differentiable=False, fused=None, bias_correction=True, **options):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                         maximize=maximize, capturable=capturable,
+                         differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, bias_correction=bias_correction,
+                         **options)
+
+
+class Adamax(Optimizer):
+    __doc__ = _drop_in(core.Adamax)
+    algorithm = core.Adamax
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 foreach=None, *, maximize=False, differentiable=False, capturable=False,
+                 **options):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      maximize=maximize),
+                         dict(foreach=foreach, differentiable=differentiable,
+                              capturable=capturable), **options)
+
+
+class NAdam(Optimizer):
+    __doc__ = _drop_in(core.NAdam)
+    algorithm = core.NAdam
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 momentum_decay=4e-3, decoupled_weight_decay=False, *, foreach=None,
+                 maximize=False, capturable=False, differentiable=False, **options):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      momentum_decay=momentum_decay,
+                                      decoupled_weight_decay=decoupled_weight_decay,
+                                      maximize=maximize),
+                         dict(foreach=foreach, capturable=capturable,
+                              differentiable=differentiable), **options)
+
+
+class SWATS(Optimizer):
+    """fastopt's SWATS (no torch.optim namesake) as a torch.optim.Optimizer; see
+    :class:`fastopt.SWATS`. Parameters that step together (normally a whole group)
+    share one switch."""
+
+    algorithm = core.SWATS
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-9, weight_decay=0, *,
+                 maximize=False, **options):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      maximize=maximize), {}, **options)
