@@ -209,6 +209,8 @@ class Optimizer(torch.optim.Optimizer):
         """torch's layout: ``state`` by parameter index with torch's key names (``step``
         and NAdam's ``mu_product`` as tensors), and ``param_groups``."""
         packed = super().state_dict()
+        # torch packs the live per-parameter dicts; convert copies of them.
+        packed["state"] = {index: dict(state) for index, state in packed["state"].items()}
         for state in packed["state"].values():
             for name in _TORCH_SCALARS:
                 if isinstance(state.get(name), (int, float)):

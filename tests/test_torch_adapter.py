@@ -1,0 +1,334 @@
+"""fastopt.torch against torch.optim: real models trained side by side, checkpoints moved
+both ways, and the torch machinery around an optimizer (groups, schedulers, GradScaler,
+frozen parameters, replaced gradients)."""
+
+import copy
+
+import numpy as np
+import pytest
+
+from cases import ALL, case_id
+
+torch = pytest.importorskip("torch")
+import fastopt  # noqa: E402
+import fastopt.torch as ft  # noqa: E402
+
+TORCH_CASES = [c for c in ALL if "bias_correction" not in c[1]]  # fastopt's own option
+STEPS = 50
+# Training dynamics amplify float32 rounding differences a little over 50 steps.
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def mlp():
+    return torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Tanh(), torch.nn.Linear(32, 16),
+                               torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+
+def cnn():
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(),
+                               torch.nn.Conv2d(4, 6, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(6 * 6 * 6, 3))
+
+
+MODELS = {"mlp": (mlp, (64, 10)), "cnn": (cnn, (16, 1, 8, 8))}
+
+
+def twins(model_name, seed=0):
+    """Two identical models and a batch of data, all from ``seed``."""
+    make, shape = MODELS[model_name]
+    torch.manual_seed(seed)
+    model = make()
+    x, y = torch.randn(*shape), torch.randn(shape[0], 3)
+    return model, copy.deepcopy(model), x, y
+
+
+def train(model, opt, x, y, steps=STEPS, before_step=None):
+    # With maximize=True the optimizer climbs, so it is handed the negated loss.
+    sign = -1.0 if opt.param_groups[0].get("maximize") else 1.0
+    losses = []
+    for t in range(steps):
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        (sign * loss).backward()
+        if before_step:
+            before_step(t)
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def assert_same_params(a, b, rtol=RTOL, atol=ATOL):
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        np.testing.assert_allclose(pa.detach().numpy(), pb.detach().numpy(), rtol=rtol,
+                                   atol=atol, err_msg=name)
+
+
+def torch_run(name, kwargs, model, x, y, nudge=0.0):
+    """torch.optim's losses and final parameters; ``nudge`` scales the initial weights
+    by ``1 + nudge`` first."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.0 + nudge)
+    opt = getattr(torch.optim, name)(model.parameters(), foreach=False, **kwargs)
+    losses = train(model, opt, x, y)
+    return np.array(losses), [p.detach().numpy() for p in model.parameters()]
+
+
+def largest_difference(run, other):
+    losses, params = run
+    other_losses, other_params = other
+    return (np.abs(losses - other_losses).max(),
+            max(np.abs(a - b).max() for a, b in zip(params, other_params)))
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.parametrize("case", TORCH_CASES, ids=case_id)
+def test_training_matches_torch(case, model_name):
+    """50 steps of training: fastopt.torch ends as close to torch.optim as float32 allows.
+
+    Training feeds every rounding difference back through the gradients, and with
+    normalised updates (RMSprop, Adagrad ...) and ReLU kinks some of these runs are
+    chaotic: torch.optim itself, started from weights nudged by one float32 ulp
+    (factors 1 +- 2**-23), ends up as far as 1e-2 from its own run. fastopt must stay
+    within 1e-5 of torch, or within twice the larger nudged distance where the run is
+    chaotic; in the well-conditioned runs that bound is the 1e-5.
+    """
+    name, kwargs = case
+    ours, start, x, y = twins(model_name)
+    our_losses = np.array(train(ours, getattr(ft, name)(ours.parameters(), **kwargs), x, y))
+    ours_run = (our_losses, [p.detach().numpy() for p in ours.parameters()])
+    theirs = torch_run(name, kwargs, start, x, y)
+    floors = [largest_difference(torch_run(name, kwargs, start, x, y, nudge), theirs)
+              for nudge in (2.0 ** -23, -2.0 ** -23)]
+    loss_floor, param_floor = np.max(floors, axis=0)
+    loss_gap, param_gap = largest_difference(ours_run, theirs)
+    assert loss_gap <= max(1e-5, 2 * loss_floor), (loss_gap, loss_floor)
+    assert param_gap <= max(1e-5, 2 * param_floor), (param_gap, param_floor)
+    assert our_losses[-1] < our_losses[0] - 1e-3  # training really moved
+
+
+def test_parameters_live_in_one_flat_buffer_and_grads_accumulate_in_place():
+    model, _, x, y = twins("mlp")
+    opt = ft.Adam(model.parameters())
+    (device,) = opt._devices.values()
+    ps = list(model.parameters())
+    assert device.flat_params.numel() == sum(p.numel() for p in ps)
+    for p in ps:
+        assert p.data_ptr() == device.flat_params[device.offsets[p]:].data_ptr()
+    train(model, opt, x, y, 1)  # the first gradients autograd creates become views
+    opt.zero_grad()
+    ((model(x) - y) ** 2).mean().backward()
+    ((model(x) - y) ** 2).mean().backward()  # accumulates into the views
+    for p in ps:
+        assert p.grad.data_ptr() == device.flat_grads[device.offsets[p]:].data_ptr()
+    expected = torch.cat([p.grad.reshape(-1) for p in ps])
+    assert torch.equal(device.flat_grads, expected) and expected.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD", "NAdam", "Adagrad"])
+def test_param_groups_a_scheduler_and_add_param_group(name):
+    ours, theirs, x, y = twins("mlp", seed=1)
+    kwargs = dict(SGD=dict(momentum=0.9), Adagrad=dict(lr_decay=0.01)).get(name, {})
+
+    def build(cls, model):
+        layers = list(model.children())
+        opt = cls([{"params": layers[0].parameters(), "lr": 0.02},
+                   {"params": layers[2].parameters(), "weight_decay": 0.1}], lr=0.01,
+                  **({"foreach": False} if cls.__module__.startswith("torch") else {}), **kwargs)
+        return opt, torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.95), layers[4]
+
+    our_opt, our_sched, our_last = build(getattr(ft, name), ours)
+    their_opt, their_sched, their_last = build(getattr(torch.optim, name), theirs)
+    for t in range(30):
+        if t == 10:  # the last layer joins mid-training, with its own lr
+            our_opt.add_param_group({"params": our_last.parameters(), "lr": 0.005})
+            their_opt.add_param_group({"params": their_last.parameters(), "lr": 0.005})
+        for model, opt, sched in ((ours, our_opt, our_sched), (theirs, their_opt, their_sched)):
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+            sched.step()
+    assert our_opt.param_groups[0]["lr"] == pytest.approx(their_opt.param_groups[0]["lr"])
+    assert_same_params(ours, theirs)
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD", "RMSprop", "NAdam"])
+def test_frozen_parameters_and_missing_grads_are_left_untouched(name):
+    ours, theirs, x, y = twins("mlp", seed=2)
+    kwargs = dict(SGD=dict(momentum=0.9, weight_decay=0.1), RMSprop=dict(momentum=0.5),
+                  Adam=dict(weight_decay=0.1)).get(name, {})
+    for model in (ours, theirs):
+        model[0].bias.requires_grad_(False)
+    frozen = ours[0].bias.detach().clone()
+    our_opt = getattr(ft, name)(ours.parameters(), lr=0.01, **kwargs)
+    their_opt = getattr(torch.optim, name)(theirs.parameters(), lr=0.01, foreach=False, **kwargs)
+
+    def drop(model):
+        def hook(t):
+            if t % 3 == 1:  # no gradient for the middle layer on these steps
+                model[2].weight.grad = None
+        return hook
+
+    train(ours, our_opt, x, y, 20, drop(ours))
+    train(theirs, their_opt, x, y, 20, drop(theirs))
+    assert torch.equal(ours[0].bias.detach(), frozen) and ours[0].bias not in our_opt.state
+    assert_same_params(ours, theirs)
+    assert our_opt.state[ours[0].weight].get("step", 20) == 20
+    if name != "SGD":
+        assert our_opt.state[ours[2].weight]["step"] == 13  # stepped only with a gradient
+        assert their_opt.state[theirs[2].weight]["step"].item() == 13
+
+
+def test_replaced_and_none_gradients():
+    ours, theirs, x, y = twins("mlp", seed=3)
+    our_opt = ft.Adam(ours.parameters(), lr=0.01)
+    their_opt = torch.optim.Adam(theirs.parameters(), lr=0.01, foreach=False)
+    for t in range(12):
+        for model, opt in ((ours, our_opt), (theirs, their_opt)):
+            opt.zero_grad(set_to_none=t % 2 == 0)  # new grad tensors every other step
+            ((model(x) - y) ** 2).mean().backward()
+            if t == 5:  # a library assigns .grad itself
+                model[4].weight.grad = torch.full_like(model[4].weight, 0.5)
+            opt.step()
+    assert_same_params(ours, theirs)
+    device = next(iter(our_opt._devices.values()))
+    p = ours[4].weight
+    assert p.grad.data_ptr() == device.flat_grads[device.offsets[p]:].data_ptr()
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD"])
+def test_grad_scaler_skips_injected_infs_like_torch(name):
+    ours, theirs, x, y = twins("mlp", seed=4)
+    kwargs = {"SGD": dict(momentum=0.9)}.get(name, {})
+    pairs = []
+    for model, opt in ((ours, getattr(ft, name)(ours.parameters(), lr=0.01, **kwargs)),
+                       (theirs, getattr(torch.optim, name)(theirs.parameters(), lr=0.01,
+                                                           foreach=False, **kwargs))):
+        pairs.append((model, opt, torch.amp.GradScaler("cpu", init_scale=1024.0,
+                                                       growth_interval=3)))
+    for t in range(15):
+        for model, opt, scaler in pairs:
+            opt.zero_grad()
+            scaler.scale(((model(x) - y) ** 2).mean()).backward()
+            if t in (4, 5, 9):
+                model[2].weight.grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+    assert pairs[0][2].get_scale() == pairs[1][2].get_scale()
+    assert_same_params(ours, theirs)
+
+
+def test_clip_grad_norm_before_step_matches_torch():
+    ours, theirs, x, y = twins("cnn", seed=5)
+    our_opt = ft.SGD(ours.parameters(), lr=0.1, momentum=0.9)
+    their_opt = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9, foreach=False)
+    train(ours, our_opt, x, y, 20, lambda t: torch.nn.utils.clip_grad_norm_(ours.parameters(), 0.1))
+    train(theirs, their_opt, x, y, 20,
+          lambda t: torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.1))
+    assert_same_params(ours, theirs)
+
+
+def test_fastopt_options_fuse_clipping_into_the_step():
+    ours, theirs, x, y = twins("mlp", seed=6)
+    our_opt = ft.Adam(ours.parameters(), lr=0.01, clip_grad_norm=0.05, skip_nonfinite=True)
+    their_opt = torch.optim.Adam(theirs.parameters(), lr=0.01, foreach=False)
+    train(ours, our_opt, x, y, 15)
+    train(theirs, their_opt, x, y, 15,
+          lambda t: torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.05))
+    assert_same_params(ours, theirs)
+    before = [p.detach().clone() for p in ours.parameters()]
+    our_opt.zero_grad()
+    ((ours(x) - y) ** 2).mean().backward()
+    ours[0].weight.grad[0, 0] = float("nan")
+    our_opt.step()
+    assert our_opt.skipped_steps == 1
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, ours.parameters()))
+
+
+@pytest.mark.parametrize("direction", ["torch to fastopt", "fastopt to torch"])
+@pytest.mark.parametrize("case", TORCH_CASES, ids=case_id)
+def test_checkpoints_move_both_ways(case, direction):
+    name, kwargs = case
+    first, second = (ft, torch.optim) if direction == "fastopt to torch" else (torch.optim, ft)
+    model, _, x, y = twins("mlp", seed=7)
+
+    def make(module, m):
+        extra = {"foreach": False} if module is torch.optim else {}
+        return getattr(module, name)(m.parameters(), **kwargs, **extra)
+
+    opt = make(first, model)
+    train(model, opt, x, y, 10)
+    resumed_model = copy.deepcopy(model)
+    resumed = make(second, resumed_model)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    train(model, opt, x, y, 10)  # the uninterrupted run
+    train(resumed_model, resumed, x, y, 10)
+    assert_same_params(model, resumed_model)
+
+
+@pytest.mark.parametrize("name", ["Adam", "NAdam", "SWATS", "Adagrad"])
+def test_own_checkpoints_resume_exactly(name):
+    model, _, x, y = twins("mlp", seed=8)
+    opt = getattr(ft, name)(model.parameters(), lr=0.01)
+    train(model, opt, x, y, 10)
+    resumed_model = copy.deepcopy(model)
+    resumed = getattr(ft, name)(resumed_model.parameters(), lr=0.01)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    train(model, opt, x, y, 10)
+    train(resumed_model, resumed, x, y, 10)
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", [("Adam", dict(lr=0.01, bias_correction=False)),
+                                  ("SWATS", dict(lr=0.01, betas=(0.9, 0.99), eps=1e-5))],
+                         ids=case_id)
+def test_fastopt_only_algorithms_match_the_numpy_api(case):
+    name, kwargs = case
+    model, _, x, y = twins("mlp", seed=9)
+    params = [p.detach().numpy().copy() for p in model.parameters()]
+    opt = getattr(ft, name)(model.parameters(), **kwargs)
+    reference = getattr(fastopt, name)(params, **kwargs)
+    for _ in range(30):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        reference.step([p.grad.numpy() for p in model.parameters()])
+        opt.step()
+    for ours, expected in zip(model.parameters(), reference.params):
+        np.testing.assert_array_equal(ours.detach().numpy(), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_dtypes_are_refused_at_construction(dtype):
+    good = torch.nn.Parameter(torch.zeros(3))
+    bad = torch.nn.Parameter(torch.zeros(3, dtype=dtype))
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[1\] has dtype"):
+        ft.Adam([good, bad])
+    opt = ft.Adam([good])
+    with pytest.raises(TypeError, match="has dtype"):
+        opt.add_param_group({"params": [bad]})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(lr=-1.0), ValueError, "learning rate"),
+    (dict(betas=(0.9, 1.0)), ValueError, "beta"),
+    (dict(capturable=True), ValueError, "capturable"),
+    (dict(differentiable=True), ValueError, "differentiable"),
+    (dict(clip_grad_norm=0.0), ValueError, "clip_grad_norm"),
+])
+def test_bad_arguments_are_refused(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ft.Adam([torch.nn.Parameter(torch.zeros(3))], **kwargs)
+
+
+def test_named_parameters_and_a_bad_lr_set_between_steps():
+    model, _, x, y = twins("mlp")
+    opt = ft.Adam(model.named_parameters(), lr=0.01)
+    train(model, opt, x, y, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0]["lr"] = -0.1
+    with pytest.raises(ValueError, match="learning rate"):
+        opt.step()
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
