@@ -112,8 +112,10 @@ class Optimizer(torch.optim.Optimizer):
         devices = {}
         for p in params:
             devices.setdefault(p.device, []).append(p)
-        self._devices = {device: _Device(self.algorithm, members, self.state)
-                         for device, members in devices.items()}
+        self._devices = [_Device(self.algorithm, members, self.state)
+                         for members in devices.values()]
+        where = {p: (device, device.slots[p]) for device in self._devices for p in device.slots}
+        self._slots = [[(p, *where[p]) for p in group["params"]] for group in self.param_groups]
         self._checked = [None] * len(self.param_groups)
 
     # -- the step ---------------------------------------------------------------------
@@ -123,12 +125,12 @@ class Optimizer(torch.optim.Optimizer):
         of it again; or with ``set_to_none=True`` set every ``.grad`` to None, as torch
         does."""
         if not set_to_none:
-            for device in self._devices.values():
+            for device in self._devices:
                 device.flat_grads.zero_()
-        for group in self.param_groups:
-            for p in group["params"]:
+        for slots in self._slots:
+            for p, _, slot in slots:
                 if p.grad is not None:
-                    p.grad = None if set_to_none else self._devices[p.device].grad_view(p)
+                    p.grad = None if set_to_none else slot.grad
 
     @torch.no_grad()
     def step(self, closure=None, *, grad_scale=None):
@@ -142,7 +144,7 @@ class Optimizer(torch.optim.Optimizer):
         inverse_scale = 1.0 if grad_scale is None else 1.0 / _loss_scale(grad_scale)
         runs = [run for _, _, group_runs in plans for run in group_runs]
         for run in runs:
-            run.device.gather_grads(run)
+            run.gather_grads()
         coefficient = 1.0
         if self.skip_nonfinite or self.clip_grad_norm is not None:
             total = sum(run.device.sum_squares(run) for run in runs)
@@ -168,23 +170,23 @@ class Optimizer(torch.optim.Optimizer):
             self._validate(index, group)
             self._checked[index] = snapshot
         hyper = _hyperparameters(group)
+        host = self._math._initial_host()  # the values of parameters not yet stepped
         runs, run = [], None
-        for p in group["params"]:
-            if p.grad is None:
+        for p, device, slot in self._slots[index]:
+            grad = p.grad
+            if grad is None:
                 run = None
                 continue
-            if p.grad.is_sparse:
+            if grad is not slot.grad and grad.is_sparse:
                 raise TypeError("fastopt.torch does not support sparse gradients")
             state = self.state[p]
-            device = self._devices[p.device]
-            host = {name: state.get(name, value)
-                    for name, value in self._math._initial_host().items()}
-            key = (device, state.get("step", 0), tuple(host.values()),
+            key = (device, state.get("step", 0),
+                   tuple(state.get(name, value) for name, value in host.items()),
                    tuple(name in state for name in device.buffer_names))
-            if run is not None and run.key == key and run.stop == device.offsets[p]:
-                run.add(p)
+            if run is not None and run.key == key and run.stop == slot.start:
+                run.add(p, slot)
             else:
-                run = _Run(key, device, p, host)
+                run = _Run(key, device, p, slot, dict(zip(host, key[2])))
                 runs.append(run)
         return group, hyper, runs
 
@@ -233,57 +235,51 @@ def _hyperparameters(group):
             for k, v in group.items() if k not in _NOT_HYPERPARAMETERS}
 
 
+class _Slot:
+    """Where one parameter lives in its device's flat buffers, and its gradient view."""
+
+    def __init__(self, start, stop, grad):
+        self.start, self.stop, self.grad = start, stop, grad
+
+
 class _Device:
     """The flat buffers of the parameters on one device, and a fastopt optimizer that
     adopts them (its backend runs the kernels)."""
 
     def __init__(self, algorithm, params, state):
         device = params[0].device
-        self.offsets, offset = {}, 0
+        size = sum(p.numel() for p in params)
+        self.flat_params = torch.zeros(size, dtype=torch.float32, device=device)
+        self.flat_grads = torch.zeros(size, dtype=torch.float32, device=device)
+        self.slots, start = {}, 0
         for p in params:
-            self.offsets[p] = offset
-            offset += p.numel()
-        self.flat_params = torch.zeros(offset, dtype=torch.float32, device=device)
-        self.flat_grads = torch.zeros(offset, dtype=torch.float32, device=device)
-        for p in params:
-            view = self._slice(self.flat_params, p)
-            view.copy_(p.detach().reshape(-1))
-            p.data = view.view_as(p)
+            stop = start + p.numel()
+            grad = self.flat_grads[start:stop].view_as(p)
+            self.slots[p] = _Slot(start, stop, grad)
+            self.flat_params[start:stop].copy_(p.detach().reshape(-1))
+            p.data = self.flat_params[start:stop].view_as(p)
             if p.grad is not None:
-                self._slice(self.flat_grads, p).copy_(p.grad.reshape(-1))
-                p.grad = self.grad_view(p)
+                grad.copy_(p.grad)
+                p.grad = grad
+            start = stop
         self.core = algorithm(adopt(_array(self.flat_params), grads=_array(self.flat_grads)))
         self.buffer_names = []
         self._flat_state = {}
         for p in params:  # existing state (added groups, loaded checkpoints) moves in
             for name, value in list(state.get(p, {}).items()):
                 if isinstance(value, torch.Tensor) and value.numel() == p.numel() and value.dim():
-                    flat = self._buffer(name)
-                    self._slice(flat, p).copy_(value.reshape(-1))
-                    state[p][name] = self._slice(flat, p).view_as(p)
+                    view = self._view(name, p)
+                    view.copy_(value.reshape(p.shape))
+                    state[p][name] = view
 
-    def _slice(self, flat, p):
-        start = self.offsets[p]
-        return flat[start:start + p.numel()]
-
-    def _buffer(self, name):
+    def _view(self, name, p):
+        """``p``'s part of the flat state buffer ``name``, created when first needed."""
         if name not in self._flat_state:
             self._flat_state[name] = torch.zeros_like(self.flat_params)
             self.core.state[name] = _array(self._flat_state[name])
             self.buffer_names.append(name)
-        return self._flat_state[name]
-
-    def grad_view(self, p):
-        return self._slice(self.flat_grads, p).view_as(p)
-
-    def gather_grads(self, run):
-        """Copy gradients that are not views of the flat buffer into it, and make them
-        views, so that the next backward pass accumulates in place."""
-        for p in run.params:
-            view = self._slice(self.flat_grads, p)
-            if p.grad.data_ptr() != view.data_ptr() or p.grad.shape != p.shape:
-                view.copy_(p.grad.reshape(-1))
-                p.grad = view.view_as(p)
+        slot = self.slots[p]
+        return self._flat_state[name][slot.start:slot.stop].view_as(p)
 
     def sum_squares(self, run):
         return self.core._backend.sum_squares(self.core.flat_grads[run.start:run.stop])
@@ -291,10 +287,9 @@ class _Device:
     def begin_state(self, run, spec, fresh, state):
         """Create and initialize the state buffers that ``run`` begins using."""
         for name in fresh:
-            flat = self._buffer(name)
-            flat[run.start:run.stop].fill_(spec[name])
             for p in run.params:
-                state[p][name] = self._slice(flat, p).view_as(p)
+                state[p][name] = self._view(name, p)
+            self._flat_state[name][run.start:run.stop].fill_(spec[name])
 
 
 def _array(tensor):
@@ -310,15 +305,24 @@ class _Run:
     """Consecutive parameters of one group that step together with the same step
     count and host state: one kernel launch."""
 
-    def __init__(self, key, device, p, host):
-        self.key, self.device, self.params, self.host = key, device, [p], host
-        self.start = device.offsets[p]
-        self.stop = self.start + p.numel()
+    def __init__(self, key, device, p, slot, host):
+        self.key, self.device, self.host = key, device, host
+        self.params, self.slots = [p], [slot]
+        self.start, self.stop = slot.start, slot.stop
         self.step = key[1]
 
-    def add(self, p):
+    def add(self, p, slot):
         self.params.append(p)
-        self.stop += p.numel()
+        self.slots.append(slot)
+        self.stop = slot.stop
+
+    def gather_grads(self):
+        """Copy gradients that are not the flat buffer's views into it, and put the
+        views in their place, so that the next backward pass accumulates in place."""
+        for p, slot in zip(self.params, self.slots):
+            if p.grad is not slot.grad:
+                slot.grad.copy_(p.grad)
+                p.grad = slot.grad
 
 
 # -- the drop-in classes: torch.optim's signatures, fastopt's algorithms ------------------

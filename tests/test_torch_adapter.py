@@ -111,17 +111,17 @@ def test_training_matches_torch(case, model_name):
 def test_parameters_live_in_one_flat_buffer_and_grads_accumulate_in_place():
     model, _, x, y = twins("mlp")
     opt = ft.Adam(model.parameters())
-    (device,) = opt._devices.values()
+    (device,) = opt._devices
     ps = list(model.parameters())
     assert device.flat_params.numel() == sum(p.numel() for p in ps)
     for p in ps:
-        assert p.data_ptr() == device.flat_params[device.offsets[p]:].data_ptr()
+        assert p.data_ptr() == device.flat_params[device.slots[p].start:].data_ptr()
     train(model, opt, x, y, 1)  # the first gradients autograd creates become views
     opt.zero_grad()
     ((model(x) - y) ** 2).mean().backward()
     ((model(x) - y) ** 2).mean().backward()  # accumulates into the views
     for p in ps:
-        assert p.grad.data_ptr() == device.flat_grads[device.offsets[p]:].data_ptr()
+        assert p.grad.data_ptr() == device.flat_grads[device.slots[p].start:].data_ptr()
     expected = torch.cat([p.grad.reshape(-1) for p in ps])
     assert torch.equal(device.flat_grads, expected) and expected.abs().sum() > 0
 
@@ -192,9 +192,9 @@ def test_replaced_and_none_gradients():
                 model[4].weight.grad = torch.full_like(model[4].weight, 0.5)
             opt.step()
     assert_same_params(ours, theirs)
-    device = next(iter(our_opt._devices.values()))
+    (device,) = our_opt._devices
     p = ours[4].weight
-    assert p.grad.data_ptr() == device.flat_grads[device.offsets[p]:].data_ptr()
+    assert p.grad.data_ptr() == device.flat_grads[device.slots[p].start:].data_ptr()
 
 
 @pytest.mark.parametrize("name", ["Adam", "SGD"])
