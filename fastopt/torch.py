@@ -41,7 +41,9 @@ __all__ = ["SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax", "
            "SWATS"]
 
 _NOT_HYPERPARAMETERS = ("params", "param_names")
-_TORCH_SCALARS = ("step", "mu_product")  # per-parameter numbers torch keeps as tensors
+# Per-parameter numbers that torch keeps as tensors. mu_product is saved in float64, which
+# fastopt computes it in (torch casts it to float32 when it loads it).
+_TORCH_SCALARS = {"step": torch.float32, "mu_product": torch.float64}
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -214,9 +216,9 @@ class Optimizer(torch.optim.Optimizer):
         # torch packs the live per-parameter dicts; convert copies of them.
         packed["state"] = {index: dict(state) for index, state in packed["state"].items()}
         for state in packed["state"].values():
-            for name in _TORCH_SCALARS:
+            for name, dtype in _TORCH_SCALARS.items():
                 if isinstance(state.get(name), (int, float)):
-                    state[name] = torch.tensor(float(state[name]), dtype=torch.float32)
+                    state[name] = torch.tensor(float(state[name]), dtype=dtype)
         return packed
 
     def load_state_dict(self, state_dict):
