@@ -107,6 +107,12 @@ def check(args):
     return 0
 
 
+def demo(args):
+    from . import demo
+
+    return demo.run(args.out)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="fastopt", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +123,10 @@ def main(argv=None):
                               default=[1000, 1000000, 10000000],
                               help="comma-separated parameter counts to time Adam at")
     check_parser.set_defaults(run=check)
+    demo_parser = commands.add_parser(
+        "demo", help="draw the classic optimizer pictures (needs matplotlib: fastopt[plot])")
+    demo_parser.add_argument("--out", default="fastopt-demo", help="folder for the PNG files")
+    demo_parser.set_defaults(run=demo)
     args = parser.parse_args(argv)
     return args.run(args)
 
