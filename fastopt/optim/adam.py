@@ -32,7 +32,7 @@ class Adam(Optimizer):
             :class:`fastopt.Optimizer`.
 
     State: ``exp_avg`` (m) and ``exp_avg_sq`` (v), plus ``max_exp_avg_sq`` with
-    amsgrad: 8 or 12 bytes per parameter. A step moves 28 bytes per parameter (32 with
+    amsgrad: 8 or 12 bytes per parameter. A step moves 28 bytes per parameter (36 with
     amsgrad).
 
     References:

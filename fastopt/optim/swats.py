@@ -41,9 +41,10 @@ class SWATS(Optimizer):
         **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see
             :class:`Optimizer`.
 
-    State: ``exp_avg`` (m) and ``exp_avg_sq`` (a) in the Adam phase, ``momentum_buffer``
-    (v) after the switch. Per group: ``lr_estimate`` (λ), ``sgd_lr`` (Λ, None before the
-    switch) and ``switch_step`` (the step that switched, or None).
+    State: ``exp_avg`` (m) and ``exp_avg_sq`` (a) for the Adam phase, 8 bytes per
+    parameter, and from the first switch ``momentum_buffer`` (v) too: 12 bytes, since the
+    buffers span every group. Per group: ``lr_estimate`` (λ), ``sgd_lr`` (Λ, None before
+    the switch) and ``switch_step`` (the step that switched, or None).
 
     References:
         Keskar & Socher, 2017, "Improving Generalization Performance by Switching from
