@@ -10,6 +10,7 @@
 """
 
 from . import schedules
+from .checkpoint import load, save
 from .ema import EMA
 from .flat import adopt
 from .optim import SGD, SWATS, Adadelta, Adagrad, Adam, Adamax, AdamW, NAdam, Optimizer, RMSprop
@@ -18,4 +19,5 @@ from .scaler import DynamicLossScaler
 __version__ = "0.1.0"
 
 __all__ = ["EMA", "SGD", "SWATS", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax",
-           "DynamicLossScaler", "NAdam", "Optimizer", "RMSprop", "adopt", "schedules"]
+           "DynamicLossScaler", "NAdam", "Optimizer", "RMSprop", "adopt", "load", "save",
+           "schedules"]

@@ -60,6 +60,10 @@ class HostBackend:
         """Copy ``source`` (any layout) into ``destination``, a slice of a flat buffer."""
         np.copyto(destination.reshape(source.shape), source)
 
+    def to_host(self, a):
+        """A NumPy copy of ``a``."""
+        return np.array(a, copy=True)
+
     def is_writeable(self, x):
         return self.asarray(x, "array").flags.writeable
 
@@ -128,6 +132,9 @@ class CudaBackend:
 
     def copy(self, destination, source):
         destination.copy_to_device(source.reshape(destination.size))
+
+    def to_host(self, a):
+        return a.copy_to_host()
 
     def is_writeable(self, x):
         interface = getattr(x, "__cuda_array_interface__", None)

@@ -177,3 +177,19 @@ def test_ema_on_device(bias_correction):
         np.testing.assert_allclose(host(on_gpu.flat_params), on_cpu.flat_params, rtol=1e-6)
         assert not np.allclose(host(on_gpu.flat_params), live)
     np.testing.assert_array_equal(host(on_gpu.flat_params), live)
+
+
+def test_device_checkpoints_resume_exactly(tmp_path):
+    on_gpu, _ = on_both("NAdam", dict(lr=0.05, clip_grad_norm=3.0))
+    resumed, _ = on_both("NAdam", dict(lr=0.05))
+    rng = np.random.default_rng(5)
+    grads = [rng.standard_normal(on_gpu.flat_params.size).astype(np.float32) for _ in range(6)]
+    for g in grads[:3]:
+        on_gpu.step(cuda.to_device(g))
+    fastopt.save(on_gpu, tmp_path / "device.npz")
+    resumed.load(tmp_path / "device.npz")
+    assert resumed.clip_grad_norm == 3.0 and resumed.state["step"] == 3
+    for g in grads[3:]:
+        on_gpu.step(cuda.to_device(g))
+        resumed.step(cuda.to_device(g))
+    np.testing.assert_array_equal(host(resumed.flat_params), host(on_gpu.flat_params))

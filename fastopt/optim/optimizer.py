@@ -135,6 +135,28 @@ class Optimizer:
         check_flag("skip_nonfinite", value)
         self._skip_nonfinite = bool(value)
 
+    # -- checkpoints ----------------------------------------------------------------
+
+    def state_dict(self):
+        """Everything needed to continue exactly: ``{"meta": ..., "arrays": ...}`` with
+        copies of the parameters and state buffers; see :mod:`fastopt.checkpoint`."""
+        from .. import checkpoint
+
+        return checkpoint.state_dict(self)
+
+    def load_state_dict(self, state_dict):
+        """Continue from a :meth:`state_dict` of an optimizer of the same algorithm and
+        parameter layout. Everything is checked first; on error nothing changes."""
+        from .. import checkpoint
+
+        checkpoint.load_state_dict(self, state_dict)
+
+    def load(self, path):
+        """Continue from the checkpoint file ``path`` (written by :func:`fastopt.save`)."""
+        from .. import checkpoint
+
+        checkpoint.load_state_dict(self, checkpoint.read(path))
+
     # -- the step -------------------------------------------------------------------
 
     def zero_grad(self):

@@ -1,0 +1,249 @@
+"""Checkpoints: exact resume in a fresh process, crash-safe writes, and loads that check
+everything before they change anything."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt import checkpoint, schedules
+
+f32 = np.float32
+
+# Every algorithm, with options that bring in all of its state, clipping and the skip.
+ALGORITHMS = {
+    "SGD": dict(lr=0.01, momentum=0.9, dampening=0.1, weight_decay=0.01, clip_grad_norm=5.0),
+    "Adagrad": dict(lr=0.05, lr_decay=0.01, initial_accumulator_value=0.1),
+    "RMSprop": dict(lr=0.01, momentum=0.5, centered=True, skip_nonfinite=True),
+    "Adadelta": dict(lr=0.5, weight_decay=0.01),
+    "Adam": dict(lr=0.01, amsgrad=True, clip_grad_value=0.5),
+    "AdamW": dict(lr=0.01),
+    "Adamax": dict(lr=0.01, weight_decay=0.01),
+    "NAdam": dict(lr=0.01, momentum_decay=0.01),
+    "SWATS": dict(lr=0.01, betas=(0.9, 0.99), eps=5e-4),
+}
+STEPS, SAVED_AT = 100, 40
+
+# Run in a fresh interpreter: load each step-40 checkpoint and continue to step 100.
+RESUME = """
+import sys
+import numpy as np
+import fastopt
+sys.path.insert(0, sys.argv[1])
+from test_checkpoint import ALGORITHMS, STEPS, SAVED_AT, gradient
+for name in ALGORITHMS:
+    opt = fastopt.load(f"{sys.argv[2]}/{name}.npz")
+    for t in range(SAVED_AT, STEPS):
+        opt.step(gradient(t, opt.flat_params))
+    np.save(f"{sys.argv[2]}/{name}-final.npy", opt.flat_params)
+"""
+
+
+def gradient(t, flat):
+    """A gradient that depends on the step and on the parameters (so any difference in
+    the resumed state would grow), NaN at step 55 to exercise the skip."""
+    g = (f32(0.1) * flat + np.random.default_rng(t).standard_normal(flat.size).astype(f32))
+    if t == 55:
+        g[3] = np.nan
+    return g.astype(f32)
+
+
+def make(name):
+    rng = np.random.default_rng(1)
+    groups = [{"params": {"w": rng.standard_normal((6, 5)).astype(f32)}},
+              {"params": [rng.standard_normal(7).astype(f32)], "lr": 0.02}]
+    return getattr(fastopt, name)(groups, **ALGORITHMS[name])
+
+
+def test_resume_in_a_fresh_process_is_bitwise_exact(tmp_path):
+    finals = {}
+    for name in ALGORITHMS:
+        opt = make(name)
+        for t in range(STEPS):
+            if t == SAVED_AT:
+                fastopt.save(opt, tmp_path / f"{name}.npz")
+            opt.step(gradient(t, opt.flat_params))
+        finals[name] = opt.flat_params.copy()
+    run = subprocess.run([sys.executable, "-c", RESUME, os.path.dirname(__file__), str(tmp_path)],
+                         capture_output=True, text=True, cwd="/")
+    assert run.returncode == 0, run.stderr
+    for name, expected in finals.items():
+        resumed = np.load(tmp_path / f"{name}-final.npy")
+        np.testing.assert_array_equal(resumed, expected, err_msg=name)
+
+
+def test_swats_switches_on_both_sides_of_the_checkpoint_in_the_resume_test():
+    opt = make("SWATS")
+    for t in range(STEPS):
+        if t == SAVED_AT:  # one group resumes in its SGD phase, the other in its Adam phase
+            assert opt.state["switch_step"][0] is not None
+            assert opt.state["switch_step"][1] is None
+        opt.step(gradient(t, opt.flat_params))
+    assert opt.state["switch_step"][1] is not None
+
+
+def snapshot(opt):
+    return (opt.flat_params.copy(), {k: (v.copy() if hasattr(v, "copy") else v)
+                                     for k, v in opt.state.items()},
+            [dict((k, v) for k, v in g.items() if k != "params") for g in opt.param_groups])
+
+
+def assert_unchanged(opt, before):
+    params, state, groups = before
+    np.testing.assert_array_equal(opt.flat_params, params)
+    assert opt.state.keys() == state.keys()
+    for key, value in state.items():
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(opt.state[key], value)
+        else:
+            assert opt.state[key] == value
+    assert [dict((k, v) for k, v in g.items() if k != "params") for g in opt.param_groups] \
+        == groups
+
+
+@pytest.fixture
+def trained(tmp_path):
+    opt = make("Adam")
+    for t in range(5):
+        opt.step(gradient(t, opt.flat_params))
+    path = tmp_path / "adam.npz"
+    fastopt.save(opt, path)
+    return opt, path
+
+
+def rewrite(path, meta=None, arrays=None):
+    """Write ``path`` again with parts of its contents replaced (a consistent archive)."""
+    contents = checkpoint.read(path)
+    meta = {**contents["meta"], **(meta or {})}
+    arrays = {**contents["arrays"], **(arrays or {})}
+    np.savez(path, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, match", [
+    (truncate, "not a readable fastopt checkpoint"),
+    (flip_a_byte, "not a readable fastopt checkpoint|checksum"),
+    (lambda p: p.write_bytes(b"not a zip file at all"), "not a readable"),
+    (lambda p: rewrite(p, arrays={"params": np.zeros(37, f32)}), "checksum"),
+    (lambda p: rewrite(p, meta={"version": 99}), "version 1"),
+    (lambda p: rewrite(p, meta={"format": "something else"}), "fastopt-checkpoint"),
+    (lambda p: rewrite(p, meta={"algorithm": "SGD"}), "for SGD, not Adam"),
+    (lambda p: rewrite(p, arrays={"params": np.zeros(36, f32)}), "float32 \\(37,\\)"),
+    (lambda p: rewrite(p, arrays={"params": np.zeros(37, np.float64)}), "float32"),
+    (lambda p: rewrite(p, arrays={"state.extra": np.zeros(37, f32)}), "index lists"),
+    (lambda p: rewrite(p, meta={"layout": []}), "layout"),
+])
+def test_a_damaged_or_foreign_file_is_refused_and_changes_nothing(trained, damage, match):
+    opt, path = trained
+    fresh = make("Adam")
+    before = snapshot(fresh)
+    damage(path)
+    with pytest.raises(ValueError, match=match):
+        fresh.load(path)
+    assert_unchanged(fresh, before)
+
+
+def test_a_checkpoint_for_another_layout_or_algorithm_is_refused(trained):
+    _, path = trained
+    for other in [fastopt.Adam([np.zeros(37, f32)]), fastopt.SGD([{"params": p} for p in make("Adam").params]),
+                  fastopt.Adam([{"params": {"w": np.zeros((5, 6), f32)}},
+                                {"params": [np.zeros(7, f32)]}])]:
+        before = snapshot(other)
+        with pytest.raises(ValueError, match="layout|for Adam"):
+            other.load(path)
+        assert_unchanged(other, before)
+
+
+@pytest.mark.parametrize("bad, error", [({"lr": -1.0}, ValueError), ({"betas": [0.9, 2.0]}, ValueError),
+                                        ({"amsgrad": "yes"}, TypeError),
+                                        ({"nonsense": 1}, ValueError)])
+def test_bad_hyperparameters_in_a_checkpoint_change_nothing(trained, bad, error):
+    opt, _ = trained
+    state = opt.state_dict()
+    state["meta"]["groups"][1].update(bad)
+    fresh = make("Adam")
+    before = snapshot(fresh)
+    with pytest.raises(error):
+        fresh.load_state_dict(state)
+    assert_unchanged(fresh, before)
+
+
+def test_state_dict_is_a_copy_and_round_trips_in_memory(trained):
+    opt, _ = trained
+    state = opt.state_dict()
+    state["arrays"]["params"][:] = 0  # a copy: the optimizer does not see this
+    assert opt.flat_params.any()
+    other = make("Adam")
+    other.load_state_dict(opt.state_dict())
+    g = gradient(9, opt.flat_params)
+    opt.step(g)
+    other.step(g)
+    np.testing.assert_array_equal(other.flat_params, opt.flat_params)
+    assert other.state["step"] == opt.state["step"] == 6
+
+
+def test_a_schedule_is_resumed_by_an_optimizer_built_with_it(tmp_path):
+    schedule = schedules.StepDecay(0.1, step_size=3)
+    opt = fastopt.SGD([np.ones(4, f32)], lr=schedule)
+    for t in range(4):
+        opt.step(gradient(t, opt.flat_params))
+    fastopt.save(opt, tmp_path / "s.npz")
+    with pytest.raises(ValueError, match="give the optimizer its schedule"):
+        fastopt.load(tmp_path / "s.npz")
+    resumed = fastopt.SGD([np.ones(4, f32)], lr=schedule)
+    resumed.load(tmp_path / "s.npz")
+    for t in range(4, 8):
+        g = gradient(t, opt.flat_params)
+        opt.step(g)
+        resumed.step(g)
+    np.testing.assert_array_equal(resumed.flat_params, opt.flat_params)
+
+
+KILLED_SAVE = """
+import sys
+import numpy as np
+import fastopt
+opt = fastopt.Adam(fastopt.adopt(np.ones(25_000_000, np.float32)))
+opt.step()
+print("saving", flush=True)
+fastopt.save(opt, sys.argv[1])
+print("saved", flush=True)
+"""
+
+
+def test_a_process_killed_while_saving_leaves_the_previous_checkpoint(trained):
+    opt, path = trained
+    previous = path.read_bytes()
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(path)],
+                              stdout=subprocess.PIPE, text=True, cwd="/")
+    assert writer.stdout.readline().strip() == "saving"
+    deadline = time.monotonic() + 60
+    temporary = []
+    while time.monotonic() < deadline:
+        temporary = [p for p in path.parent.iterdir() if p.name.startswith(".fastopt-")]
+        if temporary and temporary[0].stat().st_size > 20_000_000:
+            break
+        time.sleep(0.005)
+    writer.kill()
+    writer.wait()
+    assert temporary, "the writer never started its temporary file"
+    assert temporary[0].exists(), "the save finished before the kill; nothing was tested"
+    assert path.read_bytes() == previous
+    fresh = make("Adam")
+    fresh.load(path)
+    np.testing.assert_array_equal(fresh.flat_params, opt.flat_params)
