@@ -7,6 +7,7 @@ so the optimizers never branch on the device.
 
 import math
 import sys
+import threading
 
 import numpy as np
 
@@ -28,6 +29,23 @@ def is_c_contiguous(a):
     if flags is not None:
         return bool(flags["C_CONTIGUOUS"])
     return a.is_c_contiguous()
+
+
+_WORKQUEUE_LOCK = threading.Lock()
+_THREAD_SAFE = []  # [True or False] once Numba's threading layer has started
+
+
+def _thread_safe_layer():
+    """Whether parallel kernels may run from several Python threads at once: yes with the
+    tbb and omp layers, not with workqueue (or before a layer has started)."""
+    if not _THREAD_SAFE:
+        import numba
+
+        try:
+            _THREAD_SAFE.append(numba.threading_layer() != "workqueue")
+        except ValueError:  # no parallel kernel has run yet
+            return False
+    return _THREAD_SAFE[0]
 
 
 class HostBackend:
@@ -71,27 +89,32 @@ class HostBackend:
         return np.may_share_memory(a, b)
 
     def run(self, rule, present, p, g, states, prep, h):
-        self._kernels.kernel(rule, present)(p, g, *states, prep, h, self._parallel(p))
+        self._call(self._kernels.kernel(rule, present), p.size, p, g, *states, prep, h)
 
     def sum_squares(self, g):
         """The float64 sum of squares of ``g``, deterministic (see kernels.cpu)."""
-        partials = self._partials(g.size, ())
-        return self._kernels.sum_squares(g, partials, self._parallel(g))
+        return self._call(self._kernels.sum_squares, g.size, g, self._partials(g.size, ()))
 
     def swats_adam(self, p, g, exp_avg, exp_avg_sq, prep, h):
         """SWATS's Adam step over the buffers; returns the sums ``(d.d, d.g)``."""
-        partials = self._partials(p.size, (2,))
-        return self._kernels.swats_adam(p, g, exp_avg, exp_avg_sq, prep, h, partials,
-                                        self._parallel(p))
+        return self._call(self._kernels.swats_adam, p.size, p, g, exp_avg, exp_avg_sq, prep,
+                          h, self._partials(p.size, (2,)))
 
     def ema(self, average, value, h):
-        self._kernels.ema(average, value, h, self._parallel(average))
+        self._call(self._kernels.ema, average.size, average, value, h)
 
     def scale_into(self, out, a, s):
         np.multiply(a, s, out=out)
 
-    def _parallel(self, a):
-        return a.size >= self._kernels.PARALLEL_MIN_SIZE
+    def _call(self, kernel, size, *args):
+        """``kernel(*args, parallel)``, its parallel loop serialised across Python threads
+        where Numba's threading layer needs that (workqueue is not thread-safe)."""
+        if size < self._kernels.PARALLEL_MIN_SIZE:
+            return kernel(*args, False)
+        if _thread_safe_layer():
+            return kernel(*args, True)
+        with _WORKQUEUE_LOCK:
+            return kernel(*args, True)
 
     def _partials(self, n, width):
         """Chunk sums for a reduction over ``n`` elements, kept to be reused."""

@@ -427,8 +427,8 @@ def _positive_or_none(name, value):
 
 def _snapshot(group):
     """The group's hyperparameters, with lists frozen so that an in-place edit shows as
-    a change."""
-    return tuple((k, tuple(v) if isinstance(v, list) else v)
+    a change, and types kept so that ``True`` replaced by ``1`` does too."""
+    return tuple((k, type(v), tuple(v) if isinstance(v, list) else v)
                  for k, v in group.items() if k != "params")
 
 

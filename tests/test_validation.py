@@ -1,0 +1,151 @@
+"""Every kind of bad input, in one table: each raises a ValueError or TypeError that
+names the argument, and leaves the parameters, gradients and state bit-identical."""
+
+import numpy as np
+import pytest
+
+import fastopt
+
+f32 = np.float32
+
+
+def fresh():
+    """An Adam on dict parameters that has taken a step, so that its state exists."""
+    rng = np.random.default_rng(0)
+    opt = fastopt.Adam({"w": rng.standard_normal((3, 4)).astype(f32),
+                        "b": rng.standard_normal(4).astype(f32)}, lr=0.01, amsgrad=True)
+    opt.step(rng.standard_normal(16).astype(f32))
+    opt.grads["w"][:] = 1.0
+    return opt
+
+
+def grads_like(opt, **replace):
+    grads = {k: np.ones(v.shape, f32) for k, v in opt.params.items()}
+    grads.update(replace)
+    return grads
+
+
+def set_group(key, value):
+    def change(opt):
+        opt.param_groups[0][key] = value
+        opt.step()
+    return change
+
+
+# (bad input, error type, what the message must mention)
+STEP_CASES = {
+    "lr < 0": (set_group("lr", -1e-3), ValueError, "lr >= 0"),
+    "lr is a string": (set_group("lr", "0.1"), TypeError, "lr must be a real number"),
+    "lr overflows float32": (set_group("lr", 1e39), ValueError, "float32"),
+    "eps < 0": (set_group("eps", -1e-8), ValueError, "eps >= 0"),
+    "beta1 = 1": (set_group("betas", (1.0, 0.999)), ValueError, "index 0"),
+    "beta2 < 0": (set_group("betas", (0.9, -0.1)), ValueError, "index 1"),
+    "betas not a pair": (set_group("betas", (0.9,)), TypeError, "betas must be a pair"),
+    "weight_decay < 0": (set_group("weight_decay", -0.1), ValueError, "weight_decay >= 0"),
+    "amsgrad not a bool": (set_group("amsgrad", 1), TypeError, "amsgrad must be True or False"),
+    "lr schedule returns < 0": (set_group("lr", lambda t: -1.0), ValueError, "lr schedule"),
+    "flat grads float64": (lambda o: o.step(np.ones(16)), TypeError, "grads must be float32"),
+    "flat grads too short": (lambda o: o.step(np.ones(15, f32)), ValueError, "16 elements"),
+    "flat grads 2-D": (lambda o: o.step(np.ones((4, 4), f32)), ValueError, "1-D"),
+    "flat grads strided": (lambda o: o.step(np.ones(32, f32)[::2]), ValueError, "C-contiguous"),
+    "flat grads alias the parameters": (lambda o: o.step(o.flat_params), ValueError,
+                                        "share memory with the parameters"),
+    "flat grads alias the state": (lambda o: o.step(o.state["exp_avg"]), ValueError,
+                                   "state\\['exp_avg'\\]"),
+    "grads not an array": (lambda o: o.step("ones"), TypeError, "grads"),
+    "grads a list for dict params": (lambda o: o.step([np.ones((3, 4), f32), np.ones(4, f32)]),
+                                     TypeError, "dict like params"),
+    "grads missing a key": (lambda o: o.step({"w": np.ones((3, 4), f32)}), ValueError,
+                            "missing \\['b'\\]"),
+    "grads with an extra key": (lambda o: o.step(grads_like(o, c=np.ones(2, f32))), ValueError,
+                                "unexpected \\['c'\\]"),
+    "grads with a wrong shape": (lambda o: o.step(grads_like(o, w=np.ones((4, 3), f32))),
+                                 ValueError, "grads\\['w'\\] must have shape \\(3, 4\\)"),
+    "grads float16": (lambda o: o.step(grads_like(o, b=np.ones(4, np.float16))), TypeError,
+                      "grads\\['b'\\] must be float32"),
+    "grad_scale = 0": (lambda o: o.step(grad_scale=0.0), ValueError, "grad_scale"),
+    "grad_scale not a number": (lambda o: o.step(grad_scale="8"), TypeError, "grad_scale"),
+    "skip_nonfinite not a bool": (lambda o: o.step(skip_nonfinite="yes"), TypeError,
+                                  "skip_nonfinite"),
+    "clip_grad_norm < 0": (lambda o: setattr(o, "clip_grad_norm", -1.0), ValueError,
+                           "clip_grad_norm"),
+    "load a foreign state_dict": (lambda o: o.load_state_dict(fastopt.SGD([np.ones(16, f32)])
+                                                               .state_dict()),
+                                  ValueError, "for SGD, not Adam"),
+}
+
+
+@pytest.mark.parametrize("case", STEP_CASES, ids=str)
+def test_bad_input_to_a_live_optimizer_changes_nothing(case):
+    bad, error, match = STEP_CASES[case]
+    opt = fresh()
+    params, grads = opt.flat_params.copy(), opt.flat_grads.copy()
+    state = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in opt.state.items()}
+    with pytest.raises(error, match=match):
+        bad(opt)
+    np.testing.assert_array_equal(opt.flat_params, params)
+    np.testing.assert_array_equal(opt.flat_grads, grads)
+    assert opt.state.keys() == state.keys()
+    for key, value in state.items():
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(opt.state[key], value)
+        else:
+            assert opt.state[key] == value
+
+
+def readonly(shape):
+    a = np.zeros(shape, f32)
+    a.flags.writeable = False
+    return a
+
+
+ONE = np.ones(3, f32)
+CONSTRUCTION_CASES = {
+    "params not a container": (lambda: fastopt.SGD(np.ones(3, f32)), TypeError, "dict of arrays"),
+    "params empty": (lambda: fastopt.SGD([]), ValueError, "empty"),
+    "params float64": (lambda: fastopt.SGD([np.ones(3)]), TypeError, "params\\[0\\] has dtype"),
+    "params int": (lambda: fastopt.SGD({"a": np.ones(3, int)}), TypeError, "params\\['a'\\]"),
+    "the same array twice": (lambda: fastopt.SGD([ONE, ONE]), ValueError, "same array"),
+    "the same array in two groups": (lambda: fastopt.SGD([{"params": [ONE]}, {"params": [ONE]}]),
+                                     ValueError, "same array"),
+    "a group without params": (lambda: fastopt.SGD([{"params": [ONE]}, {"lr": 1.0}]), TypeError,
+                               "'params' entry"),
+    "a group with an unknown option": (lambda: fastopt.SGD([{"params": [ONE], "lrr": 1.0}]),
+                                       ValueError, "unknown options"),
+    "nesterov without momentum": (lambda: fastopt.SGD([ONE], nesterov=True), ValueError,
+                                  "Nesterov momentum requires"),
+    "nesterov with dampening": (lambda: fastopt.SGD([ONE], momentum=0.9, dampening=0.1,
+                                                    nesterov=True), ValueError, "zero dampening"),
+    "negative momentum": (lambda: fastopt.SGD([ONE], momentum=-0.5), ValueError, "momentum"),
+    "RMSprop alpha < 0": (lambda: fastopt.RMSprop([ONE], alpha=-0.1), ValueError, "alpha"),
+    "Adadelta rho > 1": (lambda: fastopt.Adadelta([ONE], rho=1.5), ValueError, "rho"),
+    "Adagrad lr_decay < 0": (lambda: fastopt.Adagrad([ONE], lr_decay=-1.0), ValueError,
+                             "lr_decay"),
+    "NAdam momentum_decay < 0": (lambda: fastopt.NAdam([ONE], momentum_decay=-1.0), ValueError,
+                                 "momentum_decay"),
+    "unknown keyword": (lambda: fastopt.Adam([ONE], learning_rate=0.1), TypeError,
+                        "learning_rate"),
+    "adopted read-only buffer": (lambda: fastopt.Adam(fastopt.adopt(readonly(4))), ValueError,
+                                 "writeable"),
+    "adopted 2-D buffer": (lambda: fastopt.Adam(fastopt.adopt(np.zeros((2, 2), f32))),
+                           ValueError, "1-D"),
+    "adopted shapes too big": (lambda: fastopt.Adam(fastopt.adopt(np.zeros(4, f32), [(5,)])),
+                               ValueError, "add up to 5"),
+    "adopted grads aliasing": (lambda: fastopt.Adam(fastopt.adopt(ONE, grads=ONE)), ValueError,
+                               "share memory"),
+    "clip_grad_value = 0": (lambda: fastopt.Adam([ONE], clip_grad_value=0.0), ValueError,
+                            "clip_grad_value"),
+}
+
+
+@pytest.mark.parametrize("case", CONSTRUCTION_CASES, ids=str)
+def test_bad_construction_is_refused_and_the_inputs_are_untouched(case):
+    build, error, match = CONSTRUCTION_CASES[case]
+    before = ONE.copy()
+    with pytest.raises(error, match=match):
+        build()
+    np.testing.assert_array_equal(ONE, before)
+
+
+def test_the_table_has_at_least_thirty_distinct_bad_inputs():
+    assert len(STEP_CASES) + len(CONSTRUCTION_CASES) >= 30
