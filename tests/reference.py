@@ -168,7 +168,7 @@ class NAdam(Reference):
                          decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
         self.m = np.zeros(n)
         self.v = np.zeros(n)
-        self.mus = []
+        self.product = 1.0  # of mu_1 .. mu_t
 
     def mu(self, t):
         b1, _ = self.h["betas"]
@@ -181,12 +181,12 @@ class NAdam(Reference):
         g = self.gradient(p, g)
         if self.decoupled():
             p = p * (1 - h["lr"] * h["weight_decay"])
-        self.mus.append(self.mu(t))
-        product = math.prod(self.mus)
+        mu, mu_next = self.mu(t), self.mu(t + 1)
+        self.product *= mu
+        product = self.product
         self.m = b1 * self.m + (1 - b1) * g
         self.v = b2 * self.v + (1 - b2) * g * g
         denom = np.sqrt(self.v / (1 - b2 ** t)) + h["eps"]
-        mu, mu_next = self.mus[-1], self.mu(t + 1)
         return (p - h["lr"] * (1 - mu) / (1 - product) * g / denom
                 - h["lr"] * mu_next / (1 - product * mu_next) * self.m / denom)
 
