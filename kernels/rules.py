@@ -19,7 +19,9 @@ call first with the optimizer's ``prep`` tuple: the sign for ``maximize``, loss-
 and clipping factors, value clipping and torch's L2 weight decay are the same for
 every algorithm, so they are written once, there.
 
-``max`` would drop a NaN where torch.maximum keeps it, hence the explicit selects.
+``max`` would drop a NaN where torch.maximum keeps it, hence the explicit selects. A
+moving average of squares multiplies ``(1 - beta) * g * g`` from the left, as torch's
+addcmul does, so that it overflows float32 exactly where torch's does.
 """
 
 import math
@@ -66,10 +68,15 @@ def adagrad(p, g, sum, h):  # "sum" is torch's name for the accumulator
 
 def rmsprop(p, g, square_avg, grad_avg, momentum_buffer, h):
     lr, alpha, one_minus_alpha, eps, momentum, centered = h
-    square_avg = alpha * square_avg + one_minus_alpha * (g * g)
+    square_avg = alpha * square_avg + one_minus_alpha * g * g
     if centered:
         grad_avg = grad_avg + one_minus_alpha * (g - grad_avg)
-        avg = math.sqrt(square_avg - grad_avg * grad_avg) + eps
+        variance = square_avg - grad_avg * grad_avg
+        # torch fuses this multiply-add, so a finite grad_avg whose square overflows
+        # leaves an infinite square_avg infinite there; unfused, inf - inf is NaN.
+        if variance != variance and math.isfinite(grad_avg):
+            variance = square_avg
+        avg = math.sqrt(variance) + eps
     else:
         avg = math.sqrt(square_avg) + eps
     # Without a momentum buffer, momentum = 0 and this is torch's p -= lr * g / avg.
@@ -79,9 +86,9 @@ def rmsprop(p, g, square_avg, grad_avg, momentum_buffer, h):
 
 def adadelta(p, g, square_avg, acc_delta, h):
     lr, rho, one_minus_rho, eps = h
-    square_avg = rho * square_avg + one_minus_rho * (g * g)
+    square_avg = rho * square_avg + one_minus_rho * g * g
     delta = math.sqrt(acc_delta + eps) / math.sqrt(square_avg + eps) * g
-    acc_delta = rho * acc_delta + one_minus_rho * (delta * delta)
+    acc_delta = rho * acc_delta + one_minus_rho * delta * delta
     return p - lr * delta, square_avg, acc_delta
 
 
@@ -89,7 +96,7 @@ def adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, h):
     (decay, step_size, inv_bc2_sqrt, eps,
      one_minus_beta1, beta2, one_minus_beta2, amsgrad) = h
     exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
-    exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * (g * g)
+    exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * g * g
     if amsgrad:
         if exp_avg_sq > max_exp_avg_sq or exp_avg_sq != exp_avg_sq:
             max_exp_avg_sq = exp_avg_sq
@@ -115,7 +122,7 @@ def nadam(p, g, exp_avg, exp_avg_sq, h):
     (decay, grad_coef, avg_coef, inv_bc2, eps,
      one_minus_beta1, beta2, one_minus_beta2) = h
     exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
-    exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * (g * g)
+    exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * g * g
     denom = math.sqrt(exp_avg_sq * inv_bc2) + eps
     # The Nesterov look-ahead: the gradient weighted by (1 - mu_t) / (1 - prod mu) and
     # the momentum by mu_(t+1) / (1 - prod mu * mu_(t+1)), both folded on the host.
@@ -128,7 +135,7 @@ def swats_adam(p, g, exp_avg, exp_avg_sq, h):
     so that the driver can reduce d.d and d.g for the switching test."""
     coef, eps, one_minus_beta1, beta2, one_minus_beta2 = h
     exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
-    exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * (g * g)
+    exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * g * g
     # eps is added to the uncorrected sqrt: the paper folds both corrections into coef.
     direction = exp_avg / (math.sqrt(exp_avg_sq) + eps)
     return p - coef * direction, exp_avg, exp_avg_sq, direction
