@@ -89,7 +89,9 @@ class HostBackend:
         return np.may_share_memory(a, b)
 
     def run(self, rule, present, p, g, states, prep, h):
-        self._call(self._kernels.kernel(rule, present), p.size, p, g, *states, prep, h)
+        kernels = self._kernels
+        self._call(kernels.kernel(rule, present), p.size, p, g, *states, prep, h,
+                   flush=kernels.FLUSH_DENORMALS)
 
     def sum_squares(self, g):
         """The float64 sum of squares of ``g``, deterministic (see kernels.cpu)."""
@@ -106,15 +108,16 @@ class HostBackend:
     def scale_into(self, out, a, s):
         np.multiply(a, s, out=out)
 
-    def _call(self, kernel, size, *args):
-        """``kernel(*args, parallel)``, its parallel loop serialised across Python threads
-        where Numba's threading layer needs that (workqueue is not thread-safe)."""
+    def _call(self, kernel, size, *args, flush=None):
+        """``kernel(*args, parallel[, flush])``, its parallel loop serialised across Python
+        threads where Numba's threading layer needs that (workqueue is not thread-safe)."""
+        extra = () if flush is None else (flush,)
         if size < self._kernels.PARALLEL_MIN_SIZE:
-            return kernel(*args, False)
+            return kernel(*args, False, *extra)
         if _thread_safe_layer():
-            return kernel(*args, True)
+            return kernel(*args, True, *extra)
         with _WORKQUEUE_LOCK:
-            return kernel(*args, True)
+            return kernel(*args, True, *extra)
 
     def _partials(self, n, width):
         """Chunk sums for a reduction over ``n`` elements, kept to be reused."""

@@ -29,9 +29,11 @@ def _rules_source():
 def build(rule, present, loops, namespace, filename, fingerprint):
     """Define ``<rule>__<present...>__<hash>(p, g, *present, prep, h, ...)`` and return it.
 
-    ``loops`` is the function body: its first line ends the argument list, and it holds
-    a ``{body}`` placeholder for the per-element statement, which prepares the gradient
-    with ``prepare(p, g, prep)`` and applies the rule. A state not in ``present`` is
+    ``loops`` is the function body: its first line ends the argument list. Its
+    ``{body}`` placeholder is the per-element statement, which prepares the gradient with
+    ``prepare(p, g, prep)`` and applies the rule. A loop over one chunk of the buffers
+    can use ``{slices}``, which binds ``p_c, g_c, ...`` to ``[start:stop]`` of each
+    array, and ``{chunk_body}``, the statement on those. A state not in ``present`` is
     passed to the rule as ``ZERO`` and its new value is dropped. ``fingerprint`` is
     whatever else the compiled code depends on (compiler options, constants).
     """
@@ -39,13 +41,19 @@ def build(rule, present, loops, namespace, filename, fingerprint):
     unknown = set(present) - set(names)
     if unknown:
         raise ValueError(f"rule {rule.__name__} has no state {sorted(unknown)}")
-    loads = "".join(f", {s}[i]" if s in present else ", ZERO" for s in names)
-    stores = "".join(f", {s}[i]" if s in present else ", _" for s in names)
-    body = f"p[i]{stores} = rule(p[i], prepare(p[i], g[i], prep){loads}, h)"
-    text = loops.format(body=body)
+    arrays = ("p", "g") + tuple(present)
+
+    def body(suffix):
+        loads = "".join(f", {s}{suffix}[i]" if s in present else ", ZERO" for s in names)
+        stores = "".join(f", {s}{suffix}[i]" if s in present else ", _" for s in names)
+        return (f"p{suffix}[i]{stores} = "
+                f"rule(p{suffix}[i], prepare(p{suffix}[i], g{suffix}[i], prep){loads}, h)")
+
+    slices = "; ".join(f"{a}_c = {a}[start:stop]" for a in arrays)
+    text = loops.format(body=body(""), chunk_body=body("_c"), slices=slices)
     digest = hashlib.sha1((_rules_source() + text + fingerprint).encode()).hexdigest()
     name = "__".join((rule.__name__,) + tuple(present) + (digest[:10],))
-    args = ", ".join(("p", "g") + tuple(present) + ("prep", "h"))
+    args = ", ".join(arrays + ("prep", "h"))
     source = f"def {name}({args}{text}"
     exec(compile(source, filename, "exec"), namespace)
     return namespace[name]

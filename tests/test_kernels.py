@@ -81,9 +81,9 @@ def test_absent_state_reads_as_zero_and_is_not_written():
     buf = np.full(3, 5.0, f)
     prep = (f(1), f(np.inf), f(0))  # g_scale, clip, weight_decay: g as it is
     h = (f(0.5), f(0.9), f(1), False)  # lr, momentum, grad_weight, nesterov
-    cpu.kernel("sgd", ())(p, g, prep, h, False)
+    cpu.kernel("sgd", ())(p, g, prep, h, False, True)
     np.testing.assert_array_equal(p, 0.0)  # 1 - 0.5 * 2: the buffer read as 0, then dropped
-    cpu.kernel("sgd", ("momentum_buffer",))(p, g, buf, prep, h, False)
+    cpu.kernel("sgd", ("momentum_buffer",))(p, g, buf, prep, h, False, True)
     np.testing.assert_allclose(buf, 0.9 * 5.0 + 2.0)
 
 
@@ -97,7 +97,23 @@ def test_serial_and_parallel_loops_agree_bitwise():
     arrays += [np.abs(rng.standard_normal(n)).astype(np.float32) for _ in range(3)]
     serial = [a.copy() for a in arrays]
     kernel = cpu.kernel("adam", ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
-    kernel(*serial, prep, h, False)
-    kernel(*arrays, prep, h, True)
+    kernel(*serial, prep, h, False, True)
+    kernel(*arrays, prep, h, True, True)
     for a, b in zip(arrays, serial):
         np.testing.assert_array_equal(a, b)
+
+
+def test_denormals_are_flushed_inside_the_kernels_and_nowhere_else():
+    tiny = np.float32(1e-39)  # subnormal
+    for n in (10, 3 * cpu.PARALLEL_MIN_SIZE):  # the serial and the parallel loop
+        opt = fastopt.SGD([np.zeros(n, np.float32)], lr=1.0)
+        opt.step(np.full(n, -tiny, np.float32))
+        assert not opt.flat_params.any()  # DAZ: the subnormal gradient read as zero
+        cpu.FLUSH_DENORMALS = False
+        try:
+            opt.step(np.full(n, -tiny, np.float32))
+        finally:
+            cpu.FLUSH_DENORMALS = True
+        np.testing.assert_array_equal(opt.flat_params, tiny)
+    # The calling thread's own arithmetic keeps its subnormals afterwards.
+    assert np.float32(1e-38) / np.float32(10) != 0
