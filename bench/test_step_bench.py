@@ -2,8 +2,9 @@
 
     pytest bench/ --benchmark-only
 
-Kept out of the test run (the tests live in tests/). For ratios against torch and the
-memory bandwidth, run bench/adam_vs_torch.py.
+Sizes 1e3, 1e5, 1e6 and 1e7 on the CPU, and on CUDA when a GPU is present (not in the
+simulator). Kept out of the test run (the tests live in tests/). For ratios against
+torch and the memory bandwidth, run ``fastopt bench``.
 """
 
 import sys
@@ -17,17 +18,36 @@ import fastopt
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from cases import ALL, case_id  # noqa: E402
 
+SIZES = [1_000, 100_000, 1_000_000, 10_000_000]
 
-@pytest.mark.parametrize("n", [1_000, 100_000, 1_000_000])
+
+def gpu():
+    try:
+        from numba import config, cuda
+    except ImportError:
+        return None
+    return cuda if cuda.is_available() and not config.ENABLE_CUDASIM else None
+
+
+DEVICES = ["cpu"] + (["cuda"] if gpu() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("case", ALL, ids=case_id)
-def test_step(benchmark, case, n):
+def test_step(benchmark, case, n, device):
     name, kwargs = case
     rng = np.random.default_rng(0)
-    opt = getattr(fastopt, name)(fastopt.adopt(rng.standard_normal(n).astype(np.float32)),
-                                 **kwargs)
-    opt.flat_grads[:] = rng.standard_normal(n).astype(np.float32)
+    p, g = (rng.standard_normal(n).astype(np.float32) for _ in range(2))
+    if device == "cuda":
+        cuda = gpu()
+        p, g = cuda.to_device(p), cuda.to_device(g)
+    opt = getattr(fastopt, name)(fastopt.adopt(p, grads=g), **kwargs)
     opt.step()
-    buffers = sum(isinstance(v, np.ndarray) for v in opt.state.values())
+    buffers = sum(hasattr(v, "shape") for v in opt.state.values())
     # p and every state buffer are read and written, g is read.
     benchmark.extra_info["bytes_per_step"] = 4 * n * (3 + 2 * buffers)
-    benchmark(opt.step)
+    if device == "cuda":
+        benchmark(lambda: (opt.step(), gpu().synchronize()))
+    else:
+        benchmark(opt.step)

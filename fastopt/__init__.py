@@ -18,6 +18,14 @@ from .scaler import DynamicLossScaler
 
 __version__ = "0.1.0"
 
+
+def set_num_threads(n):
+    """Run the CPU kernels on ``n`` threads (at most ``NUMBA_NUM_THREADS``, which sets the
+    size of Numba's thread pool at start-up)."""
+    import numba
+
+    numba.set_num_threads(n)
+
 __all__ = ["EMA", "SGD", "SWATS", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax",
            "DynamicLossScaler", "NAdam", "Optimizer", "RMSprop", "adopt", "load", "save",
-           "schedules"]
+           "schedules", "set_num_threads"]

@@ -107,6 +107,14 @@ def check(args):
     return 0
 
 
+def bench(args):
+    from . import bench
+
+    bench.run(args.algorithms, args.sizes, args.rounds, args.threads, args.device, args.out,
+              args.quick)
+    return 0
+
+
 def demo(args):
     from . import demo
 
@@ -123,6 +131,20 @@ def main(argv=None):
                               default=[1000, 1000000, 10000000],
                               help="comma-separated parameter counts to time Adam at")
     check_parser.set_defaults(run=check)
+    bench_parser = commands.add_parser(
+        "bench", help="time every algorithm against NumPy, torch.optim and the bandwidth")
+    bench_parser.add_argument("--quick", action="store_true",
+                              help="Adam and SGD at four sizes, fewer rounds (< 2 minutes)")
+    bench_parser.add_argument("--algorithms", type=lambda s: s.split(","),
+                              help="comma-separated, e.g. Adam,SGD (default: all)")
+    bench_parser.add_argument("--sizes", type=lambda s: [int(float(x)) for x in s.split(",")],
+                              help="comma-separated parameter counts, e.g. 1e3,1e6")
+    bench_parser.add_argument("--rounds", type=int, default=7)
+    bench_parser.add_argument("--threads", type=int, help="CPU threads for the kernels")
+    bench_parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    bench_parser.add_argument("--out", default="fastopt-bench",
+                              help="folder for results.json and throughput.png")
+    bench_parser.set_defaults(run=bench)
     demo_parser = commands.add_parser(
         "demo", help="draw the classic optimizer pictures (needs matplotlib: fastopt[plot])")
     demo_parser.add_argument("--out", default="fastopt-demo", help="folder for the PNG files")

@@ -140,6 +140,15 @@ def ema(average, value, h):
 
 
 @cuda.jit(cache=True)
+def add_scaled(a, c, s):
+    """The in-place stream ``a += s * c``: the bandwidth yardstick on the device."""
+    i = cuda.grid(1)
+    while i < a.size:
+        a[i] += s * c[i]
+        i += cuda.gridsize(1)
+
+
+@cuda.jit(cache=True)
 def scale_into(out, a, s):
     """``out = s * a``."""
     i = cuda.grid(1)

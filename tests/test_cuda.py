@@ -193,3 +193,11 @@ def test_device_checkpoints_resume_exactly(tmp_path):
         on_gpu.step(cuda.to_device(g))
         resumed.step(cuda.to_device(g))
     np.testing.assert_array_equal(host(resumed.flat_params), host(on_gpu.flat_params))
+
+
+def test_bench_runs_on_the_device(tmp_path):
+    from fastopt import bench
+
+    records = bench.run(["Adam"], [300], rounds=1, device="cuda", out=tmp_path)
+    assert {r["implementation"] for r in records} >= {"fastopt", "triad"}
+    assert (tmp_path / "results.json").exists()
