@@ -26,6 +26,7 @@ def set_num_threads(n):
 
     numba.set_num_threads(n)
 
+
 __all__ = ["EMA", "SGD", "SWATS", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax",
            "DynamicLossScaler", "NAdam", "Optimizer", "RMSprop", "adopt", "load", "save",
            "schedules", "set_num_threads"]
