@@ -300,14 +300,17 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def run(algorithms=None, sizes=None, rounds=7, threads=None, device="cpu", out="fastopt-bench",
-        quick=False, model_tensors=200):
+def run(algorithms=None, sizes=None, rounds=None, threads=None, device="cpu",
+        out="fastopt-bench", quick=False, model_tensors=200):
     """Run the benchmark, print the table, write ``results.json`` (and ``throughput.png``
     with matplotlib) into ``out``; returns the records."""
     if quick:
         algorithms = algorithms or QUICK["algorithms"]
         sizes = sizes or QUICK["sizes"]
-        rounds, model_tensors = QUICK["rounds"], QUICK["model_tensors"]
+        rounds, model_tensors = rounds or QUICK["rounds"], QUICK["model_tensors"]
+    rounds = 7 if rounds is None else rounds
+    if rounds < 1 or any(n < 1 for n in sizes or ()):
+        raise ValueError(f"rounds and sizes must be >= 1, got rounds={rounds}, sizes={sizes}")
     algorithms = algorithms or list(ALGORITHMS)
     unknown = set(algorithms) - set(ALGORITHMS)
     if unknown:
@@ -315,6 +318,12 @@ def run(algorithms=None, sizes=None, rounds=7, threads=None, device="cpu", out="
     sizes = sizes or DEFAULT_SIZES
     if threads:
         fastopt.set_num_threads(threads)
+        try:
+            import torch
+
+            torch.set_num_threads(threads)
+        except ImportError:
+            pass
     import numba
 
     print(f"fastopt bench: {device}, {numba.get_num_threads()} threads, best and median of "

@@ -125,6 +125,8 @@ def save(opt, path):
     """Write ``opt``'s checkpoint to ``path`` atomically: a temporary file in the same
     folder, fsynced, then renamed over ``path``."""
     path = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(os.path.dirname(path)):
+        raise FileNotFoundError(f"cannot save {path}: its folder does not exist")
     checkpoint = state_dict(opt, copy=False)
     meta = np.frombuffer(json.dumps(checkpoint["meta"]).encode(), np.uint8)
     handle, temporary = tempfile.mkstemp(prefix=".fastopt-", suffix=".tmp",
@@ -134,6 +136,7 @@ def save(opt, path):
             np.savez(file, meta=meta, **checkpoint["arrays"])
             file.flush()
             os.fsync(file.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it 0600
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
@@ -182,22 +185,37 @@ def load(path):
         raise ValueError(f"{os.fspath(path)} is not a complete fastopt checkpoint")
     structures = [_structure(layout, params) for layout in meta["layout"]]
     grouped = len(structures) > 1 or meta["layout"][0]["prefix"] != "params"
-    opt = algorithm([{"params": s} for s in structures] if grouped else structures[0])
+    names = [{"name": g["name"]} if "name" in g else {} for g in meta.get("groups", [])]
+    opt = algorithm([{"params": s, **n} for s, n in zip(structures, names)] if grouped
+                    else structures[0])
     opt.load_state_dict(checkpoint)
     return opt
 
 
 def _layout(layout):
-    return {"keys": None if layout.keys is None else list(layout.keys),
+    return {"keys": None if layout.keys is None else [_json_key(k) for k in layout.keys],
             "shapes": [list(shape) for shape in layout.shapes],
             "offsets": list(layout.offsets), "prefix": layout.prefix}
+
+
+def _json_key(key):
+    """A parameter name as JSON keeps it: NumPy scalars become Python numbers."""
+    key = key.item() if isinstance(key, np.generic) else key
+    if not isinstance(key, (str, int, float, bool, tuple)) and key is not None:
+        raise TypeError(f"parameter name {key!r} cannot be saved: use str, int or tuple names")
+    return key
+
+
+def _key(saved):
+    """A parameter name read back from JSON (which turned tuples into lists)."""
+    return tuple(_key(k) for k in saved) if isinstance(saved, list) else saved
 
 
 def _structure(layout, params):
     """Parameter arrays (copies) in the structure that ``layout`` records."""
     arrays = [params[offset:offset + int(np.prod(shape, dtype=np.int64))].reshape(shape).copy()
               for offset, shape in zip(layout["offsets"], layout["shapes"])]
-    return arrays if layout["keys"] is None else dict(zip(layout["keys"], arrays))
+    return arrays if layout["keys"] is None else dict(zip(map(_key, layout["keys"]), arrays))
 
 
 def _hyperparameters(group):
@@ -236,6 +254,12 @@ def _restored_group(index, group, saved):
             value = tuple(value)
         restored[key] = value
     return restored
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _checksum(arrays):

@@ -139,7 +139,7 @@ def main(argv=None):
                               help="comma-separated, e.g. Adam,SGD (default: all)")
     bench_parser.add_argument("--sizes", type=lambda s: [int(float(x)) for x in s.split(",")],
                               help="comma-separated parameter counts, e.g. 1e3,1e6")
-    bench_parser.add_argument("--rounds", type=int, default=7)
+    bench_parser.add_argument("--rounds", type=int, help="interleaved rounds (default 7; 5 with --quick)")
     bench_parser.add_argument("--threads", type=int, help="CPU threads for the kernels")
     bench_parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     bench_parser.add_argument("--out", default="fastopt-bench",

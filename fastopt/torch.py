@@ -26,7 +26,13 @@ between fastopt.torch and torch.optim.
 Differences from torch.optim: ``zero_grad()`` zeroes the flat gradient buffer by
 default (``set_to_none=False``), which keeps the views; ``foreach`` and ``fused`` are
 accepted and ignored (every step is fused); ``capturable`` and ``differentiable`` must
-stay False. Parameters must be float32: other dtypes raise a TypeError at construction.
+stay False; ``lr`` must be a number (use a torch.optim.lr_scheduler). Parameters must be
+float32: other dtypes raise a TypeError at construction.
+
+Build the optimizer after the model is where it will train: like apex's flat-buffer
+optimizers, it holds the parameters' storage, so anything that later replaces a
+parameter's storage (``model.to(device or memory_format)``, ``share_memory()``)
+detaches that parameter from the optimizer.
 """
 
 import numpy as np
@@ -87,11 +93,24 @@ class Optimizer(torch.optim.Optimizer):
         if self._devices is not None:
             self._flatten()
 
+    def __getstate__(self):
+        return {**super().__getstate__(), "fastopt_options": self._options()}
+
     def __setstate__(self, state):
+        options = state.pop("fastopt_options", None)
         super().__setstate__(state)
         for group in self.param_groups:  # a torch checkpoint lacks fastopt's own options
             for name, value in self.defaults.items():
                 group.setdefault(name, value)
+        if options is not None:  # unpickled or deep-copied: rebuild what is not pickled
+            self._math = self.algorithm(adopt(np.zeros(1, np.float32)))
+            self.__dict__.update(options)
+            self._flatten()
+
+    def _options(self):
+        return {"clip_grad_norm": self.clip_grad_norm, "clip_grad_value": self.clip_grad_value,
+                "skip_nonfinite": self.skip_nonfinite, "last_grad_norm": self.last_grad_norm,
+                "skipped_steps": self.skipped_steps}
 
     def _validate(self, index, group):
         for j, p in enumerate(group["params"]):
@@ -100,6 +119,9 @@ class Optimizer(torch.optim.Optimizer):
                                 "fastopt optimizes float32 parameters only")
             if p.layout != torch.strided:
                 raise TypeError(f"param_groups[{index}]['params'][{j}] is not a dense tensor")
+        if callable(group["lr"]):
+            raise TypeError(f"param_groups[{index}]['lr'] must be a number: schedule it with "
+                            "a torch.optim.lr_scheduler")
         try:
             self._math._check(_hyperparameters(group))
         except (TypeError, ValueError) as error:
@@ -135,9 +157,13 @@ class Optimizer(torch.optim.Optimizer):
                     p.grad = None if set_to_none else slot.grad
 
     @torch.no_grad()
-    def step(self, closure=None, *, grad_scale=None):
+    def step(self, closure=None, *, grad_scale=None, skip_nonfinite=None):
         """One step of every parameter that has a gradient. ``closure`` re-evaluates the
-        loss as in torch; ``grad_scale`` divides the gradients by a loss scale."""
+        loss as in torch; ``grad_scale`` divides the gradients by a loss scale;
+        ``skip_nonfinite`` overrides the option for this step."""
+        if skip_nonfinite is None:
+            skip_nonfinite = self.skip_nonfinite
+        check_flag("skip_nonfinite", skip_nonfinite)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -148,11 +174,11 @@ class Optimizer(torch.optim.Optimizer):
         for run in runs:
             run.gather_grads()
         coefficient = 1.0
-        if self.skip_nonfinite or self.clip_grad_norm is not None:
+        if skip_nonfinite or self.clip_grad_norm is not None:
             total = sum(run.device.sum_squares(run) for run in runs)
             norm = float(np.sqrt(total)) * inverse_scale
             self.last_grad_norm = norm
-            if self.skip_nonfinite and not np.isfinite(norm):
+            if skip_nonfinite and not np.isfinite(norm):
                 self.skipped_steps += 1
                 return loss
             if self.clip_grad_norm is not None:
@@ -223,12 +249,16 @@ class Optimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         """Load a state_dict of this class or of its torch.optim namesake."""
+        # torch casts every loaded tensor to the parameter's dtype; read the per-parameter
+        # numbers before it does, so that a float64 mu_product stays exact.
+        scalars = {index: {name: state[name].item() for name in _TORCH_SCALARS
+                           if isinstance(state.get(name), torch.Tensor)}
+                   for index, state in state_dict["state"].items()}
         super().load_state_dict(state_dict)
-        for state in self.state.values():
-            for name in _TORCH_SCALARS:
-                value = state.get(name)
-                if isinstance(value, torch.Tensor):
-                    state[name] = int(value.item()) if name == "step" else value.item()
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, values in scalars.items():
+            for name, value in values.items():
+                self.state[params[index]][name] = int(value) if name == "step" else value
         self._flatten()
 
 
@@ -269,7 +299,8 @@ class _Device:
         self._flat_state = {}
         for p in params:  # existing state (added groups, loaded checkpoints) moves in
             for name, value in list(state.get(p, {}).items()):
-                if isinstance(value, torch.Tensor) and value.numel() == p.numel() and value.dim():
+                if (isinstance(value, torch.Tensor) and value.shape == p.shape
+                        and name not in _TORCH_SCALARS):
                     view = self._view(name, p)
                     view.copy_(value.reshape(p.shape))
                     state[p][name] = view

@@ -1,6 +1,7 @@
 """CPU kernels: a rule applied in one multithreaded, vectorised pass over flat buffers."""
 
 import functools
+import inspect
 
 import numpy as np
 from numba import njit, prange
@@ -74,7 +75,7 @@ def kernel(rule_name, present):
         "denormals_off": _fp_mode.denormals_off,
         "restore_fp_mode": _fp_mode.restore,
     }
-    fingerprint = repr((_OPTIONS, CHUNK, _fp_mode.__name__))
+    fingerprint = repr((_OPTIONS, CHUNK)) + inspect.getsource(_fp_mode)
     driver = _template.build(rule, present, _LOOPS, namespace, __file__, fingerprint)
     return njit(**_OPTIONS)(driver)
 

@@ -58,3 +58,14 @@ def test_the_naive_numpy_contender_computes_the_same_update(name):
         bench.numpy_step(name, p, g, state, t, bench.ALGORITHMS[name]["lr"])
     np.testing.assert_allclose(p, opt.flat_params, rtol=1e-5, atol=1e-6)
     assert np.abs(p - p0).max() > 1e-4
+
+
+@pytest.mark.parametrize("kwargs", [dict(sizes=[0]), dict(rounds=0)])
+def test_sizes_and_rounds_below_one_are_refused(tmp_path, kwargs):
+    with pytest.raises(ValueError, match=">= 1"):
+        bench.run(["SGD"], out=tmp_path, **{"sizes": [10], **kwargs})
+
+
+def test_quick_keeps_an_explicit_rounds(tmp_path, capsys):
+    bench.run(["SGD"], [10], rounds=1, out=tmp_path, quick=True, model_tensors=2)
+    assert "of 1 interleaved rounds" in capsys.readouterr().out

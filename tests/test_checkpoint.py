@@ -247,3 +247,26 @@ def test_a_process_killed_while_saving_leaves_the_previous_checkpoint(trained):
     fresh = make("Adam")
     fresh.load(path)
     np.testing.assert_array_equal(fresh.flat_params, opt.flat_params)
+
+
+def test_group_names_and_tuple_or_numpy_keys_survive_a_round_trip(tmp_path):
+    opt = fastopt.SGD([{"params": {("block", 1): np.ones(2, f32), np.int64(3): np.ones(1, f32)},
+                        "name": "body"}], lr=0.1)
+    opt.step(np.ones(3, f32))
+    fastopt.save(opt, tmp_path / "k.npz")
+    loaded = fastopt.load(tmp_path / "k.npz")
+    assert loaded.param_groups[0]["name"] == "body"
+    assert set(loaded.params[0]) == {("block", 1), 3}
+    np.testing.assert_array_equal(loaded.flat_params, opt.flat_params)
+
+
+def test_saved_files_follow_the_umask_and_a_missing_folder_is_named(tmp_path):
+    opt = fastopt.SGD([np.ones(2, f32)])
+    old = os.umask(0o022)
+    try:
+        fastopt.save(opt, tmp_path / "m.npz")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.npz").stat().st_mode & 0o777 == 0o644
+    with pytest.raises(FileNotFoundError, match="folder does not exist"):
+        fastopt.save(opt, tmp_path / "missing" / "m.npz")

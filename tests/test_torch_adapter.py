@@ -332,3 +332,50 @@ def test_named_parameters_and_a_bad_lr_set_between_steps():
     with pytest.raises(ValueError, match="learning rate"):
         opt.step()
     assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+
+
+def test_a_scalar_parameter_keeps_its_state_through_checkpoints_and_new_groups():
+    # 0-dim parameters (CLIP's logit_scale) have 0-dim state buffers.
+    w, v = torch.nn.Parameter(torch.tensor(2.0)), torch.nn.Parameter(torch.ones(3))
+    theirs = torch.optim.Adam([w, v], lr=0.1, foreach=False)
+    w.grad, v.grad = torch.tensor(1.0), torch.ones(3)
+    theirs.step()
+    w2, v2 = (torch.nn.Parameter(t.detach().clone()) for t in (w, v))
+    ours = ft.Adam([w2, v2], lr=0.1)
+    ours.load_state_dict(theirs.state_dict())
+    for p, q in ((w, w2), (v, v2)):
+        p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
+    theirs.step()
+    ours.step()
+    ours.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+    assert torch.allclose(w2, w) and torch.allclose(v2, v)
+    assert torch.equal(ours.state[w2]["exp_avg"], theirs.state[w]["exp_avg"])
+
+
+def test_a_callable_lr_is_refused_up_front():
+    p, q = (torch.nn.Parameter(torch.ones(2)) for _ in range(2))
+    with pytest.raises(TypeError, match="lr_scheduler"):
+        ft.Adam([{"params": [p]}, {"params": [q], "lr": lambda t: 0.1}], lr=0.1)
+
+
+def test_deepcopy_gives_a_working_independent_optimizer():
+    model, _, x, y = twins("mlp")
+    opt = ft.Adam(model.parameters(), lr=0.01, clip_grad_norm=1.0)
+    train(model, opt, x, y, 3)
+    twin_model, twin_opt = copy.deepcopy((model, opt))
+    assert twin_opt.clip_grad_norm == 1.0
+    train(model, opt, x, y, 3)
+    train(twin_model, twin_opt, x, y, 3)
+    assert_same_params(model, twin_model, rtol=0, atol=0)
+
+
+def test_the_loss_scaler_drives_a_drop_in_optimizer():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = ft.SGD([p], lr=0.1)
+    scaler = fastopt.DynamicLossScaler(init_scale=4.0)
+    p.grad = torch.full((3,), float("inf"))
+    assert not scaler.step(opt) and torch.equal(p.detach(), torch.ones(3))
+    scaler.update()
+    p.grad = torch.full((3,), 2.0)  # a scaled gradient: 2.0 at scale 2
+    assert scaler.step(opt)
+    assert torch.allclose(p.detach(), torch.full((3,), 0.9))
