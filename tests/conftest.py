@@ -1,3 +1,4 @@
+import copy
 import os
 import sys
 
@@ -23,3 +24,35 @@ def initial_params(seed, n):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+def snapshot(opt):
+    """Copies of everything a refused call must leave alone: the parameters, the
+    gradients and every state value (arrays as their bit patterns, and per-group lists
+    copied, since the optimizer updates those in place)."""
+    def frozen(value):
+        if isinstance(value, np.ndarray):
+            return value.view(np.uint32).copy()
+        return copy.deepcopy(value)
+
+    return {"params": opt.flat_params.view(np.uint32).copy(),
+            "grads": opt.flat_grads.view(np.uint32).copy(),
+            "state": {k: frozen(v) for k, v in opt.state.items()}}
+
+
+def assert_same(a, b, grads=True):
+    """Two snapshots agree bit for bit; ``grads=False`` leaves the gradients out (a step
+    that copies structured gradients into ``flat_grads`` changes them by design)."""
+    np.testing.assert_array_equal(a["params"], b["params"])
+    if grads:
+        np.testing.assert_array_equal(a["grads"], b["grads"])
+    assert a["state"].keys() == b["state"].keys()
+    for key, value in a["state"].items():
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(value, b["state"][key], err_msg=key)
+        else:
+            assert value == b["state"][key], key
+
+
+def assert_unchanged(opt, before, grads=True):
+    assert_same(snapshot(opt), before, grads)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import fastopt
+from conftest import assert_unchanged, snapshot
 
 f32 = np.float32
 
@@ -179,20 +180,6 @@ def test_bad_hyperparameters_raise_value_error(cls, kwargs, match):
 def test_hyperparameters_of_the_wrong_type_raise_type_error(kwargs, match):
     with pytest.raises(TypeError, match=match):
         fastopt.Adam([np.ones(3, f32)], **kwargs)
-
-
-def snapshot(opt):
-    return (opt.flat_params.copy(), opt.flat_grads.copy(),
-            {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in opt.state.items()})
-
-
-def assert_unchanged(opt, before):
-    params, grads, state = before
-    np.testing.assert_array_equal(opt.flat_params, params)
-    np.testing.assert_array_equal(opt.flat_grads, grads)
-    assert state.keys() == opt.state.keys()
-    for k, v in state.items():
-        np.testing.assert_array_equal(opt.state[k], v)
 
 
 def stepped_adam(rng):

@@ -12,6 +12,7 @@ import pytest
 
 import fastopt
 from fastopt import checkpoint, schedules
+from conftest import assert_unchanged, snapshot
 
 f32 = np.float32
 
@@ -87,23 +88,8 @@ def test_swats_switches_on_both_sides_of_the_checkpoint_in_the_resume_test():
     assert opt.state["switch_step"][1] is not None
 
 
-def snapshot(opt):
-    return (opt.flat_params.copy(), {k: (v.copy() if hasattr(v, "copy") else v)
-                                     for k, v in opt.state.items()},
-            [dict((k, v) for k, v in g.items() if k != "params") for g in opt.param_groups])
-
-
-def assert_unchanged(opt, before):
-    params, state, groups = before
-    np.testing.assert_array_equal(opt.flat_params, params)
-    assert opt.state.keys() == state.keys()
-    for key, value in state.items():
-        if isinstance(value, np.ndarray):
-            np.testing.assert_array_equal(opt.state[key], value)
-        else:
-            assert opt.state[key] == value
-    assert [dict((k, v) for k, v in g.items() if k != "params") for g in opt.param_groups] \
-        == groups
+def hyperparameters(opt):
+    return [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
 
 
 @pytest.fixture
@@ -151,11 +137,12 @@ def flip_a_byte(path):
 def test_a_damaged_or_foreign_file_is_refused_and_changes_nothing(trained, damage, match):
     opt, path = trained
     fresh = make("Adam")
-    before = snapshot(fresh)
+    before, groups = snapshot(fresh), hyperparameters(fresh)
     damage(path)
     with pytest.raises(ValueError, match=match):
         fresh.load(path)
     assert_unchanged(fresh, before)
+    assert hyperparameters(fresh) == groups
 
 
 def test_a_checkpoint_for_another_layout_or_algorithm_is_refused(trained):
@@ -163,10 +150,11 @@ def test_a_checkpoint_for_another_layout_or_algorithm_is_refused(trained):
     for other in [fastopt.Adam([np.zeros(37, f32)]), fastopt.SGD([{"params": p} for p in make("Adam").params]),
                   fastopt.Adam([{"params": {"w": np.zeros((5, 6), f32)}},
                                 {"params": [np.zeros(7, f32)]}])]:
-        before = snapshot(other)
+        before, groups = snapshot(other), hyperparameters(other)
         with pytest.raises(ValueError, match="layout|for Adam"):
             other.load(path)
         assert_unchanged(other, before)
+        assert hyperparameters(other) == groups
 
 
 @pytest.mark.parametrize("bad, error", [({"lr": -1.0}, ValueError), ({"betas": [0.9, 2.0]}, ValueError),
@@ -177,10 +165,11 @@ def test_bad_hyperparameters_in_a_checkpoint_change_nothing(trained, bad, error)
     state = opt.state_dict()
     state["meta"]["groups"][1].update(bad)
     fresh = make("Adam")
-    before = snapshot(fresh)
+    before, groups = snapshot(fresh), hyperparameters(fresh)
     with pytest.raises(error):
         fresh.load_state_dict(state)
     assert_unchanged(fresh, before)
+    assert hyperparameters(fresh) == groups
 
 
 def test_state_dict_is_a_copy_and_round_trips_in_memory(trained):

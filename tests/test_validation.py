@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import fastopt
+from conftest import assert_unchanged, snapshot
 
 f32 = np.float32
 
@@ -79,18 +80,10 @@ STEP_CASES = {
 def test_bad_input_to_a_live_optimizer_changes_nothing(case):
     bad, error, match = STEP_CASES[case]
     opt = fresh()
-    params, grads = opt.flat_params.copy(), opt.flat_grads.copy()
-    state = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in opt.state.items()}
+    before = snapshot(opt)
     with pytest.raises(error, match=match):
         bad(opt)
-    np.testing.assert_array_equal(opt.flat_params, params)
-    np.testing.assert_array_equal(opt.flat_grads, grads)
-    assert opt.state.keys() == state.keys()
-    for key, value in state.items():
-        if isinstance(value, np.ndarray):
-            np.testing.assert_array_equal(opt.state[key], value)
-        else:
-            assert opt.state[key] == value
+    assert_unchanged(opt, before)
 
 
 def readonly(shape):
