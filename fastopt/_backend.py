@@ -48,6 +48,25 @@ def _thread_safe_layer():
     return _THREAD_SAFE[0]
 
 
+class Pieces:
+    """The pieces of a segmented reduction (see :func:`fastopt.flat.pieces`) on one
+    backend: their bounds where the kernels read them, and the buffers they fill."""
+
+    def __init__(self, starts, stops, segment, segments, to_device):
+        self.count = starts.size
+        self.segment = segment  # on the host
+        self.segments = segments
+        self.starts, self.stops = to_device(starts), to_device(stops)
+        self.partials_host = np.zeros((self.count, 2), np.float64)
+        self.partials = to_device(self.partials_host)
+        self.scales_host = np.zeros(self.count, FLOAT32)
+        self.scales = to_device(self.scales_host)
+
+    def totals(self, partials):
+        """The two columns of per-piece sums added up per segment, in piece order."""
+        return tuple(np.bincount(self.segment, partials[:, j], self.segments) for j in (0, 1))
+
+
 class HostBackend:
     device = "cpu"
 
@@ -107,6 +126,35 @@ class HostBackend:
 
     def scale_into(self, out, a, s):
         np.multiply(a, s, out=out)
+
+    # -- segmented reductions and layer-wise steps (see kernels.cpu) ------------------
+
+    def pieces(self, starts, stops, segment, segments):
+        return Pieces(starts, stops, segment, segments, lambda a: a)
+
+    def segment_norms(self, p, g, prep, pieces):
+        """Per segment: ``(sum p**2, sum prepare(p, g)**2)``, float64 arrays."""
+        self._call(self._kernels.segment_norms, p.size, p, g, prep, pieces.starts,
+                   pieces.stops, pieces.partials)
+        return pieces.totals(pieces.partials)
+
+    def lamb_moments(self, p, g, exp_avg, exp_avg_sq, prep, h, pieces):
+        self._call(self._kernels.lamb_moments, p.size, p, g, exp_avg, exp_avg_sq, prep, h,
+                   pieces.starts, pieces.stops, pieces.partials)
+        return pieces.totals(pieces.partials)
+
+    def lamb_step(self, p, exp_avg, exp_avg_sq, h, pieces, trust_lr):
+        self._call(self._kernels.lamb_step, p.size, p, exp_avg, exp_avg_sq, h, pieces.starts,
+                   pieces.stops, self._per_piece(pieces, trust_lr))
+
+    def lars_step(self, p, g, momentum_buffer, prep, h, pieces, trust_lr):
+        self._call(self._kernels.lars_step, p.size, p, g, momentum_buffer, prep, h,
+                   pieces.starts, pieces.stops, self._per_piece(pieces, trust_lr))
+
+    def _per_piece(self, pieces, values):
+        """``values`` (one per segment) as float32, one per piece."""
+        pieces.scales_host[:] = values[pieces.segment]
+        return pieces.scales
 
     def _call(self, kernel, size, *args, flush=None):
         """``kernel(*args, parallel[, flush])``, its parallel loop serialised across Python
@@ -192,6 +240,37 @@ class CudaBackend:
 
     def scale_into(self, out, a, s):
         self._kernels.launch(self._kernels.scale_into, out.size, out, a, s)
+
+    # -- segmented reductions and layer-wise steps (see kernels.cuda) -----------------
+
+    def pieces(self, starts, stops, segment, segments):
+        return Pieces(starts, stops, segment, segments, self._cuda.to_device)
+
+    def segment_norms(self, p, g, prep, pieces):
+        self._kernels.launch_pieces(self._kernels.segment_norms, pieces.count, p, g, prep,
+                                    pieces.starts, pieces.stops, pieces.partials)
+        return pieces.totals(pieces.partials.copy_to_host(pieces.partials_host))
+
+    def lamb_moments(self, p, g, exp_avg, exp_avg_sq, prep, h, pieces):
+        self._kernels.launch_pieces(self._kernels.lamb_moments, pieces.count, p, g, exp_avg,
+                                    exp_avg_sq, prep, h, pieces.starts, pieces.stops,
+                                    pieces.partials)
+        return pieces.totals(pieces.partials.copy_to_host(pieces.partials_host))
+
+    def lamb_step(self, p, exp_avg, exp_avg_sq, h, pieces, trust_lr):
+        self._kernels.launch_pieces(self._kernels.lamb_step, pieces.count, p, exp_avg,
+                                    exp_avg_sq, h, pieces.starts, pieces.stops,
+                                    self._per_piece(pieces, trust_lr))
+
+    def lars_step(self, p, g, momentum_buffer, prep, h, pieces, trust_lr):
+        self._kernels.launch_pieces(self._kernels.lars_step, pieces.count, p, g,
+                                    momentum_buffer, prep, h, pieces.starts, pieces.stops,
+                                    self._per_piece(pieces, trust_lr))
+
+    def _per_piece(self, pieces, values):
+        pieces.scales_host[:] = values[pieces.segment]
+        pieces.scales.copy_to_device(pieces.scales_host)
+        return pieces.scales
 
     def _partials(self, n, width):
         """(device, host) arrays of one partial sum per block, kept to be reused."""

@@ -42,6 +42,10 @@ class Layout:
     def names(self):
         return param_names(self.keys, len(self.shapes), self.prefix)
 
+    def bounds(self):
+        """``(start, stop)`` of each parameter in the flat buffer."""
+        return [(o, o + _size(s)) for o, s in zip(self.offsets, self.shapes)]
+
     def slices(self, flat):
         """1-D slices of ``flat``, one per parameter."""
         return [flat[o:o + _size(s)] for o, s in zip(self.offsets, self.shapes)]
@@ -50,6 +54,30 @@ class Layout:
         """Views of ``flat`` shaped like the parameters, in the parameters' structure."""
         views = [s.reshape(shape) for s, shape in zip(self.slices(flat), self.shapes)]
         return views if self.keys is None else dict(zip(self.keys, views))
+
+
+# The most elements a piece of a segmented reduction covers; see pieces().
+PIECE = 1 << 14
+
+
+def pieces(bounds, size=PIECE):
+    """Split segments into pieces for a parallel, deterministic segmented reduction.
+
+    ``bounds`` lists ``(start, stop)`` of each segment of a flat buffer (a parameter
+    tensor, a row ...). Returns ``(starts, stops, segment)``, int64 arrays with one entry
+    per piece: a piece covers at most ``size`` elements and never crosses a segment
+    boundary, and ``segment`` says which segment it belongs to. A kernel sums each piece
+    on one thread in a fixed order, and the piece sums of a segment are added in piece
+    order, so a segment's sum does not depend on the thread count. Empty segments get
+    no piece.
+    """
+    starts, stops, segment = [], [], []
+    for index, (start, stop) in enumerate(bounds):
+        edges = list(range(start, stop, size)) + [stop]
+        starts += edges[:-1]
+        stops += edges[1:]
+        segment += [index] * (len(edges) - 1)
+    return (np.array(starts, np.int64), np.array(stops, np.int64), np.array(segment, np.int64))
 
 
 def param_names(keys, count, prefix="params"):

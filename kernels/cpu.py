@@ -27,6 +27,8 @@ CHUNK = 1 << 14
 # torch.set_flush_denormal(True) does); each kernel restores the caller's setting.
 FLUSH_DENORMALS = True
 
+ZERO = np.float32(0)  # a state a driver does not hold reads as this
+
 _LOOPS = """\
 , parallel, flush_denormals):
     if parallel:
@@ -70,7 +72,7 @@ def kernel(rule_name, present):
         "rule": _inline(rule),
         "prepare": _prepare,
         "prange": prange,
-        "ZERO": np.float32(0),
+        "ZERO": ZERO,
         "CHUNK": CHUNK,
         "denormals_off": _fp_mode.denormals_off,
         "restore_fp_mode": _fp_mode.restore,
@@ -173,3 +175,102 @@ def ema(average, value, h, parallel):
     else:
         for i in range(average.size):
             average[i] = _ema(average[i], value[i], h)
+
+
+# -- segmented reductions and layer-wise steps ---------------------------------------
+#
+# Piece k is [starts[k], stops[k]) of the flat buffers and lies inside one segment (a
+# parameter tensor, a row ...); see fastopt.flat.pieces. One thread sums a piece, in
+# order, into partials[k], so the sums do not depend on the thread count.
+
+_lamb = _inline(rules.lamb)
+_lars = _inline(rules.lars)
+
+
+@njit(inline="always", error_model="numpy", fastmath={"reassoc"})
+def _norms(p, g, prep):
+    param_sq = grad_sq = 0.0
+    for i in range(p.size):
+        x, y = np.float64(p[i]), np.float64(_prepare(p[i], g[i], prep))
+        param_sq += x * x
+        grad_sq += y * y
+    return param_sq, grad_sq
+
+
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
+def segment_norms(p, g, prep, starts, stops, partials, parallel):
+    """``partials[k] = (sum p**2, sum prepare(p, g)**2)`` over piece k, in float64."""
+    if parallel:
+        for k in prange(starts.size):
+            piece = slice(starts[k], stops[k])
+            partials[k, 0], partials[k, 1] = _norms(p[piece], g[piece], prep)
+    else:
+        for k in range(starts.size):
+            piece = slice(starts[k], stops[k])
+            partials[k, 0], partials[k, 1] = _norms(p[piece], g[piece], prep)
+
+
+@njit(inline="always", error_model="numpy")
+def _lamb_moments(p, g, exp_avg, exp_avg_sq, prep, h, partials, k):
+    param_sq = update_sq = 0.0
+    for i in range(p.size):
+        exp_avg[i], exp_avg_sq[i], u = _lamb(p[i], _prepare(p[i], g[i], prep), exp_avg[i],
+                                             exp_avg_sq[i], h)
+        param_sq += np.float64(p[i]) * np.float64(p[i])
+        update_sq += np.float64(u) * np.float64(u)
+    partials[k, 0] = param_sq
+    partials[k, 1] = update_sq
+
+
+@njit(**_OPTIONS)
+def lamb_moments(p, g, exp_avg, exp_avg_sq, prep, h, starts, stops, partials, parallel):
+    """LAMB's first pass: the moments, and ``partials[k] = (sum p**2, sum u**2)``."""
+    if parallel:
+        for k in prange(starts.size):
+            piece = slice(starts[k], stops[k])
+            _lamb_moments(p[piece], g[piece], exp_avg[piece], exp_avg_sq[piece], prep, h,
+                          partials, k)
+    else:
+        for k in range(starts.size):
+            piece = slice(starts[k], stops[k])
+            _lamb_moments(p[piece], g[piece], exp_avg[piece], exp_avg_sq[piece], prep, h,
+                          partials, k)
+
+
+@njit(inline="always", error_model="numpy")
+def _lamb_step(p, exp_avg, exp_avg_sq, h, trust_lr):
+    for i in range(p.size):
+        p[i] -= trust_lr * _lamb(p[i], ZERO, exp_avg[i], exp_avg_sq[i], h)[2]
+
+
+@njit(**_OPTIONS)
+def lamb_step(p, exp_avg, exp_avg_sq, h, starts, stops, trust_lr, parallel):
+    """LAMB's second pass: ``p -= trust_lr[k] * u`` over piece k."""
+    if parallel:
+        for k in prange(starts.size):
+            piece = slice(starts[k], stops[k])
+            _lamb_step(p[piece], exp_avg[piece], exp_avg_sq[piece], h, trust_lr[k])
+    else:
+        for k in range(starts.size):
+            piece = slice(starts[k], stops[k])
+            _lamb_step(p[piece], exp_avg[piece], exp_avg_sq[piece], h, trust_lr[k])
+
+
+@njit(inline="always", error_model="numpy")
+def _lars_step(p, g, momentum_buffer, prep, h):
+    for i in range(p.size):
+        p[i], momentum_buffer[i] = _lars(p[i], _prepare(p[i], g[i], prep), momentum_buffer[i], h)
+
+
+@njit(**_OPTIONS)
+def lars_step(p, g, momentum_buffer, prep, h, starts, stops, trust_lr, parallel):
+    """LARS's step over piece k, with its tensor's ``trust_lr[k]``; ``h`` is
+    ``(momentum, weight_decay)``."""
+    if parallel:
+        for k in prange(starts.size):
+            piece = slice(starts[k], stops[k])
+            _lars_step(p[piece], g[piece], momentum_buffer[piece], prep, (trust_lr[k],) + h)
+    else:
+        for k in range(starts.size):
+            piece = slice(starts[k], stops[k])
+            _lars_step(p[piece], g[piece], momentum_buffer[piece], prep, (trust_lr[k],) + h)

@@ -16,6 +16,8 @@ from . import _template, rules
 threads_per_block = 256
 max_blocks = 1024
 
+ZERO = np.float32(0)  # a state a driver does not hold reads as this
+
 _LOOPS = """\
 ):
     i = cuda.grid(1)
@@ -38,7 +40,7 @@ def kernel(rule_name, present):
         "rule": cuda.jit(device=True)(rule),
         "prepare": _prepare,
         "cuda": cuda,
-        "ZERO": np.float32(0),
+        "ZERO": ZERO,
     }
     return cuda.jit(cache=True)(_template.build(rule, present, _LOOPS, namespace, __file__, ""))
 
@@ -155,3 +157,78 @@ def scale_into(out, a, s):
     while i < out.size:
         out[i] = s * a[i]
         i += cuda.gridsize(1)
+
+
+# -- segmented reductions and layer-wise steps ---------------------------------------
+#
+# One block per piece (see fastopt.flat.pieces): launch with ``launch_pieces``. A
+# block sums its piece in a fixed order into partials[k].
+
+_lamb = cuda.jit(device=True)(rules.lamb)
+_lars = cuda.jit(device=True)(rules.lars)
+
+
+def launch_pieces(compiled, pieces, *args):
+    """Run ``compiled`` with one block per piece."""
+    if pieces:
+        compiled[pieces, threads_per_block](*args)
+
+
+@cuda.jit(cache=True)
+def segment_norms(p, g, prep, starts, stops, partials):
+    """``partials[k] = (sum p**2, sum prepare(p, g)**2)`` over piece k, in float64."""
+    shared = cuda.shared.array(MAX_THREADS, float64)
+    k = cuda.blockIdx.x
+    param_sq = grad_sq = float64(0)
+    i = starts[k] + cuda.threadIdx.x
+    while i < stops[k]:
+        x, y = float64(p[i]), float64(_prepare(p[i], g[i], prep))
+        param_sq += x * x
+        grad_sq += y * y
+        i += cuda.blockDim.x
+    param_sq = _block_sum(shared, param_sq)
+    grad_sq = _block_sum(shared, grad_sq)
+    if cuda.threadIdx.x == 0:
+        partials[k, 0] = param_sq
+        partials[k, 1] = grad_sq
+
+
+@cuda.jit(cache=True)
+def lamb_moments(p, g, exp_avg, exp_avg_sq, prep, h, starts, stops, partials):
+    """LAMB's first pass: the moments, and ``partials[k] = (sum p**2, sum u**2)``."""
+    shared = cuda.shared.array(MAX_THREADS, float64)
+    k = cuda.blockIdx.x
+    param_sq = update_sq = float64(0)
+    i = starts[k] + cuda.threadIdx.x
+    while i < stops[k]:
+        exp_avg[i], exp_avg_sq[i], u = _lamb(p[i], _prepare(p[i], g[i], prep), exp_avg[i],
+                                             exp_avg_sq[i], h)
+        param_sq += float64(p[i]) * float64(p[i])
+        update_sq += float64(u) * float64(u)
+        i += cuda.blockDim.x
+    param_sq = _block_sum(shared, param_sq)
+    update_sq = _block_sum(shared, update_sq)
+    if cuda.threadIdx.x == 0:
+        partials[k, 0] = param_sq
+        partials[k, 1] = update_sq
+
+
+@cuda.jit(cache=True)
+def lamb_step(p, exp_avg, exp_avg_sq, h, starts, stops, trust_lr):
+    """LAMB's second pass: ``p -= trust_lr[k] * u`` over piece k."""
+    k = cuda.blockIdx.x
+    i = starts[k] + cuda.threadIdx.x
+    while i < stops[k]:
+        p[i] -= trust_lr[k] * _lamb(p[i], ZERO, exp_avg[i], exp_avg_sq[i], h)[2]
+        i += cuda.blockDim.x
+
+
+@cuda.jit(cache=True)
+def lars_step(p, g, momentum_buffer, prep, h, starts, stops, trust_lr):
+    """LARS's step over piece k, with its tensor's ``trust_lr[k]``."""
+    k = cuda.blockIdx.x
+    i = starts[k] + cuda.threadIdx.x
+    while i < stops[k]:
+        p[i], momentum_buffer[i] = _lars(p[i], _prepare(p[i], g[i], prep), momentum_buffer[i],
+                                         (trust_lr[k],) + h)
+        i += cuda.blockDim.x

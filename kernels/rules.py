@@ -130,6 +130,78 @@ def nadam(p, g, exp_avg, exp_avg_sq, h):
     return p - avg_coef * (exp_avg / denom), exp_avg, exp_avg_sq
 
 
+def radam(p, g, exp_avg, exp_avg_sq, h):
+    (decay, step_size, eps, one_minus_beta1, beta2, one_minus_beta2, rectified) = h
+    exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
+    exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * g * g
+    # step_size folds lr, the bias corrections and the rectification term. While the
+    # variance estimate is not yet trusted (rho_t <= 5) the step is plain momentum.
+    if rectified:
+        return p * decay - step_size * (exp_avg / (math.sqrt(exp_avg_sq) + eps)), exp_avg, exp_avg_sq
+    return p * decay - step_size * exp_avg, exp_avg, exp_avg_sq
+
+
+def rprop(p, g, prev, step_size, h):
+    etaminus, etaplus, step_size_min, step_size_max, zero = h
+    # torch.sign maps NaN to 0, so torch's Rprop passes over a NaN gradient, leaving
+    # the step size and the parameter as they were; the comparisons below do the same.
+    agreement = g * prev
+    if agreement > zero:
+        step_size = step_size * etaplus
+    elif agreement < zero:
+        # The sign flipped: the last step jumped over a minimum. Shrink the step and
+        # skip this one, and forget g so that the next step counts as a fresh start.
+        step_size = step_size * etaminus
+        g = zero
+    if step_size < step_size_min:
+        step_size = step_size_min
+    elif step_size > step_size_max:
+        step_size = step_size_max
+    if g > zero:
+        p = p - step_size
+    elif g < zero:
+        p = p + step_size
+    return p, g, step_size
+
+
+def asgd(p, g, ax, h):
+    decay, eta, mu, averaging = h
+    p = p * decay - eta * g
+    # Until t0 steps have passed (mu = 1) the average is the last iterate.
+    if averaging:
+        ax = ax + mu * (p - ax)
+    else:
+        ax = p
+    return p, ax
+
+
+def lion(p, g, exp_avg, h):
+    decay, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, one = h
+    update = beta1 * exp_avg + one_minus_beta1 * g
+    direction = update if update == -update or update != update else math.copysign(one, update)
+    return p * decay - lr * direction, beta2 * exp_avg + one_minus_beta2 * g
+
+
+def lamb(p, g, exp_avg, exp_avg_sq, h):
+    """LAMB's moments and its direction u = r + wd * p, where the step is
+    ``p - trust_lr * u`` and ``trust_lr`` depends on the norms of p and u over the whole
+    tensor. So LAMB takes two passes: the first moves the moments (``moving``) and
+    sums the norms, the second recomputes u from them and steps."""
+    weight_decay, inv_bc1, inv_bc2_sqrt, eps, one_minus_beta1, beta2, one_minus_beta2, moving = h
+    if moving:
+        exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
+        exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * g * g
+    ratio = (exp_avg * inv_bc1) / (math.sqrt(exp_avg_sq) * inv_bc2_sqrt + eps)
+    return exp_avg, exp_avg_sq, ratio + weight_decay * p
+
+
+def lars(p, g, momentum_buffer, h):
+    """LARS's step, with ``trust_lr`` the lr times the tensor's local learning rate."""
+    trust_lr, momentum, weight_decay = h
+    momentum_buffer = momentum * momentum_buffer + trust_lr * (g + weight_decay * p)
+    return p - momentum_buffer, momentum_buffer
+
+
 def swats_adam(p, g, exp_avg, exp_avg_sq, h):
     """SWATS's Adam phase. Also returns the direction d, where the step is -coef * d,
     so that the driver can reduce d.d and d.g for the switching test."""

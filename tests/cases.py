@@ -71,9 +71,44 @@ CASES = {
         dict(lr=0.01, maximize=True, weight_decay=0.1),
         dict(lr=0.01, maximize=True, weight_decay=0.1, decoupled_weight_decay=True),
     ],
+    "RAdam": [
+        dict(lr=0.01),
+        dict(lr=0.01, weight_decay=0.1),
+        dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+        dict(lr=0.01, betas=(0.8, 0.9), eps=1e-3),  # rectified from step 3
+        dict(lr=0.01, maximize=True, weight_decay=0.1),
+        dict(lr=0.01, maximize=True, weight_decay=0.1, decoupled_weight_decay=True,
+             betas=(0.5, 0.8)),
+    ],
+    "Rprop": [
+        dict(lr=0.01),
+        dict(lr=0.05, etas=(0.3, 1.5)),
+        dict(lr=0.01, step_sizes=(1e-3, 0.02)),  # both bounds reached
+        dict(lr=0.01, maximize=True, etas=(0.6, 1.1), step_sizes=(1e-4, 1.0)),
+    ],
+    "ASGD": [
+        dict(lr=0.05),
+        dict(lr=0.05, t0=5),  # averaging from step 7
+        dict(lr=0.05, lambd=0.1, alpha=0.5, t0=0),
+        dict(lr=0.05, weight_decay=0.1, t0=10),
+        dict(lr=0.05, maximize=True, lambd=0.01, t0=3, weight_decay=0.05),
+    ],
+    # From papers, not in torch.optim: tested against the papers' formulas only.
+    "Lion": [
+        dict(lr=0.01),
+        dict(lr=0.01, betas=(0.5, 0.8)),
+        dict(lr=0.01, weight_decay=0.5),
+        dict(lr=0.01, maximize=True, weight_decay=0.5, betas=(0.95, 0.98)),
+    ],
 }
 
+NOT_IN_TORCH = {"Lion"}
+
 ALL = [(name, kwargs) for name, cases in CASES.items() for kwargs in cases]
+
+# bias_correction is fastopt's own option.
+TORCH_CASES = [(name, kwargs) for name, kwargs in ALL
+               if name not in NOT_IN_TORCH and "bias_correction" not in kwargs]
 
 
 def case_id(case):

@@ -225,3 +225,217 @@ class SWATS(Reference):
                 self.switch_step = k
                 self.v = np.zeros_like(p)
         return p + step
+
+
+class RAdam(Reference):
+    """torch.optim.RAdam (``_single_tensor_radam``)."""
+
+    def __init__(self, n, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 decoupled_weight_decay=False, maximize=False):
+        super().__init__(n, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+        self.m = np.zeros(n)
+        self.v = np.zeros(n)
+
+    def step(self, p, g):
+        self.t += 1
+        h, t = self.h, self.t
+        b1, b2 = h["betas"]
+        g = self.gradient(p, g)
+        if self.decoupled():
+            p = p * (1 - h["lr"] * h["weight_decay"])
+        self.m = b1 * self.m + (1 - b1) * g
+        self.v = b2 * self.v + (1 - b2) * g * g
+        m_hat = self.m / (1 - b1 ** t)
+        rho_inf = 2 / (1 - b2) - 1
+        rho_t = rho_inf - 2 * t * b2 ** t / (1 - b2 ** t)
+        if rho_t > 5:
+            rect = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf
+                             / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+            adaptive = math.sqrt(1 - b2 ** t) / (np.sqrt(self.v) + h["eps"])
+            return p - h["lr"] * m_hat * rect * adaptive
+        return p - h["lr"] * m_hat
+
+
+class Rprop(Reference):
+    """torch.optim.Rprop (``_single_tensor_rprop``)."""
+
+    def __init__(self, n, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50), maximize=False):
+        super().__init__(n, lr=lr, etas=etas, step_sizes=step_sizes, maximize=maximize)
+        self.prev = np.zeros(n)
+        self.step_size = None  # filled with lr at the first step
+
+    def step(self, p, g):
+        self.t += 1
+        h = self.h
+        etaminus, etaplus = h["etas"]
+        lo, hi = h["step_sizes"]
+        g = self.gradient(p, g)
+        if self.step_size is None:
+            self.step_size = np.full(self.n, float(h["lr"]))
+        s = np.sign(g * self.prev)
+        factor = np.where(s > 0, etaplus, np.where(s < 0, etaminus, 1.0))
+        self.step_size = np.clip(self.step_size * factor, lo, hi)
+        g = np.where(s < 0, 0.0, g)
+        self.prev = g
+        return p - np.sign(g) * self.step_size
+
+
+class ASGD(Reference):
+    """torch.optim.ASGD (``_single_tensor_asgd``); ``ax`` is the averaged parameters."""
+
+    def __init__(self, n, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0,
+                 maximize=False):
+        super().__init__(n, lr=lr, lambd=lambd, alpha=alpha, t0=t0,
+                         weight_decay=weight_decay, maximize=maximize)
+        self.eta = float(lr)
+        self.mu = 1.0
+        self.ax = np.zeros(n)
+
+    def step(self, p, g):
+        self.t += 1
+        h, t = self.h, self.t
+        g = self.gradient(p, g)
+        p = p * (1 - h["lambd"] * self.eta) - self.eta * g
+        if self.mu == 1:
+            self.ax = p.copy()
+        else:
+            self.ax = self.ax + self.mu * (p - self.ax)
+        self.eta = h["lr"] / (1 + h["lambd"] * h["lr"] * t) ** h["alpha"]
+        self.mu = 1 / max(1, t - h["t0"])
+        return p
+
+
+class Lion(Reference):
+    """Chen et al. (2023), "Symbolic Discovery of Optimization Algorithms", Algorithm 2."""
+
+    def __init__(self, n, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False):
+        super().__init__(n, lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
+        self.m = np.zeros(n)
+
+    def decoupled(self):
+        return True
+
+    def step(self, p, g):
+        self.t += 1
+        h = self.h
+        b1, b2 = h["betas"]
+        g = self.gradient(p, g)
+        c = b1 * self.m + (1 - b1) * g
+        p = p * (1 - h["lr"] * h["weight_decay"]) - h["lr"] * np.sign(c)
+        self.m = b2 * self.m + (1 - b2) * g
+        return p
+
+
+class Layerwise(Reference):
+    """Base of the per-tensor references: ``shapes`` lists the tensors' shapes and
+    ``step`` takes their flat C-order concatenation, updating one tensor at a time."""
+
+    def __init__(self, shapes, **hyper):
+        self.shapes = [tuple(s) for s in shapes]
+        self.sizes = [math.prod(s) for s in self.shapes]
+        super().__init__(sum(self.sizes), **hyper)
+
+    def decoupled(self):
+        return True  # the weight decay is part of each algorithm's update, never L2 in g
+
+    def split(self, x):
+        out, start = [], 0
+        for shape, size in zip(self.shapes, self.sizes):
+            out.append(x[start:start + size].reshape(shape))
+            start += size
+        return out
+
+    def step(self, p, g):
+        self.t += 1
+        g = self.gradient(p, g)
+        new = [np.ravel(self.update(i, pi, gi))
+               for i, (pi, gi) in enumerate(zip(self.split(p), self.split(g)))]
+        return np.concatenate(new) if new else np.zeros(0)
+
+
+class LAMB(Layerwise):
+    """You et al. (2019), "Large Batch Optimization for Deep Learning", Algorithm 2."""
+
+    def __init__(self, shapes, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
+                 maximize=False):
+        super().__init__(shapes, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         maximize=maximize)
+        self.m = [np.zeros(s) for s in self.shapes]
+        self.v = [np.zeros(s) for s in self.shapes]
+
+    def update(self, i, p, g):
+        h, t = self.h, self.t
+        b1, b2 = h["betas"]
+        self.m[i] = b1 * self.m[i] + (1 - b1) * g
+        self.v[i] = b2 * self.v[i] + (1 - b2) * g * g
+        r = (self.m[i] / (1 - b1 ** t)) / (np.sqrt(self.v[i] / (1 - b2 ** t)) + h["eps"])
+        u = r + h["weight_decay"] * p
+        p_norm, u_norm = np.linalg.norm(p), np.linalg.norm(u)
+        trust = p_norm / u_norm if p_norm > 0 and u_norm > 0 else 1.0
+        return p - h["lr"] * trust * u
+
+
+class LARS(Layerwise):
+    """You, Gitman & Ginsburg (2017), "Large Batch Training of Convolutional Networks",
+    Algorithm 1."""
+
+    def __init__(self, shapes, lr=1.0, momentum=0.9, weight_decay=0.0,
+                 trust_coefficient=1e-3, maximize=False):
+        super().__init__(shapes, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                         trust_coefficient=trust_coefficient, maximize=maximize)
+        self.v = [np.zeros(s) for s in self.shapes]
+
+    def update(self, i, p, g):
+        h = self.h
+        wd = h["weight_decay"]
+        p_norm, g_norm = np.linalg.norm(p), np.linalg.norm(g)
+        if p_norm > 0 and g_norm > 0:
+            local_lr = h["trust_coefficient"] * p_norm / (g_norm + wd * p_norm)
+        else:
+            local_lr = 1.0
+        if h["momentum"] == 0:
+            return p - h["lr"] * local_lr * (g + wd * p)
+        self.v[i] = h["momentum"] * self.v[i] + h["lr"] * local_lr * (g + wd * p)
+        return p - self.v[i]
+
+
+class Adafactor(Layerwise):
+    """torch.optim.Adafactor (``_single_tensor_adafactor``); eps1=None is float32's eps.
+    ``state[i]`` holds row_var/col_var (>= 2 dims) or variance, in torch's shapes."""
+
+    def __init__(self, shapes, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
+                 weight_decay=0.0, maximize=False):
+        super().__init__(shapes, lr=lr, beta2_decay=beta2_decay, eps=eps, d=d,
+                         weight_decay=weight_decay, maximize=maximize)
+        self.state = []
+        for s in self.shapes:
+            if len(s) >= 2:
+                self.state.append(dict(row_var=np.zeros(s[:-1] + (1,)),
+                                       col_var=np.zeros(s[:-2] + (1,) + s[-1:])))
+            else:
+                self.state.append(dict(variance=np.zeros(s)))
+
+    def update(self, i, p, g):
+        if p.size == 0:
+            return p  # torch divides by the size (0) here; nothing to update
+        h, t, state = self.h, self.t, self.state[i]
+        eps1, eps2 = h["eps"]
+        eps1 = float(np.finfo(np.float32).eps) if eps1 is None else eps1
+        beta = t ** h["beta2_decay"]
+        rho = min(h["lr"], 1 / math.sqrt(t))
+        alpha = max(eps2, math.sqrt(np.mean(p * p))) * rho
+        p = p * (1 - h["lr"] * h["weight_decay"])
+        if p.ndim >= 2:
+            state["row_var"] = ((1 - beta) * state["row_var"]
+                                + beta * np.mean(g * g, axis=-1, keepdims=True))
+            state["col_var"] = ((1 - beta) * state["col_var"]
+                                + beta * np.mean(g * g, axis=-2, keepdims=True))
+            row_mean = np.mean(state["row_var"], axis=-2, keepdims=True)
+            est = state["row_var"] * state["col_var"] / np.maximum(row_mean, eps1)
+        else:
+            state["variance"] = (1 - beta) * state["variance"] + beta * g * g
+            est = state["variance"]
+        u = g / np.sqrt(np.maximum(est, eps1 * eps1))
+        denom = max(1.0, math.sqrt(np.mean(u * u)) / h["d"])
+        return p - alpha / denom * u

@@ -7,13 +7,12 @@ import copy
 import numpy as np
 import pytest
 
-from cases import ALL, case_id
+from cases import TORCH_CASES, case_id
 
 torch = pytest.importorskip("torch")
 import fastopt  # noqa: E402
 import fastopt.torch as ft  # noqa: E402
 
-TORCH_CASES = [c for c in ALL if "bias_correction" not in c[1]]  # fastopt's own option
 STEPS = 50
 # Training dynamics amplify float32 rounding differences a little over 50 steps.
 RTOL, ATOL = 1e-4, 1e-5

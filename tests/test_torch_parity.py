@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from cases import ALL, case_id
+from cases import TORCH_CASES, case_id
 from conftest import SIZES, gradients, initial_params
 
 torch = pytest.importorskip("torch")
@@ -13,7 +13,6 @@ torch = pytest.importorskip("torch")
 # and divides where fastopt multiplies by a reciprocal), so a few ulps per step.
 RTOL = ATOL = 1e-5
 
-TORCH_CASES = [c for c in ALL if "bias_correction" not in c[1]]  # fastopt's own option
 
 
 def run_torch(name, kwargs, p0, grads):
@@ -40,8 +39,9 @@ def test_matches_torch(case, n):
             value = value.numpy()
             np.testing.assert_allclose(opt.state[key], value, rtol=1e-4,
                                        atol=1e-5 * np.abs(value).max(), err_msg=key)
-    if "mu_product" in torch_state:
-        assert opt.state["mu_product"][0] == pytest.approx(float(torch_state["mu_product"]), rel=1e-5)
+    for key in ("mu_product", "eta", "mu"):  # host values, per group
+        if key in torch_state:
+            assert opt.state[key][0] == pytest.approx(float(torch_state[key]), rel=1e-5), key
 
 
 @pytest.mark.parametrize("case", TORCH_CASES, ids=case_id)

@@ -3,12 +3,17 @@
 from .adadelta import Adadelta
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
+from .asgd import ASGD
 from .adamax import Adamax
+from .layerwise import LAMB, LARS
+from .lion import Lion
 from .nadam import NAdam
 from .optimizer import Optimizer
+from .radam import RAdam
 from .rmsprop import RMSprop
+from .rprop import Rprop
 from .sgd import SGD
 from .swats import SWATS
 
-__all__ = ["Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "NAdam", "Optimizer",
-           "RMSprop", "SGD", "SWATS"]
+__all__ = ["ASGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "LAMB", "LARS", "Lion", "NAdam",
+           "Optimizer", "RAdam", "RMSprop", "Rprop", "SGD", "SWATS"]

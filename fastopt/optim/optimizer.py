@@ -245,6 +245,13 @@ class Optimizer:
         self._backend.run(rule, tuple(spec), cut(self.flat_params), cut(g),
                           [cut(self.state[name]) for name in spec], prep, h)
 
+    def _tensors(self, start, stop):
+        """``(offset, shape)`` of each parameter tensor inside ``[start:stop]`` of the
+        flat buffer, for algorithms that work per tensor."""
+        return [(offset, shape) for layout in self._layouts
+                for offset, shape in zip(layout.offsets, layout.shapes)
+                if start <= offset < stop]
+
     def _check_group(self, index, group):
         try:
             self._check(group)

@@ -1,0 +1,68 @@
+from .optimizer import Optimizer, check_flag, check_lr, check_nonnegative, f32, real
+
+
+class ASGD(Optimizer):
+    r"""Averaged stochastic gradient descent; torch.optim.ASGD.
+
+    .. math::
+        g_t &\leftarrow \pm\nabla f(\theta_{t-1}) + \lambda_{wd}\,\theta_{t-1} \\
+        \theta_t &\leftarrow (1 - \lambda\,\eta_t)\,\theta_{t-1} - \eta_t\,g_t \\
+        \bar\theta_t &\leftarrow \begin{cases} \theta_t & \mu_t = 1 \\
+            \bar\theta_{t-1} + \mu_t\,(\theta_t - \bar\theta_{t-1}) & \text{otherwise}
+            \end{cases} \\
+        \eta_{t+1} &= \frac{\gamma}{(1 + \lambda\gamma t)^\alpha}, \qquad
+        \mu_{t+1} = \frac{1}{\max(1, t - t_0)}
+
+    with :math:`\eta_1 = \gamma` and :math:`\mu_1 = 1`. The average
+    :math:`\bar\theta` (``state["ax"]``) is the last iterate until :math:`t_0` steps
+    have passed, and the Polyak-Ruppert average of the iterates after that: evaluate
+    with it, e.g. by copying it into the model. :math:`\eta` and :math:`\mu` are
+    computed on the host and kept per group in ``state["eta"]`` and ``state["mu"]``,
+    rounded to float32 as torch keeps them.
+
+    Args:
+        params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt`, or
+            a list of parameter-group dicts.
+        lr (γ), lambd (λ), alpha (α), t0 (t₀), weight_decay (λ_wd, an L2 penalty),
+        maximize: as in torch.optim.ASGD, with the same defaults.
+        **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see
+            :class:`fastopt.Optimizer`.
+
+    State: ``ax``, 4 bytes per parameter; a step moves 20 bytes per parameter.
+
+    References:
+        Polyak & Juditsky, 1992, "Acceleration of Stochastic Approximation by
+        Averaging".
+    """
+
+    rule = "asgd"
+
+    def __init__(self, params, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0, *,
+                 maximize=False, **options):
+        defaults = dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay,
+                        maximize=maximize)
+        super().__init__(params, defaults, **options)
+
+    def _check(self, group):
+        check_lr(group["lr"])
+        check_nonnegative("lambd", group["lambd"])
+        real("alpha", group["alpha"])
+        real("t0", group["t0"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        check_flag("maximize", group["maximize"])
+
+    def _state_spec(self, group, host):
+        return {"ax": 0.0}
+
+    def _initial_host(self):
+        return {"eta": None, "mu": 1.0}  # eta None: the group's lr at its first step
+
+    def _scalars(self, group, step, fresh, host):
+        eta = group["lr"] if host["eta"] is None else host["eta"]
+        eta = float(f32(eta))
+        return (f32(1.0 - group["lambd"] * eta), f32(eta), f32(host["mu"]), host["mu"] != 1.0)
+
+    def _host_state(self, group, step, host):
+        lr, lambd = group["lr"], group["lambd"]
+        eta = lr / (1.0 + lambd * lr * step) ** group["alpha"]
+        return {"eta": float(f32(eta)), "mu": float(f32(1.0 / max(1.0, step - group["t0"])))}

@@ -1,0 +1,170 @@
+"""LAMB and LARS: a step scaled per parameter tensor by a trust ratio of norms."""
+
+import math
+
+import numpy as np
+
+from ..flat import pieces
+from .optimizer import (Optimizer, check_betas, check_eps, check_flag, check_lr,
+                        check_nonnegative, f32)
+
+
+class LayerWise(Optimizer):
+    """The base of algorithms that scale each tensor's step by a ratio of norms over
+    that tensor (a "layer"). The norms come from one parallel, deterministic segmented
+    reduction over the flat buffers (:func:`fastopt.flat.pieces`), whose segments are
+    the tensors of the flattening layout, fused with the pass that needs them."""
+
+    def _l2(self, group):
+        return 0.0  # the weight decay is part of the layer-wise update
+
+    def _pieces(self, start, stop):
+        """The pieces of the tensors in ``[start:stop]``, built once."""
+        cache = self.__dict__.setdefault("_pieces_cache", {})
+        if (start, stop) not in cache:
+            bounds = [(offset, offset + math.prod(shape))
+                      for offset, shape in self._tensors(start, stop)]
+            cache[start, stop] = self._backend.pieces(*pieces(bounds), len(bounds))
+        return cache[start, stop]
+
+
+def trust_ratio(numerator_sq, denominator_sq):
+    """Per tensor, ``sqrt(numerator_sq / denominator_sq)``, or 1 where either is 0.
+    A NaN or infinite norm carries through to the step, which it then spoils."""
+    numerator, denominator = np.sqrt(numerator_sq), np.sqrt(denominator_sq)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where((numerator == 0) | (denominator == 0), 1.0, numerator / denominator)
+
+
+class LAMB(LayerWise):
+    r"""LAMB, Adam with a per-tensor trust ratio; You et al. (2019), Algorithm 2.
+
+    For each parameter tensor (layer) :math:`x`:
+
+    .. math::
+        m_t &\leftarrow \beta_1 m_{t-1} + (1 - \beta_1)\,g_t, \qquad
+        v_t \leftarrow \beta_2 v_{t-1} + (1 - \beta_2)\,g_t^2 \\
+        r_t &\leftarrow \frac{m_t / (1 - \beta_1^t)}{\sqrt{v_t / (1 - \beta_2^t)} + \epsilon},
+            \qquad u_t \leftarrow r_t + \lambda\,x_{t-1} \\
+        x_t &\leftarrow x_{t-1} - \gamma\,\frac{\lVert x_{t-1} \rVert}{\lVert u_t \rVert}\,u_t
+
+    with the norms over the whole tensor, and a trust ratio of 1 where either norm is 0
+    (φ is the identity). A step takes two passes: the first moves the moments and sums
+    :math:`\lVert x\rVert^2` and :math:`\lVert u\rVert^2` per tensor (a segmented
+    reduction over the flattening layout's tensor boundaries, in float64, with a result
+    independent of the thread count); the second recomputes :math:`u` and steps.
+
+    Args:
+        params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt` with
+            ``shapes`` (each shape is one tensor; without shapes the whole buffer is one
+            tensor), or a list of parameter-group dicts.
+        lr (γ), betas (β₁, β₂), eps (ε), weight_decay (λ, decoupled: inside u), maximize.
+        **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see
+            :class:`fastopt.Optimizer`.
+
+    State: ``exp_avg`` (m) and ``exp_avg_sq`` (v), 8 bytes per parameter; a step moves
+    40 bytes per parameter (24 in the first pass, 16 in the second).
+
+    References:
+        You et al., 2020, "Large Batch Optimization for Deep Learning: Training BERT in
+        76 minutes", ICLR, arXiv:1904.00962.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, *,
+                 maximize=False, **options):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        maximize=maximize)
+        super().__init__(params, defaults, **options)
+
+    def _check(self, group):
+        check_lr(group["lr"])
+        check_eps(group["eps"])
+        check_betas(group["betas"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        check_flag("maximize", group["maximize"])
+
+    def _state_spec(self, group, host):
+        return {"exp_avg": 0.0, "exp_avg_sq": 0.0}
+
+    def _scalars(self, group, step, fresh, host):
+        beta1, beta2 = group["betas"]
+        return (f32(group["weight_decay"]), f32(1.0 / (1.0 - beta1 ** step)),
+                f32(1.0 / math.sqrt(1.0 - beta2 ** step)), f32(group["eps"]),
+                f32(1.0 - beta1), f32(beta2), f32(1.0 - beta2), True)
+
+    def _update(self, group, step, spec, g, prep, h, start, stop, host):
+        pieces, p = self._pieces(start, stop), self.flat_params
+        exp_avg, exp_avg_sq = self.state["exp_avg"], self.state["exp_avg_sq"]
+        param_sq, update_sq = self._backend.lamb_moments(p, g, exp_avg, exp_avg_sq, prep, h,
+                                                         pieces)
+        trust_lr = group["lr"] * trust_ratio(param_sq, update_sq)
+        moments_kept = h[:-1] + (False,)
+        self._backend.lamb_step(p, exp_avg, exp_avg_sq, moments_kept, pieces, trust_lr)
+        return host
+
+
+class LARS(LayerWise):
+    r"""LARS, SGD with momentum and a per-tensor local learning rate; You, Gitman &
+    Ginsburg (2017), Algorithm 1.
+
+    For each parameter tensor (layer) :math:`w`:
+
+    .. math::
+        \lambda_t &\leftarrow \eta\,\frac{\lVert w_{t-1} \rVert}
+            {\lVert g_t \rVert + \beta\,\lVert w_{t-1} \rVert} \\
+        v_t &\leftarrow m\,v_{t-1} + \gamma\,\lambda_t\,(g_t + \beta\,w_{t-1}), \qquad
+        w_t \leftarrow w_{t-1} - v_t
+
+    with the norms over the whole tensor, and :math:`\lambda_t = 1` where
+    :math:`\lVert w \rVert` or :math:`\lVert g \rVert` is 0, as optax and torchlars do
+    (so a tensor that starts at zero, such as a bias, still moves). The paper scales
+    γ with the batch size; with η = 0.001, γ = 1 moves each tensor by about 0.1% of its
+    norm per step. A step takes two passes: one segmented reduction of
+    :math:`\lVert w\rVert^2` and :math:`\lVert g\rVert^2` per tensor (float64,
+    independent of the thread count), then the update.
+
+    Args:
+        params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt` with
+            ``shapes``, or a list of parameter-group dicts.
+        lr (γ), momentum (m), weight_decay (β), trust_coefficient (η), maximize.
+        **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see
+            :class:`fastopt.Optimizer`.
+
+    State: ``momentum_buffer`` (v), 4 bytes per parameter, kept even with momentum 0;
+    a step moves 28 bytes per parameter (8 in the first pass, 20 in the second).
+
+    References:
+        You, Gitman & Ginsburg, 2017, "Large Batch Training of Convolutional Networks",
+        arXiv:1708.03888.
+    """
+
+    def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0.0, trust_coefficient=1e-3,
+                 *, maximize=False, **options):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        trust_coefficient=trust_coefficient, maximize=maximize)
+        super().__init__(params, defaults, **options)
+
+    def _check(self, group):
+        check_lr(group["lr"])
+        check_nonnegative("momentum", group["momentum"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        check_nonnegative("trust_coefficient", group["trust_coefficient"])
+        check_flag("maximize", group["maximize"])
+
+    def _state_spec(self, group, host):
+        return {"momentum_buffer": 0.0}
+
+    def _scalars(self, group, step, fresh, host):
+        return (f32(group["momentum"]), f32(group["weight_decay"]))
+
+    def _update(self, group, step, spec, g, prep, h, start, stop, host):
+        pieces, p = self._pieces(start, stop), self.flat_params
+        param_sq, grad_sq = self._backend.segment_norms(p, g, prep, pieces)
+        param_norm, grad_norm = np.sqrt(param_sq), np.sqrt(grad_sq)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            local_lr = np.where((param_norm == 0) | (grad_norm == 0), 1.0,
+                                group["trust_coefficient"] * param_norm
+                                / (grad_norm + group["weight_decay"] * param_norm))
+        self._backend.lars_step(p, g, self.state["momentum_buffer"], prep, h, pieces,
+                                group["lr"] * local_lr)
+        return host

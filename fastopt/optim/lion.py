@@ -1,0 +1,56 @@
+from .optimizer import Optimizer, check_betas, check_flag, check_lr, check_nonnegative, f32
+
+
+class Lion(Optimizer):
+    r"""Lion, the sign of an interpolated momentum; Chen et al. (2023), Algorithm 2.
+
+    .. math::
+        c_t &\leftarrow \beta_1 m_{t-1} + (1 - \beta_1)\,g_t \\
+        \theta_t &\leftarrow (1 - \gamma\lambda)\,\theta_{t-1}
+            - \gamma\,\operatorname{sign}(c_t) \\
+        m_t &\leftarrow \beta_2 m_{t-1} + (1 - \beta_2)\,g_t
+
+    Every element moves by exactly γ (plus the decoupled weight decay), so Lion wants
+    a learning rate 3-10x smaller than AdamW's and a weight decay 3-10x larger, as the
+    paper advises. :math:`\operatorname{sign}(0) = 0`, and a NaN stays NaN: where
+    torch.sign maps NaN to 0, a NaN gradient would poison the momentum and then freeze
+    the parameter without a trace.
+
+    Args:
+        params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt`, or
+            a list of parameter-group dicts.
+        lr (γ), betas (β₁, β₂), weight_decay (λ, decoupled as in AdamW), maximize.
+        **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see
+            :class:`fastopt.Optimizer`.
+
+    State: ``exp_avg`` (m), 4 bytes per parameter; a step moves 20 bytes per
+    parameter.
+
+    References:
+        Chen et al., 2023, "Symbolic Discovery of Optimization Algorithms",
+        arXiv:2302.06675.
+    """
+
+    rule = "lion"
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *,
+                 maximize=False, **options):
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults, **options)
+
+    def _check(self, group):
+        check_lr(group["lr"])
+        check_betas(group["betas"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        check_flag("maximize", group["maximize"])
+
+    def _state_spec(self, group, host):
+        return {"exp_avg": 0.0}
+
+    def _l2(self, group):
+        return 0.0  # the decay is decoupled
+
+    def _scalars(self, group, step, fresh, host):
+        lr, (beta1, beta2) = group["lr"], group["betas"]
+        return (f32(1.0 - lr * group["weight_decay"]), f32(lr), f32(beta1), f32(1.0 - beta1),
+                f32(beta2), f32(1.0 - beta2), f32(1.0))

@@ -1,0 +1,80 @@
+import math
+
+from .optimizer import (Optimizer, check_betas, check_eps, check_flag, check_lr,
+                        check_nonnegative, decoupled_decay, f32)
+
+# Below this length of the approximated simple moving average, RAdam does not trust its
+# variance estimate and takes a momentum step; torch.optim.RAdam's threshold.
+RHO_THRESHOLD = 5.0
+
+
+class RAdam(Optimizer):
+    r"""RAdam, Adam with a rectified adaptive learning rate; torch.optim.RAdam.
+
+    .. math::
+        g_t &\leftarrow \pm\nabla f(\theta_{t-1}) + \lambda\,\theta_{t-1}
+            \quad\text{(L2; or } \theta_{t-1} \leftarrow (1 - \gamma\lambda)\,
+            \theta_{t-1} \text{ if decoupled)} \\
+        m_t &\leftarrow \beta_1 m_{t-1} + (1 - \beta_1)\,g_t, \qquad
+        v_t \leftarrow \beta_2 v_{t-1} + (1 - \beta_2)\,g_t^2 \\
+        \rho_\infty &= \frac{2}{1 - \beta_2} - 1, \qquad
+        \rho_t = \rho_\infty - \frac{2 t \beta_2^t}{1 - \beta_2^t} \\
+        \theta_t &\leftarrow \begin{cases}
+            \theta_{t-1} - \gamma\,\frac{m_t}{1 - \beta_1^t}\,r_t\,
+                \frac{\sqrt{1 - \beta_2^t}}{\sqrt{v_t} + \epsilon} & \rho_t > 5 \\
+            \theta_{t-1} - \gamma\,\frac{m_t}{1 - \beta_1^t} & \text{otherwise}
+        \end{cases} \\
+        r_t &= \sqrt{\frac{(\rho_t - 4)(\rho_t - 2)\,\rho_\infty}
+                          {(\rho_\infty - 4)(\rho_\infty - 2)\,\rho_t}}
+
+    eps is added to the uncorrected :math:`\sqrt{v_t}`, as in torch. The rectification
+    term and the bias corrections are computed on the host in float64.
+
+    Args:
+        params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt`, or
+            a list of parameter-group dicts.
+        lr (γ), betas (β₁, β₂), eps (ε), weight_decay (λ), decoupled_weight_decay,
+        maximize: as in torch.optim.RAdam, with the same defaults.
+        **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see
+            :class:`fastopt.Optimizer`.
+
+    State: ``exp_avg`` (m) and ``exp_avg_sq`` (v), 8 bytes per parameter; a step moves
+    28 bytes per parameter.
+
+    References:
+        Liu et al., 2020, "On the Variance of the Adaptive Learning Rate and Beyond",
+        arXiv:1908.03265.
+    """
+
+    rule = "radam"
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 decoupled_weight_decay=False, *, maximize=False, **options):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+        super().__init__(params, defaults, **options)
+
+    def _check(self, group):
+        check_lr(group["lr"])
+        check_eps(group["eps"])
+        check_betas(group["betas"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        check_flag("decoupled_weight_decay", group["decoupled_weight_decay"])
+        check_flag("maximize", group["maximize"])
+
+    def _state_spec(self, group, host):
+        return {"exp_avg": 0.0, "exp_avg_sq": 0.0}
+
+    def _scalars(self, group, step, fresh, host):
+        lr, (beta1, beta2) = group["lr"], group["betas"]
+        bias_correction1, bias_correction2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
+        rho_inf = 2.0 / (1.0 - beta2) - 1.0
+        rho = rho_inf - 2.0 * step * beta2 ** step / bias_correction2
+        rectified = rho > RHO_THRESHOLD
+        step_size = lr / bias_correction1
+        if rectified:
+            step_size *= math.sqrt((rho - 4.0) * (rho - 2.0) * rho_inf
+                                   / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho))
+            step_size *= math.sqrt(bias_correction2)
+        return (decoupled_decay(group), f32(step_size), f32(group["eps"]), f32(1.0 - beta1),
+                f32(beta2), f32(1.0 - beta2), rectified)

@@ -1,0 +1,68 @@
+from .optimizer import Optimizer, check_flag, check_lr, f32, real
+
+
+class Rprop(Optimizer):
+    r"""Resilient backpropagation; torch.optim.Rprop.
+
+    Each parameter has its own step size, which grows while its gradient keeps its sign
+    and shrinks when the sign flips; only the gradient's sign moves the parameter:
+
+    .. math::
+        s_t &\leftarrow \operatorname{sign}(g_t\,g_{t-1}), \qquad
+        \eta_t \leftarrow \operatorname{clamp}\bigl(\eta_{t-1}\cdot
+            \{\eta_+ \text{ if } s_t > 0;\ \eta_- \text{ if } s_t < 0;\ 1\},\
+            \Gamma_{\min}, \Gamma_{\max}\bigr) \\
+        g_t &\leftarrow 0 \text{ where } s_t < 0, \qquad
+        \theta_t \leftarrow \theta_{t-1} - \operatorname{sign}(g_t)\,\eta_t
+
+    with :math:`\eta_0 = \gamma` (``lr``) and :math:`g_0 = 0`. As in torch, where
+    ``sign(NaN) = 0``, a NaN gradient leaves its parameter and step size unchanged.
+    Rprop is a full-batch
+    method: mini-batch noise flips the signs and shrinks every step size.
+
+    Args:
+        params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt`, or
+            a list of parameter-group dicts.
+        lr (γ, the initial step size), etas (η₋, η₊), step_sizes (Γmin, Γmax),
+        maximize: as in torch.optim.Rprop, with the same defaults.
+        **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see
+            :class:`fastopt.Optimizer`.
+
+    State: ``prev`` (the last gradient, zeroed where its sign flipped) and
+    ``step_size``, 8 bytes per parameter; a step moves 28 bytes per parameter. Like
+    torch, a changed ``lr`` affects only buffers that start later.
+
+    References:
+        Riedmiller & Braun, 1993, "A direct adaptive method for faster backpropagation
+        learning: the RPROP algorithm".
+    """
+
+    rule = "rprop"
+
+    def __init__(self, params, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50), *,
+                 maximize=False, **options):
+        defaults = dict(lr=lr, etas=etas, step_sizes=step_sizes, maximize=maximize)
+        super().__init__(params, defaults, **options)
+
+    def _check(self, group):
+        check_lr(group["lr"])
+        etas, step_sizes = group["etas"], group["step_sizes"]
+        for name, pair in (("etas", etas), ("step_sizes", step_sizes)):
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise TypeError(f"{name} must be a pair, got {pair!r}")
+            for i, value in enumerate(pair):
+                real(f"{name}[{i}]", value)
+        if not 0.0 < etas[0] < 1.0 < etas[1]:
+            raise ValueError(f"Invalid eta values: {etas[0]}, {etas[1]} "
+                             "(expected 0 < etas[0] < 1 < etas[1])")
+        if not 0.0 <= step_sizes[0] <= step_sizes[1]:
+            raise ValueError(f"Invalid step_sizes: {step_sizes[0]}, {step_sizes[1]} "
+                             "(expected 0 <= step_sizes[0] <= step_sizes[1])")
+        check_flag("maximize", group["maximize"])
+
+    def _state_spec(self, group, host):
+        return {"prev": 0.0, "step_size": group["lr"]}
+
+    def _scalars(self, group, step, fresh, host):
+        (etaminus, etaplus), (smallest, largest) = group["etas"], group["step_sizes"]
+        return (f32(etaminus), f32(etaplus), f32(smallest), f32(largest), f32(0.0))
