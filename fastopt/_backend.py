@@ -59,7 +59,7 @@ class Pieces:
         self.starts, self.stops = to_device(starts), to_device(stops)
         self.partials_host = np.zeros((self.count, 2), np.float64)
         self.partials = to_device(self.partials_host)
-        self.scales_host = np.zeros(self.count, FLOAT32)
+        self.scales_host = np.zeros((2, self.count), FLOAT32)  # two values per piece
         self.scales = to_device(self.scales_host)
 
     def totals(self, partials):
@@ -89,6 +89,9 @@ class HostBackend:
 
     def zeros(self, n):
         return np.zeros(n, FLOAT32)
+
+    def zeros64(self, n):
+        return np.zeros(n, np.float64)
 
     def fill(self, a, value):
         a.fill(value)
@@ -151,10 +154,31 @@ class HostBackend:
         self._call(self._kernels.lars_step, p.size, p, g, momentum_buffer, prep, h,
                    pieces.starts, pieces.stops, self._per_piece(pieces, trust_lr))
 
-    def _per_piece(self, pieces, values):
-        """``values`` (one per segment) as float32, one per piece."""
-        pieces.scales_host[:] = values[pieces.segment]
-        return pieces.scales
+    def column_sums(self, p, g, prep, blocks, out):
+        """Sums of ``prepare(p, g)**2`` down matrix columns into ``out`` (see
+        kernels.cpu.column_sums); returns them on the host."""
+        self._call(self._kernels.column_sums, p.size, p, g, prep, blocks, out)
+        return out
+
+    def adafactor(self, p, g, prep, col_var, variance, h, pieces, second_starts, factored,
+                  row_scales, decay, step_sizes, apply):
+        """One Adafactor pass (see kernels.cpu.adafactor); per segment, sum u**2."""
+        self._call(self._kernels.adafactor, p.size, p, g, prep, col_var, variance, h,
+                   pieces.starts, pieces.stops, second_starts, factored,
+                   self._per_piece(pieces, row_scales), pieces.partials, decay,
+                   self._per_piece(pieces, step_sizes, 1), apply)
+        return pieces.totals(pieces.partials)[0]
+
+    def constant(self, a):
+        """A NumPy array the kernels read, where they can read it."""
+        return a
+
+    def _per_piece(self, pieces, values, row=0):
+        """``values`` (one per segment) as float32, one per piece, in row ``row`` of the
+        pieces' scales (which hold what they held when ``values`` is None)."""
+        if values is not None:
+            pieces.scales_host[row] = values[pieces.segment]
+        return pieces.scales[row]
 
     def _call(self, kernel, size, *args, flush=None):
         """``kernel(*args, parallel[, flush])``, its parallel loop serialised across Python
@@ -200,6 +224,9 @@ class CudaBackend:
         a = self._cuda.device_array(n, FLOAT32)
         self.fill(a, 0.0)
         return a
+
+    def zeros64(self, n):
+        return self._cuda.to_device(np.zeros(n, np.float64))
 
     def fill(self, a, value):
         self._kernels.launch(self._kernels.fill, a.size, a, FLOAT32.type(value))
@@ -267,10 +294,30 @@ class CudaBackend:
                                     momentum_buffer, prep, h, pieces.starts, pieces.stops,
                                     self._per_piece(pieces, trust_lr))
 
-    def _per_piece(self, pieces, values):
-        pieces.scales_host[:] = values[pieces.segment]
-        pieces.scales.copy_to_device(pieces.scales_host)
-        return pieces.scales
+    def column_sums(self, p, g, prep, blocks, out):
+        count = blocks.shape[0]
+        if count:
+            self._kernels.column_sums[count, self._kernels.threads_per_block](p, g, prep,
+                                                                               blocks, out)
+        return out.copy_to_host()
+
+    def adafactor(self, p, g, prep, col_var, variance, h, pieces, second_starts, factored,
+                  row_scales, decay, step_sizes, apply):
+        self._kernels.launch_pieces(self._kernels.adafactor, pieces.count, p, g, prep, col_var,
+                                    variance, h, pieces.starts, pieces.stops, second_starts,
+                                    factored, self._per_piece(pieces, row_scales),
+                                    pieces.partials, decay,
+                                    self._per_piece(pieces, step_sizes, 1), apply)
+        return pieces.totals(pieces.partials.copy_to_host(pieces.partials_host))[0]
+
+    def constant(self, a):
+        return self._cuda.to_device(a)
+
+    def _per_piece(self, pieces, values, row=0):
+        if values is not None:
+            pieces.scales_host[row] = values[pieces.segment]
+            pieces.scales[row].copy_to_device(pieces.scales_host[row])
+        return pieces.scales[row]
 
     def _partials(self, n, width):
         """(device, host) arrays of one partial sum per block, kept to be reused."""

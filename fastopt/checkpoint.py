@@ -80,9 +80,10 @@ def load_state_dict(opt, checkpoint):
         raise ValueError(f"the checkpoint holds arrays {sorted(arrays)}, its index lists "
                          f"{meta['buffers']}")
     for name, array in arrays.items():
-        if array.dtype != np.float32 or array.shape != opt.flat_params.shape:
+        size = opt.flat_params.size if name == "params" else opt._state_size(name[len(_ARRAY_PREFIX):])
+        if array.dtype != np.float32 or array.shape != (size,):
             raise ValueError(f"checkpoint array {name!r} is {array.dtype} {array.shape}, "
-                             f"expected float32 {opt.flat_params.shape}")
+                             f"expected float32 {(size,)}")
     if _checksum(arrays) != meta["sha256"]:
         raise ValueError("the checkpoint's arrays do not match its checksum: the file is "
                          "corrupted")
@@ -108,7 +109,7 @@ def load_state_dict(opt, checkpoint):
             del opt.state[key]
     for name, array in arrays.items():
         if name.startswith(_ARRAY_PREFIX):
-            buffer = backend.zeros(opt.flat_params.size)
+            buffer = backend.zeros(array.size)
             backend.copy(buffer, array)
             opt.state[name[len(_ARRAY_PREFIX):]] = buffer
     for live, group in zip(opt.param_groups, groups):

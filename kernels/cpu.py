@@ -274,3 +274,80 @@ def lars_step(p, g, momentum_buffer, prep, h, starts, stops, trust_lr, parallel)
         for k in range(starts.size):
             piece = slice(starts[k], stops[k])
             _lars_step(p[piece], g[piece], momentum_buffer[piece], prep, (trust_lr[k],) + h)
+
+
+# -- Adafactor ---------------------------------------------------------------------------
+
+_adafactor = _inline(rules.adafactor)
+
+
+@njit(inline="always", error_model="numpy", fastmath={"reassoc"})
+def _column_sums(p, g, prep, rows, columns, out):
+    out[:] = 0.0
+    for r in range(rows):
+        p_row, g_row = p[r * columns:(r + 1) * columns], g[r * columns:(r + 1) * columns]
+        for c in range(out.size):
+            x = np.float64(_prepare(p_row[c], g_row[c], prep))
+            out[c] += x * x
+
+
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
+def column_sums(p, g, prep, blocks, out, parallel):
+    """Sums of ``prepare(p, g)**2`` down the columns of row-major matrices, in float64.
+
+    Each row of ``blocks`` is ``(start, rows, columns, first, last, out_start)``: columns
+    ``[first, last)`` of the matrix at ``start``, summed in row order into
+    ``out[out_start + first:out_start + last]``."""
+    if parallel:
+        for k in prange(blocks.shape[0]):
+            start, rows, columns, first, last, out_start = blocks[k]
+            _column_sums(p[start + first:], g[start + first:], prep, rows, columns,
+                         out[out_start + first:out_start + last])
+    else:
+        for k in range(blocks.shape[0]):
+            start, rows, columns, first, last, out_start = blocks[k]
+            _column_sums(p[start + first:], g[start + first:], prep, rows, columns,
+                         out[out_start + first:out_start + last])
+
+
+@njit(inline="always", error_model="numpy")
+def _adafactor_piece(p, g, prep, second, factored, row_scale, h, decay, step_size, apply):
+    fixed = (h[0], h[1], False)
+    update_sq = 0.0
+    for i in range(p.size):
+        grad = _prepare(p[i], g[i], prep)
+        if factored:
+            u = _adafactor(grad, row_scale * second[i], fixed)[1]
+        else:
+            second[i], u = _adafactor(grad, second[i], h)
+        if apply:
+            p[i] = p[i] * decay - step_size * u
+        else:
+            update_sq += np.float64(u) * np.float64(u)
+    return update_sq
+
+
+@njit(**_OPTIONS)
+def adafactor(p, g, prep, col_var, variance, h, starts, stops, second_starts, factored,
+              row_scales, partials, decay, step_sizes, apply, parallel):
+    """One of Adafactor's two passes over the pieces of rows (factored tensors) and
+    vectors. Piece k's second moments start at ``second_starts[k]`` of ``col_var`` (a
+    row) or ``variance`` (a vector). Without ``apply``: ``partials[k, 0] = sum u**2``
+    (and the vectors' variance moves, if ``h`` says so); with it:
+    ``p = p * decay - step_sizes[k] * u``."""
+    if parallel:
+        for k in prange(starts.size):
+            size = stops[k] - starts[k]
+            second = col_var if factored[k] else variance
+            piece, moments = slice(starts[k], stops[k]), slice(second_starts[k], second_starts[k] + size)
+            partials[k, 0] = _adafactor_piece(p[piece], g[piece], prep, second[moments],
+                                              factored[k], row_scales[k], h, decay,
+                                              step_sizes[k], apply)
+    else:
+        for k in range(starts.size):
+            size = stops[k] - starts[k]
+            second = col_var if factored[k] else variance
+            piece, moments = slice(starts[k], stops[k]), slice(second_starts[k], second_starts[k] + size)
+            partials[k, 0] = _adafactor_piece(p[piece], g[piece], prep, second[moments],
+                                              factored[k], row_scales[k], h, decay,
+                                              step_sizes[k], apply)

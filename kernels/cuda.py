@@ -232,3 +232,52 @@ def lars_step(p, g, momentum_buffer, prep, h, starts, stops, trust_lr):
         p[i], momentum_buffer[i] = _lars(p[i], _prepare(p[i], g[i], prep), momentum_buffer[i],
                                          (trust_lr[k],) + h)
         i += cuda.blockDim.x
+
+
+# -- Adafactor ---------------------------------------------------------------------------
+
+_adafactor = cuda.jit(device=True)(rules.adafactor)
+
+
+@cuda.jit(cache=True)
+def column_sums(p, g, prep, blocks, out):
+    """One block per row of ``blocks`` (see kernels.cpu.column_sums), one thread per
+    column, each summing its column in row order."""
+    start, rows, columns, first, last, out_start = (
+        blocks[cuda.blockIdx.x, 0], blocks[cuda.blockIdx.x, 1], blocks[cuda.blockIdx.x, 2],
+        blocks[cuda.blockIdx.x, 3], blocks[cuda.blockIdx.x, 4], blocks[cuda.blockIdx.x, 5])
+    c = first + cuda.threadIdx.x
+    while c < last:
+        total = float64(0)
+        for r in range(rows):
+            i = start + r * columns + c
+            x = float64(_prepare(p[i], g[i], prep))
+            total += x * x
+        out[out_start + c] = total
+        c += cuda.blockDim.x
+
+
+@cuda.jit(cache=True)
+def adafactor(p, g, prep, col_var, variance, h, starts, stops, second_starts, factored,
+              row_scales, partials, decay, step_sizes, apply):
+    """One block per piece; see kernels.cpu.adafactor."""
+    shared = cuda.shared.array(MAX_THREADS, float64)
+    k = cuda.blockIdx.x
+    fixed = (h[0], h[1], False)
+    update_sq = float64(0)
+    i = starts[k] + cuda.threadIdx.x
+    while i < stops[k]:
+        j = second_starts[k] + i - starts[k]
+        grad = _prepare(p[i], g[i], prep)
+        if factored[k]:
+            u = _adafactor(grad, row_scales[k] * col_var[j], fixed)[1]
+        else:
+            variance[j], u = _adafactor(grad, variance[j], h)
+        if apply:
+            p[i] = p[i] * decay - step_sizes[k] * u
+        else:
+            update_sq += float64(u) * float64(u)
+        i += cuda.blockDim.x
+    update_sq = _block_sum(shared, update_sq)
+    if cuda.threadIdx.x == 0:
+        partials[k, 0] = update_sq

@@ -202,6 +202,20 @@ def lars(p, g, momentum_buffer, h):
     return p - momentum_buffer, momentum_buffer
 
 
+def adafactor(g, second, h):
+    """Adafactor's direction ``u = g / sqrt(max(estimate, eps1**2))``.
+
+    ``second`` is a vector's own second moment, which lerps toward g*g when
+    ``moving``, or a factored tensor's estimate ``row_var * col_var / row_mean``, which
+    the caller forms and never moves here. Returns the second moment and u."""
+    beta, eps1_sq, moving = h
+    if moving:
+        second = second + beta * (g * g - second)
+    # torch clamps, which keeps a NaN.
+    estimate = eps1_sq if second < eps1_sq else second
+    return second, g / math.sqrt(estimate)
+
+
 def swats_adam(p, g, exp_avg, exp_avg_sq, h):
     """SWATS's Adam phase. Also returns the direction d, where the step is -coef * d,
     so that the driver can reduce d.d and d.g for the switching test."""

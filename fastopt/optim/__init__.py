@@ -1,6 +1,7 @@
 """The optimizers, one module per algorithm family, on the base in ``optimizer``."""
 
 from .adadelta import Adadelta
+from .adafactor import Adafactor
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .asgd import ASGD
@@ -15,5 +16,5 @@ from .rprop import Rprop
 from .sgd import SGD
 from .swats import SWATS
 
-__all__ = ["ASGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "LAMB", "LARS", "Lion", "NAdam",
+__all__ = ["ASGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "LAMB", "LARS", "Lion", "NAdam",
            "Optimizer", "RAdam", "RMSprop", "Rprop", "SGD", "SWATS"]

@@ -227,7 +227,7 @@ class Optimizer:
             layout = self._layouts[index]
             for name in fresh:
                 if name not in self.state:
-                    self.state[name] = self._backend.zeros(self.flat_params.size)
+                    self.state[name] = self._backend.zeros(self._state_size(name))
                     if spec[name] == 0:
                         continue
                 cut = _cutter(layout.start, layout.stop)
@@ -288,6 +288,10 @@ class Optimizer:
     def _host_state(self, group, step, host):
         """The host state after step ``step``, from ``host``, the one before it."""
         return host
+
+    def _state_size(self, name):
+        """The number of elements of the state buffer ``name``."""
+        return self.flat_params.size
 
     def _l2(self, group):
         """torch's L2 weight decay, which prepare() adds to the gradient."""

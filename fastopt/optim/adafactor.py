@@ -1,0 +1,242 @@
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..flat import pieces
+from .optimizer import Optimizer, check_flag, check_lr, check_nonnegative, f32, real
+
+FLOAT32_EPS = float(np.finfo(np.float32).eps)
+
+# Column sums run in blocks of this many columns: one thread sums a block, row by row.
+COLUMN_BLOCK = 256
+
+
+class Adafactor(Optimizer):
+    r"""Adafactor, with factored second moments; torch.optim.Adafactor.
+
+    For each parameter tensor :math:`\theta` of :math:`n` elements, at step :math:`t`:
+
+    .. math::
+        \hat\beta_{2t} &= t^{c}, \qquad \rho_t = \min(\gamma, 1/\sqrt t), \qquad
+        \alpha_t = \max(\epsilon_2, \operatorname{RMS}(\theta_{t-1}))\,\rho_t \\
+        \theta_{t-1} &\leftarrow (1 - \gamma\lambda)\,\theta_{t-1} \\
+        R_t &\leftarrow R_{t-1} + \hat\beta_{2t}\,(\operatorname{mean}_{-1}(g_t^2) - R_{t-1}),
+        \qquad C_t \leftarrow C_{t-1} + \hat\beta_{2t}\,(\operatorname{mean}_{-2}(g_t^2)
+            - C_{t-1}) \\
+        \hat V_t &= R_t C_t / \max(\operatorname{mean}(R_t), \epsilon_1)
+            \quad\text{(for a vector: } V_t \leftarrow V_{t-1} + \hat\beta_{2t}\,(g_t^2 -
+            V_{t-1})\text{)} \\
+        U_t &= g_t / \sqrt{\max(\hat V_t, \epsilon_1^2)}, \qquad
+        \theta_t \leftarrow \theta_{t-1}
+            - \frac{\alpha_t}{\max(1, \operatorname{RMS}(U_t) / d)}\,U_t
+
+    A tensor of 2 or more dimensions is factored over its last two: it keeps a row
+    mean :math:`R` and a column mean :math:`C` of :math:`g^2` per leading index, so an
+    (r × c) matrix costs r + c floats of state instead of r·c. Vectors and scalars keep
+    the full :math:`V`. Empty tensors are left alone (torch divides by their size).
+
+    A step makes three passes over the parameters, whose tensor shapes come from the
+    flattening layout: one reads θ and g for the per-tensor RMS(θ) and the row sums
+    of :math:`g^2` (a segmented reduction over the rows), with the column sums in a
+    kernel of its own; one sums :math:`U^2` per tensor (moving :math:`V`); one steps.
+    Every sum is float64 and does not depend on the thread count. The factors R and C,
+    r + c numbers per matrix, are updated on the host.
+
+    Args:
+        params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt` with
+            ``shapes`` (the factoring needs each tensor's shape), or a list of
+            parameter-group dicts.
+        lr (γ), beta2_decay (c), eps (ε₁, ε₂; ε₁ None means float32's machine epsilon),
+        d, weight_decay (λ, decoupled), maximize: as in torch.optim.Adafactor, with the
+        same defaults.
+        **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see
+            :class:`fastopt.Optimizer`.
+
+    State: ``row_var`` and ``col_var``, the factors of all factored tensors one after
+    the other, and ``variance`` for the vectors. A step moves 24 bytes per parameter
+    of a matrix: 8 (read θ, g), 4 (g again, for the column sums), 4 (g) and 12 (θ, g
+    and θ written).
+
+    References:
+        Shazeer & Stern, 2018, "Adafactor: Adaptive Learning Rates with Sublinear
+        Memory Cost", arXiv:1804.04235.
+    """
+
+    def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
+                 weight_decay=0.0, *, maximize=False, **options):
+        defaults = dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d,
+                        weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults, **options)
+        self._moments = {}  # tensor offset -> where its factors or variance begin
+        sizes = dict(row_var=0, col_var=0, variance=0)
+        for offset, shape in self._tensors(0, self.flat_params.size):
+            self._moments[offset] = (sizes["row_var"], sizes["col_var"], sizes["variance"])
+            if math.prod(shape) and len(shape) >= 2:
+                batch = math.prod(shape[:-2])
+                sizes["row_var"] += batch * shape[-2]
+                sizes["col_var"] += batch * shape[-1]
+            elif math.prod(shape):
+                sizes["variance"] += math.prod(shape)
+        self._sizes = sizes
+        self._column_totals = self._backend.zeros64(sizes["col_var"])
+        self._plans = {}
+
+    def _check(self, group):
+        check_lr(group["lr"])
+        if not real("beta2_decay", group["beta2_decay"]) <= 0.0:
+            raise ValueError(f"beta2_decay should be <= 0 but is: {group['beta2_decay']}")
+        eps = group["eps"]
+        if not isinstance(eps, (tuple, list)) or len(eps) != 2:
+            raise TypeError(f"eps must be a pair (eps1 or None, eps2), got {eps!r}")
+        if eps[0] is not None:
+            check_nonnegative("eps[0]", eps[0])
+        check_nonnegative("eps[1]", eps[1])
+        if not real("d", group["d"]) >= 1.0:
+            raise ValueError(f"Clipping threshold d should be >= 1 but is: {group['d']}")
+        check_nonnegative("weight_decay", group["weight_decay"])
+        check_flag("maximize", group["maximize"])
+
+    def _state_spec(self, group, host):
+        return {"row_var": 0.0, "col_var": 0.0, "variance": 0.0}
+
+    def _state_size(self, name):
+        return self._sizes.get(name, self.flat_params.size)
+
+    def _l2(self, group):
+        return 0.0  # the decay is decoupled
+
+    def _scalars(self, group, step, fresh, host):
+        eps1 = _eps1(group)
+        return (f32(step ** group["beta2_decay"]), f32(eps1 * eps1), True)
+
+    def _update(self, group, step, spec, g, prep, h, start, stop, host):
+        if (start, stop) not in self._plans:
+            self._plans[start, stop] = _Plan.of(self, start, stop)
+        plan, backend, p = self._plans[start, stop], self._backend, self.flat_params
+        beta, eps1 = float(h[0]), _eps1(group)
+        lr = group["lr"]
+
+        # Pass 1: RMS(p) per tensor; g*g summed along the rows and down the columns.
+        param_sq, row_sq = backend.segment_norms(p, g, prep, plan.pieces)
+        param_sq = np.bincount(plan.segment_tensor, param_sq, plan.tensors)
+        alpha = np.maximum(group["eps"][1], np.sqrt(param_sq / plan.sizes))
+        alpha *= min(lr, 1.0 / math.sqrt(step))
+        column_sq = backend.column_sums(p, g, prep, plan.blocks, self._column_totals)
+
+        # The factors, r + c numbers per matrix, move on the host.
+        row_var = _lerp(backend.to_host(self.state["row_var"]), plan.row_slots,
+                        row_sq[plan.row_segments] / plan.row_lengths, beta)
+        col_var = _lerp(backend.to_host(self.state["col_var"]), plan.column_slots,
+                        column_sq[plan.column_slots] / plan.column_lengths, beta)
+        backend.copy(self.state["row_var"], row_var)
+        backend.copy(self.state["col_var"], col_var)
+        rows = row_var[plan.row_slots].astype(np.float64)
+        row_mean = np.bincount(plan.row_batch, rows, plan.batches) / plan.batch_rows
+        row_scales = np.ones(plan.pieces.segments)
+        row_scales[plan.row_segments] = rows / np.maximum(row_mean, eps1)[plan.row_batch]
+
+        # Pass 2: RMS(U) per tensor, moving the vectors' variance. Pass 3: the step.
+        arrays = (p, g, prep, self.state["col_var"], self.state["variance"])
+        update_sq = backend.adafactor(*arrays, h, plan.pieces, plan.second_starts,
+                                      plan.factored, row_scales, f32(1.0), None, False)
+        update_sq = np.bincount(plan.segment_tensor, update_sq, plan.tensors)
+        step_size = alpha / np.maximum(1.0, np.sqrt(update_sq / plan.sizes) / group["d"])
+        backend.adafactor(*arrays, h[:-1] + (False,), plan.pieces, plan.second_starts,
+                          plan.factored, row_scales, f32(1.0 - lr * group["weight_decay"]),
+                          step_size[plan.segment_tensor], True)
+        return host
+
+
+def _eps1(group):
+    return FLOAT32_EPS if group["eps"][0] is None else group["eps"][0]
+
+
+def _lerp(buffer, slots, target, weight):
+    """``buffer[slots]`` moved toward ``target`` by ``weight`` in float32, as torch's
+    lerp_ does; returns ``buffer``."""
+    current = buffer[slots]
+    buffer[slots] = current + np.float32(weight) * (target.astype(np.float32) - current)
+    return buffer
+
+
+@dataclass
+class _Plan:
+    """How Adafactor walks the tensors in one span of the flat buffer; built once.
+
+    Segments are the rows of the factored tensors and the whole vectors; pieces
+    (:func:`fastopt.flat.pieces`) split them for the parallel passes.
+    """
+
+    pieces: object
+    tensors: int
+    sizes: np.ndarray  # elements per tensor (1 for empty ones, which have no segment)
+    segment_tensor: np.ndarray  # the tensor of each segment
+    row_segments: np.ndarray  # which segments are rows, and per row:
+    row_slots: np.ndarray  # its place in row_var,
+    row_lengths: np.ndarray  # its number of columns,
+    row_batch: np.ndarray  # and its matrix (a tensor's leading index), numbered from 0
+    batches: int
+    batch_rows: np.ndarray  # the number of rows of each matrix
+    column_slots: np.ndarray  # the columns' places in col_var,
+    column_lengths: np.ndarray  # and their number of rows
+    blocks: object  # column-sum blocks, see kernels.cpu.column_sums
+    second_starts: object  # per piece: where its col_var or variance begins
+    factored: object  # per piece: whether it is a row of a factored tensor
+
+    @classmethod
+    def of(cls, opt, start, stop):
+        tensors = opt._tensors(start, stop)
+        bounds, segment_tensor, second, factored = [], [], [], []
+        row_segments, row_slots, row_lengths, row_batch, batch_rows = [], [], [], [], []
+        column_slots, column_lengths, blocks = [], [], []
+        for index, (offset, shape) in enumerate(tensors):
+            size = math.prod(shape)
+            row_base, col_base, var_base = opt._moments[offset]
+            if size and len(shape) >= 2:
+                rows, columns = shape[-2], shape[-1]
+                for batch in range(size // (rows * columns)):
+                    first_row = batch * rows
+                    row_segments += range(len(bounds), len(bounds) + rows)
+                    row_slots += range(row_base + first_row, row_base + first_row + rows)
+                    row_lengths += [columns] * rows
+                    row_batch += [len(batch_rows)] * rows
+                    batch_rows.append(rows)
+                    matrix = offset + first_row * columns
+                    bounds += [(matrix + r * columns, matrix + (r + 1) * columns)
+                               for r in range(rows)]
+                    segment_tensor += [index] * rows
+                    columns_at = col_base + batch * columns
+                    second += [columns_at] * rows
+                    factored += [True] * rows
+                    column_slots += range(columns_at, columns_at + columns)
+                    column_lengths += [rows] * columns
+                    blocks += [(matrix, rows, columns, first, min(first + COLUMN_BLOCK, columns),
+                                columns_at) for first in range(0, columns, COLUMN_BLOCK)]
+            elif size:
+                bounds.append((offset, offset + size))
+                segment_tensor.append(index)
+                second.append(var_base)
+                factored.append(False)
+        starts, stops, segment = pieces(bounds)
+        segment_starts = np.array([b[0] for b in bounds], np.int64)
+        second_starts = np.array(second, np.int64)[segment] + starts - segment_starts[segment]
+        backend = opt._backend
+        ints = dict(dtype=np.int64)
+        return cls(
+            pieces=backend.pieces(starts, stops, segment, len(bounds)),
+            tensors=len(tensors),
+            sizes=np.array([math.prod(s) or 1 for _, s in tensors], np.float64),
+            segment_tensor=np.array(segment_tensor, **ints),
+            row_segments=np.array(row_segments, **ints),
+            row_slots=np.array(row_slots, **ints),
+            row_lengths=np.array(row_lengths, np.float64),
+            row_batch=np.array(row_batch, **ints),
+            batches=len(batch_rows),
+            batch_rows=np.array(batch_rows, np.float64),
+            column_slots=np.array(column_slots, **ints),
+            column_lengths=np.array(column_lengths, np.float64),
+            blocks=backend.constant(np.array(blocks, np.int64).reshape(-1, 6)),
+            second_starts=backend.constant(second_starts),
+            factored=backend.constant(np.array(factored, np.bool_)[segment]),
+        )
