@@ -60,7 +60,7 @@ class Layout:
 PIECE = 1 << 14
 
 
-def pieces(bounds, size=PIECE):
+def pieces(bounds, size=None):
     """Split segments into pieces for a parallel, deterministic segmented reduction.
 
     ``bounds`` lists ``(start, stop)`` of each segment of a flat buffer (a parameter
@@ -69,8 +69,9 @@ def pieces(bounds, size=PIECE):
     boundary, and ``segment`` says which segment it belongs to. A kernel sums each piece
     on one thread in a fixed order, and the piece sums of a segment are added in piece
     order, so a segment's sum does not depend on the thread count. Empty segments get
-    no piece.
+    no piece. ``size`` defaults to ``PIECE``.
     """
+    size = size or PIECE
     starts, stops, segment = [], [], []
     for index, (start, stop) in enumerate(bounds):
         edges = list(range(start, stop, size)) + [stop]

@@ -44,12 +44,14 @@ from .optim.optimizer import (_loss_scale, _positive_or_none, _snapshot, check_f
                               clip_coefficient, f32)
 
 __all__ = ["SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax", "NAdam",
-           "SWATS"]
+           "RAdam", "Rprop", "ASGD", "Adafactor", "SWATS", "Lion", "LAMB", "LARS"]
 
 _NOT_HYPERPARAMETERS = ("params", "param_names")
 # Per-parameter numbers that torch keeps as tensors. mu_product is saved in float64, which
-# fastopt computes it in (torch casts it to float32 when it loads it).
-_TORCH_SCALARS = {"step": torch.float32, "mu_product": torch.float64}
+# fastopt computes it in (torch casts it to float32 when it loads it); ASGD's eta and mu
+# are float32 in torch too.
+_TORCH_SCALARS = {"step": torch.float32, "mu_product": torch.float64, "eta": torch.float32,
+                  "mu": torch.float32}
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -294,25 +296,34 @@ class _Device:
                 grad.copy_(p.grad)
                 p.grad = grad
             start = stop
-        self.core = algorithm(adopt(_array(self.flat_params), grads=_array(self.flat_grads)))
+        shapes = [tuple(p.shape) for p in params]  # per-tensor algorithms need them
+        self.core = algorithm(adopt(_array(self.flat_params), shapes,
+                                    grads=_array(self.flat_grads)))
         self.buffer_names = []
         self._flat_state = {}
         for p in params:  # existing state (added groups, loaded checkpoints) moves in
             for name, value in list(state.get(p, {}).items()):
-                if (isinstance(value, torch.Tensor) and value.shape == p.shape
-                        and name not in _TORCH_SCALARS):
+                if isinstance(value, torch.Tensor) and name not in _TORCH_SCALARS:
                     view = self._view(name, p)
-                    view.copy_(value.reshape(p.shape))
-                    state[p][name] = view
+                    if view is not None and value.numel() == view.numel():
+                        view.copy_(value.reshape(view.shape))
+                        state[p][name] = view
 
     def _view(self, name, p):
-        """``p``'s part of the flat state buffer ``name``, created when first needed."""
+        """``p``'s part of the flat state buffer ``name``, created when first needed, or
+        None where ``p`` has no such state (Adafactor's factors of a vector)."""
         if name not in self._flat_state:
-            self._flat_state[name] = torch.zeros_like(self.flat_params)
+            size = self.core._state_size(name)
+            self._flat_state[name] = torch.zeros(size, dtype=torch.float32,
+                                                 device=self.flat_params.device)
             self.core.state[name] = _array(self._flat_state[name])
             self.buffer_names.append(name)
         slot = self.slots[p]
-        return self._flat_state[name][slot.start:slot.stop].view_as(p)
+        where = self.core._state_slice(name, slot.start, tuple(p.shape))
+        if where is None:
+            return None
+        start, stop, shape = where
+        return self._flat_state[name][start:stop].view(shape)
 
     def sum_squares(self, run):
         return self.core._backend.sum_squares(self.core.flat_grads[run.start:run.stop])
@@ -321,8 +332,10 @@ class _Device:
         """Create and initialize the state buffers that ``run`` begins using."""
         for name in fresh:
             for p in run.params:
-                state[p][name] = self._view(name, p)
-            self._flat_state[name][run.start:run.stop].fill_(spec[name])
+                view = self._view(name, p)
+                if view is not None:
+                    view.fill_(spec[name])
+                    state[p][name] = view
 
 
 def _array(tensor):
@@ -476,6 +489,95 @@ class NAdam(Optimizer):
                                       maximize=maximize),
                          dict(foreach=foreach, capturable=capturable,
                               differentiable=differentiable), **options)
+
+
+class RAdam(Optimizer):
+    __doc__ = _drop_in(core.RAdam)
+    algorithm = core.RAdam
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 decoupled_weight_decay=False, *, foreach=None, maximize=False,
+                 capturable=False, differentiable=False, **options):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      decoupled_weight_decay=decoupled_weight_decay,
+                                      maximize=maximize),
+                         dict(foreach=foreach, capturable=capturable,
+                              differentiable=differentiable), **options)
+
+
+class Rprop(Optimizer):
+    __doc__ = _drop_in(core.Rprop)
+    algorithm = core.Rprop
+
+    def __init__(self, params, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50), *,
+                 capturable=False, foreach=None, maximize=False, differentiable=False,
+                 **options):
+        super().__init__(params, dict(lr=lr, etas=etas, step_sizes=step_sizes,
+                                      maximize=maximize),
+                         dict(capturable=capturable, foreach=foreach,
+                              differentiable=differentiable), **options)
+
+
+class ASGD(Optimizer):
+    __doc__ = _drop_in(core.ASGD)
+    algorithm = core.ASGD
+
+    def __init__(self, params, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0,
+                 foreach=None, maximize=False, differentiable=False, capturable=False,
+                 **options):
+        super().__init__(params, dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0,
+                                      weight_decay=weight_decay, maximize=maximize),
+                         dict(foreach=foreach, differentiable=differentiable,
+                              capturable=capturable), **options)
+
+
+class Adafactor(Optimizer):
+    __doc__ = _drop_in(core.Adafactor) + (
+        " The factors are kept per parameter in torch's shapes (``row_var``, ``col_var``"
+        " or ``variance``).")
+    algorithm = core.Adafactor
+
+    def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
+                 weight_decay=0.0, *, foreach=None, maximize=False, **options):
+        super().__init__(params, dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d,
+                                      weight_decay=weight_decay, maximize=maximize),
+                         dict(foreach=foreach), **options)
+
+
+def _from_fastopt(algorithm, note=""):
+    return (f"fastopt's {algorithm.__name__} (no torch.optim namesake) as a "
+            f"torch.optim.Optimizer; see :class:`fastopt.{algorithm.__name__}`.{note}")
+
+
+class Lion(Optimizer):
+    __doc__ = _from_fastopt(core.Lion)
+    algorithm = core.Lion
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0, *, maximize=False,
+                 **options):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
+                                      maximize=maximize), {}, **options)
+
+
+class LAMB(Optimizer):
+    __doc__ = _from_fastopt(core.LAMB, " Each parameter tensor gets its own trust ratio.")
+    algorithm = core.LAMB
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0, *,
+                 maximize=False, **options):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      maximize=maximize), {}, **options)
+
+
+class LARS(Optimizer):
+    __doc__ = _from_fastopt(core.LARS, " Each parameter tensor gets its own local lr.")
+    algorithm = core.LARS
+
+    def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0, trust_coefficient=1e-3, *,
+                 maximize=False, **options):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      trust_coefficient=trust_coefficient, maximize=maximize),
+                         {}, **options)
 
 
 class SWATS(Optimizer):

@@ -93,6 +93,13 @@ CASES = {
         dict(lr=0.05, weight_decay=0.1, t0=10),
         dict(lr=0.05, maximize=True, lambd=0.01, t0=3, weight_decay=0.05),
     ],
+    "Adafactor": [
+        dict(),
+        dict(lr=0.05, weight_decay=0.1),
+        dict(lr=0.05, d=1.5, beta2_decay=-0.5),
+        dict(lr=0.5, eps=(1e-20, 1e-1)),  # lr above 1/sqrt(t): the relative step rules
+        dict(lr=0.05, maximize=True, weight_decay=0.05, eps=(1e-3, 1e-3)),
+    ],
     # From papers, not in torch.optim: tested against the papers' formulas only.
     "Lion": [
         dict(lr=0.01),
@@ -100,9 +107,24 @@ CASES = {
         dict(lr=0.01, weight_decay=0.5),
         dict(lr=0.01, maximize=True, weight_decay=0.5, betas=(0.95, 0.98)),
     ],
+    "LAMB": [
+        dict(lr=0.01),
+        dict(lr=0.01, weight_decay=0.1),
+        dict(lr=0.01, betas=(0.8, 0.9), eps=1e-3),
+        dict(lr=0.01, maximize=True, weight_decay=0.05),
+    ],
+    "LARS": [
+        dict(lr=1.0),
+        dict(lr=1.0, momentum=0.0),
+        dict(lr=2.0, weight_decay=0.01, trust_coefficient=0.01),
+        dict(lr=1.0, maximize=True, momentum=0.5, weight_decay=0.05),
+    ],
 }
 
-NOT_IN_TORCH = {"Lion"}
+# Per-tensor algorithms: their references take the tensors' shapes.
+LAYERWISE = {"LAMB", "LARS", "Adafactor"}
+
+NOT_IN_TORCH = {"Lion", "LAMB", "LARS"}
 
 ALL = [(name, kwargs) for name, cases in CASES.items() for kwargs in cases]
 

@@ -5,7 +5,7 @@ import pytest
 
 import fastopt
 import reference
-from cases import ALL, case_id
+from cases import ALL, LAYERWISE, case_id
 from conftest import SIZES, gradients, initial_params
 
 # float32 against float64 after 30 steps: parameters of magnitude ~1 carry a few ulps
@@ -15,7 +15,9 @@ RTOL = ATOL = 2e-5
 
 
 def run_reference(name, kwargs, p0, grads):
-    ref = getattr(reference, name)(p0.size, **kwargs)
+    # One tensor of shape (n,): test_layerwise.py covers many tensors of any shape.
+    size = [p0.shape] if name in LAYERWISE else p0.size
+    ref = getattr(reference, name)(size, **kwargs)
     p = p0.astype(np.float64)
     for g in grads:
         p = ref.step(p, g.astype(np.float64))

@@ -120,7 +120,7 @@ def on_both(name, kwargs, seed=0):
             getattr(fastopt, name)(groups(np.copy), **kwargs))
 
 
-@pytest.mark.parametrize("name", ["SGD", "Adam", "NAdam"])
+@pytest.mark.parametrize("name", ["SGD", "Adam", "NAdam", "LAMB", "LARS", "Adafactor"])
 def test_groups_clipping_scaling_and_skip_on_device(name):
     options = dict(clip_grad_norm=8.0, clip_grad_value=0.3, skip_nonfinite=True, lr=0.05)
     on_gpu, on_cpu = on_both(name, options)
@@ -134,6 +134,28 @@ def test_groups_clipping_scaling_and_skip_on_device(name):
         assert on_gpu.last_grad_norm == pytest.approx(on_cpu.last_grad_norm, rel=1e-12, nan_ok=True)
     assert on_gpu.skipped_steps == on_cpu.skipped_steps == 1
     np.testing.assert_allclose(host(on_gpu.flat_params), on_cpu.flat_params, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("name", ["LAMB", "LARS", "Adafactor"])
+def test_per_tensor_algorithms_on_device(name, monkeypatch):
+    # Pieces of 16 elements: segments of several pieces, and rows split across pieces.
+    monkeypatch.setattr(fastopt.flat, "PIECE", 16)
+    rng = np.random.default_rng(6)
+    shapes = [(), (0, 3), (2, 3, 20), (5,), (1, 40), (3, 1), (37,)]
+    p0 = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    kwargs = dict(lr=0.05, weight_decay=0.1) if name != "LARS" else dict(weight_decay=0.01)
+    on_gpu = getattr(fastopt, name)([cuda.to_device(p) for p in p0], **kwargs)
+    on_cpu = getattr(fastopt, name)(p0, **kwargs)
+    for _ in range(4):
+        g = rng.standard_normal(on_cpu.flat_params.size).astype(np.float32)
+        on_gpu.step(cuda.to_device(g))
+        on_cpu.step(g)
+    np.testing.assert_allclose(host(on_gpu.flat_params), on_cpu.flat_params, rtol=RTOL, atol=ATOL)
+    for key, value in on_cpu.state.items():
+        if isinstance(value, np.ndarray):
+            np.testing.assert_allclose(host(on_gpu.state[key]), value, rtol=1e-4, atol=1e-6,
+                                       err_msg=key)
+    assert np.abs(on_cpu.flat_params - np.concatenate([p.ravel() for p in p0])).max() > 1e-3
 
 
 def test_device_sum_of_squares_is_exact_enough_and_repeatable():

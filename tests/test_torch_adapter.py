@@ -125,7 +125,7 @@ def test_parameters_live_in_one_flat_buffer_and_grads_accumulate_in_place():
     assert torch.equal(device.flat_grads, expected) and expected.abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", ["Adam", "SGD", "NAdam", "Adagrad"])
+@pytest.mark.parametrize("name", ["Adam", "SGD", "NAdam", "Adagrad", "RAdam", "Adafactor"])
 def test_param_groups_a_scheduler_and_add_param_group(name):
     ours, theirs, x, y = twins("mlp", seed=1)
     kwargs = dict(SGD=dict(momentum=0.9), Adagrad=dict(lr_decay=0.01)).get(name, {})
@@ -152,7 +152,7 @@ def test_param_groups_a_scheduler_and_add_param_group(name):
     assert_same_params(ours, theirs)
 
 
-@pytest.mark.parametrize("name", ["Adam", "SGD", "RMSprop", "NAdam"])
+@pytest.mark.parametrize("name", ["Adam", "SGD", "RMSprop", "NAdam", "ASGD", "Adafactor"])
 def test_frozen_parameters_and_missing_grads_are_left_untouched(name):
     ours, theirs, x, y = twins("mlp", seed=2)
     kwargs = dict(SGD=dict(momentum=0.9, weight_decay=0.1), RMSprop=dict(momentum=0.5),
@@ -266,7 +266,8 @@ def test_checkpoints_move_both_ways(case, direction):
     assert_same_params(model, resumed_model)
 
 
-@pytest.mark.parametrize("name", ["Adam", "NAdam", "SWATS", "Adagrad"])
+@pytest.mark.parametrize("name", ["Adam", "NAdam", "SWATS", "Adagrad", "ASGD", "Rprop",
+                                  "Adafactor", "LAMB", "LARS"])
 def test_own_checkpoints_resume_exactly(name):
     model, _, x, y = twins("mlp", seed=8)
     opt = getattr(ft, name)(model.parameters(), lr=0.01)
@@ -281,7 +282,10 @@ def test_own_checkpoints_resume_exactly(name):
 
 
 @pytest.mark.parametrize("case", [("Adam", dict(lr=0.01, bias_correction=False)),
-                                  ("SWATS", dict(lr=0.01, betas=(0.9, 0.99), eps=1e-5))],
+                                  ("SWATS", dict(lr=0.01, betas=(0.9, 0.99), eps=1e-5)),
+                                  ("Lion", dict(lr=0.01, weight_decay=0.1)),
+                                  ("LAMB", dict(lr=0.01, weight_decay=0.1)),
+                                  ("LARS", dict(lr=1.0, weight_decay=0.01))],
                          ids=case_id)
 def test_fastopt_only_algorithms_match_the_numpy_api(case):
     name, kwargs = case

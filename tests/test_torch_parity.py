@@ -28,6 +28,8 @@ def run_torch(name, kwargs, p0, grads):
 @pytest.mark.parametrize("case", TORCH_CASES, ids=case_id)
 def test_matches_torch(case, n):
     name, kwargs = case
+    if name == "Adafactor" and n == 0:
+        pytest.skip("torch.optim.Adafactor divides by the size of an empty tensor")
     p0, grads = initial_params(n, n), gradients(n, n)
     opt = getattr(fastopt, name)([p0], **kwargs)
     for g in grads:

@@ -103,6 +103,18 @@ class Adafactor(Optimizer):
     def _state_size(self, name):
         return self._sizes.get(name, self.flat_params.size)
 
+    def _state_slice(self, name, offset, shape):
+        size = math.prod(shape)
+        row_base, col_base, var_base = self._moments[offset]
+        if not size or (len(shape) >= 2) == (name == "variance"):
+            return None
+        if name == "variance":
+            return var_base, var_base + size, shape
+        batch = math.prod(shape[:-2])
+        if name == "row_var":  # torch's shapes: (..., rows, 1) and (..., 1, columns)
+            return row_base, row_base + batch * shape[-2], shape[:-1] + (1,)
+        return col_base, col_base + batch * shape[-1], shape[:-2] + (1,) + shape[-1:]
+
     def _l2(self, group):
         return 0.0  # the decay is decoupled
 
@@ -120,7 +132,8 @@ class Adafactor(Optimizer):
         # Pass 1: RMS(p) per tensor; g*g summed along the rows and down the columns.
         param_sq, row_sq = backend.segment_norms(p, g, prep, plan.pieces)
         param_sq = np.bincount(plan.segment_tensor, param_sq, plan.tensors)
-        alpha = np.maximum(group["eps"][1], np.sqrt(param_sq / plan.sizes))
+        # fmax: torch takes Python's max, which returns its first argument over a NaN.
+        alpha = np.fmax(group["eps"][1], np.sqrt(param_sq / plan.sizes))
         alpha *= min(lr, 1.0 / math.sqrt(step))
         column_sq = backend.column_sums(p, g, prep, plan.blocks, self._column_totals)
 
@@ -141,7 +154,7 @@ class Adafactor(Optimizer):
         update_sq = backend.adafactor(*arrays, h, plan.pieces, plan.second_starts,
                                       plan.factored, row_scales, f32(1.0), None, False)
         update_sq = np.bincount(plan.segment_tensor, update_sq, plan.tensors)
-        step_size = alpha / np.maximum(1.0, np.sqrt(update_sq / plan.sizes) / group["d"])
+        step_size = alpha / np.fmax(1.0, np.sqrt(update_sq / plan.sizes) / group["d"])
         backend.adafactor(*arrays, h[:-1] + (False,), plan.pieces, plan.second_starts,
                           plan.factored, row_scales, f32(1.0 - lr * group["weight_decay"]),
                           step_size[plan.segment_tensor], True)

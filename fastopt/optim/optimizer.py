@@ -293,6 +293,11 @@ class Optimizer:
         """The number of elements of the state buffer ``name``."""
         return self.flat_params.size
 
+    def _state_slice(self, name, offset, shape):
+        """``(start, stop, shape)``: the part of the state buffer ``name`` that belongs
+        to the tensor at ``offset`` of the flat buffer, or None if it has none."""
+        return offset, offset + math.prod(shape), shape
+
     def _l2(self, group):
         """torch's L2 weight decay, which prepare() adds to the gradient."""
         if group.get("decoupled_weight_decay"):
