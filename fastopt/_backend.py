@@ -113,7 +113,7 @@ class HostBackend:
     def run(self, rule, present, p, g, states, prep, h):
         kernels = self._kernels
         self._call(kernels.kernel(rule, present), p.size, p, g, *states, prep, h,
-                   flush=kernels.FLUSH_DENORMALS)
+                   flush=kernels.FLUSH_DENORMALS and rule not in kernels.KEEP_DENORMALS)
 
     def sum_squares(self, g):
         """The float64 sum of squares of ``g``, deterministic (see kernels.cpu)."""

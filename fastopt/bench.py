@@ -16,6 +16,7 @@ gradients and each state buffer and writes the parameters and each state buffer.
 """
 
 import json
+import math
 import statistics
 import sys
 import time
@@ -37,10 +38,27 @@ ALGORITHMS = {
     "AdamW": dict(lr=1e-3),
     "Adamax": dict(lr=1e-3),
     "NAdam": dict(lr=1e-3),
+    "RAdam": dict(lr=1e-3),
+    "Rprop": dict(lr=1e-2),
+    "ASGD": dict(lr=1e-2),
+    "Adafactor": dict(lr=1e-2),
+    "Lion": dict(lr=1e-4),
+    "LAMB": dict(lr=1e-3),
+    "LARS": dict(lr=1.0),
 }
 STATE_BUFFERS = {"SGD": 1, "Adagrad": 1, "RMSprop": 1, "Adadelta": 2, "Adam": 2, "AdamW": 2,
-                 "Adamax": 2, "NAdam": 2}
+                 "Adamax": 2, "NAdam": 2, "RAdam": 2, "Rprop": 2, "ASGD": 1, "Lion": 1}
+# Algorithms of several passes: what all their passes move, per parameter. LAMB: moments
+# and norms (p, g, m, v read; m, v written), then the step (p, m, v read; p written).
+# LARS: the norms (p, g), then the step (p, g, v read; p, v written). Adafactor on a
+# matrix: the norms and row sums (p, g), the column sums (g), the sum of u^2 (g), the
+# step (p, g read; p written); the factors are too small to count.
+PASSES_BYTES = {"LAMB": 40, "LARS": 28, "Adafactor": 28}
 TORCH_FUSED = {"SGD", "Adagrad", "Adam", "AdamW"}
+NOT_IN_TORCH = {"Lion", "LAMB", "LARS"}
+NUMPY_NAIVE = {"SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax", "NAdam"}
+# Adafactor factors matrices: it is timed on one of this many columns.
+COLUMNS = 1000
 DEFAULT_SIZES = [1_000, 100_000, 1_000_000, 20_000_000]
 QUICK = dict(algorithms=["Adam", "SGD"], sizes=[1_000, 100_000, 1_000_000, 10_000_000],
              rounds=5, model_tensors=50)
@@ -48,8 +66,19 @@ TRIAD_BYTES = 12
 
 
 def bytes_per_param(name):
-    """Reads p, g and each state buffer, writes p and each state buffer: 4 bytes each."""
+    """One pass reads p, g and each state buffer, and writes p and each state buffer: 4
+    bytes each. Algorithms of several passes count them all."""
+    if name in PASSES_BYTES:
+        return PASSES_BYTES[name]
     return 4 * (3 + 2 * STATE_BUFFERS[name])
+
+
+def shapes(name, n):
+    """The tensors an algorithm is timed on: one vector, or a matrix for Adafactor (plus
+    a vector for what does not fill a row)."""
+    if name != "Adafactor" or n < COLUMNS:
+        return [(n,)]
+    return [(n // COLUMNS, COLUMNS), (n % COLUMNS,)]
 
 
 # -- naive NumPy, one operation (and temporary) at a time -------------------------------
@@ -112,7 +141,7 @@ def contenders(name, n, device="cpu"):
 
         from .kernels import cuda as cuda_kernels
 
-        opt = getattr(fastopt, name)(fastopt.adopt(cuda.to_device(p0),
+        opt = getattr(fastopt, name)(fastopt.adopt(cuda.to_device(p0), shapes(name, n),
                                                    grads=cuda.to_device(g0)), **kwargs)
         steps["fastopt"] = _synchronised(opt.step, cuda.synchronize)
         a, c = cuda.to_device(p0), cuda.to_device(np.ones(n, f32))
@@ -122,16 +151,17 @@ def contenders(name, n, device="cpu"):
     else:
         from .kernels import stream
 
-        opt = getattr(fastopt, name)(fastopt.adopt(p0.copy()), **kwargs)
+        opt = getattr(fastopt, name)(fastopt.adopt(p0.copy(), shapes(name, n)), **kwargs)
         opt.flat_grads[:] = g0
         steps["fastopt"] = opt.step
-        p, state, t = p0.copy(), {}, [0]
+        if name in NUMPY_NAIVE:
+            p, state, t = p0.copy(), {}, [0]
 
-        def numpy_naive():
-            t[0] += 1
-            numpy_step(name, p, g0, state, t[0], kwargs["lr"])
+            def numpy_naive():
+                t[0] += 1
+                numpy_step(name, p, g0, state, t[0], kwargs["lr"])
 
-        steps["numpy"] = numpy_naive
+            steps["numpy"] = numpy_naive
         a, c = p0.copy(), np.ones(n, f32)
         steps["triad"] = lambda: stream.add_scaled(a, c, f32(1e-9))
     steps.update(_torch_contenders(name, p0, g0, device))
@@ -150,15 +180,19 @@ def _torch_contenders(name, p0, g0, device):
         import torch
     except ImportError:
         return {}
-    if device == "cuda" and not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available() or name in NOT_IN_TORCH:
         return {}
     paths = {"torch loop": dict(foreach=False), "torch foreach": dict(foreach=True)}
     if name in TORCH_FUSED:
         paths["torch fused"] = dict(fused=True)
     steps = {}
     for label, options in paths.items():
-        param = torch.nn.Parameter(torch.from_numpy(p0.copy()).to(device))
-        param.grad = torch.from_numpy(g0.copy()).to(device)
+        (shape, *rest) = shapes(name, p0.size)
+        if rest and rest[0][0]:
+            return {}  # a second tensor to split off; the default sizes have none
+        param = torch.nn.Parameter(torch.from_numpy(p0[:math.prod(shape)].reshape(shape).copy())
+                                   .to(device))
+        param.grad = torch.from_numpy(g0[:param.numel()].reshape(shape).copy()).to(device)
         opt = getattr(torch.optim, name)([param], **ALGORITHMS[name], **options)
         steps[label] = (_synchronised(opt.step, torch.cuda.synchronize) if device == "cuda"
                         else opt.step)

@@ -27,6 +27,10 @@ CHUNK = 1 << 14
 # torch.set_flush_denormal(True) does); each kernel restores the caller's setting.
 FLUSH_DENORMALS = True
 
+# Rules whose result hangs on subnormal values: Rprop steps by the sign of g * prev,
+# which torch sees as positive where a flushed product reads as zero.
+KEEP_DENORMALS = {"rprop"}
+
 ZERO = np.float32(0)  # a state a driver does not hold reads as this
 
 _LOOPS = """\
@@ -210,7 +214,9 @@ def segment_norms(p, g, prep, starts, stops, partials, parallel):
             partials[k, 0], partials[k, 1] = _norms(p[piece], g[piece], prep)
 
 
-@njit(inline="always", error_model="numpy")
+# reassoc lets LLVM split the float64 sums over several accumulators; without it their
+# add latency bounds the loop. The order it picks is fixed at compile time.
+@njit(inline="always", error_model="numpy", fastmath={"reassoc"})
 def _lamb_moments(p, g, exp_avg, exp_avg_sq, prep, h, partials, k):
     param_sq = update_sq = 0.0
     for i in range(p.size):
@@ -222,7 +228,7 @@ def _lamb_moments(p, g, exp_avg, exp_avg_sq, prep, h, partials, k):
     partials[k, 1] = update_sq
 
 
-@njit(**_OPTIONS)
+@njit(**dict(_OPTIONS, fastmath={"reassoc"}))
 def lamb_moments(p, g, exp_avg, exp_avg_sq, prep, h, starts, stops, partials, parallel):
     """LAMB's first pass: the moments, and ``partials[k] = (sum p**2, sum u**2)``."""
     if parallel:
@@ -310,7 +316,7 @@ def column_sums(p, g, prep, blocks, out, parallel):
                          out[out_start + first:out_start + last])
 
 
-@njit(inline="always", error_model="numpy")
+@njit(inline="always", error_model="numpy", fastmath={"reassoc"})
 def _adafactor_piece(p, g, prep, second, factored, row_scale, h, decay, step_size, apply):
     fixed = (h[0], h[1], False)
     update_sq = 0.0
@@ -327,7 +333,7 @@ def _adafactor_piece(p, g, prep, second, factored, row_scale, h, decay, step_siz
     return update_sq
 
 
-@njit(**_OPTIONS)
+@njit(**dict(_OPTIONS, fastmath={"reassoc"}))
 def adafactor(p, g, prep, col_var, variance, h, starts, stops, second_starts, factored,
               row_scales, partials, decay, step_sizes, apply, parallel):
     """One of Adafactor's two passes over the pieces of rows (factored tensors) and

@@ -165,6 +165,16 @@ def test_the_same_array_twice_is_refused():
     (fastopt.NAdam, dict(momentum_decay=-1.0), "momentum_decay"),
     (fastopt.Adamax, dict(betas=(0.9, 1.0)), "index 1"),
     (fastopt.Adam, dict(lr=1e39), "float32"),
+    (fastopt.RAdam, dict(betas=(0.9, 1.0)), "index 1"),
+    (fastopt.Rprop, dict(etas=(1.2, 0.5)), "eta"),
+    (fastopt.Rprop, dict(step_sizes=(1.0, 0.1)), "step_sizes"),
+    (fastopt.ASGD, dict(lambd=-1.0), "lambd"),
+    (fastopt.Lion, dict(betas=(-0.1, 0.99)), "index 0"),
+    (fastopt.LAMB, dict(eps=-1.0), "epsilon"),
+    (fastopt.LARS, dict(trust_coefficient=-1.0), "trust_coefficient"),
+    (fastopt.Adafactor, dict(beta2_decay=0.5), "beta2_decay"),
+    (fastopt.Adafactor, dict(d=0.5), "Clipping threshold"),
+    (fastopt.Adafactor, dict(eps=(-1.0, 1e-3)), "eps"),
     (fastopt.SGD, dict(lr=float("inf")), "float32"),
 ])
 def test_bad_hyperparameters_raise_value_error(cls, kwargs, match):
@@ -237,7 +247,8 @@ def test_hyperparameters_changed_between_steps_take_effect(rng):
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW",
-                                  "Adamax", "NAdam"])
+                                  "Adamax", "NAdam", "RAdam", "Rprop", "ASGD", "Lion", "LAMB",
+                                  "LARS", "Adafactor"])
 def test_an_invalid_hyperparameter_change_is_refused_at_step(rng, name):
     opt = getattr(fastopt, name)(make_params(rng))
     opt.step(rng.standard_normal(15).astype(f32))

@@ -43,9 +43,23 @@ def test_unknown_algorithms_are_refused(tmp_path):
 def test_bytes_per_parameter_follow_the_state():
     assert bench.bytes_per_param("Adam") == 28 and bench.bytes_per_param("SGD") == 20
     assert bench.bytes_per_param("Adagrad") == 20 and bench.bytes_per_param("Adadelta") == 28
+    assert bench.bytes_per_param("Lion") == 20 and bench.bytes_per_param("Rprop") == 28
+    # Every pass counts: LAMB reads p, g, m, v and writes m, v, then reads p, m, v and
+    # writes p.
+    assert bench.bytes_per_param("LAMB") == 4 * (6 + 4)
 
 
-@pytest.mark.parametrize("name", bench.ALGORITHMS)
+def test_every_algorithm_is_benchmarked_against_the_triad_and_torch_where_torch_has_it(tmp_path):
+    names = ["RAdam", "Adafactor", "LAMB"]
+    records = bench.run(names, [2000], rounds=1, out=tmp_path, model_tensors=2)
+    found = {(r["algorithm"], r["implementation"]) for r in records}
+    assert {(name, label) for name in names for label in ("fastopt", "triad")} <= found
+    if any(label.startswith("torch") for _, label in found):
+        assert ("Adafactor", "torch loop") in found and ("LAMB", "torch loop") not in found
+    assert bench.shapes("Adafactor", 2000) == [(2, 1000), (0,)]  # factored, as timed
+
+
+@pytest.mark.parametrize("name", sorted(bench.NUMPY_NAIVE))
 def test_the_naive_numpy_contender_computes_the_same_update(name):
     # The comparison is only fair if the NumPy version does the same work correctly.
     rng = np.random.default_rng(0)

@@ -27,6 +27,13 @@ ALGORITHMS = {
     "Adamax": dict(lr=0.01, weight_decay=0.01),
     "NAdam": dict(lr=0.01, momentum_decay=0.01),
     "SWATS": dict(lr=0.01, betas=(0.9, 0.99), eps=5e-4),
+    "RAdam": dict(lr=0.01, decoupled_weight_decay=True, weight_decay=0.1),
+    "Rprop": dict(lr=0.01, skip_nonfinite=True),
+    "ASGD": dict(lr=0.01, t0=20),
+    "Lion": dict(lr=0.01, weight_decay=0.1),
+    "LAMB": dict(lr=0.01, weight_decay=0.01, clip_grad_norm=5.0),
+    "LARS": dict(weight_decay=0.01),
+    "Adafactor": dict(lr=0.01, weight_decay=0.01),
 }
 STEPS, SAVED_AT = 100, 40
 

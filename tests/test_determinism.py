@@ -27,6 +27,13 @@ ALGORITHMS = {
     "Adamax": dict(lr=0.01),
     "NAdam": dict(lr=0.01),
     "SWATS": dict(lr=0.01, eps=1e-4),
+    "RAdam": dict(lr=0.01),
+    "Rprop": dict(lr=0.01),
+    "ASGD": dict(lr=0.01, t0=2),
+    "Lion": dict(lr=0.01),
+    "LAMB": dict(lr=0.01, weight_decay=0.01),
+    "LARS": dict(weight_decay=0.01),
+    "Adafactor": dict(lr=0.01),
 }
 
 # Train every algorithm and print a hash of its parameters, in a fresh process.

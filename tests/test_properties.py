@@ -47,6 +47,15 @@ HYPERPARAMETERS = {
                                     "weight_decay": decay,
                                     "momentum_decay": st.floats(0.0, 0.01),
                                     "decoupled_weight_decay": flag}),
+    "RAdam": st.fixed_dictionaries({"lr": lr, "betas": st.tuples(beta, beta2), "eps": eps,
+                                    "weight_decay": decay, "decoupled_weight_decay": flag,
+                                    "maximize": flag}),
+    "Rprop": st.fixed_dictionaries({"lr": lr, "etas": st.tuples(st.floats(0.1, 0.9),
+                                                                 st.floats(1.1, 2.0)),
+                                    "maximize": flag}),
+    "ASGD": st.fixed_dictionaries({"lr": lr, "lambd": st.floats(0.0, 0.1),
+                                   "alpha": st.floats(0.5, 1.0), "t0": st.integers(0, 20),
+                                   "weight_decay": decay, "maximize": flag}),
 }
 CASES = st.sampled_from(sorted(HYPERPARAMETERS)).flatmap(
     lambda name: st.tuples(st.just(name), HYPERPARAMETERS[name]))

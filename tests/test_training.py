@@ -29,7 +29,18 @@ ALGORITHMS = {
     "AdamW": dict(lr=0.01),
     "Adamax": dict(lr=0.01, weight_decay=0.01),
     "NAdam": dict(lr=0.01, momentum_decay=0.01, decoupled_weight_decay=True, weight_decay=0.1),
+    "RAdam": dict(lr=0.01, betas=(0.8, 0.9)),
+    "ASGD": dict(lr=0.01, t0=3),
+    "Adafactor": dict(lr=0.05, weight_decay=0.01),
 }
+# The rest, which torch.optim lacks (or, for Rprop, whose options differ from the groups').
+OTHER_ALGORITHMS = {
+    "Rprop": dict(lr=0.01),
+    "Lion": dict(lr=0.01, weight_decay=0.1),
+    "LAMB": dict(lr=0.01, weight_decay=0.01),
+    "LARS": dict(weight_decay=0.01),
+}
+EVERY_ALGORITHM = {**ALGORITHMS, **OTHER_ALGORITHMS}
 SHAPES = [(13, 7), (29,), (3, 4, 5)]
 
 
@@ -242,10 +253,10 @@ def test_norm_and_value_clipping_and_loss_scale_compose_in_order():
     assert opt.last_grad_norm == pytest.approx(norm, rel=1e-12)
 
 
-@pytest.mark.parametrize("name", ALGORITHMS)
+@pytest.mark.parametrize("name", EVERY_ALGORITHM)
 def test_a_power_of_two_loss_scale_is_exact(name):
-    plain = getattr(fastopt, name)(make_params(9), **ALGORITHMS[name])
-    scaled = getattr(fastopt, name)(make_params(9), **ALGORITHMS[name])
+    plain = getattr(fastopt, name)(make_params(9), **EVERY_ALGORITHM[name])
+    scaled = getattr(fastopt, name)(make_params(9), **EVERY_ALGORITHM[name])
     for g in make_grads(9, 8):
         plain.step(g)
         scaled.step([x * f32(1024) for x in g], grad_scale=1024)
@@ -294,7 +305,7 @@ def test_a_nan_norm_without_the_skip_poisons_every_parameter_as_in_torch():
 # -- the non-finite skip ---------------------------------------------------------------
 
 @pytest.mark.parametrize("clip", [None, 5.0])
-@pytest.mark.parametrize("name", ALGORITHMS)
+@pytest.mark.parametrize("name", EVERY_ALGORITHM)
 def test_a_skipped_step_is_as_if_it_never_happened(name, clip):
     grads = make_grads(13, 6)
     poisoned = dict(enumerate(grads))
@@ -303,8 +314,8 @@ def test_a_skipped_step_is_as_if_it_never_happened(name, clip):
     poisoned[4] = [g.copy() for g in grads[4]]
     poisoned[4][2][1, 1, 1] = -np.inf
     skipping = getattr(fastopt, name)(make_params(13), skip_nonfinite=True, clip_grad_norm=clip,
-                                      **ALGORITHMS[name])
-    clean = getattr(fastopt, name)(make_params(13), clip_grad_norm=clip, **ALGORITHMS[name])
+                                      **EVERY_ALGORITHM[name])
+    clean = getattr(fastopt, name)(make_params(13), clip_grad_norm=clip, **EVERY_ALGORITHM[name])
     for t in range(6):
         before = snapshot(skipping)
         skipping.step(poisoned[t])
