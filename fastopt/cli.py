@@ -18,6 +18,13 @@ ALGORITHMS = {
     "Adamax": dict(lr=0.05),
     "NAdam": dict(lr=0.05),
     "SWATS": dict(lr=0.05, eps=1e-6),
+    "RAdam": dict(lr=0.05),
+    "Rprop": dict(lr=0.01),
+    "ASGD": dict(lr=0.2),
+    "Adafactor": dict(lr=0.05),
+    "Lion": dict(lr=0.005),
+    "LAMB": dict(lr=0.05),
+    "LARS": dict(lr=5.0),
 }
 
 

@@ -299,21 +299,20 @@ def _column_sums(p, g, prep, rows, columns, out):
 
 @njit(parallel=True, cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
 def column_sums(p, g, prep, blocks, out, parallel):
-    """Sums of ``prepare(p, g)**2`` down the columns of row-major matrices, in float64.
+    """Sums of ``prepare(p, g)**2`` down the columns of blocks of rows, in float64.
 
-    Each row of ``blocks`` is ``(start, rows, columns, first, last, out_start)``: columns
-    ``[first, last)`` of the matrix at ``start``, summed in row order into
-    ``out[out_start + first:out_start + last]``."""
+    Each row of ``blocks`` is ``(start, rows, columns, out_start)``: the row-major block
+    at ``start`` is summed in row order into ``out[out_start:out_start + columns]``."""
     if parallel:
         for k in prange(blocks.shape[0]):
-            start, rows, columns, first, last, out_start = blocks[k]
-            _column_sums(p[start + first:], g[start + first:], prep, rows, columns,
-                         out[out_start + first:out_start + last])
+            start, rows, columns, out_start = blocks[k]
+            _column_sums(p[start:], g[start:], prep, rows, columns,
+                         out[out_start:out_start + columns])
     else:
         for k in range(blocks.shape[0]):
-            start, rows, columns, first, last, out_start = blocks[k]
-            _column_sums(p[start + first:], g[start + first:], prep, rows, columns,
-                         out[out_start + first:out_start + last])
+            start, rows, columns, out_start = blocks[k]
+            _column_sums(p[start:], g[start:], prep, rows, columns,
+                         out[out_start:out_start + columns])
 
 
 @njit(inline="always", error_model="numpy", fastmath={"reassoc"})
@@ -323,13 +322,13 @@ def _adafactor_piece(p, g, prep, second, factored, row_scale, h, decay, step_siz
     for i in range(p.size):
         grad = _prepare(p[i], g[i], prep)
         if factored:
-            u = _adafactor(grad, row_scale * second[i], fixed)[1]
+            _, u, u_sq = _adafactor(grad, row_scale * second[i], fixed)
         else:
-            second[i], u = _adafactor(grad, second[i], h)
+            second[i], u, u_sq = _adafactor(grad, second[i], h)
         if apply:
             p[i] = p[i] * decay - step_size * u
         else:
-            update_sq += np.float64(u) * np.float64(u)
+            update_sq += np.float64(u_sq)
     return update_sq
 
 

@@ -243,15 +243,13 @@ _adafactor = cuda.jit(device=True)(rules.adafactor)
 def column_sums(p, g, prep, blocks, out):
     """One block per row of ``blocks`` (see kernels.cpu.column_sums), one thread per
     column, each summing its column in row order."""
-    start, rows, columns, first, last, out_start = (
-        blocks[cuda.blockIdx.x, 0], blocks[cuda.blockIdx.x, 1], blocks[cuda.blockIdx.x, 2],
-        blocks[cuda.blockIdx.x, 3], blocks[cuda.blockIdx.x, 4], blocks[cuda.blockIdx.x, 5])
-    c = first + cuda.threadIdx.x
-    while c < last:
+    k = cuda.blockIdx.x
+    start, rows, columns, out_start = blocks[k, 0], blocks[k, 1], blocks[k, 2], blocks[k, 3]
+    c = cuda.threadIdx.x
+    while c < columns:
         total = float64(0)
         for r in range(rows):
-            i = start + r * columns + c
-            x = float64(_prepare(p[i], g[i], prep))
+            x = float64(_prepare(p[start + r * columns + c], g[start + r * columns + c], prep))
             total += x * x
         out[out_start + c] = total
         c += cuda.blockDim.x
@@ -270,13 +268,13 @@ def adafactor(p, g, prep, col_var, variance, h, starts, stops, second_starts, fa
         j = second_starts[k] + i - starts[k]
         grad = _prepare(p[i], g[i], prep)
         if factored[k]:
-            u = _adafactor(grad, row_scales[k] * col_var[j], fixed)[1]
+            _, u, u_sq = _adafactor(grad, row_scales[k] * col_var[j], fixed)
         else:
-            variance[j], u = _adafactor(grad, variance[j], h)
+            variance[j], u, u_sq = _adafactor(grad, variance[j], h)
         if apply:
             p[i] = p[i] * decay - step_sizes[k] * u
         else:
-            update_sq += float64(u) * float64(u)
+            update_sq += float64(u_sq)
         i += cuda.blockDim.x
     update_sq = _block_sum(shared, update_sq)
     if cuda.threadIdx.x == 0:

@@ -207,13 +207,14 @@ def adafactor(g, second, h):
 
     ``second`` is a vector's own second moment, which lerps toward g*g when
     ``moving``, or a factored tensor's estimate ``row_var * col_var / row_mean``, which
-    the caller forms and never moves here. Returns the second moment and u."""
+    the caller forms and never moves here. Returns the second moment, u, and u*u
+    computed without the square root, for the pass that only needs the norm of u."""
     beta, eps1_sq, moving = h
     if moving:
         second = second + beta * (g * g - second)
     # torch clamps, which keeps a NaN.
     estimate = eps1_sq if second < eps1_sq else second
-    return second, g / math.sqrt(estimate)
+    return second, g / math.sqrt(estimate), g * g / estimate
 
 
 def swats_adam(p, g, exp_avg, exp_avg_sq, h):

@@ -3,13 +3,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..flat import pieces
+from ..flat import PIECE, pieces
 from .optimizer import Optimizer, check_flag, check_lr, check_nonnegative, f32, real
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
 
-# Column sums run in blocks of this many columns: one thread sums a block, row by row.
-COLUMN_BLOCK = 256
+# The column sums of a matrix are taken over at most this many blocks of rows, in
+# parallel, and the blocks' sums are then added in order.
+ROW_BLOCKS = 64
 
 
 class Adafactor(Optimizer):
@@ -54,7 +55,7 @@ class Adafactor(Optimizer):
             :class:`fastopt.Optimizer`.
 
     State: ``row_var`` and ``col_var``, the factors of all factored tensors one after
-    the other, and ``variance`` for the vectors. A step moves 24 bytes per parameter
+    the other, and ``variance`` for the vectors. A step moves 28 bytes per parameter
     of a matrix: 8 (read θ, g), 4 (g again, for the column sums), 4 (g) and 12 (θ, g
     and θ written).
 
@@ -79,7 +80,6 @@ class Adafactor(Optimizer):
             elif math.prod(shape):
                 sizes["variance"] += math.prod(shape)
         self._sizes = sizes
-        self._column_totals = self._backend.zeros64(sizes["col_var"])
         self._plans = {}
 
     def _check(self, group):
@@ -135,13 +135,14 @@ class Adafactor(Optimizer):
         # fmax: torch takes Python's max, which returns its first argument over a NaN.
         alpha = np.fmax(group["eps"][1], np.sqrt(param_sq / plan.sizes))
         alpha *= min(lr, 1.0 / math.sqrt(step))
-        column_sq = backend.column_sums(p, g, prep, plan.blocks, self._column_totals)
+        block_sq = backend.column_sums(p, g, prep, plan.blocks, plan.block_sums)
+        column_sq = np.bincount(plan.block_columns, block_sq, plan.column_slots.size)
 
         # The factors, r + c numbers per matrix, move on the host.
         row_var = _lerp(backend.to_host(self.state["row_var"]), plan.row_slots,
                         row_sq[plan.row_segments] / plan.row_lengths, beta)
         col_var = _lerp(backend.to_host(self.state["col_var"]), plan.column_slots,
-                        column_sq[plan.column_slots] / plan.column_lengths, beta)
+                        column_sq / plan.column_lengths, beta)
         backend.copy(self.state["row_var"], row_var)
         backend.copy(self.state["col_var"], col_var)
         rows = row_var[plan.row_slots].astype(np.float64)
@@ -193,7 +194,9 @@ class _Plan:
     batch_rows: np.ndarray  # the number of rows of each matrix
     column_slots: np.ndarray  # the columns' places in col_var,
     column_lengths: np.ndarray  # and their number of rows
-    blocks: object  # column-sum blocks, see kernels.cpu.column_sums
+    blocks: object  # blocks of rows for the column sums, see kernels.cpu.column_sums,
+    block_sums: object  # which write their sums here,
+    block_columns: np.ndarray  # each of which belongs to this column (of column_slots)
     second_starts: object  # per piece: where its col_var or variance begins
     factored: object  # per piece: whether it is a row of a factored tensor
 
@@ -202,7 +205,7 @@ class _Plan:
         tensors = opt._tensors(start, stop)
         bounds, segment_tensor, second, factored = [], [], [], []
         row_segments, row_slots, row_lengths, row_batch, batch_rows = [], [], [], [], []
-        column_slots, column_lengths, blocks = [], [], []
+        column_slots, column_lengths, blocks, block_columns = [], [], [], []
         for index, (offset, shape) in enumerate(tensors):
             size = math.prod(shape)
             row_base, col_base, var_base = opt._moments[offset]
@@ -222,10 +225,13 @@ class _Plan:
                     columns_at = col_base + batch * columns
                     second += [columns_at] * rows
                     factored += [True] * rows
+                    block_rows = max(-(-PIECE // columns), -(-rows // ROW_BLOCKS))
+                    for first in range(0, rows, block_rows):
+                        blocks.append((matrix + first * columns, min(block_rows, rows - first),
+                                       columns, len(block_columns)))
+                        block_columns += range(len(column_slots), len(column_slots) + columns)
                     column_slots += range(columns_at, columns_at + columns)
                     column_lengths += [rows] * columns
-                    blocks += [(matrix, rows, columns, first, min(first + COLUMN_BLOCK, columns),
-                                columns_at) for first in range(0, columns, COLUMN_BLOCK)]
             elif size:
                 bounds.append((offset, offset + size))
                 segment_tensor.append(index)
@@ -249,7 +255,9 @@ class _Plan:
             batch_rows=np.array(batch_rows, np.float64),
             column_slots=np.array(column_slots, **ints),
             column_lengths=np.array(column_lengths, np.float64),
-            blocks=backend.constant(np.array(blocks, np.int64).reshape(-1, 6)),
+            blocks=backend.constant(np.array(blocks, np.int64).reshape(-1, 4)),
+            block_sums=backend.zeros64(len(block_columns)),
+            block_columns=np.array(block_columns, **ints),
             second_starts=backend.constant(second_starts),
             factored=backend.constant(np.array(factored, np.bool_)[segment]),
         )
