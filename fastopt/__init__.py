@@ -13,8 +13,8 @@ from . import schedules
 from .checkpoint import load, save
 from .ema import EMA
 from .flat import adopt
-from .optim import (ASGD, LAMB, LARS, SGD, SWATS, Adadelta, Adafactor, Adagrad, Adam, Adamax, AdamW,
-                    Lion, NAdam, Optimizer, RAdam, RMSprop, Rprop)
+from .optim import (ASGD, LAMB, LARS, SGD, SWATS, Adadelta, Adafactor, Adagrad, Adam,
+                    Adamax, AdamW, Lion, NAdam, Optimizer, RAdam, RMSprop, Rprop)
 from .scaler import DynamicLossScaler
 
 __version__ = "0.1.0"
@@ -28,6 +28,6 @@ def set_num_threads(n):
     numba.set_num_threads(n)
 
 
-__all__ = ["ASGD", "EMA", "LAMB", "LARS", "SGD", "SWATS", "Adadelta", "Adafactor", "Adagrad", "Adam",
-           "AdamW", "Adamax", "DynamicLossScaler", "Lion", "NAdam", "Optimizer", "RAdam",
+__all__ = ["ASGD", "EMA", "LAMB", "LARS", "SGD", "SWATS", "Adadelta", "Adafactor", "Adagrad",
+           "Adam", "AdamW", "Adamax", "DynamicLossScaler", "Lion", "NAdam", "Optimizer", "RAdam",
            "RMSprop", "Rprop", "adopt", "load", "save", "schedules", "set_num_threads"]

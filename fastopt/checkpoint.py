@@ -80,7 +80,8 @@ def load_state_dict(opt, checkpoint):
         raise ValueError(f"the checkpoint holds arrays {sorted(arrays)}, its index lists "
                          f"{meta['buffers']}")
     for name, array in arrays.items():
-        size = opt.flat_params.size if name == "params" else opt._state_size(name[len(_ARRAY_PREFIX):])
+        size = (opt.flat_params.size if name == "params"
+                else opt._state_size(name[len(_ARRAY_PREFIX):]))
         if array.dtype != np.float32 or array.shape != (size,):
             raise ValueError(f"checkpoint array {name!r} is {array.dtype} {array.shape}, "
                              f"expected float32 {(size,)}")

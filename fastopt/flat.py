@@ -42,10 +42,6 @@ class Layout:
     def names(self):
         return param_names(self.keys, len(self.shapes), self.prefix)
 
-    def bounds(self):
-        """``(start, stop)`` of each parameter in the flat buffer."""
-        return [(o, o + _size(s)) for o, s in zip(self.offsets, self.shapes)]
-
     def slices(self, flat):
         """1-D slices of ``flat``, one per parameter."""
         return [flat[o:o + _size(s)] for o, s in zip(self.offsets, self.shapes)]

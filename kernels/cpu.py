@@ -185,7 +185,8 @@ def ema(average, value, h, parallel):
 #
 # Piece k is [starts[k], stops[k]) of the flat buffers and lies inside one segment (a
 # parameter tensor, a row ...); see fastopt.flat.pieces. One thread sums a piece, in
-# order, into partials[k], so the sums do not depend on the thread count.
+# order, into partials[k], so the sums do not depend on the thread count. Like the
+# kernels above, these are cached by this file's time stamp alone.
 
 _lamb = _inline(rules.lamb)
 _lars = _inline(rules.lars)
@@ -265,7 +266,8 @@ def lamb_step(p, exp_avg, exp_avg_sq, h, starts, stops, trust_lr, parallel):
 @njit(inline="always", error_model="numpy")
 def _lars_step(p, g, momentum_buffer, prep, h):
     for i in range(p.size):
-        p[i], momentum_buffer[i] = _lars(p[i], _prepare(p[i], g[i], prep), momentum_buffer[i], h)
+        p[i], momentum_buffer[i] = _lars(p[i], _prepare(p[i], g[i], prep), momentum_buffer[i],
+                                         h)
 
 
 @njit(**_OPTIONS)
@@ -342,17 +344,13 @@ def adafactor(p, g, prep, col_var, variance, h, starts, stops, second_starts, fa
     ``p = p * decay - step_sizes[k] * u``."""
     if parallel:
         for k in prange(starts.size):
-            size = stops[k] - starts[k]
-            second = col_var if factored[k] else variance
-            piece, moments = slice(starts[k], stops[k]), slice(second_starts[k], second_starts[k] + size)
-            partials[k, 0] = _adafactor_piece(p[piece], g[piece], prep, second[moments],
-                                              factored[k], row_scales[k], h, decay,
-                                              step_sizes[k], apply)
+            piece = slice(starts[k], stops[k])
+            second = (col_var if factored[k] else variance)[second_starts[k]:]
+            partials[k, 0] = _adafactor_piece(p[piece], g[piece], prep, second, factored[k],
+                                              row_scales[k], h, decay, step_sizes[k], apply)
     else:
         for k in range(starts.size):
-            size = stops[k] - starts[k]
-            second = col_var if factored[k] else variance
-            piece, moments = slice(starts[k], stops[k]), slice(second_starts[k], second_starts[k] + size)
-            partials[k, 0] = _adafactor_piece(p[piece], g[piece], prep, second[moments],
-                                              factored[k], row_scales[k], h, decay,
-                                              step_sizes[k], apply)
+            piece = slice(starts[k], stops[k])
+            second = (col_var if factored[k] else variance)[second_starts[k]:]
+            partials[k, 0] = _adafactor_piece(p[piece], g[piece], prep, second, factored[k],
+                                              row_scales[k], h, decay, step_sizes[k], apply)

@@ -11,6 +11,9 @@ The same function is compiled for the CPU (``kernels.cpu``) and for CUDA
 then passes 0 for it and drops the returned value, and the rule's flags in ``h`` make
 sure an absent value never reaches ``p``.
 
+The rules of algorithms that take several passes (``lamb``, ``adafactor``,
+``swats_adam``) return what their drivers need instead; their docstrings say what.
+
 Python float literals are float64 and would promote the whole expression, so every
 constant, including ``1 - beta``, arrives through ``h`` as a float32.
 
@@ -137,8 +140,10 @@ def radam(p, g, exp_avg, exp_avg_sq, h):
     # step_size folds lr, the bias corrections and the rectification term. While the
     # variance estimate is not yet trusted (rho_t <= 5) the step is plain momentum.
     if rectified:
-        return p * decay - step_size * (exp_avg / (math.sqrt(exp_avg_sq) + eps)), exp_avg, exp_avg_sq
-    return p * decay - step_size * exp_avg, exp_avg, exp_avg_sq
+        direction = exp_avg / (math.sqrt(exp_avg_sq) + eps)
+    else:
+        direction = exp_avg
+    return p * decay - step_size * direction, exp_avg, exp_avg_sq
 
 
 def rprop(p, g, prev, step_size, h):

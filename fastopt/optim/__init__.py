@@ -4,8 +4,8 @@ from .adadelta import Adadelta
 from .adafactor import Adafactor
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
-from .asgd import ASGD
 from .adamax import Adamax
+from .asgd import ASGD
 from .layerwise import LAMB, LARS
 from .lion import Lion
 from .nadam import NAdam
@@ -16,5 +16,5 @@ from .rprop import Rprop
 from .sgd import SGD
 from .swats import SWATS
 
-__all__ = ["ASGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "LAMB", "LARS", "Lion", "NAdam",
-           "Optimizer", "RAdam", "RMSprop", "Rprop", "SGD", "SWATS"]
+__all__ = ["ASGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "LAMB",
+           "LARS", "Lion", "NAdam", "Optimizer", "RAdam", "RMSprop", "Rprop", "SGD", "SWATS"]
