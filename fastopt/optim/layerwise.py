@@ -15,17 +15,20 @@ class LayerWise(Optimizer):
     reduction over the flat buffers (:func:`fastopt.flat.pieces`), whose segments are
     the tensors of the flattening layout, fused with the pass that needs them."""
 
+    def __init__(self, params, defaults, **options):
+        super().__init__(params, defaults, **options)
+        self._pieces_of = {}  # (start, stop) -> the pieces of the tensors there
+
     def _l2(self, group):
         return 0.0  # the weight decay is part of the layer-wise update
 
     def _pieces(self, start, stop):
         """The pieces of the tensors in ``[start:stop]``, built once."""
-        cache = self.__dict__.setdefault("_pieces_cache", {})
-        if (start, stop) not in cache:
+        if (start, stop) not in self._pieces_of:
             bounds = [(offset, offset + math.prod(shape))
                       for offset, shape in self._tensors(start, stop)]
-            cache[start, stop] = self._backend.pieces(*pieces(bounds), len(bounds))
-        return cache[start, stop]
+            self._pieces_of[start, stop] = self._backend.pieces(*pieces(bounds), len(bounds))
+        return self._pieces_of[start, stop]
 
 
 def trust_ratio(numerator_sq, denominator_sq):
