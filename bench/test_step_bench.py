@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import fastopt
+from fastopt import bench
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from cases import ALL, case_id  # noqa: E402
@@ -42,11 +43,13 @@ def test_step(benchmark, case, n, device):
     if device == "cuda":
         cuda = gpu()
         p, g = cuda.to_device(p), cuda.to_device(g)
-    opt = getattr(fastopt, name)(fastopt.adopt(p, grads=g), **kwargs)
+    opt = getattr(fastopt, name)(fastopt.adopt(p, bench.shapes(name, n), grads=g), **kwargs)
     opt.step()
     buffers = sum(hasattr(v, "shape") for v in opt.state.values())
-    # p and every state buffer are read and written, g is read.
-    benchmark.extra_info["bytes_per_step"] = 4 * n * (3 + 2 * buffers)
+    # One pass reads p, g and every state buffer and writes p and the state; the
+    # algorithms of several passes count them all.
+    moved = bench.PASSES_BYTES.get(name, 4 * (3 + 2 * buffers))
+    benchmark.extra_info["bytes_per_step"] = moved * n
     if device == "cuda":
         benchmark(lambda: (opt.step(), gpu().synchronize()))
     else:
