@@ -295,10 +295,8 @@ class CudaBackend:
                                     self._per_piece(pieces, trust_lr))
 
     def column_sums(self, p, g, prep, blocks, out):
-        count = blocks.shape[0]
-        if count:
-            self._kernels.column_sums[count, self._kernels.threads_per_block](p, g, prep,
-                                                                               blocks, out)
+        self._kernels.launch_pieces(self._kernels.column_sums, blocks.shape[0], p, g, prep,
+                                    blocks, out)
         return out.copy_to_host()
 
     def adafactor(self, p, g, prep, col_var, variance, h, pieces, second_starts, factored,

@@ -185,11 +185,11 @@ def _torch_contenders(name, p0, g0, device):
     paths = {"torch loop": dict(foreach=False), "torch foreach": dict(foreach=True)}
     if name in TORCH_FUSED:
         paths["torch fused"] = dict(fused=True)
+    shape, *rest = shapes(name, p0.size)
+    if rest and rest[0][0]:
+        return {}  # a second tensor to split off; the default sizes have none
     steps = {}
     for label, options in paths.items():
-        (shape, *rest) = shapes(name, p0.size)
-        if rest and rest[0][0]:
-            return {}  # a second tensor to split off; the default sizes have none
         param = torch.nn.Parameter(torch.from_numpy(p0[:math.prod(shape)].reshape(shape).copy())
                                    .to(device))
         param.grad = torch.from_numpy(g0[:param.numel()].reshape(shape).copy()).to(device)

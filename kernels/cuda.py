@@ -169,7 +169,7 @@ _lars = cuda.jit(device=True)(rules.lars)
 
 
 def launch_pieces(compiled, pieces, *args):
-    """Run ``compiled`` with one block per piece."""
+    """Run ``compiled`` with one block per piece (or per row block of the column sums)."""
     if pieces:
         compiled[pieces, threads_per_block](*args)
 

@@ -31,12 +31,14 @@ class LayerWise(Optimizer):
         return self._pieces_of[start, stop]
 
 
-def trust_ratio(numerator_sq, denominator_sq):
-    """Per tensor, ``sqrt(numerator_sq / denominator_sq)``, or 1 where either is 0.
-    A NaN or infinite norm carries through to the step, which it then spoils."""
-    numerator, denominator = np.sqrt(numerator_sq), np.sqrt(denominator_sq)
+def trust_ratio(param_sq, other_sq, ratio):
+    """Per tensor, ``ratio(‖p‖, ‖other‖)`` from the two sums of squares, or 1 where
+    either norm is 0. A NaN or infinite norm carries through to the step, which it then
+    spoils."""
+    param_norm, other_norm = np.sqrt(param_sq), np.sqrt(other_sq)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where((numerator == 0) | (denominator == 0), 1.0, numerator / denominator)
+        return np.where((param_norm == 0) | (other_norm == 0), 1.0,
+                        ratio(param_norm, other_norm))
 
 
 class LAMB(LayerWise):
@@ -100,7 +102,7 @@ class LAMB(LayerWise):
         exp_avg, exp_avg_sq = self.state["exp_avg"], self.state["exp_avg_sq"]
         param_sq, update_sq = self._backend.lamb_moments(p, g, exp_avg, exp_avg_sq, prep, h,
                                                          pieces)
-        trust_lr = group["lr"] * trust_ratio(param_sq, update_sq)
+        trust_lr = group["lr"] * trust_ratio(param_sq, update_sq, np.divide)
         moments_kept = h[:-1] + (False,)
         self._backend.lamb_step(p, exp_avg, exp_avg_sq, moments_kept, pieces, trust_lr)
         return host
@@ -163,11 +165,9 @@ class LARS(LayerWise):
     def _update(self, group, step, spec, g, prep, h, start, stop, host):
         pieces, p = self._pieces(start, stop), self.flat_params
         param_sq, grad_sq = self._backend.segment_norms(p, g, prep, pieces)
-        param_norm, grad_norm = np.sqrt(param_sq), np.sqrt(grad_sq)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            local_lr = np.where((param_norm == 0) | (grad_norm == 0), 1.0,
-                                group["trust_coefficient"] * param_norm
-                                / (grad_norm + group["weight_decay"] * param_norm))
+        coefficient, weight_decay = group["trust_coefficient"], group["weight_decay"]
+        local_lr = trust_ratio(param_sq, grad_sq, lambda param_norm, grad_norm:
+                               coefficient * param_norm / (grad_norm + weight_decay * param_norm))
         self._backend.lars_step(p, g, self.state["momentum_buffer"], prep, h, pieces,
                                 group["lr"] * local_lr)
         return host
