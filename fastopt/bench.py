@@ -8,19 +8,29 @@ noise hits all implementations alike. For each algorithm and size it times:
   operation);
 - ``torch loop`` / ``torch foreach`` / ``torch fused``: torch.optim's three paths, when
   torch is installed (fused only where torch has it);
+- ``deepspeed cpu adam``: DeepSpeed's ``DeepSpeedCPUAdam`` (fp32) for Adam and AdamW,
+  when deepspeed is installed and its CPU op builds (skipped silently otherwise);
 - ``triad``: the in-place stream ``a += s * c``, this machine's bandwidth ceiling for an
-  update in place (12 bytes per element).
+  update in place (12 bytes per element); on the GPU also ``copy``, a device-to-device
+  copy (8 bytes per element).
 
 Effective GB/s counts the bytes the algorithm must move: it reads the parameters, the
 gradients and each state buffer and writes the parameters and each state buffer.
+
+On a busy machine one slow round must not become a headline. So every comparison is a
+ratio taken per round, between contenders timed back to back in that round, and the
+table shows the median of those per-round ratios, their range, and a noise column; a row
+whose per-round ratios disagree by more than ``NOISY`` of their median is marked ``!``.
 """
 
+import functools
 import json
 import math
+import os
 import statistics
 import sys
-import time
 from pathlib import Path
+from time import perf_counter
 
 import numpy as np
 
@@ -63,6 +73,15 @@ DEFAULT_SIZES = [1_000, 100_000, 1_000_000, 20_000_000]
 QUICK = dict(algorithms=["Adam", "SGD"], sizes=[1_000, 100_000, 1_000_000, 10_000_000],
              rounds=5, model_tensors=50)
 TRIAD_BYTES = 12
+# The yardsticks and the bytes one element costs them: the in-place triad reads a and c
+# and writes a; the copy reads one buffer and writes another.
+YARDSTICK_BYTES = {"triad": TRIAD_BYTES, "copy": 8}
+# A row is marked noisy when (max - min) / median of its headline's per-round ratios
+# exceeds this: the rounds disagree too much for the median to be trusted blindly.
+NOISY = 0.25
+# DeepSpeed's CPU Adam is a contender when it imports; tests switch it off, since its
+# first use compiles a C++ extension for minutes.
+DEEPSPEED = True
 
 
 def bytes_per_param(name):
@@ -129,11 +148,20 @@ def numpy_step(name, p, g, state, t, lr):
 
 # -- the contenders ----------------------------------------------------------------------
 
-def contenders(name, n, device="cpu"):
-    """``{implementation: step function}`` for one algorithm and size."""
+@functools.lru_cache(maxsize=1)
+def _data(n):
+    """Read-only starting parameters and gradients of ``n`` elements, made once per size
+    (drawing 1e8 normals takes seconds; every algorithm at that size shares them)."""
     rng = np.random.default_rng(0)
     p0 = rng.standard_normal(n).astype(f32)
     g0 = rng.standard_normal(n).astype(f32)
+    p0.flags.writeable = g0.flags.writeable = False
+    return p0, g0
+
+
+def contenders(name, n, device="cpu"):
+    """``{implementation: step function}`` for one algorithm and size."""
+    p0, g0 = _data(n)
     kwargs = ALGORITHMS[name]
     steps = {}
     if device == "cuda":
@@ -148,6 +176,8 @@ def contenders(name, n, device="cpu"):
         steps["triad"] = _synchronised(
             lambda: cuda_kernels.launch(cuda_kernels.add_scaled, n, a, c, f32(1e-9)),
             cuda.synchronize)
+        source, target = cuda.to_device(p0), cuda.device_array_like(p0)
+        steps["copy"] = _synchronised(lambda: target.copy_to_device(source), cuda.synchronize)
     else:
         from .kernels import stream
 
@@ -165,7 +195,30 @@ def contenders(name, n, device="cpu"):
         a, c = p0.copy(), np.ones(n, f32)
         steps["triad"] = lambda: stream.add_scaled(a, c, f32(1e-9))
     steps.update(_torch_contenders(name, p0, g0, device))
+    if device == "cpu" and DEEPSPEED and name in ("Adam", "AdamW"):
+        deepspeed = _deepspeed_adam(name, p0, g0)
+        if deepspeed:
+            steps["deepspeed cpu adam"] = deepspeed
     return steps
+
+
+def _deepspeed_adam(name, p0, g0):
+    """The step of DeepSpeed's fp32 ``DeepSpeedCPUAdam`` set up as torch's Adam or AdamW,
+    or None when deepspeed is missing or its CPU op does not build or run."""
+    try:
+        import torch
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        param = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+        param.grad = torch.from_numpy(g0.copy())
+        # torch's defaults, which DeepSpeed's differ from: AdamW decays by 1e-2.
+        opt = DeepSpeedCPUAdam([param], lr=ALGORITHMS[name]["lr"], betas=(0.9, 0.999),
+                               eps=1e-8, weight_decay=1e-2 if name == "AdamW" else 0.0,
+                               adamw_mode=name == "AdamW")
+        opt.step()  # builds or loads the op; a failure here means no contender
+    except Exception:
+        return None
+    return opt.step
 
 
 def _synchronised(step, synchronize):
@@ -194,27 +247,74 @@ def _torch_contenders(name, p0, g0, device):
                                    .to(device))
         param.grad = torch.from_numpy(g0[:param.numel()].reshape(shape).copy()).to(device)
         opt = getattr(torch.optim, name)([param], **ALGORITHMS[name], **options)
-        steps[label] = (_synchronised(opt.step, torch.cuda.synchronize) if device == "cuda"
-                        else opt.step)
+        step = (_synchronised(opt.step, torch.cuda.synchronize) if device == "cuda"
+                else opt.step)
+        try:
+            step()  # a path this torch build lacks on this device fails here, not mid-run
+        except RuntimeError as error:
+            print(f"\nskipped {label} for {name} on {device}: {error}", file=sys.stderr)
+            continue
+        steps[label] = step
     return steps
 
 
-def time_steps(steps, rounds, round_seconds=0.02):
-    """``{implementation: [seconds per step, one per round]}``, interleaved; each round
-    of each implementation runs for about ``round_seconds``."""
-    numbers = {}
+def seconds_per_call(step, budget):
+    """An estimate of one call of ``step``, from about ``budget`` seconds of calls: the
+    fastest of a doubling series of at least three batches, so that one slow call (a
+    context switch, a page fault) cannot make the step look slow. None for no budget."""
+    if budget <= 0:
+        return None
+    best, number, spent = math.inf, 1, 0.0
+    while (number < 8 or spent < budget) and number <= 1 << 20:
+        start = perf_counter()
+        for _ in range(number):
+            step()
+        elapsed = perf_counter() - start
+        spent += elapsed
+        best = min(best, elapsed / number)
+        number *= 2
+    return best
+
+
+def time_steps(steps, rounds, round_seconds=0.02, batch_seconds=1e-5, batches=None):
+    """``{implementation: [seconds per step, one per round]}``; ``batches``, a dict, if
+    given, receives ``{implementation: [seconds per step of every batch]}``.
+
+    In each round every implementation runs once for about ``round_seconds``, back to
+    back, so that round ``r`` of any two implementations saw the same machine; the order
+    rotates from round to round, so that none always follows the same neighbour. A round
+    is timed in batches of calls lasting about ``batch_seconds`` (long enough for the
+    clock), and its time per step is the median batch's. On a busy machine a
+    multithreaded step now and then waits milliseconds for a thread the OS has
+    descheduled; the mean of a round would count those stalls, and a few per round can
+    make a 20 us step look like 500 us.
+    """
+    batches = {} if batches is None else batches
+    plans = {}
     for label, step in steps.items():
         step()  # compile, allocate state, warm the caches
-        start = time.perf_counter()
-        step()
-        numbers[label] = max(1, int(round_seconds / (time.perf_counter() - start)))
-    times = {label: [] for label in steps}
-    for _ in range(rounds):
-        for label, step in steps.items():
-            start = time.perf_counter()
-            for _ in range(numbers[label]):
-                step()
-            times[label].append((time.perf_counter() - start) / numbers[label])
+        one = seconds_per_call(step, round_seconds / 4)
+        if not one:  # no time to calibrate (or a step too fast to time): one call a round
+            plans[label] = (1, 1)
+            continue
+        calls = max(1, math.ceil(batch_seconds / one))
+        plans[label] = (calls, max(1, int(round_seconds / (calls * one))))
+    labels = list(steps)
+    times = {label: [] for label in labels}
+    for label in labels:
+        batches[label] = []
+    for r in range(rounds):
+        k = r % len(labels)
+        for label in labels[k:] + labels[:k]:
+            step, (calls, number) = steps[label], plans[label]
+            samples = []
+            for _ in range(number):
+                start = perf_counter()
+                for _ in range(calls):
+                    step()
+                samples.append((perf_counter() - start) / calls)
+            times[label].append(statistics.median(samples))
+            batches[label] += samples
     return times
 
 
@@ -222,7 +322,8 @@ def time_steps(steps, rounds, round_seconds=0.02):
 
 def model_case(tensors, rounds, seed=0):
     """fastopt.torch.Adam against torch.optim.Adam on ``tensors`` tensors of log-uniform
-    sizes between 1e2 and 2e5, or None without torch."""
+    sizes between 1e2 and 2e5: ``(parameters, times, batches)`` as :func:`time_steps`
+    gives them, or None without torch."""
     try:
         import torch
 
@@ -243,40 +344,91 @@ def model_case(tensors, rounds, seed=0):
                            ("torch foreach", dict(foreach=True)),
                            ("torch fused", dict(fused=True))):
         steps[label] = torch.optim.Adam(parameters(), lr=1e-3, **options).step
-    return int(sizes.sum()), time_steps(steps, rounds)
+    batches = {}
+    return int(sizes.sum()), time_steps(steps, rounds, batches=batches), batches
 
 
-# -- report ------------------------------------------------------------------------------
+# -- report ---------------------------------------------------------------------------
 
-def rows(name, n, times):
-    """One table row per implementation."""
-    triad = min(times["triad"])
-    triad_gbs = TRIAD_BYTES * n / triad / 1e9
-    fused = min(times["torch fused"]) if "torch fused" in times else None
+def per_round(numerator, denominator):
+    """The ratios ``numerator[r] / denominator[r]`` of two contenders' times in the same
+    rounds."""
+    return [a / b for a, b in zip(numerator, denominator)]
+
+
+def spread(ratios):
+    """How much per-round ratios disagree: ``(max - min) / median``."""
+    return (max(ratios) - min(ratios)) / statistics.median(ratios)
+
+
+def stalled(samples):
+    """The share of batches that took at least twice as long as the fastest: waits for
+    the OS, not the step's work. Above one half, even the median is a stall."""
+    return sum(t >= 2 * min(samples) for t in samples) / len(samples)
+
+
+def rows(name, n, times, batches=None):
+    """One table row per implementation. Throughput is the best round's; every comparison
+    is the median of per-round ratios, with their range. A row's noise is the spread of
+    its headline ratio: vs torch fused, or % triad where there is no torch fused (and for
+    torch fused itself). With ``batches`` (from :func:`time_steps`), each row also gets
+    the share of its batches that stalled. A row is noisy when its noise exceeds
+    ``NOISY`` or when most batches of it, or of what its headline compares it with,
+    stalled."""
+    triad, fused = times.get("triad"), times.get("torch fused")
+    stalls = {label: stalled(batches[label]) if batches else 0.0 for label in times}
     out = []
     for label, seconds in times.items():
         best = min(seconds)
-        moved = TRIAD_BYTES if label == "triad" else bytes_per_param(name)
-        gbs = moved * n / best / 1e9
-        out.append({"algorithm": name, "size": n, "implementation": label,
-                    "median_s": statistics.median(seconds), "min_s": best,
-                    "params_per_s": n / best, "gb_per_s": gbs,
-                    "triad_percent": 100 * gbs / triad_gbs,
-                    "speedup_vs_torch_fused": fused / best if fused else None})
+        moved = YARDSTICK_BYTES.get(label) or bytes_per_param(name)
+        record = {"algorithm": name, "size": n, "implementation": label,
+                  "times_s": seconds, "median_s": statistics.median(seconds), "min_s": best,
+                  "params_per_s": n / best, "gb_per_s": moved * n / best / 1e9,
+                  "triad_percent": None, "triad_percent_rounds": None,
+                  "speedup_vs_torch_fused": None, "speedup_rounds": None,
+                  "speedup_range": None}
+        headline, reference = seconds, label
+        if triad:  # this row's GB/s over the triad's, in each round
+            headline = [100 * moved / TRIAD_BYTES * r for r in per_round(triad, seconds)]
+            record.update(triad_percent=statistics.median(headline),
+                          triad_percent_rounds=headline)
+            reference = "triad"
+        if fused:
+            ratios = per_round(fused, seconds)
+            record.update(speedup_vs_torch_fused=statistics.median(ratios),
+                          speedup_rounds=ratios, speedup_range=[min(ratios), max(ratios)])
+            if label != "torch fused":
+                headline, reference = ratios, "torch fused"
+        record["noise"] = spread(headline)
+        record["stalled"] = stalls[label]
+        record["noisy"] = (record["noise"] > NOISY
+                           or max(stalls[label], stalls[reference]) > 0.5)
+        out.append(record)
     return out
 
 
 def format_table(records):
-    header = (f"{'algorithm':9s} {'size':>7s} {'implementation':15s} {'median':>10s} "
-              f"{'min':>10s} {'params/s':>9s} {'GB/s':>7s} {'% triad':>8s} {'vs fused':>9s}")
+    header = (f"{'algorithm':9s} {'size':>7s} {'implementation':18s} {'median':>10s} "
+              f"{'min':>10s} {'params/s':>9s} {'GB/s':>7s} {'% triad':>8s} {'vs fused':>9s} "
+              f"{'range':>12s} {'noise':>6s} {'stalls':>6s}")
     lines = [header, "-" * len(header)]
     for r in records:
         fused = r["speedup_vs_torch_fused"]
+        low, high = r["speedup_range"] or (None, None)
         lines.append(
-            f"{r['algorithm']:9s} {r['size']:7.0e} {r['implementation']:15s} "
+            f"{r['algorithm']:9s} {r['size']:7.0e} {r['implementation']:18s} "
             f"{_duration(r['median_s']):>10s} {_duration(r['min_s']):>10s} "
             f"{r['params_per_s']:9.2e} {r['gb_per_s']:7.1f} {r['triad_percent']:7.0f}% "
-            f"{(f'{fused:.2f}x' if fused else '-'):>9s}")
+            f"{(f'{fused:.2f}x' if fused else '-'):>9s} "
+            f"{(f'{low:.2f}-{high:.2f}' if fused else '-'):>12s} "
+            f"{100 * r['noise']:5.0f}% {100 * r['stalled']:5.0f}%"
+            + (" !" if r["noisy"] else ""))
+    if any(r["noisy"] for r in records):
+        lines.append(
+            f"! noisy: the per-round ratios (vs fused, else % triad) spread by more than "
+            f"{100 * NOISY:.0f}% of their median, or most\n  batches of the row or of its "
+            "reference stalled (took twice the fastest): the machine was busy. Rerun on a\n"
+            "  quieter machine, with more --rounds, or with --threads 1.")
     return "\n".join(lines)
 
 
@@ -318,6 +470,23 @@ def plot(records, path):
     return True
 
 
+def busy(load_average=None, cores=None):
+    """A warning when other processes keep this machine's cores busy, else None."""
+    if load_average is None:
+        if not hasattr(os, "getloadavg"):
+            return None
+        load_average = os.getloadavg()[0]
+    if cores is None:
+        cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                 else os.cpu_count())
+    if load_average < cores / 2:
+        return None
+    return (f"warning: this machine is busy (load average {load_average:.1f} on {cores} "
+            "cores). Steps that use several threads will now and then wait for one the OS "
+            "has descheduled; the table counts the median batch of each round, but expect "
+            "noise, and compare with --threads 1.")
+
+
 class Progress:
     """A one-line progress bar on stderr."""
 
@@ -335,9 +504,10 @@ class Progress:
 
 
 def run(algorithms=None, sizes=None, rounds=None, threads=None, device="cpu",
-        out="fastopt-bench", quick=False, model_tensors=200):
+        out="fastopt-bench", quick=False, model_tensors=200, round_seconds=0.02):
     """Run the benchmark, print the table, write ``results.json`` (and ``throughput.png``
-    with matplotlib) into ``out``; returns the records."""
+    with matplotlib) into ``out``; returns the records. Each round of each contender
+    lasts about ``round_seconds``."""
     if quick:
         algorithms = algorithms or QUICK["algorithms"]
         sizes = sizes or QUICK["sizes"]
@@ -360,32 +530,46 @@ def run(algorithms=None, sizes=None, rounds=None, threads=None, device="cpu",
             pass
     import numba
 
-    print(f"fastopt bench: {device}, {numba.get_num_threads()} threads, best and median of "
-          f"{rounds} interleaved rounds")
+    print(f"fastopt bench: {device}, {numba.get_num_threads()} threads, {rounds} interleaved "
+          "rounds; ratios are medians of per-round ratios")
+    warning = busy()
+    if warning:
+        print(warning)
     progress = Progress(len(algorithms) * len(sizes) + (device == "cpu"))
     records = []
     for name in algorithms:
         for n in sizes:
             progress.advance(f"{name} {n:.0e}")
-            records += rows(name, n, time_steps(contenders(name, n, device), rounds))
+            steps, batches = contenders(name, n, device), {}
+            times = time_steps(steps, rounds, round_seconds, batches=batches)
+            records += rows(name, n, times, batches)
+            del steps  # free this size's buffers before the next are made
     model = model_case(model_tensors, rounds) if device == "cpu" else None
     if device == "cpu":
         progress.advance("real model")
     print(format_table(records))
+    model_rows = None
     if model:
-        total, times = model
-        fused = min(times["torch fused"])
+        total, times, batches = model
+        model_rows = rows("Adam", total, times, batches)
         print(f"\nreal model: Adam on {model_tensors} tensors (log-uniform 1e2..2e5, "
               f"{total / 1e6:.2f}M parameters) through fastopt.torch")
-        for label, seconds in times.items():
-            print(f"  {label:14s} {_duration(min(seconds)):>10s}  "
-                  f"{fused / min(seconds):5.2f}x vs torch fused")
+        for r in model_rows:
+            low, high = r["speedup_range"]
+            print(f"  {r['implementation']:14s} {_duration(r['min_s']):>10s}  "
+                  f"{r['speedup_vs_torch_fused']:5.2f}x vs torch fused ({low:.2f}-{high:.2f})"
+                  + (" !" if r["noisy"] else ""))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"records": records, "device": device, "threads": numba.get_num_threads(),
+              "rounds": rounds, "noisy_above": NOISY, "busy": warning,
               "model": None if not model else
               {"tensors": model_tensors, "params": model[0],
-               "min_s": {k: min(v) for k, v in model[1].items()}}}
+               "min_s": {r["implementation"]: r["min_s"] for r in model_rows},
+               "times_s": {r["implementation"]: r["times_s"] for r in model_rows},
+               "speedup_vs_torch_fused": {r["implementation"]: r["speedup_vs_torch_fused"]
+                                          for r in model_rows},
+               "speedup_range": {r["implementation"]: r["speedup_range"] for r in model_rows}}}
     (out / "results.json").write_text(json.dumps(result, indent=1))
     drawn = plot(records, out / "throughput.png")
     print(f"\nwrote {out / 'results.json'}"
