@@ -62,13 +62,16 @@ def assert_same_params(a, b, rtol=RTOL, atol=ATOL):
                                    atol=atol, err_msg=name)
 
 
-def torch_run(name, kwargs, model, x, y, nudge=0.0):
-    """torch.optim's losses and final parameters; ``nudge`` scales the initial weights
-    by ``1 + nudge`` first."""
+def torch_run(name, kwargs, model, x, y, seed=None):
+    """torch.optim's losses and final parameters; with ``seed``, every initial weight is
+    first moved by one float32 ulp, up or down at random."""
     model = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(1.0 + nudge)
+    if seed is not None:
+        signs = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                up = torch.randint(0, 2, p.shape, generator=signs, dtype=torch.bool)
+                p.copy_(torch.nextafter(p, torch.where(up, torch.inf, -torch.inf)))
     opt = getattr(torch.optim, name)(model.parameters(), foreach=False, **kwargs)
     losses = train(model, opt, x, y)
     return np.array(losses), [p.detach().numpy() for p in model.parameters()]
@@ -77,8 +80,46 @@ def torch_run(name, kwargs, model, x, y, nudge=0.0):
 def largest_difference(run, other):
     losses, params = run
     other_losses, other_params = other
-    return (np.abs(losses - other_losses).max(),
-            max(np.abs(a - b).max() for a, b in zip(params, other_params)))
+    return np.array([np.abs(losses - other_losses).max(),
+                     max(np.abs(a - b).max() for a, b in zip(params, other_params))])
+
+
+def scale_gradients(model, factor):
+    """A ``before_step`` hook that multiplies the gradients by ``factor``: an error
+    that the comparisons with torch must catch."""
+    def hook(t):
+        for p in model.parameters():
+            p.grad.mul_(factor)
+    return hook
+
+
+# Independent one-ulp perturbations that estimate torch.optim's own sensitivity. On the
+# chaotic CNN RMSprop run, the largest of 8 differs from the largest of 8 others by a few
+# percent, where the two uniform nudges by 1 +- 2**-23 this replaced gave a third of it.
+PERTURBATIONS = 8
+# Agreement that needs no appeal to chaos: float32 rounding over 50 steps.
+TIGHT = 1e-5
+
+
+def training_gaps(case, model_name, grad_factor=1.0):
+    """``(gaps, bounds)``, each ``[loss, parameter]``: how far fastopt.torch's 50 steps end
+    from torch.optim's, and how far they may. The bound is TIGHT, or where the run is
+    chaotic twice the farthest that torch.optim itself moves when its initial weights
+    move by one ulp. ``grad_factor`` multiplies fastopt's gradients, to show that the
+    bound catches an error that small."""
+    name, kwargs = case
+    ours, start, x, y = twins(model_name)
+    opt = getattr(ft, name)(ours.parameters(), **kwargs)
+    our_losses = np.array(train(ours, opt, x, y, before_step=scale_gradients(ours, grad_factor)))
+    theirs = torch_run(name, kwargs, start, x, y)
+    gaps = largest_difference((our_losses, [p.detach().numpy() for p in ours.parameters()]),
+                              theirs)
+    assert our_losses[-1] < our_losses[0] - 1e-3  # training really moved
+    if (gaps <= TIGHT).all():
+        return gaps, np.array([TIGHT, TIGHT])  # no sensitivity could lower the bound
+    sensitivity = np.max([largest_difference(torch_run(name, kwargs, start, x, y, seed), theirs)
+                          for seed in range(PERTURBATIONS)], axis=0)
+    return gaps, np.maximum(TIGHT, 2 * sensitivity)
 
 
 @pytest.mark.parametrize("model_name", MODELS)
@@ -88,23 +129,71 @@ def test_training_matches_torch(case, model_name):
 
     Training feeds every rounding difference back through the gradients, and with
     normalised updates (RMSprop, Adagrad ...) and ReLU kinks some of these runs are
-    chaotic: torch.optim itself, started from weights nudged by one float32 ulp
-    (factors 1 +- 2**-23), ends up as far as 1e-2 from its own run. fastopt must stay
-    within 1e-5 of torch, or within twice the larger nudged distance where the run is
-    chaotic; in the well-conditioned runs that bound is the 1e-5.
+    chaotic: torch.optim itself, started from weights moved by one float32 ulp, ends
+    up as far as 1e-2 from its own run. fastopt must stay within 1e-5 of torch, or
+    within twice the farthest of PERTURBATIONS such runs where the run is chaotic; in
+    the well-conditioned runs that bound is the 1e-5. The single step from the same
+    state, which is not chaotic, is held to a few ulps by the next test.
     """
+    gaps, bounds = training_gaps(case, model_name)
+    assert (gaps <= bounds).all(), (gaps, bounds)
+
+
+@pytest.mark.parametrize("case", [("SGD", dict(lr=0.01, momentum=0.9)),
+                                  ("Adagrad", dict(lr=0.05)),
+                                  ("Adadelta", dict()),
+                                  ("ASGD", dict(lr=0.05))], ids=case_id)
+def test_the_training_bound_catches_gradients_off_by_a_tenth_of_a_percent(case):
+    gaps, bounds = training_gaps(case, "cnn", grad_factor=1.001)
+    assert (gaps > bounds).any(), (gaps, bounds)
+
+
+def ulps_apart(ours, theirs):
+    """How far ``ours`` is from ``theirs``, in float32 ulps of the largest magnitude in
+    ``theirs``: a tensor-wide unit, since an element near 0 takes its update's rounding."""
+    ours, theirs = np.asarray(ours, np.float32), np.asarray(theirs, np.float32)
+    unit = np.spacing(np.abs(theirs).max(initial=np.float32(0)))
+    return float(np.abs(ours - theirs).max(initial=0) / unit)
+
+
+def one_step_ulps(case, model_name, grad_factor=1.0):
+    """From torch.optim's parameters and state after 10 steps, one step of each:
+    ``{what: ulps apart}`` for every parameter and state tensor. ``grad_factor``
+    multiplies fastopt's gradient."""
     name, kwargs = case
-    ours, start, x, y = twins(model_name)
-    our_losses = np.array(train(ours, getattr(ft, name)(ours.parameters(), **kwargs), x, y))
-    ours_run = (our_losses, [p.detach().numpy() for p in ours.parameters()])
-    theirs = torch_run(name, kwargs, start, x, y)
-    floors = [largest_difference(torch_run(name, kwargs, start, x, y, nudge), theirs)
-              for nudge in (2.0 ** -23, -2.0 ** -23)]
-    loss_floor, param_floor = np.max(floors, axis=0)
-    loss_gap, param_gap = largest_difference(ours_run, theirs)
-    assert loss_gap <= max(1e-5, 2 * loss_floor), (loss_gap, loss_floor)
-    assert param_gap <= max(1e-5, 2 * param_floor), (param_gap, param_floor)
-    assert our_losses[-1] < our_losses[0] - 1e-3  # training really moved
+    model, _, x, y = twins(model_name)
+    theirs = getattr(torch.optim, name)(model.parameters(), foreach=False, **kwargs)
+    train(model, theirs, x, y, 10)
+    ours_model = copy.deepcopy(model)
+    ours = getattr(ft, name)(ours_model.parameters(), **kwargs)
+    ours.load_state_dict(copy.deepcopy(theirs.state_dict()))
+    train(model, theirs, x, y, 1)
+    train(ours_model, ours, x, y, 1, scale_gradients(ours_model, grad_factor))
+    apart = {key: ulps_apart(a.detach(), b.detach())
+             for (key, a), b in zip(ours_model.named_parameters(), model.parameters())}
+    our_state, their_state = ours.state_dict()["state"], theirs.state_dict()["state"]
+    assert our_state.keys() == their_state.keys()
+    for index, state in their_state.items():
+        assert our_state[index].keys() == state.keys()
+        for key, value in state.items():
+            apart[f"state[{index}][{key!r}]"] = ulps_apart(our_state[index][key], value)
+    return apart
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.parametrize("case", TORCH_CASES, ids=case_id)
+def test_one_step_from_the_same_state_matches_torch(case, model_name):
+    """Not chaotic: one step from the same parameters and state lands within 4 ulps (of
+    each tensor's largest value) of torch's, parameters and state alike. Measured on
+    these cases: at most 1.25."""
+    apart = one_step_ulps(case, model_name)
+    assert max(apart.values()) <= 4, apart
+
+
+@pytest.mark.parametrize("case", TORCH_CASES, ids=case_id)
+def test_the_one_step_bound_catches_gradients_off_by_a_tenth_of_a_percent(case):
+    apart = one_step_ulps(case, "mlp", grad_factor=1.001)
+    assert max(apart.values()) > 4, apart
 
 
 def test_parameters_live_in_one_flat_buffer_and_grads_accumulate_in_place():
