@@ -1,6 +1,7 @@
 """The ``fastopt`` command line (also ``python -m fastopt``)."""
 
 import argparse
+import os
 import sys
 import time
 
@@ -128,13 +129,78 @@ def demo(args):
     return demo.run(args.out)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (and exit status 2), without the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _counts(what):
+    """An argparse type: comma-separated whole numbers >= 1 (``1e6`` reads as 1000000)."""
+    def parse(text):
+        try:
+            values = [float(item) for item in text.split(",")]
+        except ValueError:
+            values = []
+        if not values or not all(v.is_integer() and v >= 1 for v in values):
+            raise argparse.ArgumentTypeError(f"{what} must be whole numbers >= 1, got {text!r}")
+        return [int(v) for v in values]
+    return parse
+
+
+def _positive(text):
+    """An argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
+def _names(text):
+    names = text.split(",")
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"must be comma-separated names, got {text!r}")
+    return names
+
+
+def _check_bench(parser, args):
+    """What argparse cannot check alone; every fault is a usage error."""
+    from . import bench
+
+    unknown = [name for name in args.algorithms or () if name not in bench.ALGORITHMS]
+    if unknown:
+        parser.error(f"argument --algorithms: unknown {', '.join(unknown)}; choose from "
+                     f"{', '.join(bench.ALGORITHMS)}")
+    if args.threads is not None:
+        import numba
+
+        most = numba.config.NUMBA_NUM_THREADS  # the size of Numba's pool, fixed at start-up
+        if args.threads > most:
+            parser.error(f"argument --threads: at most {most} here (NUMBA_NUM_THREADS), got "
+                         f"{args.threads}")
+    if args.device == "cuda":
+        from numba import cuda
+
+        if not cuda.is_available():
+            parser.error("argument --device: no CUDA GPU is available here")
+
+
+def _check_out(parser, args):
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"argument --out: {args.out} exists and is not a folder")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="fastopt", description=__doc__)
+    parser = _Parser(prog="fastopt", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     check_parser = commands.add_parser(
         "check", help="train a small problem with every algorithm and time Adam")
-    check_parser.add_argument("--steps", type=int, default=300)
-    check_parser.add_argument("--sizes", type=lambda s: [int(float(x)) for x in s.split(",")],
+    check_parser.add_argument("--steps", type=_positive, default=300)
+    check_parser.add_argument("--sizes", type=_counts("sizes"),
                               default=[1000, 1000000, 10000000],
                               help="comma-separated parameter counts to time Adam at")
     check_parser.set_defaults(run=check)
@@ -142,12 +208,14 @@ def main(argv=None):
         "bench", help="time every algorithm against NumPy, torch.optim and the bandwidth")
     bench_parser.add_argument("--quick", action="store_true",
                               help="Adam and SGD at four sizes, fewer rounds (< 2 minutes)")
-    bench_parser.add_argument("--algorithms", type=lambda s: s.split(","),
+    bench_parser.add_argument("--algorithms", type=_names,
                               help="comma-separated, e.g. Adam,SGD (default: all)")
-    bench_parser.add_argument("--sizes", type=lambda s: [int(float(x)) for x in s.split(",")],
+    bench_parser.add_argument("--sizes", type=_counts("sizes"),
                               help="comma-separated parameter counts, e.g. 1e3,1e6")
-    bench_parser.add_argument("--rounds", type=int, help="interleaved rounds (default 7; 5 with --quick)")
-    bench_parser.add_argument("--threads", type=int, help="CPU threads for the kernels")
+    bench_parser.add_argument("--rounds", type=_positive,
+                              help="interleaved rounds (default 7; 5 with --quick)")
+    bench_parser.add_argument("--threads", type=_positive,
+                              help="CPU threads for the kernels (at most NUMBA_NUM_THREADS)")
     bench_parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     bench_parser.add_argument("--out", default="fastopt-bench",
                               help="folder for results.json and throughput.png")
@@ -157,6 +225,10 @@ def main(argv=None):
     demo_parser.add_argument("--out", default="fastopt-demo", help="folder for the PNG files")
     demo_parser.set_defaults(run=demo)
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        _check_bench(bench_parser, args)
+    if args.command in ("bench", "demo"):
+        _check_out(bench_parser if args.command == "bench" else demo_parser, args)
     return args.run(args)
 
 
