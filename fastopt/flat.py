@@ -46,10 +46,51 @@ class Layout:
         """1-D slices of ``flat``, one per parameter."""
         return [flat[o:o + _size(s)] for o, s in zip(self.offsets, self.shapes)]
 
-    def views(self, flat):
-        """Views of ``flat`` shaped like the parameters, in the parameters' structure."""
+    def views(self, flat, name="params"):
+        """Views of ``flat`` shaped like the parameters, in the parameters' structure (a
+        read-only :class:`Views` dict or :class:`ViewList`, called ``name`` in errors)."""
         views = [s.reshape(shape) for s, shape in zip(self.slices(flat), self.shapes)]
-        return views if self.keys is None else dict(zip(self.keys, views))
+        if self.keys is None:
+            return ViewList(views, name)
+        return Views(zip(self.keys, views), name)
+
+
+def _refuse(self, *args, **kwargs):
+    path, inner = f"opt.{self.name}", self
+    while isinstance(inner, (Views, ViewList)) and len(inner):  # down to a first view
+        key = next(iter(inner)) if isinstance(inner, dict) else 0
+        path, inner = f"{path}[{key!r}]", inner[key]
+    raise TypeError(f"opt.{self.name} is read-only: its arrays are views of the flat buffer "
+                    "that the optimizer steps, so an array put in their place would be "
+                    f"silently ignored. Write into a view instead: {path}[...] = array")
+
+
+class Views(dict):
+    """A read-only dict of views (``opt.params``, ``opt.grads``): rebinding an entry
+    raises a TypeError that says to write into the view instead."""
+
+    def __init__(self, items=(), name="params"):
+        super().__init__(items)
+        self.name = name
+
+    __setitem__ = __delitem__ = __ior__ = update = setdefault = pop = popitem = clear = _refuse
+
+    def __reduce__(self):  # copy and pickle through __init__, not item assignment
+        return type(self), (dict(self), self.name)
+
+
+class ViewList(list):
+    """A read-only list of views; see :class:`Views`."""
+
+    def __init__(self, items=(), name="params"):
+        super().__init__(items)
+        self.name = name
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+    append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+
+    def __reduce__(self):
+        return type(self), (list(self), self.name)
 
 
 # The most elements a piece of a segmented reduction covers; see pieces().
@@ -102,9 +143,18 @@ def adopt(buffer, shapes=None, *, grads=None):
 
     ``buffer`` must be a 1-D, C-contiguous, writeable float32 array (NumPy or CUDA).
     The optimizer updates it in place, so every view the caller holds stays live.
-    ``shapes`` (a dict of name -> shape, or a list of shapes, whose sizes add up to
-    ``buffer.size``) gives ``opt.params`` and ``opt.grads`` that structure; without it
-    they are one-element lists holding the whole buffer. ``grads``, a buffer like
+    ``shapes`` gives ``opt.params`` and ``opt.grads`` a structure; the sizes must add up
+    to ``buffer.size``:
+
+    - None: one tensor, the whole buffer (``opt.params == [buffer]``);
+    - a tuple of ints, such as ``(2, 2)``: ONE tensor of that shape (``opt.params`` is
+      a one-element list), as NumPy reads a shape;
+    - a list of shapes, such as ``[(2, 3), (4,)]``: one tensor per shape (an int inside
+      the list means a 1-D shape);
+    - a dict of name -> shape (a tuple, or an int for 1-D): named tensors.
+
+    A list of several ints, ``[2, 2]``, is refused as ambiguous: write ``(2, 2)`` for one
+    2x2 tensor or ``[(2,), (2,)]`` for two vectors. ``grads``, a buffer like
     ``buffer``, is adopted as ``opt.flat_grads`` too; otherwise one is allocated::
 
         flat = np.zeros(1000, np.float32)
@@ -114,11 +164,14 @@ def adopt(buffer, shapes=None, *, grads=None):
     return Adopted(buffer, shapes, grads)
 
 
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _shape(what, shape):
     """``shape`` as a tuple of non-negative ints (an int means a 1-D shape)."""
-    dims = (shape,) if isinstance(shape, numbers.Integral) else shape
-    if not isinstance(dims, (tuple, list)) or not all(
-            isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in dims):
+    dims = (shape,) if _is_int(shape) else shape
+    if not isinstance(dims, (tuple, list)) or not all(map(_is_int, dims)):
         raise TypeError(f"{what} must be a tuple of ints, got {shape!r}")
     if any(d < 0 for d in dims):
         raise ValueError(f"{what} has a negative dimension: {shape!r}")
@@ -209,10 +262,17 @@ def _adopt(adopted):
         layout = Layout.of(None, [flat_params.shape])
     elif isinstance(shapes, dict):
         layout = Layout.of(tuple(shapes), [_shape(f"shapes[{k!r}]", s) for k, s in shapes.items()])
+    elif isinstance(shapes, tuple) and all(map(_is_int, shapes)):
+        layout = Layout.of(None, [_shape("shapes", shapes)])  # one tensor, as NumPy reads it
+    elif isinstance(shapes, list) and len(shapes) > 1 and all(map(_is_int, shapes)):
+        raise TypeError(f"shapes={shapes!r} is ambiguous: write {tuple(shapes)!r} for one "
+                        f"tensor of that shape, or {[(d,) for d in shapes]!r} for "
+                        f"{len(shapes)} vectors")
     elif isinstance(shapes, (list, tuple)):
         layout = Layout.of(None, [_shape(f"shapes[{i}]", s) for i, s in enumerate(shapes)])
     else:
-        raise TypeError(f"shapes must be a dict or list of shapes, got {type(shapes).__name__}")
+        raise TypeError("shapes must be a shape tuple, a list of shapes or a dict of shapes, "
+                        f"got {type(shapes).__name__}")
     if layout.size != flat_params.size:
         raise ValueError(f"shapes add up to {layout.size} elements but the adopted "
                          f"buffer has {flat_params.size}")

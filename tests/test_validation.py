@@ -38,6 +38,10 @@ STEP_CASES = {
     "lr < 0": (set_group("lr", -1e-3), ValueError, "lr >= 0"),
     "lr is a string": (set_group("lr", "0.1"), TypeError, "lr must be a real number"),
     "lr overflows float32": (set_group("lr", 1e39), ValueError, "float32"),
+    "lr / (1 - beta1) overflows float32": (set_group("lr", 1e38), ValueError,
+                                           "lr=1e.38 overflows float32"),
+    "grad_scale whose inverse overflows": (lambda o: o.step(grad_scale=1e-39), ValueError,
+                                           "1/grad_scale overflows"),
     "eps < 0": (set_group("eps", -1e-8), ValueError, "eps >= 0"),
     "beta1 = 1": (set_group("betas", (1.0, 0.999)), ValueError, "index 0"),
     "beta2 < 0": (set_group("betas", (0.9, -0.1)), ValueError, "index 1"),
@@ -76,6 +80,7 @@ STEP_CASES = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered")
 @pytest.mark.parametrize("case", STEP_CASES, ids=str)
 def test_bad_input_to_a_live_optimizer_changes_nothing(case):
     bad, error, match = STEP_CASES[case]
@@ -126,6 +131,9 @@ CONSTRUCTION_CASES = {
                                ValueError, "add up to 5"),
     "adopted grads aliasing": (lambda: fastopt.Adam(fastopt.adopt(ONE, grads=ONE)), ValueError,
                                "share memory"),
+    "adopted shapes as a list of ints": (lambda: fastopt.Adam(fastopt.adopt(np.zeros(4, f32),
+                                                                            [2, 2])),
+                                         TypeError, "ambiguous"),
     "clip_grad_value = 0": (lambda: fastopt.Adam([ONE], clip_grad_value=0.0), ValueError,
                             "clip_grad_value"),
 }

@@ -2,11 +2,12 @@
 
 import math
 import numbers
+import threading
 
 import numpy as np
 
-from .._backend import FLOAT32, is_c_contiguous
-from ..flat import flatten
+from .._backend import FLOAT32, _extent, is_c_contiguous
+from ..flat import ViewList, flatten
 
 f32 = np.float32
 
@@ -54,9 +55,20 @@ class Optimizer:
       pass. A step that finds one changes nothing (parameters, state and step count
       stay bit-identical) and counts itself in ``skipped_steps``.
 
+    **Threads.** Each optimizer holds a lock, so :meth:`step`, :meth:`zero_grad`,
+    :meth:`state_dict`, :meth:`load_state_dict`, :meth:`load` and :func:`fastopt.save`
+    on one optimizer run one at a time, whatever the thread: steps taken in several
+    threads are all applied, each to the state the previous one left, in some order. The
+    lock covers fastopt's own calls only: a thread that writes into ``opt.grads`` while
+    another steps, or changes ``param_groups`` during a step, races as it would with any
+    shared array. Different optimizers never wait for each other.
+
     Attributes:
         params, grads: views into ``flat_params`` / ``flat_grads``, in the structure the
             parameters were given in (with groups, a list of one structure per group).
+            The dicts and lists are read-only (the optimizer steps the flat buffer, so a
+            rebound name would silently stop being optimized): write into a view
+            instead, ``opt.params["w"][...] = array``.
         flat_params, flat_grads: the 1-D float32 buffers the kernel updates.
         param_groups: a list of dicts, one per group, holding the group's ``params``
             (views, fixed at construction) and its hyperparameters; change them between
@@ -83,10 +95,13 @@ class Optimizer:
         self.defaults = dict(defaults)
         flat = flatten(structures, self._grouped)
         self._backend, self._layouts, self.flat_params, self.flat_grads = flat
-        param_views = [layout.views(self.flat_params) for layout in self._layouts]
-        grad_views = [layout.views(self.flat_grads) for layout in self._layouts]
-        self.params = param_views if self._grouped else param_views[0]
-        self.grads = grad_views if self._grouped else grad_views[0]
+        names = [layout.prefix for layout in self._layouts]  # "params" or "params[i]"
+        param_views = [layout.views(self.flat_params, name)
+                       for layout, name in zip(self._layouts, names)]
+        grad_views = [layout.views(self.flat_grads, "grads" + name[len("params"):])
+                      for layout, name in zip(self._layouts, names)]
+        self.params = ViewList(param_views, "params") if self._grouped else param_views[0]
+        self.grads = ViewList(grad_views, "grads") if self._grouped else grad_views[0]
         self._grad_slices = [layout.slices(self.flat_grads) for layout in self._layouts]
         self.param_groups = [{"params": views, **group}
                              for views, group in zip(param_views, groups)]
@@ -97,6 +112,8 @@ class Optimizer:
             self.state[name] = [value] * len(groups)
         self.last_grad_norm = None
         self.skipped_steps = 0
+        # Re-entrant, so that a schedule or hook called during a step may take a state_dict.
+        self._lock = threading.RLock()
 
     @property
     def device(self):
@@ -139,29 +156,33 @@ class Optimizer:
 
     def state_dict(self):
         """Everything needed to continue exactly: ``{"meta": ..., "arrays": ...}`` with
-        copies of the parameters and state buffers; see :mod:`fastopt.checkpoint`."""
+        copies of the parameters and state buffers, taken under the lock (one step's
+        state, whatever other threads do); see :mod:`fastopt.checkpoint`."""
         from .. import checkpoint
 
         return checkpoint.state_dict(self)
 
     def load_state_dict(self, state_dict):
         """Continue from a :meth:`state_dict` of an optimizer of the same algorithm and
-        parameter layout. Everything is checked first; on error nothing changes."""
+        parameter layout. Everything is checked first, under the lock; on error
+        (ValueError or TypeError) nothing changes."""
         from .. import checkpoint
 
         checkpoint.load_state_dict(self, state_dict)
 
     def load(self, path):
-        """Continue from the checkpoint file ``path`` (written by :func:`fastopt.save`)."""
+        """Continue from the checkpoint file ``path`` (written by :func:`fastopt.save`).
+        As :meth:`load_state_dict`; a fault in the file raises ValueError naming it."""
         from .. import checkpoint
 
-        checkpoint.load_state_dict(self, checkpoint.read(path))
+        checkpoint.load_file(self, path)
 
     # -- the step -------------------------------------------------------------------
 
     def zero_grad(self):
         """Set every gradient to zero."""
-        self._backend.fill(self.flat_grads, 0.0)
+        with self._lock:
+            self._backend.fill(self.flat_grads, 0.0)
 
     def step(self, grads=None, *, grad_scale=None, skip_nonfinite=None):
         """Take one optimization step, updating ``flat_params`` and the state in place.
@@ -173,36 +194,40 @@ class Optimizer:
         scaling. ``skip_nonfinite`` overrides the optimizer's option for this step.
 
         A step skipped because of a non-finite gradient counts in ``skipped_steps``.
-        Invalid input raises before anything is modified.
+        Invalid input raises before anything is modified, and so does a step whose
+        folded float32 scalars would overflow (a huge ``lr``): the ValueError names the
+        hyperparameters. Steps from several threads take turns (see the class docstring).
         """
-        step = self.state["step"] + 1
-        plans = [self._plan(index, group, step) for index, group in enumerate(self.param_groups)]
-        inverse_scale = 1.0 if grad_scale is None else 1.0 / _loss_scale(grad_scale)
-        if skip_nonfinite is None:
-            skip_nonfinite = self._skip_nonfinite
-        else:
-            check_flag("skip_nonfinite", skip_nonfinite)
-        g = self._gradients(grads)  # the last check, and the first write
-        coefficient = 1.0
-        if skip_nonfinite or self._clip_grad_norm is not None:
-            norm = math.sqrt(self._backend.sum_squares(g)) * inverse_scale
-            self.last_grad_norm = norm
-            if skip_nonfinite and not math.isfinite(norm):
-                self.skipped_steps += 1
-                return
-            if self._clip_grad_norm is not None:
-                coefficient = clip_coefficient(self._clip_grad_norm, norm)
-        clip = f32(math.inf if self._clip_grad_value is None else self._clip_grad_value)
-        self._allocate_state(plans)
-        for index, (group, spec, fresh, h, host) in enumerate(plans):
-            sign = -1.0 if group.get("maximize") else 1.0
-            prep = (f32(sign * inverse_scale * coefficient), clip, f32(self._l2(group)))
-            layout = self._layouts[index]
-            host = self._update(group, step, spec, g, prep, h, layout.start, layout.stop, host)
-            self._started[index].update(spec)
-            for name, value in host.items():
-                self.state[name][index] = value
-        self.state["step"] = step
+        with self._lock:  # one step at a time, never during a save or a load
+            step = self.state["step"] + 1
+            plans = [self._plan(index, group, step)
+                     for index, group in enumerate(self.param_groups)]
+            inverse_scale = 1.0 if grad_scale is None else 1.0 / _loss_scale(grad_scale)
+            if skip_nonfinite is None:
+                skip_nonfinite = self._skip_nonfinite
+            else:
+                check_flag("skip_nonfinite", skip_nonfinite)
+            g = self._gradients(grads)  # the last check, and the first write
+            coefficient = 1.0
+            if skip_nonfinite or self._clip_grad_norm is not None:
+                norm = math.sqrt(self._backend.sum_squares(g)) * inverse_scale
+                self.last_grad_norm = norm
+                if skip_nonfinite and not math.isfinite(norm):
+                    self.skipped_steps += 1
+                    return
+                if self._clip_grad_norm is not None:
+                    coefficient = clip_coefficient(self._clip_grad_norm, norm)
+            clip = f32(math.inf if self._clip_grad_value is None else self._clip_grad_value)
+            self._allocate_state(plans)
+            for index, (group, spec, fresh, h, host) in enumerate(plans):
+                sign = -1.0 if group.get("maximize") else 1.0
+                prep = (f32(sign * inverse_scale * coefficient), clip, f32(self._l2(group)))
+                layout = self._layouts[index]
+                host = self._update(group, step, spec, g, prep, h, layout.start, layout.stop, host)
+                self._started[index].update(spec)
+                for name, value in host.items():
+                    self.state[name][index] = value
+            self.state["step"] = step
 
     def _plan(self, index, group, step):
         """``(group, spec, fresh, h, host)`` for one group's part of step ``step``: the
@@ -212,13 +237,43 @@ class Optimizer:
         if snapshot != self._checked[index]:  # changed since the last step: validate again
             self._check_group(index, group)
             self._checked[index] = snapshot
+        host = {name: self.state[name][index] for name in self._initial_host()}
+        return self._fold(index, group, step, host, self._started[index])
+
+    def _fold(self, index, group, step, host, started):
+        """:meth:`_plan` for given host state and started buffers (a load checks with it
+        that a checkpoint can take its next step). Raises ValueError, naming the
+        hyperparameters, where a folded float32 scalar overflows."""
         lr = group.get("lr")
         if callable(lr):
             group = dict(group, lr=_scheduled_lr(index, lr, step - 1))
-        host = {name: self.state[name][index] for name in self._initial_host()}
         spec = self._state_spec(group, host)
-        fresh = [name for name in spec if name not in self._started[index]]
-        return group, spec, fresh, self._scalars(group, step, fresh, host), host
+        fresh = [name for name in spec if name not in started]
+        h = self._scalars(group, step, fresh, host)
+        if not _finite(h):
+            raise self._overflow(index, group, step, fresh, host)
+        return group, spec, fresh, h, host
+
+    def _overflow(self, index, group, step, fresh, host):
+        """The error for scalars that overflow float32 (``lr / (1 - beta1)`` with a huge lr,
+        say). torch raises for most of these too; fastopt refuses them all, since a step
+        by an infinite factor only turns the parameters into infinities and NaNs. The
+        culprits are the hyperparameters that, set to 0 alone, make the scalars fit."""
+        def fits_without(key):
+            try:
+                with np.errstate(over="ignore"):  # numpy has warned once already
+                    return _finite(self._scalars(dict(group, **{key: 0.0}), step, fresh, host))
+            except (ArithmeticError, TypeError, ValueError):
+                return False
+
+        reals = [k for k, v in group.items()
+                 if isinstance(v, numbers.Real) and not isinstance(v, bool)]
+        culprits = [k for k in reals if fits_without(k)] or reals
+        where = f" in param_groups[{index}]" if self._grouped else ""
+        values = ", ".join(f"{k}={group[k]!r}" for k in culprits)
+        return ValueError(f"{values}{where} overflows float32 in the scalars of step {step} "
+                          f"(float32 holds at most {FLOAT32_MAX:.4g}); make "
+                          f"{' or '.join(culprits)} smaller")
 
     def _allocate_state(self, plans):
         """Create the state buffers this step needs, and initialize the segments of
@@ -346,8 +401,20 @@ class Optimizer:
         copies = []
         for (layout, group_grads), slices in zip(pairs, self._grad_slices):
             copies += zip(slices, self._group_gradients(layout, group_grads))
+        backend = self._backend
+        # A source that is a view of flat_grads (step({"a": g[3:6], "b": g[0:3]})) would
+        # be read after an earlier copy overwrote it: such sources are copied out first,
+        # all before the first write. A source that already is its destination (the
+        # user's own opt.grads) needs no copy at all, and no allocation.
+        staged = []
         for destination, source in copies:
-            self._backend.copy(destination, source)
+            if source.size and backend.overlaps(source, self.flat_grads):
+                if _same_memory(source, destination):
+                    continue
+                source = _copy_of(backend, source)
+            staged.append((destination, source))
+        for destination, source in staged:
+            backend.copy(destination, source)
         return self.flat_grads
 
     def _group_gradients(self, layout, grads):
@@ -382,6 +449,24 @@ class Optimizer:
                 raise ValueError(f"{name} must be C-contiguous on the GPU")
             arrays.append(a)
         return arrays
+
+
+def _address(a):
+    if isinstance(a, np.ndarray):
+        return a.__array_interface__["data"][0]
+    return _extent(a)[0]
+
+
+def _same_memory(source, destination):
+    """Whether ``source`` is ``destination`` (a 1-D slice) seen through another shape."""
+    return (source.size == destination.size and is_c_contiguous(source)
+            and _address(source) == _address(destination))
+
+
+def _copy_of(backend, source):
+    copy = backend.zeros(source.size)
+    backend.copy(copy, source)
+    return copy
 
 
 def _cutter(start, stop):
@@ -430,7 +515,19 @@ def _loss_scale(value):
     scale = real("grad_scale", value)
     if not (0.0 < scale < math.inf):
         raise ValueError(f"grad_scale must be a finite number > 0, got {value!r}")
+    if 1.0 / scale > FLOAT32_MAX:
+        raise ValueError(f"grad_scale={value!r} is so small that 1/grad_scale overflows float32")
     return scale
+
+
+def _finite(h):
+    """Whether every number in the scalar tuple ``h`` is finite: one C-level sum, much
+    cheaper per step than a test per element (a sum of float32 values cannot overflow
+    float64, so only an inf or NaN in ``h`` makes it non-finite)."""
+    try:
+        return math.isfinite(math.fsum(h))
+    except ValueError:  # inf and -inf together
+        return False
 
 
 def _positive_or_none(name, value):
