@@ -1,6 +1,10 @@
 """``fastopt bench``: the table, the JSON, the plot, and honest contenders."""
 
 import json
+import os
+import subprocess
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -10,10 +14,15 @@ from fastopt import bench
 from fastopt.cli import main
 
 
+QUIET_THREADS = bench.quiet_threads
+
+
 @pytest.fixture(autouse=True)
 def no_deepspeed(monkeypatch):
     # Its first use compiles a C++ extension for minutes; the wiring is tested with a fake.
     monkeypatch.setattr(bench, "DEEPSPEED", False)
+    # On a busy machine bench.run would set OMP_WAIT_POLICY in this test process.
+    monkeypatch.setattr(bench, "quiet_threads", lambda warning: None)
 
 
 def test_bench_writes_the_table_json_and_plot(tmp_path, capsys):
@@ -239,9 +248,6 @@ def test_the_json_and_table_carry_the_per_round_ratios(tmp_path, monkeypatch, ca
 @pytest.mark.parametrize("name", ["Adam", "AdamW"])
 def test_deepspeed_cpu_adam_joins_as_torch_configures_it(name, monkeypatch):
     torch = pytest.importorskip("torch")
-    import sys
-    import types
-
     made = []
 
     class DeepSpeedCPUAdam(torch.optim.Adam):
@@ -268,8 +274,6 @@ def test_deepspeed_cpu_adam_joins_as_torch_configures_it(name, monkeypatch):
 
 
 def test_a_missing_deepspeed_is_skipped_silently(monkeypatch, capsys):
-    import sys
-
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # import raises ImportError
     monkeypatch.setattr(bench, "DEEPSPEED", True)
     assert "deepspeed cpu adam" not in bench.contenders("Adam", 100)
@@ -280,3 +284,37 @@ def test_a_busy_machine_is_named():
     assert bench.busy(load_average=3.9, cores=2).startswith("warning: this machine is busy")
     assert "load average 3.9 on 2 cores" in bench.busy(load_average=3.9, cores=2)
     assert bench.busy(load_average=0.5, cores=2) is None
+
+
+def test_on_a_busy_machine_idle_openmp_threads_sleep(monkeypatch):
+    from numba.np.ufunc import parallel
+
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    monkeypatch.setattr(parallel, "_is_initialized", False)
+    environ = {}
+    assert "OMP_WAIT_POLICY=PASSIVE" in QUIET_THREADS("warning", environ)
+    assert environ == {"OMP_WAIT_POLICY": "PASSIVE"}
+    chosen = {"OMP_WAIT_POLICY": "ACTIVE"}  # the user's choice stands
+    assert QUIET_THREADS("warning", chosen) is None and chosen["OMP_WAIT_POLICY"] == "ACTIVE"
+    quiet = {}
+    assert QUIET_THREADS(None, quiet) is None and quiet == {}
+    # Once a pool has started, the variable would be read too late: say so, change nothing.
+    monkeypatch.setattr(parallel, "_is_initialized", True)
+    late = {}
+    assert "already started" in QUIET_THREADS("warning", late) and late == {}
+
+
+def test_the_policy_is_set_before_torch_loads(tmp_path):
+    # In a fresh process, as `fastopt bench` runs: the variable is set before torch and
+    # Numba's pool start (or it would be too late, and stay unset).
+    code = ("import os, sys; from fastopt import bench\n"
+            "bench.busy = lambda: 'warning: busy'\n"
+            f"bench.run(['SGD'], [10], rounds=1, out={str(tmp_path)!r}, model_tensors=2)\n"
+            "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-2] == "PASSIVE"
+    assert "Idle OpenMP threads sleep in this run" in result.stdout
+    assert json.loads((tmp_path / "results.json").read_text())["omp_wait_policy"] == "PASSIVE"
