@@ -150,3 +150,27 @@ def test_bad_construction_is_refused_and_the_inputs_are_untouched(case):
 
 def test_the_table_has_at_least_thirty_distinct_bad_inputs():
     assert len(STEP_CASES) + len(CONSTRUCTION_CASES) >= 30
+
+
+def test_hyperparameters_edited_in_place_or_replaced_by_an_equal_value_are_checked_again():
+    """A step re-checks a group whose values changed, also where the change keeps the
+    same object (a list edited in place) or an equal value (0 for False)."""
+    opt = fresh()
+    opt.param_groups[0]["betas"] = [0.9, 0.999]
+    opt.step()
+    opt.param_groups[0]["betas"][0] = 1.0  # in place: the same list
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="index 0"):
+        opt.step()
+    assert_unchanged(opt, before)
+    opt.param_groups[0]["betas"] = (0.9, 0.999)
+    opt.step()
+    opt.param_groups[0]["amsgrad"] = 1  # == True, but not a bool
+    before = snapshot(opt)
+    with pytest.raises(TypeError, match="amsgrad must be True or False"):
+        opt.step()
+    assert_unchanged(opt, before)
+    del opt.param_groups[0]["eps"]
+    with pytest.raises(KeyError, match="eps"):
+        opt.step()
+    assert_unchanged(opt, before)

@@ -2,6 +2,7 @@
 
 import math
 import numbers
+import operator
 import threading
 
 import numpy as np
@@ -105,7 +106,7 @@ class Optimizer:
         self._grad_slices = [layout.slices(self.flat_grads) for layout in self._layouts]
         self.param_groups = [{"params": views, **group}
                              for views, group in zip(param_views, groups)]
-        self._checked = [_snapshot(group) for group in self.param_groups]
+        self._checked = [_checked(group) for group in self.param_groups]
         self._started = [set() for _ in groups]  # the state buffers each group has begun
         self.state = {"step": 0}
         for name, value in self._initial_host().items():
@@ -233,10 +234,13 @@ class Optimizer:
         """``(group, spec, fresh, h, host)`` for one group's part of step ``step``: the
         group with its scheduled lr, and its host state before the step. Validates, and
         modifies nothing."""
-        snapshot = _snapshot(group)
-        if snapshot != self._checked[index]:  # changed since the last step: validate again
-            self._check_group(index, group)
-            self._checked[index] = snapshot
+        keys, values, snapshot = self._checked[index] or ((), None, None)
+        if not (values is not None and tuple(group) == keys
+                and all(map(operator.is_, group.values(), values))):
+            checked = _checked(group)
+            if checked[2] != snapshot:  # changed since the last step: validate again
+                self._check_group(index, group)
+            self._checked[index] = checked
         host = {name: self.state[name][index] for name in self._initial_host()}
         return self._fold(index, group, step, host, self._started[index])
 
@@ -536,6 +540,16 @@ def _positive_or_none(name, value):
     if not real(name, value) > 0.0:
         raise ValueError(f"{name} must be None or a number > 0, got {value!r}")
     return float(value)
+
+
+def _checked(group):
+    """``(keys, values, snapshot)`` of a group, as ``_plan`` compares it at every step:
+    first, cheaply, the same keys holding the same objects (which holds unless the
+    user assigned something; None where a value is a list, which could change in
+    place), and where that fails, the snapshot."""
+    values = tuple(group.values())
+    mutable = any(isinstance(value, list) for key, value in group.items() if key != "params")
+    return tuple(group), None if mutable else values, _snapshot(group)
 
 
 def _snapshot(group):
