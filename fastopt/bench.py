@@ -482,8 +482,8 @@ def busy(load_average=None, cores=None):
     if load_average < cores / 2:
         return None
     return (f"warning: this machine is busy (load average {load_average:.1f} on {cores} "
-            "cores). Steps that use several threads will now and then wait for one the OS "
-            "has descheduled; the table counts the median batch of each round, but expect "
+            "cores). Steps that use several threads will now\n  and then wait for one the OS "
+            "has descheduled; the table counts the median batch of each round, but\n  expect "
             "noise, and compare with --threads 1.")
 
 
