@@ -748,3 +748,15 @@ def test_the_installed_command_prints_no_traceback():
     assert run.stderr.strip().splitlines() == [
         "fastopt bench: error: argument --sizes: sizes must be whole numbers >= 1, got '-5' "
         "(see fastopt bench --help)"]
+
+
+def test_a_step_whose_host_state_cannot_be_computed_changes_nothing():
+    # ASGD's eta = lr / (1 + lambd * lr * t) ** alpha overflows float64 for this alpha,
+    # which its checks let through: the error comes before the kernel runs.
+    opt = fastopt.ASGD([np.ones(3, f32)], lr=0.01)
+    opt.step(np.ones(3, f32))
+    opt.param_groups[0]["alpha"] = 2.0 ** 70
+    before = everything(opt)
+    with pytest.raises((ArithmeticError, ValueError)):
+        opt.step(np.ones(3, f32))
+    assert_all_unchanged(opt, before)

@@ -295,8 +295,9 @@ class Optimizer:
     def _update(self, group, step, spec, g, prep, h, start, stop, host):
         """Apply step number ``step`` to ``[start:stop]`` of the buffers, which share the
         host state ``host``; returns that host state after the step."""
+        after = self._host_state(group, step, host)  # first: if it raises, nothing moved
         self._launch(self.rule, spec, start, stop, g, prep, h)
-        return self._host_state(group, step, host)
+        return after
 
     def _launch(self, rule, spec, start, stop, g, prep, h):
         """Run ``rule`` over ``[start:stop]`` of the parameters, ``g`` and the state."""
