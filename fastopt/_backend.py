@@ -67,6 +67,20 @@ class Pieces:
         return tuple(np.bincount(self.segment, partials[:, j], self.segments) for j in (0, 1))
 
 
+class SegmentTable:
+    """Tensors of ``sizes`` elements as segments for the CPU kernels: their chunks (see
+    ``kernels.cpu.segment_chunks``), and where each one's state starts in flat state
+    buffers, from ``state_start``."""
+
+    def __init__(self, sizes, state_start):
+        from .kernels import cpu
+
+        self.size = sum(sizes)
+        self.chunks = cpu.segment_chunks(sizes)
+        self.state_starts = np.cumsum([state_start] + list(sizes[:-1]), dtype=np.int64)
+        self.partials = np.zeros(len(self.chunks), np.float64)
+
+
 class HostBackend:
     device = "cpu"
 
@@ -114,6 +128,19 @@ class HostBackend:
         kernels = self._kernels
         self._call(kernels.kernel(rule, present), p.size, p, g, *states, prep, h,
                    flush=kernels.FLUSH_DENORMALS and rule not in kernels.KEEP_DENORMALS)
+
+    def run_segments(self, rule, present, p, g, states, prep, h, table):
+        """``run`` over tensors that lie anywhere in memory: ``p`` and ``g`` are their
+        addresses, ``table`` their :class:`SegmentTable`."""
+        kernels = self._kernels
+        self._call(kernels.segment_kernel(rule, present), table.size, p, g, *states, prep, h,
+                   table.chunks, table.state_starts,
+                   flush=kernels.FLUSH_DENORMALS and rule not in kernels.KEEP_DENORMALS)
+
+    def segment_sum_squares(self, g, table):
+        """The float64 sum of squares of the tensors at the addresses ``g``."""
+        return self._call(self._kernels.segment_sum_squares, table.size, g, table.chunks,
+                          table.partials)
 
     def sum_squares(self, g):
         """The float64 sum of squares of ``g``, deterministic (see kernels.cpu)."""

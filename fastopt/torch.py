@@ -6,41 +6,60 @@ Switching is a one-line change::
     opt = fastopt.torch.Adam(model.parameters(), lr=1e-3)  # after
 
 Each class is a real :class:`torch.optim.Optimizer` that takes its torch.optim namesake's
-arguments (plus fastopt's own options) and gives its numbers. At construction it copies
-the parameters of each device into one contiguous float32 buffer and makes every
-``p.data`` a view into it; the gradients get a flat buffer too, and every ``p.grad`` it
-hands out is a view, so autograd accumulates in place and ``step()`` runs one fused
-kernel per run of parameters that share a group and a step count. CPU tensors run the
-CPU kernels on zero-copy NumPy views; CUDA tensors run the CUDA kernels through
-``__cuda_array_interface__``.
+arguments (plus fastopt's own options) and gives its numbers.
 
-As in torch, a parameter whose ``.grad`` is None is left untouched, and the step count,
-bias corrections and NAdam's momentum product are kept per parameter. A ``.grad`` that
-was replaced by another tensor (autograd after ``zero_grad(set_to_none=True)``, or a
-library that assigns ``.grad``) is copied into the flat buffer and replaced by a view.
-Hyperparameters are read from ``param_groups`` at every step, so every
-torch.optim.lr_scheduler works, and so does torch.amp.GradScaler. ``state_dict()`` and
+**The model's tensors stay the model's.** A step reads every parameter and gradient where
+it lies and writes the parameter in place, as torch.optim does: fastopt holds no copy
+of them and never replaces their storage. On the CPU, the single-pass algorithms (all
+but SWATS, LAMB, LARS and Adafactor) run one fused kernel per run of parameters that
+share a group and a step count, over a table of (address, length) segments. The others,
+and every algorithm on CUDA for now, gather a run's parameters and gradients into a
+scratch buffer, step it, and copy the parameters back (two more passes over them).
+
+The state (``exp_avg`` ...) is fastopt's: flat buffers per device, of which
+``opt.state[p]`` holds views in ``p``'s shape and memory layout. A state tensor that
+you replace (``opt.state[p]["exp_avg"] = torch.zeros_like(p)``) is taken in at the next
+step, and ``state_dict()`` saves what the kernels use. ``state_dict()`` and
 ``load_state_dict()`` use torch's layout and key names, so checkpoints move both ways
-between fastopt.torch and torch.optim.
+between fastopt.torch and torch.optim; a checkpoint that does not fit the parameters
+(another number of groups or parameters, state of another size) is refused with a
+ValueError before anything changes.
 
-Differences from torch.optim: ``zero_grad()`` zeroes the flat gradient buffer by
-default (``set_to_none=False``), which keeps the views; ``foreach`` and ``fused`` are
-accepted and ignored (every step is fused); ``capturable`` and ``differentiable`` must
-stay False; ``lr`` must be a number (use a torch.optim.lr_scheduler). Parameters must be
-float32: other dtypes raise a TypeError at construction.
+**Nothing is trusted from one step to the next.** A parameter whose storage or shape
+changed since the last step (``p.data = t``, ``model.to(...)``, ``share_memory()``,
+``vector_to_parameters``, FSDP and ZeroRedundancyOptimizer re-pointing parameters at
+buckets), or that came into a group, is checked again and stepped where it now lies,
+with its state, as torch would step it; one that fastopt cannot step (another dtype,
+a layout with gaps) gets an error that names it, and nothing changes. The check reads
+each parameter's address and shape at every step; a new dtype or layout comes with new
+storage, except for views of the same memory (``p.data = p.data.t()`` on a square
+matrix), which a step does not notice.
 
-Build the optimizer after the model is where it will train: like apex's flat-buffer
-optimizers, it holds the parameters' storage, so anything that later replaces a
-parameter's storage (``model.to(device or memory_format)``, ``share_memory()``)
-detaches that parameter from the optimizer.
+What a parameter must be: float32, on the CPU or a CUDA device, and dense (contiguous,
+channels_last, transposed or any other layout without gaps or overlaps; a gradient in
+another layout than its parameter is copied for the step). As in torch, a parameter
+whose ``.grad`` is None is left untouched, and the step count, bias corrections and
+NAdam's momentum product are kept per parameter. Hyperparameters are read from
+``param_groups`` at every step, so every torch.optim.lr_scheduler works, and so does
+torch.amp.GradScaler. ``torch.compile`` leaves the step to run eagerly (a graph break).
+
+Differences from torch.optim: ``foreach`` and ``fused`` are accepted and ignored (every
+step is fused); ``capturable`` and ``differentiable`` must stay False; ``lr`` must be a
+number (use a torch.optim.lr_scheduler); FSDP2's DTensor parameters are refused for now.
 """
+
+import collections
+import functools
+import weakref
 
 import numpy as np
 import torch
 
 from . import optim as core
+from ._backend import HostBackend, SegmentTable
 from .flat import adopt
-from .optim.optimizer import (_loss_scale, _positive_or_none, _snapshot, check_flag,
+from .optim.optimizer import Optimizer as _Flat
+from .optim.optimizer import (_loss_scale, _snapshot, check_flag,
                               clip_coefficient, f32)
 
 __all__ = ["SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax", "NAdam",
@@ -52,15 +71,18 @@ _NOT_HYPERPARAMETERS = ("params", "param_names")
 # are float32 in torch too.
 _TORCH_SCALARS = {"step": torch.float32, "mu_product": torch.float64, "eta": torch.float32,
                   "mu": torch.float32}
+# What the optimizer builds for itself, and rebuilds after a copy or an unpickling.
+_RUNTIME = ("_math", "_stores", "_slots", "_group_slots", "_checked", "_seen")
 
 
 class Optimizer(torch.optim.Optimizer):
-    """The base of the drop-in classes: flat buffers per device, and a step that drives
-    the fastopt algorithm ``algorithm`` over runs of parameters.
+    """The base of the drop-in classes: the fastopt algorithm ``algorithm`` stepping the
+    parameters in place, with its state in flat buffers per device.
 
     fastopt's options: ``clip_grad_norm``, ``clip_grad_value`` and ``skip_nonfinite``
-    (see :class:`fastopt.Optimizer`); the norm is taken over the parameters that have
-    a gradient, as torch.nn.utils.clip_grad_norm_ takes it.
+    (see :class:`fastopt.Optimizer`), validated whenever they are set; the norm is
+    taken over the parameters that have a gradient, as
+    torch.nn.utils.clip_grad_norm_ takes it.
     """
 
     algorithm = None  # the fastopt class whose math this optimizer runs
@@ -73,18 +95,23 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError(f"fastopt.torch.{type(self).__name__} does not support "
                                  f"{name}=True")
         self._math = self.algorithm(adopt(np.zeros(1, np.float32)))  # hooks only
-        self._devices = None
+        self._stores = None
         super().__init__(params, {**defaults, **torch_options})
-        self.clip_grad_norm = _positive_or_none("clip_grad_norm", clip_grad_norm)
-        self.clip_grad_value = _positive_or_none("clip_grad_value", clip_grad_value)
-        check_flag("skip_nonfinite", skip_nonfinite)
-        self.skip_nonfinite = bool(skip_nonfinite)
+        self.state = _State(self.state)
+        self.clip_grad_norm = clip_grad_norm
+        self.clip_grad_value = clip_grad_value
+        self.skip_nonfinite = skip_nonfinite
         self.last_grad_norm = None
         self.skipped_steps = 0
-        self._flatten()
+        self._relayout()
+
+    # The options are checked whenever they are set, as in fastopt.Optimizer.
+    clip_grad_norm = _Flat.clip_grad_norm
+    clip_grad_value = _Flat.clip_grad_value
+    skip_nonfinite = _Flat.skip_nonfinite
 
     def add_param_group(self, param_group):
-        """Add a group, as torch does; the buffers are rebuilt to take it in."""
+        """Add a group, as torch does."""
         super().add_param_group(param_group)
         index = len(self.param_groups) - 1
         try:
@@ -92,35 +119,34 @@ class Optimizer(torch.optim.Optimizer):
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
-        if self._devices is not None:
-            self._flatten()
+        if self._stores is not None:
+            self._relayout()
 
     def __getstate__(self):
-        return {**super().__getstate__(), "fastopt_options": self._options()}
+        state = {k: v for k, v in super().__getstate__().items() if k not in _RUNTIME}
+        return {**state, "fastopt_options": self._options()}
 
     def __setstate__(self, state):
         options = state.pop("fastopt_options", None)
         super().__setstate__(state)
+        self.state = _State(self.state)  # torch's load_state_dict comes through here
         for group in self.param_groups:  # a torch checkpoint lacks fastopt's own options
             for name, value in self.defaults.items():
                 group.setdefault(name, value)
         if options is not None:  # unpickled or deep-copied: rebuild what is not pickled
             self._math = self.algorithm(adopt(np.zeros(1, np.float32)))
             self.__dict__.update(options)
-            self._flatten()
+            self._relayout()
 
     def _options(self):
-        return {"clip_grad_norm": self.clip_grad_norm, "clip_grad_value": self.clip_grad_value,
-                "skip_nonfinite": self.skip_nonfinite, "last_grad_norm": self.last_grad_norm,
+        return {"_clip_grad_norm": self.clip_grad_norm,
+                "_clip_grad_value": self.clip_grad_value,
+                "_skip_nonfinite": self.skip_nonfinite, "last_grad_norm": self.last_grad_norm,
                 "skipped_steps": self.skipped_steps}
 
     def _validate(self, index, group):
-        for j, p in enumerate(group["params"]):
-            if p.dtype != torch.float32:
-                raise TypeError(f"param_groups[{index}]['params'][{j}] has dtype {p.dtype}; "
-                                "fastopt optimizes float32 parameters only")
-            if p.layout != torch.strided:
-                raise TypeError(f"param_groups[{index}]['params'][{j}] is not a dense tensor")
+        for p, label in _labels(index, group):
+            _check_parameter(p, label)
         if callable(group["lr"]):
             raise TypeError(f"param_groups[{index}]['lr'] must be a number: schedule it with "
                             "a torch.optim.lr_scheduler")
@@ -129,35 +155,45 @@ class Optimizer(torch.optim.Optimizer):
         except (TypeError, ValueError) as error:
             raise type(error)(f"{error} (in param_groups[{index}])") from None
 
-    # -- the flat buffers -------------------------------------------------------------
+    def _name(self, p):
+        return next(label for index, group in enumerate(self.param_groups)
+                    for q, label in _labels(index, group) if q is p)
 
-    def _flatten(self):
-        """Copy every parameter, gradient and state tensor into flat buffers per device,
-        and make the parameters' data and the state views into them."""
-        params = [p for group in self.param_groups for p in group["params"]]
+    # -- the state stores ---------------------------------------------------------------
+
+    def _relayout(self):
+        """Build the state stores for the parameters as they are now, one per device, and
+        move every existing state tensor into them. Checks everything before it changes
+        anything."""
+        names = {p: label for index, group in enumerate(self.param_groups)
+                 for p, label in _labels(index, group)}
+        for p, name in names.items():
+            _check_parameter(p, name)
         devices = {}
-        for p in params:
+        for p in names:
             devices.setdefault(p.device, []).append(p)
-        self._devices = [_Device(self.algorithm, members, self.state)
-                         for members in devices.values()]
-        where = {p: (device, device.slots[p]) for device in self._devices for p in device.slots}
-        self._slots = [[(p, *where[p]) for p in group["params"]] for group in self.param_groups]
+        in_place = self._math._update.__func__ is _Flat._update  # a single-pass algorithm
+        stores = [_Store(self.algorithm, members, in_place and device.type == "cpu")
+                  for device, members in devices.items()]
+        moves = [(store, p, name, value) for store in stores for p in store.slots
+                 for name, value in self.state.get(p, {}).items()
+                 if isinstance(value, torch.Tensor) and name not in _TORCH_SCALARS]
+        views = [store.view(name, p) for store, p, name, _ in moves]
+        for (_, p, name, value), view in zip(moves, views):
+            _check_state(names[p], name, value, view)
+        for (_, p, name, value), view in zip(moves, views):
+            view.copy_(value)
+            self.state[p][name] = view
+        self._stores = stores
+        self._slots = {p: (store, slot) for store in stores for p, slot in store.slots.items()}
+        self._group_slots = [[(p, *self._slots[p]) for p in group["params"]]
+                             for group in self.param_groups]
         self._checked = [None] * len(self.param_groups)
+        self._seen = None  # which state mapping, and which version of it, slots refer to
 
-    # -- the step ---------------------------------------------------------------------
+    # -- the step -------------------------------------------------------------------------
 
-    def zero_grad(self, set_to_none=False):
-        """Zero the gradients: the flat buffer, with every existing ``.grad`` made a view
-        of it again; or with ``set_to_none=True`` set every ``.grad`` to None, as torch
-        does."""
-        if not set_to_none:
-            for device in self._devices:
-                device.flat_grads.zero_()
-        for slots in self._slots:
-            for p, _, slot in slots:
-                if p.grad is not None:
-                    p.grad = None if set_to_none else slot.grad
-
+    @torch._disable_dynamo
     @torch.no_grad()
     def step(self, closure=None, *, grad_scale=None, skip_nonfinite=None):
         """One step of every parameter that has a gradient. ``closure`` re-evaluates the
@@ -170,15 +206,17 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._moved():
+            self._relayout()
+        self._states()
         plans = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
         inverse_scale = 1.0 if grad_scale is None else 1.0 / _loss_scale(grad_scale)
-        runs = [run for _, _, group_runs in plans for run in group_runs]
+        runs = [run for _, group_runs in plans for run in group_runs]
         for run in runs:
-            run.gather_grads()
+            run.take_gradients()
         coefficient = 1.0
         if skip_nonfinite or self.clip_grad_norm is not None:
-            total = sum(run.device.sum_squares(run) for run in runs)
-            norm = float(np.sqrt(total)) * inverse_scale
+            norm = float(np.sqrt(sum(run.sum_squares() for run in runs))) * inverse_scale
             self.last_grad_norm = norm
             if skip_nonfinite and not np.isfinite(norm):
                 self.skipped_steps += 1
@@ -186,54 +224,106 @@ class Optimizer(torch.optim.Optimizer):
             if self.clip_grad_norm is not None:
                 coefficient = clip_coefficient(self.clip_grad_norm, norm)
         clip = f32(np.inf if self.clip_grad_value is None else self.clip_grad_value)
-        for group, hyper, group_runs in plans:
+        for hyper, group_runs in plans:
             sign = -1.0 if hyper.get("maximize") else 1.0
             prep = (f32(sign * inverse_scale * coefficient), clip, f32(self._math._l2(hyper)))
             for run in group_runs:
                 self._apply(hyper, run, prep)
         return loss
 
+    def _moved(self):
+        """Whether a parameter came or went, or its storage or shape changed, since the
+        stores were built. (Another dtype or layout comes with other storage.)"""
+        if len(self.param_groups) != len(self._group_slots):
+            return True
+        for group, slots in zip(self.param_groups, self._group_slots):
+            params = group["params"]
+            if len(params) != len(slots):
+                return True
+            for p, (q, _, slot) in zip(params, slots):
+                if p is not q or p.data_ptr() != slot.address or p.shape != slot.shape:
+                    return True
+        return False
+
+    def _states(self):
+        """Point every slot at its parameter's dict in ``self.state``, again whenever a
+        dict there was replaced (``opt.state[p] = {}``, a load)."""
+        state = self.state
+        if not isinstance(state, _State):
+            state = self.state = _State(state)
+        if self._seen != (id(state), state.version):
+            for store in self._stores:
+                for p, slot in store.slots.items():
+                    mine = state.get(p)  # None until p is first stepped
+                    if mine is not None and type(mine) is not _ParamState:  # a load's
+                        mine = state[p] = _ParamState(mine)
+                    slot.state = mine
+            self._seen = (id(state), state.version)
+
     def _plan(self, index, group):
-        """``(group, hyperparameters, runs)``: validated, nothing modified."""
-        snapshot = _snapshot(_hyperparameters(group))
+        """``(hyperparameters, runs)``: validated, with replaced state tensors taken in."""
+        hyper = _hyperparameters(group)
+        snapshot = _snapshot(hyper)
         if snapshot != self._checked[index]:
             self._validate(index, group)
             self._checked[index] = snapshot
-        hyper = _hyperparameters(group)
-        host = self._math._initial_host()  # the values of parameters not yet stepped
         runs, run = [], None
-        for p, device, slot in self._slots[index]:
+        for p, store, slot in self._group_slots[index]:
             grad = p.grad
             if grad is None:
                 run = None
                 continue
-            if grad is not slot.grad and grad.is_sparse:
-                raise TypeError("fastopt.torch does not support sparse gradients")
-            state = self.state[p]
-            key = (device, state.get("step", 0),
-                   tuple(state.get(name, value) for name, value in host.items()),
-                   tuple(name in state for name in device.buffer_names))
-            if run is not None and run.key == key and run.stop == slot.start:
-                run.add(p, slot)
+            state = slot.state
+            if state is None:
+                state = slot.state = self.state[p]
+            if state.changes or slot.key is None:  # changed from outside, or a new store
+                self._take_in_state(p, store, slot, state)
+            key = slot.key
+            if run is not None and (run.key is key or run.key == key) and \
+                    run.stop == slot.start:
+                run.add(p, slot, grad)
             else:
-                run = _Run(key, device, p, slot, dict(zip(host, key[2])))
+                run = _Run(key, store, p, slot, grad)
                 runs.append(run)
-        return group, hyper, runs
+        return hyper, runs
+
+    def _take_in_state(self, p, store, slot, state):
+        """Copy state tensors that replaced the store's views (or came before them) into
+        the store, and put the views in their place, so that the kernels and
+        ``state_dict()`` see the same numbers; and read the step count and host state
+        again."""
+        for name, value in state.items():
+            if (isinstance(value, torch.Tensor) and value is not slot.views.get(name)
+                    and name not in _TORCH_SCALARS):
+                view = store.view(name, p)
+                _check_state(self._name(p), name, value, view)
+                view.copy_(value)
+                dict.__setitem__(state, name, view)
+        host = self._math._initial_host()  # the values of parameters not yet stepped
+        slot.key = (store, state.get("step", 0),
+                    tuple(state.get(name, value) for name, value in host.items()),
+                    tuple(name in state for name in store.names))
+        state.changes = 0
 
     def _apply(self, hyper, run, prep):
-        step = run.step + 1
-        host = run.host
+        """Step ``run``, and write the step count and host state after it into its
+        parameters' state, where ``_plan`` reads them as the slots' keys."""
+        store, (_, step, host_values, _) = run.store, run.key
+        names = list(self._math._initial_host())
+        host = dict(zip(names, host_values))
         spec = self._math._state_spec(hyper, host)
-        fresh = [name for name in spec if name not in self.state[run.params[0]]]
-        h = self._math._scalars(hyper, step, fresh, host)
-        run.device.begin_state(run, spec, fresh, self.state)
-        host = run.device.core._update(hyper, step, spec, run.device.core.flat_grads, prep, h,
-                                       run.start, run.stop, host)
-        for p in run.params:
-            state = self.state[p]
-            if self.counts_steps:
-                state["step"] = step
-            state.update(host)
+        fresh = [name for name in spec if name not in run.slots[0].state]
+        h = self._math._scalars(hyper, step + 1, fresh, host)
+        store.begin_state(run, spec, fresh)
+        host = store.update(self._math, hyper, step + 1, spec, prep, h, run, host)
+        counted = {"step": step + 1} if self.counts_steps else {}
+        head = (store, counted.get("step", step), tuple(host[name] for name in names))
+        keys = {}  # one per set of begun buffers: Adafactor's matrices and vectors differ
+        for slot in run.slots:
+            dict.update(slot.state, counted, **host)
+            if store.core is not None or not keys:
+                begun = tuple(name in slot.state for name in store.names)
+            slot.key = keys.setdefault(begun, head + (begun,))
 
     # -- checkpoints in torch's layout ------------------------------------------------
 
@@ -250,7 +340,10 @@ class Optimizer(torch.optim.Optimizer):
         return packed
 
     def load_state_dict(self, state_dict):
-        """Load a state_dict of this class or of its torch.optim namesake."""
+        """Load a state_dict of this class or of its torch.optim namesake. One that does
+        not fit (another number of groups or of parameters in a group, or a state tensor
+        of another shape than the parameter's) raises a ValueError, and nothing changes."""
+        self._check_loadable(state_dict)
         # torch casts every loaded tensor to the parameter's dtype; read the per-parameter
         # numbers before it does, so that a float64 mu_product stays exact.
         scalars = {index: {name: state[name].item() for name in _TORCH_SCALARS
@@ -261,7 +354,33 @@ class Optimizer(torch.optim.Optimizer):
         for index, values in scalars.items():
             for name, value in values.items():
                 self.state[params[index]][name] = int(value) if name == "step" else value
-        self._flatten()
+        self._relayout()
+
+    def _check_loadable(self, state_dict):
+        """torch's checks of the groups, and the state tensors' shapes, which torch leaves
+        to fail at the next step."""
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        where = {}
+        for index, (ours, theirs) in enumerate(zip(self.param_groups, groups)):
+            if len(ours["params"]) != len(theirs["params"]):
+                raise ValueError("loaded state dict contains a parameter group that doesn't "
+                                 "match the size of optimizer's group")
+            for j, (p, saved) in enumerate(zip(ours["params"], theirs["params"])):
+                where[saved] = (p, f"param_groups[{index}]['params'][{j}]")
+        for saved, state in state_dict["state"].items():
+            if saved not in where:
+                continue
+            p, name = where[saved]
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and key not in _TORCH_SCALARS:
+                    _check_state(name, key, value, self._state_shape(key, p), loading=True)
+
+    def _state_shape(self, name, p):
+        """The shape of the state tensor ``name`` of ``p``, or None if it has none."""
+        where = self._math._state_slice(name, 0, tuple(p.shape))
+        return None if where is None else torch.Size(where[2])
 
 
 def _hyperparameters(group):
@@ -269,73 +388,202 @@ def _hyperparameters(group):
             for k, v in group.items() if k not in _NOT_HYPERPARAMETERS}
 
 
+def _labels(index, group):
+    """``(p, how errors name p)`` for the parameters of ``param_groups[index]``."""
+    names = group.get("param_names")
+    for j, p in enumerate(group["params"]):
+        label = f"param_groups[{index}]['params'][{j}]"
+        yield p, label if names is None else f"{label} ({names[j]!r})"
+
+
+def _counted(cls, counter):
+    """``cls`` with every mutating method adding 1 to the attribute ``counter``."""
+    def counting(method):
+        def counted(self, *args, **kwargs):
+            setattr(self, counter, getattr(self, counter) + 1)
+            return method(self, *args, **kwargs)
+        return counted
+
+    for name in ("__setitem__", "__delitem__", "update", "pop", "popitem", "clear",
+                 "setdefault", "__ior__"):
+        setattr(cls, name, counting(getattr(cls.__mro__[1], name)))
+    return cls
+
+
+@functools.partial(_counted, counter="changes")
+class _ParamState(dict):
+    """One parameter's dict in ``opt.state``, counting the changes made to it from
+    outside (the step writes through ``dict``'s own methods), so that a step sees a
+    replaced state tensor or step count without looking."""
+
+    changes = 1
+
+    def __reduce__(self):  # copies and pickles as a plain dict, changed
+        return type(self), (dict(self),)
+
+
+@functools.partial(_counted, counter="version")
+class _State(collections.defaultdict):
+    """torch's ``state`` mapping (parameter -> dict), counting the dicts put in it, so
+    that a step can keep its parameters' dicts and know when one was replaced."""
+
+    version = 0
+
+    def __init__(self, items=()):
+        super().__init__(_ParamState, items)
+
+    def __reduce__(self):  # copies and pickles as a plain mapping, counted afresh
+        return type(self), (dict(self),)
+
+
+def _check_parameter(p, name):
+    if _is_dtensor(p):
+        raise TypeError(f"{name} is a DTensor (a sharded parameter of FSDP2 or tensor "
+                        "parallelism); fastopt.torch steps plain tensors only, for now")
+    if p.dtype != torch.float32:
+        raise TypeError(f"{name} has dtype {p.dtype}; fastopt optimizes float32 "
+                        "parameters only")
+    if p.layout != torch.strided:
+        raise TypeError(f"{name} is not a dense tensor")
+    if p.device.type not in ("cpu", "cuda"):
+        raise TypeError(f"{name} is on {p.device}; fastopt steps CPU and CUDA tensors")
+    if not _is_dense(p):
+        raise ValueError(f"{name} has strides {p.stride()} for shape {tuple(p.shape)}, with "
+                         "gaps or overlaps in memory; fastopt steps dense parameters only "
+                         "(contiguous, channels_last, transposed ...)")
+
+
+def _is_dtensor(p):
+    return any(cls.__name__ == "DTensor" for cls in type(p).__mro__)
+
+
+def _is_dense(t):
+    """Whether ``t``'s elements fill ``t.numel()`` consecutive places in memory, in some
+    order: then a kernel can step it as a flat array from ``t.data_ptr()``."""
+    if t.numel() == 0:
+        return True
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _check_state(param, name, value, expected, loading=False):
+    """Refuse a state tensor that does not fit: ``expected`` is the shape the store keeps
+    (or a view of that shape), None where the parameter has no such state."""
+    shape = getattr(expected, "shape", expected)
+    what = "loaded state dict has" if loading else "state has"
+    if shape is None:
+        raise ValueError(f"{what} {name!r} for {param}, which has no such state")
+    if value.shape != shape:
+        raise ValueError(f"{what} {name!r} of shape {tuple(value.shape)} for {param}, which "
+                         f"needs shape {tuple(shape)}")
+    if not loading and value.dtype != torch.float32:
+        raise TypeError(f"state {name!r} of {param} has dtype {value.dtype}; fastopt keeps "
+                        "float32 state")
+
+
 class _Slot:
-    """Where one parameter lives in its device's flat buffers, and its gradient view."""
+    """Where one parameter's state lives in its store, the views of it that
+    ``opt.state[p]`` holds, and the parameter's signature when the store was built."""
 
-    def __init__(self, start, stop, grad):
-        self.start, self.stop, self.grad = start, stop, grad
+    def __init__(self, p, start):
+        self.start, self.stop = start, start + p.numel()
+        self.address, self.shape = p.data_ptr(), p.shape
+        self.views = {}
+        self.grad = None  # a weak reference to the last gradient checked
+        self.state = None  # the parameter's dict in opt.state
+        self.key = None  # what a run of parameters must share: see Optimizer._plan
 
 
-class _Device:
-    """The flat buffers of the parameters on one device, and a fastopt optimizer that
-    adopts them (its backend runs the kernels)."""
+class _Store:
+    """The state of the parameters on one device, in flat buffers, and the kernels' way to
+    the parameters: in place through addresses (``in_place``), or through a scratch
+    buffer that a fastopt optimizer adopts."""
 
-    def __init__(self, algorithm, params, state):
-        device = params[0].device
-        size = sum(p.numel() for p in params)
-        self.flat_params = torch.zeros(size, dtype=torch.float32, device=device)
-        self.flat_grads = torch.zeros(size, dtype=torch.float32, device=device)
+    def __init__(self, algorithm, params, in_place):
+        self.in_place = in_place
+        self.device = params[0].device
         self.slots, start = {}, 0
         for p in params:
-            stop = start + p.numel()
-            grad = self.flat_grads[start:stop].view_as(p)
-            self.slots[p] = _Slot(start, stop, grad)
-            self.flat_params[start:stop].copy_(p.detach().reshape(-1))
-            p.data = self.flat_params[start:stop].view_as(p)
-            if p.grad is not None:
-                grad.copy_(p.grad)
-                p.grad = grad
-            start = stop
-        shapes = [tuple(p.shape) for p in params]  # per-tensor algorithms need them
-        self.core = algorithm(adopt(_array(self.flat_params), shapes,
-                                    grads=_array(self.flat_grads)))
-        self.buffer_names = []
-        self._flat_state = {}
-        for p in params:  # existing state (added groups, loaded checkpoints) moves in
-            for name, value in list(state.get(p, {}).items()):
-                if isinstance(value, torch.Tensor) and name not in _TORCH_SCALARS:
-                    view = self._view(name, p)
-                    if view is not None and value.numel() == view.numel():
-                        view.copy_(value.reshape(view.shape))
-                        state[p][name] = view
+            self.slots[p] = slot = _Slot(p, start)
+            start = slot.stop
+        self.size = start
+        self.names = []  # the state buffers made so far, in order
+        self._flat = {}
+        self._tables = {}
+        if in_place:
+            self.backend, self.core = HostBackend(), None
+        else:
+            self.scratch_params = torch.zeros(start, dtype=torch.float32, device=self.device)
+            self.scratch_grads = torch.zeros(start, dtype=torch.float32, device=self.device)
+            shapes = [tuple(p.shape) for p in params]  # per-tensor algorithms need them
+            self.core = algorithm(adopt(_array(self.scratch_params), shapes,
+                                        grads=_array(self.scratch_grads)))
 
-    def _view(self, name, p):
-        """``p``'s part of the flat state buffer ``name``, created when first needed, or
-        None where ``p`` has no such state (Adafactor's factors of a vector)."""
-        if name not in self._flat_state:
-            size = self.core._state_size(name)
-            self._flat_state[name] = torch.zeros(size, dtype=torch.float32,
-                                                 device=self.flat_params.device)
-            self.core.state[name] = _array(self._flat_state[name])
-            self.buffer_names.append(name)
+    def flat(self, name):
+        """The flat state buffer ``name``, made when first needed."""
+        if name not in self._flat:
+            size = self.size if self.core is None else self.core._state_size(name)
+            self._flat[name] = torch.zeros(size, dtype=torch.float32, device=self.device)
+            if self.core is not None:
+                self.core.state[name] = _array(self._flat[name])
+            self.names.append(name)
+        return self._flat[name]
+
+    def view(self, name, p):
+        """``p``'s part of the state buffer ``name``: in ``p``'s layout where the kernels
+        step ``p`` in place, in logical order in the scratch; None where ``p`` has no such
+        state (Adafactor's factors of a vector)."""
         slot = self.slots[p]
-        where = self.core._state_slice(name, slot.start, tuple(p.shape))
-        if where is None:
-            return None
-        start, stop, shape = where
-        return self._flat_state[name][start:stop].view(shape)
+        if name not in slot.views:
+            flat = self.flat(name)
+            if self.core is None:
+                view = flat.as_strided(p.shape, p.stride(), slot.start)
+            else:
+                where = self.core._state_slice(name, slot.start, tuple(p.shape))
+                view = None if where is None else flat[where[0]:where[1]].view(where[2])
+            slot.views[name] = view
+        return slot.views[name]
 
-    def sum_squares(self, run):
-        return self.core._backend.sum_squares(self.core.flat_grads[run.start:run.stop])
-
-    def begin_state(self, run, spec, fresh, state):
+    def begin_state(self, run, spec, fresh):
         """Create and initialize the state buffers that ``run`` begins using."""
         for name in fresh:
-            for p in run.params:
-                view = self._view(name, p)
+            for p, slot in zip(run.params, run.slots):
+                view = self.view(name, p)
                 if view is not None:
                     view.fill_(spec[name])
-                    state[p][name] = view
+                    dict.__setitem__(slot.state, name, view)
+
+    def table(self, run):
+        """The segment table of ``run``'s parameters, and their addresses, kept for the
+        next steps (the store is rebuilt when a parameter moves)."""
+        key = (run.start, run.stop)
+        if key not in self._tables:
+            table = SegmentTable([p.numel() for p in run.params], run.start)
+            table.addresses = np.array([slot.address for slot in run.slots], np.int64)
+            self._tables[key] = table
+        return self._tables[key]
+
+    def update(self, math, hyper, step, spec, prep, h, run, host):
+        """Step ``run``'s parameters; returns the host state after the step."""
+        if self.core is None:
+            states = [self._flat[name].numpy() for name in spec]
+            table = self.table(run)
+            self.backend.run_segments(math.rule, tuple(spec), table.addresses, run.gradients,
+                                      states, prep, h, table)
+            return math._host_state(hyper, step, host)
+        for p, slot in zip(run.params, run.slots):
+            self.scratch_params[slot.start:slot.stop].view(p.shape).copy_(p)
+        for name in spec:  # share_memory_() of a state view moves the whole buffer
+            self.core.state[name] = _array(self._flat[name])
+        host = self.core._update(hyper, step, spec, self.core.flat_grads, prep, h, run.start,
+                                 run.stop, host)
+        for p, slot in zip(run.params, run.slots):
+            p.copy_(self.scratch_params[slot.start:slot.stop].view(p.shape))
+        return host
 
 
 def _array(tensor):
@@ -348,27 +596,49 @@ def _array(tensor):
 
 
 class _Run:
-    """Consecutive parameters of one group that step together with the same step
-    count and host state: one kernel launch."""
+    """Parameters of one group, consecutive in their store, that step together with the
+    same step count and host state: one kernel launch."""
 
-    def __init__(self, key, device, p, slot, host):
-        self.key, self.device, self.host = key, device, host
-        self.params, self.slots = [p], [slot]
+    def __init__(self, key, store, p, slot, grad):
+        self.key, self.store = key, store
+        self.params, self.slots, self.grads = [p], [slot], [grad]
         self.start, self.stop = slot.start, slot.stop
-        self.step = key[1]
 
-    def add(self, p, slot):
+    def add(self, p, slot, grad):
         self.params.append(p)
         self.slots.append(slot)
+        self.grads.append(grad)
         self.stop = slot.stop
 
-    def gather_grads(self):
-        """Copy gradients that are not the flat buffer's views into it, and put the
-        views in their place, so that the next backward pass accumulates in place."""
-        for p, slot in zip(self.params, self.slots):
-            if p.grad is not slot.grad:
-                slot.grad.copy_(p.grad)
-                p.grad = slot.grad
+    def take_gradients(self):
+        """Make the gradients readable by the kernels: their addresses (each in its
+        parameter's layout, copied where it is not), or a copy in the scratch buffer."""
+        store = self.store
+        if store.core is not None:
+            for p, slot, grad in zip(self.params, self.slots, self.grads):
+                _check_gradient(grad)
+                store.scratch_grads[slot.start:slot.stop].view(p.shape).copy_(grad)
+            return
+        grads = self.grads
+        for i, (p, slot, grad) in enumerate(zip(self.params, self.slots, grads)):
+            if slot.grad is None or slot.grad() is not grad:  # not checked yet
+                _check_gradient(grad)
+                if grad.stride() == p.stride():
+                    slot.grad = weakref.ref(grad)
+                else:  # a copy in the parameter's layout, for this step (kept in grads)
+                    grads[i] = torch.empty_like(p).copy_(grad)
+        self.gradients = np.array([g.data_ptr() for g in grads], np.int64)
+
+    def sum_squares(self):
+        store = self.store
+        if store.core is None:
+            return store.backend.segment_sum_squares(self.gradients, store.table(self))
+        return store.core._backend.sum_squares(store.core.flat_grads[self.start:self.stop])
+
+
+def _check_gradient(grad):
+    if grad.is_sparse:
+        raise TypeError("fastopt.torch does not support sparse gradients")
 
 
 # -- the drop-in classes: torch.optim's signatures, fastopt's algorithms ------------------

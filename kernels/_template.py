@@ -33,7 +33,9 @@ def build(rule, present, loops, namespace, filename, fingerprint):
     ``{body}`` placeholder is the per-element statement, which prepares the gradient with
     ``prepare(p, g, prep)`` and applies the rule. A loop over one chunk of the buffers
     can use ``{slices}``, which binds ``p_c, g_c, ...`` to ``[start:stop]`` of each
-    array, and ``{chunk_body}``, the statement on those. A state not in ``present`` is
+    array (``{state_slices}`` binds only the states' ``_c``, for a loop that finds
+    ``p_c`` and ``g_c`` elsewhere), and ``{chunk_body}``, the statement on those. A
+    state not in ``present`` is
     passed to the rule as ``ZERO`` and its new value is dropped. ``fingerprint`` is
     whatever else the compiled code depends on (compiler options, constants).
     """
@@ -50,7 +52,9 @@ def build(rule, present, loops, namespace, filename, fingerprint):
                 f"rule(p{suffix}[i], prepare(p{suffix}[i], g{suffix}[i], prep){loads}, h)")
 
     slices = "; ".join(f"{a}_c = {a}[start:stop]" for a in arrays)
-    text = loops.format(body=body(""), chunk_body=body("_c"), slices=slices)
+    state_slices = "; ".join(f"{a}_c = {a}[start:stop]" for a in present) or "pass"
+    text = loops.format(body=body(""), chunk_body=body("_c"), slices=slices,
+                        state_slices=state_slices)
     digest = hashlib.sha1((_rules_source() + text + fingerprint).encode()).hexdigest()
     name = "__".join((rule.__name__,) + tuple(present) + (digest[:10],))
     args = ", ".join(arrays + ("prep", "h"))

@@ -2,9 +2,11 @@
 
 import functools
 import inspect
+import textwrap
 
 import numpy as np
-from numba import njit, prange
+from numba import carray, njit, prange, types
+from numba.core.extending import intrinsic
 
 from . import _fp_mode, _template, rules
 
@@ -52,11 +54,59 @@ _LOOPS = """\
 """
 
 
+# One chunk of one segment: p_c and g_c are arrays over the tensors' own memory.
+_SEGMENT_CHUNK = """\
+saved = denormals_off(flush_denormals)
+segment, offset, size = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+p_c = carray(float32_at(p[segment] + 4 * offset), size)
+g_c = carray(float32_at(g[segment] + 4 * offset), size)
+start = state_starts[segment] + offset
+stop = start + size
+{state_slices}
+for i in range(size):
+    {chunk_body}
+restore_fp_mode(saved)
+"""
+_SEGMENT_LOOPS = (", chunks, state_starts, parallel, flush_denormals):\n"
+                  "    if parallel:\n        for c in prange(chunks.shape[0]):\n"
+                  + textwrap.indent(_SEGMENT_CHUNK, " " * 12)
+                  + "    else:\n        for c in range(chunks.shape[0]):\n"
+                  + textwrap.indent(_SEGMENT_CHUNK, " " * 12))
+
+
 def _inline(function):
     return njit(inline="always", error_model="numpy")(function)
 
 
 _prepare = _inline(rules.prepare)
+
+
+@intrinsic
+def float32_at(typingctx, address):
+    """The float32 pointer to memory ``address`` (an integer), which numba.carray turns
+    into an array: tensors that fastopt does not own are stepped where they lie."""
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+    return types.CPointer(types.float32)(types.intp), codegen
+
+
+def _driver(rule_name, present, loops):
+    rule = getattr(rules, rule_name)
+    namespace = {
+        "__name__": __name__,  # Numba's cache re-imports this module when loading
+        "rule": _inline(rule),
+        "prepare": _prepare,
+        "prange": prange,
+        "carray": carray,
+        "float32_at": float32_at,
+        "ZERO": ZERO,
+        "CHUNK": CHUNK,
+        "denormals_off": _fp_mode.denormals_off,
+        "restore_fp_mode": _fp_mode.restore,
+    }
+    fingerprint = repr((_OPTIONS, CHUNK)) + inspect.getsource(_fp_mode)
+    driver = _template.build(rule, present, loops, namespace, __file__, fingerprint)
+    return njit(**_OPTIONS)(driver)
 
 
 @functools.cache
@@ -70,20 +120,30 @@ def kernel(rule_name, present):
     others are absent. Compilation happens on the first call, or loads from Numba's
     on-disk cache.
     """
-    rule = getattr(rules, rule_name)
-    namespace = {
-        "__name__": __name__,  # Numba's cache re-imports this module when loading
-        "rule": _inline(rule),
-        "prepare": _prepare,
-        "prange": prange,
-        "ZERO": ZERO,
-        "CHUNK": CHUNK,
-        "denormals_off": _fp_mode.denormals_off,
-        "restore_fp_mode": _fp_mode.restore,
-    }
-    fingerprint = repr((_OPTIONS, CHUNK)) + inspect.getsource(_fp_mode)
-    driver = _template.build(rule, present, _LOOPS, namespace, __file__, fingerprint)
-    return njit(**_OPTIONS)(driver)
+    return _driver(rule_name, present, _LOOPS)
+
+
+@functools.cache
+def segment_kernel(rule_name, present):
+    """The compiled ``kernel(p, g, *present_state, prep, h, chunks, state_starts, parallel,
+    flush_denormals)`` that steps tensors in place, wherever they lie in memory.
+
+    ``p`` and ``g`` are int64 arrays of addresses, one per tensor (segment), each the
+    start of that many dense float32 elements, walked in memory order (a gradient lies
+    as its parameter does); the state buffers are flat, segment k starting at
+    ``state_starts[k]``. Each row ``(segment, offset, size)`` of ``chunks`` is a piece
+    of at most CHUNK elements of one segment (:func:`segment_chunks`), which one thread
+    steps. The caller keeps every tensor alive through the call.
+    """
+    return _driver(rule_name, present, _SEGMENT_LOOPS)
+
+
+def segment_chunks(sizes):
+    """``chunks`` for segments of ``sizes`` elements: ``(segment, offset, size)`` rows of
+    at most CHUNK elements each, in order."""
+    rows = [(k, offset, min(CHUNK, n - offset))
+            for k, n in enumerate(sizes) for offset in range(0, n, CHUNK)]
+    return np.array(rows, np.int64).reshape(-1, 3)
 
 
 # -- reductions ---------------------------------------------------------------------
@@ -126,6 +186,28 @@ def sum_squares(g, partials, parallel):
             partials[c] = _sum_squares(g[c * REDUCTION_CHUNK:(c + 1) * REDUCTION_CHUNK])
     total = 0.0
     for c in range(chunks):
+        total += partials[c]
+    return total
+
+
+@njit(inline="always")
+def _segment_chunk(addresses, chunks, c):
+    segment, offset, size = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+    return carray(float32_at(addresses[segment] + 4 * offset), size)
+
+
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
+def segment_sum_squares(g, chunks, partials, parallel):
+    """The float64 sum of squares over the tensors at the addresses ``g``, by the chunks
+    of :func:`segment_chunks` (one partial each, added in order)."""
+    if parallel:
+        for c in prange(chunks.shape[0]):
+            partials[c] = _sum_squares(_segment_chunk(g, chunks, c))
+    else:
+        for c in range(chunks.shape[0]):
+            partials[c] = _sum_squares(_segment_chunk(g, chunks, c))
+    total = 0.0
+    for c in range(chunks.shape[0]):
         total += partials[c]
     return total
 

@@ -1,0 +1,256 @@
+"""fastopt.torch steps the model's own tensors in place: whatever replaces a parameter's
+storage, layout or state between steps, the step follows it as torch.optim's does, or
+refuses it with an error that names the parameter."""
+
+import copy
+import io
+
+import numpy as np
+import pytest
+
+from cases import ALL, case_id
+from test_torch_adapter import assert_same_params, train, twins
+
+torch = pytest.importorskip("torch")
+import fastopt  # noqa: E402
+import fastopt.torch as ft  # noqa: E402
+
+
+def pair(name="Adam", model_name="cnn", seed=0, **kwargs):
+    """Two identical models with fastopt's and torch's optimizer, and a batch of data."""
+    ours, theirs, x, y = twins(model_name, seed)
+    kwargs.setdefault("lr", 0.01)
+    return (ours, getattr(ft, name)(ours.parameters(), **kwargs), theirs,
+            getattr(torch.optim, name)(theirs.parameters(), foreach=False, **kwargs), x, y)
+
+
+def both(ours, our_opt, theirs, their_opt, x, y, steps, change=None):
+    """Train both for ``steps`` steps, with ``change(model)`` applied to each first."""
+    for model, opt in ((ours, our_opt), (theirs, their_opt)):
+        if change is not None:
+            change(model)
+        train(model, opt, x, y, steps)
+
+
+def to_half_and_back(model):
+    model.half()
+    model.float()
+
+
+def replace_data(model):
+    for p in model.parameters():
+        p.data = p.data.clone()
+
+
+def through_a_vector(model):
+    vector = torch.nn.utils.parameters_to_vector(model.parameters())
+    torch.nn.utils.vector_to_parameters(vector, model.parameters())
+
+
+def channels_last(model):
+    model.to(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD", "Adafactor"])  # in place; through scratch
+@pytest.mark.parametrize("change", [replace_data, to_half_and_back, through_a_vector,
+                                    channels_last])
+def test_storage_replaced_after_a_step_keeps_training_like_torch(change, name):
+    ours, our_opt, theirs, their_opt, x, y = pair(name, momentum=0.9) if name == "SGD" else \
+        pair(name)
+    both(ours, our_opt, theirs, their_opt, x, y, 3)
+    moved = ours[2].weight.detach().clone()
+    both(ours, our_opt, theirs, their_opt, x, y, 5, change)
+    assert not torch.equal(ours[2].weight.detach(), moved)  # it trains on
+    assert_same_params(ours, theirs)
+
+
+def test_channels_last_is_kept_and_so_is_its_state():
+    ours, our_opt, theirs, their_opt, x, y = pair()
+    channels_last(ours)
+    channels_last(theirs)
+    both(ours, our_opt, theirs, their_opt, x, y, 5)
+    weight = ours[2].weight
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    assert not weight.is_contiguous()
+    exp_avg = our_opt.state[weight]["exp_avg"]
+    assert exp_avg.stride() == weight.stride()
+    assert torch.allclose(exp_avg, their_opt.state[theirs[2].weight]["exp_avg"], atol=1e-7)
+    assert_same_params(ours, theirs)
+
+
+def test_transposed_parameters_and_gradients_in_another_layout():
+    torch.manual_seed(0)
+    base = torch.randn(6, 4)
+    ours = torch.nn.Parameter(base.clone().t())  # dense, not contiguous
+    theirs = torch.nn.Parameter(base.clone().t())
+    our_opt, their_opt = ft.Adam([ours], lr=0.1), torch.optim.Adam([theirs], lr=0.1)
+    for t in range(4):
+        grad = torch.randn(4, 6)
+        ours.grad = grad.clone() if t % 2 else grad.t().contiguous().t()  # either layout
+        theirs.grad = grad.clone()
+        our_opt.step()
+        their_opt.step()
+    assert ours.stride() == (1, 4)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+def test_parameters_with_gaps_or_overlaps_are_refused_by_name():
+    fine = torch.nn.Parameter(torch.zeros(3))
+    gaps = torch.nn.Parameter(torch.zeros(4, 4)[:, :2])
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\] has strides"):
+        ft.Adam([fine, gaps])
+    overlapping = torch.nn.Parameter(torch.zeros(1, 3).expand(4, 3))
+    with pytest.raises(ValueError, match="gaps or overlaps"):
+        ft.SGD([overlapping])
+
+
+def test_a_dtype_that_cannot_be_stepped_is_refused_with_nothing_changed():
+    ours, our_opt, _, _, x, y = pair()
+    train(ours, our_opt, x, y, 2)
+    ours.double()
+    ((ours(x.double()) - y.double()) ** 2).mean().backward()
+    before = [p.detach().clone() for p in ours.parameters()]
+    state = copy.deepcopy(our_opt.state_dict())
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[0\] has dtype "
+                                        "torch.float64"):
+        our_opt.step()
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, ours.parameters()))
+    after = our_opt.state_dict()["state"]
+    assert all(torch.equal(after[i]["exp_avg"], s["exp_avg"]) for i, s in state["state"].items())
+    ours.float()  # and back: training goes on from the same state
+    train(ours, our_opt, x, y, 1)
+    assert our_opt.state[ours[0].weight]["step"] == 3
+
+
+@pytest.mark.parametrize("name", ["Adam", "Adafactor"])
+def test_replaced_state_tensors_are_taken_in(name):
+    ours, our_opt, theirs, their_opt, x, y = pair(name)
+    both(ours, our_opt, theirs, their_opt, x, y, 4)
+    key = "exp_avg" if name == "Adam" else "row_var"
+    for model, opt in ((ours, our_opt), (theirs, their_opt)):
+        p = model[0].weight  # reset one moment, as a user would
+        opt.state[p][key] = torch.zeros_like(opt.state[p][key])
+    assert torch.equal(our_opt.state_dict()["state"][0][key], torch.zeros_like(
+        our_opt.state[ours[0].weight][key]))
+    both(ours, our_opt, theirs, their_opt, x, y, 4)
+    assert_same_params(ours, theirs)
+    ours_state, theirs_state = our_opt.state_dict()["state"], their_opt.state_dict()["state"]
+    torch.testing.assert_close(ours_state[0][key], theirs_state[0][key], rtol=1e-4, atol=1e-7)
+
+
+def test_a_replaced_state_tensor_of_the_wrong_shape_is_refused():
+    ours, our_opt, _, _, x, y = pair()
+    train(ours, our_opt, x, y, 1)
+    our_opt.state[ours[0].weight]["exp_avg"] = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"'exp_avg' of shape \(3,\) for param_groups\[0\]"):
+        our_opt.step()
+
+
+def test_a_reset_state_starts_afresh_like_torch():
+    ours, our_opt, theirs, their_opt, x, y = pair()
+    both(ours, our_opt, theirs, their_opt, x, y, 3)
+    for model, opt in ((ours, our_opt), (theirs, their_opt)):
+        opt.state[model[2].weight] = {}
+    both(ours, our_opt, theirs, their_opt, x, y, 3)
+    assert our_opt.state[ours[2].weight]["step"] == 3
+    assert_same_params(ours, theirs)
+
+
+def test_a_state_dict_of_another_model_is_refused_and_nothing_changes():
+    ours, our_opt, _, _, x, y = pair(model_name="mlp")
+    train(ours, our_opt, x, y, 2)
+    other = torch.nn.Sequential(torch.nn.Linear(10, 30), torch.nn.Tanh(),
+                                torch.nn.Linear(30, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 3))  # as many tensors, other shapes
+    other_opt = torch.optim.Adam(other.parameters())
+    ((other(torch.randn(4, 10)) ** 2).mean()).backward()
+    other_opt.step()
+    before = copy.deepcopy(our_opt.state_dict())
+    with pytest.raises(ValueError, match=r"'exp_avg' of shape \(30, 10\) for "
+                                         r"param_groups\[0\]\['params'\]\[0\]"):
+        our_opt.load_state_dict(other_opt.state_dict())
+    fewer = torch.optim.Adam(list(other.parameters())[:4])
+    with pytest.raises(ValueError, match="doesn't match the size of optimizer's group"):
+        our_opt.load_state_dict(fewer.state_dict())
+    after = our_opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for index, state in before["state"].items():
+        assert all(torch.equal(after["state"][index][k], v) for k, v in state.items())
+
+
+def test_a_submodule_saves_only_its_own_tensors():
+    model = torch.nn.Sequential(torch.nn.Linear(1000, 1000), torch.nn.Linear(1000, 5))
+    opt = ft.Adam(model.parameters())
+    model(torch.randn(2, 1000)).sum().backward()
+    opt.step()
+    buffer = io.BytesIO()
+    torch.save(model[1].state_dict(), buffer)
+    assert buffer.tell() < 40_000  # 5005 floats and the pickle, not the 4 MB of the first
+
+
+def test_torch_compile_of_the_step_breaks_the_graph_and_runs_eagerly():
+    ours, our_opt, theirs, their_opt, x, y = pair(model_name="mlp")
+    compiled = torch.compile(our_opt.step)
+    for _ in range(3):
+        for model, opt, step in ((ours, our_opt, compiled), (theirs, their_opt, their_opt.step)):
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            step()
+    assert_same_params(ours, theirs)
+
+
+@pytest.mark.parametrize("name", ["Adam", "Adafactor", "LAMB"])
+def test_empty_parameters_step_with_the_others(name):
+    empty, full = torch.nn.Parameter(torch.zeros(0, 3)), torch.nn.Parameter(torch.ones(4, 3))
+    opt = getattr(ft, name)([empty, full], lr=0.1)
+    empty.grad, full.grad = torch.zeros(0, 3), torch.ones(4, 3)
+    opt.step()
+    assert empty.shape == (0, 3) and not torch.equal(full.detach(), torch.ones(4, 3))
+    assert opt.state[empty]["step"] == 1
+
+
+def test_a_new_parameter_object_in_the_group_is_taken_in():
+    ours, our_opt, theirs, their_opt, x, y = pair(model_name="mlp")
+    both(ours, our_opt, theirs, their_opt, x, y, 2)
+    for model, opt in ((ours, our_opt), (theirs, their_opt)):
+        fresh = torch.nn.Parameter(model[4].weight.detach().clone())
+        model[4].weight = fresh
+        opt.param_groups[0]["params"][4] = fresh
+    both(ours, our_opt, theirs, their_opt, x, y, 3)
+    assert_same_params(ours, theirs)
+
+
+SINGLE_PASS = [(name, kwargs) for name, kwargs in ALL
+               if name not in ("LAMB", "LARS", "Adafactor", "SWATS")]
+
+
+@pytest.mark.parametrize("case", SINGLE_PASS, ids=case_id)
+def test_in_place_steps_equal_the_numpy_api_bit_for_bit(case):
+    """The segment kernels over the model's tensors (one of them several chunks long, one
+    empty, one transposed) give the flat kernels' bits."""
+    name, kwargs = case
+    kwargs = {k: v for k, v in kwargs.items() if k != "bias_correction" or name == "Adam"}
+    rng = np.random.default_rng(0)
+    shapes = [(3, 5), (0,), (40_000,), (7,), (2, 3)]
+    tensors = [torch.from_numpy(rng.standard_normal(s, np.float32)) for s in shapes]
+    tensors[-1] = tensors[-1].t().contiguous().t()  # dense, not contiguous
+    params = [torch.nn.Parameter(t.clone()) for t in tensors]
+    flat = getattr(fastopt, name)([t.numpy().copy() for t in tensors], **kwargs)
+    opt = getattr(ft, name)(params, **kwargs)
+    for _ in range(4):
+        grads = [rng.standard_normal(s, np.float32) for s in shapes]
+        for p, g in zip(params, grads):
+            p.grad = torch.from_numpy(g)
+        opt.step()
+        flat.step(grads)
+    for p, expected in zip(params, flat.params):
+        np.testing.assert_array_equal(p.detach().numpy(), expected)
+
+
+@pytest.mark.parametrize("option, value", [("clip_grad_value", -1.0), ("clip_grad_norm", 0.0),
+                                           ("skip_nonfinite", 1)])
+def test_options_set_as_attributes_are_checked(option, value):
+    opt = ft.Adam([torch.nn.Parameter(torch.zeros(3))])
+    with pytest.raises((TypeError, ValueError), match=option):
+        setattr(opt, option, value)
+    assert getattr(opt, option) in (None, False)
