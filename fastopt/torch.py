@@ -59,8 +59,8 @@ from . import optim as core
 from ._backend import HostBackend, SegmentTable
 from .flat import adopt
 from .optim.optimizer import Optimizer as _Flat
-from .optim.optimizer import (_loss_scale, _snapshot, check_flag,
-                              clip_coefficient, f32)
+from .optim.optimizer import (_finite, _loss_scale, _snapshot, check_flag, clip_coefficient,
+                              f32)
 
 __all__ = ["SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax", "NAdam",
            "RAdam", "Rprop", "ASGD", "Adafactor", "SWATS", "Lion", "LAMB", "LARS"]
@@ -254,10 +254,14 @@ class Optimizer(torch.optim.Optimizer):
         if self._seen != (id(state), state.version):
             for store in self._stores:
                 for p, slot in store.slots.items():
-                    mine = state.get(p)  # None until p is first stepped
-                    if mine is not None and type(mine) is not _ParamState:  # a load's
+                    mine = state.get(p)
+                    if mine is None:  # not stepped, or still stateless, or removed
+                        if slot.attached:
+                            slot.state, slot.attached = None, False
+                        continue
+                    if type(mine) is not _ParamState:  # a load's
                         mine = state[p] = _ParamState(mine)
-                    slot.state = mine
+                    slot.state, slot.attached = mine, True
             self._seen = (id(state), state.version)
 
     def _plan(self, index, group):
@@ -274,8 +278,8 @@ class Optimizer(torch.optim.Optimizer):
                 run = None
                 continue
             state = slot.state
-            if state is None:
-                state = slot.state = self.state[p]
+            if state is None:  # joins opt.state once it holds something, as in torch
+                state = slot.state = _ParamState()
             if state.changes or slot.key is None:  # changed from outside, or a new store
                 self._take_in_state(p, store, slot, state)
             key = slot.key
@@ -285,7 +289,21 @@ class Optimizer(torch.optim.Optimizer):
             else:
                 run = _Run(key, store, p, slot, grad)
                 runs.append(run)
+        for run in runs:
+            self._fold(index, hyper, run)
         return hyper, runs
+
+    def _fold(self, index, hyper, run):
+        """The run's step number, host state, buffers and float32 scalars, refused where
+        a scalar overflows float32 (naming the hyperparameters), before anything is
+        written."""
+        _, step, host_values, _ = run.key
+        run.step, run.host = step + 1, dict(zip(self._math._initial_host(), host_values))
+        run.spec = self._math._state_spec(hyper, run.host)
+        run.fresh = [name for name in run.spec if name not in run.slots[0].state]
+        run.h = self._math._scalars(hyper, run.step, run.fresh, run.host)
+        if not _finite(run.h):
+            raise self._math._overflow(index, hyper, run.step, run.fresh, run.host)
 
     def _take_in_state(self, p, store, slot, state):
         """Copy state tensors that replaced the store's views (or came before them) into
@@ -308,19 +326,17 @@ class Optimizer(torch.optim.Optimizer):
     def _apply(self, hyper, run, prep):
         """Step ``run``, and write the step count and host state after it into its
         parameters' state, where ``_plan`` reads them as the slots' keys."""
-        store, (_, step, host_values, _) = run.store, run.key
-        names = list(self._math._initial_host())
-        host = dict(zip(names, host_values))
-        spec = self._math._state_spec(hyper, host)
-        fresh = [name for name in spec if name not in run.slots[0].state]
-        h = self._math._scalars(hyper, step + 1, fresh, host)
-        store.begin_state(run, spec, fresh)
-        host = store.update(self._math, hyper, step + 1, spec, prep, h, run, host)
-        counted = {"step": step + 1} if self.counts_steps else {}
-        head = (store, counted.get("step", step), tuple(host[name] for name in names))
+        store, step = run.store, run.step
+        store.begin_state(run, run.spec, run.fresh)
+        host = store.update(self._math, hyper, step, run.spec, prep, run.h, run, run.host)
+        counted = {"step": step} if self.counts_steps else {}
+        head = (store, counted.get("step", run.key[1]), tuple(host[name] for name in run.host))
         keys = {}  # one per set of begun buffers: Adafactor's matrices and vectors differ
-        for slot in run.slots:
+        for p, slot in zip(run.params, run.slots):
             dict.update(slot.state, counted, **host)
+            if not slot.attached and slot.state:
+                self.state[p] = slot.state
+                slot.attached = True
             if store.core is not None or not keys:
                 begun = tuple(name in slot.state for name in store.names)
             slot.key = keys.setdefault(begun, head + (begun,))
@@ -494,7 +510,8 @@ class _Slot:
         self.address, self.shape = p.data_ptr(), p.shape
         self.views = {}
         self.grad = None  # a weak reference to the last gradient checked
-        self.state = None  # the parameter's dict in opt.state
+        self.state = None  # the parameter's dict, in opt.state once it is not empty
+        self.attached = False  # whether it is in opt.state
         self.key = None  # what a run of parameters must share: see Optimizer._plan
 
 
@@ -570,11 +587,12 @@ class _Store:
     def update(self, math, hyper, step, spec, prep, h, run, host):
         """Step ``run``'s parameters; returns the host state after the step."""
         if self.core is None:
+            host = math._host_state(hyper, step, host)  # first: it may raise
             states = [self._flat[name].numpy() for name in spec]
             table = self.table(run)
             self.backend.run_segments(math.rule, tuple(spec), table.addresses, run.gradients,
                                       states, prep, h, table)
-            return math._host_state(hyper, step, host)
+            return host
         for p, slot in zip(run.params, run.slots):
             self.scratch_params[slot.start:slot.stop].view(p.shape).copy_(p)
         for name in spec:  # share_memory_() of a state view moves the whole buffer

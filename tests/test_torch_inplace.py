@@ -254,3 +254,12 @@ def test_options_set_as_attributes_are_checked(option, value):
     with pytest.raises((TypeError, ValueError), match=option):
         setattr(opt, option, value)
     assert getattr(opt, option) in (None, False)
+
+
+def test_scalars_that_overflow_float32_are_refused_naming_the_hyperparameter():
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    opt = ft.Adam([{"params": [p]}, {"params": [q], "lr": 1e38}], lr=0.1)
+    p.grad, q.grad = torch.ones(3), torch.ones(2)
+    with pytest.raises(ValueError, match="lr"):
+        opt.step()  # lr / (1 - beta1) is 1e39
+    assert torch.equal(p.detach(), torch.ones(3)) and not opt.state[p]
