@@ -313,7 +313,7 @@ def test_the_policy_is_set_before_torch_loads(tmp_path):
             "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env=env, timeout=600)
+                            env=env, timeout=600, cwd=tmp_path)  # not the source checkout
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[-2] == "PASSIVE"
     assert "Idle OpenMP threads sleep in this run" in result.stdout

@@ -98,6 +98,17 @@ def assert_moved(before, after):
         "the parameters did not change"
 
 
+def assert_trains_as_torch(scenario, *args):
+    """``scenario(impl, *args)`` returns ``(losses, weights)``: fastopt's run must move the
+    weights, and end where torch.optim's does."""
+    start = weights(tiny_model())
+    our_losses, ours = scenario("fastopt", *args)
+    their_losses, theirs = scenario("torch", *args)
+    assert_moved(start, ours)
+    np.testing.assert_allclose(our_losses, their_losses, rtol=RTOL, atol=ATOL)
+    assert_close(ours, theirs)
+
+
 # -- child processes ------------------------------------------------------------------------
 
 def _child(connection, target, args):
@@ -207,12 +218,7 @@ def hogwild(impl, name, kwargs):
 
 @pytest.mark.parametrize("name, kwargs", ALGOS, ids=ALGO_IDS)
 def test_hogwild_workers_train_the_shared_model_as_torch_does(name, kwargs):
-    start = weights(tiny_model())
-    our_losses, ours = hogwild("fastopt", name, kwargs)
-    their_losses, theirs = hogwild("torch", name, kwargs)
-    assert_moved(start, ours)
-    np.testing.assert_allclose(our_losses, their_losses, rtol=RTOL, atol=ATOL)
-    assert_close(ours, theirs)
+    assert_trains_as_torch(hogwild, name, kwargs)
 
 
 def parent_built_worker(model, opt, worker):
@@ -236,12 +242,7 @@ def parent_built_hogwild(impl, name, kwargs):
 
 @pytest.mark.parametrize("name, kwargs", ALGOS, ids=ALGO_IDS)
 def test_hogwild_with_the_optimizer_built_in_the_parent_before_share_memory(name, kwargs):
-    start = weights(tiny_model())
-    our_losses, ours = parent_built_hogwild("fastopt", name, kwargs)
-    their_losses, theirs = parent_built_hogwild("torch", name, kwargs)
-    assert_moved(start, ours)
-    np.testing.assert_allclose(our_losses, their_losses, rtol=RTOL, atol=ATOL)
-    assert_close(ours, theirs)
+    assert_trains_as_torch(parent_built_hogwild, name, kwargs)
 
 
 # -- 2. share_memory() after the optimizer is built ----------------------------------------
