@@ -393,16 +393,21 @@ def zero_rank(rank, world, rendezvous, bucket_view):
         dist.destroy_process_group()
 
 
+def single_process_adam():
+    """torch.optim.Adam in one process on the whole batch: what the sharded runs equal."""
+    model = tiny_model()
+    x, y = batch(0, rows=32)
+    train(model, torch.optim.Adam(model.parameters(), lr=0.01, foreach=False), x, y,
+          steps=STEPS)
+    return weights(model)
+
+
 @needs_gloo
 @pytest.mark.parametrize("bucket_view", [True, False], ids=["bucket_view", "no_bucket_view"])
 def test_zero_redundancy_optimizer_trains_as_unsharded_torch_adam(bucket_view, tmp_path):
     warm("Adam", dict(lr=0.01))
     ranks = run_ranks(zero_rank, (bucket_view,), tmp_path)
-    model = tiny_model()
-    x, y = batch(0, rows=32)
-    train(model, torch.optim.Adam(model.parameters(), lr=0.01, foreach=False), x, y,
-          steps=STEPS)
-    reference = weights(model)
+    reference = single_process_adam()
     start = weights(tiny_model())
     for rank, results in enumerate(ranks):
         assert_close(results["torch"][1], reference, what=f"rank {rank}, torch in ZeRO:")
@@ -441,11 +446,7 @@ def test_fsdp1_use_orig_params_trains_as_torch_adam(tmp_path):
     ranks = run_ranks(fsdp1_rank, (), tmp_path)
     # The case that matters: some rank holds a zero-size shard of some parameter.
     assert any(0 in results["fastopt"][2] for results in ranks), [r["fastopt"][2] for r in ranks]
-    model = tiny_model()
-    x, y = batch(0, rows=32)
-    train(model, torch.optim.Adam(model.parameters(), lr=0.01, foreach=False), x, y,
-          steps=STEPS)
-    reference = weights(model)
+    reference = single_process_adam()
     start = weights(tiny_model())
     for rank, results in enumerate(ranks):
         assert_close(results["torch"][1], reference, what=f"rank {rank}, torch in FSDP:")
