@@ -383,8 +383,8 @@ class Optimizer(torch.optim.Optimizer):
             if len(ours["params"]) != len(theirs["params"]):
                 raise ValueError("loaded state dict contains a parameter group that doesn't "
                                  "match the size of optimizer's group")
-            for j, (p, saved) in enumerate(zip(ours["params"], theirs["params"])):
-                where[saved] = (p, f"param_groups[{index}]['params'][{j}]")
+            for (p, label), saved in zip(_labels(index, ours), theirs["params"]):
+                where[saved] = (p, label)
         for saved, state in state_dict["state"].items():
             if saved not in where:
                 continue
@@ -517,11 +517,10 @@ class _Slot:
 
 class _Store:
     """The state of the parameters on one device, in flat buffers, and the kernels' way to
-    the parameters: in place through addresses (``in_place``), or through a scratch
-    buffer that a fastopt optimizer adopts."""
+    the parameters: in place through addresses (``in_place``; then ``core`` is None), or
+    through a scratch buffer that ``core``, a fastopt optimizer, adopts."""
 
     def __init__(self, algorithm, params, in_place):
-        self.in_place = in_place
         self.device = params[0].device
         self.slots, start = {}, 0
         for p in params:

@@ -57,13 +57,11 @@ _LOOPS = """\
 # One chunk of one segment: p_c and g_c are arrays over the tensors' own memory.
 _SEGMENT_CHUNK = """\
 saved = denormals_off(flush_denormals)
-segment, offset, size = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-p_c = carray(float32_at(p[segment] + 4 * offset), size)
-g_c = carray(float32_at(g[segment] + 4 * offset), size)
-start = state_starts[segment] + offset
-stop = start + size
+p_c, g_c = segment_chunk(p, chunks, c), segment_chunk(g, chunks, c)
+start = state_starts[chunks[c, 0]] + chunks[c, 1]
+stop = start + p_c.size
 {state_slices}
-for i in range(size):
+for i in range(p_c.size):
     {chunk_body}
 restore_fp_mode(saved)
 """
@@ -90,6 +88,13 @@ def float32_at(typingctx, address):
     return types.CPointer(types.float32)(types.intp), codegen
 
 
+@njit(inline="always")
+def _segment_chunk(addresses, chunks, c):
+    """Chunk ``c`` (a row of :func:`segment_chunks`) of the tensors at ``addresses``."""
+    segment, offset, size = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+    return carray(float32_at(addresses[segment] + 4 * offset), size)
+
+
 def _driver(rule_name, present, loops):
     rule = getattr(rules, rule_name)
     namespace = {
@@ -97,8 +102,7 @@ def _driver(rule_name, present, loops):
         "rule": _inline(rule),
         "prepare": _prepare,
         "prange": prange,
-        "carray": carray,
-        "float32_at": float32_at,
+        "segment_chunk": _segment_chunk,
         "ZERO": ZERO,
         "CHUNK": CHUNK,
         "denormals_off": _fp_mode.denormals_off,
@@ -188,12 +192,6 @@ def sum_squares(g, partials, parallel):
     for c in range(chunks):
         total += partials[c]
     return total
-
-
-@njit(inline="always")
-def _segment_chunk(addresses, chunks, c):
-    segment, offset, size = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-    return carray(float32_at(addresses[segment] + 4 * offset), size)
 
 
 @njit(parallel=True, cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})

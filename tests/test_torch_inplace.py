@@ -55,8 +55,8 @@ def channels_last(model):
 @pytest.mark.parametrize("change", [replace_data, to_half_and_back, through_a_vector,
                                     channels_last])
 def test_storage_replaced_after_a_step_keeps_training_like_torch(change, name):
-    ours, our_opt, theirs, their_opt, x, y = pair(name, momentum=0.9) if name == "SGD" else \
-        pair(name)
+    kwargs = dict(momentum=0.9) if name == "SGD" else {}
+    ours, our_opt, theirs, their_opt, x, y = pair(name, **kwargs)
     both(ours, our_opt, theirs, their_opt, x, y, 3)
     moved = ours[2].weight.detach().clone()
     both(ours, our_opt, theirs, their_opt, x, y, 5, change)
