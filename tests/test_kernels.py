@@ -28,12 +28,22 @@ import json, sys
 import numpy as np
 import fastopt
 from fastopt.kernels import cpu
+from fastopt._backend import HostBackend, SegmentTable
 asm = {}
 for name, kwargs in json.loads(sys.argv[1]).items():
     opt = getattr(fastopt, name)([np.ones(64, np.float32)], **kwargs)
     opt.step()
-    kernel = cpu.kernel(opt.rule, tuple(opt._state_spec(opt.param_groups[0], {})))
-    asm[name] = "\n".join(kernel.inspect_asm().values())
+    group, host = opt.param_groups[0], opt._initial_host()
+    spec = tuple(opt._state_spec(group, host))
+    asm[name] = "\n".join(cpu.kernel(opt.rule, spec).inspect_asm().values())
+    # The in-place form, over the same memory by its address.
+    p, g = opt.flat_params, opt.flat_grads
+    prep = (np.float32(1), np.float32(np.inf), np.float32(0))
+    HostBackend().run_segments(opt.rule, spec, np.array([p.ctypes.data]),
+                               np.array([g.ctypes.data]), [opt.state[s] for s in spec], prep,
+                               opt._scalars(group, 2, [], host), SegmentTable([p.size], 0))
+    kernel = cpu.segment_kernel(opt.rule, spec)
+    asm[name + " in place"] = "\n".join(kernel.inspect_asm().values())
 print(json.dumps(asm))
 """
 
@@ -49,9 +59,10 @@ def assembly(tmp_path_factory):
     return json.loads(run.stdout)
 
 
+@pytest.mark.parametrize("form", ["", " in place"], ids=["flat", "in place"])
 @pytest.mark.parametrize("name", EVERY_RULE)
-def test_every_kernel_is_vectorised_float32(assembly, name):
-    asm = assembly[name]
+def test_every_kernel_is_vectorised_float32(assembly, name, form):
+    asm = assembly[name + form]
     # Packed single-precision arithmetic means SIMD; any double-precision arithmetic
     # means a float64 promotion crept into the rule.
     assert re.search(r"\bv?(mul|add|sub|fmadd\w*)ps\b", asm), f"{name} is not vectorised"
