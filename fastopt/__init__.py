@@ -9,6 +9,7 @@
 0.9
 """
 
+from . import _checkout  # noqa: F401  (first: a source checkout finds its kernels)
 from . import schedules
 from .checkpoint import load, save
 from .ema import EMA

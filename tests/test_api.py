@@ -1,8 +1,10 @@
 """The NumPy-facing API: structures, views, copies, adoption, gradients and errors."""
 
+import os
 import subprocess
 import sys
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -312,6 +314,24 @@ def test_import_is_lazy():
         "from fastopt.kernels import cpu\n"
         "print('numba.cuda' in sys.modules, cpu.kernel.cache_info().currsize)")
     assert out == "False 0"  # no CUDA import and no kernel built before the first step
+
+
+def test_a_source_checkout_imports_its_own_kernels():
+    # Started at the repository root, Python imports fastopt from the checkout (not the
+    # install), and fastopt.kernels must come from the checkout's kernels/ beside it.
+    root = Path(__file__).resolve().parent.parent
+    code = ("import fastopt, fastopt.kernels.cpu as cpu, numpy as np\n"
+            "opt = fastopt.SGD({'w': np.ones(3, np.float32)}, lr=0.5)\n"
+            "opt.step({'w': np.ones(3, np.float32)})\n"
+            "print(fastopt.__file__, cpu.__file__, opt.params['w'][0], sep='\\n')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=root, env={k: v for k, v in os.environ.items()
+                                        if k != "PYTHONPATH"})
+    assert out.returncode == 0, out.stderr
+    package, kernels, moved = out.stdout.split("\n")[:3]
+    assert Path(package).resolve() == root / "fastopt" / "__init__.py"
+    assert Path(kernels).resolve() == root / "kernels" / "cpu.py"
+    assert float(moved) == 0.5
 
 
 def test_kernels_install_as_a_subpackage_only():

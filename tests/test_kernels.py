@@ -52,7 +52,7 @@ print(json.dumps(asm))
 def assembly(tmp_path_factory):
     # Numba shows no assembly for code loaded from its cache, hence a fresh cache.
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path_factory.mktemp("numba-cache")))
-    # cwd="/": away from the source tree, whose fastopt/ lacks the kernels subpackage.
+    # cwd="/": the installed package, as users import it.
     run = subprocess.run([sys.executable, "-c", ASM_PROBE, json.dumps(EVERY_RULE)], env=env,
                          cwd="/", capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
