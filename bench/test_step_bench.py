@@ -47,8 +47,9 @@ def test_step(benchmark, case, n, device):
     opt.step()
     buffers = sum(hasattr(v, "shape") for v in opt.state.values())
     # One pass reads p, g and every state buffer and writes p and the state; the
-    # algorithms of several passes count them all.
-    moved = bench.PASSES_BYTES.get(name, 4 * (3 + 2 * buffers))
+    # algorithms of several passes count them all (their spec's moves).
+    several = len(opt.spec.passes) > 1
+    moved = opt.spec.moves if several else 4 * (3 + 2 * buffers)
     benchmark.extra_info["bytes_per_step"] = moved * n
     if device == "cuda":
         benchmark(lambda: (opt.step(), gpu().synchronize()))

@@ -14,8 +14,7 @@ from . import schedules
 from .checkpoint import load, save
 from .ema import EMA
 from .flat import adopt
-from .optim import (ASGD, LAMB, LARS, SGD, SWATS, Adadelta, Adafactor, Adagrad, Adam,
-                    Adamax, AdamW, Lion, NAdam, Optimizer, RAdam, RMSprop, Rprop)
+from .optim import ALGORITHMS, Optimizer
 from .scaler import DynamicLossScaler
 
 __version__ = "0.1.0"
@@ -29,6 +28,8 @@ def set_num_threads(n):
     numba.set_num_threads(n)
 
 
-__all__ = ["ASGD", "EMA", "LAMB", "LARS", "SGD", "SWATS", "Adadelta", "Adafactor", "Adagrad",
-           "Adam", "AdamW", "Adamax", "DynamicLossScaler", "Lion", "NAdam", "Optimizer", "RAdam",
-           "RMSprop", "Rprop", "adopt", "load", "save", "schedules", "set_num_threads"]
+# Every algorithm of the registry (fastopt.optim.ALGORITHMS): fastopt.Adam, fastopt.SGD ...
+globals().update(ALGORITHMS)
+
+__all__ = [*ALGORITHMS, "EMA", "DynamicLossScaler", "Optimizer", "adopt", "load", "save",
+           "schedules", "set_num_threads"]

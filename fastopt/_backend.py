@@ -124,18 +124,20 @@ class HostBackend:
     def overlaps(self, a, b):
         return np.may_share_memory(a, b)
 
-    def run(self, rule, present, p, g, states, prep, h):
+    def run(self, rule, present, p, g, states, prep, h, keep_subnormals=False):
+        """One pass of ``rule`` over the buffers; ``keep_subnormals`` where the rule's
+        result hangs on subnormal numbers, which the kernels otherwise flush."""
         kernels = self._kernels
         self._call(kernels.kernel(rule, present), p.size, p, g, *states, prep, h,
-                   flush=kernels.FLUSH_DENORMALS and rule not in kernels.KEEP_DENORMALS)
+                   flush=kernels.FLUSH_DENORMALS and not keep_subnormals)
 
-    def run_segments(self, rule, present, p, g, states, prep, h, table):
+    def run_segments(self, rule, present, p, g, states, prep, h, table, keep_subnormals=False):
         """``run`` over tensors that lie anywhere in memory: ``p`` and ``g`` are their
         addresses, ``table`` their :class:`SegmentTable`."""
         kernels = self._kernels
         self._call(kernels.segment_kernel(rule, present), table.size, p, g, *states, prep, h,
                    table.chunks, table.state_starts,
-                   flush=kernels.FLUSH_DENORMALS and rule not in kernels.KEEP_DENORMALS)
+                   flush=kernels.FLUSH_DENORMALS and not keep_subnormals)
 
     def segment_sum_squares(self, g, table):
         """The float64 sum of squares of the tensors at the addresses ``g``."""
@@ -211,6 +213,7 @@ class HostBackend:
         """``kernel(*args, parallel[, flush])``, its parallel loop serialised across Python
         threads where Numba's threading layer needs that (workqueue is not thread-safe)."""
         extra = () if flush is None else (flush,)
+        args = self._kernels.plain_tuples(args)
         if size < self._kernels.PARALLEL_MIN_SIZE:
             return kernel(*args, False, *extra)
         if _thread_safe_layer():
@@ -272,8 +275,9 @@ class CudaBackend:
         (a_start, a_end), (b_start, b_end) = _extent(a), _extent(b)
         return a_start < b_end and b_start < a_end
 
-    def run(self, rule, present, p, g, states, prep, h):
+    def run(self, rule, present, p, g, states, prep, h, keep_subnormals=False):
         kernels = self._kernels
+        # keep_subnormals: CUDA keeps them (the kernels set no flush-to-zero mode).
         kernels.launch(kernels.kernel(rule, present), p.size, p, g, *states, prep, h)
 
     def sum_squares(self, g):

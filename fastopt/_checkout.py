@@ -4,7 +4,9 @@ The kernels live in ``kernels/`` beside the ``fastopt/`` package, which an insta
 (editable or not) maps to ``fastopt.kernels`` through pyproject.toml's ``package-dir``.
 Python started at the repository root imports ``fastopt`` from the checkout instead,
 where ``fastopt/kernels`` does not exist; importing this module loads the checkout's
-``kernels/`` under that name. An install is left as it is.
+``kernels/`` under that name, also where an editable install of another checkout would
+map it elsewhere. An install, which has no ``pyproject.toml`` beside the package, is
+left as it is.
 """
 
 import importlib.util
@@ -15,7 +17,7 @@ NAME = "fastopt.kernels"
 
 
 def _load_from_checkout():
-    if NAME in sys.modules or importlib.util.find_spec(NAME) is not None:
+    if NAME in sys.modules:
         return
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     folder = os.path.join(root, "kernels")

@@ -24,6 +24,7 @@ whose per-round ratios disagree by more than ``NOISY`` of their median is marked
 """
 
 import functools
+import inspect
 import json
 import math
 import os
@@ -38,34 +39,9 @@ import fastopt
 
 f32 = np.float32
 
-# Each algorithm with the options that bring in its usual state; the same for all.
-ALGORITHMS = {
-    "SGD": dict(lr=1e-3, momentum=0.9),
-    "Adagrad": dict(lr=1e-2),
-    "RMSprop": dict(lr=1e-3),
-    "Adadelta": dict(lr=1.0),
-    "Adam": dict(lr=1e-3),
-    "AdamW": dict(lr=1e-3),
-    "Adamax": dict(lr=1e-3),
-    "NAdam": dict(lr=1e-3),
-    "RAdam": dict(lr=1e-3),
-    "Rprop": dict(lr=1e-2),
-    "ASGD": dict(lr=1e-2),
-    "Adafactor": dict(lr=1e-2),
-    "Lion": dict(lr=1e-4),
-    "LAMB": dict(lr=1e-3),
-    "LARS": dict(lr=1.0),
-}
-STATE_BUFFERS = {"SGD": 1, "Adagrad": 1, "RMSprop": 1, "Adadelta": 2, "Adam": 2, "AdamW": 2,
-                 "Adamax": 2, "NAdam": 2, "RAdam": 2, "Rprop": 2, "ASGD": 1, "Lion": 1}
-# Algorithms of several passes: what all their passes move, per parameter. LAMB: moments
-# and norms (p, g, m, v read; m, v written), then the step (p, m, v read; p written).
-# LARS: the norms (p, g), then the step (p, g, v read; p, v written). Adafactor on a
-# matrix: the norms and row sums (p, g), the column sums (g), the sum of u^2 (g), the
-# step (p, g read; p written); the factors are too small to count.
-PASSES_BYTES = {"LAMB": 40, "LARS": 28, "Adafactor": 28}
-TORCH_FUSED = {"SGD", "Adagrad", "Adam", "AdamW"}
-NOT_IN_TORCH = {"Lion", "LAMB", "LARS"}
+# Every algorithm of the registry, with the options its spec times it with.
+ALGORITHMS = {name: dict(algorithm.spec.bench)
+              for name, algorithm in fastopt.optim.ALGORITHMS.items()}
 NUMPY_NAIVE = {"SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax", "NAdam"}
 # Adafactor factors matrices: it is timed on one of this many columns.
 COLUMNS = 1000
@@ -85,11 +61,10 @@ DEEPSPEED = True
 
 
 def bytes_per_param(name):
-    """One pass reads p, g and each state buffer, and writes p and each state buffer: 4
-    bytes each. Algorithms of several passes count them all."""
-    if name in PASSES_BYTES:
-        return PASSES_BYTES[name]
-    return 4 * (3 + 2 * STATE_BUFFERS[name])
+    """What one step reads and writes per parameter, all its passes together (the
+    spec's ``moves``): a single pass reads p, g and each state buffer, and writes p and
+    each state buffer, 4 bytes each."""
+    return getattr(fastopt, name).spec.moves
 
 
 def shapes(name, n):
@@ -233,10 +208,12 @@ def _torch_contenders(name, p0, g0, device):
         import torch
     except ImportError:
         return {}
-    if device == "cuda" and not torch.cuda.is_available() or name in NOT_IN_TORCH:
+    namesake = getattr(fastopt, name).spec.torch
+    if device == "cuda" and not torch.cuda.is_available() or namesake is None:
         return {}
+    torch_class = getattr(torch.optim, namesake)
     paths = {"torch loop": dict(foreach=False), "torch foreach": dict(foreach=True)}
-    if name in TORCH_FUSED:
+    if "fused" in inspect.signature(torch_class).parameters:
         paths["torch fused"] = dict(fused=True)
     shape, *rest = shapes(name, p0.size)
     if rest and rest[0][0]:
@@ -246,7 +223,7 @@ def _torch_contenders(name, p0, g0, device):
         param = torch.nn.Parameter(torch.from_numpy(p0[:math.prod(shape)].reshape(shape).copy())
                                    .to(device))
         param.grad = torch.from_numpy(g0[:param.numel()].reshape(shape).copy()).to(device)
-        opt = getattr(torch.optim, name)([param], **ALGORITHMS[name], **options)
+        opt = torch_class([param], **ALGORITHMS[name], **options)
         step = (_synchronised(opt.step, torch.cuda.synchronize) if device == "cuda"
                 else opt.step)
         try:

@@ -9,24 +9,9 @@ import numpy as np
 
 import fastopt
 
-ALGORITHMS = {
-    "SGD": dict(lr=0.05, momentum=0.9),
-    "Adagrad": dict(lr=0.5),
-    "RMSprop": dict(lr=0.01),
-    "Adadelta": dict(lr=1.0),
-    "Adam": dict(lr=0.05),
-    "AdamW": dict(lr=0.05),
-    "Adamax": dict(lr=0.05),
-    "NAdam": dict(lr=0.05),
-    "SWATS": dict(lr=0.05, eps=1e-6),
-    "RAdam": dict(lr=0.05),
-    "Rprop": dict(lr=0.01),
-    "ASGD": dict(lr=0.2),
-    "Adafactor": dict(lr=0.05),
-    "Lion": dict(lr=0.005),
-    "LAMB": dict(lr=0.05),
-    "LARS": dict(lr=5.0),
-}
+# Every algorithm of the registry, with the options its spec fits least squares with.
+ALGORITHMS = {name: dict(algorithm.spec.check)
+              for name, algorithm in fastopt.optim.ALGORITHMS.items()}
 
 
 def least_squares(seed=0, rows=200, cols=50):

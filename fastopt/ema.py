@@ -5,6 +5,7 @@ import contextlib
 import numpy as np
 
 from ._backend import FLOAT32, backend_of, is_c_contiguous
+from .kernels import rules
 from .optim.optimizer import Optimizer, real
 
 f32 = np.float32
@@ -66,7 +67,7 @@ class EMA:
 
     def update(self):
         """Move the average towards the current parameters: one pass per array."""
-        h = (f32(self.decay), f32(1.0 - self.decay))
+        h = rules.EMAScalars(decay=f32(self.decay), one_minus_decay=f32(1.0 - self.decay))
         for shadow, target in zip(self._shadows, self._targets):
             self._backend.ema(shadow, target, h)
         self.updates += 1

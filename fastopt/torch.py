@@ -50,20 +50,21 @@ number (use a torch.optim.lr_scheduler); FSDP2's DTensor parameters are refused 
 
 import collections
 import functools
+import inspect
 import weakref
 
 import numpy as np
 import torch
 
-from . import optim as core
 from ._backend import HostBackend, SegmentTable
 from .flat import adopt
+from .kernels.rules import Prep
 from .optim.optimizer import Optimizer as _Flat
+from .optim.spec import ALGORITHMS, define_init
 from .optim.optimizer import (_finite, _loss_scale, _snapshot, check_flag, clip_coefficient,
                               f32)
 
-__all__ = ["SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax", "NAdam",
-           "RAdam", "Rprop", "ASGD", "Adafactor", "SWATS", "Lion", "LAMB", "LARS"]
+__all__ = list(ALGORITHMS)  # one class per algorithm of the registry, built at the end
 
 _NOT_HYPERPARAMETERS = ("params", "param_names")
 # Per-parameter numbers that torch keeps as tensors. mu_product is saved in float64, which
@@ -87,13 +88,16 @@ class Optimizer(torch.optim.Optimizer):
 
     algorithm = None  # the fastopt class whose math this optimizer runs
     counts_steps = True  # torch keeps state["step"] (SGD does not)
+    _torch_defaults = {}  # the arguments that are torch's alone, with torch's defaults
 
     def __init__(self, params, defaults, torch_options, *, clip_grad_norm=None,
                  clip_grad_value=None, skip_nonfinite=False):
         for name, value in torch_options.items():
-            if name in ("capturable", "differentiable") and value:
+            # foreach and fused choose among torch's implementations: fastopt has one. Any
+            # other argument that is torch's alone must keep torch's default.
+            if name not in ("foreach", "fused") and value != self._torch_defaults[name]:
                 raise ValueError(f"fastopt.torch.{type(self).__name__} does not support "
-                                 f"{name}=True")
+                                 f"{name}={value!r}")
         self._math = self.algorithm(adopt(np.zeros(1, np.float32)))  # hooks only
         self._stores = None
         super().__init__(params, {**defaults, **torch_options})
@@ -226,7 +230,8 @@ class Optimizer(torch.optim.Optimizer):
         clip = f32(np.inf if self.clip_grad_value is None else self.clip_grad_value)
         for hyper, group_runs in plans:
             sign = -1.0 if hyper.get("maximize") else 1.0
-            prep = (f32(sign * inverse_scale * coefficient), clip, f32(self._math._l2(hyper)))
+            prep = Prep(g_scale=f32(sign * inverse_scale * coefficient), clip=clip,
+                        weight_decay=f32(self._math._l2(hyper)))
             for run in group_runs:
                 self._apply(hyper, run, prep)
         return loss
@@ -590,7 +595,7 @@ class _Store:
             states = [self._flat[name].numpy() for name in spec]
             table = self.table(run)
             self.backend.run_segments(math.rule, tuple(spec), table.addresses, run.gradients,
-                                      states, prep, h, table)
+                                      states, prep, h, table, math.spec.keeps_subnormals)
             return host
         for p, slot in zip(run.params, run.slots):
             self.scratch_params[slot.start:slot.stop].view(p.shape).copy_(p)
@@ -660,221 +665,48 @@ def _check_gradient(grad):
 
 # -- the drop-in classes: torch.optim's signatures, fastopt's algorithms ------------------
 
-def _drop_in(algorithm):
-    return (f"Drop-in torch.optim.{algorithm.__name__} on fastopt's fused kernels; see "
-            f":class:`fastopt.{algorithm.__name__}` for the math and :mod:`fastopt.torch` for "
-            "how parameters and gradients are kept.")
+# Arguments of torch.optim's classes that choose an implementation, not the numbers.
+_IMPLEMENTATION_OPTIONS = ("foreach", "fused", "capturable", "differentiable")
 
 
-class SGD(Optimizer):
-    __doc__ = _drop_in(core.SGD)
-    algorithm = core.SGD
-    counts_steps = False
-
-    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0,
-                 nesterov=False, *, maximize=False, foreach=None, differentiable=False,
-                 fused=None, **options):
-        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
-                                      weight_decay=weight_decay, nesterov=nesterov,
-                                      maximize=maximize),
-                         dict(foreach=foreach, differentiable=differentiable, fused=fused),
-                         **options)
-
-
-class Adagrad(Optimizer):
-    __doc__ = _drop_in(core.Adagrad)
-    algorithm = core.Adagrad
-
-    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
-                 eps=1e-10, foreach=None, *, maximize=False, differentiable=False, fused=None,
-                 **options):
-        super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
-                                      initial_accumulator_value=initial_accumulator_value,
-                                      eps=eps, maximize=maximize),
-                         dict(foreach=foreach, differentiable=differentiable, fused=fused),
-                         **options)
-
-
-class RMSprop(Optimizer):
-    __doc__ = _drop_in(core.RMSprop)
-    algorithm = core.RMSprop
-
-    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
-                 centered=False, capturable=False, foreach=None, maximize=False,
-                 differentiable=False, **options):
-        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                                      momentum=momentum, centered=centered, maximize=maximize),
-                         dict(capturable=capturable, foreach=foreach,
-                              differentiable=differentiable), **options)
+def _drop_in_class(algorithm):
+    """The ``fastopt.torch`` class of one algorithm of the registry: the arguments of its
+    torch.optim namesake (those that are fastopt's too, those that choose torch's
+    implementation, then fastopt's own additions), or fastopt's where there is none."""
+    spec, name = algorithm.spec, algorithm.__name__
+    ours = {h.name: h for h in spec.hyperparameters}
+    if spec.torch is None:
+        positional = [(h.name, h.default) for h in spec.hyperparameters if not h.keyword_only]
+        keyword = [(h.name, h.default) for h in spec.hyperparameters if h.keyword_only]
+        doc = (f"fastopt's {name} (no torch.optim namesake) as a torch.optim.Optimizer; see "
+               f":class:`fastopt.{name}`.")
+    else:
+        theirs = list(inspect.signature(getattr(torch.optim, spec.torch)).parameters.values())
+        positional = [(p.name, p.default) for p in theirs[1:]
+                      if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        keyword = [(p.name, p.default) for p in theirs if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        named = {p.name for p in theirs}  # fastopt's additions, and any this torch lacks:
+        keyword += [(h.name, h.default) for h in spec.hyperparameters if h.name not in named]
+        doc = (f"Drop-in torch.optim.{spec.torch} on fastopt's fused kernels; see "
+               f":class:`fastopt.{name}` for the math and :mod:`fastopt.torch` for how "
+               "parameters and gradients are kept.")
+    if spec.per_tensor:
+        doc += " Each parameter tensor is one tensor for its per-tensor norms and factors."
+    if spec.host:
+        doc += (f" Parameters that step together (normally a whole group) share its host "
+                f"state ({', '.join(spec.host)}).")
+    torch_options = {n: default for n, default in positional + keyword if n not in ours}
+    hyperparameters = ", ".join(f"{n}={n}" for n in ours)
+    options = ", ".join(f"{n}={n}" for n in torch_options)
+    init = define_init(positional, keyword,
+                       f"Optimizer.__init__(self, params, dict({hyperparameters}, **fixed), "
+                       f"dict({options}), **options)",
+                       {"Optimizer": Optimizer, "fixed": dict(spec.fixed)})
+    return type(name, (Optimizer,), {"__init__": init, "__doc__": doc, "algorithm": algorithm,
+                                     "__module__": __name__, "__qualname__": name,
+                                     "_torch_defaults": torch_options,
+                                     "counts_steps": spec.torch != "SGD"})
 
 
-class Adadelta(Optimizer):
-    __doc__ = _drop_in(core.Adadelta)
-    algorithm = core.Adadelta
-
-    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0, foreach=None, *,
-                 capturable=False, maximize=False, differentiable=False, **options):
-        super().__init__(params, dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay,
-                                      maximize=maximize),
-                         dict(foreach=foreach, capturable=capturable,
-                              differentiable=differentiable), **options)
-
-
-class Adam(Optimizer):
-    __doc__ = _drop_in(core.Adam)
-    algorithm = core.Adam
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
-                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
-                 differentiable=False, fused=None, decoupled_weight_decay=False,
-                 bias_correction=True, **options):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      amsgrad=amsgrad, maximize=maximize,
-                                      decoupled_weight_decay=decoupled_weight_decay,
-                                      bias_correction=bias_correction),
-                         dict(foreach=foreach, capturable=capturable,
-                              differentiable=differentiable, fused=fused), **options)
-
-
-class AdamW(Adam):
-    __doc__ = _drop_in(core.AdamW)
-    algorithm = core.AdamW
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
-                 differentiable=False, fused=None, bias_correction=True, **options):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
-                         maximize=maximize, capturable=capturable,
-                         differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, bias_correction=bias_correction,
-                         **options)
-
-
-class Adamax(Optimizer):
-    __doc__ = _drop_in(core.Adamax)
-    algorithm = core.Adamax
-
-    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
-                 foreach=None, *, maximize=False, differentiable=False, capturable=False,
-                 **options):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      maximize=maximize),
-                         dict(foreach=foreach, differentiable=differentiable,
-                              capturable=capturable), **options)
-
-
-class NAdam(Optimizer):
-    __doc__ = _drop_in(core.NAdam)
-    algorithm = core.NAdam
-
-    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
-                 momentum_decay=4e-3, decoupled_weight_decay=False, *, foreach=None,
-                 maximize=False, capturable=False, differentiable=False, **options):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      momentum_decay=momentum_decay,
-                                      decoupled_weight_decay=decoupled_weight_decay,
-                                      maximize=maximize),
-                         dict(foreach=foreach, capturable=capturable,
-                              differentiable=differentiable), **options)
-
-
-class RAdam(Optimizer):
-    __doc__ = _drop_in(core.RAdam)
-    algorithm = core.RAdam
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
-                 decoupled_weight_decay=False, *, foreach=None, maximize=False,
-                 capturable=False, differentiable=False, **options):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      decoupled_weight_decay=decoupled_weight_decay,
-                                      maximize=maximize),
-                         dict(foreach=foreach, capturable=capturable,
-                              differentiable=differentiable), **options)
-
-
-class Rprop(Optimizer):
-    __doc__ = _drop_in(core.Rprop)
-    algorithm = core.Rprop
-
-    def __init__(self, params, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50), *,
-                 capturable=False, foreach=None, maximize=False, differentiable=False,
-                 **options):
-        super().__init__(params, dict(lr=lr, etas=etas, step_sizes=step_sizes,
-                                      maximize=maximize),
-                         dict(capturable=capturable, foreach=foreach,
-                              differentiable=differentiable), **options)
-
-
-class ASGD(Optimizer):
-    __doc__ = _drop_in(core.ASGD)
-    algorithm = core.ASGD
-
-    def __init__(self, params, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0,
-                 foreach=None, maximize=False, differentiable=False, capturable=False,
-                 **options):
-        super().__init__(params, dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0,
-                                      weight_decay=weight_decay, maximize=maximize),
-                         dict(foreach=foreach, differentiable=differentiable,
-                              capturable=capturable), **options)
-
-
-class Adafactor(Optimizer):
-    __doc__ = _drop_in(core.Adafactor) + (
-        " The factors are kept per parameter in torch's shapes (``row_var``, ``col_var``"
-        " or ``variance``).")
-    algorithm = core.Adafactor
-
-    def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
-                 weight_decay=0.0, *, foreach=None, maximize=False, **options):
-        super().__init__(params, dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d,
-                                      weight_decay=weight_decay, maximize=maximize),
-                         dict(foreach=foreach), **options)
-
-
-def _from_fastopt(algorithm, note=""):
-    return (f"fastopt's {algorithm.__name__} (no torch.optim namesake) as a "
-            f"torch.optim.Optimizer; see :class:`fastopt.{algorithm.__name__}`.{note}")
-
-
-class Lion(Optimizer):
-    __doc__ = _from_fastopt(core.Lion)
-    algorithm = core.Lion
-
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0, *, maximize=False,
-                 **options):
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
-                                      maximize=maximize), {}, **options)
-
-
-class LAMB(Optimizer):
-    __doc__ = _from_fastopt(core.LAMB, " Each parameter tensor gets its own trust ratio.")
-    algorithm = core.LAMB
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0, *,
-                 maximize=False, **options):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      maximize=maximize), {}, **options)
-
-
-class LARS(Optimizer):
-    __doc__ = _from_fastopt(core.LARS, " Each parameter tensor gets its own local lr.")
-    algorithm = core.LARS
-
-    def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0, trust_coefficient=1e-3, *,
-                 maximize=False, **options):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      trust_coefficient=trust_coefficient, maximize=maximize),
-                         {}, **options)
-
-
-class SWATS(Optimizer):
-    """fastopt's SWATS (no torch.optim namesake) as a torch.optim.Optimizer; see
-    :class:`fastopt.SWATS`. Parameters that step together (normally a whole group)
-    share one switch."""
-
-    algorithm = core.SWATS
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-9, weight_decay=0, *,
-                 maximize=False, **options):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      maximize=maximize), {}, **options)
+for _name, _algorithm in ALGORITHMS.items():
+    globals()[_name] = _drop_in_class(_algorithm)

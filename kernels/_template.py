@@ -21,6 +21,18 @@ def state_names(rule):
     return tuple(inspect.signature(rule).parameters)[2:-1]
 
 
+def scalars_type(rule):
+    """The named tuple type of ``rule``'s ``h``, which its annotation names."""
+    return inspect.signature(rule).parameters["h"].annotation
+
+
+def plain_tuples(args):
+    """``args`` with named tuples (``h``, ``prep``) as plain ones, as kernels take them:
+    Numba types a plain tuple argument in C, a named one in Python, at a microsecond
+    a call. The kernels turn them back into the rules' named types."""
+    return [tuple(a) if isinstance(a, tuple) else a for a in args]
+
+
 @functools.cache
 def _rules_source():
     return inspect.getsource(rules)
@@ -35,9 +47,12 @@ def build(rule, present, loops, namespace, filename, fingerprint):
     can use ``{slices}``, which binds ``p_c, g_c, ...`` to ``[start:stop]`` of each
     array (``{state_slices}`` binds only the states' ``_c``, for a loop that finds
     ``p_c`` and ``g_c`` elsewhere), and ``{chunk_body}``, the statement on those. A
-    state not in ``present`` is
-    passed to the rule as ``ZERO`` and its new value is dropped. ``fingerprint`` is
-    whatever else the compiled code depends on (compiler options, constants).
+    state not in ``present`` is passed to the rule as ``ZERO`` and its new value is
+    dropped. ``{named}`` binds ``named`` to ``h`` (a plain tuple: see
+    :func:`plain_tuples`) as the rule's named type, which the bodies pass to the rule;
+    a parallel loop needs it inside its body, where Numba's parfor lowering accepts
+    it. ``fingerprint`` is whatever else the compiled code depends on (compiler
+    options, constants).
     """
     names = state_names(rule)
     unknown = set(present) - set(names)
@@ -49,12 +64,15 @@ def build(rule, present, loops, namespace, filename, fingerprint):
         loads = "".join(f", {s}{suffix}[i]" if s in present else ", ZERO" for s in names)
         stores = "".join(f", {s}{suffix}[i]" if s in present else ", _" for s in names)
         return (f"p{suffix}[i]{stores} = "
-                f"rule(p{suffix}[i], prepare(p{suffix}[i], g{suffix}[i], prep){loads}, h)")
+                f"rule(p{suffix}[i], prepare(p{suffix}[i], g{suffix}[i], prep){loads}, named)")
 
+    namespace["Scalars"] = scalars_type(rule)
+    fields = len(namespace["Scalars"]._fields)
+    named = f"named = Scalars({', '.join(f'h[{i}]' for i in range(fields))})"
     slices = "; ".join(f"{a}_c = {a}[start:stop]" for a in arrays)
     state_slices = "; ".join(f"{a}_c = {a}[start:stop]" for a in present) or "pass"
     text = loops.format(body=body(""), chunk_body=body("_c"), slices=slices,
-                        state_slices=state_slices)
+                        state_slices=state_slices, named=named)
     digest = hashlib.sha1((_rules_source() + text + fingerprint).encode()).hexdigest()
     name = "__".join((rule.__name__,) + tuple(present) + (digest[:10],))
     args = ", ".join(arrays + ("prep", "h"))

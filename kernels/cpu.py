@@ -9,6 +9,7 @@ from numba import carray, njit, prange, types
 from numba.core.extending import intrinsic
 
 from . import _fp_mode, _template, rules
+from ._template import plain_tuples  # noqa: F401  (for the backend)
 
 # Every element is independent, so the result does not depend on the thread count.
 # error_model="numpy" drops the division-by-zero check that would stop SIMD.
@@ -29,16 +30,13 @@ CHUNK = 1 << 14
 # torch.set_flush_denormal(True) does); each kernel restores the caller's setting.
 FLUSH_DENORMALS = True
 
-# Rules whose result hangs on subnormal values: Rprop steps by the sign of g * prev,
-# which torch sees as positive where a flushed product reads as zero.
-KEEP_DENORMALS = {"rprop"}
-
 ZERO = np.float32(0)  # a state a driver does not hold reads as this
 
 _LOOPS = """\
 , parallel, flush_denormals):
     if parallel:
         for c in prange((p.size + CHUNK - 1) // CHUNK):
+            {named}
             saved = denormals_off(flush_denormals)
             start = c * CHUNK
             stop = min(start + CHUNK, p.size)
@@ -47,6 +45,7 @@ _LOOPS = """\
                 {chunk_body}
             restore_fp_mode(saved)
     else:
+        {named}
         saved = denormals_off(flush_denormals)
         for i in range(p.size):
             {body}
@@ -56,6 +55,7 @@ _LOOPS = """\
 
 # One chunk of one segment: p_c and g_c are arrays over the tensors' own memory.
 _SEGMENT_CHUNK = """\
+{named}
 saved = denormals_off(flush_denormals)
 p_c, g_c = segment_chunk(p, chunks, c), segment_chunk(g, chunks, c)
 start = state_starts[chunks[c, 0]] + chunks[c, 1]
@@ -221,6 +221,7 @@ _ema = _inline(rules.ema)
 
 @njit(inline="always", error_model="numpy")
 def _swats_chunk(p, g, exp_avg, exp_avg_sq, prep, h, partials, c):
+    h = rules.SWATSAdamScalars(*h)
     chunk = slice(c * REDUCTION_CHUNK, (c + 1) * REDUCTION_CHUNK)
     p, g, exp_avg, exp_avg_sq = p[chunk], g[chunk], exp_avg[chunk], exp_avg_sq[chunk]
     direction_sq = direction_g = 0.0
@@ -255,10 +256,10 @@ def ema(average, value, h, parallel):
     """``average = rules.ema(average, value, h)`` element-wise."""
     if parallel:
         for i in prange(average.size):
-            average[i] = _ema(average[i], value[i], h)
+            average[i] = _ema(average[i], value[i], rules.EMAScalars(*h))
     else:
         for i in range(average.size):
-            average[i] = _ema(average[i], value[i], h)
+            average[i] = _ema(average[i], value[i], rules.EMAScalars(*h))
 
 
 # -- segmented reductions and layer-wise steps ---------------------------------------
@@ -299,6 +300,7 @@ def segment_norms(p, g, prep, starts, stops, partials, parallel):
 # add latency bounds the loop. The order it picks is fixed at compile time.
 @njit(inline="always", error_model="numpy", fastmath={"reassoc"})
 def _lamb_moments(p, g, exp_avg, exp_avg_sq, prep, h, partials, k):
+    h = rules.LAMBScalars(*h)
     param_sq = update_sq = 0.0
     for i in range(p.size):
         exp_avg[i], exp_avg_sq[i], u = _lamb(p[i], _prepare(p[i], g[i], prep), exp_avg[i],
@@ -326,6 +328,7 @@ def lamb_moments(p, g, exp_avg, exp_avg_sq, prep, h, starts, stops, partials, pa
 
 @njit(inline="always", error_model="numpy")
 def _lamb_step(p, exp_avg, exp_avg_sq, h, trust_lr):
+    h = rules.LAMBScalars(*h)
     for i in range(p.size):
         p[i] -= trust_lr * _lamb(p[i], ZERO, exp_avg[i], exp_avg_sq[i], h)[2]
 
@@ -344,7 +347,9 @@ def lamb_step(p, exp_avg, exp_avg_sq, h, starts, stops, trust_lr, parallel):
 
 
 @njit(inline="always", error_model="numpy")
-def _lars_step(p, g, momentum_buffer, prep, h):
+def _lars_step(p, g, momentum_buffer, prep, h, trust_lr):
+    h = rules.LARSScalars(*h)
+    h = rules.LARSScalars(trust_lr=trust_lr, momentum=h.momentum, weight_decay=h.weight_decay)
     for i in range(p.size):
         p[i], momentum_buffer[i] = _lars(p[i], _prepare(p[i], g[i], prep), momentum_buffer[i],
                                          h)
@@ -352,16 +357,15 @@ def _lars_step(p, g, momentum_buffer, prep, h):
 
 @njit(**_OPTIONS)
 def lars_step(p, g, momentum_buffer, prep, h, starts, stops, trust_lr, parallel):
-    """LARS's step over piece k, with its tensor's ``trust_lr[k]``; ``h`` is
-    ``(momentum, weight_decay)``."""
+    """LARS's step over piece k, with its tensor's ``trust_lr[k]`` for ``h.trust_lr``."""
     if parallel:
         for k in prange(starts.size):
             piece = slice(starts[k], stops[k])
-            _lars_step(p[piece], g[piece], momentum_buffer[piece], prep, (trust_lr[k],) + h)
+            _lars_step(p[piece], g[piece], momentum_buffer[piece], prep, h, trust_lr[k])
     else:
         for k in range(starts.size):
             piece = slice(starts[k], stops[k])
-            _lars_step(p[piece], g[piece], momentum_buffer[piece], prep, (trust_lr[k],) + h)
+            _lars_step(p[piece], g[piece], momentum_buffer[piece], prep, h, trust_lr[k])
 
 
 # -- Adafactor ---------------------------------------------------------------------------
@@ -399,7 +403,8 @@ def column_sums(p, g, prep, blocks, out, parallel):
 
 @njit(inline="always", error_model="numpy", fastmath={"reassoc"})
 def _adafactor_piece(p, g, prep, second, factored, row_scale, h, decay, step_size, apply):
-    fixed = (h[0], h[1], False)
+    h = rules.AdafactorScalars(*h)
+    fixed = rules.AdafactorScalars(beta=h.beta, eps1_sq=h.eps1_sq, moving=False)
     update_sq = 0.0
     for i in range(p.size):
         grad = _prepare(p[i], g[i], prep)

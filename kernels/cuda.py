@@ -20,6 +20,7 @@ ZERO = np.float32(0)  # a state a driver does not hold reads as this
 
 _LOOPS = """\
 ):
+    {named}
     i = cuda.grid(1)
     stride = cuda.gridsize(1)
     while i < p.size:
@@ -64,7 +65,7 @@ def launch(compiled, n, *args):
     """Run ``compiled`` over ``n`` elements with a grid that covers them once."""
     if n == 0:
         return
-    compiled[blocks(n), threads_per_block](*args)
+    compiled[blocks(n), threads_per_block](*_template.plain_tuples(args))
 
 
 # -- reductions ---------------------------------------------------------------------
@@ -116,6 +117,7 @@ _ema = cuda.jit(device=True)(rules.ema)
 @cuda.jit(cache=True)
 def swats_adam(p, g, exp_avg, exp_avg_sq, prep, h, partials):
     """SWATS's Adam step; ``partials[block] = (d.d, d.g)`` over the block's elements."""
+    h = rules.SWATSAdamScalars(*h)
     shared = cuda.shared.array(MAX_THREADS, float64)
     direction_sq = direction_g = float64(0)
     i = cuda.grid(1)
@@ -135,6 +137,7 @@ def swats_adam(p, g, exp_avg, exp_avg_sq, prep, h, partials):
 
 @cuda.jit(cache=True)
 def ema(average, value, h):
+    h = rules.EMAScalars(*h)
     i = cuda.grid(1)
     while i < average.size:
         average[i] = _ema(average[i], value[i], h)
@@ -171,7 +174,7 @@ _lars = cuda.jit(device=True)(rules.lars)
 def launch_pieces(compiled, pieces, *args):
     """Run ``compiled`` with one block per piece (or per row block of the column sums)."""
     if pieces:
-        compiled[pieces, threads_per_block](*args)
+        compiled[pieces, threads_per_block](*_template.plain_tuples(args))
 
 
 @cuda.jit(cache=True)
@@ -196,6 +199,7 @@ def segment_norms(p, g, prep, starts, stops, partials):
 @cuda.jit(cache=True)
 def lamb_moments(p, g, exp_avg, exp_avg_sq, prep, h, starts, stops, partials):
     """LAMB's first pass: the moments, and ``partials[k] = (sum p**2, sum u**2)``."""
+    h = rules.LAMBScalars(*h)
     shared = cuda.shared.array(MAX_THREADS, float64)
     k = cuda.blockIdx.x
     param_sq = update_sq = float64(0)
@@ -216,6 +220,7 @@ def lamb_moments(p, g, exp_avg, exp_avg_sq, prep, h, starts, stops, partials):
 @cuda.jit(cache=True)
 def lamb_step(p, exp_avg, exp_avg_sq, h, starts, stops, trust_lr):
     """LAMB's second pass: ``p -= trust_lr[k] * u`` over piece k."""
+    h = rules.LAMBScalars(*h)
     k = cuda.blockIdx.x
     i = starts[k] + cuda.threadIdx.x
     while i < stops[k]:
@@ -225,12 +230,14 @@ def lamb_step(p, exp_avg, exp_avg_sq, h, starts, stops, trust_lr):
 
 @cuda.jit(cache=True)
 def lars_step(p, g, momentum_buffer, prep, h, starts, stops, trust_lr):
-    """LARS's step over piece k, with its tensor's ``trust_lr[k]``."""
+    """LARS's step over piece k, with its tensor's ``trust_lr[k]`` for ``h.trust_lr``."""
     k = cuda.blockIdx.x
+    h = rules.LARSScalars(*h)
+    h = rules.LARSScalars(trust_lr=trust_lr[k], momentum=h.momentum, weight_decay=h.weight_decay)
     i = starts[k] + cuda.threadIdx.x
     while i < stops[k]:
         p[i], momentum_buffer[i] = _lars(p[i], _prepare(p[i], g[i], prep), momentum_buffer[i],
-                                         (trust_lr[k],) + h)
+                                         h)
         i += cuda.blockDim.x
 
 
@@ -261,7 +268,8 @@ def adafactor(p, g, prep, col_var, variance, h, starts, stops, second_starts, fa
     """One block per piece; see kernels.cpu.adafactor."""
     shared = cuda.shared.array(MAX_THREADS, float64)
     k = cuda.blockIdx.x
-    fixed = (h[0], h[1], False)
+    h = rules.AdafactorScalars(*h)
+    fixed = rules.AdafactorScalars(beta=h.beta, eps1_sq=h.eps1_sq, moving=False)
     update_sq = float64(0)
     i = starts[k] + cuda.threadIdx.x
     while i < stops[k]:

@@ -1,10 +1,16 @@
 """The per-element update of every algorithm, written once.
 
 Each rule is a plain function of float32 scalars: the parameter ``p``, its gradient
-``g``, the algorithm's state values, and ``h``, a tuple of float32 hyperparameters that
-the optimizer computed on the host for this step (bias corrections, decayed learning
-rates ...). It returns the new parameter followed by the new state values, in the order
-it received them.
+``g``, the algorithm's state values, and ``h``, the float32 hyperparameters that the
+optimizer computed on the host for this step (bias corrections, decayed learning rates
+...). ``h`` is a named tuple whose type is declared next to the rule and named by the
+rule's annotation; the host builds it by field name and the rule reads it by field
+name, so no one counts positions. It returns the new parameter followed by the new
+state values, in the order it received them.
+
+Kernels take ``h`` as a plain tuple, in the order of the type's fields: Numba types a
+plain tuple argument in C, a named one in Python, a microsecond a call. The generated
+drivers (``_template``) turn it back into the named type before the loop.
 
 The same function is compiled for the CPU (``kernels.cpu``) and for CUDA
 (``kernels.cuda``). A rule may be called with some of its state absent: the driver
@@ -18,9 +24,9 @@ Python float literals are float64 and would promote the whole expression, so eve
 constant, including ``1 - beta``, arrives through ``h`` as a float32.
 
 A rule receives the gradient already prepared by :func:`prepare`, which the drivers
-call first with the optimizer's ``prep`` tuple: the sign for ``maximize``, loss-scale
-and clipping factors, value clipping and torch's L2 weight decay are the same for
-every algorithm, so they are written once, there.
+call first with the optimizer's ``prep`` (a ``Prep``): the sign for ``maximize``,
+loss-scale and clipping factors, value clipping and torch's L2 weight decay are the same
+for every algorithm, so they are written once, there.
 
 ``max`` would drop a NaN where torch.maximum keeps it, hence the explicit selects. A
 moving average of squares multiplies ``(1 - beta) * g * g`` from the left, as torch's
@@ -28,6 +34,11 @@ addcmul does, so that it overflows float32 exactly where torch's does.
 """
 
 import math
+from collections import namedtuple
+
+
+# The factors of prepare(), which every algorithm shares.
+Prep = namedtuple("Prep", "g_scale clip weight_decay")
 
 
 def prepare(p, g, prep):
@@ -39,7 +50,7 @@ def prepare(p, g, prep):
     torch's clamp. Like torch, a zero weight decay adds nothing, so that an infinite
     parameter does not turn g into NaN.
     """
-    g_scale, clip, weight_decay = prep
+    g_scale, clip, weight_decay = prep  # in the order of Prep's fields
     g = g * g_scale
     if g > clip:
         g = clip
@@ -50,190 +61,231 @@ def prepare(p, g, prep):
     return g
 
 
-def sgd(p, g, momentum_buffer, h):
-    lr, momentum, grad_weight, nesterov = h
+SGDScalars = namedtuple("SGDScalars", "lr momentum grad_weight nesterov")
+
+
+def sgd(p, g, momentum_buffer, h: SGDScalars):
     # grad_weight is 1 - dampening. With the buffer absent, momentum = 0 and
     # grad_weight = 1 make this plain SGD; on the buffer's first step grad_weight = 1
     # too, so it takes the raw gradient as torch's does.
-    momentum_buffer = momentum * momentum_buffer + grad_weight * g
-    if nesterov:
-        direction = g + momentum * momentum_buffer
+    momentum_buffer = h.momentum * momentum_buffer + h.grad_weight * g
+    if h.nesterov:
+        direction = g + h.momentum * momentum_buffer
     else:
         direction = momentum_buffer
-    return p - lr * direction, momentum_buffer
+    return p - h.lr * direction, momentum_buffer
 
 
-def adagrad(p, g, sum, h):  # "sum" is torch's name for the accumulator
-    clr, eps = h
+AdagradScalars = namedtuple("AdagradScalars", "clr eps")
+
+
+def adagrad(p, g, sum, h: AdagradScalars):  # "sum" is torch's name for the accumulator
     sum = sum + g * g
-    return p - clr * (g / (math.sqrt(sum) + eps)), sum
+    return p - h.clr * (g / (math.sqrt(sum) + h.eps)), sum
 
 
-def rmsprop(p, g, square_avg, grad_avg, momentum_buffer, h):
-    lr, alpha, one_minus_alpha, eps, momentum, centered = h
-    square_avg = alpha * square_avg + one_minus_alpha * g * g
-    if centered:
-        grad_avg = grad_avg + one_minus_alpha * (g - grad_avg)
+RMSpropScalars = namedtuple("RMSpropScalars", ["lr", "alpha", "one_minus_alpha", "eps",
+                                               "momentum", "centered"])
+
+
+def rmsprop(p, g, square_avg, grad_avg, momentum_buffer, h: RMSpropScalars):
+    square_avg = h.alpha * square_avg + h.one_minus_alpha * g * g
+    if h.centered:
+        grad_avg = grad_avg + h.one_minus_alpha * (g - grad_avg)
         variance = square_avg - grad_avg * grad_avg
         # torch fuses this multiply-add, so a finite grad_avg whose square overflows
         # leaves an infinite square_avg infinite there; unfused, inf - inf is NaN.
         if variance != variance and math.isfinite(grad_avg):
             variance = square_avg
-        avg = math.sqrt(variance) + eps
+        avg = math.sqrt(variance) + h.eps
     else:
-        avg = math.sqrt(square_avg) + eps
+        avg = math.sqrt(square_avg) + h.eps
     # Without a momentum buffer, momentum = 0 and this is torch's p -= lr * g / avg.
-    momentum_buffer = momentum * momentum_buffer + g / avg
-    return p - lr * momentum_buffer, square_avg, grad_avg, momentum_buffer
+    momentum_buffer = h.momentum * momentum_buffer + g / avg
+    return p - h.lr * momentum_buffer, square_avg, grad_avg, momentum_buffer
 
 
-def adadelta(p, g, square_avg, acc_delta, h):
-    lr, rho, one_minus_rho, eps = h
-    square_avg = rho * square_avg + one_minus_rho * g * g
-    delta = math.sqrt(acc_delta + eps) / math.sqrt(square_avg + eps) * g
-    acc_delta = rho * acc_delta + one_minus_rho * delta * delta
-    return p - lr * delta, square_avg, acc_delta
+AdadeltaScalars = namedtuple("AdadeltaScalars", "lr rho one_minus_rho eps")
 
 
-def adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, h):
-    (decay, step_size, inv_bc2_sqrt, eps,
-     one_minus_beta1, beta2, one_minus_beta2, amsgrad) = h
-    exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
-    exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * g * g
-    if amsgrad:
+def adadelta(p, g, square_avg, acc_delta, h: AdadeltaScalars):
+    square_avg = h.rho * square_avg + h.one_minus_rho * g * g
+    delta = math.sqrt(acc_delta + h.eps) / math.sqrt(square_avg + h.eps) * g
+    acc_delta = h.rho * acc_delta + h.one_minus_rho * delta * delta
+    return p - h.lr * delta, square_avg, acc_delta
+
+
+AdamScalars = namedtuple("AdamScalars", ["decay", "step_size", "inv_bc2_sqrt", "eps",
+                                         "one_minus_beta1", "beta2", "one_minus_beta2",
+                                         "amsgrad"])
+
+
+def adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, h: AdamScalars):
+    exp_avg = exp_avg + h.one_minus_beta1 * (g - exp_avg)
+    exp_avg_sq = h.beta2 * exp_avg_sq + h.one_minus_beta2 * g * g
+    if h.amsgrad:
         if exp_avg_sq > max_exp_avg_sq or exp_avg_sq != exp_avg_sq:
             max_exp_avg_sq = exp_avg_sq
         second = max_exp_avg_sq
     else:
         second = exp_avg_sq
-    denom = math.sqrt(second) * inv_bc2_sqrt + eps
+    denom = math.sqrt(second) * h.inv_bc2_sqrt + h.eps
     # decay is AdamW's 1 - lr * weight_decay, applied before the Adam step.
-    return p * decay - step_size * (exp_avg / denom), exp_avg, exp_avg_sq, max_exp_avg_sq
+    return p * h.decay - h.step_size * (exp_avg / denom), exp_avg, exp_avg_sq, max_exp_avg_sq
 
 
-def adamax(p, g, exp_avg, exp_inf, h):
-    clr, eps, one_minus_beta1, beta2 = h
-    exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
-    exp_inf = beta2 * exp_inf
-    bound = abs(g) + eps
+AdamaxScalars = namedtuple("AdamaxScalars", "clr eps one_minus_beta1 beta2")
+
+
+def adamax(p, g, exp_avg, exp_inf, h: AdamaxScalars):
+    exp_avg = exp_avg + h.one_minus_beta1 * (g - exp_avg)
+    exp_inf = h.beta2 * exp_inf
+    bound = abs(g) + h.eps
     if bound > exp_inf or bound != bound:
         exp_inf = bound
-    return p - clr * (exp_avg / exp_inf), exp_avg, exp_inf
+    return p - h.clr * (exp_avg / exp_inf), exp_avg, exp_inf
 
 
-def nadam(p, g, exp_avg, exp_avg_sq, h):
-    (decay, grad_coef, avg_coef, inv_bc2, eps,
-     one_minus_beta1, beta2, one_minus_beta2) = h
-    exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
-    exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * g * g
-    denom = math.sqrt(exp_avg_sq * inv_bc2) + eps
+NAdamScalars = namedtuple("NAdamScalars", ["decay", "grad_coef", "avg_coef", "inv_bc2",
+                                           "eps", "one_minus_beta1", "beta2",
+                                           "one_minus_beta2"])
+
+
+def nadam(p, g, exp_avg, exp_avg_sq, h: NAdamScalars):
+    exp_avg = exp_avg + h.one_minus_beta1 * (g - exp_avg)
+    exp_avg_sq = h.beta2 * exp_avg_sq + h.one_minus_beta2 * g * g
+    denom = math.sqrt(exp_avg_sq * h.inv_bc2) + h.eps
     # The Nesterov look-ahead: the gradient weighted by (1 - mu_t) / (1 - prod mu) and
     # the momentum by mu_(t+1) / (1 - prod mu * mu_(t+1)), both folded on the host.
-    p = p * decay - grad_coef * (g / denom)
-    return p - avg_coef * (exp_avg / denom), exp_avg, exp_avg_sq
+    p = p * h.decay - h.grad_coef * (g / denom)
+    return p - h.avg_coef * (exp_avg / denom), exp_avg, exp_avg_sq
 
 
-def radam(p, g, exp_avg, exp_avg_sq, h):
-    (decay, step_size, eps, one_minus_beta1, beta2, one_minus_beta2, rectified) = h
-    exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
-    exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * g * g
+RAdamScalars = namedtuple("RAdamScalars", ["decay", "step_size", "eps", "one_minus_beta1",
+                                           "beta2", "one_minus_beta2", "rectified"])
+
+
+def radam(p, g, exp_avg, exp_avg_sq, h: RAdamScalars):
+    exp_avg = exp_avg + h.one_minus_beta1 * (g - exp_avg)
+    exp_avg_sq = h.beta2 * exp_avg_sq + h.one_minus_beta2 * g * g
     # step_size folds lr, the bias corrections and the rectification term. While the
     # variance estimate is not yet trusted (rho_t <= 5) the step is plain momentum.
-    if rectified:
-        direction = exp_avg / (math.sqrt(exp_avg_sq) + eps)
+    if h.rectified:
+        direction = exp_avg / (math.sqrt(exp_avg_sq) + h.eps)
     else:
         direction = exp_avg
-    return p * decay - step_size * direction, exp_avg, exp_avg_sq
+    return p * h.decay - h.step_size * direction, exp_avg, exp_avg_sq
 
 
-def rprop(p, g, prev, step_size, h):
-    etaminus, etaplus, step_size_min, step_size_max, zero = h
+RpropScalars = namedtuple("RpropScalars", ["etaminus", "etaplus", "step_size_min",
+                                           "step_size_max", "zero"])
+
+
+def rprop(p, g, prev, step_size, h: RpropScalars):
     # torch.sign maps NaN to 0, so torch's Rprop passes over a NaN gradient, leaving
     # the step size and the parameter as they were; the comparisons below do the same.
     agreement = g * prev
-    if agreement > zero:
-        step_size = step_size * etaplus
-    elif agreement < zero:
+    if agreement > h.zero:
+        step_size = step_size * h.etaplus
+    elif agreement < h.zero:
         # The sign flipped: the last step jumped over a minimum. Shrink the step and
         # skip this one, and forget g so that the next step counts as a fresh start.
-        step_size = step_size * etaminus
-        g = zero
-    if step_size < step_size_min:
-        step_size = step_size_min
-    elif step_size > step_size_max:
-        step_size = step_size_max
-    if g > zero:
+        step_size = step_size * h.etaminus
+        g = h.zero
+    if step_size < h.step_size_min:
+        step_size = h.step_size_min
+    elif step_size > h.step_size_max:
+        step_size = h.step_size_max
+    if g > h.zero:
         p = p - step_size
-    elif g < zero:
+    elif g < h.zero:
         p = p + step_size
     return p, g, step_size
 
 
-def asgd(p, g, ax, h):
-    decay, eta, mu, averaging = h
-    p = p * decay - eta * g
+ASGDScalars = namedtuple("ASGDScalars", "decay eta mu averaging")
+
+
+def asgd(p, g, ax, h: ASGDScalars):
+    p = p * h.decay - h.eta * g
     # Until t0 steps have passed (mu = 1) the average is the last iterate.
-    if averaging:
-        ax = ax + mu * (p - ax)
+    if h.averaging:
+        ax = ax + h.mu * (p - ax)
     else:
         ax = p
     return p, ax
 
 
-def lion(p, g, exp_avg, h):
-    decay, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, one = h
-    update = beta1 * exp_avg + one_minus_beta1 * g
-    direction = update if update == -update or update != update else math.copysign(one, update)
-    return p * decay - lr * direction, beta2 * exp_avg + one_minus_beta2 * g
+LionScalars = namedtuple("LionScalars", ["decay", "lr", "beta1", "one_minus_beta1", "beta2",
+                                         "one_minus_beta2", "one"])
 
 
-def lamb(p, g, exp_avg, exp_avg_sq, h):
+def lion(p, g, exp_avg, h: LionScalars):
+    update = h.beta1 * exp_avg + h.one_minus_beta1 * g
+    direction = update if update == -update or update != update else math.copysign(h.one, update)
+    return p * h.decay - h.lr * direction, h.beta2 * exp_avg + h.one_minus_beta2 * g
+
+
+LAMBScalars = namedtuple("LAMBScalars", ["weight_decay", "inv_bc1", "inv_bc2_sqrt", "eps",
+                                         "one_minus_beta1", "beta2", "one_minus_beta2",
+                                         "moving"])
+
+
+def lamb(p, g, exp_avg, exp_avg_sq, h: LAMBScalars):
     """LAMB's moments and its direction u = r + wd * p, where the step is
     ``p - trust_lr * u`` and ``trust_lr`` depends on the norms of p and u over the whole
     tensor. So LAMB takes two passes: the first moves the moments (``moving``) and
     sums the norms, the second recomputes u from them and steps."""
-    weight_decay, inv_bc1, inv_bc2_sqrt, eps, one_minus_beta1, beta2, one_minus_beta2, moving = h
-    if moving:
-        exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
-        exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * g * g
-    ratio = (exp_avg * inv_bc1) / (math.sqrt(exp_avg_sq) * inv_bc2_sqrt + eps)
-    return exp_avg, exp_avg_sq, ratio + weight_decay * p
+    if h.moving:
+        exp_avg = exp_avg + h.one_minus_beta1 * (g - exp_avg)
+        exp_avg_sq = h.beta2 * exp_avg_sq + h.one_minus_beta2 * g * g
+    ratio = (exp_avg * h.inv_bc1) / (math.sqrt(exp_avg_sq) * h.inv_bc2_sqrt + h.eps)
+    return exp_avg, exp_avg_sq, ratio + h.weight_decay * p
 
 
-def lars(p, g, momentum_buffer, h):
+LARSScalars = namedtuple("LARSScalars", "trust_lr momentum weight_decay")
+
+
+def lars(p, g, momentum_buffer, h: LARSScalars):
     """LARS's step, with ``trust_lr`` the lr times the tensor's local learning rate."""
-    trust_lr, momentum, weight_decay = h
-    momentum_buffer = momentum * momentum_buffer + trust_lr * (g + weight_decay * p)
+    momentum_buffer = h.momentum * momentum_buffer + h.trust_lr * (g + h.weight_decay * p)
     return p - momentum_buffer, momentum_buffer
 
 
-def adafactor(g, second, h):
+AdafactorScalars = namedtuple("AdafactorScalars", "beta eps1_sq moving")
+
+
+def adafactor(g, second, h: AdafactorScalars):
     """Adafactor's direction ``u = g / sqrt(max(estimate, eps1**2))``.
 
     ``second`` is a vector's own second moment, which lerps toward g*g when
     ``moving``, or a factored tensor's estimate ``row_var * col_var / row_mean``, which
     the caller forms and never moves here. Returns the second moment, u, and u*u
     computed without the square root, for the pass that only needs the norm of u."""
-    beta, eps1_sq, moving = h
-    if moving:
-        second = second + beta * (g * g - second)
+    if h.moving:
+        second = second + h.beta * (g * g - second)
     # torch clamps, which keeps a NaN.
-    estimate = eps1_sq if second < eps1_sq else second
+    estimate = h.eps1_sq if second < h.eps1_sq else second
     return second, g / math.sqrt(estimate), g * g / estimate
 
 
-def swats_adam(p, g, exp_avg, exp_avg_sq, h):
+SWATSAdamScalars = namedtuple("SWATSAdamScalars", ["coef", "eps", "one_minus_beta1",
+                                                   "beta2", "one_minus_beta2"])
+
+
+def swats_adam(p, g, exp_avg, exp_avg_sq, h: SWATSAdamScalars):
     """SWATS's Adam phase. Also returns the direction d, where the step is -coef * d,
     so that the driver can reduce d.d and d.g for the switching test."""
-    coef, eps, one_minus_beta1, beta2, one_minus_beta2 = h
-    exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
-    exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * g * g
+    exp_avg = exp_avg + h.one_minus_beta1 * (g - exp_avg)
+    exp_avg_sq = h.beta2 * exp_avg_sq + h.one_minus_beta2 * g * g
     # eps is added to the uncorrected sqrt: the paper folds both corrections into coef.
-    direction = exp_avg / (math.sqrt(exp_avg_sq) + eps)
-    return p - coef * direction, exp_avg, exp_avg_sq, direction
+    direction = exp_avg / (math.sqrt(exp_avg_sq) + h.eps)
+    return p - h.coef * direction, exp_avg, exp_avg_sq, direction
 
 
-def ema(average, value, h):
+EMAScalars = namedtuple("EMAScalars", "decay one_minus_decay")
+
+
+def ema(average, value, h: EMAScalars):
     """An exponential moving average: ``decay * average + (1 - decay) * value``."""
-    decay, one_minus_decay = h
-    return decay * average + one_minus_decay * value
+    return h.decay * average + h.one_minus_decay * value

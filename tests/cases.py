@@ -2,6 +2,8 @@
 weight decay, and combinations. The learning rates are larger than the defaults so
 that 30 steps move the parameters far enough for a wrong formula to show."""
 
+import fastopt
+
 CASES = {
     "SGD": [
         dict(lr=0.01),
@@ -101,6 +103,12 @@ CASES = {
         dict(lr=0.05, maximize=True, weight_decay=0.05, eps=(1e-3, 1e-3)),
     ],
     # From papers, not in torch.optim: tested against the papers' formulas only.
+    "SWATS": [  # the switch to SGD, which these do not reach, is tested in test_swats.py
+        dict(lr=0.01),
+        dict(lr=0.01, weight_decay=0.1),
+        dict(lr=0.01, betas=(0.8, 0.9), eps=1e-3),
+        dict(lr=0.01, maximize=True, weight_decay=0.05),
+    ],
     "Lion": [
         dict(lr=0.01),
         dict(lr=0.01, betas=(0.5, 0.8)),
@@ -122,9 +130,11 @@ CASES = {
 }
 
 # Per-tensor algorithms: their references take the tensors' shapes.
-LAYERWISE = {"LAMB", "LARS", "Adafactor"}
+LAYERWISE = {name for name, algorithm in fastopt.optim.ALGORITHMS.items()
+             if algorithm.spec.per_tensor}
 
-NOT_IN_TORCH = {"Lion", "LAMB", "LARS"}
+NOT_IN_TORCH = {name for name, algorithm in fastopt.optim.ALGORITHMS.items()
+                if algorithm.spec.torch is None}
 
 ALL = [(name, kwargs) for name, cases in CASES.items() for kwargs in cases]
 

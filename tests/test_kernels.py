@@ -85,6 +85,31 @@ def test_rules_use_no_numeric_literals():
         assert not literals, f"{function.name} has numeric literals {literals}"
 
 
+def test_rules_read_their_scalars_by_name_only():
+    # h is a named tuple, built by field name on the host; a rule that indexed or
+    # unpacked it would depend on the order of the fields again.
+    tree = ast.parse(inspect.getsource(rules))
+    for function in (node for node in tree.body if isinstance(node, ast.FunctionDef)):
+        if function.name == "prepare":
+            continue
+        scalars = getattr(rules, function.name).__annotations__["h"]
+        assert issubclass(scalars, tuple) and scalars._fields, function.name
+        reads = [node.attr for node in ast.walk(function) if isinstance(node, ast.Attribute)
+                 and isinstance(node.value, ast.Name) and node.value.id == "h"]
+        uses = [node for node in ast.walk(function) if isinstance(node, ast.Name)
+                and node.id == "h"]
+        assert len(uses) == len(reads), f"{function.name} uses h other than as h.field"
+        assert set(reads) == set(scalars._fields), function.name
+
+
+@pytest.mark.parametrize("name", sorted(EVERY_RULE))
+def test_every_optimizer_folds_its_rules_scalars_by_type(name):
+    opt = getattr(fastopt, name)([np.ones(8, np.float32)], **EVERY_RULE[name])
+    group, host = opt.param_groups[0], opt._initial_host()
+    h = opt._scalars(group, 1, list(opt._state_spec(group, host)), host)
+    assert type(h) is getattr(rules, opt.rule).__annotations__["h"]
+
+
 def test_a_kernel_asked_for_an_unknown_state_refuses():
     with pytest.raises(ValueError, match="no state"):
         cpu.kernel("adam", ("exp_avg", "velocity"))

@@ -36,6 +36,7 @@ ALGORITHMS = {
 # The rest, which torch.optim lacks (or, for Rprop, whose options differ from the groups').
 OTHER_ALGORITHMS = {
     "Rprop": dict(lr=0.01),
+    "SWATS": dict(lr=0.01, eps=1e-4),
     "Lion": dict(lr=0.01, weight_decay=0.1),
     "LAMB": dict(lr=0.01, weight_decay=0.01),
     "LARS": dict(weight_decay=0.01),

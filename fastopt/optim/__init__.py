@@ -1,20 +1,29 @@
-"""The optimizers, one module per algorithm family, on the base in ``optimizer``."""
+"""The optimizers, one module per algorithm family, on the base in ``optimizer``.
 
-from .adadelta import Adadelta
-from .adafactor import Adafactor
+Each algorithm class declares its :class:`~fastopt.optim.spec.Spec`, which lists it in
+:data:`ALGORITHMS`; the imports below define them in the order every listing shows
+them: torch.optim's namesakes first, then the algorithms from papers.
+"""
+
+# isort: off
+from .sgd import SGD
 from .adagrad import Adagrad
+from .rmsprop import RMSprop
+from .adadelta import Adadelta
 from .adam import Adam, AdamW
 from .adamax import Adamax
-from .asgd import ASGD
-from .layerwise import LAMB, LARS
-from .lion import Lion
 from .nadam import NAdam
-from .optimizer import Optimizer
 from .radam import RAdam
-from .rmsprop import RMSprop
 from .rprop import Rprop
-from .sgd import SGD
+from .asgd import ASGD
+from .adafactor import Adafactor
 from .swats import SWATS
+from .lion import Lion
+from .layerwise import LAMB, LARS
+# isort: on
+from .optimizer import Optimizer
+from .spec import ALGORITHMS
 
-__all__ = ["ASGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "LAMB",
-           "LARS", "Lion", "NAdam", "Optimizer", "RAdam", "RMSprop", "Rprop", "SGD", "SWATS"]
+__all__ = ["ALGORITHMS", "ASGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax",
+           "LAMB", "LARS", "Lion", "NAdam", "Optimizer", "RAdam", "RMSprop", "Rprop", "SGD",
+           "SWATS"]

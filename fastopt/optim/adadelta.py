@@ -1,4 +1,12 @@
-from .optimizer import Optimizer, check_eps, check_flag, check_lr, check_nonnegative, f32, real
+from ..kernels import rules
+from . import spec as hp
+from .checks import real
+from .optimizer import Optimizer, f32
+
+
+def _check_rho(rho):
+    if not 0.0 <= real("rho", rho) <= 1.0:
+        raise ValueError(f"Invalid rho value: {rho} (expected 0 <= rho <= 1)")
 
 
 class Adadelta(Optimizer):
@@ -27,26 +35,16 @@ class Adadelta(Optimizer):
         Zeiler, 2012, "ADADELTA: An Adaptive Learning Rate Method".
     """
 
-    rule = "adadelta"
-
-    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, *,
-                 maximize=False, **options):
-        defaults = dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay,
-                        maximize=maximize)
-        super().__init__(params, defaults, **options)
-
-    def _check(self, group):
-        check_lr(group["lr"])
-        if not 0.0 <= real("rho", group["rho"]) <= 1.0:
-            raise ValueError(f"Invalid rho value: {group['rho']} (expected 0 <= rho <= 1)")
-        check_eps(group["eps"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        check_flag("maximize", group["maximize"])
+    spec = hp.Spec(
+        rule="adadelta", torch="Adadelta", moves=28,
+        hyperparameters=(hp.lr(1.0), hp.Hyperparameter("rho", 0.9, _check_rho), hp.eps(1e-6),
+                         hp.weight_decay(), hp.maximize()),
+        bench=dict(lr=1.0), check=dict(lr=1.0))
 
     def _state_spec(self, group, host):
         return {"square_avg": 0.0, "acc_delta": 0.0}
 
     def _scalars(self, group, step, fresh, host):
         rho = group["rho"]
-        return (f32(group["lr"]), f32(rho),
-                f32(1.0 - rho), f32(group["eps"]))
+        return rules.AdadeltaScalars(lr=f32(group["lr"]), rho=f32(rho),
+                                     one_minus_rho=f32(1.0 - rho), eps=f32(group["eps"]))

@@ -4,13 +4,34 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..flat import PIECE, pieces
-from .optimizer import Optimizer, check_flag, check_lr, check_nonnegative, f32, real
+from ..kernels import rules
+from . import spec as hp
+from .checks import check_nonnegative, real
+from .optimizer import Optimizer, f32
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
 
 # The column sums of a matrix are taken over at most this many blocks of rows, in
 # parallel, and the blocks' sums are then added in order.
 ROW_BLOCKS = 64
+
+
+def _check_beta2_decay(beta2_decay):
+    if not real("beta2_decay", beta2_decay) <= 0.0:
+        raise ValueError(f"beta2_decay should be <= 0 but is: {beta2_decay}")
+
+
+def _check_eps_pair(eps):
+    if not isinstance(eps, (tuple, list)) or len(eps) != 2:
+        raise TypeError(f"eps must be a pair (eps1 or None, eps2), got {eps!r}")
+    if eps[0] is not None:
+        check_nonnegative("eps[0]", eps[0])
+    check_nonnegative("eps[1]", eps[1])
+
+
+def _check_d(d):
+    if not real("d", d) >= 1.0:
+        raise ValueError(f"Clipping threshold d should be >= 1 but is: {d}")
 
 
 class Adafactor(Optimizer):
@@ -64,11 +85,16 @@ class Adafactor(Optimizer):
         Memory Cost", arXiv:1804.04235.
     """
 
-    def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
-                 weight_decay=0.0, *, maximize=False, **options):
-        defaults = dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d,
-                        weight_decay=weight_decay, maximize=maximize)
-        super().__init__(params, defaults, **options)
+    spec = hp.Spec(
+        rule="adafactor", torch="Adafactor", moves=28, per_tensor=True,
+        passes=(hp.REDUCE, hp.REDUCE, hp.MAP_REDUCE, hp.MAP),
+        hyperparameters=(hp.lr(1e-2), hp.Hyperparameter("beta2_decay", -0.8, _check_beta2_decay),
+                         hp.Hyperparameter("eps", (None, 1e-3), _check_eps_pair),
+                         hp.Hyperparameter("d", 1.0, _check_d), hp.weight_decay(),
+                         hp.maximize()),
+        bench=dict(lr=1e-2), check=dict(lr=0.05))
+
+    def _setup(self):
         self._moments = {}  # tensor offset -> where its factors or variance begin
         sizes = dict(row_var=0, col_var=0, variance=0)
         for offset, shape in self._tensors(0, self.flat_params.size):
@@ -82,20 +108,6 @@ class Adafactor(Optimizer):
         self._sizes = sizes
         self._plans = {}
 
-    def _check(self, group):
-        check_lr(group["lr"])
-        if not real("beta2_decay", group["beta2_decay"]) <= 0.0:
-            raise ValueError(f"beta2_decay should be <= 0 but is: {group['beta2_decay']}")
-        eps = group["eps"]
-        if not isinstance(eps, (tuple, list)) or len(eps) != 2:
-            raise TypeError(f"eps must be a pair (eps1 or None, eps2), got {eps!r}")
-        if eps[0] is not None:
-            check_nonnegative("eps[0]", eps[0])
-        check_nonnegative("eps[1]", eps[1])
-        if not real("d", group["d"]) >= 1.0:
-            raise ValueError(f"Clipping threshold d should be >= 1 but is: {group['d']}")
-        check_nonnegative("weight_decay", group["weight_decay"])
-        check_flag("maximize", group["maximize"])
 
     def _state_spec(self, group, host):
         return {"row_var": 0.0, "col_var": 0.0, "variance": 0.0}
@@ -120,13 +132,14 @@ class Adafactor(Optimizer):
 
     def _scalars(self, group, step, fresh, host):
         eps1 = _eps1(group)
-        return (f32(step ** group["beta2_decay"]), f32(eps1 * eps1), True)
+        return rules.AdafactorScalars(beta=f32(step ** group["beta2_decay"]),
+                                      eps1_sq=f32(eps1 * eps1), moving=True)
 
     def _update(self, group, step, spec, g, prep, h, start, stop, host):
         if (start, stop) not in self._plans:
             self._plans[start, stop] = _Plan.of(self, start, stop)
         plan, backend, p = self._plans[start, stop], self._backend, self.flat_params
-        beta, eps1 = float(h[0]), _eps1(group)
+        beta, eps1 = float(h.beta), _eps1(group)
         lr = group["lr"]
 
         # Pass 1: RMS(p) per tensor; g*g summed along the rows and down the columns.
@@ -156,7 +169,7 @@ class Adafactor(Optimizer):
                                       plan.factored, row_scales, f32(1.0), None, False)
         update_sq = np.bincount(plan.segment_tensor, update_sq, plan.tensors)
         step_size = alpha / np.fmax(1.0, np.sqrt(update_sq / plan.sizes) / group["d"])
-        backend.adafactor(*arrays, h[:-1] + (False,), plan.pieces, plan.second_starts,
+        backend.adafactor(*arrays, h._replace(moving=False), plan.pieces, plan.second_starts,
                           plan.factored, row_scales, f32(1.0 - lr * group["weight_decay"]),
                           step_size[plan.segment_tensor], True)
         return host

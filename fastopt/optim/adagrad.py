@@ -1,4 +1,6 @@
-from .optimizer import Optimizer, check_eps, check_flag, check_lr, check_nonnegative, f32
+from ..kernels import rules
+from . import spec as hp
+from .optimizer import Optimizer, f32
 
 
 class Adagrad(Optimizer):
@@ -25,27 +27,17 @@ class Adagrad(Optimizer):
         and Stochastic Optimization".
     """
 
-    rule = "adagrad"
-
-    def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
-                 initial_accumulator_value=0.0, eps=1e-10, *, maximize=False, **options):
-        defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
-                        initial_accumulator_value=initial_accumulator_value, eps=eps,
-                        maximize=maximize)
-        super().__init__(params, defaults, **options)
-
-    def _check(self, group):
-        check_lr(group["lr"])
-        check_nonnegative("lr_decay", group["lr_decay"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        check_nonnegative("initial_accumulator_value", group["initial_accumulator_value"],
-                          "initial_accumulator_value value")
-        check_eps(group["eps"])
-        check_flag("maximize", group["maximize"])
+    spec = hp.Spec(
+        rule="adagrad", torch="Adagrad", moves=20,
+        hyperparameters=(hp.lr(1e-2), hp.nonnegative("lr_decay", 0.0), hp.weight_decay(),
+                         hp.nonnegative("initial_accumulator_value", 0.0,
+                                        "initial_accumulator_value value"),
+                         hp.eps(1e-10), hp.maximize()),
+        bench=dict(lr=1e-2), check=dict(lr=0.5))
 
     def _state_spec(self, group, host):
         return {"sum": group["initial_accumulator_value"]}
 
     def _scalars(self, group, step, fresh, host):
         clr = group["lr"] / (1.0 + (step - 1) * group["lr_decay"])
-        return f32(clr), f32(group["eps"])
+        return rules.AdagradScalars(clr=f32(clr), eps=f32(group["eps"]))

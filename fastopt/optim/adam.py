@@ -1,7 +1,8 @@
 import math
 
-from .optimizer import (Optimizer, check_betas, check_eps, check_flag, check_lr,
-                        check_nonnegative, f32, decoupled_decay)
+from ..kernels import rules
+from . import spec as hp
+from .optimizer import Optimizer, decoupled_decay, f32
 
 
 class Adam(Optimizer):
@@ -41,24 +42,13 @@ class Adam(Optimizer):
         Hutter, 2019, "Decoupled Weight Decay Regularization".
     """
 
-    rule = "adam"
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, *, maximize=False, decoupled_weight_decay=False,
-                 bias_correction=True, **options):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        amsgrad=amsgrad, maximize=maximize,
-                        decoupled_weight_decay=decoupled_weight_decay,
-                        bias_correction=bias_correction)
-        super().__init__(params, defaults, **options)
-
-    def _check(self, group):
-        check_lr(group["lr"])
-        check_eps(group["eps"])
-        check_betas(group["betas"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        for flag in ("amsgrad", "maximize", "decoupled_weight_decay", "bias_correction"):
-            check_flag(flag, group[flag])
+    spec = hp.Spec(
+        rule="adam", torch="Adam", moves=28,
+        hyperparameters=(hp.lr(1e-3), hp.betas((0.9, 0.999)), hp.eps(1e-8), hp.weight_decay(),
+                         hp.flag("amsgrad"), hp.maximize(),
+                         hp.flag("decoupled_weight_decay", keyword_only=True),
+                         hp.flag("bias_correction", True, keyword_only=True, in_torch=False)),
+        bench=dict(lr=1e-3), check=dict(lr=0.05))
 
     def _state_spec(self, group, host):
         spec = {"exp_avg": 0.0, "exp_avg_sq": 0.0}
@@ -73,9 +63,10 @@ class Adam(Optimizer):
             inv_bc2_sqrt = 1.0 / math.sqrt(1.0 - beta2 ** step)
         else:
             step_size, inv_bc2_sqrt = lr, 1.0
-        return (decoupled_decay(group), f32(step_size),
-                f32(inv_bc2_sqrt), f32(group["eps"]), f32(1.0 - beta1), f32(beta2),
-                f32(1.0 - beta2), bool(group["amsgrad"]))
+        return rules.AdamScalars(decay=decoupled_decay(group), step_size=f32(step_size),
+                                 inv_bc2_sqrt=f32(inv_bc2_sqrt), eps=f32(group["eps"]),
+                                 one_minus_beta1=f32(1.0 - beta1), beta2=f32(beta2),
+                                 one_minus_beta2=f32(1.0 - beta2), amsgrad=bool(group["amsgrad"]))
 
 
 class AdamW(Adam):
@@ -89,8 +80,5 @@ class AdamW(Adam):
         Loshchilov & Hutter, 2019, "Decoupled Weight Decay Regularization".
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, *, maximize=False, bias_correction=True, **options):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
-                         decoupled_weight_decay=True, bias_correction=bias_correction,
-                         **options)
+    spec = Adam.spec.variant(torch="AdamW", defaults={"weight_decay": 1e-2},
+                             fixed={"decoupled_weight_decay": True})

@@ -1,5 +1,6 @@
-from .optimizer import (Optimizer, check_betas, check_eps, check_flag, check_lr,
-                        check_nonnegative, f32)
+from ..kernels import rules
+from . import spec as hp
+from .optimizer import Optimizer, f32
 
 
 class Adamax(Optimizer):
@@ -25,20 +26,11 @@ class Adamax(Optimizer):
         Kingma & Ba, 2015, "Adam: A Method for Stochastic Optimization", section 7.
     """
 
-    rule = "adamax"
-
-    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 *, maximize=False, **options):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        maximize=maximize)
-        super().__init__(params, defaults, **options)
-
-    def _check(self, group):
-        check_lr(group["lr"])
-        check_eps(group["eps"])
-        check_betas(group["betas"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        check_flag("maximize", group["maximize"])
+    spec = hp.Spec(
+        rule="adamax", torch="Adamax", moves=28,
+        hyperparameters=(hp.lr(2e-3), hp.betas((0.9, 0.999)), hp.eps(1e-8), hp.weight_decay(),
+                         hp.maximize()),
+        bench=dict(lr=1e-3), check=dict(lr=0.05))
 
     def _state_spec(self, group, host):
         return {"exp_avg": 0.0, "exp_inf": 0.0}
@@ -46,5 +38,5 @@ class Adamax(Optimizer):
     def _scalars(self, group, step, fresh, host):
         beta1, beta2 = group["betas"]
         clr = group["lr"] / (1.0 - beta1 ** step)
-        return (f32(clr), f32(group["eps"]),
-                f32(1.0 - beta1), f32(beta2))
+        return rules.AdamaxScalars(clr=f32(clr), eps=f32(group["eps"]),
+                                   one_minus_beta1=f32(1.0 - beta1), beta2=f32(beta2))

@@ -1,4 +1,6 @@
-from .optimizer import Optimizer, check_flag, check_lr, check_nonnegative, f32, real
+from ..kernels import rules
+from . import spec as hp
+from .optimizer import Optimizer, f32
 
 
 class ASGD(Optimizer):
@@ -35,32 +37,21 @@ class ASGD(Optimizer):
         Averaging".
     """
 
-    rule = "asgd"
-
-    def __init__(self, params, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0, *,
-                 maximize=False, **options):
-        defaults = dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay,
-                        maximize=maximize)
-        super().__init__(params, defaults, **options)
-
-    def _check(self, group):
-        check_lr(group["lr"])
-        check_nonnegative("lambd", group["lambd"])
-        real("alpha", group["alpha"])
-        real("t0", group["t0"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        check_flag("maximize", group["maximize"])
+    # eta None: the group's lr at its first step.
+    spec = hp.Spec(
+        rule="asgd", torch="ASGD", moves=20, host={"eta": None, "mu": 1.0},
+        hyperparameters=(hp.lr(1e-2), hp.nonnegative("lambd", 1e-4), hp.number("alpha", 0.75),
+                         hp.number("t0", 1e6), hp.weight_decay(), hp.maximize()),
+        bench=dict(lr=1e-2), check=dict(lr=0.2))
 
     def _state_spec(self, group, host):
         return {"ax": 0.0}
 
-    def _initial_host(self):
-        return {"eta": None, "mu": 1.0}  # eta None: the group's lr at its first step
-
     def _scalars(self, group, step, fresh, host):
         eta = group["lr"] if host["eta"] is None else host["eta"]
         eta = float(f32(eta))
-        return (f32(1.0 - group["lambd"] * eta), f32(eta), f32(host["mu"]), host["mu"] != 1.0)
+        return rules.ASGDScalars(decay=f32(1.0 - group["lambd"] * eta), eta=f32(eta),
+                                 mu=f32(host["mu"]), averaging=host["mu"] != 1.0)
 
     def _host_state(self, group, step, host):
         lr, lambd = group["lr"], group["lambd"]

@@ -5,8 +5,9 @@ import math
 import numpy as np
 
 from ..flat import pieces
-from .optimizer import (Optimizer, check_betas, check_eps, check_flag, check_lr,
-                        check_nonnegative, f32)
+from ..kernels import rules
+from . import spec as hp
+from .optimizer import Optimizer, f32
 
 
 class LayerWise(Optimizer):
@@ -15,8 +16,7 @@ class LayerWise(Optimizer):
     reduction over the flat buffers (:func:`fastopt.flat.pieces`), whose segments are
     the tensors of the flattening layout, fused with the pass that needs them."""
 
-    def __init__(self, params, defaults, **options):
-        super().__init__(params, defaults, **options)
+    def _setup(self):
         self._pieces_of = {}  # (start, stop) -> the pieces of the tensors there
 
     def _l2(self, group):
@@ -75,27 +75,22 @@ class LAMB(LayerWise):
         76 minutes", ICLR, arXiv:1904.00962.
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, *,
-                 maximize=False, **options):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        maximize=maximize)
-        super().__init__(params, defaults, **options)
-
-    def _check(self, group):
-        check_lr(group["lr"])
-        check_eps(group["eps"])
-        check_betas(group["betas"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        check_flag("maximize", group["maximize"])
+    spec = hp.Spec(
+        rule="lamb", moves=40, passes=(hp.MAP_REDUCE, hp.MAP), per_tensor=True,
+        hyperparameters=(hp.lr(1e-3), hp.betas((0.9, 0.999)), hp.eps(1e-6), hp.weight_decay(),
+                         hp.maximize()),
+        bench=dict(lr=1e-3), check=dict(lr=0.05))
 
     def _state_spec(self, group, host):
         return {"exp_avg": 0.0, "exp_avg_sq": 0.0}
 
     def _scalars(self, group, step, fresh, host):
         beta1, beta2 = group["betas"]
-        return (f32(group["weight_decay"]), f32(1.0 / (1.0 - beta1 ** step)),
-                f32(1.0 / math.sqrt(1.0 - beta2 ** step)), f32(group["eps"]),
-                f32(1.0 - beta1), f32(beta2), f32(1.0 - beta2), True)
+        return rules.LAMBScalars(weight_decay=f32(group["weight_decay"]),
+                                 inv_bc1=f32(1.0 / (1.0 - beta1 ** step)),
+                                 inv_bc2_sqrt=f32(1.0 / math.sqrt(1.0 - beta2 ** step)),
+                                 eps=f32(group["eps"]), one_minus_beta1=f32(1.0 - beta1),
+                                 beta2=f32(beta2), one_minus_beta2=f32(1.0 - beta2), moving=True)
 
     def _update(self, group, step, spec, g, prep, h, start, stop, host):
         pieces, p = self._pieces(start, stop), self.flat_params
@@ -103,8 +98,8 @@ class LAMB(LayerWise):
         param_sq, update_sq = self._backend.lamb_moments(p, g, exp_avg, exp_avg_sq, prep, h,
                                                          pieces)
         trust_lr = group["lr"] * trust_ratio(param_sq, update_sq, np.divide)
-        moments_kept = h[:-1] + (False,)
-        self._backend.lamb_step(p, exp_avg, exp_avg_sq, moments_kept, pieces, trust_lr)
+        self._backend.lamb_step(p, exp_avg, exp_avg_sq, h._replace(moving=False), pieces,
+                                trust_lr)
         return host
 
 
@@ -143,24 +138,19 @@ class LARS(LayerWise):
         arXiv:1708.03888.
     """
 
-    def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0.0, trust_coefficient=1e-3,
-                 *, maximize=False, **options):
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        trust_coefficient=trust_coefficient, maximize=maximize)
-        super().__init__(params, defaults, **options)
-
-    def _check(self, group):
-        check_lr(group["lr"])
-        check_nonnegative("momentum", group["momentum"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        check_nonnegative("trust_coefficient", group["trust_coefficient"])
-        check_flag("maximize", group["maximize"])
+    spec = hp.Spec(
+        rule="lars", moves=28, passes=(hp.REDUCE, hp.MAP), per_tensor=True,
+        hyperparameters=(hp.lr(1.0), hp.nonnegative("momentum", 0.9), hp.weight_decay(),
+                         hp.nonnegative("trust_coefficient", 1e-3), hp.maximize()),
+        bench=dict(lr=1.0), check=dict(lr=5.0))
 
     def _state_spec(self, group, host):
         return {"momentum_buffer": 0.0}
 
     def _scalars(self, group, step, fresh, host):
-        return (f32(group["momentum"]), f32(group["weight_decay"]))
+        # trust_lr differs per tensor: the kernel takes each tensor's from an array.
+        return rules.LARSScalars(trust_lr=f32(0.0), momentum=f32(group["momentum"]),
+                                 weight_decay=f32(group["weight_decay"]))
 
     def _update(self, group, step, spec, g, prep, h, start, stop, host):
         pieces, p = self._pieces(start, stop), self.flat_params

@@ -1,4 +1,6 @@
-from .optimizer import Optimizer, check_betas, check_flag, check_lr, check_nonnegative, f32
+from ..kernels import rules
+from . import spec as hp
+from .optimizer import Optimizer, f32
 
 
 class Lion(Optimizer):
@@ -31,18 +33,10 @@ class Lion(Optimizer):
         arXiv:2302.06675.
     """
 
-    rule = "lion"
-
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *,
-                 maximize=False, **options):
-        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
-        super().__init__(params, defaults, **options)
-
-    def _check(self, group):
-        check_lr(group["lr"])
-        check_betas(group["betas"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        check_flag("maximize", group["maximize"])
+    spec = hp.Spec(
+        rule="lion", moves=20,
+        hyperparameters=(hp.lr(1e-4), hp.betas((0.9, 0.99)), hp.weight_decay(), hp.maximize()),
+        bench=dict(lr=1e-4), check=dict(lr=0.005))
 
     def _state_spec(self, group, host):
         return {"exp_avg": 0.0}
@@ -52,5 +46,6 @@ class Lion(Optimizer):
 
     def _scalars(self, group, step, fresh, host):
         lr, (beta1, beta2) = group["lr"], group["betas"]
-        return (f32(1.0 - lr * group["weight_decay"]), f32(lr), f32(beta1), f32(1.0 - beta1),
-                f32(beta2), f32(1.0 - beta2), f32(1.0))
+        return rules.LionScalars(decay=f32(1.0 - lr * group["weight_decay"]), lr=f32(lr),
+                                 beta1=f32(beta1), one_minus_beta1=f32(1.0 - beta1),
+                                 beta2=f32(beta2), one_minus_beta2=f32(1.0 - beta2), one=f32(1.0))

@@ -1,5 +1,6 @@
-from .optimizer import (Optimizer, check_betas, check_eps, check_flag, check_lr,
-                        check_nonnegative, f32, decoupled_decay)
+from ..kernels import rules
+from . import spec as hp
+from .optimizer import Optimizer, decoupled_decay, f32
 
 
 class NAdam(Optimizer):
@@ -36,29 +37,15 @@ class NAdam(Optimizer):
         Dozat, 2016, "Incorporating Nesterov Momentum into Adam".
     """
 
-    rule = "nadam"
-
-    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 momentum_decay=4e-3, decoupled_weight_decay=False, *, maximize=False, **options):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        momentum_decay=momentum_decay,
-                        decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
-        super().__init__(params, defaults, **options)
-
-    def _check(self, group):
-        check_lr(group["lr"])
-        check_eps(group["eps"])
-        check_betas(group["betas"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        check_nonnegative("momentum_decay", group["momentum_decay"])
-        check_flag("decoupled_weight_decay", group["decoupled_weight_decay"])
-        check_flag("maximize", group["maximize"])
+    spec = hp.Spec(
+        rule="nadam", torch="NAdam", moves=28, host={"mu_product": 1.0},
+        hyperparameters=(hp.lr(2e-3), hp.betas((0.9, 0.999)), hp.eps(1e-8), hp.weight_decay(),
+                         hp.nonnegative("momentum_decay", 4e-3),
+                         hp.flag("decoupled_weight_decay"), hp.maximize()),
+        bench=dict(lr=1e-3), check=dict(lr=0.05))
 
     def _state_spec(self, group, host):
         return {"exp_avg": 0.0, "exp_avg_sq": 0.0}
-
-    def _initial_host(self):
-        return {"mu_product": 1.0}
 
     def _momentum(self, group, step, host):
         """mu_t, mu_(t+1) and the product of mu_1 .. mu_t."""
@@ -75,6 +62,7 @@ class NAdam(Optimizer):
         mu, mu_next, mu_product = self._momentum(group, step, host)
         grad_coef = lr * (1.0 - mu) / (1.0 - mu_product)
         avg_coef = lr * mu_next / (1.0 - mu_product * mu_next)
-        return (decoupled_decay(group), f32(grad_coef), f32(avg_coef),
-                f32(1.0 / (1.0 - beta2 ** step)), f32(group["eps"]), f32(1.0 - beta1),
-                f32(beta2), f32(1.0 - beta2))
+        return rules.NAdamScalars(decay=decoupled_decay(group), grad_coef=f32(grad_coef),
+                                  avg_coef=f32(avg_coef), inv_bc2=f32(1.0 / (1.0 - beta2 ** step)),
+                                  eps=f32(group["eps"]), one_minus_beta1=f32(1.0 - beta1),
+                                  beta2=f32(beta2), one_minus_beta2=f32(1.0 - beta2))

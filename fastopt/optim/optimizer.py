@@ -9,6 +9,10 @@ import numpy as np
 
 from .._backend import FLOAT32, _extent, is_c_contiguous
 from ..flat import ViewList, flatten
+from ..kernels.rules import Prep
+from .checks import (FLOAT32_MAX, check_betas, check_eps, check_flag,  # noqa: F401
+                     check_lr, check_nonnegative, real)
+from .spec import ALGORITHMS, constructor
 
 f32 = np.float32
 
@@ -19,10 +23,13 @@ CLIP_NORM_EPS = 1e-6
 class Optimizer:
     """Owns the flat parameter and gradient buffers and the state of one algorithm.
 
-    A subclass names its rule in ``kernels.rules`` and supplies three small methods:
-    ``_check`` validates a group's hyperparameters, ``_state_spec`` lists the state
-    buffers with their initial values, and ``_scalars`` folds the hyperparameters and
-    the step count into the float32 tuple the rule receives. Everything else lives here.
+    A subclass declares its algorithm as ``spec`` (a :class:`fastopt.optim.spec.Spec`:
+    its rule in ``kernels.rules``, its hyperparameters with their defaults and checks,
+    ...), from which its constructor and validation are built, and supplies two small
+    methods: ``_state_spec`` lists the state buffers with their initial values, and
+    ``_scalars`` folds the hyperparameters and the step count into the rule's float32
+    scalars, the named tuple that the rule's ``h`` annotation names. Everything else
+    lives here.
 
     **Parameter groups.** ``params`` is a dict or list of arrays, or a list of torch-style
     group dicts, each with its own ``"params"`` and any hyperparameters that differ from
@@ -83,7 +90,16 @@ class Optimizer:
         skipped_steps: how many steps ``skip_nonfinite`` has skipped.
     """
 
-    rule = None
+    spec = None
+    rule = None  # spec.rule
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        spec = cls.__dict__.get("spec")
+        if spec is not None:  # an algorithm: built from its spec, and listed
+            cls.rule = spec.rule
+            cls.__init__ = constructor(spec, Optimizer.__init__)
+            ALGORITHMS[cls.__name__] = cls
 
     def __init__(self, params, defaults, *, clip_grad_norm=None, clip_grad_value=None,
                  skip_nonfinite=False):
@@ -115,6 +131,7 @@ class Optimizer:
         self.skipped_steps = 0
         # Re-entrant, so that a schedule or hook called during a step may take a state_dict.
         self._lock = threading.RLock()
+        self._setup()
 
     @property
     def device(self):
@@ -222,7 +239,8 @@ class Optimizer:
             self._allocate_state(plans)
             for index, (group, spec, fresh, h, host) in enumerate(plans):
                 sign = -1.0 if group.get("maximize") else 1.0
-                prep = (f32(sign * inverse_scale * coefficient), clip, f32(self._l2(group)))
+                prep = Prep(g_scale=f32(sign * inverse_scale * coefficient), clip=clip,
+                            weight_decay=f32(self._l2(group)))
                 layout = self._layouts[index]
                 host = self._update(group, step, spec, g, prep, h, layout.start, layout.stop, host)
                 self._started[index].update(spec)
@@ -303,7 +321,8 @@ class Optimizer:
         """Run ``rule`` over ``[start:stop]`` of the parameters, ``g`` and the state."""
         cut = _cutter(start, stop)
         self._backend.run(rule, tuple(spec), cut(self.flat_params), cut(g),
-                          [cut(self.state[name]) for name in spec], prep, h)
+                          [cut(self.state[name]) for name in spec], prep, h,
+                          self.spec.keeps_subnormals)
 
     def _tensors(self, start, stop):
         """``(offset, shape)`` of each parameter tensor inside ``[start:stop]`` of the
@@ -322,9 +341,12 @@ class Optimizer:
 
     # -- for subclasses -------------------------------------------------------------
 
+    def _setup(self):
+        """Prepare what the algorithm keeps besides the state (called by ``__init__``)."""
+
     def _check(self, group):
         """Raise ValueError/TypeError for an invalid hyperparameter in ``group``."""
-        raise NotImplementedError
+        self.spec.validate(group)
 
     def _state_spec(self, group, host):
         """``{state name: initial value}`` for the buffers this step needs, in the
@@ -332,7 +354,8 @@ class Optimizer:
         raise NotImplementedError
 
     def _scalars(self, group, step, fresh, host):
-        """The rule's ``h`` tuple of float32 for step number ``step`` (1-based).
+        """The rule's ``h`` for step number ``step`` (1-based): its named tuple of float32
+        (and flags), built by field name.
 
         ``fresh`` names the state buffers that this step begins, ``host`` is the host
         state before the step. Must not modify anything: a step that fails leaves the
@@ -343,7 +366,7 @@ class Optimizer:
     def _initial_host(self):
         """Host-side state (plain numbers, like NAdam's ``mu_product``) and its initial
         values. ``state`` holds each as a list with one entry per group."""
-        return {}
+        return dict(self.spec.host)
 
     def _host_state(self, group, step, host):
         """The host state after step ``step``, from ``host``, the one before it."""
@@ -558,47 +581,6 @@ def _snapshot(group):
     a change, and types kept so that ``True`` replaced by ``1`` does too."""
     return tuple((k, type(v), tuple(v) if isinstance(v, list) else v)
                  for k, v in group.items() if k != "params")
-
-
-# -- hyperparameter checks, with torch's messages --------------------------------------
-
-FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-def real(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    if abs(value) > FLOAT32_MAX:
-        raise ValueError(f"{name}={value} does not fit in float32")
-    return float(value)
-
-
-def check_nonnegative(name, value, label=None):
-    if not 0.0 <= real(name, value):
-        raise ValueError(f"Invalid {label or name + ' value'}: {value} (expected {name} >= 0)")
-
-
-def check_lr(value):
-    if not callable(value):  # a schedule's values are checked at every step
-        check_nonnegative("lr", value, "learning rate")
-
-
-def check_eps(value):
-    check_nonnegative("eps", value, "epsilon value")
-
-
-def check_betas(betas):
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    for i, beta in enumerate(betas):
-        if not 0.0 <= real(f"betas[{i}]", beta) < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: {beta} "
-                             f"(expected 0 <= betas[{i}] < 1)")
-
-
-def check_flag(name, value):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def decoupled_decay(group):

@@ -1,7 +1,8 @@
 import math
 
-from .optimizer import (Optimizer, check_betas, check_eps, check_flag, check_lr,
-                        check_nonnegative, decoupled_decay, f32)
+from ..kernels import rules
+from . import spec as hp
+from .optimizer import Optimizer, decoupled_decay, f32
 
 # Below this length of the approximated simple moving average, RAdam does not trust its
 # variance estimate and takes a momentum step; torch.optim.RAdam's threshold.
@@ -46,21 +47,11 @@ class RAdam(Optimizer):
         arXiv:1908.03265.
     """
 
-    rule = "radam"
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 decoupled_weight_decay=False, *, maximize=False, **options):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
-        super().__init__(params, defaults, **options)
-
-    def _check(self, group):
-        check_lr(group["lr"])
-        check_eps(group["eps"])
-        check_betas(group["betas"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        check_flag("decoupled_weight_decay", group["decoupled_weight_decay"])
-        check_flag("maximize", group["maximize"])
+    spec = hp.Spec(
+        rule="radam", torch="RAdam", moves=28,
+        hyperparameters=(hp.lr(1e-3), hp.betas((0.9, 0.999)), hp.eps(1e-8), hp.weight_decay(),
+                         hp.flag("decoupled_weight_decay"), hp.maximize()),
+        bench=dict(lr=1e-3), check=dict(lr=0.05))
 
     def _state_spec(self, group, host):
         return {"exp_avg": 0.0, "exp_avg_sq": 0.0}
@@ -76,5 +67,7 @@ class RAdam(Optimizer):
             step_size *= math.sqrt((rho - 4.0) * (rho - 2.0) * rho_inf
                                    / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho))
             step_size *= math.sqrt(bias_correction2)
-        return (decoupled_decay(group), f32(step_size), f32(group["eps"]), f32(1.0 - beta1),
-                f32(beta2), f32(1.0 - beta2), rectified)
+        return rules.RAdamScalars(decay=decoupled_decay(group), step_size=f32(step_size),
+                                  eps=f32(group["eps"]), one_minus_beta1=f32(1.0 - beta1),
+                                  beta2=f32(beta2), one_minus_beta2=f32(1.0 - beta2),
+                                  rectified=rectified)

@@ -1,4 +1,6 @@
-from .optimizer import Optimizer, check_eps, check_flag, check_lr, check_nonnegative, f32
+from ..kernels import rules
+from . import spec as hp
+from .optimizer import Optimizer, f32
 
 
 class RMSprop(Optimizer):
@@ -34,22 +36,12 @@ class RMSprop(Optimizer):
         (the centered form).
     """
 
-    rule = "rmsprop"
-
-    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
-                 momentum=0.0, centered=False, *, maximize=False, **options):
-        defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                        momentum=momentum, centered=centered, maximize=maximize)
-        super().__init__(params, defaults, **options)
-
-    def _check(self, group):
-        check_lr(group["lr"])
-        check_eps(group["eps"])
-        check_nonnegative("momentum", group["momentum"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        check_nonnegative("alpha", group["alpha"])
-        check_flag("centered", group["centered"])
-        check_flag("maximize", group["maximize"])
+    spec = hp.Spec(
+        rule="rmsprop", torch="RMSprop", moves=20,
+        hyperparameters=(hp.lr(1e-2), hp.nonnegative("alpha", 0.99), hp.eps(1e-8),
+                         hp.weight_decay(), hp.nonnegative("momentum", 0.0),
+                         hp.flag("centered"), hp.maximize()),
+        bench=dict(lr=1e-3), check=dict(lr=0.01))
 
     def _state_spec(self, group, host):
         spec = {"square_avg": 0.0}
@@ -61,6 +53,7 @@ class RMSprop(Optimizer):
 
     def _scalars(self, group, step, fresh, host):
         alpha = group["alpha"]
-        return (f32(group["lr"]), f32(alpha),
-                f32(1.0 - alpha), f32(group["eps"]), f32(group["momentum"]),
-                bool(group["centered"]))
+        return rules.RMSpropScalars(lr=f32(group["lr"]), alpha=f32(alpha),
+                                    one_minus_alpha=f32(1.0 - alpha), eps=f32(group["eps"]),
+                                    momentum=f32(group["momentum"]),
+                                    centered=bool(group["centered"]))

@@ -1,4 +1,27 @@
-from .optimizer import Optimizer, check_flag, check_lr, f32, real
+from ..kernels import rules
+from . import spec as hp
+from .checks import real
+from .optimizer import Optimizer, f32
+
+
+def _pair(name, pair):
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise TypeError(f"{name} must be a pair, got {pair!r}")
+    return [real(f"{name}[{i}]", value) for i, value in enumerate(pair)]
+
+
+def _check_etas(etas):
+    etaminus, etaplus = _pair("etas", etas)
+    if not 0.0 < etaminus < 1.0 < etaplus:
+        raise ValueError(f"Invalid eta values: {etas[0]}, {etas[1]} "
+                         "(expected 0 < etas[0] < 1 < etas[1])")
+
+
+def _check_step_sizes(step_sizes):
+    smallest, largest = _pair("step_sizes", step_sizes)
+    if not 0.0 <= smallest <= largest:
+        raise ValueError(f"Invalid step_sizes: {step_sizes[0]}, {step_sizes[1]} "
+                         "(expected 0 <= step_sizes[0] <= step_sizes[1])")
 
 
 class Rprop(Optimizer):
@@ -37,32 +60,18 @@ class Rprop(Optimizer):
         learning: the RPROP algorithm".
     """
 
-    rule = "rprop"
-
-    def __init__(self, params, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50), *,
-                 maximize=False, **options):
-        defaults = dict(lr=lr, etas=etas, step_sizes=step_sizes, maximize=maximize)
-        super().__init__(params, defaults, **options)
-
-    def _check(self, group):
-        check_lr(group["lr"])
-        etas, step_sizes = group["etas"], group["step_sizes"]
-        for name, pair in (("etas", etas), ("step_sizes", step_sizes)):
-            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-                raise TypeError(f"{name} must be a pair, got {pair!r}")
-            for i, value in enumerate(pair):
-                real(f"{name}[{i}]", value)
-        if not 0.0 < etas[0] < 1.0 < etas[1]:
-            raise ValueError(f"Invalid eta values: {etas[0]}, {etas[1]} "
-                             "(expected 0 < etas[0] < 1 < etas[1])")
-        if not 0.0 <= step_sizes[0] <= step_sizes[1]:
-            raise ValueError(f"Invalid step_sizes: {step_sizes[0]}, {step_sizes[1]} "
-                             "(expected 0 <= step_sizes[0] <= step_sizes[1])")
-        check_flag("maximize", group["maximize"])
+    spec = hp.Spec(
+        rule="rprop", torch="Rprop", moves=28, keeps_subnormals=True,
+        hyperparameters=(hp.lr(1e-2), hp.Hyperparameter("etas", (0.5, 1.2), _check_etas),
+                         hp.Hyperparameter("step_sizes", (1e-6, 50), _check_step_sizes),
+                         hp.maximize()),
+        bench=dict(lr=1e-2), check=dict(lr=0.01))
 
     def _state_spec(self, group, host):
         return {"prev": 0.0, "step_size": group["lr"]}
 
     def _scalars(self, group, step, fresh, host):
         (etaminus, etaplus), (smallest, largest) = group["etas"], group["step_sizes"]
-        return (f32(etaminus), f32(etaplus), f32(smallest), f32(largest), f32(0.0))
+        return rules.RpropScalars(etaminus=f32(etaminus), etaplus=f32(etaplus),
+                                  step_size_min=f32(smallest), step_size_max=f32(largest),
+                                  zero=f32(0.0))

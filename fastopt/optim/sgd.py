@@ -1,4 +1,11 @@
-from .optimizer import Optimizer, check_flag, check_lr, check_nonnegative, f32, real
+from ..kernels import rules
+from . import spec as hp
+from .optimizer import Optimizer, f32
+
+
+def _check_nesterov(group):
+    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
 
 class SGD(Optimizer):
@@ -28,23 +35,13 @@ class SGD(Optimizer):
         deep learning".
     """
 
-    rule = "sgd"
-
-    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, *, maximize=False, **options):
-        defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
-                        weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
-        super().__init__(params, defaults, **options)
-
-    def _check(self, group):
-        check_lr(group["lr"])
-        check_nonnegative("momentum", group["momentum"])
-        real("dampening", group["dampening"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        check_flag("nesterov", group["nesterov"])
-        check_flag("maximize", group["maximize"])
-        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    spec = hp.Spec(
+        rule="sgd", torch="SGD", moves=20,
+        hyperparameters=(hp.lr(1e-3), hp.nonnegative("momentum", 0.0),
+                         hp.number("dampening", 0.0), hp.weight_decay(),
+                         hp.flag("nesterov"), hp.maximize()),
+        constraints=(_check_nesterov,),
+        bench=dict(lr=1e-3, momentum=0.9), check=dict(lr=0.05, momentum=0.9))
 
     def _state_spec(self, group, host):
         return {"momentum_buffer": 0.0} if group["momentum"] != 0 else {}
@@ -54,5 +51,5 @@ class SGD(Optimizer):
         # No buffer, or a new one (which torch fills with a clone): the raw gradient.
         raw_gradient = momentum == 0 or "momentum_buffer" in fresh
         grad_weight = 1.0 if raw_gradient else 1.0 - group["dampening"]
-        return (f32(group["lr"]), f32(momentum),
-                f32(grad_weight), bool(group["nesterov"]))
+        return rules.SGDScalars(lr=f32(group["lr"]), momentum=f32(momentum),
+                                grad_weight=f32(grad_weight), nesterov=bool(group["nesterov"]))

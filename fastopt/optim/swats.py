@@ -1,7 +1,8 @@
 import math
 
-from .optimizer import (Optimizer, _cutter, check_betas, check_eps, check_flag, check_lr,
-                        check_nonnegative, f32)
+from ..kernels import rules
+from . import spec as hp
+from .optimizer import Optimizer, _cutter, f32
 
 
 class SWATS(Optimizer):
@@ -51,23 +52,12 @@ class SWATS(Optimizer):
         Adam to SGD", arXiv:1712.07628.
     """
 
-    rule = "swats_adam"
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-9, weight_decay=0.0, *,
-                 maximize=False, **options):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        maximize=maximize)
-        super().__init__(params, defaults, **options)
-
-    def _initial_host(self):
-        return {"lr_estimate": 0.0, "sgd_lr": None, "switch_step": None}
-
-    def _check(self, group):
-        check_lr(group["lr"])
-        check_eps(group["eps"])
-        check_betas(group["betas"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        check_flag("maximize", group["maximize"])
+    spec = hp.Spec(
+        rule="swats_adam", moves=28, passes=(hp.MAP_REDUCE,),
+        host={"lr_estimate": 0.0, "sgd_lr": None, "switch_step": None},
+        hyperparameters=(hp.lr(1e-3), hp.betas((0.9, 0.999)), hp.eps(1e-9), hp.weight_decay(),
+                         hp.maximize()),
+        bench=dict(lr=1e-3), check=dict(lr=0.05, eps=1e-6))
 
     def _state_spec(self, group, host):
         if host["sgd_lr"] is not None:
@@ -76,10 +66,13 @@ class SWATS(Optimizer):
 
     def _scalars(self, group, step, fresh, host):
         beta1, beta2 = group["betas"]
-        if host["sgd_lr"] is not None:  # rules.sgd: lr, momentum, grad_weight, nesterov
-            return (f32((1.0 - beta1) * host["sgd_lr"]), f32(beta1), f32(1.0), False)
+        if host["sgd_lr"] is not None:
+            return rules.SGDScalars(lr=f32((1.0 - beta1) * host["sgd_lr"]), momentum=f32(beta1),
+                                    grad_weight=f32(1.0), nesterov=False)
         coef = group["lr"] * math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
-        return (f32(coef), f32(group["eps"]), f32(1.0 - beta1), f32(beta2), f32(1.0 - beta2))
+        return rules.SWATSAdamScalars(coef=f32(coef), eps=f32(group["eps"]),
+                                      one_minus_beta1=f32(1.0 - beta1), beta2=f32(beta2),
+                                      one_minus_beta2=f32(1.0 - beta2))
 
     def _update(self, group, step, spec, g, prep, h, start, stop, host):
         if host["sgd_lr"] is not None:
@@ -89,7 +82,7 @@ class SWATS(Optimizer):
         direction_sq, direction_g = self._backend.swats_adam(
             cut(self.flat_params), cut(g), cut(self.state["exp_avg"]),
             cut(self.state["exp_avg_sq"]), prep, h)
-        return _estimate(group, step, host, float(h[0]), direction_sq, direction_g)
+        return _estimate(group, step, host, float(h.coef), direction_sq, direction_g)
 
 
 def _estimate(group, step, host, coef, direction_sq, direction_g):

@@ -1,0 +1,44 @@
+"""Checks of hyperparameter values, with torch's messages: each raises TypeError or
+ValueError naming the argument and what was expected."""
+
+import numbers
+
+import numpy as np
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def real(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if abs(value) > FLOAT32_MAX:
+        raise ValueError(f"{name}={value} does not fit in float32")
+    return float(value)
+
+
+def check_nonnegative(name, value, label=None):
+    if not 0.0 <= real(name, value):
+        raise ValueError(f"Invalid {label or name + ' value'}: {value} (expected {name} >= 0)")
+
+
+def check_lr(value):
+    if not callable(value):  # a schedule's values are checked at every step
+        check_nonnegative("lr", value, "learning rate")
+
+
+def check_eps(value):
+    check_nonnegative("eps", value, "epsilon value")
+
+
+def check_betas(betas):
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= real(f"betas[{i}]", beta) < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta} "
+                             f"(expected 0 <= betas[{i}] < 1)")
+
+
+def check_flag(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")

@@ -1,0 +1,165 @@
+"""What an algorithm is, as data: its hyperparameters with their defaults and checks, its
+rule, its torch.optim namesake and its capabilities.
+
+Each algorithm class declares a :class:`Spec` as ``spec``. Its constructor (with a real
+signature) and the validation of its hyperparameters are built from it, and
+:data:`ALGORITHMS` lists every class that declares one, in the order they were defined.
+Everything that enumerates algorithms reads that table: ``fastopt.torch`` builds its
+drop-in classes from it, ``fastopt bench`` and ``fastopt check`` take their settings
+from it, and the tests take their lists from it, so that a new algorithm cannot be
+missing from any of them.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from . import checks
+
+# Every algorithm class with a spec, by name: filled as the classes are defined.
+ALGORITHMS = {}
+
+# The kinds of pass over the buffers that a step makes, for ``Spec.passes``.
+MAP = "map"  # the rule, element-wise, in place
+MAP_REDUCE = "map and reduce"  # the rule element-wise, and sums per segment or overall
+REDUCE = "reduce"  # sums per segment (a tensor, a row, a column), reading only
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    """One argument of the constructor: ``check(value)`` raises TypeError or ValueError
+    with torch's message. ``in_torch=False`` marks fastopt's own additions to a torch
+    namesake's arguments (keyword-only there)."""
+
+    name: str
+    default: object
+    check: Callable[[object], None]
+    keyword_only: bool = False
+    in_torch: bool = True
+
+
+@dataclass(frozen=True)
+class Spec:
+    """An algorithm, declared once.
+
+    Attributes:
+        rule: the name of its per-element function in ``kernels.rules``.
+        hyperparameters: the constructor's arguments after ``params``, in order.
+        constraints: checks of a whole group, for rules that tie hyperparameters
+            together (SGD's Nesterov needs momentum); each raises like a ``check``.
+        fixed: hyperparameters a variant sets for good (AdamW's decoupled decay): in
+            every group, and not among the constructor's arguments.
+        host: host-side state (plain numbers per group, like NAdam's ``mu_product``)
+            with its initial values.
+        torch: the name of the torch.optim class with the same arguments and numbers,
+            or None.
+        passes: the passes one step makes over the buffers (MAP, MAP_REDUCE, REDUCE).
+        per_tensor: whether the step needs each tensor's extent (norms, factors): a
+            flat buffer must come with shapes (``fastopt.adopt(flat, shapes)``).
+        keeps_subnormals: whether the kernels must not flush subnormal numbers (the
+            rule's result hangs on them).
+        moves: bytes per parameter that one step reads and writes, with ``bench``.
+        bench: the options ``fastopt bench`` times it with.
+        check: the options ``fastopt check`` fits a least-squares problem with.
+    """
+
+    rule: str
+    hyperparameters: tuple
+    constraints: tuple = ()
+    fixed: Mapping = field(default_factory=dict)
+    host: Mapping = field(default_factory=dict)
+    torch: str = None
+    passes: tuple = (MAP,)
+    per_tensor: bool = False
+    keeps_subnormals: bool = False
+    moves: int = 0
+    bench: Mapping = field(default_factory=dict)
+    check: Mapping = field(default_factory=dict)
+
+    @property
+    def defaults(self):
+        """Every hyperparameter's default, the fixed ones included."""
+        return {**{h.name: h.default for h in self.hyperparameters}, **self.fixed}
+
+    def validate(self, group):
+        """Raise TypeError or ValueError, with torch's message, for an invalid
+        hyperparameter in ``group``."""
+        for hyperparameter in self.hyperparameters:
+            hyperparameter.check(group[hyperparameter.name])
+        for name, value in self.fixed.items():
+            if group[name] != value:
+                raise ValueError(f"{name} is always {value!r} here, got {group[name]!r}")
+        for constraint in self.constraints:
+            constraint(group)
+
+    def variant(self, *, defaults=(), fixed=(), **changes):
+        """This spec with other defaults, some hyperparameters fixed (and so no longer
+        arguments), and other fields changed: AdamW from Adam."""
+        defaults, fixed = dict(defaults), {**self.fixed, **dict(fixed)}
+        hyperparameters = tuple(
+            dataclasses.replace(h, default=defaults.pop(h.name, h.default))
+            for h in self.hyperparameters if h.name not in fixed)
+        if defaults:
+            raise ValueError(f"no hyperparameters {sorted(defaults)} to give defaults to")
+        return dataclasses.replace(self, hyperparameters=hyperparameters, fixed=fixed, **changes)
+
+
+def define_init(positional, keyword, body, namespace):
+    """``__init__(self, params, <positional>, *, <keyword>, **options)`` running the
+    statement ``body``, defined from source so that its signature is real (as
+    dataclasses define theirs). ``positional`` and ``keyword`` are ``(name, default)``
+    pairs; ``body`` sees the arguments and ``namespace``."""
+    defaults = {name: default for name, default in positional + keyword}
+    arguments = ["self", "params"] + [f"{name}=_defaults[{name!r}]" for name, _ in positional]
+    if keyword:
+        arguments += ["*"] + [f"{name}=_defaults[{name!r}]" for name, _ in keyword]
+    source = f"def __init__({', '.join(arguments + ['**options'])}):\n    {body}\n"
+    scope = dict(namespace, _defaults=defaults)
+    exec(source, scope)
+    return scope["__init__"]
+
+
+def constructor(spec, base_init):
+    """The ``__init__`` of an algorithm class: its hyperparameters as arguments, passed
+    on as ``base_init(self, params, defaults, **options)`` with the fixed ones added."""
+    hyperparameters = spec.hyperparameters
+    group = ", ".join(f"{h.name}={h.name}" for h in hyperparameters)
+    return define_init([(h.name, h.default) for h in hyperparameters if not h.keyword_only],
+                       [(h.name, h.default) for h in hyperparameters if h.keyword_only],
+                       f"base_init(self, params, dict({group}, **fixed), **options)",
+                       {"base_init": base_init, "fixed": dict(spec.fixed)})
+
+
+# -- hyperparameters of the usual kinds, with torch's checks ----------------------------
+
+def lr(default):
+    return Hyperparameter("lr", default, checks.check_lr)
+
+
+def betas(default):
+    return Hyperparameter("betas", default, checks.check_betas)
+
+
+def eps(default):
+    return Hyperparameter("eps", default, checks.check_eps)
+
+
+def nonnegative(name, default, label=None, **kinds):
+    return Hyperparameter(name, default,
+                          lambda value: checks.check_nonnegative(name, value, label), **kinds)
+
+
+def weight_decay(default=0.0):
+    return nonnegative("weight_decay", default)
+
+
+def number(name, default, **kinds):
+    return Hyperparameter(name, default, lambda value: checks.real(name, value), **kinds)
+
+
+def flag(name, default=False, **kinds):
+    return Hyperparameter(name, default, lambda value: checks.check_flag(name, value), **kinds)
+
+
+def maximize():
+    return flag("maximize", keyword_only=True)
