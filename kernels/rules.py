@@ -216,6 +216,28 @@ def asgd(p, g, ax, h: ASGDScalars):
     return p, ax
 
 
+AdanScalars = namedtuple("AdanScalars", ["decay", "step_size", "step_size_diff", "bc3_sqrt",
+                                         "eps", "one_minus_beta1", "beta2", "one_minus_beta2",
+                                         "beta3", "one_minus_beta3", "prox", "has_prev_grad"])
+
+
+def adan(p, g, exp_avg, exp_avg_sq, exp_avg_diff, prev_grad, h: AdanScalars):
+    # As timm's Adan, operation for operation (a lerp for m, multiply-adds for d and n,
+    # divisions where it divides). On the first step there is no previous gradient and
+    # the difference is g - g (NaN for an infinite g, as there).
+    diff = g - prev_grad if h.has_prev_grad else g - g
+    exp_avg = exp_avg + h.one_minus_beta1 * (g - exp_avg)
+    exp_avg_diff = h.beta2 * exp_avg_diff + h.one_minus_beta2 * diff
+    update = diff * h.beta2 + g
+    exp_avg_sq = h.beta3 * exp_avg_sq + h.one_minus_beta3 * update * update
+    denom = math.sqrt(exp_avg_sq) / h.bc3_sqrt + h.eps
+    # decay is 1 - lr * weight_decay with no_prox (else 1), prox 1 + lr * weight_decay
+    # without it (else 1): multiplying or dividing by 1 leaves p as it is.
+    p = p * h.decay - h.step_size * (exp_avg / denom)
+    p = (p - h.step_size_diff * (exp_avg_diff / denom)) / h.prox
+    return p, exp_avg, exp_avg_sq, exp_avg_diff, g
+
+
 LionScalars = namedtuple("LionScalars", ["decay", "lr", "beta1", "one_minus_beta1", "beta2",
                                          "one_minus_beta2", "one"])
 

@@ -115,6 +115,13 @@ CASES = {
         dict(lr=0.01, weight_decay=0.5),
         dict(lr=0.01, maximize=True, weight_decay=0.5, betas=(0.95, 0.98)),
     ],
+    "Adan": [
+        dict(lr=0.01),
+        dict(lr=0.01, weight_decay=0.1),
+        dict(lr=0.01, weight_decay=0.1, no_prox=True),
+        dict(lr=0.01, betas=(0.9, 0.8, 0.95), eps=1e-3),
+        dict(lr=0.01, maximize=True, weight_decay=0.05),
+    ],
     "LAMB": [
         dict(lr=0.01),
         dict(lr=0.01, weight_decay=0.1),

@@ -327,6 +327,39 @@ class Lion(Reference):
         return p
 
 
+class Adan(Reference):
+    """Xie et al. (2022), "Adan: Adaptive Nesterov Momentum Algorithm for Faster
+    Optimizing Deep Models", Algorithm 1 with timm's conventions (the betas weigh the old
+    moments; the weight decay is the proximal step, or decoupled with no_prox)."""
+
+    def __init__(self, n, lr=1e-3, betas=(0.98, 0.92, 0.99), eps=1e-8, weight_decay=0.0,
+                 no_prox=False, maximize=False):
+        super().__init__(n, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         no_prox=no_prox, maximize=maximize)
+        self.m, self.d, self.n_ = np.zeros(n), np.zeros(n), np.zeros(n)
+        self.previous = None
+
+    def decoupled(self):
+        return True
+
+    def step(self, p, g):
+        self.t += 1
+        h, t = self.h, self.t
+        b1, b2, b3 = h["betas"]
+        lr, wd = h["lr"], h["weight_decay"]
+        g = self.gradient(p, g)
+        diff = np.zeros_like(g) if self.previous is None else g - self.previous
+        self.previous = g
+        self.m = b1 * self.m + (1 - b1) * g
+        self.d = b2 * self.d + (1 - b2) * diff
+        self.n_ = b3 * self.n_ + (1 - b3) * (g + b2 * diff) ** 2
+        denom = np.sqrt(self.n_ / (1 - b3 ** t)) + h["eps"]
+        update = lr / (1 - b1 ** t) * self.m / denom + lr * b2 / (1 - b2 ** t) * self.d / denom
+        if h["no_prox"]:
+            return p * (1 - lr * wd) - update
+        return (p - update) / (1 + lr * wd)
+
+
 class Layerwise(Reference):
     """Base of the per-tensor references: ``shapes`` lists the tensors' shapes and
     ``step`` takes their flat C-order concatenation, updating one tensor at a time."""

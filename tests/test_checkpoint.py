@@ -31,6 +31,7 @@ ALGORITHMS = {
     "Rprop": dict(lr=0.01, skip_nonfinite=True),
     "ASGD": dict(lr=0.01, t0=20),
     "Lion": dict(lr=0.01, weight_decay=0.1),
+    "Adan": dict(lr=0.01, weight_decay=0.1, clip_grad_value=0.5),
     "LAMB": dict(lr=0.01, weight_decay=0.01, clip_grad_norm=5.0),
     "LARS": dict(weight_decay=0.01),
     "Adafactor": dict(lr=0.01, weight_decay=0.01),

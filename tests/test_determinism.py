@@ -31,6 +31,7 @@ ALGORITHMS = {
     "Rprop": dict(lr=0.01),
     "ASGD": dict(lr=0.01, t0=2),
     "Lion": dict(lr=0.01),
+    "Adan": dict(lr=0.01, weight_decay=0.01),
     "LAMB": dict(lr=0.01, weight_decay=0.01),
     "LARS": dict(weight_decay=0.01),
     "Adafactor": dict(lr=0.01),

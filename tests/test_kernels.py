@@ -18,7 +18,7 @@ from fastopt.kernels import cpu, rules
 EVERY_RULE = {"SGD": dict(momentum=0.9, nesterov=True), "Adagrad": {},
               "RMSprop": dict(momentum=0.9, centered=True), "Adadelta": {},
               "Adam": dict(amsgrad=True), "Adamax": {}, "NAdam": {}, "RAdam": {}, "Rprop": {},
-              "ASGD": {}, "Lion": {}}
+              "ASGD": {}, "Lion": {}, "Adan": {}}
 # Rules that the kernels outside the template (the reductions, EMA) call.
 OTHER_RULES = {"prepare", "ema", "swats_adam", "lamb", "lars", "adafactor"}
 NO_DIVISION = {"SGD", "Rprop", "ASGD", "Lion"}

@@ -38,6 +38,7 @@ OTHER_ALGORITHMS = {
     "Rprop": dict(lr=0.01),
     "SWATS": dict(lr=0.01, eps=1e-4),
     "Lion": dict(lr=0.01, weight_decay=0.1),
+    "Adan": dict(lr=0.01, weight_decay=0.1, no_prox=True),
     "LAMB": dict(lr=0.01, weight_decay=0.01),
     "LARS": dict(weight_decay=0.01),
 }

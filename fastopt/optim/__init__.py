@@ -19,6 +19,7 @@ from .asgd import ASGD
 from .adafactor import Adafactor
 from .swats import SWATS
 from .lion import Lion
+from .adan import Adan
 from .layerwise import LAMB, LARS
 # isort: on
 from .optimizer import Optimizer

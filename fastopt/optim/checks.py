@@ -30,9 +30,11 @@ def check_eps(value):
     check_nonnegative("eps", value, "epsilon value")
 
 
-def check_betas(betas):
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+def check_betas(betas, count=2):
+    if not isinstance(betas, (tuple, list)) or len(betas) != count:
+        names = ", ".join(f"beta{i + 1}" for i in range(count))
+        raise TypeError(f"betas must be a {'pair' if count == 2 else 'triple'} ({names}), "
+                        f"got {betas!r}")
     for i, beta in enumerate(betas):
         if not 0.0 <= real(f"betas[{i}]", beta) < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {beta} "

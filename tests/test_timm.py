@@ -1,0 +1,94 @@
+"""fastopt against timm's optimizers, where timm has the algorithm (Adan).
+
+timm is a test-only dependency, installed without its dependencies: its package imports
+torchvision, which cannot load next to the CPU build of torch, so each optimizer
+module is loaded here on its own (with timm.optim's two small helper modules)."""
+
+import importlib
+import importlib.util
+import sys
+import types
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import fastopt.torch as ft  # noqa: E402
+
+# Within this many float32 ulps of the largest value of each tensor: the same operations
+# in another order round differently, by an ulp or two a step.
+ULPS = 16
+STEPS = 20
+
+
+def timm_optimizer(module, name):
+    """``timm.optim.<module>.<name>``, imported without running timm's ``__init__``."""
+    spec = importlib.util.find_spec("timm")
+    if spec is None:
+        pytest.skip("timm is not installed")
+    saved = {key: sys.modules.get(key) for key in ("timm", "timm.optim")}
+    root = spec.submodule_search_locations[0]
+    for key, folder in (("timm", root), ("timm.optim", root + "/optim")):
+        package = types.ModuleType(key)
+        package.__path__ = [folder]
+        sys.modules[key] = package
+    try:
+        return getattr(importlib.import_module(f"timm.optim.{module}"), name)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                sys.modules.pop(key, None)
+            else:
+                sys.modules[key] = value
+
+
+def tensors(seed):
+    rng = np.random.default_rng(seed)
+    shapes = [(7, 5), (13,), (3, 2, 4)]
+    return [torch.nn.Parameter(torch.from_numpy(rng.standard_normal(s).astype(np.float32)))
+            for s in shapes]
+
+
+def train(make, seed, steps=STEPS):
+    """Steps on a fixed quadratic, 0.5 * sum(c * p**2) plus a fixed tilt per step: the
+    gradient depends on the parameters, smoothly (no chaos to amplify rounding)."""
+    params = tensors(seed)
+    opt = make(params)
+    rng = np.random.default_rng(seed + 1)
+    curvature = [torch.from_numpy(rng.uniform(0.5, 2.0, p.shape).astype(np.float32))
+                 for p in params]
+    for _ in range(steps):
+        for p, c in zip(params, curvature):
+            tilt = torch.from_numpy(rng.standard_normal(p.shape).astype(np.float32))
+            p.grad = (c * p.detach() + tilt).contiguous()
+        opt.step()
+    return params, opt
+
+
+def assert_close_in_ulps(ours, theirs, what):
+    ours, theirs = ours.detach().numpy(), theirs.detach().numpy()
+    ulp = np.spacing(np.float32(np.abs(theirs).max()))
+    gap = np.abs(ours - theirs).max()
+    assert gap <= ULPS * ulp, f"{what}: {gap / ulp:.1f} ulps apart"
+
+
+ADAN_CASES = [dict(), dict(lr=0.01), dict(lr=0.01, weight_decay=0.1),
+              dict(lr=0.01, weight_decay=0.1, no_prox=True),
+              dict(lr=0.02, betas=(0.9, 0.8, 0.95), eps=1e-3, weight_decay=0.02)]
+
+
+@pytest.mark.parametrize("kwargs", ADAN_CASES, ids=str)
+def test_adan_matches_timm(kwargs):
+    Adan = timm_optimizer("adan", "Adan")
+    theirs, their_opt = train(lambda ps: Adan(ps, foreach=False, **kwargs), seed=3)
+    ours, our_opt = train(lambda ps: ft.Adan(ps, **kwargs), seed=3)
+    moved = max((a - b).abs().max().item() for a, b in zip(theirs, tensors(3)))
+    assert moved > 100 * ULPS * np.spacing(np.float32(3))  # the parameters really moved
+    for k, (a, b) in enumerate(zip(ours, theirs)):
+        assert_close_in_ulps(a, b, f"params[{k}]")
+        for name in ("exp_avg", "exp_avg_sq", "exp_avg_diff"):
+            assert_close_in_ulps(our_opt.state[a][name], their_opt.state[b][name],
+                                 f"state[{k}][{name}]")
+        # timm keeps minus the last gradient; fastopt keeps the gradient
+        assert_close_in_ulps(our_opt.state[a]["prev_grad"], -their_opt.state[b]["neg_pre_grad"],
+                             f"state[{k}][prev_grad]")
