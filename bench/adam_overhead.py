@@ -47,7 +47,7 @@ def adam(n):
     opt.step()
     kernel = cpu.kernel("adam", PRESENT)
     prep = (f32(1), f32(np.inf), f32(0))
-    h = opt._scalars(opt.param_groups[0], 2, [], {})
+    h = opt.scalars(opt.param_groups[0], 2, [], {})
     arrays = (opt.flat_params, opt.flat_grads, opt.state["exp_avg"], opt.state["exp_avg_sq"])
     parallel = n >= cpu.PARALLEL_MIN_SIZE
 
@@ -124,7 +124,7 @@ def wrapper_parts(n=1000, calls=20000):
         "opt.step()": opt.step,
         "  _plan (validate if changed, scalars)": lambda: opt._plan(0, group, step),
         "    _snapshot(group)": lambda: optimizer_module._snapshot(group),
-        "    _scalars(group, ...)": lambda: opt._scalars(group, step, [], {}),
+        "    scalars(group, ...)": lambda: opt.scalars(group, step, [], {}),
         "  _gradients(None)": lambda: opt._gradients(None),
         "  _gradients(flat array) (step(g))": lambda: opt._gradients(other),
         "  _allocate_state": lambda: opt._allocate_state([plan]),

@@ -16,7 +16,7 @@ from fastopt.kernels import cpu
 def main():
     kernel = cpu.kernel("adam", ("exp_avg", "exp_avg_sq"))
     opt = fastopt.Adam([np.zeros(1, np.float32)])
-    h = opt._scalars(opt.param_groups[0], 10, [], {})
+    h = opt.scalars(opt.param_groups[0], 10, [], {})
     prep = (np.float32(1), np.float32(np.inf), np.float32(0))
     print(f"threads: {numba.get_num_threads()}, PARALLEL_MIN_SIZE = {cpu.PARALLEL_MIN_SIZE}")
     print(f"{'size':>8s} {'serial':>10s} {'parallel':>10s}")

@@ -29,7 +29,7 @@ def main():
         kernel = cpu.kernel("adam", ("exp_avg", "exp_avg_sq"))
         group = opt.param_groups[0]
         prep = (np.float32(1), np.float32(np.inf), np.float32(0))
-        h = opt._scalars(group, 2, [], {})
+        h = opt.scalars(group, 2, [], {})
         arrays = (opt.flat_params, opt.flat_grads, opt.state["exp_avg"], opt.state["exp_avg_sq"])
         parallel = n >= cpu.PARALLEL_MIN_SIZE
 

@@ -11,10 +11,11 @@
 
 from . import _checkout  # noqa: F401  (first: a source checkout finds its kernels)
 from . import schedules
-from .checkpoint import load, save
+from .checkpoint import save
 from .ema import EMA
 from .flat import adopt
 from .optim import ALGORITHMS, Optimizer
+from .optim.snapshot import load
 from .scaler import DynamicLossScaler
 
 __version__ = "0.1.0"

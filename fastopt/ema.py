@@ -6,7 +6,8 @@ import numpy as np
 
 from ._backend import FLOAT32, backend_of, is_c_contiguous
 from .kernels import rules
-from .optim.optimizer import Optimizer, real
+from .optim.checks import real
+from .optim.optimizer import Optimizer
 
 f32 = np.float32
 

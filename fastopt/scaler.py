@@ -5,7 +5,7 @@ import numbers
 
 import numpy as np
 
-from .optim.optimizer import real
+from .optim.checks import real
 
 f32 = np.float32
 

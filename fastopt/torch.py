@@ -58,11 +58,10 @@ import torch
 
 from ._backend import HostBackend, SegmentTable
 from .flat import adopt
-from .kernels.rules import Prep
+from .optim import engine
 from .optim.optimizer import Optimizer as _Flat
-from .optim.spec import ALGORITHMS, define_init
-from .optim.optimizer import (_finite, _loss_scale, _snapshot, check_flag, clip_coefficient,
-                              f32)
+from .optim.optimizer import _snapshot, check_flag
+from .optim.spec import ALGORITHMS, MAP, define_init
 
 __all__ = list(ALGORITHMS)  # one class per algorithm of the registry, built at the end
 
@@ -73,7 +72,7 @@ _NOT_HYPERPARAMETERS = ("params", "param_names")
 _TORCH_SCALARS = {"step": torch.float32, "mu_product": torch.float64, "eta": torch.float32,
                   "mu": torch.float32}
 # What the optimizer builds for itself, and rebuilds after a copy or an unpickling.
-_RUNTIME = ("_math", "_stores", "_slots", "_group_slots", "_checked", "_seen")
+_RUNTIME = ("_stores", "_slots", "_group_slots", "_checked", "_seen")
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -98,7 +97,6 @@ class Optimizer(torch.optim.Optimizer):
             if name not in ("foreach", "fused") and value != self._torch_defaults[name]:
                 raise ValueError(f"fastopt.torch.{type(self).__name__} does not support "
                                  f"{name}={value!r}")
-        self._math = self.algorithm(adopt(np.zeros(1, np.float32)))  # hooks only
         self._stores = None
         super().__init__(params, {**defaults, **torch_options})
         self.state = _State(self.state)
@@ -138,7 +136,6 @@ class Optimizer(torch.optim.Optimizer):
             for name, value in self.defaults.items():
                 group.setdefault(name, value)
         if options is not None:  # unpickled or deep-copied: rebuild what is not pickled
-            self._math = self.algorithm(adopt(np.zeros(1, np.float32)))
             self.__dict__.update(options)
             self._relayout()
 
@@ -155,7 +152,7 @@ class Optimizer(torch.optim.Optimizer):
             raise TypeError(f"param_groups[{index}]['lr'] must be a number: schedule it with "
                             "a torch.optim.lr_scheduler")
         try:
-            self._math._check(_hyperparameters(group))
+            self.algorithm.spec.validate(_hyperparameters(group))
         except (TypeError, ValueError) as error:
             raise type(error)(f"{error} (in param_groups[{index}])") from None
 
@@ -176,7 +173,7 @@ class Optimizer(torch.optim.Optimizer):
         devices = {}
         for p in names:
             devices.setdefault(p.device, []).append(p)
-        in_place = self._math._update.__func__ is _Flat._update  # a single-pass algorithm
+        in_place = self.algorithm.spec.passes == (MAP,)  # a single pass, of the rule
         stores = [_Store(self.algorithm, members, in_place and device.type == "cpu")
                   for device, members in devices.items()]
         moves = [(store, p, name, value) for store in stores for p in store.slots
@@ -214,24 +211,17 @@ class Optimizer(torch.optim.Optimizer):
             self._relayout()
         self._states()
         plans = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
-        inverse_scale = 1.0 if grad_scale is None else 1.0 / _loss_scale(grad_scale)
+        inverse_scale = engine.inverse_loss_scale(grad_scale)
         runs = [run for _, group_runs in plans for run in group_runs]
         for run in runs:
             run.take_gradients()
-        coefficient = 1.0
-        if skip_nonfinite or self.clip_grad_norm is not None:
-            norm = float(np.sqrt(sum(run.sum_squares() for run in runs))) * inverse_scale
-            self.last_grad_norm = norm
-            if skip_nonfinite and not np.isfinite(norm):
-                self.skipped_steps += 1
-                return loss
-            if self.clip_grad_norm is not None:
-                coefficient = clip_coefficient(self.clip_grad_norm, norm)
-        clip = f32(np.inf if self.clip_grad_value is None else self.clip_grad_value)
+        coefficient = engine.clip_or_skip(self, skip_nonfinite, inverse_scale,
+                                          lambda: sum(run.sum_squares() for run in runs))
+        if coefficient is None:
+            return loss
         for hyper, group_runs in plans:
-            sign = -1.0 if hyper.get("maximize") else 1.0
-            prep = Prep(g_scale=f32(sign * inverse_scale * coefficient), clip=clip,
-                        weight_decay=f32(self._math._l2(hyper)))
+            prep = engine.prep(self.algorithm, hyper, inverse_scale, coefficient,
+                               self.clip_grad_value)
             for run in group_runs:
                 self._apply(hyper, run, prep)
         return loss
@@ -303,12 +293,12 @@ class Optimizer(torch.optim.Optimizer):
         a scalar overflows float32 (naming the hyperparameters), before anything is
         written."""
         _, step, host_values, _ = run.key
-        run.step, run.host = step + 1, dict(zip(self._math._initial_host(), host_values))
-        run.spec = self._math._state_spec(hyper, run.host)
+        algorithm = self.algorithm
+        run.step, run.host = step + 1, dict(zip(algorithm.spec.host, host_values))
+        run.spec = algorithm.buffers(hyper, run.host)
         run.fresh = [name for name in run.spec if name not in run.slots[0].state]
-        run.h = self._math._scalars(hyper, run.step, run.fresh, run.host)
-        if not _finite(run.h):
-            raise self._math._overflow(index, hyper, run.step, run.fresh, run.host)
+        run.h = engine.fold(algorithm, hyper, run.step, run.fresh, run.host,
+                            f" in param_groups[{index}]")
 
     def _take_in_state(self, p, store, slot, state):
         """Copy state tensors that replaced the store's views (or came before them) into
@@ -322,7 +312,7 @@ class Optimizer(torch.optim.Optimizer):
                 _check_state(self._name(p), name, value, view)
                 view.copy_(value)
                 dict.__setitem__(state, name, view)
-        host = self._math._initial_host()  # the values of parameters not yet stepped
+        host = self.algorithm.spec.host  # the values of parameters not yet stepped
         slot.key = (store, state.get("step", 0),
                     tuple(state.get(name, value) for name, value in host.items()),
                     tuple(name in state for name in store.names))
@@ -333,7 +323,7 @@ class Optimizer(torch.optim.Optimizer):
         parameters' state, where ``_plan`` reads them as the slots' keys."""
         store, step = run.store, run.step
         store.begin_state(run, run.spec, run.fresh)
-        host = store.update(self._math, hyper, step, run.spec, prep, run.h, run, run.host)
+        host = store.update(self.algorithm, hyper, step, run.spec, prep, run.h, run, run.host)
         counted = {"step": step} if self.counts_steps else {}
         head = (store, counted.get("step", run.key[1]), tuple(host[name] for name in run.host))
         keys = {}  # one per set of begun buffers: Adafactor's matrices and vectors differ
@@ -400,8 +390,8 @@ class Optimizer(torch.optim.Optimizer):
 
     def _state_shape(self, name, p):
         """The shape of the state tensor ``name`` of ``p``, or None if it has none."""
-        where = self._math._state_slice(name, 0, tuple(p.shape))
-        return None if where is None else torch.Size(where[2])
+        shape = self.algorithm.state_shape(name, tuple(p.shape))
+        return None if shape is None else torch.Size(shape)
 
 
 def _hyperparameters(group):
@@ -588,14 +578,15 @@ class _Store:
             self._tables[key] = table
         return self._tables[key]
 
-    def update(self, math, hyper, step, spec, prep, h, run, host):
+    def update(self, algorithm, hyper, step, spec, prep, h, run, host):
         """Step ``run``'s parameters; returns the host state after the step."""
         if self.core is None:
-            host = math._host_state(hyper, step, host)  # first: it may raise
+            host = algorithm.host_after(hyper, step, host)  # first: it may raise
             states = [self._flat[name].numpy() for name in spec]
             table = self.table(run)
-            self.backend.run_segments(math.rule, tuple(spec), table.addresses, run.gradients,
-                                      states, prep, h, table, math.spec.keeps_subnormals)
+            self.backend.run_segments(algorithm.rule, tuple(spec), table.addresses,
+                                      run.gradients, states, prep, h, table,
+                                      algorithm.spec.keeps_subnormals)
             return host
         for p, slot in zip(run.params, run.slots):
             self.scratch_params[slot.start:slot.stop].view(p.shape).copy_(p)

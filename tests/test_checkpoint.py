@@ -1,10 +1,13 @@
 """Checkpoints: exact resume in a fresh process, crash-safe writes, and loads that check
 everything before they change anything."""
 
+import ast
+import dataclasses
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -186,6 +189,78 @@ def test_state_dict_is_a_copy_and_round_trips_in_memory(trained):
     other.step(g)
     np.testing.assert_array_equal(other.flat_params, opt.flat_params)
     assert other.state["step"] == opt.state["step"] == 6
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_a_snapshot_is_a_typed_copy_that_restores_exactly(name):
+    opt = make(name)
+    for t in range(3):
+        opt.step(gradient(t, opt.flat_params))
+    taken = opt.snapshot()
+    assert isinstance(taken, fastopt.checkpoint.Snapshot)
+    assert taken.algorithm == name and taken.step == 3
+    assert set(taken.buffers) == {k for k, v in opt.state.items() if hasattr(v, "shape")}
+    np.testing.assert_array_equal(taken.params, opt.flat_params)
+    g = gradient(3, opt.flat_params)
+    opt.step(g)  # the snapshot is a copy: this step does not reach it
+    other = make(name)
+    other.restore(taken)
+    assert other.state["step"] == 3
+    other.step(g)
+    np.testing.assert_array_equal(other.flat_params, opt.flat_params)
+    for key, value in opt.state.items():
+        if hasattr(value, "shape"):
+            np.testing.assert_array_equal(other.state[key], value)
+        else:
+            assert other.state[key] == value
+
+
+def test_a_snapshot_that_does_not_fit_is_refused_and_changes_nothing(trained):
+    opt, _ = trained
+    taken = opt.snapshot()
+    fresh = make("Adam")
+    before, groups = snapshot(fresh), hyperparameters(fresh)
+    bad = [dataclasses.replace(taken, algorithm="SGD"),
+           dataclasses.replace(taken, step=-1),
+           dataclasses.replace(taken, params=taken.params[:-1]),
+           dataclasses.replace(taken, buffers={**taken.buffers, "exp_avg": taken.params.astype(float)}),
+           dataclasses.replace(taken, options={**taken.options, "clip_grad_value": -1.0})]
+    for other in bad:
+        with pytest.raises(ValueError):
+            fresh.restore(other)
+    with pytest.raises(TypeError, match="Snapshot"):
+        fresh.restore(opt.state_dict())
+    assert_unchanged(fresh, before)
+    assert hyperparameters(fresh) == groups
+
+
+def test_the_package_imports_without_cycles():
+    # fastopt.checkpoint serializes snapshots and imports nothing of fastopt's; the
+    # optimizers use it, not the other way round. A cycle is an edge back to a module on
+    # the path (package __init__ files, which import everything, are left out).
+    root = Path(fastopt.__file__).parent
+    modules = {".".join(path.relative_to(root.parent).with_suffix("").parts): path
+               for path in root.rglob("*.py") if path.name != "__init__.py"}
+    graph = {}
+    for name, path in modules.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = name.split(".")[:-node.level] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                for alias in node.names:
+                    full = f"{target}.{alias.name}"
+                    edges.add(full if full in modules else target)
+        graph[name] = edges & set(modules)
+    assert graph["fastopt.checkpoint"] == set()
+
+    def visit(name, path):
+        for target in graph[name]:
+            assert target not in path, f"import cycle: {' -> '.join(path + [target])}"
+            visit(target, path + [target])
+
+    for name in graph:
+        visit(name, [name])
 
 
 def test_a_schedule_is_resumed_by_an_optimizer_built_with_it(tmp_path):

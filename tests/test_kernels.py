@@ -34,14 +34,14 @@ for name, kwargs in json.loads(sys.argv[1]).items():
     opt = getattr(fastopt, name)([np.ones(64, np.float32)], **kwargs)
     opt.step()
     group, host = opt.param_groups[0], opt._initial_host()
-    spec = tuple(opt._state_spec(group, host))
+    spec = tuple(opt.buffers(group, host))
     asm[name] = "\n".join(cpu.kernel(opt.rule, spec).inspect_asm().values())
     # The in-place form, over the same memory by its address.
     p, g = opt.flat_params, opt.flat_grads
     prep = (np.float32(1), np.float32(np.inf), np.float32(0))
     HostBackend().run_segments(opt.rule, spec, np.array([p.ctypes.data]),
                                np.array([g.ctypes.data]), [opt.state[s] for s in spec], prep,
-                               opt._scalars(group, 2, [], host), SegmentTable([p.size], 0))
+                               opt.scalars(group, 2, [], host), SegmentTable([p.size], 0))
     kernel = cpu.segment_kernel(opt.rule, spec)
     asm[name + " in place"] = "\n".join(kernel.inspect_asm().values())
 print(json.dumps(asm))
@@ -106,7 +106,7 @@ def test_rules_read_their_scalars_by_name_only():
 def test_every_optimizer_folds_its_rules_scalars_by_type(name):
     opt = getattr(fastopt, name)([np.ones(8, np.float32)], **EVERY_RULE[name])
     group, host = opt.param_groups[0], opt._initial_host()
-    h = opt._scalars(group, 1, list(opt._state_spec(group, host)), host)
+    h = opt.scalars(group, 1, list(opt.buffers(group, host)), host)
     assert type(h) is getattr(rules, opt.rule).__annotations__["h"]
 
 
@@ -131,7 +131,7 @@ def test_serial_and_parallel_loops_agree_bitwise():
     n = 3 * cpu.PARALLEL_MIN_SIZE + 11
     rng = np.random.default_rng(0)
     opt = fastopt.Adam([np.zeros(1, np.float32)], lr=1e-2, amsgrad=True)
-    h = opt._scalars(opt.param_groups[0], 1, [], {})
+    h = opt.scalars(opt.param_groups[0], 1, [], {})
     prep = (np.float32(0.5), np.float32(1.5), np.float32(0.1))  # scale, clip, L2
     arrays = [rng.standard_normal(n).astype(np.float32) for _ in range(2)]
     arrays += [np.abs(rng.standard_normal(n)).astype(np.float32) for _ in range(3)]

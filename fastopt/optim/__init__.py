@@ -26,5 +26,5 @@ from .optimizer import Optimizer
 from .spec import ALGORITHMS
 
 __all__ = ["ALGORITHMS", "ASGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax",
-           "LAMB", "LARS", "Lion", "NAdam", "Optimizer", "RAdam", "RMSprop", "Rprop", "SGD",
-           "SWATS"]
+           "Adan", "LAMB", "LARS", "Lion", "NAdam", "Optimizer", "RAdam", "RMSprop", "Rprop",
+           "SGD", "SWATS"]

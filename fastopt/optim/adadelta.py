@@ -41,10 +41,12 @@ class Adadelta(Optimizer):
                          hp.weight_decay(), hp.maximize()),
         bench=dict(lr=1.0), check=dict(lr=1.0))
 
-    def _state_spec(self, group, host):
+    @staticmethod
+    def buffers(group, host):
         return {"square_avg": 0.0, "acc_delta": 0.0}
 
-    def _scalars(self, group, step, fresh, host):
+    @staticmethod
+    def scalars(group, step, fresh, host):
         rho = group["rho"]
         return rules.AdadeltaScalars(lr=f32(group["lr"]), rho=f32(rho),
                                      one_minus_rho=f32(1.0 - rho), eps=f32(group["eps"]))

@@ -109,28 +109,36 @@ class Adafactor(Optimizer):
         self._plans = {}
 
 
-    def _state_spec(self, group, host):
+    @staticmethod
+    def buffers(group, host):
         return {"row_var": 0.0, "col_var": 0.0, "variance": 0.0}
 
     def _state_size(self, name):
         return self._sizes.get(name, self.flat_params.size)
 
     def _state_slice(self, name, offset, shape):
-        size = math.prod(shape)
-        row_base, col_base, var_base = self._moments[offset]
-        if not size or (len(shape) >= 2) == (name == "variance"):
+        state_shape = self.state_shape(name, shape)
+        if state_shape is None:
             return None
-        if name == "variance":
-            return var_base, var_base + size, shape
-        batch = math.prod(shape[:-2])
-        if name == "row_var":  # torch's shapes: (..., rows, 1) and (..., 1, columns)
-            return row_base, row_base + batch * shape[-2], shape[:-1] + (1,)
-        return col_base, col_base + batch * shape[-1], shape[:-2] + (1,) + shape[-1:]
+        start = dict(zip(("row_var", "col_var", "variance"), self._moments[offset]))[name]
+        return start, start + math.prod(state_shape), state_shape
 
-    def _l2(self, group):
+    @staticmethod
+    def state_shape(name, shape):
+        if not math.prod(shape) or (len(shape) >= 2) == (name == "variance"):
+            return None
+        if name == "row_var":  # torch's shapes: (..., rows, 1) and (..., 1, columns)
+            return shape[:-1] + (1,)
+        if name == "col_var":
+            return shape[:-2] + (1,) + shape[-1:]
+        return shape
+
+    @staticmethod
+    def l2(group):
         return 0.0  # the decay is decoupled
 
-    def _scalars(self, group, step, fresh, host):
+    @staticmethod
+    def scalars(group, step, fresh, host):
         eps1 = _eps1(group)
         return rules.AdafactorScalars(beta=f32(step ** group["beta2_decay"]),
                                       eps1_sq=f32(eps1 * eps1), moving=True)

@@ -35,9 +35,11 @@ class Adagrad(Optimizer):
                          hp.eps(1e-10), hp.maximize()),
         bench=dict(lr=1e-2), check=dict(lr=0.5))
 
-    def _state_spec(self, group, host):
+    @staticmethod
+    def buffers(group, host):
         return {"sum": group["initial_accumulator_value"]}
 
-    def _scalars(self, group, step, fresh, host):
+    @staticmethod
+    def scalars(group, step, fresh, host):
         clr = group["lr"] / (1.0 + (step - 1) * group["lr_decay"])
         return rules.AdagradScalars(clr=f32(clr), eps=f32(group["eps"]))

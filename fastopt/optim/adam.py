@@ -50,13 +50,15 @@ class Adam(Optimizer):
                          hp.flag("bias_correction", True, keyword_only=True, in_torch=False)),
         bench=dict(lr=1e-3), check=dict(lr=0.05))
 
-    def _state_spec(self, group, host):
+    @staticmethod
+    def buffers(group, host):
         spec = {"exp_avg": 0.0, "exp_avg_sq": 0.0}
         if group["amsgrad"]:
             spec["max_exp_avg_sq"] = 0.0
         return spec
 
-    def _scalars(self, group, step, fresh, host):
+    @staticmethod
+    def scalars(group, step, fresh, host):
         lr, (beta1, beta2) = group["lr"], group["betas"]
         if group["bias_correction"]:
             step_size = lr / (1.0 - beta1 ** step)

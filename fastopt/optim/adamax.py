@@ -32,10 +32,12 @@ class Adamax(Optimizer):
                          hp.maximize()),
         bench=dict(lr=1e-3), check=dict(lr=0.05))
 
-    def _state_spec(self, group, host):
+    @staticmethod
+    def buffers(group, host):
         return {"exp_avg": 0.0, "exp_inf": 0.0}
 
-    def _scalars(self, group, step, fresh, host):
+    @staticmethod
+    def scalars(group, step, fresh, host):
         beta1, beta2 = group["betas"]
         clr = group["lr"] / (1.0 - beta1 ** step)
         return rules.AdamaxScalars(clr=f32(clr), eps=f32(group["eps"]),

@@ -50,13 +50,16 @@ class Adan(Optimizer):
                          hp.eps(1e-8), hp.weight_decay(), hp.flag("no_prox"), hp.maximize()),
         bench=dict(lr=1e-3), check=dict(lr=0.05))
 
-    def _l2(self, group):
+    @staticmethod
+    def l2(group):
         return 0.0  # the decay is proximal or decoupled
 
-    def _state_spec(self, group, host):
+    @staticmethod
+    def buffers(group, host):
         return {"exp_avg": 0.0, "exp_avg_sq": 0.0, "exp_avg_diff": 0.0, "prev_grad": 0.0}
 
-    def _scalars(self, group, step, fresh, host):
+    @staticmethod
+    def scalars(group, step, fresh, host):
         lr, weight_decay = group["lr"], group["weight_decay"]
         beta1, beta2, beta3 = group["betas"]
         no_prox = group["no_prox"]

@@ -44,16 +44,19 @@ class ASGD(Optimizer):
                          hp.number("t0", 1e6), hp.weight_decay(), hp.maximize()),
         bench=dict(lr=1e-2), check=dict(lr=0.2))
 
-    def _state_spec(self, group, host):
+    @staticmethod
+    def buffers(group, host):
         return {"ax": 0.0}
 
-    def _scalars(self, group, step, fresh, host):
+    @staticmethod
+    def scalars(group, step, fresh, host):
         eta = group["lr"] if host["eta"] is None else host["eta"]
         eta = float(f32(eta))
         return rules.ASGDScalars(decay=f32(1.0 - group["lambd"] * eta), eta=f32(eta),
                                  mu=f32(host["mu"]), averaging=host["mu"] != 1.0)
 
-    def _host_state(self, group, step, host):
+    @staticmethod
+    def host_after(group, step, host):
         lr, lambd = group["lr"], group["lambd"]
         eta = lr / (1.0 + lambd * lr * step) ** group["alpha"]
         return {"eta": float(f32(eta)), "mu": float(f32(1.0 / max(1.0, step - group["t0"])))}

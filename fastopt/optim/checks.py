@@ -44,3 +44,11 @@ def check_betas(betas, count=2):
 def check_flag(name, value):
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def positive_or_none(name, value):
+    if value is None:
+        return None
+    if not real(name, value) > 0.0:
+        raise ValueError(f"{name} must be None or a number > 0, got {value!r}")
+    return float(value)

@@ -19,7 +19,8 @@ class LayerWise(Optimizer):
     def _setup(self):
         self._pieces_of = {}  # (start, stop) -> the pieces of the tensors there
 
-    def _l2(self, group):
+    @staticmethod
+    def l2(group):
         return 0.0  # the weight decay is part of the layer-wise update
 
     def _pieces(self, start, stop):
@@ -81,10 +82,12 @@ class LAMB(LayerWise):
                          hp.maximize()),
         bench=dict(lr=1e-3), check=dict(lr=0.05))
 
-    def _state_spec(self, group, host):
+    @staticmethod
+    def buffers(group, host):
         return {"exp_avg": 0.0, "exp_avg_sq": 0.0}
 
-    def _scalars(self, group, step, fresh, host):
+    @staticmethod
+    def scalars(group, step, fresh, host):
         beta1, beta2 = group["betas"]
         return rules.LAMBScalars(weight_decay=f32(group["weight_decay"]),
                                  inv_bc1=f32(1.0 / (1.0 - beta1 ** step)),
@@ -144,10 +147,12 @@ class LARS(LayerWise):
                          hp.nonnegative("trust_coefficient", 1e-3), hp.maximize()),
         bench=dict(lr=1.0), check=dict(lr=5.0))
 
-    def _state_spec(self, group, host):
+    @staticmethod
+    def buffers(group, host):
         return {"momentum_buffer": 0.0}
 
-    def _scalars(self, group, step, fresh, host):
+    @staticmethod
+    def scalars(group, step, fresh, host):
         # trust_lr differs per tensor: the kernel takes each tensor's from an array.
         return rules.LARSScalars(trust_lr=f32(0.0), momentum=f32(group["momentum"]),
                                  weight_decay=f32(group["weight_decay"]))

@@ -38,13 +38,16 @@ class Lion(Optimizer):
         hyperparameters=(hp.lr(1e-4), hp.betas((0.9, 0.99)), hp.weight_decay(), hp.maximize()),
         bench=dict(lr=1e-4), check=dict(lr=0.005))
 
-    def _state_spec(self, group, host):
+    @staticmethod
+    def buffers(group, host):
         return {"exp_avg": 0.0}
 
-    def _l2(self, group):
+    @staticmethod
+    def l2(group):
         return 0.0  # the decay is decoupled
 
-    def _scalars(self, group, step, fresh, host):
+    @staticmethod
+    def scalars(group, step, fresh, host):
         lr, (beta1, beta2) = group["lr"], group["betas"]
         return rules.LionScalars(decay=f32(1.0 - lr * group["weight_decay"]), lr=f32(lr),
                                  beta1=f32(beta1), one_minus_beta1=f32(1.0 - beta1),

@@ -44,25 +44,29 @@ class NAdam(Optimizer):
                          hp.flag("decoupled_weight_decay"), hp.maximize()),
         bench=dict(lr=1e-3), check=dict(lr=0.05))
 
-    def _state_spec(self, group, host):
+    @staticmethod
+    def buffers(group, host):
         return {"exp_avg": 0.0, "exp_avg_sq": 0.0}
 
-    def _momentum(self, group, step, host):
-        """mu_t, mu_(t+1) and the product of mu_1 .. mu_t."""
-        beta1, psi = group["betas"][0], group["momentum_decay"]
-        mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * psi))
-        mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * psi))
-        return mu, mu_next, host["mu_product"] * mu
+    @staticmethod
+    def host_after(group, step, host):
+        return {"mu_product": _momentum(group, step, host)[2]}
 
-    def _host_state(self, group, step, host):
-        return {"mu_product": self._momentum(group, step, host)[2]}
-
-    def _scalars(self, group, step, fresh, host):
+    @staticmethod
+    def scalars(group, step, fresh, host):
         lr, (beta1, beta2) = group["lr"], group["betas"]
-        mu, mu_next, mu_product = self._momentum(group, step, host)
+        mu, mu_next, mu_product = _momentum(group, step, host)
         grad_coef = lr * (1.0 - mu) / (1.0 - mu_product)
         avg_coef = lr * mu_next / (1.0 - mu_product * mu_next)
         return rules.NAdamScalars(decay=decoupled_decay(group), grad_coef=f32(grad_coef),
                                   avg_coef=f32(avg_coef), inv_bc2=f32(1.0 / (1.0 - beta2 ** step)),
                                   eps=f32(group["eps"]), one_minus_beta1=f32(1.0 - beta1),
                                   beta2=f32(beta2), one_minus_beta2=f32(1.0 - beta2))
+
+
+def _momentum(group, step, host):
+    """mu_t, mu_(t+1) and the product of mu_1 .. mu_t."""
+    beta1, psi = group["betas"][0], group["momentum_decay"]
+    mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * psi))
+    mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * psi))
+    return mu, mu_next, host["mu_product"] * mu

@@ -1,7 +1,6 @@
 """The base class every algorithm builds on: buffers, groups, state and the step."""
 
 import math
-import numbers
 import operator
 import threading
 
@@ -9,27 +8,26 @@ import numpy as np
 
 from .._backend import FLOAT32, _extent, is_c_contiguous
 from ..flat import ViewList, flatten
-from ..kernels.rules import Prep
-from .checks import (FLOAT32_MAX, check_betas, check_eps, check_flag,  # noqa: F401
-                     check_lr, check_nonnegative, real)
+from . import engine
+from .. import checkpoint
+from . import snapshot
+from .checks import check_flag, check_lr, positive_or_none
 from .spec import ALGORITHMS, constructor
 
 f32 = np.float32
-
-# torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing by it.
-CLIP_NORM_EPS = 1e-6
-
 
 class Optimizer:
     """Owns the flat parameter and gradient buffers and the state of one algorithm.
 
     A subclass declares its algorithm as ``spec`` (a :class:`fastopt.optim.spec.Spec`:
     its rule in ``kernels.rules``, its hyperparameters with their defaults and checks,
-    ...), from which its constructor and validation are built, and supplies two small
-    methods: ``_state_spec`` lists the state buffers with their initial values, and
-    ``_scalars`` folds the hyperparameters and the step count into the rule's float32
-    scalars, the named tuple that the rule's ``h`` annotation names. Everything else
-    lives here.
+    ...), from which its constructor and validation are built, and supplies its
+    host-side math as static methods, which ``fastopt.torch`` calls too: ``buffers``
+    lists the state buffers with their initial values, and ``scalars`` folds the
+    hyperparameters and the step count into the rule's float32 scalars, the named tuple
+    that the rule's ``h`` annotation names (with ``host_after``, ``l2`` and
+    ``state_shape`` where the defaults do not fit). What a step does around the kernels
+    is in :mod:`fastopt.optim.engine`; everything else lives here.
 
     **Parameter groups.** ``params`` is a dict or list of arrays, or a list of torch-style
     group dicts, each with its own ``"params"`` and any hyperparameters that differ from
@@ -151,7 +149,7 @@ class Optimizer:
 
     @clip_grad_norm.setter
     def clip_grad_norm(self, value):
-        self._clip_grad_norm = _positive_or_none("clip_grad_norm", value)
+        self._clip_grad_norm = positive_or_none("clip_grad_norm", value)
 
     @property
     def clip_grad_value(self):
@@ -159,7 +157,7 @@ class Optimizer:
 
     @clip_grad_value.setter
     def clip_grad_value(self, value):
-        self._clip_grad_value = _positive_or_none("clip_grad_value", value)
+        self._clip_grad_value = positive_or_none("clip_grad_value", value)
 
     @property
     def skip_nonfinite(self):
@@ -172,28 +170,34 @@ class Optimizer:
 
     # -- checkpoints ----------------------------------------------------------------
 
-    def state_dict(self):
-        """Everything needed to continue exactly: ``{"meta": ..., "arrays": ...}`` with
-        copies of the parameters and state buffers, taken under the lock (one step's
-        state, whatever other threads do); see :mod:`fastopt.checkpoint`."""
-        from .. import checkpoint
+    def snapshot(self):
+        """Everything needed to continue exactly, as a :class:`fastopt.checkpoint.Snapshot`:
+        copies of the parameters and state buffers and the counts, options and
+        hyperparameters, taken under the lock (one step's state, whatever other threads
+        do)."""
+        return snapshot.take(self)
 
-        return checkpoint.state_dict(self)
-
-    def load_state_dict(self, state_dict):
-        """Continue from a :meth:`state_dict` of an optimizer of the same algorithm and
+    def restore(self, snapshot_):
+        """Continue from a :meth:`snapshot` of an optimizer of the same algorithm and
         parameter layout. Everything is checked first, under the lock; on error
         (ValueError or TypeError) nothing changes."""
-        from .. import checkpoint
+        snapshot.restore(self, snapshot_)
 
-        checkpoint.load_state_dict(self, state_dict)
+    def state_dict(self):
+        """:meth:`snapshot` as ``{"meta": ..., "arrays": ...}``, a record of JSON values with
+        a checksum and the arrays; see :mod:`fastopt.checkpoint`."""
+        return checkpoint.state_dict(self.snapshot())
+
+    def load_state_dict(self, state_dict):
+        """Continue from a :meth:`state_dict`, as :meth:`restore`."""
+        self.restore(checkpoint.snapshot_of(state_dict))
 
     def load(self, path):
         """Continue from the checkpoint file ``path`` (written by :func:`fastopt.save`).
-        As :meth:`load_state_dict`; a fault in the file raises ValueError naming it."""
-        from .. import checkpoint
-
-        checkpoint.load_file(self, path)
+        As :meth:`restore`; a fault in the file raises ValueError naming it."""
+        contents = checkpoint.read(path)
+        with checkpoint.naming(path):
+            self.restore(checkpoint.snapshot_of(contents))
 
     # -- the step -------------------------------------------------------------------
 
@@ -220,27 +224,20 @@ class Optimizer:
             step = self.state["step"] + 1
             plans = [self._plan(index, group, step)
                      for index, group in enumerate(self.param_groups)]
-            inverse_scale = 1.0 if grad_scale is None else 1.0 / _loss_scale(grad_scale)
+            inverse_scale = engine.inverse_loss_scale(grad_scale)
             if skip_nonfinite is None:
                 skip_nonfinite = self._skip_nonfinite
             else:
                 check_flag("skip_nonfinite", skip_nonfinite)
             g = self._gradients(grads)  # the last check, and the first write
-            coefficient = 1.0
-            if skip_nonfinite or self._clip_grad_norm is not None:
-                norm = math.sqrt(self._backend.sum_squares(g)) * inverse_scale
-                self.last_grad_norm = norm
-                if skip_nonfinite and not math.isfinite(norm):
-                    self.skipped_steps += 1
-                    return
-                if self._clip_grad_norm is not None:
-                    coefficient = clip_coefficient(self._clip_grad_norm, norm)
-            clip = f32(math.inf if self._clip_grad_value is None else self._clip_grad_value)
+            coefficient = engine.clip_or_skip(self, skip_nonfinite, inverse_scale,
+                                              lambda: self._backend.sum_squares(g))
+            if coefficient is None:
+                return
             self._allocate_state(plans)
             for index, (group, spec, fresh, h, host) in enumerate(plans):
-                sign = -1.0 if group.get("maximize") else 1.0
-                prep = Prep(g_scale=f32(sign * inverse_scale * coefficient), clip=clip,
-                            weight_decay=f32(self._l2(group)))
+                prep = engine.prep(type(self), group, inverse_scale, coefficient,
+                                   self._clip_grad_value)
                 layout = self._layouts[index]
                 host = self._update(group, step, spec, g, prep, h, layout.start, layout.stop, host)
                 self._started[index].update(spec)
@@ -269,33 +266,10 @@ class Optimizer:
         lr = group.get("lr")
         if callable(lr):
             group = dict(group, lr=_scheduled_lr(index, lr, step - 1))
-        spec = self._state_spec(group, host)
+        spec = self.buffers(group, host)
         fresh = [name for name in spec if name not in started]
-        h = self._scalars(group, step, fresh, host)
-        if not _finite(h):
-            raise self._overflow(index, group, step, fresh, host)
-        return group, spec, fresh, h, host
-
-    def _overflow(self, index, group, step, fresh, host):
-        """The error for scalars that overflow float32 (``lr / (1 - beta1)`` with a huge lr,
-        say). torch raises for most of these too; fastopt refuses them all, since a step
-        by an infinite factor only turns the parameters into infinities and NaNs. The
-        culprits are the hyperparameters that, set to 0 alone, make the scalars fit."""
-        def fits_without(key):
-            try:
-                with np.errstate(over="ignore"):  # numpy has warned once already
-                    return _finite(self._scalars(dict(group, **{key: 0.0}), step, fresh, host))
-            except (ArithmeticError, TypeError, ValueError):
-                return False
-
-        reals = [k for k, v in group.items()
-                 if isinstance(v, numbers.Real) and not isinstance(v, bool)]
-        culprits = [k for k in reals if fits_without(k)] or reals
         where = f" in param_groups[{index}]" if self._grouped else ""
-        values = ", ".join(f"{k}={group[k]!r}" for k in culprits)
-        return ValueError(f"{values}{where} overflows float32 in the scalars of step {step} "
-                          f"(float32 holds at most {FLOAT32_MAX:.4g}); make "
-                          f"{' or '.join(culprits)} smaller")
+        return group, spec, fresh, engine.fold(self, group, step, fresh, host, where), host
 
     def _allocate_state(self, plans):
         """Create the state buffers this step needs, and initialize the segments of
@@ -313,7 +287,7 @@ class Optimizer:
     def _update(self, group, step, spec, g, prep, h, start, stop, host):
         """Apply step number ``step`` to ``[start:stop]`` of the buffers, which share the
         host state ``host``; returns that host state after the step."""
-        after = self._host_state(group, step, host)  # first: if it raises, nothing moved
+        after = self.host_after(group, step, host)  # first: if it raises, nothing moved
         self._launch(self.rule, spec, start, stop, g, prep, h)
         return after
 
@@ -340,6 +314,9 @@ class Optimizer:
             raise type(error)(f"{error} (in param_groups[{index}])") from None
 
     # -- for subclasses -------------------------------------------------------------
+    #
+    # An algorithm's host-side math: stateless functions of a group's hyperparameters,
+    # the step number and the host state, which fastopt.torch calls as well.
 
     def _setup(self):
         """Prepare what the algorithm keeps besides the state (called by ``__init__``)."""
@@ -348,12 +325,14 @@ class Optimizer:
         """Raise ValueError/TypeError for an invalid hyperparameter in ``group``."""
         self.spec.validate(group)
 
-    def _state_spec(self, group, host):
+    @staticmethod
+    def buffers(group, host):
         """``{state name: initial value}`` for the buffers this step needs, in the
         order of the rule's arguments."""
         raise NotImplementedError
 
-    def _scalars(self, group, step, fresh, host):
+    @staticmethod
+    def scalars(group, step, fresh, host):
         """The rule's ``h`` for step number ``step`` (1-based): its named tuple of float32
         (and flags), built by field name.
 
@@ -368,7 +347,8 @@ class Optimizer:
         values. ``state`` holds each as a list with one entry per group."""
         return dict(self.spec.host)
 
-    def _host_state(self, group, step, host):
+    @staticmethod
+    def host_after(group, step, host):
         """The host state after step ``step``, from ``host``, the one before it."""
         return host
 
@@ -381,7 +361,14 @@ class Optimizer:
         to the tensor at ``offset`` of the flat buffer, or None if it has none."""
         return offset, offset + math.prod(shape), shape
 
-    def _l2(self, group):
+    @staticmethod
+    def state_shape(name, shape):
+        """The shape of the state buffer ``name`` of a tensor of ``shape`` (None: it has
+        none): the tensor's own, but for Adafactor's factors."""
+        return shape
+
+    @staticmethod
+    def l2(group):
         """torch's L2 weight decay, which prepare() adds to the gradient."""
         if group.get("decoupled_weight_decay"):
             return 0.0
@@ -531,39 +518,6 @@ def _scheduled_lr(index, schedule, t):
         raise type(error)(f"the lr schedule of param_groups[{index}] returned {lr!r} "
                           f"for t={t}: {error}") from None
     return float(lr)
-
-
-def clip_coefficient(max_norm, norm):
-    """torch's ``min(1, max_norm / (norm + 1e-6))``; a NaN norm gives NaN, as in torch."""
-    coefficient = max_norm / (norm + CLIP_NORM_EPS)
-    return coefficient if coefficient < 1.0 or math.isnan(coefficient) else 1.0
-
-
-def _loss_scale(value):
-    scale = real("grad_scale", value)
-    if not (0.0 < scale < math.inf):
-        raise ValueError(f"grad_scale must be a finite number > 0, got {value!r}")
-    if 1.0 / scale > FLOAT32_MAX:
-        raise ValueError(f"grad_scale={value!r} is so small that 1/grad_scale overflows float32")
-    return scale
-
-
-def _finite(h):
-    """Whether every number in the scalar tuple ``h`` is finite: one C-level sum, much
-    cheaper per step than a test per element (a sum of float32 values cannot overflow
-    float64, so only an inf or NaN in ``h`` makes it non-finite)."""
-    try:
-        return math.isfinite(math.fsum(h))
-    except ValueError:  # inf and -inf together
-        return False
-
-
-def _positive_or_none(name, value):
-    if value is None:
-        return None
-    if not real(name, value) > 0.0:
-        raise ValueError(f"{name} must be None or a number > 0, got {value!r}")
-    return float(value)
 
 
 def _checked(group):

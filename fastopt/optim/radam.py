@@ -53,10 +53,12 @@ class RAdam(Optimizer):
                          hp.flag("decoupled_weight_decay"), hp.maximize()),
         bench=dict(lr=1e-3), check=dict(lr=0.05))
 
-    def _state_spec(self, group, host):
+    @staticmethod
+    def buffers(group, host):
         return {"exp_avg": 0.0, "exp_avg_sq": 0.0}
 
-    def _scalars(self, group, step, fresh, host):
+    @staticmethod
+    def scalars(group, step, fresh, host):
         lr, (beta1, beta2) = group["lr"], group["betas"]
         bias_correction1, bias_correction2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
         rho_inf = 2.0 / (1.0 - beta2) - 1.0

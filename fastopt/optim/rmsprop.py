@@ -43,7 +43,8 @@ class RMSprop(Optimizer):
                          hp.flag("centered"), hp.maximize()),
         bench=dict(lr=1e-3), check=dict(lr=0.01))
 
-    def _state_spec(self, group, host):
+    @staticmethod
+    def buffers(group, host):
         spec = {"square_avg": 0.0}
         if group["centered"]:
             spec["grad_avg"] = 0.0
@@ -51,7 +52,8 @@ class RMSprop(Optimizer):
             spec["momentum_buffer"] = 0.0
         return spec
 
-    def _scalars(self, group, step, fresh, host):
+    @staticmethod
+    def scalars(group, step, fresh, host):
         alpha = group["alpha"]
         return rules.RMSpropScalars(lr=f32(group["lr"]), alpha=f32(alpha),
                                     one_minus_alpha=f32(1.0 - alpha), eps=f32(group["eps"]),

@@ -67,10 +67,12 @@ class Rprop(Optimizer):
                          hp.maximize()),
         bench=dict(lr=1e-2), check=dict(lr=0.01))
 
-    def _state_spec(self, group, host):
+    @staticmethod
+    def buffers(group, host):
         return {"prev": 0.0, "step_size": group["lr"]}
 
-    def _scalars(self, group, step, fresh, host):
+    @staticmethod
+    def scalars(group, step, fresh, host):
         (etaminus, etaplus), (smallest, largest) = group["etas"], group["step_sizes"]
         return rules.RpropScalars(etaminus=f32(etaminus), etaplus=f32(etaplus),
                                   step_size_min=f32(smallest), step_size_max=f32(largest),

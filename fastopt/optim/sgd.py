@@ -43,10 +43,12 @@ class SGD(Optimizer):
         constraints=(_check_nesterov,),
         bench=dict(lr=1e-3, momentum=0.9), check=dict(lr=0.05, momentum=0.9))
 
-    def _state_spec(self, group, host):
+    @staticmethod
+    def buffers(group, host):
         return {"momentum_buffer": 0.0} if group["momentum"] != 0 else {}
 
-    def _scalars(self, group, step, fresh, host):
+    @staticmethod
+    def scalars(group, step, fresh, host):
         momentum = group["momentum"]
         # No buffer, or a new one (which torch fills with a clone): the raw gradient.
         raw_gradient = momentum == 0 or "momentum_buffer" in fresh

@@ -59,12 +59,14 @@ class SWATS(Optimizer):
                          hp.maximize()),
         bench=dict(lr=1e-3), check=dict(lr=0.05, eps=1e-6))
 
-    def _state_spec(self, group, host):
+    @staticmethod
+    def buffers(group, host):
         if host["sgd_lr"] is not None:
             return {"momentum_buffer": 0.0}
         return {"exp_avg": 0.0, "exp_avg_sq": 0.0}
 
-    def _scalars(self, group, step, fresh, host):
+    @staticmethod
+    def scalars(group, step, fresh, host):
         beta1, beta2 = group["betas"]
         if host["sgd_lr"] is not None:
             return rules.SGDScalars(lr=f32((1.0 - beta1) * host["sgd_lr"]), momentum=f32(beta1),

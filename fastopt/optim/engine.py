@@ -1,0 +1,102 @@
+"""What a step does besides running kernels, the same on both front ends
+(:class:`fastopt.Optimizer` over its flat buffers, ``fastopt.torch`` over the model's
+tensors): the algorithm's float32 scalars for a step, refused where they overflow; the
+inverse loss scale; the global gradient norm, with the clipping coefficient and the
+non-finite skip it decides; and the factors of ``rules.prepare``."""
+
+import math
+import numbers
+
+import numpy as np
+
+from ..kernels.rules import Prep
+from .checks import FLOAT32_MAX, real
+
+f32 = np.float32
+
+# torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing by it.
+CLIP_NORM_EPS = 1e-6
+
+
+def fold(algorithm, group, step, fresh, host, where=""):
+    """``algorithm.scalars(group, step, fresh, host)``; a ValueError naming the
+    hyperparameters (``where`` says which group) where one overflows float32."""
+    h = algorithm.scalars(group, step, fresh, host)
+    if not _finite(h):
+        raise overflow_error(algorithm, group, step, fresh, host, where)
+    return h
+
+
+def overflow_error(algorithm, group, step, fresh, host, where):
+    """The error for scalars that overflow float32 (``lr / (1 - beta1)`` with a huge lr,
+    say). torch raises for most of these too; fastopt refuses them all, since a step
+    by an infinite factor only turns the parameters into infinities and NaNs. The
+    culprits are the hyperparameters that, set to 0 alone, make the scalars fit."""
+    def fits_without(key):
+        try:
+            with np.errstate(over="ignore"):  # numpy has warned once already
+                return _finite(algorithm.scalars(dict(group, **{key: 0.0}), step, fresh, host))
+        except (ArithmeticError, TypeError, ValueError):
+            return False
+
+    reals = [k for k, v in group.items()
+             if isinstance(v, numbers.Real) and not isinstance(v, bool)]
+    culprits = [k for k in reals if fits_without(k)] or reals
+    values = ", ".join(f"{k}={group[k]!r}" for k in culprits)
+    return ValueError(f"{values}{where} overflows float32 in the scalars of step {step} "
+                      f"(float32 holds at most {FLOAT32_MAX:.4g}); make "
+                      f"{' or '.join(culprits)} smaller")
+
+
+def inverse_loss_scale(grad_scale):
+    """``1 / grad_scale`` (1 for None), after checking it."""
+    return 1.0 if grad_scale is None else 1.0 / _loss_scale(grad_scale)
+
+
+def clip_or_skip(opt, skip_nonfinite, inverse_scale, sum_squares):
+    """The coefficient that ``opt.clip_grad_norm`` scales the gradients by, or None for a
+    step to skip (``skip_nonfinite`` and a non-finite norm, counted in
+    ``opt.skipped_steps``). ``sum_squares()`` gives the gradients' sum of squares, taken
+    only where clipping or the skip needs it; the norm goes to ``opt.last_grad_norm``."""
+    if not (skip_nonfinite or opt.clip_grad_norm is not None):
+        return 1.0
+    norm = math.sqrt(sum_squares()) * inverse_scale
+    opt.last_grad_norm = norm
+    if skip_nonfinite and not math.isfinite(norm):
+        opt.skipped_steps += 1
+        return None
+    return 1.0 if opt.clip_grad_norm is None else clip_coefficient(opt.clip_grad_norm, norm)
+
+
+def prep(algorithm, group, inverse_scale, coefficient, clip_grad_value):
+    """The factors of ``rules.prepare`` for one group: the sign for ``maximize`` with the
+    loss and clipping scales, the value clipping, and the algorithm's L2 decay."""
+    sign = -1.0 if group.get("maximize") else 1.0
+    clip = math.inf if clip_grad_value is None else clip_grad_value
+    return Prep(g_scale=f32(sign * inverse_scale * coefficient), clip=f32(clip),
+                weight_decay=f32(algorithm.l2(group)))
+
+
+def clip_coefficient(max_norm, norm):
+    """torch's ``min(1, max_norm / (norm + 1e-6))``; a NaN norm gives NaN, as in torch."""
+    coefficient = max_norm / (norm + CLIP_NORM_EPS)
+    return coefficient if coefficient < 1.0 or math.isnan(coefficient) else 1.0
+
+
+def _loss_scale(value):
+    scale = real("grad_scale", value)
+    if not (0.0 < scale < math.inf):
+        raise ValueError(f"grad_scale must be a finite number > 0, got {value!r}")
+    if 1.0 / scale > FLOAT32_MAX:
+        raise ValueError(f"grad_scale={value!r} is so small that 1/grad_scale overflows float32")
+    return scale
+
+
+def _finite(h):
+    """Whether every number in the scalar tuple ``h`` is finite: one C-level sum, much
+    cheaper per step than a test per element (a sum of float32 values cannot overflow
+    float64, so only an inf or NaN in ``h`` makes it non-finite)."""
+    try:
+        return math.isfinite(math.fsum(h))
+    except ValueError:  # inf and -inf together
+        return False

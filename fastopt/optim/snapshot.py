@@ -1,0 +1,284 @@
+"""An optimizer's whole state as one typed value, which :mod:`fastopt.checkpoint` writes
+and reads.
+
+:func:`take` copies it under the optimizer's lock, so it holds one step's state even
+while other threads step. :func:`restore` checks everything in it against the optimizer
+first (the algorithm, the parameter layout, the buffers' sizes, the hyperparameters with
+the algorithm's own checks, the counts, the host state, and that the next step's scalars
+can be computed), under the lock, and only then writes; on error (ValueError or
+TypeError, naming the field as "the checkpoint's ...") nothing changes.
+"""
+
+import json
+import math
+import numbers
+import re
+
+import numpy as np
+
+from .. import checkpoint
+from ..checkpoint import Snapshot
+from .checks import check_flag, positive_or_none
+from .spec import ALGORITHMS
+
+OPTIONS = ("clip_grad_norm", "clip_grad_value", "skip_nonfinite")
+
+
+def take(opt):
+    """The :class:`Snapshot` of ``opt``: copies, taken under its lock."""
+    with opt._lock:
+        to_host = opt._backend.to_host
+        record = dict(
+            algorithm=type(opt).__name__,
+            groups=[_hyperparameters(group) for group in opt.param_groups],
+            options={name: getattr(opt, name) for name in OPTIONS},
+            step=opt.state["step"], skipped_steps=opt.skipped_steps,
+            last_grad_norm=opt.last_grad_norm,
+            host={name: opt.state[name] for name in opt.spec.host},
+            started=[sorted(started) for started in opt._started],
+            layout=[layout_record(layout) for layout in opt._layouts])
+        record = json.loads(json.dumps(record))  # JSON values, copied before the lock opens
+        return Snapshot(**record, params=to_host(opt.flat_params),
+                        buffers={name: to_host(value) for name, value in opt.state.items()
+                                 if hasattr(value, "shape")})
+
+
+def restore(opt, snapshot):
+    """Make ``opt`` continue from ``snapshot``, or raise with ``opt`` untouched."""
+    with opt._lock:
+        _apply(opt, snapshot, *_validated(opt, snapshot))
+
+
+def _validated(opt, snapshot):
+    """What ``_apply`` writes besides the snapshot's own fields, after checking all of
+    them (nothing is modified)."""
+    if not isinstance(snapshot, Snapshot):
+        raise TypeError(f"expected a Snapshot, got {type(snapshot).__name__}")
+    if snapshot.algorithm != type(opt).__name__:
+        raise ValueError(f"the checkpoint is for {snapshot.algorithm}, not {type(opt).__name__}")
+    expected = json.loads(json.dumps([layout_record(layout) for layout in opt._layouts]))
+    if snapshot.layout != expected:
+        raise ValueError("the checkpoint's parameter layout (names, shapes, offsets) differs "
+                         f"from the optimizer's: {snapshot.layout} against {expected}")
+    arrays = {"params": (snapshot.params, opt.flat_params.size)}
+    for name, array in snapshot.buffers.items():
+        if not (isinstance(name, str) and name.isidentifier()):
+            raise ValueError(f"the checkpoint holds a state buffer {name!r}; state buffers "
+                             "are named by identifiers")
+        arrays[f"state.{name}"] = (array, opt._state_size(name))
+    for name, (array, size) in arrays.items():
+        if not isinstance(array, np.ndarray):
+            raise TypeError(f"checkpoint array {name!r} must be a NumPy array, got "
+                            f"{type(array).__name__}")
+        if array.dtype != np.float32 or array.shape != (size,):
+            raise ValueError(f"checkpoint array {name!r} is {array.dtype} {array.shape}, "
+                             f"expected float32 {(size,)}")
+    groups = _restored_groups(opt, snapshot.groups)
+    _check_options(snapshot.options)
+    step = _count("step", snapshot.step)
+    _count("skipped_steps", snapshot.skipped_steps)
+    norm = snapshot.last_grad_norm
+    if norm is not None and (not _is_real(norm) or norm < 0):
+        raise ValueError(f"the checkpoint's last_grad_norm must be None or a number >= 0, "
+                         f"got {norm!r}")
+    host = _restored_host(opt, snapshot.host, len(groups))
+    started = _restored_started(snapshot.started, len(groups), snapshot.buffers)
+    for index, group in enumerate(groups):  # the next step must be computable
+        group_host = {name: values[index] for name, values in host.items()}
+        try:
+            group = opt._fold(index, group, step + 1, group_host, started[index])[0]
+            opt.host_after(group, step + 1, group_host)
+        except (ArithmeticError, TypeError, ValueError) as error:
+            raise ValueError(f"the checkpoint cannot take its next step (step {step + 1}): "
+                             f"{type(error).__name__}: {error}") from None
+    return groups, host, started
+
+
+def _apply(opt, snapshot, groups, host, started):
+    backend = opt._backend
+    buffers = {}  # allocated before the first write, so that running out of memory
+    for name, array in snapshot.buffers.items():  # leaves the optimizer as it was
+        buffers[name] = buffer = backend.zeros(array.size)
+        backend.copy(buffer, array)
+    # Everything is checked: from here on, only writes.
+    for name in OPTIONS:
+        setattr(opt, name, snapshot.options[name])
+    backend.copy(opt.flat_params, snapshot.params)
+    for key in [key for key, value in opt.state.items() if hasattr(value, "shape")]:
+        del opt.state[key]
+    opt.state.update(buffers)
+    for live, group in zip(opt.param_groups, groups):
+        live.update(group)
+    opt._checked = [None] * len(groups)
+    opt._started = started
+    opt.state.update(host, step=snapshot.step)
+    opt.skipped_steps = snapshot.skipped_steps
+    opt.last_grad_norm = snapshot.last_grad_norm
+
+
+def layout_record(layout):
+    """A flattening layout as JSON values."""
+    return {"keys": None if layout.keys is None else [_json_key(k) for k in layout.keys],
+            "shapes": [list(shape) for shape in layout.shapes],
+            "offsets": list(layout.offsets), "prefix": layout.prefix}
+
+
+def _json_key(key):
+    """A parameter name as JSON keeps it: NumPy scalars become Python numbers."""
+    key = key.item() if isinstance(key, np.generic) else key
+    if not isinstance(key, (str, int, float, bool, tuple)) and key is not None:
+        raise TypeError(f"parameter name {key!r} cannot be saved: use str, int or tuple names")
+    return key
+
+
+def _hyperparameters(group):
+    """A group's hyperparameters as JSON values; a schedule is recorded by its repr."""
+    saved = {}
+    for key, value in group.items():
+        if key == "params":
+            continue
+        if callable(value):
+            value = {"schedule": repr(value)}
+        saved[key] = value
+    try:
+        json.dumps(saved)
+    except TypeError as error:
+        raise TypeError(f"a hyperparameter cannot be saved: {error}") from None
+    return saved
+
+
+def _restored_groups(opt, saved_groups):
+    if not isinstance(saved_groups, list) or len(saved_groups) != len(opt.param_groups):
+        raise ValueError(f"the checkpoint must list {len(opt.param_groups)} param_groups, "
+                         f"got {saved_groups!r}")
+    groups = [_restored_group(index, group, saved)
+              for index, (group, saved) in enumerate(zip(opt.param_groups, saved_groups))]
+    for index, group in enumerate(groups):
+        opt._check_group(index, group)
+    return groups
+
+
+def _restored_group(index, group, saved):
+    """``group``'s hyperparameters as the checkpoint has them (tuples stay tuples; a
+    saved schedule needs the optimizer to have the same schedule already)."""
+    where = f"the checkpoint's param_groups[{index}]"
+    if not isinstance(saved, dict):
+        raise ValueError(f"{where} must be a dict, got {saved!r}")
+    names = set(group) - {"params", "name"}
+    if set(saved) - {"name"} != names or ("name" in saved and "name" not in group):
+        raise ValueError(f"{where} has the options {sorted(map(str, saved))}, the "
+                         f"optimizer's {sorted(set(group) - {'params'})}")
+    restored = {}
+    for key, value in saved.items():
+        current = group[key]
+        if isinstance(value, dict) and set(value) == {"schedule"}:
+            if not callable(current):
+                raise ValueError(f"{where}[{key!r}] is the schedule {value['schedule']}; "
+                                 "give the optimizer its schedule before loading")
+            if _schedule_id(value["schedule"]) != _schedule_id(repr(current)):
+                raise ValueError(f"{where}[{key!r}] is the schedule {value['schedule']}, "
+                                 f"but the optimizer's is {current!r}")
+            value = current
+        elif isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(value)
+        restored[key] = value
+    return restored
+
+
+def _schedule_id(text):
+    """A schedule's repr without memory addresses (``<function f at 0x7f...>``), which
+    differ from process to process: such schedules are compared by name only."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", str(text))
+
+
+def _check_options(options):
+    if not isinstance(options, dict) or set(options) != set(OPTIONS):
+        raise ValueError(f"the checkpoint's options must be {sorted(OPTIONS)}, got {options!r}")
+    for name in ("clip_grad_norm", "clip_grad_value"):
+        positive_or_none(name, options[name])
+    check_flag("skip_nonfinite", options["skip_nonfinite"])
+
+
+def _restored_host(opt, host, count):
+    """Per-group host values: each a finite number, or None where it starts as None."""
+    initial = opt.spec.host
+    if not isinstance(host, dict) or set(host) != set(initial):
+        raise ValueError(f"the checkpoint's host state must hold {sorted(initial)}, got {host!r}")
+    for name, values in host.items():
+        if not isinstance(values, list) or len(values) != count:
+            raise ValueError(f"the checkpoint's host state {name!r} must list {count} values, "
+                             f"one per group, got {values!r}")
+        for value in values:
+            if not (value is None and initial[name] is None
+                    or _is_real(value) and math.isfinite(value)):
+                raise ValueError(f"the checkpoint's host state {name!r} must hold finite "
+                                 f"numbers, got {value!r}")
+    return {name: list(values) for name, values in host.items()}
+
+
+def _restored_started(started, count, buffers):
+    """Per group, the set of state buffers it has begun: names of the saved buffers."""
+    if not isinstance(started, list) or len(started) != count:
+        raise ValueError(f"the checkpoint's started must list {count} groups, got {started!r}")
+    sets = []
+    for names in started:
+        if (not isinstance(names, list) or not all(name in buffers for name in names)
+                or len(set(names)) != len(names)):
+            raise ValueError(f"the checkpoint's started must list saved state buffers "
+                             f"{sorted(buffers)} once each, got {names!r}")
+        sets.append(set(names))
+    return sets
+
+
+def _count(name, value):
+    if type(value) is not int or value < 0:
+        raise ValueError(f"the checkpoint's {name} must be an int >= 0, got {value!r}")
+    return value
+
+
+def _is_real(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def load(path):
+    """A new CPU optimizer, of the checkpoint's algorithm, continuing from ``path``.
+
+    Its parameters are NumPy arrays in the saved structure. An optimizer whose lr is a
+    schedule cannot be rebuilt from the file alone: build it with its schedule and
+    call ``opt.load(path)``.
+    """
+    contents = checkpoint.read(path)
+    with checkpoint.naming(path):
+        snapshot = checkpoint.snapshot_of(contents)  # checked before anything is built on it
+        opt = _build(snapshot)
+        opt.restore(snapshot)
+    return opt
+
+
+def _build(snapshot):
+    """The optimizer that ``snapshot``'s algorithm and layout describe, from copies of
+    its saved parameters."""
+    algorithm = ALGORITHMS.get(str(snapshot.algorithm))
+    if algorithm is None:
+        raise ValueError(f"the checkpoint names no fastopt algorithm: {snapshot.algorithm!r}")
+    try:
+        structures = [_structure(layout, snapshot.params) for layout in snapshot.layout]
+        grouped = len(structures) > 1 or snapshot.layout[0]["prefix"] != "params"
+        names = [{"name": g["name"]} if "name" in g else {} for g in snapshot.groups]
+        return algorithm([{"params": s, **n} for s, n in zip(structures, names)] if grouped
+                         else structures[0])
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"the checkpoint's layout describes no parameters: "
+                         f"{type(error).__name__}: {error}") from None
+
+
+def _key(saved):
+    """A parameter name read back from JSON (which turned tuples into lists)."""
+    return tuple(_key(k) for k in saved) if isinstance(saved, list) else saved
+
+
+def _structure(layout, params):
+    """Parameter arrays (copies) in the structure that ``layout`` records."""
+    arrays = [params[offset:offset + int(np.prod(shape, dtype=np.int64))].reshape(shape).copy()
+              for offset, shape in zip(layout["offsets"], layout["shapes"])]
+    return arrays if layout["keys"] is None else dict(zip(map(_key, layout["keys"]), arrays))
