@@ -128,15 +128,15 @@ class HostBackend:
         """One pass of ``rule`` over the buffers; ``keep_subnormals`` where the rule's
         result hangs on subnormal numbers, which the kernels otherwise flush."""
         kernels = self._kernels
-        self._call(kernels.kernel(rule, present), p.size, p, g, *states, prep, h,
-                   flush=kernels.FLUSH_DENORMALS and not keep_subnormals)
+        self._call(kernels.kernel(rule, present), p.size, p, g, *states, prep,
+                   tuple(h), flush=kernels.FLUSH_DENORMALS and not keep_subnormals)
 
     def run_segments(self, rule, present, p, g, states, prep, h, table, keep_subnormals=False):
         """``run`` over tensors that lie anywhere in memory: ``p`` and ``g`` are their
         addresses, ``table`` their :class:`SegmentTable`."""
         kernels = self._kernels
-        self._call(kernels.segment_kernel(rule, present), table.size, p, g, *states, prep, h,
-                   table.chunks, table.state_starts,
+        self._call(kernels.segment_kernel(rule, present), table.size, p, g, *states,
+                   prep, tuple(h), table.chunks, table.state_starts,
                    flush=kernels.FLUSH_DENORMALS and not keep_subnormals)
 
     def segment_sum_squares(self, g, table):
@@ -150,11 +150,11 @@ class HostBackend:
 
     def swats_adam(self, p, g, exp_avg, exp_avg_sq, prep, h):
         """SWATS's Adam step over the buffers; returns the sums ``(d.d, d.g)``."""
-        return self._call(self._kernels.swats_adam, p.size, p, g, exp_avg, exp_avg_sq, prep,
-                          h, self._partials(p.size, (2,)))
+        return self._call(self._kernels.swats_adam, p.size, p, g, exp_avg, exp_avg_sq,
+                          prep, tuple(h), self._partials(p.size, (2,)))
 
     def ema(self, average, value, h):
-        self._call(self._kernels.ema, average.size, average, value, h)
+        self._call(self._kernels.ema, average.size, average, value, tuple(h))
 
     def scale_into(self, out, a, s):
         np.multiply(a, s, out=out)
@@ -171,17 +171,17 @@ class HostBackend:
         return pieces.totals(pieces.partials)
 
     def lamb_moments(self, p, g, exp_avg, exp_avg_sq, prep, h, pieces):
-        self._call(self._kernels.lamb_moments, p.size, p, g, exp_avg, exp_avg_sq, prep, h,
-                   pieces.starts, pieces.stops, pieces.partials)
+        self._call(self._kernels.lamb_moments, p.size, p, g, exp_avg, exp_avg_sq, prep,
+                   tuple(h), pieces.starts, pieces.stops, pieces.partials)
         return pieces.totals(pieces.partials)
 
     def lamb_step(self, p, exp_avg, exp_avg_sq, h, pieces, trust_lr):
-        self._call(self._kernels.lamb_step, p.size, p, exp_avg, exp_avg_sq, h, pieces.starts,
-                   pieces.stops, self._per_piece(pieces, trust_lr))
+        self._call(self._kernels.lamb_step, p.size, p, exp_avg, exp_avg_sq, tuple(h),
+                   pieces.starts, pieces.stops, self._per_piece(pieces, trust_lr))
 
     def lars_step(self, p, g, momentum_buffer, prep, h, pieces, trust_lr):
-        self._call(self._kernels.lars_step, p.size, p, g, momentum_buffer, prep, h,
-                   pieces.starts, pieces.stops, self._per_piece(pieces, trust_lr))
+        self._call(self._kernels.lars_step, p.size, p, g, momentum_buffer, prep,
+                   tuple(h), pieces.starts, pieces.stops, self._per_piece(pieces, trust_lr))
 
     def column_sums(self, p, g, prep, blocks, out):
         """Sums of ``prepare(p, g)**2`` down matrix columns into ``out`` (see
@@ -192,8 +192,8 @@ class HostBackend:
     def adafactor(self, p, g, prep, col_var, variance, h, pieces, second_starts, factored,
                   row_scales, decay, step_sizes, apply):
         """One Adafactor pass (see kernels.cpu.adafactor); per segment, sum u**2."""
-        self._call(self._kernels.adafactor, p.size, p, g, prep, col_var, variance, h,
-                   pieces.starts, pieces.stops, second_starts, factored,
+        self._call(self._kernels.adafactor, p.size, p, g, prep, col_var, variance,
+                   tuple(h), pieces.starts, pieces.stops, second_starts, factored,
                    self._per_piece(pieces, row_scales), pieces.partials, decay,
                    self._per_piece(pieces, step_sizes, 1), apply)
         return pieces.totals(pieces.partials)[0]
@@ -211,9 +211,9 @@ class HostBackend:
 
     def _call(self, kernel, size, *args, flush=None):
         """``kernel(*args, parallel[, flush])``, its parallel loop serialised across Python
-        threads where Numba's threading layer needs that (workqueue is not thread-safe)."""
+        threads where Numba's threading layer needs that (workqueue is not thread-safe).
+        The callers pass ``h`` as a plain tuple (see ``kernels.rules``)."""
         extra = () if flush is None else (flush,)
-        args = self._kernels.plain_tuples(args)
         if size < self._kernels.PARALLEL_MIN_SIZE:
             return kernel(*args, False, *extra)
         if _thread_safe_layer():

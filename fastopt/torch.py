@@ -297,8 +297,7 @@ class Optimizer(torch.optim.Optimizer):
         run.step, run.host = step + 1, dict(zip(algorithm.spec.host, host_values))
         run.spec = algorithm.buffers(hyper, run.host)
         run.fresh = [name for name in run.spec if name not in run.slots[0].state]
-        run.h = engine.fold(algorithm, hyper, run.step, run.fresh, run.host,
-                            f" in param_groups[{index}]")
+        run.h = engine.fold(algorithm, hyper, run.step, run.fresh, run.host, index)
 
     def _take_in_state(self, p, store, slot, state):
         """Copy state tensors that replaced the store's views (or came before them) into

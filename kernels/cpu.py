@@ -9,7 +9,6 @@ from numba import carray, njit, prange, types
 from numba.core.extending import intrinsic
 
 from . import _fp_mode, _template, rules
-from ._template import plain_tuples  # noqa: F401  (for the backend)
 
 # Every element is independent, so the result does not depend on the thread count.
 # error_model="numpy" drops the division-by-zero check that would stop SIMD.

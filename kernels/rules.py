@@ -8,9 +8,10 @@ rule's annotation; the host builds it by field name and the rule reads it by fie
 name, so no one counts positions. It returns the new parameter followed by the new
 state values, in the order it received them.
 
-Kernels take ``h`` as a plain tuple, in the order of the type's fields: Numba types a
-plain tuple argument in C, a named one in Python, a microsecond a call. The generated
-drivers (``_template``) turn it back into the named type before the loop.
+Kernels take ``h`` (and ``prep``) as a plain tuple, in the order of the type's fields:
+Numba types a plain tuple argument in C, a named one in Python, a microsecond a call.
+The backends pass ``tuple(h)``, and the kernels turn it back into the named type before
+their loops.
 
 The same function is compiled for the CPU (``kernels.cpu``) and for CUDA
 (``kernels.cuda``). A rule may be called with some of its state absent: the driver
@@ -24,7 +25,8 @@ Python float literals are float64 and would promote the whole expression, so eve
 constant, including ``1 - beta``, arrives through ``h`` as a float32.
 
 A rule receives the gradient already prepared by :func:`prepare`, which the drivers
-call first with the optimizer's ``prep`` (a ``Prep``): the sign for ``maximize``,
+call first with the optimizer's ``prep`` (a tuple in the order of ``Prep``'s fields,
+which ``fastopt.optim.engine.prep`` alone builds): the sign for ``maximize``,
 loss-scale and clipping factors, value clipping and torch's L2 weight decay are the same
 for every algorithm, so they are written once, there.
 

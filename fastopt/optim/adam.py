@@ -47,7 +47,7 @@ class Adam(Optimizer):
         hyperparameters=(hp.lr(1e-3), hp.betas((0.9, 0.999)), hp.eps(1e-8), hp.weight_decay(),
                          hp.flag("amsgrad"), hp.maximize(),
                          hp.flag("decoupled_weight_decay", keyword_only=True),
-                         hp.flag("bias_correction", True, keyword_only=True, in_torch=False)),
+                         hp.flag("bias_correction", True, keyword_only=True)),
         bench=dict(lr=1e-3), check=dict(lr=0.05))
 
     @staticmethod

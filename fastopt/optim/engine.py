@@ -9,7 +9,6 @@ import numbers
 
 import numpy as np
 
-from ..kernels.rules import Prep
 from .checks import FLOAT32_MAX, real
 
 f32 = np.float32
@@ -18,11 +17,13 @@ f32 = np.float32
 CLIP_NORM_EPS = 1e-6
 
 
-def fold(algorithm, group, step, fresh, host, where=""):
+def fold(algorithm, group, step, fresh, host, index=None):
     """``algorithm.scalars(group, step, fresh, host)``; a ValueError naming the
-    hyperparameters (``where`` says which group) where one overflows float32."""
+    hyperparameters (and ``param_groups[index]``, unless None) where one overflows
+    float32."""
     h = algorithm.scalars(group, step, fresh, host)
     if not _finite(h):
+        where = "" if index is None else f" in param_groups[{index}]"
         raise overflow_error(algorithm, group, step, fresh, host, where)
     return h
 
@@ -70,11 +71,13 @@ def clip_or_skip(opt, skip_nonfinite, inverse_scale, sum_squares):
 
 def prep(algorithm, group, inverse_scale, coefficient, clip_grad_value):
     """The factors of ``rules.prepare`` for one group: the sign for ``maximize`` with the
-    loss and clipping scales, the value clipping, and the algorithm's L2 decay."""
+    loss and clipping scales, the value clipping, and the algorithm's L2 decay.
+
+    A plain tuple in the order of ``rules.Prep``'s fields, as the kernels take it, and
+    built here only: a named one would cost a microsecond a step at small sizes."""
     sign = -1.0 if group.get("maximize") else 1.0
     clip = math.inf if clip_grad_value is None else clip_grad_value
-    return Prep(g_scale=f32(sign * inverse_scale * coefficient), clip=f32(clip),
-                weight_decay=f32(algorithm.l2(group)))
+    return f32(sign * inverse_scale * coefficient), f32(clip), f32(algorithm.l2(group))
 
 
 def clip_coefficient(max_norm, norm):

@@ -268,8 +268,8 @@ class Optimizer:
             group = dict(group, lr=_scheduled_lr(index, lr, step - 1))
         spec = self.buffers(group, host)
         fresh = [name for name in spec if name not in started]
-        where = f" in param_groups[{index}]" if self._grouped else ""
-        return group, spec, fresh, engine.fold(self, group, step, fresh, host, where), host
+        h = engine.fold(self, group, step, fresh, host, index if self._grouped else None)
+        return group, spec, fresh, h, host
 
     def _allocate_state(self, plans):
         """Create the state buffers this step needs, and initialize the segments of

@@ -28,14 +28,13 @@ REDUCE = "reduce"  # sums per segment (a tensor, a row, a column), reading only
 @dataclass(frozen=True)
 class Hyperparameter:
     """One argument of the constructor: ``check(value)`` raises TypeError or ValueError
-    with torch's message. ``in_torch=False`` marks fastopt's own additions to a torch
-    namesake's arguments (keyword-only there)."""
+    with torch's message. fastopt.torch adds those that its torch.optim namesake lacks
+    (Adam's ``bias_correction``) after torch's, keyword-only."""
 
     name: str
     default: object
     check: Callable[[object], None]
     keyword_only: bool = False
-    in_torch: bool = True
 
 
 @dataclass(frozen=True)
