@@ -27,9 +27,10 @@ def scalars_type(rule):
 
 
 def plain_tuples(args):
-    """``args`` with named tuples (``h``, ``prep``) as plain ones, as kernels take them:
-    Numba types a plain tuple argument in C, a named one in Python, at a microsecond
-    a call. The kernels turn them back into the rules' named types."""
+    """``args`` with named tuples (``h``) as plain ones, as kernels take them: Numba
+    types a plain tuple argument in C, a named one in Python, at a microsecond a call.
+    The kernels turn them back into the rules' named types. (The CUDA launches use
+    this; the CPU backend passes ``tuple(h)`` itself, which costs less.)"""
     return [tuple(a) if isinstance(a, tuple) else a for a in args]
 
 
