@@ -33,7 +33,7 @@ asm = {}
 for name, kwargs in json.loads(sys.argv[1]).items():
     opt = getattr(fastopt, name)([np.ones(64, np.float32)], **kwargs)
     opt.step()
-    group, host = opt.param_groups[0], opt._initial_host()
+    group, host = opt.param_groups[0], dict(opt.spec.host)
     spec = tuple(opt.buffers(group, host))
     asm[name] = "\n".join(cpu.kernel(opt.rule, spec).inspect_asm().values())
     # The in-place form, over the same memory by its address.
@@ -105,7 +105,7 @@ def test_rules_read_their_scalars_by_name_only():
 @pytest.mark.parametrize("name", sorted(EVERY_RULE))
 def test_every_optimizer_folds_its_rules_scalars_by_type(name):
     opt = getattr(fastopt, name)([np.ones(8, np.float32)], **EVERY_RULE[name])
-    group, host = opt.param_groups[0], opt._initial_host()
+    group, host = opt.param_groups[0], dict(opt.spec.host)
     h = opt.scalars(group, 1, list(opt.buffers(group, host)), host)
     assert type(h) is getattr(rules, opt.rule).__annotations__["h"]
 

@@ -49,7 +49,7 @@ def test_every_algorithm_is_everywhere_an_algorithm_belongs(name):
     if name.lower() not in (ROOT / "README.md").read_text().lower():
         missing.append("README.md")
     single_pass_rules = {getattr(fastopt, n).rule for n in test_kernels.EVERY_RULE}
-    if spec.passes == ("map",) and spec.rule not in single_pass_rules:
+    if spec.passes == (fastopt.optim.spec.MAP,) and spec.rule not in single_pass_rules:
         missing.append("the kernel checks (tests/test_kernels.py)")
     assert not missing, f"{name} is registered but missing from {missing}"
     assert spec.bench.keys() <= set(spec.defaults) and spec.check.keys() <= set(spec.defaults)

@@ -6,12 +6,13 @@ import threading
 
 import numpy as np
 
+from .. import checkpoint
 from .._backend import FLOAT32, _extent, is_c_contiguous
 from ..flat import ViewList, flatten
 from . import engine
-from .. import checkpoint
-from . import snapshot
 from .checks import check_flag, check_lr, positive_or_none
+from .snapshot import restore as restore_snapshot
+from .snapshot import take as take_snapshot
 from .spec import ALGORITHMS, constructor
 
 f32 = np.float32
@@ -123,7 +124,7 @@ class Optimizer:
         self._checked = [_checked(group) for group in self.param_groups]
         self._started = [set() for _ in groups]  # the state buffers each group has begun
         self.state = {"step": 0}
-        for name, value in self._initial_host().items():
+        for name, value in self.spec.host.items():
             self.state[name] = [value] * len(groups)
         self.last_grad_norm = None
         self.skipped_steps = 0
@@ -175,13 +176,13 @@ class Optimizer:
         copies of the parameters and state buffers and the counts, options and
         hyperparameters, taken under the lock (one step's state, whatever other threads
         do)."""
-        return snapshot.take(self)
+        return take_snapshot(self)
 
-    def restore(self, snapshot_):
+    def restore(self, snapshot):
         """Continue from a :meth:`snapshot` of an optimizer of the same algorithm and
         parameter layout. Everything is checked first, under the lock; on error
         (ValueError or TypeError) nothing changes."""
-        snapshot.restore(self, snapshot_)
+        restore_snapshot(self, snapshot)
 
     def state_dict(self):
         """:meth:`snapshot` as ``{"meta": ..., "arrays": ...}``, a record of JSON values with
@@ -256,7 +257,7 @@ class Optimizer:
             if checked[2] != snapshot:  # changed since the last step: validate again
                 self._check_group(index, group)
             self._checked[index] = checked
-        host = {name: self.state[name][index] for name in self._initial_host()}
+        host = {name: self.state[name][index] for name in self.spec.host}
         return self._fold(index, group, step, host, self._started[index])
 
     def _fold(self, index, group, step, host, started):
@@ -341,11 +342,6 @@ class Optimizer:
         optimizer as it was.
         """
         raise NotImplementedError
-
-    def _initial_host(self):
-        """Host-side state (plain numbers, like NAdam's ``mu_product``) and its initial
-        values. ``state`` holds each as a list with one entry per group."""
-        return dict(self.spec.host)
 
     @staticmethod
     def host_after(group, step, host):
