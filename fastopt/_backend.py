@@ -5,13 +5,16 @@ fills flat buffers, and launches a rule's kernel. Both offer the same small inte
 so the optimizers never branch on the device.
 """
 
-import math
 import sys
 import threading
 
 import numpy as np
 
+from .kernels._template import MAX_PER_SEGMENT, MAX_SUMS, SEGMENT_CHUNK, Pass
+
 FLOAT32 = np.dtype(np.float32)
+
+GRAD_SQUARES = Pass("grad_squares", sums=("grad_sq",))  # the global norm of the gradients
 
 
 def is_cuda_array(x):
@@ -48,37 +51,50 @@ def _thread_safe_layer():
     return _THREAD_SAFE[0]
 
 
-class Pieces:
-    """The pieces of a segmented reduction (see :func:`fastopt.flat.pieces`) on one
-    backend: their bounds where the kernels read them, and the buffers they fill."""
+class Segments:
+    """Runs of elements (tensors, rows, or a whole buffer) that the kernels' segment
+    passes step and sum over, on one backend.
 
-    def __init__(self, starts, stops, segment, segments, to_device):
-        self.count = starts.size
-        self.segment = segment  # on the host
-        self.segments = segments
-        self.starts, self.stops = to_device(starts), to_device(stops)
-        self.partials_host = np.zeros((self.count, 2), np.float64)
+    Segment k has ``sizes[k]`` elements; in flat parameter and gradient buffers it
+    starts at ``starts[k]`` and in the state buffers at ``state_starts[k]`` (several
+    segments may share state: the rows of a matrix, its column factors). The kernels
+    walk it in chunks (rows of ``chunks``: segment, offset, size), each summed in a
+    fixed order into a row of ``partials``, and the host adds a segment's chunk sums
+    in order: its sums do not depend on the thread count or the launch shape.
+    """
+
+    def __init__(self, sizes, starts, state_starts, to_device):
+        self.count = len(sizes)
+        self.size = int(sum(sizes))
+        chunks = segment_chunks(sizes)
+        self.chunk_segment = chunks[:, 0].copy()  # on the host
+        self.chunks = to_device(chunks)
+        self.starts = np.asarray(starts, np.int64)
+        self.state_starts = to_device(np.asarray(state_starts, np.int64))
+        self.partials_host = np.zeros((len(chunks), MAX_SUMS), np.float64)
         self.partials = to_device(self.partials_host)
-        self.scales_host = np.zeros((2, self.count), FLOAT32)  # two values per piece
-        self.scales = to_device(self.scales_host)
+        self.row_scalars_host = np.zeros((len(chunks), MAX_PER_SEGMENT), FLOAT32)
+        self.row_scalars = to_device(self.row_scalars_host)
+        self.addresses = (None, None)  # (a flat buffer's address, its segments'), CPU only
 
-    def totals(self, partials):
-        """The two columns of per-piece sums added up per segment, in piece order."""
-        return tuple(np.bincount(self.segment, partials[:, j], self.segments) for j in (0, 1))
+    def totals(self, partials, sums):
+        """The first ``sums`` columns of the chunk sums added up per segment, in order."""
+        return tuple(np.bincount(self.chunk_segment, partials[:, j], self.count)
+                     for j in range(sums))
+
+    def per_chunk(self, values):
+        """Fill the chunks' scalars from ``values``, one sequence per segment each."""
+        for j, column in enumerate(values):
+            self.row_scalars_host[:, j] = np.asarray(column)[self.chunk_segment]
 
 
-class SegmentTable:
-    """Tensors of ``sizes`` elements as segments for the CPU kernels: their chunks (see
-    ``kernels.cpu.segment_chunks``), and where each one's state starts in flat state
-    buffers, from ``state_start``."""
-
-    def __init__(self, sizes, state_start):
-        from .kernels import cpu
-
-        self.size = sum(sizes)
-        self.chunks = cpu.segment_chunks(sizes)
-        self.state_starts = np.cumsum([state_start] + list(sizes[:-1]), dtype=np.int64)
-        self.partials = np.zeros(len(self.chunks), np.float64)
+def segment_chunks(sizes):
+    """``(segment, offset, size)`` rows of at most SEGMENT_CHUNK elements each, in order,
+    for segments of ``sizes`` elements."""
+    chunk = SEGMENT_CHUNK
+    rows = [(k, offset, min(chunk, n - offset))
+            for k, n in enumerate(sizes) for offset in range(0, n, chunk)]
+    return np.array(rows, np.int64).reshape(-1, 3)
 
 
 class HostBackend:
@@ -88,7 +104,7 @@ class HostBackend:
         from .kernels import cpu
 
         self._kernels = cpu
-        self._reduction_buffers = {}
+        self._whole_buffers = {}
 
     def asarray(self, x, what):
         """A zero-copy NumPy view of ``x``, or a TypeError naming ``what``."""
@@ -131,57 +147,53 @@ class HostBackend:
         self._call(kernels.kernel(rule, present), p.size, p, g, *states, prep,
                    tuple(h), flush=kernels.FLUSH_DENORMALS and not keep_subnormals)
 
-    def run_segments(self, rule, present, p, g, states, prep, h, table, keep_subnormals=False):
-        """``run`` over tensors that lie anywhere in memory: ``p`` and ``g`` are their
-        addresses, ``table`` their :class:`SegmentTable`."""
-        kernels = self._kernels
-        self._call(kernels.segment_kernel(rule, present), table.size, p, g, *states,
-                   prep, tuple(h), table.chunks, table.state_starts,
-                   flush=kernels.FLUSH_DENORMALS and not keep_subnormals)
+    def segments(self, sizes, starts, state_starts=None):
+        """:class:`Segments` of ``sizes`` elements at ``starts`` of the flat buffers (and
+        ``state_starts`` of the states; the same by default)."""
+        return Segments(sizes, starts, starts if state_starts is None else state_starts,
+                        lambda a: a)
 
-    def segment_sum_squares(self, g, table):
-        """The float64 sum of squares of the tensors at the addresses ``g``."""
-        return self._call(self._kernels.segment_sum_squares, table.size, g, table.chunks,
-                          table.partials)
+    def tensors(self, flat, segments):
+        """How the segment kernels reach the segments of the flat buffer ``flat``: their
+        addresses (kept for the next calls with the same buffer)."""
+        base = flat.__array_interface__["data"][0]
+        if segments.addresses[0] != base:
+            segments.addresses = (base, base + 4 * segments.starts)
+        return segments.addresses[1]
+
+    def run_segments(self, spec, arrays, prep, h, segments, values=(), keep_subnormals=False):
+        """One pass ``spec`` (a ``kernels._template.Pass``) over ``segments``; returns its
+        sums per segment, a float64 array each.
+
+        ``arrays`` are the kernel's: ``p`` and ``g`` as the tensors' addresses (see
+        :meth:`tensors`), then the flat state buffers. ``values`` gives the per-segment
+        scalars, a sequence per field of ``spec.per_segment``; ``keep_subnormals`` where
+        the rule's result hangs on subnormal numbers, which the kernels otherwise flush.
+        """
+        segments.per_chunk(values)
+        kernels = self._kernels
+        self._call(kernels.segment_kernel(*spec), segments.size, *arrays, prep, tuple(h),
+                   segments.chunks, segments.state_starts, segments.partials,
+                   segments.row_scalars, flush=kernels.FLUSH_DENORMALS and not keep_subnormals)
+        return segments.totals(segments.partials, len(spec.sums))
 
     def sum_squares(self, g):
-        """The float64 sum of squares of ``g``, deterministic (see kernels.cpu)."""
-        return self._call(self._kernels.sum_squares, g.size, g, self._partials(g.size, ()))
-
-    def swats_adam(self, p, g, exp_avg, exp_avg_sq, prep, h):
-        """SWATS's Adam step over the buffers; returns the sums ``(d.d, d.g)``."""
-        return self._call(self._kernels.swats_adam, p.size, p, g, exp_avg, exp_avg_sq,
-                          prep, tuple(h), self._partials(p.size, (2,)))
+        """The float64 sum of squares of the flat ``g``, deterministic (see
+        :class:`Segments`)."""
+        segments = self._whole(g.size)
+        return self.run_segments(GRAD_SQUARES, [self.tensors(g, segments)], (), (), segments,
+                                 keep_subnormals=True)[0][0]
 
     def ema(self, average, value, h):
-        self._call(self._kernels.ema, average.size, average, value, tuple(h))
+        """``average = rules.ema(average, value, h)`` element-wise."""
+        kernels = self._kernels
+        self._call(kernels.kernel("ema", ("average", "value")), average.size, average, value,
+                   (), tuple(h), flush=kernels.FLUSH_DENORMALS)
 
     def scale_into(self, out, a, s):
         np.multiply(a, s, out=out)
 
-    # -- segmented reductions and layer-wise steps (see kernels.cpu) ------------------
-
-    def pieces(self, starts, stops, segment, segments):
-        return Pieces(starts, stops, segment, segments, lambda a: a)
-
-    def segment_norms(self, p, g, prep, pieces):
-        """Per segment: ``(sum p**2, sum prepare(p, g)**2)``, float64 arrays."""
-        self._call(self._kernels.segment_norms, p.size, p, g, prep, pieces.starts,
-                   pieces.stops, pieces.partials)
-        return pieces.totals(pieces.partials)
-
-    def lamb_moments(self, p, g, exp_avg, exp_avg_sq, prep, h, pieces):
-        self._call(self._kernels.lamb_moments, p.size, p, g, exp_avg, exp_avg_sq, prep,
-                   tuple(h), pieces.starts, pieces.stops, pieces.partials)
-        return pieces.totals(pieces.partials)
-
-    def lamb_step(self, p, exp_avg, exp_avg_sq, h, pieces, trust_lr):
-        self._call(self._kernels.lamb_step, p.size, p, exp_avg, exp_avg_sq, tuple(h),
-                   pieces.starts, pieces.stops, self._per_piece(pieces, trust_lr))
-
-    def lars_step(self, p, g, momentum_buffer, prep, h, pieces, trust_lr):
-        self._call(self._kernels.lars_step, p.size, p, g, momentum_buffer, prep,
-                   tuple(h), pieces.starts, pieces.stops, self._per_piece(pieces, trust_lr))
+    # -- Adafactor's passes (see kernels.cpu) ------------------------------------------
 
     def column_sums(self, p, g, prep, blocks, out):
         """Sums of ``prepare(p, g)**2`` down matrix columns into ``out`` (see
@@ -189,25 +201,9 @@ class HostBackend:
         self._call(self._kernels.column_sums, p.size, p, g, prep, blocks, out)
         return out
 
-    def adafactor(self, p, g, prep, col_var, variance, h, pieces, second_starts, factored,
-                  row_scales, decay, step_sizes, apply):
-        """One Adafactor pass (see kernels.cpu.adafactor); per segment, sum u**2."""
-        self._call(self._kernels.adafactor, p.size, p, g, prep, col_var, variance,
-                   tuple(h), pieces.starts, pieces.stops, second_starts, factored,
-                   self._per_piece(pieces, row_scales), pieces.partials, decay,
-                   self._per_piece(pieces, step_sizes, 1), apply)
-        return pieces.totals(pieces.partials)[0]
-
     def constant(self, a):
         """A NumPy array the kernels read, where they can read it."""
         return a
-
-    def _per_piece(self, pieces, values, row=0):
-        """``values`` (one per segment) as float32, one per piece, in row ``row`` of the
-        pieces' scales (which hold what they held when ``values`` is None)."""
-        if values is not None:
-            pieces.scales_host[row] = values[pieces.segment]
-        return pieces.scales[row]
 
     def _call(self, kernel, size, *args, flush=None):
         """``kernel(*args, parallel[, flush])``, its parallel loop serialised across Python
@@ -221,13 +217,11 @@ class HostBackend:
         with _WORKQUEUE_LOCK:
             return kernel(*args, True, *extra)
 
-    def _partials(self, n, width):
-        """Chunk sums for a reduction over ``n`` elements, kept to be reused."""
-        key = (n, width)
-        if key not in self._reduction_buffers:
-            chunks = self._kernels.reduction_chunks(n)
-            self._reduction_buffers[key] = np.zeros((chunks, *width), np.float64)
-        return self._reduction_buffers[key]
+    def _whole(self, n):
+        """One segment of ``n`` elements: a whole buffer, kept to be reused."""
+        if n not in self._whole_buffers:
+            self._whole_buffers[n] = self.segments([n], [0])
+        return self._whole_buffers[n]
 
 
 class CudaBackend:
@@ -240,7 +234,7 @@ class CudaBackend:
 
         self._cuda = cuda
         self._kernels = kernels
-        self._reduction_buffers = {}
+        self._whole_buffers = {}
 
     def asarray(self, x, what):
         if hasattr(x, "__cuda_array_interface__"):
@@ -280,81 +274,49 @@ class CudaBackend:
         # keep_subnormals: CUDA keeps them (the kernels set no flush-to-zero mode).
         kernels.launch(kernels.kernel(rule, present), p.size, p, g, *states, prep, h)
 
-    def sum_squares(self, g):
-        """The float64 sum of squares of ``g``: one partial per block, added exactly."""
-        partials = self._partials(g.size, ())
-        self._kernels.launch(self._kernels.sum_squares, g.size, g, partials[0])
-        return math.fsum(partials[0].copy_to_host(partials[1]))
+    def segments(self, sizes, starts, state_starts=None):
+        return Segments(sizes, starts, starts if state_starts is None else state_starts,
+                        self._cuda.to_device)
 
-    def swats_adam(self, p, g, exp_avg, exp_avg_sq, prep, h):
-        partials = self._partials(p.size, (2,))
-        self._kernels.launch(self._kernels.swats_adam, p.size, p, g, exp_avg, exp_avg_sq,
-                             prep, h, partials[0])
-        host = partials[0].copy_to_host(partials[1])
-        return math.fsum(host[:, 0]), math.fsum(host[:, 1])
+    def tensors(self, flat, segments):
+        """The flat buffer itself: the CUDA kernels index it from ``segments.starts``."""
+        return flat
+
+    def run_segments(self, spec, arrays, prep, h, segments, values=(), keep_subnormals=False):
+        if values:
+            segments.per_chunk(values)
+            segments.row_scalars.copy_to_device(segments.row_scalars_host)
+        kernels = self._kernels
+        kernels.launch_segments(kernels.segment_kernel(*spec), segments, *arrays, prep, h)
+        if not spec.sums:
+            return ()
+        return segments.totals(segments.partials.copy_to_host(segments.partials_host),
+                               len(spec.sums))
+
+    def sum_squares(self, g):
+        """The float64 sum of squares of ``g`` (see :class:`Segments`)."""
+        segments = self._whole(g.size)
+        return self.run_segments(GRAD_SQUARES, [g], (), (), segments)[0][0]
 
     def ema(self, average, value, h):
-        self._kernels.launch(self._kernels.ema, average.size, average, value, h)
+        kernels = self._kernels
+        kernels.launch(kernels.kernel("ema", ("average", "value")), average.size, average, value,
+                       (), h)
 
     def scale_into(self, out, a, s):
         self._kernels.launch(self._kernels.scale_into, out.size, out, a, s)
 
-    # -- segmented reductions and layer-wise steps (see kernels.cuda) -----------------
-
-    def pieces(self, starts, stops, segment, segments):
-        return Pieces(starts, stops, segment, segments, self._cuda.to_device)
-
-    def segment_norms(self, p, g, prep, pieces):
-        self._kernels.launch_pieces(self._kernels.segment_norms, pieces.count, p, g, prep,
-                                    pieces.starts, pieces.stops, pieces.partials)
-        return pieces.totals(pieces.partials.copy_to_host(pieces.partials_host))
-
-    def lamb_moments(self, p, g, exp_avg, exp_avg_sq, prep, h, pieces):
-        self._kernels.launch_pieces(self._kernels.lamb_moments, pieces.count, p, g, exp_avg,
-                                    exp_avg_sq, prep, h, pieces.starts, pieces.stops,
-                                    pieces.partials)
-        return pieces.totals(pieces.partials.copy_to_host(pieces.partials_host))
-
-    def lamb_step(self, p, exp_avg, exp_avg_sq, h, pieces, trust_lr):
-        self._kernels.launch_pieces(self._kernels.lamb_step, pieces.count, p, exp_avg,
-                                    exp_avg_sq, h, pieces.starts, pieces.stops,
-                                    self._per_piece(pieces, trust_lr))
-
-    def lars_step(self, p, g, momentum_buffer, prep, h, pieces, trust_lr):
-        self._kernels.launch_pieces(self._kernels.lars_step, pieces.count, p, g,
-                                    momentum_buffer, prep, h, pieces.starts, pieces.stops,
-                                    self._per_piece(pieces, trust_lr))
+    # -- Adafactor's passes (see kernels.cuda) -------------------------------------------
 
     def column_sums(self, p, g, prep, blocks, out):
-        self._kernels.launch_pieces(self._kernels.column_sums, blocks.shape[0], p, g, prep,
+        self._kernels.launch_blocks(self._kernels.column_sums, blocks.shape[0], p, g, prep,
                                     blocks, out)
         return out.copy_to_host()
-
-    def adafactor(self, p, g, prep, col_var, variance, h, pieces, second_starts, factored,
-                  row_scales, decay, step_sizes, apply):
-        self._kernels.launch_pieces(self._kernels.adafactor, pieces.count, p, g, prep, col_var,
-                                    variance, h, pieces.starts, pieces.stops, second_starts,
-                                    factored, self._per_piece(pieces, row_scales),
-                                    pieces.partials, decay,
-                                    self._per_piece(pieces, step_sizes, 1), apply)
-        return pieces.totals(pieces.partials.copy_to_host(pieces.partials_host))[0]
 
     def constant(self, a):
         return self._cuda.to_device(a)
 
-    def _per_piece(self, pieces, values, row=0):
-        if values is not None:
-            pieces.scales_host[row] = values[pieces.segment]
-            pieces.scales[row].copy_to_device(pieces.scales_host[row])
-        return pieces.scales[row]
-
-    def _partials(self, n, width):
-        """(device, host) arrays of one partial sum per block, kept to be reused."""
-        key = (n, width, self._kernels.threads_per_block, self._kernels.max_blocks)
-        if key not in self._reduction_buffers:
-            host = np.zeros((max(1, self._kernels.blocks(n)), *width), np.float64)
-            self._reduction_buffers[key] = (self._cuda.to_device(host), host)
-        return self._reduction_buffers[key]
+    _whole = HostBackend._whole
 
 
 def _extent(a):

@@ -93,31 +93,6 @@ class ViewList(list):
         return type(self), (list(self), self.name)
 
 
-# The most elements a piece of a segmented reduction covers; see pieces().
-PIECE = 1 << 14
-
-
-def pieces(bounds, size=None):
-    """Split segments into pieces for a parallel, deterministic segmented reduction.
-
-    ``bounds`` lists ``(start, stop)`` of each segment of a flat buffer (a parameter
-    tensor, a row ...). Returns ``(starts, stops, segment)``, int64 arrays with one entry
-    per piece: a piece covers at most ``size`` elements and never crosses a segment
-    boundary, and ``segment`` says which segment it belongs to. A kernel sums each piece
-    on one thread in a fixed order, and the piece sums of a segment are added in piece
-    order, so a segment's sum does not depend on the thread count. Empty segments get
-    no piece. ``size`` defaults to ``PIECE``.
-    """
-    size = size or PIECE
-    starts, stops, segment = [], [], []
-    for index, (start, stop) in enumerate(bounds):
-        edges = list(range(start, stop, size)) + [stop]
-        starts += edges[:-1]
-        stops += edges[1:]
-        segment += [index] * (len(edges) - 1)
-    return (np.array(starts, np.int64), np.array(stops, np.int64), np.array(segment, np.int64))
-
-
 def param_names(keys, count, prefix="params"):
     """How parameters are named in messages: ``params['w']`` or ``params[0]``."""
     if keys is None:

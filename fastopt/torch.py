@@ -51,13 +51,15 @@ number (use a torch.optim.lr_scheduler); FSDP2's DTensor parameters are refused 
 import collections
 import functools
 import inspect
+import math
 import weakref
 
 import numpy as np
 import torch
 
-from ._backend import HostBackend, SegmentTable
+from ._backend import GRAD_SQUARES, HostBackend
 from .flat import adopt
+from .kernels import Pass
 from .optim import engine
 from .optim.optimizer import Optimizer as _Flat
 from .optim.optimizer import _snapshot, check_flag
@@ -568,12 +570,14 @@ class _Store:
                     dict.__setitem__(slot.state, name, view)
 
     def table(self, run):
-        """The segment table of ``run``'s parameters, and their addresses, kept for the
-        next steps (the store is rebuilt when a parameter moves)."""
+        """The segments of ``run``'s parameters (their state from ``run.start`` on), and
+        their addresses, kept for the next steps (the store is rebuilt when a parameter
+        moves)."""
         key = (run.start, run.stop)
         if key not in self._tables:
-            table = SegmentTable([p.numel() for p in run.params], run.start)
-            table.addresses = np.array([slot.address for slot in run.slots], np.int64)
+            sizes = [p.numel() for p in run.params]
+            table = self.backend.segments(sizes, np.cumsum([run.start] + sizes[:-1]))
+            table.params = np.array([slot.address for slot in run.slots], np.int64)
             self._tables[key] = table
         return self._tables[key]
 
@@ -583,9 +587,9 @@ class _Store:
             host = algorithm.host_after(hyper, step, host)  # first: it may raise
             states = [self._flat[name].numpy() for name in spec]
             table = self.table(run)
-            self.backend.run_segments(algorithm.rule, tuple(spec), table.addresses,
-                                      run.gradients, states, prep, h, table,
-                                      algorithm.spec.keeps_subnormals)
+            self.backend.run_segments(Pass(algorithm.rule, tuple(spec)),
+                                      [table.params, run.gradients, *states], prep, h, table,
+                                      keep_subnormals=algorithm.spec.keeps_subnormals)
             return host
         for p, slot in zip(run.params, run.slots):
             self.scratch_params[slot.start:slot.stop].view(p.shape).copy_(p)
@@ -644,7 +648,9 @@ class _Run:
     def sum_squares(self):
         store = self.store
         if store.core is None:
-            return store.backend.segment_sum_squares(self.gradients, store.table(self))
+            total, = store.backend.run_segments(GRAD_SQUARES, [self.gradients], (), (),
+                                                store.table(self), keep_subnormals=True)
+            return math.fsum(total)
         return store.core._backend.sum_squares(store.core.flat_grads[self.start:self.stop])
 
 

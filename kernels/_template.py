@@ -1,5 +1,11 @@
 """Turns a rule into a driver function that applies it to every element.
 
+A pass of a rule over the buffers is described by a :class:`Pass`: which state buffers
+the caller holds, which of the rule's results it stores, which it sums per segment,
+whether it reads the gradient, and which scalars come per segment. Every driver, CPU or
+CUDA, single pass or one of several, is generated from that, so a rule is the only
+place an algorithm's math lives.
+
 Numba caches a compiled function on disk only if what it calls are globals of a source
 file: a closure over a jitted rule gets a new cache key in every process. So each driver
 is generated as source text that names its rule as the global ``rule``.
@@ -12,18 +18,67 @@ it is built from, and an edit gives it a new name and a fresh cache entry.
 import functools
 import hashlib
 import inspect
+from typing import NamedTuple
 
 from . import rules
 
+# The buffers that segment drivers reach through each segment's own start (the tensors,
+# which may lie anywhere); the others are flat state buffers, reached through
+# ``state_starts``.
+TENSORS = ("p", "g")
+
+# What one segment pass can sum and take per segment, at most (the width of the
+# backends' partials and per-segment scalars).
+MAX_SUMS = MAX_PER_SEGMENT = 2
+
+# The elements of a segment that one CPU thread or one CUDA block takes at a time.
+SEGMENT_CHUNK = 1 << 14
+
+
+class Pass(NamedTuple):
+    """One pass of ``rule`` (its name in ``kernels.rules``) over the buffers.
+
+    ``present`` names the state buffers the caller holds, in the rule's order; the
+    others read as 0 and their new values are dropped. ``writes`` names the results
+    stored (None: every buffer the rule returns that is present, ``p`` included);
+    ``sums`` names float64 results summed per segment (see :func:`rules.returns`).
+    With ``grad`` False the rule's ``g`` reads as 0 and no gradient is loaded.
+    ``per_segment`` names fields of the rule's scalars that each segment takes from
+    its own row of ``row_scalars`` (LAMB's trust ratio), in that row's order.
+    """
+
+    rule: str
+    present: tuple = ()
+    writes: tuple = None
+    sums: tuple = ()
+    grad: bool = True
+    per_segment: tuple = ()
+
+
+def buffer_names(rule):
+    """The array arguments of ``rule``: everything before ``h``."""
+    return tuple(inspect.signature(rule).parameters)[:-1]
+
 
 def state_names(rule):
-    """The state arguments of ``rule``: everything between ``p, g`` and ``h``."""
-    return tuple(inspect.signature(rule).parameters)[2:-1]
+    """The state arguments of ``rule``: its arrays other than ``p`` and ``g``."""
+    return tuple(name for name in buffer_names(rule) if name not in TENSORS)
 
 
 def scalars_type(rule):
     """The named tuple type of ``rule``'s ``h``, which its annotation names."""
     return inspect.signature(rule).parameters["h"].annotation
+
+
+def results(rule):
+    """What ``rule`` returns, by name: see :func:`rules.returns`."""
+    return getattr(rule, "returns", tuple(n for n in buffer_names(rule) if n != "g"))
+
+
+def arrays(rule, present):
+    """The arrays a driver of ``rule`` takes, in order: its ``p`` and ``g``, then the
+    states in ``present``."""
+    return tuple(n for n in buffer_names(rule) if n in TENSORS or n in present)
 
 
 def plain_tuples(args):
@@ -39,44 +94,83 @@ def _rules_source():
     return inspect.getsource(rules)
 
 
-def build(rule, present, loops, namespace, filename, fingerprint):
-    """Define ``<rule>__<present...>__<hash>(p, g, *present, prep, h, ...)`` and return it.
+def build(spec, loops, namespace, filename, fingerprint):
+    """Define the driver ``<rule>__<present...>__<hash>(*arrays, prep, h, ...)`` of the
+    :class:`Pass` ``spec`` and return it.
 
     ``loops`` is the function body: its first line ends the argument list. Its
-    ``{body}`` placeholder is the per-element statement, which prepares the gradient with
-    ``prepare(p, g, prep)`` and applies the rule. A loop over one chunk of the buffers
-    can use ``{slices}``, which binds ``p_c, g_c, ...`` to ``[start:stop]`` of each
-    array (``{state_slices}`` binds only the states' ``_c``, for a loop that finds
-    ``p_c`` and ``g_c`` elsewhere), and ``{chunk_body}``, the statement on those. A
-    state not in ``present`` is passed to the rule as ``ZERO`` and its new value is
-    dropped. ``{named}`` binds ``named`` to ``h`` (a plain tuple: see
-    :func:`plain_tuples`) as the rule's named type, which the bodies pass to the rule;
-    a parallel loop needs it inside its body, where Numba's parfor lowering accepts
-    it. ``fingerprint`` is whatever else the compiled code depends on (compiler
-    options, constants).
+    placeholders are filled with one statement each:
+
+    - ``{body}``, ``{chunk_body}``, ``{segment_body}``: the rule on element ``i`` of
+      the arrays, of ``<array>_c`` (chunk slices, which ``{slices}`` binds to
+      ``[start:stop]``, or ``{state_slices}`` for the states alone), or of the arrays
+      at ``base + i`` (tensors) and ``state_base + i`` (states). The gradient is
+      prepared with ``prepare(p, g, prep)``; a rule without ``p`` reads it as it is.
+    - ``{named}`` binds ``named``, the rule's scalars in their named type, from ``h``
+      (a plain tuple: see :func:`plain_tuples`) and row ``c`` of ``row_scalars``. A
+      parallel loop needs it inside its body, where Numba's parfor lowering accepts it.
+    - ``{first}``: the first array; ``{tensor_chunks}`` binds ``p_c`` and ``g_c`` to
+      chunk ``c`` of the tensors at the addresses ``p`` and ``g`` (``segment_chunk``).
+    - ``{begin_sums}`` zeroes the running sums ``total0 ...``; ``{store_sums}`` writes
+      them to ``partials[c, j]``; ``{block_sums}`` adds them over a CUDA block first.
+
+    ``fingerprint`` is whatever else the compiled code depends on (compiler options,
+    constants).
     """
-    names = state_names(rule)
-    unknown = set(present) - set(names)
+    rule = getattr(rules, spec.rule)
+    names = buffer_names(rule)
+    unknown = set(spec.present) - set(state_names(rule))
     if unknown:
-        raise ValueError(f"rule {rule.__name__} has no state {sorted(unknown)}")
-    arrays = ("p", "g") + tuple(present)
+        raise ValueError(f"rule {spec.rule} has no state {sorted(unknown)}")
+    taken = arrays(rule, spec.present)
+    writes = spec.writes if spec.writes is not None else tuple(
+        n for n in results(rule) if n in taken)
+    sums = tuple(spec.sums)
+    if set(writes) - set(taken) or set(sums) - set(results(rule)) or len(sums) > MAX_SUMS:
+        raise ValueError(f"pass {spec} writes or sums what rule {spec.rule} does not have")
 
-    def body(suffix):
-        loads = "".join(f", {s}{suffix}[i]" if s in present else ", ZERO" for s in names)
-        stores = "".join(f", {s}{suffix}[i]" if s in present else ", _" for s in names)
-        return (f"p{suffix}[i]{stores} = "
-                f"rule(p{suffix}[i], prepare(p{suffix}[i], g{suffix}[i], prep){loads}, named)")
+    def body(at):
+        def load(n):
+            if n == "g" and not spec.grad:
+                return "ZERO"
+            if n == "g" and "p" in names:
+                return f"prepare({at('p')}, {at('g')}, prep)"
+            return at(n) if n in taken else "ZERO"
 
-    namespace["Scalars"] = scalars_type(rule)
-    fields = len(namespace["Scalars"]._fields)
-    named = f"named = Scalars({', '.join(f'h[{i}]' for i in range(fields))})"
-    slices = "; ".join(f"{a}_c = {a}[start:stop]" for a in arrays)
-    state_slices = "; ".join(f"{a}_c = {a}[start:stop]" for a in present) or "pass"
-    text = loops.format(body=body(""), chunk_body=body("_c"), slices=slices,
-                        state_slices=state_slices, named=named)
+        def store(n):
+            if n in sums:
+                return f"term{sums.index(n)}"
+            return at(n) if n in writes else "_"
+
+        line = (f"{', '.join(map(store, results(rule)))} = "
+                f"rule({', '.join(map(load, names))}, named)")
+        return "; ".join([line] + [f"total{j} += term{j}" for j in range(len(sums))])
+
+    def segment_at(n):
+        return f"{n}[base + i]" if n in TENSORS else f"{n}[state_base + i]"
+
+    Scalars = namespace["Scalars"] = scalars_type(rule)
+    unknown = set(spec.per_segment) - set(Scalars._fields)
+    if unknown or len(spec.per_segment) > MAX_PER_SEGMENT:
+        raise ValueError(f"rule {spec.rule}'s scalars have no fields {sorted(unknown)}")
+    fields = [f"row_scalars[c, {spec.per_segment.index(f)}]" if f in spec.per_segment
+              else f"h[{i}]" for i, f in enumerate(Scalars._fields)]
+    totals = [f"total{j}" for j in range(len(sums))]
+    text = loops.format(
+        body=body(lambda n: f"{n}[i]"), chunk_body=body(lambda n: f"{n}_c[i]"),
+        segment_body=body(segment_at),
+        slices="; ".join(f"{a}_c = {a}[start:stop]" for a in taken),
+        state_slices="; ".join(f"{a}_c = {a}[start:stop]" for a in taken
+                               if a not in TENSORS) or "pass",
+        named=f"named = Scalars({', '.join(fields)})", first=taken[0],
+        tensor_chunks="; ".join(f"{a}_c = segment_chunk({a}, chunks, c)" for a in taken
+                                if a in TENSORS) or "pass",
+        begin_sums="; ".join(f"{t} = 0.0" for t in totals) or "pass",
+        store_sums="; ".join(f"partials[c, {j}] = {t}" for j, t in enumerate(totals))
+        or "pass",
+        block_sums="; ".join(f"{t} = block_sum(shared, {t})" for t in totals) or "pass")
     digest = hashlib.sha1((_rules_source() + text + fingerprint).encode()).hexdigest()
-    name = "__".join((rule.__name__,) + tuple(present) + (digest[:10],))
-    args = ", ".join(arrays + ("prep", "h"))
-    source = f"def {name}({args}{text}"
+    name = "__".join((spec.rule,) + tuple(spec.present) + (digest[:10],))
+    source = f"def {name}({', '.join(taken + ('prep', 'h'))}{text}"
     exec(compile(source, filename, "exec"), namespace)
     return namespace[name]

@@ -18,8 +18,10 @@ The same function is compiled for the CPU (``kernels.cpu``) and for CUDA
 then passes 0 for it and drops the returned value, and the rule's flags in ``h`` make
 sure an absent value never reaches ``p``.
 
-The rules of algorithms that take several passes (``lamb``, ``adafactor``,
-``swats_adam``) return what their drivers need instead; their docstrings say what.
+A rule may return more: :func:`returns` names its results, and the names that are not
+buffers are float64 terms that a pass can sum per segment (a tensor, a row, the whole
+buffer), for the algorithms that take several passes. Each pass uses the results it
+needs (see ``kernels._template.Pass``), and the compiler drops the work of the others.
 
 Python float literals are float64 and would promote the whole expression, so every
 constant, including ``1 - beta``, arrives through ``h`` as a float32.
@@ -37,6 +39,19 @@ addcmul does, so that it overflows float32 exactly where torch's does.
 
 import math
 from collections import namedtuple
+
+from numpy import float64
+
+
+def returns(*names):
+    """Declare what a rule returns, by name, where that is more than its new ``p`` and
+    state values in order: a buffer's name stands for its new value, any other name for
+    a float64 term (``float64(x) * float64(y)``: exact, and never overflowing) that a pass
+    may sum."""
+    def declare(rule):
+        rule.returns = names
+        return rule
+    return declare
 
 
 # The factors of prepare(), which every algorithm shares.
@@ -250,66 +265,97 @@ def lion(p, g, exp_avg, h: LionScalars):
     return p * h.decay - h.lr * direction, h.beta2 * exp_avg + h.one_minus_beta2 * g
 
 
-LAMBScalars = namedtuple("LAMBScalars", ["weight_decay", "inv_bc1", "inv_bc2_sqrt", "eps",
-                                         "one_minus_beta1", "beta2", "one_minus_beta2",
+LAMBScalars = namedtuple("LAMBScalars", ["trust_lr", "weight_decay", "inv_bc1", "inv_bc2_sqrt",
+                                         "eps", "one_minus_beta1", "beta2", "one_minus_beta2",
                                          "moving"])
 
 
+@returns("p", "exp_avg", "exp_avg_sq", "param_sq", "update_sq")
 def lamb(p, g, exp_avg, exp_avg_sq, h: LAMBScalars):
     """LAMB's moments and its direction u = r + wd * p, where the step is
     ``p - trust_lr * u`` and ``trust_lr`` depends on the norms of p and u over the whole
     tensor. So LAMB takes two passes: the first moves the moments (``moving``) and
-    sums the norms, the second recomputes u from them and steps."""
+    sums ``param_sq`` and ``update_sq`` per tensor, the second recomputes u from them
+    and steps with each tensor's ``trust_lr``."""
     if h.moving:
         exp_avg = exp_avg + h.one_minus_beta1 * (g - exp_avg)
         exp_avg_sq = h.beta2 * exp_avg_sq + h.one_minus_beta2 * g * g
     ratio = (exp_avg * h.inv_bc1) / (math.sqrt(exp_avg_sq) * h.inv_bc2_sqrt + h.eps)
-    return exp_avg, exp_avg_sq, ratio + h.weight_decay * p
+    update = ratio + h.weight_decay * p
+    return (p - h.trust_lr * update, exp_avg, exp_avg_sq, float64(p) * float64(p),
+            float64(update) * float64(update))
 
 
 LARSScalars = namedtuple("LARSScalars", "trust_lr momentum weight_decay")
 
 
 def lars(p, g, momentum_buffer, h: LARSScalars):
-    """LARS's step, with ``trust_lr`` the lr times the tensor's local learning rate."""
+    """LARS's step, with ``trust_lr`` the lr times the tensor's local learning rate,
+    which a first pass of :func:`norms` measures."""
     momentum_buffer = h.momentum * momentum_buffer + h.trust_lr * (g + h.weight_decay * p)
     return p - momentum_buffer, momentum_buffer
 
 
-AdafactorScalars = namedtuple("AdafactorScalars", "beta eps1_sq moving")
+AdafactorScalars = namedtuple("AdafactorScalars", ["beta", "eps1_sq", "moving", "row_scale",
+                                                   "decay", "step_size"])
 
 
-def adafactor(g, second, h: AdafactorScalars):
-    """Adafactor's direction ``u = g / sqrt(max(estimate, eps1**2))``.
+@returns("p", "second", "update_sq")
+def adafactor(p, g, second, h: AdafactorScalars):
+    """Adafactor's step ``p * decay - step_size * u``, with the direction
+    ``u = g / sqrt(max(estimate, eps1**2))``.
 
     ``second`` is a vector's own second moment, which lerps toward g*g when
-    ``moving``, or a factored tensor's estimate ``row_var * col_var / row_mean``, which
-    the caller forms and never moves here. Returns the second moment, u, and u*u
-    computed without the square root, for the pass that only needs the norm of u."""
+    ``moving``, and is its estimate; or a factored row's column factor, which is never
+    moved here and which ``row_scale`` (the row's factor over their mean) makes the
+    estimate. Also returns the term of RMS(u) (u*u computed without the square root),
+    for the pass that sums it: ``step_size`` depends on that sum over the tensor."""
     if h.moving:
         second = second + h.beta * (g * g - second)
+    estimate = h.row_scale * second
     # torch clamps, which keeps a NaN.
-    estimate = h.eps1_sq if second < h.eps1_sq else second
-    return second, g / math.sqrt(estimate), g * g / estimate
+    if estimate < h.eps1_sq:
+        estimate = h.eps1_sq
+    update = g / math.sqrt(estimate)
+    return p * h.decay - h.step_size * update, second, float64(g * g / estimate)
 
 
 SWATSAdamScalars = namedtuple("SWATSAdamScalars", ["coef", "eps", "one_minus_beta1",
                                                    "beta2", "one_minus_beta2"])
 
 
+@returns("p", "exp_avg", "exp_avg_sq", "direction_sq", "direction_g")
 def swats_adam(p, g, exp_avg, exp_avg_sq, h: SWATSAdamScalars):
-    """SWATS's Adam phase. Also returns the direction d, where the step is -coef * d,
-    so that the driver can reduce d.d and d.g for the switching test."""
+    """SWATS's Adam phase. Also returns the terms of d.d and d.g, where the step is
+    -coef * d, for the switching test."""
     exp_avg = exp_avg + h.one_minus_beta1 * (g - exp_avg)
     exp_avg_sq = h.beta2 * exp_avg_sq + h.one_minus_beta2 * g * g
     # eps is added to the uncorrected sqrt: the paper folds both corrections into coef.
     direction = exp_avg / (math.sqrt(exp_avg_sq) + h.eps)
-    return p - h.coef * direction, exp_avg, exp_avg_sq, direction
+    return (p - h.coef * direction, exp_avg, exp_avg_sq, float64(direction) * float64(direction),
+            float64(direction) * float64(g))
 
 
 EMAScalars = namedtuple("EMAScalars", "decay one_minus_decay")
 
 
+@returns("average")
 def ema(average, value, h: EMAScalars):
     """An exponential moving average: ``decay * average + (1 - decay) * value``."""
     return h.decay * average + h.one_minus_decay * value
+
+
+NoScalars = namedtuple("NoScalars", "")
+
+
+@returns("param_sq", "grad_sq")
+def norms(p, g, h: NoScalars):
+    """The terms of the squared norms of p and of the prepared gradient."""
+    return float64(p) * float64(p), float64(g) * float64(g)
+
+
+@returns("grad_sq")
+def grad_squares(g, h: NoScalars):
+    """The terms of the squared norm of the gradient as it is (a rule without ``p``
+    sees it unprepared): the global norm that clipping and skipping measure."""
+    return float64(g) * float64(g)

@@ -138,8 +138,8 @@ def test_groups_clipping_scaling_and_skip_on_device(name):
 
 @pytest.mark.parametrize("name", ["LAMB", "LARS", "Adafactor"])
 def test_per_tensor_algorithms_on_device(name, monkeypatch):
-    # Pieces of 16 elements: segments of several pieces, and rows split across pieces.
-    monkeypatch.setattr(fastopt.flat, "PIECE", 16)
+    # Chunks of 16 elements: segments of several chunks, and rows split across chunks.
+    monkeypatch.setattr(fastopt._backend, "SEGMENT_CHUNK", 16)
     rng = np.random.default_rng(6)
     shapes = [(), (0, 3), (2, 3, 20), (5,), (1, 40), (3, 1), (37,)]
     p0 = [rng.standard_normal(s).astype(np.float32) for s in shapes]

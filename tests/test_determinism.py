@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import fastopt
+from fastopt._backend import GRAD_SQUARES
 from fastopt.kernels import cpu
 
 f32 = np.float32
@@ -111,4 +112,5 @@ def test_the_kernels_release_the_gil():
     opt = fastopt.Adam([np.ones(N, f32)])
     opt.step()
     kernel = cpu.kernel(opt.rule, ("exp_avg", "exp_avg_sq"))
-    assert kernel.targetoptions["nogil"] and cpu.sum_squares.targetoptions["nogil"]
+    norm = cpu.segment_kernel(*GRAD_SQUARES)
+    assert kernel.targetoptions["nogil"] and norm.targetoptions["nogil"]

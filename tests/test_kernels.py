@@ -20,7 +20,15 @@ EVERY_RULE = {"SGD": dict(momentum=0.9, nesterov=True), "Adagrad": {},
               "Adam": dict(amsgrad=True), "Adamax": {}, "NAdam": {}, "RAdam": {}, "Rprop": {},
               "ASGD": {}, "Lion": {}, "Adan": {}}
 # Rules that the kernels outside the template (the reductions, EMA) call.
-OTHER_RULES = {"prepare", "ema", "swats_adam", "lamb", "lars", "adafactor"}
+OTHER_RULES = {"prepare", "ema", "swats_adam", "lamb", "lars", "adafactor", "norms",
+               "grad_squares"}
+
+
+def rule_functions():
+    """The functions of kernels.rules but the decorator that declares their results."""
+    tree = ast.parse(inspect.getsource(rules))
+    return [node for node in tree.body
+            if isinstance(node, ast.FunctionDef) and node.name != "returns"]
 NO_DIVISION = {"SGD", "Rprop", "ASGD", "Lion"}
 
 ASM_PROBE = r"""
@@ -28,7 +36,8 @@ import json, sys
 import numpy as np
 import fastopt
 from fastopt.kernels import cpu
-from fastopt._backend import HostBackend, SegmentTable
+from fastopt._backend import HostBackend
+from fastopt.kernels import Pass
 asm = {}
 for name, kwargs in json.loads(sys.argv[1]).items():
     opt = getattr(fastopt, name)([np.ones(64, np.float32)], **kwargs)
@@ -39,9 +48,11 @@ for name, kwargs in json.loads(sys.argv[1]).items():
     # The in-place form, over the same memory by its address.
     p, g = opt.flat_params, opt.flat_grads
     prep = (np.float32(1), np.float32(np.inf), np.float32(0))
-    HostBackend().run_segments(opt.rule, spec, np.array([p.ctypes.data]),
-                               np.array([g.ctypes.data]), [opt.state[s] for s in spec], prep,
-                               opt.scalars(group, 2, [], host), SegmentTable([p.size], 0))
+    backend = HostBackend()
+    segments = backend.segments([p.size], [0])
+    arrays = [backend.tensors(p, segments), backend.tensors(g, segments)]
+    backend.run_segments(Pass(opt.rule, spec), arrays + [opt.state[s] for s in spec], prep,
+                         opt.scalars(group, 2, [], host), segments)
     kernel = cpu.segment_kernel(opt.rule, spec)
     asm[name + " in place"] = "\n".join(kernel.inspect_asm().values())
 print(json.dumps(asm))
@@ -75,8 +86,7 @@ def test_every_kernel_is_vectorised_float32(assembly, name, form):
 def test_rules_use_no_numeric_literals():
     # Numba types a float literal as float64 and an int literal as int64, and either
     # promotes a float32 expression to float64.
-    tree = ast.parse(inspect.getsource(rules))
-    functions = [node for node in tree.body if isinstance(node, ast.FunctionDef)]
+    functions = rule_functions()
     names = {function.name for function in functions}
     assert names == {getattr(fastopt, name).rule for name in EVERY_RULE} | OTHER_RULES
     for function in functions:
@@ -88,12 +98,11 @@ def test_rules_use_no_numeric_literals():
 def test_rules_read_their_scalars_by_name_only():
     # h is a named tuple, built by field name on the host; a rule that indexed or
     # unpacked it would depend on the order of the fields again.
-    tree = ast.parse(inspect.getsource(rules))
-    for function in (node for node in tree.body if isinstance(node, ast.FunctionDef)):
+    for function in rule_functions():
         if function.name == "prepare":
             continue
         scalars = getattr(rules, function.name).__annotations__["h"]
-        assert issubclass(scalars, tuple) and scalars._fields, function.name
+        assert issubclass(scalars, tuple) and hasattr(scalars, "_fields"), function.name
         reads = [node.attr for node in ast.walk(function) if isinstance(node, ast.Attribute)
                  and isinstance(node.value, ast.Name) and node.value.id == "h"]
         uses = [node for node in ast.walk(function) if isinstance(node, ast.Name)

@@ -14,18 +14,17 @@ import fastopt
 import reference
 from cases import CASES, case_id
 from conftest import assert_unchanged, snapshot
-from fastopt._backend import HostBackend
-from fastopt.flat import PIECE, pieces
-from fastopt.kernels import cpu
+from fastopt._backend import SEGMENT_CHUNK, HostBackend, segment_chunks
+from fastopt.kernels import Pass, cpu, rules
 
 f32 = np.float32
 RTOL = ATOL = 2e-5  # float32 against float64 after 30 steps (see test_cpu_vs_reference)
 STEPS = 30
 
 # A vector, a 0-d, a matrix, a 3-d, an empty, a single row and a single column, a vector
-# longer than PIECE and not a multiple of it, and a matrix larger than PIECE.
+# longer than a chunk and not a multiple of it, and a matrix larger than a chunk.
 SHAPES = [(7,), (), (33, 17), (2, 5, 6), (0, 4), (1, 9), (9, 1), (20011,), (130, 140)]
-assert 20011 > PIECE and 20011 % PIECE and 130 * 140 > PIECE
+assert 20011 > SEGMENT_CHUNK and 20011 % SEGMENT_CHUNK and 130 * 140 > SEGMENT_CHUNK
 # torch.optim.Adafactor divides by a tensor's size: no empty tensors for it.
 TORCH_SHAPES = [s for s in SHAPES if math.prod(s)]
 
@@ -197,10 +196,11 @@ def test_lamb_groups_match_independent_references():
 
 
 def segment_bounds(seed):
-    """Segments of a buffer, in order, with empty ones, ones longer than PIECE (one an
+    """Segments of a buffer, in order, with empty ones, ones longer than a chunk (one an
     exact multiple of it) and gaps between some (elements in no segment)."""
     rng = np.random.default_rng(seed)
-    lengths = [0, 5, PIECE + 1, 0, 1, 3 * PIECE, 2 * PIECE + 777, 0, 100, PIECE - 1, PIECE]
+    C = SEGMENT_CHUNK
+    lengths = [0, 5, C + 1, 0, 1, 3 * C, 2 * C + 777, 0, 100, C - 1, C]
     lengths += list(rng.integers(0, 3000, 12)) + [0]
     rng.shuffle(lengths)
     bounds, at = [], 0
@@ -211,24 +211,32 @@ def segment_bounds(seed):
     return bounds, at + 13
 
 
-def test_pieces_cover_the_segments():
+def test_chunks_cover_the_segments():
     bounds, _ = segment_bounds(10)
-    starts, stops, segment = pieces(bounds)
-    assert starts.dtype == stops.dtype == segment.dtype == np.int64
-    assert np.all(stops - starts > 0) and np.all(stops - starts <= PIECE)
+    chunks = segment_chunks([b - a for a, b in bounds])
+    assert chunks.dtype == np.int64
+    segment, offset, size = chunks.T
+    assert np.all(size > 0) and np.all(size <= SEGMENT_CHUNK)
     assert np.all(np.diff(segment) >= 0)  # in segment order
     for index, (start, stop) in enumerate(bounds):
         mine = segment == index
-        expected = -(-(stop - start) // PIECE)
-        assert mine.sum() == expected
-        if expected:  # contiguous, in order, exactly the segment
-            assert starts[mine][0] == start and stops[mine][-1] == stop
-            np.testing.assert_array_equal(starts[mine][1:], stops[mine][:-1])
+        assert mine.sum() == -(-(stop - start) // SEGMENT_CHUNK)
+        if mine.any():  # contiguous, in order, exactly the segment
+            assert offset[mine][0] == 0 and offset[mine][-1] + size[mine][-1] == stop - start
+            np.testing.assert_array_equal(offset[mine][1:], (offset + size)[mine][:-1])
+
+
+NORMS = Pass("norms", sums=("param_sq", "grad_sq"))
+
+
+def norms_pass(backend, p, g, bounds):
+    segments = backend.segments([b - a for a, b in bounds], [a for a, _ in bounds])
+    return segments, [backend.tensors(p, segments), backend.tensors(g, segments)]
 
 
 def run_segment_norms(backend, p, g, prep, bounds):
-    starts, stops, segment = pieces(bounds)
-    return backend.segment_norms(p, g, prep, backend.pieces(starts, stops, segment, len(bounds)))
+    segments, arrays = norms_pass(backend, p, g, bounds)
+    return backend.run_segments(NORMS, arrays, prep, rules.NoScalars(), segments)
 
 
 def test_segment_norms_match_float64_sums():
@@ -275,12 +283,14 @@ def test_segment_norms_do_not_depend_on_the_thread_count():
                 for t in (1, 2))
     for a, b in zip(one, two):
         np.testing.assert_array_equal(a.view(np.uint64), b.view(np.uint64))
-    # The serial loop (small buffers) adds the same pieces in the same order.
-    starts, stops, _ = pieces(bounds)
-    parallel, serial = (np.zeros((starts.size, 2)) for _ in range(2))
-    cpu.segment_norms(p, g, prep, starts, stops, parallel, True)
-    cpu.segment_norms(p, g, prep, starts, stops, serial, False)
-    np.testing.assert_array_equal(parallel.view(np.uint64), serial.view(np.uint64))
+    # The serial loop (small buffers) adds the same chunks in the same order.
+    kernel, sums = cpu.segment_kernel(*NORMS), []
+    for parallel in (True, False):
+        segments, arrays = norms_pass(HostBackend(), p, g, bounds)
+        kernel(*arrays, prep, (), segments.chunks, segments.state_starts, segments.partials,
+               segments.row_scalars, parallel, True)
+        sums.append(segments.partials)
+    np.testing.assert_array_equal(sums[0].view(np.uint64), sums[1].view(np.uint64))
 
 
 @pytest.mark.parametrize("name", ["LAMB", "LARS", "Adafactor"])

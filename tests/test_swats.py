@@ -5,6 +5,7 @@ import pytest
 
 import fastopt
 import reference
+from fastopt._backend import SEGMENT_CHUNK, HostBackend
 from fastopt.kernels import cpu
 
 f32 = np.float32
@@ -19,7 +20,7 @@ def drifting_gradients(seed, n, steps):
 
 
 @pytest.mark.parametrize("extra", [{}, dict(weight_decay=0.01), dict(maximize=True)])
-@pytest.mark.parametrize("n", [7, 1000, 2 * cpu.REDUCTION_CHUNK + 5])
+@pytest.mark.parametrize("n", [7, 1000, 2 * SEGMENT_CHUNK + 5])
 def test_swats_switches_where_the_paper_does_and_matches_it(n, extra):
     kwargs = {**KWARGS, **extra}
     p0 = np.random.default_rng(n).standard_normal(n).astype(f32)
@@ -52,16 +53,23 @@ def test_each_group_switches_on_its_own():
 
 
 def test_swats_reduction_is_the_same_on_both_loop_paths():
-    n = 3 * cpu.REDUCTION_CHUNK + 1
+    n = 3 * SEGMENT_CHUNK + 1
     rng = np.random.default_rng(0)
-    arrays = [rng.standard_normal(n).astype(f32) for _ in range(2)]
-    arrays += [np.zeros(n, f32), np.zeros(n, f32)]
+    buffers = [rng.standard_normal(n).astype(f32) for _ in range(2)]
+    buffers += [np.zeros(n, f32), np.zeros(n, f32)]
     prep = (f32(1), f32(np.inf), f32(0))
     h = (f32(0.01), f32(1e-8), f32(0.1), f32(0.99), f32(0.01))
-    copies = [a.copy() for a in arrays]
-    partials = np.zeros((cpu.reduction_chunks(n), 2))
-    parallel = cpu.swats_adam(*arrays, prep, h, partials, True)
-    serial = cpu.swats_adam(*copies, prep, h, partials, False)
-    assert parallel == serial
-    for a, b in zip(arrays, copies):
+    kernel = cpu.segment_kernel(*fastopt.SWATS.ADAM_PHASE)
+    backend, sums, results = HostBackend(), [], []
+    for parallel in (True, False):
+        segments = backend.segments([n], [0])
+        arrays = [a.copy() for a in buffers]
+        kernel(backend.tensors(arrays[0], segments), backend.tensors(arrays[1], segments),
+               *arrays[2:], prep, h, segments.chunks, segments.state_starts, segments.partials,
+               segments.row_scalars, parallel, True)
+        sums.append(segments.partials.copy())
+        results.append(arrays)
+    np.testing.assert_array_equal(sums[0], sums[1])
+    assert np.all(sums[0][:, 0] > 0)
+    for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)

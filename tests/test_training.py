@@ -13,6 +13,7 @@ import pytest
 
 import fastopt
 from fastopt import schedules
+from fastopt._backend import GRAD_SQUARES, SEGMENT_CHUNK, HostBackend
 from fastopt.kernels import cpu
 from conftest import assert_same, assert_unchanged, snapshot
 
@@ -350,17 +351,26 @@ def test_huge_finite_gradients_are_not_mistaken_for_non_finite():
 
 # -- the norm's reduction ----------------------------------------------------------------
 
-@pytest.mark.parametrize("n", [0, 1, 1000, cpu.REDUCTION_CHUNK + 1, 5 * cpu.REDUCTION_CHUNK - 3])
+def sum_squares(g, parallel):
+    """The global norm's pass over ``g``, on the serial or the parallel loop."""
+    backend = HostBackend()
+    segments = backend.segments([g.size], [0])
+    cpu.segment_kernel(*GRAD_SQUARES)(backend.tensors(g, segments), (), (), segments.chunks,
+                                      segments.state_starts, segments.partials,
+                                      segments.row_scalars, parallel, False)
+    return segments.totals(segments.partials, 1)[0][0]
+
+
+@pytest.mark.parametrize("n", [0, 1, 1000, SEGMENT_CHUNK + 1, 5 * SEGMENT_CHUNK - 3])
 def test_sum_of_squares_is_deterministic_across_paths_and_threads(n):
     g = np.random.default_rng(n).standard_normal(n).astype(f32) * f32(1e3)
-    partials = np.zeros(cpu.reduction_chunks(n))
-    serial = cpu.sum_squares(g, partials, False)
+    serial = sum_squares(g, False)
     results = set()
     default = numba.get_num_threads()
     try:
         for threads in {1, default}:
             numba.set_num_threads(threads)
-            results.add(cpu.sum_squares(g, partials, True))
+            results.add(sum_squares(g, True))
     finally:
         numba.set_num_threads(default)
     assert results == {serial}

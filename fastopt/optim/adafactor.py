@@ -3,8 +3,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..flat import PIECE, pieces
-from ..kernels import rules
+from .._backend import SEGMENT_CHUNK
+from ..kernels import Pass, rules
 from . import spec as hp
 from .checks import check_nonnegative, real
 from .optimizer import Optimizer, f32
@@ -137,11 +137,25 @@ class Adafactor(Optimizer):
     def l2(group):
         return 0.0  # the decay is decoupled
 
+    # The passes of the rule over the rows of factored tensors (whose ``second`` is
+    # their column factor) and over the vectors (whose ``second`` is their variance):
+    # RMS(U) per tensor, moving the vectors' variance; then the step.
+    ROW_NORMS = Pass("adafactor", ("second",), writes=(), sums=("update_sq",),
+                     per_segment=("row_scale",))
+    VECTOR_NORMS = Pass("adafactor", ("second",), writes=("second",), sums=("update_sq",))
+    ROW_STEP = Pass("adafactor", ("second",), writes=("p",), per_segment=("row_scale",
+                                                                         "step_size"))
+    VECTOR_STEP = Pass("adafactor", ("second",), writes=("p",), per_segment=("step_size",))
+
     @staticmethod
     def scalars(group, step, fresh, host):
         eps1 = _eps1(group)
+        # row_scale and step_size differ per row or tensor: the passes take their own.
         return rules.AdafactorScalars(beta=f32(step ** group["beta2_decay"]),
-                                      eps1_sq=f32(eps1 * eps1), moving=True)
+                                      eps1_sq=f32(eps1 * eps1), moving=False,
+                                      row_scale=f32(1.0),
+                                      decay=f32(1.0 - group["lr"] * group["weight_decay"]),
+                                      step_size=f32(0.0))
 
     def _update(self, group, step, spec, g, prep, h, start, stop, host):
         if (start, stop) not in self._plans:
@@ -149,9 +163,11 @@ class Adafactor(Optimizer):
         plan, backend, p = self._plans[start, stop], self._backend, self.flat_params
         beta, eps1 = float(h.beta), _eps1(group)
         lr = group["lr"]
+        run = backend.run_segments
 
         # Pass 1: RMS(p) per tensor; g*g summed along the rows and down the columns.
-        param_sq, row_sq = backend.segment_norms(p, g, prep, plan.pieces)
+        arrays = [backend.tensors(p, plan.segments), backend.tensors(g, plan.segments)]
+        param_sq, row_sq = run(NORMS, arrays, prep, rules.NoScalars(), plan.segments)
         param_sq = np.bincount(plan.segment_tensor, param_sq, plan.tensors)
         # fmax: torch takes Python's max, which returns its first argument over a NaN.
         alpha = np.fmax(group["eps"][1], np.sqrt(param_sq / plan.sizes))
@@ -168,19 +184,27 @@ class Adafactor(Optimizer):
         backend.copy(self.state["col_var"], col_var)
         rows = row_var[plan.row_slots].astype(np.float64)
         row_mean = np.bincount(plan.row_batch, rows, plan.batches) / plan.batch_rows
-        row_scales = np.ones(plan.pieces.segments)
-        row_scales[plan.row_segments] = rows / np.maximum(row_mean, eps1)[plan.row_batch]
+        row_scales = rows / np.maximum(row_mean, eps1)[plan.row_batch]
 
         # Pass 2: RMS(U) per tensor, moving the vectors' variance. Pass 3: the step.
-        arrays = (p, g, prep, self.state["col_var"], self.state["variance"])
-        update_sq = backend.adafactor(*arrays, h, plan.pieces, plan.second_starts,
-                                      plan.factored, row_scales, f32(1.0), None, False)
-        update_sq = np.bincount(plan.segment_tensor, update_sq, plan.tensors)
+        rows, vectors = plan.rows, plan.vectors
+        row_arrays = [backend.tensors(p, rows), backend.tensors(g, rows), self.state["col_var"]]
+        vector_arrays = [backend.tensors(p, vectors), backend.tensors(g, vectors),
+                         self.state["variance"]]
+        update_sq, = run(self.ROW_NORMS, row_arrays, prep, h, rows, values=[row_scales])
+        vector_sq, = run(self.VECTOR_NORMS, vector_arrays, prep, h._replace(moving=True),
+                         vectors)
+        update_sq = (np.bincount(plan.row_tensor, update_sq, plan.tensors)
+                     + np.bincount(plan.vector_tensor, vector_sq, plan.tensors))
         step_size = alpha / np.fmax(1.0, np.sqrt(update_sq / plan.sizes) / group["d"])
-        backend.adafactor(*arrays, h._replace(moving=False), plan.pieces, plan.second_starts,
-                          plan.factored, row_scales, f32(1.0 - lr * group["weight_decay"]),
-                          step_size[plan.segment_tensor], True)
+        run(self.ROW_STEP, row_arrays, prep, h, rows,
+            values=[row_scales, step_size[plan.row_tensor]])
+        run(self.VECTOR_STEP, vector_arrays, prep, h, vectors,
+            values=[step_size[plan.vector_tensor]])
         return host
+
+
+NORMS = Pass("norms", sums=("param_sq", "grad_sq"))
 
 
 def _eps1(group):
@@ -199,14 +223,20 @@ def _lerp(buffer, slots, target, weight):
 class _Plan:
     """How Adafactor walks the tensors in one span of the flat buffer; built once.
 
-    Segments are the rows of the factored tensors and the whole vectors; pieces
-    (:func:`fastopt.flat.pieces`) split them for the parallel passes.
+    Its segments (``fastopt._backend.Segments``) are the rows of the factored tensors
+    and the whole vectors, in the tensors' order; ``rows`` and ``vectors`` are the same
+    two kinds apart, with their second moments as state (a row's is its matrix's column
+    factor, which all its rows share).
     """
 
-    pieces: object
+    segments: object
+    rows: object
+    vectors: object
     tensors: int
     sizes: np.ndarray  # elements per tensor (1 for empty ones, which have no segment)
     segment_tensor: np.ndarray  # the tensor of each segment
+    row_tensor: np.ndarray  # ... of each row
+    vector_tensor: np.ndarray  # ... of each vector
     row_segments: np.ndarray  # which segments are rows, and per row:
     row_slots: np.ndarray  # its place in row_var,
     row_lengths: np.ndarray  # its number of columns,
@@ -218,14 +248,12 @@ class _Plan:
     blocks: object  # blocks of rows for the column sums, see kernels.cpu.column_sums,
     block_sums: object  # which write their sums here,
     block_columns: np.ndarray  # each of which belongs to this column (of column_slots)
-    second_starts: object  # per piece: where its col_var or variance begins
-    factored: object  # per piece: whether it is a row of a factored tensor
 
     @classmethod
     def of(cls, opt, start, stop):
         tensors = opt._tensors(start, stop)
         bounds, segment_tensor, second, factored = [], [], [], []
-        row_segments, row_slots, row_lengths, row_batch, batch_rows = [], [], [], [], []
+        row_slots, row_lengths, row_batch, batch_rows = [], [], [], []
         column_slots, column_lengths, blocks, block_columns = [], [], [], []
         for index, (offset, shape) in enumerate(tensors):
             size = math.prod(shape)
@@ -234,19 +262,17 @@ class _Plan:
                 rows, columns = shape[-2], shape[-1]
                 for batch in range(size // (rows * columns)):
                     first_row = batch * rows
-                    row_segments += range(len(bounds), len(bounds) + rows)
                     row_slots += range(row_base + first_row, row_base + first_row + rows)
                     row_lengths += [columns] * rows
                     row_batch += [len(batch_rows)] * rows
                     batch_rows.append(rows)
                     matrix = offset + first_row * columns
-                    bounds += [(matrix + r * columns, matrix + (r + 1) * columns)
-                               for r in range(rows)]
+                    bounds += [(matrix + r * columns, columns) for r in range(rows)]
                     segment_tensor += [index] * rows
                     columns_at = col_base + batch * columns
                     second += [columns_at] * rows
                     factored += [True] * rows
-                    block_rows = max(-(-PIECE // columns), -(-rows // ROW_BLOCKS))
+                    block_rows = max(-(-SEGMENT_CHUNK // columns), -(-rows // ROW_BLOCKS))
                     for first in range(0, rows, block_rows):
                         blocks.append((matrix + first * columns, min(block_rows, rows - first),
                                        columns, len(block_columns)))
@@ -254,21 +280,29 @@ class _Plan:
                     column_slots += range(columns_at, columns_at + columns)
                     column_lengths += [rows] * columns
             elif size:
-                bounds.append((offset, offset + size))
+                bounds.append((offset, size))
                 segment_tensor.append(index)
                 second.append(var_base)
                 factored.append(False)
-        starts, stops, segment = pieces(bounds)
-        segment_starts = np.array([b[0] for b in bounds], np.int64)
-        second_starts = np.array(second, np.int64)[segment] + starts - segment_starts[segment]
-        backend = opt._backend
-        ints = dict(dtype=np.int64)
+        backend, ints = opt._backend, dict(dtype=np.int64)
+        starts, sizes = [b[0] for b in bounds], [b[1] for b in bounds]
+        factored, segment_tensor = np.array(factored, bool), np.array(segment_tensor, **ints)
+
+        def segments(kind):
+            pick = np.flatnonzero(factored == kind)
+            return backend.segments([sizes[k] for k in pick], [starts[k] for k in pick],
+                                    [second[k] for k in pick])
+
         return cls(
-            pieces=backend.pieces(starts, stops, segment, len(bounds)),
+            segments=backend.segments(sizes, starts),
+            rows=segments(True),
+            vectors=segments(False),
             tensors=len(tensors),
             sizes=np.array([math.prod(s) or 1 for _, s in tensors], np.float64),
-            segment_tensor=np.array(segment_tensor, **ints),
-            row_segments=np.array(row_segments, **ints),
+            segment_tensor=segment_tensor,
+            row_tensor=segment_tensor[factored],
+            vector_tensor=segment_tensor[~factored],
+            row_segments=np.flatnonzero(factored),
             row_slots=np.array(row_slots, **ints),
             row_lengths=np.array(row_lengths, np.float64),
             row_batch=np.array(row_batch, **ints),
@@ -279,6 +313,4 @@ class _Plan:
             blocks=backend.constant(np.array(blocks, np.int64).reshape(-1, 4)),
             block_sums=backend.zeros64(len(block_columns)),
             block_columns=np.array(block_columns, **ints),
-            second_starts=backend.constant(second_starts),
-            factored=backend.constant(np.array(factored, np.bool_)[segment]),
         )

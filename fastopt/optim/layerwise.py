@@ -4,8 +4,7 @@ import math
 
 import numpy as np
 
-from ..flat import pieces
-from ..kernels import rules
+from ..kernels import Pass, rules
 from . import spec as hp
 from .optimizer import Optimizer, f32
 
@@ -13,23 +12,18 @@ from .optimizer import Optimizer, f32
 class LayerWise(Optimizer):
     """The base of algorithms that scale each tensor's step by a ratio of norms over
     that tensor (a "layer"). The norms come from one parallel, deterministic segmented
-    reduction over the flat buffers (:func:`fastopt.flat.pieces`), whose segments are
-    the tensors of the flattening layout, fused with the pass that needs them."""
-
-    def _setup(self):
-        self._pieces_of = {}  # (start, stop) -> the pieces of the tensors there
+    reduction over the flat buffers, whose segments are the tensors of the flattening
+    layout (see ``fastopt._backend.Segments``), fused with the pass that needs them."""
 
     @staticmethod
     def l2(group):
         return 0.0  # the weight decay is part of the layer-wise update
 
-    def _pieces(self, start, stop):
-        """The pieces of the tensors in ``[start:stop]``, built once."""
-        if (start, stop) not in self._pieces_of:
-            bounds = [(offset, offset + math.prod(shape))
-                      for offset, shape in self._tensors(start, stop)]
-            self._pieces_of[start, stop] = self._backend.pieces(*pieces(bounds), len(bounds))
-        return self._pieces_of[start, stop]
+    def _tensor_arrays(self, segments, g, *states):
+        """The arrays of a segment pass over the tensors: p, g, then ``states``."""
+        backend = self._backend
+        return [backend.tensors(self.flat_params, segments), backend.tensors(g, segments),
+                *(self.state[name] for name in states)]
 
 
 def trust_ratio(param_sq, other_sq, ratio):
@@ -82,6 +76,12 @@ class LAMB(LayerWise):
                          hp.maximize()),
         bench=dict(lr=1e-3), check=dict(lr=0.05))
 
+    # The first pass moves the moments and sums the norms, the second steps.
+    MOMENTS = Pass("lamb", ("exp_avg", "exp_avg_sq"), writes=("exp_avg", "exp_avg_sq"),
+                   sums=("param_sq", "update_sq"))
+    STEP = Pass("lamb", ("exp_avg", "exp_avg_sq"), writes=("p",), grad=False,
+                per_segment=("trust_lr",))
+
     @staticmethod
     def buffers(group, host):
         return {"exp_avg": 0.0, "exp_avg_sq": 0.0}
@@ -89,20 +89,20 @@ class LAMB(LayerWise):
     @staticmethod
     def scalars(group, step, fresh, host):
         beta1, beta2 = group["betas"]
-        return rules.LAMBScalars(weight_decay=f32(group["weight_decay"]),
+        # trust_lr differs per tensor: the second pass takes each tensor's own.
+        return rules.LAMBScalars(trust_lr=f32(0.0), weight_decay=f32(group["weight_decay"]),
                                  inv_bc1=f32(1.0 / (1.0 - beta1 ** step)),
                                  inv_bc2_sqrt=f32(1.0 / math.sqrt(1.0 - beta2 ** step)),
                                  eps=f32(group["eps"]), one_minus_beta1=f32(1.0 - beta1),
                                  beta2=f32(beta2), one_minus_beta2=f32(1.0 - beta2), moving=True)
 
     def _update(self, group, step, spec, g, prep, h, start, stop, host):
-        pieces, p = self._pieces(start, stop), self.flat_params
-        exp_avg, exp_avg_sq = self.state["exp_avg"], self.state["exp_avg_sq"]
-        param_sq, update_sq = self._backend.lamb_moments(p, g, exp_avg, exp_avg_sq, prep, h,
-                                                         pieces)
+        segments = self._segments(start, stop)
+        arrays = self._tensor_arrays(segments, g, "exp_avg", "exp_avg_sq")
+        run = self._backend.run_segments
+        param_sq, update_sq = run(self.MOMENTS, arrays, prep, h, segments)
         trust_lr = group["lr"] * trust_ratio(param_sq, update_sq, np.divide)
-        self._backend.lamb_step(p, exp_avg, exp_avg_sq, h._replace(moving=False), pieces,
-                                trust_lr)
+        run(self.STEP, arrays, prep, h._replace(moving=False), segments, values=[trust_lr])
         return host
 
 
@@ -147,6 +147,10 @@ class LARS(LayerWise):
                          hp.nonnegative("trust_coefficient", 1e-3), hp.maximize()),
         bench=dict(lr=1.0), check=dict(lr=5.0))
 
+    # The first pass sums the norms, the second steps.
+    NORMS = Pass("norms", sums=("param_sq", "grad_sq"))
+    STEP = Pass("lars", ("momentum_buffer",), per_segment=("trust_lr",))
+
     @staticmethod
     def buffers(group, host):
         return {"momentum_buffer": 0.0}
@@ -158,11 +162,12 @@ class LARS(LayerWise):
                                  weight_decay=f32(group["weight_decay"]))
 
     def _update(self, group, step, spec, g, prep, h, start, stop, host):
-        pieces, p = self._pieces(start, stop), self.flat_params
-        param_sq, grad_sq = self._backend.segment_norms(p, g, prep, pieces)
+        segments = self._segments(start, stop)
+        arrays = self._tensor_arrays(segments, g, "momentum_buffer")
+        run = self._backend.run_segments
+        param_sq, grad_sq = run(self.NORMS, arrays[:2], prep, rules.NoScalars(), segments)
         coefficient, weight_decay = group["trust_coefficient"], group["weight_decay"]
         local_lr = trust_ratio(param_sq, grad_sq, lambda param_norm, grad_norm:
                                coefficient * param_norm / (grad_norm + weight_decay * param_norm))
-        self._backend.lars_step(p, g, self.state["momentum_buffer"], prep, h, pieces,
-                                group["lr"] * local_lr)
+        run(self.STEP, arrays, prep, h, segments, values=[group["lr"] * local_lr])
         return host

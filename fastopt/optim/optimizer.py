@@ -130,6 +130,7 @@ class Optimizer:
         self.skipped_steps = 0
         # Re-entrant, so that a schedule or hook called during a step may take a state_dict.
         self._lock = threading.RLock()
+        self._segments_of = {}
         self._setup()
 
     @property
@@ -298,6 +299,19 @@ class Optimizer:
         self._backend.run(rule, tuple(spec), cut(self.flat_params), cut(g),
                           [cut(self.state[name]) for name in spec], prep, h,
                           self.spec.keeps_subnormals)
+
+    def _segments(self, start, stop, per_tensor=True):
+        """``[start:stop]`` of the buffers as the backend's ``Segments`` for the kernels'
+        segment passes: one per tensor, or one in all; built once."""
+        key = (start, stop, per_tensor)
+        if key not in self._segments_of:
+            if per_tensor:
+                tensors = self._tensors(start, stop)
+                sizes, starts = [math.prod(shape) for _, shape in tensors], [o for o, _ in tensors]
+            else:
+                sizes, starts = [stop - start], [start]
+            self._segments_of[key] = self._backend.segments(sizes, starts)
+        return self._segments_of[key]
 
     def _tensors(self, start, stop):
         """``(offset, shape)`` of each parameter tensor inside ``[start:stop]`` of the

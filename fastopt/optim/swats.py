@@ -1,8 +1,8 @@
 import math
 
-from ..kernels import rules
+from ..kernels import Pass, rules
 from . import spec as hp
-from .optimizer import Optimizer, _cutter, f32
+from .optimizer import Optimizer, f32
 
 
 class SWATS(Optimizer):
@@ -59,6 +59,10 @@ class SWATS(Optimizer):
                          hp.maximize()),
         bench=dict(lr=1e-3), check=dict(lr=0.05, eps=1e-6))
 
+    # The Adam phase, summing d.d and d.g over the group.
+    ADAM_PHASE = Pass("swats_adam", ("exp_avg", "exp_avg_sq"),
+                      sums=("direction_sq", "direction_g"))
+
     @staticmethod
     def buffers(group, host):
         if host["sgd_lr"] is not None:
@@ -80,10 +84,11 @@ class SWATS(Optimizer):
         if host["sgd_lr"] is not None:
             self._launch("sgd", spec, start, stop, g, prep, h)
             return host
-        cut = _cutter(start, stop)
-        direction_sq, direction_g = self._backend.swats_adam(
-            cut(self.flat_params), cut(g), cut(self.state["exp_avg"]),
-            cut(self.state["exp_avg_sq"]), prep, h)
+        segments, backend = self._segments(start, stop, per_tensor=False), self._backend
+        arrays = [backend.tensors(self.flat_params, segments), backend.tensors(g, segments),
+                  self.state["exp_avg"], self.state["exp_avg_sq"]]
+        (direction_sq,), (direction_g,) = backend.run_segments(self.ADAM_PHASE, arrays, prep, h,
+                                                               segments)
         return _estimate(group, step, host, float(h.coef), direction_sq, direction_g)
 
 
