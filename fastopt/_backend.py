@@ -5,6 +5,7 @@ fills flat buffers, and launches a rule's kernel. Both offer the same small inte
 so the optimizers never branch on the device.
 """
 
+import functools
 import sys
 import threading
 
@@ -52,30 +53,35 @@ def _thread_safe_layer():
 
 
 class Segments:
-    """Runs of elements (tensors, rows, or a whole buffer) that the kernels' segment
+    """Runs of elements (whole tensors, rows of them, ...) that the kernels' segment
     passes step and sum over, on one backend.
 
-    Segment k has ``sizes[k]`` elements; in flat parameter and gradient buffers it
-    starts at ``starts[k]`` and in the state buffers at ``state_starts[k]`` (several
-    segments may share state: the rows of a matrix, its column factors). The kernels
-    walk it in chunks (rows of ``chunks``: segment, offset, size), each summed in a
-    fixed order into a row of ``partials``, and the host adds a segment's chunk sums
-    in order: its sums do not depend on the thread count or the launch shape.
+    Segment k is ``sizes[k]`` elements of tensor ``tensor[k]`` of a launch, from element
+    ``offsets[k]`` of it on; its state starts at ``state_starts[k]`` of the flat state
+    buffers (several segments may share state: the rows of a matrix share its column
+    factor). A launch's tensors are reached through a :class:`Tensors`. The kernels walk
+    each segment in chunks (rows of ``chunks``: segment, offset, size), each summed in a
+    fixed order into a row of ``partials``, and the host adds a segment's chunk sums in
+    order: its sums do not depend on the thread count or the launch shape.
     """
 
-    def __init__(self, sizes, starts, state_starts, to_device):
+    def __init__(self, sizes, state_starts, tensor, offsets, to_device):
         self.count = len(sizes)
-        self.size = int(sum(sizes))
-        chunks = segment_chunks(sizes)
+        self.sizes = np.asarray(sizes, np.int64).reshape(-1)
+        self.size = int(self.sizes.sum())
+        self.tensor = np.asarray(tensor, np.int64).reshape(-1)
+        self.offsets = np.asarray(offsets, np.int64).reshape(-1)
+        self.whole = bool(np.array_equal(self.tensor, np.arange(self.count))
+                          and not self.offsets.any())  # one segment per tensor, in order
+        chunks = segment_chunks(self.sizes)
         self.chunk_segment = chunks[:, 0].copy()  # on the host
         self.chunks = to_device(chunks)
-        self.starts = np.asarray(starts, np.int64)
-        self.state_starts = to_device(np.asarray(state_starts, np.int64))
+        self.state_starts = to_device(np.asarray(state_starts, np.int64).reshape(-1))
         self.partials_host = np.zeros((len(chunks), MAX_SUMS), np.float64)
         self.partials = to_device(self.partials_host)
         self.row_scalars_host = np.zeros((len(chunks), MAX_PER_SEGMENT), FLOAT32)
         self.row_scalars = to_device(self.row_scalars_host)
-        self.addresses = (None, None)  # (a flat buffer's address, its segments'), CPU only
+        self.starts = (None, None)  # CUDA: (the tensors' starts, the segments' on the device)
 
     def totals(self, partials, sums):
         """The first ``sums`` columns of the chunk sums added up per segment, in order."""
@@ -86,6 +92,18 @@ class Segments:
         """Fill the chunks' scalars from ``values``, one sequence per segment each."""
         for j, column in enumerate(values):
             self.row_scalars_host[:, j] = np.asarray(column)[self.chunk_segment]
+
+
+class Tensors:
+    """The parameters and gradients of one launch as the segment kernels reach them, per
+    tensor: on the CPU, ``p`` and ``g`` are int64 arrays of each tensor's address (dense
+    float32, walked in memory order; the caller keeps the tensors alive); on CUDA, they
+    are flat buffers in which tensor k starts at ``starts[k]``."""
+
+    __slots__ = ("p", "g", "starts")
+
+    def __init__(self, p, g, starts=None):
+        self.p, self.g, self.starts = p, g, starts
 
 
 def segment_chunks(sizes):
@@ -147,33 +165,32 @@ class HostBackend:
         self._call(kernels.kernel(rule, present), p.size, p, g, *states, prep,
                    tuple(h), flush=kernels.FLUSH_DENORMALS and not keep_subnormals)
 
-    def segments(self, sizes, starts, state_starts=None):
-        """:class:`Segments` of ``sizes`` elements at ``starts`` of the flat buffers (and
-        ``state_starts`` of the states; the same by default)."""
-        return Segments(sizes, starts, starts if state_starts is None else state_starts,
-                        lambda a: a)
+    def segments(self, sizes, state_starts, tensor=None, offsets=None):
+        """:class:`Segments` of ``sizes`` elements, each a whole tensor of the launch
+        unless ``tensor`` and ``offsets`` say which part of which tensor."""
+        return _segments(sizes, state_starts, tensor, offsets, lambda a: a)
 
-    def tensors(self, flat, segments):
-        """How the segment kernels reach the segments of the flat buffer ``flat``: their
-        addresses (kept for the next calls with the same buffer)."""
-        base = flat.__array_interface__["data"][0]
-        if segments.addresses[0] != base:
-            segments.addresses = (base, base + 4 * segments.starts)
-        return segments.addresses[1]
+    def flat_tensors(self, p, g, starts):
+        """:class:`Tensors` of the tensors at ``starts`` of the flat buffers ``p``, ``g``."""
+        starts = 4 * np.asarray(starts, np.int64)
+        return Tensors(_address(p) + starts, _address(g) + starts)
 
-    def run_segments(self, spec, arrays, prep, h, segments, values=(), keep_subnormals=False):
-        """One pass ``spec`` (a ``kernels._template.Pass``) over ``segments``; returns its
-        sums per segment, a float64 array each.
-
-        ``arrays`` are the kernel's: ``p`` and ``g`` as the tensors' addresses (see
-        :meth:`tensors`), then the flat state buffers. ``values`` gives the per-segment
-        scalars, a sequence per field of ``spec.per_segment``; ``keep_subnormals`` where
-        the rule's result hangs on subnormal numbers, which the kernels otherwise flush.
+    def run_segments(self, spec, tensors, states, prep, h, segments, values=(),
+                     keep_subnormals=False):
+        """One pass ``spec`` (a ``kernels.Pass``) over ``segments`` of ``tensors`` (see
+        :class:`Tensors`) and the flat state buffers ``states`` (those of
+        ``spec.present``, in order); returns its sums per segment, a float64 array
+        each. ``values`` gives the per-segment scalars, a sequence per field of
+        ``spec.per_segment``; ``keep_subnormals`` where the rule's result hangs on
+        subnormal numbers, which the kernels otherwise flush.
         """
         segments.per_chunk(values)
+        reach = [getattr(tensors, name) for name in tensor_arguments(spec)]
+        if not segments.whole:
+            reach = [r[segments.tensor] + 4 * segments.offsets for r in reach]
         kernels = self._kernels
-        self._call(kernels.segment_kernel(*spec), segments.size, *arrays, prep, tuple(h),
-                   segments.chunks, segments.state_starts, segments.partials,
+        self._call(kernels.segment_kernel(*spec), segments.size, *reach, *states, prep,
+                   tuple(h), segments.chunks, segments.state_starts, segments.partials,
                    segments.row_scalars, flush=kernels.FLUSH_DENORMALS and not keep_subnormals)
         return segments.totals(segments.partials, len(spec.sums))
 
@@ -181,7 +198,8 @@ class HostBackend:
         """The float64 sum of squares of the flat ``g``, deterministic (see
         :class:`Segments`)."""
         segments = self._whole(g.size)
-        return self.run_segments(GRAD_SQUARES, [self.tensors(g, segments)], (), (), segments,
+        tensors = self.flat_tensors(g, g, [0])
+        return self.run_segments(GRAD_SQUARES, tensors, [], (), (), segments,
                                  keep_subnormals=True)[0][0]
 
     def ema(self, average, value, h):
@@ -195,10 +213,13 @@ class HostBackend:
 
     # -- Adafactor's passes (see kernels.cpu) ------------------------------------------
 
-    def column_sums(self, p, g, prep, blocks, out):
+    def column_sums(self, tensors, prep, blocks, table, out):
         """Sums of ``prepare(p, g)**2`` down matrix columns into ``out`` (see
-        kernels.cpu.column_sums); returns them on the host."""
-        self._call(self._kernels.column_sums, p.size, p, g, prep, blocks, out)
+        kernels.cpu.column_sums): ``blocks`` are :class:`Segments` of ``tensors``, blocks
+        of rows, whose ``(rows, columns, out_start)`` are the rows of ``table``.
+        Returns the sums on the host."""
+        reach = [r[blocks.tensor] + 4 * blocks.offsets for r in (tensors.p, tensors.g)]
+        self._call(self._kernels.column_sums, blocks.size, *reach, prep, table, out)
         return out
 
     def constant(self, a):
@@ -274,29 +295,38 @@ class CudaBackend:
         # keep_subnormals: CUDA keeps them (the kernels set no flush-to-zero mode).
         kernels.launch(kernels.kernel(rule, present), p.size, p, g, *states, prep, h)
 
-    def segments(self, sizes, starts, state_starts=None):
-        return Segments(sizes, starts, starts if state_starts is None else state_starts,
-                        self._cuda.to_device)
+    def segments(self, sizes, state_starts, tensor=None, offsets=None):
+        return _segments(sizes, state_starts, tensor, offsets, self._cuda.to_device)
 
-    def tensors(self, flat, segments):
-        """The flat buffer itself: the CUDA kernels index it from ``segments.starts``."""
-        return flat
+    def flat_tensors(self, p, g, starts):
+        return Tensors(p, g, np.asarray(starts, np.int64))
 
-    def run_segments(self, spec, arrays, prep, h, segments, values=(), keep_subnormals=False):
+    def run_segments(self, spec, tensors, states, prep, h, segments, values=(),
+                     keep_subnormals=False):
         if values:
             segments.per_chunk(values)
             segments.row_scalars.copy_to_device(segments.row_scalars_host)
         kernels = self._kernels
-        kernels.launch_segments(kernels.segment_kernel(*spec), segments, *arrays, prep, h)
+        arrays = [getattr(tensors, name) for name in tensor_arguments(spec)]
+        kernels.launch_segments(kernels.segment_kernel(*spec), segments,
+                                self._starts(tensors, segments), *arrays, *states, prep, h)
         if not spec.sums:
             return ()
         return segments.totals(segments.partials.copy_to_host(segments.partials_host),
                                len(spec.sums))
 
+    def _starts(self, tensors, segments):
+        """Where each segment starts in the flat buffers, on the device (kept)."""
+        if segments.starts[0] is not tensors.starts:
+            starts = tensors.starts[segments.tensor] + segments.offsets
+            segments.starts = (tensors.starts, self._cuda.to_device(starts))
+        return segments.starts[1]
+
     def sum_squares(self, g):
         """The float64 sum of squares of ``g`` (see :class:`Segments`)."""
         segments = self._whole(g.size)
-        return self.run_segments(GRAD_SQUARES, [g], (), (), segments)[0][0]
+        return self.run_segments(GRAD_SQUARES, self.flat_tensors(g, g, [0]), [], (), (),
+                                 segments)[0][0]
 
     def ema(self, average, value, h):
         kernels = self._kernels
@@ -308,9 +338,9 @@ class CudaBackend:
 
     # -- Adafactor's passes (see kernels.cuda) -------------------------------------------
 
-    def column_sums(self, p, g, prep, blocks, out):
-        self._kernels.launch_blocks(self._kernels.column_sums, blocks.shape[0], p, g, prep,
-                                    blocks, out)
+    def column_sums(self, tensors, prep, blocks, table, out):
+        self._kernels.launch_blocks(self._kernels.column_sums, blocks.count, tensors.p,
+                                    tensors.g, self._starts(tensors, blocks), prep, table, out)
         return out.copy_to_host()
 
     def constant(self, a):
@@ -326,6 +356,26 @@ def _extent(a):
     else:  # the simulator keeps a NumPy array inside
         start = a._ary.ctypes.data
     return start, start + a.size * a.dtype.itemsize
+
+
+def _segments(sizes, state_starts, tensor, offsets, to_device):
+    count = len(sizes)
+    tensor = np.arange(count) if tensor is None else tensor
+    offsets = np.zeros(count, np.int64) if offsets is None else offsets
+    return Segments(sizes, state_starts, tensor, offsets, to_device)
+
+
+def _address(a):
+    return a.__array_interface__["data"][0]
+
+
+@functools.cache
+def tensor_arguments(spec):
+    """Which of ``p`` and ``g`` the kernel of the pass ``spec`` takes."""
+    from .kernels import _template, rules
+
+    rule = getattr(rules, spec.rule)
+    return tuple(n for n in _template.arrays(rule, ()) if n in _template.TENSORS)
 
 
 def backend_of(x):

@@ -10,11 +10,14 @@ arguments (plus fastopt's own options) and gives its numbers.
 
 **The model's tensors stay the model's.** A step reads every parameter and gradient where
 it lies and writes the parameter in place, as torch.optim does: fastopt holds no copy
-of them and never replaces their storage. On the CPU, the single-pass algorithms (all
-but SWATS, LAMB, LARS and Adafactor) run one fused kernel per run of parameters that
-share a group and a step count, over a table of (address, length) segments. The others,
-and every algorithm on CUDA for now, gather a run's parameters and gradients into a
-scratch buffer, step it, and copy the parameters back (two more passes over them).
+of them and never replaces their storage. On the CPU every algorithm steps the tensors
+where they lie: each pass (one for most algorithms; two to four for ``caution``, SWATS,
+LAMB, LARS and Adafactor, whose per-tensor norms and factors come from the same kernels
+as in the NumPy API) is one kernel per run of parameters that share a group and a step
+count, over a table of (address, length) segments. Adafactor steps a tensor that does
+not lie in C order, and every algorithm on CUDA steps, through a scratch copy of the
+run's parameters and gradients, and copies the parameters back (two more passes over
+them).
 
 The state (``exp_avg`` ...) is fastopt's: flat buffers per device, of which
 ``opt.state[p]`` holds views in ``p``'s shape and memory layout. A state tensor that
@@ -57,8 +60,7 @@ import weakref
 import numpy as np
 import torch
 
-from ._backend import GRAD_SQUARES, HostBackend
-from .flat import adopt
+from ._backend import GRAD_SQUARES, CudaBackend, HostBackend, Tensors
 from .kernels import Pass
 from .optim import engine
 from .optim.optimizer import Optimizer as _Flat
@@ -175,8 +177,8 @@ class Optimizer(torch.optim.Optimizer):
         devices = {}
         for p in names:
             devices.setdefault(p.device, []).append(p)
-        in_place = self.algorithm.spec.passes == (MAP,)  # a single pass, of the rule
-        stores = [_Store(self.algorithm, members, in_place and device.type == "cpu")
+        stores = [_Store(self.algorithm, members, device.type == "cpu" and (
+                      not _shaped(self.algorithm) or all(p.is_contiguous() for p in members)))
                   for device, members in devices.items()]
         moves = [(store, p, name, value) for store in stores for p in store.slots
                  for name, value in self.state.get(p, {}).items()
@@ -333,7 +335,7 @@ class Optimizer(torch.optim.Optimizer):
             if not slot.attached and slot.state:
                 self.state[p] = slot.state
                 slot.attached = True
-            if store.core is not None or not keys:
+            if store.shaped or not keys:
                 begun = tuple(name in slot.state for name in store.names)
             slot.key = keys.setdefault(begun, head + (begun,))
 
@@ -501,7 +503,8 @@ class _Slot:
     """Where one parameter's state lives in its store, the views of it that
     ``opt.state[p]`` holds, and the parameter's signature when the store was built."""
 
-    def __init__(self, p, start):
+    def __init__(self, p, index, start):
+        self.index = index  # in the store
         self.start, self.stop = start, start + p.numel()
         self.address, self.shape = p.data_ptr(), p.shape
         self.views = {}
@@ -513,50 +516,62 @@ class _Slot:
 
 class _Store:
     """The state of the parameters on one device, in flat buffers, and the kernels' way to
-    the parameters: in place through addresses (``in_place``; then ``core`` is None), or
-    through a scratch buffer that ``core``, a fastopt optimizer, adopts."""
+    the parameters: in place through their addresses (``in_place``, on the CPU), or
+    through scratch buffers that hold a copy of them during the step (CUDA, and
+    Adafactor's tensors that do not lie in C order, whose rows it needs).
+
+    Each state buffer holds every parameter's part, one after the other (see
+    ``engine.state_layout``); in place, a part of the parameter's shape lies as the
+    parameter does, so that the kernels walk both in memory order."""
 
     def __init__(self, algorithm, params, in_place):
+        self.algorithm = algorithm
         self.device = params[0].device
         self.slots, start = {}, 0
-        for p in params:
-            self.slots[p] = slot = _Slot(p, start)
+        for index, p in enumerate(params):
+            self.slots[p] = slot = _Slot(p, index, start)
             start = slot.stop
         self.size = start
+        self.shapes = [tuple(p.shape) for p in params]
         self.names = []  # the state buffers made so far, in order
-        self._flat = {}
-        self._tables = {}
+        self.in_place = in_place
+        self.shaped = _shaped(algorithm)
+        self._flat, self._layouts, self._tables, self._caches = {}, {}, {}, {}
         if in_place:
-            self.backend, self.core = HostBackend(), None
+            self.backend = HostBackend()
         else:
+            self.backend = HostBackend() if self.device.type == "cpu" else CudaBackend()
             self.scratch_params = torch.zeros(start, dtype=torch.float32, device=self.device)
             self.scratch_grads = torch.zeros(start, dtype=torch.float32, device=self.device)
-            shapes = [tuple(p.shape) for p in params]  # per-tensor algorithms need them
-            self.core = algorithm(adopt(_array(self.scratch_params), shapes,
-                                        grads=_array(self.scratch_grads)))
+
+    def layout(self, name):
+        """``engine.state_layout`` of the state buffer ``name`` over the store."""
+        if name not in self._layouts:
+            self._layouts[name] = engine.state_layout(self.algorithm, name, self.shapes)
+        return self._layouts[name]
 
     def flat(self, name):
         """The flat state buffer ``name``, made when first needed."""
         if name not in self._flat:
-            size = self.size if self.core is None else self.core._state_size(name)
+            size = self.layout(name)[1]
             self._flat[name] = torch.zeros(size, dtype=torch.float32, device=self.device)
-            if self.core is not None:
-                self.core.state[name] = _array(self._flat[name])
             self.names.append(name)
         return self._flat[name]
 
     def view(self, name, p):
-        """``p``'s part of the state buffer ``name``: in ``p``'s layout where the kernels
-        step ``p`` in place, in logical order in the scratch; None where ``p`` has no such
+        """``p``'s part of the state buffer ``name``, in ``p``'s layout where the kernels
+        step ``p`` in place, in logical order otherwise; None where ``p`` has no such
         state (Adafactor's factors of a vector)."""
         slot = self.slots[p]
         if name not in slot.views:
-            flat = self.flat(name)
-            if self.core is None:
-                view = flat.as_strided(p.shape, p.stride(), slot.start)
+            flat, start = self.flat(name), int(self.layout(name)[0][slot.index])
+            shape = self.algorithm.state_shape(name, tuple(p.shape))
+            if shape is None:
+                view = None
+            elif self.in_place and shape == tuple(p.shape):
+                view = flat.as_strided(p.shape, p.stride(), start)
             else:
-                where = self.core._state_slice(name, slot.start, tuple(p.shape))
-                view = None if where is None else flat[where[0]:where[1]].view(where[2])
+                view = flat[start:start + math.prod(shape)].view(shape)
             slot.views[name] = view
         return slot.views[name]
 
@@ -570,35 +585,49 @@ class _Store:
                     dict.__setitem__(slot.state, name, view)
 
     def table(self, run):
-        """The segments of ``run``'s parameters (their state from ``run.start`` on), and
-        their addresses, kept for the next steps (the store is rebuilt when a parameter
-        moves)."""
+        """One segment per parameter of ``run``, the state laid out like the parameters,
+        kept for the next steps (the store is rebuilt when a parameter moves); with the
+        parameters' addresses where they are stepped in place."""
         key = (run.start, run.stop)
         if key not in self._tables:
             sizes = [p.numel() for p in run.params]
-            table = self.backend.segments(sizes, np.cumsum([run.start] + sizes[:-1]))
+            table = self.backend.segments(sizes, [slot.start for slot in run.slots])
             table.params = np.array([slot.address for slot in run.slots], np.int64)
+            table.starts = np.array([slot.start for slot in run.slots], np.int64)
             self._tables[key] = table
         return self._tables[key]
 
+    def tensors(self, run):
+        """How the kernels reach ``run``'s parameters and gradients."""
+        table = self.table(run)
+        if self.in_place:
+            return Tensors(table.params, run.gradients)
+        return self.backend.flat_tensors(_array(self.scratch_params), _array(self.scratch_grads),
+                                         table.starts)
+
     def update(self, algorithm, hyper, step, spec, prep, h, run, host):
         """Step ``run``'s parameters; returns the host state after the step."""
-        if self.core is None:
+        if not self.in_place:
+            for p, slot in zip(run.params, run.slots):
+                self.scratch_params[slot.start:slot.stop].view(p.shape).copy_(p)
+        # share_memory_() of a state view moves the whole buffer: look it up each step.
+        state = {name: _array(self._flat[name]) for name in spec}
+        tensors, table = self.tensors(run), self.table(run)
+        keep = algorithm.spec.keeps_subnormals
+        if algorithm.spec.passes == (MAP,) and not getattr(h, "caution", False):
             host = algorithm.host_after(hyper, step, host)  # first: it may raise
-            states = [self._flat[name].numpy() for name in spec]
-            table = self.table(run)
-            self.backend.run_segments(Pass(algorithm.rule, tuple(spec)),
-                                      [table.params, run.gradients, *states], prep, h, table,
-                                      keep_subnormals=algorithm.spec.keeps_subnormals)
-            return host
-        for p, slot in zip(run.params, run.slots):
-            self.scratch_params[slot.start:slot.stop].view(p.shape).copy_(p)
-        for name in spec:  # share_memory_() of a state view moves the whole buffer
-            self.core.state[name] = _array(self._flat[name])
-        host = self.core._update(hyper, step, spec, self.core.flat_grads, prep, h, run.start,
-                                 run.stop, host)
-        for p, slot in zip(run.params, run.slots):
-            p.copy_(self.scratch_params[slot.start:slot.stop].view(p.shape))
+            self.backend.run_segments(Pass(algorithm.rule, tuple(spec)), tensors,
+                                      list(state.values()), prep, h, table,
+                                      keep_subnormals=keep)
+        else:
+            first, last = run.slots[0].index, run.slots[-1].index + 1
+            work = engine.Work(self.backend, tensors, self.shapes[first:last], table, state,
+                               tuple(spec), lambda name: self.layout(name)[0][first:last],
+                               prep, keep, self._caches.setdefault((first, last), {}))
+            host = algorithm.update(work, hyper, step, h, host)
+        if not self.in_place:
+            for p, slot in zip(run.params, run.slots):
+                p.copy_(self.scratch_params[slot.start:slot.stop].view(p.shape))
         return host
 
 
@@ -630,7 +659,7 @@ class _Run:
         """Make the gradients readable by the kernels: their addresses (each in its
         parameter's layout, copied where it is not), or a copy in the scratch buffer."""
         store = self.store
-        if store.core is not None:
+        if not store.in_place:
             for p, slot, grad in zip(self.params, self.slots, self.grads):
                 _check_gradient(grad)
                 store.scratch_grads[slot.start:slot.stop].view(p.shape).copy_(grad)
@@ -647,11 +676,18 @@ class _Run:
 
     def sum_squares(self):
         store = self.store
-        if store.core is None:
-            total, = store.backend.run_segments(GRAD_SQUARES, [self.gradients], (), (),
-                                                store.table(self), keep_subnormals=True)
+        if store.in_place:
+            total, = store.backend.run_segments(GRAD_SQUARES, Tensors(None, self.gradients), [],
+                                                (), (), store.table(self), keep_subnormals=True)
             return math.fsum(total)
-        return store.core._backend.sum_squares(store.core.flat_grads[self.start:self.stop])
+        return store.backend.sum_squares(_array(store.scratch_grads)[self.start:self.stop])
+
+
+def _shaped(algorithm):
+    """Whether ``algorithm`` keeps state of other shapes than the parameters' (Adafactor's
+    factors): then its step reads each tensor's rows, which must lie in C order to be
+    stepped in place."""
+    return algorithm.state_shape is not _Flat.state_shape
 
 
 def _check_gradient(grad):

@@ -170,19 +170,24 @@ def _column_sums(p, g, prep, rows, columns, out):
             out[c] += x * x
 
 
+@njit(inline="always", error_model="numpy", fastmath={"reassoc"})
+def _block_sums(p, g, prep, table, out, k):
+    rows, columns, out_start = table[k, 0], table[k, 1], table[k, 2]
+    _column_sums(carray(float32_at(p[k]), rows * columns),
+                 carray(float32_at(g[k]), rows * columns), prep, rows, columns,
+                 out[out_start:out_start + columns])
+
+
 @njit(parallel=True, cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
-def column_sums(p, g, prep, blocks, out, parallel):
+def column_sums(p, g, prep, table, out, parallel):
     """Sums of ``prepare(p, g)**2`` down the columns of blocks of rows, in float64.
 
-    Each row of ``blocks`` is ``(start, rows, columns, out_start)``: the row-major block
-    at ``start`` is summed in row order into ``out[out_start:out_start + columns]``."""
+    Block k is ``(rows, columns, out_start) = table[k]``: the row-major block at the
+    addresses ``p[k]``, ``g[k]`` is summed in row order into
+    ``out[out_start:out_start + columns]``."""
     if parallel:
-        for k in prange(blocks.shape[0]):
-            start, rows, columns, out_start = blocks[k]
-            _column_sums(p[start:], g[start:], prep, rows, columns,
-                         out[out_start:out_start + columns])
+        for k in prange(table.shape[0]):
+            _block_sums(p, g, prep, table, out, k)
     else:
-        for k in range(blocks.shape[0]):
-            start, rows, columns, out_start = blocks[k]
-            _column_sums(p[start:], g[start:], prep, rows, columns,
-                         out[out_start:out_start + columns])
+        for k in range(table.shape[0]):
+            _block_sums(p, g, prep, table, out, k)

@@ -106,13 +106,14 @@ def segment_kernel(*spec):
     return _driver(_template.Pass(*spec), _SEGMENT_LOOPS)
 
 
-def launch_segments(compiled, segments, *args):
-    """Run a :func:`segment_kernel` over ``segments``: a block per chunk."""
+def launch_segments(compiled, segments, starts, *args):
+    """Run a :func:`segment_kernel` over ``segments`` (``fastopt._backend.Segments``),
+    which start at ``starts`` of the flat buffers: a block per chunk."""
     blocks = segments.partials_host.shape[0]
     if blocks:
         compiled[blocks, threads_per_block](
-            *_template.plain_tuples(args), segments.chunks, segments.starts,
-            segments.state_starts, segments.partials, segments.row_scalars)
+            *_template.plain_tuples(args), segments.chunks, starts, segments.state_starts,
+            segments.partials, segments.row_scalars)
 
 
 @cuda.jit(cache=True)
@@ -165,11 +166,12 @@ def launch_blocks(compiled, blocks, *args):
 
 
 @cuda.jit(cache=True)
-def column_sums(p, g, prep, blocks, out):
-    """One block per row of ``blocks`` (see kernels.cpu.column_sums), one thread per
-    column, each summing its column in row order."""
+def column_sums(p, g, starts, prep, table, out):
+    """One block per block of rows, starting at ``starts[k]`` of the flat buffers, with
+    ``(rows, columns, out_start) = table[k]`` (see kernels.cpu.column_sums); one thread
+    per column, each summing its column in row order."""
     k = cuda.blockIdx.x
-    start, rows, columns, out_start = blocks[k, 0], blocks[k, 1], blocks[k, 2], blocks[k, 3]
+    start, rows, columns, out_start = starts[k], table[k, 0], table[k, 1], table[k, 2]
     c = cuda.threadIdx.x
     while c < columns:
         total = float64(0)

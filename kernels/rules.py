@@ -23,6 +23,12 @@ buffers are float64 terms that a pass can sum per segment (a tensor, a row, the 
 buffer), for the algorithms that take several passes. Each pass uses the results it
 needs (see ``kernels._template.Pass``), and the compiler drops the work of the others.
 
+``caution`` (Adam, Lion, Adan) is the Cautious Optimizers mask (Liang et al. 2024), as
+timm computes it: the momentum steps only where it agrees in sign with the gradient
+(elsewhere it is multiplied by 0, which keeps a NaN), scaled by ``caution_scale``, 1 /
+max(the share of the tensor that agrees, 1e-3) in float32. That share needs a pass of
+its own first, which sums the rule's ``agreement`` per tensor.
+
 Python float literals are float64 and would promote the whole expression, so every
 constant, including ``1 - beta``, arrives through ``h`` as a float32.
 
@@ -134,9 +140,10 @@ def adadelta(p, g, square_avg, acc_delta, h: AdadeltaScalars):
 
 AdamScalars = namedtuple("AdamScalars", ["decay", "step_size", "inv_bc2_sqrt", "eps",
                                          "one_minus_beta1", "beta2", "one_minus_beta2",
-                                         "amsgrad"])
+                                         "amsgrad", "caution", "caution_scale", "zero"])
 
 
+@returns("p", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "agreement")
 def adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, h: AdamScalars):
     exp_avg = exp_avg + h.one_minus_beta1 * (g - exp_avg)
     exp_avg_sq = h.beta2 * exp_avg_sq + h.one_minus_beta2 * g * g
@@ -147,8 +154,11 @@ def adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, h: AdamScalars):
     else:
         second = exp_avg_sq
     denom = math.sqrt(second) * h.inv_bc2_sqrt + h.eps
+    agrees = exp_avg * g > h.zero
+    direction = exp_avg * (h.caution_scale if agrees else h.zero) if h.caution else exp_avg
     # decay is AdamW's 1 - lr * weight_decay, applied before the Adam step.
-    return p * h.decay - h.step_size * (exp_avg / denom), exp_avg, exp_avg_sq, max_exp_avg_sq
+    return (p * h.decay - h.step_size * (direction / denom), exp_avg, exp_avg_sq,
+            max_exp_avg_sq, float64(agrees))
 
 
 AdamaxScalars = namedtuple("AdamaxScalars", "clr eps one_minus_beta1 beta2")
@@ -235,9 +245,11 @@ def asgd(p, g, ax, h: ASGDScalars):
 
 AdanScalars = namedtuple("AdanScalars", ["decay", "step_size", "step_size_diff", "bc3_sqrt",
                                          "eps", "one_minus_beta1", "beta2", "one_minus_beta2",
-                                         "beta3", "one_minus_beta3", "prox", "has_prev_grad"])
+                                         "beta3", "one_minus_beta3", "prox", "has_prev_grad",
+                                         "caution", "caution_scale", "zero"])
 
 
+@returns("p", "exp_avg", "exp_avg_sq", "exp_avg_diff", "prev_grad", "agreement")
 def adan(p, g, exp_avg, exp_avg_sq, exp_avg_diff, prev_grad, h: AdanScalars):
     # As timm's Adan, operation for operation (a lerp for m, multiply-adds for d and n,
     # divisions where it divides). On the first step there is no previous gradient and
@@ -250,19 +262,27 @@ def adan(p, g, exp_avg, exp_avg_sq, exp_avg_diff, prev_grad, h: AdanScalars):
     denom = math.sqrt(exp_avg_sq) / h.bc3_sqrt + h.eps
     # decay is 1 - lr * weight_decay with no_prox (else 1), prox 1 + lr * weight_decay
     # without it (else 1): multiplying or dividing by 1 leaves p as it is.
-    p = p * h.decay - h.step_size * (exp_avg / denom)
+    agrees = exp_avg * g > h.zero
+    direction = exp_avg * (h.caution_scale if agrees else h.zero) if h.caution else exp_avg
+    p = p * h.decay - h.step_size * (direction / denom)
     p = (p - h.step_size_diff * (exp_avg_diff / denom)) / h.prox
-    return p, exp_avg, exp_avg_sq, exp_avg_diff, g
+    return p, exp_avg, exp_avg_sq, exp_avg_diff, g, float64(agrees)
 
 
 LionScalars = namedtuple("LionScalars", ["decay", "lr", "beta1", "one_minus_beta1", "beta2",
-                                         "one_minus_beta2", "one"])
+                                         "one_minus_beta2", "one", "caution", "caution_scale",
+                                         "zero"])
 
 
+@returns("p", "exp_avg", "agreement")
 def lion(p, g, exp_avg, h: LionScalars):
     update = h.beta1 * exp_avg + h.one_minus_beta1 * g
     direction = update if update == -update or update != update else math.copysign(h.one, update)
-    return p * h.decay - h.lr * direction, h.beta2 * exp_avg + h.one_minus_beta2 * g
+    agrees = direction * g > h.zero
+    if h.caution:
+        direction = direction * (h.caution_scale if agrees else h.zero)
+    return (p * h.decay - h.lr * direction, h.beta2 * exp_avg + h.one_minus_beta2 * g,
+            float64(agrees))
 
 
 LAMBScalars = namedtuple("LAMBScalars", ["trust_lr", "weight_decay", "inv_bc1", "inv_bc2_sqrt",

@@ -50,6 +50,8 @@ CASES = {
         dict(lr=0.01, bias_correction=False),
         dict(lr=0.01, betas=(0.8, 0.99), eps=1e-3),
         dict(lr=0.01, amsgrad=True, weight_decay=0.1, maximize=True, bias_correction=False),
+        dict(lr=0.01, caution=True),
+        dict(lr=0.01, amsgrad=True, weight_decay=0.1, maximize=True, caution=True),
     ],
     "AdamW": [
         dict(lr=0.01),
@@ -57,6 +59,7 @@ CASES = {
         dict(lr=0.01, amsgrad=True, weight_decay=0.2),
         dict(lr=0.01, maximize=True, bias_correction=False),
         dict(lr=0.01, maximize=True, weight_decay=0.3),
+        dict(lr=0.01, weight_decay=0.1, caution=True),
     ],
     "Adamax": [
         dict(lr=0.01),
@@ -114,6 +117,7 @@ CASES = {
         dict(lr=0.01, betas=(0.5, 0.8)),
         dict(lr=0.01, weight_decay=0.5),
         dict(lr=0.01, maximize=True, weight_decay=0.5, betas=(0.95, 0.98)),
+        dict(lr=0.01, weight_decay=0.5, caution=True),
     ],
     "Adan": [
         dict(lr=0.01),
@@ -121,6 +125,8 @@ CASES = {
         dict(lr=0.01, weight_decay=0.1, no_prox=True),
         dict(lr=0.01, betas=(0.9, 0.8, 0.95), eps=1e-3),
         dict(lr=0.01, maximize=True, weight_decay=0.05),
+        dict(lr=0.01, weight_decay=0.1, caution=True),
+        dict(lr=0.01, weight_decay=0.1, no_prox=True, caution=True, maximize=True),
     ],
     "LAMB": [
         dict(lr=0.01),
@@ -145,9 +151,11 @@ NOT_IN_TORCH = {name for name, algorithm in fastopt.optim.ALGORITHMS.items()
 
 ALL = [(name, kwargs) for name, cases in CASES.items() for kwargs in cases]
 
-# bias_correction is fastopt's own option.
+# Options of fastopt's own, which torch.optim's classes lack.
+FASTOPT_OPTIONS = {"bias_correction", "caution"}
+
 TORCH_CASES = [(name, kwargs) for name, kwargs in ALL
-               if name not in NOT_IN_TORCH and "bias_correction" not in kwargs]
+               if name not in NOT_IN_TORCH and not FASTOPT_OPTIONS & set(kwargs)]
 
 
 def case_id(case):

@@ -11,6 +11,16 @@ import math
 import numpy as np
 
 
+def cautious(direction, g):
+    """The Cautious Optimizers mask (Liang et al. 2024, "Cautious Optimizers: Improving
+    Training with One Line of Code", arXiv:2411.16085): ``direction`` where it agrees in
+    sign with ``g``, 0 elsewhere, scaled by 1 / max(the share that agrees, 1e-3) as timm
+    does, over the whole array (one tensor)."""
+    agree = direction * g > 0
+    share = agree.mean() if agree.size else 1.0
+    return np.where(agree, direction / max(share, 1e-3), 0.0)
+
+
 class Reference:
     def __init__(self, n, **hyper):
         self.h = hyper
@@ -105,11 +115,11 @@ class Adadelta(Reference):
 class Adam(Reference):
     def __init__(self, n, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, maximize=False, decoupled_weight_decay=False,
-                 bias_correction=True):
+                 bias_correction=True, caution=False):
         super().__init__(n, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize,
                          decoupled_weight_decay=decoupled_weight_decay,
-                         bias_correction=bias_correction)
+                         bias_correction=bias_correction, caution=caution)
         self.m = np.zeros(n)
         self.v = np.zeros(n)
         self.vmax = np.zeros(n)
@@ -127,19 +137,20 @@ class Adam(Reference):
         if h["amsgrad"]:
             self.vmax = np.maximum(self.vmax, self.v)
             v = self.vmax
+        m = cautious(self.m, g) if h["caution"] else self.m
         if h["bias_correction"]:
-            m_hat = self.m / (1 - b1 ** t)
+            m_hat = m / (1 - b1 ** t)
             denom = np.sqrt(v) / math.sqrt(1 - b2 ** t) + h["eps"]
         else:
-            m_hat, denom = self.m, np.sqrt(v) + h["eps"]
+            m_hat, denom = m, np.sqrt(v) + h["eps"]
         return p - h["lr"] * m_hat / denom
 
 
 class AdamW(Adam):
     def __init__(self, n, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, maximize=False, bias_correction=True):
+                 amsgrad=False, maximize=False, bias_correction=True, caution=False):
         super().__init__(n, lr, betas, eps, weight_decay, amsgrad, maximize, True,
-                         bias_correction)
+                         bias_correction, caution)
 
 
 class Adamax(Reference):
@@ -309,8 +320,10 @@ class ASGD(Reference):
 class Lion(Reference):
     """Chen et al. (2023), "Symbolic Discovery of Optimization Algorithms", Algorithm 2."""
 
-    def __init__(self, n, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False):
-        super().__init__(n, lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
+    def __init__(self, n, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, caution=False,
+                 maximize=False):
+        super().__init__(n, lr=lr, betas=betas, weight_decay=weight_decay, caution=caution,
+                         maximize=maximize)
         self.m = np.zeros(n)
 
     def decoupled(self):
@@ -321,8 +334,10 @@ class Lion(Reference):
         h = self.h
         b1, b2 = h["betas"]
         g = self.gradient(p, g)
-        c = b1 * self.m + (1 - b1) * g
-        p = p * (1 - h["lr"] * h["weight_decay"]) - h["lr"] * np.sign(c)
+        direction = np.sign(b1 * self.m + (1 - b1) * g)
+        if h["caution"]:
+            direction = cautious(direction, g)
+        p = p * (1 - h["lr"] * h["weight_decay"]) - h["lr"] * direction
         self.m = b2 * self.m + (1 - b2) * g
         return p
 
@@ -333,9 +348,9 @@ class Adan(Reference):
     moments; the weight decay is the proximal step, or decoupled with no_prox)."""
 
     def __init__(self, n, lr=1e-3, betas=(0.98, 0.92, 0.99), eps=1e-8, weight_decay=0.0,
-                 no_prox=False, maximize=False):
+                 no_prox=False, caution=False, maximize=False):
         super().__init__(n, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         no_prox=no_prox, maximize=maximize)
+                         no_prox=no_prox, caution=caution, maximize=maximize)
         self.m, self.d, self.n_ = np.zeros(n), np.zeros(n), np.zeros(n)
         self.previous = None
 
@@ -354,7 +369,8 @@ class Adan(Reference):
         self.d = b2 * self.d + (1 - b2) * diff
         self.n_ = b3 * self.n_ + (1 - b3) * (g + b2 * diff) ** 2
         denom = np.sqrt(self.n_ / (1 - b3 ** t)) + h["eps"]
-        update = lr / (1 - b1 ** t) * self.m / denom + lr * b2 / (1 - b2 ** t) * self.d / denom
+        m = cautious(self.m, g) if h["caution"] else self.m
+        update = lr / (1 - b1 ** t) * m / denom + lr * b2 / (1 - b2 ** t) * self.d / denom
         if h["no_prox"]:
             return p * (1 - lr * wd) - update
         return (p - update) / (1 + lr * wd)

@@ -234,6 +234,25 @@ def test_a_snapshot_that_does_not_fit_is_refused_and_changes_nothing(trained):
     assert hyperparameters(fresh) == groups
 
 
+def test_a_checkpoint_from_before_caution_loads_and_one_missing_lr_does_not(trained):
+    opt, _ = trained  # Adam
+    taken = opt.snapshot()
+    older = [{k: v for k, v in group.items() if k != "caution"} for group in taken.groups]
+    resumed = make("Adam")
+    resumed.restore(dataclasses.replace(taken, groups=older))
+    assert resumed.param_groups[0]["caution"] is False
+    g = gradient(3, opt.flat_params)
+    opt.step(g)
+    resumed.step(g)
+    np.testing.assert_array_equal(resumed.flat_params, opt.flat_params)
+    broken = [{k: v for k, v in group.items() if k != "lr"} for group in taken.groups]
+    fresh = make("Adam")
+    before = snapshot(fresh)
+    with pytest.raises(ValueError, match="options"):
+        fresh.restore(dataclasses.replace(taken, groups=broken))
+    assert_unchanged(fresh, before)
+
+
 def test_the_package_imports_without_cycles():
     # fastopt.checkpoint serializes snapshots and imports nothing of fastopt's; the
     # optimizers use it, not the other way round. A cycle is an edge back to a module on

@@ -50,8 +50,8 @@ for name, kwargs in json.loads(sys.argv[1]).items():
     prep = (np.float32(1), np.float32(np.inf), np.float32(0))
     backend = HostBackend()
     segments = backend.segments([p.size], [0])
-    arrays = [backend.tensors(p, segments), backend.tensors(g, segments)]
-    backend.run_segments(Pass(opt.rule, spec), arrays + [opt.state[s] for s in spec], prep,
+    backend.run_segments(Pass(opt.rule, spec), backend.flat_tensors(p, g, [0]),
+                         [opt.state[s] for s in spec], prep,
                          opt.scalars(group, 2, [], host), segments)
     kernel = cpu.segment_kernel(opt.rule, spec)
     asm[name + " in place"] = "\n".join(kernel.inspect_asm().values())

@@ -16,6 +16,7 @@ from cases import CASES, case_id
 from conftest import assert_unchanged, snapshot
 from fastopt._backend import SEGMENT_CHUNK, HostBackend, segment_chunks
 from fastopt.kernels import Pass, cpu, rules
+from fastopt.optim import engine
 
 f32 = np.float32
 RTOL = ATOL = 2e-5  # float32 against float64 after 30 steps (see test_cpu_vs_reference)
@@ -116,6 +117,17 @@ def test_per_tensor_differs_from_one_tensor(name):
 # -- 2. Adafactor against torch.optim.Adafactor, parameters and state ------------------
 
 
+def state_part(opt, name, index, shapes):
+    """Tensor ``index``'s part of the state buffer ``name`` in its own shape (torch's),
+    or None where it has none."""
+    shape = opt.state_shape(name, shapes[index])
+    if shape is None:
+        return None
+    start = engine.state_layout(opt, name, shapes)[0][index]
+    return opt.state[name][start:start + math.prod(shape)].reshape(shape)
+
+
+
 @pytest.mark.parametrize("kwargs", CASES["Adafactor"], ids=lambda k: case_id(("Adafactor", k)))
 def test_adafactor_matches_torch(kwargs):
     torch = pytest.importorskip("torch")
@@ -123,8 +135,8 @@ def test_adafactor_matches_torch(kwargs):
     opt = fastopt.Adafactor(params, **kwargs)
     tensors = [torch.tensor(p, requires_grad=True) for p in params]
     torch_opt = torch.optim.Adafactor(tensors, foreach=False, **kwargs)
-    layout = opt._tensors(0, opt.flat_params.size)
-    assert [tuple(shape) for _, shape in layout] == TORCH_SHAPES
+    offsets = np.cumsum([0] + [math.prod(s) for s in TORCH_SHAPES])
+    layout = list(zip(offsets, TORCH_SHAPES))
     for g in grads:
         opt.step(g)
         for t, (offset, shape) in zip(tensors, layout):
@@ -135,17 +147,15 @@ def test_adafactor_matches_torch(kwargs):
     assert np.abs(torch_flat - flat(params)).max() > 4e-5
 
     compared = set()
-    for t, (offset, shape) in zip(tensors, layout):
+    for index, (t, shape) in enumerate(zip(tensors, TORCH_SHAPES)):
         torch_state = torch_opt.state[t]
         for name in ("row_var", "col_var", "variance"):
-            where = opt._state_slice(name, offset, shape)
+            ours = state_part(opt, name, index, TORCH_SHAPES)
             if name not in torch_state:
-                assert where is None, (name, shape)
+                assert ours is None, (name, shape)
                 continue
-            start, stop, torch_shape = where
             expected = torch_state[name].numpy()
-            assert tuple(torch_shape) == expected.shape, (name, shape)
-            ours = opt.state[name][start:stop].reshape(torch_shape)
+            assert ours.shape == expected.shape, (name, shape)
             np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=0,
                                        err_msg=f"{name} of {shape}")
             assert np.all(expected > 0)  # a real comparison, not of zeros
@@ -165,11 +175,11 @@ def test_adafactor_state_is_factored():
     assert opt.state["variance"].size == 50
     # No other state buffer of the parameters' size was kept either.
     assert all(value.size <= 300 for value in opt.state.values() if hasattr(value, "size"))
-    assert opt._state_slice("row_var", 0, (300, 200)) == (0, 300, (300, 1))
-    assert opt._state_slice("col_var", 0, (300, 200)) == (0, 200, (1, 200))
-    assert opt._state_slice("variance", 60000, (50,)) == (0, 50, (50,))
-    assert opt._state_slice("variance", 0, (300, 200)) is None
-    assert opt._state_slice("row_var", 60000, (50,)) is None
+    shapes = [(300, 200), (50,)]
+    for name, index, shape in [("row_var", 0, (300, 1)), ("col_var", 0, (1, 200)),
+                               ("variance", 1, (50,))]:
+        assert state_part(opt, name, index, shapes).shape == shape
+        assert state_part(opt, name, 1 - index, shapes) is None
 
 
 # -- 4. parameter groups ------------------------------------------------------------------
@@ -230,13 +240,14 @@ NORMS = Pass("norms", sums=("param_sq", "grad_sq"))
 
 
 def norms_pass(backend, p, g, bounds):
-    segments = backend.segments([b - a for a, b in bounds], [a for a, _ in bounds])
-    return segments, [backend.tensors(p, segments), backend.tensors(g, segments)]
+    starts = [a for a, _ in bounds]
+    segments = backend.segments([b - a for a, b in bounds], starts)
+    return segments, backend.flat_tensors(p, g, starts)
 
 
 def run_segment_norms(backend, p, g, prep, bounds):
-    segments, arrays = norms_pass(backend, p, g, bounds)
-    return backend.run_segments(NORMS, arrays, prep, rules.NoScalars(), segments)
+    segments, tensors = norms_pass(backend, p, g, bounds)
+    return backend.run_segments(NORMS, tensors, [], prep, rules.NoScalars(), segments)
 
 
 def test_segment_norms_match_float64_sums():
@@ -286,9 +297,9 @@ def test_segment_norms_do_not_depend_on_the_thread_count():
     # The serial loop (small buffers) adds the same chunks in the same order.
     kernel, sums = cpu.segment_kernel(*NORMS), []
     for parallel in (True, False):
-        segments, arrays = norms_pass(HostBackend(), p, g, bounds)
-        kernel(*arrays, prep, (), segments.chunks, segments.state_starts, segments.partials,
-               segments.row_scalars, parallel, True)
+        segments, tensors = norms_pass(HostBackend(), p, g, bounds)
+        kernel(tensors.p, tensors.g, prep, (), segments.chunks, segments.state_starts,
+               segments.partials, segments.row_scalars, parallel, True)
         sums.append(segments.partials)
     np.testing.assert_array_equal(sums[0].view(np.uint64), sums[1].view(np.uint64))
 

@@ -64,8 +64,8 @@ def test_swats_reduction_is_the_same_on_both_loop_paths():
     for parallel in (True, False):
         segments = backend.segments([n], [0])
         arrays = [a.copy() for a in buffers]
-        kernel(backend.tensors(arrays[0], segments), backend.tensors(arrays[1], segments),
-               *arrays[2:], prep, h, segments.chunks, segments.state_starts, segments.partials,
+        tensors = backend.flat_tensors(arrays[0], arrays[1], [0])
+        kernel(tensors.p, tensors.g, *arrays[2:], prep, h, segments.chunks, segments.state_starts, segments.partials,
                segments.row_scalars, parallel, True)
         sums.append(segments.partials.copy())
         results.append(arrays)

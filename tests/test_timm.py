@@ -92,3 +92,24 @@ def test_adan_matches_timm(kwargs):
         # timm keeps minus the last gradient; fastopt keeps the gradient
         assert_close_in_ulps(our_opt.state[a]["prev_grad"], -their_opt.state[b]["neg_pre_grad"],
                              f"state[{k}][prev_grad]")
+
+
+CAUTIOUS = [("adamw", "AdamWLegacy", "AdamW", dict(lr=0.01, weight_decay=0.1)),
+            ("adamw", "AdamWLegacy", "AdamW", dict(lr=0.01, amsgrad=True, maximize=True)),
+            ("lion", "Lion", "Lion", dict(lr=0.01, weight_decay=0.1)),
+            ("adan", "Adan", "Adan", dict(lr=0.01, weight_decay=0.1)),
+            ("adan", "Adan", "Adan", dict(lr=0.01, weight_decay=0.1, no_prox=True))]
+
+
+@pytest.mark.parametrize("module, name, ours, kwargs", CAUTIOUS,
+                         ids=[f"{c[2]}{c[3]}" for c in CAUTIOUS])
+def test_caution_matches_timm(module, name, ours, kwargs):
+    """The Cautious Optimizers mask, with its mean over each tensor, as timm computes it."""
+    Theirs = timm_optimizer(module, name)
+    theirs, _ = train(lambda ps: Theirs(ps, foreach=False, caution=True, **kwargs), seed=5)
+    mine, _ = train(lambda ps: getattr(ft, ours)(ps, caution=True, **kwargs), seed=5)
+    plain, _ = train(lambda ps: getattr(ft, ours)(ps, **kwargs), seed=5)
+    for k, (a, b, c) in enumerate(zip(mine, theirs, plain)):
+        assert_close_in_ulps(a, b, f"params[{k}]")
+        # the mask changed the result, by far more than the tolerance
+        assert (a - c).abs().max().item() > 100 * ULPS * np.spacing(np.float32(3))

@@ -355,7 +355,7 @@ def sum_squares(g, parallel):
     """The global norm's pass over ``g``, on the serial or the parallel loop."""
     backend = HostBackend()
     segments = backend.segments([g.size], [0])
-    cpu.segment_kernel(*GRAD_SQUARES)(backend.tensors(g, segments), (), (), segments.chunks,
+    cpu.segment_kernel(*GRAD_SQUARES)(backend.flat_tensors(g, g, [0]).g, (), (), segments.chunks,
                                       segments.state_starts, segments.partials,
                                       segments.row_scalars, parallel, False)
     return segments.totals(segments.partials, 1)[0][0]

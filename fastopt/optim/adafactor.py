@@ -88,40 +88,18 @@ class Adafactor(Optimizer):
     spec = hp.Spec(
         rule="adafactor", torch="Adafactor", moves=28, per_tensor=True,
         passes=(hp.REDUCE, hp.REDUCE, hp.MAP_REDUCE, hp.MAP),
+        # eps1**2 may be subnormal (torch's default eps1 is float32's epsilon, but a user's
+        # 1e-20 gives 1e-40), and it floors the estimate the rule divides by.
+        keeps_subnormals=True,
         hyperparameters=(hp.lr(1e-2), hp.Hyperparameter("beta2_decay", -0.8, _check_beta2_decay),
                          hp.Hyperparameter("eps", (None, 1e-3), _check_eps_pair),
                          hp.Hyperparameter("d", 1.0, _check_d), hp.weight_decay(),
                          hp.maximize()),
         bench=dict(lr=1e-2), check=dict(lr=0.05))
 
-    def _setup(self):
-        self._moments = {}  # tensor offset -> where its factors or variance begin
-        sizes = dict(row_var=0, col_var=0, variance=0)
-        for offset, shape in self._tensors(0, self.flat_params.size):
-            self._moments[offset] = (sizes["row_var"], sizes["col_var"], sizes["variance"])
-            if math.prod(shape) and len(shape) >= 2:
-                batch = math.prod(shape[:-2])
-                sizes["row_var"] += batch * shape[-2]
-                sizes["col_var"] += batch * shape[-1]
-            elif math.prod(shape):
-                sizes["variance"] += math.prod(shape)
-        self._sizes = sizes
-        self._plans = {}
-
-
     @staticmethod
     def buffers(group, host):
         return {"row_var": 0.0, "col_var": 0.0, "variance": 0.0}
-
-    def _state_size(self, name):
-        return self._sizes.get(name, self.flat_params.size)
-
-    def _state_slice(self, name, offset, shape):
-        state_shape = self.state_shape(name, shape)
-        if state_shape is None:
-            return None
-        start = dict(zip(("row_var", "col_var", "variance"), self._moments[offset]))[name]
-        return start, start + math.prod(state_shape), state_shape
 
     @staticmethod
     def state_shape(name, shape):
@@ -157,50 +135,45 @@ class Adafactor(Optimizer):
                                       decay=f32(1.0 - group["lr"] * group["weight_decay"]),
                                       step_size=f32(0.0))
 
-    def _update(self, group, step, spec, g, prep, h, start, stop, host):
-        if (start, stop) not in self._plans:
-            self._plans[start, stop] = _Plan.of(self, start, stop)
-        plan, backend, p = self._plans[start, stop], self._backend, self.flat_params
+    @classmethod
+    def update(cls, work, group, step, h, host):
+        if "plan" not in work.cache:
+            work.cache["plan"] = _Plan.of(work)
+        plan, backend, state = work.cache["plan"], work.backend, work.state
         beta, eps1 = float(h.beta), _eps1(group)
         lr = group["lr"]
-        run = backend.run_segments
 
         # Pass 1: RMS(p) per tensor; g*g summed along the rows and down the columns.
-        arrays = [backend.tensors(p, plan.segments), backend.tensors(g, plan.segments)]
-        param_sq, row_sq = run(NORMS, arrays, prep, rules.NoScalars(), plan.segments)
+        param_sq, row_sq = work.run(NORMS, rules.NoScalars(), plan.segments)
         param_sq = np.bincount(plan.segment_tensor, param_sq, plan.tensors)
         # fmax: torch takes Python's max, which returns its first argument over a NaN.
         alpha = np.fmax(group["eps"][1], np.sqrt(param_sq / plan.sizes))
         alpha *= min(lr, 1.0 / math.sqrt(step))
-        block_sq = backend.column_sums(p, g, prep, plan.blocks, plan.block_sums)
+        block_sq = backend.column_sums(work.tensors, work.prep, plan.blocks, plan.block_table,
+                                       plan.block_sums)
         column_sq = np.bincount(plan.block_columns, block_sq, plan.column_slots.size)
 
         # The factors, r + c numbers per matrix, move on the host.
-        row_var = _lerp(backend.to_host(self.state["row_var"]), plan.row_slots,
+        row_var = _lerp(backend.to_host(state["row_var"]), plan.row_slots,
                         row_sq[plan.row_segments] / plan.row_lengths, beta)
-        col_var = _lerp(backend.to_host(self.state["col_var"]), plan.column_slots,
+        col_var = _lerp(backend.to_host(state["col_var"]), plan.column_slots,
                         column_sq / plan.column_lengths, beta)
-        backend.copy(self.state["row_var"], row_var)
-        backend.copy(self.state["col_var"], col_var)
+        backend.copy(state["row_var"], row_var)
+        backend.copy(state["col_var"], col_var)
         rows = row_var[plan.row_slots].astype(np.float64)
         row_mean = np.bincount(plan.row_batch, rows, plan.batches) / plan.batch_rows
         row_scales = rows / np.maximum(row_mean, eps1)[plan.row_batch]
 
         # Pass 2: RMS(U) per tensor, moving the vectors' variance. Pass 3: the step.
-        rows, vectors = plan.rows, plan.vectors
-        row_arrays = [backend.tensors(p, rows), backend.tensors(g, rows), self.state["col_var"]]
-        vector_arrays = [backend.tensors(p, vectors), backend.tensors(g, vectors),
-                         self.state["variance"]]
-        update_sq, = run(self.ROW_NORMS, row_arrays, prep, h, rows, values=[row_scales])
-        vector_sq, = run(self.VECTOR_NORMS, vector_arrays, prep, h._replace(moving=True),
-                         vectors)
+        rows, vectors = ([state["col_var"]], plan.rows), ([state["variance"]], plan.vectors)
+        update_sq, = work.run(cls.ROW_NORMS, h, rows[1], [row_scales], rows[0])
+        vector_sq, = work.run(cls.VECTOR_NORMS, h._replace(moving=True), vectors[1], (),
+                              vectors[0])
         update_sq = (np.bincount(plan.row_tensor, update_sq, plan.tensors)
                      + np.bincount(plan.vector_tensor, vector_sq, plan.tensors))
         step_size = alpha / np.fmax(1.0, np.sqrt(update_sq / plan.sizes) / group["d"])
-        run(self.ROW_STEP, row_arrays, prep, h, rows,
-            values=[row_scales, step_size[plan.row_tensor]])
-        run(self.VECTOR_STEP, vector_arrays, prep, h, vectors,
-            values=[step_size[plan.vector_tensor]])
+        work.run(cls.ROW_STEP, h, rows[1], [row_scales, step_size[plan.row_tensor]], rows[0])
+        work.run(cls.VECTOR_STEP, h, vectors[1], [step_size[plan.vector_tensor]], vectors[0])
         return host
 
 
@@ -221,7 +194,7 @@ def _lerp(buffer, slots, target, weight):
 
 @dataclass
 class _Plan:
-    """How Adafactor walks the tensors in one span of the flat buffer; built once.
+    """How Adafactor walks the tensors of one launch; built once.
 
     Its segments (``fastopt._backend.Segments``) are the rows of the factored tensors
     and the whole vectors, in the tensors' order; ``rows`` and ``vectors`` are the same
@@ -245,63 +218,60 @@ class _Plan:
     batch_rows: np.ndarray  # the number of rows of each matrix
     column_slots: np.ndarray  # the columns' places in col_var,
     column_lengths: np.ndarray  # and their number of rows
-    blocks: object  # blocks of rows for the column sums, see kernels.cpu.column_sums,
-    block_sums: object  # which write their sums here,
+    blocks: object  # blocks of rows for the column sums (Segments of the tensors),
+    block_table: object  # their (rows, columns, out_start), see kernels.cpu.column_sums,
+    block_sums: object  # the sums they write,
     block_columns: np.ndarray  # each of which belongs to this column (of column_slots)
 
     @classmethod
-    def of(cls, opt, start, stop):
-        tensors = opt._tensors(start, stop)
-        bounds, segment_tensor, second, factored = [], [], [], []
-        row_slots, row_lengths, row_batch, batch_rows = [], [], [], []
-        column_slots, column_lengths, blocks, block_columns = [], [], [], []
-        for index, (offset, shape) in enumerate(tensors):
+    def of(cls, work):
+        row_base, col_base, var_base = (work.state_starts(name)
+                                        for name in ("row_var", "col_var", "variance"))
+        segments, row_slots, row_lengths, row_batch, batch_rows = [], [], [], [], []
+        column_slots, column_lengths, blocks, block_table, block_columns = [], [], [], [], []
+        for index, shape in enumerate(work.shapes):
             size = math.prod(shape)
-            row_base, col_base, var_base = opt._moments[offset]
             if size and len(shape) >= 2:
                 rows, columns = shape[-2], shape[-1]
                 for batch in range(size // (rows * columns)):
                     first_row = batch * rows
-                    row_slots += range(row_base + first_row, row_base + first_row + rows)
+                    row_slots += range(row_base[index] + first_row,
+                                       row_base[index] + first_row + rows)
                     row_lengths += [columns] * rows
                     row_batch += [len(batch_rows)] * rows
                     batch_rows.append(rows)
-                    matrix = offset + first_row * columns
-                    bounds += [(matrix + r * columns, columns) for r in range(rows)]
-                    segment_tensor += [index] * rows
-                    columns_at = col_base + batch * columns
-                    second += [columns_at] * rows
-                    factored += [True] * rows
+                    matrix = first_row * columns  # in the tensor
+                    columns_at = col_base[index] + batch * columns
+                    # (tensor, offset, size, state start, factored)
+                    segments += [(index, matrix + r * columns, columns, columns_at, True)
+                                 for r in range(rows)]
                     block_rows = max(-(-SEGMENT_CHUNK // columns), -(-rows // ROW_BLOCKS))
                     for first in range(0, rows, block_rows):
-                        blocks.append((matrix + first * columns, min(block_rows, rows - first),
-                                       columns, len(block_columns)))
+                        count = min(block_rows, rows - first)
+                        blocks.append((index, matrix + first * columns, count * columns))
+                        block_table.append((count, columns, len(block_columns)))
                         block_columns += range(len(column_slots), len(column_slots) + columns)
                     column_slots += range(columns_at, columns_at + columns)
                     column_lengths += [rows] * columns
             elif size:
-                bounds.append((offset, size))
-                segment_tensor.append(index)
-                second.append(var_base)
-                factored.append(False)
-        backend, ints = opt._backend, dict(dtype=np.int64)
-        starts, sizes = [b[0] for b in bounds], [b[1] for b in bounds]
-        factored, segment_tensor = np.array(factored, bool), np.array(segment_tensor, **ints)
+                segments.append((index, 0, size, var_base[index], False))
+        backend, ints = work.backend, dict(dtype=np.int64)
+        tensor, offsets, sizes, second, factored = np.array(segments, np.int64).reshape(-1, 5).T
+        factored = factored.astype(bool)
 
-        def segments(kind):
-            pick = np.flatnonzero(factored == kind)
-            return backend.segments([sizes[k] for k in pick], [starts[k] for k in pick],
-                                    [second[k] for k in pick])
+        def kind(pick):
+            return backend.segments(sizes[pick], second[pick], tensor[pick], offsets[pick])
 
+        block_tensor, block_offsets, block_sizes = np.array(blocks, np.int64).reshape(-1, 3).T
         return cls(
-            segments=backend.segments(sizes, starts),
-            rows=segments(True),
-            vectors=segments(False),
-            tensors=len(tensors),
-            sizes=np.array([math.prod(s) or 1 for _, s in tensors], np.float64),
-            segment_tensor=segment_tensor,
-            row_tensor=segment_tensor[factored],
-            vector_tensor=segment_tensor[~factored],
+            segments=backend.segments(sizes, np.zeros_like(sizes), tensor, offsets),
+            rows=kind(factored),
+            vectors=kind(~factored),
+            tensors=len(work.shapes),
+            sizes=np.array([math.prod(s) or 1 for s in work.shapes], np.float64),
+            segment_tensor=tensor,
+            row_tensor=tensor[factored],
+            vector_tensor=tensor[~factored],
             row_segments=np.flatnonzero(factored),
             row_slots=np.array(row_slots, **ints),
             row_lengths=np.array(row_lengths, np.float64),
@@ -310,7 +280,9 @@ class _Plan:
             batch_rows=np.array(batch_rows, np.float64),
             column_slots=np.array(column_slots, **ints),
             column_lengths=np.array(column_lengths, np.float64),
-            blocks=backend.constant(np.array(blocks, np.int64).reshape(-1, 4)),
+            blocks=backend.segments(block_sizes, np.zeros_like(block_sizes), block_tensor,
+                                    block_offsets),
+            block_table=backend.constant(np.array(block_table, np.int64).reshape(-1, 3)),
             block_sums=backend.zeros64(len(block_columns)),
             block_columns=np.array(block_columns, **ints),
         )

@@ -29,6 +29,11 @@ class Adam(Optimizer):
         lr (γ), betas (β₁, β₂), eps (ε), weight_decay (λ), amsgrad, maximize,
         decoupled_weight_decay: as in torch.optim.Adam, with the same defaults.
         bias_correction: fastopt's own; False skips both bias corrections.
+        caution: fastopt's own (timm's AdamW has it): the Cautious Optimizers mask
+            (Liang et al. 2024) as timm computes it, :math:`m_t` stepping only where it
+            agrees in sign with :math:`g_t`, scaled by 1 / max(the share of its tensor
+            that agrees, 1e-3). A cautious step takes two passes over the tensors: one
+            counts the agreement, one steps.
         **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see
             :class:`fastopt.Optimizer`.
 
@@ -47,7 +52,8 @@ class Adam(Optimizer):
         hyperparameters=(hp.lr(1e-3), hp.betas((0.9, 0.999)), hp.eps(1e-8), hp.weight_decay(),
                          hp.flag("amsgrad"), hp.maximize(),
                          hp.flag("decoupled_weight_decay", keyword_only=True),
-                         hp.flag("bias_correction", True, keyword_only=True)),
+                         hp.flag("bias_correction", True, keyword_only=True),
+                         hp.flag("caution", keyword_only=True)),
         bench=dict(lr=1e-3), check=dict(lr=0.05))
 
     @staticmethod
@@ -68,7 +74,9 @@ class Adam(Optimizer):
         return rules.AdamScalars(decay=decoupled_decay(group), step_size=f32(step_size),
                                  inv_bc2_sqrt=f32(inv_bc2_sqrt), eps=f32(group["eps"]),
                                  one_minus_beta1=f32(1.0 - beta1), beta2=f32(beta2),
-                                 one_minus_beta2=f32(1.0 - beta2), amsgrad=bool(group["amsgrad"]))
+                                 one_minus_beta2=f32(1.0 - beta2), amsgrad=bool(group["amsgrad"]),
+                                 caution=bool(group["caution"]), caution_scale=f32(1.0),
+                                 zero=f32(0.0))
 
 
 class AdamW(Adam):

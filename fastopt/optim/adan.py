@@ -28,8 +28,8 @@ class Adan(Optimizer):
     Args:
         params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt`, or
             a list of parameter-group dicts.
-        lr (γ), betas (β₁, β₂, β₃), eps (ε), weight_decay (λ), no_prox: as in
-            timm.optim.Adan, with the same defaults.
+        lr (γ), betas (β₁, β₂, β₃), eps (ε), weight_decay (λ), no_prox, caution: as in
+            timm.optim.Adan, with the same defaults (``caution``: see :class:`Adam`).
         maximize: fastopt's, as in the others: ascend instead.
         **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see
             :class:`fastopt.Optimizer`.
@@ -47,7 +47,8 @@ class Adan(Optimizer):
         rule="adan", moves=44,
         hyperparameters=(hp.lr(1e-3), hp.Hyperparameter("betas", (0.98, 0.92, 0.99),
                                                             lambda betas: check_betas(betas, 3)),
-                         hp.eps(1e-8), hp.weight_decay(), hp.flag("no_prox"), hp.maximize()),
+                         hp.eps(1e-8), hp.weight_decay(), hp.flag("no_prox"), hp.flag("caution"),
+                         hp.maximize()),
         bench=dict(lr=1e-3), check=dict(lr=0.05))
 
     @staticmethod
@@ -71,4 +72,5 @@ class Adan(Optimizer):
             one_minus_beta1=f32(1.0 - beta1), beta2=f32(beta2),
             one_minus_beta2=f32(1.0 - beta2), beta3=f32(beta3), one_minus_beta3=f32(1.0 - beta3),
             prox=f32(1.0 if no_prox else 1.0 + lr * weight_decay),
-            has_prev_grad="prev_grad" not in fresh)
+            has_prev_grad="prev_grad" not in fresh, caution=bool(group["caution"]),
+            caution_scale=f32(1.0), zero=f32(0.0))

@@ -2,13 +2,15 @@
 (:class:`fastopt.Optimizer` over its flat buffers, ``fastopt.torch`` over the model's
 tensors): the algorithm's float32 scalars for a step, refused where they overflow; the
 inverse loss scale; the global gradient norm, with the clipping coefficient and the
-non-finite skip it decides; and the factors of ``rules.prepare``."""
+non-finite skip it decides; the factors of ``rules.prepare``; and the two passes of a
+cautious step."""
 
 import math
 import numbers
 
 import numpy as np
 
+from ..kernels import Pass
 from .checks import FLOAT32_MAX, real
 
 f32 = np.float32
@@ -103,3 +105,67 @@ def _finite(h):
         return math.isfinite(math.fsum(h))
     except ValueError:  # inf and -inf together
         return False
+
+
+class Work:
+    """One launch of a step that is more than one flat pass of the rule (per-tensor norms,
+    factors, caution), as either front end hands it to ``algorithm.update``: the
+    launch's tensors, their state and the front's way to reach them.
+
+    Attributes:
+        backend: the ``fastopt._backend`` backend that runs the kernels.
+        tensors: the parameters and gradients, a ``fastopt._backend.Tensors``.
+        shapes: the tensors' shapes, in order.
+        segments: one ``Segments`` per tensor, the state laid out like the parameters.
+        state: the flat state buffers of ``present``, by name.
+        present: the state buffers this step uses, in the rule's order.
+        state_starts: ``name -> int64 array``: where each tensor's part of the buffer
+            ``name`` begins (-1 where it has none; see :func:`state_layout`).
+        prep: the factors of ``rules.prepare``.
+        keep_subnormals: the algorithm's ``Spec.keeps_subnormals``.
+        cache: a dict the front keeps for this launch between steps (plans).
+    """
+
+    def __init__(self, backend, tensors, shapes, segments, state, present, state_starts,
+                 prep, keep_subnormals, cache):
+        self.backend, self.tensors, self.shapes, self.segments = backend, tensors, shapes, segments
+        self.state, self.present, self.state_starts = state, present, state_starts
+        self.prep, self.keep_subnormals, self.cache = prep, keep_subnormals, cache
+
+    def run(self, spec, h, segments=None, values=(), states=None):
+        """The pass ``spec`` (a ``kernels.Pass``) with scalars ``h`` over ``segments``
+        (default: the tensors) and ``states`` (default: those ``spec.present`` names);
+        returns its sums per segment."""
+        if states is None:
+            states = [self.state[name] for name in spec.present]
+        return self.backend.run_segments(
+            spec, self.tensors, states, self.prep, h,
+            self.segments if segments is None else segments, values, self.keep_subnormals)
+
+
+def state_layout(algorithm, name, shapes):
+    """``(starts, size)``: the state buffer ``name`` of tensors of ``shapes``, each
+    tensor's part (of ``algorithm.state_shape``) after the previous one's: where each
+    begins (-1 where it has none), and the size of the buffer."""
+    starts, size = [], 0
+    for shape in shapes:
+        state_shape = algorithm.state_shape(name, tuple(shape))
+        starts.append(-1 if state_shape is None else size)
+        size += 0 if state_shape is None else math.prod(state_shape)
+    return np.array(starts, np.int64), size
+
+
+# timm clamps the share of a tensor that agrees with its gradient to at least this.
+CAUTION_MIN_SHARE = f32(1e-3)
+
+
+def cautious_step(work, rule, h):
+    """A step of ``rule`` with ``h.caution`` over the tensors of ``work``: the first pass
+    counts, per tensor, where the momentum agrees with the gradient (the rule's
+    ``agreement``) and writes nothing; the second steps with
+    ``caution_scale = 1 / max(share, 1e-3)``, the share in float32 as timm's
+    mask.mean() gives it."""
+    agree, = work.run(Pass(rule, work.present, writes=(), sums=("agreement",)), h)
+    share = (agree / np.maximum(work.segments.sizes, 1)).astype(f32)
+    scale = f32(1) / np.maximum(share, CAUTION_MIN_SHARE)
+    work.run(Pass(rule, work.present, per_segment=("caution_scale",)), h, values=[scale])

@@ -12,18 +12,12 @@ from .optimizer import Optimizer, f32
 class LayerWise(Optimizer):
     """The base of algorithms that scale each tensor's step by a ratio of norms over
     that tensor (a "layer"). The norms come from one parallel, deterministic segmented
-    reduction over the flat buffers, whose segments are the tensors of the flattening
-    layout (see ``fastopt._backend.Segments``), fused with the pass that needs them."""
+    reduction whose segments are the tensors (see ``fastopt._backend.Segments``), fused
+    with the pass that needs them."""
 
     @staticmethod
     def l2(group):
         return 0.0  # the weight decay is part of the layer-wise update
-
-    def _tensor_arrays(self, segments, g, *states):
-        """The arrays of a segment pass over the tensors: p, g, then ``states``."""
-        backend = self._backend
-        return [backend.tensors(self.flat_params, segments), backend.tensors(g, segments),
-                *(self.state[name] for name in states)]
 
 
 def trust_ratio(param_sq, other_sq, ratio):
@@ -96,13 +90,11 @@ class LAMB(LayerWise):
                                  eps=f32(group["eps"]), one_minus_beta1=f32(1.0 - beta1),
                                  beta2=f32(beta2), one_minus_beta2=f32(1.0 - beta2), moving=True)
 
-    def _update(self, group, step, spec, g, prep, h, start, stop, host):
-        segments = self._segments(start, stop)
-        arrays = self._tensor_arrays(segments, g, "exp_avg", "exp_avg_sq")
-        run = self._backend.run_segments
-        param_sq, update_sq = run(self.MOMENTS, arrays, prep, h, segments)
+    @classmethod
+    def update(cls, work, group, step, h, host):
+        param_sq, update_sq = work.run(cls.MOMENTS, h)
         trust_lr = group["lr"] * trust_ratio(param_sq, update_sq, np.divide)
-        run(self.STEP, arrays, prep, h._replace(moving=False), segments, values=[trust_lr])
+        work.run(cls.STEP, h._replace(moving=False), values=[trust_lr])
         return host
 
 
@@ -161,13 +153,11 @@ class LARS(LayerWise):
         return rules.LARSScalars(trust_lr=f32(0.0), momentum=f32(group["momentum"]),
                                  weight_decay=f32(group["weight_decay"]))
 
-    def _update(self, group, step, spec, g, prep, h, start, stop, host):
-        segments = self._segments(start, stop)
-        arrays = self._tensor_arrays(segments, g, "momentum_buffer")
-        run = self._backend.run_segments
-        param_sq, grad_sq = run(self.NORMS, arrays[:2], prep, rules.NoScalars(), segments)
+    @classmethod
+    def update(cls, work, group, step, h, host):
+        param_sq, grad_sq = work.run(cls.NORMS, rules.NoScalars())
         coefficient, weight_decay = group["trust_coefficient"], group["weight_decay"]
         local_lr = trust_ratio(param_sq, grad_sq, lambda param_norm, grad_norm:
                                coefficient * param_norm / (grad_norm + weight_decay * param_norm))
-        run(self.STEP, arrays, prep, h, segments, values=[group["lr"] * local_lr])
+        work.run(cls.STEP, h, values=[group["lr"] * local_lr])
         return host

@@ -22,6 +22,8 @@ class Lion(Optimizer):
         params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt`, or
             a list of parameter-group dicts.
         lr (γ), betas (β₁, β₂), weight_decay (λ, decoupled as in AdamW), maximize.
+        caution: the sign steps only where it agrees with the gradient, as in
+            :class:`Adam` (and timm's Lion).
         **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see
             :class:`fastopt.Optimizer`.
 
@@ -35,7 +37,8 @@ class Lion(Optimizer):
 
     spec = hp.Spec(
         rule="lion", moves=20,
-        hyperparameters=(hp.lr(1e-4), hp.betas((0.9, 0.99)), hp.weight_decay(), hp.maximize()),
+        hyperparameters=(hp.lr(1e-4), hp.betas((0.9, 0.99)), hp.weight_decay(), hp.flag("caution"),
+                         hp.maximize()),
         bench=dict(lr=1e-4), check=dict(lr=0.005))
 
     @staticmethod
@@ -51,4 +54,6 @@ class Lion(Optimizer):
         lr, (beta1, beta2) = group["lr"], group["betas"]
         return rules.LionScalars(decay=f32(1.0 - lr * group["weight_decay"]), lr=f32(lr),
                                  beta1=f32(beta1), one_minus_beta1=f32(1.0 - beta1),
-                                 beta2=f32(beta2), one_minus_beta2=f32(1.0 - beta2), one=f32(1.0))
+                                 beta2=f32(beta2), one_minus_beta2=f32(1.0 - beta2), one=f32(1.0),
+                                 caution=bool(group["caution"]), caution_scale=f32(1.0),
+                                 zero=f32(0.0))

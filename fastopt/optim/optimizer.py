@@ -1,5 +1,6 @@
 """The base class every algorithm builds on: buffers, groups, state and the step."""
 
+import bisect
 import math
 import operator
 import threading
@@ -9,11 +10,12 @@ import numpy as np
 from .. import checkpoint
 from .._backend import FLOAT32, _extent, is_c_contiguous
 from ..flat import ViewList, flatten
+from ..kernels import Pass
 from . import engine
 from .checks import check_flag, check_lr, positive_or_none
 from .snapshot import restore as restore_snapshot
 from .snapshot import take as take_snapshot
-from .spec import ALGORITHMS, constructor
+from .spec import ALGORITHMS, MAP, constructor
 
 f32 = np.float32
 
@@ -130,7 +132,10 @@ class Optimizer:
         self.skipped_steps = 0
         # Re-entrant, so that a schedule or hook called during a step may take a state_dict.
         self._lock = threading.RLock()
-        self._segments_of = {}
+        self._all_tensors = [(offset, shape) for layout in self._layouts
+                             for offset, shape in zip(layout.offsets, layout.shapes)]
+        self._state_layouts = {}
+        self._works = {}  # (start, stop) -> what _work builds once
         self._setup()
 
     @property
@@ -289,9 +294,27 @@ class Optimizer:
     def _update(self, group, step, spec, g, prep, h, start, stop, host):
         """Apply step number ``step`` to ``[start:stop]`` of the buffers, which share the
         host state ``host``; returns that host state after the step."""
-        after = self.host_after(group, step, host)  # first: if it raises, nothing moved
-        self._launch(self.rule, spec, start, stop, g, prep, h)
-        return after
+        if self.spec.passes == (MAP,) and not getattr(h, "caution", False):
+            after = self.host_after(group, step, host)  # first: if it raises, nothing moved
+            self._launch(self.rule, spec, start, stop, g, prep, h)
+            return after
+        return self.update(self._work(start, stop, spec, g, prep), group, step, h, host)
+
+    def _work(self, start, stop, spec, g, prep):
+        """The :class:`engine.Work` of the tensors in ``[start:stop]``."""
+        if (start, stop) not in self._works:
+            first, last = self._tensor_range(start, stop)
+            shapes = [shape for _, shape in self._all_tensors[first:last]]
+            offsets = np.array([offset for offset, _ in self._all_tensors[first:last]], np.int64)
+            sizes = [math.prod(shape) for shape in shapes]
+            segments = self._backend.segments(sizes, offsets)
+            self._works[start, stop] = (first, last, shapes, offsets, segments, {})
+        first, last, shapes, offsets, segments, cache = self._works[start, stop]
+        return engine.Work(
+            self._backend, self._backend.flat_tensors(self.flat_params, g, offsets), shapes,
+            segments, {name: self.state[name] for name in spec}, tuple(spec),
+            lambda name: self._state_layout(name)[0][first:last], prep,
+            self.spec.keeps_subnormals, cache)
 
     def _launch(self, rule, spec, start, stop, g, prep, h):
         """Run ``rule`` over ``[start:stop]`` of the parameters, ``g`` and the state."""
@@ -300,25 +323,10 @@ class Optimizer:
                           [cut(self.state[name]) for name in spec], prep, h,
                           self.spec.keeps_subnormals)
 
-    def _segments(self, start, stop, per_tensor=True):
-        """``[start:stop]`` of the buffers as the backend's ``Segments`` for the kernels'
-        segment passes: one per tensor, or one in all; built once."""
-        key = (start, stop, per_tensor)
-        if key not in self._segments_of:
-            if per_tensor:
-                tensors = self._tensors(start, stop)
-                sizes, starts = [math.prod(shape) for _, shape in tensors], [o for o, _ in tensors]
-            else:
-                sizes, starts = [stop - start], [start]
-            self._segments_of[key] = self._backend.segments(sizes, starts)
-        return self._segments_of[key]
-
-    def _tensors(self, start, stop):
-        """``(offset, shape)`` of each parameter tensor inside ``[start:stop]`` of the
-        flat buffer, for algorithms that work per tensor."""
-        return [(offset, shape) for layout in self._layouts
-                for offset, shape in zip(layout.offsets, layout.shapes)
-                if start <= offset < stop]
+    def _tensor_range(self, start, stop):
+        """``(first, last)``: the tensors whose offsets lie in ``[start:stop]``."""
+        offsets = [offset for offset, _ in self._all_tensors]
+        return bisect.bisect_left(offsets, start), bisect.bisect_left(offsets, stop)
 
     def _check_group(self, index, group):
         try:
@@ -362,14 +370,29 @@ class Optimizer:
         """The host state after step ``step``, from ``host``, the one before it."""
         return host
 
+    @classmethod
+    def update(cls, work, group, step, h, host):
+        """A step that is more than one flat pass of the rule, over the tensors of
+        ``work`` (an :class:`engine.Work`, from either front end); returns the host state
+        after it. This one is the rule's, in two passes with ``caution``; the
+        algorithms of several passes (LAMB, Adafactor ...) have their own."""
+        after = cls.host_after(group, step, host)  # first: if it raises, nothing moved
+        if getattr(h, "caution", False):
+            engine.cautious_step(work, cls.rule, h)
+        else:
+            work.run(Pass(cls.rule, work.present), h)
+        return after
+
+    def _state_layout(self, name):
+        """:func:`engine.state_layout` of the buffer ``name`` over every tensor."""
+        if name not in self._state_layouts:
+            shapes = [shape for _, shape in self._all_tensors]
+            self._state_layouts[name] = engine.state_layout(self, name, shapes)
+        return self._state_layouts[name]
+
     def _state_size(self, name):
         """The number of elements of the state buffer ``name``."""
-        return self.flat_params.size
-
-    def _state_slice(self, name, offset, shape):
-        """``(start, stop, shape)``: the part of the state buffer ``name`` that belongs
-        to the tensor at ``offset`` of the flat buffer, or None if it has none."""
-        return offset, offset + math.prod(shape), shape
+        return self._state_layout(name)[1]
 
     @staticmethod
     def state_shape(name, shape):

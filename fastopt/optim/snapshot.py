@@ -151,24 +151,34 @@ def _restored_groups(opt, saved_groups):
     if not isinstance(saved_groups, list) or len(saved_groups) != len(opt.param_groups):
         raise ValueError(f"the checkpoint must list {len(opt.param_groups)} param_groups, "
                          f"got {saved_groups!r}")
-    groups = [_restored_group(index, group, saved)
+    defaults = type(opt).spec.defaults
+    groups = [_restored_group(index, group, saved, defaults)
               for index, (group, saved) in enumerate(zip(opt.param_groups, saved_groups))]
     for index, group in enumerate(groups):
         opt._check_group(index, group)
     return groups
 
 
-def _restored_group(index, group, saved):
+# Hyperparameters that checkpoints of earlier versions lack: they load with the default,
+# which is what those versions did.
+ADDED_LATER = {"caution"}
+
+
+def _restored_group(index, group, saved, defaults):
     """``group``'s hyperparameters as the checkpoint has them (tuples stay tuples; a
-    saved schedule needs the optimizer to have the same schedule already)."""
+    saved schedule needs the optimizer to have the same schedule already). A
+    hyperparameter added after the checkpoint was written (``caution``) takes its
+    default, which is the behaviour the checkpoint had."""
     where = f"the checkpoint's param_groups[{index}]"
     if not isinstance(saved, dict):
         raise ValueError(f"{where} must be a dict, got {saved!r}")
     names = set(group) - {"params", "name"}
-    if set(saved) - {"name"} != names or ("name" in saved and "name" not in group):
+    missing = names - set(saved)
+    if (set(saved) - {"name"} - names or missing - ADDED_LATER
+            or ("name" in saved and "name" not in group)):
         raise ValueError(f"{where} has the options {sorted(map(str, saved))}, the "
                          f"optimizer's {sorted(set(group) - {'params'})}")
-    restored = {}
+    restored = {name: defaults[name] for name in missing}
     for key, value in saved.items():
         current = group[key]
         if isinstance(value, dict) and set(value) == {"schedule"}:

@@ -59,9 +59,10 @@ class SWATS(Optimizer):
                          hp.maximize()),
         bench=dict(lr=1e-3), check=dict(lr=0.05, eps=1e-6))
 
-    # The Adam phase, summing d.d and d.g over the group.
+    # The Adam phase, summing d.d and d.g per tensor; then SGD with momentum.
     ADAM_PHASE = Pass("swats_adam", ("exp_avg", "exp_avg_sq"),
                       sums=("direction_sq", "direction_g"))
+    SGD_PHASE = Pass("sgd", ("momentum_buffer",))
 
     @staticmethod
     def buffers(group, host):
@@ -80,15 +81,13 @@ class SWATS(Optimizer):
                                       one_minus_beta1=f32(1.0 - beta1), beta2=f32(beta2),
                                       one_minus_beta2=f32(1.0 - beta2))
 
-    def _update(self, group, step, spec, g, prep, h, start, stop, host):
+    @classmethod
+    def update(cls, work, group, step, h, host):
         if host["sgd_lr"] is not None:
-            self._launch("sgd", spec, start, stop, g, prep, h)
+            work.run(cls.SGD_PHASE, h)
             return host
-        segments, backend = self._segments(start, stop, per_tensor=False), self._backend
-        arrays = [backend.tensors(self.flat_params, segments), backend.tensors(g, segments),
-                  self.state["exp_avg"], self.state["exp_avg_sq"]]
-        (direction_sq,), (direction_g,) = backend.run_segments(self.ADAM_PHASE, arrays, prep, h,
-                                                               segments)
+        # The sums over the whole group: the tensors' sums, added exactly.
+        direction_sq, direction_g = map(math.fsum, work.run(cls.ADAM_PHASE, h))
         return _estimate(group, step, host, float(h.coef), direction_sq, direction_g)
 
 
