@@ -136,14 +136,20 @@ def test_groups_clipping_scaling_and_skip_on_device(name):
     np.testing.assert_allclose(host(on_gpu.flat_params), on_cpu.flat_params, rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("name", ["LAMB", "LARS", "Adafactor"])
-def test_per_tensor_algorithms_on_device(name, monkeypatch):
+PER_TENSOR = [("LAMB", {}), ("LARS", {}), ("Adafactor", {}), ("SWATS", {}),
+              ("Adam", dict(caution=True)), ("Lion", dict(caution=True, lr=0.01)),
+              ("Adan", dict(caution=True))]
+
+
+@pytest.mark.parametrize("name, extra", PER_TENSOR, ids=[f"{n}{e}" for n, e in PER_TENSOR])
+def test_per_tensor_algorithms_on_device(name, extra, monkeypatch):
     # Chunks of 16 elements: segments of several chunks, and rows split across chunks.
     monkeypatch.setattr(fastopt._backend, "SEGMENT_CHUNK", 16)
     rng = np.random.default_rng(6)
     shapes = [(), (0, 3), (2, 3, 20), (5,), (1, 40), (3, 1), (37,)]
     p0 = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     kwargs = dict(lr=0.05, weight_decay=0.1) if name != "LARS" else dict(weight_decay=0.01)
+    kwargs.update(extra)
     on_gpu = getattr(fastopt, name)([cuda.to_device(p) for p in p0], **kwargs)
     on_cpu = getattr(fastopt, name)(p0, **kwargs)
     for _ in range(4):

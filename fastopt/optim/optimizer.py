@@ -19,6 +19,7 @@ from .spec import ALGORITHMS, MAP, constructor
 
 f32 = np.float32
 
+
 class Optimizer:
     """Owns the flat parameter and gradient buffers and the state of one algorithm.
 
@@ -29,8 +30,10 @@ class Optimizer:
     lists the state buffers with their initial values, and ``scalars`` folds the
     hyperparameters and the step count into the rule's float32 scalars, the named tuple
     that the rule's ``h`` annotation names (with ``host_after``, ``l2`` and
-    ``state_shape`` where the defaults do not fit). What a step does around the kernels
-    is in :mod:`fastopt.optim.engine`; everything else lives here.
+    ``state_shape`` where the defaults do not fit). An algorithm of several passes
+    (LAMB, Adafactor ...) also defines ``update``, its step over the tensors of an
+    :class:`engine.Work`, which either front end hands it. What a step does around the
+    kernels is in :mod:`fastopt.optim.engine`; everything else lives here.
 
     **Parameter groups.** ``params`` is a dict or list of arrays, or a list of torch-style
     group dicts, each with its own ``"params"`` and any hyperparameters that differ from
@@ -136,7 +139,6 @@ class Optimizer:
                              for offset, shape in zip(layout.offsets, layout.shapes)]
         self._state_layouts = {}
         self._works = {}  # (start, stop) -> what _work builds once
-        self._setup()
 
     @property
     def device(self):
@@ -340,9 +342,6 @@ class Optimizer:
     #
     # An algorithm's host-side math: stateless functions of a group's hyperparameters,
     # the step number and the host state, which fastopt.torch calls as well.
-
-    def _setup(self):
-        """Prepare what the algorithm keeps besides the state (called by ``__init__``)."""
 
     def _check(self, group):
         """Raise ValueError/TypeError for an invalid hyperparameter in ``group``."""
