@@ -75,6 +75,8 @@ class Segments:
                           and not self.offsets.any())  # one segment per tensor, in order
         chunks = segment_chunks(self.sizes)
         self.chunk_segment = chunks[:, 0].copy()  # on the host
+        # Whether each segment is one chunk, in order: its sums are then the chunks'.
+        self.chunk_each = np.array_equal(self.chunk_segment, np.arange(self.count))
         self.chunks = to_device(chunks)
         self.state_starts = to_device(np.asarray(state_starts, np.int64).reshape(-1))
         self.partials_host = np.zeros((len(chunks), MAX_SUMS), np.float64)
@@ -85,13 +87,16 @@ class Segments:
 
     def totals(self, partials, sums):
         """The first ``sums`` columns of the chunk sums added up per segment, in order."""
+        if self.chunk_each:
+            return tuple(partials[:, :sums].T.copy())
         return tuple(np.bincount(self.chunk_segment, partials[:, j], self.count)
                      for j in range(sums))
 
     def per_chunk(self, values):
         """Fill the chunks' scalars from ``values``, one sequence per segment each."""
         for j, column in enumerate(values):
-            self.row_scalars_host[:, j] = np.asarray(column)[self.chunk_segment]
+            self.row_scalars_host[:, j] = (column if self.chunk_each
+                                           else np.asarray(column)[self.chunk_segment])
 
 
 class Tensors:
@@ -123,6 +128,7 @@ class HostBackend:
 
         self._kernels = cpu
         self._whole_buffers = {}
+        self._passes = {}
 
     def asarray(self, x, what):
         """A zero-copy NumPy view of ``x``, or a TypeError naming ``what``."""
@@ -184,15 +190,25 @@ class HostBackend:
         ``spec.per_segment``; ``keep_subnormals`` where the rule's result hangs on
         subnormal numbers, which the kernels otherwise flush.
         """
-        segments.per_chunk(values)
-        reach = [getattr(tensors, name) for name in tensor_arguments(spec)]
+        kernel, names = self._compiled(spec)
+        if values:
+            segments.per_chunk(values)
+        reach = [getattr(tensors, name) for name in names]
         if not segments.whole:
             reach = [r[segments.tensor] + 4 * segments.offsets for r in reach]
-        kernels = self._kernels
-        self._call(kernels.segment_kernel(*spec), segments.size, *reach, *states, prep,
-                   tuple(h), segments.chunks, segments.state_starts, segments.partials,
-                   segments.row_scalars, flush=kernels.FLUSH_DENORMALS and not keep_subnormals)
-        return segments.totals(segments.partials, len(spec.sums))
+        self._call(kernel, segments.size, *reach, *states, prep, tuple(h), segments.chunks,
+                   segments.state_starts, segments.partials, segments.row_scalars,
+                   flush=self._kernels.FLUSH_DENORMALS and not keep_subnormals)
+        return segments.totals(segments.partials, len(spec.sums)) if spec.sums else ()
+
+    def _compiled(self, spec):
+        """The segment kernel of the pass ``spec``, and which of p and g it takes (kept:
+        a step looks them up for each of its passes)."""
+        found = self._passes.get(spec)
+        if found is None:
+            found = self._passes[spec] = (self._kernels.segment_kernel(*spec),
+                                          tensor_arguments(spec))
+        return found
 
     def sum_squares(self, g):
         """The float64 sum of squares of the flat ``g``, deterministic (see

@@ -303,20 +303,25 @@ class Optimizer:
         return self.update(self._work(start, stop, spec, g, prep), group, step, h, host)
 
     def _work(self, start, stop, spec, g, prep):
-        """The :class:`engine.Work` of the tensors in ``[start:stop]``."""
-        if (start, stop) not in self._works:
+        """The :class:`engine.Work` of the tensors in ``[start:stop]``, built once and
+        brought up to date for this step."""
+        work = self._works.get((start, stop))
+        if work is None:
             first, last = self._tensor_range(start, stop)
             shapes = [shape for _, shape in self._all_tensors[first:last]]
             offsets = np.array([offset for offset, _ in self._all_tensors[first:last]], np.int64)
-            sizes = [math.prod(shape) for shape in shapes]
-            segments = self._backend.segments(sizes, offsets)
-            self._works[start, stop] = (first, last, shapes, offsets, segments, {})
-        first, last, shapes, offsets, segments, cache = self._works[start, stop]
-        return engine.Work(
-            self._backend, self._backend.flat_tensors(self.flat_params, g, offsets), shapes,
-            segments, {name: self.state[name] for name in spec}, tuple(spec),
-            lambda name: self._state_layout(name)[0][first:last], prep,
-            self.spec.keeps_subnormals, cache)
+            segments = self._backend.segments([math.prod(shape) for shape in shapes], offsets)
+            work = self._works[start, stop] = engine.Work(
+                self._backend, None, shapes, segments, None, None,
+                lambda name: self._state_layout(name)[0][first:last], None,
+                self.spec.keeps_subnormals, {})
+            work.offsets, work.grads = offsets, None
+        if g is not work.grads:  # the tensors' addresses, again only for other gradients
+            work.tensors = self._backend.flat_tensors(self.flat_params, g, work.offsets)
+            work.grads = g
+        work.state, work.present, work.prep = {name: self.state[name] for name in spec}, \
+            tuple(spec), prep
+        return work
 
     def _launch(self, rule, spec, start, stop, g, prep, h):
         """Run ``rule`` over ``[start:stop]`` of the parameters, ``g`` and the state."""
