@@ -84,6 +84,7 @@ class Segments:
         self.row_scalars_host = np.zeros((len(chunks), MAX_PER_SEGMENT), FLOAT32)
         self.row_scalars = to_device(self.row_scalars_host)
         self.starts = (None, None)  # CUDA: (the tensors' starts, the segments' on the device)
+        self._addresses = (None, None)  # CPU: see addresses()
 
     def totals(self, partials, sums):
         """The first ``sums`` columns of the chunk sums added up per segment, in order."""
@@ -91,6 +92,16 @@ class Segments:
             return tuple(partials[:, :sums].T.copy())
         return tuple(np.bincount(self.chunk_segment, partials[:, j], self.count)
                      for j in range(sums))
+
+    def addresses(self, tensors, name):
+        """CPU: the address of each segment of the tensors ``tensors.<name>`` (kept
+        while the same :class:`Tensors` comes back)."""
+        if self._addresses[0] is not tensors:
+            self._addresses = (tensors, {})
+        found = self._addresses[1]
+        if name not in found:
+            found[name] = getattr(tensors, name)[self.tensor] + 4 * self.offsets
+        return found[name]
 
     def per_chunk(self, values):
         """Fill the chunks' scalars from ``values``, one sequence per segment each."""
@@ -190,12 +201,15 @@ class HostBackend:
         ``spec.per_segment``; ``keep_subnormals`` where the rule's result hangs on
         subnormal numbers, which the kernels otherwise flush.
         """
+        if not segments.size:  # nothing to step (Adafactor's vectors, where it has none)
+            return tuple(np.zeros(segments.count) for _ in spec.sums)
         kernel, names = self._compiled(spec)
         if values:
             segments.per_chunk(values)
-        reach = [getattr(tensors, name) for name in names]
-        if not segments.whole:
-            reach = [r[segments.tensor] + 4 * segments.offsets for r in reach]
+        if segments.whole:
+            reach = [getattr(tensors, name) for name in names]
+        else:
+            reach = [segments.addresses(tensors, name) for name in names]
         self._call(kernel, segments.size, *reach, *states, prep, tuple(h), segments.chunks,
                    segments.state_starts, segments.partials, segments.row_scalars,
                    flush=self._kernels.FLUSH_DENORMALS and not keep_subnormals)
@@ -234,8 +248,9 @@ class HostBackend:
         kernels.cpu.column_sums): ``blocks`` are :class:`Segments` of ``tensors``, blocks
         of rows, whose ``(rows, columns, out_start)`` are the rows of ``table``.
         Returns the sums on the host."""
-        reach = [r[blocks.tensor] + 4 * blocks.offsets for r in (tensors.p, tensors.g)]
-        self._call(self._kernels.column_sums, blocks.size, *reach, prep, table, out)
+        if blocks.count:
+            reach = [blocks.addresses(tensors, name) for name in ("p", "g")]
+            self._call(self._kernels.column_sums, blocks.size, *reach, prep, table, out)
         return out
 
     def constant(self, a):
@@ -319,6 +334,8 @@ class CudaBackend:
 
     def run_segments(self, spec, tensors, states, prep, h, segments, values=(),
                      keep_subnormals=False):
+        if not segments.size:
+            return tuple(np.zeros(segments.count) for _ in spec.sums)
         if values:
             segments.per_chunk(values)
             segments.row_scalars.copy_to_device(segments.row_scalars_host)
