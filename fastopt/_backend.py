@@ -16,6 +16,7 @@ from .kernels._template import MAX_PER_SEGMENT, MAX_SUMS, SEGMENT_CHUNK, Pass
 FLOAT32 = np.dtype(np.float32)
 
 GRAD_SQUARES = Pass("grad_squares", sums=("grad_sq",))  # the global norm of the gradients
+_FIRST = np.zeros(1, np.int64)  # one tensor, from the start of a buffer
 
 
 def is_cuda_array(x):
@@ -62,7 +63,7 @@ class Segments:
     factor). A launch's tensors are reached through a :class:`Tensors`. The kernels walk
     each segment in chunks (rows of ``chunks``: segment, offset, size), each summed in a
     fixed order into a row of ``partials``, and the host adds a segment's chunk sums in
-    order: its sums do not depend on the thread count or the launch shape.
+    order: its sums do not depend on the CPU's thread count, nor on CUDA's grid.
     """
 
     def __init__(self, sizes, state_starts, tensor, offsets, to_device):
@@ -228,7 +229,7 @@ class HostBackend:
         """The float64 sum of squares of the flat ``g``, deterministic (see
         :class:`Segments`)."""
         segments = self._whole(g.size)
-        tensors = self.flat_tensors(g, g, [0])
+        tensors = self.flat_tensors(g, g, _FIRST)
         return self.run_segments(GRAD_SQUARES, tensors, [], (), (), segments,
                                  keep_subnormals=True)[0][0]
 
@@ -358,7 +359,7 @@ class CudaBackend:
     def sum_squares(self, g):
         """The float64 sum of squares of ``g`` (see :class:`Segments`)."""
         segments = self._whole(g.size)
-        return self.run_segments(GRAD_SQUARES, self.flat_tensors(g, g, [0]), [], (), (),
+        return self.run_segments(GRAD_SQUARES, self.flat_tensors(g, g, _FIRST), [], (), (),
                                  segments)[0][0]
 
     def ema(self, average, value, h):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt.kernels import cpu, rules
+from fastopt.kernels import Pass, cpu, rules
 
 # One optimizer per rule, with the options that bring in every state buffer.
 EVERY_RULE = {"SGD": dict(momentum=0.9, nesterov=True), "Adagrad": {},
@@ -166,3 +166,13 @@ def test_denormals_are_flushed_inside_the_kernels_and_nowhere_else():
         np.testing.assert_array_equal(opt.flat_params, tiny)
     # The calling thread's own arithmetic keeps its subnormals afterwards.
     assert np.float32(1e-38) / np.float32(10) != 0
+
+
+@pytest.mark.parametrize("options", [dict(sums=("velocity",)), dict(writes=("max_exp_avg_sq",)),
+                                     dict(per_segment=("trust",)),
+                                     dict(sums=("param_sq", "update_sq", "p"))],
+                         ids=["unknown sum", "absent state", "unknown field", "three sums"])
+def test_a_pass_asked_for_what_its_rule_lacks_refuses(options):
+    spec = Pass("lamb", ("exp_avg", "exp_avg_sq"), **options)
+    with pytest.raises(ValueError, match="lamb"):
+        cpu.segment_kernel(*spec)

@@ -138,7 +138,7 @@ class Optimizer:
         self._all_tensors = [(offset, shape) for layout in self._layouts
                              for offset, shape in zip(layout.offsets, layout.shapes)]
         self._state_layouts = {}
-        self._works = {}  # (start, stop) -> what _work builds once
+        self._works = {}  # (start, stop) -> (Work, tensor offsets, Tensors of own buffers)
 
     @property
     def device(self):
@@ -305,22 +305,22 @@ class Optimizer:
     def _work(self, start, stop, spec, g, prep):
         """The :class:`engine.Work` of the tensors in ``[start:stop]``, built once and
         brought up to date for this step."""
-        work = self._works.get((start, stop))
-        if work is None:
+        if (start, stop) not in self._works:
             first, last = self._tensor_range(start, stop)
             shapes = [shape for _, shape in self._all_tensors[first:last]]
             offsets = np.array([offset for offset, _ in self._all_tensors[first:last]], np.int64)
             segments = self._backend.segments([math.prod(shape) for shape in shapes], offsets)
-            work = self._works[start, stop] = engine.Work(
-                self._backend, None, shapes, segments, None, None,
-                lambda name: self._state_layout(name)[0][first:last], None,
-                self.spec.keeps_subnormals, {})
-            work.offsets, work.grads = offsets, None
-        if g is not work.grads:  # the tensors' addresses, again only for other gradients
-            work.tensors = self._backend.flat_tensors(self.flat_params, g, work.offsets)
-            work.grads = g
-        work.state, work.present, work.prep = {name: self.state[name] for name in spec}, \
-            tuple(spec), prep
+            work = engine.Work(self._backend, None, shapes, segments, None, None,
+                               lambda name: self._state_layout(name)[0][first:last], None,
+                               self.spec.keeps_subnormals, {})
+            own = self._backend.flat_tensors(self.flat_params, self.flat_grads, offsets)
+            self._works[start, stop] = (work, offsets, own)
+        work, offsets, own = self._works[start, stop]
+        # The addresses of flat_grads' tensors are kept; other gradients are not held.
+        work.tensors = own if g is self.flat_grads else self._backend.flat_tensors(
+            self.flat_params, g, offsets)
+        work.state = {name: self.state[name] for name in spec}
+        work.present, work.prep = tuple(spec), prep
         return work
 
     def _launch(self, rule, spec, start, stop, g, prep, h):
