@@ -14,10 +14,10 @@ of them and never replaces their storage. On the CPU every algorithm steps the t
 where they lie: each pass (one for most algorithms; two to four for ``caution``, SWATS,
 LAMB, LARS and Adafactor, whose per-tensor norms and factors come from the same kernels
 as in the NumPy API) is one kernel per run of parameters that share a group and a step
-count, over a table of (address, length) segments. Adafactor steps a tensor that does
-not lie in C order, and every algorithm on CUDA steps, through a scratch copy of the
-run's parameters and gradients, and copies the parameters back (two more passes over
-them).
+count, over a table of (address, length) segments. Adafactor where a parameter does not
+lie in C order (it reads rows and columns), and every algorithm on CUDA for now, step a
+scratch copy of the run's parameters and gradients and copy the parameters back (two
+more passes over them).
 
 The state (``exp_avg`` ...) is fastopt's: flat buffers per device, of which
 ``opt.state[p]`` holds views in ``p``'s shape and memory layout. A state tensor that
