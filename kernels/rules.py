@@ -154,7 +154,7 @@ def adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, h: AdamScalars):
     else:
         second = exp_avg_sq
     denom = math.sqrt(second) * h.inv_bc2_sqrt + h.eps
-    agrees = exp_avg * g > h.zero
+    agrees = exp_avg * g > h.zero  # caution: see the module docstring
     direction = exp_avg * (h.caution_scale if agrees else h.zero) if h.caution else exp_avg
     # decay is AdamW's 1 - lr * weight_decay, applied before the Adam step.
     return (p * h.decay - h.step_size * (direction / denom), exp_avg, exp_avg_sq,
@@ -262,7 +262,7 @@ def adan(p, g, exp_avg, exp_avg_sq, exp_avg_diff, prev_grad, h: AdanScalars):
     denom = math.sqrt(exp_avg_sq) / h.bc3_sqrt + h.eps
     # decay is 1 - lr * weight_decay with no_prox (else 1), prox 1 + lr * weight_decay
     # without it (else 1): multiplying or dividing by 1 leaves p as it is.
-    agrees = exp_avg * g > h.zero
+    agrees = exp_avg * g > h.zero  # caution: see the module docstring
     direction = exp_avg * (h.caution_scale if agrees else h.zero) if h.caution else exp_avg
     p = p * h.decay - h.step_size * (direction / denom)
     p = (p - h.step_size_diff * (exp_avg_diff / denom)) / h.prox
@@ -278,7 +278,7 @@ LionScalars = namedtuple("LionScalars", ["decay", "lr", "beta1", "one_minus_beta
 def lion(p, g, exp_avg, h: LionScalars):
     update = h.beta1 * exp_avg + h.one_minus_beta1 * g
     direction = update if update == -update or update != update else math.copysign(h.one, update)
-    agrees = direction * g > h.zero
+    agrees = direction * g > h.zero  # caution: see the module docstring
     if h.caution:
         direction = direction * (h.caution_scale if agrees else h.zero)
     return (p * h.decay - h.lr * direction, h.beta2 * exp_avg + h.one_minus_beta2 * g,
