@@ -288,6 +288,7 @@ class CudaBackend:
         self._cuda = cuda
         self._kernels = kernels
         self._whole_buffers = {}
+        self._passes = {}
 
     def asarray(self, x, what):
         if hasattr(x, "__cuda_array_interface__"):
@@ -340,10 +341,10 @@ class CudaBackend:
         if values:
             segments.per_chunk(values)
             segments.row_scalars.copy_to_device(segments.row_scalars_host)
-        kernels = self._kernels
-        arrays = [getattr(tensors, name) for name in tensor_arguments(spec)]
-        kernels.launch_segments(kernels.segment_kernel(*spec), segments,
-                                self._starts(tensors, segments), *arrays, *states, prep, h)
+        kernel, names = self._compiled(spec)
+        arrays = [getattr(tensors, name) for name in names]
+        self._kernels.launch_segments(kernel, segments, self._starts(tensors, segments),
+                                      *arrays, *states, prep, h)
         if not spec.sums:
             return ()
         return segments.totals(segments.partials.copy_to_host(segments.partials_host),
@@ -381,6 +382,7 @@ class CudaBackend:
         return self._cuda.to_device(a)
 
     _whole = HostBackend._whole
+    _compiled = HostBackend._compiled
 
 
 def _extent(a):

@@ -65,7 +65,7 @@ from .kernels import Pass
 from .optim import engine
 from .optim.optimizer import Optimizer as _Flat
 from .optim.optimizer import _snapshot, check_flag
-from .optim.spec import ALGORITHMS, MAP, define_init
+from .optim.spec import ALGORITHMS, define_init
 
 __all__ = list(ALGORITHMS)  # one class per algorithm of the registry, built at the end
 
@@ -614,7 +614,7 @@ class _Store:
         state = {name: _array(self._flat[name]) for name in spec}
         tensors, table = self.tensors(run), self.table(run)
         keep = algorithm.spec.keeps_subnormals
-        if algorithm.spec.passes == (MAP,) and not getattr(h, "caution", False):
+        if engine.single_pass(algorithm, h):
             host = algorithm.host_after(hyper, step, host)  # first: it may raise
             self.backend.run_segments(Pass(algorithm.rule, tuple(spec)), tensors,
                                       list(state.values()), prep, h, table,

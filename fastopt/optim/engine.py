@@ -12,6 +12,7 @@ import numpy as np
 
 from ..kernels import Pass
 from .checks import FLOAT32_MAX, real
+from .spec import MAP
 
 f32 = np.float32
 
@@ -153,6 +154,11 @@ def state_layout(algorithm, name, shapes):
         starts.append(-1 if state_shape is None else size)
         size += 0 if state_shape is None else math.prod(state_shape)
     return np.array(starts, np.int64), size
+
+
+def single_pass(algorithm, h):
+    """Whether this step is one pass of the rule (no ``update`` of several passes)."""
+    return algorithm.spec.passes == (MAP,) and not getattr(h, "caution", False)
 
 
 # timm clamps the share of a tensor that agrees with its gradient to at least this.

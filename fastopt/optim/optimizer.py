@@ -15,7 +15,7 @@ from . import engine
 from .checks import check_flag, check_lr, positive_or_none
 from .snapshot import restore as restore_snapshot
 from .snapshot import take as take_snapshot
-from .spec import ALGORITHMS, MAP, constructor
+from .spec import ALGORITHMS, constructor
 
 f32 = np.float32
 
@@ -296,7 +296,7 @@ class Optimizer:
     def _update(self, group, step, spec, g, prep, h, start, stop, host):
         """Apply step number ``step`` to ``[start:stop]`` of the buffers, which share the
         host state ``host``; returns that host state after the step."""
-        if self.spec.passes == (MAP,) and not getattr(h, "caution", False):
+        if engine.single_pass(self, h):
             after = self.host_after(group, step, host)  # first: if it raises, nothing moved
             self._launch(self.rule, spec, start, stop, g, prep, h)
             return after
