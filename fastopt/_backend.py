@@ -11,7 +11,7 @@ import threading
 
 import numpy as np
 
-from .kernels._template import MAX_PER_SEGMENT, MAX_SUMS, SEGMENT_CHUNK, Pass
+from .kernels._template import MAX_PER_SEGMENT, MAX_SUMS, SEGMENT_CHUNK, Pass, float32s
 
 FLOAT32 = np.dtype(np.float32)
 
@@ -180,8 +180,8 @@ class HostBackend:
         """One pass of ``rule`` over the buffers; ``keep_subnormals`` where the rule's
         result hangs on subnormal numbers, which the kernels otherwise flush."""
         kernels = self._kernels
-        self._call(kernels.kernel(rule, present), p.size, p, g, *states, prep,
-                   tuple(h), flush=kernels.FLUSH_DENORMALS and not keep_subnormals)
+        self._call(kernels.kernel(rule, present), p.size, p, g, *states, float32s(prep),
+                   float32s(h), flush=kernels.FLUSH_DENORMALS and not keep_subnormals)
 
     def segments(self, sizes, state_starts, tensor=None, offsets=None):
         """:class:`Segments` of ``sizes`` elements, each a whole tensor of the launch
@@ -211,7 +211,8 @@ class HostBackend:
             reach = [getattr(tensors, name) for name in names]
         else:
             reach = [segments.addresses(tensors, name) for name in names]
-        self._call(kernel, segments.size, *reach, *states, prep, tuple(h), segments.chunks,
+        self._call(kernel, segments.size, *reach, *states, float32s(prep), float32s(h),
+                   segments.chunks,
                    segments.state_starts, segments.partials, segments.row_scalars,
                    flush=self._kernels.FLUSH_DENORMALS and not keep_subnormals)
         return segments.totals(segments.partials, len(spec.sums)) if spec.sums else ()
@@ -237,7 +238,7 @@ class HostBackend:
         """``average = rules.ema(average, value, h)`` element-wise."""
         kernels = self._kernels
         self._call(kernels.kernel("ema", ("average", "value")), average.size, average, value,
-                   (), tuple(h), flush=kernels.FLUSH_DENORMALS)
+                   float32s(()), float32s(h), flush=kernels.FLUSH_DENORMALS)
 
     def scale_into(self, out, a, s):
         np.multiply(a, s, out=out)
@@ -251,7 +252,8 @@ class HostBackend:
         Returns the sums on the host."""
         if blocks.count:
             reach = [blocks.addresses(tensors, name) for name in ("p", "g")]
-            self._call(self._kernels.column_sums, blocks.size, *reach, prep, table, out)
+            self._call(self._kernels.column_sums, blocks.size, *reach, float32s(prep), table,
+                       out)
         return out
 
     def constant(self, a):
@@ -261,7 +263,7 @@ class HostBackend:
     def _call(self, kernel, size, *args, flush=None):
         """``kernel(*args, parallel[, flush])``, its parallel loop serialised across Python
         threads where Numba's threading layer needs that (workqueue is not thread-safe).
-        The callers pass ``h`` as a plain tuple (see ``kernels.rules``)."""
+        The callers pass ``prep`` and ``h`` as ``float32s``."""
         extra = () if flush is None else (flush,)
         if size < self._kernels.PARALLEL_MIN_SIZE:
             return kernel(*args, False, *extra)

@@ -20,6 +20,8 @@ import hashlib
 import inspect
 from typing import NamedTuple
 
+import numpy as np
+
 from . import rules
 
 # The buffers that segment drivers reach through each segment's own start (the tensors,
@@ -81,12 +83,13 @@ def arrays(rule, present):
     return tuple(n for n in buffer_names(rule) if n in TENSORS or n in present)
 
 
-def plain_tuples(args):
-    """``args`` with named tuples (``h``) as plain ones, as kernels take them: Numba
-    types a plain tuple argument in C, a named one in Python, at a microsecond a call.
-    The kernels turn them back into the rules' named types. (The CUDA launches use
-    this; the CPU backend passes ``tuple(h)`` itself, which costs less.)"""
-    return [tuple(a) if isinstance(a, tuple) else a for a in args]
+def float32s(values):
+    """``values`` (the numbers of ``h`` or ``prep``, in field order) as the float32 array
+    that the CPU kernels take: this is where the host's numbers are rounded to float32,
+    once, for every field at the same cost. Numba types an array argument in C, where a
+    tuple costs a microsecond a call. (CUDA kernels take ``tuple(float32s(values))``,
+    which goes to the device by value.)"""
+    return np.array(values, np.float32)
 
 
 @functools.cache
@@ -107,8 +110,10 @@ def build(spec, loops, namespace, filename, fingerprint):
       at ``base + i`` (tensors) and ``state_base + i`` (states). The gradient is
       prepared with ``prepare(p, g, prep)``; a rule without ``p`` reads it as it is.
     - ``{named}`` binds ``named``, the rule's scalars in their named type, from ``h``
-      (a plain tuple: see :func:`plain_tuples`) and row ``c`` of ``row_scalars``. A
-      parallel loop needs it inside its body, where Numba's parfor lowering accepts it.
+      (float32s, see :func:`float32s`) and row ``c`` of ``row_scalars``, and
+      ``prepared``, the values of ``prep``: read once before the loop, not from memory
+      that the loop's stores might alias. A parallel loop needs it inside its body,
+      where Numba's parfor lowering accepts it.
     - ``{first}``: the first array; ``{tensor_chunks}`` binds ``p_c`` and ``g_c`` to
       chunk ``c`` of the tensors at the addresses ``p`` and ``g`` (``segment_chunk``).
     - ``{begin_sums}`` zeroes the running sums ``total0 ...``; ``{store_sums}`` writes
@@ -134,7 +139,7 @@ def build(spec, loops, namespace, filename, fingerprint):
             if n == "g" and not spec.grad:
                 return "ZERO"
             if n == "g" and "p" in names:
-                return f"prepare({at('p')}, {at('g')}, prep)"
+                return f"prepare({at('p')}, {at('g')}, prepared)"
             return at(n) if n in taken else "ZERO"
 
         def store(n):
@@ -162,7 +167,9 @@ def build(spec, loops, namespace, filename, fingerprint):
         slices="; ".join(f"{a}_c = {a}[start:stop]" for a in taken),
         state_slices="; ".join(f"{a}_c = {a}[start:stop]" for a in taken
                                if a not in TENSORS) or "pass",
-        named=f"named = Scalars({', '.join(fields)})", first=taken[0],
+        named=f"named = Scalars({', '.join(fields)}); " + (
+            "prepared = (prep[0], prep[1], prep[2])" if "p" in names and spec.grad else "pass"),
+        first=taken[0],
         tensor_chunks="; ".join(f"{a}_c = segment_chunk({a}, chunks, c)" for a in taken
                                 if a in TENSORS) or "pass",
         begin_sums="; ".join(f"{t} = 0.0" for t in totals) or "pass",

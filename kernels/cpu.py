@@ -162,11 +162,12 @@ def segment_kernel(*spec):
 
 @njit(inline="always", error_model="numpy", fastmath={"reassoc"})
 def _column_sums(p, g, prep, rows, columns, out):
+    prepared = (prep[0], prep[1], prep[2])  # read once, not from memory out may alias
     out[:] = 0.0
     for r in range(rows):
         p_row, g_row = p[r * columns:(r + 1) * columns], g[r * columns:(r + 1) * columns]
         for c in range(out.size):
-            x = np.float64(_prepare(p_row[c], g_row[c], prep))
+            x = np.float64(_prepare(p_row[c], g_row[c], prepared))
             out[c] += x * x
 
 

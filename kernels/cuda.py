@@ -112,7 +112,7 @@ def launch_segments(compiled, segments, starts, *args):
     blocks = segments.partials_host.shape[0]
     if blocks:
         compiled[blocks, threads_per_block](
-            *_template.plain_tuples(args), segments.chunks, starts, segments.state_starts,
+            *_by_value(args), segments.chunks, starts, segments.state_starts,
             segments.partials, segments.row_scalars)
 
 
@@ -126,6 +126,12 @@ def fill(a, value):
         i += stride
 
 
+def _by_value(args):
+    """``args`` with the scalar tuples (``h``, ``prep``) as tuples of float32 (see
+    ``_template.float32s``), which a launch passes by value."""
+    return [tuple(_template.float32s(a)) if isinstance(a, tuple) else a for a in args]
+
+
 def blocks(n):
     """The number of blocks a launch over ``n`` elements uses."""
     return min(max_blocks, -(-n // threads_per_block))
@@ -135,7 +141,7 @@ def launch(compiled, n, *args):
     """Run ``compiled`` over ``n`` elements with a grid that covers them once."""
     if n == 0:
         return
-    compiled[blocks(n), threads_per_block](*_template.plain_tuples(args))
+    compiled[blocks(n), threads_per_block](*_by_value(args))
 
 
 @cuda.jit(cache=True)
@@ -162,7 +168,7 @@ def scale_into(out, a, s):
 def launch_blocks(compiled, blocks, *args):
     """Run ``compiled`` with ``blocks`` blocks."""
     if blocks:
-        compiled[blocks, threads_per_block](*_template.plain_tuples(args))
+        compiled[blocks, threads_per_block](*_by_value(args))
 
 
 @cuda.jit(cache=True)

@@ -8,10 +8,11 @@ rule's annotation; the host builds it by field name and the rule reads it by fie
 name, so no one counts positions. It returns the new parameter followed by the new
 state values, in the order it received them.
 
-Kernels take ``h`` (and ``prep``) as a plain tuple, in the order of the type's fields:
-Numba types a plain tuple argument in C, a named one in Python, a microsecond a call.
-The backends pass ``tuple(h)``, and the kernels turn it back into the named type before
-their loops.
+The host fills ``h`` with numbers (Python floats, bools for flags), and the backends
+round every field to float32 at once as they launch (``_template.float32s``: one array
+on the CPU, a tuple passed by value on CUDA); the kernels turn it back into the named
+type before their loops. A flag arrives as 1.0 or 0.0, which ``if h.flag`` reads as
+it reads a bool.
 
 The same function is compiled for the CPU (``kernels.cpu``) and for CUDA
 (``kernels.cuda``). A rule may be called with some of its state absent: the driver
@@ -33,8 +34,8 @@ Python float literals are float64 and would promote the whole expression, so eve
 constant, including ``1 - beta``, arrives through ``h`` as a float32.
 
 A rule receives the gradient already prepared by :func:`prepare`, which the drivers
-call first with the optimizer's ``prep`` (a tuple in the order of ``Prep``'s fields,
-which ``fastopt.optim.engine.prep`` alone builds): the sign for ``maximize``,
+call first with the optimizer's ``prep`` (numbers in the order of ``Prep``'s fields,
+which ``fastopt.optim.engine.prep`` alone builds, rounded to float32 like ``h``): the sign for ``maximize``,
 loss-scale and clipping factors, value clipping and torch's L2 weight decay are the same
 for every algorithm, so they are written once, there.
 

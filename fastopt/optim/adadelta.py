@@ -1,7 +1,7 @@
 from ..kernels import rules
 from . import spec as hp
 from .checks import real
-from .optimizer import Optimizer, f32
+from .optimizer import Optimizer
 
 
 def _check_rho(rho):
@@ -48,5 +48,5 @@ class Adadelta(Optimizer):
     @staticmethod
     def scalars(group, step, fresh, host):
         rho = group["rho"]
-        return rules.AdadeltaScalars(lr=f32(group["lr"]), rho=f32(rho),
-                                     one_minus_rho=f32(1.0 - rho), eps=f32(group["eps"]))
+        return rules.AdadeltaScalars(lr=group["lr"], rho=rho,
+                                     one_minus_rho=1.0 - rho, eps=group["eps"])

@@ -7,7 +7,7 @@ from .._backend import SEGMENT_CHUNK
 from ..kernels import Pass, rules
 from . import spec as hp
 from .checks import check_nonnegative, real
-from .optimizer import Optimizer, f32
+from .optimizer import Optimizer
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
 
@@ -129,11 +129,11 @@ class Adafactor(Optimizer):
     def scalars(group, step, fresh, host):
         eps1 = _eps1(group)
         # row_scale and step_size differ per row or tensor: the passes take their own.
-        return rules.AdafactorScalars(beta=f32(step ** group["beta2_decay"]),
-                                      eps1_sq=f32(eps1 * eps1), moving=False,
-                                      row_scale=f32(1.0),
-                                      decay=f32(1.0 - group["lr"] * group["weight_decay"]),
-                                      step_size=f32(0.0))
+        return rules.AdafactorScalars(beta=step ** group["beta2_decay"],
+                                      eps1_sq=eps1 * eps1, moving=False,
+                                      row_scale=1.0,
+                                      decay=1.0 - group["lr"] * group["weight_decay"],
+                                      step_size=0.0)
 
     @classmethod
     def update(cls, work, group, step, h, host):

@@ -1,6 +1,6 @@
 from ..kernels import rules
 from . import spec as hp
-from .optimizer import Optimizer, f32
+from .optimizer import Optimizer
 
 
 class Adagrad(Optimizer):
@@ -42,4 +42,4 @@ class Adagrad(Optimizer):
     @staticmethod
     def scalars(group, step, fresh, host):
         clr = group["lr"] / (1.0 + (step - 1) * group["lr_decay"])
-        return rules.AdagradScalars(clr=f32(clr), eps=f32(group["eps"]))
+        return rules.AdagradScalars(clr=clr, eps=group["eps"])

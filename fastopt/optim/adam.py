@@ -2,7 +2,7 @@ import math
 
 from ..kernels import rules
 from . import spec as hp
-from .optimizer import Optimizer, decoupled_decay, f32
+from .optimizer import Optimizer, decoupled_decay
 
 
 class Adam(Optimizer):
@@ -71,12 +71,12 @@ class Adam(Optimizer):
             inv_bc2_sqrt = 1.0 / math.sqrt(1.0 - beta2 ** step)
         else:
             step_size, inv_bc2_sqrt = lr, 1.0
-        return rules.AdamScalars(decay=decoupled_decay(group), step_size=f32(step_size),
-                                 inv_bc2_sqrt=f32(inv_bc2_sqrt), eps=f32(group["eps"]),
-                                 one_minus_beta1=f32(1.0 - beta1), beta2=f32(beta2),
-                                 one_minus_beta2=f32(1.0 - beta2), amsgrad=bool(group["amsgrad"]),
-                                 caution=bool(group["caution"]), caution_scale=f32(1.0),
-                                 zero=f32(0.0))
+        return rules.AdamScalars(decay=decoupled_decay(group), step_size=step_size,
+                                 inv_bc2_sqrt=inv_bc2_sqrt, eps=group["eps"],
+                                 one_minus_beta1=1.0 - beta1, beta2=beta2,
+                                 one_minus_beta2=1.0 - beta2, amsgrad=bool(group["amsgrad"]),
+                                 caution=bool(group["caution"]), caution_scale=1.0,
+                                 zero=0.0)
 
 
 class AdamW(Adam):

@@ -1,6 +1,6 @@
 from ..kernels import rules
 from . import spec as hp
-from .optimizer import Optimizer, f32
+from .optimizer import Optimizer
 
 
 class Adamax(Optimizer):
@@ -40,5 +40,5 @@ class Adamax(Optimizer):
     def scalars(group, step, fresh, host):
         beta1, beta2 = group["betas"]
         clr = group["lr"] / (1.0 - beta1 ** step)
-        return rules.AdamaxScalars(clr=f32(clr), eps=f32(group["eps"]),
-                                   one_minus_beta1=f32(1.0 - beta1), beta2=f32(beta2))
+        return rules.AdamaxScalars(clr=clr, eps=group["eps"],
+                                   one_minus_beta1=1.0 - beta1, beta2=beta2)

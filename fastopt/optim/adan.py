@@ -3,7 +3,7 @@ import math
 from ..kernels import rules
 from . import spec as hp
 from .checks import check_betas
-from .optimizer import Optimizer, f32
+from .optimizer import Optimizer
 
 
 class Adan(Optimizer):
@@ -65,12 +65,12 @@ class Adan(Optimizer):
         beta1, beta2, beta3 = group["betas"]
         no_prox = group["no_prox"]
         return rules.AdanScalars(
-            decay=f32(1.0 - lr * weight_decay if no_prox else 1.0),
-            step_size=f32(lr / (1.0 - beta1 ** step)),
-            step_size_diff=f32(lr * beta2 / (1.0 - beta2 ** step)),
-            bc3_sqrt=f32(math.sqrt(1.0 - beta3 ** step)), eps=f32(group["eps"]),
-            one_minus_beta1=f32(1.0 - beta1), beta2=f32(beta2),
-            one_minus_beta2=f32(1.0 - beta2), beta3=f32(beta3), one_minus_beta3=f32(1.0 - beta3),
-            prox=f32(1.0 if no_prox else 1.0 + lr * weight_decay),
+            decay=1.0 - lr * weight_decay if no_prox else 1.0,
+            step_size=lr / (1.0 - beta1 ** step),
+            step_size_diff=lr * beta2 / (1.0 - beta2 ** step),
+            bc3_sqrt=math.sqrt(1.0 - beta3 ** step), eps=group["eps"],
+            one_minus_beta1=1.0 - beta1, beta2=beta2,
+            one_minus_beta2=1.0 - beta2, beta3=beta3, one_minus_beta3=1.0 - beta3,
+            prox=1.0 if no_prox else 1.0 + lr * weight_decay,
             has_prev_grad="prev_grad" not in fresh, caution=bool(group["caution"]),
-            caution_scale=f32(1.0), zero=f32(0.0))
+            caution_scale=1.0, zero=0.0)

@@ -52,8 +52,8 @@ class ASGD(Optimizer):
     def scalars(group, step, fresh, host):
         eta = group["lr"] if host["eta"] is None else host["eta"]
         eta = float(f32(eta))
-        return rules.ASGDScalars(decay=f32(1.0 - group["lambd"] * eta), eta=f32(eta),
-                                 mu=f32(host["mu"]), averaging=host["mu"] != 1.0)
+        return rules.ASGDScalars(decay=1.0 - group["lambd"] * eta, eta=eta,
+                                 mu=host["mu"], averaging=host["mu"] != 1.0)
 
     @staticmethod
     def host_after(group, step, host):

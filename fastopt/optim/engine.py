@@ -76,11 +76,12 @@ def prep(algorithm, group, inverse_scale, coefficient, clip_grad_value):
     """The factors of ``rules.prepare`` for one group: the sign for ``maximize`` with the
     loss and clipping scales, the value clipping, and the algorithm's L2 decay.
 
-    A plain tuple in the order of ``rules.Prep``'s fields, as the kernels take it, and
-    built here only: a named one would cost a microsecond a step at small sizes."""
+    A plain tuple of numbers in the order of ``rules.Prep``'s fields, which the backends
+    round to float32 as they do ``h``, and built here only: a named one would cost a
+    microsecond a step at small sizes."""
     sign = -1.0 if group.get("maximize") else 1.0
     clip = math.inf if clip_grad_value is None else clip_grad_value
-    return f32(sign * inverse_scale * coefficient), f32(clip), f32(algorithm.l2(group))
+    return sign * inverse_scale * coefficient, clip, algorithm.l2(group)
 
 
 def clip_coefficient(max_norm, norm):
@@ -98,12 +99,18 @@ def _loss_scale(value):
     return scale
 
 
+# The smallest magnitude that float32 rounds to infinity: halfway between its largest
+# number (2**128 - 2**104) and 2**128, which ties to even, to 2**128.
+FLOAT32_OVERFLOW = 2.0 ** 128 - 2.0 ** 103
+
+
 def _finite(h):
-    """Whether every number in the scalar tuple ``h`` is finite: one C-level sum, much
-    cheaper per step than a test per element (a sum of float32 values cannot overflow
-    float64, so only an inf or NaN in ``h`` makes it non-finite)."""
+    """Whether every number in the scalars ``h`` stays finite in float32, as the kernels
+    get them (``kernels._template.float32s``). One C-level sum finds an inf or a NaN
+    (among finite numbers the sum is finite), the extremes a finite number too large."""
     try:
-        return math.isfinite(math.fsum(h))
+        return (math.isfinite(math.fsum(h))
+                and (not h or -FLOAT32_OVERFLOW < min(h) and max(h) < FLOAT32_OVERFLOW))
     except ValueError:  # inf and -inf together
         return False
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from ..kernels import Pass, rules
 from . import spec as hp
-from .optimizer import Optimizer, f32
+from .optimizer import Optimizer
 
 
 class LayerWise(Optimizer):
@@ -84,11 +84,11 @@ class LAMB(LayerWise):
     def scalars(group, step, fresh, host):
         beta1, beta2 = group["betas"]
         # trust_lr differs per tensor: the second pass takes each tensor's own.
-        return rules.LAMBScalars(trust_lr=f32(0.0), weight_decay=f32(group["weight_decay"]),
-                                 inv_bc1=f32(1.0 / (1.0 - beta1 ** step)),
-                                 inv_bc2_sqrt=f32(1.0 / math.sqrt(1.0 - beta2 ** step)),
-                                 eps=f32(group["eps"]), one_minus_beta1=f32(1.0 - beta1),
-                                 beta2=f32(beta2), one_minus_beta2=f32(1.0 - beta2), moving=True)
+        return rules.LAMBScalars(trust_lr=0.0, weight_decay=group["weight_decay"],
+                                 inv_bc1=1.0 / (1.0 - beta1 ** step),
+                                 inv_bc2_sqrt=1.0 / math.sqrt(1.0 - beta2 ** step),
+                                 eps=group["eps"], one_minus_beta1=1.0 - beta1,
+                                 beta2=beta2, one_minus_beta2=1.0 - beta2, moving=True)
 
     @classmethod
     def update(cls, work, group, step, h, host):
@@ -150,8 +150,8 @@ class LARS(LayerWise):
     @staticmethod
     def scalars(group, step, fresh, host):
         # trust_lr differs per tensor: the kernel takes each tensor's from an array.
-        return rules.LARSScalars(trust_lr=f32(0.0), momentum=f32(group["momentum"]),
-                                 weight_decay=f32(group["weight_decay"]))
+        return rules.LARSScalars(trust_lr=0.0, momentum=group["momentum"],
+                                 weight_decay=group["weight_decay"])
 
     @classmethod
     def update(cls, work, group, step, h, host):

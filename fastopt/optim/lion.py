@@ -1,6 +1,6 @@
 from ..kernels import rules
 from . import spec as hp
-from .optimizer import Optimizer, f32
+from .optimizer import Optimizer
 
 
 class Lion(Optimizer):
@@ -52,8 +52,8 @@ class Lion(Optimizer):
     @staticmethod
     def scalars(group, step, fresh, host):
         lr, (beta1, beta2) = group["lr"], group["betas"]
-        return rules.LionScalars(decay=f32(1.0 - lr * group["weight_decay"]), lr=f32(lr),
-                                 beta1=f32(beta1), one_minus_beta1=f32(1.0 - beta1),
-                                 beta2=f32(beta2), one_minus_beta2=f32(1.0 - beta2), one=f32(1.0),
-                                 caution=bool(group["caution"]), caution_scale=f32(1.0),
-                                 zero=f32(0.0))
+        return rules.LionScalars(decay=1.0 - lr * group["weight_decay"], lr=lr,
+                                 beta1=beta1, one_minus_beta1=1.0 - beta1,
+                                 beta2=beta2, one_minus_beta2=1.0 - beta2, one=1.0,
+                                 caution=bool(group["caution"]), caution_scale=1.0,
+                                 zero=0.0)

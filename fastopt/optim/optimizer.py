@@ -28,7 +28,7 @@ class Optimizer:
     ...), from which its constructor and validation are built, and supplies its
     host-side math as static methods, which ``fastopt.torch`` calls too: ``buffers``
     lists the state buffers with their initial values, and ``scalars`` folds the
-    hyperparameters and the step count into the rule's float32 scalars, the named tuple
+    hyperparameters and the step count into the rule's scalars, the named tuple
     that the rule's ``h`` annotation names (with ``host_after``, ``l2`` and
     ``state_shape`` where the defaults do not fit). An algorithm of several passes
     (LAMB, Adafactor ...) also defines ``update``, its step over the tensors of an
@@ -360,8 +360,8 @@ class Optimizer:
 
     @staticmethod
     def scalars(group, step, fresh, host):
-        """The rule's ``h`` for step number ``step`` (1-based): its named tuple of float32
-        (and flags), built by field name.
+        """The rule's ``h`` for step number ``step`` (1-based): its named tuple of numbers
+        (and flags), built by field name, which the kernels get rounded to float32.
 
         ``fresh`` names the state buffers that this step begins, ``host`` is the host
         state before the step. Must not modify anything: a step that fails leaves the
@@ -576,7 +576,7 @@ def _snapshot(group):
 
 def decoupled_decay(group):
     """The factor ``1 - lr * weight_decay`` that scales the parameters with decoupled
-    weight decay, as float32; 1 otherwise (the L2 form goes through ``_l2``)."""
+    weight decay; 1 otherwise (the L2 form goes through ``l2``)."""
     if group["decoupled_weight_decay"]:
-        return f32(1.0 - group["lr"] * group["weight_decay"])
-    return f32(1.0)
+        return 1.0 - group["lr"] * group["weight_decay"]
+    return 1.0

@@ -2,7 +2,7 @@ import math
 
 from ..kernels import rules
 from . import spec as hp
-from .optimizer import Optimizer, decoupled_decay, f32
+from .optimizer import Optimizer, decoupled_decay
 
 # Below this length of the approximated simple moving average, RAdam does not trust its
 # variance estimate and takes a momentum step; torch.optim.RAdam's threshold.
@@ -69,7 +69,7 @@ class RAdam(Optimizer):
             step_size *= math.sqrt((rho - 4.0) * (rho - 2.0) * rho_inf
                                    / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho))
             step_size *= math.sqrt(bias_correction2)
-        return rules.RAdamScalars(decay=decoupled_decay(group), step_size=f32(step_size),
-                                  eps=f32(group["eps"]), one_minus_beta1=f32(1.0 - beta1),
-                                  beta2=f32(beta2), one_minus_beta2=f32(1.0 - beta2),
+        return rules.RAdamScalars(decay=decoupled_decay(group), step_size=step_size,
+                                  eps=group["eps"], one_minus_beta1=1.0 - beta1,
+                                  beta2=beta2, one_minus_beta2=1.0 - beta2,
                                   rectified=rectified)

@@ -1,6 +1,6 @@
 from ..kernels import rules
 from . import spec as hp
-from .optimizer import Optimizer, f32
+from .optimizer import Optimizer
 
 
 class RMSprop(Optimizer):
@@ -55,7 +55,7 @@ class RMSprop(Optimizer):
     @staticmethod
     def scalars(group, step, fresh, host):
         alpha = group["alpha"]
-        return rules.RMSpropScalars(lr=f32(group["lr"]), alpha=f32(alpha),
-                                    one_minus_alpha=f32(1.0 - alpha), eps=f32(group["eps"]),
-                                    momentum=f32(group["momentum"]),
+        return rules.RMSpropScalars(lr=group["lr"], alpha=alpha,
+                                    one_minus_alpha=1.0 - alpha, eps=group["eps"],
+                                    momentum=group["momentum"],
                                     centered=bool(group["centered"]))

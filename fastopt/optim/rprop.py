@@ -1,7 +1,7 @@
 from ..kernels import rules
 from . import spec as hp
 from .checks import real
-from .optimizer import Optimizer, f32
+from .optimizer import Optimizer
 
 
 def _pair(name, pair):
@@ -74,6 +74,6 @@ class Rprop(Optimizer):
     @staticmethod
     def scalars(group, step, fresh, host):
         (etaminus, etaplus), (smallest, largest) = group["etas"], group["step_sizes"]
-        return rules.RpropScalars(etaminus=f32(etaminus), etaplus=f32(etaplus),
-                                  step_size_min=f32(smallest), step_size_max=f32(largest),
-                                  zero=f32(0.0))
+        return rules.RpropScalars(etaminus=etaminus, etaplus=etaplus,
+                                  step_size_min=smallest, step_size_max=largest,
+                                  zero=0.0)

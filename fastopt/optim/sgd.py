@@ -1,6 +1,6 @@
 from ..kernels import rules
 from . import spec as hp
-from .optimizer import Optimizer, f32
+from .optimizer import Optimizer
 
 
 def _check_nesterov(group):
@@ -53,5 +53,5 @@ class SGD(Optimizer):
         # No buffer, or a new one (which torch fills with a clone): the raw gradient.
         raw_gradient = momentum == 0 or "momentum_buffer" in fresh
         grad_weight = 1.0 if raw_gradient else 1.0 - group["dampening"]
-        return rules.SGDScalars(lr=f32(group["lr"]), momentum=f32(momentum),
-                                grad_weight=f32(grad_weight), nesterov=bool(group["nesterov"]))
+        return rules.SGDScalars(lr=group["lr"], momentum=momentum,
+                                grad_weight=grad_weight, nesterov=bool(group["nesterov"]))
