@@ -33,6 +33,7 @@ from numba import njit
 import fastopt
 from fastopt import bench
 from fastopt.kernels import cpu, stream
+from fastopt.kernels._template import float32s
 from fastopt.optim import optimizer as optimizer_module
 
 f32 = np.float32
@@ -46,8 +47,8 @@ def adam(n):
     opt.flat_grads[:] = rng.standard_normal(n).astype(f32)
     opt.step()
     kernel = cpu.kernel("adam", PRESENT)
-    prep = (f32(1), f32(np.inf), f32(0))
-    h = opt.scalars(opt.param_groups[0], 2, [], {})
+    prep = float32s((1.0, np.inf, 0.0))
+    h = float32s(opt.scalars(opt.param_groups[0], 2, [], {}))  # as the backend passes them
     arrays = (opt.flat_params, opt.flat_grads, opt.state["exp_avg"], opt.state["exp_avg_sq"])
     parallel = n >= cpu.PARALLEL_MIN_SIZE
 
@@ -128,7 +129,8 @@ def wrapper_parts(n=1000, calls=20000):
         "  _gradients(None)": lambda: opt._gradients(None),
         "  _gradients(flat array) (step(g))": lambda: opt._gradients(other),
         "  _allocate_state": lambda: opt._allocate_state([plan]),
-        "  prep tuple (3 float32)": lambda: (f32(1.0), f32(math.inf), f32(0.0)),
+        "  prep and h as float32 arrays": lambda: (float32s((1.0, math.inf, 0.0)),
+                                                   float32s(opt.scalars(group, step, [], {}))),
         "  backend.run (kernel lookup + call)": lambda: opt._backend.run(
             "adam", PRESENT, arrays[0], arrays[1], list(arrays[2:]), prep, h),
         "    raw kernel call": raw,

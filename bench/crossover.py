@@ -11,13 +11,14 @@ import numpy as np
 import fastopt
 from fastopt.cli import per_call
 from fastopt.kernels import cpu
+from fastopt.kernels._template import float32s
 
 
 def main():
     kernel = cpu.kernel("adam", ("exp_avg", "exp_avg_sq"))
     opt = fastopt.Adam([np.zeros(1, np.float32)])
-    h = opt.scalars(opt.param_groups[0], 10, [], {})
-    prep = (np.float32(1), np.float32(np.inf), np.float32(0))
+    h = float32s(opt.scalars(opt.param_groups[0], 10, [], {}))  # as the backend passes them
+    prep = float32s((1.0, np.inf, 0.0))
     print(f"threads: {numba.get_num_threads()}, PARALLEL_MIN_SIZE = {cpu.PARALLEL_MIN_SIZE}")
     print(f"{'size':>8s} {'serial':>10s} {'parallel':>10s}")
     for n in [1 << k for k in range(10, 19)]:

@@ -14,6 +14,7 @@ import numpy as np
 import fastopt
 from fastopt.cli import per_call
 from fastopt.kernels import cpu
+from fastopt.kernels._template import float32s
 
 
 def main():
@@ -28,8 +29,8 @@ def main():
         opt.step()
         kernel = cpu.kernel("adam", ("exp_avg", "exp_avg_sq"))
         group = opt.param_groups[0]
-        prep = (np.float32(1), np.float32(np.inf), np.float32(0))
-        h = opt.scalars(group, 2, [], {})
+        prep = float32s((1.0, np.inf, 0.0))
+        h = float32s(opt.scalars(group, 2, [], {}))  # as the backend passes them
         arrays = (opt.flat_params, opt.flat_grads, opt.state["exp_avg"], opt.state["exp_avg_sq"])
         parallel = n >= cpu.PARALLEL_MIN_SIZE
 

@@ -11,7 +11,8 @@ import threading
 
 import numpy as np
 
-from .kernels._template import MAX_PER_SEGMENT, MAX_SUMS, SEGMENT_CHUNK, Pass, float32s
+from .kernels._template import (MAX_PER_SEGMENT, MAX_SUMS, SEGMENT_CHUNK, TENSORS, Pass,
+                                float32s)
 
 FLOAT32 = np.dtype(np.float32)
 
@@ -85,7 +86,7 @@ class Segments:
         self.row_scalars_host = np.zeros((len(chunks), MAX_PER_SEGMENT), FLOAT32)
         self.row_scalars = to_device(self.row_scalars_host)
         self.starts = (None, None)  # CUDA: (the tensors' starts, the segments' on the device)
-        self._addresses = (None, None)  # CPU: see addresses()
+        self._reach = (None, {})  # CPU: see reach()
 
     def totals(self, partials, sums):
         """The first ``sums`` columns of the chunk sums added up per segment, in order."""
@@ -94,15 +95,17 @@ class Segments:
         return tuple(np.bincount(self.chunk_segment, partials[:, j], self.count)
                      for j in range(sums))
 
-    def addresses(self, tensors, name):
-        """CPU: the address of each segment of the tensors ``tensors.<name>`` (kept
-        while the same :class:`Tensors` comes back)."""
-        if self._addresses[0] is not tensors:
-            self._addresses = (tensors, {})
-        found = self._addresses[1]
-        if name not in found:
-            found[name] = getattr(tensors, name)[self.tensor] + 4 * self.offsets
-        return found[name]
+    def reach(self, tensors, names):
+        """CPU: the address of each segment in each of the tensors ``tensors.<name>``
+        for ``names``, a tuple (kept while the same :class:`Tensors` comes back)."""
+        if self._reach[0] is not tensors:
+            self._reach = (tensors, {})
+        found = self._reach[1]
+        if names not in found:
+            found[names] = tuple(getattr(tensors, name) if self.whole
+                                 else getattr(tensors, name)[self.tensor] + 4 * self.offsets
+                                 for name in names)
+        return found[names]
 
     def per_chunk(self, values):
         """Fill the chunks' scalars from ``values``, one sequence per segment each."""
@@ -207,13 +210,9 @@ class HostBackend:
         kernel, names = self._compiled(spec)
         if values:
             segments.per_chunk(values)
-        if segments.whole:
-            reach = [getattr(tensors, name) for name in names]
-        else:
-            reach = [segments.addresses(tensors, name) for name in names]
-        self._call(kernel, segments.size, *reach, *states, float32s(prep), float32s(h),
-                   segments.chunks,
-                   segments.state_starts, segments.partials, segments.row_scalars,
+        self._call(kernel, segments.size, *segments.reach(tensors, names), *states,
+                   float32s(prep), float32s(h), segments.chunks, segments.state_starts,
+                   segments.partials, segments.row_scalars,
                    flush=self._kernels.FLUSH_DENORMALS and not keep_subnormals)
         return segments.totals(segments.partials, len(spec.sums)) if spec.sums else ()
 
@@ -251,9 +250,8 @@ class HostBackend:
         of rows, whose ``(rows, columns, out_start)`` are the rows of ``table``.
         Returns the sums on the host."""
         if blocks.count:
-            reach = [blocks.addresses(tensors, name) for name in ("p", "g")]
-            self._call(self._kernels.column_sums, blocks.size, *reach, float32s(prep), table,
-                       out)
+            self._call(self._kernels.column_sums, blocks.size, *blocks.reach(tensors, TENSORS),
+                       float32s(prep), table, out)
         return out
 
     def constant(self, a):

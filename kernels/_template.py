@@ -21,6 +21,7 @@ import inspect
 from typing import NamedTuple
 
 import numpy as np
+from numba import float32
 
 from . import rules
 
@@ -110,8 +111,8 @@ def build(spec, loops, namespace, filename, fingerprint):
       at ``base + i`` (tensors) and ``state_base + i`` (states). The gradient is
       prepared with ``prepare(p, g, prep)``; a rule without ``p`` reads it as it is.
     - ``{named}`` binds ``named``, the rule's scalars in their named type, from ``h``
-      (float32s, see :func:`float32s`) and row ``c`` of ``row_scalars``, and
-      ``prepared``, the values of ``prep``: read once before the loop, not from memory
+      (see :func:`float32s`) and row ``c`` of ``row_scalars``, and ``prepared``, the
+      values of ``prep``, all as float32: read once before the loop, not from memory
       that the loop's stores might alias. A parallel loop needs it inside its body,
       where Numba's parfor lowering accepts it.
     - ``{first}``: the first array; ``{tensor_chunks}`` binds ``p_c`` and ``g_c`` to
@@ -155,11 +156,14 @@ def build(spec, loops, namespace, filename, fingerprint):
         return f"{n}[base + i]" if n in TENSORS else f"{n}[state_base + i]"
 
     Scalars = namespace["Scalars"] = scalars_type(rule)
+    namespace["float32"] = float32
     unknown = set(spec.per_segment) - set(Scalars._fields)
     if unknown or len(spec.per_segment) > MAX_PER_SEGMENT:
         raise ValueError(f"rule {spec.rule}'s scalars have no fields {sorted(unknown)}")
+    # float32() is a no-op on the backends' float32s, and keeps a caller who passes
+    # Python floats from compiling the rule in float64.
     fields = [f"row_scalars[c, {spec.per_segment.index(f)}]" if f in spec.per_segment
-              else f"h[{i}]" for i, f in enumerate(Scalars._fields)]
+              else f"float32(h[{i}])" for i, f in enumerate(Scalars._fields)]
     totals = [f"total{j}" for j in range(len(sums))]
     text = loops.format(
         body=body(lambda n: f"{n}[i]"), chunk_body=body(lambda n: f"{n}_c[i]"),
@@ -168,7 +172,8 @@ def build(spec, loops, namespace, filename, fingerprint):
         state_slices="; ".join(f"{a}_c = {a}[start:stop]" for a in taken
                                if a not in TENSORS) or "pass",
         named=f"named = Scalars({', '.join(fields)}); " + (
-            "prepared = (prep[0], prep[1], prep[2])" if "p" in names and spec.grad else "pass"),
+            "prepared = (float32(prep[0]), float32(prep[1]), float32(prep[2]))"
+            if "p" in names and spec.grad else "pass"),
         first=taken[0],
         tensor_chunks="; ".join(f"{a}_c = segment_chunk({a}, chunks, c)" for a in taken
                                 if a in TENSORS) or "pass",

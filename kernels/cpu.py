@@ -162,7 +162,8 @@ def segment_kernel(*spec):
 
 @njit(inline="always", error_model="numpy", fastmath={"reassoc"})
 def _column_sums(p, g, prep, rows, columns, out):
-    prepared = (prep[0], prep[1], prep[2])  # read once, not from memory out may alias
+    # Read once, not from memory that out may alias; float32 whatever the caller passed.
+    prepared = (np.float32(prep[0]), np.float32(prep[1]), np.float32(prep[2]))
     out[:] = 0.0
     for r in range(rows):
         p_row, g_row = p[r * columns:(r + 1) * columns], g[r * columns:(r + 1) * columns]
