@@ -84,13 +84,12 @@ def arrays(rule, present):
     return tuple(n for n in buffer_names(rule) if n in TENSORS or n in present)
 
 
-def float32s(values):
-    """``values`` (the numbers of ``h`` or ``prep``, in field order) as the float32 array
-    that the CPU kernels take: this is where the host's numbers are rounded to float32,
-    once, for every field at the same cost. Numba types an array argument in C, where a
-    tuple costs a microsecond a call. (CUDA kernels take ``tuple(float32s(values))``,
-    which goes to the device by value.)"""
-    return np.array(values, np.float32)
+# ``float32s(values)``: the numbers of ``h`` or ``prep``, in field order, as the float32
+# array that the CPU kernels take. This is where the host's numbers are rounded to
+# float32, once, for every field at the same cost (and a C call: it runs a few times a
+# step). Numba types an array argument in C, where a tuple costs a microsecond a call.
+# CUDA kernels take ``tuple(float32s(values))``, which goes to the device by value.
+float32s = functools.partial(np.array, dtype=np.float32)
 
 
 @functools.cache
@@ -98,27 +97,34 @@ def _rules_source():
     return inspect.getsource(rules)
 
 
-def build(spec, loops, namespace, filename, fingerprint):
+def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
     """Define the driver ``<rule>__<present...>__<hash>(*arrays, prep, h, ...)`` of the
     :class:`Pass` ``spec`` and return it.
 
     ``loops`` is the function body: its first line ends the argument list. Its
     placeholders are filled with one statement each:
 
-    - ``{body}``, ``{chunk_body}``, ``{segment_body}``: the rule on element ``i`` of
-      the arrays, of ``<array>_c`` (chunk slices, which ``{slices}`` binds to
-      ``[start:stop]``, or ``{state_slices}`` for the states alone), or of the arrays
-      at ``base + i`` (tensors) and ``state_base + i`` (states). The gradient is
-      prepared with ``prepare(p, g, prep)``; a rule without ``p`` reads it as it is.
+    - ``{body}``, ``{segment_body}``: the rule on element ``i`` of the arrays, or of
+      the arrays at ``base + i`` (tensors) and ``state_base + i`` (states). The
+      gradient is prepared with ``prepare(p, g, prepared)``; a rule without ``p``
+      reads it as it is. ``{slices}`` binds the chunk slices ``<array>_c`` to
+      ``[start:stop]`` of the arrays, ``{state_slices}`` those of the states alone.
     - ``{named}`` binds ``named``, the rule's scalars in their named type, from ``h``
       (see :func:`float32s`) and row ``c`` of ``row_scalars``, and ``prepared``, the
-      values of ``prep``, all as float32: read once before the loop, not from memory
-      that the loop's stores might alias. A parallel loop needs it inside its body,
-      where Numba's parfor lowering accepts it.
+      values of ``prep`` (``prep`` itself for a rule that does not prepare ``g``), all
+      as float32. A parallel loop needs it inside its body, where Numba's parfor
+      lowering accepts it.
     - ``{first}``: the first array; ``{tensor_chunks}`` binds ``p_c`` and ``g_c`` to
       chunk ``c`` of the tensors at the addresses ``p`` and ``g`` (``segment_chunk``).
     - ``{begin_sums}`` zeroes the running sums ``total0 ...``; ``{store_sums}`` writes
       them to ``partials[c, j]``; ``{block_sums}`` adds them over a CUDA block first.
+    - ``{chunk}`` runs the rule over the chunk arrays ``<array>_c`` (binding the sums
+      ``total0 ...``), and ``{whole}`` over the whole arrays, by calling
+      ``<driver>_chunk``, a function of its own that ``compile_chunk`` compiles. Its
+      scalars arrive as arguments, which the compiler keeps in registers through the
+      loop. Written inline in a parallel loop's body, the loop reread them from
+      memory that its stores may alias (Numba's parfor lowering hoists them out of
+      the body), and the Adam kernel at 1e6 did not get faster with a second thread.
 
     ``fingerprint`` is whatever else the compiled code depends on (compiler options,
     constants).
@@ -165,15 +171,23 @@ def build(spec, loops, namespace, filename, fingerprint):
     fields = [f"row_scalars[c, {spec.per_segment.index(f)}]" if f in spec.per_segment
               else f"float32(h[{i}])" for i, f in enumerate(Scalars._fields)]
     totals = [f"total{j}" for j in range(len(sums))]
+    chunk_arrays = [f"{a}_c" for a in taken]
+    chunk_text = (f"({', '.join(chunk_arrays)}, prepared, named):\n"
+                  f"    {'; '.join(f'{t} = 0.0' for t in totals) or 'pass'}\n"
+                  f"    for i in range({taken[0]}_c.size):\n"
+                  f"        {body(lambda n: f'{n}_c[i]')}\n"
+                  f"    return ({''.join(t + ', ' for t in totals)})\n")
     text = loops.format(
-        body=body(lambda n: f"{n}[i]"), chunk_body=body(lambda n: f"{n}_c[i]"),
-        segment_body=body(segment_at),
+        body=body(lambda n: f"{n}[i]"), segment_body=body(segment_at),
         slices="; ".join(f"{a}_c = {a}[start:stop]" for a in taken),
         state_slices="; ".join(f"{a}_c = {a}[start:stop]" for a in taken
                                if a not in TENSORS) or "pass",
-        named=f"named = Scalars({', '.join(fields)}); " + (
-            "prepared = (float32(prep[0]), float32(prep[1]), float32(prep[2]))"
-            if "p" in names and spec.grad else "pass"),
+        named=f"named = Scalars({', '.join(fields)}); prepared = " + (
+            "(float32(prep[0]), float32(prep[1]), float32(prep[2]))"
+            if "p" in names and spec.grad else "prep"),
+        chunk=f"{''.join(t + ', ' for t in totals)}{'= ' if totals else ''}"
+              f"CHUNK_FUNCTION({', '.join(chunk_arrays)}, prepared, named)",
+        whole=f"CHUNK_FUNCTION({', '.join(taken)}, prepared, named)",
         first=taken[0],
         tensor_chunks="; ".join(f"{a}_c = segment_chunk({a}, chunks, c)" for a in taken
                                 if a in TENSORS) or "pass",
@@ -181,8 +195,12 @@ def build(spec, loops, namespace, filename, fingerprint):
         store_sums="; ".join(f"partials[c, {j}] = {t}" for j, t in enumerate(totals))
         or "pass",
         block_sums="; ".join(f"{t} = block_sum(shared, {t})" for t in totals) or "pass")
-    digest = hashlib.sha1((_rules_source() + text + fingerprint).encode()).hexdigest()
-    name = "__".join((spec.rule,) + tuple(spec.present) + (digest[:10],))
+    digest = hashlib.sha1((_rules_source() + chunk_text + text + fingerprint).encode())
+    name = "__".join((spec.rule,) + tuple(spec.present) + (digest.hexdigest()[:10],))
+    if "CHUNK_FUNCTION" in text:
+        exec(compile(f"def {name}_chunk{chunk_text}", filename, "exec"), namespace)
+        namespace[f"{name}_chunk"] = compile_chunk(namespace[f"{name}_chunk"])
     source = f"def {name}({', '.join(taken + ('prep', 'h'))}{text}"
-    exec(compile(source, filename, "exec"), namespace)
+    exec(compile(source.replace("CHUNK_FUNCTION", f"{name}_chunk"), filename, "exec"),
+         namespace)
     return namespace[name]

@@ -40,14 +40,12 @@ _LOOPS = """\
             start = c * CHUNK
             stop = min(start + CHUNK, {first}.size)
             {slices}
-            for i in range({first}_c.size):
-                {chunk_body}
+            {chunk}
             restore_fp_mode(saved)
     else:
         {named}
         saved = denormals_off(flush_denormals)
-        for i in range({first}.size):
-            {body}
+        {whole}
         restore_fp_mode(saved)
 """
 
@@ -61,9 +59,7 @@ size = chunks[c, 2]
 start = state_starts[chunks[c, 0]] + chunks[c, 1]
 stop = start + size
 {state_slices}
-{begin_sums}
-for i in range(size):
-    {chunk_body}
+{chunk}
 {store_sums}
 restore_fp_mode(saved)
 """
@@ -114,8 +110,10 @@ def _driver(spec, loops):
     # reassoc lets LLVM split the float64 sums over several accumulators (the order it
     # picks is fixed at compile time); without it their add latency bounds the loop.
     options = dict(_OPTIONS, fastmath={"reassoc"}) if spec.sums else _OPTIONS
-    fingerprint = repr((options, CHUNK)) + inspect.getsource(_fp_mode)
-    driver = _template.build(spec, loops, namespace, __file__, fingerprint)
+    chunk_options = dict(options, parallel=False, inline="never")
+    fingerprint = repr((options, chunk_options, CHUNK)) + inspect.getsource(_fp_mode)
+    driver = _template.build(spec, loops, namespace, __file__, fingerprint,
+                             njit(**chunk_options))
     return njit(**options)(driver)
 
 

@@ -176,3 +176,23 @@ def test_a_pass_asked_for_what_its_rule_lacks_refuses(options):
     spec = Pass("lamb", ("exp_avg", "exp_avg_sq"), **options)
     with pytest.raises(ValueError, match="lamb"):
         cpu.segment_kernel(*spec)
+
+
+@pytest.mark.parametrize("name", sorted(EVERY_RULE))
+def test_scalars_given_as_plain_floats_are_read_as_float32(name):
+    # The backends pass float32 arrays; a caller passing the host's floats as they are
+    # must get the same float32 arithmetic, not a rule compiled in float64.
+    opt = getattr(fastopt, name)([np.ones(8, np.float32)], **EVERY_RULE[name])
+    group, host = opt.param_groups[0], dict(opt.spec.host)
+    present = tuple(opt.buffers(group, host))
+    h = opt.scalars(group, 3, [], host)
+    prep = (0.7, 2.5, 0.01)  # g_scale, clip, weight_decay
+    rng = np.random.default_rng(1)
+    arrays = [rng.standard_normal(1000).astype(np.float32) for _ in range(2)]
+    arrays += [np.abs(rng.standard_normal(1000)).astype(np.float32) + 0.1 for _ in present]
+    packed = [a.copy() for a in arrays]
+    kernel = cpu.kernel(opt.rule, present)
+    kernel(*arrays, prep, tuple(h), False, True)
+    kernel(*packed, np.array(prep, np.float32), np.array(h, np.float32), False, True)
+    for a, b in zip(arrays, packed):
+        np.testing.assert_array_equal(a, b)

@@ -760,3 +760,19 @@ def test_a_step_whose_host_state_cannot_be_computed_changes_nothing():
     with pytest.raises((ArithmeticError, ValueError)):
         opt.step(np.ones(3, f32))
     assert_all_unchanged(opt, before)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+def test_scalars_are_refused_exactly_where_float32_rounds_them_to_infinity():
+    # The host folds scalars in float64; the kernels get them rounded to float32.
+    from fastopt.kernels import rules
+    from fastopt.optim.engine import FLOAT32_OVERFLOW, _finite
+
+    largest = np.nextafter(FLOAT32_OVERFLOW, 0.0)  # rounds down to float32's largest
+    assert np.isfinite(np.float32(largest)) and np.isinf(np.float32(FLOAT32_OVERFLOW))
+    for value in (largest, -largest, 0.0, 1e-60):
+        assert _finite(rules.SGDScalars(lr=value, momentum=0.9, grad_weight=1.0,
+                                        nesterov=True)), value
+    for value in (FLOAT32_OVERFLOW, -FLOAT32_OVERFLOW, np.inf, np.nan):
+        assert not _finite(rules.SGDScalars(lr=value, momentum=0.9, grad_weight=1.0,
+                                            nesterov=True)), value

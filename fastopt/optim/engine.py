@@ -145,7 +145,7 @@ class Work:
         (default: the tensors) and ``states`` (default: those ``spec.present`` names);
         returns its sums per segment."""
         if states is None:
-            states = [self.state[name] for name in spec.present]
+            states = [*map(self.state.__getitem__, spec.present)]
         return self.backend.run_segments(
             spec, self.tensors, states, self.prep, h,
             self.segments if segments is None else segments, values, self.keep_subnormals)

@@ -265,7 +265,7 @@ class Optimizer:
             if checked[2] != snapshot:  # changed since the last step: validate again
                 self._check_group(index, group)
             self._checked[index] = checked
-        host = {name: self.state[name][index] for name in self.spec.host}
+        host = {name: self.state[name][index] for name in self.spec.host} if self.spec.host else {}
         return self._fold(index, group, step, host, self._started[index])
 
     def _fold(self, index, group, step, host, started):
@@ -325,9 +325,10 @@ class Optimizer:
 
     def _launch(self, rule, spec, start, stop, g, prep, h):
         """Run ``rule`` over ``[start:stop]`` of the parameters, ``g`` and the state."""
-        cut = _cutter(start, stop)
-        self._backend.run(rule, tuple(spec), cut(self.flat_params), cut(g),
-                          [cut(self.state[name]) for name in spec], prep, h,
+        buffers = [self.flat_params, g, *map(self.state.__getitem__, spec)]
+        if start or stop != self.flat_params.size:  # a group's part of the buffers
+            buffers = [buffer[start:stop] for buffer in buffers]
+        self._backend.run(rule, tuple(spec), buffers[0], buffers[1], buffers[2:], prep, h,
                           self.spec.keeps_subnormals)
 
     def _tensor_range(self, start, stop):
