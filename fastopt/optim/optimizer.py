@@ -319,7 +319,7 @@ class Optimizer:
         # The addresses of flat_grads' tensors are kept; other gradients are not held.
         work.tensors = own if g is self.flat_grads else self._backend.flat_tensors(
             self.flat_params, g, offsets)
-        work.state = {name: self.state[name] for name in spec}
+        work.state = dict(zip(spec, map(self.state.__getitem__, spec)))
         work.present, work.prep = tuple(spec), prep
         return work
 
