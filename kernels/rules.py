@@ -35,9 +35,9 @@ constant, including ``1 - beta``, arrives through ``h`` as a float32.
 
 A rule receives the gradient already prepared by :func:`prepare`, which the drivers
 call first with the optimizer's ``prep`` (numbers in the order of ``Prep``'s fields,
-which ``fastopt.optim.engine.prep`` alone builds, rounded to float32 like ``h``): the sign for ``maximize``,
-loss-scale and clipping factors, value clipping and torch's L2 weight decay are the same
-for every algorithm, so they are written once, there.
+which ``fastopt.optim.engine.prep`` alone builds, rounded to float32 like ``h``): the
+sign for ``maximize``, loss-scale and clipping factors, value clipping and torch's L2
+weight decay are the same for every algorithm, so they are written once, there.
 
 ``max`` would drop a NaN where torch.maximum keeps it, hence the explicit selects. A
 moving average of squares multiplies ``(1 - beta) * g * g`` from the left, as torch's
