@@ -290,8 +290,7 @@ class Optimizer:
                     self.state[name] = self._backend.zeros(self._state_size(name))
                     if spec[name] == 0:
                         continue
-                cut = _cutter(layout.start, layout.stop)
-                self._backend.fill(cut(self.state[name]), spec[name])
+                self._backend.fill(self.state[name][layout.start:layout.stop], spec[name])
 
     def _update(self, group, step, spec, g, prep, h, start, stop, host):
         """Apply step number ``step`` to ``[start:stop]`` of the buffers, which share the
@@ -520,12 +519,6 @@ def _copy_of(backend, source):
     copy = backend.zeros(source.size)
     backend.copy(copy, source)
     return copy
-
-
-def _cutter(start, stop):
-    """A function that returns ``[start:stop]`` of a flat buffer (the buffer itself when
-    that is all of it, which saves a slice on the device)."""
-    return lambda flat: flat if start == 0 and stop == flat.size else flat[start:stop]
 
 
 def _split_groups(params, defaults):
