@@ -171,12 +171,14 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
     fields = [f"row_scalars[c, {spec.per_segment.index(f)}]" if f in spec.per_segment
               else f"float32(h[{i}])" for i, f in enumerate(Scalars._fields)]
     totals = [f"total{j}" for j in range(len(sums))]
+    begin_sums = "; ".join(f"{t} = 0.0" for t in totals) or "pass"
+    sums_tuple = "".join(t + ", " for t in totals)  # "total0, total1, ", or nothing
     chunk_arrays = [f"{a}_c" for a in taken]
     chunk_text = (f"({', '.join(chunk_arrays)}, prepared, named):\n"
-                  f"    {'; '.join(f'{t} = 0.0' for t in totals) or 'pass'}\n"
+                  f"    {begin_sums}\n"
                   f"    for i in range({taken[0]}_c.size):\n"
                   f"        {body(lambda n: f'{n}_c[i]')}\n"
-                  f"    return ({''.join(t + ', ' for t in totals)})\n")
+                  f"    return ({sums_tuple})\n")
     text = loops.format(
         body=body(lambda n: f"{n}[i]"), segment_body=body(segment_at),
         slices="; ".join(f"{a}_c = {a}[start:stop]" for a in taken),
@@ -185,13 +187,13 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
         named=f"named = Scalars({', '.join(fields)}); prepared = " + (
             "(float32(prep[0]), float32(prep[1]), float32(prep[2]))"
             if "p" in names and spec.grad else "prep"),
-        chunk=f"{''.join(t + ', ' for t in totals)}{'= ' if totals else ''}"
+        chunk=f"{sums_tuple}{'= ' if totals else ''}"
               f"CHUNK_FUNCTION({', '.join(chunk_arrays)}, prepared, named)",
         whole=f"CHUNK_FUNCTION({', '.join(taken)}, prepared, named)",
         first=taken[0],
         tensor_chunks="; ".join(f"{a}_c = segment_chunk({a}, chunks, c)" for a in taken
                                 if a in TENSORS) or "pass",
-        begin_sums="; ".join(f"{t} = 0.0" for t in totals) or "pass",
+        begin_sums=begin_sums,
         store_sums="; ".join(f"partials[c, {j}] = {t}" for j, t in enumerate(totals))
         or "pass",
         block_sums="; ".join(f"{t} = block_sum(shared, {t})" for t in totals) or "pass")
