@@ -11,10 +11,8 @@ import threading
 
 import numpy as np
 
-from .kernels._template import (MAX_PER_SEGMENT, MAX_SUMS, SEGMENT_CHUNK, TENSORS, Pass,
-                                float32s)
-
-FLOAT32 = np.dtype(np.float32)
+from .kernels._template import (FLOAT32, MAX_PER_SEGMENT, MAX_SUMS, SEGMENT_CHUNK, TENSORS,
+                                Pass, float32s)
 
 GRAD_SQUARES = Pass("grad_squares", sums=("grad_sq",))  # the global norm of the gradients
 _FIRST = np.zeros(1, np.int64)  # one tensor, from the start of a buffer
