@@ -171,6 +171,10 @@ class HostBackend:
         """A NumPy copy of ``a``."""
         return np.array(a, copy=True)
 
+    def on_host(self, a):
+        """``a`` as a NumPy array: ``a`` itself here, a copy from a device."""
+        return a
+
     def is_writeable(self, x):
         return self.asarray(x, "array").flags.writeable
 
@@ -312,6 +316,8 @@ class CudaBackend:
 
     def to_host(self, a):
         return a.copy_to_host()
+
+    on_host = to_host
 
     def is_writeable(self, x):
         interface = getattr(x, "__cuda_array_interface__", None)

@@ -154,26 +154,31 @@ class Adafactor(Optimizer):
         column_sq = np.bincount(plan.block_columns, block_sq, plan.column_slots.size)
 
         # The factors, r + c numbers per matrix, move on the host.
-        row_var = _lerp(backend.to_host(state["row_var"]), plan.row_slots,
+        row_var = _move(backend, state["row_var"], plan.row_slots,
                         row_sq[plan.row_segments] / plan.row_lengths, beta)
-        col_var = _lerp(backend.to_host(state["col_var"]), plan.column_slots,
-                        column_sq / plan.column_lengths, beta)
-        backend.copy(state["row_var"], row_var)
-        backend.copy(state["col_var"], col_var)
+        _move(backend, state["col_var"], plan.column_slots, column_sq / plan.column_lengths, beta)
         rows = row_var[plan.row_slots].astype(np.float64)
         row_mean = np.bincount(plan.row_batch, rows, plan.batches) / plan.batch_rows
         row_scales = rows / np.maximum(row_mean, eps1)[plan.row_batch]
 
-        # Pass 2: RMS(U) per tensor, moving the vectors' variance. Pass 3: the step.
-        rows, vectors = ([state["col_var"]], plan.rows), ([state["variance"]], plan.vectors)
-        update_sq, = work.run(cls.ROW_NORMS, h, rows[1], [row_scales], rows[0])
-        vector_sq, = work.run(cls.VECTOR_NORMS, h._replace(moving=True), vectors[1], (),
-                              vectors[0])
-        update_sq = (np.bincount(plan.row_tensor, update_sq, plan.tensors)
-                     + np.bincount(plan.vector_tensor, vector_sq, plan.tensors))
+        # Pass 2: RMS(U) per tensor, moving the vectors' variance. Pass 3: the step. Each
+        # goes over the rows and the vectors apart, skipping a kind the launch lacks.
+        rows, vectors = plan.rows.count, plan.vectors.count
+        col_var, variance = [state["col_var"]], [state["variance"]]
+        update_sq = np.zeros(plan.tensors)
+        if rows:
+            row_sq, = work.run(cls.ROW_NORMS, h, plan.rows, [row_scales], col_var)
+            update_sq += np.bincount(plan.row_tensor, row_sq, plan.tensors)
+        if vectors:
+            vector_sq, = work.run(cls.VECTOR_NORMS, h._replace(moving=True), plan.vectors, (),
+                                  variance)
+            update_sq += np.bincount(plan.vector_tensor, vector_sq, plan.tensors)
         step_size = alpha / np.fmax(1.0, np.sqrt(update_sq / plan.sizes) / group["d"])
-        work.run(cls.ROW_STEP, h, rows[1], [row_scales, step_size[plan.row_tensor]], rows[0])
-        work.run(cls.VECTOR_STEP, h, vectors[1], [step_size[plan.vector_tensor]], vectors[0])
+        if rows:
+            work.run(cls.ROW_STEP, h, plan.rows, [row_scales, step_size[plan.row_tensor]],
+                     col_var)
+        if vectors:
+            work.run(cls.VECTOR_STEP, h, plan.vectors, [step_size[plan.vector_tensor]], variance)
         return host
 
 
@@ -184,12 +189,15 @@ def _eps1(group):
     return FLOAT32_EPS if group["eps"][0] is None else group["eps"][0]
 
 
-def _lerp(buffer, slots, target, weight):
-    """``buffer[slots]`` moved toward ``target`` by ``weight`` in float32, as torch's
-    lerp_ does; returns ``buffer``."""
-    current = buffer[slots]
-    buffer[slots] = current + np.float32(weight) * (target.astype(np.float32) - current)
-    return buffer
+def _move(backend, factor, slots, target, weight):
+    """``factor[slots]`` moved toward ``target`` by ``weight`` in float32, as torch's
+    lerp_ does, on the host; returns the factor's values there."""
+    values = backend.on_host(factor)
+    current = values[slots]
+    values[slots] = current + np.float32(weight) * (target.astype(np.float32) - current)
+    if values is not factor:
+        backend.copy(factor, values)
+    return values
 
 
 @dataclass
