@@ -776,3 +776,8 @@ def test_scalars_are_refused_exactly_where_float32_rounds_them_to_infinity():
     for value in (FLOAT32_OVERFLOW, -FLOAT32_OVERFLOW, np.inf, np.nan):
         assert not _finite(rules.SGDScalars(lr=value, momentum=0.9, grad_weight=1.0,
                                             nesterov=True)), value
+    # Every number fits though their norm does not; numbers whose float64 sum overflows.
+    assert _finite(rules.SGDScalars(lr=largest, momentum=-largest, grad_weight=largest,
+                                    nesterov=True))
+    assert not _finite(rules.SGDScalars(lr=1e308, momentum=1e308, grad_weight=1.0,
+                                        nesterov=True))

@@ -106,12 +106,16 @@ FLOAT32_OVERFLOW = 2.0 ** 128 - 2.0 ** 103
 
 def _finite(h):
     """Whether every number in the scalars ``h`` stays finite in float32, as the kernels
-    get them (``kernels._template.float32s``). One C-level sum finds an inf or a NaN
-    (among finite numbers the sum is finite), the extremes a finite number too large."""
+    get them (``kernels._template.float32s``). Their norm bounds every magnitude and
+    carries an inf or a NaN, so one C call clears the usual case; the rest are checked
+    one by one: one sum finds an inf or a NaN (among finite numbers the sum is finite),
+    the extremes a finite number too large."""
+    if math.hypot(*h) < FLOAT32_OVERFLOW:
+        return True
     try:
         return (math.isfinite(math.fsum(h))
-                and (not h or -FLOAT32_OVERFLOW < min(h) and max(h) < FLOAT32_OVERFLOW))
-    except ValueError:  # inf and -inf together
+                and -FLOAT32_OVERFLOW < min(h) and max(h) < FLOAT32_OVERFLOW)
+    except (ValueError, OverflowError):  # inf and -inf; a sum beyond float64
         return False
 
 
