@@ -50,8 +50,8 @@ class Pass(NamedTuple):
     With ``grad`` False the rule's ``g`` reads as 0 and no gradient is loaded.
     ``per_segment`` names fields of the rule's scalars that each segment takes from
     its own row of ``row_scalars`` (LAMB's trust ratio), in that row's order. A rule's
-    ``caution`` is applied only by a pass that takes ``caution_scale`` so, and is False
-    in every other pass, whatever ``h`` says.
+    ``caution`` holds only in a pass that takes ``caution_scale`` per segment; in every
+    other pass it is False, whatever ``h`` says.
     """
 
     rule: str
@@ -172,13 +172,13 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
     unknown = set(spec.per_segment) - set(Scalars._fields)
     if unknown or len(spec.per_segment) > MAX_PER_SEGMENT:
         raise ValueError(f"rule {spec.rule}'s scalars have no fields {sorted(unknown)}")
-    # float32() is a no-op on the backends' float32s, and keeps a caller who passes
-    # Python floats from compiling the rule in float64.
     # Only the pass that takes caution_scale per segment applies a cautious mask (see
     # fastopt.optim.engine.cautious_step); elsewhere caution is the constant False, which
     # drops the mask's four vector operations from the loop (read at run time, they cost
     # Adam about 10% at 1e5 elements).
     cautious = "caution_scale" in spec.per_segment
+    # float32() is a no-op on the backends' float32s, and keeps a caller who passes
+    # Python floats from compiling the rule in float64.
     fields = [f"row_scalars[c, {spec.per_segment.index(f)}]" if f in spec.per_segment
               else "False" if f == "caution" and not cautious
               else f"float32(h[{i}])" for i, f in enumerate(Scalars._fields)]

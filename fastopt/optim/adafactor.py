@@ -163,21 +163,21 @@ class Adafactor(Optimizer):
 
         # Pass 2: RMS(U) per tensor, moving the vectors' variance. Pass 3: the step. Each
         # goes over the rows and the vectors apart, skipping a kind the launch lacks.
-        rows, vectors = plan.rows.count, plan.vectors.count
+        has_rows, has_vectors = plan.rows.count, plan.vectors.count
         col_var, variance = [state["col_var"]], [state["variance"]]
         update_sq = np.zeros(plan.tensors)
-        if rows:
+        if has_rows:
             row_sq, = work.run(cls.ROW_NORMS, h, plan.rows, [row_scales], col_var)
             update_sq += np.bincount(plan.row_tensor, row_sq, plan.tensors)
-        if vectors:
+        if has_vectors:
             vector_sq, = work.run(cls.VECTOR_NORMS, h._replace(moving=True), plan.vectors, (),
                                   variance)
             update_sq += np.bincount(plan.vector_tensor, vector_sq, plan.tensors)
         step_size = alpha / np.fmax(1.0, np.sqrt(update_sq / plan.sizes) / group["d"])
-        if rows:
+        if has_rows:
             work.run(cls.ROW_STEP, h, plan.rows, [row_scales, step_size[plan.row_tensor]],
                      col_var)
-        if vectors:
+        if has_vectors:
             work.run(cls.VECTOR_STEP, h, plan.vectors, [step_size[plan.vector_tensor]], variance)
         return host
 
