@@ -31,6 +31,7 @@ import os
 import statistics
 import sys
 from pathlib import Path
+import time
 from time import perf_counter
 
 import numpy as np
@@ -447,21 +448,49 @@ def plot(records, path):
     return True
 
 
-def busy(load_average=None, cores=None):
-    """A warning when other processes keep this machine's cores busy, else None."""
-    if load_average is None:
-        if not hasattr(os, "getloadavg"):
-            return None
-        load_average = os.getloadavg()[0]
+def cpu_times(stat="/proc/stat"):
+    """``(busy, total)``: the CPU time of all cores so far, in clock ticks, from Linux's
+    ``/proc/stat``. Steal time (what the hypervisor gave other machines) counts as busy."""
+    with open(stat) as f:
+        user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    total = user + nice + system + idle + iowait + irq + softirq + steal
+    return total - idle - iowait, total
+
+
+def cores_in_use(cores, seconds=0.5, times=cpu_times):
+    """How many of ``cores`` other processes keep busy: the busy share of all CPU time
+    over ``seconds``, during which this process sleeps. None where ``times`` cannot be
+    read (no /proc/stat)."""
+    try:
+        busy_before, total_before = times()
+        time.sleep(seconds)
+        busy_after, total_after = times()
+    except (OSError, ValueError):
+        return None
+    return cores * (busy_after - busy_before) / max(total_after - total_before, 1)
+
+
+def busy(in_use=None, cores=None):
+    """A warning when other processes keep half of this machine's cores or more busy,
+    else None. ``in_use`` is how many they keep busy: measured now (:func:`cores_in_use`),
+    or, without /proc/stat, the load average. The load average alone would lag by a
+    minute: right after ``pip install`` (the README's first command) it reads as busy on
+    an idle machine."""
     if cores is None:
         cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                  else os.cpu_count())
-    if load_average < cores / 2:
+    if in_use is None:
+        in_use = cores_in_use(cores)
+    if in_use is None:
+        if not hasattr(os, "getloadavg"):
+            return None
+        in_use = os.getloadavg()[0]
+    if in_use < cores / 2:
         return None
-    return (f"warning: this machine is busy (load average {load_average:.1f} on {cores} "
-            "cores). Steps that use several threads will now\n  and then wait for one the OS "
-            "has descheduled; the table counts the median batch of each round, but\n  expect "
-            "noise, and compare with --threads 1.")
+    return (f"warning: this machine is busy (other processes keep {in_use:.1f} of its {cores} "
+            "cores busy). Steps that use several threads will now\n  and then wait for one the "
+            "OS has descheduled; the table counts the median batch of each round, but\n  "
+            "expect noise, and compare with --threads 1.")
 
 
 def quiet_threads(warning, environ=os.environ):

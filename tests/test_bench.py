@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -281,9 +282,25 @@ def test_a_missing_deepspeed_is_skipped_silently(monkeypatch, capsys):
 
 
 def test_a_busy_machine_is_named():
-    assert bench.busy(load_average=3.9, cores=2).startswith("warning: this machine is busy")
-    assert "load average 3.9 on 2 cores" in bench.busy(load_average=3.9, cores=2)
-    assert bench.busy(load_average=0.5, cores=2) is None
+    assert bench.busy(in_use=3.9, cores=2).startswith("warning: this machine is busy")
+    assert "keep 3.9 of its 2 cores busy" in bench.busy(in_use=3.9, cores=2)
+    assert bench.busy(in_use=0.5, cores=2) is None
+
+
+def test_busy_cores_are_measured_now_not_from_the_lagging_load_average(tmp_path):
+    # Two samples of /proc/stat's first line (user nice system idle iowait irq softirq
+    # steal guest guest_nice), 0.01 s apart: 250 of 350 ticks busy, steal included.
+    samples = iter(["cpu 100 0 50 800 50 0 0 0 7 0", "cpu 200 0 100 850 100 0 0 100 9 0"])
+
+    def times():
+        stat = tmp_path / "stat"
+        stat.write_text(next(samples) + "\ncpu0 1 2 3 4 5 6 7 8 9 10\n")
+        return bench.cpu_times(stat)
+
+    assert bench.cores_in_use(2, seconds=0.01, times=times) == pytest.approx(2 * 250 / 350)
+    assert bench.cores_in_use(2, seconds=0.0, times=lambda: open(tmp_path / "none")) is None
+    if Path("/proc/stat").exists():
+        assert 0.0 <= bench.cores_in_use(2, seconds=0.05) <= 2.0 + 1e-9
 
 
 def test_on_a_busy_machine_idle_openmp_threads_sleep(monkeypatch):
