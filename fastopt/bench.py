@@ -31,8 +31,7 @@ import os
 import statistics
 import sys
 from pathlib import Path
-import time
-from time import perf_counter
+from time import perf_counter, sleep
 
 import numpy as np
 
@@ -463,7 +462,7 @@ def cores_in_use(cores, seconds=0.5, times=cpu_times):
     read (no /proc/stat)."""
     try:
         busy_before, total_before = times()
-        time.sleep(seconds)
+        sleep(seconds)
         busy_after, total_after = times()
     except (OSError, ValueError):
         return None
