@@ -11,6 +11,7 @@ import threading
 
 import numpy as np
 
+from . import precision
 from .kernels._template import (FLOAT32, MAX_PER_SEGMENT, MAX_SUMS, SEGMENT_CHUNK, TENSORS,
                                 Pass, float32s)
 
@@ -101,7 +102,8 @@ class Segments:
         found = self._reach[1]
         if names not in found:
             found[names] = tuple(getattr(tensors, name) if self.whole
-                                 else getattr(tensors, name)[self.tensor] + 4 * self.offsets
+                                 else getattr(tensors, name)[self.tensor]
+                                 + tensors.itemsize[name] * self.offsets
                                  for name in names)
         return found[names]
 
@@ -115,13 +117,15 @@ class Segments:
 class Tensors:
     """The parameters and gradients of one launch as the segment kernels reach them, per
     tensor: on the CPU, ``p`` and ``g`` are int64 arrays of each tensor's address (dense
-    float32, walked in memory order; the caller keeps the tensors alive); on CUDA, they
-    are flat buffers in which tensor k starts at ``starts[k]``."""
+    float32, or 16-bit where ``itemsize`` says so, walked in memory order; the caller
+    keeps the tensors alive); on CUDA, they are flat buffers in which tensor k starts at
+    ``starts[k]``."""
 
-    __slots__ = ("p", "g", "starts")
+    __slots__ = ("p", "g", "starts", "itemsize")
 
-    def __init__(self, p, g, starts=None):
+    def __init__(self, p, g, starts=None, itemsize=None):
         self.p, self.g, self.starts = p, g, starts
+        self.itemsize = itemsize or {"p": 4, "g": 4}  # bytes per element, by name
 
 
 def segment_chunks(sizes):
@@ -154,8 +158,8 @@ class HostBackend:
                 raise TypeError(f"{what} cannot be viewed as a NumPy array: {error}") from None
         raise TypeError(f"{what} must be an array, got {type(x).__name__}")
 
-    def zeros(self, n):
-        return np.zeros(n, FLOAT32)
+    def zeros(self, n, dtype=FLOAT32):
+        return np.zeros(n, dtype)
 
     def zeros64(self, n):
         return np.zeros(n, np.float64)
@@ -181,12 +185,20 @@ class HostBackend:
     def overlaps(self, a, b):
         return np.may_share_memory(a, b)
 
-    def run(self, rule, present, p, g, states, prep, h, keep_subnormals=False):
-        """One pass of ``rule`` over the buffers; ``keep_subnormals`` where the rule's
-        result hangs on subnormal numbers, which the kernels otherwise flush."""
+    def run(self, rule, present, buffers, prep, h, keep_subnormals=False, formats=(),
+            master=False):
+        """One pass of ``rule`` over ``buffers`` (``_template.arrays(rule, present,
+        master)``), stored in ``formats`` (``_template.Pass.formats``);
+        ``keep_subnormals`` where the rule's result hangs on subnormal numbers, which the
+        kernels otherwise flush."""
         kernels = self._kernels
-        self._call(kernels.kernel(rule, present), p.size, p, g, *states, float32s(prep),
-                   float32s(h), flush=kernels.FLUSH_DENORMALS and not keep_subnormals)
+        if formats:
+            kernel = kernels.kernel(rule, present, None, (), True, (), formats, master)
+            buffers = [*map(precision.bits, buffers)]
+        else:
+            kernel = kernels.kernel(rule, present)
+        self._call(kernel, buffers[0].size, *buffers, float32s(prep), float32s(h),
+                   flush=kernels.FLUSH_DENORMALS and not keep_subnormals)
 
     def segments(self, sizes, state_starts, tensor=None, offsets=None):
         """:class:`Segments` of ``sizes`` elements, each a whole tensor of the launch
@@ -195,8 +207,9 @@ class HostBackend:
 
     def flat_tensors(self, p, g, starts):
         """:class:`Tensors` of the tensors at ``starts`` of the flat buffers ``p``, ``g``."""
-        starts = 4 * np.asarray(starts, np.int64)
-        return Tensors(_address(p) + starts, _address(g) + starts)
+        starts = np.asarray(starts, np.int64)
+        return Tensors(_address(p) + p.itemsize * starts, _address(g) + g.itemsize * starts,
+                       itemsize={"p": p.itemsize, "g": g.itemsize})
 
     def run_segments(self, spec, tensors, states, prep, h, segments, values=(),
                      keep_subnormals=False):
@@ -228,18 +241,22 @@ class HostBackend:
         return found
 
     def sum_squares(self, g):
-        """The float64 sum of squares of the flat ``g``, deterministic (see
-        :class:`Segments`)."""
+        """The float64 sum of squares of the flat ``g`` (float32 or 16-bit),
+        deterministic (see :class:`Segments`)."""
         segments = self._whole(g.size)
         tensors = self.flat_tensors(g, g, _FIRST)
-        return self.run_segments(GRAD_SQUARES, tensors, [], (), (), segments,
+        spec = GRAD_SQUARES._replace(formats=precision.formats(("g",), [g]))
+        return self.run_segments(spec, tensors, [], (), (), segments,
                                  keep_subnormals=True)[0][0]
 
     def ema(self, average, value, h):
-        """``average = rules.ema(average, value, h)`` element-wise."""
+        """``average = rules.ema(average, value, h)`` element-wise; ``value`` may be
+        16-bit."""
         kernels = self._kernels
-        self._call(kernels.kernel("ema", ("average", "value")), average.size, average, value,
-                   float32s(()), float32s(h), flush=kernels.FLUSH_DENORMALS)
+        formats = precision.formats(("value",), [value])
+        self._call(kernels.kernel("ema", ("average", "value"), None, (), True, (), formats),
+                   average.size, average, precision.bits(value), float32s(()), float32s(h),
+                   flush=kernels.FLUSH_DENORMALS)
 
     def scale_into(self, out, a, s):
         np.multiply(a, s, out=out)
@@ -300,7 +317,9 @@ class CudaBackend:
         raise TypeError(f"{what} must be a CUDA array like the other parameters, "
                         f"got {type(x).__name__}")
 
-    def zeros(self, n):
+    def zeros(self, n, dtype=FLOAT32):
+        if dtype != FLOAT32:  # flatten refuses 16-bit arrays on CUDA first
+            raise TypeError(f"CUDA buffers are float32 only, for now, not {dtype}")
         a = self._cuda.device_array(n, FLOAT32)
         self.fill(a, 0.0)
         return a
@@ -327,10 +346,12 @@ class CudaBackend:
         (a_start, a_end), (b_start, b_end) = _extent(a), _extent(b)
         return a_start < b_end and b_start < a_end
 
-    def run(self, rule, present, p, g, states, prep, h, keep_subnormals=False):
+    def run(self, rule, present, buffers, prep, h, keep_subnormals=False, formats=(),
+            master=False):
         kernels = self._kernels
-        # keep_subnormals: CUDA keeps them (the kernels set no flush-to-zero mode).
-        kernels.launch(kernels.kernel(rule, present), p.size, p, g, *states, prep, h)
+        # keep_subnormals: CUDA keeps them (the kernels set no flush-to-zero mode); its
+        # buffers are float32 (see zeros), so formats stays empty.
+        kernels.launch(kernels.kernel(rule, present), buffers[0].size, *buffers, prep, h)
 
     def segments(self, sizes, state_starts, tensor=None, offsets=None):
         return _segments(sizes, state_starts, tensor, offsets, self._cuda.to_device)

@@ -6,7 +6,7 @@ module only serializes snapshots: to a record of JSON values with a checksum and
 arrays (:func:`state_dict`, :func:`snapshot_of`), and to and from files (:func:`save`,
 :func:`read`). It imports nothing of fastopt's.
 
-The file (format version 2) is an uncompressed NumPy ``.npz`` archive holding:
+The file (format version 3) is an uncompressed NumPy ``.npz`` archive holding:
 
 - ``meta``: a UTF-8 JSON document stored as a uint8 array, with ``format``
   (``"fastopt-checkpoint"``), ``version``, ``algorithm`` (the class name), ``groups`` (each
@@ -14,19 +14,22 @@ The file (format version 2) is an uncompressed NumPy ``.npz`` archive holding:
   and skip options), ``step``, ``skipped_steps``, ``last_grad_norm``, ``host`` (per-group
   host state such as NAdam's ``mu_product``), ``started`` (the state buffers each group
   has begun), ``layout`` (per group: the parameter names or None, their shapes and
-  offsets in the flat buffer), ``buffers`` (the names of the arrays below) and
-  ``sha256``, the checksum;
-- ``params``: the flat float32 parameters;
-- ``state.<name>``: each flat float32 state buffer.
+  offsets in the flat buffer), ``buffers`` (the names of the arrays below),
+  ``formats`` (the arrays kept in 16 bits, by name: ``"bfloat16"`` or ``"float16"``;
+  the file holds their bits as uint16) and ``sha256``, the checksum;
+- ``params``: the flat parameters (float32, or 16-bit);
+- ``master``: the float32 master weights of 16-bit parameters, where they are kept;
+- ``state.<name>``: each flat state buffer (float32 or bfloat16).
 
 **The checksum** covers every field. It is the SHA-256 of a sequence of parts: first
 the part ``meta``, the record without ``sha256`` as canonical JSON
 (``json.dumps(record, sort_keys=True, separators=(",", ":"))``, UTF-8), then one part
-per array in sorted name order, its raw float32 bytes. Each part is fed as its name,
-a zero byte, its length in bytes as 8 little-endian bytes, and its bytes. Version-1
-files (whose checksum covers only the arrays: each name, then its bytes) still load,
-with every field validated as below; but there an edit that stays valid (a step count
-of 5 made 4) cannot be noticed. fastopt writes version 2 only.
+per array in sorted name order, its raw bytes. Each part is fed as its name,
+a zero byte, its length in bytes as 8 little-endian bytes, and its bytes. Version-2 files
+(the same without ``formats``: every array float32) load as they are. Version-1 files
+(whose checksum covers only the arrays: each name, then its bytes) still load, with
+every field validated as below; but there an edit that stays valid (a step count of 5
+made 4) cannot be noticed. fastopt writes version 3 only.
 
 :func:`save` copies the buffers under the optimizer's lock (a consistent snapshot,
 even while other threads step), writes the copy to a temporary file in the same
@@ -52,6 +55,7 @@ import socket
 import tempfile
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 
 
@@ -69,8 +73,9 @@ class Snapshot:
         started: per group, the names of the state buffers it has begun.
         layout: per group, the parameters' names (or None), shapes and offsets in the
             flat buffer, and the prefix of their names (``"params"``, ``"params[1]"``).
-        params: the flat float32 parameters, a NumPy copy.
-        buffers: each flat float32 state buffer by name, NumPy copies.
+        params: the flat parameters, a NumPy copy (float32, bfloat16 or float16).
+        buffers: each flat state buffer by name, NumPy copies (float32 or bfloat16).
+        master: the float32 master weights of 16-bit parameters, a NumPy copy, or None.
     """
 
     algorithm: str
@@ -84,16 +89,21 @@ class Snapshot:
     layout: list
     params: np.ndarray
     buffers: dict
+    master: object = None
 
 
 FORMAT = "fastopt-checkpoint"
-VERSION = 2
-READABLE = (1, 2)
+VERSION = 3
+READABLE = (1, 2, 3)
 _ARRAY_PREFIX = "state."
 # The record holds the snapshot's fields (all but its arrays) and these.
 _SNAPSHOT_FIELDS = [field.name for field in dataclasses.fields(Snapshot)
-                    if field.name not in ("params", "buffers")]
+                    if field.name not in ("params", "buffers", "master")]
 _FIELDS = {"format", "version", "buffers", "sha256", *_SNAPSHOT_FIELDS}
+_FIELDS_SINCE = {3: {"formats"}}  # the fields a version added
+# The 16-bit formats an array may be kept in, which a file holds as their bits.
+FORMATS = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
+_BITS = np.dtype(np.uint16)
 
 # Temporary files are named after the saving process and machine, so that a later save
 # can tell the orphans of killed processes from the files of saves still running.
@@ -105,9 +115,13 @@ def state_dict(snapshot):
     """``{"meta": dict, "arrays": {name: float32 host array}}``: ``snapshot`` as a record
     of JSON values with its checksum, and its arrays (not copied)."""
     arrays = {"params": snapshot.params}
+    if snapshot.master is not None:
+        arrays["master"] = snapshot.master
     arrays.update((_ARRAY_PREFIX + name, array) for name, array in snapshot.buffers.items())
+    formats = {name: _format_of(array) for name, array in arrays.items()
+               if _format_of(array) != "float32"}
     meta = {"format": FORMAT, "version": VERSION, "buffers": sorted(arrays),
-            **{name: getattr(snapshot, name) for name in _SNAPSHOT_FIELDS}}
+            "formats": formats, **{name: getattr(snapshot, name) for name in _SNAPSHOT_FIELDS}}
     meta["sha256"] = _checksum(meta, arrays)
     return {"meta": meta, "arrays": arrays}
 
@@ -122,21 +136,38 @@ def snapshot_of(checkpoint, verified=False):
     meta, arrays = checkpoint["meta"], checkpoint["arrays"]
     if not verified:
         verify(meta, arrays)
-    if set(meta) != _FIELDS:
+    fields = _FIELDS.union(*(added for version, added in _FIELDS_SINCE.items()
+                             if meta["version"] >= version))
+    if set(meta) != fields:
         raise ValueError(f"the checkpoint's record has the fields {sorted(map(str, meta))}, "
-                         f"expected {sorted(_FIELDS)}")
+                         f"expected {sorted(fields)}")
     if meta["buffers"] != sorted(arrays) or "params" not in arrays:
         raise ValueError(f"the checkpoint holds arrays {sorted(arrays)}, its index lists "
                          f"{meta['buffers']}")
+    formats = meta.get("formats", {})
+    if not isinstance(formats, dict):
+        raise ValueError(f"the checkpoint's formats must be a dict, got {formats!r}")
+    for name, array in arrays.items():
+        if _format_of(array) != formats.get(name, "float32"):
+            raise ValueError(f"the checkpoint's array {name!r} is {array.dtype}, its "
+                             f"record says {formats.get(name, 'float32')!r}")
     buffers = {}
     for name, array in arrays.items():
-        if name != "params":
+        if name not in ("params", "master"):
             if not name.startswith(_ARRAY_PREFIX):
-                raise ValueError(f"the checkpoint holds an array {name!r}; only 'params' "
-                                 "and 'state.<name>' belong there")
+                raise ValueError(f"the checkpoint holds an array {name!r}; only 'params', "
+                                 "'master' and 'state.<name>' belong there")
             buffers[name[len(_ARRAY_PREFIX):]] = array
     return Snapshot(**{name: meta[name] for name in _SNAPSHOT_FIELDS},
-                    params=arrays["params"], buffers=buffers)
+                    params=arrays["params"], buffers=buffers, master=arrays.get("master"))
+
+
+def _format_of(array):
+    """``"float32"``, a name of ``FORMATS``, or the dtype's own name for any other."""
+    if array.dtype == np.float32:
+        return "float32"
+    return next((name for name, dtype in FORMATS.items() if array.dtype == dtype),
+                str(array.dtype))
 
 
 def verify(meta, arrays):
@@ -145,13 +176,13 @@ def verify(meta, arrays):
         raise TypeError("a checkpoint's meta and arrays must be dicts")
     version = meta.get("version")
     if meta.get("format") != FORMAT or type(version) is not int or version not in READABLE:
-        raise ValueError(f"not a {FORMAT} of version 1 or 2: format {meta.get('format')!r}, "
-                         f"version {version!r}")
+        raise ValueError(f"not a {FORMAT} of version 1, 2 or 3: format "
+                         f"{meta.get('format')!r}, version {version!r}")
     for name, array in arrays.items():
         if not isinstance(name, str) or not isinstance(array, np.ndarray):
             raise TypeError(f"a checkpoint's arrays must be NumPy arrays by name, got "
                             f"{name!r}: {type(array).__name__}")
-    checksum = _checksum(meta, arrays) if version == 2 else _checksum_v1(arrays)
+    checksum = _checksum(meta, arrays) if version >= 2 else _checksum_v1(arrays)
     if meta.get("sha256") != checksum:
         raise ValueError("the checkpoint does not match its checksum: it is corrupted, or "
                          "was edited after it was written")
@@ -212,7 +243,9 @@ def save(opt, path):
 
 def _write(file, checkpoint):
     meta = np.frombuffer(json.dumps(checkpoint["meta"]).encode(), np.uint8)
-    np.savez(file, meta=meta, **checkpoint["arrays"])
+    formats = checkpoint["meta"]["formats"]  # .npy knows no bfloat16: their bits go
+    np.savez(file, meta=meta, **{name: array.view(_BITS) if name in formats else array
+                                 for name, array in checkpoint["arrays"].items()})
 
 
 def _remove_orphans(folder):
@@ -262,6 +295,13 @@ def read(path):
                              f"corrupted?): {type(error).__name__}: {error}") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{name} is not a fastopt checkpoint")
+    formats = meta.get("formats", {})
+    for key, value in formats.items() if isinstance(formats, dict) else ():
+        array = contents.get(key)
+        if value not in FORMATS or array is None or array.dtype != _BITS:
+            raise ValueError(f"{name} holds an array {key!r} in the format {value!r}, which "
+                             f"is not the bits of one of {sorted(FORMATS)}")
+        contents[key] = array.view(FORMATS[value])
     return {"meta": meta, "arrays": contents}
 
 
@@ -272,10 +312,11 @@ def _umask():
 
 
 def _checksum(meta, arrays):
-    """Version 2: the record (without its checksum) and the arrays; see the module doc."""
+    """Versions 2 and 3: the record (without its checksum) and the arrays; see the module
+    doc."""
     record = {key: value for key, value in meta.items() if key != "sha256"}
     parts = [("meta", json.dumps(record, sort_keys=True, separators=(",", ":")).encode())]
-    parts += [(name, np.ascontiguousarray(arrays[name]).data) for name in sorted(arrays)]
+    parts += [(name, _bytes(arrays[name])) for name in sorted(arrays)]
     digest = hashlib.sha256()
     for name, data in parts:
         digest.update(name.encode() + b"\0" + memoryview(data).nbytes.to_bytes(8, "little"))
@@ -288,5 +329,10 @@ def _checksum_v1(arrays):
     digest = hashlib.sha256()
     for name in sorted(arrays):
         digest.update(name.encode())
-        digest.update(np.ascontiguousarray(arrays[name]).data)
+        digest.update(_bytes(arrays[name]))
     return digest.hexdigest()
+
+
+def _bytes(array):
+    """The raw bytes of ``array`` (a buffer does not take bfloat16 as it is)."""
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8).data

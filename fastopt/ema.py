@@ -4,7 +4,8 @@ import contextlib
 
 import numpy as np
 
-from ._backend import FLOAT32, backend_of, is_c_contiguous
+from ._backend import backend_of, is_c_contiguous
+from .flat import check_dtype
 from .kernels import rules
 from .optim.checks import real
 from .optim.optimizer import Optimizer
@@ -38,7 +39,8 @@ class EMA:
     Args:
         params: an optimizer (its ``flat_params``, updated in one pass), or a dict or list
             of float32 arrays, NumPy or CUDA, each C-contiguous and writeable (one pass
-            per array). The arrays are tracked, not copied.
+            per array), or of one 16-bit dtype (bfloat16 or float16, on the CPU), whose
+            average is float32 all the same. The arrays are tracked, not copied.
         decay: β, in [0, 1).
         bias_correction: divide by :math:`1 - \beta^t`; see above.
 
@@ -88,7 +90,7 @@ class EMA:
             raise RuntimeError("the average is already in place: restore() first, or the "
                                "saved parameters would be overwritten")
         scale = f32(self.correction())
-        self._backup = self._backend.zeros(self.shadow.size)
+        self._backup = self._backend.zeros(self.shadow.size, self._targets[0].dtype)
         for backup, shadow, target in zip(self._slices(self._backup), self._shadows,
                                           self._targets):
             self._backend.copy(backup, target)
@@ -140,8 +142,10 @@ def _targets(params):
             raise ValueError(f"{name} is the same array as {seen[id(x)]}; each may appear once")
         seen[id(x)] = name
         a = backend.asarray(x, name)
-        if a.dtype != FLOAT32:
-            raise TypeError(f"{name} must be float32, got {a.dtype}")
+        check_dtype(backend, a, name)
+        if views and a.dtype != views[0].dtype:
+            raise TypeError(f"{name} is {a.dtype} but {named[0][0]} is {views[0].dtype}: "
+                            "the arrays of one EMA share a dtype")
         if not is_c_contiguous(a) or not backend.is_writeable(x):
             raise ValueError(f"{name} must be C-contiguous and writeable: EMA updates it in place")
         views.append(a.reshape(a.size))

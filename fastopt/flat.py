@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._backend import FLOAT32, backend_of, is_c_contiguous, is_cuda_array
+from .precision import DTYPES, name_of
 
 
 @dataclass(frozen=True)
@@ -153,10 +154,9 @@ def _shape(what, shape):
     return tuple(int(d) for d in dims)
 
 
-def _check_flat(backend, x, what, size=None):
+def _check_flat(backend, x, what, size=None, dtype=None):
     a = backend.asarray(x, what)
-    if a.dtype != FLOAT32:
-        raise TypeError(f"{what} must be float32, got {a.dtype}")
+    check_dtype(backend, a, what, dtype)
     if a.ndim != 1 or not is_c_contiguous(a):
         raise ValueError(f"{what} must be a 1-D C-contiguous array, got shape {a.shape}"
                          + ("" if a.ndim != 1 else " with strides"))
@@ -167,24 +167,41 @@ def _check_flat(backend, x, what, size=None):
     return a
 
 
-def flatten(groups, grouped=False):
+def check_dtype(backend, a, what, dtype=None):
+    """Raise TypeError unless ``a`` has ``dtype`` (None: a format of
+    ``precision.DTYPES``; 16-bit formats on the CPU only, for now)."""
+    if dtype is not None and a.dtype != dtype:
+        raise TypeError(f"{what} must be {name_of(dtype)}, got {a.dtype}")
+    if name_of(a.dtype) is None:
+        raise TypeError(f"{what} has dtype {a.dtype}; fastopt steps float32, bfloat16 "
+                        "(ml_dtypes) and float16 arrays (convert with "
+                        ".astype(np.float32))")
+    if a.dtype != FLOAT32 and backend.device == "cuda":
+        raise TypeError(f"{what} is {a.dtype}: on CUDA fastopt steps float32 arrays only, "
+                        "for now (16-bit formats run on the CPU)")
+
+
+def flatten(groups, grouped=False, grad_dtype=None):
     """``(backend, layouts, flat_params, flat_grads)`` for the parameters of each group.
 
     ``groups`` lists one structure per parameter group (a dict or list of arrays), or
     holds one :func:`adopt` result; ``grouped`` says they came as group dicts, which
     names them ``params[i]...`` in messages. The arrays are copied into one new buffer,
-    group after group, so each group is a contiguous segment with its own layout.
-    Raises TypeError/ValueError naming the offending parameter; the inputs are never
-    modified.
+    group after group, so each group is a contiguous segment with its own layout. All
+    parameters share one dtype (float32, bfloat16 or float16), which the buffer takes;
+    the gradients' buffer takes ``grad_dtype`` (a name of ``precision.DTYPES``; None:
+    the parameters'). Raises TypeError/ValueError naming the offending parameter; the
+    inputs are never modified.
     """
     if not grouped and isinstance(groups[0], Adopted):
-        return _adopt(groups[0])
+        return _adopt(groups[0], grad_dtype)
     prefixes = [f"params[{i}]" for i in range(len(groups))] if grouped else ["params"]
     structures = [_structure(prefix, params) for prefix, params in zip(prefixes, groups)]
     if not any(arrays for _, _, arrays in structures):
         raise ValueError("params is empty: give the optimizer at least one array")
     first_name, first = next((names[0], arrays[0]) for names, _, arrays in structures if arrays)
     backend = backend_of(first)
+    dtype = backend.asarray(first, first_name).dtype
     seen = {}
     layouts, views = [], []
     for prefix, (names, keys, arrays) in zip(prefixes, structures):
@@ -198,19 +215,25 @@ def flatten(groups, grouped=False):
                                  "each parameter may appear only once")
             seen[id(x)] = name
             a = backend.asarray(x, name)
-            if a.dtype != FLOAT32:
-                raise TypeError(f"{name} has dtype {a.dtype}; fastopt optimizes float32 "
-                                "arrays only (convert with .astype(np.float32))")
+            check_dtype(backend, a, name)
+            if a.dtype != dtype:
+                raise TypeError(f"{name} is {a.dtype} but {first_name} is {dtype}: the "
+                                "parameters of one optimizer share a dtype (mixing is not "
+                                "supported yet; give each dtype its own optimizer)")
             group_views.append(a)
         start = layouts[-1].stop if layouts else 0
         layouts.append(Layout.of(keys, [a.shape for a in group_views], start, prefix))
         views += group_views
     size = layouts[-1].stop
-    flat_params = backend.zeros(size)
+    flat_params = backend.zeros(size, dtype)
     slices = [s for layout in layouts for s in layout.slices(flat_params)]
     for destination, source in zip(slices, views):
         backend.copy(destination, source)
-    return backend, layouts, flat_params, backend.zeros(size)
+    return backend, layouts, flat_params, backend.zeros(size, _grad_dtype(dtype, grad_dtype))
+
+
+def _grad_dtype(params_dtype, grad_dtype):
+    return params_dtype if grad_dtype is None else DTYPES[grad_dtype]
 
 
 def _structure(prefix, params):
@@ -229,7 +252,7 @@ def _structure(prefix, params):
     return param_names(keys, len(arrays), prefix), keys, arrays
 
 
-def _adopt(adopted):
+def _adopt(adopted, grad_dtype):
     backend = backend_of(adopted.buffer)
     flat_params = _check_flat(backend, adopted.buffer, "adopted buffer")
     shapes = adopted.shapes
@@ -251,10 +274,11 @@ def _adopt(adopted):
     if layout.size != flat_params.size:
         raise ValueError(f"shapes add up to {layout.size} elements but the adopted "
                          f"buffer has {flat_params.size}")
+    dtype = _grad_dtype(flat_params.dtype, grad_dtype)
     if adopted.grads is None:
-        flat_grads = backend.zeros(layout.size)
+        flat_grads = backend.zeros(layout.size, dtype)
     else:
-        flat_grads = _check_flat(backend, adopted.grads, "adopted grads", layout.size)
+        flat_grads = _check_flat(backend, adopted.grads, "adopted grads", layout.size, dtype)
         if backend.overlaps(flat_grads, flat_params):
             raise ValueError("adopted grads must not share memory with the adopted buffer")
     return backend, [layout], flat_params, flat_grads

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import float32
 
-from . import rules
+from . import codecs, rules
 
 # The buffers that segment drivers reach through each segment's own start (the tensors,
 # which may lie anywhere); the others are flat state buffers, reached through
@@ -52,6 +52,14 @@ class Pass(NamedTuple):
     its own row of ``row_scalars`` (LAMB's trust ratio), in that row's order. A rule's
     ``caution`` holds only in a pass that takes ``caution_scale`` per segment; in every
     other pass it is False, whatever ``h`` says.
+
+    ``formats`` stores buffers in fewer bits: ``(name, format)`` pairs, a format of
+    ``codecs.CODECS``, whose array holds the bits (``codecs.BITS``); the rule reads and
+    writes float32 through the codec. With ``master``, the driver also takes ``w``, a
+    float32 copy of the 16-bit ``p`` (master weights): the rule reads ``w`` as its
+    ``p``, and the new value goes to ``w`` and, rounded, to ``p`` (flat passes only).
+    Where ``p`` no longer holds ``w`` rounded, someone wrote into it since the last
+    step, and the rule reads ``p`` instead: a write is never lost.
     """
 
     rule: str
@@ -60,6 +68,8 @@ class Pass(NamedTuple):
     sums: tuple = ()
     grad: bool = True
     per_segment: tuple = ()
+    formats: tuple = ()
+    master: bool = False
 
 
 def buffer_names(rule):
@@ -82,10 +92,14 @@ def results(rule):
     return getattr(rule, "returns", tuple(n for n in buffer_names(rule) if n != "g"))
 
 
-def arrays(rule, present):
-    """The arrays a driver of ``rule`` takes, in order: its ``p`` and ``g``, then the
-    states in ``present``."""
-    return tuple(n for n in buffer_names(rule) if n in TENSORS or n in present)
+def arrays(rule, present, master=False):
+    """The arrays a driver of ``rule`` takes, in order: its ``p`` and ``g``, the master
+    weights ``w`` with ``master``, then the states in ``present``."""
+    taken = tuple(n for n in buffer_names(rule) if n in TENSORS or n in present)
+    if not master:
+        return taken
+    tensors = sum(n in TENSORS for n in taken)
+    return taken[:tensors] + ("w",) + taken[tensors:]
 
 
 def float32s(values):
@@ -100,7 +114,7 @@ def float32s(values):
 
 @functools.cache
 def _rules_source():
-    return inspect.getsource(rules)
+    return inspect.getsource(rules) + inspect.getsource(codecs)
 
 
 def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
@@ -121,7 +135,8 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
       as float32. A parallel loop needs it inside its body, where Numba's parfor
       lowering accepts it.
     - ``{first}``: the first array; ``{tensor_chunks}`` binds ``p_c`` and ``g_c`` to
-      chunk ``c`` of the tensors at the addresses ``p`` and ``g`` (``segment_chunk``).
+      chunk ``c`` of the tensors at the addresses ``p`` and ``g`` (``segment_chunk``;
+      ``segment_chunk_bits`` for 16-bit ones).
     - ``{begin_sums}`` zeroes the running sums ``total0 ...``; ``{store_sums}`` writes
       them to ``partials[c, j]``; ``{block_sums}`` adds them over a CUDA block first.
     - ``{chunk}`` runs the rule over the chunk arrays ``<array>_c`` (binding the sums
@@ -140,29 +155,48 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
     unknown = set(spec.present) - set(state_names(rule))
     if unknown:
         raise ValueError(f"rule {spec.rule} has no state {sorted(unknown)}")
-    taken = arrays(rule, spec.present)
+    taken = arrays(rule, spec.present, spec.master)
+    formats = dict(spec.formats)
+    if set(formats) - set(taken) or set(formats.values()) - set(codecs.CODECS) or (
+            spec.master and formats.get("p") is None):
+        raise ValueError(f"pass {spec} stores buffers it does not take, in formats it "
+                         "does not know, or master weights for a float32 p")
     writes = spec.writes if spec.writes is not None else tuple(
         n for n in results(rule) if n in taken)
     sums = tuple(spec.sums)
     if set(writes) - set(taken) or set(sums) - set(results(rule)) or len(sums) > MAX_SUMS:
         raise ValueError(f"pass {spec} writes or sums what rule {spec.rule} does not have")
 
+    # The buffers written through a codec (or to the master weights and then p) take
+    # the rule's result as new_<name> first.
+    encoded = [n for n in writes if n in formats]
+
     def body(at):
+        def value(n):
+            if n == "p" and spec.master:  # the master, unless p was written since
+                return (f"({at('w')} if {formats['p']}_store({at('w')}) == {at('p')} "
+                        f"else {formats['p']}_load({at('p')}))")
+            return f"{formats[n]}_load({at(n)})" if n in formats else at(n)
+
         def load(n):
             if n == "g" and not spec.grad:
                 return "ZERO"
             if n == "g" and "p" in names:
-                return f"prepare({at('p')}, {at('g')}, prepared)"
-            return at(n) if n in taken else "ZERO"
+                return f"prepare({value('p')}, {value('g')}, prepared)"
+            return value(n) if n in taken else "ZERO"
 
         def store(n):
             if n in sums:
                 return f"term{sums.index(n)}"
-            return at(n) if n in writes else "_"
+            if n not in writes:
+                return "_"
+            return f"new_{n}" if n in encoded else at(n)
 
         line = (f"{', '.join(map(store, results(rule)))} = "
                 f"rule({', '.join(map(load, names))}, named)")
-        return "; ".join([line] + [f"total{j} += term{j}" for j in range(len(sums))])
+        stores = [f"{at('w')} = new_p" for n in encoded if n == "p" and spec.master]
+        stores += [f"{at(n)} = {formats[n]}_store(new_{n})" for n in encoded]
+        return "; ".join([line] + stores + [f"total{j} += term{j}" for j in range(len(sums))])
 
     def segment_at(n):
         return f"{n}[base + i]" if n in TENSORS else f"{n}[state_base + i]"
@@ -203,8 +237,9 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
               f"CHUNK_FUNCTION({', '.join(chunk_arrays)}, prepared, named)",
         whole=f"CHUNK_FUNCTION({', '.join(taken)}, prepared, named)",
         first=taken[0],
-        tensor_chunks="; ".join(f"{a}_c = segment_chunk({a}, chunks, c)" for a in taken
-                                if a in TENSORS) or "pass",
+        tensor_chunks="; ".join(
+            f"{a}_c = segment_chunk{'_bits' if a in formats else ''}({a}, chunks, c)"
+            for a in taken if a in TENSORS) or "pass",
         begin_sums=begin_sums,
         store_sums="; ".join(f"partials[c, {j}] = {t}" for j, t in enumerate(totals))
         or "pass",

@@ -8,7 +8,7 @@ import numpy as np
 from numba import carray, njit, prange, types
 from numba.core.extending import intrinsic
 
-from . import _fp_mode, _template, rules
+from . import _fp_mode, _template, codecs, rules
 
 # Every element is independent, so the result does not depend on the thread count.
 # error_model="numpy" drops the division-by-zero check that would stop SIMD.
@@ -75,22 +75,37 @@ def _inline(function):
 
 
 _prepare = _inline(rules.prepare)
+_CODECS = codecs.compiled(_inline)
 
 
-@intrinsic
-def float32_at(typingctx, address):
-    """The float32 pointer to memory ``address`` (an integer), which numba.carray turns
-    into an array: tensors that fastopt does not own are stepped where they lie."""
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
-    return types.CPointer(types.float32)(types.intp), codegen
+def _pointer_at(element):
+    @intrinsic
+    def at(typingctx, address):
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+        return types.CPointer(element)(types.intp), codegen
+    return at
+
+
+# The pointers to memory ``address`` (an integer) of float32 elements, or of 16-bit
+# ones (their bits), which numba.carray turns into arrays: tensors that fastopt does
+# not own are stepped where they lie.
+float32_at = _pointer_at(types.float32)
+bits_at = _pointer_at(types.uint16)
 
 
 @njit(inline="always")
 def _segment_chunk(addresses, chunks, c):
-    """Chunk ``c`` (a row of ``chunks``) of the tensors at ``addresses``."""
+    """Chunk ``c`` (a row of ``chunks``) of the float32 tensors at ``addresses``."""
     segment, offset, size = chunks[c, 0], chunks[c, 1], chunks[c, 2]
     return carray(float32_at(addresses[segment] + 4 * offset), size)
+
+
+@njit(inline="always")
+def _segment_chunk_bits(addresses, chunks, c):
+    """Chunk ``c`` of the 16-bit tensors at ``addresses``, as their bits."""
+    segment, offset, size = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+    return carray(bits_at(addresses[segment] + 2 * offset), size)
 
 
 @functools.cache
@@ -102,10 +117,12 @@ def _driver(spec, loops):
         "prepare": _prepare,
         "prange": prange,
         "segment_chunk": _segment_chunk,
+        "segment_chunk_bits": _segment_chunk_bits,
         "ZERO": ZERO,
         "CHUNK": CHUNK,
         "denormals_off": _fp_mode.denormals_off,
         "restore_fp_mode": _fp_mode.restore,
+        **_CODECS,
     }
     # reassoc lets LLVM split the float64 sums over several accumulators (the order it
     # picks is fixed at compile time); without it their add latency bounds the loop.

@@ -9,7 +9,7 @@ import functools
 import numpy as np
 from numba import cuda, float64
 
-from . import _template, rules
+from . import _template, codecs, rules
 
 # Launch shape. A grid-stride loop is correct for any shape; these defaults keep every
 # SM busy on large buffers, and tests shrink them to make the stride loop wrap.
@@ -52,6 +52,7 @@ MAX_THREADS = 1024
 
 
 _prepare = cuda.jit(device=True)(rules.prepare)
+_CODECS = codecs.compiled(cuda.jit(device=True))
 
 
 @cuda.jit(device=True)
@@ -84,6 +85,7 @@ def _driver(spec, loops):
         "float64": float64,
         "MAX_THREADS": MAX_THREADS,
         "ZERO": ZERO,
+        **_CODECS,
     }
     return cuda.jit(cache=True)(_template.build(spec, loops, namespace, __file__,
                                                 repr(MAX_THREADS)))

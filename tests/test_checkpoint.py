@@ -130,7 +130,7 @@ def flip_a_byte(path):
     (lambda p: p.write_bytes(b"not a zip file at all"), "not a readable"),
     (lambda p: rewrite(p, arrays={"params": np.zeros(37, f32)}, sealed=False), "checksum"),
     (lambda p: rewrite(p, meta={"step": 4}, sealed=False), "checksum"),
-    (lambda p: rewrite(p, meta={"version": 99}), "version 1 or 2"),
+    (lambda p: rewrite(p, meta={"version": 99}), "version 1, 2 or 3"),
     (lambda p: rewrite(p, meta={"format": "something else"}), "fastopt-checkpoint"),
     (lambda p: rewrite(p, meta={"algorithm": "SGD"}), "for SGD, not Adam"),
     (lambda p: rewrite(p, arrays={"params": np.zeros(36, f32)}), "float32 \\(37,\\)"),

@@ -280,8 +280,8 @@ INVALID_RECORDS = {
     "algorithm": (lambda m: m.update(algorithm="Adam"), "for Adam, not NAdam"),
     "layout": (lambda m: m["layout"][0].update(shapes=[[4, 3]]), "layout"),
     "buffers": (lambda m: m.update(buffers=["params"]), "index lists"),
-    "version 3": (lambda m: m.update(version=3), "version 1 or 2"),
-    "version true": (lambda m: m.update(version=True), "version 1 or 2"),
+    "version 4": (lambda m: m.update(version=4), "version 1, 2 or 3"),
+    "version true": (lambda m: m.update(version=True), "version 1, 2 or 3"),
     "format": (lambda m: m.update(format="npz"), "fastopt-checkpoint"),
     "a field too many": (lambda m: m.update(extra=1), "fields"),
     "a field missing": (lambda m: m.pop("skipped_steps"), "fields"),
@@ -374,10 +374,21 @@ def test_a_load_failing_at_any_field_changes_nothing(name, kwargs, version):
     assert refused > 100 and loaded > 5  # both kinds occur: the sealing is right
 
 
+def test_a_version_2_file_still_loads(tmp_path):
+    """Version 2 had no formats: every array float32."""
+    opt = trained()
+    state = opt.state_dict()
+    meta = dict(state["meta"], version=2)
+    del meta["formats"]
+    write(tmp_path / "v2.npz", seal(meta, state["arrays"], 2), state["arrays"])
+    assert fingerprint(fastopt.load(tmp_path / "v2.npz")) == fingerprint(opt)
+
+
 def test_a_version_1_file_still_loads_and_its_fields_are_validated(tmp_path):
     opt = trained()
     state = opt.state_dict()
     meta = dict(state["meta"], version=1)
+    del meta["formats"]  # which version 3 added
     digest = hashlib.sha256()  # version 1: the arrays only, each name then its bytes
     for name in sorted(state["arrays"]):
         digest.update(name.encode() + state["arrays"][name].tobytes())

@@ -10,12 +10,14 @@ import numpy as np
 from .. import checkpoint
 from .._backend import FLOAT32, _extent, is_c_contiguous
 from ..flat import ViewList, flatten
-from ..kernels import Pass
+from ..kernels import Pass, rules
+from ..kernels._template import state_names
+from ..precision import Storage, check_grad_dtype, formats
 from . import engine
 from .checks import check_flag, check_lr, positive_or_none
 from .snapshot import restore as restore_snapshot
 from .snapshot import take as take_snapshot
-from .spec import ALGORITHMS, constructor
+from .spec import ALGORITHMS, MAP, constructor
 
 f32 = np.float32
 
@@ -67,6 +69,21 @@ class Optimizer:
       pass. A step that finds one changes nothing (parameters, state and step count
       stay bit-identical) and counts itself in ``skipped_steps``.
 
+    **Storage formats** (see :mod:`fastopt.precision`), keyword-only and fixed at
+    construction: the parameters may be float32, bfloat16 (ml_dtypes) or float16, all
+    of one dtype.
+
+    - ``master_weights="auto"`` keeps float32 master weights (``master_params``) for
+      16-bit parameters: a step updates the master and writes the parameters as its
+      rounding (to nearest even). A parameter written since the last step (it no longer
+      holds its master rounded) starts from the written value. None updates 16-bit
+      parameters directly; ``"float32"`` asks for the master explicitly.
+    - ``state_dtype="float32"``, ``"bfloat16"`` or a dict of them by state buffer.
+    - ``grad_dtype=None`` (the parameters' dtype) or ``"float32"``.
+
+    Only the algorithms whose step is one pass (not LAMB, LARS, Adafactor, SWATS, nor
+    ``caution=True``) take 16-bit buffers, on the CPU, for now.
+
     **Threads.** Each optimizer holds a lock, so :meth:`step`, :meth:`zero_grad`,
     :meth:`state_dict`, :meth:`load_state_dict`, :meth:`load` and :func:`fastopt.save`
     on one optimizer run one at a time, whatever the thread: steps taken in several
@@ -81,7 +98,9 @@ class Optimizer:
             The dicts and lists are read-only (the optimizer steps the flat buffer, so a
             rebound name would silently stop being optimized): write into a view
             instead, ``opt.params["w"][...] = array``.
-        flat_params, flat_grads: the 1-D float32 buffers the kernel updates.
+        flat_params, flat_grads: the 1-D buffers the kernel updates (float32, or the
+            16-bit dtype of the parameters and ``grad_dtype``).
+        master_params: the 1-D float32 master weights of 16-bit parameters, or None.
         param_groups: a list of dicts, one per group, holding the group's ``params``
             (views, fixed at construction) and its hyperparameters; change them between
             steps (``opt.param_groups[0]["lr"] = 1e-4``) and the next step uses the new
@@ -106,16 +125,27 @@ class Optimizer:
             ALGORITHMS[cls.__name__] = cls
 
     def __init__(self, params, defaults, *, clip_grad_norm=None, clip_grad_value=None,
-                 skip_nonfinite=False):
+                 skip_nonfinite=False, master_weights="auto", state_dtype="float32",
+                 grad_dtype=None):
         structures, groups, self._grouped = _split_groups(params, defaults)
+        flat = flatten(structures, self._grouped, check_grad_dtype(grad_dtype))
+        self._backend, self._layouts, self.flat_params, self.flat_grads = flat
+        self._storage = Storage(type(self), state_names(getattr(rules, self.spec.rule)),
+                                self.flat_params.dtype, master_weights, state_dtype,
+                                grad_dtype)
+        if self._storage.narrow and self.spec.passes != (MAP,):
+            raise TypeError(f"{type(self).__name__} steps float32 buffers only, for now: "
+                            "its step takes several passes, which do not read 16-bit "
+                            "buffers yet")
         for index, group in enumerate(groups):
             self._check_group(index, group)
         self.clip_grad_norm = clip_grad_norm
         self.clip_grad_value = clip_grad_value
         self.skip_nonfinite = skip_nonfinite
         self.defaults = dict(defaults)
-        flat = flatten(structures, self._grouped)
-        self._backend, self._layouts, self.flat_params, self.flat_grads = flat
+        self.master_params = None
+        if self._storage.master:
+            self.master_params = self.flat_params.astype(FLOAT32)
         names = [layout.prefix for layout in self._layouts]  # "params" or "params[i]"
         param_views = [layout.views(self.flat_params, name)
                        for layout, name in zip(self._layouts, names)]
@@ -287,7 +317,8 @@ class Optimizer:
             layout = self._layouts[index]
             for name in fresh:
                 if name not in self.state:
-                    self.state[name] = self._backend.zeros(self._state_size(name))
+                    self.state[name] = self._backend.zeros(self._state_size(name),
+                                                           self._storage.state(name))
                     if spec[name] == 0:
                         continue
                 self._backend.fill(self.state[name][layout.start:layout.stop], spec[name])
@@ -323,12 +354,17 @@ class Optimizer:
         return work
 
     def _launch(self, rule, spec, start, stop, g, prep, h):
-        """Run ``rule`` over ``[start:stop]`` of the parameters, ``g`` and the state."""
+        """Run ``rule`` over ``[start:stop]`` of the parameters, ``g``, the master
+        weights (where they are kept) and the state."""
+        master = self.master_params is not None
         buffers = [self.flat_params, g, *map(self.state.__getitem__, spec)]
+        if master:
+            buffers.insert(2, self.master_params)
         if start or stop != self.flat_params.size:  # a group's part of the buffers
             buffers = [buffer[start:stop] for buffer in buffers]
-        self._backend.run(rule, tuple(spec), buffers[0], buffers[1], buffers[2:], prep, h,
-                          self.spec.keeps_subnormals)
+        names = ("p", "g", "w", *spec) if master else ("p", "g", *spec)
+        self._backend.run(rule, tuple(spec), buffers, prep, h, self.spec.keeps_subnormals,
+                          formats(names, buffers) if self._storage.narrow else (), master)
 
     def _tensor_range(self, start, stop):
         """``(first, last)``: the tensors whose offsets lie in ``[start:stop]``."""
@@ -338,6 +374,9 @@ class Optimizer:
     def _check_group(self, index, group):
         try:
             self._check(group)
+            if self._storage.narrow and group.get("caution"):
+                raise ValueError("caution=True steps float32 buffers only, for now: its "
+                                 "two passes do not read 16-bit buffers yet")
         except (TypeError, ValueError) as error:
             if not self._grouped:
                 raise
@@ -425,8 +464,8 @@ class Optimizer:
             raise ValueError(
                 f"grads must be a flat 1-D array of {size} elements or arrays in "
                 f"the structure of params, got an array of shape {g.shape}")
-        if g.dtype != FLOAT32:
-            raise TypeError(f"grads must be float32, got {g.dtype}")
+        if g.dtype != self.flat_grads.dtype:
+            raise TypeError(f"grads must be {self.flat_grads.dtype}, got {g.dtype}")
         if g.size != size:
             raise ValueError(f"grads must have {size} elements, got {g.size}")
         if not is_c_contiguous(g):
@@ -438,6 +477,8 @@ class Optimizer:
 
     def _buffers(self):
         yield "the parameters", self.flat_params
+        if self.master_params is not None:
+            yield "the master weights", self.master_params
         for name, value in self.state.items():
             if hasattr(value, "shape"):
                 yield f"state['{name}']", value
@@ -493,8 +534,8 @@ class Optimizer:
         for name, shape, x in zip(layout.names(), layout.shapes, items):
             name = "grads" + name[len("params"):]
             a = backend.asarray(x, name)
-            if a.dtype != FLOAT32:
-                raise TypeError(f"{name} must be float32, got {a.dtype}")
+            if a.dtype != self.flat_grads.dtype:
+                raise TypeError(f"{name} must be {self.flat_grads.dtype}, got {a.dtype}")
             if tuple(a.shape) != shape:
                 raise ValueError(f"{name} must have shape {shape}, got {tuple(a.shape)}")
             if backend.device == "cuda" and not is_c_contiguous(a):

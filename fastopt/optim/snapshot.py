@@ -18,6 +18,7 @@ import numpy as np
 
 from .. import checkpoint
 from ..checkpoint import Snapshot
+from ..precision import name_of
 from .checks import check_flag, positive_or_none
 from .spec import ALGORITHMS
 
@@ -38,7 +39,8 @@ def take(opt):
             started=[sorted(started) for started in opt._started],
             layout=[layout_record(layout) for layout in opt._layouts])
         record = json.loads(json.dumps(record))  # JSON values, copied before the lock opens
-        return Snapshot(**record, params=to_host(opt.flat_params),
+        master = None if opt.master_params is None else to_host(opt.master_params)
+        return Snapshot(**record, params=to_host(opt.flat_params), master=master,
                         buffers={name: to_host(value) for name, value in opt.state.items()
                                  if hasattr(value, "shape")})
 
@@ -60,19 +62,31 @@ def _validated(opt, snapshot):
     if snapshot.layout != expected:
         raise ValueError("the checkpoint's parameter layout (names, shapes, offsets) differs "
                          f"from the optimizer's: {snapshot.layout} against {expected}")
-    arrays = {"params": (snapshot.params, opt.flat_params.size)}
+    size = opt.flat_params.size
+    arrays = {"params": (snapshot.params, size, opt.flat_params.dtype)}
+    if (snapshot.master is None) != (opt.master_params is None):
+        raise ValueError("the checkpoint's formats differ from the optimizer's: "
+                         + ("it holds master weights, which the optimizer does not keep"
+                            if opt.master_params is None else
+                            "the optimizer keeps master weights, which it does not hold"))
+    if snapshot.master is not None:
+        arrays["master"] = (snapshot.master, size, np.dtype(np.float32))
     for name, array in snapshot.buffers.items():
         if not (isinstance(name, str) and name.isidentifier()):
             raise ValueError(f"the checkpoint holds a state buffer {name!r}; state buffers "
                              "are named by identifiers")
-        arrays[f"state.{name}"] = (array, opt._state_size(name))
-    for name, (array, size) in arrays.items():
+        arrays[f"state.{name}"] = (array, opt._state_size(name),
+                                   opt._storage.state(name))
+    for name, (array, size, dtype) in arrays.items():
         if not isinstance(array, np.ndarray):
             raise TypeError(f"checkpoint array {name!r} must be a NumPy array, got "
                             f"{type(array).__name__}")
-        if array.dtype != np.float32 or array.shape != (size,):
+        if array.dtype != dtype:
+            raise ValueError(f"the checkpoint's formats differ from the optimizer's: its "
+                             f"array {name!r} is {array.dtype}, the optimizer keeps {dtype}")
+        if array.shape != (size,):
             raise ValueError(f"checkpoint array {name!r} is {array.dtype} {array.shape}, "
-                             f"expected float32 {(size,)}")
+                             f"expected {dtype} {(size,)}")
     groups = _restored_groups(opt, snapshot.groups)
     _check_options(snapshot.options)
     step = _count("step", snapshot.step)
@@ -98,12 +112,14 @@ def _apply(opt, snapshot, groups, host, started):
     backend = opt._backend
     buffers = {}  # allocated before the first write, so that running out of memory
     for name, array in snapshot.buffers.items():  # leaves the optimizer as it was
-        buffers[name] = buffer = backend.zeros(array.size)
+        buffers[name] = buffer = backend.zeros(array.size, array.dtype)
         backend.copy(buffer, array)
     # Everything is checked: from here on, only writes.
     for name in OPTIONS:
         setattr(opt, name, snapshot.options[name])
     backend.copy(opt.flat_params, snapshot.params)
+    if snapshot.master is not None:
+        backend.copy(opt.master_params, snapshot.master)
     for key in [key for key, value in opt.state.items() if hasattr(value, "shape")]:
         del opt.state[key]
     opt.state.update(buffers)
@@ -276,10 +292,23 @@ def _build(snapshot):
         grouped = len(structures) > 1 or snapshot.layout[0]["prefix"] != "params"
         names = [{"name": g["name"]} if "name" in g else {} for g in snapshot.groups]
         return algorithm([{"params": s, **n} for s, n in zip(structures, names)] if grouped
-                         else structures[0])
+                         else structures[0], **_formats(snapshot))
     except (AttributeError, IndexError, KeyError, TypeError, ValueError) as error:
         raise ValueError(f"the checkpoint's layout describes no parameters: "
                          f"{type(error).__name__}: {error}") from None
+
+
+def _formats(snapshot):
+    """The storage options of the optimizer that saved ``snapshot`` (its gradients take
+    the parameters' dtype: a checkpoint holds no gradients)."""
+    options = {}
+    if snapshot.params.dtype != np.float32:
+        options["master_weights"] = None if snapshot.master is None else "float32"
+    narrow = {name: name_of(array.dtype) for name, array in snapshot.buffers.items()
+              if array.dtype != np.float32}
+    if narrow:
+        options["state_dtype"] = narrow
+    return options
 
 
 def _key(saved):

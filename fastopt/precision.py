@@ -1,0 +1,93 @@
+"""Storage formats: which dtype each buffer of an optimizer is kept in.
+
+Every rule computes in float32; a buffer kept in 16 bits is read into float32 and
+written back rounded (to nearest, ties to even) inside the step's single pass
+(``kernels.codecs``). Parameters and gradients may be float32, bfloat16 (ml_dtypes)
+or float16; the state float32 or bfloat16.
+"""
+
+import ml_dtypes
+import numpy as np
+
+from .kernels import codecs
+
+FLOAT32 = np.dtype(np.float32)
+DTYPES = {"float32": FLOAT32, "bfloat16": np.dtype(ml_dtypes.bfloat16),
+          "float16": np.dtype(np.float16)}
+STATE_DTYPES = ("float32", "bfloat16")
+MASTER_WEIGHTS = ("auto", "float32", None)
+
+
+def name_of(dtype):
+    """``"float32"``, ``"bfloat16"`` or ``"float16"``: the format of ``dtype``, or None."""
+    return next((name for name, known in DTYPES.items() if known == dtype), None)
+
+
+def bits(a):
+    """The array the kernels take for ``a``: ``a`` itself in float32, its bits
+    (``codecs.BITS``) in a 16-bit format."""
+    return a if a.dtype == FLOAT32 else a.view(codecs.BITS)
+
+
+def formats(names, arrays):
+    """The ``kernels._template.Pass.formats`` of buffers ``names`` held in ``arrays``."""
+    return tuple((name, name_of(a.dtype)) for name, a in zip(names, arrays)
+                 if a.dtype != FLOAT32)
+
+
+def check_grad_dtype(grad_dtype):
+    """``grad_dtype``, after checking that it is None or a name of ``DTYPES``."""
+    if grad_dtype is not None and not (isinstance(grad_dtype, str) and grad_dtype in DTYPES):
+        raise ValueError(f"grad_dtype must be None or one of {sorted(DTYPES)}, "
+                         f"got {grad_dtype!r}")
+    return grad_dtype
+
+
+class Storage:
+    """An optimizer's choice of formats, checked: ``master`` (float32 master weights for
+    16-bit parameters), ``grads`` (the gradients' dtype) and ``states`` (dtype by state
+    buffer name).
+
+    ``master_weights``: ``"auto"`` (float32 master weights where the parameters are
+    16-bit), ``"float32"`` or None. ``state_dtype``: a name of ``STATE_DTYPES``, or a
+    dict of them by state buffer. ``grad_dtype``: None (the parameters' dtype) or a
+    name of ``DTYPES``. ``state_names`` are the state buffers of ``algorithm`` (a
+    class, named in messages)."""
+
+    def __init__(self, algorithm, state_names, params_dtype, master_weights, state_dtype,
+                 grad_dtype):
+        if master_weights not in MASTER_WEIGHTS:
+            if master_weights == "remainder":
+                raise ValueError("master_weights='remainder' is not supported yet; use "
+                                 "'float32' (or 'auto') or None")
+            raise ValueError(f"master_weights must be one of {MASTER_WEIGHTS}, "
+                             f"got {master_weights!r}")
+        wide = params_dtype == FLOAT32
+        if master_weights == "float32" and wide:
+            raise ValueError("master_weights='float32' keeps a float32 copy of 16-bit "
+                             "parameters; these are float32 already (use 'auto' or None)")
+        self.master = master_weights is not None and not wide
+        self.grads = params_dtype if check_grad_dtype(grad_dtype) is None else DTYPES[grad_dtype]
+        if isinstance(state_dtype, dict):
+            unknown = set(state_dtype) - set(state_names)
+            if unknown:
+                raise ValueError(f"state_dtype names {sorted(map(str, unknown))}, which "
+                                 f"{algorithm.__name__} does not keep; its state is "
+                                 f"{list(state_names)}")
+            chosen = {name: state_dtype.get(name, "float32") for name in state_names}
+        else:
+            chosen = dict.fromkeys(state_names, state_dtype)
+        for name, value in chosen.items():
+            if value not in STATE_DTYPES:
+                hint = " (block-wise int8 state is not supported yet)" if value == "int8" else ""
+                raise ValueError(f"state_dtype must be one of {STATE_DTYPES} or a dict of "
+                                 f"them by state buffer, got {value!r} for {name!r}{hint}")
+        self.states = {name: DTYPES[value] for name, value in chosen.items()}
+        # Whether any buffer is kept in 16 bits.
+        self.narrow = not (wide and self.grads == FLOAT32
+                           and all(d == FLOAT32 for d in self.states.values()))
+
+    def state(self, name):
+        """The dtype of the state buffer ``name``: float32 for buffers the rule does not
+        name (Adafactor's factors), which only float32 optimizers keep."""
+        return self.states.get(name, FLOAT32)

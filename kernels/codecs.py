@@ -1,0 +1,85 @@
+"""How a buffer stored in fewer than 32 bits is read into, and written from, the float32
+that every rule computes in: the rule never changes, the drivers wrap its loads and
+stores in these (``_template.Pass.formats``).
+
+A 16-bit value travels as its bits, a ``uint16``: Numba has no bfloat16 type, and no
+float16 arithmetic on the CPU. Stores round to nearest, ties to even, as a cast in
+NumPy, ml_dtypes and torch does; a NaN stays a (quiet) NaN of the same sign, and a
+value beyond the format's range becomes an infinity.
+
+Each function is compiled for the CPU and for CUDA like a rule, so it uses only
+integer and float32 operations on scalars; Python int literals are int64 in Numba,
+which these bit operations tolerate.
+"""
+
+import numpy as np
+
+u32 = np.uint32
+
+
+def bfloat16_load(bits):
+    """The float32 of the bfloat16 ``bits``: its upper half."""
+    return u32(u32(bits) << u32(16)).view(np.float32)
+
+
+def bfloat16_store(x):
+    """The bfloat16 bits nearest to the float32 ``x`` (ties to even)."""
+    bits = np.float32(x).view(u32)
+    if x != x:
+        return np.uint16((bits >> u32(16)) | u32(0x40))  # quiet, sign kept
+    rounded = bits + u32(0x7FFF) + ((bits >> u32(16)) & u32(1))
+    return np.uint16(rounded >> u32(16))
+
+
+# float16's exponent bias is 15, float32's 127.
+_HALF_SUBNORMAL_SCALE = np.float32(2.0 ** -24)  # the value of float16's last mantissa bit
+_REBIAS = u32((127 - 15) << 23)
+# Adding this float32 (0.5) to a magnitude below float16's smallest normal rounds it, in
+# float32 arithmetic and to nearest even, to a multiple of 2**-24: float16's subnormal
+# step; the difference of the bits is then the subnormal's mantissa.
+_HALF = np.float32(0.5)
+_SUBNORMAL_MAGIC = _HALF.view(np.uint32)
+
+
+def float16_load(bits):
+    """The float32 of the float16 ``bits`` (exact: float32 holds every float16)."""
+    bits = u32(bits)
+    sign = u32((bits & u32(0x8000)) << u32(16))
+    exponent = (bits >> u32(10)) & u32(0x1F)
+    mantissa = u32(bits & u32(0x3FF))
+    if exponent == 0:  # zero or subnormal: mantissa * 2**-24
+        magnitude = np.float32(mantissa) * _HALF_SUBNORMAL_SCALE
+        return -magnitude if sign else magnitude
+    if exponent == 0x1F:  # infinity or NaN
+        return u32(sign | u32(0x7F800000) | (mantissa << u32(13))).view(np.float32)
+    return u32(sign | (((bits & u32(0x7FFF)) << u32(13)) + _REBIAS)).view(np.float32)
+
+
+def float16_store(x):
+    """The float16 bits nearest to the float32 ``x`` (ties to even)."""
+    bits = np.float32(x).view(u32)
+    sign = u32((bits >> u32(16)) & u32(0x8000))
+    magnitude = u32(bits & u32(0x7FFFFFFF))
+    if magnitude > u32(0x7F800000):  # NaN
+        return np.uint16(sign | u32(0x7E00))
+    if magnitude >= u32(143 << 23):  # 65536 and beyond, infinity included
+        return np.uint16(sign | u32(0x7C00))
+    if magnitude < u32(113 << 23):  # below 2**-14: a subnormal or zero
+        rounded = np.float32(magnitude.view(np.float32) + _HALF).view(u32)
+        return np.uint16(sign | (rounded - _SUBNORMAL_MAGIC))
+    odd = (magnitude >> u32(13)) & u32(1)
+    rounded = magnitude - _REBIAS + u32(0xFFF) + odd  # to nearest, ties to even
+    return np.uint16(sign | (rounded >> u32(13)))  # 65520 and up carry into infinity
+
+
+# format name -> (load, store), and the NumPy dtype of its bits.
+CODECS = {"bfloat16": (bfloat16_load, bfloat16_store),
+          "float16": (float16_load, float16_store)}
+BITS = np.dtype(np.uint16)
+
+
+def compiled(compile):
+    """The codecs as the drivers call them (``bfloat16_load`` ...), each compiled with
+    ``compile``."""
+    return {f"{name}_{kind}": compile(function) for name, pair in CODECS.items()
+            for kind, function in zip(("load", "store"), pair)}

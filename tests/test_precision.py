@@ -1,0 +1,376 @@
+"""16-bit parameters, gradients and state (``fastopt.precision``): the codecs against
+NumPy's and ml_dtypes' own casts, the master weights against the float64 references
+and torch.optim, and every 16-bit step against the float32 step it wraps, rounded by
+ml_dtypes."""
+
+import ml_dtypes
+import numba
+import numpy as np
+import pytest
+from numba import njit
+
+import fastopt
+import reference
+from cases import ALL, case_id
+from conftest import assert_unchanged, gradients, initial_params, snapshot
+from fastopt.kernels import codecs, cpu
+
+f32 = np.float32
+bf16 = np.dtype(ml_dtypes.bfloat16)
+f16 = np.dtype(np.float16)
+HALVES = {"bfloat16": bf16, "float16": f16}
+
+# The algorithms whose step is one element-wise pass, which 16-bit buffers support.
+ELEMENTWISE = [(name, kwargs) for name, kwargs in ALL
+               if getattr(fastopt, name).spec.passes == ("map",) and not kwargs.get("caution")]
+ELEMENTWISE_NAMES = sorted({name for name, _ in ELEMENTWISE})
+
+
+def bits(a):
+    return np.asarray(a).view(np.uint16)
+
+
+def rounded(a, dtype):
+    """``a`` rounded to nearest even in ``dtype`` by ml_dtypes / NumPy."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.asarray(a, f32).astype(dtype)
+
+
+# -- the codecs ---------------------------------------------------------------------
+
+def _compiled(function, out):
+    inner = njit(inline="always", error_model="numpy")(function)
+
+    @njit(error_model="numpy")
+    def each(a):
+        result = np.empty(a.size, out)
+        for i in range(a.size):
+            result[i] = inner(a[i])
+        return result
+    return each
+
+
+@pytest.mark.parametrize("name", sorted(codecs.CODECS))
+def test_every_16_bit_pattern_loads_as_numpy_casts_it(name):
+    every = np.arange(1 << 16, dtype=np.uint16)
+    got = _compiled(codecs.CODECS[name][0], f32)(every)
+    expected = every.view(HALVES[name]).astype(f32)
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got[~nan].view(np.uint32), expected[~nan].view(np.uint32))
+
+
+@pytest.mark.parametrize("name", sorted(codecs.CODECS))
+def test_stores_round_to_nearest_even_as_numpy_casts(name):
+    dtype = HALVES[name]
+    rng = np.random.default_rng(0)
+    every = np.arange(1 << 16, dtype=np.uint16).view(dtype).astype(np.float64)
+    every = every[np.isfinite(every)]
+    # Random bit patterns (every exponent, NaNs and infinities among them), the exact
+    # values, the ties halfway between neighbours, and a hair either side of them.
+    ties = (every[:-1] + every[1:]) / 2
+    values = np.concatenate([
+        rng.integers(0, 1 << 32, 1 << 20, dtype=np.uint64).astype(np.uint32).view(f32),
+        every.astype(f32), ties.astype(f32), np.nextafter(ties.astype(f32), f32(np.inf)),
+        np.nextafter(ties.astype(f32), f32(-np.inf)),
+        f32([65504, 65519.996, 65520, 65536, 3.4e38, np.inf, -np.inf, -0.0, 2.0 ** -25,
+             -(2.0 ** -25), 3 * 2.0 ** -26, 1e-40])])
+    got = _compiled(codecs.CODECS[name][1], np.uint16)(values)
+    expected = bits(rounded(values, dtype))
+    nan = np.isnan(values)
+    np.testing.assert_array_equal(got[~nan], expected[~nan])
+    # A NaN stays a NaN of the same sign.
+    assert np.isnan(got[nan].view(dtype).astype(f32)).all()
+    np.testing.assert_array_equal(got[nan] >> 15, values[nan].view(np.uint32) >> 31)
+
+
+# -- master weights -----------------------------------------------------------------
+
+@pytest.mark.parametrize("half", sorted(HALVES))
+@pytest.mark.parametrize("case", ELEMENTWISE, ids=case_id)
+def test_master_weights_follow_the_float64_reference_and_round_into_the_parameters(case, half):
+    name, kwargs = case
+    dtype, n = HALVES[half], 1000
+    p0 = initial_params(3, n).astype(dtype)
+    grads = [g.astype(dtype) for g in gradients(3, n)]
+    opt = getattr(fastopt, name)([p0], **kwargs)
+    assert opt.flat_params.dtype == dtype and opt.master_params.dtype == f32
+    ref = getattr(reference, name)(n, **kwargs)
+    p = p0.astype(np.float64)
+    for g in grads:
+        opt.step(g)
+        p = ref.step(p, g.astype(np.float64))
+        np.testing.assert_array_equal(bits(opt.flat_params), bits(rounded(opt.master_params, dtype)))
+    np.testing.assert_allclose(opt.master_params, p, rtol=2e-5, atol=2e-5)
+    assert np.abs(p - p0.astype(np.float64)).max() > 1e-3  # it moved
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("Adam", dict(lr=1e-2, weight_decay=0.1)), ("AdamW", dict(lr=1e-2)),
+    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True)), ("RMSprop", dict(lr=1e-2, centered=True)),
+    ("NAdam", dict(lr=1e-2)), ("Adagrad", dict(lr=0.05))])
+def test_bfloat16_with_master_weights_matches_torch_in_float32(name, kwargs):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((32, 40)).astype(bf16)
+    b = rng.standard_normal(40).astype(bf16)
+    opt = getattr(fastopt, name)({"w": w, "b": b}, **kwargs, clip_grad_norm=5.0)
+    tw = torch.tensor(w.astype(f32), requires_grad=True)
+    tb = torch.tensor(b.astype(f32), requires_grad=True)
+    topt = getattr(torch.optim, name)([tw, tb], **kwargs)
+    for _ in range(25):
+        gw, gb = rng.standard_normal(w.shape).astype(bf16), rng.standard_normal(b.shape).astype(bf16)
+        opt.step({"w": gw, "b": gb})
+        tw.grad, tb.grad = torch.tensor(gw.astype(f32)), torch.tensor(gb.astype(f32))
+        torch.nn.utils.clip_grad_norm_([tw, tb], 5.0)
+        topt.step()
+        master = np.concatenate([tw.detach().numpy().ravel(), tb.detach().numpy()])
+        np.testing.assert_allclose(opt.master_params, master, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(bits(opt.params["w"]), bits(rounded(tw.detach().numpy(), bf16)))
+
+
+def test_a_write_into_the_16_bit_parameters_is_taken_not_lost():
+    p0 = np.linspace(-1, 1, 50).astype(bf16)
+    opt = fastopt.SGD([p0], lr=0.1, momentum=0.9)
+    twin = fastopt.SGD([p0.astype(f32)], lr=0.1, momentum=0.9)
+    for step in range(4):
+        g = np.full(50, 0.3, bf16)
+        if step == 2:  # the user sets some parameters by hand between steps
+            opt.params[0][10:20] = 5.0
+            twin.params[0][10:20] = 5.0
+        opt.step(g)
+        twin.step(g.astype(f32))
+    np.testing.assert_array_equal(opt.master_params[10:20], twin.flat_params[10:20])
+    assert (opt.master_params[10:20] < 5.0).all() and (opt.master_params[10:20] > 4.0).all()
+    np.testing.assert_array_equal(opt.master_params, twin.flat_params)
+
+
+# -- 16-bit parameters without master weights, 16-bit state, float32 gradients --------
+@pytest.mark.parametrize("half", sorted(HALVES))
+@pytest.mark.parametrize("case", ELEMENTWISE, ids=case_id)
+def test_16_bit_parameters_without_master_round_every_step(case, half):
+    name, kwargs = case
+    dtype, n = HALVES[half], 300
+    p0 = initial_params(4, n).astype(dtype)
+    opt = getattr(fastopt, name)([p0], **kwargs, master_weights=None)
+    assert opt.master_params is None
+    # fastopt's float32 step, its parameters rounded by ml_dtypes after every step.
+    twin = getattr(fastopt, name)([p0.astype(f32)], **kwargs)
+    for g in gradients(4, n, steps=10):
+        opt.step(g.astype(dtype))
+        twin.step(g.astype(dtype).astype(f32))
+        twin.flat_params[...] = rounded(twin.flat_params, dtype)
+        np.testing.assert_array_equal(bits(opt.flat_params), bits(rounded(twin.flat_params, dtype)))
+
+
+@pytest.mark.parametrize("case", ELEMENTWISE, ids=case_id)
+def test_bfloat16_state_rounds_every_buffer_every_step(case):
+    """Each step from the second on, against fastopt's float32 step from the same
+    (decoded) state, rounded by ml_dtypes."""
+    name, kwargs = case
+    n = 300
+    p0 = initial_params(6, n)
+    opt = getattr(fastopt, name)([p0], **kwargs, state_dtype="bfloat16")
+    twin = getattr(fastopt, name)([p0], **kwargs)
+    for step, g in enumerate(gradients(6, n, steps=10)):
+        if step:  # the twin starts where fastopt's 16-bit run stands
+            twin.flat_params[...] = opt.flat_params
+            for key, value in opt.state.items():
+                if isinstance(value, np.ndarray):
+                    twin.state[key][...] = value.astype(f32)
+        opt.step(g)
+        twin.step(g)
+        if step:
+            np.testing.assert_array_equal(opt.flat_params, twin.flat_params)
+            for key, value in opt.state.items():
+                if isinstance(value, np.ndarray):
+                    assert value.dtype == bf16, key
+                    np.testing.assert_array_equal(bits(value),
+                                                  bits(rounded(twin.state[key], bf16)), key)
+
+
+def test_state_dtype_per_buffer_and_float32_gradients_for_bfloat16_parameters():
+    p0 = initial_params(7, 500).astype(bf16)
+    opt = fastopt.Adam([p0], lr=1e-2, grad_dtype="float32",
+                       state_dtype={"exp_avg_sq": "bfloat16"})
+    assert opt.flat_grads.dtype == f32
+    twin = fastopt.Adam([p0.astype(f32)], lr=1e-2)
+    for g in gradients(7, 500, steps=5):
+        opt.step(g)
+        twin.step(g)
+        twin.state["exp_avg_sq"][...] = rounded(twin.state["exp_avg_sq"], bf16)
+    assert opt.state["exp_avg"].dtype == f32 and opt.state["exp_avg_sq"].dtype == bf16
+    np.testing.assert_array_equal(opt.master_params, twin.flat_params)
+    np.testing.assert_array_equal(opt.state["exp_avg"], twin.state["exp_avg"])
+
+
+def test_the_parallel_loop_gives_the_bits_of_the_serial_one():
+    n = 3 * cpu.PARALLEL_MIN_SIZE + 17
+    results = []
+    for threads in (1, 2):
+        numba.set_num_threads(threads)
+        try:
+            opt = fastopt.Adam([initial_params(8, n).astype(bf16)], lr=1e-2,
+                               state_dtype="bfloat16")
+            for g in gradients(8, n, steps=3):
+                opt.step(g.astype(bf16))
+        finally:
+            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        results.append((bits(opt.flat_params), opt.master_params.copy(),
+                        bits(opt.state["exp_avg"])))
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
+# -- what the step does around the kernel ---------------------------------------------
+
+def test_clipping_measures_the_16_bit_gradients_in_float64():
+    rng = np.random.default_rng(9)
+    g = (rng.standard_normal(4000) * 3).astype(bf16)
+    opt = fastopt.SGD([np.zeros(4000, bf16)], lr=1.0, clip_grad_norm=1.0)
+    opt.step(g)
+    norm = np.sqrt(np.sum(g.astype(np.float64) ** 2))
+    assert opt.last_grad_norm == pytest.approx(norm, rel=1e-12)
+    coefficient = 1.0 / (norm + 1e-6)
+    np.testing.assert_allclose(opt.master_params, -g.astype(np.float64) * coefficient, rtol=1e-6)
+
+
+def test_a_skipped_step_leaves_16_bit_buffers_and_master_bit_identical():
+    opt = fastopt.Adam([initial_params(10, 100).astype(f16)], lr=1e-2, skip_nonfinite=True,
+                       state_dtype="bfloat16")
+    opt.step(np.ones(100, f16))
+    before, master = snapshot_bits(opt), opt.master_params.copy()
+    g = np.ones(100, f16)
+    g[7] = np.inf
+    opt.step(g)
+    assert opt.skipped_steps == 1
+    assert snapshot_bits(opt) == before
+    np.testing.assert_array_equal(opt.master_params, master)
+
+
+def snapshot_bits(opt):
+    arrays = {"params": opt.flat_params, **{k: v for k, v in opt.state.items()
+                                             if isinstance(v, np.ndarray)}}
+    return {k: bits(v).tobytes() for k, v in arrays.items()}
+
+
+def test_ema_of_bfloat16_parameters_averages_in_float32():
+    opt = fastopt.SGD([initial_params(11, 64).astype(bf16)], lr=0.1)
+    ema = fastopt.EMA(opt, decay=0.9)
+    expected = np.zeros(64)
+    for g in gradients(11, 64, steps=5):
+        opt.step(g.astype(bf16))
+        ema.update()
+        expected = 0.9 * expected + 0.1 * opt.flat_params.astype(np.float64)
+    assert ema.shadow.dtype == f32
+    np.testing.assert_allclose(ema.shadow, expected, rtol=1e-6, atol=1e-7)
+    live = bits(opt.flat_params).copy()
+    with ema.applied():
+        np.testing.assert_array_equal(
+            bits(opt.flat_params), bits(rounded(ema.shadow * f32(ema.correction()), bf16)))
+    np.testing.assert_array_equal(bits(opt.flat_params), live)
+
+
+# -- checkpoints ----------------------------------------------------------------------
+
+def test_a_checkpoint_resumes_16_bit_parameters_master_and_state_bitwise(tmp_path):
+    def make():
+        return fastopt.AdamW({"w": initial_params(12, 600).astype(bf16)}, lr=1e-2,
+                             state_dtype={"exp_avg": "bfloat16"})
+    grads = [g.astype(bf16) for g in gradients(12, 600, steps=6)]
+    straight = make()
+    for g in grads:
+        straight.step(g)
+    first = make()
+    for g in grads[:3]:
+        first.step(g)
+    fastopt.save(first, tmp_path / "ck.npz")
+    resumed = make()
+    resumed.load(tmp_path / "ck.npz")
+    in_memory = make()
+    in_memory.load_state_dict(first.state_dict())
+    rebuilt = fastopt.load(tmp_path / "ck.npz")  # with the formats of the file
+    assert rebuilt.flat_params.dtype == bf16 and rebuilt.state["exp_avg"].dtype == bf16
+    for opt in (resumed, in_memory, rebuilt):
+        for g in grads[3:]:
+            opt.step(g)
+        assert snapshot_bits(opt) == snapshot_bits(straight)
+        np.testing.assert_array_equal(opt.master_params, straight.master_params)
+
+
+@pytest.mark.parametrize("other", [dict(state_dtype="float32"), dict(master_weights=None)])
+def test_a_checkpoint_of_other_formats_is_refused_and_changes_nothing(tmp_path, other):
+    saved = fastopt.Adam([initial_params(13, 50).astype(bf16)], state_dtype="bfloat16")
+    saved.step(np.ones(50, bf16))
+    fastopt.save(saved, tmp_path / "ck.npz")
+    opt = fastopt.Adam([initial_params(13, 50).astype(bf16)], **{"state_dtype": "bfloat16",
+                                                                 **other})
+    opt.step(np.ones(50, bf16))
+    before = snapshot_bits(opt)
+    with pytest.raises(ValueError, match="formats differ"):
+        opt.load(tmp_path / "ck.npz")
+    assert snapshot_bits(opt) == before
+
+
+def test_a_float32_checkpoint_does_not_load_into_bfloat16_parameters(tmp_path):
+    saved = fastopt.Adam([initial_params(14, 50)])
+    saved.step(np.ones(50, f32))
+    fastopt.save(saved, tmp_path / "ck.npz")
+    opt = fastopt.Adam([initial_params(14, 50).astype(bf16)], master_weights=None)
+    with pytest.raises(ValueError, match="formats differ.*'params' is float32"):
+        opt.load(tmp_path / "ck.npz")
+
+
+# -- bad input ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(master_weights="remainder"), ValueError, "'remainder' is not supported yet"),
+    (dict(master_weights="fp32"), ValueError, "master_weights must be one of"),
+    (dict(master_weights=True), ValueError, "master_weights must be one of"),
+    (dict(state_dtype="int8"), ValueError, "int8 state is not supported yet"),
+    (dict(state_dtype="float16"), ValueError, "state_dtype must be one of"),
+    (dict(state_dtype={"exp_avg": "bfloat16", "momentum": "bfloat16"}), ValueError,
+     r"names \['momentum'\], which Adam does not keep"),
+    (dict(grad_dtype="float64"), ValueError, "grad_dtype must be None or one of"),
+    (dict(grad_dtype=np.float32), ValueError, "grad_dtype must be None or one of"),
+])
+def test_unknown_formats_are_refused(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fastopt.Adam([np.zeros(3, bf16)], **kwargs)
+
+
+def test_master_weights_for_float32_parameters_are_refused():
+    with pytest.raises(ValueError, match="float32 already"):
+        fastopt.Adam([np.zeros(3, f32)], master_weights="float32")
+    assert fastopt.Adam([np.zeros(3, f32)], master_weights="auto").master_params is None
+
+
+@pytest.mark.parametrize("name", ["LAMB", "LARS", "Adafactor", "SWATS"])
+def test_several_pass_algorithms_refuse_16_bit_buffers_for_now(name):
+    with pytest.raises(TypeError, match=f"{name} steps float32 buffers only"):
+        getattr(fastopt, name)([np.zeros((4, 3), bf16)])
+    with pytest.raises(TypeError, match=f"{name} steps float32 buffers only"):
+        getattr(fastopt, name)([np.zeros((4, 3), f32)], state_dtype="bfloat16")
+
+
+def test_caution_refuses_16_bit_buffers_for_now_and_changes_nothing():
+    with pytest.raises(ValueError, match="caution=True steps float32 buffers only"):
+        fastopt.Adam([np.zeros(3, bf16)], caution=True)
+    opt = fastopt.Adam([np.ones(4, bf16)])
+    opt.step(np.ones(4, bf16))
+    before = snapshot(opt)
+    opt.param_groups[0]["caution"] = True
+    with pytest.raises(ValueError, match="caution=True"):
+        opt.step(np.ones(4, bf16))
+    assert_unchanged(opt, before)
+
+
+def test_gradients_of_another_dtype_are_refused_and_change_nothing():
+    opt = fastopt.Adam({"w": np.ones(4, bf16)})
+    opt.step({"w": np.ones(4, bf16)})
+    before = snapshot(opt)
+    with pytest.raises(TypeError, match=r"grads\['w'\] must be bfloat16, got float32"):
+        opt.step({"w": np.ones(4, f32)})
+    with pytest.raises(TypeError, match="grads must be bfloat16, got float16"):
+        opt.step(np.ones(4, f16))
+    assert_unchanged(opt, before)
