@@ -225,6 +225,8 @@ class HostBackend:
         kernel, names = self._compiled(spec)
         if values:
             segments.per_chunk(values)
+        if spec.formats:
+            states = [*map(precision.bits, states)]
         self._call(kernel, segments.size, *segments.reach(tensors, names), *states,
                    float32s(prep), float32s(h), segments.chunks, segments.state_starts,
                    segments.partials, segments.row_scalars,

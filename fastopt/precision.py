@@ -83,9 +83,11 @@ class Storage:
                 raise ValueError(f"state_dtype must be one of {STATE_DTYPES} or a dict of "
                                  f"them by state buffer, got {value!r} for {name!r}{hint}")
         self.states = {name: DTYPES[value] for name, value in chosen.items()}
-        # Whether any buffer is kept in 16 bits.
-        self.narrow = not (wide and self.grads == FLOAT32
-                           and all(d == FLOAT32 for d in self.states.values()))
+        # The buffers kept in 16 bits, by the names the rules give them, with their format.
+        self.formats = {name: name_of(dtype) for name, dtype in
+                        (("p", params_dtype), ("g", self.grads), *self.states.items())
+                        if dtype != FLOAT32}
+        self.narrow = bool(self.formats)
 
     def state(self, name):
         """The dtype of the state buffer ``name``: float32 for buffers the rule does not

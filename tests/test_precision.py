@@ -11,7 +11,7 @@ from numba import njit
 
 import fastopt
 import reference
-from cases import ALL, case_id
+from cases import ALL, LAYERWISE, case_id
 from conftest import assert_unchanged, gradients, initial_params, snapshot
 from fastopt.kernels import codecs, cpu
 
@@ -20,10 +20,8 @@ bf16 = np.dtype(ml_dtypes.bfloat16)
 f16 = np.dtype(np.float16)
 HALVES = {"bfloat16": bf16, "float16": f16}
 
-# The algorithms whose step is one element-wise pass, which 16-bit buffers support.
-ELEMENTWISE = [(name, kwargs) for name, kwargs in ALL
-               if getattr(fastopt, name).spec.passes == ("map",) and not kwargs.get("caution")]
-ELEMENTWISE_NAMES = sorted({name for name, _ in ELEMENTWISE})
+# Every algorithm takes 16-bit buffers but Adafactor, whose column sums do not read them.
+CASES = [(name, kwargs) for name, kwargs in ALL if name != "Adafactor"]
 
 
 def bits(a):
@@ -64,7 +62,8 @@ def test_every_16_bit_pattern_loads_as_numpy_casts_it(name):
 def test_stores_round_to_nearest_even_as_numpy_casts(name):
     dtype = HALVES[name]
     rng = np.random.default_rng(0)
-    every = np.arange(1 << 16, dtype=np.uint16).view(dtype).astype(np.float64)
+    with np.errstate(invalid="ignore"):  # the NaN patterns
+        every = np.arange(1 << 16, dtype=np.uint16).view(dtype).astype(np.float64)
     every = every[np.isfinite(every)]
     # Random bit patterns (every exponent, NaNs and infinities among them), the exact
     # values, the ties halfway between neighbours, and a hair either side of them.
@@ -87,7 +86,7 @@ def test_stores_round_to_nearest_even_as_numpy_casts(name):
 # -- master weights -----------------------------------------------------------------
 
 @pytest.mark.parametrize("half", sorted(HALVES))
-@pytest.mark.parametrize("case", ELEMENTWISE, ids=case_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_master_weights_follow_the_float64_reference_and_round_into_the_parameters(case, half):
     name, kwargs = case
     dtype, n = HALVES[half], 1000
@@ -95,7 +94,7 @@ def test_master_weights_follow_the_float64_reference_and_round_into_the_paramete
     grads = [g.astype(dtype) for g in gradients(3, n)]
     opt = getattr(fastopt, name)([p0], **kwargs)
     assert opt.flat_params.dtype == dtype and opt.master_params.dtype == f32
-    ref = getattr(reference, name)(n, **kwargs)
+    ref = getattr(reference, name)([p0.shape] if name in LAYERWISE else n, **kwargs)
     p = p0.astype(np.float64)
     for g in grads:
         opt.step(g)
@@ -147,7 +146,7 @@ def test_a_write_into_the_16_bit_parameters_is_taken_not_lost():
 
 # -- 16-bit parameters without master weights, 16-bit state, float32 gradients --------
 @pytest.mark.parametrize("half", sorted(HALVES))
-@pytest.mark.parametrize("case", ELEMENTWISE, ids=case_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_16_bit_parameters_without_master_round_every_step(case, half):
     name, kwargs = case
     dtype, n = HALVES[half], 300
@@ -163,7 +162,7 @@ def test_16_bit_parameters_without_master_round_every_step(case, half):
         np.testing.assert_array_equal(bits(opt.flat_params), bits(rounded(twin.flat_params, dtype)))
 
 
-@pytest.mark.parametrize("case", ELEMENTWISE, ids=case_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_bfloat16_state_rounds_every_buffer_every_step(case):
     """Each step from the second on, against fastopt's float32 step from the same
     (decoded) state, rounded by ml_dtypes."""
@@ -181,7 +180,10 @@ def test_bfloat16_state_rounds_every_buffer_every_step(case):
         opt.step(g)
         twin.step(g)
         if step:
-            np.testing.assert_array_equal(opt.flat_params, twin.flat_params)
+            if name == "LAMB":  # its second pass steps by the moments the first one rounded
+                np.testing.assert_allclose(opt.flat_params, twin.flat_params, rtol=0, atol=1e-4)
+            else:
+                np.testing.assert_array_equal(opt.flat_params, twin.flat_params)
             for key, value in opt.state.items():
                 if isinstance(value, np.ndarray):
                     assert value.dtype == bf16, key
@@ -345,24 +347,11 @@ def test_master_weights_for_float32_parameters_are_refused():
     assert fastopt.Adam([np.zeros(3, f32)], master_weights="auto").master_params is None
 
 
-@pytest.mark.parametrize("name", ["LAMB", "LARS", "Adafactor", "SWATS"])
-def test_several_pass_algorithms_refuse_16_bit_buffers_for_now(name):
-    with pytest.raises(TypeError, match=f"{name} steps float32 buffers only"):
-        getattr(fastopt, name)([np.zeros((4, 3), bf16)])
-    with pytest.raises(TypeError, match=f"{name} steps float32 buffers only"):
-        getattr(fastopt, name)([np.zeros((4, 3), f32)], state_dtype="bfloat16")
-
-
-def test_caution_refuses_16_bit_buffers_for_now_and_changes_nothing():
-    with pytest.raises(ValueError, match="caution=True steps float32 buffers only"):
-        fastopt.Adam([np.zeros(3, bf16)], caution=True)
-    opt = fastopt.Adam([np.ones(4, bf16)])
-    opt.step(np.ones(4, bf16))
-    before = snapshot(opt)
-    opt.param_groups[0]["caution"] = True
-    with pytest.raises(ValueError, match="caution=True"):
-        opt.step(np.ones(4, bf16))
-    assert_unchanged(opt, before)
+def test_adafactor_refuses_16_bit_buffers_for_now():
+    with pytest.raises(TypeError, match="Adafactor steps float32 buffers only"):
+        fastopt.Adafactor([np.zeros((4, 3), bf16)])
+    with pytest.raises(TypeError, match="Adafactor steps float32 buffers only"):
+        fastopt.Adafactor([np.zeros((4, 3), f32)], grad_dtype="bfloat16")
 
 
 def test_gradients_of_another_dtype_are_refused_and_change_nothing():

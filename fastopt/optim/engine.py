@@ -10,7 +10,8 @@ import numbers
 
 import numpy as np
 
-from ..kernels import Pass
+from ..kernels import Pass, rules
+from ..kernels._template import arrays
 from .checks import FLOAT32_MAX, real
 from .spec import MAP
 
@@ -136,20 +137,32 @@ class Work:
         prep: the factors of ``rules.prepare``.
         keep_subnormals: the algorithm's ``Spec.keeps_subnormals``.
         cache: a dict the front keeps for this launch between steps (plans).
+        formats: the 16-bit buffers (``p``, ``g``, states) by name, with their format
+            (``precision.DTYPES``' names); empty where every buffer is float32.
+        master: the float32 master weights of 16-bit parameters, laid out like the
+            state, or None.
     """
 
     def __init__(self, backend, tensors, shapes, segments, state, present, state_starts,
-                 prep, keep_subnormals, cache):
+                 prep, keep_subnormals, cache, formats=None, master=None):
         self.backend, self.tensors, self.shapes, self.segments = backend, tensors, shapes, segments
         self.state, self.present, self.state_starts = state, present, state_starts
         self.prep, self.keep_subnormals, self.cache = prep, keep_subnormals, cache
+        self.formats, self.master = formats or {}, master
 
     def run(self, spec, h, segments=None, values=(), states=None):
         """The pass ``spec`` (a ``kernels.Pass``) with scalars ``h`` over ``segments``
-        (default: the tensors) and ``states`` (default: those ``spec.present`` names);
-        returns its sums per segment."""
+        (default: the tensors) and ``states`` (default: those ``spec.present`` names),
+        through the formats and master weights of the launch; returns its sums per
+        segment."""
         if states is None:
             states = [*map(self.state.__getitem__, spec.present)]
+        if self.formats or self.master is not None:
+            master = self.master is not None
+            names = arrays(getattr(rules, spec.rule), spec.present, master)
+            spec = spec._replace(master=master, formats=tuple(
+                (name, self.formats[name]) for name in names if name in self.formats))
+            states = [self.master, *states] if master else states
         return self.backend.run_segments(
             spec, self.tensors, states, self.prep, h,
             self.segments if segments is None else segments, values, self.keep_subnormals)

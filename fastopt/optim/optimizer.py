@@ -1,6 +1,7 @@
 """The base class every algorithm builds on: buffers, groups, state and the step."""
 
 import bisect
+import functools
 import math
 import operator
 import threading
@@ -12,12 +13,12 @@ from .._backend import FLOAT32, _extent, is_c_contiguous
 from ..flat import ViewList, flatten
 from ..kernels import Pass, rules
 from ..kernels._template import state_names
-from ..precision import Storage, check_grad_dtype, formats
+from ..precision import Storage, check_grad_dtype
 from . import engine
 from .checks import check_flag, check_lr, positive_or_none
 from .snapshot import restore as restore_snapshot
 from .snapshot import take as take_snapshot
-from .spec import ALGORITHMS, MAP, constructor
+from .spec import ALGORITHMS, constructor
 
 f32 = np.float32
 
@@ -81,8 +82,7 @@ class Optimizer:
     - ``state_dtype="float32"``, ``"bfloat16"`` or a dict of them by state buffer.
     - ``grad_dtype=None`` (the parameters' dtype) or ``"float32"``.
 
-    Only the algorithms whose step is one pass (not LAMB, LARS, Adafactor, SWATS, nor
-    ``caution=True``) take 16-bit buffers, on the CPU, for now.
+    Every algorithm but Adafactor takes 16-bit buffers, on the CPU, for now.
 
     **Threads.** Each optimizer holds a lock, so :meth:`step`, :meth:`zero_grad`,
     :meth:`state_dict`, :meth:`load_state_dict`, :meth:`load` and :func:`fastopt.save`
@@ -130,13 +130,13 @@ class Optimizer:
         structures, groups, self._grouped = _split_groups(params, defaults)
         flat = flatten(structures, self._grouped, check_grad_dtype(grad_dtype))
         self._backend, self._layouts, self.flat_params, self.flat_grads = flat
-        self._storage = Storage(type(self), state_names(getattr(rules, self.spec.rule)),
-                                self.flat_params.dtype, master_weights, state_dtype,
-                                grad_dtype)
-        if self._storage.narrow and self.spec.passes != (MAP,):
+        if type(self).state_shape is not Optimizer.state_shape and (
+                self.flat_params.dtype != FLOAT32 or state_dtype != "float32"
+                or grad_dtype not in (None, "float32")):
             raise TypeError(f"{type(self).__name__} steps float32 buffers only, for now: "
-                            "its step takes several passes, which do not read 16-bit "
-                            "buffers yet")
+                            "its factors take a pass that does not read 16-bit buffers yet")
+        self._storage = Storage(type(self), self.state_names(), self.flat_params.dtype,
+                                master_weights, state_dtype, grad_dtype)
         for index, group in enumerate(groups):
             self._check_group(index, group)
         self.clip_grad_norm = clip_grad_norm
@@ -342,7 +342,8 @@ class Optimizer:
             segments = self._backend.segments([math.prod(shape) for shape in shapes], offsets)
             work = engine.Work(self._backend, None, shapes, segments, None, None,
                                lambda name: self._state_layout(name)[0][first:last], None,
-                               self.spec.keeps_subnormals, {})
+                               self.spec.keeps_subnormals, {}, self._storage.formats,
+                               self.master_params)
             own = self._backend.flat_tensors(self.flat_params, self.flat_grads, offsets)
             self._works[start, stop] = (work, offsets, own)
         work, offsets, own = self._works[start, stop]
@@ -362,9 +363,10 @@ class Optimizer:
             buffers.insert(2, self.master_params)
         if start or stop != self.flat_params.size:  # a group's part of the buffers
             buffers = [buffer[start:stop] for buffer in buffers]
-        names = ("p", "g", "w", *spec) if master else ("p", "g", *spec)
+        formats = self._storage.formats
         self._backend.run(rule, tuple(spec), buffers, prep, h, self.spec.keeps_subnormals,
-                          formats(names, buffers) if self._storage.narrow else (), master)
+                          tuple((name, formats[name]) for name in ("p", "g", *spec)
+                                if name in formats), master)
 
     def _tensor_range(self, start, stop):
         """``(first, last)``: the tensors whose offsets lie in ``[start:stop]``."""
@@ -374,9 +376,6 @@ class Optimizer:
     def _check_group(self, index, group):
         try:
             self._check(group)
-            if self._storage.narrow and group.get("caution"):
-                raise ValueError("caution=True steps float32 buffers only, for now: its "
-                                 "two passes do not read 16-bit buffers yet")
         except (TypeError, ValueError) as error:
             if not self._grouped:
                 raise
@@ -425,6 +424,16 @@ class Optimizer:
         else:
             work.run(Pass(cls.rule, work.present), h)
         return after
+
+    @classmethod
+    def state_names(cls):
+        """Every state buffer the algorithm's passes may hold: its rule's, then those of
+        its other passes (SWATS's momentum, Adafactor's factors)."""
+        names = list(state_names(getattr(rules, cls.spec.rule)))
+        for value in map(functools.partial(getattr, cls), dir(cls)):
+            if isinstance(value, Pass):
+                names += [name for name in value.present if name not in names]
+        return tuple(names)
 
     def _state_layout(self, name):
         """:func:`engine.state_layout` of the buffer ``name`` over every tensor."""
