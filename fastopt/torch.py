@@ -38,9 +38,19 @@ each parameter's address and shape at every step; a new dtype or layout comes wi
 storage, except for views of the same memory (``p.data = p.data.t()`` on a square
 matrix), which a step does not notice.
 
-What a parameter must be: float32, on the CPU or a CUDA device, and dense (contiguous,
-channels_last, transposed or any other layout without gaps or overlaps; a gradient in
-another layout than its parameter is copied for the step). As in torch, a parameter
+What a parameter must be: float32 on the CPU or a CUDA device, or bfloat16 or float16
+on the CPU, and dense (contiguous, channels_last, transposed or any other layout without
+gaps or overlaps; a gradient in another layout than its parameter is copied for the
+step). One optimizer may mix dtypes (bfloat16 weights, float32 norms): each dtype has
+its stores. A 16-bit parameter keeps float32 master weights in its state entry
+``"master"`` (``master_weights="auto"``; None steps it directly), from which every
+step writes it rounded to nearest even; a parameter written since the last step
+(``model.load_state_dict``) no longer holds its master rounded, and steps from the
+written value. ``state_dtype="bfloat16"`` (or a dict by state name) keeps the state in
+16 bits. ``state_dict()`` holds the state in the dtypes fastopt keeps it in, with the
+master weights; torch.optim loads it (casting, and keeping ``"master"`` unused), and
+``load_state_dict()`` takes torch.optim's, encoding its state (the master weights then
+start from the parameters). As in torch, a parameter
 whose ``.grad`` is None is left untouched, and the step count, bias corrections and
 NAdam's momentum product are kept per parameter. Hyperparameters are read from
 ``param_groups`` at every step, so every torch.optim.lr_scheduler works, and so does
@@ -60,6 +70,7 @@ import weakref
 import numpy as np
 import torch
 
+from . import precision
 from ._backend import GRAD_SQUARES, CudaBackend, HostBackend, Tensors
 from .kernels import Pass
 from .optim import engine
@@ -77,6 +88,10 @@ _TORCH_SCALARS = {"step": torch.float32, "mu_product": torch.float64, "eta": tor
                   "mu": torch.float32}
 # What the optimizer builds for itself, and rebuilds after a copy or an unpickling.
 _RUNTIME = ("_stores", "_slots", "_group_slots", "_checked", "_seen")
+# The state entry that holds a 16-bit parameter's float32 master weights.
+MASTER = "master"
+_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_TORCH_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -86,7 +101,10 @@ class Optimizer(torch.optim.Optimizer):
     fastopt's options: ``clip_grad_norm``, ``clip_grad_value`` and ``skip_nonfinite``
     (see :class:`fastopt.Optimizer`), validated whenever they are set; the norm is
     taken over the parameters that have a gradient, as
-    torch.nn.utils.clip_grad_norm_ takes it.
+    torch.nn.utils.clip_grad_norm_ takes it. ``master_weights`` and ``state_dtype``
+    choose the storage of bfloat16 and float16 parameters (on the CPU), as in
+    :class:`fastopt.Optimizer`: the float32 master weights of a 16-bit parameter are its
+    state entry ``"master"``, which ``state_dict()`` saves.
     """
 
     algorithm = None  # the fastopt class whose math this optimizer runs
@@ -94,7 +112,8 @@ class Optimizer(torch.optim.Optimizer):
     _torch_defaults = {}  # the arguments that are torch's alone, with torch's defaults
 
     def __init__(self, params, defaults, torch_options, *, clip_grad_norm=None,
-                 clip_grad_value=None, skip_nonfinite=False):
+                 clip_grad_value=None, skip_nonfinite=False, master_weights="auto",
+                 state_dtype="float32"):
         for name, value in torch_options.items():
             # foreach and fused choose among torch's implementations: fastopt has one. Any
             # other argument that is torch's alone must keep torch's default.
@@ -102,6 +121,9 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError(f"fastopt.torch.{type(self).__name__} does not support "
                                  f"{name}={value!r}")
         self._stores = None
+        for dtype in _DTYPES:  # checked for every dtype a parameter may come in
+            _storage(self.algorithm, dtype, master_weights, state_dtype)
+        self._master_weights, self._state_dtype = master_weights, state_dtype
         super().__init__(params, {**defaults, **torch_options})
         self.state = _State(self.state)
         self.clip_grad_norm = clip_grad_norm
@@ -147,11 +169,17 @@ class Optimizer(torch.optim.Optimizer):
         return {"_clip_grad_norm": self.clip_grad_norm,
                 "_clip_grad_value": self.clip_grad_value,
                 "_skip_nonfinite": self.skip_nonfinite, "last_grad_norm": self.last_grad_norm,
-                "skipped_steps": self.skipped_steps}
+                "skipped_steps": self.skipped_steps, "_master_weights": self._master_weights,
+                "_state_dtype": self._state_dtype}
+
+    def _storage_of(self, dtype):
+        """The :class:`fastopt.precision.Storage` of this optimizer's parameters of the
+        torch ``dtype``."""
+        return _storage(self.algorithm, dtype, self._master_weights, self._state_dtype)
 
     def _validate(self, index, group):
         for p, label in _labels(index, group):
-            _check_parameter(p, label)
+            _check_parameter(p, label, self.algorithm)
         if callable(group["lr"]):
             raise TypeError(f"param_groups[{index}]['lr'] must be a number: schedule it with "
                             "a torch.optim.lr_scheduler")
@@ -167,19 +195,20 @@ class Optimizer(torch.optim.Optimizer):
     # -- the state stores ---------------------------------------------------------------
 
     def _relayout(self):
-        """Build the state stores for the parameters as they are now, one per device, and
-        move every existing state tensor into them. Checks everything before it changes
-        anything."""
+        """Build the state stores for the parameters as they are now, one per device and
+        dtype, and move every existing state tensor into them. Checks everything before it
+        changes anything."""
         names = {p: label for index, group in enumerate(self.param_groups)
                  for p, label in _labels(index, group)}
         for p, name in names.items():
-            _check_parameter(p, name)
-        devices = {}
+            _check_parameter(p, name, self.algorithm)
+        kinds = {}
         for p in names:
-            devices.setdefault(p.device, []).append(p)
+            kinds.setdefault((p.device, p.dtype), []).append(p)
         stores = [_Store(self.algorithm, members, device.type == "cpu" and (
-                      not _shaped(self.algorithm) or all(p.is_contiguous() for p in members)))
-                  for device, members in devices.items()]
+                      not _shaped(self.algorithm) or all(p.is_contiguous() for p in members)),
+                         self._storage_of(dtype))
+                  for (device, dtype), members in kinds.items()]
         moves = [(store, p, name, value) for store in stores for p in store.slots
                  for name, value in self.state.get(p, {}).items()
                  if isinstance(value, torch.Tensor) and name not in _TORCH_SCALARS]
@@ -363,11 +392,20 @@ class Optimizer(torch.optim.Optimizer):
         scalars = {index: {name: state[name].item() for name in _TORCH_SCALARS
                            if isinstance(state.get(name), torch.Tensor)}
                    for index, state in state_dict["state"].items()}
+        # It casts the state of a 16-bit parameter to 16 bits too: keep the originals,
+        # which go to the dtypes the stores keep (float32 master weights ...).
+        tensors = {index: {name: value for name, value in state.items()
+                           if isinstance(value, torch.Tensor) and name not in _TORCH_SCALARS}
+                   for index, state in state_dict["state"].items()}
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         for index, values in scalars.items():
             for name, value in values.items():
                 self.state[params[index]][name] = int(value) if name == "step" else value
+        for index, values in tensors.items():
+            p = params[index]
+            for name, value in values.items() if p.dtype != torch.float32 else ():
+                self.state[p][name] = value.to(device=p.device, dtype=self._state_dtype_of(name, p))
         self._relayout()
 
     def _check_loadable(self, state_dict):
@@ -391,10 +429,28 @@ class Optimizer(torch.optim.Optimizer):
                 if isinstance(value, torch.Tensor) and key not in _TORCH_SCALARS:
                     _check_state(name, key, value, self._state_shape(key, p), loading=True)
 
+    def _state_dtype_of(self, name, p):
+        """The torch dtype in which the state tensor ``name`` of ``p`` is kept."""
+        if name == MASTER:
+            return torch.float32
+        return _TORCH_DTYPES[precision.name_of(self._storage_of(p.dtype).state(name))]
+
     def _state_shape(self, name, p):
         """The shape of the state tensor ``name`` of ``p``, or None if it has none."""
+        if name == MASTER and not self._storage_of(p.dtype).master:
+            return None
         shape = self.algorithm.state_shape(name, tuple(p.shape))
         return None if shape is None else torch.Size(shape)
+
+
+def _storage(algorithm, dtype, master_weights, state_dtype):
+    """The :class:`fastopt.precision.Storage` of ``algorithm``'s parameters of the torch
+    ``dtype``: ``master_weights="float32"`` asks it of the 16-bit ones among them."""
+    if master_weights == "float32" and dtype == torch.float32:
+        master_weights = None
+    return precision.Storage(algorithm, algorithm.state_names(),
+                             precision.DTYPES[_DTYPES[dtype]], master_weights, state_dtype,
+                             None)
 
 
 def _hyperparameters(group):
@@ -450,13 +506,19 @@ class _State(collections.defaultdict):
         return type(self), (dict(self),)
 
 
-def _check_parameter(p, name):
+def _check_parameter(p, name, algorithm):
     if _is_dtensor(p):
         raise TypeError(f"{name} is a DTensor (a sharded parameter of FSDP2 or tensor "
                         "parallelism); fastopt.torch steps plain tensors only, for now")
-    if p.dtype != torch.float32:
-        raise TypeError(f"{name} has dtype {p.dtype}; fastopt optimizes float32 "
-                        "parameters only")
+    if p.dtype not in _DTYPES:
+        raise TypeError(f"{name} has dtype {p.dtype}; fastopt steps float32, bfloat16 and "
+                        "float16 parameters")
+    if p.dtype != torch.float32 and p.device.type != "cpu":
+        raise TypeError(f"{name} is {p.dtype} on {p.device}: fastopt.torch steps 16-bit "
+                        "parameters on the CPU only, for now")
+    if p.dtype != torch.float32 and _shaped(algorithm):
+        raise TypeError(f"{name} is {p.dtype}: {algorithm.__name__} steps float32 parameters "
+                        "only, for now (its column sums do not read 16-bit buffers yet)")
     if p.layout != torch.strided:
         raise TypeError(f"{name} is not a dense tensor")
     if p.device.type not in ("cpu", "cuda"):
@@ -486,7 +548,7 @@ def _is_dense(t):
 
 def _check_state(param, name, value, expected, loading=False):
     """Refuse a state tensor that does not fit: ``expected`` is the shape the store keeps
-    (or a view of that shape), None where the parameter has no such state."""
+    (or a view of that shape and dtype), None where the parameter has no such state."""
     shape = getattr(expected, "shape", expected)
     what = "loaded state dict has" if loading else "state has"
     if shape is None:
@@ -494,9 +556,10 @@ def _check_state(param, name, value, expected, loading=False):
     if value.shape != shape:
         raise ValueError(f"{what} {name!r} of shape {tuple(value.shape)} for {param}, which "
                          f"needs shape {tuple(shape)}")
-    if not loading and value.dtype != torch.float32:
+    dtype = getattr(expected, "dtype", None)
+    if not loading and dtype is not None and value.dtype != dtype:
         raise TypeError(f"state {name!r} of {param} has dtype {value.dtype}; fastopt keeps "
-                        "float32 state")
+                        f"it in {dtype} (state_dtype)")
 
 
 class _Slot:
@@ -524,9 +587,13 @@ class _Store:
     ``engine.state_layout``); in place, a part of the parameter's shape lies as the
     parameter does, so that the kernels walk both in memory order."""
 
-    def __init__(self, algorithm, params, in_place):
+    def __init__(self, algorithm, params, in_place, storage):
         self.algorithm = algorithm
         self.device = params[0].device
+        # The formats of its buffers (its parameters share a dtype), and whether it keeps
+        # master weights (in the state buffer MASTER).
+        self.storage, self.master = storage, storage.master
+        self.itemsize = params[0].element_size()
         self.slots, start = {}, 0
         for index, p in enumerate(params):
             self.slots[p] = slot = _Slot(p, index, start)
@@ -551,10 +618,12 @@ class _Store:
         return self._layouts[name]
 
     def flat(self, name):
-        """The flat state buffer ``name``, made when first needed."""
+        """The flat state buffer ``name``, made when first needed, in its storage dtype."""
         if name not in self._flat:
             size = self.layout(name)[1]
-            self._flat[name] = torch.zeros(size, dtype=torch.float32, device=self.device)
+            dtype = torch.float32 if name == MASTER else _TORCH_DTYPES[
+                precision.name_of(self.storage.state(name))]
+            self._flat[name] = torch.zeros(size, dtype=dtype, device=self.device)
             self.names.append(name)
         return self._flat[name]
 
@@ -563,6 +632,8 @@ class _Store:
         step ``p`` in place, in logical order otherwise; None where ``p`` has no such
         state (Adafactor's factors of a vector)."""
         slot = self.slots[p]
+        if name == MASTER and not self.master:
+            return None
         if name not in slot.views:
             flat, start = self.flat(name), int(self.layout(name)[0][slot.index])
             shape = self.algorithm.state_shape(name, tuple(p.shape))
@@ -576,13 +647,19 @@ class _Store:
         return slot.views[name]
 
     def begin_state(self, run, spec, fresh):
-        """Create and initialize the state buffers that ``run`` begins using."""
+        """Create and initialize the state buffers that ``run`` begins using, and the
+        master weights of parameters that have none yet (copies of them)."""
         for name in fresh:
             for p, slot in zip(run.params, run.slots):
                 view = self.view(name, p)
                 if view is not None:
                     view.fill_(spec[name])
                     dict.__setitem__(slot.state, name, view)
+        for p, slot in zip(run.params, run.slots) if self.master else ():
+            if MASTER not in slot.state:
+                view = self.view(MASTER, p)
+                view.copy_(p)
+                dict.__setitem__(slot.state, MASTER, view)
 
     def table(self, run):
         """One segment per parameter of ``run``, the state laid out like the parameters,
@@ -601,7 +678,8 @@ class _Store:
         """How the kernels reach ``run``'s parameters and gradients."""
         table = self.table(run)
         if self.in_place:
-            return Tensors(table.params, run.gradients)
+            return Tensors(table.params, run.gradients,
+                           itemsize={"p": self.itemsize, "g": self.itemsize})
         return self.backend.flat_tensors(_array(self.scratch_params), _array(self.scratch_grads),
                                          table.starts)
 
@@ -612,18 +690,18 @@ class _Store:
                 self.scratch_params[slot.start:slot.stop].view(p.shape).copy_(p)
         # share_memory_() of a state view moves the whole buffer: look it up each step.
         state = {name: _array(self._flat[name]) for name in spec}
-        tensors, table = self.tensors(run), self.table(run)
-        keep = algorithm.spec.keeps_subnormals
+        master = _array(self._flat[MASTER]) if self.master else None
+        first, last = run.slots[0].index, run.slots[-1].index + 1
+        work = engine.Work(self.backend, self.tensors(run), self.shapes[first:last],
+                           self.table(run), state, tuple(spec),
+                           lambda name: self.layout(name)[0][first:last], prep,
+                           algorithm.spec.keeps_subnormals,
+                           self._caches.setdefault((first, last), {}), self.storage.formats,
+                           master)
         if engine.single_pass(algorithm, h):
             host = algorithm.host_after(hyper, step, host)  # first: it may raise
-            self.backend.run_segments(Pass(algorithm.rule, tuple(spec)), tensors,
-                                      list(state.values()), prep, h, table,
-                                      keep_subnormals=keep)
+            work.run(Pass(algorithm.rule, tuple(spec)), h)
         else:
-            first, last = run.slots[0].index, run.slots[-1].index + 1
-            work = engine.Work(self.backend, tensors, self.shapes[first:last], table, state,
-                               tuple(spec), lambda name: self.layout(name)[0][first:last],
-                               prep, keep, self._caches.setdefault((first, last), {}))
             host = algorithm.update(work, hyper, step, h, host)
         if not self.in_place:
             for p, slot in zip(run.params, run.slots):
@@ -632,8 +710,11 @@ class _Store:
 
 
 def _array(tensor):
-    """A zero-copy NumPy view of a CPU tensor, or a Numba view of a CUDA tensor."""
+    """A zero-copy NumPy view of a CPU tensor (of a 16-bit one, its bits), or a Numba
+    view of a CUDA tensor."""
     if tensor.device.type == "cpu":
+        if tensor.element_size() == 2:  # NumPy has no bfloat16
+            return tensor.view(torch.int16).numpy().view(precision.codecs.BITS)
         return tensor.numpy()
     from numba import cuda
 
@@ -677,8 +758,11 @@ class _Run:
     def sum_squares(self):
         store = self.store
         if store.in_place:
-            total, = store.backend.run_segments(GRAD_SQUARES, Tensors(None, self.gradients), [],
-                                                (), (), store.table(self), keep_subnormals=True)
+            formats = (("g", store.storage.formats["g"]),) if "g" in store.storage.formats else ()
+            total, = store.backend.run_segments(
+                GRAD_SQUARES._replace(formats=formats),
+                Tensors(None, self.gradients, itemsize={"p": 4, "g": store.itemsize}), [], (),
+                (), store.table(self), keep_subnormals=True)
             return math.fsum(total)
         return store.backend.sum_squares(_array(store.scratch_grads)[self.start:self.stop])
 

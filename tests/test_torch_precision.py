@@ -1,0 +1,185 @@
+"""fastopt.torch with bfloat16 and float16 models: float32 master weights against
+torch.optim run in float32 on the same (upcast) gradients, 16-bit state, mixed dtypes in
+one optimizer, and state_dicts both ways."""
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import fastopt  # noqa: E402
+import fastopt.torch as ft  # noqa: E402
+
+HALVES = [torch.bfloat16, torch.float16]
+
+
+def params(dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(24, 16), (16,), (3, 5, 7)]
+    return [torch.nn.Parameter(torch.randn(s, generator=generator).to(dtype)) for s in shapes]
+
+
+def grads_for(ps, step):
+    generator = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(p.shape, generator=generator).to(p.dtype) for p in ps]
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+@pytest.mark.parametrize("name, kwargs", [
+    ("Adam", dict(lr=1e-2, weight_decay=0.1)), ("AdamW", dict(lr=1e-2, amsgrad=True)),
+    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True)),
+    ("RMSprop", dict(lr=1e-2, momentum=0.5, centered=True)), ("NAdam", dict(lr=1e-2)),
+    ("Adagrad", dict(lr=0.05)), ("RAdam", dict(lr=1e-2)), ("Adamax", dict(lr=1e-2))])
+def test_master_weights_match_torch_in_float32_and_round_into_the_model(name, kwargs, dtype):
+    ours = params(dtype)
+    theirs = [torch.nn.Parameter(p.detach().float()) for p in ours]
+    opt = getattr(ft, name)(ours, **kwargs, clip_grad_norm=10.0)
+    reference = getattr(torch.optim, name)(theirs, **kwargs)
+    for step in range(20):
+        for p, q, g in zip(ours, theirs, grads_for(ours, step)):
+            p.grad, q.grad = g, g.float()
+        opt.step()
+        torch.nn.utils.clip_grad_norm_(theirs, 10.0)
+        reference.step()
+        for p, q in zip(ours, theirs):
+            master = opt.state[p]["master"]
+            assert master.dtype == torch.float32 and p.dtype == dtype
+            torch.testing.assert_close(master, q.detach(), rtol=1e-5, atol=1e-6)
+            assert torch.equal(p.detach(), master.to(dtype))
+
+
+def test_one_optimizer_steps_bfloat16_weights_and_float32_norms():
+    w = torch.nn.Parameter(torch.randn(32, 8).bfloat16())
+    norm = torch.nn.Parameter(torch.ones(8))
+    w32, norm32 = (torch.nn.Parameter(t.detach().float()) for t in (w, norm))
+    opt = ft.AdamW([w, norm], lr=1e-2)
+    reference = torch.optim.AdamW([w32, norm32], lr=1e-2)
+    for step in range(10):
+        g, h = grads_for([w, norm], step)
+        w.grad, norm.grad, w32.grad, norm32.grad = g, h, g.float(), h
+        opt.step()
+        reference.step()
+    assert "master" not in opt.state[norm] and norm.dtype == torch.float32
+    torch.testing.assert_close(norm.detach(), norm32.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(opt.state[w]["master"], w32.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("master_weights", ["auto", None])
+def test_bfloat16_state_and_parameters_agree_with_the_numpy_front(master_weights):
+    ours = params(torch.bfloat16, seed=3)
+    opt = ft.Adam(ours, lr=1e-2, state_dtype="bfloat16", master_weights=master_weights)
+    flat = [p.detach().float().numpy().astype(fastopt.precision.DTYPES["bfloat16"])
+            for p in ours]
+    numpy_opt = fastopt.Adam(flat, lr=1e-2, state_dtype="bfloat16",
+                             master_weights=master_weights)
+    for step in range(8):
+        grads = grads_for(ours, step)
+        for p, g in zip(ours, grads):
+            p.grad = g
+        opt.step()
+        numpy_opt.step([g.float().numpy().astype(numpy_opt.flat_grads.dtype) for g in grads])
+    for p, view in zip(ours, numpy_opt.params):
+        np.testing.assert_array_equal(p.detach().view(torch.int16).numpy(),
+                                      view.view(np.int16))
+        assert opt.state[p]["exp_avg_sq"].dtype == torch.bfloat16
+    exp_avg = torch.cat([opt.state[p]["exp_avg"].reshape(-1) for p in ours])
+    np.testing.assert_array_equal(exp_avg.view(torch.int16).numpy(),
+                                  numpy_opt.state["exp_avg"].view(np.int16))
+
+
+def test_a_state_dict_resumes_master_and_16_bit_state_bitwise():
+    def train(opt, ps, steps):
+        for step in steps:
+            for p, g in zip(ps, grads_for(ps, step)):
+                p.grad = g
+            opt.step()
+
+    straight = params(torch.bfloat16, seed=4)
+    opt = ft.AdamW(straight, lr=1e-2, state_dtype={"exp_avg": "bfloat16"})
+    train(opt, straight, range(6))
+    first = params(torch.bfloat16, seed=4)
+    opt_first = ft.AdamW(first, lr=1e-2, state_dtype={"exp_avg": "bfloat16"})
+    train(opt_first, first, range(3))
+    saved = copy.deepcopy(opt_first.state_dict())
+    assert saved["state"][0]["master"].dtype == torch.float32
+    assert saved["state"][0]["exp_avg"].dtype == torch.bfloat16
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in first]
+    opt_resumed = ft.AdamW(resumed, lr=1e-2, state_dtype={"exp_avg": "bfloat16"})
+    opt_resumed.load_state_dict(saved)
+    train(opt_resumed, resumed, range(3, 6))
+    for p, q in zip(straight, resumed):
+        assert torch.equal(p, q)
+        for name in ("master", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[p][name], opt_resumed.state[q][name]), name
+
+
+def test_a_torch_optim_state_dict_loads_into_a_bfloat16_model_encoded():
+    model = torch.nn.Linear(8, 4)
+    reference = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model(torch.randn(5, 8)).sum().backward()
+    reference.step()
+    saved = reference.state_dict()
+    ours = copy.deepcopy(model).bfloat16()
+    opt = ft.Adam(ours.parameters(), lr=1e-2, state_dtype="bfloat16")
+    opt.load_state_dict(saved)
+    for p, q in zip(ours.parameters(), model.parameters()):
+        assert torch.equal(opt.state[p]["exp_avg"], reference.state[q]["exp_avg"].bfloat16())
+        assert "master" not in opt.state[p]
+    ours(torch.randn(5, 8).bfloat16()).sum().backward()
+    opt.step()  # the master weights start from the parameters
+    for p in ours.parameters():
+        assert opt.state[p]["master"].dtype == torch.float32
+
+
+def test_weights_loaded_into_the_model_between_steps_are_taken_not_lost():
+    model = torch.nn.Linear(6, 3).bfloat16()
+    opt = ft.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    twin = copy.deepcopy(model).float()
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(4, 6)
+    for step in range(4):
+        if step == 2:  # new weights loaded from elsewhere, in place
+            fresh = {k: torch.full_like(v, 0.5) for k, v in model.state_dict().items()}
+            model.load_state_dict(fresh)
+            twin.load_state_dict({k: v.float() for k, v in fresh.items()})
+        model.zero_grad()
+        twin.zero_grad()
+        model(x.bfloat16()).pow(2).sum().backward()
+        for p, q in zip(twin.parameters(), model.parameters()):
+            p.grad = q.grad.float()
+        opt.step()
+        twin_opt.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(opt.state[p]["master"], q.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_16_bit_gradients_are_clipped_by_their_float64_norm():
+    ps = params(torch.float16, seed=5)
+    opt = ft.SGD(ps, lr=1.0, clip_grad_norm=1.0)
+    grads = grads_for(ps, 0)
+    for p, g in zip(ps, grads):
+        p.grad = g
+    opt.step()
+    norm = float(np.sqrt(sum((g.double() ** 2).sum().item() for g in grads)))
+    assert opt.last_grad_norm == pytest.approx(norm, rel=1e-12)
+
+
+def test_bad_formats_and_what_cannot_be_stepped_are_refused():
+    with pytest.raises(ValueError, match="state_dtype must be one of"):
+        ft.Adam(params(torch.bfloat16), state_dtype="int8")
+    with pytest.raises(ValueError, match="master_weights must be one of"):
+        ft.Adam(params(torch.float32), master_weights="yes")
+    with pytest.raises(TypeError, match="Adafactor steps float32 parameters only"):
+        ft.Adafactor(params(torch.bfloat16))
+    ps = params(torch.bfloat16)
+    opt = ft.Adam(ps, state_dtype="bfloat16")
+    for p, g in zip(ps, grads_for(ps, 0)):
+        p.grad = g
+    opt.step()
+    opt.state[ps[0]]["exp_avg"] = torch.zeros(ps[0].shape)  # float32, where it keeps bf16
+    before = [p.detach().clone() for p in ps]
+    with pytest.raises(TypeError, match="keeps it in torch.bfloat16"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, ps))
