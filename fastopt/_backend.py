@@ -186,19 +186,21 @@ class HostBackend:
         return np.may_share_memory(a, b)
 
     def run(self, rule, present, buffers, prep, h, keep_subnormals=False, formats=(),
-            master=False):
+            master=False, rounding=None):
         """One pass of ``rule`` over ``buffers`` (``_template.arrays(rule, present,
-        master)``), stored in ``formats`` (``_template.Pass.formats``);
-        ``keep_subnormals`` where the rule's result hangs on subnormal numbers, which the
-        kernels otherwise flush."""
+        master)``), stored in ``formats`` (``_template.Pass.formats``), rounding its
+        bfloat16 stores stochastically with ``rounding = (key, first)`` (see
+        ``_template.Pass.stochastic``); ``keep_subnormals`` where the rule's result hangs
+        on subnormal numbers, which the kernels otherwise flush."""
         kernels = self._kernels
         if formats:
-            kernel = kernels.kernel(rule, present, None, (), True, (), formats, master)
+            kernel = kernels.kernel(rule, present, None, (), True, (), formats, master,
+                                    rounding is not None)
             buffers = [*map(precision.bits, buffers)]
         else:
             kernel = kernels.kernel(rule, present)
         self._call(kernel, buffers[0].size, *buffers, float32s(prep), float32s(h),
-                   flush=kernels.FLUSH_DENORMALS and not keep_subnormals)
+                   *(rounding or ()), flush=kernels.FLUSH_DENORMALS and not keep_subnormals)
 
     def segments(self, sizes, state_starts, tensor=None, offsets=None):
         """:class:`Segments` of ``sizes`` elements, each a whole tensor of the launch
@@ -212,13 +214,15 @@ class HostBackend:
                        itemsize={"p": p.itemsize, "g": g.itemsize})
 
     def run_segments(self, spec, tensors, states, prep, h, segments, values=(),
-                     keep_subnormals=False):
+                     keep_subnormals=False, key=0):
         """One pass ``spec`` (a ``kernels.Pass``) over ``segments`` of ``tensors`` (see
         :class:`Tensors`) and the flat state buffers ``states`` (those of
         ``spec.present``, in order); returns its sums per segment, a float64 array
         each. ``values`` gives the per-segment scalars, a sequence per field of
         ``spec.per_segment``; ``keep_subnormals`` where the rule's result hangs on
-        subnormal numbers, which the kernels otherwise flush.
+        subnormal numbers, which the kernels otherwise flush; ``key`` the step's
+        rounding key where ``spec.stochastic`` (elements are indexed by their place in
+        the state buffers).
         """
         if not segments.size:  # nothing to step (Adafactor's vectors, where it has none)
             return tuple(np.zeros(segments.count) for _ in spec.sums)
@@ -228,7 +232,8 @@ class HostBackend:
         if spec.formats:
             states = [*map(precision.bits, states)]
         self._call(kernel, segments.size, *segments.reach(tensors, names), *states,
-                   float32s(prep), float32s(h), segments.chunks, segments.state_starts,
+                   float32s(prep), float32s(h), *((key, 0) if spec.stochastic else ()),
+                   segments.chunks, segments.state_starts,
                    segments.partials, segments.row_scalars,
                    flush=self._kernels.FLUSH_DENORMALS and not keep_subnormals)
         return segments.totals(segments.partials, len(spec.sums)) if spec.sums else ()
@@ -349,10 +354,10 @@ class CudaBackend:
         return a_start < b_end and b_start < a_end
 
     def run(self, rule, present, buffers, prep, h, keep_subnormals=False, formats=(),
-            master=False):
+            master=False, rounding=None):
         kernels = self._kernels
         # keep_subnormals: CUDA keeps them (the kernels set no flush-to-zero mode); its
-        # buffers are float32 (see zeros), so formats stays empty.
+        # buffers are float32 (see zeros), so formats stays empty, and rounding None.
         kernels.launch(kernels.kernel(rule, present), buffers[0].size, *buffers, prep, h)
 
     def segments(self, sizes, state_starts, tensor=None, offsets=None):
@@ -362,7 +367,7 @@ class CudaBackend:
         return Tensors(p, g, np.asarray(starts, np.int64))
 
     def run_segments(self, spec, tensors, states, prep, h, segments, values=(),
-                     keep_subnormals=False):
+                     keep_subnormals=False, key=0):
         if not segments.size:
             return tuple(np.zeros(segments.count) for _ in spec.sums)
         if values:
@@ -371,7 +376,8 @@ class CudaBackend:
         kernel, names = self._compiled(spec)
         arrays = [getattr(tensors, name) for name in names]
         self._kernels.launch_segments(kernel, segments, self._starts(tensors, segments),
-                                      *arrays, *states, prep, h)
+                                      *arrays, *states, prep, h,
+                                      *((key, 0) if spec.stochastic else ()))
         if not spec.sums:
             return ()
         return segments.totals(segments.partials.copy_to_host(segments.partials_host),

@@ -16,7 +16,8 @@ The file (format version 3) is an uncompressed NumPy ``.npz`` archive holding:
   has begun), ``layout`` (per group: the parameter names or None, their shapes and
   offsets in the flat buffer), ``buffers`` (the names of the arrays below),
   ``formats`` (the arrays kept in 16 bits, by name: ``"bfloat16"`` or ``"float16"``;
-  the file holds their bits as uint16) and ``sha256``, the checksum;
+  the file holds their bits as uint16), ``rounding`` (``stochastic`` and ``seed``) and
+  ``sha256``, the checksum;
 - ``params``: the flat parameters (float32, or 16-bit);
 - ``master``: the float32 master weights of 16-bit parameters, where they are kept;
 - ``state.<name>``: each flat state buffer (float32 or bfloat16).
@@ -26,7 +27,8 @@ the part ``meta``, the record without ``sha256`` as canonical JSON
 (``json.dumps(record, sort_keys=True, separators=(",", ":"))``, UTF-8), then one part
 per array in sorted name order, its raw bytes. Each part is fed as its name,
 a zero byte, its length in bytes as 8 little-endian bytes, and its bytes. Version-2 files
-(the same without ``formats``: every array float32) load as they are. Version-1 files
+(the same without ``formats`` and ``rounding``: every array float32, no stochastic
+rounding) load as they are. Version-1 files
 (whose checksum covers only the arrays: each name, then its bytes) still load, with
 every field validated as below; but there an edit that stays valid (a step count of 5
 made 4) cannot be noticed. fastopt writes version 3 only.
@@ -76,6 +78,8 @@ class Snapshot:
         params: the flat parameters, a NumPy copy (float32, bfloat16 or float16).
         buffers: each flat state buffer by name, NumPy copies (float32 or bfloat16).
         master: the float32 master weights of 16-bit parameters, a NumPy copy, or None.
+        rounding: ``{"stochastic": bool, "seed": int}``, the optimizer's stochastic
+            rounding (None in files before version 3: none).
     """
 
     algorithm: str
@@ -90,6 +94,7 @@ class Snapshot:
     params: np.ndarray
     buffers: dict
     master: object = None
+    rounding: object = None
 
 
 FORMAT = "fastopt-checkpoint"
@@ -99,8 +104,8 @@ _ARRAY_PREFIX = "state."
 # The record holds the snapshot's fields (all but its arrays) and these.
 _SNAPSHOT_FIELDS = [field.name for field in dataclasses.fields(Snapshot)
                     if field.name not in ("params", "buffers", "master")]
-_FIELDS = {"format", "version", "buffers", "sha256", *_SNAPSHOT_FIELDS}
-_FIELDS_SINCE = {3: {"formats"}}  # the fields a version added
+_FIELDS = {"format", "version", "buffers", "sha256", "formats", *_SNAPSHOT_FIELDS}
+_ADDED = {"formats": 3, "rounding": 3}  # the fields a version added, with that version
 # The 16-bit formats an array may be kept in, which a file holds as their bits.
 FORMATS = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 _BITS = np.dtype(np.uint16)
@@ -136,8 +141,7 @@ def snapshot_of(checkpoint, verified=False):
     meta, arrays = checkpoint["meta"], checkpoint["arrays"]
     if not verified:
         verify(meta, arrays)
-    fields = _FIELDS.union(*(added for version, added in _FIELDS_SINCE.items()
-                             if meta["version"] >= version))
+    fields = {field for field in _FIELDS if _ADDED.get(field, 1) <= meta["version"]}
     if set(meta) != fields:
         raise ValueError(f"the checkpoint's record has the fields {sorted(map(str, meta))}, "
                          f"expected {sorted(fields)}")
@@ -158,7 +162,7 @@ def snapshot_of(checkpoint, verified=False):
                 raise ValueError(f"the checkpoint holds an array {name!r}; only 'params', "
                                  "'master' and 'state.<name>' belong there")
             buffers[name[len(_ARRAY_PREFIX):]] = array
-    return Snapshot(**{name: meta[name] for name in _SNAPSHOT_FIELDS},
+    return Snapshot(**{name: meta.get(name) for name in _SNAPSHOT_FIELDS},
                     params=arrays["params"], buffers=buffers, master=arrays.get("master"))
 
 

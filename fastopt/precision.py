@@ -35,6 +35,24 @@ def formats(names, arrays):
                  if a.dtype != FLOAT32)
 
 
+def _rounding(storage, stochastic_rounding, seed):
+    """``(stochastic, seed)`` after checking them against what ``storage`` rounds."""
+    if not isinstance(stochastic_rounding, (bool, np.bool_)):
+        raise TypeError(f"stochastic_rounding must be True or False, got {stochastic_rounding!r}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    if not 0 <= seed < 2 ** 64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    if not stochastic_rounding:
+        return False, int(seed)
+    rounded = [name for name, fmt in storage.formats.items()
+               if name != "g" and not (name == "p" and storage.master)]
+    if storage.formats.get("p") == "float16" and not storage.master:
+        raise ValueError("stochastic_rounding rounds bfloat16 only, for now: float16 "
+                         "parameters need master weights")
+    return bool(rounded), int(seed)  # False where there is nothing to round
+
+
 def check_grad_dtype(grad_dtype):
     """``grad_dtype``, after checking that it is None or a name of ``DTYPES``."""
     if grad_dtype is not None and not (isinstance(grad_dtype, str) and grad_dtype in DTYPES):
@@ -51,11 +69,14 @@ class Storage:
     ``master_weights``: ``"auto"`` (float32 master weights where the parameters are
     16-bit), ``"float32"`` or None. ``state_dtype``: a name of ``STATE_DTYPES``, or a
     dict of them by state buffer. ``grad_dtype``: None (the parameters' dtype) or a
-    name of ``DTYPES``. ``state_names`` are the state buffers of ``algorithm`` (a
-    class, named in messages)."""
+    name of ``DTYPES``. ``stochastic_rounding``: round the bfloat16 values stored
+    without master weights (parameters with ``master_weights=None``, state)
+    stochastically, on random bits of ``(seed, step, element)`` (``codecs.random_bits``),
+    so that small updates survive in expectation. ``state_names`` are the state buffers
+    of ``algorithm`` (a class, named in messages)."""
 
     def __init__(self, algorithm, state_names, params_dtype, master_weights, state_dtype,
-                 grad_dtype):
+                 grad_dtype, stochastic_rounding=False, seed=0):
         if master_weights not in MASTER_WEIGHTS:
             if master_weights == "remainder":
                 raise ValueError("master_weights='remainder' is not supported yet; use "
@@ -88,6 +109,11 @@ class Storage:
                         (("p", params_dtype), ("g", self.grads), *self.states.items())
                         if dtype != FLOAT32}
         self.narrow = bool(self.formats)
+        self.stochastic, self.seed = _rounding(self, stochastic_rounding, seed)
+
+    def key(self, step):
+        """The rounding key of step ``step`` (``codecs.rounding_key``)."""
+        return codecs.rounding_key(self.seed, step)
 
     def state(self, name):
         """The dtype of the state buffer ``name``: float32 for buffers the rule does not

@@ -101,10 +101,12 @@ class Optimizer(torch.optim.Optimizer):
     fastopt's options: ``clip_grad_norm``, ``clip_grad_value`` and ``skip_nonfinite``
     (see :class:`fastopt.Optimizer`), validated whenever they are set; the norm is
     taken over the parameters that have a gradient, as
-    torch.nn.utils.clip_grad_norm_ takes it. ``master_weights`` and ``state_dtype``
-    choose the storage of bfloat16 and float16 parameters (on the CPU), as in
-    :class:`fastopt.Optimizer`: the float32 master weights of a 16-bit parameter are its
-    state entry ``"master"``, which ``state_dict()`` saves.
+    torch.nn.utils.clip_grad_norm_ takes it. ``master_weights``, ``state_dtype``,
+    ``stochastic_rounding`` and ``seed`` choose the storage of bfloat16 and float16
+    parameters (on the CPU), as in :class:`fastopt.Optimizer`: the float32 master
+    weights of a 16-bit parameter are its state entry ``"master"``, which
+    ``state_dict()`` saves. Stochastic rounding indexes each element by its place in
+    the optimizer's state.
     """
 
     algorithm = None  # the fastopt class whose math this optimizer runs
@@ -113,7 +115,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def __init__(self, params, defaults, torch_options, *, clip_grad_norm=None,
                  clip_grad_value=None, skip_nonfinite=False, master_weights="auto",
-                 state_dtype="float32"):
+                 state_dtype="float32", stochastic_rounding=False, seed=0):
         for name, value in torch_options.items():
             # foreach and fused choose among torch's implementations: fastopt has one. Any
             # other argument that is torch's alone must keep torch's default.
@@ -121,9 +123,9 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError(f"fastopt.torch.{type(self).__name__} does not support "
                                  f"{name}={value!r}")
         self._stores = None
-        for dtype in _DTYPES:  # checked for every dtype a parameter may come in
-            _storage(self.algorithm, dtype, master_weights, state_dtype)
-        self._master_weights, self._state_dtype = master_weights, state_dtype
+        self._formats = (master_weights, state_dtype, stochastic_rounding, seed)
+        for dtype in (torch.float32, torch.bfloat16):  # checked (float16's where it comes)
+            self._storage_of(dtype)
         super().__init__(params, {**defaults, **torch_options})
         self.state = _State(self.state)
         self.clip_grad_norm = clip_grad_norm
@@ -162,6 +164,7 @@ class Optimizer(torch.optim.Optimizer):
             for name, value in self.defaults.items():
                 group.setdefault(name, value)
         if options is not None:  # unpickled or deep-copied: rebuild what is not pickled
+            self._formats = ("auto", "float32", False, 0)  # unless pickled with them
             self.__dict__.update(options)
             self._relayout()
 
@@ -169,13 +172,17 @@ class Optimizer(torch.optim.Optimizer):
         return {"_clip_grad_norm": self.clip_grad_norm,
                 "_clip_grad_value": self.clip_grad_value,
                 "_skip_nonfinite": self.skip_nonfinite, "last_grad_norm": self.last_grad_norm,
-                "skipped_steps": self.skipped_steps, "_master_weights": self._master_weights,
-                "_state_dtype": self._state_dtype}
+                "skipped_steps": self.skipped_steps, "_formats": self._formats}
 
     def _storage_of(self, dtype):
         """The :class:`fastopt.precision.Storage` of this optimizer's parameters of the
-        torch ``dtype``."""
-        return _storage(self.algorithm, dtype, self._master_weights, self._state_dtype)
+        torch ``dtype`` (``master_weights="float32"`` asks it of the 16-bit ones)."""
+        master_weights, state_dtype, stochastic_rounding, seed = self._formats
+        if master_weights == "float32" and dtype == torch.float32:
+            master_weights = None
+        return precision.Storage(self.algorithm, self.algorithm.state_names(),
+                                 precision.DTYPES[_DTYPES[dtype]], master_weights,
+                                 state_dtype, None, stochastic_rounding, seed)
 
     def _validate(self, index, group):
         for p, label in _labels(index, group):
@@ -443,16 +450,6 @@ class Optimizer(torch.optim.Optimizer):
         return None if shape is None else torch.Size(shape)
 
 
-def _storage(algorithm, dtype, master_weights, state_dtype):
-    """The :class:`fastopt.precision.Storage` of ``algorithm``'s parameters of the torch
-    ``dtype``: ``master_weights="float32"`` asks it of the 16-bit ones among them."""
-    if master_weights == "float32" and dtype == torch.float32:
-        master_weights = None
-    return precision.Storage(algorithm, algorithm.state_names(),
-                             precision.DTYPES[_DTYPES[dtype]], master_weights, state_dtype,
-                             None)
-
-
 def _hyperparameters(group):
     return {k: (v.item() if isinstance(v, torch.Tensor) else v)
             for k, v in group.items() if k not in _NOT_HYPERPARAMETERS}
@@ -698,6 +695,8 @@ class _Store:
                            algorithm.spec.keeps_subnormals,
                            self._caches.setdefault((first, last), {}), self.storage.formats,
                            master)
+        if self.storage.stochastic:
+            work.stochastic, work.key = True, self.storage.key(step)
         if engine.single_pass(algorithm, h):
             host = algorithm.host_after(hyper, step, host)  # first: it may raise
             work.run(Pass(algorithm.rule, tuple(spec)), h)

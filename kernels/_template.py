@@ -59,7 +59,11 @@ class Pass(NamedTuple):
     float32 copy of the 16-bit ``p`` (master weights): the rule reads ``w`` as its
     ``p``, and the new value goes to ``w`` and, rounded, to ``p`` (flat passes only).
     Where ``p`` no longer holds ``w`` rounded, someone wrote into it since the last
-    step, and the rule reads ``p`` instead: a write is never lost.
+    step, and the rule reads ``p`` instead: a write is never lost. With ``stochastic``,
+    the bfloat16 stores (but ``p``'s to master weights' rounding) round stochastically,
+    on ``codecs.random_bits(key, first + index, buffer)``: the driver takes ``key`` and
+    ``first`` (the index of its first element, of the state's first in a segment pass)
+    before ``parallel``.
     """
 
     rule: str
@@ -70,6 +74,7 @@ class Pass(NamedTuple):
     per_segment: tuple = ()
     formats: tuple = ()
     master: bool = False
+    stochastic: bool = False
 
 
 def buffer_names(rule):
@@ -171,7 +176,7 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
     # the rule's result as new_<name> first.
     encoded = [n for n in writes if n in formats]
 
-    def body(at):
+    def body(at, index):
         def value(n):
             if n == "p" and spec.master:  # the master, unless p was written since
                 return (f"({at('w')} if {formats['p']}_store({at('w')}) == {at('p')} "
@@ -194,8 +199,14 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
 
         line = (f"{', '.join(map(store, results(rule)))} = "
                 f"rule({', '.join(map(load, names))}, named)")
+        def encode(n):
+            if spec.stochastic and formats[n] == "bfloat16" and not (n == "p" and spec.master):
+                return (f"bfloat16_store_stochastic(new_{n}, "
+                        f"random_bits(key, {index}, {taken.index(n)}))")
+            return f"{formats[n]}_store(new_{n})"
+
         stores = [f"{at('w')} = new_p" for n in encoded if n == "p" and spec.master]
-        stores += [f"{at(n)} = {formats[n]}_store(new_{n})" for n in encoded]
+        stores += [f"{at(n)} = {encode(n)}" for n in encoded]
         return "; ".join([line] + stores + [f"total{j} += term{j}" for j in range(len(sums))])
 
     def segment_at(n):
@@ -220,13 +231,16 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
     begin_sums = "; ".join(f"{t} = 0.0" for t in totals) or "pass"
     sums_tuple = "".join(t + ", " for t in totals)  # "total0, total1, ", or nothing
     chunk_arrays = [f"{a}_c" for a in taken]
-    chunk_text = (f"({', '.join(chunk_arrays)}, prepared, named):\n"
+    random = ", key, base" if spec.stochastic else ""  # see codecs.random_bits
+    chunk_text = (f"({', '.join(chunk_arrays)}, prepared, named{random}):\n"
                   f"    {begin_sums}\n"
                   f"    for i in range({taken[0]}_c.size):\n"
-                  f"        {body(lambda n: f'{n}_c[i]')}\n"
+                  f"        {body(lambda n: f'{n}_c[i]', 'base + i')}\n"
                   f"    return ({sums_tuple})\n")
     text = loops.format(
-        body=body(lambda n: f"{n}[i]"), segment_body=body(segment_at),
+        random_arguments=", key, first" if spec.stochastic else "",
+        body=body(lambda n: f"{n}[i]", "first + i"),
+        segment_body=body(segment_at, "first + state_base + i"),
         slices="; ".join(f"{a}_c = {a}[start:stop]" for a in taken),
         state_slices="; ".join(f"{a}_c = {a}[start:stop]" for a in taken
                                if a not in TENSORS) or "pass",
@@ -234,8 +248,10 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
             "(float32(prep[0]), float32(prep[1]), float32(prep[2]))"
             if "p" in names and spec.grad else "prep"),
         chunk=f"{sums_tuple}{'= ' if totals else ''}"
-              f"CHUNK_FUNCTION({', '.join(chunk_arrays)}, prepared, named)",
-        whole=f"CHUNK_FUNCTION({', '.join(taken)}, prepared, named)",
+              f"CHUNK_FUNCTION({', '.join(chunk_arrays)}, prepared, named"
+              f"{', key, first + start' if spec.stochastic else ''})",
+        whole=f"CHUNK_FUNCTION({', '.join(taken)}, prepared, named"
+              f"{', key, first' if spec.stochastic else ''})",
         first=taken[0],
         tensor_chunks="; ".join(
             f"{a}_c = segment_chunk{'_bits' if a in formats else ''}({a}, chunks, c)"

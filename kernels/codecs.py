@@ -72,6 +72,36 @@ def float16_store(x):
     return np.uint16(sign | (rounded >> u32(13)))  # 65520 and up carry into infinity
 
 
+def bfloat16_store_stochastic(x, random):
+    """The bfloat16 bits of the float32 ``x`` rounded stochastically: up (in magnitude)
+    with the probability of its dropped low 16 bits over 2**16, which ``random`` (any
+    uint32, of which the low 16 bits count) decides; so the rounding is unbiased."""
+    bits = np.float32(x).view(u32)
+    if x != x:
+        return np.uint16((bits >> u32(16)) | u32(0x40))
+    return np.uint16(u32(bits + (u32(random) & u32(0xFFFF))) >> u32(16))
+
+
+def random_bits(key, index, buffer):
+    """32 random bits for element ``index`` (an int64) of buffer number ``buffer`` in the
+    step whose ``key`` is ``rounding_key(seed, step)``: a counter-based hash (murmur3's
+    finalizer), so the bits do not depend on which thread or block takes the element."""
+    x = u32(u32(key) ^ u32(u32(index) * u32(0x9E3779B1))
+            ^ u32(u32(index >> 32) * u32(0x85EBCA77)) ^ u32(u32(buffer) * u32(0xC2B2AE3D)))
+    x = u32(u32(x ^ (x >> u32(16))) * u32(0x85EBCA6B))
+    x = u32(u32(x ^ (x >> u32(13))) * u32(0xC2B2AE35))
+    return u32(x ^ (x >> u32(16)))
+
+
+def rounding_key(seed, step):
+    """The 32-bit key of step ``step`` (an int) of a run seeded with ``seed`` (an int),
+    on the host."""
+    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF  # splitmix64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) & 0xFFFFFFFF
+
+
 # format name -> (load, store), and the NumPy dtype of its bits.
 CODECS = {"bfloat16": (bfloat16_load, bfloat16_store),
           "float16": (float16_load, float16_store)}
@@ -81,5 +111,7 @@ BITS = np.dtype(np.uint16)
 def compiled(compile):
     """The codecs as the drivers call them (``bfloat16_load`` ...), each compiled with
     ``compile``."""
-    return {f"{name}_{kind}": compile(function) for name, pair in CODECS.items()
-            for kind, function in zip(("load", "store"), pair)}
+    return {**{f"{name}_{kind}": compile(function) for name, pair in CODECS.items()
+               for kind, function in zip(("load", "store"), pair)},
+            "bfloat16_store_stochastic": compile(bfloat16_store_stochastic),
+            "random_bits": compile(random_bits)}

@@ -32,7 +32,7 @@ FLUSH_DENORMALS = True
 ZERO = np.float32(0)  # a state a driver does not hold reads as this
 
 _LOOPS = """\
-, parallel, flush_denormals):
+{random_arguments}, parallel, flush_denormals):
     if parallel:
         for c in prange(({first}.size + CHUNK - 1) // CHUNK):
             {named}
@@ -63,7 +63,8 @@ stop = start + size
 {store_sums}
 restore_fp_mode(saved)
 """
-_SEGMENT_LOOPS = (", chunks, state_starts, partials, row_scalars, parallel, flush_denormals):\n"
+_SEGMENT_LOOPS = ("{random_arguments}, chunks, state_starts, partials, row_scalars, parallel, "
+                  "flush_denormals):\n"
                   "    if parallel:\n        for c in prange(chunks.shape[0]):\n"
                   + textwrap.indent(_SEGMENT_CHUNK, " " * 12)
                   + "    else:\n        for c in range(chunks.shape[0]):\n"

@@ -19,7 +19,7 @@ max_blocks = 1024
 ZERO = np.float32(0)  # a state a driver does not hold reads as this
 
 _LOOPS = """\
-):
+{random_arguments}):
     {named}
     i = cuda.grid(1)
     stride = cuda.gridsize(1)
@@ -31,7 +31,7 @@ _LOOPS = """\
 # One block per chunk (a row of ``chunks``: segment, offset, size), which its threads
 # stride through; sums are added over the block (``block_sum``) into ``partials[c]``.
 _SEGMENT_LOOPS = """\
-, chunks, starts, state_starts, partials, row_scalars):
+{random_arguments}, chunks, starts, state_starts, partials, row_scalars):
     c = cuda.blockIdx.x
     {named}
     shared = cuda.shared.array(MAX_THREADS, float64)

@@ -363,3 +363,119 @@ def test_gradients_of_another_dtype_are_refused_and_change_nothing():
     with pytest.raises(TypeError, match="grads must be bfloat16, got float16"):
         opt.step(np.ones(4, f16))
     assert_unchanged(opt, before)
+
+
+# -- stochastic rounding ----------------------------------------------------------------
+
+def sgd_to(value, n, **options):
+    """bfloat16 parameters at 1.0 stepped once by SGD to ``value`` (in float32), stored
+    without master weights."""
+    opt = fastopt.SGD([np.ones(n, bf16)], lr=1.0, master_weights=None, **options)
+    opt.step(np.full(n, 1.0 - value, bf16).astype(bf16))
+    return opt
+
+
+def test_stochastic_rounding_is_unbiased_where_rounding_to_nearest_is_not():
+    n = 100_000
+    exact = 1.0 + 2.0 ** -9  # a quarter of the way from bf16's 1.0 to its next number
+    assert float(np.float64(np.float32(1.0 - exact).astype(bf16))) == 1.0 - exact
+    stochastic = sgd_to(exact, n, stochastic_rounding=True, seed=3).flat_params
+    assert abs(stochastic.astype(np.float64).mean() - exact) < 3e-5
+    assert set(np.unique(stochastic.astype(f32))) == {f32(1.0), f32(1.0078125)}
+    nearest = sgd_to(exact, n).flat_params  # the control: every element rounds down
+    assert abs(nearest.astype(np.float64).mean() - exact) > 1e-3
+
+
+def test_stochastic_rounding_gives_the_same_bits_for_any_threads_groups_and_front():
+    n = 3 * cpu.PARALLEL_MIN_SIZE + 17
+    p0 = initial_params(15, n).astype(bf16)
+    grads = [g.astype(bf16) for g in gradients(15, n, steps=4)]
+    options = dict(lr=1e-3, master_weights=None, state_dtype="bfloat16",
+                   stochastic_rounding=True, seed=11)
+    runs = []
+    for threads, split in ((1, False), (2, False), (2, True)):
+        numba.set_num_threads(threads)
+        try:
+            params = ([{"params": [p0[:1000]]}, {"params": [p0[1000:]]}] if split else [p0])
+            opt = fastopt.Adam(params, **options)
+            for g in grads:
+                opt.step(g)
+        finally:
+            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        runs.append((bits(opt.flat_params), bits(opt.state["exp_avg"])))
+    torch = pytest.importorskip("torch")
+    import fastopt.torch as ft
+    p = torch.nn.Parameter(torch.from_numpy(bits(p0).astype(np.int16)).view(torch.bfloat16))
+    opt = ft.Adam([p], **options)
+    for g in grads:
+        p.grad = torch.from_numpy(bits(g).astype(np.int16)).view(torch.bfloat16)
+        opt.step()
+    runs.append((p.detach().view(torch.int16).numpy().view(np.uint16),
+                 opt.state[p]["exp_avg"].view(torch.int16).numpy().view(np.uint16)))
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            np.testing.assert_array_equal(a, b)
+    other_seed = fastopt.Adam([p0], **dict(options, seed=12))
+    other_seed.step(grads[0])
+    first = fastopt.Adam([p0], **options)
+    first.step(grads[0])
+    assert not np.array_equal(bits(other_seed.flat_params), bits(first.flat_params))
+
+
+def test_a_checkpoint_resumes_stochastic_rounding_bitwise_and_refuses_another(tmp_path):
+    def make(**options):
+        return fastopt.Lion([initial_params(16, 300).astype(bf16)], lr=1e-3,
+                            master_weights=None, **{"stochastic_rounding": True, "seed": 5,
+                                                    **options})
+    grads = [g.astype(bf16) for g in gradients(16, 300, steps=6)]
+    straight, first = make(), make()
+    for g in grads:
+        straight.step(g)
+    for g in grads[:3]:
+        first.step(g)
+    fastopt.save(first, tmp_path / "ck.npz")
+    resumed = fastopt.load(tmp_path / "ck.npz")
+    for g in grads[3:]:
+        resumed.step(g)
+    assert snapshot_bits(resumed) == snapshot_bits(straight)
+    for other in (dict(seed=6), dict(stochastic_rounding=False)):
+        with pytest.raises(ValueError, match="formats differ.*rounding"):
+            make(**other).load(tmp_path / "ck.npz")
+
+
+@pytest.mark.parametrize("params, kwargs, error, match", [
+    (np.ones(4, f16), dict(master_weights=None), ValueError, "bfloat16 only"),
+    (np.ones(4, bf16), {}, ValueError, "nothing to round"),
+    (np.ones(4, f32), {}, ValueError, "nothing to round"),
+    (np.ones(4, bf16), dict(master_weights=None, seed=-1), ValueError, "seed must be in"),
+    (np.ones(4, bf16), dict(master_weights=None, seed=1.0), TypeError, "seed must be an int"),
+])
+def test_stochastic_rounding_refuses_what_it_cannot_round(params, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fastopt.Adam([params], stochastic_rounding=True, **kwargs)
+
+
+def test_stochastic_rounding_must_be_a_flag():
+    with pytest.raises(TypeError, match="stochastic_rounding must be True or False"):
+        fastopt.Adam([np.ones(4, bf16)], master_weights=None, stochastic_rounding=1)
+
+
+def test_the_dynamic_loss_scaler_steps_float16_gradients_and_backs_off_on_overflow():
+    rng = np.random.default_rng(17)
+    p0 = rng.standard_normal(64).astype(f16)
+    opt = fastopt.Adam([p0], lr=1e-2)
+    twin = fastopt.Adam([p0.astype(f32)], lr=1e-2)
+    scaler = fastopt.DynamicLossScaler(init_scale=2.0 ** 10)
+    g = rng.standard_normal(64).astype(f16)
+    scaled = (g.astype(f32) * scaler.scale).astype(f16)  # exact: a power of two
+    assert scaler.step(opt, scaled)
+    twin.step(g.astype(f32))
+    np.testing.assert_array_equal(opt.master_params, twin.flat_params)
+    scaler.update()
+    master = opt.master_params.copy()
+    overflowed = rounded(g.astype(f32) * 2.0 ** 20, f16)  # beyond float16: infinities
+    assert np.isinf(overflowed).any()
+    assert not scaler.step(opt, overflowed)
+    scaler.update()
+    assert scaler.scale == 2.0 ** 9 and opt.skipped_steps == 1
+    np.testing.assert_array_equal(opt.master_params, master)

@@ -141,6 +141,8 @@ class Work:
             (``precision.DTYPES``' names); empty where every buffer is float32.
         master: the float32 master weights of 16-bit parameters, laid out like the
             state, or None.
+        key: the step's rounding key (``codecs.rounding_key``) where ``stochastic``:
+            the bfloat16 stores round stochastically.
     """
 
     def __init__(self, backend, tensors, shapes, segments, state, present, state_starts,
@@ -149,6 +151,7 @@ class Work:
         self.state, self.present, self.state_starts = state, present, state_starts
         self.prep, self.keep_subnormals, self.cache = prep, keep_subnormals, cache
         self.formats, self.master = formats or {}, master
+        self.stochastic, self.key = False, 0
 
     def run(self, spec, h, segments=None, values=(), states=None):
         """The pass ``spec`` (a ``kernels.Pass``) with scalars ``h`` over ``segments``
@@ -160,12 +163,13 @@ class Work:
         if self.formats or self.master is not None:
             master = self.master is not None
             names = arrays(getattr(rules, spec.rule), spec.present, master)
-            spec = spec._replace(master=master, formats=tuple(
+            spec = spec._replace(master=master, stochastic=self.stochastic, formats=tuple(
                 (name, self.formats[name]) for name in names if name in self.formats))
             states = [self.master, *states] if master else states
         return self.backend.run_segments(
             spec, self.tensors, states, self.prep, h,
-            self.segments if segments is None else segments, values, self.keep_subnormals)
+            self.segments if segments is None else segments, values, self.keep_subnormals,
+            self.key)
 
 
 def state_layout(algorithm, name, shapes):

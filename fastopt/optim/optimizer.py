@@ -81,6 +81,10 @@ class Optimizer:
       parameters directly; ``"float32"`` asks for the master explicitly.
     - ``state_dtype="float32"``, ``"bfloat16"`` or a dict of them by state buffer.
     - ``grad_dtype=None`` (the parameters' dtype) or ``"float32"``.
+    - ``stochastic_rounding=False``, ``seed=0``: round the bfloat16 values stored without
+      master weights (the parameters with ``master_weights=None``, the state)
+      stochastically, unbiased, on a hash of (seed, step, element index): the same bits
+      for any thread count.
 
     Every algorithm but Adafactor takes 16-bit buffers, on the CPU, for now.
 
@@ -126,7 +130,7 @@ class Optimizer:
 
     def __init__(self, params, defaults, *, clip_grad_norm=None, clip_grad_value=None,
                  skip_nonfinite=False, master_weights="auto", state_dtype="float32",
-                 grad_dtype=None):
+                 grad_dtype=None, stochastic_rounding=False, seed=0):
         structures, groups, self._grouped = _split_groups(params, defaults)
         flat = flatten(structures, self._grouped, check_grad_dtype(grad_dtype))
         self._backend, self._layouts, self.flat_params, self.flat_grads = flat
@@ -136,7 +140,12 @@ class Optimizer:
             raise TypeError(f"{type(self).__name__} steps float32 buffers only, for now: "
                             "its factors take a pass that does not read 16-bit buffers yet")
         self._storage = Storage(type(self), self.state_names(), self.flat_params.dtype,
-                                master_weights, state_dtype, grad_dtype)
+                                master_weights, state_dtype, grad_dtype, stochastic_rounding,
+                                seed)
+        if stochastic_rounding and not self._storage.stochastic:
+            raise ValueError("stochastic_rounding=True has nothing to round: it rounds "
+                             "bfloat16 parameters without master weights "
+                             "(master_weights=None) and bfloat16 state")
         for index, group in enumerate(groups):
             self._check_group(index, group)
         self.clip_grad_norm = clip_grad_norm
@@ -328,11 +337,11 @@ class Optimizer:
         host state ``host``; returns that host state after the step."""
         if engine.single_pass(self, h):
             after = self.host_after(group, step, host)  # first: if it raises, nothing moved
-            self._launch(self.rule, spec, start, stop, g, prep, h)
+            self._launch(self.rule, spec, start, stop, g, prep, h, step)
             return after
-        return self.update(self._work(start, stop, spec, g, prep), group, step, h, host)
+        return self.update(self._work(start, stop, spec, g, prep, step), group, step, h, host)
 
-    def _work(self, start, stop, spec, g, prep):
+    def _work(self, start, stop, spec, g, prep, step):
         """The :class:`engine.Work` of the tensors in ``[start:stop]``, built once and
         brought up to date for this step."""
         if (start, stop) not in self._works:
@@ -352,21 +361,24 @@ class Optimizer:
             self.flat_params, g, offsets)
         work.state = dict(zip(spec, map(self.state.__getitem__, spec)))
         work.present, work.prep = tuple(spec), prep
+        if self._storage.stochastic:
+            work.stochastic, work.key = True, self._storage.key(step)
         return work
 
-    def _launch(self, rule, spec, start, stop, g, prep, h):
+    def _launch(self, rule, spec, start, stop, g, prep, h, step):
         """Run ``rule`` over ``[start:stop]`` of the parameters, ``g``, the master
-        weights (where they are kept) and the state."""
+        weights (where they are kept) and the state, as step number ``step``."""
         master = self.master_params is not None
         buffers = [self.flat_params, g, *map(self.state.__getitem__, spec)]
         if master:
             buffers.insert(2, self.master_params)
         if start or stop != self.flat_params.size:  # a group's part of the buffers
             buffers = [buffer[start:stop] for buffer in buffers]
-        formats = self._storage.formats
+        storage = self._storage
+        rounding = (storage.key(step), start) if storage.stochastic else None
         self._backend.run(rule, tuple(spec), buffers, prep, h, self.spec.keeps_subnormals,
-                          tuple((name, formats[name]) for name in ("p", "g", *spec)
-                                if name in formats), master)
+                          tuple((name, storage.formats[name]) for name in ("p", "g", *spec)
+                                if name in storage.formats), master, rounding)
 
     def _tensor_range(self, start, stop):
         """``(first, last)``: the tensors whose offsets lie in ``[start:stop]``."""

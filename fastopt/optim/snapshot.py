@@ -37,7 +37,8 @@ def take(opt):
             last_grad_norm=opt.last_grad_norm,
             host={name: opt.state[name] for name in opt.spec.host},
             started=[sorted(started) for started in opt._started],
-            layout=[layout_record(layout) for layout in opt._layouts])
+            layout=[layout_record(layout) for layout in opt._layouts],
+            rounding={"stochastic": opt._storage.stochastic, "seed": opt._storage.seed})
         record = json.loads(json.dumps(record))  # JSON values, copied before the lock opens
         master = None if opt.master_params is None else to_host(opt.master_params)
         return Snapshot(**record, params=to_host(opt.flat_params), master=master,
@@ -71,6 +72,12 @@ def _validated(opt, snapshot):
                             "the optimizer keeps master weights, which it does not hold"))
     if snapshot.master is not None:
         arrays["master"] = (snapshot.master, size, np.dtype(np.float32))
+    rounding = _rounding(snapshot.rounding)
+    ours = {"stochastic": opt._storage.stochastic, "seed": opt._storage.seed}
+    if rounding["stochastic"] != ours["stochastic"] or (
+            ours["stochastic"] and rounding["seed"] != ours["seed"]):
+        raise ValueError(f"the checkpoint's formats differ from the optimizer's: its "
+                         f"rounding is {rounding}, the optimizer's {ours}")
     for name, array in snapshot.buffers.items():
         if not (isinstance(name, str) and name.isidentifier()):
             raise ValueError(f"the checkpoint holds a state buffer {name!r}; state buffers "
@@ -298,10 +305,24 @@ def _build(snapshot):
                          f"{type(error).__name__}: {error}") from None
 
 
+def _rounding(rounding):
+    """The checkpoint's rounding, checked (None: a file before version 3, no stochastic
+    rounding)."""
+    if rounding is None:
+        return {"stochastic": False, "seed": 0}
+    if not (isinstance(rounding, dict) and set(rounding) == {"stochastic", "seed"}
+            and isinstance(rounding["stochastic"], bool) and type(rounding["seed"]) is int
+            and 0 <= rounding["seed"] < 2 ** 64):
+        raise ValueError(f"the checkpoint's rounding must be {{'stochastic': bool, 'seed': "
+                         f"int >= 0}}, got {rounding!r}")
+    return rounding
+
+
 def _formats(snapshot):
     """The storage options of the optimizer that saved ``snapshot`` (its gradients take
     the parameters' dtype: a checkpoint holds no gradients)."""
-    options = {}
+    rounding = _rounding(snapshot.rounding)
+    options = {"stochastic_rounding": rounding["stochastic"], "seed": rounding["seed"]}
     if snapshot.params.dtype != np.float32:
         options["master_weights"] = None if snapshot.master is None else "float32"
     narrow = {name: name_of(array.dtype) for name, array in snapshot.buffers.items()
