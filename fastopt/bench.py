@@ -325,6 +325,132 @@ def model_case(tensors, rounds, seed=0):
     return int(sizes.sum()), time_steps(steps, rounds, batches=batches), batches
 
 
+# -- storage formats (--precision) ---------------------------------------------------------
+
+# label -> (parameter dtype, optimizer options): what ``fastopt bench --precision`` times.
+FORMATS = {
+    "float32": ("float32", {}),
+    "float32, bf16 state": ("float32", dict(state_dtype="bfloat16")),
+    "bf16 + fp32 master": ("bfloat16", {}),
+    "bf16 + master, fp32 grads": ("bfloat16", dict(grad_dtype="float32")),
+    "bf16 + master, bf16 state": ("bfloat16", dict(state_dtype="bfloat16")),
+    "bf16, no master": ("bfloat16", dict(master_weights=None)),
+    "bf16, no master, bf16 state": ("bfloat16", dict(master_weights=None,
+                                                     state_dtype="bfloat16")),
+}
+PRECISION_SIZES = [4_000_000, 20_000_000]
+
+
+def moved_bytes(opt):
+    """Bytes one step of ``opt`` reads and writes per parameter, from its own buffers:
+    the parameters, the master weights and each state buffer are read and written, the
+    gradients read. (The master weights' step reads the 16-bit parameters too: a
+    parameter written since the last step is taken.)"""
+    state = [value for value in opt.state.values() if isinstance(value, np.ndarray)]
+    master = 0 if opt.master_params is None else opt.master_params.itemsize
+    return (2 * opt.flat_params.itemsize + opt.flat_grads.itemsize + 2 * master
+            + 2 * sum(a.itemsize for a in state))
+
+
+def resident_bytes(opt):
+    """Bytes ``opt`` keeps per parameter: its buffers, over the parameter count."""
+    arrays = [opt.flat_params, opt.flat_grads, opt.master_params,
+              *(value for value in opt.state.values() if isinstance(value, np.ndarray))]
+    return sum(a.nbytes for a in arrays if a is not None) / opt.flat_params.size
+
+
+def format_contenders(name, n):
+    """``(steps, optimizers)``: a step of ``name`` in every format of ``FORMATS`` over
+    ``n`` parameters, the triad, and torch's fused step in float32 and bfloat16 where
+    torch has one."""
+    p0, g0 = _data(n)
+    optimizers = {}
+    for label, (dtype, options) in FORMATS.items():
+        opt = getattr(fastopt, name)([p0.astype(fastopt.precision.DTYPES[dtype])],
+                                     **ALGORITHMS[name], **options)
+        opt.flat_grads[...] = g0.astype(opt.flat_grads.dtype)
+        optimizers[label] = opt
+    from .kernels import stream
+
+    steps = {label: opt.step for label, opt in optimizers.items()}
+    a, c = p0.copy(), g0.copy()
+    steps["triad"] = lambda: stream.add_scaled(a, c, f32(1e-9))
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    namesake = getattr(fastopt, name).spec.torch
+    torch_class = getattr(torch.optim, namesake) if torch and namesake else None
+    if torch_class and "fused" in inspect.signature(torch_class).parameters:
+        for label, dtype in (("torch fused", torch.float32), ("torch fused bf16", torch.bfloat16)):
+            param = torch.nn.Parameter(torch.from_numpy(p0.copy()).to(dtype))
+            param.grad = torch.from_numpy(g0.copy()).to(dtype)
+            steps[label] = torch_class([param], **ALGORITHMS[name], fused=True).step
+    return steps, optimizers
+
+
+def format_rows(name, n, times, optimizers):
+    """One record per contender: the bytes it moves and keeps per parameter (fastopt's
+    formats), its median step, its bandwidth as a share of the triad's (for its own
+    bytes) and its speed against fastopt's float32 step and torch fused, medians of
+    per-round ratios."""
+    records = []
+    for label, seconds in times.items():
+        if label == "triad":
+            continue
+        opt = optimizers.get(label)
+        moved = moved_bytes(opt) if opt else None
+        triad = (statistics.median(per_round([t * moved / TRIAD_BYTES for t in times["triad"]],
+                                             seconds)) * 100 if moved else None)
+        fused = times.get("torch fused")
+        records.append({
+            "algorithm": name, "size": n, "format": label, "moves_bytes": moved,
+            "keeps_bytes": resident_bytes(opt) if opt else None, "times_s": seconds,
+            "median_s": statistics.median(seconds), "triad_percent": triad,
+            "vs_float32": statistics.median(per_round(times["float32"], seconds)),
+            "vs_torch_fused": statistics.median(per_round(fused, seconds)) if fused else None})
+    return records
+
+
+def format_precision_table(records):
+    header = (f"{'algorithm':9s} {'size':>7s} {'format':30s} {'moves B':>8s} {'keeps B':>8s} "
+              f"{'median':>10s} {'% triad':>8s} {'vs fp32':>8s} {'vs fused':>9s}")
+    lines = [header, "-" * len(header)]
+    for r in records:
+        moves, keeps = r["moves_bytes"], r["keeps_bytes"]
+        triad, fused = r["triad_percent"], r["vs_torch_fused"]
+        lines.append(
+            f"{r['algorithm']:9s} {r['size']:7.0e} {r['format']:30s} "
+            f"{moves or '-':>8} {(f'{keeps:.1f}' if keeps else '-'):>8s} "
+            f"{_duration(r['median_s']):>10s} {(f'{triad:.0f}%' if triad else '-'):>8s} "
+            f"{r['vs_float32']:7.2f}x {(f'{fused:.2f}x' if fused else '-'):>9s}")
+    return "\n".join(lines)
+
+
+def run_precision(algorithms=None, sizes=None, rounds=None, out="fastopt-bench",
+                  round_seconds=0.02):
+    """``fastopt bench --precision``: every storage format of each algorithm (default
+    Adam) at each size (default 4e6 and 2e7), interleaved; prints the table and writes
+    ``precision.json`` into ``out``. Returns the records."""
+    algorithms, sizes = algorithms or ["Adam"], sizes or PRECISION_SIZES
+    rounds = 7 if rounds is None else rounds
+    records = []
+    print(f"fastopt bench --precision: {rounds} interleaved rounds; bytes per parameter; "
+          "ratios are medians of per-round ratios")
+    for name in algorithms:
+        for n in sizes:
+            steps, optimizers = format_contenders(name, n)
+            records += format_rows(name, n, time_steps(steps, rounds, round_seconds),
+                                   optimizers)
+            del steps, optimizers
+    print(format_precision_table(records))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "precision.json").write_text(json.dumps({"records": records}, indent=1))
+    print(f"\nwrote {out / 'precision.json'}")
+    return records
+
+
 # -- report ---------------------------------------------------------------------------
 
 def per_round(numerator, denominator):

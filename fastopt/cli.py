@@ -103,8 +103,11 @@ def check(args):
 def bench(args):
     from . import bench
 
-    bench.run(args.algorithms, args.sizes, args.rounds, args.threads, args.device, args.out,
-              args.quick)
+    if args.precision:
+        bench.run_precision(args.algorithms, args.sizes, args.rounds, args.out)
+    else:
+        bench.run(args.algorithms, args.sizes, args.rounds, args.threads, args.device,
+                  args.out, args.quick)
     return 0
 
 
@@ -160,6 +163,11 @@ def _check_bench(parser, args):
     if unknown:
         parser.error(f"argument --algorithms: unknown {', '.join(unknown)}; choose from "
                      f"{', '.join(bench.ALGORITHMS)}")
+    if args.precision and (args.quick or args.device != "cpu" or args.threads):
+        parser.error("argument --precision: runs on the CPU's threads, without --quick, "
+                     "--device or --threads")
+    if args.precision and "Adafactor" in (args.algorithms or ()):
+        parser.error("argument --precision: Adafactor steps float32 buffers only, for now")
     if args.threads is not None:
         import numba
 
@@ -201,6 +209,10 @@ def main(argv=None):
                               help="interleaved rounds (default 7; 5 with --quick)")
     bench_parser.add_argument("--threads", type=_positive,
                               help="CPU threads for the kernels (at most NUMBA_NUM_THREADS)")
+    bench_parser.add_argument("--precision", action="store_true",
+                              help="time each storage format (float32, bfloat16 parameters "
+                                   "with or without master weights, bfloat16 state) of "
+                                   "--algorithms (default Adam) at --sizes (default 4e6,2e7)")
     bench_parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     bench_parser.add_argument("--out", default="fastopt-bench",
                               help="folder for results.json and throughput.png")

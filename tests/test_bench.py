@@ -335,3 +335,32 @@ def test_the_policy_is_set_before_torch_loads(tmp_path):
     assert result.stdout.split()[-2] == "PASSIVE"
     assert "Idle OpenMP threads sleep in this run" in result.stdout
     assert json.loads((tmp_path / "results.json").read_text())["omp_wait_policy"] == "PASSIVE"
+
+
+def test_precision_times_every_format_and_counts_its_bytes_from_the_buffers(tmp_path, capsys):
+    assert main(["bench", "--precision", "--algorithms", "Adam,SGD", "--sizes", "3e4",
+                 "--rounds", "2", "--out", str(tmp_path)]) == 0
+    assert "bf16 + fp32 master" in capsys.readouterr().out
+    records = json.loads((tmp_path / "precision.json").read_text())["records"]
+    adam = {r["format"]: r for r in records if r["algorithm"] == "Adam"}
+    # p, g, m, v at 4 bytes (p, m, v read and written); bf16 p read and written with the
+    # float32 master; half of everything with bf16 parameters and state, no master.
+    assert (adam["float32"]["moves_bytes"], adam["float32"]["keeps_bytes"]) == (28, 16)
+    assert (adam["bf16 + fp32 master"]["moves_bytes"],
+            adam["bf16 + fp32 master"]["keeps_bytes"]) == (30, 16)
+    assert (adam["bf16, no master, bf16 state"]["moves_bytes"],
+            adam["bf16, no master, bf16 state"]["keeps_bytes"]) == (14, 8)
+    sgd = {r["format"]: r for r in records if r["algorithm"] == "SGD"}
+    assert sgd["float32"]["moves_bytes"] == 20  # p, g, the momentum
+    assert set(adam) >= set(bench.FORMATS) and adam["float32"]["vs_float32"] == 1.0
+    for r in records:
+        assert r["median_s"] > 0 and (r["triad_percent"] is None or r["triad_percent"] > 0)
+
+
+@pytest.mark.parametrize("arguments", [["--quick"], ["--device", "cuda"],
+                                       ["--algorithms", "Adafactor"]])
+def test_precision_refuses_what_it_does_not_time(arguments, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_code:
+        main(["bench", "--precision", *arguments, "--out", str(tmp_path)])
+    assert exit_code.value.code == 2
+    assert "--precision" in capsys.readouterr().err
