@@ -1,4 +1,5 @@
-"""fastopt: optimizer steps as fused single-pass Numba kernels over flat float32 buffers.
+"""fastopt: optimizer steps as fused single-pass Numba kernels over flat buffers (float32,
+or 16-bit with float32 arithmetic).
 
 >>> import numpy as np, fastopt
 >>> params = {"w": np.ones((3, 2), np.float32), "b": np.zeros(2, np.float32)}

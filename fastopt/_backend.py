@@ -194,8 +194,8 @@ class HostBackend:
         on subnormal numbers, which the kernels otherwise flush."""
         kernels = self._kernels
         if formats:
-            kernel = kernels.kernel(rule, present, None, (), True, (), formats, master,
-                                    rounding is not None)
+            kernel = kernels.kernel(*Pass(rule, present, formats=formats, master=master,
+                                          stochastic=rounding is not None))
             buffers = [*map(precision.bits, buffers)]
         else:
             kernel = kernels.kernel(rule, present)
@@ -261,7 +261,7 @@ class HostBackend:
         16-bit."""
         kernels = self._kernels
         formats = precision.formats(("value",), [value])
-        self._call(kernels.kernel("ema", ("average", "value"), None, (), True, (), formats),
+        self._call(kernels.kernel(*Pass("ema", ("average", "value"), formats=formats)),
                    average.size, average, precision.bits(value), float32s(()), float32s(h),
                    flush=kernels.FLUSH_DENORMALS)
 

@@ -328,7 +328,7 @@ def model_case(tensors, rounds, seed=0):
 # -- storage formats (--precision) ---------------------------------------------------------
 
 # label -> (parameter dtype, optimizer options): what ``fastopt bench --precision`` times.
-FORMATS = {
+PRECISION_FORMATS = {
     "float32": ("float32", {}),
     "float32, bf16 state": ("float32", dict(state_dtype="bfloat16")),
     "bf16 + fp32 master": ("bfloat16", {}),
@@ -360,12 +360,12 @@ def resident_bytes(opt):
 
 
 def format_contenders(name, n):
-    """``(steps, optimizers)``: a step of ``name`` in every format of ``FORMATS`` over
-    ``n`` parameters, the triad, and torch's fused step in float32 and bfloat16 where
-    torch has one."""
+    """``(steps, optimizers)``: a step of ``name`` in every format of
+    ``PRECISION_FORMATS`` over ``n`` parameters, the triad, and torch's fused step in
+    float32 and bfloat16 where torch has one."""
     p0, g0 = _data(n)
     optimizers = {}
-    for label, (dtype, options) in FORMATS.items():
+    for label, (dtype, options) in PRECISION_FORMATS.items():
         opt = getattr(fastopt, name)([p0.astype(fastopt.precision.DTYPES[dtype])],
                                      **ALGORITHMS[name], **options)
         opt.flat_grads[...] = g0.astype(opt.flat_grads.dtype)

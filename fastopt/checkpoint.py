@@ -16,8 +16,9 @@ The file (format version 3) is an uncompressed NumPy ``.npz`` archive holding:
   has begun), ``layout`` (per group: the parameter names or None, their shapes and
   offsets in the flat buffer), ``buffers`` (the names of the arrays below),
   ``formats`` (the arrays kept in 16 bits, by name: ``"bfloat16"`` or ``"float16"``;
-  the file holds their bits as uint16), ``rounding`` (``stochastic`` and ``seed``) and
-  ``sha256``, the checksum;
+  the file holds their bits as uint16), ``storage`` (the optimizer's storage options:
+  ``master_weights``, ``state_dtype`` by buffer, ``grad_dtype``, ``stochastic_rounding``
+  and ``seed``) and ``sha256``, the checksum;
 - ``params``: the flat parameters (float32, or 16-bit);
 - ``master``: the float32 master weights of 16-bit parameters, where they are kept;
 - ``state.<name>``: each flat state buffer (float32 or bfloat16).
@@ -27,7 +28,7 @@ the part ``meta``, the record without ``sha256`` as canonical JSON
 (``json.dumps(record, sort_keys=True, separators=(",", ":"))``, UTF-8), then one part
 per array in sorted name order, its raw bytes. Each part is fed as its name,
 a zero byte, its length in bytes as 8 little-endian bytes, and its bytes. Version-2 files
-(the same without ``formats`` and ``rounding``: every array float32, no stochastic
+(the same without ``formats`` and ``storage``: every buffer float32, no stochastic
 rounding) load as they are. Version-1 files
 (whose checksum covers only the arrays: each name, then its bytes) still load, with
 every field validated as below; but there an edit that stays valid (a step count of 5
@@ -78,8 +79,8 @@ class Snapshot:
         params: the flat parameters, a NumPy copy (float32, bfloat16 or float16).
         buffers: each flat state buffer by name, NumPy copies (float32 or bfloat16).
         master: the float32 master weights of 16-bit parameters, a NumPy copy, or None.
-        rounding: ``{"stochastic": bool, "seed": int}``, the optimizer's stochastic
-            rounding (None in files before version 3: none).
+        storage: the optimizer's storage options (``precision.Storage.record``; None in
+            files before version 3: every buffer float32).
     """
 
     algorithm: str
@@ -94,7 +95,7 @@ class Snapshot:
     params: np.ndarray
     buffers: dict
     master: object = None
-    rounding: object = None
+    storage: object = None
 
 
 FORMAT = "fastopt-checkpoint"
@@ -105,7 +106,7 @@ _ARRAY_PREFIX = "state."
 _SNAPSHOT_FIELDS = [field.name for field in dataclasses.fields(Snapshot)
                     if field.name not in ("params", "buffers", "master")]
 _FIELDS = {"format", "version", "buffers", "sha256", "formats", *_SNAPSHOT_FIELDS}
-_ADDED = {"formats": 3, "rounding": 3}  # the fields a version added, with that version
+_ADDED = {"formats": 3, "storage": 3}  # the fields a version added, with that version
 # The 16-bit formats an array may be kept in, which a file holds as their bits.
 FORMATS = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 _BITS = np.dtype(np.uint16)
@@ -117,7 +118,7 @@ _TEMPORARY = re.compile(r"\.fastopt-(\d+)-([0-9a-f]{8})-[^/]*\.tmp\Z")
 
 
 def state_dict(snapshot):
-    """``{"meta": dict, "arrays": {name: float32 host array}}``: ``snapshot`` as a record
+    """``{"meta": dict, "arrays": {name: host array}}``: ``snapshot`` as a record
     of JSON values with its checksum, and its arrays (not copied)."""
     arrays = {"params": snapshot.params}
     if snapshot.master is not None:
@@ -302,7 +303,8 @@ def read(path):
     formats = meta.get("formats", {})
     for key, value in formats.items() if isinstance(formats, dict) else ():
         array = contents.get(key)
-        if value not in FORMATS or array is None or array.dtype != _BITS:
+        if not isinstance(value, str) or value not in FORMATS or array is None or \
+                array.dtype != _BITS:
             raise ValueError(f"{name} holds an array {key!r} in the format {value!r}, which "
                              f"is not the bits of one of {sorted(FORMATS)}")
         contents[key] = array.view(FORMATS[value])

@@ -35,6 +35,11 @@ def formats(names, arrays):
                  if a.dtype != FLOAT32)
 
 
+NOTHING_TO_ROUND = ("stochastic_rounding=True has nothing to round: it rounds bfloat16 "
+                    "parameters without master weights (master_weights=None) and bfloat16 "
+                    "state")
+
+
 def _rounding(storage, stochastic_rounding, seed):
     """``(stochastic, seed)`` after checking them against what ``storage`` rounds."""
     if not isinstance(stochastic_rounding, (bool, np.bool_)):
@@ -83,11 +88,11 @@ class Storage:
                                  "'float32' (or 'auto') or None")
             raise ValueError(f"master_weights must be one of {MASTER_WEIGHTS}, "
                              f"got {master_weights!r}")
-        wide = params_dtype == FLOAT32
-        if master_weights == "float32" and wide:
+        float32_params = params_dtype == FLOAT32
+        if master_weights == "float32" and float32_params:
             raise ValueError("master_weights='float32' keeps a float32 copy of 16-bit "
                              "parameters; these are float32 already (use 'auto' or None)")
-        self.master = master_weights is not None and not wide
+        self.master = master_weights is not None and not float32_params
         self.grads = params_dtype if check_grad_dtype(grad_dtype) is None else DTYPES[grad_dtype]
         if isinstance(state_dtype, dict):
             unknown = set(state_dtype) - set(state_names)
@@ -108,12 +113,21 @@ class Storage:
         self.formats = {name: name_of(dtype) for name, dtype in
                         (("p", params_dtype), ("g", self.grads), *self.states.items())
                         if dtype != FLOAT32}
-        self.narrow = bool(self.formats)
+        self.has_16_bit = bool(self.formats)
         self.stochastic, self.seed = _rounding(self, stochastic_rounding, seed)
 
-    def key(self, step):
-        """The rounding key of step ``step`` (``codecs.rounding_key``)."""
-        return codecs.rounding_key(self.seed, step)
+    def record(self):
+        """The choices as JSON values, which a checkpoint keeps (``master_weights`` as
+        resolved: ``"float32"`` or None)."""
+        return {"master_weights": "float32" if self.master else None,
+                "state_dtype": {name: name_of(dtype) for name, dtype in self.states.items()},
+                "grad_dtype": name_of(self.grads), "stochastic_rounding": self.stochastic,
+                "seed": self.seed}
+
+    def key(self, step, stream=0):
+        """The rounding key of step ``step`` (``codecs.rounding_key``); ``stream`` tells
+        apart buffers that index their elements from 0 each (fastopt.torch's stores)."""
+        return codecs.rounding_key(self.seed, step, stream)
 
     def state(self, name):
         """The dtype of the state buffer ``name``: float32 for buffers the rule does not

@@ -106,7 +106,7 @@ class Optimizer(torch.optim.Optimizer):
     parameters (on the CPU), as in :class:`fastopt.Optimizer`: the float32 master
     weights of a 16-bit parameter are its state entry ``"master"``, which
     ``state_dict()`` saves. Stochastic rounding indexes each element by its place in
-    the optimizer's state.
+    its store's state (one store per device and dtype, each with a stream of its own).
     """
 
     algorithm = None  # the fastopt class whose math this optimizer runs
@@ -124,7 +124,8 @@ class Optimizer(torch.optim.Optimizer):
                                  f"{name}={value!r}")
         self._stores = None
         self._formats = (master_weights, state_dtype, stochastic_rounding, seed)
-        for dtype in (torch.float32, torch.bfloat16):  # checked (float16's where it comes)
+        # The options, checked (float16's, and Adafactor's 16-bit ones, where they come).
+        for dtype in (torch.float32, torch.bfloat16)[:1 + self.algorithm.spec.reads_16_bit]:
             self._storage_of(dtype)
         super().__init__(params, {**defaults, **torch_options})
         self.state = _State(self.state)
@@ -134,6 +135,8 @@ class Optimizer(torch.optim.Optimizer):
         self.last_grad_norm = None
         self.skipped_steps = 0
         self._relayout()
+        if stochastic_rounding and not any(store.storage.stochastic for store in self._stores):
+            raise ValueError(precision.NOTHING_TO_ROUND)
 
     # The options are checked whenever they are set, as in fastopt.Optimizer.
     clip_grad_norm = _Flat.clip_grad_norm
@@ -146,11 +149,11 @@ class Optimizer(torch.optim.Optimizer):
         index = len(self.param_groups) - 1
         try:
             self._validate(index, self.param_groups[index])
+            if self._stores is not None:
+                self._relayout()  # checks everything before it changes anything
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
-        if self._stores is not None:
-            self._relayout()
 
     def __getstate__(self):
         state = {k: v for k, v in super().__getstate__().items() if k not in _RUNTIME}
@@ -180,13 +183,18 @@ class Optimizer(torch.optim.Optimizer):
         master_weights, state_dtype, stochastic_rounding, seed = self._formats
         if master_weights == "float32" and dtype == torch.float32:
             master_weights = None
-        return precision.Storage(self.algorithm, self.algorithm.state_names(),
-                                 precision.DTYPES[_DTYPES[dtype]], master_weights,
-                                 state_dtype, None, stochastic_rounding, seed)
+        storage = precision.Storage(self.algorithm, self.algorithm.state_names(),
+                                    precision.DTYPES[_DTYPES[dtype]], master_weights,
+                                    state_dtype, None, stochastic_rounding, seed)
+        if storage.has_16_bit and not self.algorithm.spec.reads_16_bit:
+            raise TypeError(f"{self.algorithm.__name__} steps float32 parameters and state "
+                            "only, for now (its column sums do not read 16-bit buffers yet)")
+        return storage
 
     def _validate(self, index, group):
         for p, label in _labels(index, group):
             _check_parameter(p, label, self.algorithm)
+            self._storage_of(p.dtype)
         if callable(group["lr"]):
             raise TypeError(f"param_groups[{index}]['lr'] must be a number: schedule it with "
                             "a torch.optim.lr_scheduler")
@@ -214,14 +222,20 @@ class Optimizer(torch.optim.Optimizer):
             kinds.setdefault((p.device, p.dtype), []).append(p)
         stores = [_Store(self.algorithm, members, device.type == "cpu" and (
                       not _shaped(self.algorithm) or all(p.is_contiguous() for p in members)),
-                         self._storage_of(dtype))
-                  for (device, dtype), members in kinds.items()]
+                         self._storage_of(dtype), ordinal)
+                  for ordinal, ((device, dtype), members) in enumerate(kinds.items())]
+        # The master weights of a parameter no longer 16-bit (model.float()) are dropped.
+        dropped = [(store, p) for store in stores for p in store.slots
+                   if MASTER in self.state.get(p, {}) and not store.master]
         moves = [(store, p, name, value) for store in stores for p in store.slots
                  for name, value in self.state.get(p, {}).items()
-                 if isinstance(value, torch.Tensor) and name not in _TORCH_SCALARS]
+                 if isinstance(value, torch.Tensor) and name not in _TORCH_SCALARS
+                 and (name != MASTER or store.master)]
         views = [store.view(name, p) for store, p, name, _ in moves]
         for (_, p, name, value), view in zip(moves, views):
-            _check_state(names[p], name, value, view)
+            _check_state(names[p], name, value, view, p.dtype)
+        for _, p in dropped:
+            del self.state[p][MASTER]
         for (_, p, name, value), view in zip(moves, views):
             view.copy_(value)
             self.state[p][name] = view
@@ -344,13 +358,14 @@ class Optimizer(torch.optim.Optimizer):
         the store, and put the views in their place, so that the kernels and
         ``state_dict()`` see the same numbers; and read the step count and host state
         again."""
-        for name, value in state.items():
-            if (isinstance(value, torch.Tensor) and value is not slot.views.get(name)
-                    and name not in _TORCH_SCALARS):
-                view = store.view(name, p)
-                _check_state(self._name(p), name, value, view)
-                view.copy_(value)
-                dict.__setitem__(state, name, view)
+        replaced = [(name, value, store.view(name, p)) for name, value in state.items()
+                    if isinstance(value, torch.Tensor) and value is not slot.views.get(name)
+                    and name not in _TORCH_SCALARS]
+        for name, value, view in replaced:  # all checked before the first is copied
+            _check_state(self._name(p), name, value, view, p.dtype)
+        for name, value, view in replaced:
+            view.copy_(value)
+            dict.__setitem__(state, name, view)
         host = self.algorithm.spec.host  # the values of parameters not yet stepped
         slot.key = (store, state.get("step", 0),
                     tuple(state.get(name, value) for name, value in host.items()),
@@ -411,7 +426,7 @@ class Optimizer(torch.optim.Optimizer):
                 self.state[params[index]][name] = int(value) if name == "step" else value
         for index, values in tensors.items():
             p = params[index]
-            for name, value in values.items() if p.dtype != torch.float32 else ():
+            for name, value in values.items():
                 self.state[p][name] = value.to(device=p.device, dtype=self._state_dtype_of(name, p))
         self._relayout()
 
@@ -513,7 +528,7 @@ def _check_parameter(p, name, algorithm):
     if p.dtype != torch.float32 and p.device.type != "cpu":
         raise TypeError(f"{name} is {p.dtype} on {p.device}: fastopt.torch steps 16-bit "
                         "parameters on the CPU only, for now")
-    if p.dtype != torch.float32 and _shaped(algorithm):
+    if p.dtype != torch.float32 and not algorithm.spec.reads_16_bit:
         raise TypeError(f"{name} is {p.dtype}: {algorithm.__name__} steps float32 parameters "
                         "only, for now (its column sums do not read 16-bit buffers yet)")
     if p.layout != torch.strided:
@@ -543,9 +558,10 @@ def _is_dense(t):
     return True
 
 
-def _check_state(param, name, value, expected, loading=False):
+def _check_state(param, name, value, expected, param_dtype=None, loading=False):
     """Refuse a state tensor that does not fit: ``expected`` is the shape the store keeps
-    (or a view of that shape and dtype), None where the parameter has no such state."""
+    (or a view of that shape and dtype), None where the parameter has no such state. A
+    state tensor in the parameter's dtype (``torch.zeros_like(p)``) is taken, cast."""
     shape = getattr(expected, "shape", expected)
     what = "loaded state dict has" if loading else "state has"
     if shape is None:
@@ -554,7 +570,7 @@ def _check_state(param, name, value, expected, loading=False):
         raise ValueError(f"{what} {name!r} of shape {tuple(value.shape)} for {param}, which "
                          f"needs shape {tuple(shape)}")
     dtype = getattr(expected, "dtype", None)
-    if not loading and dtype is not None and value.dtype != dtype:
+    if not loading and dtype is not None and value.dtype not in (dtype, param_dtype):
         raise TypeError(f"state {name!r} of {param} has dtype {value.dtype}; fastopt keeps "
                         f"it in {dtype} (state_dtype)")
 
@@ -584,8 +600,9 @@ class _Store:
     ``engine.state_layout``); in place, a part of the parameter's shape lies as the
     parameter does, so that the kernels walk both in memory order."""
 
-    def __init__(self, algorithm, params, in_place, storage):
+    def __init__(self, algorithm, params, in_place, storage, ordinal=0):
         self.algorithm = algorithm
+        self.ordinal = ordinal  # among the optimizer's stores: its stream of random bits
         self.device = params[0].device
         # The formats of its buffers (its parameters share a dtype), and whether it keeps
         # master weights (in the state buffer MASTER).
@@ -696,7 +713,7 @@ class _Store:
                            self._caches.setdefault((first, last), {}), self.storage.formats,
                            master)
         if self.storage.stochastic:
-            work.stochastic, work.key = True, self.storage.key(step)
+            work.stochastic, work.key = True, self.storage.key(step, self.ordinal)
         if engine.single_pass(algorithm, h):
             host = algorithm.host_after(hyper, step, host)  # first: it may raise
             work.run(Pass(algorithm.rule, tuple(spec)), h)

@@ -200,6 +200,8 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
         line = (f"{', '.join(map(store, results(rule)))} = "
                 f"rule({', '.join(map(load, names))}, named)")
         def encode(n):
+            # A buffer's random stream is its place among the driver's arrays: a change of
+            # that order changes the bits of every stochastic run (and its resumption).
             if spec.stochastic and formats[n] == "bfloat16" and not (n == "p" and spec.master):
                 return (f"bfloat16_store_stochastic(new_{n}, "
                         f"random_bits(key, {index}, {taken.index(n)}))")

@@ -93,10 +93,11 @@ def random_bits(key, index, buffer):
     return u32(x ^ (x >> u32(16)))
 
 
-def rounding_key(seed, step):
-    """The 32-bit key of step ``step`` (an int) of a run seeded with ``seed`` (an int),
-    on the host."""
-    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+def rounding_key(seed, step, stream=0):
+    """The 32-bit key of step ``step`` of a run seeded with ``seed``, for the buffers of
+    ``stream`` (ints), on the host."""
+    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9
+         + stream * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF  # splitmix64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return (x ^ (x >> 31)) & 0xFFFFFFFF

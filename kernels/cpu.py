@@ -137,11 +137,12 @@ def _driver(spec, loops):
 
 @functools.cache
 def kernel(*spec):
-    """The compiled ``kernel(*arrays, prep, h, parallel, flush_denormals)`` of one pass of
-    a rule over flat buffers: ``arrays`` are the rule's ``p`` and ``g`` and the state
-    buffers named in ``present``, in the rule's order (``_template.arrays``);
+    """The compiled ``kernel(*arrays, prep, h, [key, first,] parallel, flush_denormals)``
+    of one pass of a rule over flat buffers: ``arrays`` are the rule's ``p`` and ``g``,
+    the master weights ``w`` with ``Pass.master``, and the state buffers named in
+    ``present``, in the rule's order (``_template.arrays``; 16-bit ones as their bits);
     ``spec`` are the fields of a ``_template.Pass`` (without sums): ``rule_name,
-    present`` for a plain step.
+    present`` for a plain step. ``key`` and ``first`` come with ``Pass.stochastic``.
 
     Pass ``parallel=p.size >= PARALLEL_MIN_SIZE`` and ``flush_denormals=FLUSH_DENORMALS``.
     Compilation happens on the first call, or loads from Numba's on-disk cache.
@@ -151,13 +152,14 @@ def kernel(*spec):
 
 @functools.cache
 def segment_kernel(*spec):
-    """The compiled ``kernel(*arrays, prep, h, chunks, state_starts, partials,
-    row_scalars, parallel, flush_denormals)`` of the ``_template.Pass`` with the fields
-    ``spec`` over segments
-    (tensors, rows, or a whole buffer), stepping the tensors wherever they lie in memory.
+    """The compiled ``kernel(*arrays, prep, h, [key, first,] chunks, state_starts,
+    partials, row_scalars, parallel, flush_denormals)`` of the ``_template.Pass`` with the
+    fields ``spec`` over segments (tensors, rows, or a whole buffer), stepping the tensors
+    wherever they lie in memory (``key`` and ``first`` with ``Pass.stochastic``).
 
     ``p`` and ``g`` are int64 arrays of addresses, one per segment, each the start of
-    that many dense float32 elements, walked in memory order (a gradient lies as its
+    that many dense float32 elements (16-bit ones, as their bits, where ``Pass.formats``
+    says so), walked in memory order (a gradient lies as its
     parameter does); the state buffers are flat, segment k starting at
     ``state_starts[k]``. Each row ``(segment, offset, size)`` of ``chunks`` is a piece
     of one segment (``fastopt._backend.segment_chunks``), which one thread

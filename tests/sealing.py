@@ -17,7 +17,7 @@ def seal(meta, arrays, version=2):
     digest = hashlib.sha256()
     if version == 1:
         record.pop("formats", None)  # which version 3 added
-        record.pop("rounding", None)
+        record.pop("storage", None)
         for name in sorted(arrays):
             digest.update(name.encode() + np.asarray(arrays[name]).tobytes())
         return {**record, "version": 1, "sha256": digest.hexdigest()}

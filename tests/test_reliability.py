@@ -379,7 +379,7 @@ def test_a_version_2_file_still_loads(tmp_path):
     opt = trained()
     state = opt.state_dict()
     meta = dict(state["meta"], version=2)
-    del meta["formats"], meta["rounding"]
+    del meta["formats"], meta["storage"]
     write(tmp_path / "v2.npz", seal(meta, state["arrays"], 2), state["arrays"])
     assert fingerprint(fastopt.load(tmp_path / "v2.npz")) == fingerprint(opt)
 
@@ -388,7 +388,7 @@ def test_a_version_1_file_still_loads_and_its_fields_are_validated(tmp_path):
     opt = trained()
     state = opt.state_dict()
     meta = dict(state["meta"], version=1)
-    del meta["formats"], meta["rounding"]  # which version 3 added
+    del meta["formats"], meta["storage"]  # which version 3 added
     digest = hashlib.sha256()  # version 1: the arrays only, each name then its bytes
     for name in sorted(state["arrays"]):
         digest.update(name.encode() + state["arrays"][name].tobytes())

@@ -171,7 +171,7 @@ def test_bad_formats_and_what_cannot_be_stepped_are_refused():
         ft.Adam(params(torch.bfloat16), state_dtype="int8")
     with pytest.raises(ValueError, match="master_weights must be one of"):
         ft.Adam(params(torch.float32), master_weights="yes")
-    with pytest.raises(TypeError, match="Adafactor steps float32 parameters only"):
+    with pytest.raises(TypeError, match="Adafactor steps float32 parameters"):
         ft.Adafactor(params(torch.bfloat16))
     ps = params(torch.bfloat16)
     opt = ft.Adam(ps, state_dtype="bfloat16")
@@ -183,3 +183,69 @@ def test_bad_formats_and_what_cannot_be_stepped_are_refused():
     with pytest.raises(TypeError, match="keeps it in torch.bfloat16"):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, ps))
+
+
+def test_bfloat16_state_of_float32_parameters_survives_its_own_and_torchs_state_dicts():
+    model = torch.nn.Linear(8, 4)
+    opt = ft.Adam(model.parameters(), lr=1e-2, state_dtype="bfloat16")
+    model(torch.randn(5, 8)).sum().backward()
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    opt.load_state_dict(saved)
+    for p in model.parameters():
+        assert opt.state[p]["exp_avg"].dtype == torch.bfloat16
+        assert torch.equal(opt.state[p]["exp_avg"], saved["state"][0 if p.dim() == 2 else 1]
+                           ["exp_avg"])
+    opt.step()  # and it still steps
+    reference = torch.optim.Adam(model.parameters(), lr=1e-2)
+    reference.step()
+    encoded = ft.Adam(model.parameters(), lr=1e-2, state_dtype="bfloat16")
+    encoded.load_state_dict(reference.state_dict())
+    for p in model.parameters():
+        assert torch.equal(encoded.state[p]["exp_avg"],
+                           reference.state[p]["exp_avg"].bfloat16())
+
+
+def test_a_group_whose_parameters_cannot_be_stored_is_refused_and_not_kept():
+    ps = params(torch.bfloat16)
+    opt = ft.SGD(ps, lr=0.1, master_weights=None, stochastic_rounding=True)
+    with pytest.raises(ValueError, match="float16 parameters need master weights"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(3, dtype=torch.float16))]})
+    assert len(opt.param_groups) == 1
+    for p, g in zip(ps, grads_for(ps, 0)):
+        p.grad = g
+    opt.step()
+
+
+def test_a_model_made_float32_again_drops_its_master_weights_and_steps_on():
+    model = torch.nn.Linear(6, 3).bfloat16()
+    opt = ft.Adam(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 6).bfloat16()).sum().backward()
+    opt.step()
+    model.float()
+    model.zero_grad(set_to_none=True)
+    model(torch.randn(4, 6)).sum().backward()
+    opt.step()
+    for p in model.parameters():
+        assert "master" not in opt.state[p] and opt.state[p]["exp_avg"].dtype == torch.float32
+
+
+def test_a_state_tensor_replaced_in_the_parameters_dtype_is_taken_cast():
+    ps = params(torch.bfloat16)
+    opt = ft.Adam(ps, lr=1e-2)
+    for p, g in zip(ps, grads_for(ps, 0)):
+        p.grad = g
+    opt.step()
+    opt.state[ps[0]]["exp_avg"] = torch.full_like(ps[0], 0.5)  # bfloat16, kept in float32
+    opt.step()
+    assert opt.state[ps[0]]["exp_avg"].dtype == torch.float32
+    beta1 = 0.9
+    expected = beta1 * 0.5 + (1 - beta1) * ps[0].grad.float()
+    torch.testing.assert_close(opt.state[ps[0]]["exp_avg"], expected)
+
+
+def test_stochastic_rounding_with_nothing_to_round_is_refused():
+    with pytest.raises(ValueError, match="nothing to round"):
+        ft.Adam(params(torch.float32), stochastic_rounding=True)
+    with pytest.raises(ValueError, match="nothing to round"):
+        ft.Adam(params(torch.bfloat16), stochastic_rounding=True)  # master weights, fp32 state

@@ -139,18 +139,18 @@ class Work:
         cache: a dict the front keeps for this launch between steps (plans).
         formats: the 16-bit buffers (``p``, ``g``, states) by name, with their format
             (``precision.DTYPES``' names); empty where every buffer is float32.
-        master: the float32 master weights of 16-bit parameters, laid out like the
-            state, or None.
+        master_weights: the float32 master weights of 16-bit parameters, laid out like
+            the state, or None.
         key: the step's rounding key (``codecs.rounding_key``) where ``stochastic``:
             the bfloat16 stores round stochastically.
     """
 
     def __init__(self, backend, tensors, shapes, segments, state, present, state_starts,
-                 prep, keep_subnormals, cache, formats=None, master=None):
+                 prep, keep_subnormals, cache, formats=None, master_weights=None):
         self.backend, self.tensors, self.shapes, self.segments = backend, tensors, shapes, segments
         self.state, self.present, self.state_starts = state, present, state_starts
         self.prep, self.keep_subnormals, self.cache = prep, keep_subnormals, cache
-        self.formats, self.master = formats or {}, master
+        self.formats, self.master_weights = formats or {}, master_weights
         self.stochastic, self.key = False, 0
 
     def run(self, spec, h, segments=None, values=(), states=None):
@@ -160,12 +160,12 @@ class Work:
         segment."""
         if states is None:
             states = [*map(self.state.__getitem__, spec.present)]
-        if self.formats or self.master is not None:
-            master = self.master is not None
+        if self.formats or self.master_weights is not None:
+            master = self.master_weights is not None
             names = arrays(getattr(rules, spec.rule), spec.present, master)
             spec = spec._replace(master=master, stochastic=self.stochastic, formats=tuple(
                 (name, self.formats[name]) for name in names if name in self.formats))
-            states = [self.master, *states] if master else states
+            states = [self.master_weights, *states] if master else states
         return self.backend.run_segments(
             spec, self.tensors, states, self.prep, h,
             self.segments if segments is None else segments, values, self.keep_subnormals,

@@ -9,11 +9,11 @@ import threading
 import numpy as np
 
 from .. import checkpoint
-from .._backend import FLOAT32, _extent, is_c_contiguous
+from .._backend import FLOAT32, _extent, is_c_contiguous, is_cuda_array
 from ..flat import ViewList, flatten
 from ..kernels import Pass, rules
 from ..kernels._template import state_names
-from ..precision import Storage, check_grad_dtype
+from ..precision import NOTHING_TO_ROUND, Storage, check_grad_dtype
 from . import engine
 from .checks import check_flag, check_lr, positive_or_none
 from .snapshot import restore as restore_snapshot
@@ -80,7 +80,8 @@ class Optimizer:
       holds its master rounded) starts from the written value. None updates 16-bit
       parameters directly; ``"float32"`` asks for the master explicitly.
     - ``state_dtype="float32"``, ``"bfloat16"`` or a dict of them by state buffer.
-    - ``grad_dtype=None`` (the parameters' dtype) or ``"float32"``.
+    - ``grad_dtype=None`` (the parameters' dtype), or ``"float32"``, ``"bfloat16"`` or
+      ``"float16"`` (float32 gradients for 16-bit parameters, say).
     - ``stochastic_rounding=False``, ``seed=0``: round the bfloat16 values stored without
       master weights (the parameters with ``master_weights=None``, the state)
       stochastically, unbiased, on a hash of (seed, step, element index): the same bits
@@ -134,18 +135,14 @@ class Optimizer:
         structures, groups, self._grouped = _split_groups(params, defaults)
         flat = flatten(structures, self._grouped, check_grad_dtype(grad_dtype))
         self._backend, self._layouts, self.flat_params, self.flat_grads = flat
-        if type(self).state_shape is not Optimizer.state_shape and (
-                self.flat_params.dtype != FLOAT32 or state_dtype != "float32"
-                or grad_dtype not in (None, "float32")):
-            raise TypeError(f"{type(self).__name__} steps float32 buffers only, for now: "
-                            "its factors take a pass that does not read 16-bit buffers yet")
         self._storage = Storage(type(self), self.state_names(), self.flat_params.dtype,
                                 master_weights, state_dtype, grad_dtype, stochastic_rounding,
                                 seed)
+        if self._storage.has_16_bit and not self.spec.reads_16_bit:
+            raise TypeError(f"{type(self).__name__} steps float32 buffers only, for now: "
+                            "its factors take a pass that does not read 16-bit buffers yet")
         if stochastic_rounding and not self._storage.stochastic:
-            raise ValueError("stochastic_rounding=True has nothing to round: it rounds "
-                             "bfloat16 parameters without master weights "
-                             "(master_weights=None) and bfloat16 state")
+            raise ValueError(NOTHING_TO_ROUND)
         for index, group in enumerate(groups):
             self._check_group(index, group)
         self.clip_grad_norm = clip_grad_norm
@@ -178,6 +175,7 @@ class Optimizer:
                              for offset, shape in zip(layout.offsets, layout.shapes)]
         self._state_layouts = {}
         self._works = {}  # (start, stop) -> (Work, tensor offsets, Tensors of own buffers)
+        self._state_checked = {}  # name -> the state buffer last found as the kernels need it
 
     @property
     def device(self):
@@ -259,8 +257,8 @@ class Optimizer:
 
         ``grads`` may be None (use ``flat_grads``, where ``opt.grads`` views write),
         arrays in the same structure as the parameters (copied into ``flat_grads``), or
-        one flat float32 array with as many elements as ``flat_params`` (used in
-        place). ``grad_scale=S`` divides the gradients by S in the kernel, for loss
+        one flat array of ``flat_grads``' dtype with as many elements as ``flat_params``
+        (used in place). ``grad_scale=S`` divides the gradients by S in the kernel, for loss
         scaling. ``skip_nonfinite`` overrides the optimizer's option for this step.
 
         A step skipped because of a non-finite gradient counts in ``skipped_steps``.
@@ -272,6 +270,7 @@ class Optimizer:
             step = self.state["step"] + 1
             plans = [self._plan(index, group, step)
                      for index, group in enumerate(self.param_groups)]
+            self._check_state(plans)
             inverse_scale = engine.inverse_loss_scale(grad_scale)
             if skip_nonfinite is None:
                 skip_nonfinite = self._skip_nonfinite
@@ -318,6 +317,27 @@ class Optimizer:
         fresh = [name for name in spec if name not in started]
         h = engine.fold(self, group, step, fresh, host, index if self._grouped else None)
         return group, spec, fresh, h, host
+
+    def _check_state(self, plans):
+        """Refuse a state buffer that someone replaced (``opt.state["exp_avg"] = a``) with
+        an array of another dtype, size or device than the optimizer keeps: the kernels
+        would misread it. An array once checked is not checked again."""
+        for _, spec, _, _, _ in plans:
+            for name in spec:
+                buffer = self.state.get(name)
+                if buffer is None or buffer is self._state_checked.get(name):
+                    continue
+                dtype, size = self._storage.state(name), self._state_size(name)
+                if (getattr(buffer, "dtype", None) != dtype
+                        or getattr(buffer, "shape", None) != (size,)
+                        or is_cuda_array(buffer) != (self.device == "cuda")
+                        or not is_c_contiguous(buffer)):
+                    raise TypeError(f"state['{name}'] must be a C-contiguous {dtype} array of "
+                                    f"shape {(size,)} on {self.device}, as the optimizer "
+                                    f"keeps it; got {type(buffer).__name__} "
+                                    f"{getattr(buffer, 'dtype', '')} "
+                                    f"{getattr(buffer, 'shape', '')}")
+                self._state_checked[name] = buffer
 
     def _allocate_state(self, plans):
         """Create the state buffers this step needs, and initialize the segments of
@@ -375,10 +395,14 @@ class Optimizer:
         if start or stop != self.flat_params.size:  # a group's part of the buffers
             buffers = [buffer[start:stop] for buffer in buffers]
         storage = self._storage
+        if not storage.has_16_bit:  # float32: nothing to look up
+            self._backend.run(rule, tuple(spec), buffers, prep, h, self.spec.keeps_subnormals)
+            return
+        formats = tuple((name, storage.formats[name]) for name in ("p", "g", *spec)
+                        if name in storage.formats)
         rounding = (storage.key(step), start) if storage.stochastic else None
         self._backend.run(rule, tuple(spec), buffers, prep, h, self.spec.keeps_subnormals,
-                          tuple((name, storage.formats[name]) for name in ("p", "g", *spec)
-                                if name in storage.formats), master, rounding)
+                          formats, master, rounding)
 
     def _tensor_range(self, start, stop):
         """``(first, last)``: the tensors whose offsets lie in ``[start:stop]``."""
@@ -438,6 +462,7 @@ class Optimizer:
         return after
 
     @classmethod
+    @functools.cache
     def state_names(cls):
         """Every state buffer the algorithm's passes may hold: its rule's, then those of
         its other passes (SWATS's momentum, Adafactor's factors)."""

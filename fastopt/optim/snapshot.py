@@ -18,7 +18,6 @@ import numpy as np
 
 from .. import checkpoint
 from ..checkpoint import Snapshot
-from ..precision import name_of
 from .checks import check_flag, positive_or_none
 from .spec import ALGORITHMS
 
@@ -38,7 +37,7 @@ def take(opt):
             host={name: opt.state[name] for name in opt.spec.host},
             started=[sorted(started) for started in opt._started],
             layout=[layout_record(layout) for layout in opt._layouts],
-            rounding={"stochastic": opt._storage.stochastic, "seed": opt._storage.seed})
+            storage=opt._storage.record())
         record = json.loads(json.dumps(record))  # JSON values, copied before the lock opens
         master = None if opt.master_params is None else to_host(opt.master_params)
         return Snapshot(**record, params=to_host(opt.flat_params), master=master,
@@ -72,12 +71,15 @@ def _validated(opt, snapshot):
                             "the optimizer keeps master weights, which it does not hold"))
     if snapshot.master is not None:
         arrays["master"] = (snapshot.master, size, np.dtype(np.float32))
-    rounding = _rounding(snapshot.rounding)
-    ours = {"stochastic": opt._storage.stochastic, "seed": opt._storage.seed}
-    if rounding["stochastic"] != ours["stochastic"] or (
-            ours["stochastic"] and rounding["seed"] != ours["seed"]):
-        raise ValueError(f"the checkpoint's formats differ from the optimizer's: its "
-                         f"rounding is {rounding}, the optimizer's {ours}")
+    theirs, ours = _storage(opt, snapshot.storage), opt._storage.record()
+    differ = [key for key in ("master_weights", "state_dtype", "stochastic_rounding")
+              if theirs[key] != ours[key]]
+    if ours["stochastic_rounding"] and theirs["seed"] != ours["seed"]:
+        differ.append("seed")
+    if differ:  # the gradients are not in a checkpoint: their dtype may differ
+        raise ValueError("the checkpoint's formats differ from the optimizer's: "
+                         + ", ".join(f"{key} {theirs[key]!r} (the optimizer's {ours[key]!r})"
+                                     for key in differ))
     for name, array in snapshot.buffers.items():
         if not (isinstance(name, str) and name.isidentifier()):
             raise ValueError(f"the checkpoint holds a state buffer {name!r}; state buffers "
@@ -294,42 +296,51 @@ def _build(snapshot):
     algorithm = ALGORITHMS.get(str(snapshot.algorithm))
     if algorithm is None:
         raise ValueError(f"the checkpoint names no fastopt algorithm: {snapshot.algorithm!r}")
+    formats = _formats(snapshot)
     try:
         structures = [_structure(layout, snapshot.params) for layout in snapshot.layout]
         grouped = len(structures) > 1 or snapshot.layout[0]["prefix"] != "params"
         names = [{"name": g["name"]} if "name" in g else {} for g in snapshot.groups]
-        return algorithm([{"params": s, **n} for s, n in zip(structures, names)] if grouped
-                         else structures[0], **_formats(snapshot))
+        params = ([{"params": s, **n} for s, n in zip(structures, names)] if grouped
+                  else structures[0])
     except (AttributeError, IndexError, KeyError, TypeError, ValueError) as error:
         raise ValueError(f"the checkpoint's layout describes no parameters: "
                          f"{type(error).__name__}: {error}") from None
+    try:
+        return algorithm(params, **formats)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"the checkpoint's parameters and storage make no "
+                         f"{snapshot.algorithm}: {type(error).__name__}: {error}") from None
 
 
-def _rounding(rounding):
-    """The checkpoint's rounding, checked (None: a file before version 3, no stochastic
-    rounding)."""
-    if rounding is None:
-        return {"stochastic": False, "seed": 0}
-    if not (isinstance(rounding, dict) and set(rounding) == {"stochastic", "seed"}
-            and isinstance(rounding["stochastic"], bool) and type(rounding["seed"]) is int
-            and 0 <= rounding["seed"] < 2 ** 64):
-        raise ValueError(f"the checkpoint's rounding must be {{'stochastic': bool, 'seed': "
-                         f"int >= 0}}, got {rounding!r}")
-    return rounding
+def _storage(opt, record):
+    """The checkpoint's storage options, checked (None, before version 3: every buffer
+    float32)."""
+    if record is None:
+        return {"master_weights": None, "grad_dtype": "float32", "stochastic_rounding": False,
+                "seed": 0, "state_dtype": dict.fromkeys(opt._storage.states, "float32")}
+    return _checked_storage(record)
+
+
+def _checked_storage(record):
+    fields = {"master_weights", "state_dtype", "grad_dtype", "stochastic_rounding", "seed"}
+    if not (isinstance(record, dict) and set(record) == fields
+            and record["master_weights"] in ("float32", None)
+            and isinstance(record["state_dtype"], dict)
+            and all(isinstance(value, str) for value in record["state_dtype"].values())
+            and isinstance(record["grad_dtype"], str)
+            and isinstance(record["stochastic_rounding"], bool)
+            and type(record["seed"]) is int and 0 <= record["seed"] < 2 ** 64):
+        raise ValueError(f"the checkpoint's storage must be {{'master_weights': 'float32' or "
+                         f"None, 'state_dtype': {{name: str}}, 'grad_dtype': str, "
+                         f"'stochastic_rounding': bool, 'seed': int >= 0}}, got {record!r}")
+    return record
 
 
 def _formats(snapshot):
-    """The storage options of the optimizer that saved ``snapshot`` (its gradients take
-    the parameters' dtype: a checkpoint holds no gradients)."""
-    rounding = _rounding(snapshot.rounding)
-    options = {"stochastic_rounding": rounding["stochastic"], "seed": rounding["seed"]}
-    if snapshot.params.dtype != np.float32:
-        options["master_weights"] = None if snapshot.master is None else "float32"
-    narrow = {name: name_of(array.dtype) for name, array in snapshot.buffers.items()
-              if array.dtype != np.float32}
-    if narrow:
-        options["state_dtype"] = narrow
-    return options
+    """The storage options of the optimizer that saved ``snapshot``, to build one like
+    it (fastopt's defaults for a file before version 3)."""
+    return {} if snapshot.storage is None else dict(_checked_storage(snapshot.storage))
 
 
 def _key(saved):

@@ -57,6 +57,9 @@ class Spec:
             flat buffer must come with shapes (``fastopt.adopt(flat, shapes)``).
         keeps_subnormals: whether the kernels must not flush subnormal numbers (the
             rule's result hangs on them).
+        reads_16_bit: whether every pass of its step reads and writes 16-bit buffers
+            (``fastopt.precision``): all but Adafactor's, whose column sums are written
+            by hand for float32.
         moves: bytes per parameter that one step reads and writes, with ``bench``.
         bench: the options ``fastopt bench`` times it with.
         check: the options ``fastopt check`` fits a least-squares problem with.
@@ -71,6 +74,7 @@ class Spec:
     passes: tuple = (MAP,)
     per_tensor: bool = False
     keeps_subnormals: bool = False
+    reads_16_bit: bool = True
     moves: int = 0
     bench: Mapping = field(default_factory=dict)
     check: Mapping = field(default_factory=dict)
