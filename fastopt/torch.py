@@ -453,9 +453,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def _state_dtype_of(self, name, p):
         """The torch dtype in which the state tensor ``name`` of ``p`` is kept."""
-        if name == MASTER:
-            return torch.float32
-        return _TORCH_DTYPES[precision.name_of(self._storage_of(p.dtype).state(name))]
+        return _kept_dtype(self._storage_of(p.dtype), name)
 
     def _state_shape(self, name, p):
         """The shape of the state tensor ``name`` of ``p``, or None if it has none."""
@@ -463,6 +461,13 @@ class Optimizer(torch.optim.Optimizer):
             return None
         shape = self.algorithm.state_shape(name, tuple(p.shape))
         return None if shape is None else torch.Size(shape)
+
+
+def _kept_dtype(storage, name):
+    """The torch dtype in which a store of ``storage`` keeps its state buffer ``name``."""
+    if name == MASTER:
+        return torch.float32
+    return _TORCH_DTYPES[precision.name_of(storage.state(name))]
 
 
 def _hyperparameters(group):
@@ -635,9 +640,8 @@ class _Store:
         """The flat state buffer ``name``, made when first needed, in its storage dtype."""
         if name not in self._flat:
             size = self.layout(name)[1]
-            dtype = torch.float32 if name == MASTER else _TORCH_DTYPES[
-                precision.name_of(self.storage.state(name))]
-            self._flat[name] = torch.zeros(size, dtype=dtype, device=self.device)
+            self._flat[name] = torch.zeros(size, dtype=_kept_dtype(self.storage, name),
+                                           device=self.device)
             self.names.append(name)
         return self._flat[name]
 

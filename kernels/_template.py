@@ -57,7 +57,8 @@ class Pass(NamedTuple):
     ``codecs.CODECS``, whose array holds the bits (``codecs.BITS``); the rule reads and
     writes float32 through the codec. With ``master``, the driver also takes ``w``, a
     float32 copy of the 16-bit ``p`` (master weights): the rule reads ``w`` as its
-    ``p``, and the new value goes to ``w`` and, rounded, to ``p`` (flat passes only).
+    ``p``, and the new value goes to ``w`` and, rounded, to ``p`` (in a segment pass
+    ``w`` is laid out like the state).
     Where ``p`` no longer holds ``w`` rounded, someone wrote into it since the last
     step, and the rule reads ``p`` instead: a write is never lost. With ``stochastic``,
     the bfloat16 stores (but ``p``'s to master weights' rounding) round stochastically,

@@ -145,6 +145,7 @@ def test_a_write_into_the_16_bit_parameters_is_taken_not_lost():
 
 
 # -- 16-bit parameters without master weights, 16-bit state, float32 gradients --------
+
 @pytest.mark.parametrize("half", sorted(HALVES))
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_16_bit_parameters_without_master_round_every_step(case, half):
