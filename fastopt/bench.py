@@ -346,17 +346,19 @@ def moved_bytes(opt):
     the parameters, the master weights and each state buffer are read and written, the
     gradients read. (The master weights' step reads the 16-bit parameters too: a
     parameter written since the last step is taken.)"""
-    state = [value for value in opt.state.values() if isinstance(value, np.ndarray)]
     master = 0 if opt.master_params is None else opt.master_params.itemsize
     return (2 * opt.flat_params.itemsize + opt.flat_grads.itemsize + 2 * master
-            + 2 * sum(a.itemsize for a in state))
+            + 2 * sum(a.itemsize for a in _state_buffers(opt)))
 
 
 def resident_bytes(opt):
     """Bytes ``opt`` keeps per parameter: its buffers, over the parameter count."""
-    arrays = [opt.flat_params, opt.flat_grads, opt.master_params,
-              *(value for value in opt.state.values() if isinstance(value, np.ndarray))]
+    arrays = [opt.flat_params, opt.flat_grads, opt.master_params, *_state_buffers(opt)]
     return sum(a.nbytes for a in arrays if a is not None) / opt.flat_params.size
+
+
+def _state_buffers(opt):
+    return [value for value in opt.state.values() if isinstance(value, np.ndarray)]
 
 
 def format_contenders(name, n):

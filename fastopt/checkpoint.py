@@ -124,8 +124,9 @@ def state_dict(snapshot):
     if snapshot.master is not None:
         arrays["master"] = snapshot.master
     arrays.update((_ARRAY_PREFIX + name, array) for name, array in snapshot.buffers.items())
-    formats = {name: _format_of(array) for name, array in arrays.items()
-               if _format_of(array) != "float32"}
+    formats = {name: kind for name, kind in
+               ((name, _format_of(array)) for name, array in arrays.items())
+               if kind != "float32"}
     meta = {"format": FORMAT, "version": VERSION, "buffers": sorted(arrays),
             "formats": formats, **{name: getattr(snapshot, name) for name in _SNAPSHOT_FIELDS}}
     meta["sha256"] = _checksum(meta, arrays)

@@ -194,7 +194,8 @@ class Optimizer(torch.optim.Optimizer):
     def _validate(self, index, group):
         for p, label in _labels(index, group):
             _check_parameter(p, label, self.algorithm)
-            self._storage_of(p.dtype)
+        for dtype in {p.dtype for p in group["params"]}:  # the options, for each dtype
+            self._storage_of(dtype)
         if callable(group["lr"]):
             raise TypeError(f"param_groups[{index}]['lr'] must be a number: schedule it with "
                             "a torch.optim.lr_scheduler")
