@@ -10,6 +10,8 @@ from the same float32 weights:
 - ``float32``: the model and the optimizer in float32;
 - ``bf16 + fp32 master``: the model in bfloat16, float32 master weights;
 - ``bf16 + master, bf16 state``: the same, with bfloat16 Adam state;
+- ``bf16 + remainder``: float32 master weights kept as their low 16 bits beside the
+  bfloat16 weights, which should train as ``bf16 + fp32 master`` does;
 - ``bf16, no master, stochastic``: bfloat16 weights updated directly, rounded
   stochastically;
 - ``bf16, no master, nearest``: the same rounded to nearest, the control that shows why
@@ -35,6 +37,7 @@ RUNS = {
     "float32": (torch.float32, {}),
     "bf16 + fp32 master": (torch.bfloat16, {}),
     "bf16 + master, bf16 state": (torch.bfloat16, dict(state_dtype="bfloat16")),
+    "bf16 + remainder": (torch.bfloat16, dict(master_weights="remainder")),
     "bf16, no master, stochastic": (torch.bfloat16, dict(master_weights=None,
                                                          stochastic_rounding=True)),
     "bf16, no master, nearest": (torch.bfloat16, dict(master_weights=None)),

@@ -15,12 +15,13 @@ The file (format version 3) is an uncompressed NumPy ``.npz`` archive holding:
   host state such as NAdam's ``mu_product``), ``started`` (the state buffers each group
   has begun), ``layout`` (per group: the parameter names or None, their shapes and
   offsets in the flat buffer), ``buffers`` (the names of the arrays below),
-  ``formats`` (the arrays kept in 16 bits, by name: ``"bfloat16"`` or ``"float16"``;
-  the file holds their bits as uint16), ``storage`` (the optimizer's storage options:
+  ``formats`` (the arrays kept in 16 bits, by name: ``"bfloat16"``, ``"float16"``, or
+  ``"uint16"`` for the low halves of master weights; the file holds their bits as uint16), ``storage`` (the optimizer's storage options:
   ``master_weights``, ``state_dtype`` by buffer, ``grad_dtype``, ``stochastic_rounding``
   and ``seed``) and ``sha256``, the checksum;
 - ``params``: the flat parameters (float32, or 16-bit);
-- ``master``: the float32 master weights of 16-bit parameters, where they are kept;
+- ``master``: the master weights of 16-bit parameters, where they are kept: float32, or
+  their low halves (uint16) with ``master_weights="remainder"``;
 - ``state.<name>``: each flat state buffer (float32 or bfloat16).
 
 **The checksum** covers every field. It is the SHA-256 of a sequence of parts: first
@@ -78,7 +79,8 @@ class Snapshot:
             flat buffer, and the prefix of their names (``"params"``, ``"params[1]"``).
         params: the flat parameters, a NumPy copy (float32, bfloat16 or float16).
         buffers: each flat state buffer by name, NumPy copies (float32 or bfloat16).
-        master: the float32 master weights of 16-bit parameters, a NumPy copy, or None.
+        master: the master weights of 16-bit parameters as kept (float32, or uint16
+            remainders), a NumPy copy, or None.
         storage: the optimizer's storage options (``precision.Storage.record``; None in
             files before version 3: every buffer float32).
     """
@@ -108,7 +110,8 @@ _SNAPSHOT_FIELDS = [field.name for field in dataclasses.fields(Snapshot)
 _FIELDS = {"format", "version", "buffers", "sha256", "formats", *_SNAPSHOT_FIELDS}
 _ADDED = {"formats": 3, "storage": 3}  # the fields a version added, with that version
 # The 16-bit formats an array may be kept in, which a file holds as their bits.
-FORMATS = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
+FORMATS = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16),
+           "uint16": np.dtype(np.uint16)}
 _BITS = np.dtype(np.uint16)
 
 # Temporary files are named after the saving process and machine, so that a later save

@@ -10,12 +10,15 @@ import ml_dtypes
 import numpy as np
 
 from .kernels import codecs
+from .kernels._template import REMAINDER
 
 FLOAT32 = np.dtype(np.float32)
 DTYPES = {"float32": FLOAT32, "bfloat16": np.dtype(ml_dtypes.bfloat16),
           "float16": np.dtype(np.float16)}
 STATE_DTYPES = ("float32", "bfloat16")
-MASTER_WEIGHTS = ("auto", "float32", None)
+MASTER_WEIGHTS = ("auto", "float32", "remainder", None)
+# The dtype of master weights kept as the low halves of their float32 bits.
+REMAINDER_DTYPE = np.dtype(np.uint16)
 
 
 def name_of(dtype):
@@ -51,11 +54,25 @@ def _rounding(storage, stochastic_rounding, seed):
     if not stochastic_rounding:
         return False, int(seed)
     rounded = [name for name, fmt in storage.formats.items()
-               if name != "g" and not (name == "p" and storage.master)]
+               if name not in ("g", "w") and not (name == "p" and storage.master)]
     if storage.formats.get("p") == "float16" and not storage.master:
         raise ValueError("stochastic_rounding rounds bfloat16 only, for now: float16 "
                          "parameters need master weights")
     return bool(rounded), int(seed)  # False where there is nothing to round
+
+
+def rebuild_master(params, remainders):
+    """The float32 master weights that bfloat16 ``params`` and their ``remainders``
+    (uint16, as ``master_weights="remainder"`` keeps them) stand for, as the kernels
+    rebuild them (``kernels.codecs.bfloat16_rebuild``): a parameter holds the master's
+    high 16 bits rounded to nearest with ties away from zero, the remainder its low 16
+    bits. NumPy arrays; a new array."""
+    bits = np.asarray(params).view(codecs.BITS).astype(np.uint32)
+    remainders = np.asarray(remainders, REMAINDER_DTYPE).astype(np.uint32)
+    carried = remainders >> 15  # where the high half was rounded up
+    rebuilt = ((bits - carried) << 16) | remainders  # wraps where bits is a zero: refused next
+    written = (carried > (bits & 0x7FFF)) | ((rebuilt & 0x7FFFFFFF) > 0x7F800000)
+    return np.where(written, bits << 16, rebuilt).astype(np.uint32).view(np.float32)
 
 
 def check_grad_dtype(grad_dtype):
@@ -72,7 +89,8 @@ class Storage:
     buffer name).
 
     ``master_weights``: ``"auto"`` (float32 master weights where the parameters are
-    16-bit), ``"float32"`` or None. ``state_dtype``: a name of ``STATE_DTYPES``, or a
+    16-bit), ``"float32"``, ``"remainder"`` (bfloat16 parameters: only the low 16 bits of
+    float32 master weights, see :func:`rebuild_master`) or None. ``state_dtype``: a name of ``STATE_DTYPES``, or a
     dict of them by state buffer. ``grad_dtype``: None (the parameters' dtype) or a
     name of ``DTYPES``. ``stochastic_rounding``: round the bfloat16 values stored
     without master weights (parameters with ``master_weights=None``, state)
@@ -83,16 +101,19 @@ class Storage:
     def __init__(self, algorithm, state_names, params_dtype, master_weights, state_dtype,
                  grad_dtype, stochastic_rounding=False, seed=0):
         if master_weights not in MASTER_WEIGHTS:
-            if master_weights == "remainder":
-                raise ValueError("master_weights='remainder' is not supported yet; use "
-                                 "'float32' (or 'auto') or None")
             raise ValueError(f"master_weights must be one of {MASTER_WEIGHTS}, "
                              f"got {master_weights!r}")
         float32_params = params_dtype == FLOAT32
-        if master_weights == "float32" and float32_params:
-            raise ValueError("master_weights='float32' keeps a float32 copy of 16-bit "
-                             "parameters; these are float32 already (use 'auto' or None)")
+        if master_weights in ("float32", REMAINDER) and float32_params:
+            raise ValueError(f"master_weights={master_weights!r} keeps float32 master "
+                             "weights of 16-bit parameters; these are float32 already "
+                             "(use 'auto' or None)")
+        if master_weights == REMAINDER and name_of(params_dtype) != "bfloat16":
+            raise ValueError("master_weights='remainder' keeps the low 16 bits of float32 "
+                             "master weights whose high 16 bits are bfloat16 parameters; "
+                             f"{name_of(params_dtype)} parameters need 'float32'")
         self.master = master_weights is not None and not float32_params
+        self.remainder = master_weights == REMAINDER
         self.grads = params_dtype if check_grad_dtype(grad_dtype) is None else DTYPES[grad_dtype]
         if isinstance(state_dtype, dict):
             unknown = set(state_dtype) - set(state_names)
@@ -113,16 +134,29 @@ class Storage:
         self.formats = {name: name_of(dtype) for name, dtype in
                         (("p", params_dtype), ("g", self.grads), *self.states.items())
                         if dtype != FLOAT32}
+        if self.remainder:
+            self.formats["w"] = REMAINDER
         self.has_16_bit = bool(self.formats)
         self.stochastic, self.seed = _rounding(self, stochastic_rounding, seed)
 
     def record(self):
         """The choices as JSON values, which a checkpoint keeps (``master_weights`` as
         resolved: ``"float32"`` or None)."""
-        return {"master_weights": "float32" if self.master else None,
+        return {"master_weights": self.master_weights,
                 "state_dtype": {name: name_of(dtype) for name, dtype in self.states.items()},
                 "grad_dtype": name_of(self.grads), "stochastic_rounding": self.stochastic,
                 "seed": self.seed}
+
+    @property
+    def master_weights(self):
+        """``"float32"``, ``"remainder"`` or None: the master weights kept."""
+        return REMAINDER if self.remainder else "float32" if self.master else None
+
+    @property
+    def master_dtype(self):
+        """The dtype of the kept master weights (their low halves as uint16, for
+        ``"remainder"``), or None."""
+        return REMAINDER_DTYPE if self.remainder else FLOAT32 if self.master else None
 
     def key(self, step, stream=0):
         """The rounding key of step ``step`` (``codecs.rounding_key``); ``stream`` tells

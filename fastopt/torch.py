@@ -46,8 +46,10 @@ its stores. A 16-bit parameter keeps float32 master weights in its state entry
 ``"master"`` (``master_weights="auto"``; None steps it directly), from which every
 step writes it rounded to nearest even; a parameter written since the last step
 (``model.load_state_dict``) no longer holds its master rounded, and steps from the
-written value. ``state_dtype="bfloat16"`` (or a dict by state name) keeps the state in
-16 bits. ``state_dict()`` holds the state in the dtypes fastopt keeps it in, with the
+written value. With ``master_weights="remainder"`` (bfloat16), ``"master"`` holds only
+the low 16 bits of the float32 master weights, as int16 bits, and the parameter is the
+master rounded with ties away from zero (see :class:`fastopt.Optimizer`).
+``state_dtype="bfloat16"`` (or a dict by state name) keeps the state in 16 bits. ``state_dict()`` holds the state in the dtypes fastopt keeps it in, with the
 master weights; torch.optim loads it (casting, and keeping ``"master"`` unused), and
 ``load_state_dict()`` takes torch.optim's, encoding its state (the master weights then
 start from the parameters). As in torch, a parameter
@@ -179,9 +181,10 @@ class Optimizer(torch.optim.Optimizer):
 
     def _storage_of(self, dtype):
         """The :class:`fastopt.precision.Storage` of this optimizer's parameters of the
-        torch ``dtype`` (``master_weights="float32"`` asks it of the 16-bit ones)."""
+        torch ``dtype`` (``master_weights="float32"`` or ``"remainder"`` asks it of the
+        16-bit ones)."""
         master_weights, state_dtype, stochastic_rounding, seed = self._formats
-        if master_weights == "float32" and dtype == torch.float32:
+        if master_weights in ("float32", "remainder") and dtype == torch.float32:
             master_weights = None
         storage = precision.Storage(self.algorithm, self.algorithm.state_names(),
                                     precision.DTYPES[_DTYPES[dtype]], master_weights,
@@ -233,8 +236,8 @@ class Optimizer(torch.optim.Optimizer):
                  if isinstance(value, torch.Tensor) and name not in _TORCH_SCALARS
                  and (name != MASTER or store.master)]
         views = [store.view(name, p) for store, p, name, _ in moves]
-        for (_, p, name, value), view in zip(moves, views):
-            _check_state(names[p], name, value, view, p.dtype)
+        for (store, p, name, value), view in zip(moves, views):
+            _check_state(names[p], name, value, view, _castable(store, name, p))
         for _, p in dropped:
             del self.state[p][MASTER]
         for (_, p, name, value), view in zip(moves, views):
@@ -363,7 +366,7 @@ class Optimizer(torch.optim.Optimizer):
                     if isinstance(value, torch.Tensor) and value is not slot.views.get(name)
                     and name not in _TORCH_SCALARS]
         for name, value, view in replaced:  # all checked before the first is copied
-            _check_state(self._name(p), name, value, view, p.dtype)
+            _check_state(self._name(p), name, value, view, _castable(store, name, p))
         for name, value, view in replaced:
             view.copy_(value)
             dict.__setitem__(state, name, view)
@@ -428,6 +431,8 @@ class Optimizer(torch.optim.Optimizer):
         for index, values in tensors.items():
             p = params[index]
             for name, value in values.items():
+                if name == MASTER:
+                    value = self._loaded_master(p, value)
                 self.state[p][name] = value.to(device=p.device, dtype=self._state_dtype_of(name, p))
         self._relayout()
 
@@ -452,6 +457,26 @@ class Optimizer(torch.optim.Optimizer):
                 if isinstance(value, torch.Tensor) and key not in _TORCH_SCALARS:
                     _check_state(name, key, value, self._state_shape(key, p), loading=True)
 
+    def _loaded_master(self, p, value):
+        """Loaded master weights of ``p`` in the kind its store keeps: float32 ones and
+        remainders (their low halves, as int16 bits) turn into each other through
+        ``p``'s bits (``precision.rebuild_master``)."""
+        remainder = self._storage_of(p.dtype).remainder
+        if remainder == (value.dtype == torch.int16) or p.dtype != torch.bfloat16:
+            return value
+        if value.dtype not in (torch.float32, torch.int16) or value.shape != p.shape:
+            raise ValueError(f"loaded state dict has {MASTER!r} of {value.dtype} "
+                             f"{tuple(value.shape)} for {self._name(p)}, whose master weights "
+                             f"are {_kept_dtype(self._storage_of(p.dtype), MASTER)} "
+                             f"{tuple(p.shape)}")
+        value = value.detach().cpu().contiguous().numpy()
+        if remainder:
+            low = (value.view(np.uint32) & 0xFFFF).astype(precision.REMAINDER_DTYPE)
+            return torch.from_numpy(low.view(np.int16))
+        bits = p.detach().cpu().contiguous().view(torch.int16).numpy()
+        return torch.from_numpy(precision.rebuild_master(bits.view(precision.codecs.BITS),
+                                                         value.view(precision.REMAINDER_DTYPE)))
+
     def _state_dtype_of(self, name, p):
         """The torch dtype in which the state tensor ``name`` of ``p`` is kept."""
         return _kept_dtype(self._storage_of(p.dtype), name)
@@ -466,8 +491,8 @@ class Optimizer(torch.optim.Optimizer):
 
 def _kept_dtype(storage, name):
     """The torch dtype in which a store of ``storage`` keeps its state buffer ``name``."""
-    if name == MASTER:
-        return torch.float32
+    if name == MASTER:  # a remainder's uint16 bits, as torch's int16
+        return torch.int16 if storage.remainder else torch.float32
     return _TORCH_DTYPES[precision.name_of(storage.state(name))]
 
 
@@ -562,6 +587,12 @@ def _is_dense(t):
             return False
         expected *= size
     return True
+
+
+def _castable(store, name, p):
+    """The dtype besides its own that ``p``'s state tensor ``name`` may be replaced with,
+    cast (``torch.zeros_like(p)``): ``p``'s, but for remainders, which are no values."""
+    return None if name == MASTER and store.storage.remainder else p.dtype
 
 
 def _check_state(param, name, value, expected, param_dtype=None, loading=False):
@@ -677,7 +708,10 @@ class _Store:
         for p, slot in zip(run.params, run.slots) if self.master else ():
             if MASTER not in slot.state:
                 view = self.view(MASTER, p)
-                view.copy_(p)
+                if self.storage.remainder:  # p is its master exactly
+                    view.zero_()
+                else:
+                    view.copy_(p)
                 dict.__setitem__(slot.state, MASTER, view)
 
     def table(self, run):

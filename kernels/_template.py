@@ -36,6 +36,10 @@ MAX_SUMS = MAX_PER_SEGMENT = 2
 
 FLOAT32 = np.dtype(np.float32)
 
+# The format of master weights ``w`` kept as the low halves of their float32 bits, which
+# with the bfloat16 ``p`` rebuild them (``codecs.bfloat16_rebuild``).
+REMAINDER = "remainder"
+
 # The elements of a segment that one CPU thread or one CUDA block takes at a time.
 SEGMENT_CHUNK = 1 << 14
 
@@ -60,7 +64,11 @@ class Pass(NamedTuple):
     ``p``, and the new value goes to ``w`` and, rounded, to ``p`` (in a segment pass
     ``w`` is laid out like the state).
     Where ``p`` no longer holds ``w`` rounded, someone wrote into it since the last
-    step, and the rule reads ``p`` instead: a write is never lost. With ``stochastic``,
+    step, and the rule reads ``p`` instead: a write is never lost. The format
+    ``("w", REMAINDER)`` keeps only the low 16 bits of the master weights, for a
+    bfloat16 ``p`` rounded with ties away from zero, which rebuilds them exactly
+    (``codecs.bfloat16_rebuild``; a write into ``p`` then reads as ``p`` plus the
+    remainder: within half a bfloat16 step of what was written). With ``stochastic``,
     the bfloat16 stores (but ``p``'s to master weights' rounding) round stochastically,
     on ``codecs.random_bits(key, first + index, buffer)``: the driver takes ``key`` and
     ``first`` (the index of its first element, of the state's first in a segment pass)
@@ -163,10 +171,15 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
         raise ValueError(f"rule {spec.rule} has no state {sorted(unknown)}")
     taken = arrays(rule, spec.present, spec.master)
     formats = dict(spec.formats)
+    master_format = formats.pop("w", None)
+    remainder = master_format == REMAINDER
     if set(formats) - set(taken) or set(formats.values()) - set(codecs.CODECS) or (
-            spec.master and formats.get("p") is None):
+            spec.master and formats.get("p") is None) or (
+            master_format not in (None, REMAINDER)) or (
+            remainder and (formats.get("p") != "bfloat16" or not spec.master)):
         raise ValueError(f"pass {spec} stores buffers it does not take, in formats it "
-                         "does not know, or master weights for a float32 p")
+                         "does not know, or master weights for a float32 p (a remainder "
+                         "for a bfloat16 one only)")
     writes = spec.writes if spec.writes is not None else tuple(
         n for n in results(rule) if n in taken)
     sums = tuple(spec.sums)
@@ -179,6 +192,8 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
 
     def body(at, index):
         def value(n):
+            if n == "p" and remainder:
+                return f"bfloat16_rebuild({at('p')}, {at('w')})"
             if n == "p" and spec.master:  # the master, unless p was written since
                 return (f"({at('w')} if {formats['p']}_store({at('w')}) == {at('p')} "
                         f"else {formats['p']}_load({at('p')}))")
@@ -206,9 +221,12 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
             if spec.stochastic and formats[n] == "bfloat16" and not (n == "p" and spec.master):
                 return (f"bfloat16_store_stochastic(new_{n}, "
                         f"random_bits(key, {index}, {taken.index(n)}))")
+            if n == "p" and remainder:
+                return "bfloat16_upper(new_p)"
             return f"{formats[n]}_store(new_{n})"
 
-        stores = [f"{at('w')} = new_p" for n in encoded if n == "p" and spec.master]
+        stores = [f"{at('w')} = {'bfloat16_remainder(new_p)' if remainder else 'new_p'}"
+                  for n in encoded if n == "p" and spec.master]
         stores += [f"{at(n)} = {encode(n)}" for n in encoded]
         return "; ".join([line] + stores + [f"total{j} += term{j}" for j in range(len(sums))])
 

@@ -82,6 +82,37 @@ def bfloat16_store_stochastic(x, random):
     return np.uint16(u32(bits + (u32(random) & u32(0xFFFF))) >> u32(16))
 
 
+def bfloat16_upper(x):
+    """The bfloat16 bits of the float32 ``x`` rounded to nearest, ties away from zero:
+    its upper half, plus one where its lower half (``bfloat16_remainder``) is 0x8000
+    or more. That rounding alone lets the two halves rebuild ``x``
+    (``bfloat16_rebuild``): a tie rounded to even could have come from either
+    neighbour."""
+    bits = np.float32(x).view(u32)
+    if x != x:
+        return np.uint16((bits >> u32(16)) | u32(0x40))
+    return np.uint16(u32(bits + u32(0x8000)) >> u32(16))
+
+
+def bfloat16_remainder(x):
+    """The lower 16 bits of the float32 ``x``, which ``bfloat16_upper`` drops."""
+    return np.uint16(np.float32(x).view(u32) & u32(0xFFFF))
+
+
+def bfloat16_rebuild(bits, remainder):
+    """The float32 whose ``bfloat16_upper`` is ``bits`` and whose ``bfloat16_remainder``
+    is ``remainder``: exactly the value they were taken from. A pair that no float32
+    gives (``bits`` written since, as a zero, an infinity or a NaN) reads as ``bits``."""
+    bits, remainder = u32(bits), u32(remainder)
+    carried = remainder >> u32(15)  # 1 where the upper half was rounded up
+    if carried > (bits & u32(0x7FFF)):  # nothing rounds up to a zero
+        return u32(bits << u32(16)).view(np.float32)
+    x = u32(u32(u32(bits - carried) << u32(16)) | remainder)
+    if (x & u32(0x7FFFFFFF)) > u32(0x7F800000):  # a NaN: one in bits, or an infinity's pair
+        return u32(bits << u32(16)).view(np.float32)
+    return x.view(np.float32)
+
+
 def random_bits(key, index, buffer):
     """32 random bits for element ``index`` (an int64) of buffer number ``buffer`` in the
     step whose ``key`` is ``rounding_key(seed, step)``: a counter-based hash (murmur3's
@@ -114,5 +145,7 @@ def compiled(compile):
     ``compile``."""
     return {**{f"{name}_{kind}": compile(function) for name, pair in CODECS.items()
                for kind, function in zip(("load", "store"), pair)},
-            "bfloat16_store_stochastic": compile(bfloat16_store_stochastic),
+            **{function.__name__: compile(function) for function in (
+                bfloat16_store_stochastic, bfloat16_upper, bfloat16_remainder,
+                bfloat16_rebuild)},
             "random_bits": compile(random_bits)}

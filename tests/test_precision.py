@@ -146,6 +146,110 @@ def test_a_write_into_the_16_bit_parameters_is_taken_not_lost():
 
 # -- 16-bit parameters without master weights, 16-bit state, float32 gradients --------
 
+# -- master weights kept as remainders ------------------------------------------------
+
+# Every finite bfloat16 magnitude in float64, ascending, and 2**128, where float32's
+# rounding puts the infinity.
+with np.errstate(invalid="ignore"):  # the NaN patterns
+    _MAGNITUDES = np.unique(np.arange(1 << 15, dtype=np.uint16).view(bf16).astype(np.float64))
+_MAGNITUDES = np.append(_MAGNITUDES[np.isfinite(_MAGNITUDES)], 2.0 ** 128)
+
+
+def nearest_ties_away(x):
+    """The bits of float32 ``x`` rounded to bfloat16, to nearest with ties away from
+    zero, found among the bfloat16 values in float64."""
+    x = np.asarray(x, np.float64)
+    above = np.minimum(np.searchsorted(_MAGNITUDES, np.abs(x)), _MAGNITUDES.size - 1)
+    below = np.maximum(above - 1, 0)
+    low, high = _MAGNITUDES[below], _MAGNITUDES[above]
+    magnitude = np.where(np.abs(x) - low < high - np.abs(x), low, high)
+    magnitude = np.where(np.abs(x) == low, low, magnitude)
+    with np.errstate(over="ignore"):
+        return bits(np.copysign(np.where(magnitude == 2.0 ** 128, np.inf, magnitude), x)
+                    .astype(bf16))
+
+
+def test_the_remainder_codecs_round_ties_away_and_rebuild_every_float32_exactly():
+    rng = np.random.default_rng(2)
+    every = np.arange(1 << 16, dtype=np.uint32)
+    values = np.concatenate([
+        rng.integers(0, 1 << 32, 1 << 20, dtype=np.uint64).astype(np.uint32),
+        every << 16, (every << 16) | 0x8000, (every << 16) | 0x7FFF, (every << 16) | 0x8001,
+        (every << 16) | 0xFFFF]).view(f32)
+    values = values[~np.isnan(values)]
+    upper = _compiled(codecs.bfloat16_upper, np.uint16)(values)
+    remainder = _compiled(codecs.bfloat16_remainder, np.uint16)(values)
+    np.testing.assert_array_equal(upper, nearest_ties_away(values))
+    np.testing.assert_array_equal(remainder, values.view(np.uint32) & 0xFFFF)
+
+    @njit
+    def rebuild(b, r):
+        return np.array([codecs_rebuild(b[i], r[i]) for i in range(b.size)], np.float32)
+    codecs_rebuild = njit(codecs.bfloat16_rebuild)
+    np.testing.assert_array_equal(rebuild(upper, remainder).view(np.uint32),
+                                  values.view(np.uint32))
+    np.testing.assert_array_equal(
+        fastopt.precision.rebuild_master(upper.view(bf16), remainder).view(np.uint32),
+        values.view(np.uint32))
+    # A zero, an infinity or a NaN written over a parameter reads as itself, or
+    # (an infinity's own pair) as the float32 that rounds to it.
+    written = np.array([0x0000, 0x8000, 0x7F80, 0xFF80, 0x7FC0, 0xFFC0], np.uint16)
+    for remainder in (0x0001, 0x8000, 0xFFFF):
+        remainders = np.full(written.size, remainder, np.uint16)
+        got = rebuild(written, remainders)
+        np.testing.assert_array_equal(nearest_ties_away(got[:4]), written[:4])
+        assert np.isnan(got[4:]).all()
+        np.testing.assert_array_equal(
+            fastopt.precision.rebuild_master(written.view(bf16), remainders).view(np.uint32),
+            got.view(np.uint32))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_remainders_step_bit_identically_to_float32_master_weights(case):
+    name, kwargs = case
+    n, rng = 1000, np.random.default_rng(3)
+    p0 = initial_params(15, n).astype(bf16)
+    # Master weights a little off their bfloat16 parameters, one in ten at an exact tie,
+    # where the two modes' parameters differ.
+    remainders = rng.integers(0, 1 << 16, n).astype(np.uint16)
+    remainders[::10] = 0x8000
+    master = fastopt.precision.rebuild_master(p0, remainders)
+    kept = getattr(fastopt, name)([p0.copy()], **kwargs, master_weights="float32")
+    kept.flat_params[:], kept.master_params[:] = rounded(master, bf16), master
+    halves = getattr(fastopt, name)([p0.copy()], **kwargs, master_weights="remainder")
+    assert halves.master_params.dtype == np.uint16 and not halves.master_params.any()
+    halves.flat_params[:], halves.master_params[:] = nearest_ties_away(master).view(bf16), remainders
+    assert (bits(kept.flat_params) != bits(halves.flat_params)).sum() >= n // 40  # the even ties
+    for g in gradients(15, n, steps=6):
+        kept.step(g.astype(bf16))
+        halves.step(g.astype(bf16))
+        np.testing.assert_array_equal(
+            fastopt.precision.rebuild_master(halves.flat_params, halves.master_params)
+            .view(np.uint32), kept.master_params.view(np.uint32))
+        np.testing.assert_array_equal(bits(halves.flat_params), nearest_ties_away(kept.master_params))
+        np.testing.assert_array_equal(bits(kept.flat_params), bits(rounded(kept.master_params, bf16)))
+        for key, value in kept.state.items():
+            if isinstance(value, np.ndarray):
+                np.testing.assert_array_equal(bits(halves.state[key]), bits(value), err_msg=key)
+    assert not np.array_equal(kept.master_params, master)  # it moved
+
+
+def test_a_write_into_parameters_with_remainders_is_taken_within_half_a_step():
+    p0 = np.linspace(-1, 1, 50).astype(bf16)
+    opt = fastopt.SGD([p0], lr=0.1, master_weights="remainder")
+    opt.step(np.full(50, 0.001, bf16))  # a master between the parameter's steps
+    assert opt.master_params.any()
+    written = np.linspace(3, 4, 50).astype(bf16)
+    opt.params[0][...] = written
+    opt.step(np.zeros(50, bf16))
+    master = fastopt.precision.rebuild_master(opt.flat_params, opt.master_params)
+    np.testing.assert_array_equal(bits(opt.flat_params), bits(written))
+    np.testing.assert_allclose(master, written.astype(f32), rtol=2.0 ** -8)
+    opt.params[0][:5] = 0  # a zero the remainders cannot round to reads as zero
+    opt.step(np.zeros(50, bf16))
+    np.testing.assert_array_equal(opt.flat_params[:5].astype(f32), 0)
+
+
 @pytest.mark.parametrize("half", sorted(HALVES))
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_16_bit_parameters_without_master_round_every_step(case, half):
@@ -301,6 +405,32 @@ def test_a_checkpoint_resumes_16_bit_parameters_master_and_state_bitwise(tmp_pat
         np.testing.assert_array_equal(opt.master_params, straight.master_params)
 
 
+def test_a_checkpoint_resumes_remainders_bitwise_and_refuses_float32_master_weights(tmp_path):
+    def make(master_weights="remainder"):
+        return fastopt.Lion({"w": initial_params(16, 600).astype(bf16)}, lr=1e-3,
+                            master_weights=master_weights)
+    grads = [g.astype(bf16) for g in gradients(16, 600, steps=6)]
+    straight, first = make(), make()
+    for g in grads:
+        straight.step(g)
+    for g in grads[:3]:
+        first.step(g)
+    fastopt.save(first, tmp_path / "ck.npz")
+    resumed, rebuilt = make(), fastopt.load(tmp_path / "ck.npz")
+    resumed.load(tmp_path / "ck.npz")
+    assert rebuilt.master_params.dtype == np.uint16
+    for opt in (resumed, rebuilt):
+        for g in grads[3:]:
+            opt.step(g)
+        assert snapshot_bits(opt) == snapshot_bits(straight)
+        np.testing.assert_array_equal(opt.master_params, straight.master_params)
+    other = make("float32")
+    before = snapshot_bits(other)
+    with pytest.raises(ValueError, match="formats differ.*master_weights 'remainder'"):
+        other.load(tmp_path / "ck.npz")
+    assert snapshot_bits(other) == before
+
+
 @pytest.mark.parametrize("other", [dict(state_dtype="float32"), dict(master_weights=None)])
 def test_a_checkpoint_of_other_formats_is_refused_and_changes_nothing(tmp_path, other):
     saved = fastopt.Adam([initial_params(13, 50).astype(bf16)], state_dtype="bfloat16")
@@ -327,7 +457,6 @@ def test_a_float32_checkpoint_does_not_load_into_bfloat16_parameters(tmp_path):
 # -- bad input ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(master_weights="remainder"), ValueError, "'remainder' is not supported yet"),
     (dict(master_weights="fp32"), ValueError, "master_weights must be one of"),
     (dict(master_weights=True), ValueError, "master_weights must be one of"),
     (dict(state_dtype="int8"), ValueError, "int8 state is not supported yet"),
@@ -345,6 +474,10 @@ def test_unknown_formats_are_refused(kwargs, error, match):
 def test_master_weights_for_float32_parameters_are_refused():
     with pytest.raises(ValueError, match="float32 already"):
         fastopt.Adam([np.zeros(3, f32)], master_weights="float32")
+    with pytest.raises(ValueError, match="float32 already"):
+        fastopt.Adam([np.zeros(3, f32)], master_weights="remainder")
+    with pytest.raises(ValueError, match="float16 parameters need 'float32'"):
+        fastopt.Adam([np.zeros(3, f16)], master_weights="remainder")
     assert fastopt.Adam([np.zeros(3, f32)], master_weights="auto").master_params is None
 
 

@@ -249,3 +249,77 @@ def test_stochastic_rounding_with_nothing_to_round_is_refused():
         ft.Adam(params(torch.float32), stochastic_rounding=True)
     with pytest.raises(ValueError, match="nothing to round"):
         ft.Adam(params(torch.bfloat16), stochastic_rounding=True)  # master weights, fp32 state
+
+
+def _rebuilt(p, remainders):
+    """The float32 master weights of the bfloat16 ``p`` and its int16 ``remainders``."""
+    return torch.from_numpy(fastopt.precision.rebuild_master(
+        p.detach().view(torch.int16).numpy().view(np.uint16),
+        remainders.numpy().view(np.uint16)))
+
+
+def _ties(master):
+    """Where the float32 ``master`` lies exactly halfway between two bfloat16 values."""
+    return (master.view(torch.int32) & 0xFFFF) == 0x8000
+
+
+@pytest.mark.parametrize("name, kwargs", [("AdamW", dict(lr=1e-2)),
+                                          ("SGD", dict(lr=0.05, momentum=0.9)),
+                                          ("LAMB", dict(lr=1e-2))])
+def test_remainders_step_the_model_as_float32_master_weights_do(name, kwargs):
+    kept, halves = params(torch.bfloat16, seed=6), params(torch.bfloat16, seed=6)
+    norm_kept, norm_halves = (torch.nn.Parameter(torch.ones(16)) for _ in range(2))
+    opt_kept = getattr(ft, name)(kept + [norm_kept], **kwargs, master_weights="float32")
+    opt_halves = getattr(ft, name)(halves + [norm_halves], **kwargs, master_weights="remainder")
+    for step in range(8):
+        for p, q, g in zip(kept + [norm_kept], halves + [norm_halves],
+                           grads_for(kept + [norm_kept], step)):
+            p.grad, q.grad = g, g.clone()
+        opt_kept.step()
+        opt_halves.step()
+    for p, q in zip(kept, halves):
+        remainders, master = opt_halves.state[q]["master"], opt_kept.state[p]["master"]
+        assert remainders.dtype == torch.int16 and remainders.shape == q.shape
+        assert torch.equal(_rebuilt(q, remainders).view(torch.int32), master.view(torch.int32))
+        assert torch.equal(p[~_ties(master)], q[~_ties(master)])
+        for key, value in opt_kept.state[p].items():
+            if key != "master":
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt_halves.state[q][key]))
+    assert "master" not in opt_halves.state[norm_halves]
+    assert torch.equal(norm_kept, norm_halves)
+
+
+def test_state_dicts_carry_master_weights_between_float32_and_remainders():
+    kept, halves = params(torch.bfloat16, seed=7), params(torch.bfloat16, seed=7)
+    opt_kept = ft.Adam(kept, lr=1e-2, master_weights="float32")
+    opt_halves = ft.Adam(halves, lr=1e-2, master_weights="remainder")
+    for step in range(3):
+        for p, q, g in zip(kept, halves, grads_for(kept, step)):
+            p.grad, q.grad = g, g.clone()
+        opt_kept.step()
+        opt_halves.step()
+    saved = copy.deepcopy(opt_halves.state_dict())
+    assert saved["state"][0]["master"].dtype == torch.int16
+    # Remainders into float32 master weights: rebuilt from the parameters, exactly.
+    into_kept = [torch.nn.Parameter(q.detach().clone()) for q in halves]
+    opt = ft.Adam(into_kept, lr=1e-2, master_weights="float32")
+    opt.load_state_dict(saved)
+    for p, q in zip(into_kept, halves):
+        assert torch.equal(opt.state[p]["master"], _rebuilt(q, opt_halves.state[q]["master"]))
+    # Float32 master weights into remainders: their low halves, which rebuild them from
+    # the parameters but at the ties, where float32's parameters were rounded to even.
+    into_halves = [torch.nn.Parameter(p.detach().clone()) for p in kept]
+    opt = ft.Adam(into_halves, lr=1e-2, master_weights="remainder")
+    opt.load_state_dict(opt_kept.state_dict())
+    for p, q in zip(kept, into_halves):
+        master = opt_kept.state[p]["master"]
+        rebuilt = _rebuilt(q, opt.state[q]["master"])
+        assert opt.state[q]["master"].dtype == torch.int16
+        assert torch.equal(rebuilt[~_ties(master)], master[~_ties(master)])
+        torch.testing.assert_close(rebuilt, master, rtol=2.0 ** -7, atol=0)
+    # A replaced remainder must be a remainder: a parameter-dtype tensor is no value to cast.
+    opt.state[into_halves[0]]["master"] = torch.zeros_like(into_halves[0])
+    for q in into_halves:
+        q.grad = torch.ones_like(q)
+    with pytest.raises(TypeError, match="'master'.*keeps it in torch.int16"):
+        opt.step()

@@ -79,6 +79,14 @@ class Optimizer:
       rounding (to nearest even). A parameter written since the last step (it no longer
       holds its master rounded) starts from the written value. None updates 16-bit
       parameters directly; ``"float32"`` asks for the master explicitly.
+      ``"remainder"`` (bfloat16 parameters) keeps only the low 16 bits of the float32
+      master (2 bytes a parameter where ``"float32"`` keeps 4), which the parameter's
+      bits complete: the master, the state and so every step are bit-identical to
+      ``"float32"``'s, but the parameter is the master rounded to nearest with ties
+      away from zero, which differs from ``"float32"``'s ties to even at exact ties
+      (about one element in 65536 a step, by one bfloat16 step). A parameter written
+      since the last step starts from the written value plus the remainder, within
+      half a bfloat16 step of it.
     - ``state_dtype="float32"``, ``"bfloat16"`` or a dict of them by state buffer.
     - ``grad_dtype=None`` (the parameters' dtype), or ``"float32"``, ``"bfloat16"`` or
       ``"float16"`` (float32 gradients for 16-bit parameters, say).
@@ -105,7 +113,9 @@ class Optimizer:
             instead, ``opt.params["w"][...] = array``.
         flat_params, flat_grads: the 1-D buffers the kernel updates (float32, or the
             16-bit dtype of the parameters and ``grad_dtype``).
-        master_params: the 1-D float32 master weights of 16-bit parameters, or None.
+        master_params: the 1-D float32 master weights of 16-bit parameters, their low
+            halves as uint16 with ``master_weights="remainder"``
+            (:func:`fastopt.precision.rebuild_master` gives the float32 values), or None.
         param_groups: a list of dicts, one per group, holding the group's ``params``
             (views, fixed at construction) and its hyperparameters; change them between
             steps (``opt.param_groups[0]["lr"] = 1e-4``) and the next step uses the new
@@ -150,7 +160,10 @@ class Optimizer:
         self.skip_nonfinite = skip_nonfinite
         self.defaults = dict(defaults)
         self.master_params = None
-        if self._storage.master:
+        if self._storage.remainder:  # the master weights equal the parameters
+            self.master_params = self._backend.zeros(self.flat_params.size,
+                                                     self._storage.master_dtype)
+        elif self._storage.master:
             self.master_params = self.flat_params.astype(FLOAT32)
         names = [layout.prefix for layout in self._layouts]  # "params" or "params[i]"
         param_views = [layout.views(self.flat_params, name)
@@ -398,7 +411,7 @@ class Optimizer:
         if not storage.has_16_bit:  # float32: nothing to look up
             self._backend.run(rule, tuple(spec), buffers, prep, h, self.spec.keeps_subnormals)
             return
-        formats = tuple((name, storage.formats[name]) for name in ("p", "g", *spec)
+        formats = tuple((name, storage.formats[name]) for name in ("p", "g", "w", *spec)
                         if name in storage.formats)
         rounding = (storage.key(step), start) if storage.stochastic else None
         self._backend.run(rule, tuple(spec), buffers, prep, h, self.spec.keeps_subnormals,

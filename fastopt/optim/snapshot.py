@@ -70,7 +70,7 @@ def _validated(opt, snapshot):
                             if opt.master_params is None else
                             "the optimizer keeps master weights, which it does not hold"))
     if snapshot.master is not None:
-        arrays["master"] = (snapshot.master, size, np.dtype(np.float32))
+        arrays["master"] = (snapshot.master, size, opt._storage.master_dtype)
     theirs, ours = _storage(opt, snapshot.storage), opt._storage.record()
     differ = [key for key in ("master_weights", "state_dtype", "stochastic_rounding")
               if theirs[key] != ours[key]]
@@ -325,7 +325,7 @@ def _storage(opt, record):
 def _checked_storage(record):
     fields = {"master_weights", "state_dtype", "grad_dtype", "stochastic_rounding", "seed"}
     if not (isinstance(record, dict) and set(record) == fields
-            and record["master_weights"] in ("float32", None)
+            and record["master_weights"] in ("float32", "remainder", None)
             and isinstance(record["state_dtype"], dict)
             and all(isinstance(value, str) for value in record["state_dtype"].values())
             and isinstance(record["grad_dtype"], str)
