@@ -189,7 +189,7 @@ class HostBackend:
             master=False, rounding=None):
         """One pass of ``rule`` over ``buffers`` (``_template.arrays(rule, present,
         master)``), stored in ``formats`` (``_template.Pass.formats``), rounding its
-        bfloat16 stores stochastically with ``rounding = (key, first)`` (see
+        16-bit stores stochastically with ``rounding = (key, first)`` (see
         ``_template.Pass.stochastic``); ``keep_subnormals`` where the rule's result hangs
         on subnormal numbers, which the kernels otherwise flush."""
         kernels = self._kernels

@@ -38,7 +38,7 @@ def formats(names, arrays):
                  if a.dtype != FLOAT32)
 
 
-NOTHING_TO_ROUND = ("stochastic_rounding=True has nothing to round: it rounds bfloat16 "
+NOTHING_TO_ROUND = ("stochastic_rounding=True has nothing to round: it rounds 16-bit "
                     "parameters without master weights (master_weights=None) and bfloat16 "
                     "state")
 
@@ -55,9 +55,6 @@ def _rounding(storage, stochastic_rounding, seed):
         return False, int(seed)
     rounded = [name for name, fmt in storage.formats.items()
                if name not in ("g", "w") and not (name == "p" and storage.master)]
-    if storage.formats.get("p") == "float16" and not storage.master:
-        raise ValueError("stochastic_rounding rounds bfloat16 only, for now: float16 "
-                         "parameters need master weights")
     return bool(rounded), int(seed)  # False where there is nothing to round
 
 
@@ -90,10 +87,10 @@ class Storage:
 
     ``master_weights``: ``"auto"`` (float32 master weights where the parameters are
     16-bit), ``"float32"``, ``"remainder"`` (bfloat16 parameters: only the low 16 bits of
-    float32 master weights, see :func:`rebuild_master`) or None. ``state_dtype``: a name of ``STATE_DTYPES``, or a
-    dict of them by state buffer. ``grad_dtype``: None (the parameters' dtype) or a
-    name of ``DTYPES``. ``stochastic_rounding``: round the bfloat16 values stored
-    without master weights (parameters with ``master_weights=None``, state)
+    float32 master weights, see :func:`rebuild_master`) or None. ``state_dtype``: a
+    name of ``STATE_DTYPES``, or a dict of them by state buffer. ``grad_dtype``: None
+    (the parameters' dtype) or a name of ``DTYPES``. ``stochastic_rounding``: round the
+    16-bit values stored without master weights (parameters with ``master_weights=None``, bfloat16 state)
     stochastically, on random bits of ``(seed, step, element)`` (``codecs.random_bits``),
     so that small updates survive in expectation. ``state_names`` are the state buffers
     of ``algorithm`` (a class, named in messages)."""

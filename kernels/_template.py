@@ -69,7 +69,7 @@ class Pass(NamedTuple):
     bfloat16 ``p`` rounded with ties away from zero, which rebuilds them exactly
     (``codecs.bfloat16_rebuild``; a write into ``p`` then reads as ``p`` plus the
     remainder: within half a bfloat16 step of what was written). With ``stochastic``,
-    the bfloat16 stores (but ``p``'s to master weights' rounding) round stochastically,
+    the 16-bit stores (but ``p``'s to master weights' rounding) round stochastically,
     on ``codecs.random_bits(key, first + index, buffer)``: the driver takes ``key`` and
     ``first`` (the index of its first element, of the state's first in a segment pass)
     before ``parallel``.
@@ -218,8 +218,8 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
         def encode(n):
             # A buffer's random stream is its place among the driver's arrays: a change of
             # that order changes the bits of every stochastic run (and its resumption).
-            if spec.stochastic and formats[n] == "bfloat16" and not (n == "p" and spec.master):
-                return (f"bfloat16_store_stochastic(new_{n}, "
+            if spec.stochastic and not (n == "p" and spec.master):
+                return (f"{formats[n]}_store_stochastic(new_{n}, "
                         f"random_bits(key, {index}, {taken.index(n)}))")
             if n == "p" and remainder:
                 return "bfloat16_upper(new_p)"

@@ -82,6 +82,31 @@ def bfloat16_store_stochastic(x, random):
     return np.uint16(u32(bits + (u32(random) & u32(0xFFFF))) >> u32(16))
 
 
+# float16's subnormal step, 2**-24, as a factor that scales it to 1.
+_HALF_SUBNORMAL_STEPS = np.float32(2.0 ** 24)
+
+
+def float16_store_stochastic(x, random):
+    """The float16 bits of the float32 ``x`` rounded stochastically: up (in magnitude)
+    with the probability of its dropped bits over their range, which ``random`` (any
+    uint32, of which the low 13 bits count, and 16 below float16's normal numbers)
+    decides; so the rounding is unbiased. Beyond float16's largest number it rounds
+    up into the infinity with that probability too."""
+    bits = np.float32(x).view(u32)
+    sign = u32((bits >> u32(16)) & u32(0x8000))
+    magnitude = u32(bits & u32(0x7FFFFFFF))
+    if magnitude > u32(0x7F800000):  # NaN
+        return np.uint16(sign | u32(0x7E00))
+    if magnitude >= u32(143 << 23):  # 65536 and beyond, infinity included
+        return np.uint16(sign | u32(0x7C00))
+    if magnitude < u32(113 << 23):  # below 2**-14: a multiple of 2**-24, the rest by chance
+        steps = magnitude.view(np.float32) * _HALF_SUBNORMAL_STEPS  # exact
+        whole = np.floor(steps)
+        up = (steps - whole) * np.float32(65536) > np.float32(u32(random) & u32(0xFFFF))
+        return np.uint16(sign | u32(u32(whole) + u32(up)))
+    return np.uint16(sign | ((magnitude - _REBIAS + (u32(random) & u32(0x1FFF))) >> u32(13)))
+
+
 def bfloat16_upper(x):
     """The bfloat16 bits of the float32 ``x`` rounded to nearest, ties away from zero:
     its upper half, plus one where its lower half (``bfloat16_remainder``) is 0x8000
@@ -146,6 +171,6 @@ def compiled(compile):
     return {**{f"{name}_{kind}": compile(function) for name, pair in CODECS.items()
                for kind, function in zip(("load", "store"), pair)},
             **{function.__name__: compile(function) for function in (
-                bfloat16_store_stochastic, bfloat16_upper, bfloat16_remainder,
+                bfloat16_store_stochastic, float16_store_stochastic, bfloat16_upper, bfloat16_remainder,
                 bfloat16_rebuild)},
             "random_bits": compile(random_bits)}

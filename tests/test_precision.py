@@ -520,6 +520,46 @@ def test_stochastic_rounding_is_unbiased_where_rounding_to_nearest_is_not():
     assert abs(nearest.astype(np.float64).mean() - exact) > 1e-3
 
 
+# Every finite float16 magnitude in float64, ascending, and 65536 for the infinity.
+with np.errstate(invalid="ignore"):  # the NaN patterns
+    _HALF_MAGNITUDES = np.unique(np.arange(1 << 15, dtype=np.uint16).view(f16).astype(np.float64))
+_HALF_MAGNITUDES = np.append(_HALF_MAGNITUDES[np.isfinite(_HALF_MAGNITUDES)], 65536.0)
+
+
+def test_float16_stochastic_rounding_is_unbiased_over_every_random_draw():
+    rng = np.random.default_rng(8)
+    normal = rng.uniform(2.0 ** -14, 65504, 300).astype(f32)
+    subnormal = rng.uniform(0, 2.0 ** -14, 300).astype(f32)
+    values = np.concatenate([normal, -normal, subnormal, -subnormal,
+                             f32([65504, 65510, 65535.9, 2.0 ** -24, 3 * 2.0 ** -26, 0.0, 1.0])])
+    store = njit(inline="always", error_model="numpy")(codecs.float16_store_stochastic)
+
+    @njit(error_model="numpy")
+    def every_rounding(x):  # over every value of the 16 random bits that count
+        return np.array([store(x, np.uint32(r)) for r in range(1 << 16)], np.uint16)
+
+    for x in values:
+        got = every_rounding(x).view(f16).astype(np.float64)
+        assert (np.sign(got[got != 0]) == np.sign(x)).all()
+        magnitudes = np.where(np.isinf(got), 65536.0, np.abs(got))
+        m = abs(np.float64(x))
+        low = _HALF_MAGNITUDES[np.searchsorted(_HALF_MAGNITUDES, m, "right") - 1]
+        high = low if low == m else _HALF_MAGNITUDES[np.searchsorted(_HALF_MAGNITUDES, m)]
+        assert set(np.unique(magnitudes)) <= {low, high}, x
+        # The mean over every draw is x itself: exactly where float16 drops 13 bits (each
+        # 13-bit draw comes 8 times), to 2**-16 of a step below its normal numbers.
+        tolerance = 0.0 if m >= 2.0 ** -14 else (high - low) * 2.0 ** -16
+        assert abs(magnitudes.mean() - m) <= tolerance, x
+
+
+def test_float16_parameters_without_master_weights_round_stochastically_unbiased():
+    n, exact = 100_000, 1.0 + 2.0 ** -12  # a quarter of the way from float16's 1.0 up
+    opt = fastopt.SGD([np.ones(n, f16)], lr=1.0, master_weights=None, stochastic_rounding=True)
+    opt.step(np.full(n, 1.0 - exact, f16))
+    assert abs(opt.flat_params.astype(np.float64).mean() - exact) < 6e-6  # 4.5 sigma; nearest: 2.4e-4
+    assert set(np.unique(opt.flat_params)) == {np.float16(1.0), np.float16(1.0009765625)}
+
+
 def test_stochastic_rounding_gives_the_same_bits_for_any_threads_groups_and_front():
     n = 3 * cpu.PARALLEL_MIN_SIZE + 17
     p0 = initial_params(15, n).astype(bf16)
@@ -578,7 +618,6 @@ def test_a_checkpoint_resumes_stochastic_rounding_bitwise_and_refuses_another(tm
 
 
 @pytest.mark.parametrize("params, kwargs, error, match", [
-    (np.ones(4, f16), dict(master_weights=None), ValueError, "bfloat16 only"),
     (np.ones(4, bf16), {}, ValueError, "nothing to round"),
     (np.ones(4, f32), {}, ValueError, "nothing to round"),
     (np.ones(4, bf16), dict(master_weights=None, seed=-1), ValueError, "seed must be in"),

@@ -208,8 +208,8 @@ def test_bfloat16_state_of_float32_parameters_survives_its_own_and_torchs_state_
 
 def test_a_group_whose_parameters_cannot_be_stored_is_refused_and_not_kept():
     ps = params(torch.bfloat16)
-    opt = ft.SGD(ps, lr=0.1, master_weights=None, stochastic_rounding=True)
-    with pytest.raises(ValueError, match="float16 parameters need master weights"):
+    opt = ft.SGD(ps, lr=0.1, master_weights="remainder")
+    with pytest.raises(ValueError, match="float16 parameters need 'float32'"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(3, dtype=torch.float16))]})
     assert len(opt.param_groups) == 1
     for p, g in zip(ps, grads_for(ps, 0)):

@@ -142,7 +142,7 @@ class Work:
         master_weights: the float32 master weights of 16-bit parameters, laid out like
             the state, or None.
         key: the step's rounding key (``codecs.rounding_key``) where ``stochastic``:
-            the bfloat16 stores round stochastically.
+            the 16-bit stores round stochastically.
     """
 
     def __init__(self, backend, tensors, shapes, segments, state, present, state_starts,

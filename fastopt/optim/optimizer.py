@@ -90,8 +90,8 @@ class Optimizer:
     - ``state_dtype="float32"``, ``"bfloat16"`` or a dict of them by state buffer.
     - ``grad_dtype=None`` (the parameters' dtype), or ``"float32"``, ``"bfloat16"`` or
       ``"float16"`` (float32 gradients for 16-bit parameters, say).
-    - ``stochastic_rounding=False``, ``seed=0``: round the bfloat16 values stored without
-      master weights (the parameters with ``master_weights=None``, the state)
+    - ``stochastic_rounding=False``, ``seed=0``: round the 16-bit values stored without
+      master weights (the parameters with ``master_weights=None``, bfloat16 state)
       stochastically, unbiased, on a hash of (seed, step, element index): the same bits
       for any thread count.
 
