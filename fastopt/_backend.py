@@ -186,12 +186,13 @@ class HostBackend:
         return np.may_share_memory(a, b)
 
     def run(self, rule, present, buffers, prep, h, keep_subnormals=False, formats=(),
-            master=False, rounding=None):
+            master=False, rounding=None, blocks=()):
         """One pass of ``rule`` over ``buffers`` (``_template.arrays(rule, present,
         master)``), stored in ``formats`` (``_template.Pass.formats``), rounding its
         16-bit stores stochastically with ``rounding = (key, first)`` (see
         ``_template.Pass.stochastic``); ``keep_subnormals`` where the rule's result hangs
-        on subnormal numbers, which the kernels otherwise flush."""
+        on subnormal numbers, which the kernels otherwise flush. ``blocks`` are the
+        block table and the absmax and small arrays of 8-bit state (``kernels.cpu.kernel``)."""
         kernels = self._kernels
         if formats:
             kernel = kernels.kernel(*Pass(rule, present, formats=formats, master=master,
@@ -200,7 +201,8 @@ class HostBackend:
         else:
             kernel = kernels.kernel(rule, present)
         self._call(kernel, buffers[0].size, *buffers, float32s(prep), float32s(h),
-                   *(rounding or ()), flush=kernels.FLUSH_DENORMALS and not keep_subnormals)
+                   *(rounding or ()), *blocks,
+                   flush=kernels.FLUSH_DENORMALS and not keep_subnormals)
 
     def segments(self, sizes, state_starts, tensor=None, offsets=None):
         """:class:`Segments` of ``sizes`` elements, each a whole tensor of the launch
@@ -354,7 +356,7 @@ class CudaBackend:
         return a_start < b_end and b_start < a_end
 
     def run(self, rule, present, buffers, prep, h, keep_subnormals=False, formats=(),
-            master=False, rounding=None):
+            master=False, rounding=None, blocks=()):
         kernels = self._kernels
         # keep_subnormals: CUDA keeps them (the kernels set no flush-to-zero mode); its
         # buffers are float32 (see zeros), so formats stays empty, and rounding None.

@@ -24,6 +24,7 @@ whose per-round ratios disagree by more than ``NOISY`` of their median is marked
 """
 
 import functools
+import importlib
 import inspect
 import json
 import math
@@ -337,6 +338,9 @@ PRECISION_FORMATS = {
     "bf16 + remainder": ("bfloat16", dict(master_weights="remainder")),
     "bf16 + remainder, bf16 state": ("bfloat16", dict(master_weights="remainder",
                                                       state_dtype="bfloat16")),
+    "float32, int8 state": ("float32", dict(state_dtype="int8")),
+    "bf16 + remainder, int8 state": ("bfloat16", dict(master_weights="remainder",
+                                                      state_dtype="int8")),
     "bf16, no master": ("bfloat16", dict(master_weights=None)),
     "bf16, no master, bf16 state": ("bfloat16", dict(master_weights=None,
                                                      state_dtype="bfloat16")),
@@ -351,7 +355,7 @@ def moved_bytes(opt):
     parameter written since the last step is taken.)"""
     master = 0 if opt.master_params is None else opt.master_params.itemsize
     return (2 * opt.flat_params.itemsize + opt.flat_grads.itemsize + 2 * master
-            + 2 * sum(a.itemsize for a in _state_buffers(opt)))
+            + 2 * sum(a.nbytes for a in _state_buffers(opt)) / opt.flat_params.size)
 
 
 def resident_bytes(opt):
@@ -366,11 +370,17 @@ def _state_buffers(opt):
 
 def format_contenders(name, n):
     """``(steps, optimizers)``: a step of ``name`` in every format of
-    ``PRECISION_FORMATS`` over ``n`` parameters, the triad, and torch's fused step in
-    float32 and bfloat16 where torch has one."""
+    ``PRECISION_FORMATS`` over ``n`` parameters (int8 state where every state buffer
+    of it is a moving average), the triad, torch's fused step in float32 and bfloat16
+    where torch has one, and for Adam and AdamW the 8-bit optimizers of bitsandbytes and
+    torchao where they are installed."""
     p0, g0 = _data(n)
     optimizers = {}
+    algorithm = getattr(fastopt, name)
+    averages_only = set(algorithm.state_names()) <= set(algorithm.spec.averages)
     for label, (dtype, options) in PRECISION_FORMATS.items():
+        if options.get("state_dtype") == "int8" and not averages_only:
+            continue
         opt = getattr(fastopt, name)([p0.astype(fastopt.precision.DTYPES[dtype])],
                                      **ALGORITHMS[name], **options)
         opt.flat_grads[...] = g0.astype(opt.flat_grads.dtype)
@@ -391,7 +401,25 @@ def format_contenders(name, n):
             param = torch.nn.Parameter(torch.from_numpy(p0.copy()).to(dtype))
             param.grad = torch.from_numpy(g0.copy()).to(dtype)
             steps[label] = torch_class([param], **ALGORITHMS[name], fused=True).step
+    if torch and name in ("Adam", "AdamW"):
+        steps.update(_eight_bit_peers(torch, name, p0, g0))
     return steps, optimizers
+
+
+def _eight_bit_peers(torch, name, p0, g0):
+    """The steps of bitsandbytes' and torchao's 8-bit Adam (AdamW) on the CPU, by label,
+    for those installed."""
+    peers = {}
+    for label, module in (("bitsandbytes 8-bit", "bitsandbytes.optim"),
+                          ("torchao 8-bit", "torchao.optim")):
+        try:
+            cls = getattr(importlib.import_module(module), f"{name}8bit")
+        except Exception:  # not installed, or it fails to load next to this torch
+            continue
+        param = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+        param.grad = torch.from_numpy(g0.copy())
+        peers[label] = cls([param], **ALGORITHMS[name]).step
+    return peers
 
 
 def format_rows(name, n, times, optimizers):
@@ -426,7 +454,7 @@ def format_precision_table(records):
         triad, fused = r["triad_percent"], r["vs_torch_fused"]
         lines.append(
             f"{r['algorithm']:9s} {r['size']:7.0e} {r['format']:30s} "
-            f"{moves or '-':>8} {(f'{keeps:.1f}' if keeps else '-'):>8s} "
+            f"{(f'{moves:.1f}' if moves else '-'):>8s} {(f'{keeps:.1f}' if keeps else '-'):>8s} "
             f"{_duration(r['median_s']):>10s} {(f'{triad:.0f}%' if triad else '-'):>8s} "
             f"{r['vs_float32']:7.2f}x {(f'{fused:.2f}x' if fused else '-'):>9s}")
     return "\n".join(lines)

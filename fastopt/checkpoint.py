@@ -15,14 +15,17 @@ The file (format version 3) is an uncompressed NumPy ``.npz`` archive holding:
   host state such as NAdam's ``mu_product``), ``started`` (the state buffers each group
   has begun), ``layout`` (per group: the parameter names or None, their shapes and
   offsets in the flat buffer), ``buffers`` (the names of the arrays below),
-  ``formats`` (the arrays kept in 16 bits, by name: ``"bfloat16"``, ``"float16"``, or
-  ``"uint16"`` for the low halves of master weights; the file holds their bits as uint16), ``storage`` (the optimizer's storage options:
+  ``formats`` (the arrays not kept in float32, by name: ``"bfloat16"`` or ``"float16"``,
+  which the file holds as their bits, uint16; ``"uint16"`` for the low halves of master
+  weights and ``"uint8"`` for the codes of 8-bit state, held as they are), ``storage`` (the optimizer's storage options:
   ``master_weights``, ``state_dtype`` by buffer, ``grad_dtype``, ``stochastic_rounding``
   and ``seed``) and ``sha256``, the checksum;
 - ``params``: the flat parameters (float32, or 16-bit);
 - ``master``: the master weights of 16-bit parameters, where they are kept: float32, or
   their low halves (uint16) with ``master_weights="remainder"``;
-- ``state.<name>``: each flat state buffer (float32 or bfloat16).
+- ``state.<name>``: each flat state buffer (float32 or bfloat16; for 8-bit state, its
+  uint8 codes, with ``state.<name>_absmax`` and ``state.<name>_small``, see
+  ``fastopt.optim.optimizer.Blocks``).
 
 **The checksum** covers every field. It is the SHA-256 of a sequence of parts: first
 the part ``meta``, the record without ``sha256`` as canonical JSON
@@ -110,9 +113,10 @@ _SNAPSHOT_FIELDS = [field.name for field in dataclasses.fields(Snapshot)
 _FIELDS = {"format", "version", "buffers", "sha256", "formats", *_SNAPSHOT_FIELDS}
 _ADDED = {"formats": 3, "storage": 3}  # the fields a version added, with that version
 # The 16-bit formats an array may be kept in, which a file holds as their bits.
-FORMATS = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16),
-           "uint16": np.dtype(np.uint16)}
+FORMATS = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 _BITS = np.dtype(np.uint16)
+# The integer arrays a file holds as they are: master remainders and 8-bit codes.
+INTEGERS = {"uint16": _BITS, "uint8": np.dtype(np.uint8)}
 
 # Temporary files are named after the saving process and machine, so that a later save
 # can tell the orphans of killed processes from the files of saves still running.
@@ -253,8 +257,8 @@ def save(opt, path):
 def _write(file, checkpoint):
     meta = np.frombuffer(json.dumps(checkpoint["meta"]).encode(), np.uint8)
     formats = checkpoint["meta"]["formats"]  # .npy knows no bfloat16: their bits go
-    np.savez(file, meta=meta, **{name: array.view(_BITS) if name in formats else array
-                                 for name, array in checkpoint["arrays"].items()})
+    np.savez(file, meta=meta, **{name: array.view(_BITS) if formats.get(name) in FORMATS
+                                 else array for name, array in checkpoint["arrays"].items()})
 
 
 def _remove_orphans(folder):
@@ -307,10 +311,14 @@ def read(path):
     formats = meta.get("formats", {})
     for key, value in formats.items() if isinstance(formats, dict) else ():
         array = contents.get(key)
+        if isinstance(value, str) and value in INTEGERS and array is not None and \
+                array.dtype == INTEGERS[value]:
+            continue
         if not isinstance(value, str) or value not in FORMATS or array is None or \
                 array.dtype != _BITS:
             raise ValueError(f"{name} holds an array {key!r} in the format {value!r}, which "
-                             f"is not the bits of one of {sorted(FORMATS)}")
+                             f"is not the bits of one of {sorted(FORMATS)} nor one of "
+                             f"{sorted(INTEGERS)}")
         contents[key] = array.view(FORMATS[value])
     return {"meta": meta, "arrays": contents}
 

@@ -15,10 +15,16 @@ from .kernels._template import REMAINDER
 FLOAT32 = np.dtype(np.float32)
 DTYPES = {"float32": FLOAT32, "bfloat16": np.dtype(ml_dtypes.bfloat16),
           "float16": np.dtype(np.float16)}
-STATE_DTYPES = ("float32", "bfloat16")
+STATE_DTYPES = ("float32", "bfloat16", "int8")
+# A tensor with fewer elements keeps float32 state where 8-bit state is asked for (as
+# bitsandbytes' min_8bit_size): its blocks would cost more than they save.
+MIN_QUANTIZED_SIZE = 4096
 MASTER_WEIGHTS = ("auto", "float32", "remainder", None)
 # The dtype of master weights kept as the low halves of their float32 bits.
 REMAINDER_DTYPE = np.dtype(np.uint16)
+
+
+_HALVES = (DTYPES["bfloat16"], DTYPES["float16"])
 
 
 def name_of(dtype):
@@ -27,9 +33,9 @@ def name_of(dtype):
 
 
 def bits(a):
-    """The array the kernels take for ``a``: ``a`` itself in float32, its bits
-    (``codecs.BITS``) in a 16-bit format."""
-    return a if a.dtype == FLOAT32 else a.view(codecs.BITS)
+    """The array the kernels take for ``a``: its bits (``codecs.BITS``) in a 16-bit
+    float format, ``a`` itself otherwise (float32, uint16 remainders, uint8 codes)."""
+    return a.view(codecs.BITS) if a.dtype in _HALVES else a
 
 
 def formats(names, arrays):
@@ -54,7 +60,8 @@ def _rounding(storage, stochastic_rounding, seed):
     if not stochastic_rounding:
         return False, int(seed)
     rounded = [name for name, fmt in storage.formats.items()
-               if name not in ("g", "w") and not (name == "p" and storage.master)]
+               if name not in ("g", "w") and name not in storage.quantized
+               and not (name == "p" and storage.master)]
     return bool(rounded), int(seed)  # False where there is nothing to round
 
 
@@ -123,24 +130,38 @@ class Storage:
             chosen = dict.fromkeys(state_names, state_dtype)
         for name, value in chosen.items():
             if value not in STATE_DTYPES:
-                hint = " (block-wise int8 state is not supported yet)" if value == "int8" else ""
                 raise ValueError(f"state_dtype must be one of {STATE_DTYPES} or a dict of "
-                                 f"them by state buffer, got {value!r} for {name!r}{hint}")
-        self.states = {name: DTYPES[value] for name, value in chosen.items()}
+                                 f"them by state buffer, got {value!r} for {name!r}")
+        averages = algorithm.spec.averages
+        others = [name for name, value in chosen.items() if value == "int8" and name not in averages]
+        if others:
+            raise ValueError(
+                f"state_dtype='int8' keeps moving averages in 8 bits; {algorithm.__name__}'s "
+                f"{', '.join(others)} {'is not one' if len(others) == 1 else 'are not'}: "
+                + (f"ask it of {', '.join(averages)} by a dict" if averages else
+                   "it keeps none that 8 bits can hold (the single-pass algorithms' "
+                   "averages: Adam, AdamW, NAdam, RAdam, Adamax, SGD's momentum, RMSprop, "
+                   "Adadelta, Lion, Adan)"))
+        self.state_dtypes = chosen  # the names, as a checkpoint records them
+        # The 8-bit buffers with their map's format (codecs.QUANTIZED): codes, uint8.
+        self.quantized = {name: averages[name] for name, value in chosen.items()
+                          if value == "int8"}
+        self.states = {name: codecs.CODES if value == "int8" else DTYPES[value]
+                       for name, value in chosen.items()}
         # The buffers kept in 16 bits, by the names the rules give them, with their format.
-        self.formats = {name: name_of(dtype) for name, dtype in
+        self.formats = {name: self.quantized.get(name) or name_of(dtype) for name, dtype in
                         (("p", params_dtype), ("g", self.grads), *self.states.items())
                         if dtype != FLOAT32}
         if self.remainder:
             self.formats["w"] = REMAINDER
-        self.has_16_bit = bool(self.formats)
+        self.converts = bool(self.formats)  # some buffer is not float32
         self.stochastic, self.seed = _rounding(self, stochastic_rounding, seed)
 
     def record(self):
         """The choices as JSON values, which a checkpoint keeps (``master_weights`` as
         resolved: ``"float32"`` or None)."""
         return {"master_weights": self.master_weights,
-                "state_dtype": {name: name_of(dtype) for name, dtype in self.states.items()},
+                "state_dtype": dict(self.state_dtypes),
                 "grad_dtype": name_of(self.grads), "stochastic_rounding": self.stochastic,
                 "seed": self.seed}
 

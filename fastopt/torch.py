@@ -189,7 +189,10 @@ class Optimizer(torch.optim.Optimizer):
         storage = precision.Storage(self.algorithm, self.algorithm.state_names(),
                                     precision.DTYPES[_DTYPES[dtype]], master_weights,
                                     state_dtype, None, stochastic_rounding, seed)
-        if storage.has_16_bit and not self.algorithm.spec.reads_16_bit:
+        if storage.quantized:
+            raise ValueError("fastopt.torch does not keep 8-bit state yet "
+                             "(state_dtype='int8'): the NumPy API (fastopt.Adam ...) does")
+        if storage.converts and not self.algorithm.spec.reads_16_bit:
             raise TypeError(f"{self.algorithm.__name__} steps float32 parameters and state "
                             "only, for now (its column sums do not read 16-bit buffers yet)")
         return storage

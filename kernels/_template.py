@@ -131,6 +131,40 @@ def _rules_source():
     return inspect.getsource(rules) + inspect.getsource(codecs)
 
 
+def _block_chunk(taken, quantized, writes, body, begin_sums, random):
+    """The arguments and body of the chunk function of a pass over blocks of 8-bit
+    state (``codecs.QUANTIZED``): blocks ``first_block`` to ``last_block`` of
+    ``blocks``, each row ``(start, size, small)`` of it a block of ``size`` elements
+    from ``start``. A block with ``small >= 0`` belongs to a tensor too small to
+    quantize, whose state is float32 at ``<name>_small[small:]``; the others are
+    stepped into ``<name>_new`` first, then their new absmax (``<name>_absmax[b]``) is
+    found, and their codes written from it: one read and one write of their bytes."""
+    arguments = (f"({', '.join(taken)}, blocks"
+                 + "".join(f", {n}_absmax, {n}_small" for n in quantized)
+                 + f", first_block, last_block, prepared, named{random}):\n")
+    written = [n for n in quantized if n in writes]
+    small = body(lambda n: f"{n}_small[k]" if n in quantized else f"{n}[j]", "base + j")
+    stepped = body(lambda n: f"{n}[j]", "base + j", blocks=True)
+    lines = [f"{n}_new = np.empty(BLOCK, float32)" for n in written] + [
+        "for b in range(first_block, last_block):",
+        "    start, size, small = blocks[b, 0], blocks[b, 1], blocks[b, 2]",
+        "    if small >= 0:",
+        "        for i in range(size):",
+        f"            j = start + i; k = small + i; {small}",
+        "        continue"]
+    lines += [f"    {n}_scale = {n}_absmax[b]" for n in quantized]
+    lines += [f"    {n}_top = ZERO; {n}_nan = False" for n in written]
+    lines += ["    for i in range(size):", f"        j = start + i; {stepped}"]
+    for n in written:
+        lines += [f"    if {n}_nan:", f"        {n}_top = NAN",
+                  f"    {n}_absmax[b] = {n}_top",
+                  f"    {n}_inverse = ONE / {n}_top if {n}_top > ZERO else ZERO",
+                  "    for i in range(size):",
+                  f"        {n}[start + i] = dynamic_encode({n}_new[i] * {n}_inverse, "
+                  f"{quantized[n]}_codes, {quantized[n]}_thresholds)"]
+    return arguments + "".join(f"    {line}\n" for line in [begin_sums] + lines) + "    return ()\n"
+
+
 def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
     """Define the driver ``<rule>__<present...>__<hash>(*arrays, prep, h, ...)`` of the
     :class:`Pass` ``spec`` and return it.
@@ -171,6 +205,13 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
         raise ValueError(f"rule {spec.rule} has no state {sorted(unknown)}")
     taken = arrays(rule, spec.present, spec.master)
     formats = dict(spec.formats)
+    # Buffers kept in 8 bits, block by block (codecs.QUANTIZED): state only.
+    quantized = {n: f for n, f in formats.items() if f in codecs.QUANTIZED}
+    formats = {n: f for n, f in formats.items() if n not in quantized}
+    if set(quantized) - set(taken) & set(TENSORS) or set(quantized) - set(taken) or (
+            quantized and ("{block_chunk}" not in loops or spec.sums or spec.per_segment)):
+        raise ValueError(f"pass {spec} quantizes what is not state it takes, or is not a "
+                         "flat pass over blocks")
     master_format = formats.pop("w", None)
     remainder = master_format == REMAINDER
     if set(formats) - set(taken) or set(formats.values()) - set(codecs.CODECS) or (
@@ -190,8 +231,12 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
     # the rule's result as new_<name> first.
     encoded = [n for n in writes if n in formats]
 
-    def body(at, index):
+    def body(at, index, blocks=False):
+        # blocks: in a block of 8-bit state, whose values are map[code] * <name>_scale,
+        # the new ones going to <name>_new[i] and their largest magnitude to <name>_top.
         def value(n):
+            if blocks and n in quantized:
+                return f"{quantized[n]}_map[{at(n)}] * {n}_scale"
             if n == "p" and remainder:
                 return f"bfloat16_rebuild({at('p')}, {at('w')})"
             if n == "p" and spec.master:  # the master, unless p was written since
@@ -211,7 +256,7 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
                 return f"term{sums.index(n)}"
             if n not in writes:
                 return "_"
-            return f"new_{n}" if n in encoded else at(n)
+            return f"new_{n}" if n in encoded or (blocks and n in quantized) else at(n)
 
         line = (f"{', '.join(map(store, results(rule)))} = "
                 f"rule({', '.join(map(load, names))}, named)")
@@ -228,6 +273,9 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
         stores = [f"{at('w')} = {'bfloat16_remainder(new_p)' if remainder else 'new_p'}"
                   for n in encoded if n == "p" and spec.master]
         stores += [f"{at(n)} = {encode(n)}" for n in encoded]
+        if blocks:  # a NaN makes the block's absmax NaN, and so every value of it
+            stores += [f"{n}_new[i] = new_{n}; {n}_top = max({n}_top, abs(new_{n})); "
+                       f"{n}_nan |= new_{n} != new_{n}" for n in quantized if n in writes]
         return "; ".join([line] + stores + [f"total{j} += term{j}" for j in range(len(sums))])
 
     def segment_at(n):
@@ -258,8 +306,18 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
                   f"    for i in range({taken[0]}_c.size):\n"
                   f"        {body(lambda n: f'{n}_c[i]', 'base + i')}\n"
                   f"    return ({sums_tuple})\n")
+    block_text = _block_chunk(taken, quantized, writes, body, begin_sums, random) \
+        if quantized else ""
+    if quantized:
+        chunk_text = block_text
+    block_arguments = "".join(f", {n}_absmax, {n}_small" for n in quantized)
     text = loops.format(
         random_arguments=", key, first" if spec.stochastic else "",
+        block_arguments=block_arguments,
+        block_chunk=f"CHUNK_FUNCTION({', '.join(taken)}, blocks{block_arguments}, "
+                    f"c * BLOCKS_PER_CHUNK, min(c * BLOCKS_PER_CHUNK + BLOCKS_PER_CHUNK, "
+                    f"blocks.shape[0]), prepared, named"
+                    f"{', key, first' if spec.stochastic else ''})",
         body=body(lambda n: f"{n}[i]", "first + i"),
         segment_body=body(segment_at, "first + state_base + i"),
         slices="; ".join(f"{a}_c = {a}[start:stop]" for a in taken),

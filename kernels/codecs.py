@@ -159,6 +159,115 @@ def rounding_key(seed, step, stream=0):
     return (x ^ (x >> 31)) & 0xFFFFFFFF
 
 
+# -- block-wise 8-bit state ------------------------------------------------------------
+#
+# A state buffer in 8 bits holds, per block of BLOCK elements, one float32 absmax (the
+# largest magnitude in the block) and per element the code of the nearest value of a
+# dynamic map to the element over the absmax, as bitsandbytes' block-wise 8-bit
+# optimizers keep it (Dettmers et al. 2022, "8-bit Optimizers via Block-wise
+# Quantization"). The dynamic map spends its 256 values on seven decades: decade d
+# (1e-6 ... 1) holds 2**d values (signed: each with its negative; unsigned, for buffers
+# that are never negative: 2**(d + 1)), evenly spaced means between 0.1 and 1 of it;
+# and 0 and 1 besides.
+
+BLOCK = 256
+
+
+def dynamic_map(signed):
+    """The 256 values of the dynamic map, ascending, as float32."""
+    values = [0.0, 1.0]
+    for decade in range(7):
+        count = 2 ** decade if signed else 2 ** (decade + 1)
+        means = 0.1 + 0.9 * (2 * np.arange(count) + 1) / (2 * count)
+        values += list(10.0 ** (decade - 6) * means)
+        if signed:
+            values += list(-(10.0 ** (decade - 6)) * means)
+    return np.sort(np.array(values, np.float32))
+
+
+# The encoding finds the nearest value through buckets of float32 magnitudes: the top
+# mantissa bits (_MANTISSA_BITS) of each binade from 2**-24 (_LOW_EXPONENT) to 1, a
+# bucket per sign. The buckets are narrower than the gaps between the map's values, so a
+# bucket holds at most one midpoint between neighbours: its code, and that of the
+# neighbour beyond the midpoint where the magnitude exceeds it, is the nearest.
+_LOW_EXPONENT = 127 - 24
+_MANTISSA_BITS = 7
+_BUCKETS = 25 << _MANTISSA_BITS  # per sign
+
+
+def _buckets(values):
+    """``(codes, thresholds)``: for each bucket (negative ones after the positive), the
+    code nearest to its lowest magnitude, and the float32 magnitude beyond which the
+    code one further from zero is nearer (float32's largest, where none is)."""
+    values = values.astype(np.float64)
+    middles = (values[:-1] + values[1:]) / 2  # exact in float64
+    bucket = np.arange(_BUCKETS)
+    low = 2.0 ** ((bucket >> _MANTISSA_BITS) + _LOW_EXPONENT - 127) * (
+        1 + (bucket & ((1 << _MANTISSA_BITS) - 1)) / 2 ** _MANTISSA_BITS)
+    high = low + 2.0 ** ((bucket >> _MANTISSA_BITS) + _LOW_EXPONENT - 127 - _MANTISSA_BITS)
+    low[0] = 0.0  # the first bucket takes every smaller magnitude too
+    codes, thresholds = [], []
+    for sign in (1.0, -1.0):
+        # the nearest code to each bucket's lowest magnitude (ties toward zero), and the
+        # midpoints beyond it, up to the bucket's end
+        edges = sign * low
+        nearest = np.searchsorted(middles, edges, "left" if sign > 0 else "right")
+        magnitudes = np.abs(middles)
+        for index in range(_BUCKETS):
+            inside = np.flatnonzero((magnitudes >= low[index]) & (magnitudes < high[index])
+                                    & (np.sign(middles) == sign))
+            if inside.size > 1:
+                raise AssertionError("a bucket holds two midpoints: more mantissa bits")
+            code = nearest[index]
+            if inside.size:
+                threshold = np.float32(magnitudes[inside[0]])
+                if threshold > magnitudes[inside[0]]:  # the float32 at or below it
+                    threshold = np.nextafter(threshold, np.float32(0))
+            else:
+                threshold = np.finfo(np.float32).max
+            codes.append(code)
+            thresholds.append(threshold)
+    return np.array(codes, np.uint8), np.array(thresholds, np.float32)
+
+
+SIGNED_MAP, UNSIGNED_MAP = dynamic_map(True), dynamic_map(False)
+
+
+def dynamic_encode(x, codes, thresholds):
+    """The code of the map value nearest to the float32 ``x`` (at most 1 in magnitude;
+    a NaN gets some code), ties toward zero, through the map's bucket ``codes`` and
+    ``thresholds`` (which the drivers hold as constants: see ``QUANTIZED``)."""
+    bits = np.float32(x).view(u32)
+    magnitude = u32(bits & u32(0x7FFFFFFF))
+    binade = np.int64(magnitude >> u32(23)) - _LOW_EXPONENT
+    bucket = (binade << _MANTISSA_BITS) | np.int64((magnitude >> u32(23 - _MANTISSA_BITS))
+                                                   & u32((1 << _MANTISSA_BITS) - 1))
+    if binade < 0:
+        bucket = 0
+    bucket = min(bucket, _BUCKETS - 1)
+    negative = bits >> u32(31)
+    if negative:
+        bucket += _BUCKETS
+    code = np.int64(codes[bucket])
+    if abs(np.float32(x)) > thresholds[bucket]:
+        code += -1 if negative else 1
+    return np.uint8(code)
+
+
+# The 8-bit formats, by name: the map (decoding is ``map[code] * absmax``) and the
+# tables of its encoding, which the drivers take as the constants ``<name>_map``,
+# ``<name>_codes`` and ``<name>_thresholds``. The codes are uint8 either way.
+QUANTIZED = {"signed8": (SIGNED_MAP, *_buckets(SIGNED_MAP)),
+             "unsigned8": (UNSIGNED_MAP, *_buckets(UNSIGNED_MAP))}
+CODES = np.dtype(np.uint8)
+
+
+def tables():
+    """The constants of the 8-bit formats, by the names the drivers give them."""
+    return {f"{name}_{kind}": table for name, arrays in QUANTIZED.items()
+            for kind, table in zip(("map", "codes", "thresholds"), arrays)}
+
+
 # format name -> (load, store), and the NumPy dtype of its bits.
 CODECS = {"bfloat16": (bfloat16_load, bfloat16_store),
           "float16": (float16_load, float16_store)}
@@ -171,6 +280,6 @@ def compiled(compile):
     return {**{f"{name}_{kind}": compile(function) for name, pair in CODECS.items()
                for kind, function in zip(("load", "store"), pair)},
             **{function.__name__: compile(function) for function in (
-                bfloat16_store_stochastic, float16_store_stochastic, bfloat16_upper, bfloat16_remainder,
-                bfloat16_rebuild)},
+                bfloat16_store_stochastic, float16_store_stochastic, bfloat16_upper,
+                bfloat16_remainder, bfloat16_rebuild, dynamic_encode)},
             "random_bits": compile(random_bits)}

@@ -50,6 +50,27 @@ _LOOPS = """\
 """
 
 
+# Over blocks of 8-bit state (_template._block_chunk): each thread takes this many blocks
+# at a time.
+BLOCKS_PER_CHUNK = CHUNK // codecs.BLOCK
+
+_BLOCK_LOOPS = """\
+{random_arguments}, blocks{block_arguments}, parallel, flush_denormals):
+    if parallel:
+        for c in prange((blocks.shape[0] + BLOCKS_PER_CHUNK - 1) // BLOCKS_PER_CHUNK):
+            {named}
+            saved = denormals_off(flush_denormals)
+            {block_chunk}
+            restore_fp_mode(saved)
+    else:
+        {named}
+        saved = denormals_off(flush_denormals)
+        for c in range((blocks.shape[0] + BLOCKS_PER_CHUNK - 1) // BLOCKS_PER_CHUNK):
+            {block_chunk}
+        restore_fp_mode(saved)
+"""
+
+
 # One chunk of one segment: p_c and g_c are arrays over the tensors' own memory.
 _SEGMENT_CHUNK = """\
 {named}
@@ -120,7 +141,13 @@ def _driver(spec, loops):
         "segment_chunk": _segment_chunk,
         "segment_chunk_bits": _segment_chunk_bits,
         "ZERO": ZERO,
+        "ONE": np.float32(1),
+        "NAN": np.float32(np.nan),
+        "np": np,
         "CHUNK": CHUNK,
+        "BLOCK": codecs.BLOCK,
+        "BLOCKS_PER_CHUNK": BLOCKS_PER_CHUNK,
+        **codecs.tables(),
         "denormals_off": _fp_mode.denormals_off,
         "restore_fp_mode": _fp_mode.restore,
         **_CODECS,
@@ -129,7 +156,8 @@ def _driver(spec, loops):
     # picks is fixed at compile time); without it their add latency bounds the loop.
     options = dict(_OPTIONS, fastmath={"reassoc"}) if spec.sums else _OPTIONS
     chunk_options = dict(options, parallel=False, inline="never")
-    fingerprint = repr((options, chunk_options, CHUNK)) + inspect.getsource(_fp_mode)
+    fingerprint = repr((options, chunk_options, CHUNK, BLOCKS_PER_CHUNK)) + inspect.getsource(
+        _fp_mode)
     driver = _template.build(spec, loops, namespace, __file__, fingerprint,
                              njit(**chunk_options))
     return njit(**options)(driver)
@@ -144,10 +172,16 @@ def kernel(*spec):
     ``spec`` are the fields of a ``_template.Pass`` (without sums): ``rule_name,
     present`` for a plain step. ``key`` and ``first`` come with ``Pass.stochastic``.
 
+    A pass that keeps state in 8 bits (``codecs.QUANTIZED`` formats) takes, after
+    ``key`` and ``first``, ``blocks`` and each such buffer's ``absmax`` and ``small``
+    (see ``_template._block_chunk``).
+
     Pass ``parallel=p.size >= PARALLEL_MIN_SIZE`` and ``flush_denormals=FLUSH_DENORMALS``.
     Compilation happens on the first call, or loads from Numba's on-disk cache.
     """
-    return _driver(_template.Pass(*spec), _LOOPS)
+    spec = _template.Pass(*spec)
+    blocks = any(f in codecs.QUANTIZED for _, f in spec.formats)
+    return _driver(spec, _BLOCK_LOOPS if blocks else _LOOPS)
 
 
 @functools.cache

@@ -350,6 +350,12 @@ def test_precision_times_every_format_and_counts_its_bytes_from_the_buffers(tmp_
             adam["bf16 + fp32 master"]["keeps_bytes"]) == (30, 16)
     assert (adam["bf16, no master, bf16 state"]["moves_bytes"],
             adam["bf16, no master, bf16 state"]["keeps_bytes"]) == (14, 8)
+    assert (adam["bf16 + remainder"]["moves_bytes"],
+            adam["bf16 + remainder"]["keeps_bytes"]) == (26, 14)
+    # one byte per element and state buffer, and a float32 absmax per 256 (118 blocks)
+    absmax = 4 * 118 / 30_000
+    assert adam["float32, int8 state"]["moves_bytes"] == pytest.approx(16 + 4 * absmax)
+    assert adam["float32, int8 state"]["keeps_bytes"] == pytest.approx(10 + 2 * absmax)
     sgd = {r["format"]: r for r in records if r["algorithm"] == "SGD"}
     assert sgd["float32"]["moves_bytes"] == 20  # p, g, the momentum
     assert set(adam) >= set(bench.PRECISION_FORMATS) and adam["float32"]["vs_float32"] == 1.0

@@ -459,7 +459,7 @@ def test_a_float32_checkpoint_does_not_load_into_bfloat16_parameters(tmp_path):
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(master_weights="fp32"), ValueError, "master_weights must be one of"),
     (dict(master_weights=True), ValueError, "master_weights must be one of"),
-    (dict(state_dtype="int8"), ValueError, "int8 state is not supported yet"),
+    (dict(state_dtype="int4"), ValueError, "state_dtype must be one of"),
     (dict(state_dtype="float16"), ValueError, "state_dtype must be one of"),
     (dict(state_dtype={"exp_avg": "bfloat16", "momentum": "bfloat16"}), ValueError,
      r"names \['momentum'\], which Adam does not keep"),

@@ -168,7 +168,7 @@ def test_16_bit_gradients_are_clipped_by_their_float64_norm():
 
 def test_bad_formats_and_what_cannot_be_stepped_are_refused():
     with pytest.raises(ValueError, match="state_dtype must be one of"):
-        ft.Adam(params(torch.bfloat16), state_dtype="int8")
+        ft.Adam(params(torch.bfloat16), state_dtype="int4")
     with pytest.raises(ValueError, match="master_weights must be one of"):
         ft.Adam(params(torch.float32), master_weights="yes")
     with pytest.raises(TypeError, match="Adafactor steps float32 parameters"):

@@ -36,6 +36,7 @@ class Adadelta(Optimizer):
     """
 
     spec = hp.Spec(
+        averages={"square_avg": hp.UNSIGNED, "acc_delta": hp.UNSIGNED},
         rule="adadelta", torch="Adadelta", moves=28,
         hyperparameters=(hp.lr(1.0), hp.Hyperparameter("rho", 0.9, _check_rho), hp.eps(1e-6),
                          hp.weight_decay(), hp.maximize()),

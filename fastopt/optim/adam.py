@@ -48,6 +48,8 @@ class Adam(Optimizer):
     """
 
     spec = hp.Spec(
+        averages={"exp_avg": hp.SIGNED, "exp_avg_sq": hp.UNSIGNED,
+                  "max_exp_avg_sq": hp.UNSIGNED},
         rule="adam", torch="Adam", moves=28,
         hyperparameters=(hp.lr(1e-3), hp.betas((0.9, 0.999)), hp.eps(1e-8), hp.weight_decay(),
                          hp.flag("amsgrad"), hp.maximize(),

@@ -27,6 +27,7 @@ class Adamax(Optimizer):
     """
 
     spec = hp.Spec(
+        averages={"exp_avg": hp.SIGNED, "exp_inf": hp.UNSIGNED},
         rule="adamax", torch="Adamax", moves=28,
         hyperparameters=(hp.lr(2e-3), hp.betas((0.9, 0.999)), hp.eps(1e-8), hp.weight_decay(),
                          hp.maximize()),

@@ -44,6 +44,8 @@ class Adan(Optimizer):
     """
 
     spec = hp.Spec(
+        averages={"exp_avg": hp.SIGNED, "exp_avg_sq": hp.UNSIGNED,
+                  "exp_avg_diff": hp.SIGNED},
         rule="adan", moves=44,
         hyperparameters=(hp.lr(1e-3), hp.Hyperparameter("betas", (0.98, 0.92, 0.99),
                                                             lambda betas: check_betas(betas, 3)),

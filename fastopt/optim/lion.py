@@ -36,6 +36,7 @@ class Lion(Optimizer):
     """
 
     spec = hp.Spec(
+        averages={"exp_avg": hp.SIGNED},
         rule="lion", moves=20,
         hyperparameters=(hp.lr(1e-4), hp.betas((0.9, 0.99)), hp.weight_decay(), hp.flag("caution"),
                          hp.maximize()),

@@ -38,6 +38,7 @@ class NAdam(Optimizer):
     """
 
     spec = hp.Spec(
+        averages={"exp_avg": hp.SIGNED, "exp_avg_sq": hp.UNSIGNED},
         rule="nadam", torch="NAdam", moves=28, host={"mu_product": 1.0},
         hyperparameters=(hp.lr(2e-3), hp.betas((0.9, 0.999)), hp.eps(1e-8), hp.weight_decay(),
                          hp.nonnegative("momentum_decay", 4e-3),

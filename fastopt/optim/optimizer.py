@@ -13,7 +13,8 @@ from .._backend import FLOAT32, _extent, is_c_contiguous, is_cuda_array
 from ..flat import ViewList, flatten
 from ..kernels import Pass, rules
 from ..kernels._template import state_names
-from ..precision import NOTHING_TO_ROUND, Storage, check_grad_dtype
+from ..kernels.codecs import BLOCK, CODES, QUANTIZED
+from ..precision import MIN_QUANTIZED_SIZE, NOTHING_TO_ROUND, Storage, check_grad_dtype
 from . import engine
 from .checks import check_flag, check_lr, positive_or_none
 from .snapshot import restore as restore_snapshot
@@ -148,7 +149,7 @@ class Optimizer:
         self._storage = Storage(type(self), self.state_names(), self.flat_params.dtype,
                                 master_weights, state_dtype, grad_dtype, stochastic_rounding,
                                 seed)
-        if self._storage.has_16_bit and not self.spec.reads_16_bit:
+        if self._storage.converts and not self.spec.reads_16_bit:
             raise TypeError(f"{type(self).__name__} steps float32 buffers only, for now: "
                             "its factors take a pass that does not read 16-bit buffers yet")
         if stochastic_rounding and not self._storage.stochastic:
@@ -189,6 +190,7 @@ class Optimizer:
         self._state_layouts = {}
         self._works = {}  # (start, stop) -> (Work, tensor offsets, Tensors of own buffers)
         self._state_checked = {}  # name -> the state buffer last found as the kernels need it
+        self._block_plan = None  # the Blocks of 8-bit state, once needed
 
     @property
     def device(self):
@@ -283,6 +285,10 @@ class Optimizer:
             step = self.state["step"] + 1
             plans = [self._plan(index, group, step)
                      for index, group in enumerate(self.param_groups)]
+            if self._storage.quantized and not all(engine.single_pass(self, plan[3])
+                                                   for plan in plans):
+                raise ValueError("caution=True takes two passes, which 8-bit state "
+                                 "(state_dtype='int8') does not step yet")
             self._check_state(plans)
             inverse_scale = engine.inverse_loss_scale(grad_scale)
             if skip_nonfinite is None:
@@ -336,11 +342,10 @@ class Optimizer:
         an array of another dtype, size or device than the optimizer keeps: the kernels
         would misread it. An array once checked is not checked again."""
         for _, spec, _, _, _ in plans:
-            for name in spec:
+            for name, size, dtype in (kept for name in spec for kept in self._kept(name)):
                 buffer = self.state.get(name)
                 if buffer is None or buffer is self._state_checked.get(name):
                     continue
-                dtype, size = self._storage.state(name), self._state_size(name)
                 if (getattr(buffer, "dtype", None) != dtype
                         or getattr(buffer, "shape", None) != (size,)
                         or is_cuda_array(buffer) != (self.device == "cuda")
@@ -359,11 +364,27 @@ class Optimizer:
             layout = self._layouts[index]
             for name in fresh:
                 if name not in self.state:
-                    self.state[name] = self._backend.zeros(self._state_size(name),
-                                                           self._storage.state(name))
-                    if spec[name] == 0:
+                    for array, size, dtype in self._kept(name):
+                        self.state[array] = self._backend.zeros(size, dtype)
+                    if spec[name] == 0 and name not in self._storage.quantized:
                         continue
-                self._backend.fill(self.state[name][layout.start:layout.stop], spec[name])
+                if name in self._storage.quantized:
+                    self._fill_quantized(name, index, spec[name])
+                else:
+                    self._backend.fill(self.state[name][layout.start:layout.stop], spec[name])
+
+    def _fill_quantized(self, name, index, value):
+        """Set group ``index``'s part of the 8-bit state buffer ``name`` to ``value``."""
+        blocks = self._blocks()
+        table, first, last = blocks.groups[index]
+        layout = self._layouts[index]
+        fmt = self._storage.quantized[name]
+        codes, absmax = quantize(np.full(1, value, FLOAT32), fmt)  # one block of one value
+        self.state[name][layout.start:layout.stop] = codes[0]
+        self.state[name + "_absmax"][first:last] = absmax[0]
+        for start, size, small in table:
+            if small >= 0:
+                self.state[name + "_small"][small:small + size] = value
 
     def _update(self, group, step, spec, g, prep, h, start, stop, host):
         """Apply step number ``step`` to ``[start:stop]`` of the buffers, which share the
@@ -398,6 +419,23 @@ class Optimizer:
             work.stochastic, work.key = True, self._storage.key(step)
         return work
 
+    def _blocks(self):
+        """The :class:`Blocks` of the 8-bit state, made once."""
+        if self._block_plan is None:
+            self._block_plan = Blocks.of(self._layouts)
+        return self._block_plan
+
+    def _kept(self, name):
+        """``(array, size, dtype)`` of each array in ``state`` that holds the state buffer
+        ``name``: the buffer, and for 8-bit state its ``<name>_absmax`` per block and its
+        ``<name>_small``, the float32 state of the tensors too small to quantize."""
+        kept = [(name, self._state_size(name), self._storage.state(name))]
+        if name in self._storage.quantized:
+            blocks = self._blocks()
+            kept += [(f"{name}_absmax", blocks.count, FLOAT32),
+                     (f"{name}_small", blocks.small, FLOAT32)]
+        return kept
+
     def _launch(self, rule, spec, start, stop, g, prep, h, step):
         """Run ``rule`` over ``[start:stop]`` of the parameters, ``g``, the master
         weights (where they are kept) and the state, as step number ``step``."""
@@ -408,14 +446,20 @@ class Optimizer:
         if start or stop != self.flat_params.size:  # a group's part of the buffers
             buffers = [buffer[start:stop] for buffer in buffers]
         storage = self._storage
-        if not storage.has_16_bit:  # float32: nothing to look up
+        if not storage.converts:  # float32: nothing to look up
             self._backend.run(rule, tuple(spec), buffers, prep, h, self.spec.keeps_subnormals)
             return
         formats = tuple((name, storage.formats[name]) for name in ("p", "g", "w", *spec)
                         if name in storage.formats)
         rounding = (storage.key(step), start) if storage.stochastic else None
+        blocks = ()
+        if storage.quantized:
+            table, first, last = self._blocks().by_start[start]
+            blocks = (table, *[array for name in spec if name in storage.quantized
+                               for array in (self.state[f"{name}_absmax"][first:last],
+                                             self.state[f"{name}_small"])])
         self._backend.run(rule, tuple(spec), buffers, prep, h, self.spec.keeps_subnormals,
-                          formats, master, rounding)
+                          formats, master, rounding, blocks)
 
     def _tensor_range(self, start, stop):
         """``(first, last)``: the tensors whose offsets lie in ``[start:stop]``."""
@@ -601,6 +645,68 @@ class Optimizer:
                 raise ValueError(f"{name} must be C-contiguous on the GPU")
             arrays.append(a)
         return arrays
+
+
+class Blocks:
+    """The blocks of ``codecs.BLOCK`` elements that 8-bit state is kept in: each
+    tensor's, from its first element on, the last one shorter. A tensor of fewer than
+    ``precision.MIN_QUANTIZED_SIZE`` elements keeps float32 state instead, in the
+    buffer's ``_small`` array, one tensor after the other.
+
+    Attributes:
+        count: the number of blocks (of absmax values).
+        small: the number of elements of the small tensors.
+        groups: per parameter group, ``(table, first, last)``: its blocks' rows ``(start
+            in the group, size, start in _small or -1)`` (int64), which are blocks
+            ``first`` to ``last`` of the buffer.
+        by_start: the same, by the group's first element in the flat buffer.
+    """
+
+    def __init__(self, count, small, groups, by_start):
+        self.count, self.small, self.groups, self.by_start = count, small, groups, by_start
+
+    @classmethod
+    def of(cls, layouts):
+        rows, small, groups = [], 0, []
+        for layout in layouts:
+            first = len(rows)
+            for offset, shape in zip(layout.offsets, layout.shapes):
+                size = math.prod(shape)
+                kept = size < MIN_QUANTIZED_SIZE
+                rows += [(offset - layout.start + at, min(BLOCK, size - at),
+                          small + at if kept else -1) for at in range(0, size, BLOCK)]
+                small += size if kept else 0
+            table = np.array(rows[first:], np.int64).reshape(-1, 3)
+            groups.append((table, first, len(rows)))
+        by_start = {layout.start: group for layout, group in zip(layouts, groups)}
+        return cls(len(rows), small, groups, by_start)
+
+
+def quantize(values, fmt):
+    """``(codes, absmax)``: float32 ``values`` in blocks of ``codecs.BLOCK`` (the last one
+    shorter), each by the largest magnitude in it and the nearest value of the dynamic
+    map ``fmt`` (``codecs.QUANTIZED``, ties toward the lower code), as the kernels keep
+    8-bit state; on the host, in float64 but for the division, which is float32's."""
+    values = np.asarray(values, FLOAT32)
+    blocks = -(-values.size // BLOCK)
+    padded = np.zeros(blocks * BLOCK, FLOAT32)
+    padded[:values.size] = values
+    padded = padded.reshape(blocks, BLOCK)
+    absmax = np.abs(padded).max(axis=1)
+    inverse = np.where(absmax > 0, FLOAT32.type(1) / np.where(absmax > 0, absmax, 1), 0)
+    normalized = (padded * inverse[:, None].astype(FLOAT32)).astype(np.float64).ravel()
+    values_of = QUANTIZED[fmt][0].astype(np.float64)
+    above = np.clip(np.searchsorted(values_of, normalized), 1, values_of.size - 1)
+    nearer_below = normalized - values_of[above - 1] <= values_of[above] - normalized
+    codes = np.where(nearer_below, above - 1, above).astype(CODES)
+    return codes[:values.size], absmax.astype(FLOAT32)
+
+
+def dequantize(codes, absmax, fmt):
+    """The float32 values of 8-bit ``codes`` in blocks with ``absmax`` (see
+    :func:`quantize`)."""
+    scale = np.repeat(np.asarray(absmax, FLOAT32), BLOCK)[:codes.size]
+    return QUANTIZED[fmt][0][codes] * scale
 
 
 def _address(a):

@@ -48,6 +48,7 @@ class RAdam(Optimizer):
     """
 
     spec = hp.Spec(
+        averages={"exp_avg": hp.SIGNED, "exp_avg_sq": hp.UNSIGNED},
         rule="radam", torch="RAdam", moves=28,
         hyperparameters=(hp.lr(1e-3), hp.betas((0.9, 0.999)), hp.eps(1e-8), hp.weight_decay(),
                          hp.flag("decoupled_weight_decay"), hp.maximize()),

@@ -37,6 +37,8 @@ class RMSprop(Optimizer):
     """
 
     spec = hp.Spec(
+        averages={"square_avg": hp.UNSIGNED, "grad_avg": hp.SIGNED,
+                  "momentum_buffer": hp.SIGNED},
         rule="rmsprop", torch="RMSprop", moves=20,
         hyperparameters=(hp.lr(1e-2), hp.nonnegative("alpha", 0.99), hp.eps(1e-8),
                          hp.weight_decay(), hp.nonnegative("momentum", 0.0),

@@ -36,6 +36,7 @@ class SGD(Optimizer):
     """
 
     spec = hp.Spec(
+        averages={"momentum_buffer": hp.SIGNED},
         rule="sgd", torch="SGD", moves=20,
         hyperparameters=(hp.lr(1e-3), hp.nonnegative("momentum", 0.0),
                          hp.number("dampening", 0.0), hp.weight_decay(),

@@ -80,12 +80,14 @@ def _validated(opt, snapshot):
         raise ValueError("the checkpoint's formats differ from the optimizer's: "
                          + ", ".join(f"{key} {theirs[key]!r} (the optimizer's {ours[key]!r})"
                                      for key in differ))
+    kept = {array: (size, dtype) for base in opt.state_names()
+            for array, size, dtype in opt._kept(base)}
     for name, array in snapshot.buffers.items():
         if not (isinstance(name, str) and name.isidentifier()):
             raise ValueError(f"the checkpoint holds a state buffer {name!r}; state buffers "
                              "are named by identifiers")
-        arrays[f"state.{name}"] = (array, opt._state_size(name),
-                                   opt._storage.state(name))
+        size, dtype = kept.get(name, (opt._state_size(name), opt._storage.state(name)))
+        arrays[f"state.{name}"] = (array, size, dtype)
     for name, (array, size, dtype) in arrays.items():
         if not isinstance(array, np.ndarray):
             raise TypeError(f"checkpoint array {name!r} must be a NumPy array, got "

@@ -19,6 +19,10 @@ from . import checks
 # Every algorithm class with a spec, by name: filled as the classes are defined.
 ALGORITHMS = {}
 
+# How a moving average of ``Spec.averages`` is kept in 8 bits: by the dynamic map with
+# negative values, or by the one for averages that are never negative (of squares).
+SIGNED, UNSIGNED = "signed8", "unsigned8"
+
 # The kinds of pass over the buffers that a step makes, for ``Spec.passes``.
 MAP = "map"  # the rule, element-wise, in place
 MAP_REDUCE = "map and reduce"  # the rule element-wise, and sums per segment or overall
@@ -60,6 +64,8 @@ class Spec:
         reads_16_bit: whether every pass of its step reads and writes 16-bit buffers
             (``fastopt.precision``): all but Adafactor's, whose column sums are written
             by hand for float32.
+        averages: the state buffers that are moving averages, which 8-bit state
+            (``state_dtype="int8"``) may keep, each ``SIGNED`` or ``UNSIGNED``.
         moves: bytes per parameter that one step reads and writes, with ``bench``.
         bench: the options ``fastopt bench`` times it with.
         check: the options ``fastopt check`` fits a least-squares problem with.
@@ -75,6 +81,7 @@ class Spec:
     per_tensor: bool = False
     keeps_subnormals: bool = False
     reads_16_bit: bool = True
+    averages: Mapping = field(default_factory=dict)
     moves: int = 0
     bench: Mapping = field(default_factory=dict)
     check: Mapping = field(default_factory=dict)

@@ -1,0 +1,272 @@
+"""Block-wise 8-bit state (``state_dtype="int8"``): the encoding against a float64
+argmin over the dynamic map, the first step's codes against an independent quantizer,
+and the steps against float32 Adam and against bitsandbytes' Adam8bit, measured the same
+way in the same test."""
+
+import numpy as np
+import pytest
+from numba import njit
+
+import fastopt
+from conftest import gradients, initial_params
+from fastopt.kernels import codecs
+
+f32 = np.float32
+MAPS = {"signed8": codecs.SIGNED_MAP, "unsigned8": codecs.UNSIGNED_MAP}
+
+
+def nearest_codes(x, values):
+    """The index of the value nearest to each float32 ``x`` in float64, and where two are
+    equally near."""
+    x, values = np.asarray(x, np.float64), values.astype(np.float64)
+    distances = np.abs(x[:, None] - values[None, :])
+    best = distances.argmin(axis=1)
+    ties = (distances == distances.min(axis=1, keepdims=True)).sum(axis=1) > 1
+    return best, ties
+
+
+def test_the_dynamic_maps_hold_256_values_in_seven_decades():
+    for name, values in MAPS.items():
+        assert values.dtype == f32 and values.size == 256 and np.unique(values).size == 256
+        assert values.max() == 1 and (values.min() > -1 if name == "signed8" else values.min() == 0)
+        positive = values[values > 0]
+        # decade d holds 2**d values (signed) or 2**(d + 1), evenly spaced between 0.1 and 1 of it
+        for decade in range(7):
+            inside = positive[(positive >= 10.0 ** (decade - 7)) & (positive < 10.0 ** (decade - 6))]
+            count = 2 ** decade if name == "signed8" else 2 ** (decade + 1)
+            assert inside.size == count
+            np.testing.assert_allclose(np.diff(inside.astype(np.float64)),
+                                       0.9 * 10.0 ** (decade - 6) / count, rtol=1e-5)
+
+
+def test_the_dynamic_maps_are_bitsandbytes_maps():
+    functional = pytest.importorskip("bitsandbytes.functional")
+    for signed, name in ((True, "signed8"), (False, "unsigned8")):
+        theirs = functional.create_dynamic_map(signed=signed).numpy()
+        np.testing.assert_allclose(MAPS[name], theirs, rtol=2e-7, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(MAPS))
+def test_the_encoding_is_the_nearest_value_but_at_exact_ties(name):
+    codes, thresholds = codecs.QUANTIZED[name][1:]
+    encode = njit(inline="always", error_model="numpy")(codecs.dynamic_encode)
+
+    @njit(error_model="numpy")
+    def encode_all(x):
+        return np.array([encode(x[i], codes, thresholds) for i in range(x.size)], np.uint8)
+
+    values = MAPS[name]
+    middles = ((values[:-1].astype(np.float64) + values[1:]) / 2).astype(f32)
+    rng = np.random.default_rng(1)
+    x = np.concatenate([
+        values, middles, np.nextafter(middles, f32(2)), np.nextafter(middles, f32(-2)),
+        rng.uniform(values.min(), 1, 200_000).astype(f32),
+        (rng.standard_normal(100_000) * 10.0 ** rng.uniform(-9, 0, 100_000)).astype(f32),
+        f32([0.0, -0.0, 1e-30, 1.0, -1e-30])])
+    if name == "unsigned8":
+        x = np.abs(x)
+    x = np.clip(x, values.min(), 1).astype(f32)
+    best, ties = nearest_codes(x, values)
+    got = encode_all(x)
+    np.testing.assert_array_equal(got[~ties], best[~ties])
+    assert ties.sum() < 600  # the exact midpoints, and zeros near a negative zero
+    # at a tie, one of the two nearest
+    np.testing.assert_array_less(np.abs(values[got[ties]].astype(np.float64) - x[ties])
+                                 - np.abs(values[best[ties]].astype(np.float64) - x[ties]), 1e-30)
+
+
+def reference_codes(new, shapes, fmt):
+    """Codes and absmax of float32 state ``new`` (flat over tensors of ``shapes``), in
+    blocks of 256 from each tensor's start, by the float64 argmin of ``new * (1 /
+    absmax)`` (float32) over the map; None for tensors under 4096 elements."""
+    codes, absmax, ties, start = [], [], [], 0
+    for shape in shapes:
+        size = int(np.prod(shape))
+        part = new[start:start + size]
+        start += size
+        if size < 4096:
+            continue
+        for at in range(0, size, 256):
+            block = part[at:at + 256]
+            top = np.abs(block).max()
+            normalized = block * (f32(1) / top) if top > 0 else np.zeros_like(block)
+            best, tie = nearest_codes(normalized, MAPS[fmt])
+            codes.append(best)
+            ties.append(tie)
+            absmax.append(top)
+    return np.concatenate(codes), np.array(absmax, f32), np.concatenate(ties)
+
+
+def test_the_first_steps_codes_are_the_reference_quantizers():
+    shapes = [(1024, 32), (100,), (70, 80)]
+    n = sum(int(np.prod(s)) for s in shapes)
+    p, g = initial_params(21, n), gradients(21, n, steps=1)[0]
+    opt = fastopt.Adam([a.reshape(s) for a, s in zip(np.split(p, np.cumsum([32768, 100])), shapes)],
+                       lr=1e-3, state_dtype="int8")
+    opt.step(g)
+    exp_avg = f32(0.1) * g  # the rule's first moving averages, in float32
+    exp_avg_sq = (f32(0.001) * g) * g
+    quantized = np.ones(n, bool)
+    quantized[32768:32868] = False  # the 100-element tensor keeps float32 state
+    for name, new, fmt in (("exp_avg", exp_avg, "signed8"), ("exp_avg_sq", exp_avg_sq, "unsigned8")):
+        codes, absmax, ties = reference_codes(new, shapes, fmt)
+        np.testing.assert_array_equal(opt.state[name + "_absmax"][np.r_[0:128, 129:151]], absmax)
+        got = opt.state[name][quantized]
+        assert ties.sum() < 5
+        np.testing.assert_array_equal(got[~ties], codes[~ties])
+        np.testing.assert_array_equal(opt.state[name + "_small"], new[32768:32868])
+
+
+def _steps_against_float32(opt_8bit, opt_32, shapes, steps, seed):
+    """The mean absolute error of each step of ``opt_8bit`` against ``opt_32`` started
+    from the same parameters (resynchronised to the 8-bit ones after every step)."""
+    rng = np.random.default_rng(seed)
+    errors = []
+    for _ in range(steps):
+        grads = [(0.01 * rng.standard_normal(s)).astype(f32) for s in shapes]
+        opt_8bit.step(grads), opt_32.step(grads)
+        errors.append(np.abs(opt_8bit.flat_params - opt_32.flat_params).mean())
+        opt_32.flat_params[:] = opt_8bit.flat_params
+    return errors
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_8_bit_adam_errs_no_more_than_bitsandbytes_and_follows_it(name):
+    torch = pytest.importorskip("torch")
+    bnb = pytest.importorskip("bitsandbytes")
+    shapes = [(1024, 32), (1024, 1024), (1024, 4097)]
+    rng = np.random.default_rng(22)
+    params = [(0.1 * rng.standard_normal(s)).astype(f32) for s in shapes]
+    kwargs = dict(lr=1e-3, weight_decay=0.01 if name == "AdamW" else 0.0)
+    ours = getattr(fastopt, name)([p.copy() for p in params], **kwargs, state_dtype="int8")
+    twin = getattr(fastopt, name)([p.copy() for p in params], **kwargs)
+    errors = _steps_against_float32(ours, twin, shapes, 50, seed=23)
+
+    theirs = [torch.nn.Parameter(torch.tensor(p)) for p in params]
+    reference = [torch.nn.Parameter(torch.tensor(p)) for p in params]
+    bnb_opt = getattr(bnb.optim, f"{name}8bit")(theirs, **kwargs)
+    torch_opt = getattr(torch.optim, name)(reference, **kwargs)
+    rng, their_errors = np.random.default_rng(23), []
+    for step in range(50):
+        for p, q, s in zip(theirs, reference, shapes):
+            g = torch.tensor((0.01 * rng.standard_normal(s)).astype(f32))
+            p.grad, q.grad = g, g.clone()
+        bnb_opt.step(), torch_opt.step()
+        flat = torch.cat([p.detach().reshape(-1) for p in theirs])
+        their_errors.append((flat - torch.cat([q.detach().reshape(-1) for q in reference]))
+                            .abs().mean().item())
+        with torch.no_grad():
+            for p, q in zip(theirs, reference):
+                q.copy_(p)
+        if step == 1:  # after two steps from the same parameters, the two agree
+            assert np.abs(flat.numpy() - _after_two_steps(name, params, kwargs, shapes)).mean() < 1e-6
+    assert np.mean(errors) <= np.mean(their_errors) * 1.02
+    assert np.mean(errors) > 1e-7  # 8 bits do cost something: the test can fail
+
+
+def _after_two_steps(name, params, kwargs, shapes):
+    opt = getattr(fastopt, name)([p.copy() for p in params], **kwargs, state_dtype="int8")
+    rng = np.random.default_rng(23)
+    for _ in range(2):
+        opt.step([(0.01 * rng.standard_normal(s)).astype(f32) for s in shapes])
+    return opt.flat_params
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("SGD", dict(lr=0.05, momentum=0.9)), ("RMSprop", dict(lr=1e-3, centered=True, momentum=0.5)),
+    ("Adadelta", {}), ("NAdam", {}), ("RAdam", {}), ("Adamax", {}), ("Lion", dict(lr=1e-4)),
+    ("Adam", dict(amsgrad=True)), ("Adan", dict(state_dtype={"exp_avg": "int8", "exp_avg_sq": "int8",
+                                                             "exp_avg_diff": "int8"}))])
+def test_every_moving_average_steps_in_8_bits_close_to_float32(name, kwargs):
+    shapes = [(64, 96), (50,)]
+    rng = np.random.default_rng(24)
+    params = [(0.1 * rng.standard_normal(s)).astype(f32) for s in shapes]
+    options = {"state_dtype": "int8", **kwargs}
+    ours = getattr(fastopt, name)([p.copy() for p in params], **options)
+    twin = getattr(fastopt, name)([p.copy() for p in params],
+                                  **{k: v for k, v in options.items() if k != "state_dtype"})
+    errors = _steps_against_float32(ours, twin, shapes, 20, seed=25)
+    moved = np.abs(ours.flat_params - np.concatenate([p.ravel() for p in params])).mean()
+    assert np.mean(errors) < 0.05 * moved / 20 and moved > 0
+    assert any(v.dtype == np.uint8 for v in ours.state.values() if hasattr(v, "dtype"))
+
+
+def test_a_checkpoint_resumes_8_bit_state_bitwise(tmp_path):
+    def make():
+        return fastopt.AdamW({"w": initial_params(26, 8192).reshape(64, 128),
+                              "b": initial_params(27, 64)}, lr=1e-2, state_dtype="int8")
+    grads = [{"w": g[:8192].reshape(64, 128), "b": g[8192:]}
+             for g in gradients(26, 8192 + 64, steps=6)]
+    straight, first = make(), make()
+    for g in grads:
+        straight.step(g)
+    for g in grads[:3]:
+        first.step(g)
+    fastopt.save(first, tmp_path / "ck.npz")
+    for opt in (make(), None):
+        if opt is None:
+            opt = fastopt.load(tmp_path / "ck.npz")
+        else:
+            opt.load(tmp_path / "ck.npz")
+        for g in grads[3:]:
+            opt.step(g)
+        np.testing.assert_array_equal(opt.flat_params, straight.flat_params)
+        for key, value in straight.state.items():
+            if hasattr(value, "dtype"):
+                np.testing.assert_array_equal(opt.state[key], value, err_msg=key)
+    with pytest.raises(ValueError, match="formats differ"):
+        fastopt.AdamW({"w": np.zeros((64, 128), f32), "b": np.zeros(64, f32)}).load(
+            tmp_path / "ck.npz")
+
+
+def test_a_skipped_step_leaves_codes_and_absmax_bit_identical():
+    opt = fastopt.Adam([initial_params(28, 5000)], state_dtype="int8", skip_nonfinite=True)
+    opt.step(gradients(28, 5000, steps=1)[0])
+    before = {k: v.copy() for k, v in opt.state.items() if hasattr(v, "dtype")}
+    bad = gradients(29, 5000, steps=1)[0]
+    bad[17] = np.nan
+    opt.step(bad)
+    assert opt.skipped_steps == 1
+    for key, value in before.items():
+        np.testing.assert_array_equal(opt.state[key], value)
+
+
+@pytest.mark.parametrize("name, kwargs, match", [
+    ("Adagrad", dict(state_dtype="int8"), "Adagrad's sum is not one: it keeps none"),
+    ("Adan", dict(state_dtype="int8"), "Adan's prev_grad is not one: ask it of exp_avg"),
+    ("LAMB", dict(state_dtype="int8"), "keeps none that 8 bits can hold"),
+    ("Adam", dict(state_dtype={"exp_avg": "int4"}), "state_dtype must be one of"),
+])
+def test_8_bit_state_is_refused_where_it_cannot_be_kept(name, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        getattr(fastopt, name)([np.zeros(5000, f32)], **kwargs)
+
+
+def test_caution_is_refused_with_8_bit_state_before_any_write():
+    opt = fastopt.Adam([np.ones(5000, f32)], state_dtype="int8", caution=True)
+    with pytest.raises(ValueError, match="caution=True takes two passes"):
+        opt.step(np.ones(5000, f32))
+    assert (opt.flat_params == 1).all() and opt.state["step"] == 0
+
+
+def test_fastopt_torch_refuses_8_bit_state_for_now():
+    torch = pytest.importorskip("torch")
+    import fastopt.torch as ft
+    with pytest.raises(ValueError, match="does not keep 8-bit state yet"):
+        ft.Adam([torch.nn.Parameter(torch.zeros(5000))], state_dtype="int8")
+
+
+def test_bfloat16_parameters_with_remainders_and_8_bit_state_step_as_with_float32_master():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    p0 = initial_params(30, 6000).astype(ml_dtypes.bfloat16)
+    kept = fastopt.AdamW([p0.copy()], lr=1e-2, state_dtype="int8", master_weights="float32")
+    halves = fastopt.AdamW([p0.copy()], lr=1e-2, state_dtype="int8", master_weights="remainder")
+    for g in gradients(30, 6000, steps=5):
+        kept.step(g.astype(ml_dtypes.bfloat16))
+        halves.step(g.astype(ml_dtypes.bfloat16))
+    master = fastopt.precision.rebuild_master(halves.flat_params, halves.master_params)
+    np.testing.assert_array_equal(master.view(np.uint32), kept.master_params.view(np.uint32))
+    for key, value in kept.state.items():
+        if hasattr(value, "dtype"):
+            np.testing.assert_array_equal(halves.state[key], value, err_msg=key)
+    assert not np.array_equal(kept.master_params, p0.astype(f32))
