@@ -195,6 +195,11 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
       memory that its stores may alias (Numba's parfor lowering hoists them out of
       the body), and the Adam kernel at 1e6 did not get faster with a second thread.
 
+    - ``{block_arguments}`` names the absmax and small arrays of the 8-bit state
+      buffers, and ``{block_chunk}`` runs the chunk function over blocks ``c *
+      BLOCKS_PER_CHUNK`` on (see :func:`_block_chunk`): the loops of a pass that keeps
+      state in 8 bits, which only these take.
+
     ``fingerprint`` is whatever else the compiled code depends on (compiler options,
     constants).
     """
@@ -208,7 +213,7 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
     # Buffers kept in 8 bits, block by block (codecs.QUANTIZED): state only.
     quantized = {n: f for n, f in formats.items() if f in codecs.QUANTIZED}
     formats = {n: f for n, f in formats.items() if n not in quantized}
-    if set(quantized) - set(taken) & set(TENSORS) or set(quantized) - set(taken) or (
+    if set(quantized) & {*TENSORS, "w"} or set(quantized) - set(taken) or (
             quantized and ("{block_chunk}" not in loops or spec.sums or spec.per_segment)):
         raise ValueError(f"pass {spec} quantizes what is not state it takes, or is not a "
                          "flat pass over blocks")
@@ -306,10 +311,8 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
                   f"    for i in range({taken[0]}_c.size):\n"
                   f"        {body(lambda n: f'{n}_c[i]', 'base + i')}\n"
                   f"    return ({sums_tuple})\n")
-    block_text = _block_chunk(taken, quantized, writes, body, begin_sums, random) \
-        if quantized else ""
     if quantized:
-        chunk_text = block_text
+        chunk_text = _block_chunk(taken, quantized, writes, body, begin_sums, random)
     block_arguments = "".join(f", {n}_absmax, {n}_small" for n in quantized)
     text = loops.format(
         random_arguments=", key, first" if spec.stochastic else "",

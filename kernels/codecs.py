@@ -208,26 +208,22 @@ def _buckets(values):
     low[0] = 0.0  # the first bucket takes every smaller magnitude too
     codes, thresholds = [], []
     for sign in (1.0, -1.0):
-        # the nearest code to each bucket's lowest magnitude (ties toward zero), and the
-        # midpoints beyond it, up to the bucket's end
-        edges = sign * low
-        nearest = np.searchsorted(middles, edges, "left" if sign > 0 else "right")
-        magnitudes = np.abs(middles)
-        for index in range(_BUCKETS):
-            inside = np.flatnonzero((magnitudes >= low[index]) & (magnitudes < high[index])
-                                    & (np.sign(middles) == sign))
-            if inside.size > 1:
-                raise AssertionError("a bucket holds two midpoints: more mantissa bits")
-            code = nearest[index]
-            if inside.size:
-                threshold = np.float32(magnitudes[inside[0]])
-                if threshold > magnitudes[inside[0]]:  # the float32 at or below it
-                    threshold = np.nextafter(threshold, np.float32(0))
-            else:
-                threshold = np.finfo(np.float32).max
-            codes.append(code)
-            thresholds.append(threshold)
-    return np.array(codes, np.uint8), np.array(thresholds, np.float32)
+        # The code nearest to each bucket's lowest magnitude (ties toward zero), and the
+        # midpoint in the bucket, if any, beyond which the next code is nearer.
+        nearest = np.searchsorted(middles, sign * low, "left" if sign > 0 else "right")
+        magnitudes = np.sort(np.abs(middles[np.sign(middles) == sign]))
+        first, last = (np.searchsorted(magnitudes, edge, "left") for edge in (low, high))
+        if (last - first).max() > 1:
+            raise AssertionError("a bucket holds two midpoints: more mantissa bits")
+        inside = np.append(magnitudes, np.inf)[first]  # the first at or above low
+        threshold = inside.astype(np.float32)
+        # the float32 at or below the midpoint: x > it exactly where x > the midpoint
+        threshold = np.where(threshold > inside, np.nextafter(threshold, np.float32(0)),
+                             threshold)
+        thresholds.append(np.where(last > first, threshold, np.finfo(np.float32).max))
+        codes.append(nearest)
+    return (np.concatenate(codes).astype(np.uint8),
+            np.concatenate(thresholds).astype(np.float32))
 
 
 SIGNED_MAP, UNSIGNED_MAP = dynamic_map(True), dynamic_map(False)
