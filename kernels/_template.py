@@ -143,24 +143,33 @@ def _block_chunk(taken, quantized, writes, body, begin_sums, random):
                  + "".join(f", {n}_absmax, {n}_small" for n in quantized)
                  + f", first_block, last_block, prepared, named{random}):\n")
     written = [n for n in quantized if n in writes]
-    small = body(lambda n: f"{n}_small[k]" if n in quantized else f"{n}[j]", "base + j")
-    stepped = body(lambda n: f"{n}[j]", "base + j", blocks=True)
+    # Each block's slices, indexed from 0, which LLVM vectorises (see cpu.CHUNK).
+    small = body(lambda n: f"{n}_s[i]" if n in quantized else f"{n}_b[i]", "base + start + i")
+    stepped = body(lambda n: f"{n}_b[i]", "base + start + i", blocks=True)
     lines = [f"{n}_new = np.empty(BLOCK, float32)" for n in written] + [
         "for b in range(first_block, last_block):",
         "    start, size, small = blocks[b, 0], blocks[b, 1], blocks[b, 2]",
+        "    " + "; ".join(f"{a}_b = {a}[start:start + size]" for a in taken),
         "    if small >= 0:",
+        "        " + "; ".join(f"{n}_s = {n}_small[small:small + size]" for n in quantized),
         "        for i in range(size):",
-        f"            j = start + i; k = small + i; {small}",
+        f"            {small}",
         "        continue"]
     lines += [f"    {n}_scale = {n}_absmax[b]" for n in quantized]
-    lines += [f"    {n}_top = ZERO; {n}_nan = False" for n in written]
-    lines += ["    for i in range(size):", f"        j = start + i; {stepped}"]
+    lines += ["    for i in range(size):", f"        {stepped}"]
     for n in written:
-        lines += [f"    if {n}_nan:", f"        {n}_top = NAN",
+        # The largest magnitude as the largest of the bits without the sign, which is
+        # a NaN where there is one (so every value of the block decodes as NaN), and
+        # a reduction over integers, which vectorises (one over floats does not).
+        lines += [f"    {n}_bits = NO_BITS",
+                  "    for i in range(size):",
+                  f"        {n}_bits = np.uint32(max({n}_bits, "
+                  f"np.float32({n}_new[i]).view(np.uint32) & MAGNITUDE))",
+                  f"    {n}_top = np.uint32({n}_bits).view(np.float32)",
                   f"    {n}_absmax[b] = {n}_top",
                   f"    {n}_inverse = ONE / {n}_top if {n}_top > ZERO else ZERO",
                   "    for i in range(size):",
-                  f"        {n}[start + i] = dynamic_encode({n}_new[i] * {n}_inverse, "
+                  f"        {n}_b[i] = dynamic_encode({n}_new[i] * {n}_inverse, "
                   f"{quantized[n]}_codes, {quantized[n]}_thresholds)"]
     return arguments + "".join(f"    {line}\n" for line in [begin_sums] + lines) + "    return ()\n"
 
@@ -278,9 +287,8 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
         stores = [f"{at('w')} = {'bfloat16_remainder(new_p)' if remainder else 'new_p'}"
                   for n in encoded if n == "p" and spec.master]
         stores += [f"{at(n)} = {encode(n)}" for n in encoded]
-        if blocks:  # a NaN makes the block's absmax NaN, and so every value of it
-            stores += [f"{n}_new[i] = new_{n}; {n}_top = max({n}_top, abs(new_{n})); "
-                       f"{n}_nan |= new_{n} != new_{n}" for n in quantized if n in writes]
+        if blocks:
+            stores += [f"{n}_new[i] = new_{n}" for n in quantized if n in writes]
         return "; ".join([line] + stores + [f"total{j} += term{j}" for j in range(len(sums))])
 
     def segment_at(n):

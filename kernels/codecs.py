@@ -222,7 +222,7 @@ def _buckets(values):
                              threshold)
         thresholds.append(np.where(last > first, threshold, np.finfo(np.float32).max))
         codes.append(nearest)
-    return (np.concatenate(codes).astype(np.uint8),
+    return (np.concatenate(codes).astype(np.int32),  # int32: a gather loads 32 bits
             np.concatenate(thresholds).astype(np.float32))
 
 
@@ -252,7 +252,7 @@ def dynamic_encode(x, codes, thresholds):
 
 # The 8-bit formats, by name: the map (decoding is ``map[code] * absmax``) and the
 # tables of its encoding, which the drivers take as the constants ``<name>_map``,
-# ``<name>_codes`` and ``<name>_thresholds``. The codes are uint8 either way.
+# ``<name>_codes`` and ``<name>_thresholds``. The codes a buffer keeps are uint8 either way.
 QUANTIZED = {"signed8": (SIGNED_MAP, *_buckets(SIGNED_MAP)),
              "unsigned8": (UNSIGNED_MAP, *_buckets(UNSIGNED_MAP))}
 CODES = np.dtype(np.uint8)

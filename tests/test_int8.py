@@ -270,3 +270,16 @@ def test_bfloat16_parameters_with_remainders_and_8_bit_state_step_as_with_float3
         if hasattr(value, "dtype"):
             np.testing.assert_array_equal(halves.state[key], value, err_msg=key)
     assert not np.array_equal(kept.master_params, p0.astype(f32))
+
+
+def test_a_nan_makes_its_blocks_absmax_nan_and_stays_out_of_the_others():
+    opt = fastopt.Adam([np.ones(5000, f32)], state_dtype="int8")
+    g = np.full(5000, 0.5, f32)
+    g[300] = np.nan  # in block 1
+    opt.step(g)
+    for name in ("exp_avg", "exp_avg_sq"):
+        absmax = opt.state[name + "_absmax"]
+        assert np.isnan(absmax[1]) and np.isfinite(np.delete(absmax, 1)).all()
+    opt.step(np.full(5000, 0.5, f32))  # the block's state decodes as NaN, and so steps
+    assert np.isnan(opt.flat_params[256:512]).all()
+    assert np.isfinite(np.delete(opt.flat_params, np.s_[256:512])).all()
