@@ -79,6 +79,36 @@ def rebuild_master(params, remainders):
     return np.where(written, bits << 16, rebuilt).astype(np.uint32).view(np.float32)
 
 
+def quantize(values, fmt):
+    """``(codes, absmax)``: float32 ``values`` in blocks of ``codecs.BLOCK`` (the last one
+    shorter), each by the largest magnitude in it and the nearest value of the dynamic
+    map ``fmt`` (``codecs.QUANTIZED``, ties toward the lower code), as the kernels keep
+    8-bit state: the value times ``1 / absmax`` in float32, as the kernels take it, then
+    the nearest in float64."""
+    values = np.asarray(values, FLOAT32)
+    blocks = -(-values.size // codecs.BLOCK)
+    padded = np.zeros(blocks * codecs.BLOCK, FLOAT32)
+    padded[:values.size] = values
+    padded = padded.reshape(blocks, codecs.BLOCK)
+    absmax = np.abs(padded).max(axis=1)
+    inverse = np.where(absmax > 0, FLOAT32.type(1) / np.where(absmax > 0, absmax, 1), 0)
+    normalized = (padded * inverse[:, None].astype(FLOAT32)).astype(np.float64).ravel()
+    values_of = codecs.QUANTIZED[fmt][0].astype(np.float64)
+    above = np.clip(np.searchsorted(values_of, normalized), 1, values_of.size - 1)
+    nearer_below = normalized - values_of[above - 1] <= values_of[above] - normalized
+    codes = np.where(nearer_below, above - 1, above).astype(codecs.CODES)
+    return codes[:values.size], absmax.astype(FLOAT32)
+
+
+def dequantize(codes, absmax, fmt):
+    """The float32 values of 8-bit ``codes`` in blocks with ``absmax`` (see
+    :func:`quantize`): ``dequantize(opt.state["exp_avg"][a:b], opt.state["exp_avg_absmax"]
+    [first:last], "signed8")`` for a tensor whose elements ``a:b`` are blocks ``first`` to
+    ``last`` (``fastopt.optim.optimizer.Blocks``)."""
+    scale = np.repeat(np.asarray(absmax, FLOAT32), codecs.BLOCK)[:codes.size]
+    return codecs.QUANTIZED[fmt][0][codes] * scale
+
+
 def check_grad_dtype(grad_dtype):
     """``grad_dtype``, after checking that it is None or a name of ``DTYPES``."""
     if grad_dtype is not None and not (isinstance(grad_dtype, str) and grad_dtype in DTYPES):

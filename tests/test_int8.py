@@ -283,3 +283,20 @@ def test_a_nan_makes_its_blocks_absmax_nan_and_stays_out_of_the_others():
     opt.step(np.full(5000, 0.5, f32))  # the block's state decodes as NaN, and so steps
     assert np.isnan(opt.flat_params[256:512]).all()
     assert np.isfinite(np.delete(opt.flat_params, np.s_[256:512])).all()
+
+
+def test_dequantize_decodes_the_state_within_half_a_step_of_the_map():
+    g = gradients(31, 8192, steps=1)[0]
+    opt = fastopt.Adam([np.zeros((64, 128), f32)], state_dtype="int8")
+    opt.step([g.reshape(64, 128)])
+    decoded = fastopt.precision.dequantize(opt.state["exp_avg"], opt.state["exp_avg_absmax"],
+                                           "signed8")
+    exact = (f32(0.1) * g).astype(np.float64)
+    scale = np.repeat(opt.state["exp_avg_absmax"], 256).astype(np.float64)
+    gaps = np.diff(MAPS["signed8"].astype(np.float64)).max()  # the widest, near 1
+    assert np.all(np.abs(decoded - exact) <= scale * gaps / 2 * 1.0001)
+    assert np.abs(decoded - exact).max() > 0
+    codes, absmax = fastopt.precision.quantize(exact.astype(f32), "signed8")
+    np.testing.assert_array_equal(absmax, opt.state["exp_avg_absmax"])
+    agree = codes == opt.state["exp_avg"]
+    assert agree.mean() > 0.9999  # but at exact ties

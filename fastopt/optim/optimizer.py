@@ -13,8 +13,9 @@ from .._backend import FLOAT32, _extent, is_c_contiguous, is_cuda_array
 from ..flat import ViewList, flatten
 from ..kernels import Pass, rules
 from ..kernels._template import state_names
-from ..kernels.codecs import BLOCK, CODES, QUANTIZED
-from ..precision import MIN_QUANTIZED_SIZE, NOTHING_TO_ROUND, Storage, check_grad_dtype
+from ..kernels.codecs import BLOCK
+from ..precision import (MIN_QUANTIZED_SIZE, NOTHING_TO_ROUND, Storage, check_grad_dtype,
+                         quantize)
 from . import engine
 from .checks import check_flag, check_lr, positive_or_none
 from .snapshot import restore as restore_snapshot
@@ -680,33 +681,6 @@ class Blocks:
             groups.append((table, first, len(rows)))
         by_start = {layout.start: group for layout, group in zip(layouts, groups)}
         return cls(len(rows), small, groups, by_start)
-
-
-def quantize(values, fmt):
-    """``(codes, absmax)``: float32 ``values`` in blocks of ``codecs.BLOCK`` (the last one
-    shorter), each by the largest magnitude in it and the nearest value of the dynamic
-    map ``fmt`` (``codecs.QUANTIZED``, ties toward the lower code), as the kernels keep
-    8-bit state; on the host, in float64 but for the division, which is float32's."""
-    values = np.asarray(values, FLOAT32)
-    blocks = -(-values.size // BLOCK)
-    padded = np.zeros(blocks * BLOCK, FLOAT32)
-    padded[:values.size] = values
-    padded = padded.reshape(blocks, BLOCK)
-    absmax = np.abs(padded).max(axis=1)
-    inverse = np.where(absmax > 0, FLOAT32.type(1) / np.where(absmax > 0, absmax, 1), 0)
-    normalized = (padded * inverse[:, None].astype(FLOAT32)).astype(np.float64).ravel()
-    values_of = QUANTIZED[fmt][0].astype(np.float64)
-    above = np.clip(np.searchsorted(values_of, normalized), 1, values_of.size - 1)
-    nearer_below = normalized - values_of[above - 1] <= values_of[above] - normalized
-    codes = np.where(nearer_below, above - 1, above).astype(CODES)
-    return codes[:values.size], absmax.astype(FLOAT32)
-
-
-def dequantize(codes, absmax, fmt):
-    """The float32 values of 8-bit ``codes`` in blocks with ``absmax`` (see
-    :func:`quantize`)."""
-    scale = np.repeat(np.asarray(absmax, FLOAT32), BLOCK)[:codes.size]
-    return QUANTIZED[fmt][0][codes] * scale
 
 
 def _address(a):
