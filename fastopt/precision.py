@@ -3,7 +3,8 @@
 Every rule computes in float32; a buffer kept in 16 bits is read into float32 and
 written back rounded (to nearest, ties to even) inside the step's single pass
 (``kernels.codecs``). Parameters and gradients may be float32, bfloat16 (ml_dtypes)
-or float16; the state float32 or bfloat16.
+or float16; the state float32, bfloat16, or for moving averages int8: block-wise codes
+of a dynamic map (see :func:`quantize`).
 """
 
 import ml_dtypes
@@ -118,18 +119,21 @@ def check_grad_dtype(grad_dtype):
 
 
 class Storage:
-    """An optimizer's choice of formats, checked: ``master`` (float32 master weights for
-    16-bit parameters), ``grads`` (the gradients' dtype) and ``states`` (dtype by state
-    buffer name).
+    """An optimizer's choice of formats, checked: ``master`` (master weights for 16-bit
+    parameters; ``remainder``: as the low halves of their bits), ``grads`` (the
+    gradients' dtype), ``states`` (dtype by state buffer name; uint8 codes for int8),
+    ``quantized`` (the int8 buffers, with their map: ``codecs.QUANTIZED``) and
+    ``formats`` (every buffer not float32, by the rules' names, with its format).
 
     ``master_weights``: ``"auto"`` (float32 master weights where the parameters are
     16-bit), ``"float32"``, ``"remainder"`` (bfloat16 parameters: only the low 16 bits of
     float32 master weights, see :func:`rebuild_master`) or None. ``state_dtype``: a
     name of ``STATE_DTYPES``, or a dict of them by state buffer. ``grad_dtype``: None
     (the parameters' dtype) or a name of ``DTYPES``. ``stochastic_rounding``: round the
-    16-bit values stored without master weights (parameters with ``master_weights=None``, bfloat16 state)
-    stochastically, on random bits of ``(seed, step, element)`` (``codecs.random_bits``),
-    so that small updates survive in expectation. ``state_names`` are the state buffers
+    16-bit values stored without master weights (parameters with
+    ``master_weights=None``, bfloat16 state) stochastically, on random bits of ``(seed,
+    step, element)`` (``codecs.random_bits``), so that small updates survive in
+    expectation. ``state_names`` are the state buffers
     of ``algorithm`` (a class, named in messages)."""
 
     def __init__(self, algorithm, state_names, params_dtype, master_weights, state_dtype,
