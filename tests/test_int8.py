@@ -300,3 +300,13 @@ def test_dequantize_decodes_the_state_within_half_a_step_of_the_map():
     np.testing.assert_array_equal(absmax, opt.state["exp_avg_absmax"])
     agree = codes == opt.state["exp_avg"]
     assert agree.mean() > 0.9999  # but at exact ties
+
+
+def test_a_replaced_absmax_of_another_dtype_is_refused_before_any_write():
+    opt = fastopt.Adam([np.ones(5000, f32)], state_dtype="int8")
+    opt.step(np.ones(5000, f32))
+    opt.state["exp_avg_absmax"] = opt.state["exp_avg_absmax"].astype(np.float64)
+    before = opt.flat_params.copy()
+    with pytest.raises(TypeError, match=r"state\['exp_avg_absmax'\] must be a C-contiguous float32"):
+        opt.step(np.ones(5000, f32))
+    np.testing.assert_array_equal(opt.flat_params, before)

@@ -192,6 +192,7 @@ class Optimizer:
         self._works = {}  # (start, stop) -> (Work, tensor offsets, Tensors of own buffers)
         self._state_checked = {}  # name -> the state buffer last found as the kernels need it
         self._block_plan = None  # the Blocks of 8-bit state, once needed
+        self._kept_arrays = {}  # state name -> _kept(name)
 
     @property
     def device(self):
@@ -342,21 +343,29 @@ class Optimizer:
         """Refuse a state buffer that someone replaced (``opt.state["exp_avg"] = a``) with
         an array of another dtype, size or device than the optimizer keeps: the kernels
         would misread it. An array once checked is not checked again."""
+        checked, state = self._state_checked, self.state
         for _, spec, _, _, _ in plans:
-            for name, size, dtype in (kept for name in spec for kept in self._kept(name)):
-                buffer = self.state.get(name)
-                if buffer is None or buffer is self._state_checked.get(name):
-                    continue
-                if (getattr(buffer, "dtype", None) != dtype
-                        or getattr(buffer, "shape", None) != (size,)
-                        or is_cuda_array(buffer) != (self.device == "cuda")
-                        or not is_c_contiguous(buffer)):
-                    raise TypeError(f"state['{name}'] must be a C-contiguous {dtype} array of "
-                                    f"shape {(size,)} on {self.device}, as the optimizer "
-                                    f"keeps it; got {type(buffer).__name__} "
-                                    f"{getattr(buffer, 'dtype', '')} "
-                                    f"{getattr(buffer, 'shape', '')}")
-                self._state_checked[name] = buffer
+            for name in spec:
+                if state.get(name) is checked.get(name, False) and \
+                        name not in self._storage.quantized:
+                    continue  # the usual case, at every step: nothing replaced
+                self._check_replaced(name)
+
+    def _check_replaced(self, name):
+        """:meth:`_check_state` of the arrays that hold the state buffer ``name``."""
+        for array, size, dtype in self._kept(name):
+            buffer = self.state.get(array)
+            if buffer is None or buffer is self._state_checked.get(array):
+                continue
+            if (getattr(buffer, "dtype", None) != dtype
+                    or getattr(buffer, "shape", None) != (size,)
+                    or is_cuda_array(buffer) != (self.device == "cuda")
+                    or not is_c_contiguous(buffer)):
+                raise TypeError(f"state['{array}'] must be a C-contiguous {dtype} array of "
+                                f"shape {(size,)} on {self.device}, as the optimizer keeps "
+                                f"it; got {type(buffer).__name__} "
+                                f"{getattr(buffer, 'dtype', '')} {getattr(buffer, 'shape', '')}")
+            self._state_checked[array] = buffer
 
     def _allocate_state(self, plans):
         """Create the state buffers this step needs, and initialize the segments of
@@ -429,12 +438,16 @@ class Optimizer:
     def _kept(self, name):
         """``(array, size, dtype)`` of each array in ``state`` that holds the state buffer
         ``name``: the buffer, and for 8-bit state its ``<name>_absmax`` per block and its
-        ``<name>_small``, the float32 state of the tensors too small to quantize."""
-        kept = [(name, self._state_size(name), self._storage.state(name))]
-        if name in self._storage.quantized:
-            blocks = self._blocks()
-            kept += [(f"{name}_absmax", blocks.count, FLOAT32),
-                     (f"{name}_small", blocks.small, FLOAT32)]
+        ``<name>_small``, the float32 state of the tensors too small to quantize. Made
+        once per name: every step checks them."""
+        kept = self._kept_arrays.get(name)
+        if kept is None:
+            kept = [(name, self._state_size(name), self._storage.state(name))]
+            if name in self._storage.quantized:
+                blocks = self._blocks()
+                kept += [(f"{name}_absmax", blocks.count, FLOAT32),
+                         (f"{name}_small", blocks.small, FLOAT32)]
+            self._kept_arrays[name] = kept
         return kept
 
     def _launch(self, rule, spec, start, stop, g, prep, h, step):
