@@ -49,8 +49,9 @@ step writes it rounded to nearest even; a parameter written since the last step
 written value. With ``master_weights="remainder"`` (bfloat16), ``"master"`` holds only
 the low 16 bits of the float32 master weights, as int16 bits, and the parameter is the
 master rounded with ties away from zero (see :class:`fastopt.Optimizer`).
-``state_dtype="bfloat16"`` (or a dict by state name) keeps the state in 16 bits. ``state_dict()`` holds the state in the dtypes fastopt keeps it in, with the
-master weights; torch.optim loads it (casting, and keeping ``"master"`` unused), and
+``state_dtype="bfloat16"`` (or a dict by state name) keeps the state in 16 bits.
+``state_dict()`` holds the state in the dtypes fastopt keeps it in, with the master
+weights; torch.optim loads it (casting, and keeping ``"master"`` unused), and
 ``load_state_dict()`` takes torch.optim's, encoding its state (the master weights then
 start from the parameters). As in torch, a parameter
 whose ``.grad`` is None is left untouched, and the step count, bias corrections and
@@ -464,14 +465,14 @@ class Optimizer(torch.optim.Optimizer):
         """Loaded master weights of ``p`` in the kind its store keeps: float32 ones and
         remainders (their low halves, as int16 bits) turn into each other through
         ``p``'s bits (``precision.rebuild_master``)."""
-        remainder = self._storage_of(p.dtype).remainder
+        storage = self._storage_of(p.dtype)
+        remainder = storage.remainder
         if remainder == (value.dtype == torch.int16) or p.dtype != torch.bfloat16:
             return value
         if value.dtype not in (torch.float32, torch.int16) or value.shape != p.shape:
             raise ValueError(f"loaded state dict has {MASTER!r} of {value.dtype} "
                              f"{tuple(value.shape)} for {self._name(p)}, whose master weights "
-                             f"are {_kept_dtype(self._storage_of(p.dtype), MASTER)} "
-                             f"{tuple(p.shape)}")
+                             f"are {_kept_dtype(storage, MASTER)} {tuple(p.shape)}")
         value = value.detach().cpu().contiguous().numpy()
         if remainder:
             low = (value.view(np.uint32) & 0xFFFF).astype(precision.REMAINDER_DTYPE)

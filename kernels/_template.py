@@ -131,7 +131,7 @@ def _rules_source():
     return inspect.getsource(rules) + inspect.getsource(codecs)
 
 
-def _block_chunk(taken, quantized, writes, body, begin_sums, random):
+def _block_chunk(taken, quantized, writes, body, random):
     """The arguments and body of the chunk function of a pass over blocks of 8-bit
     state (``codecs.QUANTIZED``): blocks ``first_block`` to ``last_block`` of
     ``blocks``, each row ``(start, size, small)`` of it a block of ``size`` elements
@@ -171,7 +171,7 @@ def _block_chunk(taken, quantized, writes, body, begin_sums, random):
                   "    for i in range(size):",
                   f"        {n}_b[i] = dynamic_encode({n}_new[i] * {n}_inverse, "
                   f"{quantized[n]}_codes, {quantized[n]}_thresholds)"]
-    return arguments + "".join(f"    {line}\n" for line in [begin_sums] + lines) + "    return ()\n"
+    return arguments + "".join(f"    {line}\n" for line in lines) + "    return ()\n"
 
 
 def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
@@ -320,7 +320,7 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
                   f"        {body(lambda n: f'{n}_c[i]', 'base + i')}\n"
                   f"    return ({sums_tuple})\n")
     if quantized:
-        chunk_text = _block_chunk(taken, quantized, writes, body, begin_sums, random)
+        chunk_text = _block_chunk(taken, quantized, writes, body, random)
     block_arguments = "".join(f", {n}_absmax, {n}_small" for n in quantized)
     text = loops.format(
         random_arguments=", key, first" if spec.stochastic else "",
