@@ -16,6 +16,10 @@ from the same float32 weights:
   stochastically;
 - ``bf16, no master, nearest``: the same rounded to nearest, the control that shows why
   the other two exist: small updates round away;
+- ``float32, int8 state`` and ``bf16 + remainder, int8 state``: the moving averages in
+  8 bits, block-wise (fastopt's smallest formats: 10 and 8 bytes a parameter kept);
+- ``bitsandbytes AdamW8bit``: its 8-bit AdamW on the float32 model, where bitsandbytes
+  is installed;
 - ``torch AdamW, bf16``: torch.optim.AdamW on the bfloat16 model (state in bfloat16,
   no master weights), what the model gets without fastopt.
 
@@ -25,6 +29,7 @@ float32's, and with matplotlib draws the curves.
 """
 
 import argparse
+import importlib.util
 import inspect
 import json
 
@@ -41,7 +46,11 @@ RUNS = {
     "bf16, no master, stochastic": (torch.bfloat16, dict(master_weights=None,
                                                          stochastic_rounding=True)),
     "bf16, no master, nearest": (torch.bfloat16, dict(master_weights=None)),
+    "float32, int8 state": (torch.float32, dict(state_dtype="int8")),
+    "bf16 + remainder, int8 state": (torch.bfloat16, dict(master_weights="remainder",
+                                                          state_dtype="int8")),
     "torch AdamW, bf16": (torch.bfloat16, None),
+    "bitsandbytes AdamW8bit": (torch.float32, "bitsandbytes"),
 }
 CONTEXT, BATCH, WIDTH = 64, 16, 64
 
@@ -95,6 +104,10 @@ def train(label, steps, tokens, vocabulary, initial):
     model.to(dtype)
     if options is None:
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    elif options == "bitsandbytes":
+        import bitsandbytes
+
+        opt = bitsandbytes.optim.AdamW8bit(model.parameters(), lr=3e-3, weight_decay=0.01)
     else:
         opt = ft.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, **options)
     losses = []
@@ -121,6 +134,8 @@ def main():
     curves, evaluations = {}, {}
     print(f"{'run':30s} {'train loss':>10s} {'vs fp32':>8s} {'held out':>9s} {'vs fp32':>8s}")
     for label in RUNS:
+        if RUNS[label][1] == "bitsandbytes" and importlib.util.find_spec("bitsandbytes") is None:
+            continue
         curves[label], evaluations[label] = train(label, args.steps, tokens, vocabulary,
                                                   initial)
     reference = np.mean(curves["float32"][-20:])

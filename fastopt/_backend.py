@@ -186,13 +186,12 @@ class HostBackend:
         return np.may_share_memory(a, b)
 
     def run(self, rule, present, buffers, prep, h, keep_subnormals=False, formats=(),
-            master=False, rounding=None, blocks=()):
+            master=False, rounding=None):
         """One pass of ``rule`` over ``buffers`` (``_template.arrays(rule, present,
         master)``), stored in ``formats`` (``_template.Pass.formats``), rounding its
         16-bit stores stochastically with ``rounding = (key, first)`` (see
         ``_template.Pass.stochastic``); ``keep_subnormals`` where the rule's result hangs
-        on subnormal numbers, which the kernels otherwise flush. ``blocks`` are the
-        block table and the absmax and small arrays of 8-bit state (``kernels.cpu.kernel``)."""
+        on subnormal numbers, which the kernels otherwise flush."""
         kernels = self._kernels
         if formats:
             kernel = kernels.kernel(*Pass(rule, present, formats=formats, master=master,
@@ -201,8 +200,7 @@ class HostBackend:
         else:
             kernel = kernels.kernel(rule, present)
         self._call(kernel, buffers[0].size, *buffers, float32s(prep), float32s(h),
-                   *(rounding or ()), *blocks,
-                   flush=kernels.FLUSH_DENORMALS and not keep_subnormals)
+                   *(rounding or ()), flush=kernels.FLUSH_DENORMALS and not keep_subnormals)
 
     def segments(self, sizes, state_starts, tensor=None, offsets=None):
         """:class:`Segments` of ``sizes`` elements, each a whole tensor of the launch
@@ -239,6 +237,20 @@ class HostBackend:
                    segments.partials, segments.row_scalars,
                    flush=self._kernels.FLUSH_DENORMALS and not keep_subnormals)
         return segments.totals(segments.partials, len(spec.sums)) if spec.sums else ()
+
+    def run_blocks(self, spec, tensors, states, blocks, prep, h, keep_subnormals=False, key=0):
+        """One pass ``spec`` that keeps state in 8 bits (``codecs.QUANTIZED`` formats)
+        over the segments of ``tensors`` and ``states`` (as :meth:`run_segments`), block
+        by block. ``blocks`` is ``(rows, state_starts, size, arrays)``: the blocks' rows
+        ``(segment, offset, size, small)``, where each segment's state starts, the
+        number of elements, and each 8-bit buffer's ``absmax`` and ``small`` arrays, in
+        the order of ``spec.present`` (see ``kernels.cpu.segment_kernel``)."""
+        rows, state_starts, size, arrays = blocks
+        kernel, names = self._compiled(spec)
+        self._call(kernel, size, *(getattr(tensors, name) for name in names),
+                   *map(precision.bits, states), float32s(prep), float32s(h),
+                   *((key, 0) if spec.stochastic else ()), rows, state_starts, *arrays,
+                   flush=self._kernels.FLUSH_DENORMALS and not keep_subnormals)
 
     def _compiled(self, spec):
         """The segment kernel of the pass ``spec``, and which of p and g it takes (kept:
@@ -356,7 +368,7 @@ class CudaBackend:
         return a_start < b_end and b_start < a_end
 
     def run(self, rule, present, buffers, prep, h, keep_subnormals=False, formats=(),
-            master=False, rounding=None, blocks=()):
+            master=False, rounding=None):
         kernels = self._kernels
         # keep_subnormals: CUDA keeps them (the kernels set no flush-to-zero mode); its
         # buffers are float32 (see zeros), so formats stays empty, and rounding None.

@@ -49,7 +49,13 @@ step writes it rounded to nearest even; a parameter written since the last step
 written value. With ``master_weights="remainder"`` (bfloat16), ``"master"`` holds only
 the low 16 bits of the float32 master weights, as int16 bits, and the parameter is the
 master rounded with ties away from zero (see :class:`fastopt.Optimizer`).
-``state_dtype="bfloat16"`` (or a dict by state name) keeps the state in 16 bits.
+``state_dtype="bfloat16"`` (or a dict by state name) keeps the state in 16 bits, and
+``state_dtype="int8"`` (on the CPU) keeps moving averages in 8 bits as the NumPy API
+does: ``opt.state[p]["exp_avg"]`` holds ``p``'s uint8 codes (in ``p``'s layout, blocks of
+256 elements in its memory order) and ``"exp_avg_absmax"`` their scales, or, for a
+parameter of fewer than 4096 elements, float32 values. ``state_dict()`` saves the codes
+as ``"exp_avg_codes"``, so that torch.optim refuses them instead of reading them as
+numbers, and :meth:`Optimizer.decoded_state_dict` gives torch.optim's state.
 ``state_dict()`` holds the state in the dtypes fastopt keeps it in, with the master
 weights; torch.optim loads it (casting, and keeping ``"master"`` unused), and
 ``load_state_dict()`` takes torch.optim's, encoding its state (the master weights then
@@ -76,6 +82,7 @@ import torch
 from . import precision
 from ._backend import GRAD_SQUARES, CudaBackend, HostBackend, Tensors
 from .kernels import Pass
+from .kernels.codecs import BLOCK
 from .optim import engine
 from .optim.optimizer import Optimizer as _Flat
 from .optim.optimizer import _snapshot, check_flag
@@ -93,6 +100,12 @@ _TORCH_SCALARS = {"step": torch.float32, "mu_product": torch.float64, "eta": tor
 _RUNTIME = ("_stores", "_slots", "_group_slots", "_checked", "_seen")
 # The state entry that holds a 16-bit parameter's float32 master weights.
 MASTER = "master"
+# The state entries of a buffer kept in 8 bits besides its codes: the scales of its blocks
+# (opt.state[p]), and the float32 state of parameters too small to quantize (the store's).
+ABSMAX, SMALL = "_absmax", "_small"
+# state_dict() saves codes as "<name>_codes", which torch.optim does not know: it would
+# read codes as values.
+CODES = "_codes"
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _TORCH_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}
 
@@ -190,9 +203,6 @@ class Optimizer(torch.optim.Optimizer):
         storage = precision.Storage(self.algorithm, self.algorithm.state_names(),
                                     precision.DTYPES[_DTYPES[dtype]], master_weights,
                                     state_dtype, None, stochastic_rounding, seed)
-        if storage.quantized:
-            raise ValueError("fastopt.torch does not keep 8-bit state yet "
-                             "(state_dtype='int8'): the NumPy API (fastopt.Adam ...) does")
         if storage.converts and not self.algorithm.spec.reads_16_bit:
             raise TypeError(f"{self.algorithm.__name__} steps float32 parameters and state "
                             "only, for now (its column sums do not read 16-bit buffers yet)")
@@ -228,6 +238,11 @@ class Optimizer(torch.optim.Optimizer):
         kinds = {}
         for p in names:
             kinds.setdefault((p.device, p.dtype), []).append(p)
+        for device, dtype in kinds:
+            if device.type != "cpu" and self._storage_of(dtype).quantized:
+                raise TypeError(f"fastopt.torch keeps 8-bit state (state_dtype='int8') on "
+                                f"the CPU only, for now; {names[kinds[device, dtype][0]]} is "
+                                f"on {device}")
         stores = [_Store(self.algorithm, members, device.type == "cpu" and (
                       not _shaped(self.algorithm) or all(p.is_contiguous() for p in members)),
                          self._storage_of(dtype), ordinal)
@@ -236,7 +251,7 @@ class Optimizer(torch.optim.Optimizer):
         dropped = [(store, p) for store in stores for p in store.slots
                    if MASTER in self.state.get(p, {}) and not store.master]
         moves = [(store, p, name, value) for store in stores for p in store.slots
-                 for name, value in self.state.get(p, {}).items()
+                 for name, value in _in_order(_relaid(store, p, self.state.get(p, {})))
                  if isinstance(value, torch.Tensor) and name not in _TORCH_SCALARS
                  and (name != MASTER or store.master)]
         views = [store.view(name, p) for store, p, name, _ in moves]
@@ -244,9 +259,8 @@ class Optimizer(torch.optim.Optimizer):
             _check_state(names[p], name, value, view, _castable(store, name, p))
         for _, p in dropped:
             del self.state[p][MASTER]
-        for (_, p, name, value), view in zip(moves, views):
-            view.copy_(value)
-            self.state[p][name] = view
+        for store, p, name, value in moves:
+            self.state[p].update(store.put(name, p, value))
         self._stores = stores
         self._slots = {p: (store, slot) for store in stores for p, slot in store.slots.items()}
         self._group_slots = [[(p, *self._slots[p]) for p in group["params"]]
@@ -366,14 +380,13 @@ class Optimizer(torch.optim.Optimizer):
         the store, and put the views in their place, so that the kernels and
         ``state_dict()`` see the same numbers; and read the step count and host state
         again."""
-        replaced = [(name, value, store.view(name, p)) for name, value in state.items()
+        replaced = [(name, value, store.view(name, p)) for name, value in _in_order(state)
                     if isinstance(value, torch.Tensor) and value is not slot.views.get(name)
                     and name not in _TORCH_SCALARS]
         for name, value, view in replaced:  # all checked before the first is copied
             _check_state(self._name(p), name, value, view, _castable(store, name, p))
-        for name, value, view in replaced:
-            view.copy_(value)
-            dict.__setitem__(state, name, view)
+        for name, value, _ in replaced:
+            dict.update(state, store.put(name, p, value))
         host = self.algorithm.spec.host  # the values of parameters not yet stepped
         slot.key = (store, state.get("step", 0),
                     tuple(state.get(name, value) for name, value in host.items()),
@@ -402,7 +415,13 @@ class Optimizer(torch.optim.Optimizer):
 
     def state_dict(self):
         """torch's layout: ``state`` by parameter index with torch's key names (``step``
-        and NAdam's ``mu_product`` as tensors), and ``param_groups``."""
+        and NAdam's ``mu_product`` as tensors), and ``param_groups``.
+
+        8-bit state is saved as it is kept: ``"<name>_codes"`` (uint8, in the
+        parameter's shape and layout) and ``"<name>_absmax"`` (float32, one per block of
+        256 elements of the parameter in memory order), named so that torch.optim,
+        which would read codes as numbers, refuses to step from them (KeyError);
+        :meth:`decoded_state_dict` gives torch.optim's state."""
         packed = super().state_dict()
         # torch packs the live per-parameter dicts; convert copies of them.
         packed["state"] = {index: dict(state) for index, state in packed["state"].items()}
@@ -410,12 +429,31 @@ class Optimizer(torch.optim.Optimizer):
             for name, dtype in _TORCH_SCALARS.items():
                 if isinstance(state.get(name), (int, float)):
                     state[name] = torch.tensor(float(state[name]), dtype=dtype)
+            for name in [n for n in state if n + ABSMAX in state]:
+                state[name + CODES] = state.pop(name)
+        return packed
+
+    def decoded_state_dict(self):
+        """:meth:`state_dict` with the 8-bit state decoded into float32 values (each
+        code's map value times its block's absmax, the numbers the kernels step from),
+        in torch.optim's format: torch.optim loads it, and so does fastopt.torch with
+        any ``state_dtype`` (encoding it again)."""
+        packed = self.state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, state in packed["state"].items():
+            quantized = self._storage_of(params[index].dtype).quantized
+            for name, fmt in quantized.items():
+                if name + CODES in state:
+                    state[name] = _decoded(state.pop(name + CODES), state.pop(name + ABSMAX),
+                                           fmt)
         return packed
 
     def load_state_dict(self, state_dict):
         """Load a state_dict of this class or of its torch.optim namesake. One that does
         not fit (another number of groups or of parameters in a group, or a state tensor
         of another shape than the parameter's) raises a ValueError, and nothing changes."""
+        state_dict = {**state_dict, "state": {index: self._unpacked(state) for index, state
+                                              in state_dict["state"].items()}}
         self._check_loadable(state_dict)
         # torch casts every loaded tensor to the parameter's dtype; read the per-parameter
         # numbers before it does, so that a float64 mu_product stays exact.
@@ -437,8 +475,30 @@ class Optimizer(torch.optim.Optimizer):
             for name, value in values.items():
                 if name == MASTER:
                     value = self._loaded_master(p, value)
-                self.state[p][name] = value.to(device=p.device, dtype=self._state_dtype_of(name, p))
+                dtype = self._state_dtype_of(name, p)
+                if dtype == torch.uint8 and value.is_floating_point():
+                    dtype = torch.float32  # values, which the step encodes
+                self.state[p][name] = value.to(device=p.device, dtype=dtype)
         self._relayout()
+
+    def _unpacked(self, state):
+        """A loaded parameter's state with its 8-bit codes (``"<name>_codes"``) under the
+        name of their buffer where this optimizer keeps it in 8 bits, decoded into float32
+        values where it does not."""
+        quantized = self._storage_of(torch.float32).quantized
+        averages = self.algorithm.spec.averages
+        state = dict(state)
+        for key in [key for key in state if key.endswith(CODES)]:
+            name = key[:-len(CODES)]
+            if name in quantized:
+                state[name] = state.pop(key)
+            elif name in averages and name + ABSMAX in state:
+                state[name] = _decoded(state.pop(key), state.pop(name + ABSMAX), averages[name])
+            else:
+                raise ValueError(f"loaded state dict has {key!r} without {name + ABSMAX!r}, "
+                                 f"or for a state that {self.algorithm.__name__} does not keep "
+                                 "in 8 bits")
+        return state
 
     def _check_loadable(self, state_dict):
         """torch's checks of the groups, and the state tensors' shapes, which torch leaves
@@ -460,6 +520,11 @@ class Optimizer(torch.optim.Optimizer):
             for key, value in state.items():
                 if isinstance(value, torch.Tensor) and key not in _TORCH_SCALARS:
                     _check_state(name, key, value, self._state_shape(key, p), loading=True)
+                    if value.dtype == torch.uint8 and not (
+                            self._state_dtype_of(key, p) == torch.uint8 and key + ABSMAX in state):
+                        raise ValueError(f"loaded state dict has {key!r} of uint8 for {name}: "
+                                         "8-bit codes come as '<name>_codes' with "
+                                         "'<name>_absmax'")
 
     def _loaded_master(self, p, value):
         """Loaded master weights of ``p`` in the kind its store keeps: float32 ones and
@@ -483,12 +548,21 @@ class Optimizer(torch.optim.Optimizer):
 
     def _state_dtype_of(self, name, p):
         """The torch dtype in which the state tensor ``name`` of ``p`` is kept."""
-        return _kept_dtype(self._storage_of(p.dtype), name)
+        storage = self._storage_of(p.dtype)
+        if name.endswith(ABSMAX) and name[:-len(ABSMAX)] in storage.quantized:
+            return torch.float32
+        if name in storage.quantized and p.numel() < precision.MIN_QUANTIZED_SIZE:
+            return torch.float32
+        return _kept_dtype(storage, name)
 
     def _state_shape(self, name, p):
         """The shape of the state tensor ``name`` of ``p``, or None if it has none."""
-        if name == MASTER and not self._storage_of(p.dtype).master:
+        storage = self._storage_of(p.dtype)
+        if name == MASTER and not storage.master:
             return None
+        if name.endswith(ABSMAX) and name[:-len(ABSMAX)] in storage.quantized:
+            blocks = -(-p.numel() // BLOCK)
+            return None if p.numel() < precision.MIN_QUANTIZED_SIZE else torch.Size([blocks])
         shape = self.algorithm.state_shape(name, tuple(p.shape))
         return None if shape is None else torch.Size(shape)
 
@@ -497,6 +571,8 @@ def _kept_dtype(storage, name):
     """The torch dtype in which a store of ``storage`` keeps its state buffer ``name``."""
     if name == MASTER:  # a remainder's uint16 bits, as torch's int16
         return torch.int16 if storage.remainder else torch.float32
+    if name in storage.quantized:
+        return torch.uint8
     return _TORCH_DTYPES[precision.name_of(storage.state(name))]
 
 
@@ -594,15 +670,55 @@ def _is_dense(t):
 
 
 def _castable(store, name, p):
-    """The dtype besides its own that ``p``'s state tensor ``name`` may be replaced with,
-    cast (``torch.zeros_like(p)``): ``p``'s, but for remainders, which are no values."""
-    return None if name == MASTER and store.storage.remainder else p.dtype
+    """The dtypes besides its own that ``p``'s state tensor ``name`` may be replaced with,
+    cast (``torch.zeros_like(p)``): ``p``'s, but for remainders, which are no values;
+    and float32 values for 8-bit codes, which are encoded."""
+    if name == MASTER and store.storage.remainder:
+        return ()
+    return (p.dtype, torch.float32) if name in store.quantized else (p.dtype,)
 
 
-def _check_state(param, name, value, expected, param_dtype=None, loading=False):
+def _in_order(state):
+    """The items of a parameter's state, 8-bit scales first: codes go in after them, and
+    values, encoded, set them."""
+    return sorted(state.items(), key=lambda item: not item[0].endswith(ABSMAX))
+
+
+def _relaid(store, p, state):
+    """``p``'s state as ``store`` can take it: where ``p``'s layout changed, so that its
+    blocks run through other elements, 8-bit state decoded (to be encoded again)."""
+    moved = [name for name in store.quantized
+             if getattr(state.get(name), "dtype", None) == torch.uint8
+             and name + ABSMAX in state and not _same_layout(state[name], p)]
+    if not moved:
+        return state
+    state = dict(state)
+    for name in moved:
+        state[name] = _decoded(state[name], state.pop(name + ABSMAX), store.quantized[name])
+    return state
+
+
+def _same_layout(a, b):
+    return all(x == y for size, x, y in zip(a.shape, a.stride(), b.stride()) if size != 1)
+
+
+def _memory_order(t):
+    """The dense tensor ``t``'s elements in memory order, a flat view."""
+    return t.as_strided((t.numel(),), (1,))
+
+
+def _decoded(codes, absmax, fmt):
+    """The float32 values of the 8-bit ``codes`` (blocks in their memory order) with
+    the blocks' ``absmax``, in the codes' shape and layout."""
+    values = precision.dequantize(_memory_order(codes).cpu().numpy(),
+                                  absmax.cpu().numpy(), fmt)
+    return torch.from_numpy(values).as_strided(codes.shape, codes.stride())
+
+
+def _check_state(param, name, value, expected, castable=(), loading=False):
     """Refuse a state tensor that does not fit: ``expected`` is the shape the store keeps
     (or a view of that shape and dtype), None where the parameter has no such state. A
-    state tensor in the parameter's dtype (``torch.zeros_like(p)``) is taken, cast."""
+    state tensor of a ``castable`` dtype (``torch.zeros_like(p)``) is taken, cast."""
     shape = getattr(expected, "shape", expected)
     what = "loaded state dict has" if loading else "state has"
     if shape is None:
@@ -611,7 +727,7 @@ def _check_state(param, name, value, expected, param_dtype=None, loading=False):
         raise ValueError(f"{what} {name!r} of shape {tuple(value.shape)} for {param}, which "
                          f"needs shape {tuple(shape)}")
     dtype = getattr(expected, "dtype", None)
-    if not loading and dtype is not None and value.dtype not in (dtype, param_dtype):
+    if not loading and dtype is not None and value.dtype not in (dtype, *castable):
         raise TypeError(f"state {name!r} of {param} has dtype {value.dtype}; fastopt keeps "
                         f"it in {dtype} (state_dtype)")
 
@@ -629,6 +745,44 @@ class _Slot:
         self.state = None  # the parameter's dict, in opt.state once it is not empty
         self.attached = False  # whether it is in opt.state
         self.key = None  # what a run of parameters must share: see Optimizer._plan
+
+
+class _Blocks:
+    """The blocks of ``codecs.BLOCK`` elements of a store's 8-bit state: each
+    parameter's, from its first element on in memory order, as rows ``(parameter,
+    offset, size, small)``; a parameter of fewer than ``precision.MIN_QUANTIZED_SIZE``
+    elements keeps float32 state instead, from ``small`` on in the ``_small`` buffer.
+    ``of[index]`` is ``(first, last, small)`` for the parameter ``index``: its rows, which
+    are its places in ``_absmax`` too, and its start in ``_small`` (-1 where it is
+    quantized)."""
+
+    def __init__(self, params):
+        rows, self.of, self.small = [], [], 0
+        for index, p in enumerate(params):
+            size = p.numel()
+            small = self.small if size < precision.MIN_QUANTIZED_SIZE else -1
+            first = len(rows)
+            rows += [(index, at, min(BLOCK, size - at), small + at if small >= 0 else -1)
+                     for at in range(0, size, BLOCK)]
+            self.of.append((first, len(rows), small))
+            self.small += size if small >= 0 else 0
+        self.rows = np.array(rows, np.int64).reshape(-1, 4)
+        self.count = len(rows)
+        self._launches = {}
+
+    def launch(self, run, arrays):
+        """``work.blocks`` (see ``engine.Work``) for ``run``, whose 8-bit buffers have
+        the absmax and small ``arrays``, by name."""
+        first, last = run.slots[0].index, run.slots[-1].index + 1
+        if (first, last) not in self._launches:
+            low, high = self.of[first][0], self.of[last - 1][1]
+            rows = self.rows[low:high].copy()
+            rows[:, 0] -= first  # the run's segments are its parameters
+            starts = np.array([slot.start for slot in run.slots], np.int64)
+            self._launches[first, last] = (rows, starts, run.stop - run.start, low, high)
+        rows, starts, size, low, high = self._launches[first, last]
+        return rows, starts, size, {name: (absmax[low:high], small)
+                                    for name, (absmax, small) in arrays.items()}
 
 
 class _Store:
@@ -658,6 +812,11 @@ class _Store:
         self.names = []  # the state buffers made so far, in order
         self.in_place = in_place
         self.shaped = _shaped(algorithm)
+        # The 8-bit buffers, by name, with their map (codecs.QUANTIZED), and the
+        # companions that hold their scales: "<name>_absmax" -> name.
+        self.quantized = storage.quantized
+        self.scales = {name + ABSMAX: name for name in self.quantized}
+        self._blocks = _Blocks(params) if self.quantized else None
         self._flat, self._layouts, self._tables, self._caches = {}, {}, {}, {}
         if in_place:
             self.backend = HostBackend()
@@ -673,21 +832,31 @@ class _Store:
         return self._layouts[name]
 
     def flat(self, name):
-        """The flat state buffer ``name``, made when first needed, in its storage dtype."""
+        """The flat state buffer ``name``, made when first needed, in its storage dtype
+        (with, for an 8-bit one, its ``<name>_absmax`` and ``<name>_small``)."""
         if name not in self._flat:
             size = self.layout(name)[1]
             self._flat[name] = torch.zeros(size, dtype=_kept_dtype(self.storage, name),
                                            device=self.device)
+            if name in self.quantized:  # absmax per row of _Blocks, as the kernels index it
+                self._flat[name + ABSMAX] = torch.zeros(self._blocks.count)
+                self._flat[name + SMALL] = torch.zeros(self._blocks.small)
             self.names.append(name)
         return self._flat[name]
 
     def view(self, name, p):
         """``p``'s part of the state buffer ``name``, in ``p``'s layout where the kernels
         step ``p`` in place, in logical order otherwise; None where ``p`` has no such
-        state (Adafactor's factors of a vector)."""
+        state (Adafactor's factors of a vector). An 8-bit buffer's is ``p``'s codes,
+        or, where ``p`` is too small to quantize, its float32 state; ``<name>_absmax``
+        the scales of ``p``'s blocks (None where it is small)."""
         slot = self.slots[p]
         if name == MASTER and not self.master:
             return None
+        if name in self.quantized or name in self.scales:
+            if name not in slot.views:
+                slot.views[name] = self._quantized_view(name, p)
+            return slot.views[name]
         if name not in slot.views:
             flat, start = self.flat(name), int(self.layout(name)[0][slot.index])
             shape = self.algorithm.state_shape(name, tuple(p.shape))
@@ -700,13 +869,52 @@ class _Store:
             slot.views[name] = view
         return slot.views[name]
 
+    def _quantized_view(self, name, p):
+        """:meth:`view` of an 8-bit buffer or of its scales."""
+        codes = self.scales.get(name, name)
+        slot, flat = self.slots[p], self.flat(codes)
+        first, last, small = self._blocks.of[slot.index]
+        if name in self.scales:
+            return None if small >= 0 else self._flat[name][first:last]
+        if small >= 0:
+            return self._flat[name + SMALL].as_strided(p.shape, p.stride(), small)
+        return flat.as_strided(p.shape, p.stride(), slot.start)
+
+    def put(self, name, p, value):
+        """Write ``value`` into ``p``'s part of the state buffer ``name``; returns the
+        ``(name, view)`` pairs that ``opt.state[p]`` holds for it. Values (not codes)
+        for an 8-bit buffer are encoded, block by block in ``p``'s memory order, as the
+        kernels encode them (``precision.quantize``), which sets their scales too."""
+        view = self.view(name, p)
+        if name not in self.quantized or view.dtype != torch.uint8:
+            view.copy_(value)
+            return [(name, view)]
+        scales = self.view(name + ABSMAX, p)
+        if value.is_floating_point():
+            values = torch.empty_strided(p.shape, p.stride(), dtype=torch.float32)
+            values.copy_(value)
+            codes, absmax = precision.quantize(_memory_order(values).numpy(),
+                                               self.quantized[name])
+            _memory_order(view).copy_(torch.from_numpy(codes))
+            scales.copy_(torch.from_numpy(absmax))
+        else:
+            view.copy_(value)
+        return [(name, view), (name + ABSMAX, scales)]
+
     def begin_state(self, run, spec, fresh):
         """Create and initialize the state buffers that ``run`` begins using, and the
         master weights of parameters that have none yet (copies of them)."""
         for name in fresh:
             for p, slot in zip(run.params, run.slots):
                 view = self.view(name, p)
-                if view is not None:
+                if view is None:
+                    continue
+                if view.dtype == torch.uint8:  # codes: those of one block of the value
+                    codes, absmax = precision.quantize([spec[name]], self.quantized[name])
+                    view.fill_(int(codes[0]))
+                    self.view(name + ABSMAX, p).fill_(float(absmax[0]))
+                    dict.update(slot.state, {name: view, name + ABSMAX: self.view(name + ABSMAX, p)})
+                else:
                     view.fill_(spec[name])
                     dict.__setitem__(slot.state, name, view)
         for p, slot in zip(run.params, run.slots) if self.master else ():
@@ -755,6 +963,10 @@ class _Store:
                            algorithm.spec.keeps_subnormals,
                            self._caches.setdefault((first, last), {}), self.storage.formats,
                            master)
+        if self.quantized:
+            work.blocks = self._blocks.launch(run, {name: (
+                _array(self._flat[name + ABSMAX]), _array(self._flat[name + SMALL]))
+                for name in self.quantized if name in spec})
         if self.storage.stochastic:
             work.stochastic, work.key = True, self.storage.key(step, self.ordinal)
         if engine.single_pass(algorithm, h):

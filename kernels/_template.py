@@ -131,25 +131,34 @@ def _rules_source():
     return inspect.getsource(rules) + inspect.getsource(codecs)
 
 
-def _block_chunk(taken, quantized, writes, body, random):
+def _block_chunk(taken, quantized, writes, formats, body, stochastic):
     """The arguments and body of the chunk function of a pass over blocks of 8-bit
-    state (``codecs.QUANTIZED``): blocks ``first_block`` to ``last_block`` of
-    ``blocks``, each row ``(start, size, small)`` of it a block of ``size`` elements
-    from ``start``. A block with ``small >= 0`` belongs to a tensor too small to
-    quantize, whose state is float32 at ``<name>_small[small:]``; the others are
-    stepped into ``<name>_new`` first, then their new absmax (``<name>_absmax[b]``) is
-    found, and their codes written from it: one read and one write of their bytes."""
-    arguments = (f"({', '.join(taken)}, blocks"
+    state (``codecs.QUANTIZED``): rows ``first_block`` to ``last_block`` of ``blocks``,
+    each row ``(segment, offset, size, small)`` a block of ``size`` elements from
+    ``offset`` of a segment: of the tensors at the addresses ``p[segment]`` and
+    ``g[segment]``, and of the state from ``state_starts[segment]`` (as in a segment
+    pass). A block with ``small >= 0`` belongs to a tensor too small to quantize,
+    whose state is float32 at ``<name>_small[small:]``; the others are stepped into
+    ``<name>_new`` first, then their new absmax (``<name>_absmax[b]``) is found, and
+    their codes written from it: one read and one write of their bytes."""
+    arguments = (f"({', '.join(taken)}, blocks, state_starts"
                  + "".join(f", {n}_absmax, {n}_small" for n in quantized)
-                 + f", first_block, last_block, prepared, named{random}):\n")
+                 + ", first_block, last_block, prepared, named"
+                 + (", key, first" if stochastic else "") + "):\n")
     written = [n for n in quantized if n in writes]
     # Each block's slices, indexed from 0, which LLVM vectorises (see cpu.CHUNK).
-    small = body(lambda n: f"{n}_s[i]" if n in quantized else f"{n}_b[i]", "base + start + i")
-    stepped = body(lambda n: f"{n}_b[i]", "base + start + i", blocks=True)
+    index = "first + state_base + i"
+    small = body(lambda n: f"{n}_s[i]" if n in quantized else f"{n}_b[i]", index)
+    stepped = body(lambda n: f"{n}_b[i]", index, blocks=True)
+    slices = [f"{a}_b = tensor_part{'_bits' if a in formats else ''}({a}[segment], offset, "
+              f"size)" if a in TENSORS else f"{a}_b = {a}[state_base:state_base + size]"
+              for a in taken]
     lines = [f"{n}_new = np.empty(BLOCK, float32)" for n in written] + [
         "for b in range(first_block, last_block):",
-        "    start, size, small = blocks[b, 0], blocks[b, 1], blocks[b, 2]",
-        "    " + "; ".join(f"{a}_b = {a}[start:start + size]" for a in taken),
+        "    segment, offset, size, small = blocks[b, 0], blocks[b, 1], blocks[b, 2], "
+        "blocks[b, 3]",
+        "    state_base = state_starts[segment] + offset",
+        "    " + "; ".join(slices),
         "    if small >= 0:",
         "        " + "; ".join(f"{n}_s = {n}_small[small:small + size]" for n in quantized),
         "        for i in range(size):",
@@ -320,12 +329,13 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
                   f"        {body(lambda n: f'{n}_c[i]', 'base + i')}\n"
                   f"    return ({sums_tuple})\n")
     if quantized:
-        chunk_text = _block_chunk(taken, quantized, writes, body, random)
+        chunk_text = _block_chunk(taken, quantized, writes, formats, body, spec.stochastic)
     block_arguments = "".join(f", {n}_absmax, {n}_small" for n in quantized)
     text = loops.format(
         random_arguments=", key, first" if spec.stochastic else "",
         block_arguments=block_arguments,
-        block_chunk=f"CHUNK_FUNCTION({', '.join(taken)}, blocks{block_arguments}, "
+        block_chunk=f"CHUNK_FUNCTION({', '.join(taken)}, blocks, state_starts"
+                    f"{block_arguments}, "
                     f"c * BLOCKS_PER_CHUNK, min(c * BLOCKS_PER_CHUNK + BLOCKS_PER_CHUNK, "
                     f"blocks.shape[0]), prepared, named"
                     f"{', key, first' if spec.stochastic else ''})",

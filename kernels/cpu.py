@@ -55,7 +55,7 @@ _LOOPS = """\
 BLOCKS_PER_CHUNK = CHUNK // codecs.BLOCK
 
 _BLOCK_LOOPS = """\
-{random_arguments}, blocks{block_arguments}, parallel, flush_denormals):
+{random_arguments}, blocks, state_starts{block_arguments}, parallel, flush_denormals):
     if parallel:
         for c in prange((blocks.shape[0] + BLOCKS_PER_CHUNK - 1) // BLOCKS_PER_CHUNK):
             {named}
@@ -130,6 +130,18 @@ def _segment_chunk_bits(addresses, chunks, c):
     return carray(bits_at(addresses[segment] + 2 * offset), size)
 
 
+@njit(inline="always")
+def _tensor_part(address, offset, size):
+    """``size`` float32 elements from element ``offset`` of the tensor at ``address``."""
+    return carray(float32_at(address + 4 * offset), size)
+
+
+@njit(inline="always")
+def _tensor_part_bits(address, offset, size):
+    """The same of a 16-bit tensor, as its bits."""
+    return carray(bits_at(address + 2 * offset), size)
+
+
 @functools.cache
 def _driver(spec, loops):
     # Cached by the Pass, so that every spelling of the same pass gets one driver.
@@ -140,6 +152,8 @@ def _driver(spec, loops):
         "prange": prange,
         "segment_chunk": _segment_chunk,
         "segment_chunk_bits": _segment_chunk_bits,
+        "tensor_part": _tensor_part,
+        "tensor_part_bits": _tensor_part_bits,
         "ZERO": ZERO,
         "ONE": np.float32(1),
         "NO_BITS": np.uint32(0),
@@ -173,16 +187,10 @@ def kernel(*spec):
     ``spec`` are the fields of a ``_template.Pass`` (without sums): ``rule_name,
     present`` for a plain step. ``key`` and ``first`` come with ``Pass.stochastic``.
 
-    A pass that keeps state in 8 bits (``codecs.QUANTIZED`` formats) takes, after
-    ``key`` and ``first``, ``blocks`` and each such buffer's ``absmax`` and ``small``
-    (see ``_template._block_chunk``).
-
     Pass ``parallel=p.size >= PARALLEL_MIN_SIZE`` and ``flush_denormals=FLUSH_DENORMALS``.
     Compilation happens on the first call, or loads from Numba's on-disk cache.
     """
-    spec = _template.Pass(*spec)
-    blocks = any(f in codecs.QUANTIZED for _, f in spec.formats)
-    return _driver(spec, _BLOCK_LOOPS if blocks else _LOOPS)
+    return _driver(_template.Pass(*spec), _LOOPS)
 
 
 @functools.cache
@@ -202,8 +210,15 @@ def segment_kernel(*spec):
     fixed order, so that the sums do not depend on the thread count. The pass's
     ``per_segment`` scalars come from ``row_scalars[row]``. The caller keeps every
     tensor alive through the call.
+
+    A pass that keeps state in 8 bits (``codecs.QUANTIZED`` formats) walks blocks
+    instead, and takes ``blocks`` (rows ``(segment, offset, size, small)``) and
+    ``state_starts``, then each such buffer's ``absmax`` and ``small`` (see
+    ``_template._block_chunk``), in place of ``chunks`` ... ``row_scalars``.
     """
-    return _driver(_template.Pass(*spec), _SEGMENT_LOOPS)
+    spec = _template.Pass(*spec)
+    blocks = any(f in codecs.QUANTIZED for _, f in spec.formats)
+    return _driver(spec, _BLOCK_LOOPS if blocks else _SEGMENT_LOOPS)
 
 
 # -- Adafactor's column sums ---------------------------------------------------------

@@ -249,13 +249,6 @@ def test_caution_is_refused_with_8_bit_state_before_any_write():
     assert (opt.flat_params == 1).all() and opt.state["step"] == 0
 
 
-def test_fastopt_torch_refuses_8_bit_state_for_now():
-    torch = pytest.importorskip("torch")
-    import fastopt.torch as ft
-    with pytest.raises(ValueError, match="does not keep 8-bit state yet"):
-        ft.Adam([torch.nn.Parameter(torch.zeros(5000))], state_dtype="int8")
-
-
 def test_bfloat16_parameters_with_remainders_and_8_bit_state_step_as_with_float32_master():
     ml_dtypes = pytest.importorskip("ml_dtypes")
     p0 = initial_params(30, 6000).astype(ml_dtypes.bfloat16)

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..kernels import Pass, rules
 from ..kernels._template import arrays
+from ..kernels.codecs import QUANTIZED
 from .checks import FLOAT32_MAX, real
 from .spec import MAP
 
@@ -143,6 +144,9 @@ class Work:
             the state, or None.
         key: the step's rounding key (``codecs.rounding_key``) where ``stochastic``:
             the 16-bit stores round stochastically.
+        blocks: where state is kept in 8 bits, ``(rows, state_starts, size, arrays)``:
+            the blocks of the segments (``HostBackend.run_blocks``), and each 8-bit
+            buffer's absmax and small arrays by name.
     """
 
     def __init__(self, backend, tensors, shapes, segments, state, present, state_starts,
@@ -151,7 +155,7 @@ class Work:
         self.state, self.present, self.state_starts = state, present, state_starts
         self.prep, self.keep_subnormals, self.cache = prep, keep_subnormals, cache
         self.formats, self.master_weights = formats or {}, master_weights
-        self.stochastic, self.key = False, 0
+        self.stochastic, self.key, self.blocks = False, 0, None
 
     def run(self, spec, h, segments=None, values=(), states=None):
         """The pass ``spec`` (a ``kernels.Pass``) with scalars ``h`` over ``segments``
@@ -166,6 +170,13 @@ class Work:
             spec = spec._replace(master=master, stochastic=self.stochastic, formats=tuple(
                 (name, self.formats[name]) for name in names if name in self.formats))
             states = [self.master_weights, *states] if master else states
+            quantized = [name for name, fmt in spec.formats if fmt in QUANTIZED]
+            if quantized:  # a single pass, block by block
+                rows, starts, size, scales = self.blocks
+                return self.backend.run_blocks(
+                    spec, self.tensors, states,
+                    (rows, starts, size, [a for name in quantized for a in scales[name]]),
+                    self.prep, h, self.keep_subnormals, self.key)
         return self.backend.run_segments(
             spec, self.tensors, states, self.prep, h,
             self.segments if segments is None else segments, values, self.keep_subnormals,

@@ -392,7 +392,7 @@ class Optimizer:
         codes, absmax = quantize(np.full(1, value, FLOAT32), fmt)  # one block of one value
         self.state[name][layout.start:layout.stop] = codes[0]
         self.state[name + "_absmax"][first:last] = absmax[0]
-        for start, size, small in table:
+        for _, start, size, small in table:
             if small >= 0:
                 self.state[name + "_small"][small:small + size] = value
 
@@ -465,15 +465,22 @@ class Optimizer:
             return
         formats = tuple((name, storage.formats[name]) for name in ("p", "g", "w", *spec)
                         if name in storage.formats)
-        rounding = (storage.key(step), start) if storage.stochastic else None
-        blocks = ()
-        if storage.quantized:
+        if storage.quantized:  # one segment, from start: the group's blocks
             table, first, last = self._blocks().by_start[start]
-            blocks = (table, *[array for name in spec if name in storage.quantized
-                               for array in (self.state[f"{name}_absmax"][first:last],
-                                             self.state[f"{name}_small"])])
+            arrays = [array for name in spec if name in storage.quantized
+                      for array in (self.state[f"{name}_absmax"][first:last],
+                                    self.state[f"{name}_small"])]
+            states = [self.master_params] * master + [self.state[name] for name in spec]
+            self._backend.run_blocks(
+                Pass(rule, tuple(spec), formats=formats, master=master,
+                     stochastic=storage.stochastic),
+                self._backend.flat_tensors(self.flat_params, g, [start]), states,
+                (table, np.array([start], np.int64), stop - start, arrays), prep, h,
+                self.spec.keeps_subnormals, storage.key(step) if storage.stochastic else 0)
+            return
+        rounding = (storage.key(step), start) if storage.stochastic else None
         self._backend.run(rule, tuple(spec), buffers, prep, h, self.spec.keeps_subnormals,
-                          formats, master, rounding, blocks)
+                          formats, master, rounding)
 
     def _tensor_range(self, start, stop):
         """``(first, last)``: the tensors whose offsets lie in ``[start:stop]``."""
@@ -670,9 +677,10 @@ class Blocks:
     Attributes:
         count: the number of blocks (of absmax values).
         small: the number of elements of the small tensors.
-        groups: per parameter group, ``(table, first, last)``: its blocks' rows ``(start
-            in the group, size, start in _small or -1)`` (int64), which are blocks
-            ``first`` to ``last`` of the buffer.
+        groups: per parameter group, ``(table, first, last)``: its blocks' rows ``(0,
+            start in the group, size, start in _small or -1)`` (int64; the group is
+            one segment of ``kernels.cpu.segment_kernel``), which are blocks ``first``
+            to ``last`` of the buffer.
         by_start: the same, by the group's first element in the flat buffer.
     """
 
@@ -687,10 +695,10 @@ class Blocks:
             for offset, shape in zip(layout.offsets, layout.shapes):
                 size = math.prod(shape)
                 kept = size < MIN_QUANTIZED_SIZE
-                rows += [(offset - layout.start + at, min(BLOCK, size - at),
+                rows += [(0, offset - layout.start + at, min(BLOCK, size - at),
                           small + at if kept else -1) for at in range(0, size, BLOCK)]
                 small += size if kept else 0
-            table = np.array(rows[first:], np.int64).reshape(-1, 3)
+            table = np.array(rows[first:], np.int64).reshape(-1, 4)
             groups.append((table, first, len(rows)))
         by_start = {layout.start: group for layout, group in zip(layouts, groups)}
         return cls(len(rows), small, groups, by_start)

@@ -1,0 +1,265 @@
+"""8-bit state in fastopt.torch (``state_dtype="int8"``): the same codes, scales and
+parameters as the NumPy API's (itself tested against a float64 quantizer and against
+bitsandbytes in test_int8.py), blocks in each parameter's memory order, and state_dicts
+that torch.optim cannot misread: codes under their own names, a decoded export that it
+loads, and its own state taken in encoded."""
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import fastopt  # noqa: E402
+import fastopt.torch as ft  # noqa: E402
+from fastopt.kernels import codecs  # noqa: E402
+
+f32 = np.float32
+# A tensor too small to quantize (float32 state), one of whole blocks, one with a short
+# last block.
+SHAPES = [(64, 100), (10,), (33, 257)]
+
+
+def _params(shapes=SHAPES, seed=0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter((0.1 * torch.randn(s, generator=generator)).to(dtype))
+            for s in shapes]
+
+
+def _grads(shapes, steps, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return [[0.01 * torch.randn(s, generator=generator) for s in shapes] for _ in range(steps)]
+
+
+def _decode64(codes, absmax, fmt):
+    """map[code] * absmax in float64, per block of 256 elements in order."""
+    values = {"signed8": codecs.SIGNED_MAP, "unsigned8": codecs.UNSIGNED_MAP}[fmt]
+    codes = np.asarray(codes).ravel()
+    scale = np.repeat(np.asarray(absmax, np.float64), 256)[:codes.size]
+    return values.astype(np.float64)[codes] * scale
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("AdamW", dict(lr=1e-3, weight_decay=0.01)), ("Adam", dict(lr=1e-3, amsgrad=True)),
+    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True)), ("RMSprop", dict(lr=1e-3, centered=True)),
+    ("NAdam", {}), ("RAdam", {}), ("Adamax", {}), ("Adadelta", {}), ("Lion", dict(lr=1e-4))])
+def test_the_torch_front_steps_8_bit_state_bitwise_as_the_numpy_api(name, kwargs):
+    params = _params()
+    opt = getattr(ft, name)(params, **kwargs, state_dtype="int8")
+    twin = getattr(fastopt, name)({f"p{i}": p.detach().numpy().copy() for i, p in enumerate(params)},
+                                  **kwargs, state_dtype="int8")
+    for grads in _grads(SHAPES, 4):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        twin.step({f"p{i}": g.numpy() for i, g in enumerate(grads)})
+    for i, p in enumerate(params):
+        np.testing.assert_array_equal(p.detach().numpy(), twin.params[f"p{i}"])
+    kept = [k for k, v in opt.state[params[0]].items() if getattr(v, "dtype", None) == torch.uint8]
+    assert kept and all(opt.state[params[0]][k + "_absmax"].shape == (25,) for k in kept)
+    assert all(opt.state[params[1]][k].dtype == torch.float32 for k in kept)  # too small
+    start = 6400 + 10  # the third tensor in the NumPy API's flat buffers
+    for k in kept:
+        np.testing.assert_array_equal(opt.state[params[2]][k].numpy().ravel(),
+                                      twin.state[k][start:start + 33 * 257])
+
+
+def test_blocks_run_through_each_parameters_memory_order():
+    base = _params([(96, 64)])[0]
+    transposed = torch.nn.Parameter(base.detach().clone().t())  # memory order: base's
+    assert not transposed.is_contiguous()
+    opt = ft.Adam([transposed], lr=1e-2, state_dtype="int8")
+    twin = fastopt.Adam([base.detach().numpy().copy()], lr=1e-2, state_dtype="int8")
+    for grads in _grads([(96, 64)], 3):
+        transposed.grad = grads[0].clone().t()
+        opt.step()
+        twin.step([grads[0].numpy()])
+    np.testing.assert_array_equal(transposed.detach().t().numpy(), twin.params[0])
+    np.testing.assert_array_equal(opt.state[transposed]["exp_avg"].t().numpy(),
+                                  twin.state["exp_avg"].reshape(96, 64))
+    np.testing.assert_array_equal(opt.state[transposed]["exp_avg_absmax"].numpy(),
+                                  twin.state["exp_avg_absmax"])
+
+
+def test_bfloat16_parameters_with_8_bit_state_and_remainders_step_as_the_numpy_api():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    params = _params(dtype=torch.bfloat16)
+    opt = ft.AdamW(params, lr=1e-2, state_dtype="int8", master_weights="remainder")
+    twin = fastopt.AdamW([p.detach().float().numpy().astype(ml_dtypes.bfloat16) for p in params],
+                         lr=1e-2, state_dtype="int8", master_weights="remainder")
+    for grads in _grads(SHAPES, 3):
+        for p, g in zip(params, grads):
+            p.grad = g.to(torch.bfloat16)
+        opt.step()
+        twin.step([g.to(torch.bfloat16).float().numpy().astype(ml_dtypes.bfloat16) for g in grads])
+    for p, q in zip(params, twin.params):
+        np.testing.assert_array_equal(p.detach().view(torch.int16).numpy(),
+                                      q.view(np.int16))
+
+
+def test_the_torch_front_follows_bitsandbytes_adam8bit():
+    bnb = pytest.importorskip("bitsandbytes")
+    shapes = [(1024, 32), (1024, 257)]
+    ours, theirs = _params(shapes, seed=2), _params(shapes, seed=2)
+    start = torch.cat([p.detach().reshape(-1) for p in ours])
+    opt = ft.Adam(ours, lr=1e-3, state_dtype="int8")
+    their_opt = bnb.optim.Adam8bit(theirs, lr=1e-3)
+    for grads in _grads(shapes, 2, seed=3):
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step(), their_opt.step()
+    a = torch.cat([p.detach().reshape(-1) for p in ours])
+    b = torch.cat([p.detach().reshape(-1) for p in theirs])
+    assert (a - b).abs().mean().item() < 1e-6
+    assert (a - start).abs().mean().item() > 1e-4  # both moved by far more
+
+
+def _trained(steps=3, **options):
+    params = _params()
+    opt = ft.AdamW(params, lr=1e-2, state_dtype="int8", **options)
+    for grads in _grads(SHAPES, steps):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+    return params, opt
+
+
+def test_the_state_dict_keeps_codes_under_names_torch_optim_refuses():
+    params, opt = _trained()
+    saved = opt.state_dict()["state"]
+    assert set(saved[0]) == {"step", "exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes",
+                             "exp_avg_sq_absmax"}
+    assert saved[0]["exp_avg_codes"].dtype == torch.uint8
+    assert set(saved[1]) == {"step", "exp_avg", "exp_avg_sq"}  # small: float32 values
+    theirs = torch.optim.AdamW(params, lr=1e-2)
+    theirs.load_state_dict(opt.state_dict())
+    for p, g in zip(params, _grads(SHAPES, 1)[0]):
+        p.grad = g
+    with pytest.raises(KeyError, match="exp_avg"):
+        theirs.step()
+
+
+def test_the_decoded_state_dict_is_torch_optims_and_resumes_there():
+    params, opt = _trained()
+    decoded = opt.decoded_state_dict()
+    for index, p in enumerate(params):
+        state = decoded["state"][index]
+        assert set(state) == {"step", "exp_avg", "exp_avg_sq"}
+        for name, fmt in (("exp_avg", "signed8"), ("exp_avg_sq", "unsigned8")):
+            if p.numel() < 4096:
+                np.testing.assert_array_equal(state[name].numpy(), opt.state[p][name].numpy())
+                continue
+            expected = _decode64(opt.state[p][name].numpy(), opt.state[p][name + "_absmax"], fmt)
+            np.testing.assert_allclose(state[name].numpy().ravel(), expected, rtol=1e-6, atol=0)
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    theirs = torch.optim.AdamW(copies, lr=1e-2)
+    theirs.load_state_dict(copy.deepcopy(decoded))  # as from a file: live views, as in torch
+    grads = _grads(SHAPES, 1, seed=9)[0]
+    for p, q, g in zip(params, copies, grads):
+        p.grad, q.grad = g.clone(), g.clone()
+    opt.step(), theirs.step()
+    for p, q in zip(params, copies):  # within the 8-bit encoding's error of one step
+        torch.testing.assert_close(p, q, atol=1e-4, rtol=0)
+
+
+def test_torch_optims_state_dict_loads_encoded():
+    params = _params()
+    theirs = torch.optim.AdamW(params, lr=1e-2)
+    for grads in _grads(SHAPES, 2):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        theirs.step()
+    opt = ft.AdamW(params, lr=1e-2, state_dtype="int8")
+    opt.load_state_dict(theirs.state_dict())
+    big = params[0]
+    exact = theirs.state[big]["exp_avg"].numpy().ravel().astype(np.float64)
+    decoded = _decode64(opt.state[big]["exp_avg"].numpy(), opt.state[big]["exp_avg_absmax"],
+                        "signed8")
+    absmax = np.abs(exact.reshape(-1, 256)).max(axis=1)
+    np.testing.assert_allclose(opt.state[big]["exp_avg_absmax"].numpy(), absmax, rtol=1e-7)
+    gap = np.diff(codecs.SIGNED_MAP.astype(np.float64)).max()  # the widest, near 1
+    assert np.all(np.abs(decoded - exact) <= np.repeat(absmax, 256) * gap / 2 * 1.0001)
+    assert opt.state[params[1]]["exp_avg"].dtype == torch.float32
+    np.testing.assert_array_equal(opt.state[params[1]]["exp_avg"].numpy(),
+                                  theirs.state[params[1]]["exp_avg"].numpy())
+    assert opt.state[big]["step"] == 2
+
+
+def test_a_fastopt_state_dict_resumes_bitwise_in_int8_and_decoded_in_float32():
+    params, opt = _trained()
+    saved = opt.state_dict()
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = ft.AdamW(copies, lr=1e-2, state_dtype="int8")
+    resumed.load_state_dict(saved)
+    plain = ft.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-2)
+    plain.load_state_dict(saved)  # a float32 optimizer decodes the codes
+    big = plain.param_groups[0]["params"][0]
+    np.testing.assert_array_equal(plain.state[big]["exp_avg"].numpy(),
+                                  opt.decoded_state_dict()["state"][0]["exp_avg"].numpy())
+    for grads in _grads(SHAPES, 2, seed=5):
+        for p, q, g in zip(params, copies, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step(), resumed.step()
+    for p, q in zip(params, copies):
+        assert torch.equal(p, q)
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[p][name], resumed.state[q][name])
+
+
+def test_replaced_state_values_are_encoded_and_bad_codes_refused():
+    params, opt = _trained(steps=1)
+    big = params[0]
+    opt.state[big]["exp_avg"] = torch.zeros_like(big)
+    for p, g in zip(params, _grads(SHAPES, 1, seed=7)[0]):
+        p.grad = g
+    opt.step()  # from exp_avg 0: the first moment is (1 - beta1) g, encoded
+    exact = (0.1 * big.grad.double()).numpy().ravel()
+    decoded = _decode64(opt.state[big]["exp_avg"].numpy(), opt.state[big]["exp_avg_absmax"],
+                        "signed8")
+    np.testing.assert_allclose(opt.state[big]["exp_avg_absmax"].numpy(),
+                               np.abs(exact.reshape(-1, 256)).max(axis=1), rtol=1e-6)
+    assert np.abs(decoded - exact).max() <= 0.05 * np.abs(exact).max()
+
+    before = [p.detach().clone() for p in params]
+    saved = opt.state_dict()
+    del saved["state"][0]["exp_avg_absmax"]
+    with pytest.raises(ValueError, match="'exp_avg' of uint8 .* come as '<name>_codes' with"):
+        ft.AdamW(params, lr=1e-2, state_dtype="int8").load_state_dict(saved)
+    with pytest.raises(ValueError, match="'exp_avg_codes' without 'exp_avg_absmax'"):
+        ft.AdamW(params, lr=1e-2).load_state_dict(saved)  # which would decode them
+    opt.state[big]["exp_avg"] = torch.zeros(5, 5)
+    with pytest.raises(ValueError, match="needs shape"):
+        opt.step()
+    opt.state[big]["exp_avg"] = torch.zeros(big.shape, dtype=torch.int32)
+    with pytest.raises(TypeError, match="torch.uint8"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+def test_a_skipped_step_leaves_codes_and_scales_bit_identical():
+    params, opt = _trained(skip_nonfinite=True)
+    kept = {k: v.clone() for k, v in opt.state[params[0]].items() if isinstance(v, torch.Tensor)}
+    for p, g in zip(params, _grads(SHAPES, 1, seed=8)[0]):
+        p.grad = g
+    params[2].grad[0, 0] = float("inf")
+    opt.step()
+    assert opt.skipped_steps == 1
+    for k, v in kept.items():
+        assert torch.equal(opt.state[params[0]][k], v)
+
+
+def test_a_parameter_that_changes_layout_keeps_its_8_bit_state_decoded_the_same():
+    params, opt = _trained(skip_nonfinite=True)
+    big = params[0]
+    before = opt.decoded_state_dict()["state"][0]["exp_avg"].clone()
+    big.data = big.data.t().contiguous().t()  # the same values, column-major
+    for p, g in zip(params, _grads(SHAPES, 1, seed=4)[0]):
+        p.grad = g
+    params[1].grad[0] = float("nan")  # a skipped step: the state moves, and nothing else
+    opt.step()
+    assert opt.skipped_steps == 1
+    assert opt.state[big]["exp_avg"].stride() == big.stride() == (1, 64)
+    after = opt.decoded_state_dict()["state"][0]["exp_avg"]
+    # Encoded again in the new blocks (columns of 256): within a step of the map.
+    assert (after - before).abs().max().item() <= 0.03 * before.abs().max().item()
+    assert (after - before).abs().max().item() > 0  # the blocks did change
