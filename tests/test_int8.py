@@ -48,12 +48,12 @@ def test_the_dynamic_maps_are_bitsandbytes_maps():
 
 @pytest.mark.parametrize("name", sorted(MAPS))
 def test_the_encoding_is_the_nearest_value_but_at_exact_ties(name):
-    codes, thresholds = codecs.QUANTIZED[name][1:]
+    buckets = codecs.QUANTIZED[name][1]
     encode = njit(inline="always", error_model="numpy")(codecs.dynamic_encode)
 
     @njit(error_model="numpy")
     def encode_all(x):
-        return np.array([encode(x[i], codes, thresholds) for i in range(x.size)], np.uint8)
+        return np.array([encode(x[i], buckets) for i in range(x.size)], np.uint8)
 
     values = MAPS[name]
     middles = ((values[:-1].astype(np.float64) + values[1:]) / 2).astype(f32)
