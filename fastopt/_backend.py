@@ -12,7 +12,7 @@ import threading
 import numpy as np
 
 from . import precision
-from .kernels._template import (FLOAT32, MAX_PER_SEGMENT, MAX_SUMS, SEGMENT_CHUNK, TENSORS,
+from .kernels._template import (ADDRESSED, FLOAT32, MAX_PER_SEGMENT, MAX_SUMS, SEGMENT_CHUNK,
                                 Pass, float32s)
 
 GRAD_SQUARES = Pass("grad_squares", sums=("grad_sq",))  # the global norm of the gradients
@@ -115,17 +115,17 @@ class Segments:
 
 
 class Tensors:
-    """The parameters and gradients of one launch as the segment kernels reach them, per
-    tensor: on the CPU, ``p`` and ``g`` are int64 arrays of each tensor's address (dense
-    float32, or 16-bit where ``itemsize`` says so, walked in memory order; the caller
-    keeps the tensors alive); on CUDA, they are flat buffers in which tensor k starts at
-    ``starts[k]``."""
+    """The parameters and gradients of one launch, and their master weights ``w`` where
+    kept, as the segment kernels reach them, per tensor: on the CPU, int64 arrays of each
+    tensor's address (dense float32, or 16-bit where ``itemsize`` says so, walked in
+    memory order; the caller keeps the tensors alive); on CUDA, flat buffers in which
+    tensor k starts at ``starts[k]``."""
 
-    __slots__ = ("p", "g", "starts", "itemsize")
+    __slots__ = ("p", "g", "w", "starts", "itemsize")
 
-    def __init__(self, p, g, starts=None, itemsize=None):
-        self.p, self.g, self.starts = p, g, starts
-        self.itemsize = itemsize or {"p": 4, "g": 4}  # bytes per element, by name
+    def __init__(self, p, g, starts=None, itemsize=None, w=None):
+        self.p, self.g, self.w, self.starts = p, g, w, starts
+        self.itemsize = itemsize or {"p": 4, "g": 4, "w": 4}  # bytes per element, by name
 
 
 def segment_chunks(sizes):
@@ -207,11 +207,14 @@ class HostBackend:
         unless ``tensor`` and ``offsets`` say which part of which tensor."""
         return _segments(sizes, state_starts, tensor, offsets, lambda a: a)
 
-    def flat_tensors(self, p, g, starts):
-        """:class:`Tensors` of the tensors at ``starts`` of the flat buffers ``p``, ``g``."""
+    def flat_tensors(self, p, g, starts, w=None):
+        """:class:`Tensors` of the tensors at ``starts`` of the flat buffers ``p``, ``g``
+        (and of the master weights ``w``, laid out like ``p``)."""
         starts = np.asarray(starts, np.int64)
+        masters = None if w is None else _address(w) + w.itemsize * starts
         return Tensors(_address(p) + p.itemsize * starts, _address(g) + g.itemsize * starts,
-                       itemsize={"p": p.itemsize, "g": g.itemsize})
+                       itemsize={"p": p.itemsize, "g": g.itemsize,
+                                 "w": 4 if w is None else w.itemsize}, w=masters)
 
     def run_segments(self, spec, tensors, states, prep, h, segments, values=(),
                      keep_subnormals=False, key=0):
@@ -284,14 +287,19 @@ class HostBackend:
 
     # -- Adafactor's passes (see kernels.cpu) ------------------------------------------
 
-    def column_sums(self, tensors, prep, blocks, table, out):
-        """Sums of ``prepare(p, g)**2`` down matrix columns into ``out`` (see
+    def column_sums(self, tensors, prep, blocks, table, out, fmt=None):
+        """Sums of ``prepare(0, g)**2`` down matrix columns into ``out`` (see
         kernels.cpu.column_sums): ``blocks`` are :class:`Segments` of ``tensors``, blocks
-        of rows, whose ``(rows, columns, out_start)`` are the rows of ``table``.
-        Returns the sums on the host."""
+        of rows, whose ``(rows, columns, out_start)`` are the rows of ``table``; ``fmt``
+        names the gradients' 16-bit format, if they have one. Returns the sums on the
+        host."""
         if blocks.count:
-            self._call(self._kernels.column_sums, blocks.size, *blocks.reach(tensors, TENSORS),
-                       float32s(prep), table, out)
+            g, = blocks.reach(tensors, ("g",))
+            if fmt is None:
+                self._call(self._kernels.column_sums, blocks.size, g, float32s(prep), table, out)
+            else:
+                self._call(self._kernels.column_sums_bits, blocks.size, g, float32s(prep), table,
+                           out, fmt == "bfloat16")
         return out
 
     def constant(self, a):
@@ -377,8 +385,8 @@ class CudaBackend:
     def segments(self, sizes, state_starts, tensor=None, offsets=None):
         return _segments(sizes, state_starts, tensor, offsets, self._cuda.to_device)
 
-    def flat_tensors(self, p, g, starts):
-        return Tensors(p, g, np.asarray(starts, np.int64))
+    def flat_tensors(self, p, g, starts, w=None):
+        return Tensors(p, g, np.asarray(starts, np.int64), w=w)
 
     def run_segments(self, spec, tensors, states, prep, h, segments, values=(),
                      keep_subnormals=False, key=0):
@@ -420,7 +428,7 @@ class CudaBackend:
 
     # -- Adafactor's passes (see kernels.cuda) -------------------------------------------
 
-    def column_sums(self, tensors, prep, blocks, table, out):
+    def column_sums(self, tensors, prep, blocks, table, out, fmt=None):
         self._kernels.launch_blocks(self._kernels.column_sums, blocks.count, tensors.p,
                                     tensors.g, self._starts(tensors, blocks), prep, table, out)
         return out.copy_to_host()
@@ -454,11 +462,11 @@ def _address(a):
 
 @functools.cache
 def tensor_arguments(spec):
-    """Which of ``p`` and ``g`` the kernel of the pass ``spec`` takes."""
+    """Which of ``p``, ``g`` and ``w`` the kernel of the pass ``spec`` takes."""
     from .kernels import _template, rules
 
     rule = getattr(rules, spec.rule)
-    return tuple(n for n in _template.arrays(rule, ()) if n in _template.TENSORS)
+    return tuple(n for n in _template.arrays(rule, (), spec.master) if n in ADDRESSED)
 
 
 def backend_of(x):

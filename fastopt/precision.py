@@ -166,6 +166,9 @@ class Storage:
             if value not in STATE_DTYPES:
                 raise ValueError(f"state_dtype must be one of {STATE_DTYPES} or a dict of "
                                  f"them by state buffer, got {value!r} for {name!r}")
+        if not algorithm.spec.state_16_bit and set(chosen.values()) != {"float32"}:
+            raise ValueError(f"{algorithm.__name__} keeps its state in float32 only (its "
+                             f"factors move on the host), not state_dtype={state_dtype!r}")
         averages = algorithm.spec.averages
         others = [name for name, value in chosen.items() if value == "int8" and name not in averages]
         if others:

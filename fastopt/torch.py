@@ -140,8 +140,7 @@ class Optimizer(torch.optim.Optimizer):
                                  f"{name}={value!r}")
         self._stores = None
         self._formats = (master_weights, state_dtype, stochastic_rounding, seed)
-        # The options, checked (float16's, and Adafactor's 16-bit ones, where they come).
-        for dtype in (torch.float32, torch.bfloat16)[:1 + self.algorithm.spec.reads_16_bit]:
+        for dtype in (torch.float32, torch.bfloat16):  # the options, checked (float16's later)
             self._storage_of(dtype)
         super().__init__(params, {**defaults, **torch_options})
         self.state = _State(self.state)
@@ -203,14 +202,11 @@ class Optimizer(torch.optim.Optimizer):
         storage = precision.Storage(self.algorithm, self.algorithm.state_names(),
                                     precision.DTYPES[_DTYPES[dtype]], master_weights,
                                     state_dtype, None, stochastic_rounding, seed)
-        if storage.converts and not self.algorithm.spec.reads_16_bit:
-            raise TypeError(f"{self.algorithm.__name__} steps float32 parameters and state "
-                            "only, for now (its column sums do not read 16-bit buffers yet)")
         return storage
 
     def _validate(self, index, group):
         for p, label in _labels(index, group):
-            _check_parameter(p, label, self.algorithm)
+            _check_parameter(p, label)
         for dtype in {p.dtype for p in group["params"]}:  # the options, for each dtype
             self._storage_of(dtype)
         if callable(group["lr"]):
@@ -234,7 +230,7 @@ class Optimizer(torch.optim.Optimizer):
         names = {p: label for index, group in enumerate(self.param_groups)
                  for p, label in _labels(index, group)}
         for p, name in names.items():
-            _check_parameter(p, name, self.algorithm)
+            _check_parameter(p, name)
         kinds = {}
         for p in names:
             kinds.setdefault((p.device, p.dtype), []).append(p)
@@ -558,8 +554,8 @@ class Optimizer(torch.optim.Optimizer):
     def _state_shape(self, name, p):
         """The shape of the state tensor ``name`` of ``p``, or None if it has none."""
         storage = self._storage_of(p.dtype)
-        if name == MASTER and not storage.master:
-            return None
+        if name == MASTER:
+            return p.shape if storage.master else None
         if name.endswith(ABSMAX) and name[:-len(ABSMAX)] in storage.quantized:
             blocks = -(-p.numel() // BLOCK)
             return None if p.numel() < precision.MIN_QUANTIZED_SIZE else torch.Size([blocks])
@@ -629,7 +625,7 @@ class _State(collections.defaultdict):
         return type(self), (dict(self),)
 
 
-def _check_parameter(p, name, algorithm):
+def _check_parameter(p, name):
     if _is_dtensor(p):
         raise TypeError(f"{name} is a DTensor (a sharded parameter of FSDP2 or tensor "
                         "parallelism); fastopt.torch steps plain tensors only, for now")
@@ -639,9 +635,6 @@ def _check_parameter(p, name, algorithm):
     if p.dtype != torch.float32 and p.device.type != "cpu":
         raise TypeError(f"{name} is {p.dtype} on {p.device}: fastopt.torch steps 16-bit "
                         "parameters on the CPU only, for now")
-    if p.dtype != torch.float32 and not algorithm.spec.reads_16_bit:
-        raise TypeError(f"{name} is {p.dtype}: {algorithm.__name__} steps float32 parameters "
-                        "only, for now (its column sums do not read 16-bit buffers yet)")
     if p.layout != torch.strided:
         raise TypeError(f"{name} is not a dense tensor")
     if p.device.type not in ("cpu", "cuda"):
@@ -822,13 +815,16 @@ class _Store:
             self.backend = HostBackend()
         else:
             self.backend = HostBackend() if self.device.type == "cpu" else CudaBackend()
-            self.scratch_params = torch.zeros(start, dtype=torch.float32, device=self.device)
-            self.scratch_grads = torch.zeros(start, dtype=torch.float32, device=self.device)
+            self.scratch_params = torch.zeros(start, dtype=params[0].dtype, device=self.device)
+            self.scratch_grads = torch.zeros(start, dtype=params[0].dtype, device=self.device)
 
     def layout(self, name):
-        """``engine.state_layout`` of the state buffer ``name`` over the store."""
+        """``engine.state_layout`` of the state buffer ``name`` over the store (the
+        master weights are laid out like the parameters, whatever the state's shapes)."""
         if name not in self._layouts:
-            self._layouts[name] = engine.state_layout(self.algorithm, name, self.shapes)
+            self._layouts[name] = (
+                (np.array([slot.start for slot in self.slots.values()], np.int64), self.size)
+                if name == MASTER else engine.state_layout(self.algorithm, name, self.shapes))
         return self._layouts[name]
 
     def flat(self, name):
@@ -859,7 +855,8 @@ class _Store:
             return slot.views[name]
         if name not in slot.views:
             flat, start = self.flat(name), int(self.layout(name)[0][slot.index])
-            shape = self.algorithm.state_shape(name, tuple(p.shape))
+            shape = tuple(p.shape) if name == MASTER else self.algorithm.state_shape(
+                name, tuple(p.shape))
             if shape is None:
                 view = None
             elif self.in_place and shape == tuple(p.shape):
@@ -939,14 +936,18 @@ class _Store:
             self._tables[key] = table
         return self._tables[key]
 
-    def tensors(self, run):
-        """How the kernels reach ``run``'s parameters and gradients."""
+    def tensors(self, run, master=None):
+        """How the kernels reach ``run``'s parameters and gradients, and the ``master``
+        weights (laid out like the parameters)."""
         table = self.table(run)
         if self.in_place:
-            return Tensors(table.params, run.gradients,
-                           itemsize={"p": self.itemsize, "g": self.itemsize})
+            masters = None if master is None else (
+                master.__array_interface__["data"][0] + master.itemsize * table.starts)
+            return Tensors(table.params, run.gradients, w=masters, itemsize={
+                "p": self.itemsize, "g": self.itemsize,
+                "w": 4 if master is None else master.itemsize})
         return self.backend.flat_tensors(_array(self.scratch_params), _array(self.scratch_grads),
-                                         table.starts)
+                                         table.starts, master)
 
     def update(self, algorithm, hyper, step, spec, prep, h, run, host):
         """Step ``run``'s parameters; returns the host state after the step."""
@@ -957,12 +958,12 @@ class _Store:
         state = {name: _array(self._flat[name]) for name in spec}
         master = _array(self._flat[MASTER]) if self.master else None
         first, last = run.slots[0].index, run.slots[-1].index + 1
-        work = engine.Work(self.backend, self.tensors(run), self.shapes[first:last],
+        work = engine.Work(self.backend, self.tensors(run, master), self.shapes[first:last],
                            self.table(run), state, tuple(spec),
                            lambda name: self.layout(name)[0][first:last], prep,
                            algorithm.spec.keeps_subnormals,
                            self._caches.setdefault((first, last), {}), self.storage.formats,
-                           master)
+                           self.master)
         if self.quantized:
             work.blocks = self._blocks.launch(run, {name: (
                 _array(self._flat[name + ABSMAX]), _array(self._flat[name + SMALL]))

@@ -25,10 +25,12 @@ from numba import float32
 
 from . import codecs, rules
 
-# The buffers that segment drivers reach through each segment's own start (the tensors,
-# which may lie anywhere); the others are flat state buffers, reached through
-# ``state_starts``.
+# The tensors a rule takes, which may lie anywhere.
 TENSORS = ("p", "g")
+# The buffers that segment drivers reach through each segment's own start: the tensors
+# and the master weights ``w``, laid out like them (Adafactor's state is not); the others
+# are flat state buffers, reached through ``state_starts``.
+ADDRESSED = TENSORS + ("w",)
 
 # What one segment pass can sum and take per segment, at most (the width of the
 # backends' partials and per-segment scalars).
@@ -62,7 +64,7 @@ class Pass(NamedTuple):
     writes float32 through the codec. With ``master``, the driver also takes ``w``, a
     float32 copy of the 16-bit ``p`` (master weights): the rule reads ``w`` as its
     ``p``, and the new value goes to ``w`` and, rounded, to ``p`` (in a segment pass
-    ``w`` is laid out like the state).
+    ``w`` is reached as ``p`` is, through each segment's start).
     Where ``p`` no longer holds ``w`` rounded, someone wrote into it since the last
     step, and the rule reads ``p`` instead: a write is never lost. The format
     ``("w", REMAINDER)`` keeps only the low 16 bits of the master weights, for a
@@ -131,13 +133,13 @@ def _rules_source():
     return inspect.getsource(rules) + inspect.getsource(codecs)
 
 
-def _block_chunk(taken, quantized, writes, formats, body, stochastic):
+def _block_chunk(taken, quantized, writes, bits, body, stochastic):
     """The arguments and body of the chunk function of a pass over blocks of 8-bit
     state (``codecs.QUANTIZED``): rows ``first_block`` to ``last_block`` of ``blocks``,
     each row ``(segment, offset, size, small)`` a block of ``size`` elements from
-    ``offset`` of a segment: of the tensors at the addresses ``p[segment]`` and
-    ``g[segment]``, and of the state from ``state_starts[segment]`` (as in a segment
-    pass). A block with ``small >= 0`` belongs to a tensor too small to quantize,
+    ``offset`` of a segment: of the tensors at the addresses ``p[segment]``,
+    ``g[segment]`` (and ``w[segment]``; 16-bit ones, in ``bits``, as their bits), and of
+    the state from ``state_starts[segment]`` (as in a segment pass). A block with ``small >= 0`` belongs to a tensor too small to quantize,
     whose state is float32 at ``<name>_small[small:]``; the others are decoded into
     ``<name>_old``, stepped into ``<name>_new``, then their new absmax
     (``<name>_absmax[b]``) is found, and their codes written from it: one read and one
@@ -152,8 +154,8 @@ def _block_chunk(taken, quantized, writes, formats, body, stochastic):
     small = body(lambda n: f"{n}_s[i]" if n in quantized else f"{n}_b[i]", index)
     stepped = body(lambda n: f"{n}_old[i]" if n in quantized else f"{n}_b[i]", index,
                    blocks=True)
-    slices = [f"{a}_b = tensor_part{'_bits' if a in formats else ''}({a}[segment], offset, "
-              f"size)" if a in TENSORS else f"{a}_b = {a}[state_base:state_base + size]"
+    slices = [f"{a}_b = tensor_part{'_bits' if a in bits else ''}({a}[segment], offset, "
+              f"size)" if a in ADDRESSED else f"{a}_b = {a}[state_base:state_base + size]"
               for a in taken]
     lines = [f"{n}_{kind} = np.empty(BLOCK, float32)"
              for n in quantized for kind in ("old", "new")] + [
@@ -208,9 +210,9 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
       values of ``prep`` (``prep`` itself for a rule that does not prepare ``g``), all
       as float32. A parallel loop needs it inside its body, where Numba's parfor
       lowering accepts it.
-    - ``{first}``: the first array; ``{tensor_chunks}`` binds ``p_c`` and ``g_c`` to
-      chunk ``c`` of the tensors at the addresses ``p`` and ``g`` (``segment_chunk``;
-      ``segment_chunk_bits`` for 16-bit ones).
+    - ``{first}``: the first array; ``{tensor_chunks}`` binds ``p_c``, ``g_c`` (and
+      ``w_c``) to chunk ``c`` of the buffers at the addresses ``p``, ``g`` (and ``w``)
+      (``segment_chunk``; ``segment_chunk_bits`` for 16-bit ones).
     - ``{begin_sums}`` zeroes the running sums ``total0 ...``; ``{store_sums}`` writes
       them to ``partials[c, j]``; ``{block_sums}`` adds them over a CUDA block first.
     - ``{chunk}`` runs the rule over the chunk arrays ``<array>_c`` (binding the sums
@@ -245,6 +247,7 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
                          "flat pass over blocks")
     master_format = formats.pop("w", None)
     remainder = master_format == REMAINDER
+    bits = {*formats, *(("w",) if remainder else ())}  # kept as 16 bits each
     if set(formats) - set(taken) or set(formats.values()) - set(codecs.CODECS) or (
             spec.master and formats.get("p") is None) or (
             master_format not in (None, REMAINDER)) or (
@@ -307,7 +310,7 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
         return "; ".join([line] + stores + [f"total{j} += term{j}" for j in range(len(sums))])
 
     def segment_at(n):
-        return f"{n}[base + i]" if n in TENSORS else f"{n}[state_base + i]"
+        return f"{n}[base + i]" if n in ADDRESSED else f"{n}[state_base + i]"
 
     Scalars = namespace["Scalars"] = scalars_type(rule)
     namespace["float32"] = float32
@@ -335,7 +338,7 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
                   f"        {body(lambda n: f'{n}_c[i]', 'base + i')}\n"
                   f"    return ({sums_tuple})\n")
     if quantized:
-        chunk_text = _block_chunk(taken, quantized, writes, formats, body, spec.stochastic)
+        chunk_text = _block_chunk(taken, quantized, writes, bits, body, spec.stochastic)
     block_arguments = "".join(f", {n}_absmax, {n}_small" for n in quantized)
     text = loops.format(
         random_arguments=", key, first" if spec.stochastic else "",
@@ -349,7 +352,7 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
         segment_body=body(segment_at, "first + state_base + i"),
         slices="; ".join(f"{a}_c = {a}[start:stop]" for a in taken),
         state_slices="; ".join(f"{a}_c = {a}[start:stop]" for a in taken
-                               if a not in TENSORS) or "pass",
+                               if a not in ADDRESSED) or "pass",
         named=f"named = Scalars({', '.join(fields)}); prepared = " + (
             "(float32(prep[0]), float32(prep[1]), float32(prep[2]))"
             if "p" in names and spec.grad else "prep"),
@@ -360,8 +363,8 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
               f"{', key, first' if spec.stochastic else ''})",
         first=taken[0],
         tensor_chunks="; ".join(
-            f"{a}_c = segment_chunk{'_bits' if a in formats else ''}({a}, chunks, c)"
-            for a in taken if a in TENSORS) or "pass",
+            f"{a}_c = segment_chunk{'_bits' if a in bits else ''}({a}, chunks, c)"
+            for a in taken if a in ADDRESSED) or "pass",
         begin_sums=begin_sums,
         store_sums="; ".join(f"partials[c, {j}] = {t}" for j, t in enumerate(totals))
         or "pass",

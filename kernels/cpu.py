@@ -6,7 +6,7 @@ import textwrap
 
 import numpy as np
 from numba import carray, njit, prange, types
-from numba.core.extending import intrinsic
+from numba.core.extending import intrinsic, overload
 
 from . import _fp_mode, _template, codecs, rules
 
@@ -224,40 +224,63 @@ def segment_kernel(*spec):
 # -- Adafactor's column sums ---------------------------------------------------------
 #
 # The one reduction the generated passes cannot express: its sums run down the columns,
-# across segments (rows), where a segment pass sums along them. Numba checks only this
-# file's time stamp for its cache, so after editing ``rules.prepare``, clear the cache
-# (NUMBA_CACHE_DIR, or the __pycache__ folder beside this file).
+# across segments (rows), where a segment pass sums along them. Adafactor's decay is
+# decoupled (no L2 term in rules.prepare), so p is not read. Numba checks only this
+# file's time stamp for its cache, so after editing ``rules.prepare`` or the codecs,
+# clear the cache (NUMBA_CACHE_DIR, or the __pycache__ folder beside this file).
+
+def _loaded(value, bfloat16):
+    """A gradient element as float32: itself, or its 16-bit bits loaded as bfloat16 (or
+    float16)."""
+
+
+@overload(_loaded)
+def _loaded_by_type(value, bfloat16):
+    if isinstance(value, types.Float):
+        return lambda value, bfloat16: value
+    load_bf16, load_f16 = _CODECS["bfloat16_load"], _CODECS["float16_load"]
+    return lambda value, bfloat16: load_bf16(value) if bfloat16 else load_f16(value)
+
 
 @njit(inline="always", error_model="numpy", fastmath={"reassoc"})
-def _column_sums(p, g, prep, rows, columns, out):
+def _column_sums(g, prep, table, out, k, bfloat16):
+    rows, columns, out_start = table[k, 0], table[k, 1], table[k, 2]
+    sums = out[out_start:out_start + columns]
     # Read once, not from memory that out may alias; float32 whatever the caller passed.
     prepared = (np.float32(prep[0]), np.float32(prep[1]), np.float32(prep[2]))
-    out[:] = 0.0
+    sums[:] = 0.0
     for r in range(rows):
-        p_row, g_row = p[r * columns:(r + 1) * columns], g[r * columns:(r + 1) * columns]
-        for c in range(out.size):
-            x = np.float64(_prepare(p_row[c], g_row[c], prepared))
-            out[c] += x * x
-
-
-@njit(inline="always", error_model="numpy", fastmath={"reassoc"})
-def _block_sums(p, g, prep, table, out, k):
-    rows, columns, out_start = table[k, 0], table[k, 1], table[k, 2]
-    _column_sums(carray(float32_at(p[k]), rows * columns),
-                 carray(float32_at(g[k]), rows * columns), prep, rows, columns,
-                 out[out_start:out_start + columns])
+        g_row = g[r * columns:(r + 1) * columns]
+        for c in range(columns):
+            x = np.float64(_prepare(ZERO, _loaded(g_row[c], bfloat16), prepared))
+            sums[c] += x * x
 
 
 @njit(parallel=True, cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
-def column_sums(p, g, prep, table, out, parallel):
-    """Sums of ``prepare(p, g)**2`` down the columns of blocks of rows, in float64.
+def column_sums(g, prep, table, out, parallel):
+    """Sums of ``prepare(0, g)**2`` down the columns of blocks of rows, in float64.
 
-    Block k is ``(rows, columns, out_start) = table[k]``: the row-major block at the
-    addresses ``p[k]``, ``g[k]`` is summed in row order into
+    Block k is ``(rows, columns, out_start) = table[k]``: the row-major block of float32
+    gradients at the address ``g[k]`` is summed in row order into
     ``out[out_start:out_start + columns]``."""
     if parallel:
         for k in prange(table.shape[0]):
-            _block_sums(p, g, prep, table, out, k)
+            _column_sums(carray(float32_at(g[k]), table[k, 0] * table[k, 1]), prep, table,
+                         out, k, False)
     else:
         for k in range(table.shape[0]):
-            _block_sums(p, g, prep, table, out, k)
+            _column_sums(carray(float32_at(g[k]), table[k, 0] * table[k, 1]), prep, table,
+                         out, k, False)
+
+
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
+def column_sums_bits(g, prep, table, out, bfloat16, parallel):
+    """:func:`column_sums` of 16-bit gradients: bfloat16 ones, or float16."""
+    if parallel:
+        for k in prange(table.shape[0]):
+            _column_sums(carray(bits_at(g[k]), table[k, 0] * table[k, 1]), prep, table, out,
+                         k, bfloat16)
+    else:
+        for k in range(table.shape[0]):
+            _column_sums(carray(bits_at(g[k]), table[k, 0] * table[k, 1]), prep, table, out,
+                         k, bfloat16)

@@ -20,8 +20,10 @@ bf16 = np.dtype(ml_dtypes.bfloat16)
 f16 = np.dtype(np.float16)
 HALVES = {"bfloat16": bf16, "float16": f16}
 
-# Every algorithm takes 16-bit buffers but Adafactor, whose column sums do not read them.
-CASES = [(name, kwargs) for name, kwargs in ALL if name != "Adafactor"]
+# Every algorithm takes 16-bit parameters; all but Adafactor (whose factors move on the
+# host) 16-bit state.
+CASES = ALL
+STATE_CASES = [(name, kwargs) for name, kwargs in ALL if name != "Adafactor"]
 
 
 def bits(a):
@@ -267,7 +269,7 @@ def test_16_bit_parameters_without_master_round_every_step(case, half):
         np.testing.assert_array_equal(bits(opt.flat_params), bits(rounded(twin.flat_params, dtype)))
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case", STATE_CASES, ids=case_id)
 def test_bfloat16_state_rounds_every_buffer_every_step(case):
     """Each step from the second on, against fastopt's float32 step from the same
     (decoded) state, rounded by ml_dtypes."""
@@ -481,11 +483,38 @@ def test_master_weights_for_float32_parameters_are_refused():
     assert fastopt.Adam([np.zeros(3, f32)], master_weights="auto").master_params is None
 
 
-def test_adafactor_refuses_16_bit_buffers_for_now():
-    with pytest.raises(TypeError, match="Adafactor steps float32 buffers only"):
-        fastopt.Adafactor([np.zeros((4, 3), bf16)])
-    with pytest.raises(TypeError, match="Adafactor steps float32 buffers only"):
-        fastopt.Adafactor([np.zeros((4, 3), f32)], grad_dtype="bfloat16")
+def test_adafactor_refuses_16_bit_state():
+    for state_dtype in ("bfloat16", "int8"):
+        with pytest.raises(ValueError, match="Adafactor keeps its state in float32 only"):
+            fastopt.Adafactor([np.zeros((4, 3), bf16)], state_dtype=state_dtype)
+
+
+@pytest.mark.parametrize("master_weights", ["float32", "remainder"])
+@pytest.mark.parametrize("grads", ["bfloat16", "float32"])
+def test_adafactor_on_bfloat16_matrices_keeps_torchs_float32_master_weights(master_weights, grads):
+    """The factored path (row and column sums, the latter a kernel of its own that reads
+    16-bit gradients) and the vectors' path, against torch.optim.Adafactor in float32
+    on the same upcast gradients."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(9)
+    shapes = [(48, 40), (3, 20, 16), (30,)]
+    p0 = [(0.1 * rng.standard_normal(s)).astype(bf16) for s in shapes]
+    opt = fastopt.Adafactor([p.copy() for p in p0], lr=1e-2, weight_decay=0.1,
+                            master_weights=master_weights, grad_dtype=grads, clip_grad_norm=0.5)
+    theirs = [torch.tensor(p.astype(f32), requires_grad=True) for p in p0]
+    topt = torch.optim.Adafactor(theirs, lr=1e-2, weight_decay=0.1)
+    for _ in range(8):
+        gs = [(0.01 * rng.standard_normal(s)).astype(bf16) for s in shapes]
+        opt.step([g.astype(HALVES.get(grads, f32)) for g in gs])
+        for t, g in zip(theirs, gs):
+            t.grad = torch.tensor(g.astype(f32))
+        torch.nn.utils.clip_grad_norm_(theirs, 0.5)
+        topt.step()
+        master = (opt.master_params if master_weights == "float32" else
+                  fastopt.precision.rebuild_master(opt.flat_params, opt.master_params))
+        expected = np.concatenate([t.detach().numpy().ravel() for t in theirs])
+        np.testing.assert_allclose(master, expected, rtol=1e-5, atol=1e-6)
+    assert np.abs(expected - np.concatenate([p.astype(f32).ravel() for p in p0])).max() > 1e-2
 
 
 def test_gradients_of_another_dtype_are_refused_and_change_nothing():

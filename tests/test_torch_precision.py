@@ -31,7 +31,8 @@ def grads_for(ps, step):
     ("Adam", dict(lr=1e-2, weight_decay=0.1)), ("AdamW", dict(lr=1e-2, amsgrad=True)),
     ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True)),
     ("RMSprop", dict(lr=1e-2, momentum=0.5, centered=True)), ("NAdam", dict(lr=1e-2)),
-    ("Adagrad", dict(lr=0.05)), ("RAdam", dict(lr=1e-2)), ("Adamax", dict(lr=1e-2))])
+    ("Adagrad", dict(lr=0.05)), ("RAdam", dict(lr=1e-2)), ("Adamax", dict(lr=1e-2)),
+    ("Adafactor", dict(lr=1e-2, weight_decay=0.1))])
 def test_master_weights_match_torch_in_float32_and_round_into_the_model(name, kwargs, dtype):
     ours = params(dtype)
     theirs = [torch.nn.Parameter(p.detach().float()) for p in ours]
@@ -48,6 +49,29 @@ def test_master_weights_match_torch_in_float32_and_round_into_the_model(name, kw
             assert master.dtype == torch.float32 and p.dtype == dtype
             torch.testing.assert_close(master, q.detach(), rtol=1e-5, atol=1e-6)
             assert torch.equal(p.detach(), master.to(dtype))
+
+
+@pytest.mark.parametrize("master_weights", ["float32", "remainder"])
+def test_adafactor_steps_bfloat16_parameters_that_do_not_lie_in_c_order(master_weights):
+    """Adafactor reads rows, so a transposed parameter steps through a scratch copy:
+    in the parameters' dtype, with the master weights laid out like it."""
+    ours = params(torch.bfloat16) + [torch.nn.Parameter(torch.randn(12, 9).to(torch.bfloat16).t())]
+    theirs = [torch.nn.Parameter(p.detach().float()) for p in ours]
+    opt = ft.Adafactor(ours, lr=1e-2, master_weights=master_weights)
+    reference = torch.optim.Adafactor(theirs, lr=1e-2)
+    for step in range(6):
+        for p, q, g in zip(ours, theirs, grads_for(ours, step)):
+            p.grad, q.grad = g, g.float()
+        opt.step()
+        reference.step()
+    for p, q in zip(ours, theirs):
+        master = opt.state[p]["master"]
+        if master_weights == "remainder":
+            master = torch.from_numpy(fastopt.precision.rebuild_master(
+                p.detach().contiguous().view(torch.int16).numpy().view(np.uint16),
+                master.contiguous().numpy().view(np.uint16)))
+        torch.testing.assert_close(master, q.detach(), rtol=1e-5, atol=1e-6)
+    assert not ours[-1].is_contiguous()
 
 
 def test_one_optimizer_steps_bfloat16_weights_and_float32_norms():
@@ -171,8 +195,8 @@ def test_bad_formats_and_what_cannot_be_stepped_are_refused():
         ft.Adam(params(torch.bfloat16), state_dtype="int4")
     with pytest.raises(ValueError, match="master_weights must be one of"):
         ft.Adam(params(torch.float32), master_weights="yes")
-    with pytest.raises(TypeError, match="Adafactor steps float32 parameters"):
-        ft.Adafactor(params(torch.bfloat16))
+    with pytest.raises(ValueError, match="Adafactor keeps its state in float32 only"):
+        ft.Adafactor(params(torch.bfloat16), state_dtype="bfloat16")
     ps = params(torch.bfloat16)
     opt = ft.Adam(ps, state_dtype="bfloat16")
     for p, g in zip(ps, grads_for(ps, 0)):

@@ -66,14 +66,16 @@ class Adafactor(Optimizer):
     r + c numbers per matrix, are updated on the host.
 
     Args:
-        params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt` with
-            ``shapes`` (the factoring needs each tensor's shape), or a list of
-            parameter-group dicts.
+        params: a dict or list of float32, bfloat16 or float16 arrays (copied),
+            :func:`fastopt.adopt` with ``shapes`` (the factoring needs each tensor's
+            shape), or a list of parameter-group dicts.
         lr (γ), beta2_decay (c), eps (ε₁, ε₂; ε₁ None means float32's machine epsilon),
         d, weight_decay (λ, decoupled), maximize: as in torch.optim.Adafactor, with the
         same defaults.
-        **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see
-            :class:`fastopt.Optimizer`.
+        **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``, and the
+            storage options of 16-bit parameters (``master_weights`` ...); see
+            :class:`fastopt.Optimizer`. The state stays float32: the factors move on
+            the host.
 
     State: ``row_var`` and ``col_var``, the factors of all factored tensors one after
     the other, and ``variance`` for the vectors. A step moves 28 bytes per parameter
@@ -86,7 +88,7 @@ class Adafactor(Optimizer):
     """
 
     spec = hp.Spec(
-        rule="adafactor", torch="Adafactor", moves=28, per_tensor=True, reads_16_bit=False,
+        rule="adafactor", torch="Adafactor", moves=28, per_tensor=True, state_16_bit=False,
         passes=(hp.REDUCE, hp.REDUCE, hp.MAP_REDUCE, hp.MAP),
         # eps1**2 may be subnormal (torch's default eps1 is float32's epsilon, but a user's
         # 1e-20 gives 1e-40), and it floors the estimate the rule divides by.
@@ -150,7 +152,7 @@ class Adafactor(Optimizer):
         alpha = np.fmax(group["eps"][1], np.sqrt(param_sq / plan.sizes))
         alpha *= min(lr, 1.0 / math.sqrt(step))
         block_sq = backend.column_sums(work.tensors, work.prep, plan.blocks, plan.block_table,
-                                       plan.block_sums)
+                                       plan.block_sums, work.formats.get("g"))
         column_sq = np.bincount(plan.block_columns, block_sq, plan.column_slots.size)
 
         # The factors, r + c numbers per matrix, move on the host.

@@ -128,7 +128,8 @@ class Work:
 
     Attributes:
         backend: the ``fastopt._backend`` backend that runs the kernels.
-        tensors: the parameters and gradients, a ``fastopt._backend.Tensors``.
+        tensors: the parameters and gradients, and the master weights where kept, a
+            ``fastopt._backend.Tensors``.
         shapes: the tensors' shapes, in order.
         segments: one ``Segments`` per tensor, the state laid out like the parameters.
         state: the flat state buffers of ``present``, by name.
@@ -140,8 +141,7 @@ class Work:
         cache: a dict the front keeps for this launch between steps (plans).
         formats: the 16-bit buffers (``p``, ``g``, states) by name, with their format
             (``precision.DTYPES``' names); empty where every buffer is float32.
-        master_weights: the float32 master weights of 16-bit parameters, laid out like
-            the state, or None.
+        master: whether 16-bit parameters keep master weights (``tensors.w``).
         key: the step's rounding key (``codecs.rounding_key``) where ``stochastic``:
             the 16-bit stores round stochastically.
         blocks: where state is kept in 8 bits, ``(rows, state_starts, size, arrays)``:
@@ -150,11 +150,11 @@ class Work:
     """
 
     def __init__(self, backend, tensors, shapes, segments, state, present, state_starts,
-                 prep, keep_subnormals, cache, formats=None, master_weights=None):
+                 prep, keep_subnormals, cache, formats=None, master=False):
         self.backend, self.tensors, self.shapes, self.segments = backend, tensors, shapes, segments
         self.state, self.present, self.state_starts = state, present, state_starts
         self.prep, self.keep_subnormals, self.cache = prep, keep_subnormals, cache
-        self.formats, self.master_weights = formats or {}, master_weights
+        self.formats, self.master = formats or {}, master
         self.stochastic, self.key, self.blocks = False, 0, None
 
     def run(self, spec, h, segments=None, values=(), states=None):
@@ -164,12 +164,11 @@ class Work:
         segment."""
         if states is None:
             states = [*map(self.state.__getitem__, spec.present)]
-        if self.formats or self.master_weights is not None:
-            master = self.master_weights is not None
+        if self.formats or self.master:
+            master = self.master
             names = arrays(getattr(rules, spec.rule), spec.present, master)
             spec = spec._replace(master=master, stochastic=self.stochastic, formats=tuple(
                 (name, self.formats[name]) for name in names if name in self.formats))
-            states = [self.master_weights, *states] if master else states
             quantized = [name for name, fmt in spec.formats if fmt in QUANTIZED]
             if quantized:  # a single pass, block by block
                 rows, starts, size, scales = self.blocks

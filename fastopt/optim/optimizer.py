@@ -150,9 +150,6 @@ class Optimizer:
         self._storage = Storage(type(self), self.state_names(), self.flat_params.dtype,
                                 master_weights, state_dtype, grad_dtype, stochastic_rounding,
                                 seed)
-        if self._storage.converts and not self.spec.reads_16_bit:
-            raise TypeError(f"{type(self).__name__} steps float32 buffers only, for now: "
-                            "its factors take a pass that does not read 16-bit buffers yet")
         if stochastic_rounding and not self._storage.stochastic:
             raise ValueError(NOTHING_TO_ROUND)
         for index, group in enumerate(groups):
@@ -416,13 +413,14 @@ class Optimizer:
             work = engine.Work(self._backend, None, shapes, segments, None, None,
                                lambda name: self._state_layout(name)[0][first:last], None,
                                self.spec.keeps_subnormals, {}, self._storage.formats,
-                               self.master_params)
-            own = self._backend.flat_tensors(self.flat_params, self.flat_grads, offsets)
+                               self.master_params is not None)
+            own = self._backend.flat_tensors(self.flat_params, self.flat_grads, offsets,
+                                             self.master_params)
             self._works[start, stop] = (work, offsets, own)
         work, offsets, own = self._works[start, stop]
         # The addresses of flat_grads' tensors are kept; other gradients are not held.
         work.tensors = own if g is self.flat_grads else self._backend.flat_tensors(
-            self.flat_params, g, offsets)
+            self.flat_params, g, offsets, self.master_params)
         work.state = dict(zip(spec, map(self.state.__getitem__, spec)))
         work.present, work.prep = tuple(spec), prep
         if self._storage.stochastic:
@@ -470,11 +468,11 @@ class Optimizer:
             arrays = [array for name in spec if name in storage.quantized
                       for array in (self.state[f"{name}_absmax"][first:last],
                                     self.state[f"{name}_small"])]
-            states = [self.master_params] * master + [self.state[name] for name in spec]
             self._backend.run_blocks(
                 Pass(rule, tuple(spec), formats=formats, master=master,
                      stochastic=storage.stochastic),
-                self._backend.flat_tensors(self.flat_params, g, [start]), states,
+                self._backend.flat_tensors(self.flat_params, g, [start], self.master_params),
+                [self.state[name] for name in spec],
                 (table, np.array([start], np.int64), stop - start, arrays), prep, h,
                 self.spec.keeps_subnormals, storage.key(step) if storage.stochastic else 0)
             return

@@ -61,9 +61,8 @@ class Spec:
             flat buffer must come with shapes (``fastopt.adopt(flat, shapes)``).
         keeps_subnormals: whether the kernels must not flush subnormal numbers (the
             rule's result hangs on them).
-        reads_16_bit: whether every pass of its step reads and writes 16-bit buffers
-            (``fastopt.precision``): all but Adafactor's, whose column sums are written
-            by hand for float32.
+        state_16_bit: whether its state may be kept in 16 bits (``fastopt.precision``):
+            all but Adafactor's, whose factors move on the host, in float32.
         averages: the state buffers that are moving averages, which 8-bit state
             (``state_dtype="int8"``) may keep, each ``SIGNED`` or ``UNSIGNED``.
         moves: bytes per parameter that one step reads and writes, with ``bench``.
@@ -80,7 +79,7 @@ class Spec:
     passes: tuple = (MAP,)
     per_tensor: bool = False
     keeps_subnormals: bool = False
-    reads_16_bit: bool = True
+    state_16_bit: bool = True
     averages: Mapping = field(default_factory=dict)
     moves: int = 0
     bench: Mapping = field(default_factory=dict)
