@@ -112,9 +112,17 @@ def bench(args):
 
 
 def demo(args):
-    from . import demo
+    if not args.precision:
+        from . import demo
 
-    return demo.run(args.out)
+        return demo.run(args.out)
+    try:
+        from . import precision_demo
+    except ImportError as error:
+        print(f"fastopt demo --precision trains with PyTorch, which did not import ({error}): "
+              "pip install torch", file=sys.stderr)
+        return 1
+    return precision_demo.run(args.out, args.steps)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -220,10 +228,18 @@ def main(argv=None):
     demo_parser = commands.add_parser(
         "demo", help="draw the classic optimizer pictures (needs matplotlib: fastopt[plot])")
     demo_parser.add_argument("--out", default="fastopt-demo", help="folder for the PNG files")
+    demo_parser.add_argument("--precision", action="store_true",
+                             help="instead, train a small TransformerEncoder language model "
+                                  "with AdamW in each storage format and draw the loss curves "
+                                  "(needs torch)")
+    demo_parser.add_argument("--steps", type=int, default=300,
+                             help="training steps of each --precision run (default 300)")
     demo_parser.set_defaults(run=demo)
     args = parser.parse_args(argv)
     if args.command == "bench":
         _check_bench(bench_parser, args)
+    if args.command == "demo" and args.steps < 1:
+        demo_parser.error(f"--steps must be at least 1, got {args.steps}")
     if args.command in ("bench", "demo"):
         _check_out(bench_parser if args.command == "bench" else demo_parser, args)
     return args.run(args)

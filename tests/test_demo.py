@@ -92,3 +92,26 @@ def test_the_corrected_moving_average_starts_where_the_series_is():
         early = slice(0, 10)
         assert np.abs(corrected[early] - series[:30].mean()).max() < 2
         assert (raw[early] < 0.7 * series[:30].mean()).all()
+
+
+def test_the_precision_demo_trains_every_format_and_draws_the_curves(tmp_path, capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    from fastopt import precision_demo
+
+    assert main(["demo", "--precision", "--steps", "40", "--out", str(tmp_path)]) == 0
+    data = (tmp_path / "precision-training.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    out = capsys.readouterr().out
+    rows = {line[:30].strip(): line[30:].split() for line in out.splitlines()
+            if line[:30].strip() in precision_demo.RUNS}
+    assert set(rows) >= set(precision_demo.RUNS) - {"bitsandbytes AdamW8bit"}
+    assert rows["float32"][1] == "+0.00%"
+    # Each run learns: from about log(vocabulary) = 4.5 to well below it in 40 steps.
+    assert all(float(values[0]) < 3.5 for values in rows.values()), rows
+
+
+def test_the_precision_demo_refuses_a_step_count_below_one(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--precision", "--steps", "0"])
+    assert "--steps must be at least 1" in capsys.readouterr().err

@@ -1,6 +1,7 @@
-"""A small language model trained in each storage format, with fastopt.torch.AdamW.
+"""``fastopt demo --precision``: a small language model trained in each storage format,
+with fastopt.torch.AdamW (needs torch; matplotlib draws the curves).
 
-    python bench/precision_training.py [--steps 300] [--out precision-training.png]
+    fastopt demo --precision [--steps 300] [--out fastopt-demo]
 
 The model is torch's own ``nn.TransformerEncoder`` (causal mask, two layers, width 64)
 over the characters of a text nobody here wrote (the source of Python's ``json``
@@ -25,18 +26,18 @@ from the same float32 weights:
 
 It prints each run's final training loss (the mean over the last 20 steps) and its
 held-out loss (the model in float32 on 16 batches it never trained on) against
-float32's, and with matplotlib draws the curves.
+float32's, and with matplotlib draws the curves into ``precision-training.png``.
 """
 
-import argparse
 import importlib.util
 import inspect
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
 
-import fastopt.torch as ft
+from . import torch as ft
 
 RUNS = {
     "float32": (torch.float32, {}),
@@ -123,21 +124,24 @@ def train(label, steps, tokens, vocabulary, initial):
     return losses, held_out(model, held, vocabulary)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--out", default="precision-training.png")
-    args = parser.parse_args()
+def train_all(steps):
+    """``(curves, held-out losses)`` by run label: every run of ``RUNS`` (bitsandbytes'
+    where it is installed) for ``steps`` steps from the same weights and batches."""
     torch.manual_seed(0)
     tokens, vocabulary = corpus()
     initial = LanguageModel(vocabulary).state_dict()
     curves, evaluations = {}, {}
-    print(f"{'run':30s} {'train loss':>10s} {'vs fp32':>8s} {'held out':>9s} {'vs fp32':>8s}")
     for label in RUNS:
         if RUNS[label][1] == "bitsandbytes" and importlib.util.find_spec("bitsandbytes") is None:
             continue
-        curves[label], evaluations[label] = train(label, args.steps, tokens, vocabulary,
-                                                  initial)
+        curves[label], evaluations[label] = train(label, steps, tokens, vocabulary, initial)
+    return curves, evaluations
+
+
+def run(out="fastopt-demo", steps=300):
+    """Train every run, print the table, and draw the curves into ``out``."""
+    curves, evaluations = train_all(steps)
+    print(f"{'run':30s} {'train loss':>10s} {'vs fp32':>8s} {'held out':>9s} {'vs fp32':>8s}")
     reference = np.mean(curves["float32"][-20:])
     for label, losses in curves.items():
         final, held = np.mean(losses[-20:]), evaluations[label]
@@ -150,7 +154,7 @@ def main():
         import matplotlib.pyplot as plt
     except ImportError:
         print("no plot: matplotlib missing")
-        return
+        return 0
     figure, axes = plt.subplots(figsize=(8, 5))
     for label, losses in curves.items():
         smooth = np.convolve(losses, np.ones(10) / 10, mode="valid")
@@ -158,9 +162,8 @@ def main():
     axes.set(xlabel="step", ylabel="cross-entropy (10-step mean)",
              title="TransformerEncoder LM: AdamW in each storage format")
     axes.legend()
-    figure.savefig(args.out, dpi=100)
-    print(f"wrote {args.out}")
-
-
-if __name__ == "__main__":
-    main()
+    path = Path(out) / "precision-training.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    print(f"wrote {path}")
+    return 0
