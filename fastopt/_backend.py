@@ -247,7 +247,7 @@ class HostBackend:
         by block. ``blocks`` is ``(rows, state_starts, size, arrays)``: the blocks' rows
         ``(segment, offset, size, small)``, where each segment's state starts, the
         number of elements, and each 8-bit buffer's ``absmax`` and ``small`` arrays, in
-        the order of ``spec.present`` (see ``kernels.cpu.segment_kernel``)."""
+        the order of ``spec.formats`` (see ``kernels.cpu.segment_kernel``)."""
         rows, state_starts, size, arrays = blocks
         kernel, names = self._compiled(spec)
         self._call(kernel, size, *(getattr(tensors, name) for name in names),
