@@ -263,3 +263,42 @@ def test_a_parameter_that_changes_layout_keeps_its_8_bit_state_decoded_the_same(
     # Encoded again in the new blocks (columns of 256): within a step of the map.
     assert (after - before).abs().max().item() <= 0.03 * before.abs().max().item()
     assert (after - before).abs().max().item() > 0  # the blocks did change
+
+
+def test_groups_and_parameters_without_gradients_step_their_own_blocks():
+    """Runs of parameters (a group's, split where one has no gradient) step exactly the
+    blocks of their parameters: as optimizers of one parameter each do."""
+    shapes = [(64, 100), (20, 300), (10,), (33, 257)]
+    params, alone = _params(shapes), _params(shapes)
+    opt = ft.Adam([{"params": params[:3], "lr": 1e-2}, {"params": params[3:], "lr": 1e-3}],
+                  state_dtype="int8")
+    singles = [ft.Adam([p], lr=1e-2 if i < 3 else 1e-3, state_dtype="int8")
+               for i, p in enumerate(alone)]
+    for step, grads in enumerate(_grads(shapes, 4)):
+        for i, (p, q, g) in enumerate(zip(params, alone, grads)):
+            skipped = i == 1 and step % 2 == 1  # a hole in the first group's run
+            p.grad = None if skipped else g.clone()
+            q.grad = None if skipped else g.clone()
+        opt.step()
+        for single, q in zip(singles, alone):
+            if q.grad is not None:
+                single.step()
+    for p, q, single in zip(params, alone, singles):
+        assert torch.equal(p, q)
+        for name in ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"):
+            if name in single.state[q]:
+                assert torch.equal(opt.state[p][name], single.state[q][name]), name
+
+
+def test_a_deep_copy_steps_on_with_its_own_8_bit_state():
+    params, opt = _trained()
+    twin = copy.deepcopy(opt)
+    twin_params = twin.param_groups[0]["params"]
+    for p, q, g in zip(params, twin_params, _grads(SHAPES, 1, seed=6)[0]):
+        p.grad, q.grad = g.clone(), g.clone()
+    opt.step(), twin.step()
+    for p, q in zip(params, twin_params):
+        assert torch.equal(p, q) and p.data_ptr() != q.data_ptr()
+        assert torch.equal(opt.state[p]["exp_avg"], twin.state[q]["exp_avg"])
+    assert twin.state[twin_params[0]]["exp_avg"].data_ptr() != \
+        opt.state[params[0]]["exp_avg"].data_ptr()
