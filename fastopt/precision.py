@@ -45,6 +45,10 @@ def formats(names, arrays):
                  if a.dtype != FLOAT32)
 
 
+# 8-bit state is stepped in one pass over its blocks.
+TWO_PASSES = ("caution=True takes two passes, which 8-bit state (state_dtype='int8') does "
+              "not step yet")
+
 NOTHING_TO_ROUND = ("stochastic_rounding=True has nothing to round: it rounds 16-bit "
                     "parameters without master weights (master_weights=None) and bfloat16 "
                     "state")
@@ -166,7 +170,7 @@ class Storage:
             if value not in STATE_DTYPES:
                 raise ValueError(f"state_dtype must be one of {STATE_DTYPES} or a dict of "
                                  f"them by state buffer, got {value!r} for {name!r}")
-        if not algorithm.spec.state_16_bit and set(chosen.values()) != {"float32"}:
+        if algorithm.spec.factored and set(chosen.values()) != {"float32"}:
             raise ValueError(f"{algorithm.__name__} keeps its state in float32 only (its "
                              f"factors move on the host), not state_dtype={state_dtype!r}")
         averages = algorithm.spec.averages
@@ -193,6 +197,10 @@ class Storage:
             self.formats["w"] = REMAINDER
         self.converts = bool(self.formats)  # some buffer is not float32
         self.stochastic, self.seed = _rounding(self, stochastic_rounding, seed)
+        if self.stochastic and algorithm.spec.factored:
+            raise ValueError(f"{algorithm.__name__} does not round stochastically yet: its "
+                             "random bits would be drawn on its factored state's places, "
+                             "which the rows of a matrix share (use master weights)")
 
     def record(self):
         """The choices as JSON values, which a checkpoint keeps (``master_weights`` as

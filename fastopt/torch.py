@@ -54,8 +54,8 @@ master rounded with ties away from zero (see :class:`fastopt.Optimizer`).
 does: ``opt.state[p]["exp_avg"]`` holds ``p``'s uint8 codes (in ``p``'s layout, blocks of
 256 elements in its memory order) and ``"exp_avg_absmax"`` their scales, or, for a
 parameter of fewer than 4096 elements, float32 values. ``state_dict()`` saves the codes
-as ``"exp_avg_codes"``, so that torch.optim refuses them instead of reading them as
-numbers, and :meth:`Optimizer.decoded_state_dict` gives torch.optim's state.
+as ``"exp_avg_codes"``, which torch.optim does not read as numbers, and
+:meth:`Optimizer.decoded_state_dict` gives torch.optim's state.
 ``state_dict()`` holds the state in the dtypes fastopt keeps it in, with the master
 weights; torch.optim loads it (casting, and keeping ``"master"`` unused), and
 ``load_state_dict()`` takes torch.optim's, encoding its state (the master weights then
@@ -104,8 +104,10 @@ MASTER = "master"
 # (opt.state[p]), and the float32 state of parameters too small to quantize (the store's).
 ABSMAX, SMALL = "_absmax", "_small"
 # state_dict() saves codes as "<name>_codes", which torch.optim does not know: it would
-# read codes as values.
-CODES = "_codes"
+# read codes as values; and, once per parameter, the strides of the layout in whose
+# memory order their blocks run, so that a copy of them in another layout (.contiguous())
+# still pairs each code with its block's absmax.
+CODES, STRIDES = "_codes", "codes_strides"
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _TORCH_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}
 
@@ -285,6 +287,9 @@ class Optimizer(torch.optim.Optimizer):
         plans = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
         inverse_scale = engine.inverse_loss_scale(grad_scale)
         runs = [run for _, group_runs in plans for run in group_runs]
+        if any(run.store.quantized and not engine.single_pass(self.algorithm, run.h)
+               for run in runs):
+            raise ValueError(precision.TWO_PASSES)
         for run in runs:
             run.take_gradients()
         coefficient = engine.clip_or_skip(self, skip_nonfinite, inverse_scale,
@@ -414,9 +419,11 @@ class Optimizer(torch.optim.Optimizer):
         and NAdam's ``mu_product`` as tensors), and ``param_groups``.
 
         8-bit state is saved as it is kept: ``"<name>_codes"`` (uint8, in the
-        parameter's shape and layout) and ``"<name>_absmax"`` (float32, one per block of
-        256 elements of the parameter in memory order), named so that torch.optim,
-        which would read codes as numbers, refuses to step from them (KeyError);
+        parameter's shape and layout), ``"<name>_absmax"`` (float32, one per block of
+        256 elements of the parameter in memory order) and ``"codes_strides"`` (the
+        parameter's strides, which define that order). torch.optim does not know these
+        names: its Adam and the like fail at their step (KeyError) rather than read
+        codes as numbers, and its SGD starts its momentum afresh.
         :meth:`decoded_state_dict` gives torch.optim's state."""
         packed = super().state_dict()
         # torch packs the live per-parameter dicts; convert copies of them.
@@ -426,6 +433,7 @@ class Optimizer(torch.optim.Optimizer):
                 if isinstance(state.get(name), (int, float)):
                     state[name] = torch.tensor(float(state[name]), dtype=dtype)
             for name in [n for n in state if n + ABSMAX in state]:
+                state[STRIDES] = torch.tensor(state[name].stride(), dtype=torch.int64)
                 state[name + CODES] = state.pop(name)
         return packed
 
@@ -438,6 +446,7 @@ class Optimizer(torch.optim.Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         for index, state in packed["state"].items():
             quantized = self._storage_of(params[index].dtype).quantized
+            state.pop(STRIDES, None)  # the live codes have them
             for name, fmt in quantized.items():
                 if name + CODES in state:
                     state[name] = _decoded(state.pop(name + CODES), state.pop(name + ABSMAX),
@@ -484,16 +493,30 @@ class Optimizer(torch.optim.Optimizer):
         quantized = self._storage_of(torch.float32).quantized
         averages = self.algorithm.spec.averages
         state = dict(state)
+        strides = state.pop(STRIDES, None)
         for key in [key for key in state if key.endswith(CODES)]:
             name = key[:-len(CODES)]
+            codes, absmax = state.pop(key), state.get(name + ABSMAX)
+            if name not in averages or codes.dtype != torch.uint8 or absmax is None or (
+                    absmax.shape != (-(-codes.numel() // BLOCK),)):
+                raise ValueError(
+                    f"loaded state dict has {key!r} of {codes.dtype} {tuple(codes.shape)} with "
+                    f"{name + ABSMAX!r} of {getattr(absmax, 'shape', None)}: 8-bit codes are "
+                    "uint8 with a float32 absmax per 256 of them (a torch.optim load casts "
+                    f"them to floats), of a moving average of {self.algorithm.__name__} "
+                    f"({', '.join(averages) or 'it has none'})")
+            if strides is not None:  # laid out as they were kept: see STRIDES
+                if strides.shape != (codes.dim(),) or not _is_dense(torch.empty_strided(
+                        codes.shape, tuple(strides.tolist()), device="meta")):
+                    raise ValueError(f"loaded state dict has {STRIDES!r} "
+                                     f"{strides.tolist()}, which are no dense layout of "
+                                     f"{key!r}, of shape {tuple(codes.shape)}")
+                codes = torch.empty_strided(codes.shape, tuple(strides.tolist()),
+                                            dtype=torch.uint8).copy_(codes)
             if name in quantized:
-                state[name] = state.pop(key)
-            elif name in averages and name + ABSMAX in state:
-                state[name] = _decoded(state.pop(key), state.pop(name + ABSMAX), averages[name])
+                state[name] = codes
             else:
-                raise ValueError(f"loaded state dict has {key!r} without {name + ABSMAX!r}, "
-                                 f"or for a state that {self.algorithm.__name__} does not keep "
-                                 "in 8 bits")
+                state[name] = _decoded(codes, state.pop(name + ABSMAX), averages[name])
         return state
 
     def _check_loadable(self, state_dict):
@@ -835,8 +858,9 @@ class _Store:
             self._flat[name] = torch.zeros(size, dtype=_kept_dtype(self.storage, name),
                                            device=self.device)
             if name in self.quantized:  # absmax per row of _Blocks, as the kernels index it
-                self._flat[name + ABSMAX] = torch.zeros(self._blocks.count)
-                self._flat[name + SMALL] = torch.zeros(self._blocks.small)
+                for extra, size in ((ABSMAX, self._blocks.count), (SMALL, self._blocks.small)):
+                    self._flat[name + extra] = torch.zeros(size, dtype=torch.float32,
+                                                           device=self.device)
             self.names.append(name)
         return self._flat[name]
 

@@ -193,8 +193,8 @@ def dynamic_map(signed):
 # neighbour beyond the midpoint where the magnitude exceeds it, is the nearest. One int32
 # per bucket holds both, so that the encoding loads one table entry (a gather, in the
 # vectorised loop): the code in the low 8 bits, above them the midpoint's place among
-# the bucket's float32 magnitudes (_BELOW of them: float32 magnitudes compare as their
-# bits do), or _NO_MIDPOINT.
+# the bucket's 2**_BELOW float32 magnitudes (which compare as their bits do), or
+# _NO_MIDPOINT.
 _LOW_EXPONENT = 127 - 24
 _MANTISSA_BITS = 7
 _BUCKETS = i32(25 << _MANTISSA_BITS)  # per sign
@@ -242,7 +242,8 @@ SIGNED_MAP, UNSIGNED_MAP = dynamic_map(True), dynamic_map(False)
 
 def dynamic_encode(x, buckets):
     """The code of the map value nearest to the float32 ``x`` (at most 1 in magnitude;
-    larger magnitudes, and NaN, get 1's), ties toward zero, through the map's table of
+    larger magnitudes, and NaN, get the code nearest to 1 of their sign, which the NaN
+    absmax of their block makes a NaN anyway), ties toward zero, through the map's table of
     ``buckets`` (which the drivers hold as a constant: see ``QUANTIZED``). In int32
     throughout (Numba widens integer arithmetic to 64 bits, which takes half as many
     elements per vector instruction: 8-bit Adam took 1.1x as long)."""

@@ -487,6 +487,9 @@ def test_adafactor_refuses_16_bit_state():
     for state_dtype in ("bfloat16", "int8"):
         with pytest.raises(ValueError, match="Adafactor keeps its state in float32 only"):
             fastopt.Adafactor([np.zeros((4, 3), bf16)], state_dtype=state_dtype)
+    with pytest.raises(ValueError, match="Adafactor does not round stochastically yet"):
+        fastopt.Adafactor([np.zeros((4, 3), bf16)], master_weights=None,
+                          stochastic_rounding=True)
 
 
 @pytest.mark.parametrize("master_weights", ["float32", "remainder"])

@@ -128,7 +128,8 @@ def test_the_state_dict_keeps_codes_under_names_torch_optim_refuses():
     params, opt = _trained()
     saved = opt.state_dict()["state"]
     assert set(saved[0]) == {"step", "exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes",
-                             "exp_avg_sq_absmax"}
+                             "exp_avg_sq_absmax", "codes_strides"}
+    assert saved[0]["codes_strides"].tolist() == [100, 1]
     assert saved[0]["exp_avg_codes"].dtype == torch.uint8
     assert set(saved[1]) == {"step", "exp_avg", "exp_avg_sq"}  # small: float32 values
     theirs = torch.optim.AdamW(params, lr=1e-2)
@@ -223,10 +224,23 @@ def test_replaced_state_values_are_encoded_and_bad_codes_refused():
     before = [p.detach().clone() for p in params]
     saved = opt.state_dict()
     del saved["state"][0]["exp_avg_absmax"]
-    with pytest.raises(ValueError, match="'exp_avg' of uint8 .* come as '<name>_codes' with"):
+    for target in (ft.AdamW(params, lr=1e-2, state_dtype="int8"),
+                   ft.AdamW(params, lr=1e-2)):  # which would decode them
+        with pytest.raises(ValueError, match="'exp_avg_codes' of torch.uint8 .* with "
+                                             "'exp_avg_absmax' of None"):
+            target.load_state_dict(saved)
+    # Codes that went through torch.optim's load come back as floats: refused.
+    theirs = torch.optim.AdamW(params, lr=1e-2)
+    theirs.load_state_dict(opt.state_dict())
+    cast = theirs.state_dict()
+    assert cast["state"][0]["exp_avg_codes"].dtype == torch.float32
+    for target in (ft.AdamW(params, lr=1e-2, state_dtype="int8"), ft.AdamW(params, lr=1e-2)):
+        with pytest.raises(ValueError, match="codes are uint8 .*a torch.optim load casts"):
+            target.load_state_dict(cast)
+    saved = opt.state_dict()
+    saved["state"][0]["codes_strides"] = torch.tensor([1, 1])
+    with pytest.raises(ValueError, match="no dense layout"):
         ft.AdamW(params, lr=1e-2, state_dtype="int8").load_state_dict(saved)
-    with pytest.raises(ValueError, match="'exp_avg_codes' without 'exp_avg_absmax'"):
-        ft.AdamW(params, lr=1e-2).load_state_dict(saved)  # which would decode them
     opt.state[big]["exp_avg"] = torch.zeros(5, 5)
     with pytest.raises(ValueError, match="needs shape"):
         opt.step()
@@ -302,3 +316,60 @@ def test_a_deep_copy_steps_on_with_its_own_8_bit_state():
         assert torch.equal(opt.state[p]["exp_avg"], twin.state[q]["exp_avg"])
     assert twin.state[twin_params[0]]["exp_avg"].data_ptr() != \
         opt.state[params[0]]["exp_avg"].data_ptr()
+
+
+def test_codes_copied_into_another_layout_still_meet_their_scales():
+    """A transposed parameter's codes run through its memory order; saved contiguous (as
+    safetensors saves them), they load as they were kept, by the saved strides."""
+    shapes = [(64, 96), *SHAPES[1:]]
+    params = [torch.nn.Parameter(0.1 * torch.randn(96, 64).t())] + _params()[1:]
+    opt = ft.Adam(params, lr=1e-2, state_dtype="int8")
+    for grads in _grads(shapes, 2):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+    decoded = opt.decoded_state_dict()["state"][0]["exp_avg"].clone()
+    saved = opt.state_dict()
+    for state in saved["state"].values():
+        for key, value in state.items():
+            state[key] = value.contiguous()
+    assert saved["state"][0]["exp_avg_codes"].is_contiguous()
+    plain = ft.Adam([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-2)
+    plain.load_state_dict(copy.deepcopy(saved))  # decoded by the saved strides
+    assert torch.equal(plain.state[plain.param_groups[0]["params"][0]]["exp_avg"], decoded)
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    assert copies[0].stride() == params[0].stride() == (1, 64)
+    resumed = ft.Adam(copies, lr=1e-2, state_dtype="int8")
+    resumed.load_state_dict(saved)
+    for grads in _grads(shapes, 2, seed=3):
+        for p, q, g in zip(params, copies, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step(), resumed.step()
+    for p, q in zip(params, copies):
+        assert torch.equal(p, q)
+
+
+def test_caution_is_refused_with_8_bit_state_before_any_write():
+    params = _params()
+    opt = ft.AdamW(params, lr=1e-2, state_dtype="int8", caution=True)
+    for p, g in zip(params, _grads(SHAPES, 1)[0]):
+        p.grad = g
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match="caution=True takes two passes"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before)) and not opt.state
+
+
+def test_scales_are_float32_whatever_torchs_default_dtype():
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        params = [torch.nn.Parameter(p.detach().float()) for p in _params()]
+        opt = ft.Adam(params, lr=1e-2, state_dtype="int8")
+        for p, g in zip(params, _grads(SHAPES, 1)[0]):
+            p.grad = g.float()
+        opt.step()
+    finally:
+        torch.set_default_dtype(default)
+    assert opt.state[params[0]]["exp_avg_absmax"].dtype == torch.float32
+    assert opt.state[params[1]]["exp_avg"].dtype == torch.float32

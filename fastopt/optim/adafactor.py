@@ -88,7 +88,7 @@ class Adafactor(Optimizer):
     """
 
     spec = hp.Spec(
-        rule="adafactor", torch="Adafactor", moves=28, per_tensor=True, state_16_bit=False,
+        rule="adafactor", torch="Adafactor", moves=28, per_tensor=True, factored=True,
         passes=(hp.REDUCE, hp.REDUCE, hp.MAP_REDUCE, hp.MAP),
         # eps1**2 may be subnormal (torch's default eps1 is float32's epsilon, but a user's
         # 1e-20 gives 1e-40), and it floors the estimate the rule divides by.

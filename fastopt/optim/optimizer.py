@@ -14,8 +14,8 @@ from ..flat import ViewList, flatten
 from ..kernels import Pass, rules
 from ..kernels._template import state_names
 from ..kernels.codecs import BLOCK
-from ..precision import (MIN_QUANTIZED_SIZE, NOTHING_TO_ROUND, Storage, check_grad_dtype,
-                         quantize)
+from ..precision import (MIN_QUANTIZED_SIZE, NOTHING_TO_ROUND, TWO_PASSES, Storage,
+                         check_grad_dtype, quantize)
 from . import engine
 from .checks import check_flag, check_lr, positive_or_none
 from .snapshot import restore as restore_snapshot
@@ -286,8 +286,7 @@ class Optimizer:
                      for index, group in enumerate(self.param_groups)]
             if self._storage.quantized and not all(engine.single_pass(self, plan[3])
                                                    for plan in plans):
-                raise ValueError("caution=True takes two passes, which 8-bit state "
-                                 "(state_dtype='int8') does not step yet")
+                raise ValueError(TWO_PASSES)
             self._check_state(plans)
             inverse_scale = engine.inverse_loss_scale(grad_scale)
             if skip_nonfinite is None:

@@ -61,8 +61,10 @@ class Spec:
             flat buffer must come with shapes (``fastopt.adopt(flat, shapes)``).
         keeps_subnormals: whether the kernels must not flush subnormal numbers (the
             rule's result hangs on them).
-        state_16_bit: whether its state may be kept in 16 bits (``fastopt.precision``):
-            all but Adafactor's, whose factors move on the host, in float32.
+        factored: whether its state is factored, not laid out like the parameters
+            (Adafactor's): it stays float32 (the factors move on the host), and its
+            passes cannot round stochastically (the random bits are drawn on the
+            state's places, which a matrix's rows share).
         averages: the state buffers that are moving averages, which 8-bit state
             (``state_dtype="int8"``) may keep, each ``SIGNED`` or ``UNSIGNED``.
         moves: bytes per parameter that one step reads and writes, with ``bench``.
@@ -79,7 +81,7 @@ class Spec:
     passes: tuple = (MAP,)
     per_tensor: bool = False
     keeps_subnormals: bool = False
-    state_16_bit: bool = True
+    factored: bool = False
     averages: Mapping = field(default_factory=dict)
     moves: int = 0
     bench: Mapping = field(default_factory=dict)
