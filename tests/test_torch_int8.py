@@ -114,6 +114,17 @@ def test_the_torch_front_follows_bitsandbytes_adam8bit():
     assert (a - start).abs().mean().item() > 1e-4  # both moved by far more
 
 
+def _step_side_by_side(first, second, ours, theirs, shapes, seed):
+    """Two steps of ``first`` over ``ours`` and of ``second`` over ``theirs`` with the
+    same gradients, after which the parameters must be equal."""
+    for grads in _grads(shapes, 2, seed=seed):
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        first.step(), second.step()
+    for p, q in zip(ours, theirs):
+        assert torch.equal(p, q)
+
+
 def _trained(steps=3, **options):
     params = _params()
     opt = ft.AdamW(params, lr=1e-2, state_dtype="int8", **options)
@@ -197,12 +208,8 @@ def test_a_fastopt_state_dict_resumes_bitwise_in_int8_and_decoded_in_float32():
     big = plain.param_groups[0]["params"][0]
     np.testing.assert_array_equal(plain.state[big]["exp_avg"].numpy(),
                                   opt.decoded_state_dict()["state"][0]["exp_avg"].numpy())
-    for grads in _grads(SHAPES, 2, seed=5):
-        for p, q, g in zip(params, copies, grads):
-            p.grad, q.grad = g.clone(), g.clone()
-        opt.step(), resumed.step()
+    _step_side_by_side(opt, resumed, params, copies, SHAPES, seed=5)
     for p, q in zip(params, copies):
-        assert torch.equal(p, q)
         for name in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(opt.state[p][name], resumed.state[q][name])
 
@@ -341,12 +348,7 @@ def test_codes_copied_into_another_layout_still_meet_their_scales():
     assert copies[0].stride() == params[0].stride() == (1, 64)
     resumed = ft.Adam(copies, lr=1e-2, state_dtype="int8")
     resumed.load_state_dict(saved)
-    for grads in _grads(shapes, 2, seed=3):
-        for p, q, g in zip(params, copies, grads):
-            p.grad, q.grad = g.clone(), g.clone()
-        opt.step(), resumed.step()
-    for p, q in zip(params, copies):
-        assert torch.equal(p, q)
+    _step_side_by_side(opt, resumed, params, copies, shapes, seed=3)
 
 
 def test_caution_is_refused_with_8_bit_state_before_any_write():
