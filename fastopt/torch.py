@@ -932,9 +932,10 @@ class _Store:
                     continue
                 if view.dtype == torch.uint8:  # codes: those of one block of the value
                     codes, absmax = precision.quantize([spec[name]], self.quantized[name])
+                    scales = self.view(name + ABSMAX, p)
                     view.fill_(int(codes[0]))
-                    self.view(name + ABSMAX, p).fill_(float(absmax[0]))
-                    dict.update(slot.state, {name: view, name + ABSMAX: self.view(name + ABSMAX, p)})
+                    scales.fill_(float(absmax[0]))
+                    dict.update(slot.state, {name: view, name + ABSMAX: scales})
                 else:
                     view.fill_(spec[name])
                     dict.__setitem__(slot.state, name, view)

@@ -139,11 +139,12 @@ def _block_chunk(taken, quantized, writes, bits, body, stochastic):
     each row ``(segment, offset, size, small)`` a block of ``size`` elements from
     ``offset`` of a segment: of the tensors at the addresses ``p[segment]``,
     ``g[segment]`` (and ``w[segment]``; 16-bit ones, in ``bits``, as their bits), and of
-    the state from ``state_starts[segment]`` (as in a segment pass). A block with ``small >= 0`` belongs to a tensor too small to quantize,
-    whose state is float32 at ``<name>_small[small:]``; the others are decoded into
-    ``<name>_old``, stepped into ``<name>_new``, then their new absmax
-    (``<name>_absmax[b]``) is found, and their codes written from it: one read and one
-    write of their bytes, each loop over a block vectorised."""
+    the state from ``state_starts[segment]`` (as in a segment pass). A block with
+    ``small >= 0`` belongs to a tensor too small to quantize, whose state is float32 at
+    ``<name>_small[small:]``; the others are decoded into ``<name>_old``, stepped into
+    ``<name>_new``, then their new absmax (``<name>_absmax[b]``) is found, and their
+    codes written from it: one read and one write of their bytes, each loop over a
+    block vectorised."""
     arguments = (f"({', '.join(taken)}, blocks, state_starts"
                  + "".join(f", {n}_absmax, {n}_small" for n in quantized)
                  + ", first_block, last_block, prepared, named"

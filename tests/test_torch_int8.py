@@ -46,8 +46,9 @@ def _decode64(codes, absmax, fmt):
 def test_the_torch_front_steps_8_bit_state_bitwise_as_the_numpy_api(name, kwargs):
     params = _params()
     opt = getattr(ft, name)(params, **kwargs, state_dtype="int8")
-    twin = getattr(fastopt, name)({f"p{i}": p.detach().numpy().copy() for i, p in enumerate(params)},
-                                  **kwargs, state_dtype="int8")
+    twin = getattr(fastopt, name)(
+        {f"p{i}": p.detach().numpy().copy() for i, p in enumerate(params)}, **kwargs,
+        state_dtype="int8")
     for grads in _grads(SHAPES, 4):
         for p, g in zip(params, grads):
             p.grad = g.clone()
