@@ -67,7 +67,16 @@ torch.amp.GradScaler. ``torch.compile`` leaves the step to run eagerly (a graph 
 
 Differences from torch.optim: ``foreach`` and ``fused`` are accepted and ignored (every
 step is fused); ``capturable`` and ``differentiable`` must stay False; ``lr`` must be a
-number (use a torch.optim.lr_scheduler); FSDP2's DTensor parameters are refused for now.
+number (use a torch.optim.lr_scheduler).
+
+**DTensor parameters** (FSDP2's ``fully_shard``, tensor parallelism): each rank steps
+its local shard of every parameter in place, and the state is DTensors sharded as the
+parameters, whose local tensors are this rank's parts of the stores (so that
+``torch.distributed.checkpoint`` saves and reshards it). The gradient norm of
+``clip_grad_norm`` and ``skip_nonfinite`` is summed over the ranks that hold the
+shards: each rank's part in float64, gathered and added exactly, the same on every rank.
+Algorithms that need each whole tensor (LAMB, LARS, Adafactor, SWATS, ``caution``) and
+8-bit state are refused for DTensors, for now.
 """
 
 import collections
@@ -86,7 +95,7 @@ from .kernels.codecs import BLOCK
 from .optim import engine
 from .optim.optimizer import Optimizer as _Flat
 from .optim.optimizer import _snapshot, check_flag
-from .optim.spec import ALGORITHMS, define_init
+from .optim.spec import ALGORITHMS, MAP, define_init
 
 __all__ = list(ALGORITHMS)  # one class per algorithm of the registry, built at the end
 
@@ -211,6 +220,10 @@ class Optimizer(torch.optim.Optimizer):
             _check_parameter(p, label)
         for dtype in {p.dtype for p in group["params"]}:  # the options, for each dtype
             self._storage_of(dtype)
+        if group.get("caution") and any(_is_dtensor(p) for p in group["params"]):
+            raise ValueError(f"caution=True in param_groups[{index}] needs each tensor's "
+                             "whole mask; fastopt.torch does not yet reduce it across the "
+                             "ranks that hold the shards of DTensor parameters")
         if callable(group["lr"]):
             raise TypeError(f"param_groups[{index}]['lr'] must be a number: schedule it with "
                             "a torch.optim.lr_scheduler")
@@ -218,6 +231,21 @@ class Optimizer(torch.optim.Optimizer):
             self.algorithm.spec.validate(_hyperparameters(group))
         except (TypeError, ValueError) as error:
             raise type(error)(f"{error} (in param_groups[{index}])") from None
+
+    def _check_sharded(self, name, dtype):
+        """Refuse what fastopt.torch cannot yet step on this rank's shards of DTensor
+        parameters (``name``, of ``dtype``, is the first): the algorithms whose step needs
+        each whole tensor (norms, factors, a switch test), and 8-bit state."""
+        if self.algorithm.spec.passes != (MAP,):
+            elementwise = [n for n, a in ALGORITHMS.items() if a.spec.passes == (MAP,)]
+            raise TypeError(f"{name} is a DTensor (a shard of FSDP2 or tensor parallelism), "
+                            f"and {type(self).__name__} needs whole tensors, which "
+                            "fastopt.torch does not yet reduce across ranks; it steps "
+                            f"DTensors with {', '.join(elementwise)}")
+        if self._storage_of(dtype).quantized:
+            raise TypeError(f"{name} is a DTensor (a shard of FSDP2 or tensor parallelism): "
+                            "fastopt.torch does not yet keep 8-bit state (state_dtype='int8') "
+                            "for shards")
 
     def _name(self, p):
         return next(label for index, group in enumerate(self.param_groups)
@@ -235,16 +263,18 @@ class Optimizer(torch.optim.Optimizer):
             _check_parameter(p, name)
         kinds = {}
         for p in names:
-            kinds.setdefault((p.device, p.dtype), []).append(p)
-        for device, dtype in kinds:
+            kinds.setdefault((p.device, p.dtype, _reduction(p)), []).append(p)
+        for device, dtype, reduction in kinds:
+            first = names[kinds[device, dtype, reduction][0]]
             if device.type != "cpu" and self._storage_of(dtype).quantized:
                 raise TypeError(f"fastopt.torch keeps 8-bit state (state_dtype='int8') on "
-                                f"the CPU only, for now; {names[kinds[device, dtype][0]]} is "
-                                f"on {device}")
+                                f"the CPU only, for now; {first} is on {device}")
+            if reduction is not None:
+                self._check_sharded(first, dtype)
         stores = [_Store(self.algorithm, members, device.type == "cpu" and (
                       not _shaped(self.algorithm) or all(p.is_contiguous() for p in members)),
-                         self._storage_of(dtype), ordinal)
-                  for ordinal, ((device, dtype), members) in enumerate(kinds.items())]
+                         self._storage_of(dtype), ordinal, reduction)
+                  for ordinal, ((device, dtype, reduction), members) in enumerate(kinds.items())]
         # The master weights of a parameter no longer 16-bit (model.float()) are dropped.
         dropped = [(store, p) for store in stores for p in store.slots
                    if MASTER in self.state.get(p, {}) and not store.master]
@@ -254,7 +284,7 @@ class Optimizer(torch.optim.Optimizer):
                  and (name != MASTER or store.master)]
         views = [store.view(name, p) for store, p, name, _ in moves]
         for (store, p, name, value), view in zip(moves, views):
-            _check_state(names[p], name, value, view, _castable(store, name, p))
+            _check_state(names[p], name, value, view, _castable(store, name, p), like=p)
         for _, p in dropped:
             del self.state[p][MASTER]
         for store, p, name, value in moves:
@@ -293,7 +323,7 @@ class Optimizer(torch.optim.Optimizer):
         for run in runs:
             run.take_gradients()
         coefficient = engine.clip_or_skip(self, skip_nonfinite, inverse_scale,
-                                          lambda: sum(run.sum_squares() for run in runs))
+                                          lambda: self._sum_squares(runs))
         if coefficient is None:
             return loss
         for hyper, group_runs in plans:
@@ -302,6 +332,22 @@ class Optimizer(torch.optim.Optimizer):
             for run in group_runs:
                 self._apply(hyper, run, prep)
         return loss
+
+    def _sum_squares(self, runs):
+        """The gradients' sum of squares, over every rank's shards of DTensor parameters
+        (a tensor that is not a DTensor counts as a whole on each rank). Each rank's part
+        is summed in float64 and the parts are gathered and added exactly (``fsum``), so
+        every rank gets the same number, and takes the same decision to skip."""
+        parts = collections.defaultdict(list)
+        for run in runs:
+            parts[run.store.reduction].append(run.sum_squares())
+        total = math.fsum(parts.pop(None, ()))
+        # Every rank joins the same collectives in the same order, with or without
+        # gradients: it has the same stores.
+        for reduction in dict.fromkeys(store.reduction for store in self._stores):
+            if reduction is not None:
+                total += _over_ranks(reduction, math.fsum(parts.get(reduction, ())))
+        return total
 
     def _moved(self):
         """Whether a parameter came or went, or its storage or shape changed, since the
@@ -313,7 +359,10 @@ class Optimizer(torch.optim.Optimizer):
             if len(params) != len(slots):
                 return True
             for p, (q, _, slot) in zip(params, slots):
-                if p is not q or p.data_ptr() != slot.address or p.shape != slot.shape:
+                if p is not q:
+                    return True
+                local = p.to_local() if slot.sharded else p
+                if local.data_ptr() != slot.address or local.shape != slot.shape:
                     return True
         return False
 
@@ -349,6 +398,8 @@ class Optimizer(torch.optim.Optimizer):
             if grad is None:
                 run = None
                 continue
+            if slot.sharded:
+                grad = self._local_gradient(p, grad)
             state = slot.state
             if state is None:  # joins opt.state once it holds something, as in torch
                 state = slot.state = _ParamState()
@@ -364,6 +415,17 @@ class Optimizer(torch.optim.Optimizer):
         for run in runs:
             self._fold(index, hyper, run)
         return hyper, runs
+
+    def _local_gradient(self, p, grad):
+        """This rank's shard of the gradient of the DTensor ``p``, which must be sharded
+        as ``p`` is."""
+        if not _is_dtensor(grad) or grad.placements != p.placements or \
+                grad.device_mesh != p.device_mesh:
+            raise TypeError(f"the gradient of {self._name(p)} is "
+                            f"{getattr(grad, 'placements', 'not a DTensor')}, where the "
+                            f"parameter is a DTensor of {p.placements}: fastopt.torch steps "
+                            "each rank's shard with the same shard of the gradient")
+        return grad.to_local()
 
     def _fold(self, index, hyper, run):
         """The run's step number, host state, buffers and float32 scalars, refused where
@@ -385,7 +447,7 @@ class Optimizer(torch.optim.Optimizer):
                     if isinstance(value, torch.Tensor) and value is not slot.views.get(name)
                     and name not in _TORCH_SCALARS]
         for name, value, view in replaced:  # all checked before the first is copied
-            _check_state(self._name(p), name, value, view, _castable(store, name, p))
+            _check_state(self._name(p), name, value, view, _castable(store, name, p), like=p)
         for name, value, _ in replaced:
             dict.update(state, store.put(name, p, value))
         host = self.algorithm.spec.host  # the values of parameters not yet stepped
@@ -470,8 +532,12 @@ class Optimizer(torch.optim.Optimizer):
         tensors = {index: {name: value for name, value in state.items()
                            if isinstance(value, torch.Tensor) and name not in _TORCH_SCALARS}
                    for index, state in state_dict["state"].items()}
+        # Which parameter each saved one is, as torch pairs them: by their places in the
+        # groups (the ids are indices in a state_dict(), names in DCP's).
+        params = dict(zip((saved for group in state_dict["param_groups"]
+                           for saved in group["params"]),
+                          (p for group in self.param_groups for p in group["params"])))
         super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
         for index, values in scalars.items():
             for name, value in values.items():
                 self.state[params[index]][name] = int(value) if name == "step" else value
@@ -538,7 +604,8 @@ class Optimizer(torch.optim.Optimizer):
             p, name = where[saved]
             for key, value in state.items():
                 if isinstance(value, torch.Tensor) and key not in _TORCH_SCALARS:
-                    _check_state(name, key, value, self._state_shape(key, p), loading=True)
+                    _check_state(name, key, value, self._state_shape(key, p), loading=True,
+                                 like=p)
                     if value.dtype == torch.uint8 and not (
                             self._state_dtype_of(key, p) == torch.uint8 and key + ABSMAX in state):
                         raise ValueError(f"loaded state dict has {key!r} of uint8 for {name}: "
@@ -557,13 +624,15 @@ class Optimizer(torch.optim.Optimizer):
             raise ValueError(f"loaded state dict has {MASTER!r} of {value.dtype} "
                              f"{tuple(value.shape)} for {self._name(p)}, whose master weights "
                              f"are {_kept_dtype(storage, MASTER)} {tuple(p.shape)}")
-        value = value.detach().cpu().contiguous().numpy()
+        value = _local(value).detach().cpu().contiguous().numpy()  # sharded as p: checked
         if remainder:
             low = (value.view(np.uint32) & 0xFFFF).astype(precision.REMAINDER_DTYPE)
-            return torch.from_numpy(low.view(np.int16))
-        bits = p.detach().cpu().contiguous().view(torch.int16).numpy()
-        return torch.from_numpy(precision.rebuild_master(bits.view(precision.codecs.BITS),
-                                                         value.view(precision.REMAINDER_DTYPE)))
+            master = torch.from_numpy(low.view(np.int16))
+        else:
+            bits = _local(p).detach().cpu().contiguous().view(torch.int16).numpy()
+            master = torch.from_numpy(precision.rebuild_master(
+                bits.view(precision.codecs.BITS), value.view(precision.REMAINDER_DTYPE)))
+        return _like(p, master)
 
     def _state_dtype_of(self, name, p):
         """The torch dtype in which the state tensor ``name`` of ``p`` is kept."""
@@ -649,9 +718,13 @@ class _State(collections.defaultdict):
 
 
 def _check_parameter(p, name):
+    """Refuse a parameter that fastopt.torch cannot step (of a DTensor, the local shard
+    that this rank steps)."""
     if _is_dtensor(p):
-        raise TypeError(f"{name} is a DTensor (a sharded parameter of FSDP2 or tensor "
-                        "parallelism); fastopt.torch steps plain tensors only, for now")
+        if any(placement.is_partial() for placement in p.placements):
+            raise TypeError(f"{name} is a DTensor of {p.placements}, which holds partial "
+                            "sums; fastopt.torch steps sharded and replicated DTensors")
+        p = p.to_local()
     if p.dtype not in _DTYPES:
         raise TypeError(f"{name} has dtype {p.dtype}; fastopt steps float32, bfloat16 and "
                         "float16 parameters")
@@ -670,6 +743,42 @@ def _check_parameter(p, name):
 
 def _is_dtensor(p):
     return any(cls.__name__ == "DTensor" for cls in type(p).__mro__)
+
+
+def _local(t):
+    """The tensor that this rank steps: a DTensor's local shard, or ``t``."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _like(p, local):
+    """``local`` as this rank's part of a DTensor sharded as ``p`` is (a view of the same
+    memory), where ``p`` is a DTensor; else ``local``."""
+    if not _is_dtensor(p):
+        return local
+    return type(p).from_local(local, p.device_mesh, p.placements, run_check=False,
+                              shape=p.shape, stride=p.stride())
+
+
+def _reduction(p):
+    """Where a sum over the DTensor ``p`` is gathered: its mesh and the mesh dimensions
+    across which it is sharded (none where it is replicated); None for a plain tensor."""
+    if not _is_dtensor(p):
+        return None
+    return p.device_mesh, tuple(d for d, placement in enumerate(p.placements)
+                                if placement.is_shard())
+
+
+def _over_ranks(reduction, part):
+    """The sum of ``part`` over the ranks of ``reduction`` (see :func:`_reduction`):
+    gathered and added exactly, in every rank, so that every rank gets the same float."""
+    mesh, dims = reduction
+    for dim in dims:
+        group = mesh.get_group(dim)
+        mine = torch.tensor([part], dtype=torch.float64, device=mesh.device_type)
+        parts = [torch.empty_like(mine) for _ in range(group.size())]
+        torch.distributed.all_gather(parts, mine, group=group)
+        part = math.fsum(torch.cat(parts).tolist())
+    return part
 
 
 def _is_dense(t):
@@ -731,10 +840,11 @@ def _decoded(codes, absmax, fmt):
     return torch.from_numpy(values).as_strided(codes.shape, codes.stride())
 
 
-def _check_state(param, name, value, expected, castable=(), loading=False):
+def _check_state(param, name, value, expected, castable=(), loading=False, like=None):
     """Refuse a state tensor that does not fit: ``expected`` is the shape the store keeps
     (or a view of that shape and dtype), None where the parameter has no such state. A
-    state tensor of a ``castable`` dtype (``torch.zeros_like(p)``) is taken, cast."""
+    state tensor of a ``castable`` dtype (``torch.zeros_like(p)``) is taken, cast. The
+    state of a DTensor parameter ``like`` is a DTensor sharded as it is, and only it."""
     shape = getattr(expected, "shape", expected)
     what = "loaded state dict has" if loading else "state has"
     if shape is None:
@@ -742,6 +852,13 @@ def _check_state(param, name, value, expected, castable=(), loading=False):
     if value.shape != shape:
         raise ValueError(f"{what} {name!r} of shape {tuple(value.shape)} for {param}, which "
                          f"needs shape {tuple(shape)}")
+    if like is not None and (_is_dtensor(value) or _is_dtensor(like)):
+        sharding = [getattr(t, "placements", "not a DTensor") for t in (value, like)]
+        if sharding[0] != sharding[1] or getattr(value, "device_mesh", None) != getattr(
+                like, "device_mesh", None):
+            raise TypeError(f"{what} {name!r} of {sharding[0]} for {param}, which is "
+                            f"{sharding[1]}: the state of a DTensor is a DTensor on its mesh, "
+                            "sharded as it is (torch.zeros_like(p))")
     dtype = getattr(expected, "dtype", None)
     if not loading and dtype is not None and value.dtype not in (dtype, *castable):
         raise TypeError(f"state {name!r} of {param} has dtype {value.dtype}; fastopt keeps "
@@ -753,9 +870,11 @@ class _Slot:
     ``opt.state[p]`` holds, and the parameter's signature when the store was built."""
 
     def __init__(self, p, index, start):
+        self.sharded = _is_dtensor(p)
+        self.local = _local(p)  # what the kernels step: this rank's shard of a DTensor
         self.index = index  # in the store
-        self.start, self.stop = start, start + p.numel()
-        self.address, self.shape = p.data_ptr(), p.shape
+        self.start, self.stop = start, start + self.local.numel()
+        self.address, self.shape = self.local.data_ptr(), self.local.shape
         self.views = {}
         self.grad = None  # a weak reference to the last gradient checked
         self.state = None  # the parameter's dict, in opt.state once it is not empty
@@ -811,20 +930,22 @@ class _Store:
     ``engine.state_layout``); in place, a part of the parameter's shape lies as the
     parameter does, so that the kernels walk both in memory order."""
 
-    def __init__(self, algorithm, params, in_place, storage, ordinal=0):
+    def __init__(self, algorithm, params, in_place, storage, ordinal=0, reduction=None):
         self.algorithm = algorithm
         self.ordinal = ordinal  # among the optimizer's stores: its stream of random bits
+        self.reduction = reduction  # where its parameters are DTensors: see _reduction
         self.device = params[0].device
         # The formats of its buffers (its parameters share a dtype), and whether it keeps
         # master weights (in the state buffer MASTER).
         self.storage, self.master = storage, storage.master
-        self.itemsize = params[0].element_size()
         self.slots, start = {}, 0
         for index, p in enumerate(params):
             self.slots[p] = slot = _Slot(p, index, start)
             start = slot.stop
         self.size = start
-        self.shapes = [tuple(p.shape) for p in params]
+        locals_ = [slot.local for slot in self.slots.values()]
+        self.itemsize = locals_[0].element_size()
+        self.shapes = [tuple(t.shape) for t in locals_]
         self.names = []  # the state buffers made so far, in order
         self.in_place = in_place
         self.shaped = _shaped(algorithm)
@@ -832,14 +953,14 @@ class _Store:
         # companions that hold their scales: "<name>_absmax" -> name.
         self.quantized = storage.quantized
         self.scales = {name + ABSMAX: name for name in self.quantized}
-        self._blocks = _Blocks(params) if self.quantized else None
+        self._blocks = _Blocks(locals_) if self.quantized else None
         self._flat, self._layouts, self._tables, self._caches = {}, {}, {}, {}
         if in_place:
             self.backend = HostBackend()
         else:
             self.backend = HostBackend() if self.device.type == "cpu" else CudaBackend()
-            self.scratch_params = torch.zeros(start, dtype=params[0].dtype, device=self.device)
-            self.scratch_grads = torch.zeros(start, dtype=params[0].dtype, device=self.device)
+            self.scratch_params = torch.zeros(start, dtype=locals_[0].dtype, device=self.device)
+            self.scratch_grads = torch.zeros(start, dtype=locals_[0].dtype, device=self.device)
 
     def layout(self, name):
         """``engine.state_layout`` of the state buffer ``name`` over the store (the
@@ -869,7 +990,8 @@ class _Store:
         step ``p`` in place, in logical order otherwise; None where ``p`` has no such
         state (Adafactor's factors of a vector). An 8-bit buffer's is ``p``'s codes,
         or, where ``p`` is too small to quantize, its float32 state; ``<name>_absmax``
-        the scales of ``p``'s blocks (None where it is small)."""
+        the scales of ``p``'s blocks (None where it is small). A DTensor's is a DTensor
+        sharded as it is, whose local tensor is this rank's part."""
         slot = self.slots[p]
         if name == MASTER and not self.master:
             return None
@@ -879,15 +1001,16 @@ class _Store:
             return slot.views[name]
         if name not in slot.views:
             flat, start = self.flat(name), int(self.layout(name)[0][slot.index])
-            shape = tuple(p.shape) if name == MASTER else self.algorithm.state_shape(
-                name, tuple(p.shape))
+            local = slot.local
+            shape = tuple(local.shape) if name == MASTER else self.algorithm.state_shape(
+                name, tuple(local.shape))
             if shape is None:
                 view = None
-            elif self.in_place and shape == tuple(p.shape):
-                view = flat.as_strided(p.shape, p.stride(), start)
+            elif self.in_place and shape == tuple(local.shape):
+                view = flat.as_strided(local.shape, local.stride(), start)
             else:
                 view = flat[start:start + math.prod(shape)].view(shape)
-            slot.views[name] = view
+            slot.views[name] = view if view is None else _like(p, view)
         return slot.views[name]
 
     def _quantized_view(self, name, p):
@@ -908,7 +1031,7 @@ class _Store:
         kernels encode them (``precision.quantize``), which sets their scales too."""
         view = self.view(name, p)
         if name not in self.quantized or view.dtype != torch.uint8:
-            view.copy_(value)
+            _local(view).copy_(_local(value))  # a DTensor's sharded as p's: see _check_state
             return [(name, view)]
         scales = self.view(name + ABSMAX, p)
         if value.is_floating_point():
@@ -937,15 +1060,15 @@ class _Store:
                     scales.fill_(float(absmax[0]))
                     dict.update(slot.state, {name: view, name + ABSMAX: scales})
                 else:
-                    view.fill_(spec[name])
+                    _local(view).fill_(spec[name])
                     dict.__setitem__(slot.state, name, view)
         for p, slot in zip(run.params, run.slots) if self.master else ():
             if MASTER not in slot.state:
                 view = self.view(MASTER, p)
                 if self.storage.remainder:  # p is its master exactly
-                    view.zero_()
+                    _local(view).zero_()
                 else:
-                    view.copy_(p)
+                    _local(view).copy_(slot.local)
                 dict.__setitem__(slot.state, MASTER, view)
 
     def table(self, run):
@@ -954,7 +1077,7 @@ class _Store:
         parameters' addresses where they are stepped in place."""
         key = (run.start, run.stop)
         if key not in self._tables:
-            sizes = [p.numel() for p in run.params]
+            sizes = [slot.stop - slot.start for slot in run.slots]
             table = self.backend.segments(sizes, [slot.start for slot in run.slots])
             table.params = np.array([slot.address for slot in run.slots], np.int64)
             table.starts = np.array([slot.start for slot in run.slots], np.int64)
@@ -977,8 +1100,8 @@ class _Store:
     def update(self, algorithm, hyper, step, spec, prep, h, run, host):
         """Step ``run``'s parameters; returns the host state after the step."""
         if not self.in_place:
-            for p, slot in zip(run.params, run.slots):
-                self.scratch_params[slot.start:slot.stop].view(p.shape).copy_(p)
+            for slot in run.slots:
+                self.scratch_params[slot.start:slot.stop].view(slot.shape).copy_(slot.local)
         # share_memory_() of a state view moves the whole buffer: look it up each step.
         state = {name: _array(self._flat[name]) for name in spec}
         master = _array(self._flat[MASTER]) if self.master else None
@@ -1001,8 +1124,8 @@ class _Store:
         else:
             host = algorithm.update(work, hyper, step, h, host)
         if not self.in_place:
-            for p, slot in zip(run.params, run.slots):
-                p.copy_(self.scratch_params[slot.start:slot.stop].view(p.shape))
+            for slot in run.slots:
+                slot.local.copy_(self.scratch_params[slot.start:slot.stop].view(slot.shape))
         return host
 
 
@@ -1038,18 +1161,18 @@ class _Run:
         parameter's layout, copied where it is not), or a copy in the scratch buffer."""
         store = self.store
         if not store.in_place:
-            for p, slot, grad in zip(self.params, self.slots, self.grads):
+            for slot, grad in zip(self.slots, self.grads):
                 _check_gradient(grad)
-                store.scratch_grads[slot.start:slot.stop].view(p.shape).copy_(grad)
+                store.scratch_grads[slot.start:slot.stop].view(slot.shape).copy_(grad)
             return
         grads = self.grads
-        for i, (p, slot, grad) in enumerate(zip(self.params, self.slots, grads)):
+        for i, (slot, grad) in enumerate(zip(self.slots, grads)):
             if slot.grad is None or slot.grad() is not grad:  # not checked yet
                 _check_gradient(grad)
-                if grad.stride() == p.stride():
+                if grad.stride() == slot.local.stride():
                     slot.grad = weakref.ref(grad)
                 else:  # a copy in the parameter's layout, for this step (kept in grads)
-                    grads[i] = torch.empty_like(p).copy_(grad)
+                    grads[i] = torch.empty_like(slot.local).copy_(grad)
         self.gradients = np.array([g.data_ptr() for g in grads], np.int64)
 
     def sum_squares(self):

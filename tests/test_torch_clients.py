@@ -2,7 +2,7 @@
 with torch.optim in the same arrangement: Hogwild workers on a shared model,
 ``share_memory()`` after the optimizer is built, ``state_dict()`` put on a spawn-context
 Queue, ZeroRedundancyOptimizer (with and without bucket views) under DDP, FSDP1 with
-``use_orig_params=True``, a Parameter in two optimizers, and FSDP2's DTensors (refused).
+``use_orig_params=True``, and a Parameter in two optimizers (FSDP2 has test_torch_fsdp.py).
 
 Everything that could crash the interpreter or hang in a collective runs in child
 processes with a deadline, so a segfault or a hang fails one test instead of killing
@@ -495,51 +495,3 @@ def test_a_parameter_in_two_optimizers_steps_as_in_torch(name, kwargs, together)
     their_losses, theirs = shared_trunk("torch", name, kwargs, together)
     np.testing.assert_allclose(our_losses, their_losses, rtol=RTOL, atol=ATOL)
     assert_close(ours, theirs)
-
-
-# -- 7. FSDP2: DTensor parameters are refused, clearly, at construction -------------------
-
-def fsdp2_rank(rank, world, rendezvous):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    _init_gloo(rank, world, rendezvous)
-    try:
-        mesh = init_device_mesh("cpu", (world,))
-        model = tiny_model()
-        fully_shard(model, mesh=mesh)
-        kinds = [type(p).__name__ for p in model.parameters()]
-        errors = {}
-        for how in ("parameters", "named_parameters"):
-            params = getattr(model, how)()
-            try:
-                ft.Adam(params, lr=0.01)
-            except Exception as error:  # what, and whether it came from the constructor
-                errors[how] = (type(error).__name__, str(error))
-            else:
-                errors[how] = None
-        torch.optim.Adam(model.parameters(), lr=0.01)  # torch takes them
-        return kinds, errors
-    finally:
-        dist.destroy_process_group()
-
-
-@needs_gloo
-def test_fsdp2_dtensor_parameters_are_refused_at_construction_naming_the_parameter(tmp_path):
-    for kinds, errors in run_ranks(fsdp2_rank, (), tmp_path):
-        assert kinds == ["DTensor"] * 4
-        kind, message = errors["parameters"] or (None, "constructed without an error")
-        assert kind == "TypeError", message
-        assert "DTensor" in message
-        assert "param_groups[0]['params'][0]" in message
-
-
-@needs_gloo
-def test_fsdp2_dtensor_refusal_uses_the_parameter_names_it_is_given(tmp_path):
-    """torch.optim takes ``model.named_parameters()`` and keeps the names in each group's
-    ``param_names``: an error about a parameter then names it as the model does."""
-    for kinds, errors in run_ranks(fsdp2_rank, (), tmp_path):
-        kind, message = errors["named_parameters"] or (None, "constructed without an error")
-        assert kind == "TypeError", message
-        assert "DTensor" in message
-        assert "0.weight" in message, message

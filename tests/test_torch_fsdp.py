@@ -1,0 +1,331 @@
+"""fastopt.torch on FSDP2: the DTensor parameters of a ``fully_shard``ed model, each rank
+stepping its shards in place, on gloo with 2-4 forked ranks (the harness of
+test_torch_clients: every rank a child process with a deadline).
+
+The references are code nobody here wrote for these runs: torch.optim in the same FSDP2
+arrangement, torch.nn.utils.clip_grad_norm_, and fastopt in one process on the whole
+model, which FSDP2 on two ranks that all see the same batch must equal bit for bit (its
+gradients are then the one process's: the average of two equal floats is exact).
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import fastopt.torch as ft  # noqa: E402
+from test_torch_clients import (_init_gloo, assert_close, assert_moved, batch,  # noqa: E402
+                                needs_gloo, run_ranks, tiny_model, warm)
+
+pytestmark = needs_gloo
+
+STEPS = 8
+# Every algorithm that steps element by element, with options that reach its state.
+ELEMENTWISE = [
+    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    ("Adagrad", dict(lr=0.05, lr_decay=0.01)),
+    ("RMSprop", dict(lr=0.01, momentum=0.5, centered=True)),
+    ("Adadelta", dict(lr=0.5)),
+    ("Adam", dict(lr=0.01, amsgrad=True)),
+    ("AdamW", dict(lr=0.01, weight_decay=0.1)),
+    ("Adamax", dict(lr=0.01)),
+    ("NAdam", dict(lr=0.01)),
+    ("RAdam", dict(lr=0.01)),
+    ("Rprop", dict(lr=0.01)),
+    ("ASGD", dict(lr=0.01, t0=3)),
+    ("Lion", dict(lr=0.001)),
+    ("Adan", dict(lr=0.01)),
+]
+
+
+def sharded_model(world, dtype=torch.float32, seed=0):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = tiny_model(seed).to(dtype)
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    return model
+
+
+def full(tensors):
+    """The whole tensors of DTensors (a collective: every rank calls it)."""
+    return [t.detach().full_tensor().float().numpy() for t in tensors]
+
+
+def full_state(opt):
+    """The whole state tensors, as float32 (values) or int32 (a remainder's bits, which
+    gloo does not gather as int16)."""
+    return [{name: value.to(torch.float32 if value.is_floating_point() else torch.int32)
+             .full_tensor().numpy() for name, value in opt.state[p].items()
+             if hasattr(value, "full_tensor")} for p in opt.param_groups[0]["params"]]
+
+
+def plain_state(opt):
+    return [{name: value.to(torch.float32 if value.is_floating_point() else torch.int32)
+             .numpy() for name, value in opt.state[p].items()
+             if isinstance(value, torch.Tensor) and value.dim() > 0}
+            for p in opt.param_groups[0]["params"]]
+
+
+def train(model, opt, data, steps=STEPS, before_step=None):
+    losses = []
+    for t in range(steps):
+        opt.zero_grad()
+        x, y = data(t)
+        loss = ((model(x).float() - y) ** 2).mean()
+        loss.backward()
+        if before_step:
+            before_step(t)
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def same_batch(dtype=torch.float32):
+    """Every rank (and the one process) sees the whole batch of step t."""
+    return lambda t: tuple(v.to(dtype) if i == 0 else v for i, v in enumerate(batch(t)))
+
+
+def own_batch(rank, world):
+    """Each rank sees its part of the batch of step t (uneven for three ranks)."""
+    def data(t):
+        x, y = batch(t, rows=16)
+        return x.chunk(world)[rank], y.chunk(world)[rank]
+    return data
+
+
+# -- bitwise the one-process step ------------------------------------------------------
+
+CASES = [(name, kwargs, torch.float32) for name, kwargs in ELEMENTWISE] + [
+    ("AdamW", dict(lr=0.01, weight_decay=0.1), torch.bfloat16),  # float32 master weights
+    ("Adam", dict(lr=0.01, master_weights="remainder", state_dtype="bfloat16"),
+     torch.bfloat16),
+]
+
+
+def one_process(name, kwargs, dtype):
+    model = tiny_model().to(dtype)
+    opt = getattr(ft, name)(model.parameters(), **kwargs)
+    losses = train(model, opt, same_batch(dtype))
+    return losses, [p.detach().float().numpy() for p in model.parameters()], plain_state(opt)
+
+
+def fsdp2_same_batch_rank(rank, world, rendezvous, cases):
+    _init_gloo(rank, world, rendezvous)
+    results = []
+    for name, kwargs, dtype in cases:
+        model = sharded_model(world, dtype)
+        opt = getattr(ft, name)(model.parameters(), **kwargs)
+        losses = train(model, opt, same_batch(dtype))
+        results.append((losses, full(model.parameters()), full_state(opt),
+                        [type(v).__name__ for v in opt.state[next(model.parameters())].values()
+                         if isinstance(v, torch.Tensor) and v.dim() > 0]))
+    return results
+
+
+@pytest.mark.parametrize("part", [0, 1], ids=["first half", "second half"])
+def test_fsdp2_steps_every_elementwise_algorithm_bitwise_as_one_process(part, tmp_path):
+    cases = CASES[part::2]
+    for name, kwargs, dtype in cases:
+        warm(name, {k: v for k, v in kwargs.items()})
+    expected = [one_process(*case) for case in cases]
+    for rank, results in enumerate(run_ranks(fsdp2_same_batch_rank, (cases,), tmp_path)):
+        for (name, kwargs, dtype), (losses, params, state, kinds), (their_losses, their_params,
+                                                                   their_state) in zip(
+                cases, results, expected):
+            what = f"rank {rank}, {name} {kwargs} {dtype}"
+            assert kinds and set(kinds) == {"DTensor"}, what  # state sharded as the params
+            assert losses == their_losses, what
+            assert_moved([p.detach().float().numpy() for p in tiny_model().parameters()],
+                         params)
+            for mine, theirs in zip(params, their_params):
+                np.testing.assert_array_equal(mine, theirs, err_msg=what)
+            assert [sorted(s) for s in state] == [sorted(s) for s in their_state], what
+            for mine, theirs in zip(state, their_state):
+                for key in theirs:
+                    np.testing.assert_array_equal(mine[key], theirs[key], err_msg=f"{what} {key}")
+
+
+# -- torch.optim in the same FSDP2 run, with uneven and empty shards -------------------
+
+def fsdp2_vs_torch_rank(rank, world, rendezvous, name, kwargs, clip):
+    _init_gloo(rank, world, rendezvous)
+    results = {}
+    for impl in ("fastopt", "torch"):
+        model = sharded_model(world)
+        shards = [p.to_local().shape[0] for p in model.parameters()]
+        norms = []
+        if impl == "fastopt":
+            opt = getattr(ft, name)(model.parameters(), clip_grad_norm=clip, **kwargs)
+            before = None
+        else:
+            opt = getattr(torch.optim, name)(model.parameters(), foreach=False, **kwargs)
+
+            def before(t):
+                if clip is not None:
+                    norms.append(float(torch.nn.utils.clip_grad_norm_(
+                        model.parameters(), clip).full_tensor()))
+        losses = []
+        for t in range(STEPS):
+            losses += train(model, opt, lambda _: own_batch(rank, world)(t), steps=1,
+                            before_step=before)
+            if impl == "fastopt" and clip is not None:
+                norms.append(opt.last_grad_norm)
+        results[impl] = (losses, full(model.parameters()), norms, shards)
+    return results
+
+
+@pytest.mark.parametrize("world", [3, 4])
+@pytest.mark.parametrize("name, kwargs, clip", [("Adam", dict(lr=0.01), None),
+                                                ("SGD", dict(lr=0.05, momentum=0.9), 0.05)],
+                         ids=["Adam", "SGD-clipped"])
+def test_fsdp2_trains_as_torch_optim_with_uneven_and_empty_shards(name, kwargs, clip, world,
+                                                                  tmp_path):
+    """Each rank its own part of the batch. Clipping is fastopt's fused global norm against
+    torch's clip_grad_norm_ over the DTensor gradients: a norm of one rank's shards alone
+    would clip differently on every rank."""
+    warm(name, kwargs)
+    ranks = run_ranks(fsdp2_vs_torch_rank, (name, kwargs, clip), tmp_path, world=world)
+    if world == 4:  # the last rank holds no row of the (3, 8) weight and the bias of 3
+        assert ranks[-1]["fastopt"][3][2:] == [0, 0], ranks[-1]["fastopt"][3]
+    for rank, results in enumerate(ranks):
+        ours, theirs = results["fastopt"], results["torch"]
+        np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5, atol=1e-6)
+        assert_close(ours[1], theirs[1], rtol=1e-5, atol=1e-6, what=f"rank {rank}")
+        if clip is not None:
+            assert min(theirs[2]) > clip  # every step clipped
+            np.testing.assert_allclose(ours[2], theirs[2], rtol=1e-6)
+
+
+# -- a non-finite gradient on one rank skips the step on every rank --------------------
+
+def fsdp2_skip_rank(rank, world, rendezvous):
+    _init_gloo(rank, world, rendezvous)
+    model = sharded_model(world)
+    opt = ft.Adam(model.parameters(), lr=0.01, skip_nonfinite=True)
+    seen = []
+
+    def poison(t):
+        if t == 3 and rank == 1:
+            next(model.parameters()).grad.to_local()[0, 0] = math.inf
+        seen.append((full(model.parameters()), full_state(opt)))
+
+    train(model, opt, own_batch(rank, world), steps=5, before_step=poison)
+    return seen, (full(model.parameters()), full_state(opt)), opt.skipped_steps, \
+        opt.last_grad_norm
+
+
+def test_fsdp2_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    warm("Adam", dict(lr=0.01, skip_nonfinite=True))
+    for rank, (seen, end, skipped, norm) in enumerate(
+            run_ranks(fsdp2_skip_rank, (), tmp_path)):
+        assert skipped == 1, rank
+        before, after = seen[3], seen[4]  # the skipped step changed nothing
+        assert_close(after[0], before[0], rtol=0, atol=0, what=f"rank {rank}")
+        for mine, theirs in zip(after[1], before[1]):
+            for key in theirs:
+                np.testing.assert_array_equal(mine[key], theirs[key])
+        assert_moved(seen[4][0], end[0])  # and the next one stepped
+        assert math.isfinite(norm)
+
+
+# -- torch.distributed.checkpoint: save on two ranks, resume on three ------------------
+
+def fsdp2_checkpoint_rank(rank, world, rendezvous, directory, steps, load):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_state_dict,
+                                                         set_state_dict)
+
+    _init_gloo(rank, world, rendezvous)
+    model = sharded_model(world)
+    opt = ft.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    first = 0
+    if load:
+        model_state, optim_state = get_state_dict(model, opt)
+        dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=directory)
+        set_state_dict(model, opt, model_state_dict=model_state,
+                       optim_state_dict=optim_state)
+        first = STEPS
+    loaded = full_state(opt), [opt.state[p].get("step") for p in opt.param_groups[0]["params"]]
+    data = same_batch()
+    train(model, opt, lambda t: data(first + t), steps=steps)
+    if not load:
+        model_state, optim_state = get_state_dict(model, opt)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=directory)
+    return full(model.parameters()), full_state(opt), loaded
+
+
+def test_fsdp2_checkpoint_through_dcp_resumes_on_another_number_of_ranks(tmp_path):
+    """Two ranks train 8 steps and save with torch.distributed.checkpoint; three ranks
+    load it (the shards cut elsewhere) and train 4 more: as one process's 12 steps, and
+    the state as it was saved."""
+    warm("AdamW", dict(lr=0.01, weight_decay=0.1))
+    directory = str(tmp_path / "checkpoint")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    saved = run_ranks(fsdp2_checkpoint_rank, (directory, STEPS, False), tmp_path / "a")[0]
+    resumed = run_ranks(fsdp2_checkpoint_rank, (directory, 4, True), tmp_path / "b", world=3)
+    model = tiny_model()
+    opt = ft.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    train(model, opt, same_batch(), steps=STEPS + 4)
+    for rank, (params, state, (loaded, steps)) in enumerate(resumed):
+        assert steps == [STEPS] * 4, rank
+        for mine, theirs in zip(loaded, saved[1]):
+            for key in theirs:
+                np.testing.assert_array_equal(mine[key], theirs[key])
+        # Three ranks average three equal gradients, not always exactly the gradient.
+        assert_close(params, [p.detach().numpy() for p in model.parameters()], rtol=1e-6,
+                     atol=1e-7, what=f"rank {rank}")
+
+
+# -- what fastopt.torch does not step on shards yet: clear errors ---------------------
+
+def fsdp2_refusals_rank(rank, world, rendezvous):
+    _init_gloo(rank, world, rendezvous)
+    model = sharded_model(world)
+    errors = {}
+    attempts = {
+        "LAMB": lambda: ft.LAMB(model.named_parameters(), lr=0.01),
+        "Adafactor": lambda: ft.Adafactor(model.parameters(), lr=0.01),
+        "int8": lambda: ft.Adam(model.parameters(), lr=0.01, state_dtype="int8"),
+        "caution": lambda: ft.Adam(model.parameters(), lr=0.01, caution=True),
+    }
+    for what, attempt in attempts.items():
+        try:
+            attempt()
+        except (TypeError, ValueError) as error:
+            errors[what] = (type(error).__name__, str(error))
+    # A plain tensor put in place of a DTensor's state is refused before anything changes.
+    opt = ft.Adam(model.parameters(), lr=0.01)
+    train(model, opt, own_batch(rank, world), steps=2)
+    p = next(model.parameters())
+    before = full(model.parameters()), full_state(opt)
+    opt.state[p]["exp_avg"] = torch.zeros(p.shape)
+    try:
+        train(model, opt, own_batch(rank, world), steps=1)
+    except TypeError as error:
+        errors["plain state"] = ("TypeError", str(error))
+    refused = full(model.parameters()), full_state(opt)
+    opt.state[p]["exp_avg"] = torch.zeros_like(p)  # a DTensor sharded as p: taken
+    train(model, opt, own_batch(rank, world), steps=1)
+    return errors, before, refused, full(model.parameters())
+
+
+def test_fsdp2_what_is_not_stepped_on_shards_yet_is_refused_clearly(tmp_path):
+    warm("Adam", dict(lr=0.01))
+    for rank, (errors, before, refused, after) in enumerate(
+            run_ranks(fsdp2_refusals_rank, (), tmp_path)):
+        assert errors["LAMB"][0] == "TypeError" and "0.weight" in errors["LAMB"][1]
+        assert "needs whole tensors" in errors["LAMB"][1] and "Adan" in errors["LAMB"][1]
+        assert errors["Adafactor"][0] == "TypeError"
+        assert errors["int8"][0] == "TypeError" and "int8" in errors["int8"][1]
+        assert errors["caution"][0] == "ValueError" and "caution" in errors["caution"][1]
+        assert "not a DTensor" in errors["plain state"][1], errors["plain state"]
+        assert_close(refused[0], before[0], rtol=0, atol=0)  # the refused step wrote nothing
+        assert sorted(refused[1][0]) == ["exp_avg_sq"]  # the plain exp_avg, as put there
+        for mine, theirs in zip(refused[1], before[1]):
+            for key in mine:
+                np.testing.assert_array_equal(mine[key], theirs[key])
+        assert_moved(before[0], after)
