@@ -72,10 +72,11 @@ number (use a torch.optim.lr_scheduler).
 **DTensor parameters** (FSDP2's ``fully_shard``, tensor parallelism): each rank steps
 its local shard of every parameter in place, and the state is DTensors sharded as the
 parameters, whose local tensors are this rank's parts of the stores (so that
-``torch.distributed.checkpoint`` saves and reshards it). The gradient norm of
-``clip_grad_norm`` and ``skip_nonfinite`` is summed over the ranks that hold the
-shards: each rank's part in float64, gathered and added exactly, the same on every rank.
-Algorithms that need each whole tensor (LAMB, LARS, Adafactor, SWATS, ``caution``) and
+``torch.distributed.checkpoint`` saves and reshards it). Sums over whole tensors (the
+gradient norm of ``clip_grad_norm`` and ``skip_nonfinite``, LAMB's and LARS's norms,
+SWATS's projections, the Cautious mask's share) are summed over the ranks that hold
+the shards: each rank's parts in float64, gathered and added exactly, the same on every
+rank, which must step the same parameters. Adafactor (whose factors span the cuts) and
 8-bit state are refused for DTensors, for now.
 """
 
@@ -95,7 +96,7 @@ from .kernels.codecs import BLOCK
 from .optim import engine
 from .optim.optimizer import Optimizer as _Flat
 from .optim.optimizer import _snapshot, check_flag
-from .optim.spec import ALGORITHMS, MAP, define_init
+from .optim.spec import ALGORITHMS, define_init
 
 __all__ = list(ALGORITHMS)  # one class per algorithm of the registry, built at the end
 
@@ -220,10 +221,6 @@ class Optimizer(torch.optim.Optimizer):
             _check_parameter(p, label)
         for dtype in {p.dtype for p in group["params"]}:  # the options, for each dtype
             self._storage_of(dtype)
-        if group.get("caution") and any(_is_dtensor(p) for p in group["params"]):
-            raise ValueError(f"caution=True in param_groups[{index}] needs each tensor's "
-                             "whole mask; fastopt.torch does not yet reduce it across the "
-                             "ranks that hold the shards of DTensor parameters")
         if callable(group["lr"]):
             raise TypeError(f"param_groups[{index}]['lr'] must be a number: schedule it with "
                             "a torch.optim.lr_scheduler")
@@ -234,14 +231,13 @@ class Optimizer(torch.optim.Optimizer):
 
     def _check_sharded(self, name, dtype):
         """Refuse what fastopt.torch cannot yet step on this rank's shards of DTensor
-        parameters (``name``, of ``dtype``, is the first): the algorithms whose step needs
-        each whole tensor (norms, factors, a switch test), and 8-bit state."""
-        if self.algorithm.spec.passes != (MAP,):
-            elementwise = [n for n, a in ALGORITHMS.items() if a.spec.passes == (MAP,)]
+        parameters (``name``, of ``dtype``, is the first): factored state, whose rows and
+        columns the cuts split, and 8-bit state."""
+        if self.algorithm.spec.factored:
             raise TypeError(f"{name} is a DTensor (a shard of FSDP2 or tensor parallelism), "
-                            f"and {type(self).__name__} needs whole tensors, which "
-                            "fastopt.torch does not yet reduce across ranks; it steps "
-                            f"DTensors with {', '.join(elementwise)}")
+                            f"and {type(self).__name__} factors whole matrices, which "
+                            "fastopt.torch does not yet reduce across ranks; every other "
+                            "algorithm steps DTensors")
         if self._storage_of(dtype).quantized:
             raise TypeError(f"{name} is a DTensor (a shard of FSDP2 or tensor parallelism): "
                             "fastopt.torch does not yet keep 8-bit state (state_dtype='int8') "
@@ -346,7 +342,7 @@ class Optimizer(torch.optim.Optimizer):
         # gradients: it has the same stores.
         for reduction in dict.fromkeys(store.reduction for store in self._stores):
             if reduction is not None:
-                total += _over_ranks(reduction, math.fsum(parts.get(reduction, ())))
+                total += _over_ranks(reduction, [math.fsum(parts.get(reduction, ()))])[0]
         return total
 
     def _moved(self):
@@ -768,17 +764,26 @@ def _reduction(p):
                                 if placement.is_shard())
 
 
-def _over_ranks(reduction, part):
-    """The sum of ``part`` over the ranks of ``reduction`` (see :func:`_reduction`):
-    gathered and added exactly, in every rank, so that every rank gets the same float."""
+def _over_ranks(reduction, parts):
+    """The sums of the float64 numbers ``parts`` over the ranks of ``reduction`` (see
+    :func:`_reduction`): gathered, and each added exactly (``fsum``) in every rank, so
+    that every rank gets the same floats."""
     mesh, dims = reduction
+    parts = np.asarray(parts, np.float64)
     for dim in dims:
         group = mesh.get_group(dim)
-        mine = torch.tensor([part], dtype=torch.float64, device=mesh.device_type)
-        parts = [torch.empty_like(mine) for _ in range(group.size())]
-        torch.distributed.all_gather(parts, mine, group=group)
-        part = math.fsum(torch.cat(parts).tolist())
-    return part
+        mine = torch.from_numpy(parts).to(mesh.device_type)
+        gathered = [torch.empty_like(mine) for _ in range(group.size())]
+        torch.distributed.all_gather(gathered, mine, group=group)
+        parts = np.array([math.fsum(column) for column in torch.stack(gathered).cpu().T.tolist()])
+    return parts
+
+
+def _sums_over_ranks(reduction, sums):
+    """The per-tensor ``sums`` of a pass (a tuple of arrays) over the ranks of
+    ``reduction``, in one gather."""
+    total = _over_ranks(reduction, np.concatenate(sums))
+    return tuple(np.split(total, len(sums)))
 
 
 def _is_dense(t):
@@ -1118,6 +1123,9 @@ class _Store:
                 for name in self.quantized if name in spec})
         if self.storage.stochastic:
             work.stochastic, work.key = True, self.storage.key(step, self.ordinal)
+        if self.reduction is not None:  # shards: norms and counts of the whole tensors
+            work.reduce = functools.partial(_sums_over_ranks, self.reduction)
+            work.sizes = np.array([p.numel() for p in run.params], np.int64)
         if engine.single_pass(algorithm, h):
             host = algorithm.host_after(hyper, step, host)  # first: it may raise
             work.run(Pass(algorithm.rule, tuple(spec)), h)

@@ -147,6 +147,10 @@ class Work:
         blocks: where state is kept in 8 bits, ``(rows, state_starts, size, arrays)``:
             the blocks of the segments (``HostBackend.run_blocks``), and each 8-bit
             buffer's absmax and small arrays by name.
+        reduce: where the tensors are this process's shards of larger ones (DTensors),
+            ``reduce(sums)`` gives the whole tensors' sums from the per-tensor sums of
+            a pass (adding the other processes' parts); None otherwise.
+        sizes: the number of elements of each whole tensor.
     """
 
     def __init__(self, backend, tensors, shapes, segments, state, present, state_starts,
@@ -156,12 +160,13 @@ class Work:
         self.prep, self.keep_subnormals, self.cache = prep, keep_subnormals, cache
         self.formats, self.master = formats or {}, master
         self.stochastic, self.key, self.blocks = False, 0, None
+        self.reduce, self.sizes = None, segments.sizes
 
     def run(self, spec, h, segments=None, values=(), states=None):
         """The pass ``spec`` (a ``kernels.Pass``) with scalars ``h`` over ``segments``
         (default: the tensors) and ``states`` (default: those ``spec.present`` names),
         through the formats and master weights of the launch; returns its sums per
-        segment."""
+        segment (over the whole tensors where they are shards: see ``reduce``)."""
         if states is None:
             states = [*map(self.state.__getitem__, spec.present)]
         if self.formats or self.master:
@@ -176,10 +181,15 @@ class Work:
                     spec, self.tensors, states,
                     (rows, starts, size, [a for name in quantized for a in scales[name]]),
                     self.prep, h, self.keep_subnormals, self.key)
-        return self.backend.run_segments(
+        sums = self.backend.run_segments(
             spec, self.tensors, states, self.prep, h,
             self.segments if segments is None else segments, values, self.keep_subnormals,
             self.key)
+        if self.reduce is not None and sums:
+            if segments is not None:  # parts of tensors: no rank knows what to add
+                raise NotImplementedError("sums over segments of sharded tensors")
+            sums = self.reduce(sums)
+        return sums
 
 
 def state_layout(algorithm, name, shapes):
@@ -210,6 +220,6 @@ def cautious_step(work, rule, h):
     ``caution_scale = 1 / max(share, 1e-3)``, the share in float32 as timm's
     mask.mean() gives it."""
     agree, = work.run(Pass(rule, work.present, writes=(), sums=("agreement",)), h)
-    share = (agree / np.maximum(work.segments.sizes, 1)).astype(f32)
+    share = (agree / np.maximum(work.sizes, 1)).astype(f32)
     scale = f32(1) / np.maximum(share, CAUTION_MIN_SHARE)
     work.run(Pass(rule, work.present, per_segment=("caution_scale",)), h, values=[scale])
