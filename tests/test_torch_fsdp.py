@@ -366,3 +366,35 @@ def test_fsdp2_what_is_not_stepped_on_shards_yet_is_refused_clearly(tmp_path):
             for key in mine:
                 np.testing.assert_array_equal(mine[key], theirs[key])
         assert_moved(before[0], after)
+
+
+# -- the example, as a user launches it ----------------------------------------------
+
+def test_the_fsdp2_example_trains_with_torchrun_as_torch_optim_does(tmp_path):
+    """``torchrun --standalone --nproc-per-node=2 examples/fsdp2_train.py``: fastopt's
+    losses follow torch.optim's in the same FSDP2 run (both clipped), the checkpoint is
+    written, and a second launch on three ranks resumes from it."""
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).parents[1] / "examples" / "fsdp2_train.py"
+    checkpoint = tmp_path / "checkpoint"
+
+    def launch(ranks, steps):
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone",
+             f"--nproc-per-node={ranks}", str(script), "--steps", str(steps),
+             "--checkpoint", str(checkpoint)],
+            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+        rows = [line.split() for line in done.stdout.splitlines()
+                if len(line.split()) == 3 and line.split()[0].isdigit()]
+        return done.stdout, np.array(rows, float)
+
+    out, rows = launch(2, 20)
+    assert "2 ranks, FSDP2" in out and [int(step) for step in rows[:, 0]] == [0, 10]
+    np.testing.assert_allclose(rows[:, 1], rows[:, 2], rtol=1e-3)
+    assert (checkpoint / ".metadata").exists()
+    out, rows = launch(3, 10)
+    assert "resumed at step 20" in out and [int(step) for step in rows[:, 0]] == [20]
