@@ -78,6 +78,13 @@ SWATS's projections, the Cautious mask's share) are summed over the ranks that h
 the shards: each rank's parts in float64, gathered and added exactly, the same on every
 rank, which must step the same parameters. Adafactor (whose factors span the cuts) and
 8-bit state are refused for DTensors, for now.
+
+**ZeRO sharding** (``process_group=``, plain contiguous parameters): the parameters of
+each store, one after the other, are cut into equal partitions (``sharding.Partition``),
+and each rank steps its elements only, each parameter's a flat view of it, with their
+state; the step reduce-scatters the gradients first (``reduce_grads``) and all-gathers
+the parameters after. ``state_dict()`` is the rank's partition and
+:meth:`Optimizer.consolidated_state_dict` the whole state.
 """
 
 import collections
@@ -89,7 +96,7 @@ import weakref
 import numpy as np
 import torch
 
-from . import precision
+from . import precision, sharding
 from ._backend import GRAD_SQUARES, CudaBackend, HostBackend, Tensors
 from .kernels import Pass
 from .kernels.codecs import BLOCK
@@ -135,6 +142,10 @@ class Optimizer(torch.optim.Optimizer):
     weights of a 16-bit parameter are its state entry ``"master"``, which
     ``state_dict()`` saves. Stochastic rounding indexes each element by its place in
     its store's state (one store per device and dtype, each with a stream of its own).
+
+    ``process_group`` (a ``torch.distributed`` group, every rank passing the same
+    parameters) shards the state over its ranks, ZeRO stage 1 (see the module's doc);
+    ``reduce_grads=False`` takes the gradients as already averaged over the group.
     """
 
     algorithm = None  # the fastopt class whose math this optimizer runs
@@ -143,7 +154,8 @@ class Optimizer(torch.optim.Optimizer):
 
     def __init__(self, params, defaults, torch_options, *, clip_grad_norm=None,
                  clip_grad_value=None, skip_nonfinite=False, master_weights="auto",
-                 state_dtype="float32", stochastic_rounding=False, seed=0):
+                 state_dtype="float32", stochastic_rounding=False, seed=0,
+                 process_group=None, reduce_grads=True):
         for name, value in torch_options.items():
             # foreach and fused choose among torch's implementations: fastopt has one. Any
             # other argument that is torch's alone must keep torch's default.
@@ -154,7 +166,15 @@ class Optimizer(torch.optim.Optimizer):
         self._formats = (master_weights, state_dtype, stochastic_rounding, seed)
         for dtype in (torch.float32, torch.bfloat16):  # the options, checked (float16's later)
             self._storage_of(dtype)
+        check_flag("reduce_grads", reduce_grads)
+        if process_group is not None and not (torch.distributed.is_available()
+                                              and torch.distributed.is_initialized()):
+            raise ValueError("process_group needs torch.distributed initialized "
+                             "(torch.distributed.init_process_group)")
+        self._group, self.reduce_grads = process_group, reduce_grads
         super().__init__(params, {**defaults, **torch_options})
+        if process_group is not None:
+            sharding.check_same_parameters(process_group, self._all_params())
         self.state = _State(self.state)
         self.clip_grad_norm = clip_grad_norm
         self.clip_grad_value = clip_grad_value
@@ -171,18 +191,27 @@ class Optimizer(torch.optim.Optimizer):
     skip_nonfinite = _Flat.skip_nonfinite
 
     def add_param_group(self, param_group):
-        """Add a group, as torch does."""
+        """Add a group, as torch does. With ``process_group``, every rank adds the same
+        group, before the first step (the partition moves)."""
         super().add_param_group(param_group)
         index = len(self.param_groups) - 1
         try:
             self._validate(index, self.param_groups[index])
             if self._stores is not None:
+                if self._group is not None:
+                    if any(self.state.values()):
+                        raise ValueError("add_param_group with process_group: add every "
+                                         "group before the first step")
+                    sharding.check_same_parameters(self._group, self._all_params())
                 self._relayout()  # checks everything before it changes anything
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
 
     def __getstate__(self):
+        if self._group is not None:
+            raise TypeError("an optimizer with a process_group is bound to its processes: "
+                            "save its state_dict() (or consolidated_state_dict()) instead")
         state = {k: v for k, v in super().__getstate__().items() if k not in _RUNTIME}
         return {**state, "fastopt_options": self._options()}
 
@@ -195,6 +224,7 @@ class Optimizer(torch.optim.Optimizer):
                 group.setdefault(name, value)
         if options is not None:  # unpickled or deep-copied: rebuild what is not pickled
             self._formats = ("auto", "float32", False, 0)  # unless pickled with them
+            self._group, self.reduce_grads = None, True  # a sharded one is not pickled
             self.__dict__.update(options)
             self._relayout()
 
@@ -230,18 +260,21 @@ class Optimizer(torch.optim.Optimizer):
             raise type(error)(f"{error} (in param_groups[{index}])") from None
 
     def _check_sharded(self, name, dtype):
-        """Refuse what fastopt.torch cannot yet step on this rank's shards of DTensor
-        parameters (``name``, of ``dtype``, is the first): factored state, whose rows and
-        columns the cuts split, and 8-bit state."""
+        """Refuse what fastopt.torch cannot yet step on this rank's shards of parameters
+        (DTensors, or ``process_group``'s partitions; ``name``, of ``dtype``, is the
+        first): factored state, whose rows and columns the cuts split, and 8-bit state."""
+        what = ("a DTensor (a shard of FSDP2 or tensor parallelism)" if self._group is None
+                else "partitioned by process_group")
         if self.algorithm.spec.factored:
-            raise TypeError(f"{name} is a DTensor (a shard of FSDP2 or tensor parallelism), "
-                            f"and {type(self).__name__} factors whole matrices, which "
-                            "fastopt.torch does not yet reduce across ranks; every other "
-                            "algorithm steps DTensors")
+            raise TypeError(f"{name} is {what}, and {type(self).__name__} factors whole "
+                            "matrices, which fastopt.torch does not yet reduce across ranks; "
+                            "every other algorithm steps shards")
         if self._storage_of(dtype).quantized:
-            raise TypeError(f"{name} is a DTensor (a shard of FSDP2 or tensor parallelism): "
-                            "fastopt.torch does not yet keep 8-bit state (state_dtype='int8') "
-                            "for shards")
+            raise TypeError(f"{name} is {what}: fastopt.torch does not yet keep 8-bit state "
+                            "(state_dtype='int8') for shards")
+
+    def _all_params(self):
+        return [p for group in self.param_groups for p in group["params"]]
 
     def _name(self, p):
         return next(label for index, group in enumerate(self.param_groups)
@@ -257,9 +290,14 @@ class Optimizer(torch.optim.Optimizer):
                  for p, label in _labels(index, group)}
         for p, name in names.items():
             _check_parameter(p, name)
+            if self._group is not None and (_is_dtensor(p) or not p.is_contiguous()):
+                raise ValueError(f"{name} is {'a DTensor' if _is_dtensor(p) else 'not contiguous'}"
+                                 ": process_group partitions plain contiguous tensors (FSDP2's "
+                                 "DTensors are sharded already: leave process_group=None)")
         kinds = {}
         for p in names:
-            kinds.setdefault((p.device, p.dtype, _reduction(p)), []).append(p)
+            reduction = _reduction(p) if self._group is None else (self._group,)
+            kinds.setdefault((p.device, p.dtype, reduction), []).append(p)
         for device, dtype, reduction in kinds:
             first = names[kinds[device, dtype, reduction][0]]
             if device.type != "cpu" and self._storage_of(dtype).quantized:
@@ -269,7 +307,10 @@ class Optimizer(torch.optim.Optimizer):
                 self._check_sharded(first, dtype)
         stores = [_Store(self.algorithm, members, device.type == "cpu" and (
                       not _shaped(self.algorithm) or all(p.is_contiguous() for p in members)),
-                         self._storage_of(dtype), ordinal, reduction)
+                         self._storage_of(dtype), ordinal, reduction,
+                         None if self._group is None else sharding.Partition(
+                             [p.numel() for p in members], torch.distributed.get_rank(
+                                 self._group), torch.distributed.get_world_size(self._group)))
                   for ordinal, ((device, dtype, reduction), members) in enumerate(kinds.items())]
         # The master weights of a parameter no longer 16-bit (model.float()) are dropped.
         dropped = [(store, p) for store in stores for p in store.slots
@@ -310,6 +351,9 @@ class Optimizer(torch.optim.Optimizer):
         if self._moved():
             self._relayout()
         self._states()
+        if self._group is not None:  # each rank its partition of the averaged gradients
+            for store in self._stores:
+                store.take_partition_gradients(self._group, self.reduce_grads)
         plans = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
         inverse_scale = engine.inverse_loss_scale(grad_scale)
         runs = [run for _, group_runs in plans for run in group_runs]
@@ -327,6 +371,9 @@ class Optimizer(torch.optim.Optimizer):
                                self.clip_grad_value)
             for run in group_runs:
                 self._apply(hyper, run, prep)
+        if self._group is not None:  # every rank its parameters from the others' steps
+            for store in self._stores:
+                store.gather_parameters(self._group)
         return loss
 
     def _sum_squares(self, runs):
@@ -342,7 +389,8 @@ class Optimizer(torch.optim.Optimizer):
         # gradients: it has the same stores.
         for reduction in dict.fromkeys(store.reduction for store in self._stores):
             if reduction is not None:
-                total += _over_ranks(reduction, [math.fsum(parts.get(reduction, ()))])[0]
+                part = math.fsum(parts.get(reduction, ()))
+                total += sharding.over_ranks(reduction, [part])[0]
         return total
 
     def _moved(self):
@@ -358,7 +406,7 @@ class Optimizer(torch.optim.Optimizer):
                 if p is not q:
                     return True
                 local = p.to_local() if slot.sharded else p
-                if local.data_ptr() != slot.address or local.shape != slot.shape:
+                if local.data_ptr() != slot.origin[0] or local.shape != slot.origin[1]:
                     return True
         return False
 
@@ -396,6 +444,8 @@ class Optimizer(torch.optim.Optimizer):
                 continue
             if slot.sharded:
                 grad = self._local_gradient(p, grad)
+            elif slot.piece is not None:
+                grad = store.partition_gradients[slot.index]
             state = slot.state
             if state is None:  # joins opt.state once it holds something, as in torch
                 state = slot.state = _ParamState()
@@ -482,7 +532,12 @@ class Optimizer(torch.optim.Optimizer):
         parameter's strides, which define that order). torch.optim does not know these
         names: its Adam and the like fail at their step (KeyError) rather than read
         codes as numbers, and its SGD starts its momentum afresh.
-        :meth:`decoded_state_dict` gives torch.optim's state."""
+        :meth:`decoded_state_dict` gives torch.optim's state.
+
+        With ``process_group``, this rank's partition: each state tensor holds this
+        rank's elements of its parameter (flat), and ``"partition"`` says which (this
+        rank, the world size and the cuts), so that only the same rank of the same
+        partition loads it; :meth:`consolidated_state_dict` gives the whole state."""
         packed = super().state_dict()
         # torch packs the live per-parameter dicts; convert copies of them.
         packed["state"] = {index: dict(state) for index, state in packed["state"].items()}
@@ -493,7 +548,45 @@ class Optimizer(torch.optim.Optimizer):
             for name in [n for n in state if n + ABSMAX in state]:
                 state[STRIDES] = torch.tensor(state[name].stride(), dtype=torch.int64)
                 state[name + CODES] = state.pop(name)
+        if self._group is not None:
+            packed["partition"] = self._partition_signature()
         return packed
+
+    def _partition_signature(self):
+        partition = self._stores[0].partition if self._stores else None
+        return {"rank": torch.distributed.get_rank(self._group),
+                "world": torch.distributed.get_world_size(self._group),
+                "bounds": [store.partition.bounds for store in self._stores]} \
+            if partition else {}
+
+    def consolidated_state_dict(self, to=0):
+        """With ``process_group``: the whole state in torch.optim's format (each state
+        tensor in its parameter's shape), gathered from every rank's partition, on rank
+        ``to`` of the group; None on the others. Every rank calls it at once.
+        torch.optim loads it, and so does fastopt.torch with a process_group of any
+        size (each rank takes its elements) or none."""
+        if self._group is None:
+            raise ValueError("consolidated_state_dict() is for an optimizer with a "
+                             "process_group; state_dict() holds the whole state")
+        packed = self.state_dict()
+        del packed["partition"]
+        index = {p: i for i, p in enumerate(self._all_params())}
+        for store in self._stores:
+            partition = store.partition
+            for name in store.names:
+                flat = store.flat(name)
+                own = torch.zeros(partition.share, dtype=flat.dtype, device=flat.device)
+                own[:flat.numel()].copy_(flat)
+                padded = own.new_zeros(partition.world * partition.share)
+                sharding.all_gather(padded, own, self._group)
+                params = list(store.slots)
+                for i, p in enumerate(params):
+                    state = packed["state"].get(index[p], {})
+                    if name in state:
+                        state[name] = torch.cat([padded[at:at + last - first]
+                                                 for j, first, last, at in partition.rows
+                                                 if j == i] or [own[:0]]).view(p.shape)
+        return packed if torch.distributed.get_rank(self._group) == to else None
 
     def decoded_state_dict(self):
         """:meth:`state_dict` with the 8-bit state decoded into float32 values (each
@@ -517,6 +610,8 @@ class Optimizer(torch.optim.Optimizer):
         of another shape than the parameter's) raises a ValueError, and nothing changes."""
         state_dict = {**state_dict, "state": {index: self._unpacked(state) for index, state
                                               in state_dict["state"].items()}}
+        if self._group is not None:
+            state_dict = self._partitioned(state_dict)
         self._check_loadable(state_dict)
         # torch casts every loaded tensor to the parameter's dtype; read the per-parameter
         # numbers before it does, so that a float64 mu_product stays exact.
@@ -547,6 +642,31 @@ class Optimizer(torch.optim.Optimizer):
                     dtype = torch.float32  # values, which the step encodes
                 self.state[p][name] = value.to(device=p.device, dtype=dtype)
         self._relayout()
+
+    def _partitioned(self, state_dict):
+        """A loaded state_dict as this rank's partition takes it: one of this rank's
+        :meth:`state_dict` as it is, and a whole one (:meth:`consolidated_state_dict`,
+        torch.optim's, one saved without a process_group) cut to this rank's elements."""
+        saved = state_dict.get("partition")
+        if saved is not None:
+            if saved != self._partition_signature():
+                raise ValueError(f"loaded state dict is rank {saved.get('rank')} of a "
+                                 f"partition into {saved.get('world')} (cuts "
+                                 f"{saved.get('bounds')}), not this rank's "
+                                 f"{self._partition_signature()}: load the whole state "
+                                 "(consolidated_state_dict()) into another partition")
+            return state_dict
+        params = dict(zip((saved for group in state_dict["param_groups"]
+                           for saved in group["params"]), self._all_params()))
+        state = {}
+        for key, values in state_dict["state"].items():
+            p = params.get(key)
+            piece = self._slots[p][1].piece if p is not None else None
+            state[key] = {name: value.reshape(-1)[piece[0]:piece[1]]
+                          if piece is not None and isinstance(value, torch.Tensor)
+                          and name not in _TORCH_SCALARS and value.shape == p.shape else value
+                          for name, value in values.items()}
+        return {**state_dict, "state": state}
 
     def _unpacked(self, state):
         """A loaded parameter's state with its 8-bit codes (``"<name>_codes"``) under the
@@ -616,16 +736,17 @@ class Optimizer(torch.optim.Optimizer):
         remainder = storage.remainder
         if remainder == (value.dtype == torch.int16) or p.dtype != torch.bfloat16:
             return value
-        if value.dtype not in (torch.float32, torch.int16) or value.shape != p.shape:
+        shape = self._state_shape(MASTER, p)
+        if value.dtype not in (torch.float32, torch.int16) or value.shape != shape:
             raise ValueError(f"loaded state dict has {MASTER!r} of {value.dtype} "
                              f"{tuple(value.shape)} for {self._name(p)}, whose master weights "
-                             f"are {_kept_dtype(storage, MASTER)} {tuple(p.shape)}")
+                             f"are {_kept_dtype(storage, MASTER)} {tuple(shape)}")
         value = _local(value).detach().cpu().contiguous().numpy()  # sharded as p: checked
         if remainder:
             low = (value.view(np.uint32) & 0xFFFF).astype(precision.REMAINDER_DTYPE)
             master = torch.from_numpy(low.view(np.int16))
         else:
-            bits = _local(p).detach().cpu().contiguous().view(torch.int16).numpy()
+            bits = self._slots[p][1].local.detach().cpu().contiguous().view(torch.int16).numpy()
             master = torch.from_numpy(precision.rebuild_master(
                 bits.view(precision.codecs.BITS), value.view(precision.REMAINDER_DTYPE)))
         return _like(p, master)
@@ -640,14 +761,16 @@ class Optimizer(torch.optim.Optimizer):
         return _kept_dtype(storage, name)
 
     def _state_shape(self, name, p):
-        """The shape of the state tensor ``name`` of ``p``, or None if it has none."""
+        """The shape of the state tensor ``name`` of ``p``, or None if it has none (of
+        this rank's elements of ``p`` where a process_group partitions it)."""
         storage = self._storage_of(p.dtype)
+        stepped = p.shape if self._group is None else self._slots[p][1].shape
         if name == MASTER:
-            return p.shape if storage.master else None
+            return stepped if storage.master else None
         if name.endswith(ABSMAX) and name[:-len(ABSMAX)] in storage.quantized:
             blocks = -(-p.numel() // BLOCK)
             return None if p.numel() < precision.MIN_QUANTIZED_SIZE else torch.Size([blocks])
-        shape = self.algorithm.state_shape(name, tuple(p.shape))
+        shape = self.algorithm.state_shape(name, tuple(stepped))
         return None if shape is None else torch.Size(shape)
 
 
@@ -756,34 +879,13 @@ def _like(p, local):
 
 
 def _reduction(p):
-    """Where a sum over the DTensor ``p`` is gathered: its mesh and the mesh dimensions
-    across which it is sharded (none where it is replicated); None for a plain tensor."""
+    """The process groups over which a sum over the DTensor ``p`` is gathered (see
+    ``sharding.over_ranks``): those of the mesh dimensions across which it is sharded
+    (none where it is replicated); None for a plain tensor."""
     if not _is_dtensor(p):
         return None
-    return p.device_mesh, tuple(d for d, placement in enumerate(p.placements)
-                                if placement.is_shard())
-
-
-def _over_ranks(reduction, parts):
-    """The sums of the float64 numbers ``parts`` over the ranks of ``reduction`` (see
-    :func:`_reduction`): gathered, and each added exactly (``fsum``) in every rank, so
-    that every rank gets the same floats."""
-    mesh, dims = reduction
-    parts = np.asarray(parts, np.float64)
-    for dim in dims:
-        group = mesh.get_group(dim)
-        mine = torch.from_numpy(parts).to(mesh.device_type)
-        gathered = [torch.empty_like(mine) for _ in range(group.size())]
-        torch.distributed.all_gather(gathered, mine, group=group)
-        parts = np.array([math.fsum(column) for column in torch.stack(gathered).cpu().T.tolist()])
-    return parts
-
-
-def _sums_over_ranks(reduction, sums):
-    """The per-tensor ``sums`` of a pass (a tuple of arrays) over the ranks of
-    ``reduction``, in one gather."""
-    total = _over_ranks(reduction, np.concatenate(sums))
-    return tuple(np.split(total, len(sums)))
+    return tuple(p.device_mesh.get_group(d) for d, placement in enumerate(p.placements)
+                 if placement.is_shard())
 
 
 def _is_dense(t):
@@ -874,9 +976,14 @@ class _Slot:
     """Where one parameter's state lives in its store, the views of it that
     ``opt.state[p]`` holds, and the parameter's signature when the store was built."""
 
-    def __init__(self, p, index, start):
+    def __init__(self, p, index, start, piece=None):
         self.sharded = _is_dtensor(p)
-        self.local = _local(p)  # what the kernels step: this rank's shard of a DTensor
+        whole = _local(p)  # this rank's shard of a DTensor
+        self.origin = (whole.data_ptr(), whole.shape)
+        # What the kernels step: where a process_group partitions p, this rank's
+        # elements of it, (first, last) in memory order (``piece``), a flat view.
+        self.piece = piece
+        self.local = whole if piece is None else whole.view(-1)[piece[0]:piece[1]]
         self.index = index  # in the store
         self.start, self.stop = start, start + self.local.numel()
         self.address, self.shape = self.local.data_ptr(), self.local.shape
@@ -935,17 +1042,22 @@ class _Store:
     ``engine.state_layout``); in place, a part of the parameter's shape lies as the
     parameter does, so that the kernels walk both in memory order."""
 
-    def __init__(self, algorithm, params, in_place, storage, ordinal=0, reduction=None):
+    def __init__(self, algorithm, params, in_place, storage, ordinal=0, reduction=None,
+                 partition=None):
         self.algorithm = algorithm
         self.ordinal = ordinal  # among the optimizer's stores: its stream of random bits
-        self.reduction = reduction  # where its parameters are DTensors: see _reduction
+        # The process groups over which its sums are gathered, where its parameters are
+        # shards (DTensors, or a process_group's partition: see _reduction).
+        self.reduction = reduction
+        self.partition = partition  # a sharding.Partition under process_group=
         self.device = params[0].device
         # The formats of its buffers (its parameters share a dtype), and whether it keeps
         # master weights (in the state buffer MASTER).
         self.storage, self.master = storage, storage.master
         self.slots, start = {}, 0
         for index, p in enumerate(params):
-            self.slots[p] = slot = _Slot(p, index, start)
+            self.slots[p] = slot = _Slot(p, index, start,
+                                         partition and partition.pieces[index])
             start = slot.stop
         self.size = start
         locals_ = [slot.local for slot in self.slots.values()]
@@ -1050,6 +1162,41 @@ class _Store:
             view.copy_(value)
         return [(name, view), (name + ABSMAX, scales)]
 
+    def take_partition_gradients(self, group, reduce):
+        """Set ``partition_gradients``: this rank's elements of each parameter's
+        gradient (None where the parameter has none), first averaged over ``group``
+        (one reduce-scatter) where ``reduce``."""
+        flats = [None if p.grad is None else p.grad.reshape(-1) for p in self.slots]
+        if not reduce:
+            self.partition_gradients = [None if flat is None else flat[first:last]
+                                        for flat, (first, last) in zip(flats,
+                                                                       self.partition.pieces)]
+            return
+        padded, own = self._partition_buffers()
+        self.partition.pack(flats, padded)
+        sharding.reduce_scatter(own, padded, group)
+        self.partition_gradients = [None if flat is None else own[slot.start:slot.stop]
+                                    for flat, slot in zip(flats, self.slots.values())]
+
+    def gather_parameters(self, group):
+        """Give every parameter the elements that the other ranks of ``group`` stepped
+        (one all-gather, in the parameters' dtype)."""
+        padded, own = self._partition_buffers()
+        for slot in self.slots.values():
+            own[slot.start:slot.stop].copy_(slot.local)
+        sharding.all_gather(padded, own, group)
+        self.partition.unpack(padded, [p.detach().view(-1) for p in self.slots])
+
+    def _partition_buffers(self):
+        """The buffers of the collectives: every rank's share, padded to the longest,
+        and this rank's (its gradients, then its parameters)."""
+        if not hasattr(self, "_padded"):
+            partition, dtype = self.partition, next(iter(self.slots)).dtype
+            self._padded = torch.zeros(partition.world * partition.share, dtype=dtype,
+                                       device=self.device)
+            self._own = torch.zeros(partition.share, dtype=dtype, device=self.device)
+        return self._padded, self._own
+
     def begin_state(self, run, spec, fresh):
         """Create and initialize the state buffers that ``run`` begins using, and the
         master weights of parameters that have none yet (copies of them)."""
@@ -1124,7 +1271,7 @@ class _Store:
         if self.storage.stochastic:
             work.stochastic, work.key = True, self.storage.key(step, self.ordinal)
         if self.reduction is not None:  # shards: norms and counts of the whole tensors
-            work.reduce = functools.partial(_sums_over_ranks, self.reduction)
+            work.reduce = functools.partial(sharding.sums_over_ranks, self.reduction)
             work.sizes = np.array([p.numel() for p in run.params], np.int64)
         if engine.single_pass(algorithm, h):
             host = algorithm.host_after(hyper, step, host)  # first: it may raise

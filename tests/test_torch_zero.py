@@ -1,0 +1,345 @@
+"""fastopt.torch's own ZeRO sharding (``process_group=``): each rank keeps the state of
+its partition of the flat parameters (cut through tensors), steps it, and all-gathers
+the parameters; on gloo with 1-4 forked ranks (the harness of test_torch_clients).
+
+The reference is fastopt in one process: given the same gradients (every rank the whole
+batch, ``reduce_grads=False``), the sharded step must give bitwise the same parameters
+and state for every element-wise algorithm; where sums over whole tensors enter (the
+clipping norm, LAMB, LARS, SWATS, caution), to the float64 rounding of the partial sums
+that a cut changes.
+"""
+
+import datetime
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.distributed as dist  # noqa: E402
+
+import fastopt.torch as ft  # noqa: E402
+from fastopt.optim.spec import ALGORITHMS, MAP  # noqa: E402
+from fastopt.sharding import Partition  # noqa: E402
+from test_torch_clients import needs_gloo, run_ranks  # noqa: E402
+
+pytestmark = needs_gloo
+
+STEPS = 5
+OPTIONS = {"SGD": dict(lr=0.05, momentum=0.9), "Adagrad": dict(lr=0.05),
+           "RMSprop": dict(lr=0.01, centered=True), "Adadelta": dict(lr=0.5),
+           "Adam": dict(lr=0.01, amsgrad=True), "AdamW": dict(lr=0.01, weight_decay=0.1),
+           "Rprop": dict(lr=0.01), "ASGD": dict(lr=0.01, t0=2)}
+# Every algorithm but Adafactor (refused), with options that reach its state; then the
+# options around the kernels, the formats, and the per-tensor sums.
+CASES = [(name, OPTIONS.get(name, dict(lr=0.01)), torch.float32)
+         for name in ALGORITHMS if name != "Adafactor"] + [
+    ("AdamW", dict(lr=0.01, clip_grad_norm=0.05, skip_nonfinite=True), torch.float32),
+    ("Adam", dict(lr=0.01, caution=True), torch.float32),
+    ("AdamW", dict(lr=0.01), torch.bfloat16),
+    ("Adam", dict(lr=0.01, master_weights="remainder", state_dtype="bfloat16"),
+     torch.bfloat16),
+]
+
+
+def model(dtype=torch.float32):
+    """723 parameters in 4 tensors: every partition into 2-4 cuts the first weight."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.Tanh(),
+                               torch.nn.Linear(30, 3)).to(dtype)
+
+
+def batch(t, rank=None, world=None):
+    generator = torch.Generator().manual_seed(t)
+    x, y = torch.randn(16, 20, generator=generator), torch.randn(16, 3, generator=generator)
+    if rank is not None:
+        x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+    return x, y
+
+
+def train(net, opt, steps=STEPS, first=0, rank=None, world=None, dtype=torch.float32):
+    for t in range(first, first + steps):
+        opt.zero_grad()
+        x, y = batch(t, rank, world)
+        ((net(x.to(dtype)).float() - y) ** 2).mean().backward()
+        opt.step()
+
+
+def snapshot(net, state_dict):
+    params = [p.detach().float().numpy().copy() for p in net.parameters()]
+    state = {index: {name: _array(value) for name, value in values.items()}
+             for index, values in state_dict["state"].items()}
+    return params, state
+
+
+def _array(value):
+    if not isinstance(value, torch.Tensor):
+        return np.asarray(value)  # host state: SWATS's phase ...
+    return (value.float() if value.is_floating_point() else value).numpy().copy()
+
+
+def one_process(name, kwargs, dtype, steps=STEPS):
+    net = model(dtype)
+    opt = getattr(ft, name)(net.parameters(), **kwargs)
+    train(net, opt, steps, dtype=dtype)
+    return snapshot(net, opt.state_dict())
+
+
+def _init(rank, world, rendezvous, timeout=60):
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout))
+
+
+def same_gradients_rank(rank, world, rendezvous, cases):
+    _init(rank, world, rendezvous)
+    results = []
+    for name, kwargs, dtype in cases:
+        net = model(dtype)
+        opt = getattr(ft, name)(net.parameters(), process_group=dist.group.WORLD,
+                                reduce_grads=False, **kwargs)
+        train(net, opt, dtype=dtype)
+        whole = opt.consolidated_state_dict(to=0)
+        local = [tuple(v.shape) for v in opt.state[next(net.parameters())].values()
+                 if isinstance(v, torch.Tensor) and v.dim()]
+        results.append((snapshot(net, whole) if rank == 0 else snapshot(net, {"state": {}}),
+                        local))
+    return results
+
+
+def exact(name, kwargs):
+    """Whether no sum over a whole tensor enters the step (see the module's doc)."""
+    return ALGORITHMS[name].spec.passes == (MAP,) and not kwargs.get("caution") and \
+        "clip_grad_norm" not in kwargs
+
+
+def assert_same(ours, theirs, what, bitwise):
+    def check(mine, expected, message):
+        if bitwise or mine.dtype.kind not in "fc":
+            np.testing.assert_array_equal(mine, expected, err_msg=message)
+        else:
+            np.testing.assert_allclose(mine, expected, rtol=1e-6, atol=1e-9, err_msg=message)
+
+    for mine, expected in zip(ours[0], theirs[0]):
+        check(mine, expected, what)
+    if ours[1]:
+        assert sorted(ours[1]) == sorted(theirs[1]), what
+        for index, values in theirs[1].items():
+            assert sorted(ours[1][index]) == sorted(values), what
+            for key, value in values.items():
+                check(ours[1][index][key], value, f"{what}: state {index} {key}")
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_sharded_step_is_bitwise_the_one_process_step_for_every_algorithm(world, tmp_path):
+    """Parameters on every rank, and the consolidated state, equal one process's (bit for
+    bit where ``exact``); each rank keeps state for its own elements only."""
+    expected = [one_process(*case) for case in CASES]  # compiles before the fork
+    ranks = run_ranks(same_gradients_rank, (CASES,), tmp_path, world=world, timeout=300)
+    sizes = [p.numel() for p in model().parameters()]
+    for rank, results in enumerate(ranks):
+        pieces = Partition(sizes, rank, world).pieces
+        for (name, kwargs, dtype), (ours, local), theirs in zip(CASES, results, expected):
+            what = f"rank {rank} of {world}, {name} {kwargs} {dtype}"
+            assert_same(ours, theirs if rank == 0 else (theirs[0], {}), what,
+                        exact(name, kwargs))
+            first, last = pieces[0]
+            assert local and set(local) == {(last - first,)}, (what, local)
+
+
+def test_partitions_are_equal_shares_cut_on_blocks_inside_tensors():
+    sizes = [600, 30, 90, 3]
+    for world in (1, 2, 3, 4, 7):
+        partitions = [Partition(sizes, rank, world) for rank in range(world)]
+        bounds = partitions[0].bounds
+        assert bounds[0] == 0 and bounds[-1] == sum(sizes) and bounds == sorted(bounds)
+        for cut in bounds[1:-1]:  # on a tensor's boundary or one of its 256-blocks
+            starts = np.cumsum([0] + sizes)
+            tensor = np.searchsorted(starts, cut, side="right") - 1
+            assert cut in starts or (cut - starts[tensor]) % 256 == 0, (world, bounds)
+        for index, size in enumerate(sizes):  # every element stepped by one rank
+            owned = np.zeros(size, int)
+            for partition in partitions:
+                first, last = partition.pieces[index]
+                owned[first:last] += 1
+            assert (owned == 1).all(), (world, index)
+    assert Partition(sizes, 0, 2).bounds == [0, 512, 723]
+
+
+# -- averaged gradients, as a data-parallel run --------------------------------------
+
+def reduced_rank(rank, world, rendezvous):
+    _init(rank, world, rendezvous)
+    net = model()
+    opt = ft.AdamW(net.parameters(), lr=0.01, process_group=dist.group.WORLD,
+                   clip_grad_norm=0.1)
+    train(net, opt, rank=rank, world=world)
+    return snapshot(net, {"state": {}})[0], opt.last_grad_norm
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_averaged_gradients_train_as_one_process_on_the_whole_batch(world, tmp_path):
+    """Each rank its part of the batch: the reduce-scatter averages the gradients, the
+    global norm clips them, as one process does with the whole batch (to the rounding
+    of the averages)."""
+    net = model()
+    opt = ft.AdamW(net.parameters(), lr=0.01, clip_grad_norm=0.1)
+    train(net, opt)
+    expected = [p.detach().numpy() for p in net.parameters()]
+    for rank, (params, norm) in enumerate(run_ranks(reduced_rank, (), tmp_path, world=world)):
+        for mine, theirs in zip(params, expected):
+            np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-7,
+                                       err_msg=f"rank {rank}")
+        np.testing.assert_allclose(norm, opt.last_grad_norm, rtol=1e-5)
+        assert norm > 0.1  # it clipped
+
+
+# -- checkpoints ----------------------------------------------------------------------
+
+def checkpoint_rank(rank, world, rendezvous, folder, source, steps, first):
+    """Train ``steps`` steps from step ``first``: after saving (``source`` None) every
+    rank's state_dict and, on rank 0, the consolidated one; or after loading this rank's
+    own file (``"own"``) or the consolidated one (``"whole"``)."""
+    _init(rank, world, rendezvous)
+    net = model()
+    opt = ft.Adam(net.parameters(), lr=0.01, process_group=dist.group.WORLD,
+                  reduce_grads=False)
+    if source is not None:
+        net.load_state_dict(torch.load(f"{folder}/model.pt"))
+        saved = f"{folder}/rank{rank}.pt" if source == "own" else f"{folder}/whole.pt"
+        opt.load_state_dict(torch.load(saved))
+    train(net, opt, steps, first=first)
+    if source is None:
+        torch.save(opt.state_dict(), f"{folder}/rank{rank}.pt")
+        whole = opt.consolidated_state_dict(to=0)
+        if rank == 0:
+            torch.save(whole, f"{folder}/whole.pt")
+            torch.save(net.state_dict(), f"{folder}/model.pt")
+    return snapshot(net, {"state": {}})[0]
+
+
+def test_checkpoints_resume_bitwise_on_the_same_or_any_number_of_ranks(tmp_path):
+    """Three ranks save (each its partition, and the whole state on rank 0). Three ranks
+    resume from their own files; two ranks, four ranks and one process from the whole
+    state: each as not stopping, bit for bit. torch.optim loads the whole state too."""
+    net = model()
+    opt = ft.Adam(net.parameters(), lr=0.01)
+    train(net, opt, 2 * STEPS)
+    expected = [p.detach().numpy() for p in net.parameters()]
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    run_ranks(checkpoint_rank, (str(folder), None, STEPS, 0), _fresh(tmp_path, "save"), world=3)
+    for world, source in ((3, "own"), (2, "whole"), (4, "whole")):
+        for rank, params in enumerate(run_ranks(
+                checkpoint_rank, (str(folder), source, STEPS, STEPS),
+                _fresh(tmp_path, f"{world}{source}"), world=world)):
+            for mine, theirs in zip(params, expected):
+                np.testing.assert_array_equal(mine, theirs,
+                                              err_msg=f"rank {rank} of {world}, {source}")
+    net = model()
+    net.load_state_dict(torch.load(folder / "model.pt"))
+    opt = ft.Adam(net.parameters(), lr=0.01)
+    opt.load_state_dict(torch.load(folder / "whole.pt"))
+    train(net, opt, STEPS, first=STEPS)
+    for mine, theirs in zip(net.parameters(), expected):
+        np.testing.assert_array_equal(mine.detach().numpy(), theirs)
+    reference = torch.optim.Adam(model().parameters(), lr=0.01)
+    reference.load_state_dict(torch.load(folder / "whole.pt"))
+    assert reference.state_dict()["state"][0]["exp_avg"].shape == (30, 20)
+
+
+def _fresh(tmp_path, name):
+    (tmp_path / name).mkdir()
+    return tmp_path / name
+
+
+def partition_mismatch_rank(rank, world, rendezvous, folder):
+    _init(rank, world, rendezvous)
+    net = model()
+    opt = ft.Adam(net.parameters(), lr=0.01, process_group=dist.group.WORLD)
+    train(net, opt, 1)
+    torch.save(opt.state_dict(), f"{folder}/rank{rank}.pt")
+    dist.barrier()
+    before = [v.clone() for v in opt.state[next(net.parameters())].values()
+              if isinstance(v, torch.Tensor)]
+    try:
+        opt.load_state_dict(torch.load(f"{folder}/rank{(rank + 1) % world}.pt"))
+    except ValueError as error:
+        message = str(error)
+    else:
+        message = None
+    after = [v for v in opt.state[next(net.parameters())].values() if isinstance(v, torch.Tensor)]
+    return message, all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_another_ranks_partition_is_refused_and_changes_nothing(tmp_path):
+    (tmp_path / "files").mkdir()
+    for message, unchanged in run_ranks(partition_mismatch_rank, (str(tmp_path / "files"),),
+                                        tmp_path):
+        assert message and "consolidated_state_dict" in message, message
+        assert unchanged
+
+
+# -- what goes wrong across ranks gives a clear error, not a hang ----------------------
+
+def mismatch_rank(rank, world, rendezvous):
+    _init(rank, world, rendezvous)
+    net = model() if rank == 0 else torch.nn.Linear(20, 30)
+    try:
+        ft.Adam(net.parameters(), lr=0.01, process_group=dist.group.WORLD)
+    except ValueError as error:
+        return str(error)
+
+
+def test_ranks_with_other_parameters_fail_on_every_rank(tmp_path):
+    for message in run_ranks(mismatch_rank, (), tmp_path, timeout=60):
+        assert message and "same parameters" in message, message
+
+
+def dead_rank(rank, world, rendezvous):
+    _init(rank, world, rendezvous, timeout=10)
+    net = model()
+    opt = ft.Adam(net.parameters(), lr=0.01, process_group=dist.group.WORLD)
+    train(net, opt, 1)
+    if rank == 1:
+        return "gone"  # its process ends, and with it its connections
+    try:
+        train(net, opt, 1)
+    except RuntimeError as error:
+        return f"{type(error).__name__}: {error}"
+    return "stepped"
+
+
+def test_a_rank_that_leaves_makes_the_others_fail_not_hang(tmp_path):
+    results = run_ranks(dead_rank, (), tmp_path, timeout=60)
+    assert results[1] == "gone"
+    assert results[0].startswith("RuntimeError"), results[0]
+
+
+def refusals_rank(rank, world, rendezvous):
+    _init(rank, world, rendezvous)
+    net = model()
+    errors = {}
+    attempts = {
+        "Adafactor": lambda: ft.Adafactor(net.parameters(), process_group=dist.group.WORLD),
+        "int8": lambda: ft.Adam(net.parameters(), state_dtype="int8",
+                                process_group=dist.group.WORLD),
+        "transposed": lambda: ft.Adam([torch.nn.Parameter(torch.zeros(3, 4).t())],
+                                      process_group=dist.group.WORLD),
+    }
+    for what, attempt in attempts.items():
+        try:
+            attempt()
+        except (TypeError, ValueError) as error:
+            errors[what] = str(error)
+    return errors
+
+
+def test_what_is_not_partitioned_yet_is_refused_clearly(tmp_path):
+    for errors in run_ranks(refusals_rank, (), tmp_path):
+        assert "factors whole matrices" in errors["Adafactor"]
+        assert "int8" in errors["int8"]
+        assert "not contiguous" in errors["transposed"]
+
+
+def test_process_group_needs_torch_distributed_initialized():
+    with pytest.raises(ValueError, match="init_process_group"):
+        ft.Adam(model().parameters(), process_group=object())
