@@ -43,20 +43,22 @@ def sums_over_ranks(groups, sums):
 
 def reduce_scatter(output, padded, group):
     """``output`` = this rank's share of ``padded`` averaged over ``group``."""
-    # torch 2.13 renamed reduce_scatter_tensor and all_gather_into_tensor (deprecated).
-    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    scatter(output, padded, op=dist.ReduceOp.AVG, group=group)
+    _REDUCE_SCATTER(output, padded, op=dist.ReduceOp.AVG, group=group)
 
 
 def all_gather(padded, own, group):
     """``padded`` = every rank's ``own``, in rank order."""
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     if own.dtype in (torch.int16, torch.uint8):  # which gloo does not move: as int32
         wide = torch.empty(padded.shape, dtype=torch.int32, device=padded.device)
-        gather(wide, own.to(torch.int32), group=group)
+        _ALL_GATHER(wide, own.to(torch.int32), group=group)
         padded.copy_(wide)
     else:
-        gather(padded, own, group=group)
+        _ALL_GATHER(padded, own, group=group)
+
+
+# torch 2.13 renamed reduce_scatter_tensor and all_gather_into_tensor (now deprecated).
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def check_same_parameters(group, params):

@@ -370,31 +370,39 @@ def test_fsdp2_what_is_not_stepped_on_shards_yet_is_refused_clearly(tmp_path):
 
 # -- the example, as a user launches it ----------------------------------------------
 
-def test_the_fsdp2_example_trains_with_torchrun_as_torch_optim_does(tmp_path):
-    """``torchrun --standalone --nproc-per-node=2 examples/fsdp2_train.py``: fastopt's
-    losses follow torch.optim's in the same FSDP2 run (both clipped), the checkpoint is
-    written, and a second launch on three ranks resumes from it."""
+@pytest.mark.parametrize("sharding", ["fsdp2", "zero"])
+def test_the_example_trains_with_torchrun_as_torch_optim_does(sharding, tmp_path):
+    """``torchrun --standalone --nproc-per-node=2 examples/sharded_train.py``: fastopt's
+    losses follow torch.optim's (FSDP2 against FSDP2, or fastopt's ZeRO against DDP;
+    both clipped), the checkpoint is written, and a second launch on three ranks resumes
+    from it."""
     import pathlib
     import subprocess
     import sys
 
-    script = pathlib.Path(__file__).parents[1] / "examples" / "fsdp2_train.py"
+    script = pathlib.Path(__file__).parents[1] / "examples" / "sharded_train.py"
     checkpoint = tmp_path / "checkpoint"
 
     def launch(ranks, steps):
         done = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone",
-             f"--nproc-per-node={ranks}", str(script), "--steps", str(steps),
+             f"--nproc-per-node={ranks}", str(script), "--sharding", sharding,
+             "--steps", str(steps),
              "--checkpoint", str(checkpoint)],
             capture_output=True, text=True, timeout=300, cwd=tmp_path)
-        assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+        # torch 2.13's gloo sometimes aborts a process at its exit, after everything
+        # ("terminate called without an active exception"; one run in ten with DDP
+        # alone here): the run is judged by what it printed.
+        exit_abort = "terminate called without an active exception" in done.stderr
+        assert done.returncode == 0 or exit_abort and "final loss" in done.stdout, \
+            done.stdout + done.stderr[-3000:]
         rows = [line.split() for line in done.stdout.splitlines()
                 if len(line.split()) == 3 and line.split()[0].isdigit()]
         return done.stdout, np.array(rows, float)
 
     out, rows = launch(2, 20)
-    assert "2 ranks, FSDP2" in out and [int(step) for step in rows[:, 0]] == [0, 10]
+    assert "2 ranks, " in out and [int(step) for step in rows[:, 0]] == [0, 10]
     np.testing.assert_allclose(rows[:, 1], rows[:, 2], rtol=1e-3)
-    assert (checkpoint / ".metadata").exists()
+    assert (checkpoint / (".metadata" if sharding == "fsdp2" else "zero.pt")).exists()
     out, rows = launch(3, 10)
     assert "resumed at step 20" in out and [int(step) for step in rows[:, 0]] == [20]
