@@ -353,7 +353,8 @@ class Optimizer(torch.optim.Optimizer):
         self._states()
         if self._group is not None:  # each rank its partition of the averaged gradients
             for store in self._stores:
-                store.take_partition_gradients(self._group, self.reduce_grads)
+                store.take_partition_gradients(self._group, self.reduce_grads
+                                               and store.partition.world > 1)
         plans = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
         inverse_scale = engine.inverse_loss_scale(grad_scale)
         runs = [run for _, group_runs in plans for run in group_runs]
@@ -373,7 +374,8 @@ class Optimizer(torch.optim.Optimizer):
                 self._apply(hyper, run, prep)
         if self._group is not None:  # every rank its parameters from the others' steps
             for store in self._stores:
-                store.gather_parameters(self._group)
+                if store.partition.world > 1:
+                    store.gather_parameters(self._group)
         return loss
 
     def _sum_squares(self, runs):
