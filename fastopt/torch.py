@@ -380,9 +380,10 @@ class Optimizer(torch.optim.Optimizer):
 
     def _sum_squares(self, runs):
         """The gradients' sum of squares, over every rank's shards of DTensor parameters
-        (a tensor that is not a DTensor counts as a whole on each rank). Each rank's part
-        is summed in float64 and the parts are gathered and added exactly (``fsum``), so
-        every rank gets the same number, and takes the same decision to skip."""
+        or process_group partitions (a plain tensor of no partition counts as a whole on
+        each rank). Each rank's part is summed in float64 and the parts are gathered and
+        added exactly (``fsum``), so every rank gets the same number, and takes the same
+        decision to skip."""
         parts = collections.defaultdict(list)
         for run in runs:
             parts[run.store.reduction].append(run.sum_squares())
@@ -555,11 +556,10 @@ class Optimizer(torch.optim.Optimizer):
         return packed
 
     def _partition_signature(self):
-        partition = self._stores[0].partition if self._stores else None
+        """Which elements of the state this rank keeps, under a process_group."""
         return {"rank": torch.distributed.get_rank(self._group),
                 "world": torch.distributed.get_world_size(self._group),
-                "bounds": [store.partition.bounds for store in self._stores]} \
-            if partition else {}
+                "bounds": [store.partition.bounds for store in self._stores]}
 
     def consolidated_state_dict(self, to=0):
         """With ``process_group``: the whole state in torch.optim's format (each state
@@ -625,11 +625,7 @@ class Optimizer(torch.optim.Optimizer):
         tensors = {index: {name: value for name, value in state.items()
                            if isinstance(value, torch.Tensor) and name not in _TORCH_SCALARS}
                    for index, state in state_dict["state"].items()}
-        # Which parameter each saved one is, as torch pairs them: by their places in the
-        # groups (the ids are indices in a state_dict(), names in DCP's).
-        params = dict(zip((saved for group in state_dict["param_groups"]
-                           for saved in group["params"]),
-                          (p for group in self.param_groups for p in group["params"])))
+        params = self._loaded_params(state_dict)
         super().load_state_dict(state_dict)
         for index, values in scalars.items():
             for name, value in values.items():
@@ -645,6 +641,12 @@ class Optimizer(torch.optim.Optimizer):
                 self.state[p][name] = value.to(device=p.device, dtype=dtype)
         self._relayout()
 
+    def _loaded_params(self, state_dict):
+        """Which parameter each saved one is, as torch pairs them: by their places in
+        the groups (the ids are indices in a state_dict(), names in DCP's)."""
+        return dict(zip((saved for group in state_dict["param_groups"]
+                         for saved in group["params"]), self._all_params()))
+
     def _partitioned(self, state_dict):
         """A loaded state_dict as this rank's partition takes it: one of this rank's
         :meth:`state_dict` as it is, and a whole one (:meth:`consolidated_state_dict`,
@@ -658,8 +660,7 @@ class Optimizer(torch.optim.Optimizer):
                                  f"{self._partition_signature()}: load the whole state "
                                  "(consolidated_state_dict()) into another partition")
             return state_dict
-        params = dict(zip((saved for group in state_dict["param_groups"]
-                           for saved in group["params"]), self._all_params()))
+        params = self._loaded_params(state_dict)
         state = {}
         for key, values in state_dict["state"].items():
             p = params.get(key)
