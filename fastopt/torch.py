@@ -538,9 +538,26 @@ class Optimizer(torch.optim.Optimizer):
         :meth:`decoded_state_dict` gives torch.optim's state.
 
         With ``process_group``, this rank's partition: each state tensor holds this
-        rank's elements of its parameter (flat), and ``"partition"`` says which (this
-        rank, the world size and the cuts), so that only the same rank of the same
-        partition loads it; :meth:`consolidated_state_dict` gives the whole state."""
+        rank's elements of its parameter (flat), named ``"<name>@rank<r>of<n>"``, so that
+        only the same rank of as many loads it (torch.distributed.checkpoint, which
+        would take same-named tensors of all ranks for copies, then saves every rank's
+        and reloads them on as many ranks); :meth:`consolidated_state_dict` gives the
+        whole state."""
+        packed = self._packed()
+        if self._group is not None:
+            suffix = self._rank_suffix()
+            packed["state"] = {index: {(name + suffix if isinstance(value, torch.Tensor)
+                                        and value.dim() else name): value
+                                       for name, value in state.items()}
+                               for index, state in packed["state"].items()}
+        return packed
+
+    def _rank_suffix(self):
+        return (f"@rank{torch.distributed.get_rank(self._group)}"
+                f"of{torch.distributed.get_world_size(self._group)}")
+
+    def _packed(self):
+        """torch's state_dict() in fastopt's names (see :meth:`state_dict`)."""
         packed = super().state_dict()
         # torch packs the live per-parameter dicts; convert copies of them.
         packed["state"] = {index: dict(state) for index, state in packed["state"].items()}
@@ -551,15 +568,7 @@ class Optimizer(torch.optim.Optimizer):
             for name in [n for n in state if n + ABSMAX in state]:
                 state[STRIDES] = torch.tensor(state[name].stride(), dtype=torch.int64)
                 state[name + CODES] = state.pop(name)
-        if self._group is not None:
-            packed["partition"] = self._partition_signature()
         return packed
-
-    def _partition_signature(self):
-        """Which elements of the state this rank keeps, under a process_group."""
-        return {"rank": torch.distributed.get_rank(self._group),
-                "world": torch.distributed.get_world_size(self._group),
-                "bounds": [store.partition.bounds for store in self._stores]}
 
     def consolidated_state_dict(self, to=0):
         """With ``process_group``: the whole state in torch.optim's format (each state
@@ -570,8 +579,7 @@ class Optimizer(torch.optim.Optimizer):
         if self._group is None:
             raise ValueError("consolidated_state_dict() is for an optimizer with a "
                              "process_group; state_dict() holds the whole state")
-        packed = self.state_dict()
-        del packed["partition"]
+        packed = self._packed()
         index = {p: i for i, p in enumerate(self._all_params())}
         for store in self._stores:
             partition = store.partition
@@ -649,17 +657,21 @@ class Optimizer(torch.optim.Optimizer):
 
     def _partitioned(self, state_dict):
         """A loaded state_dict as this rank's partition takes it: one of this rank's
-        :meth:`state_dict` as it is, and a whole one (:meth:`consolidated_state_dict`,
-        torch.optim's, one saved without a process_group) cut to this rank's elements."""
-        saved = state_dict.get("partition")
-        if saved is not None:
-            if saved != self._partition_signature():
-                raise ValueError(f"loaded state dict is rank {saved.get('rank')} of a "
-                                 f"partition into {saved.get('world')} (cuts "
-                                 f"{saved.get('bounds')}), not this rank's "
-                                 f"{self._partition_signature()}: load the whole state "
+        :meth:`state_dict`, with its names, and a whole one
+        (:meth:`consolidated_state_dict`, torch.optim's, one saved without a
+        process_group) cut to this rank's elements."""
+        suffix = self._rank_suffix()
+        ranked = {name[name.index("@rank"):] for state in state_dict["state"].values()
+                  for name in state if "@rank" in name}
+        if ranked:
+            if ranked != {suffix}:
+                raise ValueError(f"loaded state dict holds the partitions {sorted(ranked)} "
+                                 f"(state names '<name>@rank<r>of<n>'), not this rank's "
+                                 f"{suffix!r}: load the whole state "
                                  "(consolidated_state_dict()) into another partition")
-            return state_dict
+            return {**state_dict, "state": {
+                index: {name.removesuffix(suffix): value for name, value in state.items()}
+                for index, state in state_dict["state"].items()}}
         params = self._loaded_params(state_dict)
         state = {}
         for key, values in state_dict["state"].items():

@@ -343,3 +343,46 @@ def test_what_is_not_partitioned_yet_is_refused_clearly(tmp_path):
 def test_process_group_needs_torch_distributed_initialized():
     with pytest.raises(ValueError, match="init_process_group"):
         ft.Adam(model().parameters(), process_group=object())
+
+
+# -- torch.distributed.checkpoint -------------------------------------------------------
+
+def dcp_rank(rank, world, rendezvous, folder, save):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    _init(rank, world, rendezvous)
+    net = model()
+    opt = ft.Adam(net.parameters(), lr=0.01, process_group=dist.group.WORLD)
+    train(net, opt, 2, rank=rank, world=world)
+    if save:
+        dcp.save({"optim": get_state_dict(net, opt)[1]}, checkpoint_id=folder)
+        return [v.numpy().copy() for p in net.parameters() for v in opt.state[p].values()
+                if isinstance(v, torch.Tensor)]
+    fresh = model()
+    again = ft.Adam(fresh.parameters(), lr=0.01, process_group=dist.group.WORLD)
+    model_state, optim_state = get_state_dict(fresh, again)
+    try:
+        dcp.load({"optim": optim_state}, checkpoint_id=folder)
+        set_state_dict(fresh, again, model_state_dict=model_state, optim_state_dict=optim_state)
+    except dcp.api.CheckpointException as error:  # DCP's, for a missing key
+        return f"{type(error).__name__}: {error}"
+    return [v.numpy().copy() for p in fresh.parameters() for v in again.state[p].values()
+            if isinstance(v, torch.Tensor)]
+
+
+def test_dcp_restores_each_ranks_partition_and_refuses_another_partition(tmp_path):
+    """Same-named tensors of several ranks are copies to torch.distributed.checkpoint,
+    which saves one of them: the partitions' names carry their rank, so that each is
+    saved and comes back to its rank, and another number of ranks finds none of its."""
+    folder = str(tmp_path / "dcp")
+    for sub in ("save", "load", "other"):
+        (tmp_path / sub).mkdir()
+    saved = run_ranks(dcp_rank, (folder, True), tmp_path / "save")
+    assert not all(np.array_equal(a, b) for a, b in zip(saved[0], saved[1]))
+    for rank, loaded in enumerate(run_ranks(dcp_rank, (folder, False), tmp_path / "load")):
+        assert len(loaded) == len(saved[rank])
+        for mine, theirs in zip(loaded, saved[rank]):
+            np.testing.assert_array_equal(mine, theirs, err_msg=f"rank {rank}")
+    for message in run_ranks(dcp_rank, (folder, False), tmp_path / "other", world=3):
+        assert isinstance(message, str) and "@rank" in message, message
