@@ -217,7 +217,7 @@ class HostBackend:
                                  "w": 4 if w is None else w.itemsize}, w=masters)
 
     def run_segments(self, spec, tensors, states, prep, h, segments, values=(),
-                     keep_subnormals=False, key=0):
+                     keep_subnormals=False, key=0, first=0):
         """One pass ``spec`` (a ``kernels.Pass``) over ``segments`` of ``tensors`` (see
         :class:`Tensors`) and the flat state buffers ``states`` (those of
         ``spec.present``, in order); returns its sums per segment, a float64 array
@@ -225,7 +225,7 @@ class HostBackend:
         ``spec.per_segment``; ``keep_subnormals`` where the rule's result hangs on
         subnormal numbers, which the kernels otherwise flush; ``key`` the step's
         rounding key where ``spec.stochastic`` (elements are indexed by their place in
-        the state buffers).
+        the state buffers, after ``first``).
         """
         if not segments.size:  # nothing to step (Adafactor's vectors, where it has none)
             return tuple(np.zeros(segments.count) for _ in spec.sums)
@@ -235,13 +235,14 @@ class HostBackend:
         if spec.formats:
             states = [*map(precision.bits, states)]
         self._call(kernel, segments.size, *segments.reach(tensors, names), *states,
-                   float32s(prep), float32s(h), *((key, 0) if spec.stochastic else ()),
+                   float32s(prep), float32s(h), *((key, first) if spec.stochastic else ()),
                    segments.chunks, segments.state_starts,
                    segments.partials, segments.row_scalars,
                    flush=self._kernels.FLUSH_DENORMALS and not keep_subnormals)
         return segments.totals(segments.partials, len(spec.sums)) if spec.sums else ()
 
-    def run_blocks(self, spec, tensors, states, blocks, prep, h, keep_subnormals=False, key=0):
+    def run_blocks(self, spec, tensors, states, blocks, prep, h, keep_subnormals=False, key=0,
+                   first=0):
         """One pass ``spec`` that keeps state in 8 bits (``codecs.QUANTIZED`` formats)
         over the segments of ``tensors`` and ``states`` (as :meth:`run_segments`), block
         by block. ``blocks`` is ``(rows, state_starts, size, arrays)``: the blocks' rows
@@ -252,7 +253,7 @@ class HostBackend:
         kernel, names = self._compiled(spec)
         self._call(kernel, size, *(getattr(tensors, name) for name in names),
                    *map(precision.bits, states), float32s(prep), float32s(h),
-                   *((key, 0) if spec.stochastic else ()), rows, state_starts, *arrays,
+                   *((key, first) if spec.stochastic else ()), rows, state_starts, *arrays,
                    flush=self._kernels.FLUSH_DENORMALS and not keep_subnormals)
 
     def _compiled(self, spec):
@@ -389,7 +390,7 @@ class CudaBackend:
         return Tensors(p, g, np.asarray(starts, np.int64), w=w)
 
     def run_segments(self, spec, tensors, states, prep, h, segments, values=(),
-                     keep_subnormals=False, key=0):
+                     keep_subnormals=False, key=0, first=0):
         if not segments.size:
             return tuple(np.zeros(segments.count) for _ in spec.sums)
         if values:
@@ -399,7 +400,7 @@ class CudaBackend:
         arrays = [getattr(tensors, name) for name in names]
         self._kernels.launch_segments(kernel, segments, self._starts(tensors, segments),
                                       *arrays, *states, prep, h,
-                                      *((key, 0) if spec.stochastic else ()))
+                                      *((key, first) if spec.stochastic else ()))
         if not spec.sums:
             return ()
         return segments.totals(segments.partials.copy_to_host(segments.partials_host),

@@ -1285,6 +1285,8 @@ class _Store:
                 for name in self.quantized if name in spec})
         if self.storage.stochastic:
             work.stochastic, work.key = True, self.storage.key(step, self.ordinal)
+            if self.partition is not None:
+                work.first = self.partition.bounds[self.partition.rank]
         if self.reduction is not None:  # shards: norms and counts of the whole tensors
             work.reduce = functools.partial(sharding.sums_over_ranks, self.reduction)
             work.sizes = np.array([p.numel() for p in run.params], np.int64)

@@ -38,6 +38,9 @@ CASES = [(name, OPTIONS.get(name, dict(lr=0.01)), torch.float32)
     ("AdamW", dict(lr=0.01), torch.bfloat16),
     ("Adam", dict(lr=0.01, master_weights="remainder", state_dtype="bfloat16"),
      torch.bfloat16),
+    # Each element draws its random bits by its place in the whole flat buffer.
+    ("Adam", dict(lr=0.01, master_weights=None, state_dtype="bfloat16",
+                  stochastic_rounding=True, seed=3), torch.bfloat16),
 ]
 
 

@@ -144,6 +144,9 @@ class Work:
         master: whether 16-bit parameters keep master weights (``tensors.w``).
         key: the step's rounding key (``codecs.rounding_key``) where ``stochastic``:
             the 16-bit stores round stochastically.
+        first: the index in the random draw of the state buffers' first element (the
+            start of a ZeRO partition, whose elements then draw the bits that they
+            draw in one process).
         blocks: where state is kept in 8 bits, ``(rows, state_starts, size, arrays)``:
             the blocks of the segments (``HostBackend.run_blocks``), and each 8-bit
             buffer's absmax and small arrays by name.
@@ -159,7 +162,7 @@ class Work:
         self.state, self.present, self.state_starts = state, present, state_starts
         self.prep, self.keep_subnormals, self.cache = prep, keep_subnormals, cache
         self.formats, self.master = formats or {}, master
-        self.stochastic, self.key, self.blocks = False, 0, None
+        self.stochastic, self.key, self.first, self.blocks = False, 0, 0, None
         self.reduce, self.sizes = None, segments.sizes
 
     def run(self, spec, h, segments=None, values=(), states=None):
@@ -180,11 +183,11 @@ class Work:
                 return self.backend.run_blocks(
                     spec, self.tensors, states,
                     (rows, starts, size, [a for name in quantized for a in scales[name]]),
-                    self.prep, h, self.keep_subnormals, self.key)
+                    self.prep, h, self.keep_subnormals, self.key, self.first)
         sums = self.backend.run_segments(
             spec, self.tensors, states, self.prep, h,
             self.segments if segments is None else segments, values, self.keep_subnormals,
-            self.key)
+            self.key, self.first)
         if self.reduce is not None and sums:
             if segments is not None:  # parts of tensors: no rank knows what to add
                 raise NotImplementedError("sums over segments of sharded tensors")
