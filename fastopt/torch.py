@@ -1087,6 +1087,7 @@ class _Store:
         self.scales = {name + ABSMAX: name for name in self.quantized}
         self._blocks = _Blocks(locals_) if self.quantized else None
         self._flat, self._layouts, self._tables, self._caches = {}, {}, {}, {}
+        self._padded = self._own = None  # the partition's collectives' buffers
         if in_place:
             self.backend = HostBackend()
         else:
@@ -1180,7 +1181,7 @@ class _Store:
     def take_partition_gradients(self, group, reduce):
         """Set ``partition_gradients``: this rank's elements of each parameter's
         gradient (None where the parameter has none), first averaged over ``group``
-        (one reduce-scatter) where ``reduce``."""
+        where ``reduce``."""
         flats = [None if p.grad is None else p.grad.reshape(-1) for p in self.slots]
         if not reduce:
             self.partition_gradients = [None if flat is None else flat[first:last]
@@ -1205,7 +1206,7 @@ class _Store:
     def _partition_buffers(self):
         """The buffers of the collectives: every rank's share, padded to the longest,
         and this rank's (its gradients, then its parameters)."""
-        if not hasattr(self, "_padded"):
+        if self._padded is None:
             partition, dtype = self.partition, next(iter(self.slots)).dtype
             self._padded = torch.zeros(partition.world * partition.share, dtype=dtype,
                                        device=self.device)
