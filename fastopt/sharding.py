@@ -24,13 +24,17 @@ def over_ranks(groups, parts):
     ZeRO group): gathered, and each added exactly in every rank."""
     parts = np.asarray(parts, np.float64)
     for group in groups:
-        device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-        mine = torch.from_numpy(parts).to(device)
+        mine = torch.from_numpy(parts).to(_device(group))
         gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
         dist.all_gather(gathered, mine, group=group)
         parts = np.array([math.fsum(column)
                           for column in torch.stack(gathered).cpu().T.tolist()], np.float64)
     return parts
+
+
+def _device(group):
+    """Where the tensors of ``group``'s collectives lie: NCCL's on the GPU."""
+    return "cuda" if dist.get_backend(group) == "nccl" else "cpu"
 
 
 def sums_over_ranks(groups, sums):
@@ -73,11 +77,9 @@ def check_same_parameters(group, params):
     parameters of the same shapes and dtypes, in the same order (one small gather)."""
     described = repr([(tuple(p.shape), str(p.dtype)) for p in params]).encode()
     digest = int.from_bytes(hashlib.sha256(described).digest()[:7], "little")
-    mine = torch.tensor([len(params), digest], dtype=torch.int64)
-    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-    gathered = [torch.empty_like(mine, device=device)
-                for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, mine.to(device), group=group)
+    mine = torch.tensor([len(params), digest], dtype=torch.int64, device=_device(group))
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
     seen = [tuple(t.tolist()) for t in gathered]
     if len(set(seen)) > 1:
         counts = [count for count, _ in seen]

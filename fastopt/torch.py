@@ -273,6 +273,15 @@ class Optimizer(torch.optim.Optimizer):
             raise TypeError(f"{name} is {what}: fastopt.torch does not yet keep 8-bit state "
                             "(state_dtype='int8') for shards")
 
+    def _partition(self, members):
+        """The ``sharding.Partition`` of a store of ``members`` under ``process_group``,
+        else None."""
+        if self._group is None:
+            return None
+        return sharding.Partition([p.numel() for p in members],
+                                  torch.distributed.get_rank(self._group),
+                                  torch.distributed.get_world_size(self._group))
+
     def _all_params(self):
         return [p for group in self.param_groups for p in group["params"]]
 
@@ -307,10 +316,7 @@ class Optimizer(torch.optim.Optimizer):
                 self._check_sharded(first, dtype)
         stores = [_Store(self.algorithm, members, device.type == "cpu" and (
                       not _shaped(self.algorithm) or all(p.is_contiguous() for p in members)),
-                         self._storage_of(dtype), ordinal, reduction,
-                         None if self._group is None else sharding.Partition(
-                             [p.numel() for p in members], torch.distributed.get_rank(
-                                 self._group), torch.distributed.get_world_size(self._group)))
+                         self._storage_of(dtype), ordinal, reduction, self._partition(members))
                   for ordinal, ((device, dtype, reduction), members) in enumerate(kinds.items())]
         # The master weights of a parameter no longer 16-bit (model.float()) are dropped.
         dropped = [(store, p) for store in stores for p in store.slots
@@ -353,8 +359,7 @@ class Optimizer(torch.optim.Optimizer):
         self._states()
         if self._group is not None:  # each rank its partition of the averaged gradients
             for store in self._stores:
-                store.take_partition_gradients(self._group, self.reduce_grads
-                                               and store.partition.world > 1)
+                store.take_partition_gradients(self._group, self.reduce_grads)
         plans = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
         inverse_scale = engine.inverse_loss_scale(grad_scale)
         runs = [run for _, group_runs in plans for run in group_runs]
@@ -374,8 +379,7 @@ class Optimizer(torch.optim.Optimizer):
                 self._apply(hyper, run, prep)
         if self._group is not None:  # every rank its parameters from the others' steps
             for store in self._stores:
-                if store.partition.world > 1:
-                    store.gather_parameters(self._group)
+                store.gather_parameters(self._group)
         return loss
 
     def _sum_squares(self, runs):
@@ -589,13 +593,12 @@ class Optimizer(torch.optim.Optimizer):
                 own[:flat.numel()].copy_(flat)
                 padded = own.new_zeros(partition.world * partition.share)
                 sharding.all_gather(padded, own, self._group)
-                params = list(store.slots)
-                for i, p in enumerate(params):
+                wholes = [own.new_empty(p.numel()) for p in store.slots]
+                partition.unpack(padded, wholes, skip_own=False)
+                for p, whole in zip(store.slots, wholes):
                     state = packed["state"].get(index[p], {})
                     if name in state:
-                        state[name] = torch.cat([padded[at:at + last - first]
-                                                 for j, first, last, at in partition.rows
-                                                 if j == i] or [own[:0]]).view(p.shape)
+                        state[name] = whole.view(p.shape)
         return packed if torch.distributed.get_rank(self._group) == to else None
 
     def decoded_state_dict(self):
@@ -604,7 +607,7 @@ class Optimizer(torch.optim.Optimizer):
         in torch.optim's format: torch.optim loads it, and so does fastopt.torch with
         any ``state_dtype`` (encoding it again)."""
         packed = self.state_dict()
-        params = [p for group in self.param_groups for p in group["params"]]
+        params = self._all_params()
         for index, state in packed["state"].items():
             quantized = self._storage_of(params[index].dtype).quantized
             state.pop(STRIDES, None)  # the live codes have them
@@ -1181,9 +1184,9 @@ class _Store:
     def take_partition_gradients(self, group, reduce):
         """Set ``partition_gradients``: this rank's elements of each parameter's
         gradient (None where the parameter has none), first averaged over ``group``
-        where ``reduce``."""
+        where ``reduce`` (and there are other ranks)."""
         flats = [None if p.grad is None else p.grad.reshape(-1) for p in self.slots]
-        if not reduce:
+        if not reduce or self.partition.world == 1:
             self.partition_gradients = [None if flat is None else flat[first:last]
                                         for flat, (first, last) in zip(flats,
                                                                        self.partition.pieces)]
@@ -1196,7 +1199,9 @@ class _Store:
 
     def gather_parameters(self, group):
         """Give every parameter the elements that the other ranks of ``group`` stepped
-        (one all-gather, in the parameters' dtype)."""
+        (one all-gather, in the parameters' dtype; none where there are no others)."""
+        if self.partition.world == 1:
+            return
         padded, own = self._partition_buffers()
         for slot in self.slots.values():
             own[slot.start:slot.stop].copy_(slot.local)

@@ -54,17 +54,20 @@ def full(tensors):
     return [t.detach().full_tensor().float().numpy() for t in tensors]
 
 
+def comparable(value):
+    """A state tensor as float32 (values) or int32 (a remainder's bits, which gloo does
+    not gather as int16)."""
+    return value.to(torch.float32 if value.is_floating_point() else torch.int32)
+
+
 def full_state(opt):
-    """The whole state tensors, as float32 (values) or int32 (a remainder's bits, which
-    gloo does not gather as int16)."""
-    return [{name: value.to(torch.float32 if value.is_floating_point() else torch.int32)
-             .full_tensor().numpy() for name, value in opt.state[p].items()
+    """The whole state tensors of DTensor parameters (a collective)."""
+    return [{name: comparable(value).full_tensor().numpy() for name, value in opt.state[p].items()
              if hasattr(value, "full_tensor")} for p in opt.param_groups[0]["params"]]
 
 
 def plain_state(opt):
-    return [{name: value.to(torch.float32 if value.is_floating_point() else torch.int32)
-             .numpy() for name, value in opt.state[p].items()
+    return [{name: comparable(value).numpy() for name, value in opt.state[p].items()
              if isinstance(value, torch.Tensor) and value.dim() > 0}
             for p in opt.param_groups[0]["params"]]
 
@@ -129,7 +132,7 @@ def fsdp2_same_batch_rank(rank, world, rendezvous, cases):
 def test_fsdp2_steps_every_elementwise_algorithm_bitwise_as_one_process(part, tmp_path):
     cases = CASES[part::2]
     for name, kwargs, dtype in cases:
-        warm(name, {k: v for k, v in kwargs.items()})
+        warm(name, kwargs)
     expected = [one_process(*case) for case in cases]
     for rank, results in enumerate(run_ranks(fsdp2_same_batch_rank, (cases,), tmp_path)):
         for (name, kwargs, dtype), (losses, params, state, kinds), (their_losses, their_params,
