@@ -13,6 +13,9 @@ backward) and ends where every rank holds the stepped parameters:
   averaged gradients of its partition (on gloo an all-reduce, which is faster there
   than gloo's reduce-scatter; NCCL's reduce-scatter), the fused step of its partition,
   an all-gather of the parameters;
+- ``fastopt ZeRO-2``: the same with ``zero_stage=2``: the gradients go out in buckets
+  (25 MB), each reduced to the rank whose share it is; here all at the step, as
+  gradients set by hand do (in training, during backward);
 - ``torch ZeRO``: an all-reduce of the gradients (what DDP does in backward), then
   ``ZeroRedundancyOptimizer(optimizer_class=torch.optim.AdamW)``'s step of its share
   and broadcast of the parameters;
@@ -23,7 +26,8 @@ The step time is rank 0's wall time between barriers, the median over rounds of 
 round's mean (rounds interleave the contenders). State bytes are counted from the
 optimizers' state tensors on rank 0. The bytes sent per parameter are computed, not
 measured: a ring reduce-scatter or all-gather sends (N-1)/N of the buffer from each
-rank, an all-reduce twice that, a broadcast of each rank's share (N-1)/N of the whole.
+rank, an all-reduce twice that, a broadcast of each rank's share (N-1)/N of the whole,
+and a chain reduce of every bucket from each rank but its owner (N-1)/N of the whole.
 """
 
 import argparse
@@ -37,7 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-CONTENDERS = ("fastopt ZeRO", "torch ZeRO", "DDP + fused AdamW")
+CONTENDERS = ("fastopt ZeRO", "fastopt ZeRO-2", "torch ZeRO", "DDP + fused AdamW")
 TENSORS = 8  # the parameters: this many tensors of equal size
 
 
@@ -53,11 +57,18 @@ def contender(name, params):
     import fastopt.torch as ft
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
-    if name == "fastopt ZeRO":
-        opt = ft.AdamW(params, lr=1e-3, process_group=dist.group.WORLD)
-        return opt.step, lambda: sum(buffer.numel() * buffer.element_size()
-                                     for store in opt._stores
-                                     for buffer in store._flat.values())
+    if name.startswith("fastopt"):
+        opt = ft.AdamW(params, lr=1e-3, process_group=dist.group.WORLD,
+                       zero_stage=2 if name.endswith("2") else 1)
+        grads = [p.grad for p in params]
+
+        def step():
+            for p, grad in zip(params, grads):  # stage 2 drops them
+                p.grad = grad
+            opt.step()
+
+        return step, lambda: sum(buffer.numel() * buffer.element_size()
+                                 for store in opt._stores for buffer in store._flat.values())
     flat = torch.zeros(sum(p.numel() for p in params))
     for p, view in zip(params, flat.split([p.numel() for p in params])):
         view.copy_(p.grad.reshape(-1))
@@ -85,7 +96,8 @@ def sent_per_parameter(name, world, backend="gloo"):
     """Bytes each rank sends per parameter (float32), for ring collectives."""
     share = (world - 1) / world * 4
     zero = 3 * share if backend == "gloo" else 2 * share  # all-reduce or reduce-scatter
-    return {"fastopt ZeRO": zero, "torch ZeRO": 3 * share, "DDP + fused AdamW": 2 * share}[name]
+    return {"fastopt ZeRO": zero, "fastopt ZeRO-2": 2 * share, "torch ZeRO": 3 * share,
+            "DDP + fused AdamW": 2 * share}[name]
 
 
 def rank_main(rank, world, rendezvous, size, rounds, steps, out):
@@ -102,7 +114,8 @@ def rank_main(rank, world, rendezvous, size, rounds, steps, out):
         runs[name][0]()  # compiles, and makes the state
     times = {name: [] for name in CONTENDERS}
     for r in range(rounds):
-        for name in CONTENDERS[r % 3:] + CONTENDERS[:r % 3]:
+        turn = r % len(CONTENDERS)
+        for name in CONTENDERS[turn:] + CONTENDERS[:turn]:
             dist.barrier()
             start = time.perf_counter()
             for _ in range(steps):

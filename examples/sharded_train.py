@@ -2,7 +2,7 @@
 and the same model with torch.optim.AdamW side by side:
 
     torchrun --standalone --nproc-per-node=2 examples/sharded_train.py \
-        [--sharding fsdp2|zero] [--steps 100] [--checkpoint DIR]
+        [--sharding fsdp2|zero|zero2] [--steps 100] [--checkpoint DIR]
 
 The model is torch's ``nn.TransformerEncoder`` language model of ``fastopt demo
 --precision`` (two layers, width 64, over the characters of Python's ``json`` sources),
@@ -14,6 +14,8 @@ every batch, and clips the gradient norm to 1 (fastopt's fused ``clip_grad_norm`
   ``fully_shard``ed over all ranks, for both optimizers.
 - ``--sharding zero``: fastopt shards its own state (``process_group=``, ZeRO stage 1)
   over a plain model, against torch's DistributedDataParallel with torch.optim.AdamW.
+- ``--sharding zero2``: the same with ``zero_stage=2``: the gradients are reduced during
+  backward, bucket by bucket, and each rank keeps only its share of them.
 
 Rank 0 prints both losses every 10 steps and how far the two runs end apart. With
 ``--checkpoint DIR`` the fastopt run is saved there at the end (FSDP2: with
@@ -49,7 +51,8 @@ def build(which, sharding, vocabulary, device):
         fully_shard(model, mesh=mesh)
     elif which == "fastopt":  # zero: fastopt's own partitions of a plain model
         return model, ft.AdamW(model.parameters(), clip_grad_norm=1.0,
-                               process_group=dist.group.WORLD, **options)
+                               process_group=dist.group.WORLD,
+                               zero_stage=2 if sharding == "zero2" else 1, **options)
     else:
         model = torch.nn.parallel.DistributedDataParallel(model)
     if which == "fastopt":
@@ -66,7 +69,7 @@ def resume(sharding, model, opt, checkpoint):
         dcp.load(state, checkpoint_id=checkpoint)
         set_state_dict(model, opt, model_state_dict=model_state, optim_state_dict=optim_state)
         return int(state["step"])
-    if sharding == "zero" and os.path.exists(os.path.join(checkpoint, "zero.pt")):
+    if sharding != "fsdp2" and os.path.exists(os.path.join(checkpoint, "zero.pt")):
         state = torch.load(os.path.join(checkpoint, "zero.pt"))  # the whole state, any ranks
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optim"])
@@ -115,7 +118,7 @@ def train(which, sharding, steps, tokens, vocabulary, device, checkpoint=None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sharding", choices=("fsdp2", "zero"), default="fsdp2")
+    parser.add_argument("--sharding", choices=("fsdp2", "zero", "zero2"), default="fsdp2")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--checkpoint", help="a folder to resume from and save to (DCP)")
     args = parser.parse_args(argv)
@@ -132,7 +135,8 @@ def main(argv=None):
                                          vocabulary, device)
         theirs = theirs[first:]
         if dist.get_rank() == 0:
-            how = "FSDP2" if args.sharding == "fsdp2" else "fastopt ZeRO vs torch DDP"
+            how = {"fsdp2": "FSDP2", "zero": "fastopt ZeRO vs torch DDP",
+                   "zero2": "fastopt ZeRO-2 vs torch DDP"}[args.sharding]
             print(f"{dist.get_world_size()} ranks, {how}, AdamW (lr 3e-3, clipped to norm 1)"
                   + (f", resumed at step {first}" if first else ""))
             print(f"{'step':>5s} {'fastopt.torch':>14s} {'torch.optim':>12s}")

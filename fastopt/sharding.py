@@ -8,12 +8,17 @@ exactly (``math.fsum``), so every rank gets the same floats, whatever the order 
 which they arrive.
 """
 
+import collections
+import functools
 import hashlib
 import math
+import weakref
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from torch.autograd import Variable
 
 from .kernels.codecs import BLOCK
 
@@ -115,6 +120,7 @@ class Partition:
             bounds.append(target)
         bounds.append(total)
         self.bounds, self.rank, self.world = bounds, rank, world
+        self.starts, self.sizes = [int(s) for s in starts[:-1]], [int(n) for n in sizes]
         self.share = max(b - a for a, b in zip(bounds, bounds[1:])) if total else 0
         lo, hi = bounds[rank], bounds[rank + 1]
         self.pieces = [(int(min(max(lo - s, 0), n)), int(min(max(hi - s, 0), n)))
@@ -126,6 +132,22 @@ class Partition:
                 if first < last:
                     self.rows.append((i, int(first), int(last),
                                       int(r * self.share + s + first - bounds[r])))
+
+    def buckets(self, capacity):
+        """``zero_stage=2``'s buckets: each rank's share cut into pieces of at most
+        ``capacity`` elements, last first (backward's order, roughly), as ``(owner, lo,
+        hi, parts)``: the flat buffer's ``lo:hi`` lies in rank ``owner``'s share, and each
+        part ``(tensor, first, last, at)`` puts the tensor's elements ``first:last`` at
+        ``at`` in the bucket."""
+        buckets = []
+        for owner in range(self.world):
+            for lo in range(self.bounds[owner], self.bounds[owner + 1], capacity):
+                hi = min(lo + capacity, self.bounds[owner + 1])
+                parts = [(i, max(lo - s, 0), min(hi - s, n), max(s - lo, 0))
+                         for i, (s, n) in enumerate(zip(self.starts, self.sizes))
+                         if s < hi and lo < s + n]
+                buckets.append((owner, lo, hi, parts))
+        return buckets[::-1]
 
     def pack(self, flats, out):
         """Copy the flat tensors ``flats`` (one per tensor, None for zeros) into ``out``,
@@ -143,3 +165,144 @@ class Partition:
         for i, first, last, at in self.rows:
             if not (skip_own and lo <= at < hi):
                 flats[i][first:last].copy_(full[at:at + last - first])
+
+
+class BucketReducer:
+    """``zero_stage=2``: a store's gradients reduced during backward, bucket by bucket,
+    into each rank's share (``gradients``), so that a rank holds its share and one
+    bucket instead of every gradient.
+
+    A post-accumulate-grad hook marks each parameter ready. The buckets
+    (``Partition.buckets``) go out strictly in their order, each once it and those
+    before it are ready: copied into one buffer and sent as one ``reduce`` (averaged
+    where ``reduce``) to the rank whose share it is, which adds it into ``gradients``
+    when the next bucket goes out or backward ends. A parameter's ``.grad`` is dropped
+    once its last bucket is out. At the end of backward the buckets that wait on
+    parameters that got no gradient go out, in order, with zeros for those. So every
+    rank sends the same buckets in the same order, as long as every rank's backward
+    reaches the same parameters (as DDP requires).
+
+    Over several backward passes (micro-batches) ``gradients`` adds up; a step takes
+    it, and the first bucket after a step (or ``clear``, from ``zero_grad``) starts
+    afresh, so ``model.zero_grad()`` is enough between steps. ``take`` first sends what
+    backward did not (gradients set by hand)."""
+
+    def __init__(self, params, partition, group, reduce, capacity):
+        self.params, self.partition, self.group = params, partition, group
+        self.collective = reduce and partition.world > 1
+        self.buckets = partition.buckets(capacity)
+        self.members = [[i for i, *_ in parts] for *_, parts in self.buckets]
+        buckets_of = collections.defaultdict(list)
+        for b, members in enumerate(self.members):
+            for i in members:
+                buckets_of[i].append(b)
+        self.buckets_of = dict(buckets_of)
+        # By bucket: the parameters whose gradient is dropped once it is out.
+        self.drops = [[i for i in members if self.buckets_of[i][-1] == b]
+                      for b, members in enumerate(self.members)]
+        rank = partition.rank
+        self.base = partition.bounds[rank]  # where this rank's share begins
+        like = dict(dtype=params[0].dtype, device=params[0].device)
+        self.gradients = torch.zeros(partition.bounds[rank + 1] - self.base, **like)
+        self.buffer = torch.zeros(max([hi - lo for _, lo, hi, _ in self.buckets], default=0),
+                                  **like)
+        self.has = set()  # the parameters with a gradient in ``gradients``
+        self.fresh = [True] * len(self.buckets)  # whose part of it holds nothing yet
+        self.taken = False
+        self._sent = None  # (the reduce in flight, its bucket)
+        self._new_round()
+        me = weakref.ref(self)
+        handles = [p.register_post_accumulate_grad_hook(functools.partial(_ready, me, i))
+                   for i, p in enumerate(params) if p.requires_grad]
+        # Removes the hooks: when the optimizer builds new stores, or is gone.
+        self.close = weakref.finalize(self, _remove, handles)
+
+    def _new_round(self):
+        self.next, self.queued = 0, False
+        self.waiting = [{i for i in members if self.params[i].requires_grad}
+                        for members in self.members]
+
+    def ready(self, index):
+        """Parameter ``index`` has its gradient of this backward."""
+        if not self.queued:
+            Variable._execution_engine.queue_callback(self._end_of_backward)
+            self.queued = True
+        for b in self.buckets_of.get(index, ()):
+            self.waiting[b].discard(index)
+        while self.next < len(self.buckets) and not self.waiting[self.next]:
+            self._send(self.next)
+            self.next += 1
+
+    def _end_of_backward(self):
+        for b in range(self.next, len(self.buckets)):
+            self._send(b)
+        self._receive()
+        self._new_round()
+
+    def take(self):
+        """The parameters (indices) whose elements of ``gradients`` hold a gradient,
+        for the step, which then owns them."""
+        for b in range(len(self.buckets)):
+            self._send(b)
+        self._receive()
+        self._new_round()  # should backward have stopped halfway, on an error
+        self.taken = True
+        return self.has
+
+    def clear(self):
+        """Forget the gradients (``zero_grad``)."""
+        self._receive()
+        self.has.clear()
+        self.fresh = [True] * len(self.buckets)
+        self.taken = False
+
+    def _send(self, b):
+        owner, lo, hi, parts = self.buckets[b]
+        grads = [self.params[i].grad for i in self.members[b]]
+        if all(grad is None for grad in grads):
+            return  # on every rank: the same parameters have gradients
+        if self.taken:
+            self.clear()
+        self._receive()
+        buffer = self.buffer[:hi - lo]
+        if self.collective or owner == self.partition.rank:
+            for (i, first, last, at), grad in zip(parts, grads):
+                piece = buffer[at:at + last - first]
+                if grad is None:
+                    piece.zero_()
+                else:
+                    piece.copy_(grad.reshape(-1)[first:last])
+        self.has.update(i for i, grad in zip(self.members[b], grads) if grad is not None)
+        for i in self.drops[b]:
+            self.params[i].grad = None
+        work = None
+        if self.collective:
+            work = dist.reduce(buffer, dist.get_global_rank(self.group, owner),
+                               op=dist.ReduceOp.AVG, group=self.group, async_op=True)
+        self._sent = (work, b)
+
+    def _receive(self):
+        if self._sent is None:
+            return
+        (work, b), self._sent = self._sent, None
+        if work is not None:
+            work.wait()
+        owner, lo, hi, _ = self.buckets[b]
+        if owner == self.partition.rank:
+            mine = self.gradients[lo - self.base:hi - self.base]
+            if self.fresh[b]:
+                mine.copy_(self.buffer[:hi - lo])
+                self.fresh[b] = False
+            else:
+                mine.add_(self.buffer[:hi - lo])
+
+
+def _remove(handles):
+    for handle in handles:
+        handle.remove()
+
+
+def _ready(reducer, index, _param):
+    reducer = reducer()
+    if reducer is not None:  # not an optimizer's that is gone
+        reducer.ready(index)

@@ -84,7 +84,12 @@ each store, one after the other, are cut into equal partitions (``sharding.Parti
 and each rank steps its elements only, each parameter's a flat view of it, with their
 state; the step reduce-scatters the gradients first (``reduce_grads``) and all-gathers
 the parameters after. ``state_dict()`` is the rank's partition and
-:meth:`Optimizer.consolidated_state_dict` the whole state.
+:meth:`Optimizer.consolidated_state_dict` the whole state. ``zero_stage=2`` reduces the
+gradients during backward instead, bucket by bucket from post-accumulate-grad hooks, into
+this rank's share, and drops each parameter's ``.grad`` once it is sent: ``p.grad`` is
+None after backward, and the step reads the share. Micro-batches add up in the share
+until a step; the first backward after a step starts afresh (``model.zero_grad()`` or
+``opt.zero_grad()`` between steps, as usual).
 """
 
 import collections
@@ -146,6 +151,10 @@ class Optimizer(torch.optim.Optimizer):
     ``process_group`` (a ``torch.distributed`` group, every rank passing the same
     parameters) shards the state over its ranks, ZeRO stage 1 (see the module's doc);
     ``reduce_grads=False`` takes the gradients as already averaged over the group.
+    ``zero_stage=2`` reduces the gradients during backward instead, in buckets of
+    ``bucket_cap_mb`` megabytes, and drops each parameter's ``.grad`` once it is sent,
+    so that a rank holds only its share of the gradients
+    (``sharding.BucketReducer``).
     """
 
     algorithm = None  # the fastopt class whose math this optimizer runs
@@ -155,7 +164,7 @@ class Optimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults, torch_options, *, clip_grad_norm=None,
                  clip_grad_value=None, skip_nonfinite=False, master_weights="auto",
                  state_dtype="float32", stochastic_rounding=False, seed=0,
-                 process_group=None, reduce_grads=True):
+                 process_group=None, reduce_grads=True, zero_stage=1, bucket_cap_mb=25):
         for name, value in torch_options.items():
             # foreach and fused choose among torch's implementations: fastopt has one. Any
             # other argument that is torch's alone must keep torch's default.
@@ -172,6 +181,7 @@ class Optimizer(torch.optim.Optimizer):
             raise ValueError("process_group needs torch.distributed initialized "
                              "(torch.distributed.init_process_group)")
         self._group, self.reduce_grads = process_group, reduce_grads
+        self._bucket_size = _check_zero_stage(zero_stage, bucket_cap_mb, process_group)
         super().__init__(params, {**defaults, **torch_options})
         if process_group is not None:
             sharding.check_same_parameters(process_group, self._all_params())
@@ -224,7 +234,8 @@ class Optimizer(torch.optim.Optimizer):
                 group.setdefault(name, value)
         if options is not None:  # unpickled or deep-copied: rebuild what is not pickled
             self._formats = ("auto", "float32", False, 0)  # unless pickled with them
-            self._group, self.reduce_grads = None, True  # a sharded one is not pickled
+            # A sharded one is not pickled.
+            self._group, self.reduce_grads, self._bucket_size = None, True, None
             self.__dict__.update(options)
             self._relayout()
 
@@ -332,6 +343,13 @@ class Optimizer(torch.optim.Optimizer):
             del self.state[p][MASTER]
         for store, p, name, value in moves:
             self.state[p].update(store.put(name, p, value))
+        if self._bucket_size is not None:  # zero_stage=2: the hooks follow the stores
+            for store in self._stores or ():
+                store.reducer.close()
+            for store in stores:
+                store.reducer = sharding.BucketReducer(
+                    list(store.slots), store.partition, self._group, self.reduce_grads,
+                    max(1, self._bucket_size // store.itemsize))
         self._stores = stores
         self._slots = {p: (store, slot) for store in stores for p, slot in store.slots.items()}
         self._group_slots = [[(p, *self._slots[p]) for p in group["params"]]
@@ -355,6 +373,10 @@ class Optimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self._moved():
+            if any(store.reducer and store.reducer.has for store in self._stores):
+                raise ValueError("zero_stage=2: a parameter moved (new storage or shape) "
+                                 "or came or went after backward reduced the gradients; "
+                                 "change parameters before backward")
             self._relayout()
         self._states()
         if self._group is not None:  # each rank its partition of the averaged gradients
@@ -381,6 +403,13 @@ class Optimizer(torch.optim.Optimizer):
             for store in self._stores:
                 store.gather_parameters(self._group)
         return loss
+
+    def zero_grad(self, set_to_none=True):
+        """As torch's; with ``zero_stage=2``, also the reduced gradients."""
+        super().zero_grad(set_to_none)
+        for store in self._stores or ():
+            if store.reducer is not None:
+                store.reducer.clear()
 
     def _sum_squares(self, runs):
         """The gradients' sum of squares, over every rank's shards of DTensor parameters
@@ -445,14 +474,13 @@ class Optimizer(torch.optim.Optimizer):
             self._checked[index] = snapshot
         runs, run = [], None
         for p, store, slot in self._group_slots[index]:
-            grad = p.grad
+            # Under process_group, this rank's elements of it, reduced.
+            grad = p.grad if slot.piece is None else store.partition_gradients[slot.index]
             if grad is None:
                 run = None
                 continue
             if slot.sharded:
                 grad = self._local_gradient(p, grad)
-            elif slot.piece is not None:
-                grad = store.partition_gradients[slot.index]
             state = slot.state
             if state is None:  # joins opt.state once it holds something, as in torch
                 state = slot.state = _ParamState()
@@ -792,6 +820,21 @@ class Optimizer(torch.optim.Optimizer):
         return None if shape is None else torch.Size(shape)
 
 
+def _check_zero_stage(zero_stage, bucket_cap_mb, process_group):
+    """The bytes of zero_stage=2's buckets, None for stage 1."""
+    if zero_stage not in (1, 2) or isinstance(zero_stage, bool):
+        raise ValueError(f"zero_stage must be 1 or 2, got {zero_stage!r}")
+    if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)):
+        raise TypeError(f"bucket_cap_mb must be a number, got {type(bucket_cap_mb).__name__}")
+    if not bucket_cap_mb > 0 or not math.isfinite(bucket_cap_mb):
+        raise ValueError(f"bucket_cap_mb must be a positive number, got {bucket_cap_mb!r}")
+    if zero_stage == 1:
+        return None
+    if process_group is None:
+        raise ValueError("zero_stage=2 shards the gradients over a process_group: pass one")
+    return int(bucket_cap_mb * 2 ** 20)
+
+
 def _kept_dtype(storage, name):
     """The torch dtype in which a store of ``storage`` keeps its state buffer ``name``."""
     if name == MASTER:  # a remainder's uint16 bits, as torch's int16
@@ -1068,6 +1111,7 @@ class _Store:
         # shards (DTensors, or a process_group's partition: see _reduction).
         self.reduction = reduction
         self.partition = partition  # a sharding.Partition under process_group=
+        self.reducer = None  # zero_stage=2's sharding.BucketReducer
         self.device = params[0].device
         # The formats of its buffers (its parameters share a dtype), and whether it keeps
         # master weights (in the state buffer MASTER).
@@ -1185,6 +1229,12 @@ class _Store:
         """Set ``partition_gradients``: this rank's elements of each parameter's
         gradient (None where the parameter has none), first averaged over ``group``
         where ``reduce`` (and there are other ranks)."""
+        if self.reducer is not None:  # reduced during backward
+            has = self.reducer.take()
+            self.partition_gradients = [
+                self.reducer.gradients[slot.start:slot.stop] if slot.index in has else None
+                for slot in self.slots.values()]
+            return
         flats = [None if p.grad is None else p.grad.reshape(-1) for p in self.slots]
         if not reduce or self.partition.world == 1:
             self.partition_gradients = [None if flat is None else flat[first:last]

@@ -1,6 +1,7 @@
 """fastopt.torch's own ZeRO sharding (``process_group=``): each rank keeps the state of
 its partition of the flat parameters (cut through tensors), steps it, and all-gathers
 the parameters; on gloo with 1-4 forked ranks (the harness of test_torch_clients).
+Stage 2 (``zero_stage=2``) reduces the gradients during backward, in buckets.
 
 The reference is fastopt in one process: given the same gradients (every rank the whole
 batch, ``reduce_grads=False``), the sharded step must give bitwise the same parameters
@@ -25,6 +26,7 @@ from test_torch_clients import needs_gloo, run_ranks  # noqa: E402
 pytestmark = needs_gloo
 
 STEPS = 5
+BUCKET_MB = 200 * 4 / 2 ** 20  # 200 floats: buckets cut through tensors and shares
 OPTIONS = {"SGD": dict(lr=0.05, momentum=0.9), "Adagrad": dict(lr=0.05),
            "RMSprop": dict(lr=0.01, centered=True), "Adadelta": dict(lr=0.5),
            "Adam": dict(lr=0.01, amsgrad=True), "AdamW": dict(lr=0.01, weight_decay=0.1),
@@ -92,20 +94,28 @@ def _init(rank, world, rendezvous, timeout=60):
                             timeout=datetime.timedelta(seconds=timeout))
 
 
-def same_gradients_rank(rank, world, rendezvous, cases):
+def same_gradients_rank(rank, world, rendezvous, cases, zero_stage):
     _init(rank, world, rendezvous)
     results = []
     for name, kwargs, dtype in cases:
         net = model(dtype)
         opt = getattr(ft, name)(net.parameters(), process_group=dist.group.WORLD,
-                                reduce_grads=False, **kwargs)
+                                reduce_grads=False, zero_stage=zero_stage,
+                                bucket_cap_mb=BUCKET_MB, **kwargs)
         train(net, opt, dtype=dtype)
         whole = opt.consolidated_state_dict(to=0)
         local = [tuple(v.shape) for v in opt.state[next(net.parameters())].values()
                  if isinstance(v, torch.Tensor) and v.dim()]
         results.append((snapshot(net, whole) if rank == 0 else snapshot(net, {"state": {}}),
-                        local))
+                        local, _grads_after_backward(net, dtype)))
     return results
+
+
+def _grads_after_backward(net, dtype):
+    """Which parameters hold a ``.grad`` after one more backward."""
+    x, y = batch(0)
+    ((net(x.to(dtype)).float() - y) ** 2).mean().backward()
+    return [p.grad is not None for p in net.parameters()]
 
 
 def exact(name, kwargs):
@@ -131,21 +141,27 @@ def assert_same(ours, theirs, what, bitwise):
                 check(ours[1][index][key], value, f"{what}: state {index} {key}")
 
 
+@pytest.mark.parametrize("zero_stage", [1, 2])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_sharded_step_is_bitwise_the_one_process_step_for_every_algorithm(world, tmp_path):
+def test_sharded_step_is_bitwise_the_one_process_step_for_every_algorithm(world, zero_stage,
+                                                                         tmp_path):
     """Parameters on every rank, and the consolidated state, equal one process's (bit for
-    bit where ``exact``); each rank keeps state for its own elements only."""
+    bit where ``exact``); each rank keeps state for its own elements only, and at stage
+    2 no whole gradient once backward is over."""
     expected = [one_process(*case) for case in CASES]  # compiles before the fork
-    ranks = run_ranks(same_gradients_rank, (CASES,), tmp_path, world=world, timeout=300)
+    ranks = run_ranks(same_gradients_rank, (CASES, zero_stage), tmp_path, world=world,
+                      timeout=300)
     sizes = [p.numel() for p in model().parameters()]
     for rank, results in enumerate(ranks):
         pieces = Partition(sizes, rank, world).pieces
-        for (name, kwargs, dtype), (ours, local), theirs in zip(CASES, results, expected):
+        for (name, kwargs, dtype), (ours, local, grads), theirs in zip(CASES, results,
+                                                                        expected):
             what = f"rank {rank} of {world}, {name} {kwargs} {dtype}"
             assert_same(ours, theirs if rank == 0 else (theirs[0], {}), what,
                         exact(name, kwargs))
             first, last = pieces[0]
             assert local and set(local) == {(last - first,)}, (what, local)
+            assert grads == [zero_stage == 1] * len(sizes), what
 
 
 def test_partitions_are_equal_shares_cut_on_blocks_inside_tensors():
@@ -193,6 +209,107 @@ def test_averaged_gradients_train_as_one_process_on_the_whole_batch(world, tmp_p
                                        err_msg=f"rank {rank}")
         np.testing.assert_allclose(norm, opt.last_grad_norm, rtol=1e-5)
         assert norm > 0.1  # it clipped
+
+
+def stage2_rank(rank, world, rendezvous, zero_stage):
+    _init(rank, world, rendezvous)
+    net = model()
+    opt = ft.AdamW(net.parameters(), lr=0.01, process_group=dist.group.WORLD,
+                   zero_stage=zero_stage, bucket_cap_mb=BUCKET_MB)
+    train(net, opt, rank=rank, world=world)
+    return snapshot(net, {"state": {}})[0]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_stage2_reduces_the_gradients_as_stage1(world, tmp_path):
+    """Bucket by bucket during backward, averaged on the rank that owns them: at two
+    ranks the average of two is the same float either way, bit for bit; at three the
+    sums may run in another order."""
+    stages = {stage: run_ranks(stage2_rank, (stage,), _fresh(tmp_path, str(stage)),
+                               world=world) for stage in (1, 2)}
+    for rank in range(world):
+        for mine, theirs in zip(stages[2][rank], stages[1][rank]):
+            if world == 2:
+                np.testing.assert_array_equal(mine, theirs, err_msg=f"rank {rank}")
+            else:
+                np.testing.assert_allclose(mine, theirs, rtol=1e-6, atol=1e-8,
+                                           err_msg=f"rank {rank}")
+
+
+def accumulation_model():
+    """``model()`` with a frozen bias and a layer that the loss does not reach."""
+    net = torch.nn.Sequential(model(), torch.nn.Linear(3, 3))
+    net[0][0].bias.requires_grad_(False)
+    return net
+
+
+def accumulating_rank(rank, world, rendezvous, moved):
+    """Two micro-batches a step, each rank its part of each; ``model.zero_grad()``
+    between steps (which the optimizer does not see)."""
+    _init(rank, world, rendezvous)
+    net = accumulation_model()
+    opt = ft.AdamW(net.parameters(), lr=0.01, process_group=dist.group.WORLD, zero_stage=2,
+                   bucket_cap_mb=BUCKET_MB)
+    for t in range(STEPS):
+        net.zero_grad()
+        for micro in range(2):
+            x, y = batch(2 * t + micro, rank, world)
+            ((net[0](x) - y) ** 2).mean().div(2).backward()
+        if moved and t == 1:
+            weight = net[0][0].weight
+            weight.data = weight.data.clone()
+            try:
+                opt.step()
+            except ValueError as error:
+                return str(error)
+        opt.step()
+    return [p.detach().numpy().copy() for p in net.parameters()], [bool(opt.state[p]) for p
+                                                                 in net.parameters()]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_stage2_accumulates_micro_batches_and_skips_what_has_no_gradient(world, tmp_path):
+    """Gradient accumulation: each backward's buckets add into the rank's share until
+    the step, and the first bucket after it starts afresh. Parameters without a
+    gradient (frozen, or not reached) are neither stepped nor given state. As one
+    process on the whole batches, to the rounding of the averages."""
+    net = accumulation_model()
+    opt = ft.AdamW(net.parameters(), lr=0.01)
+    for t in range(STEPS):
+        opt.zero_grad()
+        for micro in range(2):
+            x, y = batch(2 * t + micro)
+            ((net[0](x) - y) ** 2).mean().div(2).backward()
+        opt.step()
+    expected = [p.detach().numpy() for p in net.parameters()]
+    stateful = [bool(opt.state[p]) for p in net.parameters()]
+    assert stateful == [True, False, True, True, False, False]
+    untouched = [p.detach().numpy() for p in accumulation_model().parameters()]
+    for rank, (params, state) in enumerate(run_ranks(accumulating_rank, (False,), tmp_path,
+                                                     world=world)):
+        assert state == stateful
+        for index, (mine, theirs) in enumerate(zip(params, expected)):
+            np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-7,
+                                       err_msg=f"rank {rank}, parameter {index}")
+            if not stateful[index]:
+                np.testing.assert_array_equal(mine, untouched[index])
+
+
+def test_stage2_refuses_a_parameter_moved_after_backward(tmp_path):
+    """Its reduced gradient lies where the old partition put it."""
+    for message in run_ranks(accumulating_rank, (True,), tmp_path):
+        assert isinstance(message, str) and "moved" in message, message
+
+
+def test_zero_stage_and_bucket_size_are_checked():
+    params = model().parameters()
+    for kwargs, error, match in ((dict(zero_stage=3), ValueError, "zero_stage must be 1 or 2"),
+                                 (dict(zero_stage=True), ValueError, "zero_stage"),
+                                 (dict(zero_stage=2), ValueError, "pass one"),
+                                 (dict(bucket_cap_mb=0), ValueError, "positive"),
+                                 (dict(bucket_cap_mb="25"), TypeError, "bucket_cap_mb")):
+        with pytest.raises(error, match=match):
+            ft.Adam(params, **kwargs)
 
 
 # -- checkpoints ----------------------------------------------------------------------
