@@ -122,9 +122,7 @@ class Partition:
         self.bounds, self.rank, self.world = bounds, rank, world
         self.starts, self.sizes = [int(s) for s in starts[:-1]], [int(n) for n in sizes]
         self.share = max(b - a for a, b in zip(bounds, bounds[1:])) if total else 0
-        lo, hi = bounds[rank], bounds[rank + 1]
-        self.pieces = [(int(min(max(lo - s, 0), n)), int(min(max(hi - s, 0), n)))
-                       for s, n in zip(starts[:-1], sizes)]
+        self.pieces = self.pieces_of(rank)
         self.rows = []
         for r in range(world):
             for i, (s, n) in enumerate(zip(starts[:-1], sizes)):
@@ -132,6 +130,12 @@ class Partition:
                 if first < last:
                     self.rows.append((i, int(first), int(last),
                                       int(r * self.share + s + first - bounds[r])))
+
+    def pieces_of(self, rank):
+        """``pieces`` of rank ``rank``."""
+        lo, hi = self.bounds[rank], self.bounds[rank + 1]
+        return [(min(max(lo - s, 0), n), min(max(hi - s, 0), n))
+                for s, n in zip(self.starts, self.sizes)]
 
     def buckets(self, capacity):
         """``zero_stage=2``'s buckets: each rank's share cut into pieces of at most

@@ -83,7 +83,8 @@ rank, which must step the same parameters. Adafactor (whose factors span the cut
 each store, one after the other, are cut into equal partitions (``sharding.Partition``),
 and each rank steps its elements only, each parameter's a flat view of it, with their
 state; the step reduce-scatters the gradients first (``reduce_grads``) and all-gathers
-the parameters after. ``state_dict()`` is the rank's partition and
+the parameters after; 8-bit state is quantized on the blocks one process uses (the
+cuts fall on them). ``state_dict()`` is the rank's partition and
 :meth:`Optimizer.consolidated_state_dict` the whole state. ``zero_stage=2`` reduces the
 gradients during backward instead, bucket by bucket from post-accumulate-grad hooks, into
 this rank's share, and drops each parameter's ``.grad`` once it is sent: ``p.grad`` is
@@ -280,9 +281,9 @@ class Optimizer(torch.optim.Optimizer):
             raise TypeError(f"{name} is {what}, and {type(self).__name__} factors whole "
                             "matrices, which fastopt.torch does not yet reduce across ranks; "
                             "every other algorithm steps shards")
-        if self._storage_of(dtype).quantized:
+        if self._storage_of(dtype).quantized and self._group is None:
             raise TypeError(f"{name} is {what}: fastopt.torch does not yet keep 8-bit state "
-                            "(state_dtype='int8') for shards")
+                            "(state_dtype='int8') for DTensors (it does under process_group)")
 
     def _partition(self, members):
         """The ``sharding.Partition`` of a store of ``members`` under ``process_group``,
@@ -333,7 +334,8 @@ class Optimizer(torch.optim.Optimizer):
         dropped = [(store, p) for store in stores for p in store.slots
                    if MASTER in self.state.get(p, {}) and not store.master]
         moves = [(store, p, name, value) for store in stores for p in store.slots
-                 for name, value in _in_order(_relaid(store, p, self.state.get(p, {})))
+                 for name, value in _in_order(_relaid(store, store.slots[p].local,
+                                                       self.state.get(p, {})))
                  if isinstance(value, torch.Tensor) and name not in _TORCH_SCALARS
                  and (name != MASTER or store.master)]
         views = [store.view(name, p) for store, p, name, _ in moves]
@@ -614,19 +616,20 @@ class Optimizer(torch.optim.Optimizer):
         packed = self._packed()
         index = {p: i for i, p in enumerate(self._all_params())}
         for store in self._stores:
-            partition = store.partition
             for name in store.names:
-                flat = store.flat(name)
-                own = torch.zeros(partition.share, dtype=flat.dtype, device=flat.device)
-                own[:flat.numel()].copy_(flat)
-                padded = own.new_zeros(partition.world * partition.share)
-                sharding.all_gather(padded, own, self._group)
-                wholes = [own.new_empty(p.numel()) for p in store.slots]
-                partition.unpack(padded, wholes, skip_own=False)
-                for p, whole in zip(store.slots, wholes):
+                wholes = store.gather_elements(store.flat(name), self._group)
+                if name in store.quantized:  # codes, their blocks' scales, small ones' values
+                    scales = store.gather_scales(name, self._group)
+                    small = store.gather_elements(store.small_values(name), self._group)
+                for i, p in enumerate(store.slots):
                     state = packed["state"].get(index[p], {})
-                    if name in state:
-                        state[name] = whole.view(p.shape)
+                    if name + CODES in state:
+                        state[name + CODES] = wholes[i].view(p.shape)
+                        state[name + ABSMAX] = scales[i]
+                        state[STRIDES] = torch.tensor(p.stride(), dtype=torch.int64)
+                    elif name in state:
+                        state[name] = (small if name in store.quantized else wholes)[i].view(
+                            p.shape)
         return packed if torch.distributed.get_rank(self._group) == to else None
 
     def decoded_state_dict(self):
@@ -707,10 +710,16 @@ class Optimizer(torch.optim.Optimizer):
         state = {}
         for key, values in state_dict["state"].items():
             p = params.get(key)
-            piece = self._slots[p][1].piece if p is not None else None
-            state[key] = {name: value.reshape(-1)[piece[0]:piece[1]]
-                          if piece is not None and isinstance(value, torch.Tensor)
-                          and name not in _TORCH_SCALARS and value.shape == p.shape else value
+            if p is None:
+                state[key] = values
+                continue
+            first, last = self._slots[p][1].piece
+            values = _relaid(self._slots[p][0], p, values)  # codes in p's memory order
+            state[key] = {name: value.reshape(-1)[first:last]
+                          if isinstance(value, torch.Tensor) and name not in _TORCH_SCALARS
+                          and value.shape == p.shape else
+                          value[first // BLOCK:-(-last // BLOCK)]
+                          if name.endswith(ABSMAX) and name[:-len(ABSMAX)] in values else value
                           for name, value in values.items()}
         return {**state_dict, "state": state}
 
@@ -814,7 +823,7 @@ class Optimizer(torch.optim.Optimizer):
         if name == MASTER:
             return stepped if storage.master else None
         if name.endswith(ABSMAX) and name[:-len(ABSMAX)] in storage.quantized:
-            blocks = -(-p.numel() // BLOCK)
+            blocks = -(-math.prod(stepped) // BLOCK)
             return None if p.numel() < precision.MIN_QUANTIZED_SIZE else torch.Size([blocks])
         shape = self.algorithm.state_shape(name, tuple(stepped))
         return None if shape is None else torch.Size(shape)
@@ -978,8 +987,9 @@ def _in_order(state):
 
 
 def _relaid(store, p, state):
-    """``p``'s state as ``store`` can take it: where ``p``'s layout changed, so that its
-    blocks run through other elements, 8-bit state decoded (to be encoded again)."""
+    """The state of the tensor ``p`` steps (its local one) as ``store`` can take it:
+    where ``p``'s layout changed, so that its blocks run through other elements, 8-bit
+    state decoded (to be encoded again)."""
     moved = [name for name in store.quantized
              if getattr(state.get(name), "dtype", None) == torch.uint8
              and name + ABSMAX in state and not _same_layout(state[name], p)]
@@ -1062,13 +1072,14 @@ class _Blocks:
     elements keeps float32 state instead, from ``small`` on in the ``_small`` buffer.
     ``of[index]`` is ``(first, last, small)`` for the parameter ``index``: its rows, which
     are its places in ``_absmax`` too, and its start in ``_small`` (-1 where it is
-    quantized)."""
+    quantized). ``params`` are the tensors stepped, whose whole parameters have
+    ``sizes`` (a process_group's piece begins on a block of its parameter)."""
 
-    def __init__(self, params):
+    def __init__(self, params, sizes):
         rows, self.of, self.small = [], [], 0
-        for index, p in enumerate(params):
+        for index, (p, whole) in enumerate(zip(params, sizes)):
             size = p.numel()
-            small = self.small if size < precision.MIN_QUANTIZED_SIZE else -1
+            small = self.small if whole < precision.MIN_QUANTIZED_SIZE else -1
             first = len(rows)
             rows += [(index, at, min(BLOCK, size - at), small + at if small >= 0 else -1)
                      for at in range(0, size, BLOCK)]
@@ -1132,7 +1143,8 @@ class _Store:
         # companions that hold their scales: "<name>_absmax" -> name.
         self.quantized = storage.quantized
         self.scales = {name + ABSMAX: name for name in self.quantized}
-        self._blocks = _Blocks(locals_) if self.quantized else None
+        self._blocks = _Blocks(locals_, [p.numel() for p in params]) if self.quantized \
+            else None
         self._flat, self._layouts, self._tables, self._caches = {}, {}, {}, {}
         self._padded = self._own = None  # the partition's collectives' buffers
         if in_place:
@@ -1200,9 +1212,10 @@ class _Store:
         first, last, small = self._blocks.of[slot.index]
         if name in self.scales:
             return None if small >= 0 else self._flat[name][first:last]
+        local = slot.local
         if small >= 0:
-            return self._flat[name + SMALL].as_strided(p.shape, p.stride(), small)
-        return flat.as_strided(p.shape, p.stride(), slot.start)
+            return self._flat[name + SMALL].as_strided(local.shape, local.stride(), small)
+        return flat.as_strided(local.shape, local.stride(), slot.start)
 
     def put(self, name, p, value):
         """Write ``value`` into ``p``'s part of the state buffer ``name``; returns the
@@ -1215,7 +1228,8 @@ class _Store:
             return [(name, view)]
         scales = self.view(name + ABSMAX, p)
         if value.is_floating_point():
-            values = torch.empty_strided(p.shape, p.stride(), dtype=torch.float32)
+            local = self.slots[p].local
+            values = torch.empty_strided(local.shape, local.stride(), dtype=torch.float32)
             values.copy_(value)
             codes, absmax = precision.quantize(_memory_order(values).numpy(),
                                                self.quantized[name])
@@ -1257,6 +1271,45 @@ class _Store:
             own[slot.start:slot.stop].copy_(slot.local)
         sharding.all_gather(padded, own, group)
         self.partition.unpack(padded, [p.detach().view(-1) for p in self.slots])
+
+    def gather_elements(self, flat, group):
+        """Every parameter's whole flat tensor, from every rank's ``flat`` (laid out as
+        the parameters' elements in this rank's partition)."""
+        partition = self.partition
+        own = torch.zeros(partition.share, dtype=flat.dtype, device=flat.device)
+        own[:flat.numel()].copy_(flat)
+        padded = own.new_zeros(partition.world * partition.share)
+        sharding.all_gather(padded, own, group)
+        wholes = [own.new_empty(p.numel()) for p in self.slots]
+        partition.unpack(padded, wholes, skip_own=False)
+        return wholes
+
+    def gather_scales(self, name, group):
+        """Every parameter's whole ``<name>_absmax`` (one per block), from every
+        rank's: each rank's pieces begin on blocks of their parameters."""
+        partition = self.partition
+        counts = [[-(-(last - first) // BLOCK) for first, last in partition.pieces_of(r)]
+                  for r in range(partition.world)]
+        longest = max(sum(c) for c in counts)
+        scales = self._flat[name + ABSMAX]
+        own = scales.new_zeros(longest)
+        own[:scales.numel()].copy_(scales)
+        padded = own.new_zeros(partition.world * longest)
+        sharding.all_gather(padded, own, group)
+        starts = [np.cumsum([0] + c) for c in counts]
+        return [torch.cat([padded[r * longest + starts[r][i]:r * longest + starts[r][i + 1]]
+                           for r in range(partition.world)]) for i in range(len(self.slots))]
+
+    def small_values(self, name):
+        """The float32 state ``name`` of the parameters too small to quantize, laid
+        out as their elements (zeros for the others')."""
+        values = torch.zeros(self.size, dtype=torch.float32, device=self.device)
+        small = self._flat[name + SMALL]
+        for slot in self.slots.values():
+            at = self._blocks.of[slot.index][2]
+            if at >= 0:
+                values[slot.start:slot.stop].copy_(small[at:at + slot.stop - slot.start])
+        return values
 
     def _partition_buffers(self):
         """The buffers of the collectives: every rank's share, padded to the longest,

@@ -377,7 +377,8 @@ def test_fsdp2_what_is_not_stepped_on_shards_yet_is_refused_clearly(tmp_path):
 def test_the_example_trains_with_torchrun_as_torch_optim_does(sharding, tmp_path):
     """``torchrun --standalone --nproc-per-node=2 examples/sharded_train.py``: fastopt's
     losses follow torch.optim's (FSDP2 against FSDP2, or fastopt's ZeRO, stage 1 or 2,
-    against DDP; both clipped), the checkpoint is written, and a second launch on three ranks resumes
+    against DDP; both clipped), the checkpoint is written, and a second launch on three
+    ranks resumes
     from it."""
     import pathlib
     import subprocess
