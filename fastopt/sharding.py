@@ -253,6 +253,17 @@ class BucketReducer:
         self.taken = True
         return self.has
 
+    def pending(self):
+        """Whether it holds gradients that no step has taken yet."""
+        return bool(self.has) and not self.taken
+
+    def take_over(self, other):
+        """Hold ``other``'s gradients, of the same partition (its parameters moved to
+        other storage)."""
+        other._receive()
+        self.gradients.copy_(other.gradients)
+        self.has, self.fresh, self.taken = set(other.has), list(other.fresh), other.taken
+
     def clear(self):
         """Forget the gradients (``zero_grad``)."""
         self._receive()

@@ -326,6 +326,12 @@ class Optimizer(torch.optim.Optimizer):
                                 f"the CPU only, for now; {first} is on {device}")
             if reduction is not None:
                 self._check_sharded(first, dtype)
+        kept = {_signature(members) for members in kinds.values()}
+        if any(store.reducer and store.reducer.pending() and store.signature not in kept
+               for store in self._stores or ()):
+            raise ValueError("zero_stage=2: a parameter changed size, dtype or device, or came "
+                             "or went, after backward reduced the gradients into the "
+                             "partition it cut; change parameters before backward")
         stores = [_Store(self.algorithm, members, device.type == "cpu" and (
                       not _shaped(self.algorithm) or all(p.is_contiguous() for p in members)),
                          self._storage_of(dtype), ordinal, reduction, self._partition(members))
@@ -346,12 +352,15 @@ class Optimizer(torch.optim.Optimizer):
         for store, p, name, value in moves:
             self.state[p].update(store.put(name, p, value))
         if self._bucket_size is not None:  # zero_stage=2: the hooks follow the stores
-            for store in self._stores or ():
-                store.reducer.close()
+            before = {store.signature: store.reducer for store in self._stores or ()}
             for store in stores:
                 store.reducer = sharding.BucketReducer(
                     list(store.slots), store.partition, self._group, self.reduce_grads,
                     max(1, self._bucket_size // store.itemsize))
+                if store.signature in before:  # the same partition: its gradients
+                    store.reducer.take_over(before[store.signature])
+            for reducer in before.values():
+                reducer.close()
         self._stores = stores
         self._slots = {p: (store, slot) for store in stores for p, slot in store.slots.items()}
         self._group_slots = [[(p, *self._slots[p]) for p in group["params"]]
@@ -375,10 +384,6 @@ class Optimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self._moved():
-            if any(store.reducer and store.reducer.has for store in self._stores):
-                raise ValueError("zero_stage=2: a parameter moved (new storage or shape) "
-                                 "or came or went after backward reduced the gradients; "
-                                 "change parameters before backward")
             self._relayout()
         self._states()
         if self._group is not None:  # each rank its partition of the averaged gradients
@@ -829,6 +834,11 @@ class Optimizer(torch.optim.Optimizer):
         return None if shape is None else torch.Size(shape)
 
 
+def _signature(params):
+    """What a store's partition depends on: its parameters, their sizes and order."""
+    return tuple((id(p), p.numel()) for p in params)
+
+
 def _check_zero_stage(zero_stage, bucket_cap_mb, process_group):
     """The bytes of zero_stage=2's buckets, None for stage 1."""
     if zero_stage not in (1, 2) or isinstance(zero_stage, bool):
@@ -1123,6 +1133,7 @@ class _Store:
         self.reduction = reduction
         self.partition = partition  # a sharding.Partition under process_group=
         self.reducer = None  # zero_stage=2's sharding.BucketReducer
+        self.signature = _signature(params)
         self.device = params[0].device
         # The formats of its buffers (its parameters share a dtype), and whether it keeps
         # master weights (in the state buffer MASTER).
