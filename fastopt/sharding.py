@@ -97,7 +97,8 @@ class Partition:
     """The part of a flat buffer (parameters of one device and dtype, one after the
     other) that each rank of a ZeRO group steps: equal contiguous shares, each cut
     moved forward to the next 256-element block of the tensor it falls in (as 8-bit
-    state's blocks run), so that a share may begin or end inside a tensor.
+    state's blocks run), so that a share may begin or end inside a tensor; or, where
+    ``whole`` (Adafactor, whose factors need whole matrices), to the tensor's end.
 
     ``bounds[r]:bounds[r + 1]`` is rank ``r``'s share of the flat buffer; ``share`` the
     longest, to which the collectives pad every share; ``pieces[i]`` is ``(first,
@@ -106,7 +107,7 @@ class Partition:
     where it lies in the padded buffer of all shares (rank ``r``'s from ``r * share``).
     """
 
-    def __init__(self, sizes, rank, world):
+    def __init__(self, sizes, rank, world, whole=False):
         starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         total = int(starts[-1])
         even = -(-total // world)
@@ -116,10 +117,12 @@ class Partition:
             tensor = int(np.searchsorted(starts, target, side="right")) - 1
             if tensor < len(sizes):
                 offset = -(-(target - int(starts[tensor])) // BLOCK) * BLOCK
+                if whole and offset:
+                    offset = sizes[tensor]
                 target = min(int(starts[tensor]) + offset, int(starts[tensor + 1]))
             bounds.append(target)
         bounds.append(total)
-        self.bounds, self.rank, self.world = bounds, rank, world
+        self.bounds, self.rank, self.world, self.whole = bounds, rank, world, whole
         self.starts, self.sizes = [int(s) for s in starts[:-1]], [int(n) for n in sizes]
         self.share = max(b - a for a, b in zip(bounds, bounds[1:])) if total else 0
         self.pieces = self.pieces_of(rank)

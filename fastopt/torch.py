@@ -84,7 +84,8 @@ each store, one after the other, are cut into equal partitions (``sharding.Parti
 and each rank steps its elements only, each parameter's a flat view of it, with their
 state; the step reduce-scatters the gradients first (``reduce_grads``) and all-gathers
 the parameters after; 8-bit state is quantized on the blocks one process uses (the
-cuts fall on them). ``state_dict()`` is the rank's partition and
+cuts fall on them), and Adafactor's partitions cut between tensors (its factors need
+whole matrices). ``state_dict()`` is the rank's partition and
 :meth:`Optimizer.consolidated_state_dict` the whole state. ``zero_stage=2`` reduces the
 gradients during backward instead, bucket by bucket from post-accumulate-grad hooks, into
 this rank's share, and drops each parameter's ``.grad`` once it is sent: ``p.grad`` is
@@ -272,16 +273,18 @@ class Optimizer(torch.optim.Optimizer):
             raise type(error)(f"{error} (in param_groups[{index}])") from None
 
     def _check_sharded(self, name, dtype):
-        """Refuse what fastopt.torch cannot yet step on this rank's shards of parameters
-        (DTensors, or ``process_group``'s partitions; ``name``, of ``dtype``, is the
-        first): factored state, whose rows and columns the cuts split, and 8-bit state."""
-        what = ("a DTensor (a shard of FSDP2 or tensor parallelism)" if self._group is None
-                else "partitioned by process_group")
+        """Refuse what fastopt.torch cannot yet step on this rank's shards of DTensors
+        (``name``, of ``dtype``, is the first): factored state, whose rows and columns
+        the cuts split, and 8-bit state, whose blocks they split. (``process_group``'s
+        partitions cut on blocks, and between tensors for factored state.)"""
+        if self._group is not None:
+            return
+        what = "a DTensor (a shard of FSDP2 or tensor parallelism)"
         if self.algorithm.spec.factored:
             raise TypeError(f"{name} is {what}, and {type(self).__name__} factors whole "
                             "matrices, which fastopt.torch does not yet reduce across ranks; "
                             "every other algorithm steps shards")
-        if self._storage_of(dtype).quantized and self._group is None:
+        if self._storage_of(dtype).quantized:
             raise TypeError(f"{name} is {what}: fastopt.torch does not yet keep 8-bit state "
                             "(state_dtype='int8') for DTensors (it does under process_group)")
 
@@ -292,7 +295,8 @@ class Optimizer(torch.optim.Optimizer):
             return None
         return sharding.Partition([p.numel() for p in members],
                                   torch.distributed.get_rank(self._group),
-                                  torch.distributed.get_world_size(self._group))
+                                  torch.distributed.get_world_size(self._group),
+                                  whole=self.algorithm.spec.factored)
 
     def _all_params(self):
         return [p for group in self.param_groups for p in group["params"]]
@@ -621,6 +625,9 @@ class Optimizer(torch.optim.Optimizer):
         packed = self._packed()
         index = {p: i for i, p in enumerate(self._all_params())}
         for store in self._stores:
+            if store.partition.whole:  # each tensor's state lies whole on one rank
+                self._gather_held(store, packed["state"], index, to)
+                continue
             for name in store.names:
                 wholes = store.gather_elements(store.flat(name), self._group)
                 if name in store.quantized:  # codes, their blocks' scales, small ones' values
@@ -636,6 +643,20 @@ class Optimizer(torch.optim.Optimizer):
                         state[name] = (small if name in store.quantized else wholes)[i].view(
                             p.shape)
         return packed if torch.distributed.get_rank(self._group) == to else None
+
+    def _gather_held(self, store, state, index, to):
+        """Into ``state`` (on rank ``to``): the state tensors of the parameters of
+        ``store`` from the ranks that hold them whole."""
+        held = {index[p]: {name: value.detach().cpu() for name, value in self.state[p].items()
+                           if isinstance(value, torch.Tensor) and name not in _TORCH_SCALARS}
+                for p, slot in store.slots.items() if slot.piece == (0, p.numel()) and p.numel()}
+        dist, group = torch.distributed, self._group
+        mine = dist.get_rank(group) == to
+        gathered = [None] * dist.get_world_size(group) if mine else None
+        dist.gather_object(held, gathered, dst=dist.get_global_rank(group, to), group=group)
+        for part in gathered or ():
+            for i, values in part.items():
+                state.setdefault(i, {}).update(values)
 
     def decoded_state_dict(self):
         """:meth:`state_dict` with the 8-bit state decoded into float32 values (each
@@ -718,14 +739,20 @@ class Optimizer(torch.optim.Optimizer):
             if p is None:
                 state[key] = values
                 continue
-            first, last = self._slots[p][1].piece
-            values = _relaid(self._slots[p][0], p, values)  # codes in p's memory order
-            state[key] = {name: value.reshape(-1)[first:last]
-                          if isinstance(value, torch.Tensor) and name not in _TORCH_SCALARS
-                          and value.shape == p.shape else
-                          value[first // BLOCK:-(-last // BLOCK)]
-                          if name.endswith(ABSMAX) and name[:-len(ABSMAX)] in values else value
-                          for name, value in values.items()}
+            store, slot = self._slots[p]
+            first, last = slot.piece
+            state[key] = cut = {}
+            for name, value in _relaid(store, p, values).items():  # codes in p's order
+                if not isinstance(value, torch.Tensor) or name in _TORCH_SCALARS:
+                    cut[name] = value
+                elif store.partition.whole and first == last:
+                    continue  # a tensor that another rank holds whole
+                elif value.shape == p.shape:
+                    cut[name] = value.reshape(-1)[first:last].view(slot.shape)
+                elif name.endswith(ABSMAX) and name[:-len(ABSMAX)] in values:
+                    cut[name] = value[first // BLOCK:-(-last // BLOCK)]
+                else:
+                    cut[name] = value  # Adafactor's factors, of a tensor this rank holds
         return {**state_dict, "state": state}
 
     def _unpacked(self, state):
@@ -1057,14 +1084,17 @@ class _Slot:
     """Where one parameter's state lives in its store, the views of it that
     ``opt.state[p]`` holds, and the parameter's signature when the store was built."""
 
-    def __init__(self, p, index, start, piece=None):
+    def __init__(self, p, index, start, piece=None, shaped=False):
         self.sharded = _is_dtensor(p)
         whole = _local(p)  # this rank's shard of a DTensor
         self.origin = (whole.data_ptr(), whole.shape)
         # What the kernels step: where a process_group partitions p, this rank's
-        # elements of it, (first, last) in memory order (``piece``), a flat view.
+        # elements of it, (first, last) in memory order (``piece``), a flat view; or,
+        # where ``shaped`` (a partition of whole tensors, Adafactor's), p if it is all.
         self.piece = piece
-        self.local = whole if piece is None else whole.view(-1)[piece[0]:piece[1]]
+        whole_piece = shaped and piece == (0, whole.numel())
+        self.local = whole if piece is None or whole_piece else \
+            whole.view(-1)[piece[0]:piece[1]]
         self.index = index  # in the store
         self.start, self.stop = start, start + self.local.numel()
         self.address, self.shape = self.local.data_ptr(), self.local.shape
@@ -1140,8 +1170,8 @@ class _Store:
         self.storage, self.master = storage, storage.master
         self.slots, start = {}, 0
         for index, p in enumerate(params):
-            self.slots[p] = slot = _Slot(p, index, start,
-                                         partition and partition.pieces[index])
+            self.slots[p] = slot = _Slot(p, index, start, partition and partition.pieces[index],
+                                         partition is not None and partition.whole)
             start = slot.stop
         self.size = start
         locals_ = [slot.local for slot in self.slots.values()]
@@ -1253,24 +1283,24 @@ class _Store:
     def take_partition_gradients(self, group, reduce):
         """Set ``partition_gradients``: this rank's elements of each parameter's
         gradient (None where the parameter has none), first averaged over ``group``
-        where ``reduce`` (and there are other ranks)."""
+        where ``reduce`` (and there are other ranks), in the local tensors' shapes."""
+        slots = list(self.slots.values())
         if self.reducer is not None:  # reduced during backward
-            has = self.reducer.take()
-            self.partition_gradients = [
-                self.reducer.gradients[slot.start:slot.stop] if slot.index in has else None
-                for slot in self.slots.values()]
-            return
-        flats = [None if p.grad is None else p.grad.reshape(-1) for p in self.slots]
-        if not reduce or self.partition.world == 1:
-            self.partition_gradients = [None if flat is None else flat[first:last]
-                                        for flat, (first, last) in zip(flats,
-                                                                       self.partition.pieces)]
-            return
-        padded, own = self._partition_buffers()
-        self.partition.pack(flats, padded)
-        sharding.reduce_scatter(own, padded, group)
-        self.partition_gradients = [None if flat is None else own[slot.start:slot.stop]
-                                    for flat, slot in zip(flats, self.slots.values())]
+            has, share = self.reducer.take(), self.reducer.gradients
+            grads = [share[s.start:s.stop] if s.index in has else None for s in slots]
+        else:
+            flats = [None if p.grad is None else p.grad.reshape(-1) for p in self.slots]
+            if not reduce or self.partition.world == 1:
+                grads = [flat if flat is None else flat[s.piece[0]:s.piece[1]]
+                         for flat, s in zip(flats, slots)]
+            else:
+                padded, own = self._partition_buffers()
+                self.partition.pack(flats, padded)
+                sharding.reduce_scatter(own, padded, group)
+                grads = [flat if flat is None else own[s.start:s.stop]
+                         for flat, s in zip(flats, slots)]
+        self.partition_gradients = [grad if grad is None else grad.view(s.shape)
+                                    for grad, s in zip(grads, slots)]
 
     def gather_parameters(self, group):
         """Give every parameter the elements that the other ranks of ``group`` stepped
@@ -1279,7 +1309,7 @@ class _Store:
             return
         padded, own = self._partition_buffers()
         for slot in self.slots.values():
-            own[slot.start:slot.stop].copy_(slot.local)
+            own[slot.start:slot.stop].copy_(slot.local.reshape(-1))
         sharding.all_gather(padded, own, group)
         self.partition.unpack(padded, [p.detach().view(-1) for p in self.slots])
 
@@ -1407,7 +1437,8 @@ class _Store:
             work.stochastic, work.key = True, self.storage.key(step, self.ordinal)
             if self.partition is not None:
                 work.first = self.partition.bounds[self.partition.rank]
-        if self.reduction is not None:  # shards: norms and counts of the whole tensors
+        if self.reduction is not None and not (self.partition and self.partition.whole):
+            # Shards: norms and counts of the whole tensors.
             work.reduce = functools.partial(sharding.sums_over_ranks, self.reduction)
             work.sizes = np.array([p.numel() for p in run.params], np.int64)
         if engine.single_pass(algorithm, h):

@@ -187,11 +187,12 @@ def run_processes(calls, timeout=TIMEOUT, context=FORK):
     return [message[1] for message in messages]
 
 
-def run_ranks(target, args, tmp_path, world=2, timeout=TIMEOUT):
-    """``target(rank, world, rendezvous, *args)`` on ``world`` forked ranks."""
+def run_ranks(target, args, tmp_path, world=2, timeout=TIMEOUT, context=FORK):
+    """``target(rank, world, rendezvous, *args)`` on ``world`` ranks (forked, unless
+    ``context`` says otherwise)."""
     rendezvous = f"file://{tmp_path}/rendezvous"
     return run_processes([(target, (rank, world, rendezvous, *args)) for rank in range(world)],
-                         timeout)
+                         timeout, context)
 
 
 def _init_gloo(rank, world, rendezvous):
