@@ -84,18 +84,27 @@ def rebuild_master(params, remainders):
     return np.where(written, bits << 16, rebuilt).astype(np.uint32).view(np.float32)
 
 
-def quantize(values, fmt):
+def quantize(values, fmt, fit=False):
     """``(codes, absmax)``: float32 ``values`` in blocks of ``codecs.BLOCK`` (the last one
     shorter), each by the largest magnitude in it and the nearest value of the dynamic
     map ``fmt`` (``codecs.QUANTIZED``, ties toward the lower code), as the kernels keep
     8-bit state: the value times ``1 / absmax`` in float32, as the kernels take it, then
-    the nearest in float64."""
+    the nearest in float64.
+
+    ``fit``: each block's absmax the smallest that the map's range holds its values in
+    instead: the signed map's most negative value is not -1 (-0.993), so a block whose
+    largest magnitude is negative, as one decoded is where it was so, keeps that value
+    (and the block's codes, and its absmax to within a float32 step, come back)."""
     values = np.asarray(values, FLOAT32)
     blocks = -(-values.size // codecs.BLOCK)
     padded = np.zeros(blocks * codecs.BLOCK, FLOAT32)
     padded[:values.size] = values
     padded = padded.reshape(blocks, codecs.BLOCK)
     absmax = np.abs(padded).max(axis=1)
+    lowest = codecs.QUANTIZED[fmt][0][0]
+    if fit and lowest < 0:
+        absmax = np.maximum(np.maximum(padded.max(axis=1), 0),
+                            np.maximum(-padded.min(axis=1), 0) / -lowest).astype(FLOAT32)
     inverse = np.where(absmax > 0, FLOAT32.type(1) / np.where(absmax > 0, absmax, 1), 0)
     normalized = (padded * inverse[:, None].astype(FLOAT32)).astype(np.float64).ravel()
     values_of = codecs.QUANTIZED[fmt][0].astype(np.float64)

@@ -76,8 +76,12 @@ parameters, whose local tensors are this rank's parts of the stores (so that
 gradient norm of ``clip_grad_norm`` and ``skip_nonfinite``, LAMB's and LARS's norms,
 SWATS's projections, the Cautious mask's share) are summed over the ranks that hold
 the shards: each rank's parts in float64, gathered and added exactly, the same on every
-rank, which must step the same parameters. Adafactor (whose factors span the cuts) and
-8-bit state are refused for DTensors, for now.
+rank, which must step the same parameters. 8-bit state quantizes each rank's shard in
+blocks from its first element (one process's blocks where the cuts fall on them); its
+codes are DTensors sharded as the parameters, and ``state_dict()`` holds their decoded
+values instead (codes and scales of one rank's blocks would not reshard), which a load
+encodes again. Adafactor (whose factors span the cuts) is refused for DTensors, for
+now.
 
 **ZeRO sharding** (``process_group=``, plain contiguous parameters): the parameters of
 each store, one after the other, are cut into equal partitions (``sharding.Partition``),
@@ -238,6 +242,7 @@ class Optimizer(torch.optim.Optimizer):
             self._formats = ("auto", "float32", False, 0)  # unless pickled with them
             # A sharded one is not pickled.
             self._group, self.reduce_grads, self._bucket_size = None, True, None
+            self._stores = None
             self.__dict__.update(options)
             self._relayout()
 
@@ -272,21 +277,16 @@ class Optimizer(torch.optim.Optimizer):
         except (TypeError, ValueError) as error:
             raise type(error)(f"{error} (in param_groups[{index}])") from None
 
-    def _check_sharded(self, name, dtype):
+    def _check_sharded(self, name):
         """Refuse what fastopt.torch cannot yet step on this rank's shards of DTensors
-        (``name``, of ``dtype``, is the first): factored state, whose rows and columns
-        the cuts split, and 8-bit state, whose blocks they split. (``process_group``'s
-        partitions cut on blocks, and between tensors for factored state.)"""
-        if self._group is not None:
-            return
-        what = "a DTensor (a shard of FSDP2 or tensor parallelism)"
-        if self.algorithm.spec.factored:
-            raise TypeError(f"{name} is {what}, and {type(self).__name__} factors whole "
-                            "matrices, which fastopt.torch does not yet reduce across ranks; "
-                            "every other algorithm steps shards")
-        if self._storage_of(dtype).quantized:
-            raise TypeError(f"{name} is {what}: fastopt.torch does not yet keep 8-bit state "
-                            "(state_dtype='int8') for DTensors (it does under process_group)")
+        (``name`` is the first): factored state, whose rows and columns the cuts split.
+        (``process_group``'s partitions cut between tensors for it.)"""
+        if self._group is None and self.algorithm.spec.factored:
+            raise TypeError(f"{name} is a DTensor (a shard of FSDP2 or tensor parallelism), "
+                            f"and {type(self).__name__} factors whole matrices, which "
+                            "fastopt.torch does not yet reduce across ranks; every other "
+                            "algorithm steps shards (and Adafactor steps process_group's "
+                            "partitions)")
 
     def _partition(self, members):
         """The ``sharding.Partition`` of a store of ``members`` under ``process_group``,
@@ -329,7 +329,7 @@ class Optimizer(torch.optim.Optimizer):
                 raise TypeError(f"fastopt.torch keeps 8-bit state (state_dtype='int8') on "
                                 f"the CPU only, for now; {first} is on {device}")
             if reduction is not None:
-                self._check_sharded(first, dtype)
+                self._check_sharded(first)
         kept = {_signature(members) for members in kinds.values()}
         if any(store.reducer and store.reducer.pending() and store.signature not in kept
                for store in self._stores or ()):
@@ -578,7 +578,11 @@ class Optimizer(torch.optim.Optimizer):
         parameter's strides, which define that order). torch.optim does not know these
         names: its Adam and the like fail at their step (KeyError) rather than read
         codes as numbers, and its SGD starts its momentum afresh.
-        :meth:`decoded_state_dict` gives torch.optim's state.
+        :meth:`decoded_state_dict` gives torch.optim's state. For a DTensor parameter,
+        8-bit state is saved decoded (float32 values sharded as the parameter), which
+        ``torch.distributed.checkpoint`` reshards and a load encodes again: each block's
+        scale the smallest that holds its values in the map's range, which gives back
+        the codes (and, but for a float32 step, the scales) of the same blocks.
 
         With ``process_group``, this rank's partition: each state tensor holds this
         rank's elements of its parameter (flat), named ``"<name>@rank<r>of<n>"``, so that
@@ -604,11 +608,18 @@ class Optimizer(torch.optim.Optimizer):
         packed = super().state_dict()
         # torch packs the live per-parameter dicts; convert copies of them.
         packed["state"] = {index: dict(state) for index, state in packed["state"].items()}
-        for state in packed["state"].values():
+        params = self._all_params()
+        for index, state in packed["state"].items():
+            p = params[index]
             for name, dtype in _TORCH_SCALARS.items():
                 if isinstance(state.get(name), (int, float)):
                     state[name] = torch.tensor(float(state[name]), dtype=dtype)
             for name in [n for n in state if n + ABSMAX in state]:
+                if _is_dtensor(p):  # blocks of this rank's shard: values, sharded as p
+                    fmt = self._storage_of(p.dtype).quantized[name]
+                    state[name] = _like(p, _decoded(_local(state[name]),
+                                                    state.pop(name + ABSMAX), fmt))
+                    continue
                 state[STRIDES] = torch.tensor(state[name].stride(), dtype=torch.int64)
                 state[name + CODES] = state.pop(name)
         return packed
@@ -1255,8 +1266,9 @@ class _Store:
             return None if small >= 0 else self._flat[name][first:last]
         local = slot.local
         if small >= 0:
-            return self._flat[name + SMALL].as_strided(local.shape, local.stride(), small)
-        return flat.as_strided(local.shape, local.stride(), slot.start)
+            return _like(p, self._flat[name + SMALL].as_strided(local.shape, local.stride(),
+                                                                small))
+        return _like(p, flat.as_strided(local.shape, local.stride(), slot.start))
 
     def put(self, name, p, value):
         """Write ``value`` into ``p``'s part of the state buffer ``name``; returns the
@@ -1271,13 +1283,13 @@ class _Store:
         if value.is_floating_point():
             local = self.slots[p].local
             values = torch.empty_strided(local.shape, local.stride(), dtype=torch.float32)
-            values.copy_(value)
+            values.copy_(_local(value))
             codes, absmax = precision.quantize(_memory_order(values).numpy(),
-                                               self.quantized[name])
-            _memory_order(view).copy_(torch.from_numpy(codes))
+                                               self.quantized[name], fit=True)
+            _memory_order(_local(view)).copy_(torch.from_numpy(codes))
             scales.copy_(torch.from_numpy(absmax))
         else:
-            view.copy_(value)
+            _local(view).copy_(_local(value))
         return [(name, view), (name + ABSMAX, scales)]
 
     def take_partition_gradients(self, group, reduce):
@@ -1373,7 +1385,7 @@ class _Store:
                 if view.dtype == torch.uint8:  # codes: those of one block of the value
                     codes, absmax = precision.quantize([spec[name]], self.quantized[name])
                     scales = self.view(name + ABSMAX, p)
-                    view.fill_(int(codes[0]))
+                    _local(view).fill_(int(codes[0]))
                     scales.fill_(float(absmax[0]))
                     dict.update(slot.state, {name: view, name + ABSMAX: scales})
                 else:

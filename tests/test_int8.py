@@ -9,6 +9,7 @@ from numba import njit
 
 import fastopt
 from conftest import gradients, initial_params
+from fastopt import precision
 from fastopt.kernels import codecs
 
 f32 = np.float32
@@ -303,3 +304,24 @@ def test_a_replaced_absmax_of_another_dtype_is_refused_before_any_write():
     with pytest.raises(TypeError, match=r"state\['exp_avg_absmax'\] must be a C-contiguous float32"):
         opt.step(np.ones(5000, f32))
     np.testing.assert_array_equal(opt.flat_params, before)
+
+
+def test_quantizing_decoded_values_to_fit_gives_back_their_codes():
+    """What a fastopt.torch checkpoint of DTensor 8-bit state holds (decoded values)
+    loads back into its codes: with ``fit``, a block whose largest magnitude is negative
+    gets the scale at which it is the map's most negative value (-0.993), not -1. The
+    plain encoding, the kernels' and bitsandbytes', shrinks such a block's scale.
+    """
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal(256 * 64).astype(np.float32) * 1e-3
+    codes, absmax = precision.quantize(values, "signed8")
+    decoded = precision.dequantize(codes, absmax, "signed8")
+    blocks = values.reshape(-1, 256)
+    negative = blocks.min(axis=1) < -blocks.max(axis=1)  # the largest magnitude
+    assert 0 < negative.sum() < negative.size
+    again, scales = precision.quantize(decoded, "signed8", fit=True)
+    np.testing.assert_array_equal(again, codes)
+    np.testing.assert_allclose(scales, absmax, rtol=2 ** -23)
+    _, shrunk = precision.quantize(decoded, "signed8")
+    np.testing.assert_array_equal(shrunk[~negative], absmax[~negative])
+    assert (shrunk[negative] < absmax[negative]).all()
