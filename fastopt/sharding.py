@@ -2,16 +2,15 @@
 ``torch.distributed``: the sums over tensors whose parts lie on other ranks, and the
 partitions of fastopt's own ZeRO sharding (``process_group=``).
 
-Sums (gradient norms, LAMB's and LARS's per-tensor norms, the Cautious share) are
-gathered, not all-reduced: every rank gets every rank's float64 parts and adds them
-exactly (``math.fsum``), so every rank gets the same floats, whatever the order in
-which they arrive.
+Sums (gradient norms, LAMB's and LARS's per-tensor norms, the Cautious share,
+Adafactor's column sums) are gathered, not all-reduced: every rank gets every rank's
+float64 parts and adds them in rank order, so every rank gets the same floats (an
+all-reduce promises no such thing).
 """
 
 import collections
 import functools
 import hashlib
-import math
 import weakref
 
 import numpy as np
@@ -26,14 +25,14 @@ from .kernels.codecs import BLOCK
 def over_ranks(groups, parts):
     """The sums of the float64 numbers ``parts`` over the ranks of each process group
     of ``groups`` in turn (the mesh dimensions across which a DTensor is sharded, or a
-    ZeRO group): gathered, and each added exactly in every rank."""
+    ZeRO group): gathered, and added in rank order in every rank (vectorised: Adafactor
+    gathers a column sum per column of each matrix)."""
     parts = np.asarray(parts, np.float64)
     for group in groups:
         mine = torch.from_numpy(parts).to(_device(group))
         gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
         dist.all_gather(gathered, mine, group=group)
-        parts = np.array([math.fsum(column)
-                          for column in torch.stack(gathered).cpu().T.tolist()], np.float64)
+        parts = torch.stack(gathered).cpu().numpy().sum(axis=0)
     return parts
 
 

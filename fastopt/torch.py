@@ -75,13 +75,15 @@ parameters, whose local tensors are this rank's parts of the stores (so that
 ``torch.distributed.checkpoint`` saves and reshards it). Sums over whole tensors (the
 gradient norm of ``clip_grad_norm`` and ``skip_nonfinite``, LAMB's and LARS's norms,
 SWATS's projections, the Cautious mask's share) are summed over the ranks that hold
-the shards: each rank's parts in float64, gathered and added exactly, the same on every
+the shards: each rank's parts in float64, gathered and added in rank order, the same on every
 rank, which must step the same parameters. 8-bit state quantizes each rank's shard in
 blocks from its first element (one process's blocks where the cuts fall on them); its
 codes are DTensors sharded as the parameters, and ``state_dict()`` holds their decoded
 values instead (codes and scales of one rank's blocks would not reshard), which a load
-encodes again. Adafactor (whose factors span the cuts) is refused for DTensors, for
-now.
+encodes again. Adafactor adds the column sums of a matrix whose rows the ranks share
+(FSDP2's Shard(0)) over them: its row factors are sharded as the rows, its column
+factors replicated; other shardings of a tensor's last two dimensions are refused for
+it.
 
 **ZeRO sharding** (``process_group=``, plain contiguous parameters): the parameters of
 each store, one after the other, are cut into equal partitions (``sharding.Partition``),
@@ -277,16 +279,22 @@ class Optimizer(torch.optim.Optimizer):
         except (TypeError, ValueError) as error:
             raise type(error)(f"{error} (in param_groups[{index}])") from None
 
-    def _check_sharded(self, name):
-        """Refuse what fastopt.torch cannot yet step on this rank's shards of DTensors
-        (``name`` is the first): factored state, whose rows and columns the cuts split.
-        (``process_group``'s partitions cut between tensors for it.)"""
-        if self._group is None and self.algorithm.spec.factored:
-            raise TypeError(f"{name} is a DTensor (a shard of FSDP2 or tensor parallelism), "
-                            f"and {type(self).__name__} factors whole matrices, which "
-                            "fastopt.torch does not yet reduce across ranks; every other "
-                            "algorithm steps shards (and Adafactor steps process_group's "
-                            "partitions)")
+    def _check_sharded(self, members, names):
+        """Refuse what fastopt.torch cannot step on this rank's shards of DTensors:
+        factored state (Adafactor's) of a tensor sharded along its last two dimensions,
+        but for a matrix's rows (FSDP2's Shard(0)), whose column sums it adds over the
+        ranks. (``process_group``'s partitions cut between tensors for it.)"""
+        if self._group is not None or not self.algorithm.spec.factored:
+            return
+        for p in members:
+            dims = [placement.dim % p.dim() for placement in p.placements
+                    if placement.is_shard()]
+            if p.dim() >= 2 and not _split_rows(p) and any(d >= p.dim() - 2 for d in dims):
+                raise TypeError(f"{names[p]} is a DTensor sharded along dimension "
+                                f"{max(dims)} of {p.dim()}, and {type(self).__name__} factors "
+                                "the last two; fastopt.torch adds its factors over the ranks "
+                                "only for a matrix sharded by rows (FSDP2's Shard(0)) or a "
+                                "tensor sharded along a leading dimension")
 
     def _partition(self, members):
         """The ``sharding.Partition`` of a store of ``members`` under ``process_group``,
@@ -329,7 +337,7 @@ class Optimizer(torch.optim.Optimizer):
                 raise TypeError(f"fastopt.torch keeps 8-bit state (state_dtype='int8') on "
                                 f"the CPU only, for now; {first} is on {device}")
             if reduction is not None:
-                self._check_sharded(first)
+                self._check_sharded(kinds[device, dtype, reduction], names)
         kept = {_signature(members) for members in kinds.values()}
         if any(store.reducer and store.reducer.pending() and store.signature not in kept
                for store in self._stores or ()):
@@ -426,7 +434,7 @@ class Optimizer(torch.optim.Optimizer):
         """The gradients' sum of squares, over every rank's shards of DTensor parameters
         or process_group partitions (a plain tensor of no partition counts as a whole on
         each rank). Each rank's part is summed in float64 and the parts are gathered and
-        added exactly (``fsum``), so every rank gets the same number, and takes the same
+        added in rank order, so every rank gets the same number, and takes the same
         decision to skip."""
         parts = collections.defaultdict(list)
         for run in runs:
@@ -987,13 +995,37 @@ def _local(t):
     return t.to_local() if _is_dtensor(t) else t
 
 
-def _like(p, local):
+def _like(p, local, shape=None):
     """``local`` as this rank's part of a DTensor sharded as ``p`` is (a view of the same
-    memory), where ``p`` is a DTensor; else ``local``."""
+    memory), where ``p`` is a DTensor; else ``local``. ``shape``: the whole tensor's,
+    where it is not ``p``'s (Adafactor's factors: see :func:`_placements`)."""
     if not _is_dtensor(p):
         return local
-    return type(p).from_local(local, p.device_mesh, p.placements, run_check=False,
-                              shape=p.shape, stride=p.stride())
+    if shape is None or tuple(shape) == tuple(p.shape):
+        return type(p).from_local(local, p.device_mesh, p.placements, run_check=False,
+                                  shape=p.shape, stride=p.stride())
+    strides = tuple(math.prod(shape[d + 1:]) for d in range(len(shape)))
+    return type(p).from_local(local, p.device_mesh, _placements(p, shape), run_check=False,
+                              shape=torch.Size(shape), stride=strides)
+
+
+def _placements(p, shape):
+    """How state of the whole ``shape`` is sharded, for the DTensor ``p``: as ``p`` is,
+    but replicated along a dimension that ``p`` is sharded in and the state has one
+    element of (a matrix's column factor, whose rows the ranks share)."""
+    from torch.distributed.tensor import Replicate
+
+    return tuple(Replicate() if placement.is_shard() and shape[placement.dim] != p.shape[
+        placement.dim] else placement for placement in p.placements)
+
+
+def _split_rows(p):
+    """Whether ``p`` is a matrix (a DTensor) whose rows are split across ranks, and only
+    they."""
+    if not _is_dtensor(p) or p.dim() != 2:
+        return False
+    dims = {placement.dim % 2 for placement in p.placements if placement.is_shard()}
+    return dims == {0}
 
 
 def _reduction(p):
@@ -1079,8 +1111,9 @@ def _check_state(param, name, value, expected, castable=(), loading=False, like=
         raise ValueError(f"{what} {name!r} of shape {tuple(value.shape)} for {param}, which "
                          f"needs shape {tuple(shape)}")
     if like is not None and (_is_dtensor(value) or _is_dtensor(like)):
-        sharding = [getattr(t, "placements", "not a DTensor") for t in (value, like)]
-        if sharding[0] != sharding[1] or getattr(value, "device_mesh", None) != getattr(
+        sharding = [getattr(value, "placements", "not a DTensor"),
+                    _placements(like, shape) if _is_dtensor(like) else "not a DTensor"]
+        if tuple(sharding[0]) != tuple(sharding[1]) or getattr(value, "device_mesh", None) != getattr(
                 like, "device_mesh", None):
             raise TypeError(f"{what} {name!r} of {sharding[0]} for {param}, which is "
                             f"{sharding[1]}: the state of a DTensor is a DTensor on its mesh, "
@@ -1103,9 +1136,12 @@ class _Slot:
         # elements of it, (first, last) in memory order (``piece``), a flat view; or,
         # where ``shaped`` (a partition of whole tensors, Adafactor's), p if it is all.
         self.piece = piece
-        whole_piece = shaped and piece == (0, whole.numel())
-        self.local = whole if piece is None or whole_piece else \
-            whole.view(-1)[piece[0]:piece[1]]
+        if piece is None or shaped and piece == (0, whole.numel()):
+            self.local = whole
+        elif shaped and piece[0] == piece[1] and whole.dim():
+            self.local = whole[:0]  # none of it: its state is empty, of its shapes
+        else:
+            self.local = whole.view(-1)[piece[0]:piece[1]]
         self.index = index  # in the store
         self.start, self.stop = start, start + self.local.numel()
         self.address, self.shape = self.local.data_ptr(), self.local.shape
@@ -1254,7 +1290,9 @@ class _Store:
                 view = flat.as_strided(local.shape, local.stride(), start)
             else:
                 view = flat[start:start + math.prod(shape)].view(shape)
-            slot.views[name] = view if view is None else _like(p, view)
+            whole = p.shape if name == MASTER else self.algorithm.state_shape(name,
+                                                                              tuple(p.shape))
+            slot.views[name] = view if view is None else _like(p, view, whole)
         return slot.views[name]
 
     def _quantized_view(self, name, p):
@@ -1453,6 +1491,8 @@ class _Store:
             # Shards: norms and counts of the whole tensors.
             work.reduce = functools.partial(sharding.sums_over_ranks, self.reduction)
             work.sizes = np.array([p.numel() for p in run.params], np.int64)
+            work.split_rows = np.array([p.shape[0] if _split_rows(p) else 0
+                                        for p in run.params], np.int64)
         if engine.single_pass(algorithm, h):
             host = algorithm.host_after(hyper, step, host)  # first: it may raise
             work.run(Pass(algorithm.rule, tuple(spec)), h)

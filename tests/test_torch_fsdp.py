@@ -16,8 +16,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import fastopt.torch as ft  # noqa: E402
-from test_torch_clients import (_init_gloo, assert_close, assert_moved, batch,  # noqa: E402
-                                needs_gloo, run_ranks, tiny_model, warm)
+from test_torch_clients import (FORK, FORKSERVER, _init_gloo, assert_close,  # noqa: E402
+                                assert_moved, batch, needs_gloo, run_ranks, tiny_model, warm)
 
 pytestmark = needs_gloo
 
@@ -61,8 +61,10 @@ def comparable(value):
 
 
 def full_state(opt):
-    """The whole state tensors of DTensor parameters (a collective)."""
-    return [{name: comparable(value).full_tensor().numpy() for name, value in opt.state[p].items()
+    """The whole state tensors of DTensor parameters (a collective), copied (a replicated
+    one's full tensor is its local one)."""
+    return [{name: comparable(value).full_tensor().numpy().copy()
+             for name, value in opt.state[p].items()
              if hasattr(value, "full_tensor")} for p in opt.param_groups[0]["params"]]
 
 
@@ -277,14 +279,15 @@ def test_fsdp2_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank(tmp_
 
 # -- torch.distributed.checkpoint: save on two ranks, resume on three ------------------
 
-def fsdp2_checkpoint_rank(rank, world, rendezvous, directory, steps, load):
+def fsdp2_checkpoint_rank(rank, world, rendezvous, directory, steps, load, name="AdamW",
+                          kwargs=(("lr", 0.01), ("weight_decay", 0.1))):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_state_dict,
                                                          set_state_dict)
 
     _init_gloo(rank, world, rendezvous)
     model = sharded_model(world)
-    opt = ft.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    opt = getattr(ft, name)(model.parameters(), **dict(kwargs))
     first = 0
     if load:
         model_state, optim_state = get_state_dict(model, opt)
@@ -301,27 +304,76 @@ def fsdp2_checkpoint_rank(rank, world, rendezvous, directory, steps, load):
     return full(model.parameters()), full_state(opt), loaded
 
 
-def test_fsdp2_checkpoint_through_dcp_resumes_on_another_number_of_ranks(tmp_path):
+@pytest.mark.parametrize("name, kwargs", [("AdamW", (("lr", 0.01), ("weight_decay", 0.1))),
+                                          ("Adafactor", (("lr", 0.01),))],
+                         ids=["AdamW", "Adafactor"])
+def test_fsdp2_checkpoint_through_dcp_resumes_on_another_number_of_ranks(name, kwargs,
+                                                                         tmp_path):
     """Two ranks train 8 steps and save with torch.distributed.checkpoint; three ranks
     load it (the shards cut elsewhere) and train 4 more: as one process's 12 steps, and
-    the state as it was saved."""
-    warm("AdamW", dict(lr=0.01, weight_decay=0.1))
+    the state as it was saved (Adafactor's row factors sharded as the rows, its column
+    factors replicated)."""
+    context = FORKSERVER if name == "Adafactor" else FORK  # see test_fsdp2_adafactor...
+    if context is FORK:
+        warm(name, dict(kwargs))
     directory = str(tmp_path / "checkpoint")
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    saved = run_ranks(fsdp2_checkpoint_rank, (directory, STEPS, False), tmp_path / "a")[0]
-    resumed = run_ranks(fsdp2_checkpoint_rank, (directory, 4, True), tmp_path / "b", world=3)
+    saved = run_ranks(fsdp2_checkpoint_rank, (directory, STEPS, False, name, kwargs),
+                      tmp_path / "a", context=context)[0]
+    resumed = run_ranks(fsdp2_checkpoint_rank, (directory, 4, True, name, kwargs),
+                        tmp_path / "b", world=3, context=context)
     model = tiny_model()
-    opt = ft.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    opt = getattr(ft, name)(model.parameters(), **dict(kwargs))
     train(model, opt, same_batch(), steps=STEPS + 4)
     for rank, (params, state, (loaded, steps)) in enumerate(resumed):
         assert steps == [STEPS] * 4, rank
+        assert all(loaded) and [sorted(s) for s in loaded] == [sorted(s) for s in saved[1]]
         for mine, theirs in zip(loaded, saved[1]):
             for key in theirs:
                 np.testing.assert_array_equal(mine[key], theirs[key])
         # Three ranks average three equal gradients, not always exactly the gradient.
         assert_close(params, [p.detach().numpy() for p in model.parameters()], rtol=1e-6,
                      atol=1e-7, what=f"rank {rank}")
+
+
+# -- Adafactor: the column factors of matrices split by rows, added over the ranks -----
+
+def test_fsdp2_adafactor_adds_its_factors_over_the_ranks(tmp_path):
+    """Two ranks on the same batches: bit for bit one process, factors too. Three and
+    four ranks (one of which holds no row of the (3, 8) weight), each its equal part of
+    the batches: as one process on the whole, to the rounding of the averages. Every
+    rank runs in a forkserver child: Adafactor's kernels run in parallel even on tiny
+    tensors, which Numba forbids in a child forked from a process that did so.
+    (torch.optim.Adafactor fails on DTensors in torch 2.13: an in-place pow_ on a
+    partial norm.)"""
+    cases = [("Adafactor", dict(lr=0.01))]
+    expected = one_process("Adafactor", dict(lr=0.01), torch.float32)
+    for rank, [(losses, params, state)] in enumerate(run_ranks(
+            fsdp2_per_tensor_rank, (cases,), _fresh(tmp_path, "same"), context=FORKSERVER)):
+        assert losses == expected[0]
+        for mine, theirs in zip(params, expected[1]):
+            np.testing.assert_array_equal(mine, theirs, err_msg=f"rank {rank}")
+        assert [sorted(s) for s in state] == [sorted(s) for s in expected[2]]
+        for mine, theirs in zip(state, expected[2]):
+            for key in theirs:
+                np.testing.assert_array_equal(mine[key], theirs[key], err_msg=key)
+    model = tiny_model()
+    opt = ft.Adafactor(model.parameters(), lr=0.01)
+    train(model, opt, lambda t: batch(t, rows=12))
+    whole = [p.detach().numpy() for p in model.parameters()]
+    for world in (3, 4):
+        ranks = run_ranks(fsdp2_own_batch_rank, ("Adafactor", dict(lr=0.01), 12),
+                          _fresh(tmp_path, str(world)), world=world, context=FORKSERVER)
+        if world == 4:
+            assert ranks[-1][1][2:] == [0, 0], ranks[-1][1]
+        for rank, (params, _) in enumerate(ranks):
+            assert_close(params, whole, rtol=1e-6, atol=1e-7, what=f"rank {rank} of {world}")
+
+
+def _fresh(tmp_path, name):
+    (tmp_path / name).mkdir()
+    return tmp_path / name
 
 
 # -- 8-bit state: blocks of each rank's shard, checkpoints as values ------------------
@@ -421,12 +473,23 @@ def test_fsdp2_int8_state_quantizes_each_shard_and_checkpoints_its_values(tmp_pa
 
 # -- what fastopt.torch does not step on shards yet: clear errors ---------------------
 
+def column_sharded(world):
+    """A matrix whose columns the ranks share (tensor parallelism's Shard(1))."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    torch.manual_seed(0)
+    mesh = init_device_mesh("cpu", (world,))
+    return torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
+
+
 def fsdp2_refusals_rank(rank, world, rendezvous):
     _init_gloo(rank, world, rendezvous)
     model = sharded_model(world)
     errors = {}
+    columns = column_sharded(world)
     attempts = {
-        "Adafactor": lambda: ft.Adafactor(model.named_parameters(), lr=0.01),
+        "Adafactor": lambda: ft.Adafactor([("columns", columns)], lr=0.01),
     }
     for what, attempt in attempts.items():
         try:
@@ -453,8 +516,8 @@ def test_fsdp2_what_is_not_stepped_on_shards_yet_is_refused_clearly(tmp_path):
     warm("Adam", dict(lr=0.01))
     for rank, (errors, before, refused, after) in enumerate(
             run_ranks(fsdp2_refusals_rank, (), tmp_path)):
-        assert errors["Adafactor"][0] == "TypeError" and "0.weight" in errors["Adafactor"][1]
-        assert "factors whole matrices" in errors["Adafactor"][1]
+        assert errors["Adafactor"][0] == "TypeError" and "columns" in errors["Adafactor"][1]
+        assert "sharded by rows" in errors["Adafactor"][1]
         assert "not a DTensor" in errors["plain state"][1], errors["plain state"]
         assert_close(refused[0], before[0], rtol=0, atol=0)  # the refused step wrote nothing
         assert sorted(refused[1][0]) == ["exp_avg_sq"]  # the plain exp_avg, as put there
@@ -503,3 +566,17 @@ def test_the_example_trains_with_torchrun_as_torch_optim_does(sharding, tmp_path
     assert (checkpoint / (".metadata" if sharding == "fsdp2" else "zero.pt")).exists()
     out, rows = launch(3, 10)
     assert "resumed at step 20" in out and [int(step) for step in rows[:, 0]] == [20]
+
+
+def fsdp2_own_batch_rank(rank, world, rendezvous, name, kwargs, rows):
+    """Each rank its equal part of batches of ``rows``; the parameters at the end."""
+    _init_gloo(rank, world, rendezvous)
+    model = sharded_model(world)
+    opt = getattr(ft, name)(model.parameters(), **kwargs)
+
+    def data(t):
+        x, y = batch(t, rows=rows)
+        return x.chunk(world)[rank], y.chunk(world)[rank]
+
+    train(model, opt, data)
+    return full(model.parameters()), [p.to_local().shape[0] for p in model.parameters()]

@@ -56,7 +56,8 @@ class Adafactor(Optimizer):
     A tensor of 2 or more dimensions is factored over its last two: it keeps a row
     mean :math:`R` and a column mean :math:`C` of :math:`g^2` per leading index, so an
     (r × c) matrix costs r + c floats of state instead of r·c. Vectors and scalars keep
-    the full :math:`V`. Empty tensors are left alone (torch divides by their size).
+    the full :math:`V`. Empty tensors are left alone (torch divides by their size), with
+    their state of torch's shapes.
 
     A step makes three passes over the parameters, whose tensor shapes come from the
     flattening layout: one reads θ and g for the per-tensor RMS(θ) and the row sums
@@ -105,7 +106,8 @@ class Adafactor(Optimizer):
 
     @staticmethod
     def state_shape(name, shape):
-        if not math.prod(shape) or (len(shape) >= 2) == (name == "variance"):
+        # An empty tensor has its (empty, or never moved) state, as in torch.
+        if (len(shape) >= 2) == (name == "variance"):
             return None
         if name == "row_var":  # torch's shapes: (..., rows, 1) and (..., 1, columns)
             return shape[:-1] + (1,)
@@ -148,20 +150,25 @@ class Adafactor(Optimizer):
         # Pass 1: RMS(p) per tensor; g*g summed along the rows and down the columns.
         param_sq, row_sq = work.run(NORMS, rules.NoScalars(), plan.segments)
         param_sq = np.bincount(plan.segment_tensor, param_sq, plan.tensors)
-        # fmax: torch takes Python's max, which returns its first argument over a NaN.
-        alpha = np.fmax(group["eps"][1], np.sqrt(param_sq / plan.sizes))
-        alpha *= min(lr, 1.0 / math.sqrt(step))
         block_sq = backend.column_sums(work.tensors, work.prep, plan.blocks, plan.block_table,
                                        plan.block_sums, work.formats.get("g"))
         column_sq = np.bincount(plan.block_columns, block_sq, plan.column_slots.size)
 
-        # The factors, r + c numbers per matrix, move on the host.
+        # The factors, r + c numbers per matrix, move on the host: the rows' first, then,
+        # with the other processes' parts where the tensors are shards, the columns'.
         row_var = _move(backend, state["row_var"], plan.row_slots,
                         row_sq[plan.row_segments] / plan.row_lengths, beta)
-        _move(backend, state["col_var"], plan.column_slots, column_sq / plan.column_lengths, beta)
         rows = row_var[plan.row_slots].astype(np.float64)
-        row_mean = np.bincount(plan.row_batch, rows, plan.batches) / plan.batch_rows
+        batch_sums = np.bincount(plan.row_batch, rows, plan.batches)
+        if work.reduce is not None:
+            param_sq, column_sq, batch_sums = plan.whole_sums(work.reduce, param_sq,
+                                                              column_sq, batch_sums)
+        _move(backend, state["col_var"], plan.column_slots, column_sq / plan.column_lengths, beta)
+        row_mean = batch_sums / plan.batch_rows
         row_scales = rows / np.maximum(row_mean, eps1)[plan.row_batch]
+        # fmax: torch takes Python's max, which returns its first argument over a NaN.
+        alpha = np.fmax(group["eps"][1], np.sqrt(param_sq / plan.sizes))
+        alpha *= min(lr, 1.0 / math.sqrt(step))
 
         # Pass 2: RMS(U) per tensor, moving the vectors' variance. Pass 3: the step. Each
         # goes over the rows and the vectors apart, skipping a kind the launch lacks.
@@ -175,6 +182,8 @@ class Adafactor(Optimizer):
             vector_sq, = work.run(cls.VECTOR_NORMS, h._replace(moving=True), plan.vectors, (),
                                   variance)
             update_sq += np.bincount(plan.vector_tensor, vector_sq, plan.tensors)
+        if work.reduce is not None:
+            update_sq, = work.reduce((update_sq,))
         step_size = alpha / np.fmax(1.0, np.sqrt(update_sq / plan.sizes) / group["d"])
         if has_rows:
             work.run(cls.ROW_STEP, h, plan.rows, [row_scales, step_size[plan.row_tensor]],
@@ -210,6 +219,11 @@ class _Plan:
     and the whole vectors, in the tensors' order; ``rows`` and ``vectors`` are the same
     two kinds apart, with their second moments as state (a row's is its matrix's column
     factor, which all its rows share).
+
+    Where a matrix's rows are split across processes (``Work.split_rows``), this
+    process's rows are a matrix of their own whose column sums and row factors' sum
+    are parts of the whole's (``split``, see :meth:`whole_sums`), and whose rows count
+    as the whole's.
     """
 
     segments: object
@@ -232,6 +246,27 @@ class _Plan:
     block_table: object  # their (rows, columns, out_start), see kernels.cpu.column_sums,
     block_sums: object  # the sums they write,
     block_columns: np.ndarray  # each of which belongs to this column (of column_slots)
+    split: list  # (columns, first column slot, batch or -1 where no row is here)
+
+    def whole_sums(self, reduce, param_sq, column_sq, batch_sums):
+        """The per-tensor ``param_sq``, the ``column_sq`` and the matrices'
+        ``batch_sums`` of their row factors, with the other processes' parts added
+        (``reduce``, ``Work.reduce``) where the tensors are shards: every sum per
+        tensor, and those of the matrices whose rows are split."""
+        parts = [param_sq]
+        for columns, first, batch in self.split:
+            parts.append(column_sq[first:first + columns])
+            parts.append([batch_sums[batch] if batch >= 0 else 0.0])
+        total, = reduce((np.concatenate(parts),))
+        param_sq, column_sq, batch_sums = total[:self.tensors], column_sq.copy(), \
+            batch_sums.copy()
+        at = self.tensors
+        for columns, first, batch in self.split:
+            column_sq[first:first + columns] = total[at:at + columns]
+            if batch >= 0:
+                batch_sums[batch] = total[at + columns]
+            at += columns + 1
+        return param_sq, column_sq, batch_sums
 
     @classmethod
     def of(cls, work):
@@ -239,8 +274,17 @@ class _Plan:
                                         for name in ("row_var", "col_var", "variance"))
         segments, row_slots, row_lengths, row_batch, batch_rows = [], [], [], [], []
         column_slots, column_lengths, blocks, block_table, block_columns = [], [], [], [], []
+        split = []
+        split_rows = np.zeros(len(work.shapes), np.int64) if work.split_rows is None \
+            else work.split_rows
         for index, shape in enumerate(work.shapes):
             size = math.prod(shape)
+            whole_rows = int(split_rows[index]) or (shape[-2] if len(shape) >= 2 else 0)
+            if split_rows[index]:
+                split.append((shape[-1], len(column_slots), len(batch_rows) if size else -1))
+                if not size:  # no rows here, but the column factor that every rank moves
+                    column_slots += range(col_base[index], col_base[index] + shape[-1])
+                    column_lengths += [whole_rows] * shape[-1]
             if size and len(shape) >= 2:
                 rows, columns = shape[-2], shape[-1]
                 for batch in range(size // (rows * columns)):
@@ -249,7 +293,7 @@ class _Plan:
                                        row_base[index] + first_row + rows)
                     row_lengths += [columns] * rows
                     row_batch += [len(batch_rows)] * rows
-                    batch_rows.append(rows)
+                    batch_rows.append(whole_rows)
                     matrix = first_row * columns  # in the tensor
                     columns_at = col_base[index] + batch * columns
                     # (tensor, offset, size, state start, factored)
@@ -262,7 +306,7 @@ class _Plan:
                         block_table.append((count, columns, len(block_columns)))
                         block_columns += range(len(column_slots), len(column_slots) + columns)
                     column_slots += range(columns_at, columns_at + columns)
-                    column_lengths += [rows] * columns
+                    column_lengths += [whole_rows] * columns
             elif size:
                 segments.append((index, 0, size, var_base[index], False))
         backend, ints = work.backend, dict(dtype=np.int64)
@@ -278,7 +322,7 @@ class _Plan:
             rows=kind(factored),
             vectors=kind(~factored),
             tensors=len(work.shapes),
-            sizes=np.array([math.prod(s) or 1 for s in work.shapes], np.float64),
+            sizes=np.maximum(np.asarray(work.sizes, np.float64), 1),  # of whole tensors
             segment_tensor=tensor,
             row_tensor=tensor[factored],
             vector_tensor=tensor[~factored],
@@ -295,4 +339,5 @@ class _Plan:
             block_table=backend.constant(np.array(block_table, np.int64).reshape(-1, 3)),
             block_sums=backend.zeros64(len(block_columns)),
             block_columns=np.array(block_columns, **ints),
+            split=split,
         )

@@ -152,8 +152,13 @@ class Work:
             buffer's absmax and small arrays by name.
         reduce: where the tensors are this process's shards of larger ones (DTensors),
             ``reduce(sums)`` gives the whole tensors' sums from the per-tensor sums of
-            a pass (adding the other processes' parts); None otherwise.
+            a pass (adding the other processes' parts); None otherwise. ``run`` applies
+            it to the sums of a pass over the tensors; an algorithm that passes its own
+            segments adds its parts itself.
         sizes: the number of elements of each whole tensor.
+        split_rows: per tensor, where the rows of a matrix (2-D) are split across the
+            processes, its whole number of rows, else 0 (Adafactor adds its column sums
+            over the processes); None for none.
     """
 
     def __init__(self, backend, tensors, shapes, segments, state, present, state_starts,
@@ -163,7 +168,7 @@ class Work:
         self.prep, self.keep_subnormals, self.cache = prep, keep_subnormals, cache
         self.formats, self.master = formats or {}, master
         self.stochastic, self.key, self.first, self.blocks = False, 0, 0, None
-        self.reduce, self.sizes = None, segments.sizes
+        self.reduce, self.sizes, self.split_rows = None, segments.sizes, None
 
     def run(self, spec, h, segments=None, values=(), states=None):
         """The pass ``spec`` (a ``kernels.Pass``) with scalars ``h`` over ``segments``
@@ -188,9 +193,7 @@ class Work:
             spec, self.tensors, states, self.prep, h,
             self.segments if segments is None else segments, values, self.keep_subnormals,
             self.key, self.first)
-        if self.reduce is not None and sums:
-            if segments is not None:  # parts of tensors: no rank knows what to add
-                raise NotImplementedError("sums over segments of sharded tensors")
+        if self.reduce is not None and sums and segments is None:
             sums = self.reduce(sums)
         return sums
 
