@@ -164,13 +164,18 @@ class Partition:
             else:
                 out[at:at + last - first].copy_(flats[i][first:last])
 
-    def unpack(self, full, flats, skip_own=True):
+    def unpack(self, full, flats, skip_own=True, window=None):
         """Copy every share of the padded buffer ``full`` into the flat tensors
-        ``flats`` (this rank's own parts too unless ``skip_own``)."""
-        lo, hi = self.rank * self.share, (self.rank + 1) * self.share
+        ``flats`` (this rank's own parts too unless ``skip_own``); or, with ``window``
+        ``(start, length)``, every share's elements ``start:start + length``, which
+        ``full`` holds one after the other."""
+        start, length = window or (0, self.share)
         for i, first, last, at in self.rows:
-            if not (skip_own and lo <= at < hi):
-                flats[i][first:last].copy_(full[at:at + last - first])
+            rank, offset = divmod(at, self.share)
+            lo, hi = max(offset, start), min(offset + last - first, start + length)
+            if lo < hi and not (skip_own and rank == self.rank):
+                flats[i][first + lo - offset:first + hi - offset].copy_(
+                    full[rank * length + lo - start:rank * length + hi - start])
 
 
 class BucketReducer:
@@ -195,6 +200,7 @@ class BucketReducer:
 
     def __init__(self, params, partition, group, reduce, capacity):
         self.params, self.partition, self.group = params, partition, group
+        self.capacity = capacity
         self.collective = reduce and partition.world > 1
         self.buckets = partition.buckets(capacity)
         self.members = [[i for i, *_ in parts] for *_, parts in self.buckets]
@@ -210,8 +216,8 @@ class BucketReducer:
         self.base = partition.bounds[rank]  # where this rank's share begins
         like = dict(dtype=params[0].dtype, device=params[0].device)
         self.gradients = torch.zeros(partition.bounds[rank + 1] - self.base, **like)
-        self.buffer = torch.zeros(max([hi - lo for _, lo, hi, _ in self.buckets], default=0),
-                                  **like)
+        longest = max([hi - lo for _, lo, hi, _ in self.buckets], default=0)
+        self.buffer = torch.zeros(longest if self.collective else 0, **like)  # what is sent
         self.has = set()  # the parameters with a gradient in ``gradients``
         self.fresh = [True] * len(self.buckets)  # whose part of it holds nothing yet
         self.taken = False
@@ -281,29 +287,32 @@ class BucketReducer:
         if self.taken:
             self.clear()
         self._receive()
-        buffer = self.buffer[:hi - lo]
-        if self.collective or owner == self.partition.rank:
-            for (i, first, last, at), grad in zip(parts, grads):
-                piece = buffer[at:at + last - first]
-                if grad is None:
-                    piece.zero_()
-                else:
-                    piece.copy_(grad.reshape(-1)[first:last])
+        if self.collective:
+            self._copy(parts, grads, self.buffer[:hi - lo], add=False)
+            self._sent = (dist.reduce(self.buffer[:hi - lo], dist.get_global_rank(
+                self.group, owner), op=dist.ReduceOp.AVG, group=self.group, async_op=True), b)
+        elif owner == self.partition.rank:  # nothing to send: straight into the share
+            self._copy(parts, grads, self.gradients[lo - self.base:hi - self.base],
+                       add=not self.fresh[b])
+            self.fresh[b] = False
         self.has.update(i for i, grad in zip(self.members[b], grads) if grad is not None)
         for i in self.drops[b]:
             self.params[i].grad = None
-        work = None
-        if self.collective:
-            work = dist.reduce(buffer, dist.get_global_rank(self.group, owner),
-                               op=dist.ReduceOp.AVG, group=self.group, async_op=True)
-        self._sent = (work, b)
+
+    @staticmethod
+    def _copy(parts, grads, into, add):
+        for (i, first, last, at), grad in zip(parts, grads):
+            piece = into[at:at + last - first]
+            if grad is not None:
+                (piece.add_ if add else piece.copy_)(grad.reshape(-1)[first:last])
+            elif not add:
+                piece.zero_()
 
     def _receive(self):
         if self._sent is None:
             return
         (work, b), self._sent = self._sent, None
-        if work is not None:
-            work.wait()
+        work.wait()
         owner, lo, hi, _ = self.buckets[b]
         if owner == self.partition.rank:
             mine = self.gradients[lo - self.base:hi - self.base]

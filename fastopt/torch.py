@@ -1354,14 +1354,21 @@ class _Store:
 
     def gather_parameters(self, group):
         """Give every parameter the elements that the other ranks of ``group`` stepped
-        (one all-gather, in the parameters' dtype; none where there are no others)."""
-        if self.partition.world == 1:
+        (all-gathers in the parameters' dtype, of every share at once, or, at stage 2,
+        a bucket's length of each at a time; none where there are no others)."""
+        partition = self.partition
+        if partition.world == 1 or not partition.share:
             return
         padded, own = self._partition_buffers()
         for slot in self.slots.values():
             own[slot.start:slot.stop].copy_(slot.local.reshape(-1))
-        sharding.all_gather(padded, own, group)
-        self.partition.unpack(padded, [p.detach().view(-1) for p in self.slots])
+        flats = [p.detach().view(-1) for p in self.slots]
+        length = padded.numel() // partition.world
+        for start in range(0, partition.share, length):
+            window = (start, min(length, partition.share - start))
+            sharding.all_gather(padded[:partition.world * window[1]],
+                                own[start:start + window[1]], group)
+            partition.unpack(padded, flats, window=window)
 
     def gather_elements(self, flat, group):
         """Every parameter's whole flat tensor, from every rank's ``flat`` (laid out as
@@ -1403,11 +1410,14 @@ class _Store:
         return values
 
     def _partition_buffers(self):
-        """The buffers of the collectives: every rank's share, padded to the longest,
-        and this rank's (its gradients, then its parameters)."""
+        """The buffers of the collectives: every rank's share (at stage 2, a bucket's
+        length of each), padded to the longest, and this rank's (its gradients, then
+        its parameters)."""
         if self._padded is None:
             partition, dtype = self.partition, next(iter(self.slots)).dtype
-            self._padded = torch.zeros(partition.world * partition.share, dtype=dtype,
+            length = partition.share if self.reducer is None else min(
+                partition.share, self.reducer.capacity)
+            self._padded = torch.zeros(partition.world * length, dtype=dtype,
                                        device=self.device)
             self._own = torch.zeros(partition.share, dtype=dtype, device=self.device)
         return self._padded, self._own
