@@ -4,6 +4,7 @@ for fastopt's ZeRO (``process_group=``) against torch's ZeroRedundancyOptimizer 
 with fused AdamW, at each world size, in the same run:
 
     python bench/sharded.py [--worlds 1,2,4] [--size 4e6] [--rounds 5] [--steps 5]
+        [--bucket-mb 1]
 
 Each world size is a set of processes on gloo (127.0.0.1, a file rendezvous), one
 thread each. Every contender starts where each rank holds its own gradients (after its
@@ -14,7 +15,8 @@ backward) and ends where every rank holds the stepped parameters:
   than gloo's reduce-scatter; NCCL's reduce-scatter), the fused step of its partition,
   an all-gather of the parameters;
 - ``fastopt ZeRO-2``: the same with ``zero_stage=2``: the gradients go out in buckets
-  (25 MB), each reduced to the rank whose share it is; here all at the step, as
+  (``--bucket-mb``, 1 MB: a 16 MB model's buckets are then to it what DDP's 25 MB are to
+  a 400 MB one), each reduced to the rank whose share it is; here all at the step, as
   gradients set by hand do (in training, during backward);
 - ``torch ZeRO``: an all-reduce of the gradients (what DDP does in backward), then
   ``ZeroRedundancyOptimizer(optimizer_class=torch.optim.AdamW)``'s step of its share
@@ -24,7 +26,10 @@ backward) and ends where every rank holds the stepped parameters:
 
 The step time is rank 0's wall time between barriers, the median over rounds of each
 round's mean (rounds interleave the contenders). State bytes are counted from the
-optimizers' state tensors on rank 0. The bytes sent per parameter are computed, not
+optimizers' state tensors on rank 0. Gradient bytes are what a rank holds of the
+gradients in training, with the buffers of fastopt's collectives: every gradient
+(after backward) for stage 1, DDP and ZeroRedundancyOptimizer (whose own buffers are
+not counted), and for stage 2 its share, one bucket, and its all-gather's windows. The bytes sent per parameter are computed, not
 measured: a ring reduce-scatter or all-gather sends (N-1)/N of the buffer from each
 rank, an all-reduce twice that, a broadcast of each rank's share (N-1)/N of the whole,
 and a chain reduce of every bucket from each rank but its owner (N-1)/N of the whole.
@@ -52,14 +57,15 @@ def parameters(size):
             for _ in range(shape[0])]
 
 
-def contender(name, params):
-    """``(step, state_bytes)``: one step of ``name`` from each rank's own gradients."""
+def contender(name, params, bucket_mb):
+    """``(step, state_bytes, gradient_bytes)``: one step of ``name`` from each rank's own
+    gradients, and what it holds (functions, called after a step)."""
     import fastopt.torch as ft
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     if name.startswith("fastopt"):
         opt = ft.AdamW(params, lr=1e-3, process_group=dist.group.WORLD,
-                       zero_stage=2 if name.endswith("2") else 1)
+                       zero_stage=2 if name.endswith("2") else 1, bucket_cap_mb=bucket_mb)
         grads = [p.grad for p in params]
 
         def step():
@@ -67,8 +73,17 @@ def contender(name, params):
                 p.grad = grad
             opt.step()
 
-        return step, lambda: sum(buffer.numel() * buffer.element_size()
-                                 for store in opt._stores for buffer in store._flat.values())
+        def held():
+            buffers = [b for store in opt._stores for b in (store._padded, store._own)]
+            if name.endswith("2"):
+                buffers += [b for store in opt._stores
+                            for b in (store.reducer.gradients, store.reducer.buffer)]
+            else:
+                buffers += grads
+            return _bytes(buffers)
+
+        return step, lambda: _bytes(b for store in opt._stores for b in store._flat.values()), \
+            held
     flat = torch.zeros(sum(p.numel() for p in params))
     for p, view in zip(params, flat.split([p.numel() for p in params])):
         view.copy_(p.grad.reshape(-1))
@@ -88,8 +103,13 @@ def contender(name, params):
         all_reduce()
         opt.step()
 
-    return step, lambda: sum(v.numel() * v.element_size() for s in state.values()
-                             for v in s.values() if isinstance(v, torch.Tensor) and v.dim())
+    return step, lambda: _bytes(v for s in state.values() for v in s.values()
+                                if isinstance(v, torch.Tensor) and v.dim()), \
+        lambda: _bytes([flat])
+
+
+def _bytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def sent_per_parameter(name, world, backend="gloo"):
@@ -100,7 +120,7 @@ def sent_per_parameter(name, world, backend="gloo"):
             "DDP + fused AdamW": 2 * share}[name]
 
 
-def rank_main(rank, world, rendezvous, size, rounds, steps, out):
+def rank_main(rank, world, rendezvous, size, rounds, steps, bucket_mb, out):
     os.environ["NUMBA_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
@@ -110,7 +130,7 @@ def rank_main(rank, world, rendezvous, size, rounds, steps, out):
         generator = torch.Generator().manual_seed(1 + rank)  # each rank its own gradients
         for p in params:
             p.grad = torch.randn(p.shape, generator=generator) * 1e-3
-        runs[name] = contender(name, params)
+        runs[name] = contender(name, params, bucket_mb)
         runs[name][0]()  # compiles, and makes the state
     times = {name: [] for name in CONTENDERS}
     for r in range(rounds):
@@ -126,7 +146,8 @@ def rank_main(rank, world, rendezvous, size, rounds, steps, out):
         with open(out, "w") as file:
             for name in CONTENDERS:
                 file.write(f"{name}\t{statistics.median(times[name])}\t"
-                           f"{min(times[name])}\t{max(times[name])}\t{runs[name][1]()}\n")
+                           f"{min(times[name])}\t{max(times[name])}\t{runs[name][1]()}\t"
+                           f"{runs[name][2]()}\n")
     dist.barrier()
     dist.destroy_process_group()
 
@@ -137,23 +158,26 @@ def main(argv=None):
     parser.add_argument("--size", type=float, default=4e6)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--bucket-mb", type=float, default=1.0)
     args = parser.parse_args(argv)
     size = int(args.size) // (TENSORS * 64) * TENSORS * 64
     print(f"AdamW, {size:.3g} float32 parameters in {TENSORS} tensors, gloo, one thread a "
           f"rank, {os.cpu_count()} CPUs; medians of {args.rounds} rounds of {args.steps} "
           "steps")
-    print("| ranks | contender | step | range | state MB per rank | sent B/param (computed) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| ranks | contender | step | range | state MB per rank | gradient MB per rank "
+          "| sent B/param (computed) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for world in (int(w) for w in args.worlds.split(",")):
         with tempfile.TemporaryDirectory() as folder:
             out = os.path.join(folder, "result")
             mp.spawn(rank_main, args=(world, f"file://{folder}/rendezvous", size, args.rounds,
-                                      args.steps, out), nprocs=world)
+                                      args.steps, args.bucket_mb, out), nprocs=world)
             for line in open(out):
-                name, median, low, high, state = line.rstrip("\n").split("\t")
+                name, median, low, high, state, held = line.rstrip("\n").split("\t")
                 print(f"| {world} | {name} | {float(median) * 1e3:.2f} ms | "
                       f"{float(low) * 1e3:.2f}-{float(high) * 1e3:.2f} | "
-                      f"{int(state) / 1e6:.1f} | {sent_per_parameter(name, world):.1f} |")
+                      f"{int(state) / 1e6:.1f} | {int(held) / 1e6:.1f} | "
+                      f"{sent_per_parameter(name, world):.1f} |")
     return 0
 
 

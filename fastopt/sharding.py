@@ -187,7 +187,8 @@ class BucketReducer:
     (``Partition.buckets``) go out strictly in their order, each once it and those
     before it are ready: copied into one buffer and sent as one ``reduce`` (averaged
     where ``reduce``) to the rank whose share it is, which adds it into ``gradients``
-    when the next bucket goes out or backward ends. A parameter's ``.grad`` is dropped
+    when the next bucket goes out or backward ends (with nothing to send, one rank or
+    ``reduce`` False, the owner copies it straight in). A parameter's ``.grad`` is dropped
     once its last bucket is out. At the end of backward the buckets that wait on
     parameters that got no gradient go out, in order, with zeros for those. So every
     rank sends the same buckets in the same order, as long as every rank's backward

@@ -75,15 +75,15 @@ parameters, whose local tensors are this rank's parts of the stores (so that
 ``torch.distributed.checkpoint`` saves and reshards it). Sums over whole tensors (the
 gradient norm of ``clip_grad_norm`` and ``skip_nonfinite``, LAMB's and LARS's norms,
 SWATS's projections, the Cautious mask's share) are summed over the ranks that hold
-the shards: each rank's parts in float64, gathered and added in rank order, the same on every
-rank, which must step the same parameters. 8-bit state quantizes each rank's shard in
-blocks from its first element (one process's blocks where the cuts fall on them); its
-codes are DTensors sharded as the parameters, and ``state_dict()`` holds their decoded
-values instead (codes and scales of one rank's blocks would not reshard), which a load
-encodes again. Adafactor adds the column sums of a matrix whose rows the ranks share
-(FSDP2's Shard(0)) over them: its row factors are sharded as the rows, its column
-factors replicated; other shardings of a tensor's last two dimensions are refused for
-it.
+the shards: each rank's parts in float64, gathered and added in rank order, the same
+on every rank, which must step the same parameters. 8-bit state quantizes each rank's
+shard in blocks from its first element (one process's blocks where the cuts fall on
+them); its codes are DTensors sharded as the parameters, and ``state_dict()`` holds
+their decoded values instead (codes and scales of one rank's blocks would not
+reshard), which a load encodes again. Adafactor adds the column sums of a matrix whose
+rows the ranks share (FSDP2's Shard(0)) over them: its row factors are sharded as the
+rows, its column factors replicated; other shardings of a tensor's last two dimensions
+are refused for it.
 
 **ZeRO sharding** (``process_group=``, plain contiguous parameters): the parameters of
 each store, one after the other, are cut into equal partitions (``sharding.Partition``),
@@ -1360,15 +1360,16 @@ class _Store:
         if partition.world == 1 or not partition.share:
             return
         padded, own = self._partition_buffers()
-        for slot in self.slots.values():
-            own[slot.start:slot.stop].copy_(slot.local.reshape(-1))
         flats = [p.detach().view(-1) for p in self.slots]
-        length = padded.numel() // partition.world
-        for start in range(0, partition.share, length):
-            window = (start, min(length, partition.share - start))
-            sharding.all_gather(padded[:partition.world * window[1]],
-                                own[start:start + window[1]], group)
-            partition.unpack(padded, flats, window=window)
+        for start in range(0, partition.share, own.numel()):
+            length = min(own.numel(), partition.share - start)
+            for slot in self.slots.values():  # this rank's elements start:start + length
+                lo, hi = max(slot.start, start), min(slot.stop, start + length)
+                if lo < hi:
+                    own[lo - start:hi - start].copy_(
+                        slot.local.reshape(-1)[lo - slot.start:hi - slot.start])
+            sharding.all_gather(padded[:partition.world * length], own[:length], group)
+            partition.unpack(padded, flats, window=(start, length))
 
     def gather_elements(self, flat, group):
         """Every parameter's whole flat tensor, from every rank's ``flat`` (laid out as
@@ -1419,7 +1420,7 @@ class _Store:
                 partition.share, self.reducer.capacity)
             self._padded = torch.zeros(partition.world * length, dtype=dtype,
                                        device=self.device)
-            self._own = torch.zeros(partition.share, dtype=dtype, device=self.device)
+            self._own = torch.zeros(length, dtype=dtype, device=self.device)
         return self._padded, self._own
 
     def begin_state(self, run, spec, fresh):
