@@ -63,7 +63,9 @@ class Segments:
     factor). A launch's tensors are reached through a :class:`Tensors`. The kernels walk
     each segment in chunks (rows of ``chunks``: segment, offset, size), each summed in a
     fixed order into a row of ``partials``, and the host adds a segment's chunk sums in
-    order: its sums do not depend on the CPU's thread count, nor on CUDA's grid.
+    order (``totals``; a ZeRO partition's tables add every rank's, see
+    ``sharding.whole_totals``): its sums do not depend on the CPU's thread count, nor on
+    CUDA's grid.
     """
 
     def __init__(self, sizes, state_starts, tensor, offsets, to_device):
@@ -228,7 +230,7 @@ class HostBackend:
         the state buffers, after ``first``).
         """
         if not segments.size:  # nothing to step (Adafactor's vectors, where it has none)
-            return tuple(np.zeros(segments.count) for _ in spec.sums)
+            return segments.totals(segments.partials, len(spec.sums)) if spec.sums else ()
         kernel, names = self._compiled(spec)
         if values:
             segments.per_chunk(values)
@@ -391,8 +393,8 @@ class CudaBackend:
 
     def run_segments(self, spec, tensors, states, prep, h, segments, values=(),
                      keep_subnormals=False, key=0, first=0):
-        if not segments.size:
-            return tuple(np.zeros(segments.count) for _ in spec.sums)
+        if not segments.size:  # (its totals may gather other ranks' sums: see Segments)
+            return segments.totals(segments.partials_host, len(spec.sums)) if spec.sums else ()
         if values:
             segments.per_chunk(values)
             segments.row_scalars.copy_to_device(segments.row_scalars_host)

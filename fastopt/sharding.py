@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from torch.autograd import Variable
 
+from .kernels._template import SEGMENT_CHUNK
 from .kernels.codecs import BLOCK
 
 
@@ -95,9 +96,11 @@ def check_same_parameters(group, params):
 class Partition:
     """The part of a flat buffer (parameters of one device and dtype, one after the
     other) that each rank of a ZeRO group steps: equal contiguous shares, each cut
-    moved forward to the next 256-element block of the tensor it falls in (as 8-bit
-    state's blocks run), so that a share may begin or end inside a tensor; or, where
-    ``whole`` (Adafactor, whose factors need whole matrices), to the tensor's end.
+    moved forward to the next chunk of SEGMENT_CHUNK elements of the tensor it falls
+    in, so that a share may begin or end inside a tensor, where the kernels' sums over
+    the tensor (one per chunk: see :func:`whole_totals`) and 8-bit state's blocks of
+    256 are cut too; or, where ``whole`` (Adafactor, whose factors need whole
+    matrices), to the tensor's end.
 
     ``bounds[r]:bounds[r + 1]`` is rank ``r``'s share of the flat buffer; ``share`` the
     longest, to which the collectives pad every share; ``pieces[i]`` is ``(first,
@@ -115,7 +118,7 @@ class Partition:
             target = max(min(r * even, total), bounds[-1])
             tensor = int(np.searchsorted(starts, target, side="right")) - 1
             if tensor < len(sizes):
-                offset = -(-(target - int(starts[tensor])) // BLOCK) * BLOCK
+                offset = -(-(target - int(starts[tensor])) // SEGMENT_CHUNK) * SEGMENT_CHUNK
                 if whole and offset:
                     offset = sizes[tensor]
                 target = min(int(starts[tensor]) + offset, int(starts[tensor + 1]))
@@ -322,6 +325,30 @@ class BucketReducer:
                 self.fresh[b] = False
             else:
                 mine.add_(self.buffer[:hi - lo])
+
+
+def whole_totals(segments, partition, tensors, group, partials, sums):
+    """``Segments.totals`` for the pieces of ZeRO's partition: the sums over the whole
+    tensors (``tensors``, indices in the partition) from every rank's chunk sums
+    (``partials``), added in the order of the chunks in the tensor, as one process adds
+    them. The cuts fall between chunks, so the chunks are one process's, and so are the
+    sums, bit for bit."""
+    world = partition.world
+    counts = np.array([[-(-(last - first) // SEGMENT_CHUNK)
+                        for first, last in np.array(partition.pieces_of(r))[tensors]]
+                       for r in range(world)], np.int64).reshape(world, len(tensors))
+    longest = int(counts.sum(axis=1).max())
+    mine = torch.zeros((longest, sums), dtype=torch.float64)
+    mine[:len(partials)] = torch.from_numpy(np.ascontiguousarray(partials[:, :sums]))
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine.to(_device(group)), group=group)
+    gathered = torch.stack(gathered).cpu().numpy()
+    starts = np.concatenate([np.zeros((world, 1), np.int64), counts.cumsum(axis=1)], axis=1)
+    order = [(r, starts[r, j], starts[r, j + 1]) for j in range(len(tensors))
+             for r in range(world)]  # tensor by tensor, each rank's chunks in turn
+    rows = np.concatenate([gathered[r, a:b] for r, a, b in order] or [np.zeros((0, sums))])
+    owner = np.repeat(np.repeat(np.arange(len(tensors)), world), [b - a for _, a, b in order])
+    return tuple(np.bincount(owner, rows[:, k], len(tensors)) for k in range(sums))
 
 
 def _remove(handles):

@@ -89,9 +89,11 @@ are refused for it.
 each store, one after the other, are cut into equal partitions (``sharding.Partition``),
 and each rank steps its elements only, each parameter's a flat view of it, with their
 state; the step reduce-scatters the gradients first (``reduce_grads``) and all-gathers
-the parameters after; 8-bit state is quantized on the blocks one process uses (the
-cuts fall on them), and Adafactor's partitions cut between tensors (its factors need
-whole matrices). ``state_dict()`` is the rank's partition and
+the parameters after. The cuts fall between the chunks by which the kernels sum a
+tensor, whose sums every rank gathers, so that sums over whole tensors (clipping,
+LAMB ...) are one process's, bit for bit; 8-bit state is quantized on the blocks one
+process uses; Adafactor's partitions cut between tensors (its factors need whole
+matrices). ``state_dict()`` is the rank's partition and
 :meth:`Optimizer.consolidated_state_dict` the whole state. ``zero_stage=2`` reduces the
 gradients during backward instead, bucket by bucket from post-accumulate-grad hooks, into
 this rank's share, and drops each parameter's ``.grad`` once it is sent: ``p.grad`` is
@@ -435,14 +437,15 @@ class Optimizer(torch.optim.Optimizer):
         or process_group partitions (a plain tensor of no partition counts as a whole on
         each rank). Each rank's part is summed in float64 and the parts are gathered and
         added in rank order, so every rank gets the same number, and takes the same
-        decision to skip."""
+        decision to skip; a partition's per-tensor sums are the whole tensors' already,
+        as one process's."""
         parts = collections.defaultdict(list)
         for run in runs:
-            parts[run.store.reduction].append(run.sum_squares())
+            parts[run.store.gathers].append(run.sum_squares())
         total = math.fsum(parts.pop(None, ()))
         # Every rank joins the same collectives in the same order, with or without
         # gradients: it has the same stores.
-        for reduction in dict.fromkeys(store.reduction for store in self._stores):
+        for reduction in dict.fromkeys(store.gathers for store in self._stores):
             if reduction is not None:
                 part = math.fsum(parts.get(reduction, ()))
                 total += sharding.over_ranks(reduction, [part])[0]
@@ -1227,6 +1230,10 @@ class _Store:
         self.names = []  # the state buffers made so far, in order
         self.in_place = in_place
         self.shaped = _shaped(algorithm)
+        # The groups over which its gradients' sum of squares is still to be added: none
+        # where its tables' sums are the whole tensors' already (see table()).
+        self.gathers = None if in_place and partition is not None and not partition.whole \
+            else reduction
         # The 8-bit buffers, by name, with their map (codecs.QUANTIZED), and the
         # companions that hold their scales: "<name>_absmax" -> name.
         self.quantized = storage.quantized
@@ -1452,13 +1459,18 @@ class _Store:
     def table(self, run):
         """One segment per parameter of ``run``, the state laid out like the parameters,
         kept for the next steps (the store is rebuilt when a parameter moves); with the
-        parameters' addresses where they are stepped in place."""
-        key = (run.start, run.stop)
+        parameters' addresses where they are stepped in place. Where the parameters are
+        pieces of a ZeRO partition, its sums are the whole tensors' (``whole_totals``)."""
+        key = (run.slots[0].index, run.slots[-1].index + 1)
         if key not in self._tables:
             sizes = [slot.stop - slot.start for slot in run.slots]
             table = self.backend.segments(sizes, [slot.start for slot in run.slots])
             table.params = np.array([slot.address for slot in run.slots], np.int64)
             table.starts = np.array([slot.start for slot in run.slots], np.int64)
+            partition = self.partition
+            if partition is not None and partition.world > 1 and not partition.whole:
+                table.totals = functools.partial(sharding.whole_totals, table, partition,
+                                                 list(range(*key)), self.reduction[0])
             self._tables[key] = table
         return self._tables[key]
 
@@ -1498,8 +1510,9 @@ class _Store:
             work.stochastic, work.key = True, self.storage.key(step, self.ordinal)
             if self.partition is not None:
                 work.first = self.partition.bounds[self.partition.rank]
-        if self.reduction is not None and not (self.partition and self.partition.whole):
-            # Shards: norms and counts of the whole tensors.
+        if self.partition is not None:  # its table's sums are the whole tensors'
+            work.sizes = np.array([p.numel() for p in run.params], np.int64)
+        elif self.reduction is not None:  # shards: norms and counts of the whole tensors
             work.reduce = functools.partial(sharding.sums_over_ranks, self.reduction)
             work.sizes = np.array([p.numel() for p in run.params], np.int64)
             work.split_rows = np.array([p.shape[0] if _split_rows(p) else 0

@@ -5,9 +5,9 @@ Stage 2 (``zero_stage=2``) reduces the gradients during backward, in buckets.
 
 The reference is fastopt in one process: given the same gradients (every rank the whole
 batch, ``reduce_grads=False``), the sharded step must give bitwise the same parameters
-and state for every element-wise algorithm; where sums over whole tensors enter (the
-clipping norm, LAMB, LARS, SWATS, caution), to the float64 rounding of the partial sums
-that a cut changes.
+and state for every algorithm, also where sums over whole tensors enter (the clipping
+norm, LAMB, LARS, SWATS, caution): the cuts fall between the kernels' chunks of 16384
+elements, whose sums every rank adds up as one process does.
 """
 
 import datetime
@@ -19,7 +19,8 @@ torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
 
 import fastopt.torch as ft  # noqa: E402
-from fastopt.optim.spec import ALGORITHMS, MAP  # noqa: E402
+from fastopt.kernels._template import SEGMENT_CHUNK  # noqa: E402
+from fastopt.optim.spec import ALGORITHMS  # noqa: E402
 from fastopt.sharding import Partition  # noqa: E402
 from test_torch_clients import needs_gloo, run_ranks  # noqa: E402
 
@@ -47,25 +48,29 @@ CASES = [(name, OPTIONS.get(name, dict(lr=0.01)), torch.float32)
 ]
 
 
-def model(dtype=torch.float32):
-    """723 parameters in 4 tensors: every partition into 2-4 cuts the first weight."""
+def model(dtype=torch.float32, width=20):
+    """30 * width + 123 parameters in 4 tensors. Width 20: 723, which every partition
+    into 2-4 cuts between tensors (the next chunk of 16384 is beyond them), so that the
+    forked ranks' kernels run serially (see test_torch_clients). Width 1024: 30843, which
+    every partition into 2-4 cuts inside the first weight (30720), between its chunks."""
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.Tanh(),
+    return torch.nn.Sequential(torch.nn.Linear(width, 30), torch.nn.Tanh(),
                                torch.nn.Linear(30, 3)).to(dtype)
 
 
-def batch(t, rank=None, world=None):
+def batch(t, rank=None, world=None, width=20):
     generator = torch.Generator().manual_seed(t)
-    x, y = torch.randn(16, 20, generator=generator), torch.randn(16, 3, generator=generator)
+    x, y = torch.randn(16, width, generator=generator), torch.randn(16, 3, generator=generator)
     if rank is not None:
         x, y = x.chunk(world)[rank], y.chunk(world)[rank]
     return x, y
 
 
-def train(net, opt, steps=STEPS, first=0, rank=None, world=None, dtype=torch.float32):
+def train(net, opt, steps=STEPS, first=0, rank=None, world=None, dtype=torch.float32,
+          width=20):
     for t in range(first, first + steps):
         opt.zero_grad()
-        x, y = batch(t, rank, world)
+        x, y = batch(t, rank, world, width)
         ((net(x.to(dtype)).float() - y) ** 2).mean().backward()
         opt.step()
 
@@ -83,10 +88,10 @@ def _array(value):
     return (value.float() if value.is_floating_point() else value).numpy().copy()
 
 
-def one_process(name, kwargs, dtype, steps=STEPS):
-    net = model(dtype)
+def one_process(name, kwargs, dtype, steps=STEPS, width=20):
+    net = model(dtype, width)
     opt = getattr(ft, name)(net.parameters(), **kwargs)
-    train(net, opt, steps, dtype=dtype)
+    train(net, opt, steps, dtype=dtype, width=width)
     return snapshot(net, opt.state_dict())
 
 
@@ -95,15 +100,15 @@ def _init(rank, world, rendezvous, timeout=60):
                             timeout=datetime.timedelta(seconds=timeout))
 
 
-def same_gradients_rank(rank, world, rendezvous, cases, zero_stage):
+def same_gradients_rank(rank, world, rendezvous, cases, zero_stage, width=20):
     _init(rank, world, rendezvous)
     results = []
     for name, kwargs, dtype in cases:
-        net = model(dtype)
+        net = model(dtype, width)
         opt = getattr(ft, name)(net.parameters(), process_group=dist.group.WORLD,
                                 reduce_grads=False, zero_stage=zero_stage,
                                 bucket_cap_mb=BUCKET_MB, **kwargs)
-        train(net, opt, dtype=dtype)
+        train(net, opt, dtype=dtype, width=width)
         whole = opt.consolidated_state_dict(to=0)
         local = [tuple(v.shape) for v in opt.state[next(net.parameters())].values()
                  if isinstance(v, torch.Tensor) and v.dim()]
@@ -114,74 +119,84 @@ def same_gradients_rank(rank, world, rendezvous, cases, zero_stage):
 
 def _grads_after_backward(net, dtype):
     """Which parameters hold a ``.grad`` after one more backward."""
-    x, y = batch(0)
+    x, y = batch(0, width=net[0].in_features)
     ((net(x.to(dtype)).float() - y) ** 2).mean().backward()
     return [p.grad is not None for p in net.parameters()]
 
 
-def exact(name, kwargs):
-    """Whether no sum over a whole tensor enters the step (see the module's doc)."""
-    return ALGORITHMS[name].spec.passes == (MAP,) and not kwargs.get("caution") and \
-        "clip_grad_norm" not in kwargs
-
-
-def assert_same(ours, theirs, what, bitwise):
-    def check(mine, expected, message):
-        if bitwise or mine.dtype.kind not in "fc":
-            np.testing.assert_array_equal(mine, expected, err_msg=message)
-        else:
-            np.testing.assert_allclose(mine, expected, rtol=1e-6, atol=1e-9, err_msg=message)
-
+def assert_same(ours, theirs, what):
+    """Parameters and state, bit for bit."""
     for mine, expected in zip(ours[0], theirs[0]):
-        check(mine, expected, what)
+        np.testing.assert_array_equal(mine, expected, err_msg=what)
     if ours[1]:
         assert sorted(ours[1]) == sorted(theirs[1]), what
         for index, values in theirs[1].items():
             assert sorted(ours[1][index]) == sorted(values), what
             for key, value in values.items():
-                check(ours[1][index][key], value, f"{what}: state {index} {key}")
+                np.testing.assert_array_equal(ours[1][index][key], value,
+                                              err_msg=f"{what}: state {index} {key}")
 
 
 @pytest.mark.parametrize("zero_stage", [1, 2])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_sharded_step_is_bitwise_the_one_process_step_for_every_algorithm(world, zero_stage,
                                                                          tmp_path):
-    """Parameters on every rank, and the consolidated state, equal one process's (bit for
-    bit where ``exact``); each rank keeps state for its own elements only, and at stage
-    2 no whole gradient once backward is over."""
+    """Parameters on every rank, and the consolidated state, equal one process's, bit for
+    bit; each rank keeps state for its own elements only, and at stage 2 no whole
+    gradient once backward is over. The partitions cut between tensors."""
     expected = [one_process(*case) for case in CASES]  # compiles before the fork
     ranks = run_ranks(same_gradients_rank, (CASES, zero_stage), tmp_path, world=world,
                       timeout=300)
-    sizes = [p.numel() for p in model().parameters()]
+    assert_sharded_as_one_process(ranks, expected, world, zero_stage, 20)
+
+
+@pytest.mark.parametrize("world, zero_stage", [(2, 1), (3, 1), (4, 1), (3, 2)])
+def test_cuts_inside_tensors_are_bitwise_the_one_process_step_too(world, zero_stage,
+                                                                  tmp_path):
+    """As above, with partitions that cut the first weight (between its chunks, where
+    the sums over it add up as one process's). Its 30720 elements take the kernels'
+    threads, which Numba forbids in a child forked from a process that ran them: the
+    ranks are forkserver children."""
+    from test_torch_clients import FORKSERVER
+
+    expected = [one_process(*case, width=1024) for case in CASES]
+    ranks = run_ranks(same_gradients_rank, (CASES, zero_stage, 1024), tmp_path, world=world,
+                      timeout=300, context=FORKSERVER)
+    assert Partition([30720, 30, 90, 3], 0, world).bounds[1] == 16384  # inside the weight
+    assert_sharded_as_one_process(ranks, expected, world, zero_stage, 1024)
+
+
+def assert_sharded_as_one_process(ranks, expected, world, zero_stage, width):
+    sizes = [p.numel() for p in model(width=width).parameters()]
     for rank, results in enumerate(ranks):
         pieces = Partition(sizes, rank, world).pieces
         for (name, kwargs, dtype), (ours, local, grads), theirs in zip(CASES, results,
                                                                         expected):
             what = f"rank {rank} of {world}, {name} {kwargs} {dtype}"
-            assert_same(ours, theirs if rank == 0 else (theirs[0], {}), what,
-                        exact(name, kwargs))
+            assert_same(ours, theirs if rank == 0 else (theirs[0], {}), what)
             first, last = pieces[0]
             assert local and set(local) == {(last - first,)}, (what, local)
             assert grads == [zero_stage == 1] * len(sizes), what
 
 
-def test_partitions_are_equal_shares_cut_on_blocks_inside_tensors():
-    sizes = [600, 30, 90, 3]
+def test_partitions_are_equal_shares_cut_between_chunks_inside_tensors():
+    sizes = [60000, 300, 40000, 3]
     for world in (1, 2, 3, 4, 7):
         partitions = [Partition(sizes, rank, world) for rank in range(world)]
         bounds = partitions[0].bounds
         assert bounds[0] == 0 and bounds[-1] == sum(sizes) and bounds == sorted(bounds)
-        for cut in bounds[1:-1]:  # on a tensor's boundary or one of its 256-blocks
+        for cut in bounds[1:-1]:  # on a tensor's boundary or between its chunks
             starts = np.cumsum([0] + sizes)
             tensor = np.searchsorted(starts, cut, side="right") - 1
-            assert cut in starts or (cut - starts[tensor]) % 256 == 0, (world, bounds)
+            assert cut in starts or (cut - starts[tensor]) % SEGMENT_CHUNK == 0, (world, bounds)
         for index, size in enumerate(sizes):  # every element stepped by one rank
             owned = np.zeros(size, int)
             for partition in partitions:
                 first, last = partition.pieces[index]
                 owned[first:last] += 1
             assert (owned == 1).all(), (world, index)
-    assert Partition(sizes, 0, 2).bounds == [0, 512, 723]
+    assert Partition(sizes, 0, 2).bounds == [0, 60000, 100303]  # the next chunk: the end
+    assert Partition(sizes, 0, 3).bounds == [0, 3 * 16384, 60300 + 16384, 100303]
 
 
 # -- Adafactor: partitions of whole tensors -------------------------------------------
@@ -230,7 +245,7 @@ def test_adafactor_partitions_whole_tensors_bitwise(tmp_path):
         first, last = Partition(sizes, rank, 3, whole=True).pieces[0]
         for zero_stage, (ours, local) in zip((1, 2), results):
             what = f"rank {rank}, stage {zero_stage}"
-            assert_same(ours, expected if rank == 0 else (expected[0], {}), what, True)
+            assert_same(ours, expected if rank == 0 else (expected[0], {}), what)
             assert local == sorted([(1, 20), (30 if last > first else 0, 1)]), (what, local)
     for rank, [(ours, _)] in enumerate(run_ranks(adafactor_rank, (str(folder), True),
                                                  _fresh(tmp_path, "resume"), world=2,
@@ -375,18 +390,18 @@ def test_zero_stage_and_bucket_size_are_checked():
 # -- 8-bit state ------------------------------------------------------------------------
 
 def int8_model():
-    """6531 parameters: the first weight (6144) is quantized, the rest too small, and
+    """33283 parameters: the first weight (32768) is quantized, the rest too small, and
     every partition into 2-4 cuts the first weight, on its blocks."""
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Tanh(),
-                               torch.nn.Linear(96, 3))
+    return torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.Tanh(),
+                               torch.nn.Linear(128, 3))
 
 
 def int8_train(net, opt, steps, first=0):
     for t in range(first, first + steps):
         opt.zero_grad()
         generator = torch.Generator().manual_seed(t)
-        x, y = torch.randn(16, 64, generator=generator), torch.randn(16, 3, generator=generator)
+        x, y = torch.randn(16, 256, generator=generator), torch.randn(16, 3, generator=generator)
         ((net(x) - y) ** 2).mean().backward()
         opt.step()
 
@@ -415,7 +430,10 @@ def test_int8_state_is_partitioned_on_its_blocks_bitwise(tmp_path):
     """Each rank quantizes its pieces of the first weight on the blocks one process
     uses, and keeps the small tensors' state in float32 as it does: the parameters and
     the consolidated codes, scales and values are one process's, bit for bit, at 3
-    ranks; resumed from them on 2 ranks, or in one process, as not stopping."""
+    ranks; resumed from them on 2 ranks, or in one process, as not stopping. The ranks
+    are forkserver children (see test_cuts_inside_tensors_are_bitwise...)."""
+    from test_torch_clients import FORKSERVER
+
     net = int8_model()
     opt = ft.Adam(net.parameters(), lr=0.01, state_dtype="int8")
     int8_train(net, opt, STEPS)
@@ -427,7 +445,8 @@ def test_int8_state_is_partitioned_on_its_blocks_bitwise(tmp_path):
     int8_train(net, opt, STEPS, first=STEPS)
     final = [p.detach().numpy() for p in net.parameters()]
     folder = _fresh(tmp_path, "checkpoint")
-    ranks = run_ranks(int8_rank, (str(folder), False), _fresh(tmp_path, "save"), world=3)
+    ranks = run_ranks(int8_rank, (str(folder), False), _fresh(tmp_path, "save"), world=3,
+                      context=FORKSERVER)
     for rank, (params, whole) in enumerate(ranks):
         for mine, theirs in zip(params, saved):
             np.testing.assert_array_equal(mine, theirs, err_msg=f"rank {rank}")
@@ -439,7 +458,8 @@ def test_int8_state_is_partitioned_on_its_blocks_bitwise(tmp_path):
             np.testing.assert_array_equal(whole[index][name], value.numpy(),
                                           err_msg=f"state {index} {name}")
     for rank, (params, _) in enumerate(run_ranks(int8_rank, (str(folder), True),
-                                                 _fresh(tmp_path, "resume"), world=2)):
+                                                 _fresh(tmp_path, "resume"), world=2,
+                                                 context=FORKSERVER)):
         for mine, theirs in zip(params, final):
             np.testing.assert_array_equal(mine, theirs, err_msg=f"resumed rank {rank}")
     net = int8_model()
