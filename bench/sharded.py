@@ -29,8 +29,8 @@ round's mean (rounds interleave the contenders). State bytes are counted from th
 optimizers' state tensors on rank 0. Gradient bytes are what a rank holds of the
 gradients in training, with the buffers of fastopt's collectives: every gradient
 (after backward) for stage 1, DDP and ZeroRedundancyOptimizer (whose own buffers are
-not counted), and for stage 2 its share, one bucket, and its all-gather's windows. The bytes sent per parameter are computed, not
-measured: a ring reduce-scatter or all-gather sends (N-1)/N of the buffer from each
+not counted), and for stage 2 its share, one bucket, and its all-gather's windows. The
+bytes sent per parameter are computed, not measured: a ring reduce-scatter or all-gather sends (N-1)/N of the buffer from each
 rank, an all-reduce twice that, a broadcast of each rank's share (N-1)/N of the whole,
 and a chain reduce of every bucket from each rank but its owner (N-1)/N of the whole.
 """

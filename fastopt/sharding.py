@@ -327,7 +327,7 @@ class BucketReducer:
                 mine.add_(self.buffer[:hi - lo])
 
 
-def whole_totals(segments, partition, tensors, group, partials, sums):
+def whole_totals(partition, tensors, group, partials, sums):
     """``Segments.totals`` for the pieces of ZeRO's partition: the sums over the whole
     tensors (``tensors``, indices in the partition) from every rank's chunk sums
     (``partials``), added in the order of the chunks in the tensor, as one process adds
@@ -340,8 +340,9 @@ def whole_totals(segments, partition, tensors, group, partials, sums):
     longest = int(counts.sum(axis=1).max())
     mine = torch.zeros((longest, sums), dtype=torch.float64)
     mine[:len(partials)] = torch.from_numpy(np.ascontiguousarray(partials[:, :sums]))
+    mine = mine.to(_device(group))
     gathered = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(gathered, mine.to(_device(group)), group=group)
+    dist.all_gather(gathered, mine, group=group)
     gathered = torch.stack(gathered).cpu().numpy()
     starts = np.concatenate([np.zeros((world, 1), np.int64), counts.cumsum(axis=1)], axis=1)
     order = [(r, starts[r, j], starts[r, j + 1]) for j in range(len(tensors))

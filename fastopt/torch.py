@@ -1114,9 +1114,9 @@ def _check_state(param, name, value, expected, castable=(), loading=False, like=
         raise ValueError(f"{what} {name!r} of shape {tuple(value.shape)} for {param}, which "
                          f"needs shape {tuple(shape)}")
     if like is not None and (_is_dtensor(value) or _is_dtensor(like)):
-        sharding = [getattr(value, "placements", "not a DTensor"),
+        sharding = [tuple(value.placements) if _is_dtensor(value) else "not a DTensor",
                     _placements(like, shape) if _is_dtensor(like) else "not a DTensor"]
-        if tuple(sharding[0]) != tuple(sharding[1]) or getattr(value, "device_mesh", None) != getattr(
+        if sharding[0] != sharding[1] or getattr(value, "device_mesh", None) != getattr(
                 like, "device_mesh", None):
             raise TypeError(f"{what} {name!r} of {sharding[0]} for {param}, which is "
                             f"{sharding[1]}: the state of a DTensor is a DTensor on its mesh, "
@@ -1469,7 +1469,7 @@ class _Store:
             table.starts = np.array([slot.start for slot in run.slots], np.int64)
             partition = self.partition
             if partition is not None and partition.world > 1 and not partition.whole:
-                table.totals = functools.partial(sharding.whole_totals, table, partition,
+                table.totals = functools.partial(sharding.whole_totals, partition,
                                                  list(range(*key)), self.reduction[0])
             self._tables[key] = table
         return self._tables[key]
