@@ -20,7 +20,6 @@ import torch.distributed as dist
 from torch.autograd import Variable
 
 from .kernels._template import SEGMENT_CHUNK
-from .kernels.codecs import BLOCK
 
 
 def over_ranks(groups, parts):
@@ -30,16 +29,35 @@ def over_ranks(groups, parts):
     gathers a column sum per column of each matrix)."""
     parts = np.asarray(parts, np.float64)
     for group in groups:
-        mine = torch.from_numpy(parts).to(_device(group))
-        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(gathered, mine, group=group)
-        parts = torch.stack(gathered).cpu().numpy().sum(axis=0)
+        parts = _all_gathered(torch.from_numpy(parts), group).numpy().sum(axis=0)
     return parts
 
 
 def _device(group):
     """Where the tensors of ``group``'s collectives lie: NCCL's on the GPU."""
     return "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+
+
+def _all_gathered(mine, group):
+    """Every rank's ``mine`` (of one shape on every rank), stacked in rank order, on
+    the CPU."""
+    mine = mine.to(_device(group))
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    return torch.stack(gathered).cpu()
+
+
+def gathered_by_tensor(rows, counts, group):
+    """Every rank's ``rows``, by tensor: ``counts[r][i]`` rows of tensor ``i`` on rank
+    ``r``, one tensor's after the other's; for each tensor, every rank's rows in rank
+    order (its elements in order, where ranks hold consecutive pieces)."""
+    counts = np.asarray(counts, np.int64)
+    mine = rows.new_zeros((int(counts.sum(axis=1).max()), *rows.shape[1:]))
+    mine[:len(rows)] = rows
+    gathered = _all_gathered(mine, group)
+    starts = np.concatenate([np.zeros((len(counts), 1), np.int64), counts.cumsum(axis=1)], 1)
+    return [torch.cat([gathered[r, starts[r, i]:starts[r, i + 1]] for r in range(len(counts))])
+            for i in range(counts.shape[1])]
 
 
 def sums_over_ranks(groups, sums):
@@ -82,10 +100,8 @@ def check_same_parameters(group, params):
     parameters of the same shapes and dtypes, in the same order (one small gather)."""
     described = repr([(tuple(p.shape), str(p.dtype)) for p in params]).encode()
     digest = int.from_bytes(hashlib.sha256(described).digest()[:7], "little")
-    mine = torch.tensor([len(params), digest], dtype=torch.int64, device=_device(group))
-    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, mine, group=group)
-    seen = [tuple(t.tolist()) for t in gathered]
+    mine = torch.tensor([len(params), digest], dtype=torch.int64)
+    seen = [tuple(t) for t in _all_gathered(mine, group).tolist()]
     if len(set(seen)) > 1:
         counts = [count for count, _ in seen]
         raise ValueError("process_group: the ranks passed different parameters (counts "
@@ -141,6 +157,13 @@ class Partition:
         lo, hi = self.bounds[rank], self.bounds[rank + 1]
         return [(min(max(lo - s, 0), n), min(max(hi - s, 0), n))
                 for s, n in zip(self.starts, self.sizes)]
+
+    def counts(self, unit, tensors=None):
+        """Per rank, per tensor (of ``tensors``, default all): how many runs of ``unit``
+        elements (the last one shorter) its piece holds."""
+        tensors = range(len(self.sizes)) if tensors is None else tensors
+        return [[-(-(last - first) // unit) for first, last in np.array(
+            self.pieces_of(r)).reshape(-1, 2)[list(tensors)]] for r in range(self.world)]
 
     def buckets(self, capacity):
         """``zero_stage=2``'s buckets: each rank's share cut into pieces of at most
@@ -327,29 +350,16 @@ class BucketReducer:
                 mine.add_(self.buffer[:hi - lo])
 
 
-def whole_totals(partition, tensors, group, partials, sums):
+def whole_totals(counts, group, partials, sums):
     """``Segments.totals`` for the pieces of ZeRO's partition: the sums over the whole
-    tensors (``tensors``, indices in the partition) from every rank's chunk sums
-    (``partials``), added in the order of the chunks in the tensor, as one process adds
-    them. The cuts fall between chunks, so the chunks are one process's, and so are the
-    sums, bit for bit."""
-    world = partition.world
-    counts = np.array([[-(-(last - first) // SEGMENT_CHUNK)
-                        for first, last in np.array(partition.pieces_of(r))[tensors]]
-                       for r in range(world)], np.int64).reshape(world, len(tensors))
-    longest = int(counts.sum(axis=1).max())
-    mine = torch.zeros((longest, sums), dtype=torch.float64)
-    mine[:len(partials)] = torch.from_numpy(np.ascontiguousarray(partials[:, :sums]))
-    mine = mine.to(_device(group))
-    gathered = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(gathered, mine, group=group)
-    gathered = torch.stack(gathered).cpu().numpy()
-    starts = np.concatenate([np.zeros((world, 1), np.int64), counts.cumsum(axis=1)], axis=1)
-    order = [(r, starts[r, j], starts[r, j + 1]) for j in range(len(tensors))
-             for r in range(world)]  # tensor by tensor, each rank's chunks in turn
-    rows = np.concatenate([gathered[r, a:b] for r, a, b in order] or [np.zeros((0, sums))])
-    owner = np.repeat(np.repeat(np.arange(len(tensors)), world), [b - a for _, a, b in order])
-    return tuple(np.bincount(owner, rows[:, k], len(tensors)) for k in range(sums))
+    tensors from every rank's chunk sums (``partials``; ``counts``, the chunks of each
+    tensor on each rank: ``Partition.counts``), added in the order of the chunks in the
+    tensor, as one process adds them. The cuts fall between chunks, so the chunks are
+    one process's, and so are the sums, bit for bit."""
+    chunks = gathered_by_tensor(torch.from_numpy(partials[:, :sums]), counts, group)
+    owner = np.repeat(np.arange(len(chunks)), [len(c) for c in chunks])
+    rows = torch.cat(chunks).numpy() if chunks else np.zeros((0, sums))
+    return tuple(np.bincount(owner, rows[:, k], len(chunks)) for k in range(sums))
 
 
 def _remove(handles):

@@ -114,6 +114,7 @@ import torch
 from . import precision, sharding
 from ._backend import GRAD_SQUARES, CudaBackend, HostBackend, Tensors
 from .kernels import Pass
+from .kernels._template import SEGMENT_CHUNK
 from .kernels.codecs import BLOCK
 from .optim import engine
 from .optim.optimizer import Optimizer as _Flat
@@ -1393,18 +1394,8 @@ class _Store:
     def gather_scales(self, name, group):
         """Every parameter's whole ``<name>_absmax`` (one per block), from every
         rank's: each rank's pieces begin on blocks of their parameters."""
-        partition = self.partition
-        counts = [[-(-(last - first) // BLOCK) for first, last in partition.pieces_of(r)]
-                  for r in range(partition.world)]
-        longest = max(sum(c) for c in counts)
-        scales = self._flat[name + ABSMAX]
-        own = scales.new_zeros(longest)
-        own[:scales.numel()].copy_(scales)
-        padded = own.new_zeros(partition.world * longest)
-        sharding.all_gather(padded, own, group)
-        starts = [np.cumsum([0] + c) for c in counts]
-        return [torch.cat([padded[r * longest + starts[r][i]:r * longest + starts[r][i + 1]]
-                           for r in range(partition.world)]) for i in range(len(self.slots))]
+        return sharding.gathered_by_tensor(self._flat[name + ABSMAX],
+                                           self.partition.counts(BLOCK), group)
 
     def small_values(self, name):
         """The float32 state ``name`` of the parameters too small to quantize, laid
@@ -1469,8 +1460,9 @@ class _Store:
             table.starts = np.array([slot.start for slot in run.slots], np.int64)
             partition = self.partition
             if partition is not None and partition.world > 1 and not partition.whole:
-                table.totals = functools.partial(sharding.whole_totals, partition,
-                                                 list(range(*key)), self.reduction[0])
+                table.totals = functools.partial(
+                    sharding.whole_totals, partition.counts(SEGMENT_CHUNK, range(*key)),
+                    self.reduction[0])
             self._tables[key] = table
         return self._tables[key]
 
@@ -1510,11 +1502,10 @@ class _Store:
             work.stochastic, work.key = True, self.storage.key(step, self.ordinal)
             if self.partition is not None:
                 work.first = self.partition.bounds[self.partition.rank]
-        if self.partition is not None:  # its table's sums are the whole tensors'
+        if self.reduction is not None:  # shards: counts of the whole tensors
             work.sizes = np.array([p.numel() for p in run.params], np.int64)
-        elif self.reduction is not None:  # shards: norms and counts of the whole tensors
+        if self.reduction is not None and self.partition is None:  # DTensors: their norms
             work.reduce = functools.partial(sharding.sums_over_ranks, self.reduction)
-            work.sizes = np.array([p.numel() for p in run.params], np.int64)
             work.split_rows = np.array([p.shape[0] if _split_rows(p) else 0
                                         for p in run.params], np.int64)
         if engine.single_pass(algorithm, h):
