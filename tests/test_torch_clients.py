@@ -195,6 +195,12 @@ def run_ranks(target, args, tmp_path, world=2, timeout=TIMEOUT, context=FORK):
                          timeout, context)
 
 
+def subfolder(tmp_path, name):
+    """A new folder ``name`` in ``tmp_path`` (one rendezvous or checkpoint each)."""
+    (tmp_path / name).mkdir()
+    return tmp_path / name
+
+
 def _init_gloo(rank, world, rendezvous):
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
 

@@ -17,7 +17,8 @@ torch = pytest.importorskip("torch")
 
 import fastopt.torch as ft  # noqa: E402
 from test_torch_clients import (FORK, FORKSERVER, _init_gloo, assert_close,  # noqa: E402
-                                assert_moved, batch, needs_gloo, run_ranks, tiny_model, warm)
+                                assert_moved, batch, needs_gloo, run_ranks, subfolder,
+                                tiny_model, warm)
 
 pytestmark = needs_gloo
 
@@ -350,7 +351,7 @@ def test_fsdp2_adafactor_adds_its_factors_over_the_ranks(tmp_path):
     cases = [("Adafactor", dict(lr=0.01))]
     expected = one_process("Adafactor", dict(lr=0.01), torch.float32)
     for rank, [(losses, params, state)] in enumerate(run_ranks(
-            fsdp2_per_tensor_rank, (cases,), _fresh(tmp_path, "same"), context=FORKSERVER)):
+            fsdp2_per_tensor_rank, (cases,), subfolder(tmp_path, "same"), context=FORKSERVER)):
         assert losses == expected[0]
         for mine, theirs in zip(params, expected[1]):
             np.testing.assert_array_equal(mine, theirs, err_msg=f"rank {rank}")
@@ -364,16 +365,11 @@ def test_fsdp2_adafactor_adds_its_factors_over_the_ranks(tmp_path):
     whole = [p.detach().numpy() for p in model.parameters()]
     for world in (3, 4):
         ranks = run_ranks(fsdp2_own_batch_rank, ("Adafactor", dict(lr=0.01), 12),
-                          _fresh(tmp_path, str(world)), world=world, context=FORKSERVER)
+                          subfolder(tmp_path, str(world)), world=world, context=FORKSERVER)
         if world == 4:
             assert ranks[-1][1][2:] == [0, 0], ranks[-1][1]
         for rank, (params, _) in enumerate(ranks):
             assert_close(params, whole, rtol=1e-6, atol=1e-7, what=f"rank {rank} of {world}")
-
-
-def _fresh(tmp_path, name):
-    (tmp_path / name).mkdir()
-    return tmp_path / name
 
 
 # -- 8-bit state: blocks of each rank's shard, checkpoints as values ------------------

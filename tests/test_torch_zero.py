@@ -22,7 +22,7 @@ import fastopt.torch as ft  # noqa: E402
 from fastopt.kernels._template import SEGMENT_CHUNK  # noqa: E402
 from fastopt.optim.spec import ALGORITHMS  # noqa: E402
 from fastopt.sharding import Partition  # noqa: E402
-from test_torch_clients import needs_gloo, run_ranks  # noqa: E402
+from test_torch_clients import FORKSERVER, needs_gloo, run_ranks, subfolder  # noqa: E402
 
 pytestmark = needs_gloo
 
@@ -157,8 +157,6 @@ def test_cuts_inside_tensors_are_bitwise_the_one_process_step_too(world, zero_st
     the sums over it add up as one process's). Its 30720 elements take the kernels'
     threads, which Numba forbids in a child forked from a process that ran them: the
     ranks are forkserver children."""
-    from test_torch_clients import FORKSERVER
-
     expected = [one_process(*case, width=1024) for case in CASES]
     ranks = run_ranks(same_gradients_rank, (CASES, zero_stage, 1024), tmp_path, world=world,
                       timeout=300, context=FORKSERVER)
@@ -230,16 +228,14 @@ def test_adafactor_partitions_whole_tensors_bitwise(tmp_path):
     stages (3 ranks, one of which holds nothing); the whole state resumes on 2 ranks as
     not stopping. In forkserver children: its kernels run in parallel even on tiny
     tensors, which Numba forbids in a child forked from a process that did so."""
-    from test_torch_clients import FORKSERVER
-
     expected = one_process("Adafactor", dict(lr=0.01), torch.float32)
     net = model()
     opt = ft.Adafactor(net.parameters(), lr=0.01)
     train(net, opt, 2 * STEPS)
     final = [p.detach().numpy() for p in net.parameters()]
     sizes = [p.numel() for p in model().parameters()]
-    folder = _fresh(tmp_path, "checkpoint")
-    ranks = run_ranks(adafactor_rank, (str(folder), False), _fresh(tmp_path, "save"), world=3,
+    folder = subfolder(tmp_path, "checkpoint")
+    ranks = run_ranks(adafactor_rank, (str(folder), False), subfolder(tmp_path, "save"), world=3,
                       timeout=300, context=FORKSERVER)
     for rank, results in enumerate(ranks):
         first, last = Partition(sizes, rank, 3, whole=True).pieces[0]
@@ -248,7 +244,7 @@ def test_adafactor_partitions_whole_tensors_bitwise(tmp_path):
             assert_same(ours, expected if rank == 0 else (expected[0], {}), what)
             assert local == sorted([(1, 20), (30 if last > first else 0, 1)]), (what, local)
     for rank, [(ours, _)] in enumerate(run_ranks(adafactor_rank, (str(folder), True),
-                                                 _fresh(tmp_path, "resume"), world=2,
+                                                 subfolder(tmp_path, "resume"), world=2,
                                                  timeout=300, context=FORKSERVER)):
         for mine, theirs in zip(ours[0], final):
             np.testing.assert_array_equal(mine, theirs, err_msg=f"resumed rank {rank}")
@@ -296,7 +292,7 @@ def test_stage2_reduces_the_gradients_as_stage1(world, tmp_path):
     """Bucket by bucket during backward, averaged on the rank that owns them: at two
     ranks the average of two is the same float either way, bit for bit; at three the
     sums may run in another order."""
-    stages = {stage: run_ranks(stage2_rank, (stage,), _fresh(tmp_path, str(stage)),
+    stages = {stage: run_ranks(stage2_rank, (stage,), subfolder(tmp_path, str(stage)),
                                world=world) for stage in (1, 2)}
     for rank in range(world):
         for mine, theirs in zip(stages[2][rank], stages[1][rank]):
@@ -389,34 +385,17 @@ def test_zero_stage_and_bucket_size_are_checked():
 
 # -- 8-bit state ------------------------------------------------------------------------
 
-def int8_model():
-    """33283 parameters: the first weight (32768) is quantized, the rest too small, and
-    every partition into 2-4 cuts the first weight, on its blocks."""
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.Tanh(),
-                               torch.nn.Linear(128, 3))
-
-
-def int8_train(net, opt, steps, first=0):
-    for t in range(first, first + steps):
-        opt.zero_grad()
-        generator = torch.Generator().manual_seed(t)
-        x, y = torch.randn(16, 256, generator=generator), torch.randn(16, 3, generator=generator)
-        ((net(x) - y) ** 2).mean().backward()
-        opt.step()
-
-
 def int8_rank(rank, world, rendezvous, folder, resume):
     """Train (every rank the whole batch) and save the whole state on rank 0; or load
     it and train on."""
     _init(rank, world, rendezvous)
-    net = int8_model()
+    net = model(width=1024)
     opt = ft.Adam(net.parameters(), lr=0.01, state_dtype="int8", reduce_grads=False,
                   process_group=dist.group.WORLD)
     if resume:
         net.load_state_dict(torch.load(f"{folder}/model.pt"))
         opt.load_state_dict(torch.load(f"{folder}/whole.pt"))
-    int8_train(net, opt, STEPS, first=STEPS if resume else 0)
+    train(net, opt, first=STEPS if resume else 0, width=1024)
     whole = opt.consolidated_state_dict(to=0)
     if rank == 0 and not resume:
         torch.save(whole, f"{folder}/whole.pt")
@@ -427,25 +406,23 @@ def int8_rank(rank, world, rendezvous, folder, resume):
 
 
 def test_int8_state_is_partitioned_on_its_blocks_bitwise(tmp_path):
-    """Each rank quantizes its pieces of the first weight on the blocks one process
-    uses, and keeps the small tensors' state in float32 as it does: the parameters and
+    """Each rank quantizes its pieces of the first weight (30720 elements, which the
+    three ranks cut at 16384, between blocks) on the blocks one process uses, and keeps the small tensors' state in float32 as it does: the parameters and
     the consolidated codes, scales and values are one process's, bit for bit, at 3
     ranks; resumed from them on 2 ranks, or in one process, as not stopping. The ranks
     are forkserver children (see test_cuts_inside_tensors_are_bitwise...)."""
-    from test_torch_clients import FORKSERVER
-
-    net = int8_model()
+    net = model(width=1024)
     opt = ft.Adam(net.parameters(), lr=0.01, state_dtype="int8")
-    int8_train(net, opt, STEPS)
+    train(net, opt, width=1024)
     expected = {index: {name: value.clone() for name, value in values.items()}
                 for index, values in opt.state_dict()["state"].items()}  # views: kept
     assert expected[0]["exp_avg_codes"].dtype == torch.uint8
     assert expected[1]["exp_avg"].dtype == torch.float32
     saved = [p.detach().numpy().copy() for p in net.parameters()]
-    int8_train(net, opt, STEPS, first=STEPS)
+    train(net, opt, first=STEPS, width=1024)
     final = [p.detach().numpy() for p in net.parameters()]
-    folder = _fresh(tmp_path, "checkpoint")
-    ranks = run_ranks(int8_rank, (str(folder), False), _fresh(tmp_path, "save"), world=3,
+    folder = subfolder(tmp_path, "checkpoint")
+    ranks = run_ranks(int8_rank, (str(folder), False), subfolder(tmp_path, "save"), world=3,
                       context=FORKSERVER)
     for rank, (params, whole) in enumerate(ranks):
         for mine, theirs in zip(params, saved):
@@ -458,15 +435,15 @@ def test_int8_state_is_partitioned_on_its_blocks_bitwise(tmp_path):
             np.testing.assert_array_equal(whole[index][name], value.numpy(),
                                           err_msg=f"state {index} {name}")
     for rank, (params, _) in enumerate(run_ranks(int8_rank, (str(folder), True),
-                                                 _fresh(tmp_path, "resume"), world=2,
+                                                 subfolder(tmp_path, "resume"), world=2,
                                                  context=FORKSERVER)):
         for mine, theirs in zip(params, final):
             np.testing.assert_array_equal(mine, theirs, err_msg=f"resumed rank {rank}")
-    net = int8_model()
+    net = model(width=1024)
     net.load_state_dict(torch.load(folder / "model.pt"))
     opt = ft.Adam(net.parameters(), lr=0.01, state_dtype="int8")
     opt.load_state_dict(torch.load(folder / "whole.pt"))
-    int8_train(net, opt, STEPS, first=STEPS)
+    train(net, opt, first=STEPS, width=1024)
     for mine, theirs in zip(net.parameters(), final):
         np.testing.assert_array_equal(mine.detach().numpy(), theirs)
 
@@ -505,11 +482,11 @@ def test_checkpoints_resume_bitwise_on_the_same_or_any_number_of_ranks(tmp_path)
     expected = [p.detach().numpy() for p in net.parameters()]
     folder = tmp_path / "checkpoint"
     folder.mkdir()
-    run_ranks(checkpoint_rank, (str(folder), None, STEPS, 0), _fresh(tmp_path, "save"), world=3)
+    run_ranks(checkpoint_rank, (str(folder), None, STEPS, 0), subfolder(tmp_path, "save"), world=3)
     for world, source in ((3, "own"), (2, "whole"), (4, "whole")):
         for rank, params in enumerate(run_ranks(
                 checkpoint_rank, (str(folder), source, STEPS, STEPS),
-                _fresh(tmp_path, f"{world}{source}"), world=world)):
+                subfolder(tmp_path, f"{world}{source}"), world=world)):
             for mine, theirs in zip(params, expected):
                 np.testing.assert_array_equal(mine, theirs,
                                               err_msg=f"rank {rank} of {world}, {source}")
@@ -523,11 +500,6 @@ def test_checkpoints_resume_bitwise_on_the_same_or_any_number_of_ranks(tmp_path)
     reference = torch.optim.Adam(model().parameters(), lr=0.01)
     reference.load_state_dict(torch.load(folder / "whole.pt"))
     assert reference.state_dict()["state"][0]["exp_avg"].shape == (30, 20)
-
-
-def _fresh(tmp_path, name):
-    (tmp_path / name).mkdir()
-    return tmp_path / name
 
 
 def partition_mismatch_rank(rank, world, rendezvous, folder):
