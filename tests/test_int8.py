@@ -325,3 +325,26 @@ def test_quantizing_decoded_values_to_fit_gives_back_their_codes():
     _, shrunk = precision.quantize(decoded, "signed8")
     np.testing.assert_array_equal(shrunk[~negative], absmax[~negative])
     assert (shrunk[negative] < absmax[negative]).all()
+
+
+@pytest.mark.parametrize("options", [dict(state_dtype="int8"),
+                                     dict(state_dtype="bfloat16", stochastic_rounding=True)])
+def test_a_group_whose_pass_keeps_no_state_steps_as_float32_does(options):
+    """SGD without momentum keeps no state: a group of it beside one with momentum steps
+    as float32 SGD, whatever the state's format (its pass once got the 8-bit or the
+    stochastic arguments it does not take, a TypeError)."""
+    rng = np.random.default_rng(3)
+    p0 = [rng.standard_normal(5000).astype(f32) for _ in range(2)]
+    grads = [[[rng.standard_normal(5000).astype(f32)] for _ in range(2)] for _ in range(3)]
+
+    def run(**storage):
+        opt = fastopt.SGD([{"params": [p0[0].copy()]},
+                           {"params": [p0[1].copy()], "momentum": 0.9}], lr=0.1, **storage)
+        for g in grads:
+            opt.step(g)
+        return opt
+
+    ours, plain = run(**options), run()
+    np.testing.assert_array_equal(ours.params[0][0], plain.params[0][0])
+    assert not np.array_equal(ours.params[0][0], p0[0])
+    assert ours.state["momentum_buffer"].dtype != f32  # the momentum group's is the format's

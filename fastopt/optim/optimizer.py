@@ -163,7 +163,7 @@ class Optimizer:
             self.master_params = self._backend.zeros(self.flat_params.size,
                                                      self._storage.master_dtype)
         elif self._storage.master:
-            self.master_params = self.flat_params.astype(FLOAT32)
+            self.master_params = self._backend.float32_copy(self.flat_params)
         names = [layout.prefix for layout in self._layouts]  # "params" or "params[i]"
         param_views = [layout.views(self.flat_params, name)
                        for layout, name in zip(self._layouts, names)]
@@ -462,7 +462,8 @@ class Optimizer:
             return
         formats = tuple((name, storage.formats[name]) for name in ("p", "g", "w", *spec)
                         if name in storage.formats)
-        if storage.quantized:  # one segment, from start: the group's blocks
+        if any(name in storage.quantized for name in spec):
+            # One segment, from start: the group's blocks.
             table, first, last = self._blocks().by_start[start]
             arrays = [array for name in spec if name in storage.quantized
                       for array in (self.state[f"{name}_absmax"][first:last],
@@ -475,7 +476,9 @@ class Optimizer:
                 (table, np.array([start], np.int64), stop - start, arrays), prep, h,
                 self.spec.keeps_subnormals, storage.key(step) if storage.stochastic else 0)
             return
-        rounding = (storage.key(step), start) if storage.stochastic else None
+        # A pass with no 16-bit buffer (SGD without momentum, its state bfloat16) has
+        # nothing to round.
+        rounding = (storage.key(step), start) if storage.stochastic and formats else None
         self._backend.run(rule, tuple(spec), buffers, prep, h, self.spec.keeps_subnormals,
                           formats, master, rounding)
 
