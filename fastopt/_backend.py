@@ -8,6 +8,7 @@ so the optimizers never branch on the device.
 import functools
 import sys
 import threading
+import weakref
 
 import numpy as np
 
@@ -177,6 +178,10 @@ class HostBackend:
         """A NumPy copy of ``a``."""
         return np.array(a, copy=True)
 
+    def float32_copy(self, a):
+        """A float32 copy of ``a`` beside it."""
+        return a.astype(FLOAT32)
+
     def on_host(self, a):
         """``a`` as a NumPy array: ``a`` itself here, a copy from a device."""
         return a
@@ -340,6 +345,7 @@ class CudaBackend:
         self._kernels = kernels
         self._whole_buffers = {}
         self._passes = {}
+        self._copies = {}
 
     def asarray(self, x, what):
         if hasattr(x, "__cuda_array_interface__"):
@@ -350,23 +356,30 @@ class CudaBackend:
                         f"got {type(x).__name__}")
 
     def zeros(self, n, dtype=FLOAT32):
-        if dtype != FLOAT32:  # flatten refuses 16-bit arrays on CUDA first
-            raise TypeError(f"CUDA buffers are float32 only, for now, not {dtype}")
-        a = self._cuda.device_array(n, FLOAT32)
-        self.fill(a, 0.0)
+        a = self._cuda.device_array(n, dtype)
+        self.fill(a, 0)
         return a
 
     def zeros64(self, n):
         return self._cuda.to_device(np.zeros(n, np.float64))
 
     def fill(self, a, value):
-        self._kernels.launch(self._kernels.fill, a.size, a, FLOAT32.type(value))
+        if a.dtype == FLOAT32:
+            self._kernels.launch(self._kernels.fill, a.size, a, FLOAT32.type(value))
+        else:  # the bits of value in a's format (16-bit floats, uint8 codes, remainders)
+            bits = precision.bits(np.array([value], a.dtype))[0]
+            self._kernels.launch(self._kernels.fill, a.size, precision.bits(a), bits)
 
     def copy(self, destination, source):
-        destination.copy_to_device(source.reshape(destination.size))
+        # As bits: a reshape of a 16-bit device array can lose its dtype (the simulator's).
+        precision.bits(destination).copy_to_device(
+            precision.bits(source).reshape(destination.size))
 
     def to_host(self, a):
         return a.copy_to_host()
+
+    def float32_copy(self, a):  # through the host: it happens once, at construction
+        return self._cuda.to_device(a.copy_to_host().astype(FLOAT32))
 
     on_host = to_host
 
@@ -381,15 +394,18 @@ class CudaBackend:
     def run(self, rule, present, buffers, prep, h, keep_subnormals=False, formats=(),
             master=False, rounding=None):
         kernels = self._kernels
-        # keep_subnormals: CUDA keeps them (the kernels set no flush-to-zero mode); its
-        # buffers are float32 (see zeros), so formats stays empty, and rounding None.
-        kernels.launch(kernels.kernel(rule, present), buffers[0].size, *buffers, prep, h)
+        # keep_subnormals: CUDA keeps them (the kernels set no flush-to-zero mode).
+        kernel = kernels.kernel(*Pass(rule, present, formats=formats, master=master,
+                                      stochastic=rounding is not None))
+        kernels.launch(kernel, buffers[0].size, *map(precision.bits, buffers), prep, h,
+                       *(rounding or ()))
 
     def segments(self, sizes, state_starts, tensor=None, offsets=None):
         return _segments(sizes, state_starts, tensor, offsets, self._cuda.to_device)
 
     def flat_tensors(self, p, g, starts, w=None):
-        return Tensors(p, g, np.asarray(starts, np.int64), w=w)
+        return Tensors(precision.bits(p), precision.bits(g), np.asarray(starts, np.int64),
+                       w=w)
 
     def run_segments(self, spec, tensors, states, prep, h, segments, values=(),
                      keep_subnormals=False, key=0, first=0):
@@ -401,12 +417,34 @@ class CudaBackend:
         kernel, names = self._compiled(spec)
         arrays = [getattr(tensors, name) for name in names]
         self._kernels.launch_segments(kernel, segments, self._starts(tensors, segments),
-                                      *arrays, *states, prep, h,
+                                      *arrays, *map(precision.bits, states), prep, h,
                                       *((key, first) if spec.stochastic else ()))
         if not spec.sums:
             return ()
         return segments.totals(segments.partials.copy_to_host(segments.partials_host),
                                len(spec.sums))
+
+    def run_blocks(self, spec, tensors, states, blocks, prep, h, keep_subnormals=False, key=0,
+                   first=0):
+        """One pass ``spec`` that keeps state in 8 bits, block by block (see
+        ``HostBackend.run_blocks``): a CUDA block per block of state."""
+        rows, state_starts, size, arrays = blocks
+        kernel, names = self._compiled(spec)
+        starts = self._device_copy(tensors.starts)
+        self._kernels.launch_blocks(
+            kernel, rows.shape[0], *(getattr(tensors, name) for name in names),
+            *map(precision.bits, states), prep, h, *((key, first) if spec.stochastic else ()),
+            starts, self._device_copy(rows), self._device_copy(state_starts), *arrays)
+
+    def _device_copy(self, a):
+        """A device copy of the host array ``a``, kept while ``a`` lives (the optimizer
+        keeps its block tables), for the last few arrays."""
+        found = self._copies.get(id(a))
+        if found is None or found[0]() is not a:
+            if len(self._copies) >= 64:
+                self._copies.clear()
+            found = self._copies[id(a)] = (weakref.ref(a), self._cuda.to_device(a))
+        return found[1]
 
     def _starts(self, tensors, segments):
         """Where each segment starts in the flat buffers, on the device (kept)."""
@@ -418,13 +456,15 @@ class CudaBackend:
     def sum_squares(self, g):
         """The float64 sum of squares of ``g`` (see :class:`Segments`)."""
         segments = self._whole(g.size)
-        return self.run_segments(GRAD_SQUARES, self.flat_tensors(g, g, _FIRST), [], (), (),
+        spec = GRAD_SQUARES._replace(formats=precision.formats(("g",), [g]))
+        return self.run_segments(spec, self.flat_tensors(g, g, _FIRST), [], (), (),
                                  segments)[0][0]
 
     def ema(self, average, value, h):
         kernels = self._kernels
-        kernels.launch(kernels.kernel("ema", ("average", "value")), average.size, average, value,
-                       (), h)
+        formats = precision.formats(("value",), [value])
+        kernels.launch(kernels.kernel(*Pass("ema", ("average", "value"), formats=formats)),
+                       average.size, average, precision.bits(value), (), h)
 
     def scale_into(self, out, a, s):
         self._kernels.launch(self._kernels.scale_into, out.size, out, a, s)
@@ -432,8 +472,9 @@ class CudaBackend:
     # -- Adafactor's passes (see kernels.cuda) -------------------------------------------
 
     def column_sums(self, tensors, prep, blocks, table, out, fmt=None):
-        self._kernels.launch_blocks(self._kernels.column_sums, blocks.count, tensors.p,
-                                    tensors.g, self._starts(tensors, blocks), prep, table, out)
+        self._kernels.launch_blocks(self._kernels.column_sums, blocks.count, tensors.g,
+                                    self._starts(tensors, blocks), prep, table, out,
+                                    self._kernels.GRADIENT_FORMATS.index(fmt))
         return out.copy_to_host()
 
     def constant(self, a):

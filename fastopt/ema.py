@@ -142,7 +142,7 @@ def _targets(params):
             raise ValueError(f"{name} is the same array as {seen[id(x)]}; each may appear once")
         seen[id(x)] = name
         a = backend.asarray(x, name)
-        check_dtype(backend, a, name)
+        check_dtype(a, name)
         if views and a.dtype != views[0].dtype:
             raise TypeError(f"{name} is {a.dtype} but {named[0][0]} is {views[0].dtype}: "
                             "the arrays of one EMA share a dtype")

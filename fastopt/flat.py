@@ -156,7 +156,7 @@ def _shape(what, shape):
 
 def _check_flat(backend, x, what, size=None, dtype=None):
     a = backend.asarray(x, what)
-    check_dtype(backend, a, what, dtype)
+    check_dtype(a, what, dtype)
     if a.ndim != 1 or not is_c_contiguous(a):
         raise ValueError(f"{what} must be a 1-D C-contiguous array, got shape {a.shape}"
                          + ("" if a.ndim != 1 else " with strides"))
@@ -167,18 +167,15 @@ def _check_flat(backend, x, what, size=None, dtype=None):
     return a
 
 
-def check_dtype(backend, a, what, dtype=None):
+def check_dtype(a, what, dtype=None):
     """Raise TypeError unless ``a`` has ``dtype`` (None: a format of
-    ``precision.DTYPES``; 16-bit formats on the CPU only, for now)."""
+    ``precision.DTYPES``)."""
     if dtype is not None and a.dtype != dtype:
         raise TypeError(f"{what} must be {name_of(dtype)}, got {a.dtype}")
     if name_of(a.dtype) is None:
         raise TypeError(f"{what} has dtype {a.dtype}; fastopt steps float32, bfloat16 "
                         "(ml_dtypes) and float16 arrays (convert with "
                         ".astype(np.float32))")
-    if a.dtype != FLOAT32 and backend.device == "cuda":
-        raise TypeError(f"{what} is {a.dtype}: on CUDA fastopt steps float32 arrays only, "
-                        "for now (16-bit formats run on the CPU)")
 
 
 def flatten(groups, grouped=False, grad_dtype=None):
@@ -215,7 +212,7 @@ def flatten(groups, grouped=False, grad_dtype=None):
                                  "each parameter may appear only once")
             seen[id(x)] = name
             a = backend.asarray(x, name)
-            check_dtype(backend, a, name)
+            check_dtype(a, name)
             if a.dtype != dtype:
                 raise TypeError(f"{name} is {a.dtype} but {first_name} is {dtype}: the "
                                 "parameters of one optimizer share a dtype (mixing is not "

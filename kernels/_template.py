@@ -194,6 +194,39 @@ def _block_chunk(taken, quantized, writes, bits, body, stochastic):
     return arguments + "".join(f"    {line}\n" for line in lines) + "    return ()\n"
 
 
+def _block_steps(quantized, writes, body, segment_at):
+    """The statements of a CUDA block that steps one block of 8-bit state (as
+    :func:`_block_chunk` does on the CPU; row ``b`` of ``blocks``, bound to ``segment,
+    offset, size, small``, ``base`` and ``state_base``): its threads stride through the
+    elements, decoding, stepping and keeping the new values in shared memory, then
+    find the new absmax together (``block_max``) and encode."""
+    written = [n for n in quantized if n in writes]
+    small = body(lambda n: f"{n}_small[small + i]" if n in quantized else segment_at(n),
+                 "first + state_base + i")
+    stepped = body(lambda n: f"{n}_old" if n in quantized else segment_at(n),
+                   "first + state_base + i", blocks=True)
+
+    def threads(*statements):
+        return ["i = cuda.threadIdx.x", "while i < size:",
+                *(f"    {line}" for line in statements), "    i += cuda.blockDim.x"]
+
+    lines = ["if small >= 0:", *(f"    {line}" for line in threads(small)), "    return"]
+    lines += [f"{n}_new = cuda.shared.array(BLOCK, float32)" for n in written]
+    lines += [f"{n}_bits = NO_BITS" for n in written]
+    lines += [f"{n}_scale = {n}_absmax[b]" for n in quantized]
+    lines += threads(*[f"{n}_old = {quantized[n]}_map[{n}[state_base + i]] * {n}_scale"
+                       for n in quantized], stepped,
+                     *[f"{n}_bits = max({n}_bits, np.float32(new_{n}).view(np.uint32) "
+                       "& MAGNITUDE)" for n in written])
+    for n in written:
+        lines += [f"{n}_top = np.uint32(block_max(shared_bits, {n}_bits)).view(np.float32)",
+                  f"if cuda.threadIdx.x == 0: {n}_absmax[b] = {n}_top",
+                  f"{n}_inverse = ONE / {n}_top if {n}_top > ZERO else ZERO",
+                  *threads(f"{n}[state_base + i] = dynamic_encode({n}_new[i] * {n}_inverse, "
+                           f"{quantized[n]}_buckets)")]
+    return "\n    ".join(lines)
+
+
 def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
     """Define the driver ``<rule>__<present...>__<hash>(*arrays, prep, h, ...)`` of the
     :class:`Pass` ``spec`` and return it.
@@ -226,8 +259,10 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
 
     - ``{block_arguments}`` names the absmax and small arrays of the 8-bit state
       buffers, and ``{block_chunk}`` runs the chunk function over blocks ``c *
-      BLOCKS_PER_CHUNK`` on (see :func:`_block_chunk`): the loops of a pass that keeps
-      state in 8 bits, which only these take.
+      BLOCKS_PER_CHUNK`` on (see :func:`_block_chunk`), or ``{block_steps}`` (several
+      lines, indented as a function body) steps block ``b`` with a CUDA block's threads
+      (see :func:`_block_steps`): the loops of a pass that keeps state in 8 bits, which
+      only these take.
 
     ``fingerprint`` is whatever else the compiled code depends on (compiler options,
     constants).
@@ -243,7 +278,8 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
     quantized = {n: f for n, f in formats.items() if f in codecs.QUANTIZED}
     formats = {n: f for n, f in formats.items() if n not in quantized}
     if set(quantized) & {*TENSORS, "w"} or set(quantized) - set(taken) or (
-            quantized and ("{block_chunk}" not in loops or spec.sums or spec.per_segment)):
+            quantized and (("{block_chunk}" not in loops and "{block_steps}" not in loops)
+                           or spec.sums or spec.per_segment)):
         raise ValueError(f"pass {spec} quantizes what is not state it takes, or is not a "
                          "flat pass over blocks")
     master_format = formats.pop("w", None)
@@ -349,6 +385,7 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
                     f"c * BLOCKS_PER_CHUNK, min(c * BLOCKS_PER_CHUNK + BLOCKS_PER_CHUNK, "
                     f"blocks.shape[0]), prepared, named"
                     f"{', key, first' if spec.stochastic else ''})",
+        block_steps=_block_steps(quantized, writes, body, segment_at) if quantized else "",
         body=body(lambda n: f"{n}[i]", "first + i"),
         segment_body=body(segment_at, "first + state_base + i"),
         slices="; ".join(f"{a}_c = {a}[start:stop]" for a in taken),

@@ -7,7 +7,7 @@ when ``NUMBA_ENABLE_CUDASIM=1`` is set before numba is imported.
 import functools
 
 import numpy as np
-from numba import cuda, float64
+from numba import cuda, float64, uint32
 
 from . import _template, codecs, rules
 
@@ -47,7 +47,20 @@ _SEGMENT_LOOPS = """\
         {store_sums}
 """
 
-# The most threads a block may have: the size of the shared array a block sums in.
+# One block per row of ``blocks`` (segment, offset, size, small): a block of 8-bit state
+# (see _template._block_steps), of the tensors from ``starts[segment] + offset``.
+_BLOCK_LOOPS = """\
+{random_arguments}, starts, blocks, state_starts{block_arguments}):
+    b = cuda.blockIdx.x
+    {named}
+    shared_bits = cuda.shared.array(MAX_THREADS, uint32)
+    segment, offset, size, small = blocks[b, 0], blocks[b, 1], blocks[b, 2], blocks[b, 3]
+    base = starts[segment] + offset
+    state_base = state_starts[segment] + offset
+    {block_steps}
+"""
+
+# The most threads a block may have: the size of the shared arrays a block reduces in.
 MAX_THREADS = 1024
 
 
@@ -73,6 +86,24 @@ def _block_sum(shared, value):
     return total
 
 
+@cuda.jit(device=True)
+def _block_max(shared, value):
+    """The largest ``value`` (a uint32) of the block's threads. Blocks must have a
+    power-of-two number of threads."""
+    t = cuda.threadIdx.x
+    shared[t] = value
+    cuda.syncthreads()
+    width = cuda.blockDim.x // 2
+    while width > 0:
+        if t < width:
+            shared[t] = max(shared[t], shared[t + width])
+        cuda.syncthreads()
+        width //= 2
+    top = shared[0]
+    cuda.syncthreads()
+    return top
+
+
 @functools.cache
 def _driver(spec, loops):
     # Cached by the Pass, so that every spelling of the same pass gets one driver.
@@ -81,10 +112,18 @@ def _driver(spec, loops):
         "rule": cuda.jit(device=True)(getattr(rules, spec.rule)),
         "prepare": _prepare,
         "block_sum": _block_sum,
+        "block_max": _block_max,
+        "np": np,
         "cuda": cuda,
         "float64": float64,
+        "uint32": uint32,
         "MAX_THREADS": MAX_THREADS,
         "ZERO": ZERO,
+        "ONE": np.float32(1),
+        "NO_BITS": np.uint32(0),
+        "MAGNITUDE": np.uint32(0x7FFFFFFF),
+        "BLOCK": codecs.BLOCK,
+        **codecs.tables(),
         **_CODECS,
     }
     return cuda.jit(cache=True)(_template.build(spec, loops, namespace, __file__,
@@ -104,8 +143,17 @@ def segment_kernel(*spec):
     """The compiled CUDA kernel ``kernel[chunks, block](*arrays, prep, h, chunks, starts,
     state_starts, partials, row_scalars)`` of a ``_template.Pass`` over segments: see
     ``fastopt._backend.Segments``; ``p`` and ``g`` are flat, indexed from ``starts``.
-    Launch it with :func:`launch_segments`."""
-    return _driver(_template.Pass(*spec), _SEGMENT_LOOPS)
+    Launch it with :func:`launch_segments`.
+
+    A pass that keeps state in 8 bits (``codecs.QUANTIZED`` formats) walks blocks of
+    state instead, one CUDA block each: ``kernel[blocks, block](*arrays, prep, h, [key,
+    first,] starts, blocks, state_starts, *absmax_and_small)``, with rows ``(segment,
+    offset, size, small)`` of ``blocks`` (see ``_template._block_chunk``), the tensors'
+    segment k starting at ``starts[k]``, and each 8-bit buffer's absmax and small
+    arrays."""
+    spec = _template.Pass(*spec)
+    blocks = any(f in codecs.QUANTIZED for _, f in spec.formats)
+    return _driver(spec, _BLOCK_LOOPS if blocks else _SEGMENT_LOOPS)
 
 
 def launch_segments(compiled, segments, starts, *args):
@@ -173,18 +221,36 @@ def launch_blocks(compiled, blocks, *args):
         compiled[blocks, threads_per_block](*_by_value(args))
 
 
+# The gradients' formats column_sums reads, by their index there: float32, or the bits
+# of a 16-bit format.
+GRADIENT_FORMATS = (None, "bfloat16", "float16")
+_bfloat16_load, _float16_load = _CODECS["bfloat16_load"], _CODECS["float16_load"]
+
+
+@cuda.jit(device=True)
+def _gradient(value, fmt):
+    """The float32 of a gradient element in the format ``GRADIENT_FORMATS[fmt]``."""
+    if fmt == 1:
+        return _bfloat16_load(value)
+    if fmt == 2:
+        return _float16_load(value)
+    return np.float32(value)
+
+
 @cuda.jit(cache=True)
-def column_sums(p, g, starts, prep, table, out):
-    """One block per block of rows, starting at ``starts[k]`` of the flat buffers, with
-    ``(rows, columns, out_start) = table[k]`` (see kernels.cpu.column_sums); one thread
-    per column, each summing its column in row order."""
+def column_sums(g, starts, prep, table, out, fmt):
+    """One block per block of rows, starting at ``starts[k]`` of the flat gradients (in
+    the format ``GRADIENT_FORMATS[fmt]``), with ``(rows, columns, out_start) =
+    table[k]``: the sums of ``prepare(0, g)**2`` down its columns (see
+    kernels.cpu.column_sums); one thread per column, each summing its column in row
+    order."""
     k = cuda.blockIdx.x
     start, rows, columns, out_start = starts[k], table[k, 0], table[k, 1], table[k, 2]
     c = cuda.threadIdx.x
     while c < columns:
         total = float64(0)
         for r in range(rows):
-            x = float64(_prepare(p[start + r * columns + c], g[start + r * columns + c], prep))
+            x = float64(_prepare(ZERO, _gradient(g[start + r * columns + c], fmt), prep))
             total += x * x
         out[out_start + c] = total
         c += cuda.blockDim.x

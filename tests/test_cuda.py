@@ -6,11 +6,12 @@ separate run). The simulator is slow, so the sizes are small; a tiny launch shap
 the grid-stride loop wrap several times.
 """
 
+import ml_dtypes
 import numpy as np
 import pytest
 
 import fastopt
-from cases import ALL, case_id
+from cases import ALL, CASES, case_id
 from conftest import gradients, initial_params
 
 cuda = pytest.importorskip("numba.cuda")
@@ -229,3 +230,109 @@ def test_bench_runs_on_the_device(tmp_path):
     records = bench.run(["Adam"], [300], rounds=1, device="cuda", out=tmp_path)
     assert {r["implementation"] for r in records} >= {"fastopt", "triad"}
     assert (tmp_path / "results.json").exists()
+
+
+# -- storage formats on the device ----------------------------------------------------------
+
+# Per format: the parameters' and gradients' dtypes and the options; each algorithm's
+# cases take it where the CPU does (int8 state where the algorithm keeps moving averages).
+FORMATS = {
+    "bf16-master": (ml_dtypes.bfloat16, ml_dtypes.bfloat16, dict(master_weights="float32")),
+    "bf16-remainder": (ml_dtypes.bfloat16, ml_dtypes.bfloat16,
+                       dict(master_weights="remainder")),
+    "fp16-stochastic": (np.float16, np.float16,
+                        dict(master_weights=None, stochastic_rounding=True, seed=3)),
+    "bf16-state-stochastic": (np.float32, np.float32,
+                              dict(state_dtype="bfloat16", stochastic_rounding=True)),
+    "int8": (np.float32, np.float32, dict(state_dtype="int8")),
+    "bf16-int8-fp32-grads": (ml_dtypes.bfloat16, np.float32,
+                             dict(state_dtype="int8", grad_dtype="float32")),
+}
+FIRST_CASES = [(name, cases[0]) for name, cases in CASES.items()]
+
+
+def _takes(name, options):
+    """Whether ``name`` takes the format ``options`` (the CPU refuses some)."""
+    try:
+        getattr(fastopt, name)([np.zeros(8, np.float32)], **options)
+    except ValueError:
+        return False
+    return True
+
+
+FORMAT_CASES = [(name, kwargs, fmt) for name, kwargs in FIRST_CASES for fmt in FORMATS
+                if _takes(name, {k: v for k, v in FORMATS[fmt][2].items() if k != "master_weights"})]
+# One unit in the last place, relative, of each 16-bit format.
+ULP = {np.dtype(ml_dtypes.bfloat16): 2.0 ** -7, np.dtype(np.float16): 2.0 ** -10}
+
+
+def assert_close_in_format(ours, theirs, what):
+    """float32 within rounding; 16-bit values and 8-bit codes bit for bit but for a few
+    that round the other way (to the neighbouring value or code): the simulator
+    evaluates the rules partly in float64, and a GPU fuses multiply-adds, so a value
+    within rounding of a boundary may land on its other side. A missing stochastic
+    rounding, or a wrong code, shows in far more elements."""
+    assert ours.dtype == theirs.dtype, what
+    if ours.dtype == np.float32:
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6, err_msg=what)
+        return
+    different = ours.view(np.uint8 if ours.dtype == np.uint8 else np.uint16) != theirs.view(
+        np.uint8 if ours.dtype == np.uint8 else np.uint16)
+    assert different.mean() <= 0.02, f"{what}: {different.sum()} of {different.size} differ"
+    if ours.dtype == np.uint8:
+        assert np.abs(ours.astype(int) - theirs).max(initial=0) <= 1, what
+    elif ours.dtype in ULP:
+        np.testing.assert_allclose(ours.astype(np.float64), theirs.astype(np.float64),
+                                   rtol=ULP[ours.dtype], atol=1e-7, err_msg=what)
+
+
+@pytest.mark.parametrize("name, kwargs, fmt", FORMAT_CASES,
+                         ids=[f"{case_id((n, k))}-{f}" for n, k, f in FORMAT_CASES])
+def test_formats_on_device_match_the_cpu(name, kwargs, fmt, monkeypatch):
+    # Two blocks of 8-bit state (one partial), and a tensor too small for 8 bits.
+    monkeypatch.setattr(fastopt.optim.optimizer, "MIN_QUANTIZED_SIZE", 256)
+    dtype, grad_dtype, options = FORMATS[fmt]
+    rng = np.random.default_rng(7)
+    shapes = {"w": (8, 40), "b": (9,)}
+    p0 = {k: (0.5 * rng.standard_normal(s)).astype(dtype) for k, s in shapes.items()}
+    options = {**kwargs, **options}
+    on_gpu = getattr(fastopt, name)({k: cuda.to_device(v) for k, v in p0.items()}, **options)
+    on_cpu = getattr(fastopt, name)({k: v.copy() for k, v in p0.items()}, **options)
+    for _ in range(3):
+        g = {k: rng.standard_normal(s).astype(grad_dtype) for k, s in shapes.items()}
+        on_gpu.step({k: cuda.to_device(v) for k, v in g.items()})
+        on_cpu.step(g)
+    assert_close_in_format(host(on_gpu.flat_params), on_cpu.flat_params, "params")
+    for key, value in on_cpu.state.items():
+        if isinstance(value, np.ndarray) and key != "master":
+            assert_close_in_format(host(on_gpu.state[key]), value, key)
+    if fmt == "bf16-master":  # the parameters are the master weights rounded
+        np.testing.assert_allclose(host(on_gpu.master_params), on_cpu.master_params,
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(
+            host(on_gpu.master_params).astype(dtype).view(np.uint16),
+            host(on_gpu.flat_params).view(np.uint16))
+    moved = on_cpu.flat_params.astype(np.float64) - np.concatenate(
+        [v.ravel() for v in p0.values()]).astype(np.float64)
+    assert np.abs(moved).max() > 0
+
+
+def test_formats_on_device_resume_exactly(tmp_path):
+    rng = np.random.default_rng(9)
+    p0 = (0.5 * rng.standard_normal(5000)).astype(ml_dtypes.bfloat16)
+    options = dict(lr=0.01, master_weights="remainder", state_dtype="int8")
+    on_gpu = fastopt.AdamW([cuda.to_device(p0)], **options)
+    resumed = fastopt.AdamW([cuda.to_device(p0)], **options)
+    grads = [rng.standard_normal(5000).astype(ml_dtypes.bfloat16) for _ in range(4)]
+    for g in grads[:2]:
+        on_gpu.step(cuda.to_device(g))
+    fastopt.save(on_gpu, tmp_path / "formats.npz")
+    resumed.load(tmp_path / "formats.npz")
+    for g in grads[2:]:
+        on_gpu.step(cuda.to_device(g))
+        resumed.step(cuda.to_device(g))
+    np.testing.assert_array_equal(host(resumed.flat_params).view(np.uint16),
+                                  host(on_gpu.flat_params).view(np.uint16))
+    for key in ("exp_avg", "exp_avg_absmax", "exp_avg_sq", "exp_avg_sq_absmax"):
+        np.testing.assert_array_equal(host(resumed.state[key]), host(on_gpu.state[key]),
+                                      err_msg=key)

@@ -1,0 +1,97 @@
+"""Every CUDA kernel, compiled for a real GPU without one.
+
+The simulator runs the kernels as Python, so it misses what only the CUDA compiler
+refuses (a type it cannot lower, a NumPy call it lacks). Here the simulator records every
+launch of a workload (``cuda_launches.py``) and NVVM compiles each kernel to PTX for
+sm_90 with the recorded argument types, as a launch on a GPU would. It needs NVIDIA's
+NVVM and NVRTC libraries (the ``nvidia-nvvm`` and ``nvidia-cuda-nvrtc`` wheels of the
+test extra), not a GPU nor its driver.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+cuda = pytest.importorskip("numba.cuda")
+if cuda.is_available():
+    pytest.skip("a GPU (or the simulator) is here: test_cuda.py runs the kernels themselves",
+                allow_module_level=True)
+
+from numba import types  # noqa: E402
+from numba.cuda import dispatcher  # noqa: E402
+
+from fastopt.kernels import _template  # noqa: E402
+from fastopt.kernels import cuda as kernels  # noqa: E402
+
+HERE = Path(__file__).parent
+TARGET = (9, 0)  # the H100/H200's compute capability
+
+
+def _nvvm_missing():
+    try:
+        cuda.compile_ptx(lambda a: None, (types.float32[::1],), cc=TARGET)
+    except Exception as error:  # NVVM or NVRTC not found: the extra is not installed
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory):
+    missing = _nvvm_missing()
+    if missing:
+        pytest.skip(f"cannot compile CUDA here ({missing.splitlines()[0]})")
+    out = tmp_path_factory.mktemp("launches") / "launches.json"
+    subprocess.run([sys.executable, "cuda_launches.py", str(out)], cwd=HERE, check=True,
+                   timeout=900, env={**os.environ, "NUMBA_ENABLE_CUDASIM": "1"})
+    return json.loads(out.read_text())
+
+
+def _numba_type(recorded):
+    kind, *rest = recorded
+    if kind == "array":
+        dtype, ndim = rest
+        return types.Array(getattr(types, dtype), ndim, "C")
+    if kind == "tuple":
+        return types.BaseTuple.from_types([_numba_type(t) for t in rest[0]])
+    return getattr(types, rest[0])
+
+
+def _tuples(x):
+    return tuple(map(_tuples, x)) if isinstance(x, list) else x
+
+
+def _kernel(recorded):
+    if isinstance(recorded, str):
+        return getattr(kernels, recorded)
+    fields, loops = recorded
+    return kernels._driver(_template.Pass(*_tuples(fields)), getattr(kernels, loops))
+
+
+def test_the_workload_launches_every_kind_of_kernel(launches):
+    generated = [e["kernel"] for e in launches if not isinstance(e["kernel"], str)]
+    assert {loops for _, loops in generated} == {"_LOOPS", "_SEGMENT_LOOPS", "_BLOCK_LOOPS"}
+    assert {"fill", "column_sums"} <= {e["kernel"] for e in launches
+                                       if isinstance(e["kernel"], str)}
+    rules = {fields[0] for fields, _ in generated}
+    assert {"adam", "sgd", "lamb", "norms", "adafactor", "ema", "grad_squares"} <= rules, rules
+
+
+def test_every_launched_kernel_compiles_for_a_gpu(launches, monkeypatch):
+    # Device functions take the compute capability of the current device.
+    monkeypatch.setattr(dispatcher, "get_current_device",
+                        lambda: SimpleNamespace(compute_capability=TARGET))
+    failed = []
+    for entry in launches:
+        signature = tuple(_numba_type(t) for t in entry["types"])
+        try:
+            ptx, _ = cuda.compile_ptx(_kernel(entry["kernel"]).py_func, signature, cc=TARGET)
+            assert ".entry" in ptx
+        except Exception as error:
+            failed.append(f"{entry['kernel']}: {type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''}")
+    assert not failed, "\n".join(failed)
