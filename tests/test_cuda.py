@@ -336,3 +336,45 @@ def test_formats_on_device_resume_exactly(tmp_path):
     for key in ("exp_avg", "exp_avg_absmax", "exp_avg_sq", "exp_avg_sq_absmax"):
         np.testing.assert_array_equal(host(resumed.state[key]), host(on_gpu.state[key]),
                                       err_msg=key)
+
+
+@pytest.mark.parametrize("dtype, options", [
+    (ml_dtypes.bfloat16, dict(state_dtype="int8")),
+    (np.float16, dict(master_weights=None, stochastic_rounding=True))],
+    ids=["bf16-master-int8", "fp16-stochastic"])
+def test_training_loop_features_with_formats_on_device(dtype, options, monkeypatch):
+    """Groups, clipping, loss scaling, the non-finite skip and an EMA of 16-bit
+    parameters, on the device as on the CPU."""
+    monkeypatch.setattr(fastopt.optim.optimizer, "MIN_QUANTIZED_SIZE", 256)
+    rng = np.random.default_rng(11)
+    p0 = [(0.5 * rng.standard_normal(s)).astype(dtype) for s in [(300,), (9, 7), (40,)]]
+
+    def build(put):
+        opt = fastopt.Adam([{"params": [put(p0[0]), put(p0[1])]},
+                            {"params": [put(p0[2])], "lr": 0.02, "weight_decay": 0.1}],
+                           lr=0.05, clip_grad_norm=4.0, clip_grad_value=0.3,
+                           skip_nonfinite=True, **options)
+        return opt, fastopt.EMA(opt, decay=0.8)
+
+    (on_gpu, gpu_average), (on_cpu, cpu_average) = build(cuda.to_device), build(np.copy)
+    for t in range(5):
+        g = (rng.standard_normal(on_cpu.flat_params.size) * 64).astype(dtype)
+        if t == 2:
+            g[5] = np.inf
+        before = host(on_gpu.flat_params)
+        on_gpu.step(cuda.to_device(g), grad_scale=64.0)
+        on_cpu.step(g, grad_scale=64.0)
+        gpu_average.update()
+        cpu_average.update()
+        if t == 2:  # skipped on both, the device's parameters untouched
+            np.testing.assert_array_equal(host(on_gpu.flat_params).view(np.uint16),
+                                          before.view(np.uint16))
+        assert on_gpu.last_grad_norm == pytest.approx(on_cpu.last_grad_norm, rel=1e-12,
+                                                      nan_ok=True)
+    assert on_gpu.skipped_steps == on_cpu.skipped_steps == 1
+    assert_close_in_format(host(on_gpu.flat_params), on_cpu.flat_params, "params")
+    for key, value in on_cpu.state.items():
+        if isinstance(value, np.ndarray):
+            assert_close_in_format(host(on_gpu.state[key]), value, key)
+    with gpu_average.applied(), cpu_average.applied():
+        assert_close_in_format(host(on_gpu.flat_params), on_cpu.flat_params, "average")
