@@ -346,12 +346,17 @@ class CudaBackend:
         self._whole_buffers = {}
         self._passes = {}
         self._copies = {}
+        # Numba's device arrays (the simulator's, which carry no interface, or a GPU's).
+        self._device_arrays = getattr(cuda.devicearray, "DeviceNDArrayBase",
+                                      getattr(cuda.devicearray, "FakeCUDAArray", ()))
 
     def asarray(self, x, what):
+        # A Numba device array as it is: through its interface a bfloat16 one would come
+        # back untyped (its typestr is '<V2').
+        if isinstance(x, self._device_arrays):
+            return x
         if hasattr(x, "__cuda_array_interface__"):
             return self._cuda.as_cuda_array(x)
-        if is_cuda_array(x):
-            return x
         raise TypeError(f"{what} must be a CUDA array like the other parameters, "
                         f"got {type(x).__name__}")
 
@@ -371,6 +376,9 @@ class CudaBackend:
             self._kernels.launch(self._kernels.fill, a.size, precision.bits(a), bits)
 
     def copy(self, destination, source):
+        if source.dtype != destination.dtype:  # converted on the host, as NumPy casts
+            source = np.asarray(self.on_host(source) if is_cuda_array(source) else source,
+                                destination.dtype)
         # As bits: a reshape of a 16-bit device array can lose its dtype (the simulator's).
         precision.bits(destination).copy_to_device(
             precision.bits(source).reshape(destination.size))
@@ -437,13 +445,15 @@ class CudaBackend:
             starts, self._device_copy(rows), self._device_copy(state_starts), *arrays)
 
     def _device_copy(self, a):
-        """A device copy of the host array ``a``, kept while ``a`` lives (the optimizer
-        keeps its block tables), for the last few arrays."""
-        found = self._copies.get(id(a))
-        if found is None or found[0]() is not a:
+        """A device copy of the host int64 array ``a``, kept for the last few arrays: by
+        value for a few elements (the starts, made anew each step), else while ``a``
+        lives (the optimizer keeps its block tables)."""
+        key = a.tobytes() if a.size <= 16 else id(a)
+        found = self._copies.get(key)
+        if found is None or (a.size > 16 and found[0]() is not a):
             if len(self._copies) >= 64:
                 self._copies.clear()
-            found = self._copies[id(a)] = (weakref.ref(a), self._cuda.to_device(a))
+            found = self._copies[key] = (weakref.ref(a), self._cuda.to_device(a))
         return found[1]
 
     def _starts(self, tensors, segments):
@@ -467,7 +477,10 @@ class CudaBackend:
                        average.size, average, precision.bits(value), (), h)
 
     def scale_into(self, out, a, s):
-        self._kernels.launch(self._kernels.scale_into, out.size, out, a, s)
+        if out.dtype == FLOAT32:
+            self._kernels.launch(self._kernels.scale_into, out.size, out, a, s)
+        else:  # 16-bit: rounded on the host, as NumPy casts (an EMA's copy_to, not a step)
+            self.copy(out, self.on_host(a) * s)
 
     # -- Adafactor's passes (see kernels.cuda) -------------------------------------------
 

@@ -102,9 +102,10 @@ def float16_store_stochastic(x, random):
         return np.uint16(sign | u32(0x7C00))
     if magnitude < u32(113 << 23):  # below 2**-14: a multiple of 2**-24, the rest by chance
         steps = magnitude.view(np.float32) * _HALF_SUBNORMAL_STEPS  # exact
-        whole = np.floor(steps)
-        up = (steps - whole) * np.float32(65536) > np.float32(u32(random) & u32(0xFFFF))
-        return np.uint16(sign | u32(u32(whole) + u32(up)))
+        whole = u32(steps)  # truncated: the floor of a magnitude (np.floor is CPU-only)
+        up = ((steps - np.float32(whole)) * np.float32(65536)
+              > np.float32(u32(random) & u32(0xFFFF)))
+        return np.uint16(sign | u32(whole + u32(up)))
     return np.uint16(sign | ((magnitude - _REBIAS + (u32(random) & u32(0x1FFF))) >> u32(13)))
 
 

@@ -81,7 +81,7 @@ def record(workload):
 
 
 # Storage formats on top of each case: (parameters' dtype, options).
-FORMATS = [(np.float32, {}), (ml_dtypes.bfloat16, {}),
+FORMATS = [(np.float32, {}), (ml_dtypes.bfloat16, {}), (np.float16, {}),
            (ml_dtypes.bfloat16, dict(master_weights="remainder")),
            (np.float16, dict(master_weights=None, stochastic_rounding=True)),
            (np.float32, dict(state_dtype="bfloat16", stochastic_rounding=True)),
@@ -89,12 +89,13 @@ FORMATS = [(np.float32, {}), (ml_dtypes.bfloat16, {}),
            (ml_dtypes.bfloat16, dict(state_dtype="int8", grad_dtype="float32"))]
 
 
-def _accepts(name, options):
-    """Whether ``name`` takes ``options`` (some formats are refused by some algorithms)."""
+def _accepts(name, dtype, options):
+    """Whether ``name`` takes ``options`` for ``dtype`` parameters (some formats are
+    refused by some algorithms)."""
     if options.get("caution") and options.get("state_dtype") == "int8":
         return False  # refused at the first step
     try:
-        getattr(fastopt, name)([np.zeros(8, np.float32)], **options)
+        getattr(fastopt, name)([np.zeros(8, dtype)], **options)
     except (ValueError, TypeError):
         return False
     return True
@@ -118,8 +119,7 @@ def every_case():
             options = {**kwargs, **options}
             if dtype != np.float32 and "master_weights" not in options:
                 options["master_weights"] = "float32"
-            if not _accepts(name, {k: v for k, v in options.items()
-                                   if k not in ("master_weights", "grad_dtype")}):
+            if not _accepts(name, dtype, options):
                 continue
             opt = getattr(fastopt, name)(arrays(dtype), **options)
             for _ in range(2):

@@ -238,6 +238,7 @@ def test_bench_runs_on_the_device(tmp_path):
 # cases take it where the CPU does (int8 state where the algorithm keeps moving averages).
 FORMATS = {
     "bf16-master": (ml_dtypes.bfloat16, ml_dtypes.bfloat16, dict(master_weights="float32")),
+    "fp16-master": (np.float16, np.float16, dict(master_weights="float32")),
     "bf16-remainder": (ml_dtypes.bfloat16, ml_dtypes.bfloat16,
                        dict(master_weights="remainder")),
     "fp16-stochastic": (np.float16, np.float16,
@@ -251,17 +252,18 @@ FORMATS = {
 FIRST_CASES = [(name, cases[0]) for name, cases in CASES.items()]
 
 
-def _takes(name, options):
-    """Whether ``name`` takes the format ``options`` (the CPU refuses some)."""
+def _takes(name, fmt):
+    """Whether ``name`` takes the format ``fmt`` (the CPU refuses some)."""
+    dtype, _, options = FORMATS[fmt]
     try:
-        getattr(fastopt, name)([np.zeros(8, np.float32)], **options)
+        getattr(fastopt, name)([np.zeros(8, dtype)], **options)
     except ValueError:
         return False
     return True
 
 
 FORMAT_CASES = [(name, kwargs, fmt) for name, kwargs in FIRST_CASES for fmt in FORMATS
-                if _takes(name, {k: v for k, v in FORMATS[fmt][2].items() if k != "master_weights"})]
+                if _takes(name, fmt)]
 # One unit in the last place, relative, of each 16-bit format.
 ULP = {np.dtype(ml_dtypes.bfloat16): 2.0 ** -7, np.dtype(np.float16): 2.0 ** -10}
 
@@ -306,10 +308,13 @@ def test_formats_on_device_match_the_cpu(name, kwargs, fmt, monkeypatch):
     for key, value in on_cpu.state.items():
         if isinstance(value, np.ndarray) and key != "master":
             assert_close_in_format(host(on_gpu.state[key]), value, key)
-    if fmt == "bf16-master":  # the parameters are the master weights rounded
-        np.testing.assert_allclose(host(on_gpu.master_params), on_cpu.master_params,
-                                   rtol=1e-5, atol=1e-6)
-        np.testing.assert_array_equal(
+    if on_cpu.master_params is not None:  # float32, or rebuilt from the remainders
+        masters = [m if m.dtype == np.float32 else fastopt.precision.rebuild_master(p, m)
+                   for p, m in ((host(on_gpu.flat_params), host(on_gpu.master_params)),
+                                (on_cpu.flat_params, on_cpu.master_params))]
+        assert_close_in_format(*masters, "master")
+    if on_cpu.master_params is not None and on_cpu.master_params.dtype == np.float32:
+        np.testing.assert_array_equal(  # the parameters are the master weights rounded
             host(on_gpu.master_params).astype(dtype).view(np.uint16),
             host(on_gpu.flat_params).view(np.uint16))
     moved = on_cpu.flat_params.astype(np.float64) - np.concatenate(
@@ -378,3 +383,25 @@ def test_training_loop_features_with_formats_on_device(dtype, options, monkeypat
             assert_close_in_format(host(on_gpu.state[key]), value, key)
     with gpu_average.applied(), cpu_average.applied():
         assert_close_in_format(host(on_gpu.flat_params), on_cpu.flat_params, "average")
+
+
+def test_an_ema_of_bfloat16_parameters_on_device_copies_in_and_out_as_the_cpu():
+    # bias_correction=False starts the average from the parameters (a bfloat16 to float32
+    # copy), and copy_to writes the average rounded into them.
+    rng = np.random.default_rng(12)
+    p0 = rng.standard_normal(300).astype(ml_dtypes.bfloat16)
+    opts = [fastopt.SGD([put(p0)], lr=0.1) for put in (cuda.to_device, np.copy)]
+    averages = [fastopt.EMA(opt, decay=0.7, bias_correction=False) for opt in opts]
+    for _ in range(3):
+        g = rng.standard_normal(300).astype(ml_dtypes.bfloat16)
+        opts[0].step(cuda.to_device(g))
+        opts[1].step(g)
+        for average in averages:
+            average.update()
+    live = host(opts[0].flat_params)
+    for average in averages:
+        average.copy_to()
+    assert_close_in_format(host(opts[0].flat_params), opts[1].flat_params, "average")
+    assert (host(opts[0].flat_params) != live).any()
+    averages[0].restore()
+    np.testing.assert_array_equal(host(opts[0].flat_params).view(np.uint16), live.view(np.uint16))

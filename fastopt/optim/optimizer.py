@@ -717,7 +717,7 @@ def _same_memory(source, destination):
 
 
 def _copy_of(backend, source):
-    copy = backend.zeros(source.size)
+    copy = backend.zeros(source.size, source.dtype)
     backend.copy(copy, source)
     return copy
 
