@@ -199,7 +199,7 @@ def _block_steps(quantized, writes, body, segment_at):
     :func:`_block_chunk` does on the CPU; row ``b`` of ``blocks``, bound to ``segment,
     offset, size, small``, ``base`` and ``state_base``): its threads stride through the
     elements, decoding, stepping and keeping the new values in shared memory, then
-    find the new absmax together (``block_max``) and encode."""
+    find the new absmax together (``block_reduce``) and encode."""
     written = [n for n in quantized if n in writes]
     small = body(lambda n: f"{n}_small[small + i]" if n in quantized else segment_at(n),
                  "first + state_base + i")
@@ -219,7 +219,8 @@ def _block_steps(quantized, writes, body, segment_at):
                      *[f"{n}_bits = max({n}_bits, np.float32(new_{n}).view(np.uint32) "
                        "& MAGNITUDE)" for n in written])
     for n in written:
-        lines += [f"{n}_top = np.uint32(block_max(shared_bits, {n}_bits)).view(np.float32)",
+        lines += [f"{n}_top = np.uint32(block_reduce(shared_bits, {n}_bits, True))"
+                  ".view(np.float32)",
                   f"if cuda.threadIdx.x == 0: {n}_absmax[b] = {n}_top",
                   f"{n}_inverse = ONE / {n}_top if {n}_top > ZERO else ZERO",
                   *threads(f"{n}[state_base + i] = dynamic_encode({n}_new[i] * {n}_inverse, "
@@ -406,7 +407,8 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
         begin_sums=begin_sums,
         store_sums="; ".join(f"partials[c, {j}] = {t}" for j, t in enumerate(totals))
         or "pass",
-        block_sums="; ".join(f"{t} = block_sum(shared, {t})" for t in totals) or "pass")
+        block_sums="; ".join(f"{t} = block_reduce(shared, {t}, False)" for t in totals)
+        or "pass")
     digest = hashlib.sha1((_rules_source() + chunk_text + text + fingerprint).encode())
     name = "__".join((spec.rule,) + tuple(spec.present) + (digest.hexdigest()[:10],))
     if "CHUNK_FUNCTION" in text:

@@ -29,7 +29,7 @@ _LOOPS = """\
 """
 
 # One block per chunk (a row of ``chunks``: segment, offset, size), which its threads
-# stride through; sums are added over the block (``block_sum``) into ``partials[c]``.
+# stride through; sums are added over the block (``block_reduce``) into ``partials[c]``.
 _SEGMENT_LOOPS = """\
 {random_arguments}, chunks, starts, state_starts, partials, row_scalars):
     c = cuda.blockIdx.x
@@ -69,39 +69,22 @@ _CODECS = codecs.compiled(cuda.jit(device=True))
 
 
 @cuda.jit(device=True)
-def _block_sum(shared, value):
-    """The sum of ``value`` over the block's threads, in a fixed order. Blocks must have
-    a power-of-two number of threads."""
+def _block_reduce(shared, value, largest):
+    """The sum of ``value`` over the block's threads, in a fixed order, or with
+    ``largest`` their largest value. Blocks must have a power-of-two number of threads."""
     t = cuda.threadIdx.x
     shared[t] = value
     cuda.syncthreads()
     width = cuda.blockDim.x // 2
     while width > 0:
         if t < width:
-            shared[t] += shared[t + width]
+            other = shared[t + width]
+            shared[t] = max(shared[t], other) if largest else shared[t] + other
         cuda.syncthreads()
         width //= 2
     total = shared[0]
     cuda.syncthreads()  # everyone has read shared[0] before it is reused
     return total
-
-
-@cuda.jit(device=True)
-def _block_max(shared, value):
-    """The largest ``value`` (a uint32) of the block's threads. Blocks must have a
-    power-of-two number of threads."""
-    t = cuda.threadIdx.x
-    shared[t] = value
-    cuda.syncthreads()
-    width = cuda.blockDim.x // 2
-    while width > 0:
-        if t < width:
-            shared[t] = max(shared[t], shared[t + width])
-        cuda.syncthreads()
-        width //= 2
-    top = shared[0]
-    cuda.syncthreads()
-    return top
 
 
 @functools.cache
@@ -111,8 +94,7 @@ def _driver(spec, loops):
         "__name__": __name__,
         "rule": cuda.jit(device=True)(getattr(rules, spec.rule)),
         "prepare": _prepare,
-        "block_sum": _block_sum,
-        "block_max": _block_max,
+        "block_reduce": _block_reduce,
         "np": np,
         "cuda": cuda,
         "float64": float64,
