@@ -61,15 +61,18 @@ class Segments:
     Segment k is ``sizes[k]`` elements of tensor ``tensor[k]`` of a launch, from element
     ``offsets[k]`` of it on; its state starts at ``state_starts[k]`` of the flat state
     buffers (several segments may share state: the rows of a matrix share its column
-    factor). A launch's tensors are reached through a :class:`Tensors`. The kernels walk
-    each segment in chunks (rows of ``chunks``: segment, offset, size), each summed in a
+    factor), and its elements' random bits, where stochastic rounding draws them, at
+    ``draws[k]`` (default: ``state_starts``, for state laid out like the parameters;
+    segments that share state draw apart). A launch's tensors are reached through a
+    :class:`Tensors`. The kernels walk each segment in chunks (rows of ``chunks``:
+    segment, offset, size, and where the chunk's random bits start), each summed in a
     fixed order into a row of ``partials``, and the host adds a segment's chunk sums in
     order (``totals``; a ZeRO partition's tables add every rank's, see
     ``sharding.whole_totals``): its sums do not depend on the CPU's thread count, nor on
     CUDA's grid.
     """
 
-    def __init__(self, sizes, state_starts, tensor, offsets, to_device):
+    def __init__(self, sizes, state_starts, tensor, offsets, to_device, draws=None):
         self.count = len(sizes)
         self.sizes = np.asarray(sizes, np.int64).reshape(-1)
         self.size = int(self.sizes.sum())
@@ -77,7 +80,8 @@ class Segments:
         self.offsets = np.asarray(offsets, np.int64).reshape(-1)
         self.whole = bool(np.array_equal(self.tensor, np.arange(self.count))
                           and not self.offsets.any())  # one segment per tensor, in order
-        chunks = segment_chunks(self.sizes)
+        self.draws = np.asarray(state_starts if draws is None else draws, np.int64).reshape(-1)
+        chunks = segment_chunks(self.sizes, self.draws)
         self.chunk_segment = chunks[:, 0].copy()  # on the host
         # Whether each segment is one chunk, in order: its sums are then the chunks'.
         self.chunk_each = np.array_equal(self.chunk_segment, np.arange(self.count))
@@ -131,13 +135,15 @@ class Tensors:
         self.itemsize = itemsize or {"p": 4, "g": 4, "w": 4}  # bytes per element, by name
 
 
-def segment_chunks(sizes):
-    """``(segment, offset, size)`` rows of at most SEGMENT_CHUNK elements each, in order,
-    for segments of ``sizes`` elements."""
+def segment_chunks(sizes, draws=None):
+    """``(segment, offset, size, draw)`` rows of at most SEGMENT_CHUNK elements each, in
+    order, for segments of ``sizes`` elements; ``draw`` is ``draws[segment] + offset``
+    (default 0 + offset), where the chunk's random bits start."""
     chunk = SEGMENT_CHUNK
-    rows = [(k, offset, min(chunk, n - offset))
+    draws = np.zeros(len(sizes), np.int64) if draws is None else draws
+    rows = [(k, offset, min(chunk, n - offset), draws[k] + offset)
             for k, n in enumerate(sizes) for offset in range(0, n, chunk)]
-    return np.array(rows, np.int64).reshape(-1, 3)
+    return np.array(rows, np.int64).reshape(-1, 4)
 
 
 class HostBackend:
@@ -209,10 +215,10 @@ class HostBackend:
         self._call(kernel, buffers[0].size, *buffers, float32s(prep), float32s(h),
                    *(rounding or ()), flush=kernels.FLUSH_DENORMALS and not keep_subnormals)
 
-    def segments(self, sizes, state_starts, tensor=None, offsets=None):
+    def segments(self, sizes, state_starts, tensor=None, offsets=None, draws=None):
         """:class:`Segments` of ``sizes`` elements, each a whole tensor of the launch
         unless ``tensor`` and ``offsets`` say which part of which tensor."""
-        return _segments(sizes, state_starts, tensor, offsets, lambda a: a)
+        return _segments(sizes, state_starts, tensor, offsets, lambda a: a, draws)
 
     def flat_tensors(self, p, g, starts, w=None):
         """:class:`Tensors` of the tensors at ``starts`` of the flat buffers ``p``, ``g``
@@ -231,8 +237,8 @@ class HostBackend:
         each. ``values`` gives the per-segment scalars, a sequence per field of
         ``spec.per_segment``; ``keep_subnormals`` where the rule's result hangs on
         subnormal numbers, which the kernels otherwise flush; ``key`` the step's
-        rounding key where ``spec.stochastic`` (elements are indexed by their place in
-        the state buffers, after ``first``).
+        rounding key where ``spec.stochastic`` (elements are indexed by the segments'
+        ``draws``, after ``first``).
         """
         if not segments.size:  # nothing to step (Adafactor's vectors, where it has none)
             return segments.totals(segments.partials, len(spec.sums)) if spec.sums else ()
@@ -408,8 +414,8 @@ class CudaBackend:
         kernels.launch(kernel, buffers[0].size, *map(precision.bits, buffers), prep, h,
                        *(rounding or ()))
 
-    def segments(self, sizes, state_starts, tensor=None, offsets=None):
-        return _segments(sizes, state_starts, tensor, offsets, self._cuda.to_device)
+    def segments(self, sizes, state_starts, tensor=None, offsets=None, draws=None):
+        return _segments(sizes, state_starts, tensor, offsets, self._cuda.to_device, draws)
 
     def flat_tensors(self, p, g, starts, w=None):
         return Tensors(precision.bits(p), precision.bits(g), np.asarray(starts, np.int64),
@@ -506,11 +512,11 @@ def _extent(a):
     return start, start + a.size * a.dtype.itemsize
 
 
-def _segments(sizes, state_starts, tensor, offsets, to_device):
+def _segments(sizes, state_starts, tensor, offsets, to_device, draws):
     count = len(sizes)
     tensor = np.arange(count) if tensor is None else tensor
     offsets = np.zeros(count, np.int64) if offsets is None else offsets
-    return Segments(sizes, state_starts, tensor, offsets, to_device)
+    return Segments(sizes, state_starts, tensor, offsets, to_device, draws)
 
 
 def _address(a):

@@ -206,10 +206,6 @@ class Storage:
             self.formats["w"] = REMAINDER
         self.converts = bool(self.formats)  # some buffer is not float32
         self.stochastic, self.seed = _rounding(self, stochastic_rounding, seed)
-        if self.stochastic and algorithm.spec.factored:
-            raise ValueError(f"{algorithm.__name__} does not round stochastically yet: its "
-                             "random bits would be drawn on its factored state's places, "
-                             "which the rows of a matrix share (use master weights)")
 
     def record(self):
         """The choices as JSON values, which a checkpoint keeps (``master_weights`` as

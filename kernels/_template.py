@@ -73,8 +73,9 @@ class Pass(NamedTuple):
     remainder: within half a bfloat16 step of what was written). With ``stochastic``,
     the 16-bit stores (but ``p``'s to master weights' rounding) round stochastically,
     on ``codecs.random_bits(key, first + index, buffer)``: the driver takes ``key`` and
-    ``first`` (the index of its first element, of the state's first in a segment pass)
-    before ``parallel``.
+    ``first`` (the index of its first element) before ``parallel``; a segment pass
+    indexes each chunk's elements from its ``draw`` (``fastopt._backend.segment_chunks``),
+    a pass over blocks of 8-bit state from their state's place.
     """
 
     rule: str
@@ -375,6 +376,12 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
                   f"    for i in range({taken[0]}_c.size):\n"
                   f"        {body(lambda n: f'{n}_c[i]', 'base + i')}\n"
                   f"    return ({sums_tuple})\n")
+
+    def chunk_call(draw):  # draw: the index of the chunk's first element's random bits
+        return (f"{sums_tuple}{'= ' if totals else ''}"
+                f"CHUNK_FUNCTION({', '.join(chunk_arrays)}, prepared, named"
+                f"{', key, ' + draw if spec.stochastic else ''})")
+
     if quantized:
         chunk_text = _block_chunk(taken, quantized, writes, bits, body, spec.stochastic)
     block_arguments = "".join(f", {n}_absmax, {n}_small" for n in quantized)
@@ -388,16 +395,15 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
                     f"{', key, first' if spec.stochastic else ''})",
         block_steps=_block_steps(quantized, writes, body, segment_at) if quantized else "",
         body=body(lambda n: f"{n}[i]", "first + i"),
-        segment_body=body(segment_at, "first + state_base + i"),
+        segment_body=body(segment_at, "first + chunks[c, 3] + i"),
         slices="; ".join(f"{a}_c = {a}[start:stop]" for a in taken),
         state_slices="; ".join(f"{a}_c = {a}[start:stop]" for a in taken
                                if a not in ADDRESSED) or "pass",
         named=f"named = Scalars({', '.join(fields)}); prepared = " + (
             "(float32(prep[0]), float32(prep[1]), float32(prep[2]))"
             if "p" in names and spec.grad else "prep"),
-        chunk=f"{sums_tuple}{'= ' if totals else ''}"
-              f"CHUNK_FUNCTION({', '.join(chunk_arrays)}, prepared, named"
-              f"{', key, first + start' if spec.stochastic else ''})",
+        chunk=chunk_call("first + start"),
+        chunk_in_segment=chunk_call("first + chunks[c, 3]"),
         whole=f"CHUNK_FUNCTION({', '.join(taken)}, prepared, named"
               f"{', key, first' if spec.stochastic else ''})",
         first=taken[0],

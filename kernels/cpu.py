@@ -80,7 +80,7 @@ size = chunks[c, 2]
 start = state_starts[chunks[c, 0]] + chunks[c, 1]
 stop = start + size
 {state_slices}
-{chunk}
+{chunk_in_segment}
 {store_sums}
 restore_fp_mode(saved)
 """
@@ -204,8 +204,8 @@ def segment_kernel(*spec):
     that many dense float32 elements (16-bit ones, as their bits, where ``Pass.formats``
     says so), walked in memory order (a gradient lies as its
     parameter does); the state buffers are flat, segment k starting at
-    ``state_starts[k]``. Each row ``(segment, offset, size)`` of ``chunks`` is a piece
-    of one segment (``fastopt._backend.segment_chunks``), which one thread
+    ``state_starts[k]``. Each row ``(segment, offset, size, draw)`` of ``chunks`` is a
+    piece of one segment (``fastopt._backend.segment_chunks``), which one thread
     steps, summing the pass's ``sums`` over it into ``partials[row]`` (float64) in a
     fixed order, so that the sums do not depend on the thread count. The pass's
     ``per_segment`` scalars come from ``row_scalars[row]``. The caller keeps every

@@ -28,7 +28,7 @@ _LOOPS = """\
         i += stride
 """
 
-# One block per chunk (a row of ``chunks``: segment, offset, size), which its threads
+# One block per chunk (a row of ``chunks``: segment, offset, size, draw), which its threads
 # stride through; sums are added over the block (``block_reduce``) into ``partials[c]``.
 _SEGMENT_LOOPS = """\
 {random_arguments}, chunks, starts, state_starts, partials, row_scalars):

@@ -223,9 +223,11 @@ def segment_bounds(seed):
 
 def test_chunks_cover_the_segments():
     bounds, _ = segment_bounds(10)
-    chunks = segment_chunks([b - a for a, b in bounds])
+    draws = np.arange(len(bounds)) * 1000
+    chunks = segment_chunks([b - a for a, b in bounds], draws)
     assert chunks.dtype == np.int64
-    segment, offset, size = chunks.T
+    segment, offset, size, draw = chunks.T
+    np.testing.assert_array_equal(draw, draws[segment] + offset)
     assert np.all(size > 0) and np.all(size <= SEGMENT_CHUNK)
     assert np.all(np.diff(segment) >= 0)  # in segment order
     for index, (start, stop) in enumerate(bounds):

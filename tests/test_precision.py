@@ -487,9 +487,6 @@ def test_adafactor_refuses_16_bit_state():
     for state_dtype in ("bfloat16", "int8"):
         with pytest.raises(ValueError, match="Adafactor keeps its state in float32 only"):
             fastopt.Adafactor([np.zeros((4, 3), bf16)], state_dtype=state_dtype)
-    with pytest.raises(ValueError, match="Adafactor does not round stochastically yet"):
-        fastopt.Adafactor([np.zeros((4, 3), bf16)], master_weights=None,
-                          stochastic_rounding=True)
 
 
 @pytest.mark.parametrize("master_weights", ["float32", "remainder"])
@@ -582,6 +579,108 @@ def test_float16_stochastic_rounding_is_unbiased_over_every_random_draw():
         # 13-bit draw comes 8 times), to 2**-16 of a step below its normal numbers.
         tolerance = 0.0 if m >= 2.0 ** -14 else (high - low) * 2.0 ** -16
         assert abs(magnitudes.mean() - m) <= tolerance, x
+
+
+def test_adafactor_rounds_each_element_of_a_matrix_on_its_own_random_bits():
+    """The rows of a matrix share Adafactor's column factor, not their random bits: on
+    shared bits every row would round alike, and the mean over 500 draws would miss."""
+    shape, exact = (200, 500), 1.0 + 2.0 ** -9  # a quarter of bf16's step above 1.0
+
+    def stepped(**options):  # one step of exactly -lr * sign(g) = +2**-9 everywhere
+        opt = fastopt.Adafactor([np.ones(shape, bf16)], lr=2.0 ** -9, master_weights=None,
+                                **options)
+        opt.step([np.full(shape, -0.5, bf16)])
+        return opt.params[0].astype(np.float64)
+
+    stochastic = stepped(stochastic_rounding=True, seed=4)
+    assert abs(stochastic.mean() - exact) < 3e-5
+    assert set(np.unique(stochastic)) == {1.0, 1.0078125}
+    assert (stochastic == stochastic[0]).all(axis=1).sum() == 1  # no row rounds as row 0
+    assert abs(stepped().mean() - exact) > 1e-3  # the control: every element rounds down
+
+
+def bfloat16_bounds(v):
+    """The bfloat16 numbers just below and just above each float32 of ``v``, give or take
+    1e-6 of it and 1e-8 (so that a value within rounding of another, or of 0, may round
+    from either)."""
+    v = np.asarray(v, f32)
+    slack = f32(1e-6) * np.abs(v) + f32(1e-8)
+    lows, highs = [], []
+    for x in (v - slack, v + slack):
+        toward_zero = (x.view(np.uint32) & np.uint32(0xFFFF0000)).view(f32)
+        away = np.where(toward_zero == x, toward_zero,
+                        (toward_zero.view(np.uint32) + np.uint32(0x10000)).view(f32))
+        lows.append(np.minimum(toward_zero, away))
+        highs.append(np.maximum(toward_zero, away))
+    return np.minimum(*lows), np.maximum(*highs)
+
+
+def test_adafactor_without_master_weights_rounds_torchs_step_stochastically():
+    """Each step from the bfloat16 parameters, against torch.optim.Adafactor's float32
+    step from the same values (its factors follow the gradients alone): every element
+    lands on a bfloat16 neighbour of torch's, and about a quarter on the farther one,
+    which rounding to nearest never picks."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(21)
+    shapes = [(64, 300), (3, 20, 16), (50,)]
+    ours = [(0.1 * rng.standard_normal(s)).astype(bf16) for s in shapes]
+    opt = fastopt.Adafactor(ours, lr=1e-2, weight_decay=0.1, master_weights=None,
+                            stochastic_rounding=True, seed=2)
+    theirs = [torch.zeros(s, requires_grad=True) for s in shapes]
+    topt = torch.optim.Adafactor(theirs, lr=1e-2, weight_decay=0.1)
+    farther = []
+    for _ in range(5):
+        gs = [(0.01 * rng.standard_normal(s)).astype(bf16) for s in shapes]
+        for t, p, g in zip(theirs, opt.params, gs):
+            t.data = torch.tensor(p.astype(f32))
+            t.grad = torch.tensor(g.astype(f32))
+        topt.step()
+        opt.step(gs)
+        for t, p in zip(theirs, opt.params):
+            expected = t.detach().numpy()
+            low, high = bfloat16_bounds(expected)
+            got = p.astype(f32)
+            assert ((low <= got) & (got <= high)).all()
+            inexact = expected.astype(bf16).astype(f32) != expected
+            farther.append((got != expected.astype(bf16).astype(f32))[inexact])
+    share = np.concatenate(farther).mean()
+    assert 0.15 < share < 0.35, share
+
+
+def test_adafactor_rounds_stochastically_alike_for_any_threads_groups_and_front():
+    shapes = [(300, 257), (4, 5, 6), (70,)]
+    rng = np.random.default_rng(22)
+    p0 = [(0.1 * rng.standard_normal(s)).astype(bf16) for s in shapes]
+    grads = [[(0.01 * rng.standard_normal(s)).astype(bf16) for s in shapes] for _ in range(3)]
+    options = dict(lr=1e-2, master_weights=None, stochastic_rounding=True, seed=7)
+    runs = []
+    for threads, split in ((1, False), (2, False), (2, True)):
+        numba.set_num_threads(threads)
+        try:
+            params = [{"params": p0[:1]}, {"params": p0[1:]}] if split else p0
+            opt = fastopt.Adafactor(params, **options)
+            for g in grads:
+                opt.step([g[:1], g[1:]] if split else g)
+        finally:
+            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        runs.append(bits(opt.flat_params))
+    torch = pytest.importorskip("torch")
+    import fastopt.torch as ft
+
+    def tensor(a):
+        return torch.from_numpy(bits(a).astype(np.int16)).view(torch.bfloat16)
+
+    params = [torch.nn.Parameter(tensor(p)) for p in p0]
+    opt = ft.Adafactor(params, **options)
+    for g in grads:
+        for p, gi in zip(params, g):
+            p.grad = tensor(gi)
+        opt.step()
+    runs.append(np.concatenate([bits(p.detach().view(torch.int16).numpy()).ravel()
+                                for p in params]))
+    for run in runs[1:]:
+        np.testing.assert_array_equal(runs[0], run)
+    assert not np.array_equal(runs[0], np.concatenate([bits(p).ravel() for p in p0]))
 
 
 def test_float16_parameters_without_master_weights_round_stochastically_unbiased():

@@ -313,8 +313,13 @@ class _Plan:
         tensor, offsets, sizes, second, factored = np.array(segments, np.int64).reshape(-1, 5).T
         factored = factored.astype(bool)
 
+        # The rows of a matrix share its column factor, but not their random bits: each
+        # element draws at its place among the parameters, as in every other pass.
+        draws = work.segments.draws[tensor] + offsets
+
         def kind(pick):
-            return backend.segments(sizes[pick], second[pick], tensor[pick], offsets[pick])
+            return backend.segments(sizes[pick], second[pick], tensor[pick], offsets[pick],
+                                    draws[pick])
 
         block_tensor, block_offsets, block_sizes = np.array(blocks, np.int64).reshape(-1, 3).T
         return cls(
