@@ -91,7 +91,8 @@ class Segments:
         self.partials = to_device(self.partials_host)
         self.row_scalars_host = np.zeros((len(chunks), MAX_PER_SEGMENT), FLOAT32)
         self.row_scalars = to_device(self.row_scalars_host)
-        self.starts = (None, None)  # CUDA: (the tensors' starts, the segments' on the device)
+        # CUDA: (the tensors' starts, the segments' on the device); see CudaBackend._starts
+        self.device_starts = (None, None)
         self._reach = (None, {})  # CPU: see reach()
 
     def totals(self, partials, sums):
@@ -464,10 +465,10 @@ class CudaBackend:
 
     def _starts(self, tensors, segments):
         """Where each segment starts in the flat buffers, on the device (kept)."""
-        if segments.starts[0] is not tensors.starts:
+        if segments.device_starts[0] is not tensors.starts:
             starts = tensors.starts[segments.tensor] + segments.offsets
-            segments.starts = (tensors.starts, self._cuda.to_device(starts))
-        return segments.starts[1]
+            segments.device_starts = (tensors.starts, self._cuda.to_device(starts))
+        return segments.device_starts[1]
 
     def sum_squares(self, g):
         """The float64 sum of squares of ``g`` (see :class:`Segments`)."""

@@ -38,8 +38,8 @@ each parameter's address and shape at every step; a new dtype or layout comes wi
 storage, except for views of the same memory (``p.data = p.data.t()`` on a square
 matrix), which a step does not notice.
 
-What a parameter must be: float32 on the CPU or a CUDA device, or bfloat16 or float16
-on the CPU, and dense (contiguous, channels_last, transposed or any other layout without
+What a parameter must be: float32, bfloat16 or float16, on the CPU or a CUDA device,
+and dense (contiguous, channels_last, transposed or any other layout without
 gaps or overlaps; a gradient in another layout than its parameter is copied for the
 step). One optimizer may mix dtypes (bfloat16 weights, float32 norms): each dtype has
 its stores. A 16-bit parameter keeps float32 master weights in its state entry
@@ -50,7 +50,7 @@ written value. With ``master_weights="remainder"`` (bfloat16), ``"master"`` hold
 the low 16 bits of the float32 master weights, as int16 bits, and the parameter is the
 master rounded with ties away from zero (see :class:`fastopt.Optimizer`).
 ``state_dtype="bfloat16"`` (or a dict by state name) keeps the state in 16 bits, and
-``state_dtype="int8"`` (on the CPU) keeps moving averages in 8 bits as the NumPy API
+``state_dtype="int8"`` keeps moving averages in 8 bits as the NumPy API
 does: ``opt.state[p]["exp_avg"]`` holds ``p``'s uint8 codes (in ``p``'s layout, blocks of
 256 elements in its memory order) and ``"exp_avg_absmax"`` their scales, or, for a
 parameter of fewer than 4096 elements, float32 values. ``state_dict()`` saves the codes
@@ -154,7 +154,7 @@ class Optimizer(torch.optim.Optimizer):
     taken over the parameters that have a gradient, as
     torch.nn.utils.clip_grad_norm_ takes it. ``master_weights``, ``state_dtype``,
     ``stochastic_rounding`` and ``seed`` choose the storage of bfloat16 and float16
-    parameters (on the CPU), as in :class:`fastopt.Optimizer`: the float32 master
+    parameters, as in :class:`fastopt.Optimizer`: the float32 master
     weights of a 16-bit parameter are its state entry ``"master"``, which
     ``state_dict()`` saves. Stochastic rounding indexes each element by its place in
     its store's state (one store per device and dtype, each with a stream of its own).
@@ -335,10 +335,6 @@ class Optimizer(torch.optim.Optimizer):
             reduction = _reduction(p) if self._group is None else (self._group,)
             kinds.setdefault((p.device, p.dtype, reduction), []).append(p)
         for device, dtype, reduction in kinds:
-            first = names[kinds[device, dtype, reduction][0]]
-            if device.type != "cpu" and self._storage_of(dtype).quantized:
-                raise TypeError(f"fastopt.torch keeps 8-bit state (state_dtype='int8') on "
-                                f"the CPU only, for now; {first} is on {device}")
             if reduction is not None:
                 self._check_sharded(kinds[device, dtype, reduction], names)
         kept = {_signature(members) for members in kinds.values()}
@@ -347,7 +343,7 @@ class Optimizer(torch.optim.Optimizer):
             raise ValueError("zero_stage=2: a parameter changed size, dtype or device, or came "
                              "or went, after backward reduced the gradients into the "
                              "partition it cut; change parameters before backward")
-        stores = [_Store(self.algorithm, members, device.type == "cpu" and (
+        stores = [_Store(self.algorithm, members, _on_host(device) and (
                       not _shaped(self.algorithm) or all(p.is_contiguous() for p in members)),
                          self._storage_of(dtype), ordinal, reduction, self._partition(members))
                   for ordinal, ((device, dtype, reduction), members) in enumerate(kinds.items())]
@@ -977,9 +973,6 @@ def _check_parameter(p, name):
     if p.dtype not in _DTYPES:
         raise TypeError(f"{name} has dtype {p.dtype}; fastopt steps float32, bfloat16 and "
                         "float16 parameters")
-    if p.dtype != torch.float32 and p.device.type != "cpu":
-        raise TypeError(f"{name} is {p.dtype} on {p.device}: fastopt.torch steps 16-bit "
-                        "parameters on the CPU only, for now")
     if p.layout != torch.strided:
         raise TypeError(f"{name} is not a dense tensor")
     if p.device.type not in ("cpu", "cuda"):
@@ -1246,7 +1239,7 @@ class _Store:
         if in_place:
             self.backend = HostBackend()
         else:
-            self.backend = HostBackend() if self.device.type == "cpu" else CudaBackend()
+            self.backend = HostBackend() if _on_host(self.device) else CudaBackend()
             self.scratch_params = torch.zeros(start, dtype=locals_[0].dtype, device=self.device)
             self.scratch_grads = torch.zeros(start, dtype=locals_[0].dtype, device=self.device)
 
@@ -1519,15 +1512,27 @@ class _Store:
         return host
 
 
+def _on_host(device):
+    """Whether the CPU's kernels step the tensors on ``device`` (else CUDA's)."""
+    return device.type == "cpu"
+
+
 def _array(tensor):
-    """A zero-copy NumPy view of a CPU tensor (of a 16-bit one, its bits), or a Numba
-    view of a CUDA tensor."""
-    if tensor.device.type == "cpu":
-        if tensor.element_size() == 2:  # NumPy has no bfloat16
+    """A zero-copy NumPy view of a CPU tensor, or a Numba view of a CUDA tensor (of a
+    16-bit one, its bits: NumPy has no bfloat16, and torch's CUDA array interface
+    neither)."""
+    if _on_host(tensor.device):
+        if tensor.element_size() == 2:
             return tensor.view(torch.int16).numpy().view(precision.codecs.BITS)
         return tensor.numpy()
+    return _device_array(tensor)
+
+
+def _device_array(tensor):
     from numba import cuda
 
+    if tensor.element_size() == 2:
+        return cuda.as_cuda_array(tensor.view(torch.int16)).view(precision.codecs.BITS)
     return cuda.as_cuda_array(tensor)
 
 

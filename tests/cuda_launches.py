@@ -3,7 +3,8 @@ its arguments, so that ``test_cuda_compiles`` can compile each one for a real GP
 
 Run as ``NUMBA_ENABLE_CUDASIM=1 python cuda_launches.py OUT.json``: it steps every case
 of ``cases.ALL`` in every storage format it takes (and the passes around them: clipping,
-the skip, EMA, sums) twice on the simulated device and writes one record per distinct launch: the kernel
+the skip, EMA, sums) twice on the simulated device, in the NumPy API and in
+fastopt.torch, and writes one record per distinct launch: the kernel
 (a generated pass by its ``_template.Pass`` fields and loop form, or a module kernel by
 name) and its argument types.
 """
@@ -17,9 +18,10 @@ from numba.cuda.simulator import kernel as simulated
 from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 
 import fastopt
-from cases import ALL
+from cases import ALL, CASES
 from fastopt.kernels import cuda as kernels
 
+FIRST_CASES = [(name, cases[0]) for name, cases in CASES.items()]
 _DRIVERS = {}  # id(compiled) -> (Pass fields, loops name)
 
 
@@ -101,6 +103,44 @@ def _accepts(name, dtype, options):
     return True
 
 
+def step_cpu_tensors_as_a_gpus(setattr=setattr):
+    """Make fastopt.torch step CPU tensors by its CUDA path (``_on_host``): through
+    CUDA's kernels, on the simulator's device arrays over the tensors' memory
+    (``_device_array``), as ``cuda.as_cuda_array`` wraps a CUDA tensor's on a GPU (the
+    simulator has none). ``setattr``: a pytest monkeypatch's, to undo it."""
+    import torch
+
+    import fastopt.torch as ft
+
+    setattr(ft, "_on_host", lambda device: False)
+    setattr(ft, "_device_array", lambda t: FakeCUDAArray(
+        t.view(torch.int16).numpy().view(np.uint16) if t.element_size() == 2 else t.numpy()))
+
+
+def _torch_cases(rng, shapes):
+    """fastopt.torch's launches (segment passes) for the first case of every algorithm
+    in every format whose gradients have the parameters' dtype, as torch's must."""
+    import torch
+
+    import fastopt.torch as ft
+
+    step_cpu_tensors_as_a_gpus()
+    for name, kwargs in FIRST_CASES:  # (the simulator is slow)
+        for dtype, options in FORMATS:
+            if "grad_dtype" in options:
+                continue
+            options = {**kwargs, **options}
+            if not _accepts(name, dtype, options):
+                continue
+            params = [torch.nn.Parameter(torch.from_numpy(rng.standard_normal(s).astype(
+                np.float32)).to(getattr(torch, np.dtype(dtype).name))) for s in shapes.values()]
+            opt = getattr(ft, name)(params, **options)
+            for _ in range(2):
+                for p in params:
+                    p.grad = torch.randn_like(p)
+                opt.step()
+
+
 def every_case():
     from numba import cuda
 
@@ -131,6 +171,8 @@ def every_case():
             average = fastopt.EMA(opt, decay=0.9)
             opt.step(arrays(dtype), grad_scale=2.0)
             average.update()
+    fastopt.precision.MIN_QUANTIZED_SIZE = 256
+    _torch_cases(rng, shapes)
 
 
 if __name__ == "__main__":

@@ -322,6 +322,117 @@ def test_formats_on_device_match_the_cpu(name, kwargs, fmt, monkeypatch):
     assert np.abs(moved).max() > 0
 
 
+# -- fastopt.torch on the device ----------------------------------------------------------
+
+def torch_on_device(torch, monkeypatch):
+    """The device on which fastopt.torch's CUDA path steps torch tensors: a GPU where
+    torch has one; in the simulator, the CPU, whose tensors fastopt.torch then steps as
+    a GPU's (``cuda_launches.step_cpu_tensors_as_a_gpus``)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    from numba import config
+
+    if not config.ENABLE_CUDASIM:
+        pytest.skip("torch has no CUDA device here")
+    from cuda_launches import step_cpu_tensors_as_a_gpus
+
+    step_cpu_tensors_as_a_gpus(monkeypatch.setattr)
+    return torch.device("cpu")
+
+
+def numpy_of(t):
+    """A torch tensor's values as NumPy holds them (bfloat16 as ml_dtypes')."""
+    import torch
+
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+# torch's gradients have their parameter's dtype: no float32 gradients of 16-bit ones.
+TORCH_CASES = [(name, kwargs, "fp32") for name, kwargs in FIRST_CASES] + [
+    case for case in FORMAT_CASES if FORMATS[case[2]][0] == FORMATS[case[2]][1]]
+
+
+@pytest.mark.parametrize("name, kwargs, fmt", TORCH_CASES,
+                         ids=[f"{case_id((n, k))}-{f}" for n, k, f in TORCH_CASES])
+def test_fastopt_torch_on_device_matches_the_cpu(name, kwargs, fmt, monkeypatch):
+    """fastopt.torch's path for CUDA tensors (scratch buffers, state on the device, the
+    formats' bits through torch's int16 views) against its in-place CPU path."""
+    torch = pytest.importorskip("torch")
+    import fastopt.torch as ft
+
+    monkeypatch.setattr(fastopt.precision, "MIN_QUANTIZED_SIZE", 256)
+    dtype, _, options = FORMATS.get(fmt, (np.float32, np.float32, {}))
+    torch_dtype = getattr(torch, np.dtype(dtype).name)
+    rng = np.random.default_rng(8)
+    shapes = [(8, 40), (9,)]
+
+    def tensor(scale, shape):
+        return torch.tensor(scale * rng.standard_normal(shape), dtype=torch.float32).to(torch_dtype)
+
+    p0 = [tensor(0.5, s) for s in shapes]
+    grads = [[tensor(1.0, s) for s in shapes] for _ in range(3)]
+
+    def run(device):
+        params = [torch.nn.Parameter(p.clone().to(device)) for p in p0]
+        opt = getattr(ft, name)(params, **kwargs, **options)
+        for g in grads:
+            for p, gi in zip(params, g):
+                p.grad = gi.to(device)
+            opt.step()
+        return params, opt
+
+    theirs, on_cpu = run("cpu")
+    ours, on_device = run(torch_on_device(torch, monkeypatch))
+    for p, q in zip(ours, theirs):
+        assert_close_in_format(numpy_of(p), numpy_of(q), "params")
+        for key, value in on_cpu.state[q].items():
+            if isinstance(value, torch.Tensor) and value.dtype != torch.int16:  # remainders
+                assert_close_in_format(numpy_of(on_device.state[p][key]), numpy_of(value), key)
+    assert any((numpy_of(q).astype(np.float64) != numpy_of(p).astype(np.float64)).any()
+               for p, q in zip(p0, theirs))
+
+
+def test_fastopt_torch_on_device_resumes_from_its_state_dict_exactly(monkeypatch):
+    """bfloat16 parameters with remainders and 8-bit state: a state_dict taken on the
+    device loads into a new optimizer that steps on as the first one does, and decodes
+    into torch.optim's float32 state."""
+    torch = pytest.importorskip("torch")
+    import fastopt.torch as ft
+
+    monkeypatch.setattr(fastopt.precision, "MIN_QUANTIZED_SIZE", 256)
+    device = torch_on_device(torch, monkeypatch)
+    rng = np.random.default_rng(10)
+    p0 = torch.tensor(0.5 * rng.standard_normal((8, 40)), dtype=torch.bfloat16)
+    grads = [torch.tensor(rng.standard_normal((8, 40)), dtype=torch.bfloat16)
+             for _ in range(4)]
+    options = dict(lr=0.01, master_weights="remainder", state_dtype="int8")
+
+    def make():
+        p = torch.nn.Parameter(p0.clone().to(device))
+        return p, ft.AdamW([p], **options)
+
+    (p, opt), (q, resumed) = make(), make()
+    for g in grads[:2]:
+        p.grad = g.to(device)
+        opt.step()
+    q.data.copy_(p.data)
+    resumed.load_state_dict(opt.state_dict())
+    for g in grads[2:]:
+        for param, optimizer in ((p, opt), (q, resumed)):
+            param.grad = g.to(device)
+            optimizer.step()
+    np.testing.assert_array_equal(numpy_of(q).view(np.uint16), numpy_of(p).view(np.uint16))
+    for key in ("exp_avg", "exp_avg_sq"):
+        np.testing.assert_array_equal(numpy_of(resumed.state[q][key]),
+                                      numpy_of(opt.state[p][key]))
+    decoded = opt.decoded_state_dict()["state"][0]["exp_avg"]
+    assert decoded.dtype == torch.float32 and decoded.shape == p.shape
+    assert torch.isfinite(decoded).all() and decoded.abs().max() > 0
+
+
 def test_formats_on_device_resume_exactly(tmp_path):
     rng = np.random.default_rng(9)
     p0 = (0.5 * rng.standard_normal(5000)).astype(ml_dtypes.bfloat16)
