@@ -1517,22 +1517,26 @@ def _on_host(device):
     return device.type == "cpu"
 
 
+# The NumPy dtypes of the 2-byte tensors that fastopt keeps, by which the backends know
+# their formats (int16: the low bits of master weights, "remainder", which are bits).
+_NUMPY_HALVES = {torch.bfloat16: precision.DTYPES["bfloat16"],
+                 torch.float16: precision.DTYPES["float16"], torch.int16: precision.codecs.BITS}
+
+
 def _array(tensor):
-    """A zero-copy NumPy view of a CPU tensor, or a Numba view of a CUDA tensor (of a
-    16-bit one, its bits: NumPy has no bfloat16, and torch's CUDA array interface
-    neither)."""
-    if _on_host(tensor.device):
-        if tensor.element_size() == 2:
-            return tensor.view(torch.int16).numpy().view(precision.codecs.BITS)
-        return tensor.numpy()
-    return _device_array(tensor)
+    """A zero-copy view of ``tensor``: NumPy's of a CPU tensor, Numba's of a CUDA one.
+    A 2-byte tensor's is taken through int16 (neither NumPy nor torch's CUDA array
+    interface has bfloat16), then viewed in its NumPy dtype."""
+    if tensor.element_size() != 2:
+        return tensor.numpy() if _on_host(tensor.device) else _device_array(tensor)
+    bits = tensor.view(torch.int16)
+    bits = bits.numpy() if _on_host(tensor.device) else _device_array(bits)
+    return bits.view(_NUMPY_HALVES[tensor.dtype])
 
 
 def _device_array(tensor):
     from numba import cuda
 
-    if tensor.element_size() == 2:
-        return cuda.as_cuda_array(tensor.view(torch.int16)).view(precision.codecs.BITS)
     return cuda.as_cuda_array(tensor)
 
 

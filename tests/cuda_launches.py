@@ -108,13 +108,10 @@ def step_cpu_tensors_as_a_gpus(setattr=setattr):
     CUDA's kernels, on the simulator's device arrays over the tensors' memory
     (``_device_array``), as ``cuda.as_cuda_array`` wraps a CUDA tensor's on a GPU (the
     simulator has none). ``setattr``: a pytest monkeypatch's, to undo it."""
-    import torch
-
     import fastopt.torch as ft
 
     setattr(ft, "_on_host", lambda device: False)
-    setattr(ft, "_device_array", lambda t: FakeCUDAArray(
-        t.view(torch.int16).numpy().view(np.uint16) if t.element_size() == 2 else t.numpy()))
+    setattr(ft, "_device_array", lambda tensor: FakeCUDAArray(tensor.numpy()))
 
 
 def _torch_cases(rng, shapes):

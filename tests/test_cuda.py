@@ -350,6 +350,27 @@ def numpy_of(t):
     return t.numpy()
 
 
+def assert_steps_close_in_format(ours, on_device, theirs, on_cpu):
+    """fastopt.torch's parameters ``ours`` and their state in ``on_device`` against
+    ``theirs`` and ``on_cpu``'s (remainders by the master weights they rebuild)."""
+    import torch
+
+    def rebuilt(param, remainder):
+        return fastopt.precision.rebuild_master(numpy_of(param).view(np.uint16).ravel(),
+                                                numpy_of(remainder).view(np.uint16).ravel())
+
+    for p, q in zip(ours, theirs):
+        assert_close_in_format(numpy_of(p), numpy_of(q), "params")
+        for key, value in on_cpu.state[q].items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            if value.dtype == torch.int16:
+                assert_close_in_format(rebuilt(p, on_device.state[p][key]), rebuilt(q, value),
+                                       key)
+            else:
+                assert_close_in_format(numpy_of(on_device.state[p][key]), numpy_of(value), key)
+
+
 # torch's gradients have their parameter's dtype: no float32 gradients of 16-bit ones.
 TORCH_CASES = [(name, kwargs, "fp32") for name, kwargs in FIRST_CASES] + [
     case for case in FORMAT_CASES if FORMATS[case[2]][0] == FORMATS[case[2]][1]]
@@ -386,13 +407,46 @@ def test_fastopt_torch_on_device_matches_the_cpu(name, kwargs, fmt, monkeypatch)
 
     theirs, on_cpu = run("cpu")
     ours, on_device = run(torch_on_device(torch, monkeypatch))
-    for p, q in zip(ours, theirs):
-        assert_close_in_format(numpy_of(p), numpy_of(q), "params")
-        for key, value in on_cpu.state[q].items():
-            if isinstance(value, torch.Tensor) and value.dtype != torch.int16:  # remainders
-                assert_close_in_format(numpy_of(on_device.state[p][key]), numpy_of(value), key)
+    assert_steps_close_in_format(ours, on_device, theirs, on_cpu)
     assert any((numpy_of(q).astype(np.float64) != numpy_of(p).astype(np.float64)).any()
                for p, q in zip(p0, theirs))
+
+
+@pytest.mark.parametrize("name, dtype, options", [
+    ("AdamW", "bfloat16", dict(state_dtype="int8")),
+    ("Adam", "float16", dict(master_weights=None, stochastic_rounding=True, seed=3)),
+    ("LAMB", "bfloat16", dict(master_weights="remainder"))])
+def test_fastopt_torch_training_loop_features_on_device(name, dtype, options, monkeypatch):
+    """Groups, a torch lr scheduler, clipping by norm (16-bit gradients' norm, read in
+    their format) and by value, and a skipped non-finite step, against the CPU."""
+    torch = pytest.importorskip("torch")
+    import fastopt.torch as ft
+
+    monkeypatch.setattr(fastopt.precision, "MIN_QUANTIZED_SIZE", 256)
+    rng = np.random.default_rng(11)
+    shapes = [(8, 40), (9,)]
+    p0 = [torch.tensor(0.5 * rng.standard_normal(s), dtype=getattr(torch, dtype)) for s in shapes]
+    grads = [[torch.tensor(rng.standard_normal(s), dtype=getattr(torch, dtype)) for s in shapes]
+             for _ in range(4)]
+    grads[2][1][3] = float("inf")  # the third step is skipped
+
+    def run(device):
+        params = [torch.nn.Parameter(p.clone().to(device)) for p in p0]
+        opt = getattr(ft, name)([{"params": params[:1]}, {"params": params[1:], "lr": 0.005}],
+                                lr=0.01, clip_grad_norm=1.0, clip_grad_value=0.5,
+                                skip_nonfinite=True, **options)
+        schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        for g in grads:
+            for p, gi in zip(params, g):
+                p.grad = gi.to(device)
+            opt.step()
+            schedule.step()
+        return params, opt
+
+    theirs, on_cpu = run("cpu")
+    ours, on_device = run(torch_on_device(torch, monkeypatch))
+    assert on_device.skipped_steps == on_cpu.skipped_steps == 1
+    assert_steps_close_in_format(ours, on_device, theirs, on_cpu)
 
 
 def test_fastopt_torch_on_device_resumes_from_its_state_dict_exactly(monkeypatch):

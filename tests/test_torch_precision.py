@@ -54,15 +54,17 @@ def test_master_weights_match_torch_in_float32_and_round_into_the_model(name, kw
 @pytest.mark.parametrize("master_weights", ["float32", "remainder"])
 def test_adafactor_steps_bfloat16_parameters_that_do_not_lie_in_c_order(master_weights):
     """Adafactor reads rows, so a transposed parameter steps through a scratch copy:
-    in the parameters' dtype, with the master weights laid out like it."""
+    in the parameters' dtype, with the master weights laid out like it, and its
+    gradients' norm (clip_grad_norm) read in their format."""
     ours = params(torch.bfloat16) + [torch.nn.Parameter(torch.randn(12, 9).to(torch.bfloat16).t())]
     theirs = [torch.nn.Parameter(p.detach().float()) for p in ours]
-    opt = ft.Adafactor(ours, lr=1e-2, master_weights=master_weights)
+    opt = ft.Adafactor(ours, lr=1e-2, master_weights=master_weights, clip_grad_norm=0.5)
     reference = torch.optim.Adafactor(theirs, lr=1e-2)
     for step in range(6):
         for p, q, g in zip(ours, theirs, grads_for(ours, step)):
             p.grad, q.grad = g, g.float()
         opt.step()
+        assert torch.nn.utils.clip_grad_norm_(theirs, 0.5) > 0.5  # it clips
         reference.step()
     for p, q in zip(ours, theirs):
         master = opt.state[p]["master"]
