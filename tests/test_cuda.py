@@ -418,16 +418,22 @@ def test_fastopt_torch_on_device_matches_the_cpu(name, kwargs, fmt, monkeypatch)
     ("LAMB", "bfloat16", dict(master_weights="remainder"))])
 def test_fastopt_torch_training_loop_features_on_device(name, dtype, options, monkeypatch):
     """Groups, a torch lr scheduler, clipping by norm (16-bit gradients' norm, read in
-    their format) and by value, and a skipped non-finite step, against the CPU."""
+    their format, over two stores: the 16-bit weights' and a float32 vector's) and by
+    value, and a skipped non-finite step, against the CPU."""
     torch = pytest.importorskip("torch")
     import fastopt.torch as ft
 
     monkeypatch.setattr(fastopt.precision, "MIN_QUANTIZED_SIZE", 256)
     rng = np.random.default_rng(11)
-    shapes = [(8, 40), (9,)]
-    p0 = [torch.tensor(0.5 * rng.standard_normal(s), dtype=getattr(torch, dtype)) for s in shapes]
-    grads = [[torch.tensor(rng.standard_normal(s), dtype=getattr(torch, dtype)) for s in shapes]
-             for _ in range(4)]
+    shapes = [(8, 40), (9,), (5,)]
+    dtypes = [getattr(torch, dtype)] * 2 + [torch.float32]
+
+    def tensors(scale):
+        return [torch.tensor(scale * rng.standard_normal(s), dtype=torch.float32).to(d)
+                for s, d in zip(shapes, dtypes)]
+
+    p0 = tensors(0.5)
+    grads = [tensors(1.0) for _ in range(4)]
     grads[2][1][3] = float("inf")  # the third step is skipped
 
     def run(device):
@@ -485,6 +491,36 @@ def test_fastopt_torch_on_device_resumes_from_its_state_dict_exactly(monkeypatch
     decoded = opt.decoded_state_dict()["state"][0]["exp_avg"]
     assert decoded.dtype == torch.float32 and decoded.shape == p.shape
     assert torch.isfinite(decoded).all() and decoded.abs().max() > 0
+
+
+def test_fastopt_torch_on_device_loads_torch_optims_state_dict_encoded(monkeypatch):
+    """A float32 torch.optim.AdamW state_dict loads into 8-bit state on the device as
+    on the CPU, and steps on alike."""
+    torch = pytest.importorskip("torch")
+    import fastopt.torch as ft
+
+    monkeypatch.setattr(fastopt.precision, "MIN_QUANTIZED_SIZE", 256)
+    rng = np.random.default_rng(12)
+    p0 = torch.tensor(0.5 * rng.standard_normal((8, 40)), dtype=torch.float32)
+    grads = [torch.tensor(rng.standard_normal((8, 40)), dtype=torch.float32) for _ in range(3)]
+    plain = torch.nn.Parameter(p0.clone())
+    theirs = torch.optim.AdamW([plain], lr=0.01)
+    for g in grads[:2]:
+        plain.grad = g
+        theirs.step()
+
+    def loaded(device):
+        p = torch.nn.Parameter(plain.detach().clone().to(device))
+        opt = ft.AdamW([p], lr=0.01, state_dtype="int8")
+        opt.load_state_dict(theirs.state_dict())
+        p.grad = grads[2].to(device)
+        opt.step()
+        return p, opt
+
+    q, on_cpu = loaded("cpu")
+    p, on_device = loaded(torch_on_device(torch, monkeypatch))
+    assert on_device.state[p]["exp_avg"].dtype == torch.uint8
+    assert_steps_close_in_format([p], on_device, [q], on_cpu)
 
 
 def test_formats_on_device_resume_exactly(tmp_path):
