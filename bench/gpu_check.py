@@ -1,13 +1,18 @@
 """The GPU bench and the report of ``bench/gpu_check.sh``.
 
-    python bench/gpu_check.py bench OUT [--sim]    every algorithm at 1e5-1e8 on the GPU
-    python bench/gpu_check.py report OUT           OUT/report.md from what the phases left
+    python bench/gpu_check.py bench OUT [--sim]      every algorithm at 1e5-1e8 on the GPU
+    python bench/gpu_check.py precision OUT [--sim]  Adam in every storage format at 1e8
+    python bench/gpu_check.py report OUT             OUT/report.md from what the phases left
 
 The bench runs ``fastopt.bench`` with ``device="cuda"`` one algorithm at a time, each into
 ``OUT/bench/<algorithm>/results.json``, so that a phase cut short by its time limit still
 reports the algorithms it finished. Against fastopt run torch's paths on CUDA (fused for
 SGD, Adagrad, Adam and AdamW), the in-place triad and a device-to-device copy, the
-bandwidth yardstick. ``--sim`` is for Numba's simulator: tiny sizes, one call a round.
+bandwidth yardstick. The precision bench (``fastopt bench --precision --device cuda``)
+times Adam in every storage format against the in-place triad for its own bytes, torch's
+fused Adam in float32 and bfloat16, and the 8-bit Adam of bitsandbytes and torchao where
+installed, into ``OUT/precision/precision.json``. ``--sim`` is for Numba's simulator:
+tiny sizes, one call a round.
 """
 
 import datetime
@@ -20,13 +25,13 @@ from pathlib import Path
 SIZES = [100_000, 1_000_000, 10_000_000, 100_000_000]
 ROUNDS = 5
 SIM_SIZES = [50]
+PRECISION_SIZES = [100_000_000]
 COPY_BYTES = 8
 
 
-def run_bench(out, sim):
+def _device(sim):
     from numba import cuda
 
-    from fastopt import bench
     from fastopt.kernels import cuda as cuda_kernels
 
     if sim:
@@ -34,10 +39,25 @@ def run_bench(out, sim):
         cuda_kernels.threads_per_block, cuda_kernels.max_blocks = 8, 4
     if not cuda.is_available():
         sys.exit("no CUDA device (and NUMBA_ENABLE_CUDASIM is not set)")
+
+
+def run_bench(out, sim):
+    from fastopt import bench
+
+    _device(sim)
     for name in bench.ALGORITHMS:
         bench.run([name], SIM_SIZES if sim else SIZES, rounds=1 if sim else ROUNDS,
                   device="cuda", out=Path(out) / "bench" / name,
                   round_seconds=0 if sim else 0.02)
+
+
+def run_precision(out, sim):
+    from fastopt import bench
+
+    _device(sim)
+    bench.run_precision(["Adam"], SIM_SIZES if sim else PRECISION_SIZES,
+                        rounds=1 if sim else ROUNDS, out=Path(out) / "precision",
+                        round_seconds=0 if sim else 0.02, device="cuda")
 
 
 # -- the report ----------------------------------------------------------------------
@@ -170,6 +190,10 @@ def report(out):
     missing = [name for name in bench.ALGORITHMS if name not in records]
     if missing:
         problems.append(f"no bench for {', '.join(missing)}")
+    formats_path = Path(out) / "precision" / "precision.json"
+    formats = json.loads(formats_path.read_text())["records"] if formats_path.exists() else []
+    if not formats:
+        problems.append("no precision bench")
     lines.append(f"# fastopt GPU check: {'FAIL' if problems else 'PASS'}")
     lines.append("")
     lines.append(f"{datetime.datetime.now().isoformat(timespec='seconds')}, "
@@ -190,12 +214,21 @@ def report(out):
                      "device-to-device copy (8 bytes per element); GB/s counts the bytes the "
                      "algorithm must move. `!` marks a noisy row.")
         lines += [""] + bench_table(records)
-    if bench_phase and bench_phase[0]:
-        lines += ["", f"The bench phase ended with status {bench_phase[0]} "
-                  f"(124: its {bench_phase[2]} s limit):", "```"]
-        lines += log_tail(out, "bench", 15) + ["```"]
+    for name in ("bench", "precision"):
+        result = phase(out, name)
+        if result and result[0]:
+            lines += ["", f"The {name} phase ended with status {result[0]} "
+                      f"(124: its {result[2]} s limit):", "```"]
+            lines += log_tail(out, name, 15) + ["```"]
+    lines += ["", "## Storage formats", ""]
+    if formats:
+        lines += ["Adam in each format: bytes moved and kept per parameter (counted from "
+                  "the buffers), the median step, its bandwidth as a share of the in-place "
+                  "triad's for its own bytes, and medians of per-round ratios against "
+                  "fastopt's float32 step and torch's fused float32 Adam.", "", "```",
+                  bench.format_precision_table(formats), "```"]
     lines += ["", "## Phases", "", "| phase | exit | seconds | limit |", "| --- | ---: | ---: | ---: |"]
-    for name in ("install", "tests", "marked", "bench"):
+    for name in ("install", "tests", "marked", "bench", "precision"):
         result = phase(out, name)
         if result:
             lines.append(f"| {name} | {result[0]} | {result[1]} | {result[2]} |")
@@ -205,8 +238,8 @@ def report(out):
 
 def main(argv):
     command, out, *rest = argv
-    if command == "bench":
-        run_bench(out, sim="--sim" in rest)
+    if command in ("bench", "precision"):
+        (run_bench if command == "bench" else run_precision)(out, sim="--sim" in rest)
         return 0
     return report(out)
 

@@ -15,7 +15,7 @@ mkdir -p "$out" && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.." && repo=$(pwd)
 python=${PYTHON:-python3}
 sim=${FASTOPT_GPU_CHECK_SIM:-0}
-rm -rf "$out"/*.log "$out"/*.phase "$out/bench" "$out/src" "$out/report.md"
+rm -rf "$out"/*.log "$out"/*.phase "$out/bench" "$out/precision" "$out/src" "$out/report.md"
 
 # phase NAME SECONDS COMMAND...: runs COMMAND under a time limit, its output in
 # OUT/NAME.log, and "exit-status seconds limit" in OUT/NAME.phase for the report.
@@ -48,7 +48,7 @@ if [ "$sim" = 1 ]; then
 else
     # --no-deps: the image's numba, numba-cuda and torch stay as they are, and nothing is
     # downloaded. No build isolation, so the image's setuptools builds it offline.
-    phase install 60 "$python" -m pip install --no-deps --no-build-isolation -e "$repo"
+    phase install 45 "$python" -m pip install --no-deps --no-build-isolation -e "$repo"
     if ! (cd / && "$python" -c "import fastopt.kernels") 2>/dev/null; then
         echo "pip did not install fastopt: running from a copy in $out/src" >>"$out/install.log"
         run_from_copy
@@ -63,10 +63,11 @@ else
 fi
 phase tests 200 "$python" -m pytest -q -p no:cacheprovider "${tests[@]}"
 # Tests elsewhere marked "cuda" (exit status 5 when there are none).
-phase marked 30 "$python" -m pytest -q -p no:cacheprovider -m cuda "$repo/tests" \
+phase marked 20 "$python" -m pytest -q -p no:cacheprovider -m cuda "$repo/tests" \
     --ignore="$repo/tests/test_cuda.py" --ignore="$repo/tests/test_gpu_check.py"
-phase bench 170 "$python" "$repo/bench/gpu_check.py" bench "$out" "${bench[@]}"
-timeout 30 "$python" "$repo/bench/gpu_check.py" report "$out"
+phase bench 140 "$python" "$repo/bench/gpu_check.py" bench "$out" "${bench[@]}"
+phase precision 45 "$python" "$repo/bench/gpu_check.py" precision "$out" "${bench[@]}"
+timeout 20 "$python" "$repo/bench/gpu_check.py" report "$out"
 status=$?
 echo "wrote $out/report.md"
 exit $status

@@ -37,6 +37,7 @@ from time import perf_counter, sleep
 import numpy as np
 
 import fastopt
+from ._backend import is_cuda_array
 
 f32 = np.float32
 
@@ -148,15 +149,7 @@ def contenders(name, n, device="cpu"):
         opt = getattr(fastopt, name)(fastopt.adopt(cuda.to_device(p0), shapes(name, n),
                                                    grads=cuda.to_device(g0)), **kwargs)
         steps["fastopt"] = _synchronised(opt.step, cuda.synchronize)
-        a, c = cuda.to_device(p0), cuda.to_device(np.ones(n, f32))
-        steps["triad"] = _synchronised(
-            lambda: cuda_kernels.launch(cuda_kernels.add_scaled, n, a, c, f32(1e-9)),
-            cuda.synchronize)
-        source, target = cuda.to_device(p0), cuda.device_array_like(p0)
-        steps["copy"] = _synchronised(lambda: target.copy_to_device(source), cuda.synchronize)
     else:
-        from .kernels import stream
-
         opt = getattr(fastopt, name)(fastopt.adopt(p0.copy(), shapes(name, n)), **kwargs)
         opt.flat_grads[:] = g0
         steps["fastopt"] = opt.step
@@ -168,14 +161,34 @@ def contenders(name, n, device="cpu"):
                 numpy_step(name, p, g0, state, t[0], kwargs["lr"])
 
             steps["numpy"] = numpy_naive
-        a, c = p0.copy(), np.ones(n, f32)
-        steps["triad"] = lambda: stream.add_scaled(a, c, f32(1e-9))
+    steps.update(_yardsticks(p0, device))
     steps.update(_torch_contenders(name, p0, g0, device))
     if device == "cpu" and DEEPSPEED and name in ("Adam", "AdamW"):
         deepspeed = _deepspeed_adam(name, p0, g0)
         if deepspeed:
             steps["deepspeed cpu adam"] = deepspeed
     return steps
+
+
+def _yardsticks(p0, device):
+    """The steps that measure the memory's bandwidth over ``p0``'s size: the in-place
+    triad, and on CUDA a device-to-device copy."""
+    n, ones = p0.size, np.ones(p0.size, f32)
+    if device == "cpu":
+        from .kernels import stream
+
+        a = p0.copy()
+        return {"triad": lambda: stream.add_scaled(a, ones, f32(1e-9))}
+    from numba import cuda
+
+    from .kernels import cuda as cuda_kernels
+
+    a, c = cuda.to_device(p0), cuda.to_device(ones)
+    source, target = cuda.to_device(p0), cuda.device_array_like(p0)
+    return {"triad": _synchronised(
+                lambda: cuda_kernels.launch(cuda_kernels.add_scaled, n, a, c, f32(1e-9)),
+                cuda.synchronize),
+            "copy": _synchronised(lambda: target.copy_to_device(source), cuda.synchronize)}
 
 
 def _deepspeed_adam(name, p0, g0):
@@ -365,60 +378,77 @@ def resident_bytes(opt):
 
 
 def _state_buffers(opt):
-    return [value for value in opt.state.values() if isinstance(value, np.ndarray)]
+    return [value for value in opt.state.values()
+            if isinstance(value, np.ndarray) or is_cuda_array(value)]
 
 
-def format_contenders(name, n):
+def format_contenders(name, n, device="cpu"):
     """``(steps, optimizers)``: a step of ``name`` in every format of
-    ``PRECISION_FORMATS`` over ``n`` parameters (int8 state where every state buffer
-    of it is a moving average), the triad, torch's fused step in float32 and bfloat16
-    where torch has one, and for Adam and AdamW the 8-bit optimizers of bitsandbytes and
-    torchao where they are installed."""
+    ``PRECISION_FORMATS`` over ``n`` parameters on ``device`` (int8 state where every
+    state buffer of it is a moving average), the in-place triad, torch's fused step in
+    float32 and bfloat16 where torch has one, and for Adam and AdamW the 8-bit
+    optimizers of bitsandbytes and torchao where they are installed (and run on that
+    device)."""
     p0, g0 = _data(n)
     optimizers = {}
     algorithm = getattr(fastopt, name)
     averages_only = set(algorithm.state_names()) <= set(algorithm.spec.averages)
+    if device == "cuda":
+        from numba import cuda
     for label, (dtype, options) in PRECISION_FORMATS.items():
         if options.get("state_dtype") == "int8" and not averages_only:
             continue
-        opt = getattr(fastopt, name)([p0.astype(fastopt.precision.DTYPES[dtype])],
+        p = p0.astype(fastopt.precision.DTYPES[dtype])
+        opt = getattr(fastopt, name)([cuda.to_device(p) if device == "cuda" else p],
                                      **ALGORITHMS[name], **options)
-        opt.flat_grads[...] = g0.astype(opt.flat_grads.dtype)
+        g = g0.astype(opt.flat_grads.dtype)
+        if device == "cuda":
+            opt.flat_grads.copy_to_device(g)
+        else:
+            opt.flat_grads[...] = g
         optimizers[label] = opt
-    from .kernels import stream
-
-    steps = {label: opt.step for label, opt in optimizers.items()}
-    a, c = p0.copy(), g0.copy()
-    steps["triad"] = lambda: stream.add_scaled(a, c, f32(1e-9))
+    # A step on CUDA is timed until the device has finished it.
+    steps = {label: _synchronised(opt.step, cuda.synchronize) if device == "cuda" else opt.step
+             for label, opt in optimizers.items()}
+    steps["triad"] = _yardsticks(p0, device)["triad"]
     try:
         import torch
     except ImportError:
-        torch = None
+        return steps, optimizers
+    if device == "cuda" and not torch.cuda.is_available():
+        return steps, optimizers
     namesake = getattr(fastopt, name).spec.torch
-    torch_class = getattr(torch.optim, namesake) if torch and namesake else None
+    torch_class = getattr(torch.optim, namesake) if namesake else None
     if torch_class and "fused" in inspect.signature(torch_class).parameters:
         for label, dtype in (("torch fused", torch.float32), ("torch fused bf16", torch.bfloat16)):
-            param = torch.nn.Parameter(torch.from_numpy(p0.copy()).to(dtype))
-            param.grad = torch.from_numpy(g0.copy()).to(dtype)
-            steps[label] = torch_class([param], **ALGORITHMS[name], fused=True).step
-    if torch and name in ("Adam", "AdamW"):
-        steps.update(_eight_bit_peers(torch, name, p0, g0))
+            param = torch.nn.Parameter(torch.from_numpy(p0.copy()).to(dtype).to(device))
+            param.grad = torch.from_numpy(g0.copy()).to(dtype).to(device)
+            steps[label] = _torch_timed(
+                torch_class([param], **ALGORITHMS[name], fused=True).step, torch, device)
+    if name in ("Adam", "AdamW"):
+        steps.update(_eight_bit_peers(torch, name, p0, g0, device))
     return steps, optimizers
 
 
-def _eight_bit_peers(torch, name, p0, g0):
-    """The steps of bitsandbytes' and torchao's 8-bit Adam (AdamW) on the CPU, by label,
-    for those installed."""
+def _torch_timed(step, torch, device):
+    return _synchronised(step, torch.cuda.synchronize) if device == "cuda" else step
+
+
+def _eight_bit_peers(torch, name, p0, g0, device="cpu"):
+    """The steps of bitsandbytes' and torchao's 8-bit Adam (AdamW) on ``device``, by
+    label, for those installed and able to step there."""
     peers = {}
     for label, module in (("bitsandbytes 8-bit", "bitsandbytes.optim"),
                           ("torchao 8-bit", "torchao.optim")):
         try:
             cls = getattr(importlib.import_module(module), f"{name}8bit")
+            param = torch.nn.Parameter(torch.from_numpy(p0.copy()).to(device))
+            param.grad = torch.from_numpy(g0.copy()).to(device)
+            step = _torch_timed(cls([param], **ALGORITHMS[name]).step, torch, device)
+            step()  # a peer that cannot step here fails now, not mid-run
         except Exception:  # not installed, or it fails to load next to this torch
             continue
-        param = torch.nn.Parameter(torch.from_numpy(p0.copy()))
-        param.grad = torch.from_numpy(g0.copy())
-        peers[label] = cls([param], **ALGORITHMS[name]).step
+        peers[label] = step
     return peers
 
 
@@ -461,18 +491,18 @@ def format_precision_table(records):
 
 
 def run_precision(algorithms=None, sizes=None, rounds=None, out="fastopt-bench",
-                  round_seconds=0.02):
+                  round_seconds=0.02, device="cpu"):
     """``fastopt bench --precision``: every storage format of each algorithm (default
-    Adam) at each size (default 4e6 and 2e7), interleaved; prints the table and writes
-    ``precision.json`` into ``out``. Returns the records."""
+    Adam) at each size (default 4e6 and 2e7) on ``device``, interleaved; prints the
+    table and writes ``precision.json`` into ``out``. Returns the records."""
     algorithms, sizes = algorithms or ["Adam"], sizes or PRECISION_SIZES
     rounds = 7 if rounds is None else rounds
     records = []
-    print(f"fastopt bench --precision: {rounds} interleaved rounds; bytes per parameter; "
-          "ratios are medians of per-round ratios")
+    print(f"fastopt bench --precision: {device}, {rounds} interleaved rounds; bytes per "
+          "parameter; ratios are medians of per-round ratios")
     for name in algorithms:
         for n in sizes:
-            steps, optimizers = format_contenders(name, n)
+            steps, optimizers = format_contenders(name, n, device)
             records += format_rows(name, n, time_steps(steps, rounds, round_seconds),
                                    optimizers)
             del steps, optimizers

@@ -104,7 +104,8 @@ def bench(args):
     from . import bench
 
     if args.precision:
-        bench.run_precision(args.algorithms, args.sizes, args.rounds, args.out)
+        bench.run_precision(args.algorithms, args.sizes, args.rounds, args.out,
+                            device=args.device)
     else:
         bench.run(args.algorithms, args.sizes, args.rounds, args.threads, args.device,
                   args.out, args.quick)
@@ -171,9 +172,8 @@ def _check_bench(parser, args):
     if unknown:
         parser.error(f"argument --algorithms: unknown {', '.join(unknown)}; choose from "
                      f"{', '.join(bench.ALGORITHMS)}")
-    if args.precision and (args.quick or args.device != "cpu" or args.threads):
-        parser.error("argument --precision: runs on the CPU's threads, without --quick, "
-                     "--device or --threads")
+    if args.precision and (args.quick or args.threads):
+        parser.error("argument --precision: runs without --quick or --threads")
     if args.precision and "Adafactor" in (args.algorithms or ()):
         parser.error("argument --precision: Adafactor steps float32 buffers only, for now")
     if args.threads is not None:

@@ -232,6 +232,23 @@ def test_bench_runs_on_the_device(tmp_path):
     assert (tmp_path / "results.json").exists()
 
 
+def test_the_precision_bench_on_the_device_counts_the_device_buffers(tmp_path, monkeypatch):
+    from fastopt import bench
+
+    monkeypatch.setattr(fastopt.optim.optimizer, "MIN_QUANTIZED_SIZE", 256)
+    records = {r["format"]: r for r in bench.run_precision(["Adam"], [300], rounds=1,
+                                                           out=tmp_path, round_seconds=0,
+                                                           device="cuda")}
+    assert set(records) >= set(bench.PRECISION_FORMATS)
+    assert records["float32"]["moves_bytes"] == 28  # p, g, m, v: the state counted too
+    # p, g, 2 of 8-bit state and 2 scales of 4 bytes per block of 256; bf16 p and g and
+    # a remainder of 2 each
+    assert records["float32, int8 state"]["keeps_bytes"] == pytest.approx(10 + 8 / 256, 0.01)
+    assert records["bf16 + remainder, int8 state"]["keeps_bytes"] == pytest.approx(
+        8 + 8 / 256, 0.01)
+    assert (tmp_path / "precision.json").exists()
+
+
 # -- storage formats on the device ----------------------------------------------------------
 
 # Per format: the parameters' and gradients' dtypes and the options; each algorithm's

@@ -47,6 +47,9 @@ def test_the_gpu_check_runs_in_the_simulator_and_reports(tmp_path):
     assert result["device"] == "cuda"
     assert {r["implementation"] for r in result["records"]} == {"fastopt", "triad", "copy"}
     assert "| phase | exit | seconds | limit |" in report and "| bench | 0 |" in report
+    assert "| precision | 0 |" in report and "## Storage formats" in report
+    for label in fastopt.bench.PRECISION_FORMATS:  # every format of Adam, on the device
+        assert f"Adam      {size:7.0e} {label:30s}" in report
 
 
 def test_the_report_names_what_failed(tmp_path, monkeypatch):
@@ -70,7 +73,8 @@ def test_the_report_names_what_failed(tmp_path, monkeypatch):
     assert "- problem: no bench for " + ", ".join(n for n in bench.ALGORITHMS if n != "SGD") in report
     assert "- tests/test_cuda.py: 1 failed, 2 passed in 3.0s" in report
     assert "FAILED tests/test_cuda.py::test_x" in report  # the log's tail
-    assert "(124: its 170 s limit)" in report
+    assert "The bench phase ended with status 124 (124: its 170 s limit)" in report
+    assert "- problem: no precision bench" in report
     # SGD moves 20 bytes a parameter, the copy 8: per round 2.5 * 1/2 and 2.5 * 1.5/2
     assert "| SGD | 1e+06 | 2.00ms | 10 | 156% | 1.75x (1.50-2.00) | 29% ! |" in report
 
@@ -81,6 +85,10 @@ def test_a_test_phase_cut_short_is_not_a_pass(tmp_path, monkeypatch, status, pro
     gpu_check = gpu_check_module()
     monkeypatch.setattr(bench, "ALGORITHMS", {})  # no bench expected
     (tmp_path / "tests.phase").write_text(f"{status} 200 200\n")
+    formats = tmp_path / "precision" / "precision.json"
+    formats.parent.mkdir()
+    formats.write_text(json.dumps({"records": bench.format_rows(
+        "Adam", 10**6, {"float32": [1e-3], "triad": [1e-3]}, {})}))
     assert gpu_check.report(tmp_path) == (1 if problem else 0)
     report = (tmp_path / "report.md").read_text()
     assert (f"- problem: {problem}" in report) == bool(problem)
