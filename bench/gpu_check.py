@@ -177,7 +177,7 @@ def report(out):
     sim = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
     problems = []
     lines = []
-    tests, marked, bench_phase = phase(out, "tests"), phase(out, "marked"), phase(out, "bench")
+    tests, marked = phase(out, "tests"), phase(out, "marked")
     install = phase(out, "install")
     if install and install[0]:  # the script then runs from a copy on PYTHONPATH
         problems.append("pip install failed: " + " / ".join(log_tail(out, "install", 3)))

@@ -144,8 +144,6 @@ def contenders(name, n, device="cpu"):
     if device == "cuda":
         from numba import cuda
 
-        from .kernels import cuda as cuda_kernels
-
         opt = getattr(fastopt, name)(fastopt.adopt(cuda.to_device(p0), shapes(name, n),
                                                    grads=cuda.to_device(g0)), **kwargs)
         steps["fastopt"] = _synchronised(opt.step, cuda.synchronize)
@@ -161,7 +159,10 @@ def contenders(name, n, device="cpu"):
                 numpy_step(name, p, g0, state, t[0], kwargs["lr"])
 
             steps["numpy"] = numpy_naive
-    steps.update(_yardsticks(p0, device))
+    steps["triad"] = _triad(p0, device)
+    if device == "cuda":
+        source, target = cuda.to_device(p0), cuda.device_array_like(p0)
+        steps["copy"] = _synchronised(lambda: target.copy_to_device(source), cuda.synchronize)
     steps.update(_torch_contenders(name, p0, g0, device))
     if device == "cpu" and DEEPSPEED and name in ("Adam", "AdamW"):
         deepspeed = _deepspeed_adam(name, p0, g0)
@@ -170,25 +171,22 @@ def contenders(name, n, device="cpu"):
     return steps
 
 
-def _yardsticks(p0, device):
-    """The steps that measure the memory's bandwidth over ``p0``'s size: the in-place
-    triad, and on CUDA a device-to-device copy."""
+def _triad(p0, device):
+    """The in-place triad ``a += s * c`` over ``p0``'s size on ``device``: the memory's
+    bandwidth for a step's bytes."""
     n, ones = p0.size, np.ones(p0.size, f32)
     if device == "cpu":
         from .kernels import stream
 
         a = p0.copy()
-        return {"triad": lambda: stream.add_scaled(a, ones, f32(1e-9))}
+        return lambda: stream.add_scaled(a, ones, f32(1e-9))
     from numba import cuda
 
     from .kernels import cuda as cuda_kernels
 
     a, c = cuda.to_device(p0), cuda.to_device(ones)
-    source, target = cuda.to_device(p0), cuda.device_array_like(p0)
-    return {"triad": _synchronised(
-                lambda: cuda_kernels.launch(cuda_kernels.add_scaled, n, a, c, f32(1e-9)),
-                cuda.synchronize),
-            "copy": _synchronised(lambda: target.copy_to_device(source), cuda.synchronize)}
+    return _synchronised(lambda: cuda_kernels.launch(cuda_kernels.add_scaled, n, a, c,
+                                                     f32(1e-9)), cuda.synchronize)
 
 
 def _deepspeed_adam(name, p0, g0):
@@ -410,7 +408,7 @@ def format_contenders(name, n, device="cpu"):
     # A step on CUDA is timed until the device has finished it.
     steps = {label: _synchronised(opt.step, cuda.synchronize) if device == "cuda" else opt.step
              for label, opt in optimizers.items()}
-    steps["triad"] = _yardsticks(p0, device)["triad"]
+    steps["triad"] = _triad(p0, device)
     try:
         import torch
     except ImportError:
