@@ -62,8 +62,9 @@ class Segments:
     ``offsets[k]`` of it on; its state starts at ``state_starts[k]`` of the flat state
     buffers (several segments may share state: the rows of a matrix share its column
     factor), and its elements' random bits, where stochastic rounding draws them, at
-    ``draws[k]`` (default: ``state_starts``, for state laid out like the parameters;
-    segments that share state draw apart). A launch's tensors are reached through a
+    ``draws[k]`` (default: ``state_starts``, right for state laid out like the
+    parameters; segments that share state must be given draws of their own, or they
+    round alike). A launch's tensors are reached through a
     :class:`Tensors`. The kernels walk each segment in chunks (rows of ``chunks``:
     segment, offset, size, and where the chunk's random bits start), each summed in a
     fixed order into a row of ``partials``, and the host adds a segment's chunk sums in
@@ -136,12 +137,11 @@ class Tensors:
         self.itemsize = itemsize or {"p": 4, "g": 4, "w": 4}  # bytes per element, by name
 
 
-def segment_chunks(sizes, draws=None):
+def segment_chunks(sizes, draws):
     """``(segment, offset, size, draw)`` rows of at most SEGMENT_CHUNK elements each, in
-    order, for segments of ``sizes`` elements; ``draw`` is ``draws[segment] + offset``
-    (default 0 + offset), where the chunk's random bits start."""
+    order, for segments of ``sizes`` elements; ``draw`` is ``draws[segment] + offset``,
+    where the chunk's random bits start."""
     chunk = SEGMENT_CHUNK
-    draws = np.zeros(len(sizes), np.int64) if draws is None else draws
     rows = [(k, offset, min(chunk, n - offset), draws[k] + offset)
             for k, n in enumerate(sizes) for offset in range(0, n, chunk)]
     return np.array(rows, np.int64).reshape(-1, 4)

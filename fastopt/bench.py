@@ -391,17 +391,18 @@ def format_contenders(name, n, device="cpu"):
     optimizers = {}
     algorithm = getattr(fastopt, name)
     averages_only = set(algorithm.state_names()) <= set(algorithm.spec.averages)
+    precision = fastopt.precision
     if device == "cuda":
         from numba import cuda
     for label, (dtype, options) in PRECISION_FORMATS.items():
         if options.get("state_dtype") == "int8" and not averages_only:
             continue
-        p = p0.astype(fastopt.precision.DTYPES[dtype])
-        opt = getattr(fastopt, name)([cuda.to_device(p) if device == "cuda" else p],
+        p = p0.astype(precision.DTYPES[dtype])
+        opt = getattr(fastopt, name)([precision.to_device(p) if device == "cuda" else p],
                                      **ALGORITHMS[name], **options)
         g = g0.astype(opt.flat_grads.dtype)
-        if device == "cuda":
-            opt.flat_grads.copy_to_device(g)
+        if device == "cuda":  # as bits: see precision.to_device
+            precision.bits(opt.flat_grads).copy_to_device(precision.bits(g))
         else:
             opt.flat_grads[...] = g
         optimizers[label] = opt

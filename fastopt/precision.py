@@ -39,6 +39,17 @@ def bits(a):
     return a.view(codecs.BITS) if a.dtype in _HALVES else a
 
 
+def to_device(a):
+    """A Numba device array holding a copy of the NumPy array ``a``, in ``a``'s dtype. A
+    bfloat16 array travels as its bits: numba-cuda copies between host and device
+    through the buffer protocol, which NumPy refuses for ml_dtypes' bfloat16 ("cannot
+    include dtype 'E' in a buffer")."""
+    from numba import cuda
+
+    a = np.ascontiguousarray(a)
+    return cuda.to_device(bits(a)).view(a.dtype)
+
+
 def formats(names, arrays):
     """The ``kernels._template.Pass.formats`` of buffers ``names`` held in ``arrays``."""
     return tuple((name, name_of(a.dtype)) for name, a in zip(names, arrays)

@@ -157,7 +157,7 @@ class Optimizer(torch.optim.Optimizer):
     parameters, as in :class:`fastopt.Optimizer`: the float32 master
     weights of a 16-bit parameter are its state entry ``"master"``, which
     ``state_dict()`` saves. Stochastic rounding indexes each element by its place in
-    its store's state (one store per device and dtype, each with a stream of its own).
+    its store (one store per device and dtype, each with a stream of its own).
 
     ``process_group`` (a ``torch.distributed`` group, every rank passing the same
     parameters) shards the state over its ranks, ZeRO stage 1 (see the module's doc);
@@ -334,9 +334,17 @@ class Optimizer(torch.optim.Optimizer):
         for p in names:
             reduction = _reduction(p) if self._group is None else (self._group,)
             kinds.setdefault((p.device, p.dtype, reduction), []).append(p)
-        for device, dtype, reduction in kinds:
+        for (device, dtype, reduction), members in kinds.items():
+            if not _on_host(device) and self._storage_of(dtype).quantized:
+                # Its codes would lie in the scratch buffer's order (C order), where its
+                # views and state dicts take the parameter's memory order.
+                for p in members:
+                    if not _local(p).is_contiguous():
+                        raise ValueError(f"{names[p]} has strides {tuple(p.stride())}: "
+                                         "fastopt.torch keeps 8-bit state of CUDA parameters "
+                                         "that lie in C order only, for now")
             if reduction is not None:
-                self._check_sharded(kinds[device, dtype, reduction], names)
+                self._check_sharded(members, names)
         kept = {_signature(members) for members in kinds.values()}
         if any(store.reducer and store.reducer.pending() and store.signature not in kept
                for store in self._stores or ()):
@@ -1519,8 +1527,9 @@ def _on_host(device):
 
 # The NumPy dtypes of the 2-byte tensors that fastopt keeps, by which the backends know
 # their formats (int16: the low bits of master weights, "remainder", which are bits).
-_NUMPY_HALVES = {torch.bfloat16: precision.DTYPES["bfloat16"],
-                 torch.float16: precision.DTYPES["float16"], torch.int16: precision.codecs.BITS}
+_TWO_BYTE_DTYPES = {torch.bfloat16: precision.DTYPES["bfloat16"],
+                    torch.float16: precision.DTYPES["float16"],
+                    torch.int16: precision.codecs.BITS}
 
 
 def _array(tensor):
@@ -1531,7 +1540,7 @@ def _array(tensor):
         return tensor.numpy() if _on_host(tensor.device) else _device_array(tensor)
     bits = tensor.view(torch.int16)
     bits = bits.numpy() if _on_host(tensor.device) else _device_array(bits)
-    return bits.view(_NUMPY_HALVES[tensor.dtype])
+    return bits.view(_TWO_BYTE_DTYPES[tensor.dtype])
 
 
 def _device_array(tensor):

@@ -103,7 +103,7 @@ def _accepts(name, dtype, options):
     return True
 
 
-def step_cpu_tensors_as_a_gpus(setattr=setattr):
+def step_cpu_tensors_as_cuda_tensors(setattr=setattr):
     """Make fastopt.torch step CPU tensors by its CUDA path (``_on_host``): through
     CUDA's kernels, on the simulator's device arrays over the tensors' memory
     (``_device_array``), as ``cuda.as_cuda_array`` wraps a CUDA tensor's on a GPU (the
@@ -117,11 +117,13 @@ def step_cpu_tensors_as_a_gpus(setattr=setattr):
 def _torch_cases(rng, shapes):
     """fastopt.torch's launches (segment passes) for the first case of every algorithm
     in every format whose gradients have the parameters' dtype, as torch's must."""
-    import torch
-
+    try:
+        import torch
+    except ImportError:  # the test extra does not install it
+        return
     import fastopt.torch as ft
 
-    step_cpu_tensors_as_a_gpus()
+    step_cpu_tensors_as_cuda_tensors()
     for name, kwargs in FIRST_CASES:  # (the simulator is slow)
         for dtype, options in FORMATS:
             if "grad_dtype" in options:

@@ -19,6 +19,7 @@ if not cuda.is_available():
     pytest.skip("no GPU, and NUMBA_ENABLE_CUDASIM is not set", allow_module_level=True)
 
 from fastopt.kernels import cuda as cuda_kernels  # noqa: E402
+from fastopt.precision import to_device  # noqa: E402
 
 SIZES = [0, 1, 7, 300]
 STEPS = 30
@@ -33,6 +34,34 @@ def small_launch(monkeypatch):
     monkeypatch.setattr(cuda_kernels, "max_blocks", 4)
 
 
+@pytest.fixture(autouse=True)
+def no_bfloat16_through_the_buffer_protocol(monkeypatch):
+    """In the simulator, refuse what a GPU refuses: numba-cuda copies between host and
+    device through the buffer protocol, which NumPy refuses for ml_dtypes' bfloat16, so
+    a bfloat16 host array must travel as its bits (``fastopt.precision.to_device``)."""
+    from numba import config
+
+    if not config.ENABLE_CUDASIM:
+        return
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    def refuse(host):
+        if isinstance(host, np.ndarray) and host.dtype == ml_dtypes.bfloat16:
+            raise ValueError("cannot include dtype 'E' in a buffer")
+
+    def checked(method):
+        def call(self, ary=None, *args, **kwargs):
+            refuse(ary)
+            return method(self, ary, *args, **kwargs)
+        return call
+
+    to_device = cuda.to_device
+    monkeypatch.setattr(cuda, "to_device", lambda ary, *args, **kwargs: (
+        refuse(ary), to_device(ary, *args, **kwargs))[1])
+    for name in ("copy_to_device", "copy_to_host"):
+        monkeypatch.setattr(FakeCUDAArray, name, checked(getattr(FakeCUDAArray, name)))
+
+
 def host(a):
     return a.copy_to_host()
 
@@ -42,11 +71,11 @@ def host(a):
 def test_cuda_matches_cpu(case, n):
     name, kwargs = case
     p0, grads = initial_params(n, n), gradients(n, n, STEPS)
-    on_gpu = getattr(fastopt, name)([cuda.to_device(p0)], **kwargs)
+    on_gpu = getattr(fastopt, name)([to_device(p0)], **kwargs)
     on_cpu = getattr(fastopt, name)([p0], **kwargs)
     assert on_gpu.device == "cuda" and on_cpu.device == "cpu"
     for g in grads:
-        on_gpu.step(cuda.to_device(g))
+        on_gpu.step(to_device(g))
         on_cpu.step(g)
     np.testing.assert_allclose(host(on_gpu.flat_params), on_cpu.flat_params,
                                rtol=RTOL, atol=ATOL)
@@ -63,10 +92,10 @@ def test_structured_params_and_grads_on_device():
     rng = np.random.default_rng(0)
     host_params = {"w": rng.standard_normal((5, 3)).astype(np.float32),
                    "b": rng.standard_normal(3).astype(np.float32)}
-    opt = fastopt.SGD({k: cuda.to_device(v) for k, v in host_params.items()}, lr=0.5)
+    opt = fastopt.SGD({k: to_device(v) for k, v in host_params.items()}, lr=0.5)
     np.testing.assert_array_equal(host(opt.params["w"]), host_params["w"])
     g = {"w": np.ones((5, 3), np.float32), "b": np.full(3, 2.0, np.float32)}
-    opt.step({k: cuda.to_device(v) for k, v in g.items()})
+    opt.step({k: to_device(v) for k, v in g.items()})
     np.testing.assert_allclose(host(opt.params["w"]), host_params["w"] - 0.5)
     np.testing.assert_allclose(host(opt.params["b"]), host_params["b"] - 1.0)
     # Gradients written through the views, then zero_grad.
@@ -79,24 +108,24 @@ def test_structured_params_and_grads_on_device():
 
 
 def test_adopted_device_buffer_is_updated_in_place():
-    flat = cuda.to_device(np.ones(10, np.float32))
+    flat = to_device(np.ones(10, np.float32))
     opt = fastopt.SGD(fastopt.adopt(flat), lr=0.25)
-    opt.step(cuda.to_device(np.ones(10, np.float32)))
+    opt.step(to_device(np.ones(10, np.float32)))
     np.testing.assert_allclose(host(flat), 0.75)
 
 
 def test_initial_accumulator_is_filled_on_device():
-    opt = fastopt.Adagrad([cuda.to_device(np.zeros(9, np.float32))], lr=1.0,
+    opt = fastopt.Adagrad([to_device(np.zeros(9, np.float32))], lr=1.0,
                           initial_accumulator_value=3.0)
-    opt.step(cuda.to_device(np.ones(9, np.float32)))
+    opt.step(to_device(np.ones(9, np.float32)))
     np.testing.assert_allclose(host(opt.state["sum"]), 4.0)
     np.testing.assert_allclose(host(opt.flat_params), -0.5, rtol=1e-6)
 
 
 def test_mixed_devices_are_refused():
     with pytest.raises(TypeError, match="different devices"):
-        fastopt.Adam([cuda.to_device(np.zeros(3, np.float32)), np.zeros(3, np.float32)])
-    opt = fastopt.Adam([cuda.to_device(np.zeros(3, np.float32))])
+        fastopt.Adam([to_device(np.zeros(3, np.float32)), np.zeros(3, np.float32)])
+    opt = fastopt.Adam([to_device(np.zeros(3, np.float32))])
     with pytest.raises(TypeError, match="CUDA array"):
         opt.step(np.zeros(3, np.float32))
     assert opt.state["step"] == 0
@@ -117,7 +146,7 @@ def on_both(name, kwargs, seed=0):
         return [{"params": [put(p[0]), put(p[1])]},
                 {"params": {"c": put(p[2])}, "lr": 0.02, "weight_decay": 0.1}]
 
-    return (getattr(fastopt, name)(groups(cuda.to_device), **kwargs),
+    return (getattr(fastopt, name)(groups(to_device), **kwargs),
             getattr(fastopt, name)(groups(np.copy), **kwargs))
 
 
@@ -130,7 +159,7 @@ def test_groups_clipping_scaling_and_skip_on_device(name):
         g = (rng.standard_normal(on_cpu.flat_params.size) * (t + 1) * 128).astype(np.float32)
         if t == 3:
             g[5] = np.nan
-        on_gpu.step(cuda.to_device(g), grad_scale=128.0)
+        on_gpu.step(to_device(g), grad_scale=128.0)
         on_cpu.step(g, grad_scale=128.0)
         assert on_gpu.last_grad_norm == pytest.approx(on_cpu.last_grad_norm, rel=1e-12, nan_ok=True)
     assert on_gpu.skipped_steps == on_cpu.skipped_steps == 1
@@ -151,11 +180,11 @@ def test_per_tensor_algorithms_on_device(name, extra, monkeypatch):
     p0 = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     kwargs = dict(lr=0.05, weight_decay=0.1) if name != "LARS" else dict(weight_decay=0.01)
     kwargs.update(extra)
-    on_gpu = getattr(fastopt, name)([cuda.to_device(p) for p in p0], **kwargs)
+    on_gpu = getattr(fastopt, name)([to_device(p) for p in p0], **kwargs)
     on_cpu = getattr(fastopt, name)(p0, **kwargs)
     for _ in range(4):
         g = rng.standard_normal(on_cpu.flat_params.size).astype(np.float32)
-        on_gpu.step(cuda.to_device(g))
+        on_gpu.step(to_device(g))
         on_cpu.step(g)
     np.testing.assert_allclose(host(on_gpu.flat_params), on_cpu.flat_params, rtol=RTOL, atol=ATOL)
     for key, value in on_cpu.state.items():
@@ -167,8 +196,8 @@ def test_per_tensor_algorithms_on_device(name, extra, monkeypatch):
 
 def test_device_sum_of_squares_is_exact_enough_and_repeatable():
     g = np.random.default_rng(2).standard_normal(1001).astype(np.float32)
-    backend = fastopt.SGD([cuda.to_device(g)])._backend
-    results = {backend.sum_squares(cuda.to_device(g)) for _ in range(3)}
+    backend = fastopt.SGD([to_device(g)])._backend
+    results = {backend.sum_squares(to_device(g)) for _ in range(3)}
     assert len(results) == 1
     assert results.pop() == pytest.approx(float(np.sum(g.astype(np.float64) ** 2)), rel=1e-13)
 
@@ -178,11 +207,11 @@ def test_swats_on_device_switches_like_the_cpu():
     base = rng.uniform(0.5, 1.5, 200) * rng.choice([-1.0, 1.0], 200)
     kwargs = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-5)
     p0 = rng.standard_normal(200).astype(np.float32)
-    on_gpu = fastopt.SWATS([cuda.to_device(p0)], **kwargs)
+    on_gpu = fastopt.SWATS([to_device(p0)], **kwargs)
     on_cpu = fastopt.SWATS([p0], **kwargs)
     for _ in range(40):
         g = (base + 0.05 * rng.standard_normal(200)).astype(np.float32)
-        on_gpu.step(cuda.to_device(g))
+        on_gpu.step(to_device(g))
         on_cpu.step(g)
     assert on_cpu.state["switch_step"][0] is not None
     assert on_gpu.state["switch_step"] == on_cpu.state["switch_step"]
@@ -197,7 +226,7 @@ def test_ema_on_device(bias_correction):
     rng = np.random.default_rng(4)
     for _ in range(5):
         g = rng.standard_normal(on_cpu.flat_params.size).astype(np.float32)
-        on_gpu.step(cuda.to_device(g))
+        on_gpu.step(to_device(g))
         on_cpu.step(g)
         for average in averages:
             average.update()
@@ -214,13 +243,13 @@ def test_device_checkpoints_resume_exactly(tmp_path):
     rng = np.random.default_rng(5)
     grads = [rng.standard_normal(on_gpu.flat_params.size).astype(np.float32) for _ in range(6)]
     for g in grads[:3]:
-        on_gpu.step(cuda.to_device(g))
+        on_gpu.step(to_device(g))
     fastopt.save(on_gpu, tmp_path / "device.npz")
     resumed.load(tmp_path / "device.npz")
     assert resumed.clip_grad_norm == 3.0 and resumed.state["step"] == 3
     for g in grads[3:]:
-        on_gpu.step(cuda.to_device(g))
-        resumed.step(cuda.to_device(g))
+        on_gpu.step(to_device(g))
+        resumed.step(to_device(g))
     np.testing.assert_array_equal(host(resumed.flat_params), host(on_gpu.flat_params))
 
 
@@ -315,11 +344,11 @@ def test_formats_on_device_match_the_cpu(name, kwargs, fmt, monkeypatch):
     shapes = {"w": (8, 40), "b": (9,)}
     p0 = {k: (0.5 * rng.standard_normal(s)).astype(dtype) for k, s in shapes.items()}
     options = {**kwargs, **options}
-    on_gpu = getattr(fastopt, name)({k: cuda.to_device(v) for k, v in p0.items()}, **options)
+    on_gpu = getattr(fastopt, name)({k: to_device(v) for k, v in p0.items()}, **options)
     on_cpu = getattr(fastopt, name)({k: v.copy() for k, v in p0.items()}, **options)
     for _ in range(3):
         g = {k: rng.standard_normal(s).astype(grad_dtype) for k, s in shapes.items()}
-        on_gpu.step({k: cuda.to_device(v) for k, v in g.items()})
+        on_gpu.step({k: to_device(v) for k, v in g.items()})
         on_cpu.step(g)
     assert_close_in_format(host(on_gpu.flat_params), on_cpu.flat_params, "params")
     for key, value in on_cpu.state.items():
@@ -344,16 +373,16 @@ def test_formats_on_device_match_the_cpu(name, kwargs, fmt, monkeypatch):
 def torch_on_device(torch, monkeypatch):
     """The device on which fastopt.torch's CUDA path steps torch tensors: a GPU where
     torch has one; in the simulator, the CPU, whose tensors fastopt.torch then steps as
-    a GPU's (``cuda_launches.step_cpu_tensors_as_a_gpus``)."""
+    a GPU's (``cuda_launches.step_cpu_tensors_as_cuda_tensors``)."""
     if torch.cuda.is_available():
         return torch.device("cuda")
     from numba import config
 
     if not config.ENABLE_CUDASIM:
         pytest.skip("torch has no CUDA device here")
-    from cuda_launches import step_cpu_tensors_as_a_gpus
+    from cuda_launches import step_cpu_tensors_as_cuda_tensors
 
-    step_cpu_tensors_as_a_gpus(monkeypatch.setattr)
+    step_cpu_tensors_as_cuda_tensors(monkeypatch.setattr)
     return torch.device("cpu")
 
 
@@ -510,6 +539,17 @@ def test_fastopt_torch_on_device_resumes_from_its_state_dict_exactly(monkeypatch
     assert torch.isfinite(decoded).all() and decoded.abs().max() > 0
 
 
+def test_fastopt_torch_refuses_8_bit_state_of_a_device_parameter_not_in_c_order(monkeypatch):
+    torch = pytest.importorskip("torch")
+    import fastopt.torch as ft
+
+    device = torch_on_device(torch, monkeypatch)
+    weight = torch.nn.Parameter(torch.zeros(300, 20, device=device).t())
+    with pytest.raises(ValueError, match=r"\['params'\]\[0\] has strides \(1, 20\).*C order"):
+        ft.AdamW([weight], state_dtype="int8")
+    ft.AdamW([weight])  # float32 state steps it through the scratch buffer
+
+
 def test_fastopt_torch_on_device_loads_torch_optims_state_dict_encoded(monkeypatch):
     """A float32 torch.optim.AdamW state_dict loads into 8-bit state on the device as
     on the CPU, and steps on alike."""
@@ -544,16 +584,16 @@ def test_formats_on_device_resume_exactly(tmp_path):
     rng = np.random.default_rng(9)
     p0 = (0.5 * rng.standard_normal(5000)).astype(ml_dtypes.bfloat16)
     options = dict(lr=0.01, master_weights="remainder", state_dtype="int8")
-    on_gpu = fastopt.AdamW([cuda.to_device(p0)], **options)
-    resumed = fastopt.AdamW([cuda.to_device(p0)], **options)
+    on_gpu = fastopt.AdamW([to_device(p0)], **options)
+    resumed = fastopt.AdamW([to_device(p0)], **options)
     grads = [rng.standard_normal(5000).astype(ml_dtypes.bfloat16) for _ in range(4)]
     for g in grads[:2]:
-        on_gpu.step(cuda.to_device(g))
+        on_gpu.step(to_device(g))
     fastopt.save(on_gpu, tmp_path / "formats.npz")
     resumed.load(tmp_path / "formats.npz")
     for g in grads[2:]:
-        on_gpu.step(cuda.to_device(g))
-        resumed.step(cuda.to_device(g))
+        on_gpu.step(to_device(g))
+        resumed.step(to_device(g))
     np.testing.assert_array_equal(host(resumed.flat_params).view(np.uint16),
                                   host(on_gpu.flat_params).view(np.uint16))
     for key in ("exp_avg", "exp_avg_absmax", "exp_avg_sq", "exp_avg_sq_absmax"):
@@ -579,13 +619,13 @@ def test_training_loop_features_with_formats_on_device(dtype, options, monkeypat
                            skip_nonfinite=True, **options)
         return opt, fastopt.EMA(opt, decay=0.8)
 
-    (on_gpu, gpu_average), (on_cpu, cpu_average) = build(cuda.to_device), build(np.copy)
+    (on_gpu, gpu_average), (on_cpu, cpu_average) = build(to_device), build(np.copy)
     for t in range(5):
         g = (rng.standard_normal(on_cpu.flat_params.size) * 64).astype(dtype)
         if t == 2:
             g[5] = np.inf
         before = host(on_gpu.flat_params)
-        on_gpu.step(cuda.to_device(g), grad_scale=64.0)
+        on_gpu.step(to_device(g), grad_scale=64.0)
         on_cpu.step(g, grad_scale=64.0)
         gpu_average.update()
         cpu_average.update()
@@ -608,11 +648,11 @@ def test_an_ema_of_bfloat16_parameters_on_device_copies_in_and_out_as_the_cpu():
     # copy), and copy_to writes the average rounded into them.
     rng = np.random.default_rng(12)
     p0 = rng.standard_normal(300).astype(ml_dtypes.bfloat16)
-    opts = [fastopt.SGD([put(p0)], lr=0.1) for put in (cuda.to_device, np.copy)]
+    opts = [fastopt.SGD([put(p0)], lr=0.1) for put in (to_device, np.copy)]
     averages = [fastopt.EMA(opt, decay=0.7, bias_correction=False) for opt in opts]
     for _ in range(3):
         g = rng.standard_normal(300).astype(ml_dtypes.bfloat16)
-        opts[0].step(cuda.to_device(g))
+        opts[0].step(to_device(g))
         opts[1].step(g)
         for average in averages:
             average.update()

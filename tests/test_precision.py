@@ -583,20 +583,23 @@ def test_float16_stochastic_rounding_is_unbiased_over_every_random_draw():
 
 def test_adafactor_rounds_each_element_of_a_matrix_on_its_own_random_bits():
     """The rows of a matrix share Adafactor's column factor, not their random bits: on
-    shared bits every row would round alike, and the mean over 500 draws would miss."""
-    shape, exact = (200, 500), 1.0 + 2.0 ** -9  # a quarter of bf16's step above 1.0
+    shared bits every row would round alike, and the mean over 500 draws would miss. A
+    vector longer than a chunk (SEGMENT_CHUNK) draws on past its first chunk."""
+    shapes, exact = [(200, 500), (40_000,)], 1.0 + 2.0 ** -9  # a quarter of bf16's step
 
     def stepped(**options):  # one step of exactly -lr * sign(g) = +2**-9 everywhere
-        opt = fastopt.Adafactor([np.ones(shape, bf16)], lr=2.0 ** -9, master_weights=None,
-                                **options)
-        opt.step([np.full(shape, -0.5, bf16)])
-        return opt.params[0].astype(np.float64)
+        opt = fastopt.Adafactor([np.ones(s, bf16) for s in shapes], lr=2.0 ** -9,
+                                master_weights=None, **options)
+        opt.step([np.full(s, -0.5, bf16) for s in shapes])
+        return [p.astype(np.float64) for p in opt.params]
 
-    stochastic = stepped(stochastic_rounding=True, seed=4)
-    assert abs(stochastic.mean() - exact) < 3e-5
-    assert set(np.unique(stochastic)) == {1.0, 1.0078125}
-    assert (stochastic == stochastic[0]).all(axis=1).sum() == 1  # no row rounds as row 0
-    assert abs(stepped().mean() - exact) > 1e-3  # the control: every element rounds down
+    matrix, vector = stepped(stochastic_rounding=True, seed=4)
+    assert abs(matrix.mean() - exact) < 3e-5 and abs(vector.mean() - exact) < 6e-5
+    assert set(np.unique(matrix)) == set(np.unique(vector)) == {1.0, 1.0078125}
+    assert (matrix == matrix[0]).all(axis=1).sum() == 1  # no row rounds as row 0
+    chunk = fastopt._backend.SEGMENT_CHUNK
+    assert not np.array_equal(vector[:chunk], vector[chunk:2 * chunk])
+    assert abs(stepped()[0].mean() - exact) > 1e-3  # the control: every element rounds down
 
 
 def bfloat16_bounds(v):

@@ -63,8 +63,8 @@ class Spec:
             rule's result hangs on them).
         factored: whether its state is factored, not laid out like the parameters
             (Adafactor's): it stays float32 (the factors move on the host), and its
-            passes cannot round stochastically (the random bits are drawn on the
-            state's places, which a matrix's rows share).
+            passes draw random bits at the parameters' places (``Segments.draws``),
+            not at the state's, which a matrix's rows share.
         averages: the state buffers that are moving averages, which 8-bit state
             (``state_dtype="int8"``) may keep, each ``SIGNED`` or ``UNSIGNED``.
         moves: bytes per parameter that one step reads and writes, with ``bench``.
