@@ -236,8 +236,7 @@ def _torch_contenders(name, p0, g0, device):
                                    .to(device))
         param.grad = torch.from_numpy(g0[:param.numel()].reshape(shape).copy()).to(device)
         opt = torch_class([param], **ALGORITHMS[name], **options)
-        step = (_synchronised(opt.step, torch.cuda.synchronize) if device == "cuda"
-                else opt.step)
+        step = _torch_timed(opt.step, torch, device)
         try:
             step()  # a path this torch build lacks on this device fails here, not mid-run
         except RuntimeError as error:
@@ -430,6 +429,8 @@ def format_contenders(name, n, device="cpu"):
 
 
 def _torch_timed(step, torch, device):
+    """``step``, followed on a GPU by waiting for its kernels, so that timing it times
+    them."""
     return _synchronised(step, torch.cuda.synchronize) if device == "cuda" else step
 
 
