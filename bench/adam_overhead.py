@@ -132,7 +132,7 @@ def wrapper_parts(n=1000, calls=20000):
         "  prep and h as float32 arrays": lambda: (float32s((1.0, math.inf, 0.0)),
                                                    float32s(opt.scalars(group, step, [], {}))),
         "  backend.run (kernel lookup + call)": lambda: opt._backend.run(
-            "adam", PRESENT, arrays[0], arrays[1], list(arrays[2:]), prep, h),
+            "adam", PRESENT, list(arrays), prep, h),
         "    raw kernel call": raw,
         "      raw kernel call at n=1 (dispatch)": tiny_kernel,
         "      compiled entry point (no dispatch)": lambda: entry(

@@ -51,8 +51,9 @@ the low 16 bits of the float32 master weights, as int16 bits, and the parameter 
 master rounded with ties away from zero (see :class:`fastopt.Optimizer`).
 ``state_dtype="bfloat16"`` (or a dict by state name) keeps the state in 16 bits, and
 ``state_dtype="int8"`` keeps moving averages in 8 bits as the NumPy API
-does: ``opt.state[p]["exp_avg"]`` holds ``p``'s uint8 codes (in ``p``'s layout, blocks of
-256 elements in its memory order) and ``"exp_avg_absmax"`` their scales, or, for a
+does: ``opt.state[p]["exp_avg"]`` holds ``p``'s uint8 codes (in ``p``'s layout on the
+CPU, in C order on CUDA, which steps a C-order copy of ``p``; blocks of 256 elements in
+that layout's memory order) and ``"exp_avg_absmax"`` their scales, or, for a
 parameter of fewer than 4096 elements, float32 values. ``state_dict()`` saves the codes
 as ``"exp_avg_codes"``, which torch.optim does not read as numbers, and
 :meth:`Optimizer.decoded_state_dict` gives torch.optim's state.
@@ -335,14 +336,6 @@ class Optimizer(torch.optim.Optimizer):
             reduction = _reduction(p) if self._group is None else (self._group,)
             kinds.setdefault((p.device, p.dtype, reduction), []).append(p)
         for (device, dtype, reduction), members in kinds.items():
-            if not _on_host(device) and self._storage_of(dtype).quantized:
-                # Its codes would lie in the scratch buffer's order (C order), where its
-                # views and state dicts take the parameter's memory order.
-                for p in members:
-                    if not _local(p).is_contiguous():
-                        raise ValueError(f"{names[p]} has strides {tuple(p.stride())}: "
-                                         "fastopt.torch keeps 8-bit state of CUDA parameters "
-                                         "that lie in C order only, for now")
             if reduction is not None:
                 self._check_sharded(members, names)
         kept = {_signature(members) for members in kinds.values()}
@@ -589,9 +582,11 @@ class Optimizer(torch.optim.Optimizer):
         and NAdam's ``mu_product`` as tensors), and ``param_groups``.
 
         8-bit state is saved as it is kept: ``"<name>_codes"`` (uint8, in the
-        parameter's shape and layout), ``"<name>_absmax"`` (float32, one per block of
-        256 elements of the parameter in memory order) and ``"codes_strides"`` (the
-        parameter's strides, which define that order). torch.optim does not know these
+        parameter's shape, laid out as ``opt.state[p]`` holds them: as the parameter on
+        the CPU, in C order on CUDA), ``"<name>_absmax"`` (float32, one per block of 256
+        codes in memory order) and ``"codes_strides"`` (the codes' strides, which define
+        that order; a load into a parameter whose codes lie otherwise decodes them and
+        encodes the values again). torch.optim does not know these
         names: its Adam and the like fail at their step (KeyError) rather than read
         codes as numbers, and its SGD starts its momentum afresh.
         :meth:`decoded_state_dict` gives torch.optim's state. For a DTensor parameter,
@@ -1073,11 +1068,13 @@ def _in_order(state):
 
 def _relaid(store, p, state):
     """The state of the tensor ``p`` steps (its local one) as ``store`` can take it:
-    where ``p``'s layout changed, so that its blocks run through other elements, 8-bit
-    state decoded (to be encoded again)."""
+    8-bit state decoded (to be encoded again) where its codes lie otherwise than
+    ``store`` keeps ``p``'s (:meth:`_Store.codes_layout`), so that its blocks run through
+    other elements."""
+    layout = store.codes_layout(p)
     moved = [name for name in store.quantized
              if getattr(state.get(name), "dtype", None) == torch.uint8
-             and name + ABSMAX in state and not _same_layout(state[name], p)]
+             and name + ABSMAX in state and not _same_layout(state[name], layout)]
     if not moved:
         return state
     state = dict(state)
@@ -1304,6 +1301,13 @@ class _Store:
             slot.views[name] = view if view is None else _like(p, view, whole)
         return slot.views[name]
 
+    def codes_layout(self, local):
+        """A tensor of the local tensor ``local``'s shape, laid out as its 8-bit state
+        lies (its blocks of 256 elements run in this layout's memory order): as
+        ``local`` where the kernels step it in place, in C order where they step it in a
+        scratch buffer."""
+        return local if self.in_place else torch.empty(local.shape, device="meta")
+
     def _quantized_view(self, name, p):
         """:meth:`view` of an 8-bit buffer or of its scales."""
         codes = self.scales.get(name, name)
@@ -1311,25 +1315,26 @@ class _Store:
         first, last, small = self._blocks.of[slot.index]
         if name in self.scales:
             return None if small >= 0 else self._flat[name][first:last]
-        local = slot.local
+        layout = self.codes_layout(slot.local)
         if small >= 0:
-            return _like(p, self._flat[name + SMALL].as_strided(local.shape, local.stride(),
+            return _like(p, self._flat[name + SMALL].as_strided(layout.shape, layout.stride(),
                                                                 small))
-        return _like(p, flat.as_strided(local.shape, local.stride(), slot.start))
+        return _like(p, flat.as_strided(layout.shape, layout.stride(), slot.start))
 
     def put(self, name, p, value):
         """Write ``value`` into ``p``'s part of the state buffer ``name``; returns the
         ``(name, view)`` pairs that ``opt.state[p]`` holds for it. Values (not codes)
-        for an 8-bit buffer are encoded, block by block in ``p``'s memory order, as the
-        kernels encode them (``precision.quantize``), which sets their scales too."""
+        for an 8-bit buffer are encoded, block by block in the memory order of
+        :meth:`codes_layout`, as the kernels encode them (``precision.quantize``), which
+        sets their scales too."""
         view = self.view(name, p)
         if name not in self.quantized or view.dtype != torch.uint8:
             _local(view).copy_(_local(value))  # a DTensor's sharded as p's: see _check_state
             return [(name, view)]
         scales = self.view(name + ABSMAX, p)
         if value.is_floating_point():
-            local = self.slots[p].local
-            values = torch.empty_strided(local.shape, local.stride(), dtype=torch.float32)
+            layout = self.codes_layout(self.slots[p].local)
+            values = torch.empty_strided(layout.shape, layout.stride(), dtype=torch.float32)
             values.copy_(_local(value))
             codes, absmax = precision.quantize(_memory_order(values).numpy(),
                                                self.quantized[name], fit=True)

@@ -6,6 +6,8 @@ separate run). The simulator is slow, so the sizes are small; a tiny launch shap
 the grid-stride loop wrap several times.
 """
 
+import copy
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -539,15 +541,102 @@ def test_fastopt_torch_on_device_resumes_from_its_state_dict_exactly(monkeypatch
     assert torch.isfinite(decoded).all() and decoded.abs().max() > 0
 
 
-def test_fastopt_torch_refuses_8_bit_state_of_a_device_parameter_not_in_c_order(monkeypatch):
+def test_fastopt_torch_on_device_keeps_8_bit_state_of_parameters_not_in_c_order_in_c_order():
+    """A transposed weight and a channels_last one with 8-bit state on the device: their
+    step goes through C-order copies, so their codes lie and their blocks run in C
+    order, bit for bit as the CPU steps ``.contiguous()`` copies of them. Their
+    state_dict resumes on the device exactly, and loads into the CPU, whose blocks run
+    in the parameters' memory order, by decoding and encoding again."""
     torch = pytest.importorskip("torch")
     import fastopt.torch as ft
 
-    device = torch_on_device(torch, monkeypatch)
-    weight = torch.nn.Parameter(torch.zeros(300, 20, device=device).t())
-    with pytest.raises(ValueError, match=r"\['params'\]\[0\] has strides \(1, 20\).*C order"):
-        ft.AdamW([weight], state_dtype="int8")
-    ft.AdamW([weight])  # float32 state steps it through the scratch buffer
+    rng = np.random.default_rng(13)
+    weight = torch.tensor(0.5 * rng.standard_normal((40, 30)), dtype=torch.float32).t()
+    conv = torch.tensor(0.5 * rng.standard_normal((8, 8, 3, 3)), dtype=torch.float32).to(
+        memory_format=torch.channels_last)
+    # Rows (channels) of scales 1e-3 to 1: a code paired with another block's absmax
+    # decodes far off.
+    grads = [[torch.tensor(10.0 ** np.linspace(-3, 0, 30)[:, None] * rng.standard_normal((30, 40)),
+                           dtype=torch.float32),
+              torch.tensor(10.0 ** rng.uniform(-3, 0, (8, 1, 1, 1)) * rng.standard_normal(
+                  (8, 8, 3, 3)), dtype=torch.float32)] for _ in range(4)]
+    options = dict(lr=0.01, state_dtype="int8")
+
+    def stepped(params, device, steps):
+        opt = ft.AdamW(params, **options)
+        for gs in grads[:steps]:
+            for p, g in zip(params, gs):
+                p.grad = g.to(device)
+            opt.step()
+        return opt
+
+    def laid_out(t, device):  # a parameter of t's values and layout on device
+        return torch.nn.Parameter(t.detach().clone().to(device))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fastopt.precision, "MIN_QUANTIZED_SIZE", 256)
+        contiguous = [laid_out(t.contiguous(), "cpu") for t in (weight, conv)]
+        on_cpu = stepped(contiguous, "cpu", 3)  # before the CPU's tensors pass for a GPU's
+        device = torch_on_device(torch, patch)
+        params = [laid_out(t, device) for t in (weight, conv)]
+        on_device = stepped(params, device, 3)
+        for p, q in zip(params, contiguous):
+            assert not p.is_contiguous()
+            np.testing.assert_array_equal(numpy_of(p), numpy_of(q))
+            for key in ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"):
+                assert on_device.state[p][key].is_contiguous(), key
+                np.testing.assert_array_equal(numpy_of(on_device.state[p][key]),
+                                              numpy_of(on_cpu.state[q][key]), key)
+        saved = copy.deepcopy(on_device.state_dict())  # its tensors are the live state's
+
+        again = [laid_out(p, device) for p in params]
+        resumed = ft.AdamW(again, **options)
+        resumed.load_state_dict(saved)
+        for optimizer, ps in ((on_device, params), (resumed, again)):
+            for p, g in zip(ps, grads[3]):
+                p.grad = g.to(device)
+            optimizer.step()
+        for p, q in zip(params, again):
+            np.testing.assert_array_equal(numpy_of(q), numpy_of(p))
+            for key in ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"):
+                np.testing.assert_array_equal(numpy_of(resumed.state[q][key]),
+                                              numpy_of(on_device.state[p][key]), key)
+
+        on_host = [laid_out(p, "cpu") for p in params]
+        saved, decoded = copy.deepcopy(on_device.state_dict()), on_device.decoded_state_dict()
+
+        def assert_encoded_again(opt, ps, decoded, layout):
+            """``opt``'s 8-bit state of ``ps``, loaded from a state_dict of another
+            layout, lies as ``layout`` says and decodes to each of the ``decoded``
+            values within half the map's widest gap of its new block's absmax."""
+            values = opt.decoded_state_dict()["state"]
+            for index, p in enumerate(ps):
+                for key, half_gap in (("exp_avg", 0.9 / 64 / 2), ("exp_avg_sq", 0.9 / 128 / 2)):
+                    codes = opt.state[p][key]
+                    assert codes.dtype == torch.uint8 and layout(codes, p), key
+                    # in the codes' memory order, the order of their blocks
+                    ours = values[index][key].as_strided((p.numel(),), (1,))
+                    theirs = torch.empty_strided(p.shape, codes.stride()).copy_(
+                        decoded[index][key]).as_strided((p.numel(),), (1,))
+                    scales = opt.state[p][key + "_absmax"].cpu()
+                    bound = half_gap * scales.repeat_interleave(256)[:p.numel()]
+                    assert ((ours - theirs).abs() <= bound * (1 + 1e-6)).all(), key
+
+        patch.undo()  # the CPU's tensors are the CPU's again: blocks in p's memory order
+        patch.setattr(fastopt.precision, "MIN_QUANTIZED_SIZE", 256)
+        loaded = ft.AdamW(on_host, **options)
+        loaded.load_state_dict(saved)
+        assert_encoded_again(loaded, on_host, decoded["state"],
+                             lambda codes, p: codes.stride() == p.stride())
+
+        # and back to the device, in C order again
+        saved, decoded = copy.deepcopy(loaded.state_dict()), loaded.decoded_state_dict()
+        device = torch_on_device(torch, patch)
+        back = [laid_out(p, device) for p in on_host]
+        on_device = ft.AdamW(back, **options)
+        on_device.load_state_dict(saved)
+        assert_encoded_again(on_device, back, decoded["state"],
+                             lambda codes, p: codes.is_contiguous())
 
 
 def test_fastopt_torch_on_device_loads_torch_optims_state_dict_encoded(monkeypatch):
