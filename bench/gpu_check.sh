@@ -63,9 +63,9 @@ else
 fi
 phase tests 240 "$python" -m pytest -q -p no:cacheprovider "${tests[@]}"
 # Tests elsewhere marked "cuda" (exit status 5 when there are none).
-phase marked 15 "$python" -m pytest -q -p no:cacheprovider -m cuda "$repo/tests" \
+phase marked 25 "$python" -m pytest -q -p no:cacheprovider -m cuda "$repo/tests" \
     --ignore="$repo/tests/test_cuda.py" --ignore="$repo/tests/test_gpu_check.py"
-phase bench 110 "$python" "$repo/bench/gpu_check.py" bench "$out" "${bench[@]}"
+phase bench 100 "$python" "$repo/bench/gpu_check.py" bench "$out" "${bench[@]}"
 phase precision 40 "$python" "$repo/bench/gpu_check.py" precision "$out" "${bench[@]}"
 timeout 20 "$python" "$repo/bench/gpu_check.py" report "$out"
 status=$?

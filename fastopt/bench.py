@@ -125,13 +125,14 @@ def numpy_step(name, p, g, state, t, lr):
 
 # -- the contenders ----------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=1)
+@functools.cache
 def _data(n):
     """Read-only starting parameters and gradients of ``n`` elements, made once per size
-    (drawing 1e8 normals takes seconds; every algorithm at that size shares them)."""
+    (drawing 1e8 normals takes seconds; every algorithm at that size shares them, also
+    where each algorithm runs every size in turn, as bench/gpu_check.py's do)."""
     rng = np.random.default_rng(0)
-    p0 = rng.standard_normal(n).astype(f32)
-    g0 = rng.standard_normal(n).astype(f32)
+    p0 = rng.standard_normal(n, dtype=f32)
+    g0 = rng.standard_normal(n, dtype=f32)
     p0.flags.writeable = g0.flags.writeable = False
     return p0, g0
 
