@@ -22,7 +22,10 @@ _FIRST = np.zeros(1, np.int64)  # one tensor, from the start of a buffer
 
 def is_cuda_array(x):
     """True for anything that lives on a CUDA device (CuPy, torch, Numba arrays)."""
-    if hasattr(x, "__cuda_array_interface__"):
+    try:
+        if hasattr(x, "__cuda_array_interface__"):
+            return True
+    except RuntimeError:  # torch's, for a CUDA tensor that requires grad
         return True
     # The CUDA simulator's arrays carry no interface, so recognise them by type.
     devicearray = getattr(sys.modules.get("numba.cuda"), "devicearray", None)
@@ -353,6 +356,7 @@ class CudaBackend:
         self._whole_buffers = {}
         self._passes = {}
         self._copies = {}
+        self._device_tables = None
         # Numba's device arrays (the simulator's, which carry no interface, or a GPU's).
         self._device_arrays = getattr(cuda.devicearray, "DeviceNDArrayBase",
                                       getattr(cuda.devicearray, "FakeCUDAArray", ()))
@@ -362,8 +366,13 @@ class CudaBackend:
         # back untyped (its typestr is '<V2').
         if isinstance(x, self._device_arrays):
             return x
-        if hasattr(x, "__cuda_array_interface__"):
-            return self._cuda.as_cuda_array(x)
+        try:
+            if hasattr(x, "__cuda_array_interface__"):
+                return self._cuda.as_cuda_array(x)
+        except RuntimeError as error:  # torch's, for a CUDA tensor that requires grad
+            raise TypeError(f"{what} is a CUDA tensor that requires grad ({error}): pass "
+                            "p.detach(), or step nn.Parameters with fastopt.torch's "
+                            "optimizers") from error
         raise TypeError(f"{what} must be a CUDA array like the other parameters, "
                         f"got {type(x).__name__}")
 
@@ -383,6 +392,11 @@ class CudaBackend:
             self._kernels.launch(self._kernels.fill, a.size, precision.bits(a), bits)
 
     def copy(self, destination, source):
+        if is_cuda_array(source) and not is_c_contiguous(source):
+            # numba-cuda reshapes a device array in F order (a transposed one) as its
+            # memory, not its elements in C order, and refuses one with gaps: the
+            # elements go through the host in C order (at construction, or a load).
+            source = np.ascontiguousarray(self.on_host(source))
         if source.dtype != destination.dtype:  # converted on the host, as NumPy casts
             source = np.asarray(self.on_host(source) if is_cuda_array(source) else source,
                                 destination.dtype)
@@ -449,7 +463,18 @@ class CudaBackend:
         self._kernels.launch_blocks(
             kernel, rows.shape[0], *(getattr(tensors, name) for name in names),
             *map(precision.bits, states), prep, h, *((key, first) if spec.stochastic else ()),
-            starts, self._device_copy(rows), self._device_copy(state_starts), *arrays)
+            starts, self._device_copy(rows), self._device_copy(state_starts), *arrays,
+            *self._tables())
+
+    def _tables(self):
+        """Device copies of the 8-bit formats' tables, as the block kernels take them."""
+        if self._device_tables is None:
+            from .kernels import codecs
+
+            tables = codecs.tables()
+            self._device_tables = [self._cuda.to_device(tables[name])
+                                   for name in self._kernels.TABLES]
+        return self._device_tables
 
     def _device_copy(self, a):
         """A device copy of the host int64 array ``a``, kept for the last few arrays: by
@@ -485,7 +510,9 @@ class CudaBackend:
 
     def scale_into(self, out, a, s):
         if out.dtype == FLOAT32:
-            self._kernels.launch(self._kernels.scale_into, out.size, out, a, s)
+            # In float32, as NumPy multiplies by a Python float on the host (a float64
+            # argument would make the kernel multiply in float64).
+            self._kernels.launch(self._kernels.scale_into, out.size, out, a, FLOAT32.type(s))
         else:  # 16-bit: rounded on the host, as NumPy casts (an EMA's copy_to, not a step)
             self.copy(out, self.on_host(a) * s)
 

@@ -104,6 +104,7 @@ until a step; the first backward after a step starts afresh (``model.zero_grad()
 """
 
 import collections
+import contextlib
 import functools
 import inspect
 import math
@@ -400,7 +401,8 @@ class Optimizer(torch.optim.Optimizer):
         self._states()
         if self._group is not None:  # each rank its partition of the averaged gradients
             for store in self._stores:
-                store.take_partition_gradients(self._group, self.reduce_grads)
+                with store.active():
+                    store.take_partition_gradients(self._group, self.reduce_grads)
         plans = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
         inverse_scale = engine.inverse_loss_scale(grad_scale)
         runs = [run for _, group_runs in plans for run in group_runs]
@@ -408,7 +410,8 @@ class Optimizer(torch.optim.Optimizer):
                for run in runs):
             raise ValueError(precision.TWO_PASSES)
         for run in runs:
-            run.take_gradients()
+            with run.store.active():
+                run.take_gradients()
         coefficient = engine.clip_or_skip(self, skip_nonfinite, inverse_scale,
                                           lambda: self._sum_squares(runs))
         if coefficient is None:
@@ -420,7 +423,8 @@ class Optimizer(torch.optim.Optimizer):
                 self._apply(hyper, run, prep)
         if self._group is not None:  # every rank its parameters from the others' steps
             for store in self._stores:
-                store.gather_parameters(self._group)
+                with store.active():
+                    store.gather_parameters(self._group)
         return loss
 
     def zero_grad(self, set_to_none=True):
@@ -439,7 +443,8 @@ class Optimizer(torch.optim.Optimizer):
         as one process's."""
         parts = collections.defaultdict(list)
         for run in runs:
-            parts[run.store.gathers].append(run.sum_squares())
+            with run.store.active():
+                parts[run.store.gathers].append(run.sum_squares())
         total = math.fsum(parts.pop(None, ()))
         # Every rank joins the same collectives in the same order, with or without
         # gradients: it has the same stores.
@@ -561,8 +566,10 @@ class Optimizer(torch.optim.Optimizer):
         """Step ``run``, and write the step count and host state after it into its
         parameters' state, where ``_plan`` reads them as the slots' keys."""
         store, step = run.store, run.step
-        store.begin_state(run, run.spec, run.fresh)
-        host = store.update(self.algorithm, hyper, step, run.spec, prep, run.h, run, run.host)
+        with store.active():
+            store.begin_state(run, run.spec, run.fresh)
+            host = store.update(self.algorithm, hyper, step, run.spec, prep, run.h, run,
+                                run.host)
         counted = {"step": step} if self.counts_steps else {}
         head = (store, counted.get("step", run.key[1]), tuple(host[name] for name in run.host))
         keys = {}  # one per set of begun buffers: Adafactor's matrices and vectors differ
@@ -1248,6 +1255,11 @@ class _Store:
             self.scratch_params = torch.zeros(start, dtype=locals_[0].dtype, device=self.device)
             self.scratch_grads = torch.zeros(start, dtype=locals_[0].dtype, device=self.device)
 
+    def active(self):
+        """A context in which the store's kernels and copies run: see
+        :func:`_stepping_on`."""
+        return _stepping_on(self.device) if self.device.type == "cuda" else _ANYWHERE
+
     def layout(self, name):
         """``engine.state_layout`` of the state buffer ``name`` over the store (the
         master weights are laid out like the parameters, whatever the state's shapes)."""
@@ -1523,6 +1535,28 @@ class _Store:
             for slot in run.slots:
                 slot.local.copy_(self.scratch_params[slot.start:slot.stop].view(slot.shape))
         return host
+
+
+_ANYWHERE = contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _stepping_on(device):
+    """Where a store on the CUDA ``device`` steps: that device made current, as Numba's
+    calls go to the current one (torch's to the tensors'); and torch's work (the
+    scratch copies) on the device's default stream, where Numba launches, after the
+    work queued on the current stream and before what comes after it there."""
+    with torch.cuda.device(device):
+        current, default = torch.cuda.current_stream(), torch.cuda.default_stream()
+        if current == default:
+            yield
+            return
+        default.wait_stream(current)
+        try:
+            with torch.cuda.stream(default):
+                yield
+        finally:
+            current.wait_stream(default)
 
 
 def _on_host(device):

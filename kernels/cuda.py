@@ -47,10 +47,15 @@ _SEGMENT_LOOPS = """\
         {store_sums}
 """
 
+# The 8-bit formats' maps and encoding tables (codecs.tables()), which the block kernels
+# take as arguments in global memory: as globals they would be constant memory, a copy
+# per use (over its 64 KB with three 8-bit buffers), read one address at a time.
+TABLES = tuple(codecs.tables())
+
 # One block per row of ``blocks`` (segment, offset, size, small): a block of 8-bit state
 # (see _template._block_steps), of the tensors from ``starts[segment] + offset``.
 _BLOCK_LOOPS = """\
-{random_arguments}, starts, blocks, state_starts{block_arguments}):
+{random_arguments}, starts, blocks, state_starts{block_arguments}, """ + ", ".join(TABLES) + """):
     b = cuda.blockIdx.x
     {named}
     shared_bits = cuda.shared.array(MAX_THREADS, uint32)
@@ -105,7 +110,6 @@ def _driver(spec, loops):
         "NO_BITS": np.uint32(0),
         "MAGNITUDE": np.uint32(0x7FFFFFFF),
         "BLOCK": codecs.BLOCK,
-        **codecs.tables(),
         **_CODECS,
     }
     return cuda.jit(cache=True)(_template.build(spec, loops, namespace, __file__,
@@ -129,10 +133,10 @@ def segment_kernel(*spec):
 
     A pass that keeps state in 8 bits (``codecs.QUANTIZED`` formats) walks blocks of
     state instead, one CUDA block each: ``kernel[blocks, block](*arrays, prep, h, [key,
-    first,] starts, blocks, state_starts, *absmax_and_small)``, with rows ``(segment,
-    offset, size, small)`` of ``blocks`` (see ``_template._block_chunk``), the tensors'
-    segment k starting at ``starts[k]``, and each 8-bit buffer's absmax and small
-    arrays."""
+    first,] starts, blocks, state_starts, *absmax_and_small, *tables)``, with rows
+    ``(segment, offset, size, small)`` of ``blocks`` (see ``_template._block_chunk``),
+    the tensors' segment k starting at ``starts[k]``, each 8-bit buffer's absmax and
+    small arrays, and device copies of the tables named ``TABLES``."""
     spec = _template.Pass(*spec)
     blocks = any(f in codecs.QUANTIZED for _, f in spec.formats)
     return _driver(spec, _BLOCK_LOOPS if blocks else _SEGMENT_LOOPS)

@@ -64,8 +64,60 @@ def no_bfloat16_through_the_buffer_protocol(monkeypatch):
         monkeypatch.setattr(FakeCUDAArray, name, checked(getattr(FakeCUDAArray, name)))
 
 
+@pytest.fixture(autouse=True)
+def device_arrays_reshape_as_numba_cuda_does(monkeypatch):
+    """In the simulator, reshape device arrays as numba-cuda does: one in F order (a
+    transposed one) as its memory, as if it lay in C order, not its elements in C order;
+    one with gaps only where no copy is needed."""
+    from numba import config
+
+    if not config.ENABLE_CUDASIM:
+        return
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    def reshape(self, *shape, order="C"):
+        a = self._ary
+        if order == "C" and a.flags.f_contiguous and not a.flags.c_contiguous:
+            a = a.transpose()  # its memory, in C order
+        reshaped = a.reshape(*shape, order=order)
+        if a.size and not np.shares_memory(reshaped, a):
+            raise NotImplementedError("reshape would require copy")
+        return FakeCUDAArray(reshaped)
+
+    monkeypatch.setattr(FakeCUDAArray, "reshape", reshape)
+
+
 def host(a):
     return a.copy_to_host()
+
+
+@pytest.mark.parametrize("layout", ["F order", "with gaps"])
+def test_a_device_parameter_not_in_c_order_is_taken_element_by_element(layout):
+    """A transposed device parameter (or one with gaps) is flattened by its elements,
+    where a reshape of it on the device would read its memory (or refuse)."""
+    values = np.arange(24, dtype=np.float32).reshape(4, 6)
+    if layout == "F order":
+        param = cuda.to_device(np.asfortranarray(values))
+    else:
+        param = cuda.to_device(np.zeros((4, 12), np.float32))
+        param.copy_to_device(np.repeat(values, 2, axis=1))
+        param = param[:, ::2]
+    opt = fastopt.SGD({"w": param}, lr=0.5)
+    np.testing.assert_array_equal(host(opt.flat_params), values.ravel())
+    opt.grads["w"].copy_to_device(np.ones((4, 6), np.float32))
+    opt.step()
+    np.testing.assert_array_equal(host(opt.params["w"]), values - 0.5)
+
+
+def test_a_cuda_tensor_that_requires_grad_gets_a_clear_error():
+    class RequiresGrad:  # as a CUDA torch tensor that requires grad answers
+        @property
+        def __cuda_array_interface__(self):
+            raise RuntimeError("Can't get __cuda_array_interface__ on Variable that "
+                               "requires grad")
+
+    with pytest.raises(TypeError, match=r"params\['w'\] is a CUDA tensor that requires grad"):
+        fastopt.SGD({"w": RequiresGrad()}, lr=0.1)
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -544,7 +596,7 @@ def test_fastopt_torch_on_device_resumes_from_its_state_dict_exactly(monkeypatch
 def test_fastopt_torch_on_device_keeps_8_bit_state_of_parameters_not_in_c_order_in_c_order():
     """A transposed weight and a channels_last one with 8-bit state on the device: their
     step goes through C-order copies, so their codes lie and their blocks run in C
-    order, bit for bit as the CPU steps ``.contiguous()`` copies of them. Their
+    order, as the CPU steps ``.contiguous()`` copies of them. Their
     state_dict resumes on the device exactly, and loads into the CPU, whose blocks run
     in the parameters' memory order, by decoding and encoding again."""
     torch = pytest.importorskip("torch")
@@ -582,11 +634,11 @@ def test_fastopt_torch_on_device_keeps_8_bit_state_of_parameters_not_in_c_order_
         on_device = stepped(params, device, 3)
         for p, q in zip(params, contiguous):
             assert not p.is_contiguous()
-            np.testing.assert_array_equal(numpy_of(p), numpy_of(q))
+            assert_close_in_format(numpy_of(p), numpy_of(q), "params")
             for key in ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"):
                 assert on_device.state[p][key].is_contiguous(), key
-                np.testing.assert_array_equal(numpy_of(on_device.state[p][key]),
-                                              numpy_of(on_cpu.state[q][key]), key)
+                assert_close_in_format(numpy_of(on_device.state[p][key]),
+                                       numpy_of(on_cpu.state[q][key]), key)
         saved = copy.deepcopy(on_device.state_dict())  # its tensors are the live state's
 
         again = [laid_out(p, device) for p in params]
@@ -637,6 +689,40 @@ def test_fastopt_torch_on_device_keeps_8_bit_state_of_parameters_not_in_c_order_
         on_device.load_state_dict(saved)
         assert_encoded_again(on_device, back, decoded["state"],
                              lambda codes, p: codes.is_contiguous())
+
+
+def test_fastopt_torch_steps_in_order_with_the_callers_stream():
+    """On a GPU, under a side stream of the caller's (torch's are non-blocking, where
+    Numba launches on the default stream): gradients written on it just before the
+    step are the ones stepped, and the parameters read on it just after are the
+    stepped ones, as on the default stream."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU: the simulator has no streams to order")
+    import fastopt.torch as ft
+
+    rng = np.random.default_rng(14)
+    p0 = torch.tensor(rng.standard_normal((1024, 1024)), dtype=torch.float32)
+    grads = [torch.tensor(rng.standard_normal((1024, 1024)), dtype=torch.float32)
+             for _ in range(3)]
+
+    def trained(stream):
+        p = torch.nn.Parameter(p0.cuda())
+        opt = ft.AdamW([p], lr=0.01, state_dtype="int8")
+        with torch.cuda.stream(stream):
+            seen = []
+            for g in grads:
+                p.grad = torch.empty_like(p)
+                torch.cuda._sleep(1_000_000)  # the gradient lands late on this stream
+                p.grad.copy_(g, non_blocking=True)
+                opt.step()
+                seen.append(p.detach().clone())  # read on this stream, after the step
+        torch.cuda.synchronize()
+        return [t.cpu() for t in seen]
+
+    for ours, theirs in zip(trained(torch.cuda.Stream()),
+                            trained(torch.cuda.default_stream())):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
 def test_fastopt_torch_on_device_loads_torch_optims_state_dict_encoded(monkeypatch):

@@ -11,11 +11,13 @@ test extra, on Linux), not a GPU nor its driver.
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 cuda = pytest.importorskip("numba.cuda")
@@ -74,6 +76,30 @@ def _kernel(recorded):
     return kernels._driver(_template.Pass(*_tuples(fields)), getattr(kernels, loops))
 
 
+CONSTANT_MEMORY = 64 * 1024  # a kernel's constant data, at most
+
+
+def constant_bytes(ptx):
+    """The bytes of constant data that the PTX ``ptx`` declares: a NumPy array that a
+    kernel reads as a global is one such array per place that reads it."""
+    sizes = {"8": 1, "16": 2, "32": 4, "64": 8}
+    return sum(int(count) * sizes[bits] for bits, count in re.findall(
+        r"^\s*\.const\s+(?:\.align\s+\d+\s+)?\.[a-z](8|16|32|64)\s+\S+?\[(\d+)\]", ptx,
+        re.MULTILINE))
+
+
+def test_constant_bytes_counts_each_global_array_read():
+    table = np.arange(6400, dtype=np.int32)
+
+    def reads_twice(a, out):
+        i = cuda.grid(1)
+        if i < a.size:
+            out[i] = table[a[i]] + table[a[i] + 1]
+
+    ptx, _ = cuda.compile_ptx(reads_twice, (types.int32[::1], types.int32[::1]), cc=TARGET)
+    assert constant_bytes(ptx) == 2 * table.nbytes
+
+
 def test_the_workload_launches_every_kind_of_kernel(launches):
     generated = [e["kernel"] for e in launches if not isinstance(e["kernel"], str)]
     assert {loops for _, loops in generated} == {"_LOOPS", "_SEGMENT_LOOPS", "_BLOCK_LOOPS"}
@@ -93,6 +119,10 @@ def test_every_launched_kernel_compiles_for_a_gpu(launches, monkeypatch):
         try:
             ptx, _ = cuda.compile_ptx(_kernel(entry["kernel"]).py_func, signature, cc=TARGET)
             assert ".entry" in ptx
+            constant = constant_bytes(ptx)
+            # ptxas refuses more ("File uses too much global constant data"), which
+            # loading the kernel on a GPU would raise.
+            assert constant <= CONSTANT_MEMORY, f"{constant} bytes of constant memory"
         except Exception as error:
             failed.append(f"{entry['kernel']}: {type(error).__name__}: "
                           f"{str(error).splitlines()[0] if str(error) else ''}")
