@@ -2,6 +2,7 @@
 
     python bench/gpu_check.py bench OUT [--sim]      every algorithm at 1e5-1e8 on the GPU
     python bench/gpu_check.py precision OUT [--sim]  Adam in every storage format at 1e8
+    python bench/gpu_check.py tests OUT PYTEST_ARGS...  the tests, in parallel processes
     python bench/gpu_check.py report OUT             OUT/report.md from what the phases left
 
 The bench runs ``fastopt.bench`` with ``device="cuda"`` one algorithm at a time, each into
@@ -13,7 +14,17 @@ times Adam in every storage format against the in-place triad for its own bytes,
 fused Adam in float32 and bfloat16, and the 8-bit Adam of bitsandbytes and torchao where
 installed, into ``OUT/precision/precision.json``. ``--sim`` is for Numba's simulator:
 tiny sizes, one call a round.
+
+The tests run in ``TEST_PROCESSES`` pytest processes at once (with pytest-xdist's
+``-n`` where it is installed, else each on its share of the collected tests, its output
+in ``OUT/tests-<k>.log``): on a fresh machine most of their time is compiling kernels,
+CPU and CUDA, which one process does one at a time.
 """
+
+import collections
+import re
+import subprocess
+import time
 
 import datetime
 import json
@@ -23,6 +34,9 @@ import sys
 from pathlib import Path
 
 SIZES = [100_000, 1_000_000, 10_000_000, 100_000_000]
+# FASTOPT_GPU_CHECK_PROCESSES sets it (the simulated check runs two).
+TEST_PROCESSES = int(os.environ.get("FASTOPT_GPU_CHECK_PROCESSES",
+                                    max(1, min(8, (os.cpu_count() or 2) // 2))))
 ROUNDS = 5
 SIM_SIZES = [50]
 PRECISION_SIZES = [100_000_000]
@@ -58,6 +72,46 @@ def run_precision(out, sim):
     bench.run_precision(["Adam"], SIM_SIZES if sim else PRECISION_SIZES,
                         rounds=1 if sim else ROUNDS, out=Path(out) / "precision",
                         round_seconds=0 if sim else 0.02, device="cuda")
+
+
+def run_tests(out, args):
+    """pytest ``args`` in up to ``TEST_PROCESSES`` processes; prints each one's output
+    and, last, the counts of them all as pytest's last line gives them. Returns pytest's
+    exit status: that of a process that failed, else 5 if none collected a test."""
+    pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    try:
+        import xdist  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        return subprocess.call(pytest + ["-n", str(TEST_PROCESSES)] + args)
+    start = time.monotonic()
+    listed = subprocess.run(pytest + ["--collect-only"] + args, capture_output=True, text=True)
+    root = Path(__file__).resolve().parent.parent  # pytest's rootdir: node ids are under it
+    ids = [str(root / line) for line in listed.stdout.splitlines() if "::" in line]
+    if not ids:
+        print(listed.stdout + listed.stderr)
+        return listed.returncode
+    count = min(TEST_PROCESSES, len(ids))
+    shares = [ids[k * len(ids) // count:(k + 1) * len(ids) // count] for k in range(count)]
+    logs = [Path(out) / f"tests-{k}.log" for k in range(count)]
+    processes = []
+    for share, log in zip(shares, logs):
+        with open(log, "w") as file:
+            processes.append(subprocess.Popen(pytest + share, stdout=file,
+                                              stderr=subprocess.STDOUT))
+    statuses = [process.wait() for process in processes]
+    counts = collections.Counter()
+    for log in logs:
+        text = log.read_text()
+        print(text)
+        last = [line for line in text.splitlines() if line.strip()][-1:]
+        for number, outcome in re.findall(r"(\d+) (\w+)", "".join(last)):
+            counts[outcome] += int(number)
+    print(", ".join(f"{n} {outcome}" for outcome, n in counts.items())
+          + f" in {time.monotonic() - start:.1f}s ({count} processes)")
+    failed = [status for status in statuses if status not in (0, 5)]
+    return failed[0] if failed else (0 if 0 in statuses else 5)
 
 
 # -- the report ----------------------------------------------------------------------
@@ -238,6 +292,8 @@ def report(out):
 
 def main(argv):
     command, out, *rest = argv
+    if command == "tests":
+        return run_tests(out, rest)
     if command in ("bench", "precision"):
         (run_bench if command == "bench" else run_precision)(out, sim="--sim" in rest)
         return 0

@@ -56,12 +56,10 @@ else
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.memory \
         --format=csv >"$out/nvidia-smi.log" 2>&1
     tests=("$repo/tests/test_cuda.py")
-    if "$python" -c "import xdist" 2>/dev/null; then
-        tests+=(-n 4)  # the CPU kernels the tests compare against compile in parallel
-    fi
     bench=()
 fi
-phase tests 240 "$python" -m pytest -q -p no:cacheprovider "${tests[@]}"
+# In parallel processes: the kernels (CPU and CUDA) compile in each at once.
+phase tests 240 "$python" "$repo/bench/gpu_check.py" tests "$out" "${tests[@]}"
 # Tests elsewhere marked "cuda" (exit status 5 when there are none).
 phase marked 25 "$python" -m pytest -q -p no:cacheprovider -m cuda "$repo/tests" \
     --ignore="$repo/tests/test_cuda.py" --ignore="$repo/tests/test_gpu_check.py"

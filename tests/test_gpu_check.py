@@ -28,7 +28,8 @@ def gpu_check_module():
 
 
 def test_the_gpu_check_runs_in_the_simulator_and_reports(tmp_path):
-    env = {**os.environ, "FASTOPT_GPU_CHECK_SIM": "1", "PYTHON": sys.executable}
+    env = {**os.environ, "FASTOPT_GPU_CHECK_SIM": "1", "PYTHON": sys.executable,
+           "FASTOPT_GPU_CHECK_PROCESSES": "2"}
     env.pop("NUMBA_ENABLE_CUDASIM", None)  # the script must set it itself
     result = subprocess.run(["bash", str(SCRIPT), str(tmp_path)], env=env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=600)
@@ -36,7 +37,9 @@ def test_the_gpu_check_runs_in_the_simulator_and_reports(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert report.startswith("# fastopt GPU check: PASS\n")
     assert "in Numba's CUDA simulator" in report and "problem:" not in report
-    assert "- tests/test_cuda.py: 3 passed" in report  # the simulated subset ran
+    # the simulated subset ran, shared between two pytest processes
+    assert "- tests/test_cuda.py: 3 passed" in report and "(2 processes)" in report
+    assert sorted(p.name for p in tmp_path.glob("tests-*.log")) == ["tests-0.log", "tests-1.log"]
     # nothing is installed in the simulator's run: fastopt ran from a copy laid out as
     # installed, as it does on a GPU machine where pip cannot install it
     assert f"- fastopt {fastopt.__version__} from {tmp_path / 'src' / 'fastopt'}\n" in report
