@@ -22,15 +22,14 @@ CPU and CUDA, which one process does one at a time.
 """
 
 import collections
-import re
-import subprocess
-import time
-
 import datetime
 import json
 import os
+import re
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 SIZES = [100_000, 1_000_000, 10_000_000, 100_000_000]
@@ -75,9 +74,10 @@ def run_precision(out, sim):
 
 
 def run_tests(out, args):
-    """pytest ``args`` in up to ``TEST_PROCESSES`` processes; prints each one's output
-    and, last, the counts of them all as pytest's last line gives them. Returns pytest's
-    exit status: that of a process that failed, else 5 if none collected a test."""
+    """pytest ``args`` in up to ``TEST_PROCESSES`` processes; prints each one's output,
+    then every process's failures and, last, their counts added up, as pytest's last
+    line gives them. Returns pytest's exit status: the collection's if it failed (5:
+    nothing collected), else that of a process that failed, else 0."""
     pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     try:
         import xdist  # noqa: F401
@@ -87,11 +87,12 @@ def run_tests(out, args):
         return subprocess.call(pytest + ["-n", str(TEST_PROCESSES)] + args)
     start = time.monotonic()
     listed = subprocess.run(pytest + ["--collect-only"] + args, capture_output=True, text=True)
-    root = Path(__file__).resolve().parent.parent  # pytest's rootdir: node ids are under it
-    ids = [str(root / line) for line in listed.stdout.splitlines() if "::" in line]
-    if not ids:
+    if listed.returncode:  # an error collecting (or nothing collected: 5)
         print(listed.stdout + listed.stderr)
         return listed.returncode
+    root = Path(__file__).resolve().parent.parent  # pytest's rootdir: node ids are under it
+    ids = [str(root / line) for line in listed.stdout.splitlines()
+           if re.match(r"\S+\.py::", line)]
     count = min(TEST_PROCESSES, len(ids))
     shares = [ids[k * len(ids) // count:(k + 1) * len(ids) // count] for k in range(count)]
     logs = [Path(out) / f"tests-{k}.log" for k in range(count)]
@@ -101,17 +102,19 @@ def run_tests(out, args):
             processes.append(subprocess.Popen(pytest + share, stdout=file,
                                               stderr=subprocess.STDOUT))
     statuses = [process.wait() for process in processes]
-    counts = collections.Counter()
+    counts, failures = collections.Counter(), []
     for log in logs:
-        text = log.read_text()
-        print(text)
-        last = [line for line in text.splitlines() if line.strip()][-1:]
+        lines = log.read_text().splitlines()
+        print("\n".join(lines))
+        failures += [line for line in lines if line.startswith(("FAILED", "ERROR"))]
+        last = [line for line in lines if line.strip()][-1:]
         for number, outcome in re.findall(r"(\d+) (\w+)", "".join(last)):
-            counts[outcome] += int(number)
-    print(", ".join(f"{n} {outcome}" for outcome, n in counts.items())
-          + f" in {time.monotonic() - start:.1f}s ({count} processes)")
+            counts[outcome.removesuffix("s")] += int(number)  # "1 error", "2 errors"
+    # every process's failures again, next to the summary, which the report shows
+    print("\n".join(failures + [", ".join(f"{n} {outcome}" for outcome, n in counts.items())
+                                + f" in {time.monotonic() - start:.1f}s ({count} processes)"]))
     failed = [status for status in statuses if status not in (0, 5)]
-    return failed[0] if failed else (0 if 0 in statuses else 5)
+    return failed[0] if failed else 0
 
 
 # -- the report ----------------------------------------------------------------------

@@ -367,12 +367,13 @@ class CudaBackend:
         if isinstance(x, self._device_arrays):
             return x
         try:
-            if hasattr(x, "__cuda_array_interface__"):
-                return self._cuda.as_cuda_array(x)
+            interface = hasattr(x, "__cuda_array_interface__")
         except RuntimeError as error:  # torch's, for a CUDA tensor that requires grad
             raise TypeError(f"{what} is a CUDA tensor that requires grad ({error}): pass "
                             "p.detach(), or step nn.Parameters with fastopt.torch's "
                             "optimizers") from error
+        if interface:
+            return self._cuda.as_cuda_array(x)
         raise TypeError(f"{what} must be a CUDA array like the other parameters, "
                         f"got {type(x).__name__}")
 
@@ -395,7 +396,8 @@ class CudaBackend:
         if is_cuda_array(source) and not is_c_contiguous(source):
             # numba-cuda reshapes a device array in F order (a transposed one) as its
             # memory, not its elements in C order, and refuses one with gaps: the
-            # elements go through the host in C order (at construction, or a load).
+            # elements go through the host in C order (at construction, or a load: a
+            # step's gradients must be in C order on the GPU, see Optimizer._gradients).
             source = np.ascontiguousarray(self.on_host(source))
         if source.dtype != destination.dtype:  # converted on the host, as NumPy casts
             source = np.asarray(self.on_host(source) if is_cuda_array(source) else source,

@@ -261,8 +261,9 @@ def dynamic_encode(x, buckets):
 
 
 # The 8-bit formats, by name: the map (decoding is ``map[code] * absmax``) and the
-# table of its encoding, which the drivers take as the constants ``<name>_map`` and
-# ``<name>_buckets``. The codes a buffer keeps are uint8 either way.
+# table of its encoding, which the drivers read as ``<name>_map`` and ``<name>_buckets``
+# (constants on the CPU, device arrays passed to the CUDA kernels). The codes a buffer
+# keeps are uint8 either way.
 QUANTIZED = {"signed8": (SIGNED_MAP, _buckets(SIGNED_MAP)),
              "unsigned8": (UNSIGNED_MAP, _buckets(UNSIGNED_MAP))}
 CODES = np.dtype(np.uint8)

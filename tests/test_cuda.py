@@ -708,13 +708,15 @@ def test_fastopt_torch_steps_in_order_with_the_callers_stream():
 
     def trained(stream):
         p = torch.nn.Parameter(p0.cuda())
+        on_device = [g.cuda() for g in grads]
         opt = ft.AdamW([p], lr=0.01, state_dtype="int8")
+        torch.cuda.synchronize()
         with torch.cuda.stream(stream):
             seen = []
-            for g in grads:
+            for g in on_device:
                 p.grad = torch.empty_like(p)
                 torch.cuda._sleep(1_000_000)  # the gradient lands late on this stream
-                p.grad.copy_(g, non_blocking=True)
+                p.grad.copy_(g)  # device to device: queued, the host goes on
                 opt.step()
                 seen.append(p.detach().clone())  # read on this stream, after the step
         torch.cuda.synchronize()
