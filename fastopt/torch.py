@@ -635,8 +635,7 @@ class Optimizer(torch.optim.Optimizer):
             for name in [n for n in state if n + ABSMAX in state]:
                 if _is_dtensor(p):  # blocks of this rank's shard: values, sharded as p
                     fmt = self._storage_of(p.dtype).quantized[name]
-                    state[name] = _like(p, _decoded(_local(state[name]),
-                                                    state.pop(name + ABSMAX), fmt))
+                    state[name] = _decoded(state[name], state.pop(name + ABSMAX), fmt)
                     continue
                 state[STRIDES] = torch.tensor(state[name].stride(), dtype=torch.int64)
                 state[name + CODES] = state.pop(name)
@@ -1073,15 +1072,16 @@ def _in_order(state):
     return sorted(state.items(), key=lambda item: not item[0].endswith(ABSMAX))
 
 
-def _relaid(store, p, state):
-    """The state of the tensor ``p`` steps (its local one) as ``store`` can take it:
-    8-bit state decoded (to be encoded again) where its codes lie otherwise than
-    ``store`` keeps ``p``'s (:meth:`_Store.codes_layout`), so that its blocks run through
-    other elements."""
-    layout = store.codes_layout(p)
+def _relaid(store, local, state):
+    """The state of the tensor ``local`` that ``store`` steps (a parameter, a DTensor's
+    local shard, a process_group's piece of one) as ``store`` can take it: 8-bit state
+    decoded (to be encoded again) where its codes (of a DTensor, its local ones) lie
+    otherwise than ``store`` keeps those of ``local`` (:meth:`_Store.codes_layout`), so
+    that its blocks run through other elements."""
+    layout = store.codes_layout(local)
     moved = [name for name in store.quantized
              if getattr(state.get(name), "dtype", None) == torch.uint8
-             and name + ABSMAX in state and not _same_layout(state[name], layout)]
+             and name + ABSMAX in state and not _same_layout(_local(state[name]), layout)]
     if not moved:
         return state
     state = dict(state)
@@ -1101,17 +1101,20 @@ def _memory_order(t):
 
 def _decoded(codes, absmax, fmt):
     """The float32 values of the 8-bit ``codes`` (blocks in their memory order) with
-    the blocks' ``absmax``, in the codes' shape and layout."""
-    values = precision.dequantize(_memory_order(codes).cpu().numpy(),
+    the blocks' ``absmax``, in the codes' shape and layout; of a DTensor's (this rank's
+    blocks), a DTensor sharded as they are."""
+    local = _local(codes)
+    values = precision.dequantize(_memory_order(local).cpu().numpy(),
                                   absmax.cpu().numpy(), fmt)
-    return torch.from_numpy(values).as_strided(codes.shape, codes.stride())
+    return _like(codes, torch.from_numpy(values).as_strided(local.shape, local.stride()))
 
 
 def _check_state(param, name, value, expected, castable=(), loading=False, like=None):
     """Refuse a state tensor that does not fit: ``expected`` is the shape the store keeps
     (or a view of that shape and dtype), None where the parameter has no such state. A
     state tensor of a ``castable`` dtype (``torch.zeros_like(p)``) is taken, cast. The
-    state of a DTensor parameter ``like`` is a DTensor sharded as it is, and only it."""
+    state of a DTensor parameter ``like`` is a DTensor sharded as it is, and only it,
+    but for its 8-bit scales, which are this rank's blocks' (a plain tensor)."""
     shape = getattr(expected, "shape", expected)
     what = "loaded state dict has" if loading else "state has"
     if shape is None:
@@ -1119,14 +1122,17 @@ def _check_state(param, name, value, expected, castable=(), loading=False, like=
     if value.shape != shape:
         raise ValueError(f"{what} {name!r} of shape {tuple(value.shape)} for {param}, which "
                          f"needs shape {tuple(shape)}")
-    if like is not None and (_is_dtensor(value) or _is_dtensor(like)):
+    if name.endswith(ABSMAX):
+        like = None
+    if _is_dtensor(value) or _is_dtensor(like):
         sharding = [tuple(value.placements) if _is_dtensor(value) else "not a DTensor",
                     _placements(like, shape) if _is_dtensor(like) else "not a DTensor"]
         if sharding[0] != sharding[1] or getattr(value, "device_mesh", None) != getattr(
                 like, "device_mesh", None):
             raise TypeError(f"{what} {name!r} of {sharding[0]} for {param}, which is "
                             f"{sharding[1]}: the state of a DTensor is a DTensor on its mesh, "
-                            "sharded as it is (torch.zeros_like(p))")
+                            "sharded as it is (torch.zeros_like(p)), and its 8-bit scales "
+                            "(<name>_absmax) a plain tensor of this rank's blocks'")
     dtype = getattr(expected, "dtype", None)
     if not loading and dtype is not None and value.dtype not in (dtype, *castable):
         raise TypeError(f"state {name!r} of {param} has dtype {value.dtype}; fastopt keeps "

@@ -467,6 +467,63 @@ def test_fsdp2_int8_state_quantizes_each_shard_and_checkpoints_its_values(tmp_pa
             assert_close(params, expected, rtol=tolerance, atol=tolerance / 10, what=what)
 
 
+def int8_relayout_rank(rank, world, rendezvous):
+    """Per sharding of a matrix: this rank's parameters, codes and scales of two
+    optimizers with 8-bit state that step it alike, the first given a new parameter
+    group (a new store, to which the codes are copied) after two steps."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    _init_gloo(rank, world, rendezvous)
+    mesh = init_device_mesh("cpu", (world,))
+    results = {}
+    for dim, transposed in ((0, False), (1, False), (0, True), (1, True)):
+        torch.manual_seed(0)
+        whole = torch.randn(64, 128)
+        whole = whole.t() if transposed else whole
+        pair = [torch.nn.Parameter(distribute_tensor(whole, mesh, [Shard(dim)]))
+                for _ in range(2)]
+        opts = [ft.Adam([p], lr=0.01, state_dtype="int8") for p in pair]
+        for t in range(4):
+            if t == 2:
+                extra = distribute_tensor(torch.zeros(8), mesh, [Shard(0)])
+                opts[0].add_param_group({"params": [torch.nn.Parameter(extra)]})
+            grad = torch.randn(whole.shape, generator=torch.Generator().manual_seed(t))
+            for p, opt in zip(pair, opts):
+                p.grad = distribute_tensor(grad, mesh, [Shard(dim)])
+                opt.step()
+        results[dim, transposed] = [
+            {"param": p.detach().to_local().numpy().copy(),
+             **{name: (value.to_local() if hasattr(value, "to_local") else value).numpy().copy()
+                for name, value in opt.state[p].items() if isinstance(value, torch.Tensor)
+                and value.dim()},
+             "kinds": {name: (type(value).__name__, value.dtype)
+                       for name, value in opt.state[p].items() if name != "step"}}
+            for p, opt in zip(pair, opts)]
+    return results
+
+
+def test_fsdp2_int8_state_of_any_sharding_survives_a_new_parameter_group(tmp_path):
+    """A new parameter group builds new stores, into which the 8-bit state is copied:
+    codes as they are where they lie as the new store keeps them (this rank's shard's
+    layout, which a DTensor's strides, those of the whole tensor, do not tell), scales
+    as this rank's plain tensors. The steps after it are bit for bit those of an
+    optimizer that kept its stores, for rows and columns of a matrix and of its
+    transpose shared by the ranks."""
+    warm("Adam", dict(lr=0.01))
+    for rank, results in enumerate(run_ranks(int8_relayout_rank, (), tmp_path)):
+        for (dim, transposed), (regrouped, kept) in results.items():
+            what = f"rank {rank}, Shard({dim}){' of the transpose' if transposed else ''}"
+            assert regrouped["kinds"] == kept["kinds"], what
+            assert kept["kinds"]["exp_avg"] == ("DTensor", torch.uint8), what
+            assert kept["kinds"]["exp_avg_absmax"] == ("Tensor", torch.float32), what
+            assert sorted(regrouped) == sorted(kept), what
+            for key in kept:
+                if key != "kinds":
+                    np.testing.assert_array_equal(regrouped[key], kept[key],
+                                                  err_msg=f"{what}: {key}")
+
+
 # -- what fastopt.torch does not step on shards yet: clear errors ---------------------
 
 def column_sharded(world):
