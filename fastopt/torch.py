@@ -706,9 +706,12 @@ class Optimizer(torch.optim.Optimizer):
         """Load a state_dict of this class or of its torch.optim namesake. One that does
         not fit (another number of groups or of parameters in a group, or a state tensor
         of another shape than the parameter's) raises a ValueError, and nothing changes."""
+        own = self._group is not None and self._own_partition(state_dict)
+        if own:  # its names without this rank's suffix, before the codes' are read
+            state_dict = own
         state_dict = {**state_dict, "state": {index: self._unpacked(state) for index, state
                                               in state_dict["state"].items()}}
-        if self._group is not None:
+        if self._group is not None and not own:
             state_dict = self._partitioned(state_dict)
         self._check_loadable(state_dict)
         # torch casts every loaded tensor to the parameter's dtype; read the per-parameter
@@ -743,23 +746,27 @@ class Optimizer(torch.optim.Optimizer):
         return dict(zip((saved for group in state_dict["param_groups"]
                          for saved in group["params"]), self._all_params()))
 
-    def _partitioned(self, state_dict):
-        """A loaded state_dict as this rank's partition takes it: one of this rank's
-        :meth:`state_dict`, with its names, and a whole one
-        (:meth:`consolidated_state_dict`, torch.optim's, one saved without a
-        process_group) cut to this rank's elements."""
+    def _own_partition(self, state_dict):
+        """A loaded state_dict of this rank's partition (:meth:`state_dict` of the same
+        rank of as many) with its names as without a process_group; None for a whole
+        one. Another rank's, or another number's, raises a ValueError."""
         suffix = self._rank_suffix()
         ranked = {name[name.index("@rank"):] for state in state_dict["state"].values()
                   for name in state if "@rank" in name}
-        if ranked:
-            if ranked != {suffix}:
-                raise ValueError(f"loaded state dict holds the partitions {sorted(ranked)} "
-                                 f"(state names '<name>@rank<r>of<n>'), not this rank's "
-                                 f"{suffix!r}: load the whole state "
-                                 "(consolidated_state_dict()) into another partition")
-            return {**state_dict, "state": {
-                index: {name.removesuffix(suffix): value for name, value in state.items()}
-                for index, state in state_dict["state"].items()}}
+        if not ranked:
+            return None
+        if ranked != {suffix}:
+            raise ValueError(f"loaded state dict holds the partitions {sorted(ranked)} "
+                             f"(state names '<name>@rank<r>of<n>'), not this rank's "
+                             f"{suffix!r}: load the whole state "
+                             "(consolidated_state_dict()) into another partition")
+        return {**state_dict, "state": {
+            index: {name.removesuffix(suffix): value for name, value in state.items()}
+            for index, state in state_dict["state"].items()}}
+
+    def _partitioned(self, state_dict):
+        """A whole loaded state_dict (:meth:`consolidated_state_dict`, torch.optim's, one
+        saved without a process_group) cut to this rank's elements."""
         params = self._loaded_params(state_dict)
         state = {}
         for key, values in state_dict["state"].items():

@@ -393,21 +393,25 @@ def test_zero_stage_and_bucket_size_are_checked():
 
 # -- 8-bit state ------------------------------------------------------------------------
 
-def int8_rank(rank, world, rendezvous, folder, resume):
-    """Train (every rank the whole batch) and save the whole state on rank 0; or load
-    it and train on."""
+def int8_rank(rank, world, rendezvous, folder, source):
+    """Train (every rank the whole batch) and save every rank's state_dict and, on rank
+    0, the whole state (``source`` None); or load this rank's own file (``"own"``) or the
+    whole state (``"whole"``) and train on."""
     _init(rank, world, rendezvous)
     net = model(width=1024)
     opt = ft.Adam(net.parameters(), lr=0.01, state_dtype="int8", reduce_grads=False,
                   process_group=dist.group.WORLD)
-    if resume:
+    if source is not None:
         net.load_state_dict(torch.load(f"{folder}/model.pt"))
-        opt.load_state_dict(torch.load(f"{folder}/whole.pt"))
-    train(net, opt, first=STEPS if resume else 0, width=1024)
+        opt.load_state_dict(torch.load(f"{folder}/rank{rank}.pt" if source == "own"
+                                       else f"{folder}/whole.pt"))
+    train(net, opt, first=0 if source is None else STEPS, width=1024)
     whole = opt.consolidated_state_dict(to=0)
-    if rank == 0 and not resume:
-        torch.save(whole, f"{folder}/whole.pt")
-        torch.save(net.state_dict(), f"{folder}/model.pt")
+    if source is None:
+        torch.save(opt.state_dict(), f"{folder}/rank{rank}.pt")
+        if rank == 0:
+            torch.save(whole, f"{folder}/whole.pt")
+            torch.save(net.state_dict(), f"{folder}/model.pt")
     return [p.detach().numpy().copy() for p in net.parameters()], whole and {
         index: {name: value.numpy().copy() for name, value in values.items()}
         for index, values in whole["state"].items()}  # tensors do not outlive the process
@@ -417,7 +421,8 @@ def test_int8_state_is_partitioned_on_its_blocks_bitwise(tmp_path):
     """Each rank quantizes its pieces of the first weight (30720 elements, which the
     three ranks cut at 16384, between blocks) on the blocks one process uses, and keeps the small tensors' state in float32 as it does: the parameters and
     the consolidated codes, scales and values are one process's, bit for bit, at 3
-    ranks; resumed from them on 2 ranks, or in one process, as not stopping. The ranks
+    ranks; resumed from them on 2 ranks, or in one process, and on 3 ranks from each
+    rank's own state_dict (its codes and scales), as not stopping. The ranks
     are forkserver children (see test_cuts_inside_tensors_are_bitwise...)."""
     net = model(width=1024)
     opt = ft.Adam(net.parameters(), lr=0.01, state_dtype="int8")
@@ -430,7 +435,7 @@ def test_int8_state_is_partitioned_on_its_blocks_bitwise(tmp_path):
     train(net, opt, first=STEPS, width=1024)
     final = [p.detach().numpy() for p in net.parameters()]
     folder = subfolder(tmp_path, "checkpoint")
-    ranks = run_ranks(int8_rank, (str(folder), False), subfolder(tmp_path, "save"), world=3,
+    ranks = run_ranks(int8_rank, (str(folder), None), subfolder(tmp_path, "save"), world=3,
                       context=FORKSERVER)
     for rank, (params, whole) in enumerate(ranks):
         for mine, theirs in zip(params, saved):
@@ -442,11 +447,13 @@ def test_int8_state_is_partitioned_on_its_blocks_bitwise(tmp_path):
         for name, value in values.items():
             np.testing.assert_array_equal(whole[index][name], value.numpy(),
                                           err_msg=f"state {index} {name}")
-    for rank, (params, _) in enumerate(run_ranks(int8_rank, (str(folder), True),
-                                                 subfolder(tmp_path, "resume"), world=2,
-                                                 context=FORKSERVER)):
-        for mine, theirs in zip(params, final):
-            np.testing.assert_array_equal(mine, theirs, err_msg=f"resumed rank {rank}")
+    for world, source in ((2, "whole"), (3, "own")):
+        for rank, (params, _) in enumerate(run_ranks(
+                int8_rank, (str(folder), source), subfolder(tmp_path, f"{world}{source}"),
+                world=world, context=FORKSERVER)):
+            for mine, theirs in zip(params, final):
+                np.testing.assert_array_equal(mine, theirs,
+                                              err_msg=f"rank {rank} of {world}, {source}")
     net = model(width=1024)
     net.load_state_dict(torch.load(folder / "model.pt"))
     opt = ft.Adam(net.parameters(), lr=0.01, state_dtype="int8")
