@@ -301,6 +301,23 @@ class Optimizer(torch.optim.Optimizer):
                                 "only for a matrix sharded by rows (FSDP2's Shard(0)) or a "
                                 "tensor sharded along a leading dimension")
 
+    def _check_cuts_kept(self, stores, names):
+        """With process_group: refuse new stores that would cut a parameter with state
+        otherwise across the ranks than the old ones did (a parameter before it in its
+        store changed size, or came or went): each rank holds the state of its old piece.
+        Every rank sees every rank's cuts, so that all refuse together."""
+        old = {p: _cuts(store, slot) for store in self._stores
+               for p, slot in store.slots.items()}
+        for store in stores:
+            for p, slot in store.slots.items():
+                if self.state.get(p) and p in old and _cuts(store, slot) != old[p]:
+                    raise ValueError(
+                        f"{names[p]} would be cut otherwise across the process_group's ranks, "
+                        "whose state holds its old pieces: a parameter changed size, or came "
+                        "or went, after the first step. Change parameters before the first "
+                        "step, or load consolidated_state_dict() into an optimizer of the new "
+                        "ones")
+
     def _partition(self, members):
         """The ``sharding.Partition`` of a store of ``members`` under ``process_group``,
         else None."""
@@ -349,6 +366,8 @@ class Optimizer(torch.optim.Optimizer):
                       not _shaped(self.algorithm) or all(p.is_contiguous() for p in members)),
                          self._storage_of(dtype), ordinal, reduction, self._partition(members))
                   for ordinal, ((device, dtype, reduction), members) in enumerate(kinds.items())]
+        if self._group is not None and self._stores is not None:
+            self._check_cuts_kept(stores, names)
         # The master weights of a parameter no longer 16-bit (model.float()) are dropped.
         dropped = [(store, p) for store in stores for p in store.slots
                    if MASTER in self.state.get(p, {}) and not store.master]
@@ -894,6 +913,13 @@ class Optimizer(torch.optim.Optimizer):
             return None if p.numel() < precision.MIN_QUANTIZED_SIZE else torch.Size([blocks])
         shape = self.algorithm.state_shape(name, tuple(stepped))
         return None if shape is None else torch.Size(shape)
+
+
+def _cuts(store, slot):
+    """The elements of ``slot``'s parameter that each rank of ``store``'s partition
+    steps."""
+    partition = store.partition
+    return [partition.pieces_of(rank)[slot.index] for rank in range(partition.world)]
 
 
 def _signature(params):

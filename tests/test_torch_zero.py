@@ -380,6 +380,48 @@ def test_stage2_refuses_a_parameter_resized_after_backward(tmp_path):
         assert isinstance(message, str) and "changed size" in message, message
 
 
+def resized_rank(rank, world, rendezvous):
+    """``a`` (no gradient, no state) before ``b``: two steps, then ``a`` resized, which
+    would move the cuts through ``b``; then ``a`` back to its size, in new storage."""
+    _init(rank, world, rendezvous)
+    a, b = (torch.nn.Parameter(torch.randn(n, generator=torch.Generator().manual_seed(n)))
+            for n in (8192, 32768))
+    opt = ft.Adam([a, b], lr=0.01, process_group=dist.group.WORLD, reduce_grads=False)
+    for t in range(3):
+        b.grad = torch.randn(32768, generator=torch.Generator().manual_seed(t))
+        if t == 2:
+            a.data = torch.zeros(16384)
+            before = b.detach().clone(), opt.state[b]["exp_avg"].clone()
+            try:
+                opt.step()
+            except ValueError as error:
+                message = str(error)
+            unchanged = (torch.equal(before[0], b.detach())
+                         and torch.equal(before[1], opt.state[b]["exp_avg"]))
+            a.data = torch.zeros(8192)
+        opt.step()
+    return message, unchanged, b.detach().numpy().copy()
+
+
+def test_a_resize_that_would_move_the_cuts_through_a_stateful_parameter_is_refused(tmp_path):
+    """Three ranks cut ``b`` into pieces whose state they hold; resizing ``a`` before it
+    would cut it elsewhere (rank 1's piece from its second half to its first, of the
+    same length), so that every rank refuses the step, naming ``b``, and changes
+    nothing. Back to its size, in other storage, ``a`` cuts ``b`` as before: the steps
+    go on as one process's, bit for bit."""
+    ranks = run_ranks(resized_rank, (), tmp_path, world=3)  # forked before this one steps
+    a, b = (torch.nn.Parameter(torch.randn(n, generator=torch.Generator().manual_seed(n)))
+            for n in (8192, 32768))
+    opt = ft.Adam([a, b], lr=0.01)
+    for t in range(3):
+        b.grad = torch.randn(32768, generator=torch.Generator().manual_seed(t))
+        opt.step()
+    for rank, (message, unchanged, mine) in enumerate(ranks):
+        assert "params'][1] would be cut otherwise" in message, message
+        assert unchanged, rank
+        np.testing.assert_array_equal(mine, b.detach().numpy(), err_msg=f"rank {rank}")
+
+
 def test_zero_stage_and_bucket_size_are_checked():
     params = model().parameters()
     for kwargs, error, match in ((dict(zero_stage=3), ValueError, "zero_stage must be 1 or 2"),
