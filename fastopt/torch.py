@@ -84,7 +84,10 @@ their decoded values instead (codes and scales of one rank's blocks would not
 reshard), which a load encodes again. Adafactor adds the column sums of a matrix whose
 rows the ranks share (FSDP2's Shard(0)) over them: its row factors are sharded as the
 rows, its column factors replicated; other shardings of a tensor's last two dimensions
-are refused for it.
+are refused for it. On the CPU each state DTensor's local tensor has a storage of its
+own over the store's memory, so that ``torch.save(opt.state_dict())`` and
+``copy.deepcopy`` take it; on CUDA they are views into one buffer, which torch does
+not pickle: save with DCP there.
 
 **ZeRO sharding** (``process_group=``, plain contiguous parameters): the parameters of
 each store, one after the other, are cut into equal partitions (``sharding.Partition``),
@@ -1040,12 +1043,25 @@ def _like(p, local, shape=None):
     where it is not ``p``'s (Adafactor's factors: see :func:`_placements`)."""
     if not _is_dtensor(p):
         return local
+    local = _own_storage(local)
     if shape is None or tuple(shape) == tuple(p.shape):
         return type(p).from_local(local, p.device_mesh, p.placements, run_check=False,
                                   shape=p.shape, stride=p.stride())
     strides = tuple(math.prod(shape[d + 1:]) for d in range(len(shape)))
     return type(p).from_local(local, p.device_mesh, _placements(p, shape), run_check=False,
                               shape=torch.Size(shape), stride=strides)
+
+
+def _own_storage(t):
+    """The CPU tensor ``t`` (a view into a store's buffer) as a tensor of the same memory
+    with a storage of its own: torch cannot pickle or deep-copy DTensors whose local
+    tensors share a storage (``torch.save(opt.state_dict())``, ``copy.deepcopy``).
+    A device tensor stays as it is."""
+    if t.device.type != "cpu":
+        return t
+    if t.dtype == torch.bfloat16:  # which NumPy lacks: its bits
+        return torch.from_numpy(t.view(torch.int16).numpy()).view(torch.bfloat16)
+    return torch.from_numpy(t.numpy())
 
 
 def _placements(p, shape):

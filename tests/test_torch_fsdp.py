@@ -8,6 +8,8 @@ model, which FSDP2 on two ranks that all see the same batch must equal bit for b
 gradients are then the one process's: the average of two equal floats is exact).
 """
 
+import copy
+import io
 import math
 
 import numpy as np
@@ -370,6 +372,56 @@ def test_fsdp2_adafactor_adds_its_factors_over_the_ranks(tmp_path):
             assert ranks[-1][1][2:] == [0, 0], ranks[-1][1]
         for rank, (params, _) in enumerate(ranks):
             assert_close(params, whole, rtol=1e-6, atol=1e-7, what=f"rank {rank} of {world}")
+
+
+# -- torch.save and copy.deepcopy of the state ------------------------------------------
+
+def saved_rank(rank, world, rendezvous, kwargs, dtype):
+    """Half the steps, ``torch.save`` of the model's and the optimizer's state_dict()
+    (and a deep copy of the latter), the other half; then a new model and optimizer
+    loaded from the files, the other half again."""
+    _init_gloo(rank, world, rendezvous)
+
+    def build():
+        model = sharded_model(world, dtype)
+        return model, ft.Adam(model.parameters(), **kwargs)
+
+    data = same_batch(dtype)
+    model, opt = build()
+    train(model, opt, data, steps=STEPS // 2)
+    files = io.BytesIO(), io.BytesIO()
+    torch.save(model.state_dict(), files[0])
+    torch.save(opt.state_dict(), files[1])
+    copied = copy.deepcopy(opt.state_dict())
+    train(model, opt, lambda t: data(STEPS // 2 + t), steps=STEPS // 2)
+    uninterrupted = full(model.parameters())
+    model, opt = build()
+    for file, target in zip(files, (model, opt)):
+        file.seek(0)
+        target.load_state_dict(torch.load(file, weights_only=False))
+    loaded = opt.state_dict()
+    same = [torch.equal(comparable(copied["state"][i][name]).to_local(),
+                        comparable(value).to_local())
+            for i, state in loaded["state"].items() for name, value in state.items()
+            if isinstance(value, torch.Tensor) and value.dim()]
+    train(model, opt, lambda t: data(STEPS // 2 + t), steps=STEPS // 2)
+    return full(model.parameters()), uninterrupted, same
+
+
+@pytest.mark.parametrize("kwargs, dtype", [
+    (dict(lr=0.01), torch.float32),
+    (dict(lr=0.01, master_weights="remainder", state_dtype="bfloat16"), torch.bfloat16)],
+    ids=["float32", "bfloat16 state and remainders"])
+def test_fsdp2_state_dict_saves_with_torch_and_resumes_bitwise(kwargs, dtype, tmp_path):
+    """``torch.save(opt.state_dict())`` on each rank, as users save FSDP2 checkpoints
+    without DCP, and ``copy.deepcopy`` of it: the state tensors are DTensors over views
+    of one buffer per store, which torch pickles and copies only with a storage each.
+    Resumed from the files, every rank steps as the run that did not stop, bit for bit,
+    and the deep copy holds what the files do."""
+    for rank, (resumed, uninterrupted, same) in enumerate(
+            run_ranks(saved_rank, (kwargs, dtype), tmp_path)):
+        assert same and all(same), rank
+        assert_close(resumed, uninterrupted, rtol=0, atol=0, what=f"rank {rank}")
 
 
 # -- 8-bit state: blocks of each rank's shard, checkpoints as values ------------------

@@ -408,8 +408,9 @@ def test_a_resize_that_would_move_the_cuts_through_a_stateful_parameter_is_refus
     would cut it elsewhere (rank 1's piece from its second half to its first, of the
     same length), so that every rank refuses the step, naming ``b``, and changes
     nothing. Back to its size, in other storage, ``a`` cuts ``b`` as before: the steps
-    go on as one process's, bit for bit."""
-    ranks = run_ranks(resized_rank, (), tmp_path, world=3)  # forked before this one steps
+    go on as one process's, bit for bit. The ranks are forkserver children (see
+    test_cuts_inside_tensors_are_bitwise...)."""
+    ranks = run_ranks(resized_rank, (), tmp_path, world=3, context=FORKSERVER)
     a, b = (torch.nn.Parameter(torch.randn(n, generator=torch.Generator().manual_seed(n)))
             for n in (8192, 32768))
     opt = ft.Adam([a, b], lr=0.01)
