@@ -31,8 +31,8 @@ def snapshot(opt):
     gradients and every state value (arrays as their bit patterns, and per-group lists
     copied, since the optimizer updates those in place)."""
     def frozen(value):
-        if isinstance(value, np.ndarray):
-            return value.view(np.uint32).copy()
+        if isinstance(value, np.ndarray):  # its bytes: 8-bit codes too
+            return value.view(np.uint8).copy()
         return copy.deepcopy(value)
 
     return {"params": opt.flat_params.view(np.uint32).copy(),

@@ -234,6 +234,30 @@ def test_a_snapshot_that_does_not_fit_is_refused_and_changes_nothing(trained):
     assert hyperparameters(fresh) == groups
 
 
+def test_a_snapshot_of_8_bit_state_without_its_scales_is_refused():
+    """An 8-bit buffer in a snapshot must come with its scales and its small tensors'
+    values: restored without them, every later step failed (KeyError) instead of the
+    restore."""
+    rng = np.random.default_rng(0)
+
+    def trained_int8():
+        opt = fastopt.AdamW({"w": rng.standard_normal(5000).astype(f32),
+                             "b": rng.standard_normal(10).astype(f32)}, state_dtype="int8")
+        opt.step(rng.standard_normal(5010).astype(f32))
+        return opt
+
+    taken, fresh = trained_int8().snapshot(), trained_int8()
+    before, groups = snapshot(fresh), hyperparameters(fresh)
+    for dropped in ("exp_avg_absmax", "exp_avg_sq_small"):
+        buffers = {k: v for k, v in taken.buffers.items() if k != dropped}
+        with pytest.raises(ValueError, match=f"without {dropped}"):
+            fresh.restore(dataclasses.replace(taken, buffers=buffers))
+    assert_unchanged(fresh, before)
+    assert hyperparameters(fresh) == groups
+    fresh.restore(taken)  # whole, it is taken
+    fresh.step(rng.standard_normal(5010).astype(f32))
+
+
 def test_a_checkpoint_from_before_caution_loads_and_one_missing_lr_does_not(trained):
     opt, _ = trained  # Adam
     taken = opt.snapshot()

@@ -91,6 +91,21 @@ def test_bad_input_to_a_live_optimizer_changes_nothing(case):
     assert_unchanged(opt, before)
 
 
+def test_a_group_whose_host_state_overflows_stops_the_step_before_any_group_moves():
+    """ASGD's eta of the second group overflows a float ((1 + lambd*lr*step)**alpha,
+    where torch raises OverflowError too): a ValueError naming that group, with the
+    first group's parameters, state and eta as they were."""
+    opt = fastopt.ASGD([{"params": [np.ones(5, f32)]},
+                        {"params": [np.ones(3, f32)], "lambd": 1e10, "alpha": 40.0}], lr=0.01)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]'s hyperparameters overflow"):
+        opt.step(np.ones(8, f32))
+    assert_unchanged(opt, before)
+    opt.param_groups[1]["lambd"] = 1e-4
+    opt.step(np.ones(8, f32))
+    assert opt.state["step"] == 1 and not np.array_equal(opt.flat_params, np.ones(8, f32))
+
+
 def readonly(shape):
     a = np.zeros(shape, f32)
     a.flags.writeable = False

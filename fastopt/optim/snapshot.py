@@ -88,6 +88,13 @@ def _validated(opt, snapshot):
                              "are named by identifiers")
         size, dtype = kept.get(name, (opt._state_size(name), opt._storage.state(name)))
         arrays[f"state.{name}"] = (array, size, dtype)
+    for base in opt.state_names():  # an 8-bit buffer's codes come with their scales
+        if base in snapshot.buffers:
+            missing = [array for array, _, _ in opt._kept(base)
+                       if array not in snapshot.buffers]
+            if missing:
+                raise ValueError(f"the checkpoint holds the state buffer {base!r} without "
+                                 f"{', '.join(missing)}, which the optimizer keeps with it")
     for name, (array, size, dtype) in arrays.items():
         if not isinstance(array, np.ndarray):
             raise TypeError(f"checkpoint array {name!r} must be a NumPy array, got "
