@@ -565,6 +565,8 @@ class Optimizer(torch.optim.Optimizer):
         run.spec = algorithm.buffers(hyper, run.host)
         run.fresh = [name for name in run.spec if name not in run.slots[0].state]
         run.h = engine.fold(algorithm, hyper, run.step, run.fresh, run.host, index)
+        if algorithm.spec.host:
+            engine.check_host_after(algorithm, hyper, run.step, run.host, index)
 
     def _take_in_state(self, p, store, slot, state):
         """Copy state tensors that replaced the store's views (or came before them) into

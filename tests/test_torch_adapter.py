@@ -452,6 +452,21 @@ def test_a_callable_lr_is_refused_up_front():
         ft.Adam([{"params": [p]}, {"params": [q], "lr": lambda t: 0.1}], lr=0.1)
 
 
+def test_a_group_whose_host_state_overflows_stops_the_step_before_any_group_moves():
+    """ASGD's eta of the second group overflows a float ((1 + lambd*lr*step)**alpha),
+    where torch.optim raises OverflowError after it has stepped the first group:
+    fastopt.torch raises a ValueError naming that group with nothing stepped."""
+    p, q = torch.nn.Parameter(torch.ones(5)), torch.nn.Parameter(torch.ones(3))
+    opt = ft.ASGD([{"params": [p]}, {"params": [q], "lambd": 1e10, "alpha": 40.0}], lr=0.01)
+    p.grad, q.grad = torch.ones(5), torch.ones(3)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]'s hyperparameters overflow"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(5)) and not opt.state[p]
+    opt.param_groups[1]["lambd"] = 1e-4
+    opt.step()
+    assert opt.state[p]["step"] == 1 and not torch.equal(p.detach(), torch.ones(5))
+
+
 def test_deepcopy_gives_a_working_independent_optimizer():
     model, _, x, y = twins("mlp")
     opt = ft.Adam(model.parameters(), lr=0.01, clip_grad_norm=1.0)

@@ -33,6 +33,18 @@ def fold(algorithm, group, step, fresh, host, index=None):
     return h
 
 
+def check_host_after(algorithm, group, step, host, index):
+    """Compute ``algorithm.host_after(group, step, host)`` ahead of the step, so that one
+    that overflows (ASGD's ``eta`` with a huge ``lambd``) raises a ValueError naming
+    ``param_groups[index]`` before any group is stepped."""
+    try:
+        algorithm.host_after(group, step, host)
+    except ArithmeticError as error:
+        raise ValueError(f"param_groups[{index}]'s hyperparameters overflow the host state "
+                         f"of step {step} ({type(error).__name__}: {error}); make them "
+                         "smaller") from None
+
+
 def overflow_error(algorithm, group, step, fresh, host, where):
     """The error for scalars that overflow float32 (``lr / (1 - beta1)`` with a huge lr,
     say). torch raises for most of these too; fastopt refuses them all, since a step

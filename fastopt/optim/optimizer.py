@@ -288,8 +288,9 @@ class Optimizer:
                                                    for plan in plans):
                 raise ValueError(TWO_PASSES)
             self._check_state(plans)
-            if self.spec.host:
-                self._check_host_after(plans, step)
+            if self.spec.host:  # every group's, before the first group moves
+                for index, (group, _, _, _, host) in enumerate(plans):
+                    engine.check_host_after(self, group, step, host, index)
             inverse_scale = engine.inverse_loss_scale(grad_scale)
             if skip_nonfinite is None:
                 skip_nonfinite = self._skip_nonfinite
@@ -336,18 +337,6 @@ class Optimizer:
         fresh = [name for name in spec if name not in started]
         h = engine.fold(self, group, step, fresh, host, index if self._grouped else None)
         return group, spec, fresh, h, host
-
-    def _check_host_after(self, plans, step):
-        """Compute every group's host state after the step before the first group's is
-        stepped, so that one that overflows (ASGD's ``eta`` with a huge ``lambd``)
-        raises a ValueError with nothing moved."""
-        for index, (group, _, _, _, host) in enumerate(plans):
-            try:
-                self.host_after(group, step, host)
-            except ArithmeticError as error:
-                raise ValueError(f"param_groups[{index}]'s hyperparameters overflow the host "
-                                 f"state of step {step} ({type(error).__name__}: {error}); "
-                                 "make them smaller") from None
 
     def _check_state(self, plans):
         """Refuse a state buffer that someone replaced (``opt.state["exp_avg"] = a``) with
