@@ -1173,7 +1173,7 @@ def _check_state(param, name, value, expected, castable=(), loading=False, like=
     if value.shape != shape:
         raise ValueError(f"{what} {name!r} of shape {tuple(value.shape)} for {param}, which "
                          f"needs shape {tuple(shape)}")
-    if name.endswith(ABSMAX):
+    if name.endswith(ABSMAX):  # this rank's blocks': a plain tensor, a DTensor's too
         like = None
     if _is_dtensor(value) or _is_dtensor(like):
         sharding = [tuple(value.placements) if _is_dtensor(value) else "not a DTensor",
