@@ -572,7 +572,11 @@ class Optimizer(torch.optim.Optimizer):
         """Copy state tensors that replaced the store's views (or came before them) into
         the store, and put the views in their place, so that the kernels and
         ``state_dict()`` see the same numbers; and read the step count and host state
-        again."""
+        again. A buffer set to None (torch's SGD's momentum_buffer before its first step)
+        begins afresh, as in torch."""
+        for name in [name for name in self.algorithm.state_names()
+                     if name in state and state[name] is None]:
+            dict.__delitem__(state, name)
         replaced = [(name, value, store.view(name, p)) for name, value in _in_order(state)
                     if isinstance(value, torch.Tensor) and value is not slot.views.get(name)
                     and name not in _TORCH_SCALARS]
@@ -957,8 +961,15 @@ def _kept_dtype(storage, name):
 
 
 def _hyperparameters(group):
-    return {k: (v.item() if isinstance(v, torch.Tensor) else v)
+    """The group's hyperparameters, with the numbers that torch lets be tensors (a
+    tensor lr, tensor betas) as Python numbers."""
+    return {k: (v.item() if isinstance(v, torch.Tensor) else
+                tuple(_number(x) for x in v) if isinstance(v, tuple) else v)
             for k, v in group.items() if k not in _NOT_HYPERPARAMETERS}
+
+
+def _number(x):
+    return x.item() if isinstance(x, torch.Tensor) else x
 
 
 def _labels(index, group):
@@ -1666,13 +1677,13 @@ class _Run:
         store = self.store
         if not store.in_place:
             for slot, grad in zip(self.slots, self.grads):
-                _check_gradient(grad)
+                _check_gradient(grad, slot.local)
                 store.scratch_grads[slot.start:slot.stop].view(slot.shape).copy_(grad)
             return
         grads = self.grads
         for i, (slot, grad) in enumerate(zip(self.slots, grads)):
             if slot.grad is None or slot.grad() is not grad:  # not checked yet
-                _check_gradient(grad)
+                _check_gradient(grad, slot.local)
                 if grad.stride() == slot.local.stride():
                     slot.grad = weakref.ref(grad)
                 else:  # a copy in the parameter's layout, for this step (kept in grads)
@@ -1698,9 +1709,16 @@ def _shaped(algorithm):
     return algorithm.state_shape is not _Flat.state_shape
 
 
-def _check_gradient(grad):
+def _check_gradient(grad, local):
+    """Refuse a gradient that the kernels cannot read as one of ``local``, the tensor
+    they step. torch lets a gradient's dtype differ from its parameter's
+    (``p.grad_dtype``), which the kernels would read as the parameter's."""
     if grad.is_sparse:
         raise TypeError("fastopt.torch does not support sparse gradients")
+    if grad.dtype != local.dtype:
+        raise TypeError(f"a gradient of {grad.dtype} for a parameter of {local.dtype} (shape "
+                        f"{tuple(local.shape)}): fastopt.torch steps gradients of their "
+                        "parameters' dtype; cast it (p.grad = p.grad.to(p.dtype))")
 
 
 # -- the drop-in classes: torch.optim's signatures, fastopt's algorithms ------------------

@@ -452,6 +452,70 @@ def test_a_callable_lr_is_refused_up_front():
         ft.Adam([{"params": [p]}, {"params": [q], "lr": lambda t: 0.1}], lr=0.1)
 
 
+@pytest.mark.parametrize("dtype, grad_dtype", [(torch.bfloat16, torch.float32),
+                                               (torch.float32, torch.float64),
+                                               (torch.float32, torch.bfloat16)])
+def test_a_gradient_of_another_dtype_than_its_parameter_is_refused(dtype, grad_dtype):
+    """torch lets a gradient's dtype differ from its parameter's (``p.grad_dtype =
+    None``: bf16 weights with fp32 gradients). The kernels read a gradient as one of the
+    parameter's dtype, which gave NaN: a TypeError instead, with nothing stepped."""
+    p = torch.nn.Parameter(torch.ones(64, dtype=dtype))
+    q = torch.nn.Parameter(torch.ones(8))
+    p.grad_dtype = None
+    opt = ft.Adam([q, p], lr=0.01)
+    q.grad, p.grad = torch.ones(8), torch.ones(64, dtype=grad_dtype)
+    with pytest.raises(TypeError, match=f"a gradient of {grad_dtype} for a parameter of {dtype}"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(64, dtype=dtype)) and not opt.state[p]
+    assert torch.equal(q.detach(), torch.ones(8)) and not opt.state[q]
+    p.grad = p.grad.to(dtype)
+    opt.step()
+    assert torch.all(p.detach() < 1) and torch.all(q.detach() < 1)
+
+
+@pytest.mark.parametrize("how", ["set", "loaded"])
+def test_a_momentum_buffer_set_to_none_begins_afresh_as_in_torch(how):
+    """torch.optim's SGD takes ``state[p]["momentum_buffer"] = None`` (set, or in a
+    loaded state_dict, as older torch saved it) for no buffer yet: the next step begins
+    it from the gradient. fastopt.torch stepped on with its old buffer (set), or failed
+    with a KeyError (loaded)."""
+    results = []
+    for cls in (torch.optim.SGD, ft.SGD):
+        p = torch.nn.Parameter(torch.zeros(3))
+        opt = cls([p], lr=1.0, momentum=0.9)
+        p.grad = torch.ones(3)
+        opt.step()
+        if how == "set":
+            opt.state[p]["momentum_buffer"] = None
+        else:
+            saved = opt.state_dict()
+            saved["state"][0]["momentum_buffer"] = None
+            opt.load_state_dict(saved)
+        p.grad = torch.full((3,), 2.0)
+        opt.step()
+        results.append((p.detach().clone(), opt.state[p]["momentum_buffer"].clone()))
+    (theirs, their_buffer), (ours, our_buffer) = results
+    assert torch.equal(theirs, torch.full((3,), -3.0))  # the buffer began as the gradient
+    assert torch.equal(ours, theirs) and torch.equal(our_buffer, their_buffer)
+
+
+def test_tensor_betas_are_taken_as_torch_takes_them():
+    """torch.optim takes betas of tensors (as it takes a tensor lr); fastopt.torch refused
+    them as not real numbers. Given so, at construction or later in the group, they step
+    as their values do (float32 numbers, as the tensors hold them)."""
+    params = [torch.nn.Parameter(torch.linspace(-1, 1, 50)) for _ in range(3)]
+    tensors = (torch.tensor(0.8), torch.tensor(0.99))
+    opts = [ft.Adam([params[0]], lr=0.01, betas=tuple(beta.item() for beta in tensors)),
+            ft.Adam([params[1]], lr=0.01, betas=tensors), ft.Adam([params[2]], lr=0.01)]
+    opts[2].param_groups[0]["betas"] = tensors
+    for t in range(3):
+        for p, opt in zip(params, opts):
+            p.grad = torch.cos(torch.arange(50.0) * (t + 1))
+            opt.step()
+    for p in params[1:]:
+        assert torch.equal(p.detach(), params[0].detach())
+
+
 def test_a_group_whose_host_state_overflows_stops_the_step_before_any_group_moves():
     """ASGD's eta of the second group overflows a float ((1 + lambd*lr*step)**alpha),
     where torch.optim raises OverflowError after it has stepped the first group:
