@@ -309,11 +309,10 @@ class Optimizer(torch.optim.Optimizer):
         otherwise across the ranks than the old ones did (a parameter before it in its
         store changed size, or came or went): each rank holds the state of its old piece.
         Every rank sees every rank's cuts, so that all refuse together."""
-        old = {p: _cuts(store, slot) for store in self._stores
-               for p, slot in store.slots.items()}
+        old = {p: cuts for store in self._stores for p, cuts in _cuts(store).items()}
         for store in stores:
-            for p, slot in store.slots.items():
-                if self.state.get(p) and p in old and _cuts(store, slot) != old[p]:
+            for p, cuts in _cuts(store).items():
+                if self.state.get(p) and p in old and cuts != old[p]:
                     raise ValueError(
                         f"{names[p]} would be cut otherwise across the process_group's ranks, "
                         "whose state holds its old pieces: a parameter changed size, or came "
@@ -924,11 +923,12 @@ class Optimizer(torch.optim.Optimizer):
         return None if shape is None else torch.Size(shape)
 
 
-def _cuts(store, slot):
-    """The elements of ``slot``'s parameter that each rank of ``store``'s partition
-    steps."""
+def _cuts(store):
+    """Per parameter of ``store``: the elements of it that each rank of the store's
+    partition steps (each rank's pieces found once, for all the parameters)."""
     partition = store.partition
-    return [partition.pieces_of(rank)[slot.index] for rank in range(partition.world)]
+    by_rank = [partition.pieces_of(rank) for rank in range(partition.world)]
+    return dict(zip(store.slots, zip(*by_rank)))
 
 
 def _signature(params):
