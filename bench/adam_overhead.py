@@ -34,6 +34,7 @@ import fastopt
 from fastopt import bench
 from fastopt.kernels import cpu, stream
 from fastopt.kernels._template import float32s
+from fastopt.optim import engine
 from fastopt.optim import optimizer as optimizer_module
 
 f32 = np.float32
@@ -114,6 +115,7 @@ def cpu_time(fn, calls, repeats=7):
 def wrapper_parts(n=1000, calls=20000):
     print(f"\n2. opt.step() at {n:.0e} taken apart (this thread's CPU time per call)\n")
     opt, raw, (kernel, arrays, prep, h) = adam(n)
+    opt.step()  # a second step through flat_grads: the next one takes the steady path
     group = opt.param_groups[0]
     step = opt.state["step"] + 1
     plan = opt._plan(0, group, step)
@@ -121,26 +123,30 @@ def wrapper_parts(n=1000, calls=20000):
     tiny_kernel = adam(1)[1]
     signature = kernel.signatures[-1]
     entry = kernel.overloads[signature].entry_point  # the compiled code, without dispatch
+    launch = opt._steady.groups[0].launch
+    scalars = opt.scalars(group, step, (), {})
     parts = {
-        "opt.step()": opt.step,
-        "  _plan (validate if changed, scalars)": lambda: opt._plan(0, group, step),
-        "    _snapshot(group)": lambda: optimizer_module._snapshot(group),
-        "    scalars(group, ...)": lambda: opt.scalars(group, step, [], {}),
-        "  _gradients(None)": lambda: opt._gradients(None),
-        "  _gradients(flat array) (step(g))": lambda: opt._gradients(other),
-        "  _allocate_state": lambda: opt._allocate_state([plan]),
-        "  prep and h as float32 arrays": lambda: (float32s((1.0, math.inf, 0.0)),
-                                                   float32s(opt.scalars(group, step, [], {}))),
-        "  backend.run (kernel lookup + call)": lambda: opt._backend.run(
-            "adam", PRESENT, list(arrays), prep, h),
+        "opt.step() (steady: set up as the step before)": opt.step,
+        "  Steady.step (all but the lock)": lambda: opt._steady.step(opt),
+        "  engine.fold (scalars, overflow check)": lambda: engine.fold(opt, group, step, (), {}),
+        "    scalars(group, ...)": lambda: opt.scalars(group, step, (), {}),
+        "  h as a float32 array": lambda: float32s(scalars),
+        "  the launcher: kernel call": lambda: launch(h),
         "    raw kernel call": raw,
         "      raw kernel call at n=1 (dispatch)": tiny_kernel,
         "      compiled entry point (no dispatch)": lambda: entry(
             *arrays, prep, h, n >= cpu.PARALLEL_MIN_SIZE, cpu.FLUSH_DENORMALS),
+        "opt.step(grad_scale=1.0) (the plain path)": lambda: opt.step(grad_scale=1.0),
+        "  _plan (validate if changed, scalars)": lambda: opt._plan(0, group, step),
+        "    _snapshot(group)": lambda: optimizer_module._snapshot(group),
+        "  _gradients(flat array) (step(g))": lambda: opt._gradients(other),
+        "  _allocate_state": lambda: opt._allocate_state([plan]),
+        "  backend.run (kernel lookup + call)": lambda: opt._backend.run(
+            "adam", PRESENT, list(arrays), prep, h),
     }
     for label, fn in parts.items():
         fn()
-        print(f"{label:44s} {cpu_time(fn, calls) * 1e6:7.2f} us")
+        print(f"{label:50s} {cpu_time(fn, calls) * 1e6:7.2f} us")
     profile = cProfile.Profile()
     profile.enable()
     for _ in range(calls):

@@ -219,6 +219,18 @@ class HostBackend:
         self._call(kernel, buffers[0].size, *buffers, float32s(prep), float32s(h),
                    *(rounding or ()), flush=kernels.FLUSH_DENORMALS and not keep_subnormals)
 
+    def launcher(self, rule, present, buffers, prep, keep_subnormals=False):
+        """:meth:`run` of float32 ``buffers`` with ``prep`` as a function of ``h`` alone
+        (already ``float32s``), for steps that repeat with new scalars (see
+        ``fastopt.optim.steady``): the kernel and its other arguments are found once."""
+        kernel = self._kernels.kernel(rule, present)
+        arguments = (*buffers, float32s(prep))
+        flush = self._kernels.FLUSH_DENORMALS and not keep_subnormals
+        size = buffers[0].size
+        if size < self._kernels.PARALLEL_MIN_SIZE:
+            return lambda h: kernel(*arguments, h, False, flush)
+        return lambda h: self._call(kernel, size, *arguments, h, flush=flush)
+
     def segments(self, sizes, state_starts, tensor=None, offsets=None, draws=None):
         """:class:`Segments` of ``sizes`` elements, each a whole tensor of the launch
         unless ``tensor`` and ``offsets`` say which part of which tensor."""

@@ -70,7 +70,7 @@ class EMA:
 
     def update(self):
         """Move the average towards the current parameters: one pass per array."""
-        h = rules.EMAScalars(decay=f32(self.decay), one_minus_decay=f32(1.0 - self.decay))
+        h = rules.EMAScalars.of(decay=f32(self.decay), one_minus_decay=f32(1.0 - self.decay))
         for shadow, target in zip(self._shadows, self._targets):
             self._backend.ema(shadow, target, h)
         self.updates += 1

@@ -61,6 +61,23 @@ def returns(*names):
     return declare
 
 
+def scalars(typename, fields):
+    """The named tuple type of a rule's ``h``, whose ``of`` builds one by field name.
+
+    The host builds an ``h`` at every step, and calling a class passes keywords through
+    a dict: ``AdamScalars(decay=..., ...)`` takes 0.6 µs, a fifth of a step of 1e3
+    parameters, and ``AdamScalars.of(decay=..., ...)``, a plain function, 0.25 µs. It is
+    written out as source, as ``namedtuple`` writes its ``__new__``."""
+    cls = namedtuple(typename, fields)
+    keywords = "".join(f", {name}" for name in cls._fields)
+    values = "".join(f"{name}, " for name in cls._fields)
+    of = f"lambda *{keywords}: new(cls, ({values}))" if values else "lambda: new(cls, ())"
+    of = eval(of, {"new": tuple.__new__, "cls": cls})
+    of.__qualname__ = f"{typename}.of"  # for the message of a missing field
+    cls.of = staticmethod(of)
+    return cls
+
+
 # The factors of prepare(), which every algorithm shares.
 Prep = namedtuple("Prep", "g_scale clip weight_decay")
 
@@ -85,7 +102,7 @@ def prepare(p, g, prep):
     return g
 
 
-SGDScalars = namedtuple("SGDScalars", "lr momentum grad_weight nesterov")
+SGDScalars = scalars("SGDScalars", "lr momentum grad_weight nesterov")
 
 
 def sgd(p, g, momentum_buffer, h: SGDScalars):
@@ -100,7 +117,7 @@ def sgd(p, g, momentum_buffer, h: SGDScalars):
     return p - h.lr * direction, momentum_buffer
 
 
-AdagradScalars = namedtuple("AdagradScalars", "clr eps")
+AdagradScalars = scalars("AdagradScalars", "clr eps")
 
 
 def adagrad(p, g, sum, h: AdagradScalars):  # "sum" is torch's name for the accumulator
@@ -108,7 +125,7 @@ def adagrad(p, g, sum, h: AdagradScalars):  # "sum" is torch's name for the accu
     return p - h.clr * (g / (math.sqrt(sum) + h.eps)), sum
 
 
-RMSpropScalars = namedtuple("RMSpropScalars", ["lr", "alpha", "one_minus_alpha", "eps",
+RMSpropScalars = scalars("RMSpropScalars", ["lr", "alpha", "one_minus_alpha", "eps",
                                                "momentum", "centered"])
 
 
@@ -129,7 +146,7 @@ def rmsprop(p, g, square_avg, grad_avg, momentum_buffer, h: RMSpropScalars):
     return p - h.lr * momentum_buffer, square_avg, grad_avg, momentum_buffer
 
 
-AdadeltaScalars = namedtuple("AdadeltaScalars", "lr rho one_minus_rho eps")
+AdadeltaScalars = scalars("AdadeltaScalars", "lr rho one_minus_rho eps")
 
 
 def adadelta(p, g, square_avg, acc_delta, h: AdadeltaScalars):
@@ -139,7 +156,7 @@ def adadelta(p, g, square_avg, acc_delta, h: AdadeltaScalars):
     return p - h.lr * delta, square_avg, acc_delta
 
 
-AdamScalars = namedtuple("AdamScalars", ["decay", "step_size", "inv_bc2_sqrt", "eps",
+AdamScalars = scalars("AdamScalars", ["decay", "step_size", "inv_bc2_sqrt", "eps",
                                          "one_minus_beta1", "beta2", "one_minus_beta2",
                                          "amsgrad", "caution", "caution_scale", "zero"])
 
@@ -162,7 +179,7 @@ def adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, h: AdamScalars):
             max_exp_avg_sq, float64(agrees))
 
 
-AdamaxScalars = namedtuple("AdamaxScalars", "clr eps one_minus_beta1 beta2")
+AdamaxScalars = scalars("AdamaxScalars", "clr eps one_minus_beta1 beta2")
 
 
 def adamax(p, g, exp_avg, exp_inf, h: AdamaxScalars):
@@ -174,7 +191,7 @@ def adamax(p, g, exp_avg, exp_inf, h: AdamaxScalars):
     return p - h.clr * (exp_avg / exp_inf), exp_avg, exp_inf
 
 
-NAdamScalars = namedtuple("NAdamScalars", ["decay", "grad_coef", "avg_coef", "inv_bc2",
+NAdamScalars = scalars("NAdamScalars", ["decay", "grad_coef", "avg_coef", "inv_bc2",
                                            "eps", "one_minus_beta1", "beta2",
                                            "one_minus_beta2"])
 
@@ -189,7 +206,7 @@ def nadam(p, g, exp_avg, exp_avg_sq, h: NAdamScalars):
     return p - h.avg_coef * (exp_avg / denom), exp_avg, exp_avg_sq
 
 
-RAdamScalars = namedtuple("RAdamScalars", ["decay", "step_size", "eps", "one_minus_beta1",
+RAdamScalars = scalars("RAdamScalars", ["decay", "step_size", "eps", "one_minus_beta1",
                                            "beta2", "one_minus_beta2", "rectified"])
 
 
@@ -205,7 +222,7 @@ def radam(p, g, exp_avg, exp_avg_sq, h: RAdamScalars):
     return p * h.decay - h.step_size * direction, exp_avg, exp_avg_sq
 
 
-RpropScalars = namedtuple("RpropScalars", ["etaminus", "etaplus", "step_size_min",
+RpropScalars = scalars("RpropScalars", ["etaminus", "etaplus", "step_size_min",
                                            "step_size_max", "zero"])
 
 
@@ -231,7 +248,7 @@ def rprop(p, g, prev, step_size, h: RpropScalars):
     return p, g, step_size
 
 
-ASGDScalars = namedtuple("ASGDScalars", "decay eta mu averaging")
+ASGDScalars = scalars("ASGDScalars", "decay eta mu averaging")
 
 
 def asgd(p, g, ax, h: ASGDScalars):
@@ -244,7 +261,7 @@ def asgd(p, g, ax, h: ASGDScalars):
     return p, ax
 
 
-AdanScalars = namedtuple("AdanScalars", ["decay", "step_size", "step_size_diff", "bc3_sqrt",
+AdanScalars = scalars("AdanScalars", ["decay", "step_size", "step_size_diff", "bc3_sqrt",
                                          "eps", "one_minus_beta1", "beta2", "one_minus_beta2",
                                          "beta3", "one_minus_beta3", "prox", "has_prev_grad",
                                          "caution", "caution_scale", "zero"])
@@ -270,7 +287,7 @@ def adan(p, g, exp_avg, exp_avg_sq, exp_avg_diff, prev_grad, h: AdanScalars):
     return p, exp_avg, exp_avg_sq, exp_avg_diff, g, float64(agrees)
 
 
-LionScalars = namedtuple("LionScalars", ["decay", "lr", "beta1", "one_minus_beta1", "beta2",
+LionScalars = scalars("LionScalars", ["decay", "lr", "beta1", "one_minus_beta1", "beta2",
                                          "one_minus_beta2", "one", "caution", "caution_scale",
                                          "zero"])
 
@@ -286,7 +303,7 @@ def lion(p, g, exp_avg, h: LionScalars):
             float64(agrees))
 
 
-LAMBScalars = namedtuple("LAMBScalars", ["trust_lr", "weight_decay", "inv_bc1", "inv_bc2_sqrt",
+LAMBScalars = scalars("LAMBScalars", ["trust_lr", "weight_decay", "inv_bc1", "inv_bc2_sqrt",
                                          "eps", "one_minus_beta1", "beta2", "one_minus_beta2",
                                          "moving"])
 
@@ -307,7 +324,7 @@ def lamb(p, g, exp_avg, exp_avg_sq, h: LAMBScalars):
             float64(update) * float64(update))
 
 
-LARSScalars = namedtuple("LARSScalars", "trust_lr momentum weight_decay")
+LARSScalars = scalars("LARSScalars", "trust_lr momentum weight_decay")
 
 
 def lars(p, g, momentum_buffer, h: LARSScalars):
@@ -317,7 +334,7 @@ def lars(p, g, momentum_buffer, h: LARSScalars):
     return p - momentum_buffer, momentum_buffer
 
 
-AdafactorScalars = namedtuple("AdafactorScalars", ["beta", "eps1_sq", "moving", "row_scale",
+AdafactorScalars = scalars("AdafactorScalars", ["beta", "eps1_sq", "moving", "row_scale",
                                                    "decay", "step_size"])
 
 
@@ -341,7 +358,7 @@ def adafactor(p, g, second, h: AdafactorScalars):
     return p * h.decay - h.step_size * update, second, float64(g * g / estimate)
 
 
-SWATSAdamScalars = namedtuple("SWATSAdamScalars", ["coef", "eps", "one_minus_beta1",
+SWATSAdamScalars = scalars("SWATSAdamScalars", ["coef", "eps", "one_minus_beta1",
                                                    "beta2", "one_minus_beta2"])
 
 
@@ -357,7 +374,7 @@ def swats_adam(p, g, exp_avg, exp_avg_sq, h: SWATSAdamScalars):
             float64(direction) * float64(g))
 
 
-EMAScalars = namedtuple("EMAScalars", "decay one_minus_decay")
+EMAScalars = scalars("EMAScalars", "decay one_minus_decay")
 
 
 @returns("average")
@@ -366,7 +383,7 @@ def ema(average, value, h: EMAScalars):
     return h.decay * average + h.one_minus_decay * value
 
 
-NoScalars = namedtuple("NoScalars", "")
+NoScalars = scalars("NoScalars", "")
 
 
 @returns("param_sq", "grad_sq")

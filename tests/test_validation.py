@@ -10,12 +10,17 @@ from conftest import assert_unchanged, snapshot
 f32 = np.float32
 
 
-def fresh():
-    """An Adam on dict parameters that has taken a step, so that its state exists."""
+def fresh(steady=False):
+    """An Adam on dict parameters that has taken a step, so that its state exists; with
+    ``steady``, a second one through ``opt.grads``, which sets up the fast path of the
+    next (fastopt/optim/steady.py)."""
     rng = np.random.default_rng(0)
     opt = fastopt.Adam({"w": rng.standard_normal((3, 4)).astype(f32),
                         "b": rng.standard_normal(4).astype(f32)}, lr=0.01, amsgrad=True)
     opt.step(rng.standard_normal(16).astype(f32))
+    if steady:
+        opt.flat_grads[:] = rng.standard_normal(16).astype(f32)
+        opt.step()
     opt.grads["w"][:] = 1.0
     return opt
 
@@ -82,9 +87,10 @@ STEP_CASES = {
 
 @pytest.mark.filterwarnings("ignore:overflow encountered")
 @pytest.mark.parametrize("case", STEP_CASES, ids=str)
-def test_bad_input_to_a_live_optimizer_changes_nothing(case):
+@pytest.mark.parametrize("steady", [False, True], ids=["", "steady"])
+def test_bad_input_to_a_live_optimizer_changes_nothing(case, steady):
     bad, error, match = STEP_CASES[case]
-    opt = fresh()
+    opt = fresh(steady)
     before = snapshot(opt)
     with pytest.raises(error, match=match):
         bad(opt)

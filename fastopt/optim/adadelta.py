@@ -49,5 +49,5 @@ class Adadelta(Optimizer):
     @staticmethod
     def scalars(group, step, fresh, host):
         rho = group["rho"]
-        return rules.AdadeltaScalars(lr=group["lr"], rho=rho,
+        return rules.AdadeltaScalars.of(lr=group["lr"], rho=rho,
                                      one_minus_rho=1.0 - rho, eps=group["eps"])

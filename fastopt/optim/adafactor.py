@@ -133,7 +133,7 @@ class Adafactor(Optimizer):
     def scalars(group, step, fresh, host):
         eps1 = _eps1(group)
         # row_scale and step_size differ per row or tensor: the passes take their own.
-        return rules.AdafactorScalars(beta=step ** group["beta2_decay"],
+        return rules.AdafactorScalars.of(beta=step ** group["beta2_decay"],
                                       eps1_sq=eps1 * eps1, moving=False,
                                       row_scale=1.0,
                                       decay=1.0 - group["lr"] * group["weight_decay"],
@@ -148,7 +148,7 @@ class Adafactor(Optimizer):
         lr = group["lr"]
 
         # Pass 1: RMS(p) per tensor; g*g summed along the rows and down the columns.
-        param_sq, row_sq = work.run(NORMS, rules.NoScalars(), plan.segments)
+        param_sq, row_sq = work.run(NORMS, rules.NoScalars.of(), plan.segments)
         param_sq = np.bincount(plan.segment_tensor, param_sq, plan.tensors)
         block_sq = backend.column_sums(work.tensors, work.prep, plan.blocks, plan.block_table,
                                        plan.block_sums, work.formats.get("g"))

@@ -42,4 +42,4 @@ class Adagrad(Optimizer):
     @staticmethod
     def scalars(group, step, fresh, host):
         clr = group["lr"] / (1.0 + (step - 1) * group["lr_decay"])
-        return rules.AdagradScalars(clr=clr, eps=group["eps"])
+        return rules.AdagradScalars.of(clr=clr, eps=group["eps"])

@@ -73,7 +73,7 @@ class Adam(Optimizer):
             inv_bc2_sqrt = 1.0 / math.sqrt(1.0 - beta2 ** step)
         else:
             step_size, inv_bc2_sqrt = lr, 1.0
-        return rules.AdamScalars(decay=decoupled_decay(group), step_size=step_size,
+        return rules.AdamScalars.of(decay=decoupled_decay(group), step_size=step_size,
                                  inv_bc2_sqrt=inv_bc2_sqrt, eps=group["eps"],
                                  one_minus_beta1=1.0 - beta1, beta2=beta2,
                                  one_minus_beta2=1.0 - beta2, amsgrad=bool(group["amsgrad"]),

@@ -41,5 +41,5 @@ class Adamax(Optimizer):
     def scalars(group, step, fresh, host):
         beta1, beta2 = group["betas"]
         clr = group["lr"] / (1.0 - beta1 ** step)
-        return rules.AdamaxScalars(clr=clr, eps=group["eps"],
+        return rules.AdamaxScalars.of(clr=clr, eps=group["eps"],
                                    one_minus_beta1=1.0 - beta1, beta2=beta2)

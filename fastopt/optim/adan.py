@@ -66,7 +66,7 @@ class Adan(Optimizer):
         lr, weight_decay = group["lr"], group["weight_decay"]
         beta1, beta2, beta3 = group["betas"]
         no_prox = group["no_prox"]
-        return rules.AdanScalars(
+        return rules.AdanScalars.of(
             decay=1.0 - lr * weight_decay if no_prox else 1.0,
             step_size=lr / (1.0 - beta1 ** step),
             step_size_diff=lr * beta2 / (1.0 - beta2 ** step),

@@ -52,7 +52,7 @@ class ASGD(Optimizer):
     def scalars(group, step, fresh, host):
         eta = group["lr"] if host["eta"] is None else host["eta"]
         eta = float(f32(eta))
-        return rules.ASGDScalars(decay=1.0 - group["lambd"] * eta, eta=eta,
+        return rules.ASGDScalars.of(decay=1.0 - group["lambd"] * eta, eta=eta,
                                  mu=host["mu"], averaging=host["mu"] != 1.0)
 
     @staticmethod

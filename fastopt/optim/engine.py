@@ -34,11 +34,11 @@ def fold(algorithm, group, step, fresh, host, index=None):
 
 
 def check_host_after(algorithm, group, step, host, index):
-    """Compute ``algorithm.host_after(group, step, host)`` ahead of the step, so that one
-    that overflows (ASGD's ``eta`` with a huge ``lambd``) raises a ValueError naming
+    """``algorithm.host_after(group, step, host)``, computed ahead of the step, so that
+    one that overflows (ASGD's ``eta`` with a huge ``lambd``) raises a ValueError naming
     ``param_groups[index]`` before any group is stepped."""
     try:
-        algorithm.host_after(group, step, host)
+        return algorithm.host_after(group, step, host)
     except ArithmeticError as error:
         raise ValueError(f"param_groups[{index}]'s hyperparameters overflow the host state "
                          f"of step {step} ({type(error).__name__}: {error}); make them "

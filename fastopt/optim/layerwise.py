@@ -102,7 +102,7 @@ class LAMB(LayerWise):
     def scalars(group, step, fresh, host):
         beta1, beta2 = group["betas"]
         # trust_lr differs per tensor: the second pass takes each tensor's own.
-        return rules.LAMBScalars(trust_lr=0.0, weight_decay=group["weight_decay"],
+        return rules.LAMBScalars.of(trust_lr=0.0, weight_decay=group["weight_decay"],
                                  inv_bc1=1.0 / (1.0 - beta1 ** step),
                                  inv_bc2_sqrt=1.0 / math.sqrt(1.0 - beta2 ** step),
                                  eps=group["eps"], one_minus_beta1=1.0 - beta1,
@@ -168,12 +168,12 @@ class LARS(LayerWise):
     @staticmethod
     def scalars(group, step, fresh, host):
         # trust_lr differs per tensor: the kernel takes each tensor's from an array.
-        return rules.LARSScalars(trust_lr=0.0, momentum=group["momentum"],
+        return rules.LARSScalars.of(trust_lr=0.0, momentum=group["momentum"],
                                  weight_decay=group["weight_decay"])
 
     @classmethod
     def update(cls, work, group, step, h, host):
-        param_sq, grad_sq = work.run(cls.NORMS, rules.NoScalars())
+        param_sq, grad_sq = work.run(cls.NORMS, rules.NoScalars.of())
         local_lr = lars_local_lr(param_sq, grad_sq, float(group["trust_coefficient"]),
                                  float(group["weight_decay"]))
         work.run(cls.STEP, h, values=[group["lr"] * local_lr])

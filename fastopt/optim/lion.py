@@ -53,7 +53,7 @@ class Lion(Optimizer):
     @staticmethod
     def scalars(group, step, fresh, host):
         lr, (beta1, beta2) = group["lr"], group["betas"]
-        return rules.LionScalars(decay=1.0 - lr * group["weight_decay"], lr=lr,
+        return rules.LionScalars.of(decay=1.0 - lr * group["weight_decay"], lr=lr,
                                  beta1=beta1, one_minus_beta1=1.0 - beta1,
                                  beta2=beta2, one_minus_beta2=1.0 - beta2, one=1.0,
                                  caution=bool(group["caution"]), caution_scale=1.0,

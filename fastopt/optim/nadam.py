@@ -59,7 +59,7 @@ class NAdam(Optimizer):
         mu, mu_next, mu_product = _momentum(group, step, host)
         grad_coef = lr * (1.0 - mu) / (1.0 - mu_product)
         avg_coef = lr * mu_next / (1.0 - mu_product * mu_next)
-        return rules.NAdamScalars(decay=decoupled_decay(group), grad_coef=grad_coef,
+        return rules.NAdamScalars.of(decay=decoupled_decay(group), grad_coef=grad_coef,
                                   avg_coef=avg_coef, inv_bc2=1.0 / (1.0 - beta2 ** step),
                                   eps=group["eps"], one_minus_beta1=1.0 - beta1,
                                   beta2=beta2, one_minus_beta2=1.0 - beta2)

@@ -70,7 +70,7 @@ class RAdam(Optimizer):
             step_size *= math.sqrt((rho - 4.0) * (rho - 2.0) * rho_inf
                                    / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho))
             step_size *= math.sqrt(bias_correction2)
-        return rules.RAdamScalars(decay=decoupled_decay(group), step_size=step_size,
+        return rules.RAdamScalars.of(decay=decoupled_decay(group), step_size=step_size,
                                   eps=group["eps"], one_minus_beta1=1.0 - beta1,
                                   beta2=beta2, one_minus_beta2=1.0 - beta2,
                                   rectified=rectified)

@@ -57,7 +57,7 @@ class RMSprop(Optimizer):
     @staticmethod
     def scalars(group, step, fresh, host):
         alpha = group["alpha"]
-        return rules.RMSpropScalars(lr=group["lr"], alpha=alpha,
+        return rules.RMSpropScalars.of(lr=group["lr"], alpha=alpha,
                                     one_minus_alpha=1.0 - alpha, eps=group["eps"],
                                     momentum=group["momentum"],
                                     centered=bool(group["centered"]))

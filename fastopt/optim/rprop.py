@@ -74,6 +74,6 @@ class Rprop(Optimizer):
     @staticmethod
     def scalars(group, step, fresh, host):
         (etaminus, etaplus), (smallest, largest) = group["etas"], group["step_sizes"]
-        return rules.RpropScalars(etaminus=etaminus, etaplus=etaplus,
+        return rules.RpropScalars.of(etaminus=etaminus, etaplus=etaplus,
                                   step_size_min=smallest, step_size_max=largest,
                                   zero=0.0)

@@ -54,5 +54,5 @@ class SGD(Optimizer):
         # No buffer, or a new one (which torch fills with a clone): the raw gradient.
         raw_gradient = momentum == 0 or "momentum_buffer" in fresh
         grad_weight = 1.0 if raw_gradient else 1.0 - group["dampening"]
-        return rules.SGDScalars(lr=group["lr"], momentum=momentum,
+        return rules.SGDScalars.of(lr=group["lr"], momentum=momentum,
                                 grad_weight=grad_weight, nesterov=bool(group["nesterov"]))

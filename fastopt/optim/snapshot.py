@@ -145,6 +145,7 @@ def _apply(opt, snapshot, groups, host, started):
         live.update(group)
     opt._checked = [None] * len(groups)
     opt._started = started
+    opt._steady = None
     opt.state.update(host, step=snapshot.step)
     opt.skipped_steps = snapshot.skipped_steps
     opt.last_grad_norm = snapshot.last_grad_norm

@@ -74,11 +74,11 @@ class SWATS(Optimizer):
     def scalars(group, step, fresh, host):
         beta1, beta2 = group["betas"]
         if host["sgd_lr"] is not None:
-            return rules.SGDScalars(lr=(1.0 - beta1) * host["sgd_lr"], momentum=beta1,
+            return rules.SGDScalars.of(lr=(1.0 - beta1) * host["sgd_lr"], momentum=beta1,
                                     grad_weight=1.0, nesterov=False)
         coef = group["lr"] * math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
         # coef in float32 here, as the kernel steps by it: the switch test reads it back.
-        return rules.SWATSAdamScalars(coef=f32(coef), eps=group["eps"],
+        return rules.SWATSAdamScalars.of(coef=f32(coef), eps=group["eps"],
                                       one_minus_beta1=1.0 - beta1, beta2=beta2,
                                       one_minus_beta2=1.0 - beta2)
 

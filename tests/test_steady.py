@@ -1,0 +1,176 @@
+"""The fast path of a step set up as the step before it (fastopt/optim/steady.py): a
+training loop takes it, its steps are bitwise those of the plain path, and anything
+changed between steps is checked again as the plain path checks it. (The table of bad
+inputs in test_validation.py runs against an optimizer on the fast path too.)"""
+
+import numpy as np
+import pytest
+
+import fastopt
+from cases import CASES
+from conftest import assert_same, assert_unchanged, snapshot
+from fastopt.optim.optimizer import Optimizer
+
+f32 = np.float32
+STEPS = 5
+
+
+def two_groups(name, kwargs, schedule=False):
+    """An optimizer of algorithm ``name`` over two groups of parameters, the second with
+    its own lr (a schedule, if asked)."""
+    rng = np.random.default_rng(3)
+    lr = kwargs.get("lr", 0.01)
+    second = {"params": [rng.standard_normal(700).astype(f32)],
+              "lr": fastopt.schedules.Exponential(lr, 0.9) if schedule else lr * 0.5}
+    return getattr(fastopt, name)([{"params": [rng.standard_normal((20, 30)).astype(f32)]},
+                                   second], **kwargs)
+
+
+def run(opt, grads, plain):
+    """Step ``opt`` through ``grads``: as a training loop does, writing ``opt.grads``
+    and calling ``step()``, or passing each flat gradient, which takes the plain path."""
+    for g in grads:
+        if plain:
+            opt.step(g)
+        else:
+            opt.flat_grads[:] = g
+            opt.step()
+
+
+def gradients(n, steps=STEPS, seed=5):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(n).astype(f32) for _ in range(steps)]
+
+
+def count_plans(monkeypatch):
+    """A list that grows by one at each plain step's planning of a group."""
+    calls = []
+    plan = Optimizer._plan
+    monkeypatch.setattr(Optimizer, "_plan", lambda self, *args: calls.append(1) or plan(self, *args))
+    return calls
+
+
+@pytest.mark.parametrize("case", [(name, i) for name in CASES for i in range(len(CASES[name]))],
+                         ids=lambda case: f"{case[0]}-{case[1]}")
+@pytest.mark.parametrize("schedule", [False, True], ids=["", "scheduled"])
+def test_steady_steps_are_bitwise_the_plain_ones(case, schedule):
+    name, index = case
+    kwargs = CASES[name][index]
+    steady, plain = two_groups(name, kwargs, schedule), two_groups(name, kwargs, schedule)
+    grads = gradients(plain.flat_params.size)
+    run(steady, grads, plain=False)
+    run(plain, grads, plain=True)
+    assert_same(snapshot(steady), snapshot(plain), grads=False)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "NAdam", "ASGD", "RMSprop", "Lion"])
+def test_a_training_loop_plans_only_its_first_step(monkeypatch, name):
+    opt = two_groups(name, {"lr": 0.01}, schedule=True)
+    plans = count_plans(monkeypatch)
+    run(opt, gradients(opt.flat_params.size), plain=False)
+    assert len(plans) == 2  # the two groups of the first step
+
+
+@pytest.mark.parametrize("setup", [
+    lambda opt: setattr(opt, "clip_grad_norm", 1.0),
+    lambda opt: setattr(opt, "skip_nonfinite", True),
+    lambda opt: opt.param_groups[0].update(caution=True),  # two passes a step
+], ids=["clip_grad_norm", "skip_nonfinite", "caution"])
+def test_what_the_fast_path_does_not_do_takes_the_plain_path(monkeypatch, setup):
+    opt = two_groups("Adam", {"lr": 0.01})
+    setup(opt)
+    plans = count_plans(monkeypatch)
+    run(opt, gradients(opt.flat_params.size, steps=3), plain=False)
+    assert len(plans) == 6
+
+
+@pytest.mark.parametrize("step", [
+    lambda opt: opt.step(np.ones(opt.flat_params.size, f32)),
+    lambda opt: opt.step(grad_scale=2.0),
+    lambda opt: opt.step(skip_nonfinite=False),
+], ids=["grads", "grad_scale", "skip_nonfinite"])
+def test_a_step_given_arguments_takes_the_plain_path(monkeypatch, step):
+    opt = fastopt.Adam([np.ones(8, f32)])
+    opt.step()
+    plans = count_plans(monkeypatch)
+    step(opt)
+    step(opt)
+    assert len(plans) == 2
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(state_dtype="bfloat16")],
+                         ids=["bfloat16 params", "bfloat16 state"])
+def test_16_bit_buffers_take_the_plain_path(monkeypatch, kwargs):
+    import ml_dtypes
+
+    dtype = f32 if kwargs else ml_dtypes.bfloat16
+    opt = fastopt.Adam([np.ones(8, dtype)], **kwargs)
+    plans = count_plans(monkeypatch)
+    for _ in range(3):
+        opt.step()
+    assert len(plans) == 3
+
+
+def test_options_set_between_steady_steps_take_effect():
+    """Setting clip_grad_norm or clip_grad_value drops what the fast path kept: the
+    next steps clip, as a plain run that set them at the same step."""
+    grads = gradients(1300, steps=6, seed=8)
+    runs = []
+    for plain in (False, True):
+        opt = two_groups("Adam", {"lr": 0.01})
+        run(opt, grads[:3], plain)
+        opt.clip_grad_norm, opt.clip_grad_value = 5.0, 0.5
+        run(opt, grads[3:], plain)
+        runs.append(snapshot(opt))
+    assert_same(*runs, grads=False)
+
+
+def test_a_restore_between_steady_steps_resumes_bitwise():
+    grads = gradients(1300, steps=6, seed=9)
+    opt = two_groups("NAdam", {"lr": 0.01}, schedule=True)
+    run(opt, grads[:3], plain=False)
+    saved = opt.snapshot()
+    run(opt, grads[3:], plain=False)
+    uninterrupted = snapshot(opt)
+    opt.restore(saved)
+    run(opt, grads[3:], plain=False)
+    assert_same(snapshot(opt), uninterrupted, grads=False)
+
+
+def test_a_schedule_that_fails_later_stops_the_steady_step_before_any_group_moves():
+    opt = two_groups("Adam", {"lr": 0.01})
+    opt.param_groups[1]["lr"] = lambda t: 0.01 if t < 3 else float("nan")
+    run(opt, gradients(1300, steps=3), plain=False)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"schedule of param_groups\[1\] returned nan for t=3"):
+        opt.step()
+    assert_unchanged(opt, before)
+
+
+def test_scalars_that_overflow_at_a_later_step_stop_the_steady_step():
+    """A schedule that climbs to an lr whose Adam step size overflows float32."""
+    opt = fastopt.Adam([np.ones(10, f32)], lr=lambda t: 1e-3 if t < 3 else 3e38)
+    run(opt, gradients(10, steps=3), plain=False)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="overflows float32 in the scalars of step 4"):
+        opt.step()
+    assert_unchanged(opt, before)
+
+
+@pytest.mark.parametrize("change", ["replace", "resize", "regroup"])
+def test_a_state_buffer_or_group_replaced_between_steady_steps_is_checked(change):
+    opt = two_groups("Adam", {"lr": 0.01})
+    run(opt, gradients(1300, steps=2), plain=False)
+    if change == "replace":
+        opt.state["exp_avg"] = np.zeros(1300, np.float64)
+        error, match = TypeError, r"state\['exp_avg'\] must be a C-contiguous float32"
+    elif change == "resize":
+        opt.state["exp_avg_sq"] = np.zeros(1299, f32)
+        error, match = TypeError, r"state\['exp_avg_sq'\] must be .* of shape \(1300,\)"
+    else:
+        opt.param_groups[1] = dict(opt.param_groups[1], betas=(0.9, 1.5))
+        error, match = ValueError, "betas"
+    before = snapshot(opt)
+    with pytest.raises(error, match=match):
+        opt.step()
+    assert_unchanged(opt, before)
