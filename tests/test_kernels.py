@@ -25,10 +25,11 @@ OTHER_RULES = {"prepare", "ema", "swats_adam", "lamb", "lars", "adafactor", "nor
 
 
 def rule_functions():
-    """The functions of kernels.rules but the decorator that declares their results."""
+    """The functions of kernels.rules but the two that run on the host: the decorator
+    that declares their results, and the maker of the scalars' types."""
     tree = ast.parse(inspect.getsource(rules))
     return [node for node in tree.body
-            if isinstance(node, ast.FunctionDef) and node.name != "returns"]
+            if isinstance(node, ast.FunctionDef) and node.name not in ("returns", "scalars")]
 NO_DIVISION = {"SGD", "Rprop", "ASGD", "Lion"}
 
 ASM_PROBE = r"""

@@ -46,7 +46,8 @@ def count_plans(monkeypatch):
     """A list that grows by one at each plain step's planning of a group."""
     calls = []
     plan = Optimizer._plan
-    monkeypatch.setattr(Optimizer, "_plan", lambda self, *args: calls.append(1) or plan(self, *args))
+    monkeypatch.setattr(Optimizer, "_plan",
+                        lambda self, *args: calls.append(1) or plan(self, *args))
     return calls
 
 
@@ -147,6 +148,24 @@ def test_a_schedule_that_fails_later_stops_the_steady_step_before_any_group_move
     assert_unchanged(opt, before)
 
 
+def test_a_schedule_that_changes_the_optimizer_as_it_runs_is_checked_after_it():
+    """A schedule is the user's code, called during the step: what it changes is found
+    before the first launch, as the plain path finds it."""
+    opt = two_groups("Adam", {"lr": 0.01})
+
+    def schedule(t):
+        if t == 3:
+            opt.param_groups[1]["lr"] = -1.0
+        return 0.01
+
+    opt.param_groups[0]["lr"] = schedule
+    run(opt, gradients(1300, steps=3), plain=False)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"learning rate.*param_groups\[1\]"):
+        opt.step()
+    assert_unchanged(opt, before)
+
+
 def test_scalars_that_overflow_at_a_later_step_stop_the_steady_step():
     """A schedule that climbs to an lr whose Adam step size overflows float32."""
     opt = fastopt.Adam([np.ones(10, f32)], lr=lambda t: 1e-3 if t < 3 else 3e38)
@@ -174,3 +193,43 @@ def test_a_state_buffer_or_group_replaced_between_steady_steps_is_checked(change
     with pytest.raises(error, match=match):
         opt.step()
     assert_unchanged(opt, before)
+
+
+def _bypassing(group, key, value):
+    dict.__setitem__(group, key, value)  # a change the group does not count
+
+
+@pytest.mark.parametrize("change", [
+    lambda g: g.__setitem__("lr", 0.02),
+    lambda g: g.update(lr=0.02),
+    lambda g: g.__ior__({"lr": 0.02}),
+    lambda g: g.setdefault("note", "x"),
+    lambda g: (_bypassing(g, "note", 1), g.pop("note")),
+    lambda g: (_bypassing(g, "note", 1), g.__delitem__("note")),
+    lambda g: (_bypassing(g, "note", 1), g.popitem()),
+    lambda g: (lambda saved: (g.clear(), dict.update(g, saved)))(dict(g)),
+    lambda g: g.__init__(lr=0.02),
+], ids=["setitem", "update", "|=", "setdefault", "pop", "del", "popitem", "clear", "__init__"])
+def test_every_change_to_a_group_sends_the_next_step_down_the_plain_path(monkeypatch, change):
+    """A group counts its changes, and the fast path trusts an unchanged count."""
+    opt = two_groups("Adam", {"lr": 0.01})
+    run(opt, gradients(1300, steps=2), plain=False)
+    plans = count_plans(monkeypatch)
+    change(opt.param_groups[1])
+    opt.step()
+    assert len(plans) == 2  # planned again, both groups
+    opt.step()
+    assert len(plans) == 2  # and then steady again
+
+
+def test_a_group_pickles_and_copies_as_the_dict_it_is():
+    import copy
+    import pickle
+
+    opt = two_groups("Adam", {"lr": 0.01})
+    opt.param_groups[0]["lr"] = 0.5
+    hyperparameters = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+    for copied in (pickle.loads(pickle.dumps(opt.param_groups[0])),
+                   copy.deepcopy(opt.param_groups[0]), copy.copy(opt.param_groups[0])):
+        assert isinstance(copied, dict) and copied.keys() == opt.param_groups[0].keys()
+        assert {k: v for k, v in copied.items() if k != "params"} == hyperparameters

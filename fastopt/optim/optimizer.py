@@ -21,7 +21,7 @@ from .checks import check_flag, check_lr, positive_or_none
 from .snapshot import restore as restore_snapshot
 from .snapshot import take as take_snapshot
 from .spec import ALGORITHMS, constructor
-from .steady import Steady
+from .steady import Group, Steady
 
 f32 = np.float32
 
@@ -119,7 +119,8 @@ class Optimizer:
         master_params: the 1-D float32 master weights of 16-bit parameters, their low
             halves as uint16 with ``master_weights="remainder"``
             (:func:`fastopt.precision.rebuild_master` gives the float32 values), or None.
-        param_groups: a list of dicts, one per group, holding the group's ``params``
+        param_groups: a list of dicts (:class:`fastopt.optim.steady.Group`, which counts
+            its changes), one per group, holding the group's ``params``
             (views, fixed at construction) and its hyperparameters; change them between
             steps (``opt.param_groups[0]["lr"] = 1e-4``) and the next step uses the new
             values, validated again.
@@ -173,7 +174,7 @@ class Optimizer:
         self.params = ViewList(param_views, "params") if self._grouped else param_views[0]
         self.grads = ViewList(grad_views, "grads") if self._grouped else grad_views[0]
         self._grad_slices = [layout.slices(self.flat_grads) for layout in self._layouts]
-        self.param_groups = [{"params": views, **group}
+        self.param_groups = [Group(params=views, **group)
                              for views, group in zip(param_views, groups)]
         self._checked = [_checked(group) for group in self.param_groups]
         self._started = [set() for _ in groups]  # the state buffers each group has begun

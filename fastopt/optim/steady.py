@@ -7,12 +7,13 @@ rounding ``prep`` to float32. In a training loop nothing of that changes from on
 to the next but the step count.
 
 :class:`Steady` keeps what a plain step of float32 buffers on the CPU derived. The next
-step takes it after finding, by identity, every group, its keys and hyperparameters
-(as ``Optimizer._plan`` does before it validates again), the state dict and its
-buffers and the flat buffers to be the objects that step used. It computes only what
-the step count changes, with the functions the plain step calls (the scalars with
-their overflow check, the host state, a scheduled lr), so a steady step is bitwise the
-plain one and fails as it would, before anything is written.
+step takes it after finding every group unchanged (a :class:`Group` counts the changes
+made to it), and the state dict, its buffers and the flat buffers to be the objects
+that step used. It computes only what the step count changes, with the functions the
+plain step calls (the scalars with their overflow check, the host state, a scheduled
+lr), so a steady step is bitwise the plain one and fails as it would, before anything
+is written. A schedule may change the optimizer as it runs: the checks run again after
+it.
 
 Everything else takes the plain path: a step given gradients, a loss scale or
 ``skip_nonfinite``, clipping by norm or the non-finite skip, 16-bit or 8-bit storage,
@@ -27,15 +28,65 @@ from ..kernels._template import float32s
 from . import engine
 
 
+class Group(dict):
+    """A parameter group of :class:`fastopt.Optimizer`: a dict that counts the changes
+    made to it in ``changes``, so that a step tells in one comparison that a group holds
+    what the step before validated (comparing its keys and values takes a fifth of a
+    step at 1e3 parameters). A value changed in place (an element of a list) is not a
+    change of the group: groups that hold lists take the plain path, which checks
+    them. Neither are changes made through dict's own methods
+    (``dict.update(group, ...)``), which go around the group's."""
+
+    changes = 0  # a class default: unpickling sets the items before the attributes
+
+    def __init__(self, *args, **kwargs):  # also when called again, on a live group
+        super().__init__(*args, **kwargs)
+        self.changes += 1
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.changes += 1
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        self.changes += 1
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+    def update(self, *args, **kwargs):
+        super().update(*args, **kwargs)
+        self.changes += 1
+
+    def setdefault(self, key, default=None):
+        self.changes += 1
+        return super().setdefault(key, default)
+
+    def pop(self, *args):
+        self.changes += 1
+        return super().pop(*args)
+
+    def popitem(self):
+        self.changes += 1
+        return super().popitem()
+
+    def clear(self):
+        super().clear()
+        self.changes += 1
+
+
 class Steady:
     """What a plain step derived that the next step may reuse (see the module)."""
 
-    __slots__ = ("state", "params", "grads", "param_groups", "buffers", "groups", "host")
+    __slots__ = ("state", "params", "grads", "param_groups", "buffers", "groups", "host",
+                 "scheduled")
 
     def __init__(self, opt, buffers, groups):
         self.state, self.params, self.grads = opt.state, opt.flat_params, opt.flat_grads
         self.param_groups, self.buffers, self.groups = opt.param_groups, buffers, groups
         self.host = opt.spec.host
+        self.scheduled = any(group.scheduled for group in groups)
 
     @classmethod
     def of(cls, opt, plans):
@@ -48,9 +99,13 @@ class Steady:
             return None
         buffers, groups = {}, []
         for index, (group, spec, _, h, _) in enumerate(plans):
-            keys, values, _ = opt._checked[index]
-            if values is None or not engine.single_pass(opt, h) or \
-                    not opt._started[index].issuperset(spec):
+            live, checked = opt.param_groups[index], opt._checked[index]
+            if checked is None:  # restored during the step (by a schedule)
+                return None
+            keys, values, _ = checked
+            if (not isinstance(live, Group) or values is None  # holds a list
+                    or tuple(live) != keys or not all(map(operator.is_, live.values(), values))
+                    or not engine.single_pass(opt, h) or not opt._started[index].issuperset(spec)):
                 return None
             buffers.update((name, opt.state[name]) for name in spec)
             layout = opt._layouts[index]
@@ -60,15 +115,33 @@ class Steady:
             prep = engine.prep(type(opt), group, 1.0, 1.0, opt.clip_grad_value)
             launch = opt._backend.launcher(opt.rule, tuple(spec), arrays, prep,
                                            opt.spec.keeps_subnormals)
-            groups.append(GroupStep(opt, index, keys, values, spec, launch))
+            groups.append(GroupStep(opt, index, spec, launch))
         return cls(opt, tuple(buffers.items()), tuple(groups))
 
     def step(self, opt):
         """Take ``opt``'s next step, as ``opt.step()`` would, where it is set up as the
         step that made this Steady; False, having changed nothing, where it is not."""
+        if not self._unchanged(opt):
+            return False
         state, groups = self.state, self.groups
-        if (opt.state is not state or opt.flat_grads is not self.grads
-                or opt.flat_params is not self.params
+        step = state["step"] + 1
+        if self.host:
+            return self._step_with_host(opt, step)
+        # Every group's scalars before the first launch: one may raise.
+        scalars = [float32s(engine.fold(opt, group.at(opt, step), step, (), NO_HOST,
+                                        group.where)) for group in groups]
+        if self.scheduled and not self._unchanged(opt):
+            return False  # a schedule changed the optimizer
+        for group, h in zip(groups, scalars):
+            group.launch(h)
+        state["step"] = step
+        return True
+
+    def _unchanged(self, opt):
+        """Whether ``opt`` is set up as the step that made this Steady."""
+        state, groups = self.state, self.groups
+        if (opt._steady is not self or opt.state is not state
+                or opt.flat_grads is not self.grads or opt.flat_params is not self.params
                 or opt.param_groups is not self.param_groups
                 or len(opt.param_groups) != len(groups)):
             return False
@@ -76,17 +149,8 @@ class Steady:
             if state.get(name) is not buffer:
                 return False
         for live, group in zip(opt.param_groups, groups):
-            if not (live is group.group and tuple(live) == group.keys
-                    and all(map(operator.is_, live.values(), group.values))):
+            if live is not group.group or live.changes != group.changes:
                 return False
-        step = state["step"] + 1
-        if self.host:
-            return self._step_with_host(opt, step)
-        scalars = [float32s(engine.fold(opt, group.at(opt, step), step, (), NO_HOST, group.where))
-                   for group in groups]  # every group's, before the first launch: one may raise
-        for group, h in zip(groups, scalars):
-            group.launch(h)
-        state["step"] = step
         return True
 
     def _step_with_host(self, opt, step):
@@ -101,6 +165,8 @@ class Steady:
             steps.append((group, hyperparameters, host, h))
         afters = [engine.check_host_after(opt, hyperparameters, step, host, group.index)
                   for group, hyperparameters, host, _ in steps]  # all before the first launch
+        if self.scheduled and not self._unchanged(opt):
+            return False
         for (group, _, _, h), after in zip(steps, afters):
             group.launch(float32s(h))
             for name, value in after.items():
@@ -110,13 +176,15 @@ class Steady:
 
 
 class GroupStep:
-    """One group's part of a :class:`Steady`: the group and its keys and values as the
-    plain step found them, its state buffers (``spec``) and its kernel's launcher."""
+    """One group's part of a :class:`Steady`: the group and its count of changes when
+    the plain step validated it, its state buffers (``spec``) and its kernel's
+    launcher."""
 
-    __slots__ = ("group", "keys", "values", "index", "where", "scheduled", "spec", "launch")
+    __slots__ = ("group", "changes", "index", "where", "scheduled", "spec", "launch")
 
-    def __init__(self, opt, index, keys, values, spec, launch):
-        self.group, self.keys, self.values = opt.param_groups[index], keys, values
+    def __init__(self, opt, index, spec, launch):
+        self.group = opt.param_groups[index]
+        self.changes = self.group.changes
         self.index, self.where = index, index if opt._grouped else None
         self.scheduled = callable(self.group.get("lr"))
         self.spec, self.launch = spec, launch
