@@ -4,9 +4,10 @@ Each rule is a plain function of float32 scalars: the parameter ``p``, its gradi
 ``g``, the algorithm's state values, and ``h``, the float32 hyperparameters that the
 optimizer computed on the host for this step (bias corrections, decayed learning rates
 ...). ``h`` is a named tuple whose type is declared next to the rule and named by the
-rule's annotation; the host builds it by field name and the rule reads it by field
-name, so no one counts positions. It returns the new parameter followed by the new
-state values, in the order it received them.
+rule's annotation; the host builds it by field name (with the type's ``of``, see
+:func:`scalars`) and the rule reads it by field name, so no one counts positions. It
+returns the new parameter followed by the new state values, in the order it received
+them.
 
 The host fills ``h`` with numbers (Python floats, bools for flags), and the backends
 round every field to float32 at once as they launch (``_template.float32s``: one array

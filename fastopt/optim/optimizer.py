@@ -535,7 +535,8 @@ class Optimizer:
     @staticmethod
     def scalars(group, step, fresh, host):
         """The rule's ``h`` for step number ``step`` (1-based): its named tuple of numbers
-        (and flags), built by field name, which the kernels get rounded to float32.
+        (and flags), built by field name with its ``of`` (``rules.AdamScalars.of(...)``),
+        which the kernels get rounded to float32.
 
         ``fresh`` names the state buffers that this step begins, ``host`` is the host
         state before the step. Must not modify anything: a step that fails leaves the

@@ -97,6 +97,8 @@ class Steady:
         if (opt.device != "cpu" or opt.clip_grad_norm is not None or opt.skip_nonfinite
                 or storage.converts or storage.quantized or opt.master_params is not None):
             return None
+        if not all(engine.single_pass(opt, plan[3]) for plan in plans):
+            return None  # first: the algorithms of several passes ask at every step
         buffers, groups = {}, []
         for index, (group, spec, _, h, _) in enumerate(plans):
             live, checked = opt.param_groups[index], opt._checked[index]
@@ -105,7 +107,7 @@ class Steady:
             keys, values, _ = checked
             if (not isinstance(live, Group) or values is None  # holds a list
                     or tuple(live) != keys or not all(map(operator.is_, live.values(), values))
-                    or not engine.single_pass(opt, h) or not opt._started[index].issuperset(spec)):
+                    or not opt._started[index].issuperset(spec)):
                 return None
             buffers.update((name, opt.state[name]) for name in spec)
             layout = opt._layouts[index]
