@@ -231,3 +231,16 @@ def test_a_group_pickles_and_copies_as_the_dict_it_is():
                    copy.deepcopy(opt.param_groups[0]), copy.copy(opt.param_groups[0])):
         assert isinstance(copied, dict) and copied.keys() == opt.param_groups[0].keys()
         assert {k: v for k, v in copied.items() if k != "params"} == hyperparameters
+
+
+def test_a_steady_step_of_the_parallel_kernel_is_bitwise_the_plain_one(monkeypatch):
+    """Above kernels.cpu.PARALLEL_MIN_SIZE elements the launcher runs the parallel loop."""
+    n = 20000
+    grads = gradients(n, steps=4)
+    steady, plain = (fastopt.AdamW([np.linspace(-1, 1, n, dtype=f32)], lr=0.01)
+                     for _ in range(2))
+    plans = count_plans(monkeypatch)
+    run(steady, grads, plain=False)
+    assert len(plans) == 1
+    run(plain, grads, plain=True)
+    assert_same(snapshot(steady), snapshot(plain), grads=False)
