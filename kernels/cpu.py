@@ -7,6 +7,9 @@ import textwrap
 import numpy as np
 from numba import carray, njit, prange, types
 from numba.core.extending import intrinsic, overload
+# What prange itself reads; numba.get_num_threads() compiles to a ctypes pointer, which
+# keeps a kernel out of Numba's on-disk cache.
+from numba.np.ufunc.parallel import _iget_num_threads as thread_count
 
 from . import _fp_mode, _template, codecs, rules
 
@@ -19,10 +22,14 @@ _OPTIONS = dict(parallel=True, cache=True, nogil=True, error_model="numpy")
 # 16k and 32k elements.
 PARALLEL_MIN_SIZE = 1 << 14
 
-# The parallel loop hands out chunks of this many elements: each thread switches its
-# denormal handling once per chunk, and each chunk's loop runs over slices, indexed from
-# 0, which LLVM vectorises with contiguous loads.
+# The parallel loop hands out chunks of at most this many elements: each thread switches
+# its denormal handling once per chunk, and each chunk's loop runs over slices, indexed
+# from 0, which LLVM vectorises with contiguous loads.
 CHUNK = 1 << 14
+
+# Chunks are cut at multiples of this many elements, so that only a buffer's last chunk
+# ends in a partial vector.
+VECTOR = 64
 
 # Subnormal numbers (below 1.2e-38) make x86 arithmetic 10-100x slower. With this set,
 # the kernels flush them to zero (the FTZ and DAZ bits of MXCSR, as
@@ -34,11 +41,12 @@ ZERO = np.float32(0)  # a state a driver does not hold reads as this
 _LOOPS = """\
 {random_arguments}, parallel, flush_denormals):
     if parallel:
-        for c in prange(({first}.size + CHUNK - 1) // CHUNK):
+        chunk_size = even_chunk({first}.size, thread_count())
+        for c in prange(({first}.size + chunk_size - 1) // chunk_size):
             {named}
             saved = denormals_off(flush_denormals)
-            start = c * CHUNK
-            stop = min(start + CHUNK, {first}.size)
+            start = c * chunk_size
+            stop = min(start + chunk_size, {first}.size)
             {slices}
             {chunk}
             restore_fp_mode(saved)
@@ -90,6 +98,20 @@ _SEGMENT_LOOPS = ("{random_arguments}, chunks, state_starts, partials, row_scala
                   + textwrap.indent(_SEGMENT_CHUNK, " " * 12)
                   + "    else:\n        for c in range(chunks.shape[0]):\n"
                   + textwrap.indent(_SEGMENT_CHUNK, " " * 12))
+
+
+@njit(inline="always")
+def even_chunk(size, threads):
+    """The size of the parallel loop's chunks of ``size`` elements on ``threads``
+    threads: a multiple of VECTOR, at most CHUNK, and cut so that the chunks come to a
+    multiple of ``threads`` (or, after rounding to VECTOR, a few less). prange gives
+    each thread an equal run of iterations, so 7 chunks of CHUNK on 2 threads left one
+    thread 4: Adam at 1e5 ran 1.32x faster on two threads than on one, and 1.75x in 8
+    even chunks (AMD Zen 5)."""
+    chunks = max((size + CHUNK - 1) // CHUNK, 1)
+    chunks = (chunks + threads - 1) // threads * threads
+    even = (size + chunks - 1) // chunks
+    return max((even + VECTOR - 1) // VECTOR * VECTOR, VECTOR)
 
 
 def _inline(function):
@@ -150,6 +172,8 @@ def _driver(spec, loops):
         "rule": _inline(getattr(rules, spec.rule)),
         "prepare": _prepare,
         "prange": prange,
+        "even_chunk": even_chunk,
+        "thread_count": thread_count,
         "segment_chunk": _segment_chunk,
         "segment_chunk_bits": _segment_chunk_bits,
         "tensor_part": _tensor_part,
@@ -171,7 +195,7 @@ def _driver(spec, loops):
     # picks is fixed at compile time); without it their add latency bounds the loop.
     options = dict(_OPTIONS, fastmath={"reassoc"}) if spec.sums else _OPTIONS
     chunk_options = dict(options, parallel=False, inline="never")
-    fingerprint = repr((options, chunk_options, CHUNK, BLOCKS_PER_CHUNK)) + inspect.getsource(
+    fingerprint = repr((options, chunk_options, CHUNK, VECTOR, BLOCKS_PER_CHUNK)) + inspect.getsource(
         _fp_mode)
     driver = _template.build(spec, loops, namespace, __file__, fingerprint,
                              njit(**chunk_options))

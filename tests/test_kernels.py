@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import numba
 import numpy as np
 import pytest
 
@@ -34,6 +35,7 @@ NO_DIVISION = {"SGD", "Rprop", "ASGD", "Lion"}
 
 ASM_PROBE = r"""
 import json, sys
+import numba
 import numpy as np
 import fastopt
 from fastopt.kernels import cpu
@@ -137,8 +139,18 @@ def test_absent_state_reads_as_zero_and_is_not_written():
     np.testing.assert_allclose(buf, 0.9 * 5.0 + 2.0)
 
 
-def test_serial_and_parallel_loops_agree_bitwise():
-    n = 3 * cpu.PARALLEL_MIN_SIZE + 11
+@pytest.mark.parametrize("threads", sorted({1, numba.config.NUMBA_NUM_THREADS}))
+@pytest.mark.parametrize("n", [3 * cpu.PARALLEL_MIN_SIZE + 11, 100_000, 7 * cpu.CHUNK])
+def test_serial_and_parallel_loops_agree_bitwise(n, threads):
+    default = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        check_serial_and_parallel_loops_agree(n)
+    finally:
+        numba.set_num_threads(default)
+
+
+def check_serial_and_parallel_loops_agree(n):
     rng = np.random.default_rng(0)
     opt = fastopt.Adam([np.zeros(1, np.float32)], lr=1e-2, amsgrad=True)
     h = opt.scalars(opt.param_groups[0], 1, [], {})
@@ -151,6 +163,19 @@ def test_serial_and_parallel_loops_agree_bitwise():
     kernel(*arrays, prep, h, True, True)
     for a, b in zip(arrays, serial):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 4, 16])
+def test_the_parallel_chunks_cover_a_buffer_and_share_it_evenly(threads):
+    for size in [*range(cpu.PARALLEL_MIN_SIZE, 300_000, 997), 10**6, 2 * 10**7]:
+        chunk = cpu.even_chunk(size, threads)
+        count = -(-size // chunk)
+        assert chunk % cpu.VECTOR == 0 and chunk <= cpu.CHUNK
+        assert (count - 1) * chunk < size <= count * chunk
+        # prange hands each thread an equal run of the chunks: the busiest gets
+        # ceil(count / threads) of them.
+        busiest = min(-(-count // threads) * chunk, size)
+        assert busiest <= 1.05 * size / threads, (size, chunk, count)
 
 
 def test_denormals_are_flushed_inside_the_kernels_and_nowhere_else():
