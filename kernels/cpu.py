@@ -272,7 +272,8 @@ def _column_sums(g, prep, table, out, k, bfloat16):
     sums = out[out_start:out_start + columns]
     # Read once, not from memory that out may alias; float32 whatever the caller passed.
     prepared = (np.float32(prep[0]), np.float32(prep[1]), np.float32(prep[2]))
-    sums[:] = 0.0
+    for c in range(columns):  # not sums[:] = 0: under parallel=True, a parfor of its own
+        sums[c] = 0.0
     for r in range(rows):
         g_row = g[r * columns:(r + 1) * columns]
         for c in range(columns):
