@@ -7,9 +7,14 @@ import textwrap
 import numpy as np
 from numba import carray, njit, prange, types
 from numba.core.extending import intrinsic, overload
-# What prange itself reads; numba.get_num_threads() compiles to a ctypes pointer, which
-# keeps a kernel out of Numba's on-disk cache.
-from numba.np.ufunc.parallel import _iget_num_threads as thread_count
+
+# The thread count as prange reads it, by the symbol that Numba's threading layer
+# registers. numba.get_num_threads() compiles to a ctypes pointer, which keeps a kernel
+# out of Numba's on-disk cache: it is the fallback, for a Numba without the intrinsic.
+try:
+    from numba.np.ufunc.parallel import _iget_num_threads as thread_count
+except ImportError:
+    from numba import get_num_threads as thread_count
 
 from . import _fp_mode, _template, codecs, rules
 
@@ -195,8 +200,8 @@ def _driver(spec, loops):
     # picks is fixed at compile time); without it their add latency bounds the loop.
     options = dict(_OPTIONS, fastmath={"reassoc"}) if spec.sums else _OPTIONS
     chunk_options = dict(options, parallel=False, inline="never")
-    fingerprint = repr((options, chunk_options, CHUNK, VECTOR, BLOCKS_PER_CHUNK)) + inspect.getsource(
-        _fp_mode)
+    fingerprint = (repr((options, chunk_options, CHUNK, VECTOR, BLOCKS_PER_CHUNK))
+                   + inspect.getsource(_fp_mode))
     driver = _template.build(spec, loops, namespace, __file__, fingerprint,
                              njit(**chunk_options))
     return njit(**options)(driver)

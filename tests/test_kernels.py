@@ -33,6 +33,24 @@ def rule_functions():
             if isinstance(node, ast.FunctionDef) and node.name not in ("returns", "scalars")]
 NO_DIVISION = {"SGD", "Rprop", "ASGD", "Lion"}
 
+# The other parallel kernels: Adafactor's column sums (of float32 and of bfloat16
+# gradients), 8-bit state's blocks, the bandwidth yardstick, and a flat loop of the
+# NumPy API's; and a way to find them.
+OTHER_KERNELS = r"""
+import gc, ml_dtypes
+from fastopt.kernels import stream
+fastopt.Adam([np.ones(64, np.float32)]).step()
+for dtype in (np.float32, ml_dtypes.bfloat16):
+    fastopt.Adafactor({"w": np.ones((40, 20), dtype)}).step()
+fastopt.Adam([np.ones(8192, np.float32)], state_dtype="int8").step()
+stream.add_scaled(np.ones(4, np.float32), np.ones(4, np.float32), np.float32(1))
+
+def parallel_kernels():
+    return [kernel for kernel in gc.get_objects()
+            if isinstance(kernel, numba.core.dispatcher.Dispatcher)
+            and kernel.targetoptions.get("parallel") and "kernels" in kernel.py_func.__module__]
+"""
+
 ASM_PROBE = r"""
 import json, sys
 import numba
@@ -58,36 +76,56 @@ for name, kwargs in json.loads(sys.argv[1]).items():
                          opt.scalars(group, 2, [], host), segments)
     kernel = cpu.segment_kernel(opt.rule, spec)
     asm[name + " in place"] = "\n".join(kernel.inspect_asm().values())
-# The other parallel kernels: Adafactor's column sums (of float32 and of bfloat16
-# gradients), 8-bit state's blocks, the bandwidth yardstick.
-import gc, ml_dtypes
-from fastopt.kernels import stream
-for dtype in (np.float32, ml_dtypes.bfloat16):
-    fastopt.Adafactor({"w": np.ones((40, 20), dtype)}).step()
-fastopt.Adam([np.ones(8192, np.float32)], state_dtype="int8").step()
-stream.add_scaled(np.ones(4, np.float32), np.ones(4, np.float32), np.float32(1))
-parfors = {}
-for kernel in gc.get_objects():
-    if isinstance(kernel, numba.core.dispatcher.Dispatcher) and \
-            kernel.targetoptions.get("parallel") and "kernels" in kernel.py_func.__module__:
-        parfors[kernel.py_func.__name__] = [
-            len(overload.metadata["parfor_diagnostics"].get_parfors())
-            for overload in kernel.overloads.values()]
+""" + OTHER_KERNELS + r"""
+parfors = {kernel.py_func.__name__: [
+    len(overload.metadata["parfor_diagnostics"].get_parfors())
+    for overload in kernel.overloads.values()] for kernel in parallel_kernels()}
 print(json.dumps({"asm": asm, "parfors": parfors}))
 """
 
 
+# The kernels of OTHER_KERNELS again, in a process after ASM_PROBE's: [misses, hits]
+# of Numba's cache by kernel.
+CACHE_PROBE = r"""
+import json
+import numba
+import numpy as np
+import fastopt
+""" + OTHER_KERNELS + r"""
+print(json.dumps({kernel.py_func.__name__: [sum(kernel.stats.cache_misses.values()),
+                                             sum(kernel.stats.cache_hits.values())]
+                  for kernel in parallel_kernels()}))
+"""
+
+
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    """What ASM_PROBE finds in the kernels it compiles afresh."""
-    # Numba shows no assembly or parallel loops for code loaded from its cache, hence a
-    # fresh cache.
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path_factory.mktemp("numba-cache")))
-    # cwd="/": the installed package, as users import it.
-    run = subprocess.run([sys.executable, "-c", ASM_PROBE, json.dumps(EVERY_RULE)], env=env,
-                         cwd="/", capture_output=True, text=True)
+def numba_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("numba-cache")
+
+
+def probe(code, cache, *args):
+    """The JSON that ``code`` prints, run in a fresh interpreter on the Numba cache
+    ``cache``, outside the source checkout (cwd="/": the installed package, as users
+    import it)."""
+    run = subprocess.run([sys.executable, "-c", code, *args], cwd="/", capture_output=True,
+                         text=True, env=dict(os.environ, NUMBA_CACHE_DIR=str(cache)))
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout)
+
+
+@pytest.fixture(scope="module")
+def compiled(numba_cache):
+    """What ASM_PROBE finds in the kernels it compiles afresh: Numba shows no assembly
+    or parallel loops for code loaded from its cache, hence a fresh cache."""
+    return probe(ASM_PROBE, numba_cache, json.dumps(EVERY_RULE))
+
+
+def test_a_second_process_loads_the_parallel_kernels_from_numbas_cache(compiled, numba_cache):
+    # A kernel that Numba cannot cache (one that calls numba.get_num_threads(), a ctypes
+    # pointer) compiles again in every process, for seconds, with only a warning.
+    loads = probe(CACHE_PROBE, numba_cache)  # [misses, hits] by kernel
+    assert len(loads) >= 4
+    assert {name: counts for name, counts in loads.items() if counts[0] or not counts[1]} == {}
 
 
 @pytest.fixture(scope="module")
