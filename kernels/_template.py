@@ -268,7 +268,7 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
 
     - ``{block_arguments}`` names the absmax and small arrays of the 8-bit state
       buffers, and ``{block_chunk}`` runs the chunk function over blocks ``c *
-      BLOCKS_PER_CHUNK`` on (see :func:`_block_chunk`), or ``{block_steps}`` (several
+      per_chunk`` on (see :func:`_block_chunk`), or ``{block_steps}`` (several
       lines, indented as a function body) steps block ``b`` with a CUDA block's threads
       (see :func:`_block_steps`): the loops of a pass that keeps state in 8 bits, which
       only these take.
@@ -397,8 +397,8 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
         block_arguments=block_arguments,
         block_chunk=f"CHUNK_FUNCTION({', '.join(taken)}, blocks, state_starts"
                     f"{block_arguments}, "
-                    f"c * BLOCKS_PER_CHUNK, min(c * BLOCKS_PER_CHUNK + BLOCKS_PER_CHUNK, "
-                    f"blocks.shape[0]), prepared, named"
+                    f"c * per_chunk, min(c * per_chunk + per_chunk, blocks.shape[0]), "
+                    f"prepared, named"
                     f"{', key, first' if spec.stochastic else ''})",
         block_steps=_block_steps(quantized, writes, body, segment_at) if quantized else "",
         body=body(lambda n: f"{n}[i]", "first + i"),

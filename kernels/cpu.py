@@ -46,7 +46,7 @@ ZERO = np.float32(0)  # a state a driver does not hold reads as this
 _LOOPS = """\
 {random_arguments}, parallel, flush_denormals):
     if parallel:
-        chunk_size = even_chunk({first}.size, thread_count())
+        chunk_size = even_chunk({first}.size, thread_count(), CHUNK, VECTOR)
         for c in prange(({first}.size + chunk_size - 1) // chunk_size):
             {named}
             saved = denormals_off(flush_denormals)
@@ -63,14 +63,15 @@ _LOOPS = """\
 """
 
 
-# Over blocks of 8-bit state (_template._block_chunk): each thread takes this many blocks
-# at a time.
+# Over blocks of 8-bit state (_template._block_chunk): each thread takes at most this many
+# blocks at a time, in even chunks as the flat loop's (even_chunk).
 BLOCKS_PER_CHUNK = CHUNK // codecs.BLOCK
 
 _BLOCK_LOOPS = """\
 {random_arguments}, blocks, state_starts{block_arguments}, parallel, flush_denormals):
     if parallel:
-        for c in prange((blocks.shape[0] + BLOCKS_PER_CHUNK - 1) // BLOCKS_PER_CHUNK):
+        per_chunk = even_chunk(blocks.shape[0], thread_count(), BLOCKS_PER_CHUNK, 1)
+        for c in prange((blocks.shape[0] + per_chunk - 1) // per_chunk):
             {named}
             saved = denormals_off(flush_denormals)
             {block_chunk}
@@ -78,7 +79,8 @@ _BLOCK_LOOPS = """\
     else:
         {named}
         saved = denormals_off(flush_denormals)
-        for c in range((blocks.shape[0] + BLOCKS_PER_CHUNK - 1) // BLOCKS_PER_CHUNK):
+        per_chunk = BLOCKS_PER_CHUNK
+        for c in range((blocks.shape[0] + per_chunk - 1) // per_chunk):
             {block_chunk}
         restore_fp_mode(saved)
 """
@@ -106,17 +108,17 @@ _SEGMENT_LOOPS = ("{random_arguments}, chunks, state_starts, partials, row_scala
 
 
 @njit(inline="always")
-def even_chunk(size, threads):
-    """The size of the parallel loop's chunks of ``size`` elements on ``threads``
-    threads: a multiple of VECTOR, at most CHUNK, and cut so that the chunks come to a
-    multiple of ``threads`` (or, after rounding to VECTOR, a few less). prange gives
-    each thread an equal run of iterations, so 7 chunks of CHUNK on 2 threads left one
-    thread 4: Adam at 1e5 ran 1.32x faster on two threads than on one, and 1.75x in 8
-    even chunks (AMD Zen 5)."""
-    chunks = max((size + CHUNK - 1) // CHUNK, 1)
+def even_chunk(size, threads, most, multiple):
+    """The size of the parallel loop's chunks of ``size`` elements (or blocks) on
+    ``threads`` threads: a multiple of ``multiple``, at most ``most``, and cut so that
+    the chunks come to a multiple of ``threads`` (or, after rounding, a few less).
+    prange gives each thread an equal run of iterations, so 7 chunks of CHUNK on 2
+    threads left one thread 4: Adam at 1e5 ran 1.32x faster on two threads than on one,
+    and 1.75x in 8 even chunks (AMD Zen 5)."""
+    chunks = max((size + most - 1) // most, 1)
     chunks = (chunks + threads - 1) // threads * threads
     even = (size + chunks - 1) // chunks
-    return max((even + VECTOR - 1) // VECTOR * VECTOR, VECTOR)
+    return max((even + multiple - 1) // multiple * multiple, multiple)
 
 
 def _inline(function):
@@ -189,6 +191,7 @@ def _driver(spec, loops):
         "MAGNITUDE": np.uint32(0x7FFFFFFF),
         "np": np,
         "CHUNK": CHUNK,
+        "VECTOR": VECTOR,
         "BLOCK": codecs.BLOCK,
         "BLOCKS_PER_CHUNK": BLOCKS_PER_CHUNK,
         **codecs.tables(),

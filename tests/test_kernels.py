@@ -236,17 +236,49 @@ def check_serial_and_parallel_loops_agree(n):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("n", [100_000, 7 * cpu.CHUNK + 300])
+def test_8_bit_passes_step_the_same_blocks_on_any_thread_count(n):
+    # Each thread count cuts the blocks into other chunks (391 blocks: 7 chunks of 56 on
+    # one thread, 8 of 49 on two); a block stepped twice or left out would differ.
+    rng = np.random.default_rng(3)
+    params = (0.1 * rng.standard_normal(n)).astype(np.float32)
+    grads = [(0.01 * rng.standard_normal(n)).astype(np.float32) for _ in range(3)]
+    default, runs = numba.get_num_threads(), []
+    for threads in sorted({1, 2, numba.config.NUMBA_NUM_THREADS}):
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        try:
+            opt = fastopt.Adam([params.copy()], lr=1e-2, state_dtype="int8")
+            for g in grads:
+                opt.step(g)
+        finally:
+            numba.set_num_threads(default)
+        runs.append([opt.flat_params] + [opt.state[k] for k in sorted(opt.state)])
+    assert not np.array_equal(runs[0][0], params)
+    for run in runs[1:]:
+        for a, b in zip(run, runs[0]):
+            np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3, 4, 16])
 def test_the_parallel_chunks_cover_a_buffer_and_share_it_evenly(threads):
     for size in [*range(cpu.PARALLEL_MIN_SIZE, 300_000, 997), 10**6, 2 * 10**7]:
-        chunk = cpu.even_chunk(size, threads)
-        count = -(-size // chunk)
-        assert chunk % cpu.VECTOR == 0 and chunk <= cpu.CHUNK
-        assert (count - 1) * chunk < size <= count * chunk
-        # prange hands each thread an equal run of the chunks: the busiest gets
-        # ceil(count / threads) of them.
-        busiest = min(-(-count // threads) * chunk, size)
-        assert busiest <= 1.05 * size / threads, (size, chunk, count)
+        check_even_chunks(size, threads, cpu.CHUNK, cpu.VECTOR, 1.05 * size / threads)
+    # the 8-bit passes' chunks of blocks: from a parallel pass's 64 blocks up, within
+    # a block of an even share
+    for blocks in [*range(cpu.PARALLEL_MIN_SIZE // 256, 1200, 7), 10**6 // 256]:
+        check_even_chunks(blocks, threads, cpu.BLOCKS_PER_CHUNK, 1,
+                          1.05 * blocks / threads + 1)
+
+
+def check_even_chunks(size, threads, most, multiple, bound):
+    chunk = cpu.even_chunk(size, threads, most, multiple)
+    count = -(-size // chunk)
+    assert chunk % multiple == 0 and chunk <= most
+    assert (count - 1) * chunk < size <= count * chunk
+    # prange hands each thread an equal run of the chunks: the busiest gets
+    # ceil(count / threads) of them.
+    busiest = min(-(-count // threads) * chunk, size)
+    assert busiest <= bound, (size, chunk, count)
 
 
 def test_denormals_are_flushed_inside_the_kernels_and_nowhere_else():
