@@ -13,7 +13,8 @@ backward) and ends where every rank holds the stepped parameters:
 - ``fastopt ZeRO``: ``fastopt.torch.AdamW(process_group=)``'s ``step()``: the
   averaged gradients of its partition (on gloo an all-reduce, which is faster there
   than gloo's reduce-scatter; NCCL's reduce-scatter), the fused step of its partition,
-  an all-gather of the parameters;
+  an all-gather of the parameters; the collectives move a bucket (``--bucket-mb``) of
+  each rank's share at a time;
 - ``fastopt ZeRO-2``: the same with ``zero_stage=2``: the gradients go out in buckets
   (``--bucket-mb``, 1 MB: a 16 MB model's buckets are then to it what DDP's 25 MB are to
   a 400 MB one), each reduced to the rank whose share it is; here all at the step, as
@@ -29,7 +30,9 @@ round's mean (rounds interleave the contenders). State bytes are counted from th
 optimizers' state tensors on rank 0. Gradient bytes are what a rank holds of the
 gradients in training, with the buffers of fastopt's collectives: every gradient
 (after backward) for stage 1, DDP and ZeroRedundancyOptimizer (whose own buffers are
-not counted), and for stage 2 its share, one bucket, and its all-gather's windows. The
+not counted), and for stage 2 its share, one bucket, and its all-gather's windows;
+fastopt's stage 1 adds its share of the averaged gradients and a bucket of every
+share, through which its collectives move them. The
 bytes sent per parameter are computed, not measured: a ring reduce-scatter or all-gather sends (N-1)/N of the buffer from each
 rank, an all-reduce twice that, a broadcast of each rank's share (N-1)/N of the whole,
 and a chain reduce of every bucket from each rank but its owner (N-1)/N of the whole.
@@ -74,12 +77,12 @@ def contender(name, params, bucket_mb):
             opt.step()
 
         def held():
-            buffers = [b for store in opt._stores for b in (store._padded, store._own)]
+            buffers = [store._padded for store in opt._stores]
             if name.endswith("2"):
                 buffers += [b for store in opt._stores
-                            for b in (store.reducer.gradients, store.reducer.buffer)]
-            else:
-                buffers += grads
+                            for b in (store._own, store.reducer.gradients, store.reducer.buffer)]
+            else:  # stage 1's _own is a window of _reduced, its share of the gradients
+                buffers += [store._reduced for store in opt._stores] + grads
             return _bytes(buffers)
 
         return step, lambda: _bytes(b for store in opt._stores for b in store._flat.values()), \

@@ -181,14 +181,21 @@ class Partition:
                 buckets.append((owner, lo, hi, parts))
         return buckets[::-1]
 
-    def pack(self, flats, out):
+    def pack(self, flats, out, window=None):
         """Copy the flat tensors ``flats`` (one per tensor, None for zeros) into ``out``,
-        the padded buffer of all shares."""
+        the padded buffer of all shares; or, with ``window`` ``(start, length)``, every
+        share's elements ``start:start + length`` into ``out``, one after the other (as
+        :meth:`unpack` takes them)."""
+        start, length = window or (0, self.share)
         for i, first, last, at in self.rows:
-            if flats[i] is None:
-                out[at:at + last - first].zero_()
-            else:
-                out[at:at + last - first].copy_(flats[i][first:last])
+            rank, offset = divmod(at, self.share)
+            lo, hi = max(offset, start), min(offset + last - first, start + length)
+            if lo < hi:
+                into = out[rank * length + lo - start:rank * length + hi - start]
+                if flats[i] is None:
+                    into.zero_()
+                else:
+                    into.copy_(flats[i][first + lo - offset:first + hi - offset])
 
     def unpack(self, full, flats, skip_own=True, window=None):
         """Copy every share of the padded buffer ``full`` into the flat tensors

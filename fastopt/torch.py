@@ -165,7 +165,8 @@ class Optimizer(torch.optim.Optimizer):
     its store (one store per device and dtype, each with a stream of its own).
 
     ``process_group`` (a ``torch.distributed`` group, every rank passing the same
-    parameters) shards the state over its ranks, ZeRO stage 1 (see the module's doc);
+    parameters) shards the state over its ranks, ZeRO stage 1 (see the module's doc),
+    whose collectives move ``bucket_cap_mb`` megabytes of each rank's share at a time;
     ``reduce_grads=False`` takes the gradients as already averaged over the group.
     ``zero_stage=2`` reduces the gradients during backward instead, in buckets of
     ``bucket_cap_mb`` megabytes, and drops each parameter's ``.grad`` once it is sent,
@@ -198,6 +199,7 @@ class Optimizer(torch.optim.Optimizer):
                              "(torch.distributed.init_process_group)")
         self._group, self.reduce_grads = process_group, reduce_grads
         self._bucket_size = _check_zero_stage(zero_stage, bucket_cap_mb, process_group)
+        self._zero_stage = zero_stage
         super().__init__(params, {**defaults, **torch_options})
         if process_group is not None:
             sharding.check_same_parameters(process_group, self._all_params())
@@ -251,7 +253,7 @@ class Optimizer(torch.optim.Optimizer):
         if options is not None:  # unpickled or deep-copied: rebuild what is not pickled
             self._formats = ("auto", "float32", False, 0)  # unless pickled with them
             # A sharded one is not pickled.
-            self._group, self.reduce_grads, self._bucket_size = None, True, None
+            self._group, self.reduce_grads, self._zero_stage = None, True, 1
             self._stores = None
             self.__dict__.update(options)
             self._relayout()
@@ -385,12 +387,15 @@ class Optimizer(torch.optim.Optimizer):
             del self.state[p][MASTER]
         for store, p, name, value in moves:
             self.state[p].update(store.put(name, p, value))
-        if self._bucket_size is not None:  # zero_stage=2: the hooks follow the stores
+        for store in stores:
+            if store.partition is not None:
+                store.window = max(1, self._bucket_size // store.itemsize)
+        if self._zero_stage == 2:  # the hooks follow the stores
             before = {store.signature: store.reducer for store in self._stores or ()}
             for store in stores:
                 store.reducer = sharding.BucketReducer(
                     list(store.slots), store.partition, self._group, self.reduce_grads,
-                    max(1, self._bucket_size // store.itemsize))
+                    store.window)
                 if store.signature in before:  # the same partition: its gradients
                     store.reducer.take_over(before[store.signature])
             for reducer in before.values():
@@ -937,16 +942,14 @@ def _signature(params):
 
 
 def _check_zero_stage(zero_stage, bucket_cap_mb, process_group):
-    """The bytes of zero_stage=2's buckets, None for stage 1."""
+    """The bytes of a bucket: zero_stage=2's, and the window of stage 1's collectives."""
     if zero_stage not in (1, 2) or isinstance(zero_stage, bool):
         raise ValueError(f"zero_stage must be 1 or 2, got {zero_stage!r}")
     if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)):
         raise TypeError(f"bucket_cap_mb must be a number, got {type(bucket_cap_mb).__name__}")
     if not bucket_cap_mb > 0 or not math.isfinite(bucket_cap_mb):
         raise ValueError(f"bucket_cap_mb must be a positive number, got {bucket_cap_mb!r}")
-    if zero_stage == 1:
-        return None
-    if process_group is None:
+    if zero_stage == 2 and process_group is None:
         raise ValueError("zero_stage=2 shards the gradients over a process_group: pass one")
     return int(bucket_cap_mb * 2 ** 20)
 
@@ -1315,7 +1318,10 @@ class _Store:
         self._blocks = _Blocks(locals_, [p.numel() for p in params]) if self.quantized \
             else None
         self._flat, self._layouts, self._tables, self._caches = {}, {}, {}, {}
-        self._padded = self._own = None  # the partition's collectives' buffers
+        # The partition's collectives' buffers, and the window (in elements) of each
+        # share that they move at a time: a bucket's length.
+        self._padded = self._own = self._reduced = None
+        self.window = None
         if in_place:
             self.backend = HostBackend()
         else:
@@ -1437,19 +1443,23 @@ class _Store:
             if not reduce or self.partition.world == 1:
                 grads = [flat if flat is None else flat[s.piece[0]:s.piece[1]]
                          for flat, s in zip(flats, slots)]
-            else:
+            else:  # a window of every share at a time, into this rank's share
                 padded, own = self._partition_buffers()
-                self.partition.pack(flats, padded)
-                sharding.reduce_scatter(own, padded, group)
-                grads = [flat if flat is None else own[s.start:s.stop]
+                partition = self.partition
+                for start in range(0, partition.share, own.numel()):
+                    length = min(own.numel(), partition.share - start)
+                    partition.pack(flats, padded, window=(start, length))
+                    sharding.reduce_scatter(self._reduced[start:start + length],
+                                            padded[:partition.world * length], group)
+                grads = [flat if flat is None else self._reduced[s.start:s.stop]
                          for flat, s in zip(flats, slots)]
         self.partition_gradients = [grad if grad is None else grad.view(s.shape)
                                     for grad, s in zip(grads, slots)]
 
     def gather_parameters(self, group):
         """Give every parameter the elements that the other ranks of ``group`` stepped
-        (all-gathers in the parameters' dtype, of every share at once, or, at stage 2,
-        a bucket's length of each at a time; none where there are no others)."""
+        (all-gathers in the parameters' dtype, a bucket's length of each share at a
+        time; none where there are no others)."""
         partition = self.partition
         if partition.world == 1 or not partition.share:
             return
@@ -1495,16 +1505,23 @@ class _Store:
         return values
 
     def _partition_buffers(self):
-        """The buffers of the collectives: every rank's share (at stage 2, a bucket's
-        length of each), padded to the longest, and this rank's (its gradients, then
-        its parameters)."""
+        """The buffers of the collectives: a window (a bucket's length) of every rank's
+        share, padded to the longest, and this rank's window of its parameters. So at
+        stage 1 a rank holds, besides the gradients, its share of them (``_reduced``)
+        and a bucket of each rank, where a buffer of every share took as much memory as
+        the gradients."""
         if self._padded is None:
             partition, dtype = self.partition, next(iter(self.slots)).dtype
-            length = partition.share if self.reducer is None else min(
-                partition.share, self.reducer.capacity)
+            length = min(partition.share, self.window)
             self._padded = torch.zeros(partition.world * length, dtype=dtype,
                                        device=self.device)
-            self._own = torch.zeros(length, dtype=dtype, device=self.device)
+            if self.reducer is None:
+                # Stage 1: its share of the averaged gradients, whose first window
+                # carries its parameters to the all-gathers after the step.
+                self._reduced = torch.zeros(partition.share, dtype=dtype, device=self.device)
+                self._own = self._reduced[:length]
+            else:
+                self._own = torch.zeros(length, dtype=dtype, device=self.device)
         return self._padded, self._own
 
     def begin_state(self, run, spec, fresh):

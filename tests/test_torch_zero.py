@@ -286,13 +286,37 @@ def test_averaged_gradients_train_as_one_process_on_the_whole_batch(world, tmp_p
         assert norm > 0.1  # it clipped
 
 
-def stage2_rank(rank, world, rendezvous, zero_stage):
+def stage2_rank(rank, world, rendezvous, zero_stage, bucket_mb=BUCKET_MB):
     _init(rank, world, rendezvous)
     net = model()
     opt = ft.AdamW(net.parameters(), lr=0.01, process_group=dist.group.WORLD,
-                   zero_stage=zero_stage, bucket_cap_mb=BUCKET_MB)
+                   zero_stage=zero_stage, bucket_cap_mb=bucket_mb)
     train(net, opt, rank=rank, world=world)
-    return snapshot(net, {"state": {}})[0]
+    store, = opt._stores
+    buffers = {"padded": store._padded.numel(), "own": store._own.numel(),
+               "share": store.partition.share}
+    if zero_stage == 1:  # its window of the parameters lies in its share of the gradients
+        buffers["reduced"] = store._reduced.numel()
+        assert store._own.data_ptr() == store._reduced.data_ptr()
+    return snapshot(net, {"state": {}})[0], buffers
+
+
+def test_stage1_reduces_and_gathers_a_bucket_of_each_share_at_a_time(tmp_path):
+    """Stage 1's collectives move a window of bucket_cap_mb of every share at a time,
+    so a rank holds a bucket of each rank besides its share, not a buffer as large as
+    the gradients; the windows cut through tensors and shares, and the average of two
+    is the same float either way: bit for bit the run with one window."""
+    runs = {mb: run_ranks(stage2_rank, (1, mb), subfolder(tmp_path, str(mb)), world=2)
+            for mb in (BUCKET_MB, 25)}
+    for rank in range(2):
+        (windowed, buffers), (whole, whole_buffers) = runs[BUCKET_MB][rank], runs[25][rank]
+        for mine, theirs in zip(windowed, whole):
+            np.testing.assert_array_equal(mine, theirs, err_msg=f"rank {rank}")
+        share = buffers["share"]
+        assert share > 200
+        assert buffers == {"padded": 2 * 200, "own": 200, "share": share, "reduced": share}
+        assert whole_buffers == {"padded": 2 * share, "own": share, "share": share,
+                                 "reduced": share}
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -303,7 +327,7 @@ def test_stage2_reduces_the_gradients_as_stage1(world, tmp_path):
     stages = {stage: run_ranks(stage2_rank, (stage,), subfolder(tmp_path, str(stage)),
                                world=world) for stage in (1, 2)}
     for rank in range(world):
-        for mine, theirs in zip(stages[2][rank], stages[1][rank]):
+        for mine, theirs in zip(stages[2][rank][0], stages[1][rank][0]):
             if world == 2:
                 np.testing.assert_array_equal(mine, theirs, err_msg=f"rank {rank}")
             else:
