@@ -1446,7 +1446,7 @@ class _Store:
             else:  # a window of every share at a time, into this rank's share
                 padded, own = self._partition_buffers()
                 partition = self.partition
-                for start in range(0, partition.share, own.numel()):
+                for start in range(0, partition.share, max(own.numel(), 1)):
                     length = min(own.numel(), partition.share - start)
                     partition.pack(flats, padded, window=(start, length))
                     sharding.reduce_scatter(self._reduced[start:start + length],

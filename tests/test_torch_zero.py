@@ -655,6 +655,26 @@ def refusals_rank(rank, world, rendezvous):
         return str(error)
 
 
+def empty_rank(rank, world, rendezvous):
+    _init(rank, world, rendezvous)
+    # bfloat16: a store of its own, whose every share is empty
+    empty = torch.nn.Parameter(torch.zeros(0, dtype=torch.bfloat16))
+    weight = torch.nn.Parameter(torch.ones(3))
+    opt = ft.AdamW([empty], lr=0.1, process_group=dist.group.WORLD)
+    opt.add_param_group({"params": [weight], "weight_decay": 0.0})
+    empty.grad = torch.zeros(0, dtype=torch.bfloat16)
+    weight.grad = torch.full((3,), float(rank + 1))
+    opt.step()
+    return weight.detach().numpy().copy()
+
+
+def test_a_group_of_empty_parameters_steps_beside_the_others(tmp_path):
+    """The empty tensor's store has nothing to reduce or gather on any rank (a window
+    of no elements); the other is averaged (the gradient 1.5 on both ranks) and stepped by lr 0.1 as Adam does."""
+    for weight in run_ranks(empty_rank, (), tmp_path):
+        np.testing.assert_allclose(weight, 1 - 0.1, rtol=1e-6)
+
+
 def test_a_parameter_that_is_not_contiguous_is_refused_clearly(tmp_path):
     for message in run_ranks(refusals_rank, (), tmp_path):
         assert message and "not contiguous" in message, message
