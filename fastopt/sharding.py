@@ -181,34 +181,43 @@ class Partition:
                 buckets.append((owner, lo, hi, parts))
         return buckets[::-1]
 
-    def pack(self, flats, out, window=None):
-        """Copy the flat tensors ``flats`` (one per tensor, None for zeros) into ``out``,
-        the padded buffer of all shares; or, with ``window`` ``(start, length)``, every
-        share's elements ``start:start + length`` into ``out``, one after the other (as
-        :meth:`unpack` takes them)."""
+    def windows(self, width):
+        """``(start, length)``: the windows of at most ``width`` elements of a share, in
+        order (none for empty shares)."""
+        return [(start, min(width, self.share - start))
+                for start in range(0, self.share, max(width, 1))]
+
+    def _parts(self, window):
+        """``(tensor, rank, elements, at)``: the slices of each tensor's part on each rank
+        that fall in ``window`` ``(start, length)`` of the shares (None: all of them),
+        and where they lie in a buffer of every share's window, one after the other."""
         start, length = window or (0, self.share)
         for i, first, last, at in self.rows:
             rank, offset = divmod(at, self.share)
             lo, hi = max(offset, start), min(offset + last - first, start + length)
             if lo < hi:
-                into = out[rank * length + lo - start:rank * length + hi - start]
-                if flats[i] is None:
-                    into.zero_()
-                else:
-                    into.copy_(flats[i][first + lo - offset:first + hi - offset])
+                yield (i, rank, slice(first + lo - offset, first + hi - offset),
+                       slice(rank * length + lo - start, rank * length + hi - start))
+
+    def pack(self, flats, out, window=None):
+        """Copy the flat tensors ``flats`` (one per tensor, None for zeros) into ``out``,
+        the padded buffer of all shares; or, with ``window`` ``(start, length)``, every
+        share's elements ``start:start + length`` into ``out``, one after the other (as
+        :meth:`unpack` takes them)."""
+        for i, _, elements, at in self._parts(window):
+            if flats[i] is None:
+                out[at].zero_()
+            else:
+                out[at].copy_(flats[i][elements])
 
     def unpack(self, full, flats, skip_own=True, window=None):
         """Copy every share of the padded buffer ``full`` into the flat tensors
         ``flats`` (this rank's own parts too unless ``skip_own``); or, with ``window``
         ``(start, length)``, every share's elements ``start:start + length``, which
         ``full`` holds one after the other."""
-        start, length = window or (0, self.share)
-        for i, first, last, at in self.rows:
-            rank, offset = divmod(at, self.share)
-            lo, hi = max(offset, start), min(offset + last - first, start + length)
-            if lo < hi and not (skip_own and rank == self.rank):
-                flats[i][first + lo - offset:first + hi - offset].copy_(
-                    full[rank * length + lo - start:rank * length + hi - start])
+        for i, rank, elements, at in self._parts(window):
+            if not (skip_own and rank == self.rank):
+                flats[i][elements].copy_(full[at])
 
 
 class BucketReducer:

@@ -1446,8 +1446,7 @@ class _Store:
             else:  # a window of every share at a time, into this rank's share
                 padded, own = self._partition_buffers()
                 partition = self.partition
-                for start in range(0, partition.share, max(own.numel(), 1)):
-                    length = min(own.numel(), partition.share - start)
+                for start, length in partition.windows(own.numel()):
                     partition.pack(flats, padded, window=(start, length))
                     sharding.reduce_scatter(self._reduced[start:start + length],
                                             padded[:partition.world * length], group)
@@ -1465,8 +1464,7 @@ class _Store:
             return
         padded, own = self._partition_buffers()
         flats = [p.detach().view(-1) for p in self.slots]
-        for start in range(0, partition.share, own.numel()):
-            length = min(own.numel(), partition.share - start)
+        for start, length in partition.windows(own.numel()):
             for slot in self.slots.values():  # this rank's elements start:start + length
                 lo, hi = max(slot.start, start), min(slot.stop, start + length)
                 if lo < hi:

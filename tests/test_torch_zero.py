@@ -286,7 +286,7 @@ def test_averaged_gradients_train_as_one_process_on_the_whole_batch(world, tmp_p
         assert norm > 0.1  # it clipped
 
 
-def stage2_rank(rank, world, rendezvous, zero_stage, bucket_mb=BUCKET_MB):
+def bucket_rank(rank, world, rendezvous, zero_stage, bucket_mb=BUCKET_MB):
     _init(rank, world, rendezvous)
     net = model()
     opt = ft.AdamW(net.parameters(), lr=0.01, process_group=dist.group.WORLD,
@@ -306,7 +306,7 @@ def test_stage1_reduces_and_gathers_a_bucket_of_each_share_at_a_time(tmp_path):
     so a rank holds a bucket of each rank besides its share, not a buffer as large as
     the gradients; the windows cut through tensors and shares, and the average of two
     is the same float either way: bit for bit the run with one window."""
-    runs = {mb: run_ranks(stage2_rank, (1, mb), subfolder(tmp_path, str(mb)), world=2)
+    runs = {mb: run_ranks(bucket_rank, (1, mb), subfolder(tmp_path, str(mb)), world=2)
             for mb in (BUCKET_MB, 25)}
     for rank in range(2):
         (windowed, buffers), (whole, whole_buffers) = runs[BUCKET_MB][rank], runs[25][rank]
@@ -324,7 +324,7 @@ def test_stage2_reduces_the_gradients_as_stage1(world, tmp_path):
     """Bucket by bucket during backward, averaged on the rank that owns them: at two
     ranks the average of two is the same float either way, bit for bit; at three the
     sums may run in another order."""
-    stages = {stage: run_ranks(stage2_rank, (stage,), subfolder(tmp_path, str(stage)),
+    stages = {stage: run_ranks(bucket_rank, (stage,), subfolder(tmp_path, str(stage)),
                                world=world) for stage in (1, 2)}
     for rank in range(world):
         for mine, theirs in zip(stages[2][rank][0], stages[1][rank][0]):
@@ -670,7 +670,8 @@ def empty_rank(rank, world, rendezvous):
 
 def test_a_group_of_empty_parameters_steps_beside_the_others(tmp_path):
     """The empty tensor's store has nothing to reduce or gather on any rank (a window
-    of no elements); the other is averaged (the gradient 1.5 on both ranks) and stepped by lr 0.1 as Adam does."""
+    of no elements); the other is averaged (the gradient 1.5 on both ranks) and
+    stepped by lr 0.1, as Adam's first step does."""
     for weight in run_ranks(empty_rank, (), tmp_path):
         np.testing.assert_allclose(weight, 1 - 0.1, rtol=1e-6)
 
