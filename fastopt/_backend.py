@@ -71,12 +71,13 @@ class Segments:
     :class:`Tensors`. The kernels walk each segment in chunks (rows of ``chunks``:
     segment, offset, size, and where the chunk's random bits start), each summed in a
     fixed order into a row of ``partials``, and the host adds a segment's chunk sums in
-    order (``totals``; a ZeRO partition's tables add every rank's, see
-    ``sharding.whole_totals``): its sums do not depend on the CPU's thread count, nor on
-    CUDA's grid.
+    order (``totals``; the tables of a ZeRO partition, and those by which DTensor shards
+    sum, add every rank's: see ``sharding.whole_totals``): its sums do not depend on the
+    CPU's thread count, nor on CUDA's grid.
     """
 
-    def __init__(self, sizes, state_starts, tensor, offsets, to_device, draws=None):
+    def __init__(self, sizes, state_starts, tensor, offsets, to_device, draws=None,
+                 rows=None):
         self.count = len(sizes)
         self.sizes = np.asarray(sizes, np.int64).reshape(-1)
         self.size = int(self.sizes.sum())
@@ -85,7 +86,7 @@ class Segments:
         self.whole = bool(np.array_equal(self.tensor, np.arange(self.count))
                           and not self.offsets.any())  # one segment per tensor, in order
         self.draws = np.asarray(state_starts if draws is None else draws, np.int64).reshape(-1)
-        chunks = segment_chunks(self.sizes, self.draws)
+        chunks = segment_chunks(self.sizes, self.draws, rows)
         self.chunk_segment = chunks[:, 0].copy()  # on the host
         # Whether each segment is one chunk, in order: its sums are then the chunks'.
         self.chunk_each = np.array_equal(self.chunk_segment, np.arange(self.count))
@@ -140,14 +141,31 @@ class Tensors:
         self.itemsize = itemsize or {"p": 4, "g": 4, "w": 4}  # bytes per element, by name
 
 
-def segment_chunks(sizes, draws):
+def segment_chunks(sizes, draws, rows=None):
     """``(segment, offset, size, draw)`` rows of at most SEGMENT_CHUNK elements each, in
     order, for segments of ``sizes`` elements; ``draw`` is ``draws[segment] + offset``,
-    where the chunk's random bits start."""
-    chunk = SEGMENT_CHUNK
-    rows = [(k, offset, min(chunk, n - offset), draws[k] + offset)
-            for k, n in enumerate(sizes) for offset in range(0, n, chunk)]
-    return np.array(rows, np.int64).reshape(-1, 4)
+    where the chunk's random bits start. Where ``rows`` gives a segment's row length, its
+    chunks also begin at every row: a chunk then lies in one row, and so, where other
+    processes hold the other rows (see ``fastopt.torch._row_length``), on one rank."""
+    sizes = np.asarray(sizes, np.int64).reshape(-1)
+    rows = sizes if rows is None else np.asarray(rows, np.int64).reshape(-1)
+    row_counts = np.where(sizes > 0, sizes // np.maximum(rows, 1), 0)
+    row_segment = np.repeat(np.arange(len(sizes)), row_counts)
+    row_start = positions_in_runs(row_counts) * rows[row_segment]
+    per_row = -(-rows[row_segment] // SEGMENT_CHUNK)
+    chunk_row = np.repeat(np.arange(len(row_segment)), per_row)
+    within = positions_in_runs(per_row) * SEGMENT_CHUNK  # the chunk's start in its row
+    segment = row_segment[chunk_row]
+    offset = row_start[chunk_row] + within
+    size = np.minimum(SEGMENT_CHUNK, rows[segment] - within)
+    return np.stack([segment, offset, size, np.asarray(draws, np.int64)[segment] + offset],
+                    axis=1).reshape(-1, 4)
+
+
+def positions_in_runs(counts):
+    """Each element's place in its run, for runs of ``counts`` elements one after the
+    other: 0, 1, ... counts[0] - 1, then 0, 1, ... counts[1] - 1, and so on."""
+    return np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
 class HostBackend:
@@ -231,10 +249,12 @@ class HostBackend:
             return lambda h: kernel(*arguments, h, False, flush)
         return lambda h: self._call(kernel, size, *arguments, h, flush=flush)
 
-    def segments(self, sizes, state_starts, tensor=None, offsets=None, draws=None):
+    def segments(self, sizes, state_starts, tensor=None, offsets=None, draws=None,
+                 rows=None):
         """:class:`Segments` of ``sizes`` elements, each a whole tensor of the launch
-        unless ``tensor`` and ``offsets`` say which part of which tensor."""
-        return _segments(sizes, state_starts, tensor, offsets, lambda a: a, draws)
+        unless ``tensor`` and ``offsets`` say which part of which tensor; chunked by
+        ``rows`` where given (see :func:`segment_chunks`)."""
+        return _segments(sizes, state_starts, tensor, offsets, lambda a: a, draws, rows)
 
     def flat_tensors(self, p, g, starts, w=None):
         """:class:`Tensors` of the tensors at ``starts`` of the flat buffers ``p``, ``g``
@@ -443,8 +463,10 @@ class CudaBackend:
         kernels.launch(kernel, buffers[0].size, *map(precision.bits, buffers), prep, h,
                        *(rounding or ()))
 
-    def segments(self, sizes, state_starts, tensor=None, offsets=None, draws=None):
-        return _segments(sizes, state_starts, tensor, offsets, self._cuda.to_device, draws)
+    def segments(self, sizes, state_starts, tensor=None, offsets=None, draws=None,
+                 rows=None):
+        return _segments(sizes, state_starts, tensor, offsets, self._cuda.to_device, draws,
+                         rows)
 
     def flat_tensors(self, p, g, starts, w=None):
         return Tensors(precision.bits(p), precision.bits(g), np.asarray(starts, np.int64),
@@ -554,11 +576,11 @@ def _extent(a):
     return start, start + a.size * a.dtype.itemsize
 
 
-def _segments(sizes, state_starts, tensor, offsets, to_device, draws):
+def _segments(sizes, state_starts, tensor, offsets, to_device, draws, rows):
     count = len(sizes)
     tensor = np.arange(count) if tensor is None else tensor
     offsets = np.zeros(count, np.int64) if offsets is None else offsets
-    return Segments(sizes, state_starts, tensor, offsets, to_device, draws)
+    return Segments(sizes, state_starts, tensor, offsets, to_device, draws, rows)
 
 
 def _address(a):

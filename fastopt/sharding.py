@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from torch.autograd import Variable
 
+from ._backend import positions_in_runs
 from .kernels._template import SEGMENT_CHUNK
 
 
@@ -366,16 +367,52 @@ class BucketReducer:
                 mine.add_(self.buffer[:hi - lo])
 
 
-def whole_totals(counts, group, partials, sums):
-    """``Segments.totals`` for the pieces of ZeRO's partition: the sums over the whole
-    tensors from every rank's chunk sums (``partials``; ``counts``, the chunks of each
-    tensor on each rank: ``Partition.counts``), added in the order of the chunks in the
-    tensor, as one process adds them. The cuts fall between chunks, so the chunks are
-    one process's, and so are the sums, bit for bit."""
-    chunks = gathered_by_tensor(torch.from_numpy(partials[:, :sums]), counts, group)
-    owner = np.repeat(np.arange(len(chunks)), [len(c) for c in chunks])
-    rows = torch.cat(chunks).numpy() if chunks else np.zeros((0, sums))
-    return tuple(np.bincount(owner, rows[:, k], len(chunks)) for k in range(sums))
+def chunk_order(counts):
+    """Where :func:`whole_totals` finds each tensor's chunk sums among every rank's,
+    where rank ``r`` holds ``counts[r][i]`` chunks of tensor ``i``, each rank's sums
+    gathered after the previous one's, padded to the longest: ``(index, tensor,
+    tensors, longest)``, the chunks' places there in the order of the tensors and, in
+    each, of the ranks, the tensor of each, and the number of tensors."""
+    counts = np.asarray(counts, np.int64)
+    world, tensors = counts.shape
+    longest = int(counts.sum(axis=1).max())
+    starts = np.arange(world)[:, None] * longest + np.cumsum(counts, axis=1) - counts
+    runs = counts.T.reshape(-1)  # of each tensor on each rank, by tensor, then rank
+    index = np.repeat(starts.T.reshape(-1), runs) + positions_in_runs(runs)
+    return index, np.repeat(np.arange(tensors).repeat(world), runs), tensors, longest
+
+
+def whole_totals(order, group, partials, sums):
+    """``Segments.totals`` over cut tensors: the sums over the whole tensors from every
+    rank's chunk sums (``partials``; ``order``, their :func:`chunk_order`), added in the
+    order of the ranks, in which they hold consecutive pieces of each tensor, and in
+    each piece in chunk order. Where no chunk crosses a cut, these are one process's
+    sums of the same chunks, bit for bit: ZeRO's cuts fall between chunks
+    (``Partition.counts``), and FSDP2's between rows, at which its tables' chunks begin
+    (``fastopt.torch._Store.table``)."""
+    index, tensor, tensors, longest = order
+    mine = torch.zeros((longest, sums), dtype=torch.float64)
+    mine[:len(partials)] = torch.from_numpy(partials[:, :sums])
+    chunks = _all_gathered(mine, group).numpy().reshape(-1, sums)[index]
+    return tuple(np.bincount(tensor, chunks[:, k], tensors) for k in range(sums))
+
+
+def shard_totals(table, groups):
+    """``Segments.totals`` for the DTensor shards of ``table`` (whose chunks begin at
+    every row that a rank may begin with), sharded over the process ``groups``: the sums
+    over the whole tensors, the same on every rank. Over one group (FSDP2's mesh), every
+    rank's chunk sums are gathered and each tensor's added in rank order, which is the
+    order of its rows where the ranks hold consecutive rows (dimension 0 sharded, as
+    FSDP2 shards): the sums of one process's table, on any number of ranks. Over several,
+    each rank's per-tensor sums are gathered and added in rank order
+    (``sums_over_ranks``), which moves with the cuts by a float64 rounding. (Builds on a
+    collective: every rank makes the table at once, as it runs the pass.)"""
+    local = table.totals
+    if len(groups) != 1:
+        return lambda partials, sums: sums_over_ranks(groups, local(partials, sums))
+    mine = np.bincount(table.chunk_segment, minlength=table.count)  # chunks per tensor
+    counts = _all_gathered(torch.from_numpy(mine), groups[0]).numpy()
+    return functools.partial(whole_totals, chunk_order(counts), groups[0])
 
 
 def _remove(handles):

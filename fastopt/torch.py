@@ -76,8 +76,13 @@ parameters, whose local tensors are this rank's parts of the stores (so that
 ``torch.distributed.checkpoint`` saves and reshards it). Sums over whole tensors (the
 gradient norm of ``clip_grad_norm`` and ``skip_nonfinite``, LAMB's and LARS's norms,
 SWATS's projections, the Cautious mask's share) are summed over the ranks that hold
-the shards: each rank's parts in float64, gathered and added in rank order, the same
-on every rank, which must step the same parameters. 8-bit state quantizes each rank's
+the shards, the same on every rank, which must step the same parameters: in float64,
+by chunks that begin at every row of a tensor split along its first dimension (as
+FSDP2 splits), whose sums every rank gathers and adds in the order of the rows, so
+that they do not depend on the number of ranks, bit for bit (a vector's rows are its
+elements: its passes that sum take a few nanoseconds an element more). Tensors split
+along other dimensions add each rank's parts in rank order instead, which moves with
+the cuts by a float64 rounding. 8-bit state quantizes each rank's
 shard in blocks from its first element (one process's blocks where the cuts fall on
 them); its codes are DTensors sharded as the parameters, and ``state_dict()`` holds
 their decoded values instead (codes and scales of one rank's blocks would not
@@ -463,10 +468,11 @@ class Optimizer(torch.optim.Optimizer):
     def _sum_squares(self, runs):
         """The gradients' sum of squares, over every rank's shards of DTensor parameters
         or process_group partitions (a plain tensor of no partition counts as a whole on
-        each rank). Each rank's part is summed in float64 and the parts are gathered and
-        added in rank order, so every rank gets the same number, and takes the same
-        decision to skip; a partition's per-tensor sums are the whole tensors' already,
-        as one process's."""
+        each rank), the same number on every rank, which so takes the same decision to
+        skip. The stores' tables give the whole tensors' sums (``_Store.table``): a
+        partition's as one process's, FSDP2's the same on any number of ranks. Only
+        where ZeRO partitions whole tensors does each rank add its own, and the parts
+        are gathered and added in rank order."""
         parts = collections.defaultdict(list)
         for run in runs:
             with run.store.active():
@@ -1090,13 +1096,25 @@ def _placements(p, shape):
         placement.dim] else placement for placement in p.placements)
 
 
+def _shard_dims(p):
+    """The dimensions along which the ranks split the DTensor ``p``."""
+    return {placement.dim % p.dim() for placement in p.placements if placement.is_shard()}
+
+
 def _split_rows(p):
     """Whether ``p`` is a matrix (a DTensor) whose rows are split across ranks, and only
     they."""
-    if not _is_dtensor(p) or p.dim() != 2:
-        return False
-    dims = {placement.dim % 2 for placement in p.placements if placement.is_shard()}
-    return dims == {0}
+    return _is_dtensor(p) and p.dim() == 2 and _shard_dims(p) == {0}
+
+
+def _row_length(p, local):
+    """The length of a row of ``local``, the shard of the DTensor ``p`` that the kernels
+    step, where the ranks split ``p`` along its first dimension alone (as FSDP2 does):
+    every rank's shard then begins at a row, and the chunks of a sum that begin at every
+    row fall on one rank each, whatever the number of ranks. Else ``local``'s size."""
+    if _is_dtensor(p) and p.dim() and local.is_contiguous() and _shard_dims(p) == {0}:
+        return math.prod(local.shape[1:])
+    return local.numel()
 
 
 def _reduction(p):
@@ -1309,8 +1327,7 @@ class _Store:
         self.shaped = _shaped(algorithm)
         # The groups over which its gradients' sum of squares is still to be added: none
         # where its tables' sums are the whole tensors' already (see table()).
-        self.gathers = None if in_place and partition is not None and not partition.whole \
-            else reduction
+        self.gathers = reduction if partition is not None and partition.whole else None
         # The 8-bit buffers, by name, with their map (codecs.QUANTIZED), and the
         # companions that hold their scales: "<name>_absmax" -> name.
         self.quantized = storage.quantized
@@ -1548,22 +1565,30 @@ class _Store:
                     _local(view).copy_(slot.local)
                 dict.__setitem__(slot.state, MASTER, view)
 
-    def table(self, run):
+    def table(self, run, summing=False):
         """One segment per parameter of ``run``, the state laid out like the parameters,
         kept for the next steps (the store is rebuilt when a parameter moves); with the
         parameters' addresses where they are stepped in place. Where the parameters are
-        pieces of a ZeRO partition, its sums are the whole tensors' (``whole_totals``)."""
-        key = (run.slots[0].index, run.slots[-1].index + 1)
+        pieces of a ZeRO partition, its sums are the whole tensors' (``whole_totals``).
+        Where they are DTensor shards, a pass that sums (``summing``) takes a table whose
+        sums are the whole tensors' too: its chunks begin at every row that a rank may
+        begin with (``_row_length``), and every rank's chunk sums are gathered and added
+        in order, so that the sums do not depend on where the tensors are cut."""
+        shards = summing and self.reduction is not None and self.partition is None
+        key = (run.slots[0].index, run.slots[-1].index + 1, shards)
         if key not in self._tables:
             sizes = [slot.stop - slot.start for slot in run.slots]
-            table = self.backend.segments(sizes, [slot.start for slot in run.slots])
+            rows = [_row_length(p, slot.local) for p, slot in zip(run.params, run.slots)] \
+                if shards else None
+            table = self.backend.segments(sizes, [slot.start for slot in run.slots], rows=rows)
             table.params = np.array([slot.address for slot in run.slots], np.int64)
             table.starts = np.array([slot.start for slot in run.slots], np.int64)
             partition = self.partition
             if partition is not None and partition.world > 1 and not partition.whole:
-                table.totals = functools.partial(
-                    sharding.whole_totals, partition.counts(SEGMENT_CHUNK, range(*key)),
-                    self.reduction[0])
+                table.totals = functools.partial(sharding.whole_totals, sharding.chunk_order(
+                    partition.counts(SEGMENT_CHUNK, range(*key[:2]))), self.reduction[0])
+            elif shards:
+                table.totals = sharding.shard_totals(table, self.reduction)
             self._tables[key] = table
         return self._tables[key]
 
@@ -1603,9 +1628,11 @@ class _Store:
             work.stochastic, work.key = True, self.storage.key(step, self.ordinal)
             if self.partition is not None:
                 work.first = self.partition.bounds[self.partition.rank]
-        if self.reduction is not None:  # shards: counts of the whole tensors
+        if self.reduction is not None:  # shards: counts and sums of the whole tensors
             work.sizes = np.array([p.numel() for p in run.params], np.int64)
-        if self.reduction is not None and self.partition is None:  # DTensors: their norms
+            if not engine.single_pass(algorithm, h):
+                work.sum_segments = self.table(run, summing=True)
+        if self.reduction is not None and self.partition is None:  # DTensors: Adafactor's
             work.reduce = functools.partial(sharding.sums_over_ranks, self.reduction)
             work.split_rows = np.array([p.shape[0] if _split_rows(p) else 0
                                         for p in run.params], np.int64)
@@ -1706,13 +1733,17 @@ class _Run:
         self.gradients = np.array([g.data_ptr() for g in grads], np.int64)
 
     def sum_squares(self):
+        """The gradients' float64 sum of squares: over the whole tensors where the
+        store's tables give their sums (``_Store.table``; then its ``gathers`` is None),
+        else this rank's."""
         store = self.store
-        if store.in_place:
+        if store.in_place or store.reduction is not None:  # through the tables
             formats = (("g", store.storage.formats["g"]),) if "g" in store.storage.formats else ()
+            tensors = Tensors(None, self.gradients, itemsize={"p": 4, "g": store.itemsize}) \
+                if store.in_place else store.tensors(self)
             total, = store.backend.run_segments(
-                GRAD_SQUARES._replace(formats=formats),
-                Tensors(None, self.gradients, itemsize={"p": 4, "g": store.itemsize}), [], (),
-                (), store.table(self), keep_subnormals=True)
+                GRAD_SQUARES._replace(formats=formats), tensors, [], (), (),
+                store.table(self, summing=True), keep_subnormals=True)
             return math.fsum(total)
         return store.backend.sum_squares(_array(store.scratch_grads)[self.start:self.stop])
 

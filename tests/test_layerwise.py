@@ -238,6 +238,30 @@ def test_chunks_cover_the_segments():
             np.testing.assert_array_equal(offset[mine][1:], (offset + size)[mine][:-1])
 
 
+@pytest.mark.parametrize("row", [1, 7, 500, SEGMENT_CHUNK, SEGMENT_CHUNK + 3, 3 * SEGMENT_CHUNK])
+def test_chunks_begin_at_every_row_where_rows_are_given(row):
+    """The chunks of sums over tensors that other ranks may cut between rows (FSDP2):
+    each lies in one row, they cover the segment in order, and a segment that begins at
+    a row of a longer one gets that one's chunks from there on, as another rank does."""
+    rows_of = [3, 5, 0, 2]
+    sizes = [count * row for count in rows_of]
+    chunks = segment_chunks(sizes, np.zeros(len(sizes), np.int64), [row] * len(sizes))
+    segment, offset, size, _ = chunks.T
+    assert np.all(size > 0) and np.all(size <= SEGMENT_CHUNK)
+    assert np.all(offset // row == (offset + size - 1) // row)  # within a row
+    for index, n in enumerate(sizes):
+        mine = segment == index
+        assert mine.sum() == rows_of[index] * -(-row // SEGMENT_CHUNK)
+        expected = np.arange(n)  # each element once, in order
+        np.testing.assert_array_equal(
+            np.concatenate([np.arange(a, a + b) for a, b in zip(offset[mine], size[mine])]
+                           or [np.zeros(0, np.int64)]), expected)
+    whole = segment_chunks([8 * row], [0], [row])
+    tail = segment_chunks([5 * row], [0], [row])  # rows 3 to 7, on another rank
+    np.testing.assert_array_equal(tail[:, 2], whole[len(whole) - len(tail):, 2])
+    np.testing.assert_array_equal(tail[:, 1] + 3 * row, whole[len(whole) - len(tail):, 1])
+
+
 NORMS = Pass("norms", sums=("param_sq", "grad_sq"))
 
 

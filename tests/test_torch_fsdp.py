@@ -178,8 +178,9 @@ def fsdp2_per_tensor_rank(rank, world, rendezvous, cases):
 def test_fsdp2_per_tensor_norms_and_counts_are_the_whole_tensors(world, tmp_path):
     """LAMB's and LARS's trust ratios, SWATS's projections and the Cautious mask's share
     come from sums over each whole tensor, gathered over the ranks: as one process's, to
-    the float64 rounding of the cut partial sums. A rank's shard alone gives other norms
-    and shares, and steps differently."""
+    a float64 rounding (one process chunks a tensor from its first element, FSDP2's
+    ranks by rows). A rank's shard alone gives other norms and shares, and steps
+    differently."""
     for name, kwargs in PER_TENSOR:
         warm(name, kwargs)
     expected = [one_process(name, kwargs, torch.float32) for name, kwargs in PER_TENSOR]
@@ -195,6 +196,143 @@ def test_fsdp2_per_tensor_norms_and_counts_are_the_whole_tensors(world, tmp_path
                 for key in theirs:
                     np.testing.assert_allclose(mine[key], theirs[key], rtol=1e-5, atol=1e-9,
                                                err_msg=f"{what} {key}")
+
+
+# -- sums that do not depend on where FSDP2 cuts ----------------------------------------
+
+class CutModel(torch.nn.Module):
+    """Tensors large enough that their float64 sums round, cut by FSDP2 at other
+    elements on each number of ranks: a (120, 500) matrix, a vector of 6000 and a
+    (3, 40000) matrix whose rows are longer than a chunk (on four ranks, one holds none).
+    No forward: the gradients are set."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.weights = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.randn(shape, generator=generator))
+            for shape in [(120, 500), (6000,), (3, 40000)])
+
+
+CUT_CASES = [("AdamW", dict(lr=0.01, clip_grad_norm=50.0)),
+             ("LAMB", dict(lr=0.01, weight_decay=0.01, clip_grad_norm=50.0)),
+             ("LARS", dict(lr=0.1, momentum=0.9)), ("SWATS", dict(lr=0.01)),
+             ("Adam", dict(lr=0.01, caution=True))]
+
+
+def fsdp2_cut_rank(rank, world, rendezvous):
+    """Three steps of each case on the same whole gradients, cut as the parameters;
+    the gradient norms of clipping, the per-tensor sums of every pass, and the whole
+    parameters after them."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    from fastopt.optim import engine
+
+    _init_gloo(rank, world, rendezvous)
+    sums, run = [], engine.Work.run
+
+    def recorded(work, spec, *args, **kwargs):  # (in this child process only)
+        found = run(work, spec, *args, **kwargs)
+        sums.extend(np.asarray(column).tolist() for column in found)
+        return found
+
+    engine.Work.run = recorded
+    results = []
+    for name, kwargs in CUT_CASES:
+        sums = []
+        model = CutModel()
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+        opt = getattr(ft, name)(model.parameters(), **kwargs)
+        norms = []
+        for t in range(3):
+            generator = torch.Generator().manual_seed(t)
+            for p in model.parameters():
+                whole = torch.randn(p.shape, generator=generator) * 10.0 ** (t - 1)
+                p.grad = distribute_tensor(whole, p.device_mesh, p.placements)
+            opt.step()
+            norms.append(opt.last_grad_norm)
+        results.append((norms, sums, full(model.parameters())))
+    return results
+
+
+def test_fsdp2_sums_over_whole_tensors_do_not_depend_on_the_cuts(tmp_path):
+    """The gradient norm of clipping and LAMB's, LARS's, SWATS's and the Cautious
+    share's per-tensor sums (float64) are bitwise the same on 1, 2, 3 and 4 ranks given
+    the same gradients, and so are the parameters: their chunks begin at every row, where FSDP2 may cut, and every
+    rank's chunk sums are added in the order of the rows. (Chunks of 16384 elements from
+    each shard's start gave other float64 norms on each number of ranks.) Forkserver
+    children: the kernels run in parallel on these sizes."""
+    runs = {world: run_ranks(fsdp2_cut_rank, (), subfolder(tmp_path, str(world)), world=world,
+                             context=FORKSERVER) for world in (1, 2, 3, 4)}
+    (expected,) = runs.pop(1)
+    for (name, kwargs), (norms, sums, params) in zip(CUT_CASES, expected):
+        assert (norms[0] is not None) == ("clip_grad_norm" in kwargs), name
+        assert (sums or name == "AdamW") and all(len(column) == 3 for column in sums), name
+        assert_moved([p.detach().numpy() for p in CutModel().parameters()], params)
+    for world, ranks in runs.items():
+        for rank, results in enumerate(ranks):
+            for (name, kwargs), (norms, sums, params), (their_norms, their_sums,
+                                                        their_params) in zip(
+                    CUT_CASES, results, expected):
+                what = f"rank {rank} of {world}, {name} {kwargs}"
+                assert norms == their_norms, what
+                assert sums == their_sums, what
+                for mine, theirs in zip(params, their_params):
+                    np.testing.assert_array_equal(mine, theirs, err_msg=what)
+
+
+def other_shardings_wholes(seed=0):
+    """The whole tensors of other_shardings_rank (its gradients for seeds above 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator) for shape in [(8, 6), (8, 6), (6,)]]
+
+
+def other_shardings_rank(rank, world, rendezvous, kwargs):
+    """LAMB with clipping on DTensors of a 2x2 mesh sharded otherwise than by rows alone:
+    along rows and columns (two mesh dimensions), along columns, and a vector sharded
+    on one dimension and replicated on the other. Three steps of the same whole
+    gradients; the gradient norms and the whole parameters."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    _init_gloo(rank, world, rendezvous)
+    mesh = init_device_mesh("cpu", (2, 2))
+    placements = [[Shard(0), Shard(1)], [Shard(1), Replicate()], [Replicate(), Shard(0)]]
+    params = [torch.nn.Parameter(distribute_tensor(whole, mesh, where))
+              for whole, where in zip(other_shardings_wholes(), placements)]
+    opt = ft.LAMB(params, **kwargs)
+    norms = []
+    for t in range(3):
+        for p, grad in zip(params, other_shardings_wholes(t + 1)):
+            p.grad = distribute_tensor(grad, mesh, p.placements)
+        opt.step()
+        norms.append(opt.last_grad_norm)
+    return norms, full(params)
+
+
+def test_per_tensor_sums_over_other_shardings_are_the_whole_tensors(tmp_path):
+    """Tensors sharded along columns or along two mesh dimensions add each rank's sums
+    in rank order: the norms of clipping and LAMB's trust ratios are the whole
+    tensors', as one process's to a float64 rounding (a rank's shard alone gives other
+    ones: the clipped norm would be a shard's)."""
+    kwargs = dict(lr=0.01, weight_decay=0.01, clip_grad_norm=1.0)
+    warm("LAMB", kwargs)
+    params = [torch.nn.Parameter(whole) for whole in other_shardings_wholes()]
+    opt = ft.LAMB(params, **kwargs)
+    norms = []
+    for t in range(3):
+        for p, grad in zip(params, other_shardings_wholes(t + 1)):
+            p.grad = grad
+        norms.append(math.sqrt(sum((grad.double() ** 2).sum().item()
+                                   for grad in other_shardings_wholes(t + 1))))
+        opt.step()
+    expected = [p.detach().numpy() for p in params]
+    for rank, (their_norms, their_params) in enumerate(
+            run_ranks(other_shardings_rank, (kwargs,), tmp_path, world=4)):
+        np.testing.assert_allclose(their_norms, norms, rtol=1e-12, err_msg=f"rank {rank}")
+        assert_close(their_params, expected, rtol=1e-6, atol=1e-8, what=f"rank {rank}")
 
 
 # -- torch.optim in the same FSDP2 run, with uneven and empty shards -------------------

@@ -162,11 +162,13 @@ class Work:
         blocks: where state is kept in 8 bits, ``(rows, state_starts, size, arrays)``:
             the blocks of the segments (``HostBackend.run_blocks``), and each 8-bit
             buffer's absmax and small arrays by name.
+        sum_segments: the segments of a pass that sums over the tensors (default:
+            ``segments``); where the tensors are this process's shards of larger ones,
+            their sums are the whole tensors' (see ``fastopt.torch._Store.table``).
         reduce: where the tensors are this process's shards of larger ones (DTensors),
-            ``reduce(sums)`` gives the whole tensors' sums from the per-tensor sums of
-            a pass (adding the other processes' parts); None otherwise. ``run`` applies
-            it to the sums of a pass over the tensors; an algorithm that passes its own
-            segments adds its parts itself.
+            ``reduce(sums)`` gives the whole tensors' sums from per-tensor sums that an
+            algorithm adds up over segments of its own (adding the other processes'
+            parts); None otherwise.
         sizes: the number of elements of each whole tensor.
         split_rows: per tensor, where the rows of a matrix (2-D) are split across the
             processes, its whole number of rows, else 0 (Adafactor adds its column sums
@@ -180,13 +182,14 @@ class Work:
         self.prep, self.keep_subnormals, self.cache = prep, keep_subnormals, cache
         self.formats, self.master = formats or {}, master
         self.stochastic, self.key, self.first, self.blocks = False, 0, 0, None
-        self.reduce, self.sizes, self.split_rows = None, segments.sizes, None
+        self.sum_segments, self.reduce, self.sizes, self.split_rows = (
+            segments, None, segments.sizes, None)
 
     def run(self, spec, h, segments=None, values=(), states=None):
         """The pass ``spec`` (a ``kernels.Pass``) with scalars ``h`` over ``segments``
         (default: the tensors) and ``states`` (default: those ``spec.present`` names),
         through the formats and master weights of the launch; returns its sums per
-        segment (over the whole tensors where they are shards: see ``reduce``)."""
+        segment (over the whole tensors where they are shards: see ``sum_segments``)."""
         if states is None:
             states = [*map(self.state.__getitem__, spec.present)]
         if self.formats or self.master:
@@ -201,13 +204,10 @@ class Work:
                     spec, self.tensors, states,
                     (rows, starts, size, [a for name in quantized for a in scales[name]]),
                     self.prep, h, self.keep_subnormals, self.key, self.first)
-        sums = self.backend.run_segments(
-            spec, self.tensors, states, self.prep, h,
-            self.segments if segments is None else segments, values, self.keep_subnormals,
-            self.key, self.first)
-        if self.reduce is not None and sums and segments is None:
-            sums = self.reduce(sums)
-        return sums
+        if segments is None:
+            segments = self.sum_segments if spec.sums else self.segments
+        return self.backend.run_segments(spec, self.tensors, states, self.prep, h, segments,
+                                         values, self.keep_subnormals, self.key, self.first)
 
 
 def state_layout(algorithm, name, shapes):
