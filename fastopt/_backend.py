@@ -72,7 +72,7 @@ class Segments:
     segment, offset, size, and where the chunk's random bits start), each summed in a
     fixed order into a row of ``partials``, and the host adds a segment's chunk sums in
     order (``totals``; the tables of a ZeRO partition, and those by which DTensor shards
-    sum, add every rank's: see ``sharding.whole_totals``): its sums do not depend on the
+    sum, add every rank's: see ``sharding.WholeTotals``): its sums do not depend on the
     CPU's thread count, nor on CUDA's grid.
     """
 

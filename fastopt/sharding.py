@@ -115,7 +115,7 @@ class Partition:
     other) that each rank of a ZeRO group steps: equal contiguous shares, each cut
     moved forward to the next chunk of SEGMENT_CHUNK elements of the tensor it falls
     in, so that a share may begin or end inside a tensor, where the kernels' sums over
-    the tensor (one per chunk: see :func:`whole_totals`) and 8-bit state's blocks of
+    the tensor (one per chunk: see :class:`WholeTotals`) and 8-bit state's blocks of
     256 are cut too; or, where ``whole`` (Adafactor, whose factors need whole
     matrices), to the tensor's end.
 
@@ -368,7 +368,7 @@ class BucketReducer:
 
 
 def chunk_order(counts):
-    """Where :func:`whole_totals` finds each tensor's chunk sums among every rank's,
+    """Where :class:`WholeTotals` finds each tensor's chunk sums among every rank's,
     where rank ``r`` holds ``counts[r][i]`` chunks of tensor ``i``, each rank's sums
     gathered after the previous one's, padded to the longest: ``(index, tensor,
     tensors, longest)``, the chunks' places there in the order of the tensors and, in
@@ -382,37 +382,56 @@ def chunk_order(counts):
     return index, np.repeat(np.arange(tensors).repeat(world), runs), tensors, longest
 
 
-def whole_totals(order, group, partials, sums):
+class WholeTotals:
     """``Segments.totals`` over cut tensors: the sums over the whole tensors from every
-    rank's chunk sums (``partials``; ``order``, their :func:`chunk_order`), added in the
-    order of the ranks, in which they hold consecutive pieces of each tensor, and in
-    each piece in chunk order. Where no chunk crosses a cut, these are one process's
-    sums of the same chunks, bit for bit: ZeRO's cuts fall between chunks
-    (``Partition.counts``), and FSDP2's between rows, at which its tables' chunks begin
-    (``fastopt.torch._Store.table``)."""
-    index, tensor, tensors, longest = order
-    mine = torch.zeros((longest, sums), dtype=torch.float64)
-    mine[:len(partials)] = torch.from_numpy(partials[:, :sums])
-    chunks = _all_gathered(mine, group).numpy().reshape(-1, sums)[index]
-    return tuple(np.bincount(tensor, chunks[:, k], tensors) for k in range(sums))
+    rank's chunk sums (``partials``), gathered over ``group``, where rank ``r`` holds
+    ``counts[r][i]`` chunks of tensor ``i``; added in the order of the ranks, in which
+    they hold consecutive pieces of each tensor, and in each piece in chunk order. Where
+    no chunk crosses a cut, these are one process's sums of the same chunks, bit for
+    bit: ZeRO's cuts fall between chunks (``Partition.counts``), and FSDP2's between
+    rows, at which the chunks of its tables of sums begin (``fastopt.torch._Store.table``).
+    The gather's buffers are kept for the next steps."""
+
+    def __init__(self, counts, group):
+        self.index, self.tensor, self.tensors, self.longest = chunk_order(counts)
+        self.group, self.world = group, len(counts)
+        self._buffers = {}  # by the number of sums
+
+    def __call__(self, partials, sums):
+        if sums not in self._buffers:
+            device = _device(self.group)
+            self._buffers[sums] = (
+                torch.zeros((self.longest, sums), dtype=torch.float64, device=device),
+                torch.empty((self.world * self.longest, sums), dtype=torch.float64,
+                            device=device))
+        mine, gathered = self._buffers[sums]
+        mine[:len(partials)] = torch.from_numpy(partials[:, :sums])  # the rest stays 0
+        _ALL_GATHER(gathered, mine, group=self.group)
+        chunks = gathered.cpu().numpy()[self.index]
+        return tuple(np.bincount(self.tensor, chunks[:, k], self.tensors) for k in range(sums))
 
 
-def shard_totals(table, groups):
-    """``Segments.totals`` for the DTensor shards of ``table`` (whose chunks begin at
-    every row that a rank may begin with), sharded over the process ``groups``: the sums
-    over the whole tensors, the same on every rank. Over one group (FSDP2's mesh), every
-    rank's chunk sums are gathered and each tensor's added in rank order, which is the
-    order of its rows where the ranks hold consecutive rows (dimension 0 sharded, as
-    FSDP2 shards): the sums of one process's table, on any number of ranks. Over several,
-    each rank's per-tensor sums are gathered and added in rank order
-    (``sums_over_ranks``), which moves with the cuts by a float64 rounding. (Builds on a
-    collective: every rank makes the table at once, as it runs the pass.)"""
-    local = table.totals
-    if len(groups) != 1:
-        return lambda partials, sums: sums_over_ranks(groups, local(partials, sums))
-    mine = np.bincount(table.chunk_segment, minlength=table.count)  # chunks per tensor
-    counts = _all_gathered(torch.from_numpy(mine), groups[0]).numpy()
-    return functools.partial(whole_totals, chunk_order(counts), groups[0])
+def shard_chunks(shape, dim, row, world):
+    """How many chunks of a table of sums (``fastopt._backend.segment_chunks``) each of
+    ``world`` ranks holds of a tensor of ``shape`` split along ``dim`` as torch.chunk
+    splits it (DTensor's ``Shard``, FSDP2's): where ``row`` is given, every row of it
+    begins a chunk (``dim`` 0), else the chunks run from each shard's first element."""
+    size = shape[dim]
+    if not size:
+        return np.zeros(world, np.int64)
+    piece = -(-size // world)
+    held = np.clip(size - piece * np.arange(world), 0, piece)  # along dim
+    if row:
+        return held * -(-row // SEGMENT_CHUNK)
+    return -(-held * (int(np.prod(shape)) // size) // SEGMENT_CHUNK)
+
+
+def ranks_totals(local, groups):
+    """``Segments.totals`` that add every rank's per-tensor sums (``local``'s), in
+    rank order over each of ``groups`` in turn (``sums_over_ranks``): the whole tensors'
+    sums of DTensors sharded along several mesh dimensions, to a float64 rounding that
+    moves with the cuts."""
+    return lambda partials, sums: sums_over_ranks(groups, local(partials, sums))
 
 
 def _remove(handles):

@@ -77,12 +77,12 @@ parameters, whose local tensors are this rank's parts of the stores (so that
 gradient norm of ``clip_grad_norm`` and ``skip_nonfinite``, LAMB's and LARS's norms,
 SWATS's projections, the Cautious mask's share) are summed over the ranks that hold
 the shards, the same on every rank, which must step the same parameters: in float64,
-by chunks that begin at every row of a tensor split along its first dimension (as
-FSDP2 splits), whose sums every rank gathers and adds in the order of the rows, so
-that they do not depend on the number of ranks, bit for bit (a vector's rows are its
-elements: its passes that sum take a few nanoseconds an element more). Tensors split
-along other dimensions add each rank's parts in rank order instead, which moves with
-the cuts by a float64 rounding. 8-bit state quantizes each rank's
+by chunks that begin at every row of a tensor split along its first dimension over
+one mesh dimension (as FSDP2 splits), whose sums every rank gathers and adds in the
+order of the rows, so that they do not depend on the number of ranks, bit for bit.
+Rows shorter than 128 elements of a tensor of more than 16384 (a long vector), and
+tensors split otherwise, are summed from each shard's first element, and their sums
+move with the cuts by a float64 rounding. 8-bit state quantizes each rank's
 shard in blocks from its first element (one process's blocks where the cuts fall on
 them); its codes are DTensors sharded as the parameters, and ``state_dict()`` holds
 their decoded values instead (codes and scales of one rank's blocks would not
@@ -120,6 +120,7 @@ import weakref
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from . import precision, sharding
 from ._backend import GRAD_SQUARES, CudaBackend, HostBackend, Tensors
@@ -443,6 +444,12 @@ class Optimizer(torch.optim.Optimizer):
         for run in runs:
             with run.store.active():
                 run.take_gradients()
+        summing = skip_nonfinite or self.clip_grad_norm is not None
+        for run in runs:  # the tables of sums over DTensors: checked before any step
+            if run.store.reduction is not None and run.store.partition is None and (
+                    summing or not (run.store.shaped or engine.single_pass(self.algorithm,
+                                                                           run.h))):
+                run.store.table(run, summing=True)
         coefficient = engine.clip_or_skip(self, skip_nonfinite, inverse_scale,
                                           lambda: self._sum_squares(runs))
         if coefficient is None:
@@ -478,8 +485,8 @@ class Optimizer(torch.optim.Optimizer):
             with run.store.active():
                 parts[run.store.gathers].append(run.sum_squares())
         total = math.fsum(parts.pop(None, ()))
-        # Every rank joins the same collectives in the same order, with or without
-        # gradients: it has the same stores.
+        # Every rank joins the same collectives in the same order: its runs' tables of
+        # sums (it steps the same parameters), then over each store's groups.
         for reduction in dict.fromkeys(store.gathers for store in self._stores):
             if reduction is not None:
                 part = math.fsum(parts.get(reduction, ()))
@@ -1107,14 +1114,25 @@ def _split_rows(p):
     return _is_dtensor(p) and p.dim() == 2 and _shard_dims(p) == {0}
 
 
-def _row_length(p, local):
-    """The length of a row of ``local``, the shard of the DTensor ``p`` that the kernels
-    step, where the ranks split ``p`` along its first dimension alone (as FSDP2 does):
-    every rank's shard then begins at a row, and the chunks of a sum that begin at every
-    row fall on one rank each, whatever the number of ranks. Else ``local``'s size."""
-    if _is_dtensor(p) and p.dim() and local.is_contiguous() and _shard_dims(p) == {0}:
-        return math.prod(local.shape[1:])
-    return local.numel()
+def _row_length(p, local, in_place):
+    """The length of the rows by which a pass sums the DTensor ``p`` (this rank's
+    shard ``local``, stepped ``in_place`` or in a scratch copy in C order), where the
+    ranks split ``p`` along its first dimension alone, over one mesh dimension (as FSDP2
+    does): every rank's shard then begins at a row, and chunks that begin at every row
+    lie on one rank each, whatever the number of ranks. 0 for other shardings, and for
+    rows shorter than ``ROWS_SUMMED`` of a tensor of more elements than ``ROWS_SUMMED``
+    (a long vector): there the chunks run from each shard's first element."""
+    if not (_is_dtensor(p) and p.dim() and _shard_dims(p) == {0} and len(_reduction(p)) == 1
+            and (local.is_contiguous() or not in_place)):
+        return 0
+    row = math.prod(p.shape[1:])
+    return row if row >= ROWS_SUMMED[0] or p.numel() <= ROWS_SUMMED[1] else 0
+
+
+# (the shortest row, the most elements of a tensor with shorter rows: one chunk's) that
+# a table of sums over DTensor shards chunks by rows. A chunk costs time and memory (64
+# bytes): a vector of 4e6 elements, a chunk each, took 257 ms a LAMB step against 6 ms.
+ROWS_SUMMED = (128, SEGMENT_CHUNK)
 
 
 def _reduction(p):
@@ -1569,28 +1587,55 @@ class _Store:
         """One segment per parameter of ``run``, the state laid out like the parameters,
         kept for the next steps (the store is rebuilt when a parameter moves); with the
         parameters' addresses where they are stepped in place. Where the parameters are
-        pieces of a ZeRO partition, its sums are the whole tensors' (``whole_totals``).
-        Where they are DTensor shards, a pass that sums (``summing``) takes a table whose
-        sums are the whole tensors' too: its chunks begin at every row that a rank may
-        begin with (``_row_length``), and every rank's chunk sums are gathered and added
-        in order, so that the sums do not depend on where the tensors are cut."""
-        shards = summing and self.reduction is not None and self.partition is None
+        pieces of a ZeRO partition, its sums are the whole tensors' (``WholeTotals``),
+        and so are those of DTensor shards (the gradient norm, and passes that sum:
+        ``summing``). Over one mesh dimension (FSDP2's) these take a table of their
+        own, whose chunks begin at every row of a tensor that the ranks split between
+        rows (``_row_length``), and which adds every rank's chunk sums in order, so
+        that its sums do not depend on where the tensors are cut. Every rank counts
+        every rank's chunks from the tensors' shapes, as torch.chunk cuts them."""
+        groups = self.reduction if self.partition is None else None
+        shards = summing and groups is not None
         key = (run.slots[0].index, run.slots[-1].index + 1, shards)
         if key not in self._tables:
             sizes = [slot.stop - slot.start for slot in run.slots]
-            rows = [_row_length(p, slot.local) for p, slot in zip(run.params, run.slots)] \
-                if shards else None
-            table = self.backend.segments(sizes, [slot.start for slot in run.slots], rows=rows)
+            rows = [_row_length(p, slot.local, self.in_place) for p, slot in
+                    zip(run.params, run.slots)] if shards else [0] * len(sizes)
+            table = self.backend.segments(sizes, [slot.start for slot in run.slots],
+                                          rows=[row or size for row, size in zip(rows, sizes)])
             table.params = np.array([slot.address for slot in run.slots], np.int64)
             table.starts = np.array([slot.start for slot in run.slots], np.int64)
             partition = self.partition
             if partition is not None and partition.world > 1 and not partition.whole:
-                table.totals = functools.partial(sharding.whole_totals, sharding.chunk_order(
-                    partition.counts(SEGMENT_CHUNK, range(*key[:2]))), self.reduction[0])
-            elif shards:
-                table.totals = sharding.shard_totals(table, self.reduction)
+                table.totals = sharding.WholeTotals(
+                    partition.counts(SEGMENT_CHUNK, range(*key[:2])), self.reduction[0])
+            elif shards and len(groups) == 1:
+                table.totals = sharding.WholeTotals(self._shard_counts(run, rows, table),
+                                                    groups[0])
+            elif shards and groups:  # several mesh dimensions (a replicated DTensor: none)
+                table.totals = sharding.ranks_totals(table.totals, groups)
             self._tables[key] = table
         return self._tables[key]
+
+    def _shard_counts(self, run, rows, table):
+        """Every rank's chunks of each DTensor of ``run`` in ``table`` (chunked by
+        ``rows``), as ``WholeTotals`` takes them; a ValueError where this rank's are
+        not what torch.chunk's cuts give (a DTensor made of uneven shards)."""
+        group = self.reduction[0]
+        counts = np.stack([sharding.shard_chunks(
+            p.shape, *(placement.dim % p.dim() for placement in p.placements
+                       if placement.is_shard()), row, dist.get_world_size(group))
+            for p, row in zip(run.params, rows)], axis=1)
+        mine = np.bincount(table.chunk_segment, minlength=table.count)
+        uneven = np.flatnonzero(counts[dist.get_rank(group)] != mine)
+        if uneven.size:
+            p = run.params[uneven[0]]
+            raise ValueError(f"a DTensor parameter of shape {tuple(p.shape)} and placements "
+                             f"{p.placements} has a local shard of {tuple(_local(p).shape)} "
+                             f"on rank {dist.get_rank()}, which is not the piece that "
+                             "torch.chunk cuts for it: fastopt.torch sums over shards cut "
+                             "as DTensor's Shard and FSDP2 cut them")
+        return counts
 
     def tensors(self, run, master=None):
         """How the kernels reach ``run``'s parameters and gradients, and the ``master``
@@ -1630,8 +1675,8 @@ class _Store:
                 work.first = self.partition.bounds[self.partition.rank]
         if self.reduction is not None:  # shards: counts and sums of the whole tensors
             work.sizes = np.array([p.numel() for p in run.params], np.int64)
-            if not engine.single_pass(algorithm, h):
-                work.sum_segments = self.table(run, summing=True)
+            if not engine.single_pass(algorithm, h) and not self.shaped:  # (Adafactor
+                work.sum_segments = self.table(run, summing=True)        # sums its own)
         if self.reduction is not None and self.partition is None:  # DTensors: Adafactor's
             work.reduce = functools.partial(sharding.sums_over_ranks, self.reduction)
             work.split_rows = np.array([p.shape[0] if _split_rows(p) else 0

@@ -286,20 +286,21 @@ def test_fsdp2_sums_over_whole_tensors_do_not_depend_on_the_cuts(tmp_path):
 def other_shardings_wholes(seed=0):
     """The whole tensors of other_shardings_rank (its gradients for seeds above 0)."""
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=generator) for shape in [(8, 6), (8, 6), (6,)]]
+    return [torch.randn(shape, generator=generator) for shape in [(8, 6), (8, 6), (6,), (5,)]]
 
 
 def other_shardings_rank(rank, world, rendezvous, kwargs):
     """LAMB with clipping on DTensors of a 2x2 mesh sharded otherwise than by rows alone:
-    along rows and columns (two mesh dimensions), along columns, and a vector sharded
-    on one dimension and replicated on the other. Three steps of the same whole
+    along rows and columns (two mesh dimensions), along columns, a vector sharded on one
+    dimension and replicated on the other, and one replicated on both. Three steps of the same whole
     gradients; the gradient norms and the whole parameters."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     _init_gloo(rank, world, rendezvous)
     mesh = init_device_mesh("cpu", (2, 2))
-    placements = [[Shard(0), Shard(1)], [Shard(1), Replicate()], [Replicate(), Shard(0)]]
+    placements = [[Shard(0), Shard(1)], [Shard(1), Replicate()], [Replicate(), Shard(0)],
+                  [Replicate(), Replicate()]]
     params = [torch.nn.Parameter(distribute_tensor(whole, mesh, where))
               for whole, where in zip(other_shardings_wholes(), placements)]
     opt = ft.LAMB(params, **kwargs)
@@ -333,6 +334,59 @@ def test_per_tensor_sums_over_other_shardings_are_the_whole_tensors(tmp_path):
             run_ranks(other_shardings_rank, (kwargs,), tmp_path, world=4)):
         np.testing.assert_allclose(their_norms, norms, rtol=1e-12, err_msg=f"rank {rank}")
         assert_close(their_params, expected, rtol=1e-6, atol=1e-8, what=f"rank {rank}")
+
+
+@pytest.mark.parametrize("shape, dim", [((7, 5), 0), ((3, 40000), 0), ((10,), 0), ((2, 9), 1),
+                                        ((0, 4), 0), ((5, 3, 4), 0), ((4, 3, 50000), 2)])
+@pytest.mark.parametrize("by_rows", [True, False])
+def test_every_rank_counts_every_ranks_chunks_as_torch_chunk_cuts(shape, dim, by_rows):
+    """The chunk counts that every rank works out from a DTensor's shape (no collective)
+    are those of the pieces torch.chunk cuts, chunked as the tables chunk them."""
+    from fastopt._backend import segment_chunks
+    from fastopt.sharding import shard_chunks
+
+    whole = torch.empty(shape)
+    row = math.prod(shape[1:]) if by_rows and dim == 0 else 0
+    for world in range(1, 6):
+        pieces = list(whole.chunk(world, dim)) if shape[dim] else []
+        pieces += [whole.narrow(dim, 0, 0)] * (world - len(pieces))
+        expected = [len(segment_chunks([piece.numel()], [0], [row or piece.numel()]))
+                    for piece in pieces]
+        np.testing.assert_array_equal(shard_chunks(shape, dim, row, world), expected,
+                                      err_msg=f"{shape} along {dim} on {world} ranks")
+
+
+def uneven_rank(rank, world, rendezvous):
+    """A DTensor whose shards are not torch.chunk's (rank 0 holds 3 of its 4 rows), in a
+    parameter group after an even one: LAMB's step raises on every rank, before it steps
+    either."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    _init_gloo(rank, world, rendezvous)
+    mesh = init_device_mesh("cpu", (world,))
+    even = torch.nn.Parameter(distribute_tensor(torch.ones(4, 8), mesh, [Shard(0)]))
+    local = torch.ones(3 if rank == 0 else 1, 8)
+    uneven = torch.nn.Parameter(DTensor.from_local(local, mesh, [Shard(0)], run_check=False,
+                                                   shape=(4, 8), stride=(8, 1)))
+    opt = ft.LAMB([{"params": [even]}, {"params": [uneven]}], lr=0.1)
+    for p in (even, uneven):
+        p.grad = DTensor.from_local(torch.ones_like(p.to_local()), mesh, [Shard(0)],
+                                    run_check=False, shape=p.shape, stride=p.stride())
+    try:
+        opt.step()
+    except ValueError as error:
+        return str(error), even.to_local().tolist(), uneven.to_local().tolist(), len(opt.state)
+    return None
+
+
+def test_a_dtensor_of_uneven_shards_is_refused_before_a_step_that_sums(tmp_path):
+    for rank, result in enumerate(run_ranks(uneven_rank, (), tmp_path)):
+        assert result is not None, f"rank {rank} stepped"
+        message, even, uneven, states = result
+        assert "not the piece that torch.chunk cuts" in message and "(4, 8)" in message
+        assert even == [[1.0] * 8] * 2 and uneven == [[1.0] * 8] * (3 if rank == 0 else 1)
+        assert states == 0, rank
 
 
 # -- torch.optim in the same FSDP2 run, with uneven and empty shards -------------------
