@@ -1778,19 +1778,19 @@ class _Run:
         self.gradients = np.array([g.data_ptr() for g in grads], np.int64)
 
     def sum_squares(self):
-        """The gradients' float64 sum of squares: over the whole tensors where the
-        store's tables give their sums (``_Store.table``; then its ``gathers`` is None),
-        else this rank's."""
+        """The gradients' float64 sum of squares, tensor by tensor through the store's
+        table of sums (``_Store.table``), in place or in the scratch copy alike, so that
+        a ZeRO partition's on CUDA is one process's too: over the whole tensors where
+        the table gives their sums (then the store's ``gathers`` is None), else this
+        rank's."""
         store = self.store
-        if store.in_place or store.reduction is not None:  # through the tables
-            formats = (("g", store.storage.formats["g"]),) if "g" in store.storage.formats else ()
-            tensors = Tensors(None, self.gradients, itemsize={"p": 4, "g": store.itemsize}) \
-                if store.in_place else store.tensors(self)
-            total, = store.backend.run_segments(
-                GRAD_SQUARES._replace(formats=formats), tensors, [], (), (),
-                store.table(self, summing=True), keep_subnormals=True)
-            return math.fsum(total)
-        return store.backend.sum_squares(_array(store.scratch_grads)[self.start:self.stop])
+        formats = (("g", store.storage.formats["g"]),) if "g" in store.storage.formats else ()
+        tensors = Tensors(None, self.gradients, itemsize={"p": 4, "g": store.itemsize}) \
+            if store.in_place else store.tensors(self)
+        total, = store.backend.run_segments(
+            GRAD_SQUARES._replace(formats=formats), tensors, [], (), (),
+            store.table(self, summing=True), keep_subnormals=True)
+        return math.fsum(total)
 
 
 def _shaped(algorithm):
