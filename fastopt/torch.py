@@ -446,10 +446,10 @@ class Optimizer(torch.optim.Optimizer):
                 run.take_gradients()
         summing = skip_nonfinite or self.clip_grad_norm is not None
         for run in runs:  # the tables of sums over DTensors: checked before any step
-            if run.store.reduction is not None and run.store.partition is None and (
-                    summing or not (run.store.shaped or engine.single_pass(self.algorithm,
-                                                                           run.h))):
-                run.store.table(run, summing=True)
+            store = run.store
+            if store.reduction is not None and store.partition is None and (
+                    summing or store.sums_tensors(self.algorithm, run.h)):
+                store.table(run, summing=True)
         coefficient = engine.clip_or_skip(self, skip_nonfinite, inverse_scale,
                                           lambda: self._sum_squares(runs))
         if coefficient is None:
@@ -1116,14 +1116,14 @@ def _split_rows(p):
 
 def _row_length(p, local, in_place):
     """The length of the rows by which a pass sums the DTensor ``p`` (this rank's
-    shard ``local``, stepped ``in_place`` or in a scratch copy in C order), where the
-    ranks split ``p`` along its first dimension alone, over one mesh dimension (as FSDP2
-    does): every rank's shard then begins at a row, and chunks that begin at every row
-    lie on one rank each, whatever the number of ranks. 0 for other shardings, and for
-    rows shorter than ``ROWS_SUMMED`` of a tensor of more elements than ``ROWS_SUMMED``
-    (a long vector): there the chunks run from each shard's first element."""
-    if not (_is_dtensor(p) and p.dim() and _shard_dims(p) == {0} and len(_reduction(p)) == 1
-            and (local.is_contiguous() or not in_place)):
+    shard ``local``, stepped ``in_place`` or in a scratch copy in C order), sharded over
+    one mesh dimension, where the ranks split ``p`` along its first dimension alone (as
+    FSDP2 does): every rank's shard then begins at a row, and chunks that begin at every
+    row lie on one rank each, whatever the number of ranks. 0 for other shardings, and
+    for rows shorter than ``ROWS_SUMMED`` of a tensor of more elements than
+    ``ROWS_SUMMED`` (a long vector): there the chunks run from each shard's first
+    element."""
+    if not (p.dim() and _shard_dims(p) == {0} and (local.is_contiguous() or not in_place)):
         return 0
     row = math.prod(p.shape[1:])
     return row if row >= ROWS_SUMMED[0] or p.numel() <= ROWS_SUMMED[1] else 0
@@ -1600,7 +1600,8 @@ class _Store:
         if key not in self._tables:
             sizes = [slot.stop - slot.start for slot in run.slots]
             rows = [_row_length(p, slot.local, self.in_place) for p, slot in
-                    zip(run.params, run.slots)] if shards else [0] * len(sizes)
+                    zip(run.params, run.slots)] if shards and len(groups) == 1 \
+                else [0] * len(sizes)
             table = self.backend.segments(sizes, [slot.start for slot in run.slots],
                                           rows=[row or size for row, size in zip(rows, sizes)])
             table.params = np.array([slot.address for slot in run.slots], np.int64)
@@ -1617,15 +1618,20 @@ class _Store:
             self._tables[key] = table
         return self._tables[key]
 
+    def sums_tensors(self, algorithm, h):
+        """Whether a step of ``algorithm`` with the scalars ``h`` has passes that sum
+        over the tensors, by the table of sums (Adafactor's sum over segments of its
+        own)."""
+        return not (self.shaped or engine.single_pass(algorithm, h))
+
     def _shard_counts(self, run, rows, table):
         """Every rank's chunks of each DTensor of ``run`` in ``table`` (chunked by
         ``rows``), as ``WholeTotals`` takes them; a ValueError where this rank's are
         not what torch.chunk's cuts give (a DTensor made of uneven shards)."""
         group = self.reduction[0]
-        counts = np.stack([sharding.shard_chunks(
-            p.shape, *(placement.dim % p.dim() for placement in p.placements
-                       if placement.is_shard()), row, dist.get_world_size(group))
-            for p, row in zip(run.params, rows)], axis=1)
+        counts = np.stack([sharding.shard_chunks(p.shape, *_shard_dims(p), row,
+                                                 dist.get_world_size(group))
+                           for p, row in zip(run.params, rows)], axis=1)
         mine = np.bincount(table.chunk_segment, minlength=table.count)
         uneven = np.flatnonzero(counts[dist.get_rank(group)] != mine)
         if uneven.size:
@@ -1675,8 +1681,8 @@ class _Store:
                 work.first = self.partition.bounds[self.partition.rank]
         if self.reduction is not None:  # shards: counts and sums of the whole tensors
             work.sizes = np.array([p.numel() for p in run.params], np.int64)
-            if not engine.single_pass(algorithm, h) and not self.shaped:  # (Adafactor
-                work.sum_segments = self.table(run, summing=True)        # sums its own)
+            if self.sums_tensors(algorithm, h):
+                work.sum_segments = self.table(run, summing=True)
         if self.reduction is not None and self.partition is None:  # DTensors: Adafactor's
             work.reduce = functools.partial(sharding.sums_over_ranks, self.reduction)
             work.split_rows = np.array([p.shape[0] if _split_rows(p) else 0
