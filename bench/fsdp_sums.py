@@ -1,13 +1,14 @@
 """The cost of sums over whole tensors on FSDP2: the step time of fastopt.torch's LAMB,
-AdamW with ``clip_grad_norm`` and plain AdamW on the DTensor parameters of a
-``fully_shard``ed module, on ``--world`` processes (gloo, one thread each):
+AdamW with ``clip_grad_norm``, Adafactor and plain AdamW on the DTensor parameters of
+a ``fully_shard``ed module, on ``--world`` processes (gloo, one thread each):
 
     python bench/fsdp_sums.py [--world 2] [--rounds 7] [--steps 10]
 
 The module holds 8 matrices of (1024, 512) and 16 vectors of 1024, a transformer's
 mix of rows and vectors; the gradients are set, the same on every rank. LAMB and the
 clipped AdamW sum over whole tensors, in chunks that begin at every row (each element
-of a vector), whose sums every rank gathers; plain AdamW sums nothing, the baseline.
+of a vector), whose sums every rank gathers; Adafactor carries its sums over the
+matrices down the rows from rank to rank; plain AdamW sums nothing, the baseline.
 Prints rank 0's best of ``--rounds`` rounds of the mean over ``--steps`` steps, between
 barriers.
 """
@@ -21,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 CASES = [("LAMB", dict(lr=1e-3)), ("AdamW", dict(lr=1e-3, clip_grad_norm=1.0)),
-         ("AdamW", dict(lr=1e-3))]
+         ("Adafactor", dict(lr=1e-2)), ("AdamW", dict(lr=1e-3))]
 SHAPES = [(1024, 512)] * 8 + [(1024,)] * 16
 
 

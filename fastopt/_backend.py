@@ -340,7 +340,7 @@ class HostBackend:
     def column_sums(self, tensors, prep, blocks, table, out, fmt=None):
         """Sums of ``prepare(0, g)**2`` down matrix columns into ``out`` (see
         kernels.cpu.column_sums): ``blocks`` are :class:`Segments` of ``tensors``, blocks
-        of rows, whose ``(rows, columns, out_start)`` are the rows of ``table``; ``fmt``
+        of rows, whose ``(rows, columns, out_start, continued)`` are the rows of ``table``; ``fmt``
         names the gradients' 16-bit format, if they have one. Returns the sums on the
         host."""
         if blocks.count:

@@ -5,7 +5,8 @@ partitions of fastopt's own ZeRO sharding (``process_group=``).
 Sums (gradient norms, LAMB's and LARS's per-tensor norms, the Cautious share,
 Adafactor's column sums) are gathered, not all-reduced: every rank gets every rank's
 float64 parts and adds them in rank order, so every rank gets the same floats (an
-all-reduce promises no such thing).
+all-reduce promises no such thing). Adafactor's sums down the rows of a matrix are
+carried from rank to rank instead (``in_row_order``).
 """
 
 import collections
@@ -32,6 +33,25 @@ def over_ranks(groups, parts):
     for group in groups:
         parts = _all_gathered(torch.from_numpy(parts), group).numpy().sum(axis=0)
     return parts
+
+
+def in_row_order(group, carry, fold):
+    """``carry = fold(carry)`` on each rank of ``group`` in rank order, from ``carry``
+    (float64, of one size on every rank) on the first, each handing its carry to the
+    next; the last rank's carry, on every rank. Sums carried this way over the ranks'
+    consecutive pieces of tensors add them in the order of their elements, as one
+    process does, wherever the pieces are cut."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    device = _device(group)
+    if rank:
+        received = torch.empty(len(carry), dtype=torch.float64, device=device)
+        dist.recv(received, group=group, group_src=rank - 1)
+        carry = received.cpu().numpy()
+    carry = torch.from_numpy(np.ascontiguousarray(fold(carry), np.float64)).to(device)
+    if rank < world - 1:
+        dist.send(carry, group=group, group_dst=rank + 1)
+    dist.broadcast(carry, group=group, group_src=world - 1)
+    return carry.cpu().numpy()
 
 
 def _device(group):

@@ -87,9 +87,10 @@ shard in blocks from its first element (one process's blocks where the cuts fall
 them); its codes are DTensors sharded as the parameters, and ``state_dict()`` holds
 their decoded values instead (codes and scales of one rank's blocks would not
 reshard), which a load encodes again. Adafactor adds the column sums of a matrix whose
-rows the ranks share (FSDP2's Shard(0)) over them: its row factors are sharded as the
-rows, its column factors replicated; other shardings of a tensor's last two dimensions
-are refused for it. On the CPU each state DTensor's local tensor has a storage of its
+rows the ranks share (FSDP2's Shard(0)) over them, carrying them (and its other sums
+over such a matrix) down the rows from rank to rank, so that they are one process's:
+its row factors are sharded as the rows, its column factors replicated; other
+shardings of a tensor's last two dimensions are refused for it. On the CPU each state DTensor's local tensor has a storage of its
 own over the store's memory, so that ``torch.save(opt.state_dict())`` and
 ``copy.deepcopy`` take it; on CUDA they are views into one buffer, which torch does
 not pickle: save with DCP there.
@@ -450,6 +451,8 @@ class Optimizer(torch.optim.Optimizer):
             if store.reduction is not None and store.partition is None and (
                     summing or store.sums_tensors(self.algorithm, run.h)):
                 store.table(run, summing=True)
+            if store.carries_rows(self.algorithm):
+                store.first_rows(run)
         coefficient = engine.clip_or_skip(self, skip_nonfinite, inverse_scale,
                                           lambda: self._sum_squares(runs))
         if coefficient is None:
@@ -1114,6 +1117,12 @@ def _split_rows(p):
     return _is_dtensor(p) and p.dim() == 2 and _shard_dims(p) == {0}
 
 
+def _whole_rows(params):
+    """Per parameter, the number of rows of a matrix whose rows the ranks split
+    (``_split_rows``), else 0."""
+    return np.array([p.shape[0] if _split_rows(p) else 0 for p in params], np.int64)
+
+
 def _row_length(p, local, in_place):
     """The length of the rows by which a pass sums the DTensor ``p`` (this rank's
     shard ``local``, stepped ``in_place`` or in a scratch copy in C order), sharded over
@@ -1643,6 +1652,34 @@ class _Store:
                              "as DTensor's Shard and FSDP2 cut them")
         return counts
 
+    def carries_rows(self, algorithm):
+        """Whether ``algorithm`` (Adafactor) carries its sums over matrices whose rows
+        the ranks split from rank to rank (``sharding.in_row_order``): where the
+        DTensors are split over one mesh dimension, whose ranks hold the rows in
+        their order."""
+        return (algorithm.spec.factored and self.partition is None
+                and self.reduction is not None and len(self.reduction) == 1)
+
+    def first_rows(self, run):
+        """Where this rank's rows begin in each matrix of ``run`` whose rows the ranks
+        split, as torch.chunk cuts them; a ValueError where this rank's rows are not
+        that piece."""
+        group = self.reduction[0]
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        whole_rows = _whole_rows(run.params)
+        first = np.zeros(len(whole_rows), np.int64)
+        for index in np.flatnonzero(whole_rows):
+            rows, p = int(whole_rows[index]), run.params[index]
+            piece = -(-rows // world)
+            first[index] = min(rank * piece, rows)
+            if _local(p).shape[0] != min(piece, rows - first[index]):
+                raise ValueError(f"a DTensor parameter of shape {tuple(p.shape)} has "
+                                 f"{_local(p).shape[0]} rows on rank {dist.get_rank()}, not "
+                                 "the piece that torch.chunk cuts for it: fastopt.torch "
+                                 "adds Adafactor's sums over rows cut as DTensor's Shard "
+                                 "and FSDP2 cut them")
+        return first
+
     def tensors(self, run, master=None):
         """How the kernels reach ``run``'s parameters and gradients, and the ``master``
         weights (laid out like the parameters)."""
@@ -1685,8 +1722,11 @@ class _Store:
                 work.sum_segments = self.table(run, summing=True)
         if self.reduction is not None and self.partition is None:  # DTensors: Adafactor's
             work.reduce = functools.partial(sharding.sums_over_ranks, self.reduction)
-            work.split_rows = np.array([p.shape[0] if _split_rows(p) else 0
-                                        for p in run.params], np.int64)
+            work.split_rows = _whole_rows(run.params)
+            if self.carries_rows(algorithm):
+                work.first_rows = self.first_rows(run)
+                work.in_row_order = functools.partial(sharding.in_row_order,
+                                                      self.reduction[0])
         if engine.single_pass(algorithm, h):
             host = algorithm.host_after(hyper, step, host)  # first: it may raise
             work.run(Pass(algorithm.rule, tuple(spec)), h)

@@ -276,12 +276,13 @@ def _loaded_by_type(value, bfloat16):
 
 @njit(inline="always", error_model="numpy", fastmath={"reassoc"})
 def _column_sums(g, prep, table, out, k, bfloat16):
-    rows, columns, out_start = table[k, 0], table[k, 1], table[k, 2]
+    rows, columns, out_start, continued = table[k, 0], table[k, 1], table[k, 2], table[k, 3]
     sums = out[out_start:out_start + columns]
     # Read once, not from memory that out may alias; float32 whatever the caller passed.
     prepared = (np.float32(prep[0]), np.float32(prep[1]), np.float32(prep[2]))
-    for c in range(columns):  # not sums[:] = 0: under parallel=True, a parfor of its own
-        sums[c] = 0.0
+    if not continued:
+        for c in range(columns):  # not sums[:] = 0: under parallel=True, a parfor of its own
+            sums[c] = 0.0
     for r in range(rows):
         g_row = g[r * columns:(r + 1) * columns]
         for c in range(columns):
@@ -293,9 +294,10 @@ def _column_sums(g, prep, table, out, k, bfloat16):
 def column_sums(g, prep, table, out, parallel):
     """Sums of ``prepare(0, g)**2`` down the columns of blocks of rows, in float64.
 
-    Block k is ``(rows, columns, out_start) = table[k]``: the row-major block of float32
-    gradients at the address ``g[k]`` is summed in row order into
-    ``out[out_start:out_start + columns]``."""
+    Block k is ``(rows, columns, out_start, continued) = table[k]``: the row-major block
+    of float32 gradients at the address ``g[k]`` is summed in row order into
+    ``out[out_start:out_start + columns]``, from 0, or, where ``continued``, from the
+    sums there (those of the rows above it, which another process summed)."""
     if parallel:
         for k in prange(table.shape[0]):
             _column_sums(carray(float32_at(g[k]), table[k, 0] * table[k, 1]), prep, table,

@@ -226,7 +226,7 @@ def _gradient(value, fmt):
 @cuda.jit(cache=True)
 def column_sums(g, starts, prep, table, out, fmt):
     """One block per block of rows, starting at ``starts[k]`` of the flat gradients (in
-    the format ``GRADIENT_FORMATS[fmt]``), with ``(rows, columns, out_start) =
+    the format ``GRADIENT_FORMATS[fmt]``), with ``(rows, columns, out_start, continued) =
     table[k]``: the sums of ``prepare(0, g)**2`` down its columns (see
     kernels.cpu.column_sums); one thread per column, each summing its column in row
     order."""
@@ -234,7 +234,7 @@ def column_sums(g, starts, prep, table, out, fmt):
     start, rows, columns, out_start = starts[k], table[k, 0], table[k, 1], table[k, 2]
     c = cuda.threadIdx.x
     while c < columns:
-        total = float64(0)
+        total = out[out_start + c] if table[k, 3] else float64(0)
         for r in range(rows):
             x = float64(_prepare(ZERO, _gradient(g[start + r * columns + c], fmt), prep))
             total += x * x

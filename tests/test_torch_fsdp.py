@@ -356,10 +356,10 @@ def test_every_rank_counts_every_ranks_chunks_as_torch_chunk_cuts(shape, dim, by
                                       err_msg=f"{shape} along {dim} on {world} ranks")
 
 
-def uneven_rank(rank, world, rendezvous):
+def uneven_rank(rank, world, rendezvous, name):
     """A DTensor whose shards are not torch.chunk's (rank 0 holds 3 of its 4 rows), in a
-    parameter group after an even one: LAMB's step raises on every rank, before it steps
-    either."""
+    parameter group after an even one: LAMB's and Adafactor's step raises on every rank,
+    before it steps either."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
@@ -369,7 +369,7 @@ def uneven_rank(rank, world, rendezvous):
     local = torch.ones(3 if rank == 0 else 1, 8)
     uneven = torch.nn.Parameter(DTensor.from_local(local, mesh, [Shard(0)], run_check=False,
                                                    shape=(4, 8), stride=(8, 1)))
-    opt = ft.LAMB([{"params": [even]}, {"params": [uneven]}], lr=0.1)
+    opt = getattr(ft, name)([{"params": [even]}, {"params": [uneven]}], lr=0.1)
     for p in (even, uneven):
         p.grad = DTensor.from_local(torch.ones_like(p.to_local()), mesh, [Shard(0)],
                                     run_check=False, shape=p.shape, stride=p.stride())
@@ -380,8 +380,10 @@ def uneven_rank(rank, world, rendezvous):
     return None
 
 
-def test_a_dtensor_of_uneven_shards_is_refused_before_a_step_that_sums(tmp_path):
-    for rank, result in enumerate(run_ranks(uneven_rank, (), tmp_path)):
+@pytest.mark.parametrize("name", ["LAMB", "Adafactor"])
+def test_a_dtensor_of_uneven_shards_is_refused_before_a_step_that_sums(name, tmp_path):
+    for rank, result in enumerate(run_ranks(uneven_rank, (name,), tmp_path,
+                                            context=FORKSERVER)):
         assert result is not None, f"rank {rank} stepped"
         message, even, uneven, states = result
         assert "not the piece that torch.chunk cuts" in message and "(4, 8)" in message
@@ -564,6 +566,119 @@ def test_fsdp2_adafactor_adds_its_factors_over_the_ranks(tmp_path):
             assert ranks[-1][1][2:] == [0, 0], ranks[-1][1]
         for rank, (params, _) in enumerate(ranks):
             assert_close(params, whole, rtol=1e-6, atol=1e-7, what=f"rank {rank} of {world}")
+
+
+class RowBlocksModel(torch.nn.Module):
+    """Matrices whose blocks of rows for Adafactor's column sums (of 256, 1 and 2048
+    rows) FSDP2 cuts inside on 2, 3 and 4 ranks, where a block may run over three ranks
+    (the (2000, 8) on four) and a rank may hold no row (the (3, 40000) on four). No
+    forward: the gradients are set."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.weights = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.randn(shape, generator=generator))
+            for shape in [(300, 64), (3, 40000), (2000, 8)])
+
+
+def row_blocks_gradients(model, t):
+    """Whole gradients of step ``t``, of magnitudes spread so that their float64 sums
+    of squares round."""
+    generator = torch.Generator().manual_seed(t)
+    return [torch.randn(p.shape, generator=generator)
+            * torch.exp(2 * torch.randn(p.shape, generator=generator)) for p in model.parameters()]
+
+
+def adafactor_steps(model, opt, set_gradients, rows):
+    """Three Adafactor steps; the parameters, the state, and what each step computed
+    from float64 sums: the targets of the column factors (all columns), and, per
+    tensor of ``rows[i]`` rows here, the scales of its rows and its step size (None
+    where it has no row here)."""
+    from fastopt.optim import adafactor, engine
+
+    columns, rows_steps, move, run = [], [], adafactor._move, engine.Work.run
+
+    def moving(backend, factor, slots, target, weight):
+        columns.append(np.array(target))
+        return move(backend, factor, slots, target, weight)
+
+    def running(work, spec, h, segments=None, values=(), states=None):
+        if spec == adafactor.Adafactor.ROW_STEP:
+            per_tensor = np.split(np.array(values), np.cumsum(rows)[:-1], axis=1)
+            rows_steps.append([(scales, steps[0] if steps.size else None)
+                               for scales, steps in per_tensor])
+        return run(work, spec, h, segments, values, states)
+
+    adafactor._move, engine.Work.run = moving, running
+    try:
+        for t in range(3):
+            set_gradients(row_blocks_gradients(model, t))
+            opt.step()
+    finally:
+        adafactor._move, engine.Work.run = move, run
+    return columns[1::2], rows_steps  # the rows' targets come first
+
+
+def fsdp2_adafactor_cut_rank(rank, world, rendezvous):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    _init_gloo(rank, world, rendezvous)
+    model = RowBlocksModel()
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    opt = ft.Adafactor(model.parameters(), lr=0.01)
+
+    def set_gradients(gradients):
+        for p, whole in zip(model.parameters(), gradients):
+            p.grad = distribute_tensor(whole, p.device_mesh, p.placements)
+
+    sums = adafactor_steps(model, opt, set_gradients,
+                           [p.to_local().shape[0] for p in model.parameters()])
+    return sums, full(model.parameters()), full_state(opt)
+
+
+def test_fsdp2_adafactor_sums_do_not_depend_on_the_cuts(tmp_path):
+    """Adafactor's column sums, its row factors' sums and its per-tensor sums over
+    matrices split by rows follow the rows from rank to rank, so that on 1, 2, 3 and 4
+    ranks given the same gradients they are bitwise one process's (float64), and so
+    are the factors and parameters. (Each rank's column sums added in rank order moved
+    with the cuts.) Forkserver children: the kernels run in parallel on these sizes."""
+    model = RowBlocksModel()
+    opt = ft.Adafactor(model.parameters(), lr=0.01)
+
+    def set_gradients(gradients):
+        for p, whole in zip(model.parameters(), gradients):
+            p.grad = whole
+
+    (columns, rows_steps) = adafactor_steps(model, opt, set_gradients,
+                                            [p.shape[0] for p in model.parameters()])
+    params, state = [p.detach().numpy() for p in model.parameters()], plain_state(opt)
+    assert_moved([p.detach().numpy() for p in RowBlocksModel().parameters()], params)
+    assert len(columns) == len(rows_steps) == 3 and columns[0].size == 64 + 40000 + 8
+    for world in (1, 2, 3, 4):
+        ranks = run_ranks(fsdp2_adafactor_cut_rank, (), subfolder(tmp_path, str(world)),
+                          world=world, context=FORKSERVER)
+        for rank, ((their_columns, their_rows_steps), their_params, their_state) in \
+                enumerate(ranks):
+            what = f"rank {rank} of {world}"
+            for mine, theirs in zip(columns, their_columns):
+                np.testing.assert_array_equal(theirs, mine, err_msg=f"{what}: column sums")
+            for mine, theirs in zip(rows_steps, their_rows_steps):
+                for (_, step), (_, their_step) in zip(mine, theirs):
+                    assert their_step in (None, step), f"{what}: step size"
+            for mine, theirs in zip(state, their_state):
+                assert sorted(mine) == sorted(theirs) == ["col_var", "row_var"], what
+                for key in mine:
+                    np.testing.assert_array_equal(theirs[key], mine[key], err_msg=f"{what} {key}")
+            for mine, theirs in zip(params, their_params):
+                np.testing.assert_array_equal(theirs, mine, err_msg=what)
+        for t, mine in enumerate(rows_steps):  # every rank's row scales, in rank order
+            for i, (scales, _) in enumerate(mine):
+                np.testing.assert_array_equal(
+                    np.concatenate([sums[1][t][i][0] for sums, *_ in ranks]),
+                    scales, err_msg=f"{world} ranks, step {t}: row scales of tensor {i}")
 
 
 # -- torch.save and copy.deepcopy of the state ------------------------------------------

@@ -148,21 +148,23 @@ class Adafactor(Optimizer):
         lr = group["lr"]
 
         # Pass 1: RMS(p) per tensor; g*g summed along the rows and down the columns.
-        param_sq, row_sq = work.run(NORMS, rules.NoScalars.of(), plan.segments)
-        param_sq = np.bincount(plan.segment_tensor, param_sq, plan.tensors)
+        segment_sq, row_sq = work.run(NORMS, rules.NoScalars.of(), plan.segments)
+        param_sq = _added(plan.segment_tensor, segment_sq, plan.tensors)
         block_sq = backend.column_sums(work.tensors, work.prep, plan.blocks, plan.block_table,
                                        plan.block_sums, work.formats.get("g"))
-        column_sq = np.bincount(plan.block_columns, block_sq, plan.column_slots.size)
+        column_sq = _added(plan.block_columns, block_sq, plan.column_slots.size)
 
         # The factors, r + c numbers per matrix, move on the host: the rows' first, then,
         # with the other processes' parts where the tensors are shards, the columns'.
         row_var = _move(backend, state["row_var"], plan.row_slots,
                         row_sq[plan.row_segments] / plan.row_lengths, beta)
         rows = row_var[plan.row_slots].astype(np.float64)
-        batch_sums = np.bincount(plan.row_batch, rows, plan.batches)
+        batch_sums = _added(plan.row_batch, rows, plan.batches)
         if work.reduce is not None:
             param_sq, column_sq, batch_sums = plan.whole_sums(work.reduce, param_sq,
                                                               column_sq, batch_sums)
+        if plan.carried:
+            plan.carry_sums(work, segment_sq, rows, block_sq, param_sq, column_sq, batch_sums)
         _move(backend, state["col_var"], plan.column_slots, column_sq / plan.column_lengths, beta)
         row_mean = batch_sums / plan.batch_rows
         row_scales = rows / np.maximum(row_mean, eps1)[plan.row_batch]
@@ -175,15 +177,18 @@ class Adafactor(Optimizer):
         has_rows, has_vectors = plan.rows.count, plan.vectors.count
         col_var, variance = [state["col_var"]], [state["variance"]]
         update_sq = np.zeros(plan.tensors)
+        row_sq = np.zeros(0)
         if has_rows:
             row_sq, = work.run(cls.ROW_NORMS, h, plan.rows, [row_scales], col_var)
-            update_sq += np.bincount(plan.row_tensor, row_sq, plan.tensors)
+            update_sq += _added(plan.row_tensor, row_sq, plan.tensors)
         if has_vectors:
             vector_sq, = work.run(cls.VECTOR_NORMS, h._replace(moving=True), plan.vectors, (),
                                   variance)
-            update_sq += np.bincount(plan.vector_tensor, vector_sq, plan.tensors)
+            update_sq += _added(plan.vector_tensor, vector_sq, plan.tensors)
         if work.reduce is not None:
             update_sq, = work.reduce((update_sq,))
+        if plan.carried:
+            plan.carry_update(work, row_sq, update_sq)
         step_size = alpha / np.fmax(1.0, np.sqrt(update_sq / plan.sizes) / group["d"])
         if has_rows:
             work.run(cls.ROW_STEP, h, plan.rows, [row_scales, step_size[plan.row_tensor]],
@@ -222,8 +227,11 @@ class _Plan:
 
     Where a matrix's rows are split across processes (``Work.split_rows``), this
     process's rows are a matrix of their own whose column sums and row factors' sum
-    are parts of the whole's (``split``, see :meth:`whole_sums`), and whose rows count
-    as the whole's.
+    are parts of the whole's, and whose rows count as the whole's. Where the processes
+    hold the rows in their order (``Work.in_row_order``), the sums follow the rows from
+    process to process (``carried``, see :meth:`carry_sums`), and so come out as one
+    process's, however the rows are cut; else each process's parts are added in the
+    order of the processes (``split``, see :meth:`whole_sums`).
     """
 
     segments: object
@@ -243,10 +251,18 @@ class _Plan:
     column_slots: np.ndarray  # the columns' places in col_var,
     column_lengths: np.ndarray  # and their number of rows
     blocks: object  # blocks of rows for the column sums (Segments of the tensors),
-    block_table: object  # their (rows, columns, out_start), see kernels.cpu.column_sums,
+    block_table: object  # their (rows, columns, out_start, 0), see kernels.cpu.column_sums,
     block_sums: object  # the sums they write,
     block_columns: np.ndarray  # each of which belongs to this column (of column_slots)
     split: list  # (columns, first column slot, batch or -1 where no row is here)
+    # Per matrix whose sums follow its rows over the processes: (tensor, columns, first
+    # column slot, batch, its segments (start, stop), its rows (start, stop), and its
+    # pieces of blocks of rows, each (continued, out_start in the heads' sums or in
+    # block_sums, whether its block ends here)); the continued pieces (heads), which
+    # begin inside a block:
+    carried: list
+    heads: object  # (Segments of the tensors),
+    head_table: np.ndarray  # their (rows, columns, out_start, 1)
 
     def whole_sums(self, reduce, param_sq, column_sq, batch_sums):
         """The per-tensor ``param_sq``, the ``column_sq`` and the matrices'
@@ -268,20 +284,82 @@ class _Plan:
             at += columns + 1
         return param_sq, column_sq, batch_sums
 
+    def carry_sums(self, work, segment_sq, rows, block_sq, param_sq, column_sq, batch_sums):
+        """The ``carried`` matrices' sums, written into ``param_sq``, ``column_sq`` and
+        ``batch_sums``: one process's, from this process's ``segment_sq`` (per segment),
+        row factors (``rows``) and ``block_sq`` (per block of rows), and the continued
+        pieces' column sums, which go on from the sums that the process before carries."""
+        widths = [2 + 2 * columns for _, columns, *_ in self.carried]
+        offsets = np.concatenate([[0], np.cumsum(widths)])
+
+        def fold(carry):
+            carry = carry.copy()
+            head_sq = np.zeros(self.head_table[:, 1].sum())
+            for (_, columns, *_, pieces), at in zip(self.carried, offsets):
+                for continued, out_start, _ in pieces:
+                    if continued:  # the sums of the block so far, carried
+                        head_sq[out_start:out_start + columns] = \
+                            carry[at + 2 + columns:at + 2 + 2 * columns]
+            if self.heads.count:
+                head_sq = work.backend.column_sums(
+                    work.tensors, work.prep, self.heads, work.backend.constant(self.head_table),
+                    work.backend.constant(head_sq), work.formats.get("g"))
+            for (_, columns, _, _, segments, row_range, pieces), at in zip(self.carried,
+                                                                             offsets):
+                carry[at] = _carried(carry[at], segment_sq[slice(*segments)])
+                carry[at + 1] = _carried(carry[at + 1], rows[slice(*row_range)])
+                total = carry[at + 2:at + 2 + columns]
+                partial = carry[at + 2 + columns:at + 2 + 2 * columns]
+                for continued, out_start, ends in pieces:
+                    sums = (head_sq if continued else block_sq)[out_start:out_start + columns]
+                    if ends:  # added as one process adds its blocks (_added)
+                        total += sums
+                        partial[:] = 0.0
+                    else:
+                        partial[:] = sums
+            return carry
+
+        carry = work.in_row_order(np.zeros(offsets[-1]), fold)
+        for (tensor, columns, first, batch, *_), at in zip(self.carried, offsets):
+            param_sq[tensor] = carry[at]
+            if batch >= 0:
+                batch_sums[batch] = carry[at + 1]
+            column_sq[first:first + columns] = carry[at + 2:at + 2 + columns]
+
+    def carry_update(self, work, row_sq, update_sq):
+        """The ``carried`` matrices' sums of U² into ``update_sq``, one process's, from
+        this process's per row (``row_sq``)."""
+        def fold(carry):
+            return [_carried(value, row_sq[slice(*row_range)])
+                    for value, (_, _, _, _, _, row_range, _) in zip(carry, self.carried)]
+
+        carry = work.in_row_order(np.zeros(len(self.carried)), fold)
+        for value, (tensor, *_) in zip(carry, self.carried):
+            update_sq[tensor] = value
+
     @classmethod
     def of(cls, work):
         row_base, col_base, var_base = (work.state_starts(name)
                                         for name in ("row_var", "col_var", "variance"))
         segments, row_slots, row_lengths, row_batch, batch_rows = [], [], [], [], []
         column_slots, column_lengths, blocks, block_table, block_columns = [], [], [], [], []
-        split = []
+        split, carried, heads, head_table = [], [], [], []
         split_rows = np.zeros(len(work.shapes), np.int64) if work.split_rows is None \
             else work.split_rows
         for index, shape in enumerate(work.shapes):
             size = math.prod(shape)
             whole_rows = int(split_rows[index]) or (shape[-2] if len(shape) >= 2 else 0)
+            carries = bool(split_rows[index]) and work.in_row_order is not None
+            held_from = int(work.first_rows[index]) if carries else 0  # the first row here
             if split_rows[index]:
-                split.append((shape[-1], len(column_slots), len(batch_rows) if size else -1))
+                batch = len(batch_rows) if size else -1
+                if carries:
+                    pieces = []
+                    carried.append((index, shape[-1], len(column_slots), batch,
+                                    (len(segments), len(segments) + shape[0]),
+                                    (len(row_slots), len(row_slots) + shape[0]), pieces))
+                else:
+                    split.append((shape[-1], len(column_slots), batch))
                 if not size:  # no rows here, but the column factor that every rank moves
                     column_slots += range(col_base[index], col_base[index] + shape[-1])
                     column_lengths += [whole_rows] * shape[-1]
@@ -299,12 +377,31 @@ class _Plan:
                     # (tensor, offset, size, state start, factored)
                     segments += [(index, matrix + r * columns, columns, columns_at, True)
                                  for r in range(rows)]
-                    block_rows = max(-(-SEGMENT_CHUNK // columns), -(-rows // ROW_BLOCKS))
-                    for first in range(0, rows, block_rows):
-                        count = min(block_rows, rows - first)
-                        blocks.append((index, matrix + first * columns, count * columns))
-                        block_table.append((count, columns, len(block_columns)))
-                        block_columns += range(len(column_slots), len(column_slots) + columns)
+                    # Blocks of the whole matrix's rows, of which this process holds
+                    # rows held_from ... (a block may begin on the process before).
+                    block_rows = max(-(-SEGMENT_CHUNK // columns),
+                                     -(-whole_rows // ROW_BLOCKS))
+                    row, end = held_from, held_from + rows
+                    while row < end:
+                        stop = min((row // block_rows + 1) * block_rows, end)
+                        count, continued = stop - row, row % block_rows != 0
+                        place = (index, matrix + (row - held_from) * columns, count * columns)
+                        if continued:
+                            head_start = sum(table[1] for table in head_table)
+                            pieces.append((True, head_start, None))
+                            heads.append(place)
+                            head_table.append((count, columns, head_start, 1))
+                        else:
+                            if carries:
+                                pieces.append((False, len(block_columns), None))
+                            blocks.append(place)
+                            block_table.append((count, columns, len(block_columns), 0))
+                            block_columns += range(len(column_slots),
+                                                   len(column_slots) + columns)
+                        if carries:  # whether its block ends here, or goes on
+                            pieces[-1] = pieces[-1][:2] + (
+                                stop % block_rows == 0 or stop == whole_rows,)
+                        row = stop
                     column_slots += range(columns_at, columns_at + columns)
                     column_lengths += [whole_rows] * columns
             elif size:
@@ -322,6 +419,7 @@ class _Plan:
                                     draws[pick])
 
         block_tensor, block_offsets, block_sizes = np.array(blocks, np.int64).reshape(-1, 3).T
+        head_tensor, head_offsets, head_sizes = np.array(heads, np.int64).reshape(-1, 3).T
         return cls(
             segments=backend.segments(sizes, np.zeros_like(sizes), tensor, offsets),
             rows=kind(factored),
@@ -341,8 +439,23 @@ class _Plan:
             column_lengths=np.array(column_lengths, np.float64),
             blocks=backend.segments(block_sizes, np.zeros_like(block_sizes), block_tensor,
                                     block_offsets),
-            block_table=backend.constant(np.array(block_table, np.int64).reshape(-1, 3)),
+            block_table=backend.constant(np.array(block_table, np.int64).reshape(-1, 4)),
             block_sums=backend.zeros64(len(block_columns)),
             block_columns=np.array(block_columns, **ints),
             split=split,
+            carried=carried,
+            heads=backend.segments(head_sizes, np.zeros_like(head_sizes), head_tensor,
+                                   head_offsets),
+            head_table=np.array(head_table, np.int64).reshape(-1, 4),
         )
+
+
+def _added(index, values, length):
+    """The sums of ``values`` by ``index`` (np.bincount's, in float64 also where
+    ``index`` is empty)."""
+    return np.bincount(index, values, length).astype(np.float64, copy=False)
+
+
+def _carried(start, values):
+    """``start`` plus each of ``values`` in turn, in float64, as :func:`_added` adds."""
+    return np.add.accumulate(np.concatenate([[start], values]))[-1]

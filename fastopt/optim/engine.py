@@ -173,6 +173,13 @@ class Work:
         split_rows: per tensor, where the rows of a matrix (2-D) are split across the
             processes, its whole number of rows, else 0 (Adafactor adds its column sums
             over the processes); None for none.
+        first_rows: per tensor whose rows are split, the place of this process's first
+            row among the whole matrix's.
+        in_row_order: where the processes hold the split matrices' rows in their order
+            (one process dimension), ``in_row_order(carry, fold)`` runs ``carry =
+            fold(carry)`` on each process in turn, from zeros on the first, handing the
+            carry (float64) on, and returns the last one's on every process: sums that
+            it carries down the rows come out as one process's. None otherwise.
     """
 
     def __init__(self, backend, tensors, shapes, segments, state, present, state_starts,
@@ -184,6 +191,7 @@ class Work:
         self.stochastic, self.key, self.first, self.blocks = False, 0, 0, None
         self.sum_segments, self.reduce, self.sizes, self.split_rows = (
             segments, None, segments.sizes, None)
+        self.first_rows, self.in_row_order = None, None
 
     def run(self, spec, h, segments=None, values=(), states=None):
         """The pass ``spec`` (a ``kernels.Pass``) with scalars ``h`` over ``segments``
