@@ -160,11 +160,12 @@ class Adafactor(Optimizer):
                         row_sq[plan.row_segments] / plan.row_lengths, beta)
         rows = row_var[plan.row_slots].astype(np.float64)
         batch_sums = _added(plan.row_batch, rows, plan.batches)
-        if work.reduce is not None:
+        if work.in_row_order is not None:
+            param_sq = plan.carry_sums(work, segment_sq, param_sq, rows, block_sq, column_sq,
+                                       batch_sums)
+        elif work.reduce is not None:
             param_sq, column_sq, batch_sums = plan.whole_sums(work.reduce, param_sq,
                                                               column_sq, batch_sums)
-        if plan.carried:
-            plan.carry_sums(work, segment_sq, rows, block_sq, param_sq, column_sq, batch_sums)
         _move(backend, state["col_var"], plan.column_slots, column_sq / plan.column_lengths, beta)
         row_mean = batch_sums / plan.batch_rows
         row_scales = rows / np.maximum(row_mean, eps1)[plan.row_batch]
@@ -185,10 +186,10 @@ class Adafactor(Optimizer):
             vector_sq, = work.run(cls.VECTOR_NORMS, h._replace(moving=True), plan.vectors, (),
                                   variance)
             update_sq += _added(plan.vector_tensor, vector_sq, plan.tensors)
-        if work.reduce is not None:
+        if work.in_row_order is not None:
+            update_sq = plan.carry_update(work, row_sq, update_sq)
+        elif work.reduce is not None:
             update_sq, = work.reduce((update_sq,))
-        if plan.carried:
-            plan.carry_update(work, row_sq, update_sq)
         step_size = alpha / np.fmax(1.0, np.sqrt(update_sq / plan.sizes) / group["d"])
         if has_rows:
             work.run(cls.ROW_STEP, h, plan.rows, [row_scales, step_size[plan.row_tensor]],
@@ -230,8 +231,9 @@ class _Plan:
     are parts of the whole's, and whose rows count as the whole's. Where the processes
     hold the rows in their order (``Work.in_row_order``), the sums follow the rows from
     process to process (``carried``, see :meth:`carry_sums`), and so come out as one
-    process's, however the rows are cut; else each process's parts are added in the
-    order of the processes (``split``, see :meth:`whole_sums`).
+    process's, however the rows are cut, and the other tensors' sums ride along (each
+    process's added in turn); else each process's parts are added in the order of the
+    processes (``split``, see :meth:`whole_sums`).
     """
 
     segments: object
@@ -284,32 +286,36 @@ class _Plan:
             at += columns + 1
         return param_sq, column_sq, batch_sums
 
-    def carry_sums(self, work, segment_sq, rows, block_sq, param_sq, column_sq, batch_sums):
-        """The ``carried`` matrices' sums, written into ``param_sq``, ``column_sq`` and
-        ``batch_sums``: one process's, from this process's ``segment_sq`` (per segment),
-        row factors (``rows``) and ``block_sq`` (per block of rows), and the continued
-        pieces' column sums, which go on from the sums that the process before carries."""
-        widths = [2 + 2 * columns for _, columns, *_ in self.carried]
-        offsets = np.concatenate([[0], np.cumsum(widths)])
+    def carry_sums(self, work, segment_sq, param_sq, rows, block_sq, column_sq, batch_sums):
+        """The whole tensors' ``param_sq`` (returned), carried from process to process
+        (``Work.in_row_order``): the ``carried`` matrices' one process's, added row by row
+        from this process's ``segment_sq`` (per segment), the other tensors' each
+        process's in turn. The carried matrices' ``column_sq`` and ``batch_sums`` too,
+        written in place: from this process's row factors (``rows``) and ``block_sq``
+        (per block of rows), and the continued pieces' column sums, which go on from the
+        sums that the process before carries."""
+        widths = [1 + 2 * columns for _, columns, *_ in self.carried]
+        offsets = np.concatenate([[0], np.cumsum(widths, dtype=np.int64)]) + self.tensors
 
-        def fold(carry):
-            carry = carry.copy()
+        def fold(before):
+            carry = before.copy()
+            carry[:self.tensors] += param_sq  # the carried matrices' are replaced below
             head_sq = np.zeros(self.head_table[:, 1].sum())
             for (_, columns, *_, pieces), at in zip(self.carried, offsets):
                 for continued, out_start, _ in pieces:
                     if continued:  # the sums of the block so far, carried
                         head_sq[out_start:out_start + columns] = \
-                            carry[at + 2 + columns:at + 2 + 2 * columns]
+                            carry[at + 1 + columns:at + 1 + 2 * columns]
             if self.heads.count:
                 head_sq = work.backend.column_sums(
                     work.tensors, work.prep, self.heads, work.backend.constant(self.head_table),
                     work.backend.constant(head_sq), work.formats.get("g"))
-            for (_, columns, _, _, segments, row_range, pieces), at in zip(self.carried,
-                                                                             offsets):
-                carry[at] = _carried(carry[at], segment_sq[slice(*segments)])
-                carry[at + 1] = _carried(carry[at + 1], rows[slice(*row_range)])
-                total = carry[at + 2:at + 2 + columns]
-                partial = carry[at + 2 + columns:at + 2 + 2 * columns]
+            for (tensor, columns, _, _, segments, row_range, pieces), at in zip(self.carried,
+                                                                                  offsets):
+                carry[tensor] = _carried(before[tensor], segment_sq[slice(*segments)])
+                carry[at] = _carried(carry[at], rows[slice(*row_range)])
+                total = carry[at + 1:at + 1 + columns]
+                partial = carry[at + 1 + columns:at + 1 + 2 * columns]
                 for continued, out_start, ends in pieces:
                     sums = (head_sq if continued else block_sq)[out_start:out_start + columns]
                     if ends:  # added as one process adds its blocks (_added)
@@ -320,22 +326,23 @@ class _Plan:
             return carry
 
         carry = work.in_row_order(np.zeros(offsets[-1]), fold)
-        for (tensor, columns, first, batch, *_), at in zip(self.carried, offsets):
-            param_sq[tensor] = carry[at]
+        for (_, columns, first, batch, *_), at in zip(self.carried, offsets):
             if batch >= 0:
-                batch_sums[batch] = carry[at + 1]
-            column_sq[first:first + columns] = carry[at + 2:at + 2 + columns]
+                batch_sums[batch] = carry[at]
+            column_sq[first:first + columns] = carry[at + 1:at + 1 + columns]
+        return carry[:self.tensors]
 
     def carry_update(self, work, row_sq, update_sq):
-        """The ``carried`` matrices' sums of U² into ``update_sq``, one process's, from
-        this process's per row (``row_sq``)."""
-        def fold(carry):
-            return [_carried(value, row_sq[slice(*row_range)])
-                    for value, (_, _, _, _, _, row_range, _) in zip(carry, self.carried)]
+        """The whole tensors' ``update_sq`` (sums of U²), carried as
+        :meth:`carry_sums` carries ``param_sq``: the ``carried`` matrices' added row by
+        row from this process's ``row_sq``."""
+        def fold(before):
+            carry = before + update_sq
+            for tensor, *_, row_range, _ in self.carried:
+                carry[tensor] = _carried(before[tensor], row_sq[slice(*row_range)])
+            return carry
 
-        carry = work.in_row_order(np.zeros(len(self.carried)), fold)
-        for value, (tensor, *_) in zip(carry, self.carried):
-            update_sq[tensor] = value
+        return work.in_row_order(np.zeros(self.tensors), fold)
 
     @classmethod
     def of(cls, work):
