@@ -88,9 +88,10 @@ them); its codes are DTensors sharded as the parameters, and ``state_dict()`` ho
 their decoded values instead (codes and scales of one rank's blocks would not
 reshard), which a load encodes again. Adafactor adds the column sums of a matrix whose
 rows the ranks share (FSDP2's Shard(0)) over them, carrying them (and its other sums
-over such a matrix) down the rows from rank to rank, so that they are one process's:
-its row factors are sharded as the rows, its column factors replicated; other
-shardings of a tensor's last two dimensions are refused for it. On the CPU each state DTensor's local tensor has a storage of its
+over tensors split along their first dimension) down the rows from rank to rank, so
+that they do not depend on the cuts: its row factors are sharded as the rows, its
+column factors replicated; other shardings of a tensor's last two dimensions are
+refused for it. On the CPU each state DTensor's local tensor has a storage of its
 own over the store's memory, so that ``torch.save(opt.state_dict())`` and
 ``copy.deepcopy`` take it; on CUDA they are views into one buffer, which torch does
 not pickle: save with DCP there.
@@ -1117,12 +1118,6 @@ def _split_rows(p):
     return _is_dtensor(p) and p.dim() == 2 and _shard_dims(p) == {0}
 
 
-def _whole_rows(params):
-    """Per parameter, the number of rows of a matrix whose rows the ranks split
-    (``_split_rows``), else 0."""
-    return np.array([p.shape[0] if _split_rows(p) else 0 for p in params], np.int64)
-
-
 def _row_length(p, local, in_place):
     """The length of the rows by which a pass sums the DTensor ``p`` (this rank's
     shard ``local``, stepped ``in_place`` or in a scratch copy in C order), sharded over
@@ -1653,23 +1648,29 @@ class _Store:
         return counts
 
     def carries_rows(self, algorithm):
-        """Whether ``algorithm`` (Adafactor) carries its sums over matrices whose rows
-        the ranks split from rank to rank (``sharding.in_row_order``): where the
-        DTensors are split over one mesh dimension, whose ranks hold the rows in
-        their order."""
+        """Whether ``algorithm`` (Adafactor) carries its sums over tensors that the
+        ranks split along their first dimension from rank to rank
+        (``sharding.in_row_order``): where the DTensors are split over one mesh
+        dimension, whose ranks hold the pieces in their order."""
         return (algorithm.spec.factored and self.partition is None
                 and self.reduction is not None and len(self.reduction) == 1)
 
     def first_rows(self, run):
-        """Where this rank's rows begin in each matrix of ``run`` whose rows the ranks
-        split, as torch.chunk cuts them; a ValueError where this rank's rows are not
-        that piece."""
+        """Where this rank's piece begins along the first dimension of each tensor of
+        ``run`` that the ranks split along it alone (a matrix's rows, a vector's
+        elements), as torch.chunk cuts them; -1 for the others. A ValueError where
+        this rank's piece is not torch.chunk's. Kept for the next steps, as the
+        tables are."""
+        cache = self._caches.setdefault((run.slots[0].index, run.slots[-1].index + 1), {})
+        if "first_rows" in cache:
+            return cache["first_rows"]
         group = self.reduction[0]
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        whole_rows = _whole_rows(run.params)
-        first = np.zeros(len(whole_rows), np.int64)
-        for index in np.flatnonzero(whole_rows):
-            rows, p = int(whole_rows[index]), run.params[index]
+        first = np.full(len(run.params), -1, np.int64)
+        for index, p in enumerate(run.params):
+            if _shard_dims(p) != {0}:
+                continue
+            rows = p.shape[0]
             piece = -(-rows // world)
             first[index] = min(rank * piece, rows)
             if _local(p).shape[0] != min(piece, rows - first[index]):
@@ -1678,6 +1679,7 @@ class _Store:
                                  "the piece that torch.chunk cuts for it: fastopt.torch "
                                  "adds Adafactor's sums over rows cut as DTensor's Shard "
                                  "and FSDP2 cut them")
+        cache["first_rows"] = first
         return first
 
     def tensors(self, run, master=None):
@@ -1722,7 +1724,8 @@ class _Store:
                 work.sum_segments = self.table(run, summing=True)
         if self.reduction is not None and self.partition is None:  # DTensors: Adafactor's
             work.reduce = functools.partial(sharding.sums_over_ranks, self.reduction)
-            work.split_rows = _whole_rows(run.params)
+            work.split_rows = np.array([p.shape[0] if _split_rows(p) else 0
+                                        for p in run.params], np.int64)
             if self.carries_rows(algorithm):
                 work.first_rows = self.first_rows(run)
                 work.in_row_order = functools.partial(sharding.in_row_order,

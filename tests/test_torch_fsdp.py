@@ -571,15 +571,19 @@ def test_fsdp2_adafactor_adds_its_factors_over_the_ranks(tmp_path):
 class RowBlocksModel(torch.nn.Module):
     """Matrices whose blocks of rows for Adafactor's column sums (of 256, 1 and 2048
     rows) FSDP2 cuts inside on 2, 3 and 4 ranks, where a block may run over three ranks
-    (the (2000, 8) on four) and a rank may hold no row (the (3, 40000) on four). No
+    (the (2000, 8) on four) and a rank may hold no row (the (3, 40000) on four); a
+    tensor of 6 matrices that the ranks split between its matrices, and a vector. No
     forward: the gradients are set."""
+
+    SHAPES = [(300, 64), (3, 40000), (2000, 8), (6, 30, 40), (6000,)]
+    MATRIX_COLUMNS = 64 + 40000 + 8  # the first column factors, one per split matrix
 
     def __init__(self):
         super().__init__()
         generator = torch.Generator().manual_seed(0)
         self.weights = torch.nn.ParameterList(
             torch.nn.Parameter(torch.randn(shape, generator=generator))
-            for shape in [(300, 64), (3, 40000), (2000, 8)])
+            for shape in self.SHAPES)
 
 
 def row_blocks_gradients(model, t):
@@ -591,23 +595,27 @@ def row_blocks_gradients(model, t):
 
 
 def adafactor_steps(model, opt, set_gradients, rows):
-    """Three Adafactor steps; the parameters, the state, and what each step computed
-    from float64 sums: the targets of the column factors (all columns), and, per
-    tensor of ``rows[i]`` rows here, the scales of its rows and its step size (None
-    where it has no row here)."""
+    """Three Adafactor steps; what each step computed from float64 sums: the targets
+    of the split matrices' column factors, and, per tensor of ``rows[i]`` rows (a
+    vector's: elements) here, the scales of its rows (none for a vector) and its step
+    size (None where it has nothing here)."""
     from fastopt.optim import adafactor, engine
 
-    columns, rows_steps, move, run = [], [], adafactor._move, engine.Work.run
+    columns, steps, move, run = [], [], adafactor._move, engine.Work.run
+    vector = [len(shape) == 1 for shape in RowBlocksModel.SHAPES]
 
     def moving(backend, factor, slots, target, weight):
-        columns.append(np.array(target))
+        if target.size >= RowBlocksModel.MATRIX_COLUMNS:  # the column factors, not rows'
+            columns.append(np.array(target[:RowBlocksModel.MATRIX_COLUMNS]))
         return move(backend, factor, slots, target, weight)
 
     def running(work, spec, h, segments=None, values=(), states=None):
-        if spec == adafactor.Adafactor.ROW_STEP:
-            per_tensor = np.split(np.array(values), np.cumsum(rows)[:-1], axis=1)
-            rows_steps.append([(scales, steps[0] if steps.size else None)
-                               for scales, steps in per_tensor])
+        if spec in (adafactor.Adafactor.ROW_STEP, adafactor.Adafactor.VECTOR_STEP):
+            kind = [v == (spec == adafactor.Adafactor.VECTOR_STEP) for v in vector]
+            counts = np.array(rows)[kind]
+            parts = np.split(np.array(values), np.cumsum(counts)[:-1], axis=1)
+            steps.append([(part[0] if spec == adafactor.Adafactor.ROW_STEP else None,
+                           part[-1][0] if part.shape[1] else None) for part in parts])
         return run(work, spec, h, segments, values, states)
 
     adafactor._move, engine.Work.run = moving, running
@@ -617,7 +625,12 @@ def adafactor_steps(model, opt, set_gradients, rows):
             opt.step()
     finally:
         adafactor._move, engine.Work.run = move, run
-    return columns[1::2], rows_steps  # the rows' targets come first
+    return columns, steps
+
+
+def rows_here(model):
+    return [(p.to_local() if hasattr(p, "to_local") else p).numel() // p.shape[-1]
+            for p in model.parameters()]
 
 
 def fsdp2_adafactor_cut_rank(rank, world, rendezvous):
@@ -634,17 +647,18 @@ def fsdp2_adafactor_cut_rank(rank, world, rendezvous):
         for p, whole in zip(model.parameters(), gradients):
             p.grad = distribute_tensor(whole, p.device_mesh, p.placements)
 
-    sums = adafactor_steps(model, opt, set_gradients,
-                           [p.to_local().shape[0] for p in model.parameters()])
+    sums = adafactor_steps(model, opt, set_gradients, rows_here(model))
     return sums, full(model.parameters()), full_state(opt)
 
 
 def test_fsdp2_adafactor_sums_do_not_depend_on_the_cuts(tmp_path):
-    """Adafactor's column sums, its row factors' sums and its per-tensor sums over
-    matrices split by rows follow the rows from rank to rank, so that on 1, 2, 3 and 4
-    ranks given the same gradients they are bitwise one process's (float64), and so
-    are the factors and parameters. (Each rank's column sums added in rank order moved
-    with the cuts.) Forkserver children: the kernels run in parallel on these sizes."""
+    """Adafactor's sums over tensors that FSDP2 splits by rows (a matrix's column sums,
+    its row factors' sum, every tensor's RMS(θ) and RMS(U)) follow the rows from rank to
+    rank (a vector's elements), so that given the same gradients they are bitwise the
+    same on 1, 2, 3 and 4 ranks (float64), and so are the factors and parameters; and,
+    but for the vector's, which one process sums by chunks, not by elements, one
+    process's. (Each rank's sums added in rank order moved with the cuts.) Forkserver
+    children: the kernels run in parallel on these sizes."""
     model = RowBlocksModel()
     opt = ft.Adafactor(model.parameters(), lr=0.01)
 
@@ -652,33 +666,48 @@ def test_fsdp2_adafactor_sums_do_not_depend_on_the_cuts(tmp_path):
         for p, whole in zip(model.parameters(), gradients):
             p.grad = whole
 
-    (columns, rows_steps) = adafactor_steps(model, opt, set_gradients,
-                                            [p.shape[0] for p in model.parameters()])
+    columns, steps = adafactor_steps(model, opt, set_gradients, rows_here(model))
     params, state = [p.detach().numpy() for p in model.parameters()], plain_state(opt)
     assert_moved([p.detach().numpy() for p in RowBlocksModel().parameters()], params)
-    assert len(columns) == len(rows_steps) == 3 and columns[0].size == 64 + 40000 + 8
-    for world in (1, 2, 3, 4):
-        ranks = run_ranks(fsdp2_adafactor_cut_rank, (), subfolder(tmp_path, str(world)),
-                          world=world, context=FORKSERVER)
-        for rank, ((their_columns, their_rows_steps), their_params, their_state) in \
+    assert len(columns) == 3 and len(steps) == 6  # steps: the rows' and the vector's
+    runs = {world: run_ranks(fsdp2_adafactor_cut_rank, (), subfolder(tmp_path, str(world)),
+                             world=world, context=FORKSERVER) for world in (1, 2, 3, 4)}
+    ((first_sums, first_params, first_state),) = runs[1]
+    for mine, theirs in zip(columns, first_sums[0]):  # one rank: one process's
+        np.testing.assert_array_equal(theirs, mine, err_msg="column sums")
+    for mine, theirs in zip(steps, first_sums[1]):
+        for (scales, step), (their_scales, their_step) in zip(mine, theirs):
+            assert their_step == step or (step is not None and scales is None), "a step size"
+            np.testing.assert_array_equal(their_scales, scales)
+    for i, (mine, theirs) in enumerate(zip(params, first_params)):
+        if i < 4:
+            np.testing.assert_array_equal(theirs, mine, err_msg=f"tensor {i}")
+        else:  # the vector
+            np.testing.assert_allclose(theirs, mine, rtol=1e-6)
+    for mine, theirs in zip(state, first_state):
+        assert sorted(theirs) == sorted(mine), sorted(theirs)
+        for key in mine:
+            np.testing.assert_array_equal(theirs[key], mine[key], err_msg=key)
+    for world, ranks in runs.items():  # every number of ranks: one rank's
+        for rank, ((their_columns, their_steps), their_params, their_state) in \
                 enumerate(ranks):
             what = f"rank {rank} of {world}"
-            for mine, theirs in zip(columns, their_columns):
+            for mine, theirs in zip(first_sums[0], their_columns):
                 np.testing.assert_array_equal(theirs, mine, err_msg=f"{what}: column sums")
-            for mine, theirs in zip(rows_steps, their_rows_steps):
+            for mine, theirs in zip(first_sums[1], their_steps):
                 for (_, step), (_, their_step) in zip(mine, theirs):
-                    assert their_step in (None, step), f"{what}: step size"
-            for mine, theirs in zip(state, their_state):
-                assert sorted(mine) == sorted(theirs) == ["col_var", "row_var"], what
+                    assert their_step in (None, step), f"{what}: a step size"
+            for mine, theirs in zip(first_state, their_state):
                 for key in mine:
                     np.testing.assert_array_equal(theirs[key], mine[key], err_msg=f"{what} {key}")
-            for mine, theirs in zip(params, their_params):
+            for mine, theirs in zip(first_params, their_params):
                 np.testing.assert_array_equal(theirs, mine, err_msg=what)
-        for t, mine in enumerate(rows_steps):  # every rank's row scales, in rank order
+        for t, mine in enumerate(first_sums[1]):  # every rank's row scales, in rank order
             for i, (scales, _) in enumerate(mine):
-                np.testing.assert_array_equal(
-                    np.concatenate([sums[1][t][i][0] for sums, *_ in ranks]),
-                    scales, err_msg=f"{world} ranks, step {t}: row scales of tensor {i}")
+                if scales is not None:
+                    np.testing.assert_array_equal(
+                        np.concatenate([sums[1][t][i][0] for sums, *_ in ranks]), scales,
+                        err_msg=f"{world} ranks, step {t}: row scales of tensor {i}")
 
 
 # -- torch.save and copy.deepcopy of the state ------------------------------------------

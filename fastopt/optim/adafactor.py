@@ -178,7 +178,7 @@ class Adafactor(Optimizer):
         has_rows, has_vectors = plan.rows.count, plan.vectors.count
         col_var, variance = [state["col_var"]], [state["variance"]]
         update_sq = np.zeros(plan.tensors)
-        row_sq = np.zeros(0)
+        row_sq = vector_sq = np.zeros(0)
         if has_rows:
             row_sq, = work.run(cls.ROW_NORMS, h, plan.rows, [row_scales], col_var)
             update_sq += _added(plan.row_tensor, row_sq, plan.tensors)
@@ -187,7 +187,7 @@ class Adafactor(Optimizer):
                                   variance)
             update_sq += _added(plan.vector_tensor, vector_sq, plan.tensors)
         if work.in_row_order is not None:
-            update_sq = plan.carry_update(work, row_sq, update_sq)
+            update_sq = plan.carry_update(work, row_sq, vector_sq, update_sq)
         elif work.reduce is not None:
             update_sq, = work.reduce((update_sq,))
         step_size = alpha / np.fmax(1.0, np.sqrt(update_sq / plan.sizes) / group["d"])
@@ -195,7 +195,8 @@ class Adafactor(Optimizer):
             work.run(cls.ROW_STEP, h, plan.rows, [row_scales, step_size[plan.row_tensor]],
                      col_var)
         if has_vectors:
-            work.run(cls.VECTOR_STEP, h, plan.vectors, [step_size[plan.vector_tensor]], variance)
+            work.run(cls.VECTOR_STEP, h, plan.whole_vectors,
+                     [step_size[plan.whole_vectors.tensor]], variance)
         return host
 
 
@@ -239,6 +240,7 @@ class _Plan:
     segments: object
     rows: object
     vectors: object
+    whole_vectors: object  # the vectors, one segment each (``vectors`` may be elements)
     tensors: int
     sizes: np.ndarray  # elements per tensor (1 for empty ones, which have no segment)
     segment_tensor: np.ndarray  # the tensor of each segment
@@ -257,11 +259,17 @@ class _Plan:
     block_sums: object  # the sums they write,
     block_columns: np.ndarray  # each of which belongs to this column (of column_slots)
     split: list  # (columns, first column slot, batch or -1 where no row is here)
-    # Per matrix whose sums follow its rows over the processes: (tensor, columns, first
-    # column slot, batch, its segments (start, stop), its rows (start, stop), and its
-    # pieces of blocks of rows, each (continued, out_start in the heads' sums or in
-    # block_sums, whether its block ends here)); the continued pieces (heads), which
-    # begin inside a block:
+    # The tensors whose sums follow their rows (a vector's elements) over the
+    # processes, and the places of those rows among the segments, and among the rows
+    # or the vectors' segments:
+    folded: np.ndarray
+    folded_segments: np.ndarray
+    folded_rows: np.ndarray
+    folded_vectors: np.ndarray
+    # Per matrix whose column sums follow its rows: (columns, first column slot, batch,
+    # its rows (start, stop), and its pieces of blocks of rows, each (continued,
+    # out_start in the heads' sums or in block_sums, whether its block ends here));
+    # the continued pieces (heads), which begin inside a block:
     carried: list
     heads: object  # (Segments of the tensors),
     head_table: np.ndarray  # their (rows, columns, out_start, 1)
@@ -288,20 +296,23 @@ class _Plan:
 
     def carry_sums(self, work, segment_sq, param_sq, rows, block_sq, column_sq, batch_sums):
         """The whole tensors' ``param_sq`` (returned), carried from process to process
-        (``Work.in_row_order``): the ``carried`` matrices' one process's, added row by row
-        from this process's ``segment_sq`` (per segment), the other tensors' each
-        process's in turn. The carried matrices' ``column_sq`` and ``batch_sums`` too,
-        written in place: from this process's row factors (``rows``) and ``block_sq``
-        (per block of rows), and the continued pieces' column sums, which go on from the
-        sums that the process before carries."""
-        widths = [1 + 2 * columns for _, columns, *_ in self.carried]
+        (``Work.in_row_order``): the ``folded`` tensors' added segment by segment
+        (row by row) from this process's ``segment_sq``, the others' each process's in
+        turn. The ``carried`` matrices' ``column_sq`` and ``batch_sums`` too, written in
+        place: from this process's row factors (``rows``) and ``block_sq`` (per block of
+        rows), and the heads' column sums, which go on from the sums that the process
+        before carries."""
+        widths = [1 + 2 * columns for columns, *_ in self.carried]
         offsets = np.concatenate([[0], np.cumsum(widths, dtype=np.int64)]) + self.tensors
 
         def fold(before):
             carry = before.copy()
-            carry[:self.tensors] += param_sq  # the carried matrices' are replaced below
+            carry[:self.tensors] += param_sq
+            carry[self.folded] = _continued(before[:self.tensors], self.folded,
+                                            segment_sq[self.folded_segments],
+                                            self.segment_tensor[self.folded_segments])
             head_sq = np.zeros(self.head_table[:, 1].sum())
-            for (_, columns, *_, pieces), at in zip(self.carried, offsets):
+            for (columns, *_, pieces), at in zip(self.carried, offsets):
                 for continued, out_start, _ in pieces:
                     if continued:  # the sums of the block so far, carried
                         head_sq[out_start:out_start + columns] = \
@@ -310,9 +321,7 @@ class _Plan:
                 head_sq = work.backend.column_sums(
                     work.tensors, work.prep, self.heads, work.backend.constant(self.head_table),
                     work.backend.constant(head_sq), work.formats.get("g"))
-            for (tensor, columns, _, _, segments, row_range, pieces), at in zip(self.carried,
-                                                                                  offsets):
-                carry[tensor] = _carried(before[tensor], segment_sq[slice(*segments)])
+            for (columns, _, _, row_range, pieces), at in zip(self.carried, offsets):
                 carry[at] = _carried(carry[at], rows[slice(*row_range)])
                 total = carry[at + 1:at + 1 + columns]
                 partial = carry[at + 1 + columns:at + 1 + 2 * columns]
@@ -326,20 +335,23 @@ class _Plan:
             return carry
 
         carry = work.in_row_order(np.zeros(offsets[-1]), fold)
-        for (_, columns, first, batch, *_), at in zip(self.carried, offsets):
+        for (columns, first, batch, *_), at in zip(self.carried, offsets):
             if batch >= 0:
                 batch_sums[batch] = carry[at]
             column_sq[first:first + columns] = carry[at + 1:at + 1 + columns]
         return carry[:self.tensors]
 
-    def carry_update(self, work, row_sq, update_sq):
+    def carry_update(self, work, row_sq, vector_sq, update_sq):
         """The whole tensors' ``update_sq`` (sums of U²), carried as
-        :meth:`carry_sums` carries ``param_sq``: the ``carried`` matrices' added row by
-        row from this process's ``row_sq``."""
+        :meth:`carry_sums` carries ``param_sq``: the ``folded`` tensors' added row by
+        row from this process's ``row_sq`` (or element by element from ``vector_sq``)."""
         def fold(before):
             carry = before + update_sq
-            for tensor, *_, row_range, _ in self.carried:
-                carry[tensor] = _carried(before[tensor], row_sq[slice(*row_range)])
+            carry[self.folded] = _continued(
+                before, self.folded,
+                np.concatenate([row_sq[self.folded_rows], vector_sq[self.folded_vectors]]),
+                np.concatenate([self.row_tensor[self.folded_rows],
+                                self.vector_tensor[self.folded_vectors]]))
             return carry
 
         return work.in_row_order(np.zeros(self.tensors), fold)
@@ -351,19 +363,36 @@ class _Plan:
         segments, row_slots, row_lengths, row_batch, batch_rows = [], [], [], [], []
         column_slots, column_lengths, blocks, block_table, block_columns = [], [], [], [], []
         split, carried, heads, head_table = [], [], [], []
+        folded, folded_segments, folded_rows, folded_vectors = [], [], [], []
+        whole_vectors = []
         split_rows = np.zeros(len(work.shapes), np.int64) if work.split_rows is None \
             else work.split_rows
         for index, shape in enumerate(work.shapes):
             size = math.prod(shape)
             whole_rows = int(split_rows[index]) or (shape[-2] if len(shape) >= 2 else 0)
-            carries = bool(split_rows[index]) and work.in_row_order is not None
-            held_from = int(work.first_rows[index]) if carries else 0  # the first row here
+            # Whether its sums follow its rows (a vector's elements) from process to
+            # process; for a matrix whose rows are split, its column sums too, from
+            # its first row here (else it holds whole matrices).
+            folds = work.in_row_order is not None and work.first_rows[index] >= 0
+            carries = folds and bool(split_rows[index])
+            held_from = int(work.first_rows[index]) if carries else 0
+            # A vector of at most a chunk is summed element by element, wherever it is
+            # cut (a longer one from each piece's first element, as the other passes).
+            by_element = folds and len(shape) == 1 and work.sizes[index] <= SEGMENT_CHUNK
+            if folds and (len(shape) >= 2 or by_element):
+                folded.append(index)
+                if len(shape) >= 2:
+                    count = size // shape[-1] if size else 0
+                    folded_rows += range(len(row_slots), len(row_slots) + count)
+                else:
+                    count, vectors = size, len(segments) - len(row_slots)
+                    folded_vectors += range(vectors, vectors + count)
+                folded_segments += range(len(segments), len(segments) + count)
             if split_rows[index]:
                 batch = len(batch_rows) if size else -1
                 if carries:
                     pieces = []
-                    carried.append((index, shape[-1], len(column_slots), batch,
-                                    (len(segments), len(segments) + shape[0]),
+                    carried.append((shape[-1], len(column_slots), batch,
                                     (len(row_slots), len(row_slots) + shape[0]), pieces))
                 else:
                     split.append((shape[-1], len(column_slots), batch))
@@ -412,7 +441,9 @@ class _Plan:
                     column_slots += range(columns_at, columns_at + columns)
                     column_lengths += [whole_rows] * columns
             elif size:
-                segments.append((index, 0, size, var_base[index], False))
+                whole_vectors.append((index, 0, size, var_base[index], False))
+                segments += ([(index, e, 1, var_base[index] + e, False) for e in range(size)]
+                             if by_element else whole_vectors[-1:])
         backend, ints = work.backend, dict(dtype=np.int64)
         tensor, offsets, sizes, second, factored = np.array(segments, np.int64).reshape(-1, 5).T
         factored = factored.astype(bool)
@@ -425,12 +456,17 @@ class _Plan:
             return backend.segments(sizes[pick], second[pick], tensor[pick], offsets[pick],
                                     draws[pick])
 
+        vector, _, vector_sizes, vector_second, _ = np.array(whole_vectors, np.int64).reshape(
+            -1, 5).T
+
         block_tensor, block_offsets, block_sizes = np.array(blocks, np.int64).reshape(-1, 3).T
         head_tensor, head_offsets, head_sizes = np.array(heads, np.int64).reshape(-1, 3).T
         return cls(
             segments=backend.segments(sizes, np.zeros_like(sizes), tensor, offsets),
             rows=kind(factored),
             vectors=kind(~factored),
+            whole_vectors=backend.segments(vector_sizes, vector_second, vector,
+                                           np.zeros_like(vector), work.segments.draws[vector]),
             tensors=len(work.shapes),
             sizes=np.maximum(np.asarray(work.sizes, np.float64), 1),  # of whole tensors
             segment_tensor=tensor,
@@ -450,6 +486,10 @@ class _Plan:
             block_sums=backend.zeros64(len(block_columns)),
             block_columns=np.array(block_columns, **ints),
             split=split,
+            folded=np.array(folded, **ints),
+            folded_segments=np.array(folded_segments, **ints),
+            folded_rows=np.array(folded_rows, **ints),
+            folded_vectors=np.array(folded_vectors, **ints),
             carried=carried,
             heads=backend.segments(head_sizes, np.zeros_like(head_sizes), head_tensor,
                                    head_offsets),
@@ -461,6 +501,13 @@ def _added(index, values, length):
     """The sums of ``values`` by ``index`` (np.bincount's, in float64 also where
     ``index`` is empty)."""
     return np.bincount(index, values, length).astype(np.float64, copy=False)
+
+
+def _continued(start, tensors, values, of):
+    """``start[tensors]`` plus each of ``values`` (of the tensors ``of``) in turn, in
+    float64, as :func:`_added` adds them."""
+    return _added(np.concatenate([tensors, of]), np.concatenate([start[tensors], values]),
+                  len(start))[tensors]
 
 
 def _carried(start, values):

@@ -173,13 +173,15 @@ class Work:
         split_rows: per tensor, where the rows of a matrix (2-D) are split across the
             processes, its whole number of rows, else 0 (Adafactor adds its column sums
             over the processes); None for none.
-        first_rows: per tensor whose rows are split, the place of this process's first
-            row among the whole matrix's.
-        in_row_order: where the processes hold the split matrices' rows in their order
-            (one process dimension), ``in_row_order(carry, fold)`` runs ``carry =
+        first_rows: per tensor that the processes split along its first dimension
+            alone, the place of this process's piece along it (its first row, or a
+            vector's first element); -1 for the others.
+        in_row_order: where the processes hold those pieces in their order (one
+            process dimension), ``in_row_order(carry, fold)`` runs ``carry =
             fold(carry)`` on each process in turn, from zeros on the first, handing the
             carry (float64) on, and returns the last one's on every process: sums that
-            it carries down the rows come out as one process's. None otherwise.
+            it carries down the rows do not depend on where the tensors are cut. None
+            otherwise.
     """
 
     def __init__(self, backend, tensors, shapes, segments, state, present, state_starts,
