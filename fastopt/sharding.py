@@ -42,15 +42,15 @@ def in_row_order(group, carry, fold):
     consecutive pieces of tensors add them in the order of their elements, as one
     process does, wherever the pieces are cut."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    device = _device(group)
+    device, global_rank = _device(group), functools.partial(dist.get_global_rank, group)
     if rank:
         received = torch.empty(len(carry), dtype=torch.float64, device=device)
-        dist.recv(received, group=group, group_src=rank - 1)
+        dist.recv(received, global_rank(rank - 1), group=group)
         carry = received.cpu().numpy()
     carry = torch.from_numpy(np.ascontiguousarray(fold(carry), np.float64)).to(device)
     if rank < world - 1:
-        dist.send(carry, group=group, group_dst=rank + 1)
-    dist.broadcast(carry, group=group, group_src=world - 1)
+        dist.send(carry, global_rank(rank + 1), group=group)
+    dist.broadcast(carry, global_rank(world - 1), group=group)
     return carry.cpu().numpy()
 
 

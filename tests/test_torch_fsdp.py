@@ -260,10 +260,10 @@ def fsdp2_cut_rank(rank, world, rendezvous):
 def test_fsdp2_sums_over_whole_tensors_do_not_depend_on_the_cuts(tmp_path):
     """The gradient norm of clipping and LAMB's, LARS's, SWATS's and the Cautious
     share's per-tensor sums (float64) are bitwise the same on 1, 2, 3 and 4 ranks given
-    the same gradients, and so are the parameters: their chunks begin at every row, where FSDP2 may cut, and every
-    rank's chunk sums are added in the order of the rows. (Chunks of 16384 elements from
-    each shard's start gave other float64 norms on each number of ranks.) Forkserver
-    children: the kernels run in parallel on these sizes."""
+    the same gradients, and so are the parameters: their chunks begin at every row,
+    where FSDP2 may cut, and every rank's chunk sums are added in the order of the rows.
+    (Chunks of 16384 elements from each shard's start gave other float64 norms on each
+    number of ranks.) Forkserver children: the kernels run in parallel on these sizes."""
     runs = {world: run_ranks(fsdp2_cut_rank, (), subfolder(tmp_path, str(world)), world=world,
                              context=FORKSERVER) for world in (1, 2, 3, 4)}
     (expected,) = runs.pop(1)

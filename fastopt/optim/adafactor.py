@@ -223,18 +223,20 @@ class _Plan:
     """How Adafactor walks the tensors of one launch; built once.
 
     Its segments (``fastopt._backend.Segments``) are the rows of the factored tensors
-    and the whole vectors, in the tensors' order; ``rows`` and ``vectors`` are the same
-    two kinds apart, with their second moments as state (a row's is its matrix's column
+    and the vectors, in the tensors' order; ``rows`` and ``vectors`` are the same two
+    kinds apart, with their second moments as state (a row's is its matrix's column
     factor, which all its rows share).
 
-    Where a matrix's rows are split across processes (``Work.split_rows``), this
-    process's rows are a matrix of their own whose column sums and row factors' sum
-    are parts of the whole's, and whose rows count as the whole's. Where the processes
-    hold the rows in their order (``Work.in_row_order``), the sums follow the rows from
-    process to process (``carried``, see :meth:`carry_sums`), and so come out as one
-    process's, however the rows are cut, and the other tensors' sums ride along (each
-    process's added in turn); else each process's parts are added in the order of the
-    processes (``split``, see :meth:`whole_sums`).
+    Where a tensor is split across processes along its first dimension, this process's
+    rows of a matrix (``Work.split_rows``) are a matrix of their own whose column sums
+    and row factors' sum are parts of the whole's, and whose rows count as the
+    whole's. Where the processes hold the pieces in their order
+    (``Work.in_row_order``), the sums follow the rows from process to process
+    (``folded``, ``carried``, see :meth:`carry_sums`), so that they do not depend on
+    the cuts (they are one process's, but for a vector's, which is summed element by
+    element: its segments are its elements, ``whole_vectors`` one per vector), and the
+    other tensors' sums ride along, each process's added in turn; else each process's
+    parts are added in the order of the processes (``split``, see :meth:`whole_sums`).
     """
 
     segments: object
@@ -272,7 +274,8 @@ class _Plan:
     # the continued pieces (heads), which begin inside a block:
     carried: list
     heads: object  # (Segments of the tensors),
-    head_table: np.ndarray  # their (rows, columns, out_start, 1)
+    head_table: object  # their (rows, columns, out_start, 1),
+    head_size: int  # and the length of their sums
 
     def whole_sums(self, reduce, param_sq, column_sq, batch_sums):
         """The per-tensor ``param_sq``, the ``column_sq`` and the matrices'
@@ -311,7 +314,7 @@ class _Plan:
             carry[self.folded] = _continued(before[:self.tensors], self.folded,
                                             segment_sq[self.folded_segments],
                                             self.segment_tensor[self.folded_segments])
-            head_sq = np.zeros(self.head_table[:, 1].sum())
+            head_sq = np.zeros(self.head_size)
             for (columns, *_, pieces), at in zip(self.carried, offsets):
                 for continued, out_start, _ in pieces:
                     if continued:  # the sums of the block so far, carried
@@ -319,7 +322,7 @@ class _Plan:
                             carry[at + 1 + columns:at + 1 + 2 * columns]
             if self.heads.count:
                 head_sq = work.backend.column_sums(
-                    work.tensors, work.prep, self.heads, work.backend.constant(self.head_table),
+                    work.tensors, work.prep, self.heads, self.head_table,
                     work.backend.constant(head_sq), work.formats.get("g"))
             for (columns, _, _, row_range, pieces), at in zip(self.carried, offsets):
                 carry[at] = _carried(carry[at], rows[slice(*row_range)])
@@ -392,8 +395,9 @@ class _Plan:
                 batch = len(batch_rows) if size else -1
                 if carries:
                     pieces = []
+                    rows_here = shape[0] if size else 0
                     carried.append((shape[-1], len(column_slots), batch,
-                                    (len(row_slots), len(row_slots) + shape[0]), pieces))
+                                    (len(row_slots), len(row_slots) + rows_here), pieces))
                 else:
                     split.append((shape[-1], len(column_slots), batch))
                 if not size:  # no rows here, but the column factor that every rank moves
@@ -413,10 +417,11 @@ class _Plan:
                     # (tensor, offset, size, state start, factored)
                     segments += [(index, matrix + r * columns, columns, columns_at, True)
                                  for r in range(rows)]
-                    # Blocks of the whole matrix's rows, of which this process holds
-                    # rows held_from ... (a block may begin on the process before).
+                    # Blocks of the rows (where they are carried, of the whole matrix's,
+                    # of which this process holds rows held_from ...: a block may begin
+                    # on the process before).
                     block_rows = max(-(-SEGMENT_CHUNK // columns),
-                                     -(-whole_rows // ROW_BLOCKS))
+                                     -(-(whole_rows if carries else rows) // ROW_BLOCKS))
                     row, end = held_from, held_from + rows
                     while row < end:
                         stop = min((row // block_rows + 1) * block_rows, end)
@@ -493,7 +498,8 @@ class _Plan:
             carried=carried,
             heads=backend.segments(head_sizes, np.zeros_like(head_sizes), head_tensor,
                                    head_offsets),
-            head_table=np.array(head_table, np.int64).reshape(-1, 4),
+            head_table=backend.constant(np.array(head_table, np.int64).reshape(-1, 4)),
+            head_size=sum(columns for _, columns, _, _ in head_table),
         )
 
 
