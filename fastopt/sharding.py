@@ -31,7 +31,10 @@ def over_ranks(groups, parts):
     gathers a column sum per column of each matrix)."""
     parts = np.asarray(parts, np.float64)
     for group in groups:
-        parts = _all_gathered(torch.from_numpy(parts), group).numpy().sum(axis=0)
+        ranks = _all_gathered(torch.from_numpy(parts), group).numpy()
+        parts = ranks[0].copy()
+        for rank_parts in ranks[1:]:  # not sum(axis=0): pairwise for one number of 8 ranks
+            parts += rank_parts
     return parts
 
 
