@@ -461,8 +461,8 @@ class _Plan:
             return backend.segments(sizes[pick], second[pick], tensor[pick], offsets[pick],
                                     draws[pick])
 
-        vector, _, vector_sizes, vector_second, _ = np.array(whole_vectors, np.int64).reshape(
-            -1, 5).T
+        vector, _, vector_sizes, vector_second, _ = np.array(  # rows the device can take
+            whole_vectors, np.int64).reshape(-1, 5).T.copy()
 
         block_tensor, block_offsets, block_sizes = np.array(blocks, np.int64).reshape(-1, 3).T
         head_tensor, head_offsets, head_sizes = np.array(heads, np.int64).reshape(-1, 3).T
