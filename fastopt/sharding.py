@@ -434,6 +434,14 @@ class WholeTotals:
         return tuple(np.bincount(self.tensor, chunks[:, k], self.tensors) for k in range(sums))
 
 
+def chunk_pieces(size, world):
+    """Where each of ``world`` ranks' pieces of ``size`` rows begins, and how many rows
+    it holds, as torch.chunk cuts them (DTensor's ``Shard``, FSDP2's)."""
+    piece = -(-size // world)
+    starts = np.minimum(piece * np.arange(world), size)
+    return starts, np.minimum(size - starts, piece)
+
+
 def shard_chunks(shape, dim, row, world):
     """How many chunks of a table of sums (``fastopt._backend.segment_chunks``) each of
     ``world`` ranks holds of a tensor of ``shape`` split along ``dim`` as torch.chunk
@@ -442,8 +450,7 @@ def shard_chunks(shape, dim, row, world):
     size = shape[dim]
     if not size:
         return np.zeros(world, np.int64)
-    piece = -(-size // world)
-    held = np.clip(size - piece * np.arange(world), 0, piece)  # along dim
+    _, held = chunk_pieces(size, world)  # along dim
     if row:
         return held * -(-row // SEGMENT_CHUNK)
     return -(-held * (int(np.prod(shape)) // size) // SEGMENT_CHUNK)

@@ -1670,10 +1670,9 @@ class _Store:
         for index, p in enumerate(run.params):
             if _shard_dims(p) != {0}:
                 continue
-            rows = p.shape[0]
-            piece = -(-rows // world)
-            first[index] = min(rank * piece, rows)
-            if _local(p).shape[0] != min(piece, rows - first[index]):
+            starts, held = sharding.chunk_pieces(p.shape[0], world)
+            first[index] = starts[rank]
+            if _local(p).shape[0] != held[rank]:
                 raise ValueError(f"a DTensor parameter of shape {tuple(p.shape)} has "
                                  f"{_local(p).shape[0]} rows on rank {dist.get_rank()}, not "
                                  "the piece that torch.chunk cuts for it: fastopt.torch "

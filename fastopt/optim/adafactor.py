@@ -161,8 +161,8 @@ class Adafactor(Optimizer):
         rows = row_var[plan.row_slots].astype(np.float64)
         batch_sums = _added(plan.row_batch, rows, plan.batches)
         if work.in_row_order is not None:
-            param_sq = plan.carry_sums(work, segment_sq, param_sq, rows, block_sq, column_sq,
-                                       batch_sums)
+            param_sq, column_sq, batch_sums = plan.carry_sums(work, segment_sq, param_sq, rows,
+                                                              block_sq, column_sq, batch_sums)
         elif work.reduce is not None:
             param_sq, column_sq, batch_sums = plan.whole_sums(work.reduce, param_sq,
                                                               column_sq, batch_sums)
@@ -298,13 +298,14 @@ class _Plan:
         return param_sq, column_sq, batch_sums
 
     def carry_sums(self, work, segment_sq, param_sq, rows, block_sq, column_sq, batch_sums):
-        """The whole tensors' ``param_sq`` (returned), carried from process to process
-        (``Work.in_row_order``): the ``folded`` tensors' added segment by segment
-        (row by row) from this process's ``segment_sq``, the others' each process's in
-        turn. The ``carried`` matrices' ``column_sq`` and ``batch_sums`` too, written in
-        place: from this process's row factors (``rows``) and ``block_sq`` (per block of
-        rows), and the heads' column sums, which go on from the sums that the process
-        before carries."""
+        """The whole tensors' ``param_sq``, ``column_sq`` and ``batch_sums``, as
+        :meth:`whole_sums` gives them, but carried from process to process
+        (``Work.in_row_order``): the ``folded`` tensors' ``param_sq`` added segment by
+        segment (row by row) from this process's ``segment_sq``, the others' each
+        process's in turn; the ``carried`` matrices' column sums and row factors' sums
+        from this process's row factors (``rows``) and ``block_sq`` (per block of rows),
+        and the heads' column sums, which go on from the sums that the process before
+        carries."""
         widths = [1 + 2 * columns for columns, *_ in self.carried]
         offsets = np.concatenate([[0], np.cumsum(widths, dtype=np.int64)]) + self.tensors
 
@@ -338,11 +339,12 @@ class _Plan:
             return carry
 
         carry = work.in_row_order(np.zeros(offsets[-1]), fold)
+        column_sq, batch_sums = column_sq.copy(), batch_sums.copy()
         for (columns, first, batch, *_), at in zip(self.carried, offsets):
             if batch >= 0:
                 batch_sums[batch] = carry[at]
             column_sq[first:first + columns] = carry[at + 1:at + 1 + columns]
-        return carry[:self.tensors]
+        return carry[:self.tensors], column_sq, batch_sums
 
     def carry_update(self, work, row_sq, vector_sq, update_sq):
         """The whole tensors' ``update_sq`` (sums of U²), carried as
