@@ -19,8 +19,9 @@ every batch, and clips the gradient norm to 1 (fastopt's fused ``clip_grad_norm`
 
 Rank 0 prints both losses every 10 steps and how far the two runs end apart. With
 ``--checkpoint DIR`` the fastopt run is saved there at the end (FSDP2: with
-``torch.distributed.checkpoint``; zero: the consolidated state on rank 0), and, when DIR
-holds a checkpoint already, resumed from it first, on any number of ranks.
+``torch.distributed.checkpoint``; zero: the optimizer with ``fastopt.save``, a file per
+rank and an index, and the model on rank 0), and, when DIR holds a checkpoint already,
+resumed from it first, on any number of ranks.
 """
 
 import argparse
@@ -34,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
+import fastopt
 import fastopt.torch as ft
 from fastopt.precision_demo import LanguageModel, batches, corpus
 
@@ -69,10 +71,14 @@ def resume(sharding, model, opt, checkpoint):
         dcp.load(state, checkpoint_id=checkpoint)
         set_state_dict(model, opt, model_state_dict=model_state, optim_state_dict=optim_state)
         return int(state["step"])
-    if sharding != "fsdp2" and os.path.exists(os.path.join(checkpoint, "zero.pt")):
-        state = torch.load(os.path.join(checkpoint, "zero.pt"))  # the whole state, any ranks
+    if sharding != "fsdp2" and os.path.exists(os.path.join(checkpoint, "model.pt")):
+        state = torch.load(os.path.join(checkpoint, "model.pt"))
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
+        opt.load(os.path.join(checkpoint, "optimizer"))  # each rank its piece, any number
+        saved = {int(s["step"]) for s in opt.state.values() if "step" in s}
+        if saved != {state["step"]}:  # a save stopped between the two
+            raise ValueError(f"{checkpoint}: the optimizer was saved at step {saved}, the "
+                             f"model at {state['step']}")
         return state["step"]
     return 0
 
@@ -83,11 +89,12 @@ def save(sharding, model, opt, checkpoint, step):
         dcp.save({"model": model_state, "optim": optim_state, "step": torch.tensor(step)},
                  checkpoint_id=checkpoint)
         return
-    whole = opt.consolidated_state_dict(to=0)  # every rank takes part
+    os.makedirs(checkpoint, exist_ok=True)
+    fastopt.save(opt, os.path.join(checkpoint, "optimizer"))  # every rank, atomically
     if dist.get_rank() == 0:
-        os.makedirs(checkpoint, exist_ok=True)
-        torch.save({"model": model.state_dict(), "optim": whole, "step": step},
-                   os.path.join(checkpoint, "zero.pt"))
+        temporary = os.path.join(checkpoint, "model.pt.partial")
+        torch.save({"model": model.state_dict(), "step": step}, temporary)
+        os.replace(temporary, os.path.join(checkpoint, "model.pt"))
 
 
 def train(which, sharding, steps, tokens, vocabulary, device, checkpoint=None):
@@ -120,7 +127,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sharding", choices=("fsdp2", "zero", "zero2"), default="fsdp2")
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--checkpoint", help="a folder to resume from and save to (DCP)")
+    parser.add_argument("--checkpoint", help="a folder to resume from and save to")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")

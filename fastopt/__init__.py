@@ -10,9 +10,10 @@ or 16-bit with float32 arithmetic).
 0.9
 """
 
+import sys
+
 from . import _checkout  # noqa: F401  (first: a source checkout finds its kernels)
-from . import schedules
-from .checkpoint import save
+from . import checkpoint, schedules
 from .ema import EMA
 from .flat import adopt
 from .optim import ALGORITHMS, Optimizer
@@ -20,6 +21,17 @@ from .optim.snapshot import load
 from .scaler import DynamicLossScaler
 
 __version__ = "0.1.0"
+
+
+def save(opt, path):
+    """Write ``opt``'s checkpoint to ``path``, atomically: a NumPy optimizer's to one file
+    (:func:`fastopt.checkpoint.save`; ``fastopt.load(path)`` or ``opt.load(path)``
+    reads it), a fastopt.torch optimizer's to a folder of one file per rank and an index
+    (:meth:`fastopt.torch.Optimizer.save`; ``opt.load(path)`` reads it)."""
+    torch_front = sys.modules.get("fastopt.torch")  # loaded if opt can be one of its
+    if torch_front is not None and isinstance(opt, torch_front.Optimizer):
+        return opt.save(path)
+    return checkpoint.save(opt, path)
 
 
 def set_num_threads(n):

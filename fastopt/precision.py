@@ -23,6 +23,13 @@ MIN_QUANTIZED_SIZE = 4096
 MASTER_WEIGHTS = ("auto", "float32", "remainder", None)
 # The dtype of master weights kept as the low halves of their float32 bits.
 REMAINDER_DTYPE = np.dtype(np.uint16)
+# fastopt.torch's names of a buffer kept in 8 bits: "<name>_absmax" holds the scales of
+# its blocks (in opt.state[p] and state dicts). state_dict() saves the codes as
+# "<name>_codes", which torch.optim does not know (it would read codes as values); and,
+# once per parameter, the strides of the layout in whose memory order their blocks run,
+# so that a copy of them in another layout (.contiguous()) still pairs each code with
+# its block's absmax.
+ABSMAX, CODES, STRIDES = "_absmax", "_codes", "codes_strides"
 
 
 _HALVES = (DTYPES["bfloat16"], DTYPES["float16"])

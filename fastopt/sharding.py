@@ -114,23 +114,47 @@ def all_gather(padded, own, group):
         _ALL_GATHER(padded, own, group=group)
 
 
+def gather(padded, own, group, to):
+    """On rank ``to`` of ``group``, ``padded`` = every rank's ``own``, in rank order; the
+    other ranks pass None and only send theirs."""
+    wide = own.dtype in (torch.int16, torch.uint8)  # which gloo does not move: as int32
+    if wide:
+        own = own.to(torch.int32)
+    parts = None
+    if padded is not None:
+        target = torch.empty(padded.shape, dtype=torch.int32, device=padded.device) \
+            if wide else padded
+        parts = list(target.view(dist.get_world_size(group), -1).unbind())
+    dist.gather(own, parts, dst=dist.get_global_rank(group, to), group=group)
+    if padded is not None and wide:
+        padded.copy_(target)
+
+
 # torch 2.13 renamed reduce_scatter_tensor and all_gather_into_tensor (now deprecated).
 _REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def check_same_parameters(group, params):
+def check_same_parameters(group, params, options):
     """Raise a ValueError on every rank of ``group`` unless every rank passed
-    parameters of the same shapes and dtypes, in the same order (one small gather)."""
+    parameters of the same shapes and dtypes, in the same order, and the same
+    ``options`` (a repr-able value: what the collectives depend on), in one small
+    gather."""
     described = repr([(tuple(p.shape), str(p.dtype)) for p in params]).encode()
-    digest = int.from_bytes(hashlib.sha256(described).digest()[:7], "little")
-    mine = torch.tensor([len(params), digest], dtype=torch.int64)
+    digests = [int.from_bytes(hashlib.sha256(text).digest()[:7], "little")
+               for text in (described, repr(options).encode())]
+    mine = torch.tensor([len(params), *digests], dtype=torch.int64)
     seen = [tuple(t) for t in _all_gathered(mine, group).tolist()]
-    if len(set(seen)) > 1:
-        counts = [count for count, _ in seen]
+    if len({(count, shapes) for count, shapes, _ in seen}) > 1:
+        counts = [count for count, _, _ in seen]
         raise ValueError("process_group: the ranks passed different parameters (counts "
                          f"{counts}, or other shapes, dtypes or order); every rank must "
                          "pass the same parameters in the same order")
+    if len(set(seen)) > 1:
+        raise ValueError("process_group: the ranks built different optimizers (its class, "
+                         "zero_stage, bucket_cap_mb, reduce_grads, master_weights, "
+                         "state_dtype, stochastic_rounding or seed differ); every rank must "
+                         "build the same")
 
 
 class Partition:

@@ -105,7 +105,9 @@ tensor, whose sums every rank gathers, so that sums over whole tensors (clipping
 LAMB ...) are one process's, bit for bit; 8-bit state is quantized on the blocks one
 process uses; Adafactor's partitions cut between tensors (its factors need whole
 matrices). ``state_dict()`` is the rank's partition and
-:meth:`Optimizer.consolidated_state_dict` the whole state. ``zero_stage=2`` reduces the
+:meth:`Optimizer.consolidated_state_dict` the whole state; ``fastopt.save(opt, path)``
+(:meth:`Optimizer.save`) writes every rank's partition, which :meth:`Optimizer.load`
+takes on any number of ranks (:mod:`fastopt.torch_checkpoint`). ``zero_stage=2`` reduces the
 gradients during backward instead, bucket by bucket from post-accumulate-grad hooks, into
 this rank's share, and drops each parameter's ``.grad`` once it is sent: ``p.grad`` is
 None after backward, and the step reads the share. Micro-batches add up in the share
@@ -124,7 +126,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import precision, sharding
+from . import precision, sharding, torch_checkpoint
 from ._backend import GRAD_SQUARES, CudaBackend, HostBackend, Tensors
 from .kernels import Pass
 from .kernels._template import SEGMENT_CHUNK
@@ -133,6 +135,7 @@ from .optim import engine
 from .optim.optimizer import Optimizer as _Flat
 from .optim.optimizer import _snapshot, check_flag
 from .optim.spec import ALGORITHMS, define_init
+from .precision import ABSMAX, CODES, STRIDES
 
 __all__ = list(ALGORITHMS)  # one class per algorithm of the registry, built at the end
 
@@ -146,14 +149,9 @@ _TORCH_SCALARS = {"step": torch.float32, "mu_product": torch.float64, "eta": tor
 _RUNTIME = ("_stores", "_slots", "_group_slots", "_checked", "_seen")
 # The state entry that holds a 16-bit parameter's float32 master weights.
 MASTER = "master"
-# The state entries of a buffer kept in 8 bits besides its codes: the scales of its blocks
-# (opt.state[p]), and the float32 state of parameters too small to quantize (the store's).
-ABSMAX, SMALL = "_absmax", "_small"
-# state_dict() saves codes as "<name>_codes", which torch.optim does not know: it would
-# read codes as values; and, once per parameter, the strides of the layout in whose
-# memory order their blocks run, so that a copy of them in another layout (.contiguous())
-# still pairs each code with its block's absmax.
-CODES, STRIDES = "_codes", "codes_strides"
+# A store's float32 state of the parameters too small to quantize, beside the 8-bit
+# buffer of the others (whose other names are precision.ABSMAX, CODES and STRIDES).
+SMALL = "_small"
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _TORCH_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}
 
@@ -210,7 +208,8 @@ class Optimizer(torch.optim.Optimizer):
         self._zero_stage = zero_stage
         super().__init__(params, {**defaults, **torch_options})
         if process_group is not None:
-            sharding.check_same_parameters(process_group, self._all_params())
+            sharding.check_same_parameters(process_group, self._all_params(),
+                                         self._collective_options())
         self.state = _State(self.state)
         self.clip_grad_norm = clip_grad_norm
         self.clip_grad_value = clip_grad_value
@@ -238,7 +237,8 @@ class Optimizer(torch.optim.Optimizer):
                     if any(self.state.values()):
                         raise ValueError("add_param_group with process_group: add every "
                                          "group before the first step")
-                    sharding.check_same_parameters(self._group, self._all_params())
+                    sharding.check_same_parameters(self._group, self._all_params(),
+                                                   self._collective_options())
                 self._relayout()  # checks everything before it changes anything
         except (TypeError, ValueError):
             self.param_groups.pop()
@@ -247,7 +247,7 @@ class Optimizer(torch.optim.Optimizer):
     def __getstate__(self):
         if self._group is not None:
             raise TypeError("an optimizer with a process_group is bound to its processes: "
-                            "save its state_dict() (or consolidated_state_dict()) instead")
+                            "save it with fastopt.save (or its state_dict()) instead")
         state = {k: v for k, v in super().__getstate__().items() if k not in _RUNTIME}
         return {**state, "fastopt_options": self._options()}
 
@@ -265,6 +265,11 @@ class Optimizer(torch.optim.Optimizer):
             self._stores = None
             self.__dict__.update(options)
             self._relayout()
+
+    def _collective_options(self):
+        """What every rank of a process_group must choose alike."""
+        return (type(self).__name__, self._zero_stage, self._bucket_size, self.reduce_grads,
+                self._formats)
 
     def _options(self):
         return {"_clip_grad_norm": self.clip_grad_norm,
@@ -693,23 +698,28 @@ class Optimizer(torch.optim.Optimizer):
     def consolidated_state_dict(self, to=0):
         """With ``process_group``: the whole state in torch.optim's format (each state
         tensor in its parameter's shape), gathered from every rank's partition, on rank
-        ``to`` of the group; None on the others. Every rank calls it at once.
-        torch.optim loads it, and so does fastopt.torch with a process_group of any
-        size (each rank takes its elements) or none."""
+        ``to`` of the group; None on the others. Every rank calls it at once, and sends
+        its elements to rank ``to`` alone (but the 8-bit scales, 1/256 of the codes, which
+        every rank gathers). torch.optim loads it, and so does fastopt.torch with a
+        process_group of any size (each rank takes its elements) or none. To save
+        without the whole state on one rank, see :meth:`save`."""
         if self._group is None:
             raise ValueError("consolidated_state_dict() is for an optimizer with a "
                              "process_group; state_dict() holds the whole state")
         packed = self._packed()
         index = {p: i for i, p in enumerate(self._all_params())}
+        mine = torch.distributed.get_rank(self._group) == to
         for store in self._stores:
             if store.partition.whole:  # each tensor's state lies whole on one rank
                 self._gather_held(store, packed["state"], index, to)
                 continue
             for name in store.names:
-                wholes = store.gather_elements(store.flat(name), self._group)
+                wholes = store.gather_elements(store.flat(name), self._group, to)
                 if name in store.quantized:  # codes, their blocks' scales, small ones' values
                     scales = store.gather_scales(name, self._group)
-                    small = store.gather_elements(store.small_values(name), self._group)
+                    small = store.gather_elements(store.small_values(name), self._group, to)
+                if not mine:
+                    continue
                 for i, p in enumerate(store.slots):
                     state = packed["state"].get(index[p], {})
                     if name + CODES in state:
@@ -719,7 +729,40 @@ class Optimizer(torch.optim.Optimizer):
                     elif name in state:
                         state[name] = (small if name in store.quantized else wholes)[i].view(
                             p.shape)
-        return packed if torch.distributed.get_rank(self._group) == to else None
+        return packed if mine else None
+
+    def save(self, path):
+        """Write this optimizer's state to the folder ``path``, atomically: one file per
+        rank and an index, which any number of ranks, or one process, loads
+        (:meth:`load`) and continues bit for bit (``fastopt.save(opt, path)`` does the
+        same; see :mod:`fastopt.torch_checkpoint`). With ``process_group``, every rank
+        calls it at once, and an error on one is raised on all. Not for DTensor
+        parameters (FSDP2): save those with torch.distributed.checkpoint."""
+        torch_checkpoint.save(self, path, self._checkpoint_pieces("save")[0])
+
+    def load(self, path):
+        """Load the state that :meth:`save` wrote to the folder ``path``, by ranks of any
+        number or one process: this rank's elements of it, from the files that hold
+        them. A checkpoint of another algorithm or of other parameters raises a
+        ValueError, and nothing changes."""
+        torch_checkpoint.load(self, path, *self._checkpoint_pieces("load")[1:])
+
+    def _checkpoint_pieces(self, verb):
+        """For :mod:`fastopt.torch_checkpoint`, per parameter: the elements ``(first,
+        last)`` of it, in C order, of which each rank's state_dict() holds the state;
+        this rank's, and the shape in which its state_dict() holds them."""
+        if any(_is_dtensor(p) for p in self._all_params()):
+            raise ValueError(f"fastopt.save and opt.load cannot {verb} the state of DTensor "
+                             "parameters (FSDP2): use torch.distributed.checkpoint (DCP), "
+                             "which reshards it")
+        params = self._all_params()
+        if self._group is None:
+            return ([[(0, p.numel())] for p in params], [(0, p.numel()) for p in params],
+                    [p.shape for p in params])
+        cuts = {p: pieces for store in self._stores for p, pieces in _cuts(store).items()}
+        slots = [self._slots[p][1] for p in params]
+        return ([list(cuts[p]) for p in params], [slot.piece for slot in slots],
+                [slot.shape for slot in slots])
 
     def _gather_held(self, store, state, index, to):
         """Into ``state`` (on rank ``to``): the state tensors of the parameters of
@@ -808,7 +851,8 @@ class Optimizer(torch.optim.Optimizer):
             raise ValueError(f"loaded state dict holds the partitions {sorted(ranked)} "
                              f"(state names '<name>@rank<r>of<n>'), not this rank's "
                              f"{suffix!r}: load the whole state "
-                             "(consolidated_state_dict()) into another partition")
+                             "(consolidated_state_dict()), or a folder that fastopt.save "
+                             "wrote (opt.load), into another partition")
         return {**state_dict, "state": {
             index: {name.removesuffix(suffix): value for name, value in state.items()}
             for index, state in state_dict["state"].items()}}
@@ -1512,14 +1556,18 @@ class _Store:
             sharding.all_gather(padded[:partition.world * length], own[:length], group)
             partition.unpack(padded, flats, window=(start, length))
 
-    def gather_elements(self, flat, group):
-        """Every parameter's whole flat tensor, from every rank's ``flat`` (laid out as
-        the parameters' elements in this rank's partition)."""
+    def gather_elements(self, flat, group, to):
+        """On rank ``to`` of ``group``, every parameter's whole flat tensor, from every
+        rank's ``flat`` (laid out as the parameters' elements in its partition); None on
+        the others."""
         partition = self.partition
         own = torch.zeros(partition.share, dtype=flat.dtype, device=flat.device)
         own[:flat.numel()].copy_(flat)
-        padded = own.new_zeros(partition.world * partition.share)
-        sharding.all_gather(padded, own, group)
+        mine = dist.get_rank(group) == to
+        padded = own.new_zeros(partition.world * partition.share) if mine else None
+        sharding.gather(padded, own, group, to)
+        if not mine:
+            return None
         wholes = [own.new_empty(p.numel()) for p in self.slots]
         partition.unpack(padded, wholes, skip_own=False)
         return wholes

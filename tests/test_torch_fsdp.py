@@ -1004,7 +1004,7 @@ def test_the_example_trains_with_torchrun_as_torch_optim_does(sharding, tmp_path
     out, rows = launch(2, 20)
     assert "2 ranks, " in out and [int(step) for step in rows[:, 0]] == [0, 10]
     np.testing.assert_allclose(rows[:, 1], rows[:, 2], rtol=1e-3)
-    assert (checkpoint / (".metadata" if sharding == "fsdp2" else "zero.pt")).exists()
+    assert (checkpoint / (".metadata" if sharding == "fsdp2" else "optimizer/index.json")).exists()
     out, rows = launch(3, 10)
     assert "resumed at step 20" in out and [int(step) for step in rows[:, 0]] == [20]
 

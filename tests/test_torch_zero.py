@@ -11,6 +11,7 @@ elements, whose sums every rank adds up as one process does.
 """
 
 import datetime
+import os
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
 
+import fastopt  # noqa: E402
 import fastopt.torch as ft  # noqa: E402
 from fastopt.kernels._template import SEGMENT_CHUNK  # noqa: E402
 from fastopt.optim.spec import ALGORITHMS  # noqa: E402
@@ -158,7 +160,8 @@ def test_sharded_step_is_bitwise_the_one_process_step_for_every_algorithm(world,
     assert_sharded_as_one_process(ranks, expected, world, zero_stage, 20)
 
 
-@pytest.mark.parametrize("world, zero_stage", [(2, 1), (3, 1), (4, 1), (3, 2)])
+@pytest.mark.parametrize("zero_stage", [1, 2])
+@pytest.mark.parametrize("world", [2, 3, 4])
 def test_cuts_inside_tensors_are_bitwise_the_one_process_step_too(world, zero_stage,
                                                                   tmp_path):
     """As above, with partitions that cut the first weight (between its chunks, where
@@ -230,11 +233,12 @@ def adafactor_rank(rank, world, rendezvous, folder, resume):
     return results
 
 
-def test_adafactor_partitions_whole_tensors_bitwise(tmp_path):
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_adafactor_partitions_whole_tensors_bitwise(tmp_path, world):
     """Its factors need whole matrices, so its partition cuts between tensors: each
     rank steps whole tensors, and everything is one process's, bit for bit, at both
-    stages (3 ranks, one of which holds nothing); the whole state resumes on 2 ranks as
-    not stopping. In forkserver children: its kernels run in parallel even on tiny
+    stages (on 3 and 4 ranks some hold nothing); the whole state of 3 resumes on 2 ranks
+    as not stopping. In forkserver children: its kernels run in parallel even on tiny
     tensors, which Numba forbids in a child forked from a process that did so."""
     expected = one_process("Adafactor", dict(lr=0.01), torch.float32)
     net = model()
@@ -243,14 +247,16 @@ def test_adafactor_partitions_whole_tensors_bitwise(tmp_path):
     final = [p.detach().numpy() for p in net.parameters()]
     sizes = [p.numel() for p in model().parameters()]
     folder = subfolder(tmp_path, "checkpoint")
-    ranks = run_ranks(adafactor_rank, (str(folder), False), subfolder(tmp_path, "save"), world=3,
-                      timeout=300, context=FORKSERVER)
+    ranks = run_ranks(adafactor_rank, (str(folder), False), subfolder(tmp_path, "save"),
+                      world=world, timeout=300, context=FORKSERVER)
     for rank, results in enumerate(ranks):
-        first, last = Partition(sizes, rank, 3, whole=True).pieces[0]
+        first, last = Partition(sizes, rank, world, whole=True).pieces[0]
         for zero_stage, (ours, local) in zip((1, 2), results):
             what = f"rank {rank}, stage {zero_stage}"
             assert_same(ours, expected if rank == 0 else (expected[0], {}), what)
             assert local == sorted([(1, 20), (30 if last > first else 0, 1)]), (what, local)
+    if world != 3:
+        return
     for rank, [(ours, _)] in enumerate(run_ranks(adafactor_rank, (str(folder), True),
                                                  subfolder(tmp_path, "resume"), world=2,
                                                  timeout=300, context=FORKSERVER)):
@@ -584,6 +590,146 @@ def test_checkpoints_resume_bitwise_on_the_same_or_any_number_of_ranks(tmp_path)
     assert reference.state_dict()["state"][0]["exp_avg"].shape == (30, 20)
 
 
+# fastopt.save's folders: a file per rank and an index, loaded by any number of ranks
+SAVED_CASES = [("Adam", dict(lr=0.01, state_dtype="int8"), torch.float32),
+               ("Adafactor", dict(lr=0.01), torch.float32),
+               ("AdamW", dict(lr=0.01, weight_decay=0.1, master_weights="remainder"),
+                torch.bfloat16)]
+
+
+def saved_rank(rank, world, rendezvous, folder, case, load):
+    """Train (every rank the whole batch) and save with ``fastopt.save``; or load the
+    checkpoint and train on. On width 1024 every partition cuts the first weight."""
+    name, kwargs, dtype = SAVED_CASES[case]
+    _init(rank, world, rendezvous)
+    net = model(dtype, width=1024)
+    opt = getattr(ft, name)(net.parameters(), process_group=dist.group.WORLD,
+                            reduce_grads=False, **kwargs)
+    if load:
+        net.load_state_dict(torch.load(f"{folder}/model.pt"))
+        opt.load(f"{folder}/checkpoint")
+    train(net, opt, first=STEPS if load else 0, dtype=dtype, width=1024)
+    if not load:
+        fastopt.save(opt, f"{folder}/checkpoint")
+        if rank == 0:
+            torch.save(net.state_dict(), f"{folder}/model.pt")
+    return [p.detach().float().numpy().copy() for p in net.parameters()]
+
+
+@pytest.mark.parametrize("case", range(len(SAVED_CASES)),
+                         ids=[f"{name}-{str(dtype)[6:]}" for name, _, dtype in SAVED_CASES])
+def test_fastopt_save_resumes_on_any_number_of_ranks_bitwise(tmp_path, case):
+    """Three ranks save their partitions (8-bit codes and scales cut inside the first
+    weight, Adafactor's whole tensors, bfloat16 master remainders) with
+    ``fastopt.save``: a file each and an index. Two ranks and one process resume from
+    them, and four ranks from one process's checkpoint, each as not stopping, bit for
+    bit."""
+    import fastopt
+
+    name, kwargs, dtype = SAVED_CASES[case]
+    net = model(dtype, width=1024)
+    opt = getattr(ft, name)(net.parameters(), **kwargs)
+    train(net, opt, dtype=dtype, width=1024)
+    fastopt.save(opt, tmp_path / "alone")  # one process's, after STEPS
+    alone = [p.detach().clone() for p in net.parameters()]
+    train(net, opt, first=STEPS, dtype=dtype, width=1024)
+    expected = [p.detach().float().numpy() for p in net.parameters()]
+    folder = subfolder(tmp_path, "ranks")
+    run_ranks(saved_rank, (str(folder), case, False), subfolder(tmp_path, "save"), world=3,
+              context=FORKSERVER)
+    assert sorted(p.name for p in (folder / "checkpoint").iterdir()) == [
+        "index.json", "rank0.pt", "rank1.pt", "rank2.pt"]
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint", "model.pt"]
+    for rank, params in enumerate(run_ranks(saved_rank, (str(folder), case, True),
+                                            subfolder(tmp_path, "load"), world=2,
+                                            context=FORKSERVER)):
+        for mine, theirs in zip(params, expected):
+            np.testing.assert_array_equal(mine, theirs, err_msg=f"rank {rank} of 2")
+    net = model(dtype, width=1024)
+    net.load_state_dict(torch.load(folder / "model.pt"))
+    opt = getattr(ft, name)(net.parameters(), **kwargs)
+    opt.load(folder / "checkpoint")
+    train(net, opt, first=STEPS, dtype=dtype, width=1024)
+    for mine, theirs in zip(net.parameters(), expected):
+        np.testing.assert_array_equal(mine.detach().float().numpy(), theirs)
+    if case:
+        return
+    (tmp_path / "alone" / "model").mkdir()
+    torch.save(dict(zip([k for k, _ in model(dtype, 1024).named_parameters()], alone)),
+               tmp_path / "alone.pt")
+    alone_folder = subfolder(tmp_path, "from_one")
+    (tmp_path / "alone").rename(alone_folder / "checkpoint")
+    (tmp_path / "alone.pt").rename(alone_folder / "model.pt")
+    for rank, params in enumerate(run_ranks(saved_rank, (str(alone_folder), case, True),
+                                            subfolder(tmp_path, "load4"), world=4,
+                                            context=FORKSERVER)):
+        for mine, theirs in zip(params, expected):
+            np.testing.assert_array_equal(mine, theirs, err_msg=f"rank {rank} of 4")
+
+
+def failed_save_rank(rank, world, rendezvous, folder, how):
+    """Save, step, save again while rank 1 fails to write (``how="raises"``) or has
+    left (``"leaves"``). Rank 1 returns its error; rank 0 its error, whether the step
+    moved its state, whether the checkpoint still holds the first save's (loaded into an
+    optimizer of no process_group), and the folder's entries before and after one
+    process saves there again."""
+    import fastopt.torch_checkpoint as checkpoints
+
+    _init(rank, world, rendezvous, timeout=20)
+    net = model(width=1024)
+    weight = next(net.parameters())
+    opt = ft.Adam(net.parameters(), lr=0.01, process_group=dist.group.WORLD,
+                  reduce_grads=False)
+    train(net, opt, 1, width=1024)
+    fastopt.save(opt, f"{folder}/checkpoint")
+    first = {k: v.clone() for k, v in opt.state[weight].items() if isinstance(v, torch.Tensor)}
+    train(net, opt, 1, first=1, width=1024)
+    if rank == 1:
+        if how == "leaves":
+            return "gone"  # its process ends, and with it its connections
+
+        def fails(opt, name):
+            raise OSError("No space left on device")
+        checkpoints._write_rank_file = fails
+    try:
+        fastopt.save(opt, f"{folder}/checkpoint")
+    except (OSError, RuntimeError) as error:
+        message = f"{type(error).__name__}: {error}"
+    else:
+        message = "saved"
+    if rank == 1:
+        return message
+    moved = not all(torch.equal(opt.state[weight][k], v) for k, v in first.items())
+    alone = ft.Adam(model(width=1024).parameters(), lr=0.01)
+    alone.load(f"{folder}/checkpoint")
+    kept = next(iter(alone.state.values()))
+    unchanged = all(torch.equal(kept[k].reshape(-1)[:v.numel()], v) for k, v in first.items())
+    before = sorted(entry.name for entry in os.scandir(folder))
+    fastopt.save(alone, f"{folder}/checkpoint")
+    return message, moved, unchanged, before, sorted(entry.name for entry in os.scandir(folder))
+
+
+@pytest.mark.parametrize("how", ["raises", "leaves"])
+def test_a_failed_save_leaves_the_checkpoint_as_it_was_on_every_rank(tmp_path, how):
+    """A rank that cannot write its file makes every rank raise its error; one that has
+    left makes the others fail (gloo's error), not hang. Either way the folder holds the
+    previous checkpoint, whole, and the next save deletes what the failed one left."""
+    folder = subfolder(tmp_path, "files")
+    ranks = run_ranks(failed_save_rank, (str(folder), how), tmp_path, timeout=120,
+                      context=FORKSERVER)
+    (message, moved, unchanged, before, after), theirs = ranks
+    if how == "raises":
+        assert theirs == message, (theirs, message)
+        assert message.startswith("OSError") and "rank 1: OSError: No space left" in message
+        assert before == ["checkpoint"], before
+    else:
+        assert theirs == "gone"
+        assert message.startswith("RuntimeError"), message
+        assert before[0] == "checkpoint" and before[1].startswith("checkpoint.partial-"), before
+    assert moved and unchanged
+    assert after == ["checkpoint"], after
+
+
 def partition_mismatch_rank(rank, world, rendezvous, folder):
     _init(rank, world, rendezvous)
     net = model()
@@ -613,18 +759,23 @@ def test_another_ranks_partition_is_refused_and_changes_nothing(tmp_path):
 
 # -- what goes wrong across ranks gives a clear error, not a hang ----------------------
 
-def mismatch_rank(rank, world, rendezvous):
+def mismatch_rank(rank, world, rendezvous, what):
     _init(rank, world, rendezvous)
-    net = model() if rank == 0 else torch.nn.Linear(20, 30)
+    net = model() if rank == 0 or what != "parameters" else torch.nn.Linear(20, 30)
+    options = {"zero_stage": dict(zero_stage=2), "state_dtype": dict(state_dtype="int8"),
+               "parameters": {}}[what] if rank == 1 else {}
     try:
-        ft.Adam(net.parameters(), lr=0.01, process_group=dist.group.WORLD)
+        ft.Adam(net.parameters(), lr=0.01, process_group=dist.group.WORLD, **options)
     except ValueError as error:
         return str(error)
 
 
-def test_ranks_with_other_parameters_fail_on_every_rank(tmp_path):
-    for message in run_ranks(mismatch_rank, (), tmp_path, timeout=60):
-        assert message and "same parameters" in message, message
+@pytest.mark.parametrize("what, match", [("parameters", "same parameters"),
+                                         ("zero_stage", "build the same"),
+                                         ("state_dtype", "build the same")])
+def test_ranks_with_other_parameters_or_options_fail_on_every_rank(tmp_path, what, match):
+    for message in run_ranks(mismatch_rank, (what,), tmp_path, timeout=60):
+        assert message and match in message, message
 
 
 def dead_rank(rank, world, rendezvous):

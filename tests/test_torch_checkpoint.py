@@ -1,0 +1,131 @@
+"""``fastopt.save`` of fastopt.torch optimizers in one process: a folder that ``opt.load``
+reads back bit for bit, and the refusals that change nothing. (Ranks saving and
+loading in other numbers: test_torch_zero.)"""
+
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import fastopt  # noqa: E402
+import fastopt.torch as ft  # noqa: E402
+from fastopt.optim.spec import ALGORITHMS  # noqa: E402
+
+OPTIONS = {"SGD": dict(lr=0.05, momentum=0.9), "Adam": dict(lr=0.01, amsgrad=True),
+           "ASGD": dict(lr=0.01, t0=1), "RMSprop": dict(lr=0.01, centered=True),
+           "Adadelta": dict(lr=0.5)}
+
+
+def model(dtype=torch.float32):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(80, 64), torch.nn.Tanh(),
+                               torch.nn.Linear(64, 3)).to(dtype)
+
+
+def train(net, opt, steps, first=0):
+    for t in range(first, first + steps):
+        generator = torch.Generator().manual_seed(t)
+        x, y = torch.randn(8, 80, generator=generator), torch.randn(8, 3, generator=generator)
+        opt.zero_grad()
+        ((net(x.to(next(net.parameters()).dtype)).float() - y) ** 2).mean().backward()
+        opt.step()
+
+
+def state_of(opt):
+    return [{name: value.clone() if isinstance(value, torch.Tensor) else value
+             for name, value in opt.state[p].items()} for p in opt._all_params()]
+
+
+CASES = [(name, OPTIONS.get(name, dict(lr=0.01)), torch.float32) for name in ALGORITHMS] + [
+    ("AdamW", dict(lr=0.01, state_dtype="int8"), torch.float32),
+    ("AdamW", dict(lr=0.01, master_weights="remainder", state_dtype="bfloat16"),
+     torch.bfloat16)]
+
+
+@pytest.mark.parametrize("name, kwargs, dtype", CASES,
+                         ids=[f"{n}-{'-'.join(map(str, k.values()))}" for n, k, _ in CASES])
+def test_a_saved_folder_resumes_bit_for_bit(tmp_path, name, kwargs, dtype):
+    net = model(dtype)
+    opt = getattr(ft, name)(net.parameters(), **kwargs)
+    train(net, opt, 3)
+    fastopt.save(opt, tmp_path / "checkpoint")
+    assert sorted(os.listdir(tmp_path / "checkpoint")) == ["index.json", "rank0.pt"]
+    saved = [p.detach().clone() for p in net.parameters()]
+    train(net, opt, 3, first=3)
+    again = model(dtype)
+    with torch.no_grad():
+        for p, value in zip(again.parameters(), saved):
+            p.copy_(value)
+    resumed = getattr(ft, name)(again.parameters(), **kwargs)
+    resumed.load(tmp_path / "checkpoint")
+    train(again, resumed, 3, first=3)
+    for mine, theirs in zip(again.parameters(), net.parameters()):
+        assert torch.equal(mine, theirs)
+    for mine, theirs in zip(state_of(resumed), state_of(opt)):
+        assert mine.keys() == theirs.keys()
+        for key, value in theirs.items():
+            assert torch.equal(mine[key], value) if isinstance(value, torch.Tensor) \
+                else mine[key] == value, key
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_and_changes_nothing(tmp_path):
+    net = model()
+    opt = ft.Adam(net.parameters(), lr=0.01)
+    train(net, opt, 2)
+    fastopt.save(opt, tmp_path / "adam")
+    other = ft.AdamW(model().parameters(), lr=0.01)
+    train(model(), other, 1)
+    wider = ft.Adam(torch.nn.Linear(81, 64).parameters(), lr=0.01)
+    for target, path, match in (
+            (other, tmp_path / "adam", "holds the state of Adam, not of AdamW"),
+            (wider, tmp_path / "adam", r"shapes \[\(64, 80\)"),
+            (opt, tmp_path, "no fastopt.torch checkpoint folder")):
+        before = state_of(target)
+        with pytest.raises(ValueError, match=match):
+            target.load(path)
+        for mine, theirs in zip(state_of(target), before):
+            assert all(torch.equal(mine[k], v) if isinstance(v, torch.Tensor) else mine[k] == v
+                       for k, v in theirs.items())
+    (tmp_path / "adam" / "rank0.pt").write_bytes(b"not a torch file")
+    before = state_of(opt)
+    with pytest.raises(ValueError, match="rank0.pt does not read"):
+        opt.load(tmp_path / "adam")
+    assert all(torch.equal(a["exp_avg"], b["exp_avg"]) for a, b in zip(state_of(opt), before))
+
+
+def test_a_save_that_cannot_be_made_writes_nothing(tmp_path):
+    opt = ft.Adam(model().parameters(), lr=0.01)
+    train(model(), opt, 1)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(ValueError, match="no fastopt.torch checkpoint folder"):
+        fastopt.save(opt, tmp_path / "notes")
+    assert os.listdir(tmp_path / "notes") == ["todo.txt"]
+    with pytest.raises(FileNotFoundError, match="its folder does not exist"):
+        fastopt.save(opt, tmp_path / "missing" / "checkpoint")
+    # 8-bit blocks follow a parameter's memory, which is not C order here
+    weight = torch.nn.Parameter(torch.randn(80, 64).t())
+    quantized = ft.Adam([weight], lr=0.01, state_dtype="int8")
+    weight.grad = torch.randn(80, 64).t()
+    quantized.step()
+    with pytest.raises(ValueError, match="not contiguous and keeps 8-bit state"):
+        fastopt.save(quantized, tmp_path / "transposed")
+    assert sorted(os.listdir(tmp_path)) == ["notes"]
+
+
+def test_an_index_that_describes_no_checkpoint_is_refused(tmp_path):
+    import json
+
+    opt = ft.Adam(model().parameters(), lr=0.01)
+    train(model(), opt, 1)
+    fastopt.save(opt, tmp_path / "checkpoint")
+    index = json.loads((tmp_path / "checkpoint" / "index.json").read_text())
+    for broken in ({**index, "files": ["../rank0.pt"]}, {**index, "world": 2},
+                   {**index, "params": [{**index["params"][0], "pieces": [[0, 10 ** 9]]},
+                                        *index["params"][1:]]},
+                   {k: v for k, v in index.items() if k != "algorithm"}):
+        (tmp_path / "checkpoint" / "index.json").write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match="does not describe a checkpoint"):
+            opt.load(tmp_path / "checkpoint")
