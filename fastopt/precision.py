@@ -141,9 +141,15 @@ def dequantize(codes, absmax, fmt):
     return codecs.QUANTIZED[fmt][0][codes] * scale
 
 
+def _one_of(value, names):
+    """Whether ``value`` is one of ``names`` (strings, or None) itself: a NumPy dtype
+    compares equal to its name, and would pass ``in``."""
+    return (value is None or isinstance(value, str)) and value in names
+
+
 def check_grad_dtype(grad_dtype):
     """``grad_dtype``, after checking that it is None or a name of ``DTYPES``."""
-    if grad_dtype is not None and not (isinstance(grad_dtype, str) and grad_dtype in DTYPES):
+    if grad_dtype is not None and not _one_of(grad_dtype, DTYPES):
         raise ValueError(f"grad_dtype must be None or one of {sorted(DTYPES)}, "
                          f"got {grad_dtype!r}")
     return grad_dtype
@@ -169,7 +175,7 @@ class Storage:
 
     def __init__(self, algorithm, state_names, params_dtype, master_weights, state_dtype,
                  grad_dtype, stochastic_rounding=False, seed=0):
-        if master_weights not in MASTER_WEIGHTS:
+        if not _one_of(master_weights, MASTER_WEIGHTS):
             raise ValueError(f"master_weights must be one of {MASTER_WEIGHTS}, "
                              f"got {master_weights!r}")
         float32_params = params_dtype == FLOAT32
@@ -194,7 +200,7 @@ class Storage:
         else:
             chosen = dict.fromkeys(state_names, state_dtype)
         for name, value in chosen.items():
-            if value not in STATE_DTYPES:
+            if not _one_of(value, STATE_DTYPES):
                 raise ValueError(f"state_dtype must be one of {STATE_DTYPES} or a dict of "
                                  f"them by state buffer, got {value!r} for {name!r}")
         if algorithm.spec.factored and set(chosen.values()) != {"float32"}:

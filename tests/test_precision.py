@@ -463,6 +463,11 @@ def test_a_float32_checkpoint_does_not_load_into_bfloat16_parameters(tmp_path):
     (dict(master_weights=True), ValueError, "master_weights must be one of"),
     (dict(state_dtype="int4"), ValueError, "state_dtype must be one of"),
     (dict(state_dtype="float16"), ValueError, "state_dtype must be one of"),
+    # NumPy dtypes compare equal to their names: not names, all the same
+    (dict(state_dtype=np.dtype(bf16)), ValueError, "state_dtype must be one of"),
+    (dict(state_dtype={"exp_avg": np.dtype(f32)}), ValueError, "state_dtype must be one of"),
+    (dict(master_weights=np.dtype(f32)), ValueError, "master_weights must be one of"),
+    (dict(grad_dtype=np.dtype(f32)), ValueError, "grad_dtype must be None or one of"),
     (dict(state_dtype={"exp_avg": "bfloat16", "momentum": "bfloat16"}), ValueError,
      r"names \['momentum'\], which Adam does not keep"),
     (dict(grad_dtype="float64"), ValueError, "grad_dtype must be None or one of"),
