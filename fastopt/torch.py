@@ -392,7 +392,7 @@ class Optimizer(torch.optim.Optimizer):
                  for name, value in _in_order(_relaid(store, store.slots[p].local,
                                                        self.state.get(p, {})))
                  if isinstance(value, torch.Tensor) and name not in _TORCH_SCALARS
-                 and (name != MASTER or store.master)]
+                 and (name != MASTER or store.master) and not _remainders(store, name, value)]
         views = [store.view(name, p) for store, p, name, _ in moves]
         for (store, p, name, value), view in zip(moves, views):
             _check_state(names[p], name, value, view, _castable(store, name, p), like=p)
@@ -829,6 +829,8 @@ class Optimizer(torch.optim.Optimizer):
                 dtype = self._state_dtype_of(name, p)
                 if dtype == torch.uint8 and value.is_floating_point():
                     dtype = torch.float32  # values, which the step encodes
+                if name == MASTER and value.dtype == torch.int16:
+                    dtype = torch.int16  # remainders, which the step rebuilds
                 self.state[p][name] = value.to(device=p.device, dtype=dtype)
         self._relayout()
 
@@ -944,9 +946,11 @@ class Optimizer(torch.optim.Optimizer):
                                          "'<name>_absmax'")
 
     def _loaded_master(self, p, value):
-        """Loaded master weights of ``p`` in the kind its store keeps: float32 ones and
-        remainders (their low halves, as int16 bits) turn into each other through
-        ``p``'s bits (``precision.rebuild_master``)."""
+        """Loaded master weights of ``p`` in the kind its store keeps: float32 ones turn
+        into remainders (their low halves, as int16 bits); remainders stay as they are,
+        and the step that takes them in rebuilds float32 ones from ``p``'s bits then
+        (``_Store.put``), not now: the model's weights may be loaded after the
+        optimizer's."""
         storage = self._storage_of(p.dtype)
         remainder = storage.remainder
         if remainder == (value.dtype == torch.int16) or p.dtype != torch.bfloat16:
@@ -957,14 +961,10 @@ class Optimizer(torch.optim.Optimizer):
                              f"{tuple(value.shape)} for {self._name(p)}, whose master weights "
                              f"are {_kept_dtype(storage, MASTER)} {tuple(shape)}")
         value = _local(value).detach().cpu().contiguous().numpy()  # sharded as p: checked
-        if remainder:
-            low = (value.view(np.uint32) & 0xFFFF).astype(precision.REMAINDER_DTYPE)
-            master = torch.from_numpy(low.view(np.int16))
-        else:
-            bits = self._slots[p][1].local.detach().cpu().contiguous().view(torch.int16).numpy()
-            master = torch.from_numpy(precision.rebuild_master(
-                bits.view(precision.codecs.BITS), value.view(precision.REMAINDER_DTYPE)))
-        return _like(p, master)
+        if not remainder:
+            return _like(p, torch.from_numpy(value))  # the remainders: see above
+        low = (value.view(np.uint32) & 0xFFFF).astype(precision.REMAINDER_DTYPE)
+        return _like(p, torch.from_numpy(low.view(np.int16)))
 
     def _state_dtype_of(self, name, p):
         """The torch dtype in which the state tensor ``name`` of ``p`` is kept."""
@@ -1209,10 +1209,18 @@ def _is_dense(t):
 def _castable(store, name, p):
     """The dtypes besides its own that ``p``'s state tensor ``name`` may be replaced with,
     cast (``torch.zeros_like(p)``): ``p``'s, but for remainders, which are no values;
-    and float32 values for 8-bit codes, which are encoded."""
-    if name == MASTER and store.storage.remainder:
-        return ()
+    float32 values for 8-bit codes, which are encoded; and remainders for float32 master
+    weights."""
+    if name == MASTER:  # remainders stand for float32 master weights (see _Store.put)
+        return () if store.storage.remainder else (p.dtype, torch.int16)
     return (p.dtype, torch.float32) if name in store.quantized else (p.dtype,)
+
+
+def _remainders(store, name, value):
+    """Whether ``value`` holds remainders (int16) for ``store``'s float32 master weights,
+    which wait for the step that takes them in (:meth:`_Store.put`): loaded before the
+    model's weights, they would be rebuilt from the parameters' old bits."""
+    return name == MASTER and value.dtype == torch.int16 and not store.storage.remainder
 
 
 def _in_order(state):
@@ -1495,8 +1503,16 @@ class _Store:
         ``(name, view)`` pairs that ``opt.state[p]`` holds for it. Values (not codes)
         for an 8-bit buffer are encoded, block by block in the memory order of
         :meth:`codes_layout`, as the kernels encode them (``precision.quantize``), which
-        sets their scales too."""
+        sets their scales too. Remainders (int16) for float32 master weights are their
+        low halves, whose high halves are ``p``'s bits now."""
         view = self.view(name, p)
+        if name == MASTER and value.dtype == torch.int16 and view.dtype == torch.float32:
+            bits = self.slots[p].local.detach().cpu().contiguous().view(torch.int16).numpy()
+            low = _local(value).detach().cpu().contiguous().numpy()
+            value = torch.from_numpy(precision.rebuild_master(
+                bits.view(precision.codecs.BITS), low.view(precision.REMAINDER_DTYPE)))
+            _local(view).copy_(value.view(_local(view).shape))
+            return [(name, view)]
         if name not in self.quantized or view.dtype != torch.uint8:
             _local(view).copy_(_local(value))  # a DTensor's sharded as p's: see _check_state
             return [(name, view)]

@@ -326,12 +326,21 @@ def test_state_dicts_carry_master_weights_between_float32_and_remainders():
         opt_halves.step()
     saved = copy.deepcopy(opt_halves.state_dict())
     assert saved["state"][0]["master"].dtype == torch.int16
-    # Remainders into float32 master weights: rebuilt from the parameters, exactly.
-    into_kept = [torch.nn.Parameter(q.detach().clone()) for q in halves]
+    # Remainders into float32 master weights: rebuilt from the parameters, exactly, by the
+    # step that takes them in, so that the model's weights may be loaded after them.
+    into_kept = [torch.nn.Parameter(torch.zeros_like(q)) for q in halves]
     opt = ft.Adam(into_kept, lr=1e-2, master_weights="float32")
     opt.load_state_dict(saved)
+    assert opt.state[into_kept[0]]["master"].dtype == torch.int16  # until that step
+    with torch.no_grad():
+        for p, q in zip(into_kept, halves):
+            p.copy_(q)  # model.load_state_dict, after the optimizer's
+            p.grad = torch.zeros_like(p)
+    opt.param_groups[0]["lr"] = 0.0  # a step that moves nothing
+    opt.step()
     for p, q in zip(into_kept, halves):
         assert torch.equal(opt.state[p]["master"], _rebuilt(q, opt_halves.state[q]["master"]))
+        assert torch.equal(p, q)
     # Float32 master weights into remainders: their low halves, which rebuild them from
     # the parameters but at the ties, where float32's parameters were rounded to even.
     into_halves = [torch.nn.Parameter(p.detach().clone()) for p in kept]
