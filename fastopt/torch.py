@@ -46,7 +46,9 @@ its stores. A 16-bit parameter keeps float32 master weights in its state entry
 ``"master"`` (``master_weights="auto"``; None steps it directly), from which every
 step writes it rounded to nearest even; a parameter written since the last step
 (``model.load_state_dict``) no longer holds its master rounded, and steps from the
-written value. With ``master_weights="remainder"`` (bfloat16), ``"master"`` holds only
+written value. Master weights put in place (``opt.state[p]["master"] = t``) are taken
+in at the next step, and the parameter with them, rounded (a write into the master
+tensor itself would be taken for a write into the parameter, which wins). With ``master_weights="remainder"`` (bfloat16), ``"master"`` holds only
 the low 16 bits of the float32 master weights, as int16 bits, and the parameter is the
 master rounded with ties away from zero (see :class:`fastopt.Optimizer`).
 ``state_dtype="bfloat16"`` (or a dict by state name) keeps the state in 16 bits, and
@@ -610,6 +612,11 @@ class Optimizer(torch.optim.Optimizer):
             _check_state(self._name(p), name, value, view, _castable(store, name, p), like=p)
         for name, value, _ in replaced:
             dict.update(state, store.put(name, p, value))
+            if name == MASTER and value.is_floating_point():
+                # The parameter becomes the new master weights rounded, as every step
+                # leaves it: else the step would take it for one written since.
+                with torch.no_grad():
+                    slot.local.copy_(_local(state[MASTER]).view(slot.local.shape))
         host = self.algorithm.spec.host  # the values of parameters not yet stepped
         slot.key = (store, state.get("step", 0),
                     tuple(state.get(name, value) for name, value in host.items()),
@@ -1293,7 +1300,8 @@ def _check_state(param, name, value, expected, castable=(), loading=False, like=
     dtype = getattr(expected, "dtype", None)
     if not loading and dtype is not None and value.dtype not in (dtype, *castable):
         raise TypeError(f"state {name!r} of {param} has dtype {value.dtype}; fastopt keeps "
-                        f"it in {dtype} (state_dtype)")
+                        f"it in {dtype} "
+                        f"({'master_weights' if name == MASTER else 'state_dtype'})")
 
 
 class _Slot:

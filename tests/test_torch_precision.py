@@ -358,3 +358,17 @@ def test_state_dicts_carry_master_weights_between_float32_and_remainders():
         q.grad = torch.ones_like(q)
     with pytest.raises(TypeError, match="'master'.*keeps it in torch.int16"):
         opt.step()
+
+
+def test_master_weights_put_in_place_are_taken_with_the_parameter_rounded():
+    """Without the parameter rounded from them, the step would take the old parameter
+    for one written since, and start from it (4.95 would be 0.95)."""
+    p = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
+    opt = ft.SGD([p], lr=0.1)
+    p.grad = torch.full_like(p, 0.5)
+    opt.step()
+    opt.state[p]["master"] = torch.full((8,), 5.0)
+    opt.step()
+    expected = torch.tensor(5.0) - torch.tensor(0.1) * torch.tensor(0.5)  # float32
+    assert torch.equal(opt.state[p]["master"], expected.expand(8))
+    assert torch.equal(p.detach(), expected.expand(8).to(torch.bfloat16))
