@@ -341,3 +341,15 @@ def test_kernels_install_as_a_subpackage_only():
         "import importlib.util, fastopt.kernels, fastopt.kernels.rules\n"
         "print(importlib.util.find_spec('kernels') is None)")
     assert out == "True"
+
+
+def test_the_buffers_cannot_be_put_aside_by_assignment():
+    """An array put in the place of a buffer would not be stepped (the next step would
+    write the old one): assigning one is refused, and writing into it works."""
+    opt = fastopt.SGD({"w": np.ones(4, np.float32)}, lr=0.5)
+    for name in ("flat_params", "flat_grads", "master_params", "params", "grads"):
+        with pytest.raises(AttributeError, match=f"{name} is the optimizer's own buffer"):
+            setattr(opt, name, np.zeros(4, np.float32))
+    opt.grads["w"][:] = 1.0
+    opt.step()
+    np.testing.assert_array_equal(opt.params["w"], 0.5)

@@ -26,6 +26,17 @@ from .steady import Group, Steady
 f32 = np.float32
 
 
+def _own(name, doc):
+    """A read-only attribute ``name`` of an optimizer (``_<name>`` underneath), whose
+    assignment raises an AttributeError that says what to do: an array put in its place
+    would be no step's."""
+    def refuse(self, value):
+        raise AttributeError(f"{name} is the optimizer's own buffer, which every step "
+                             f"reads and writes: write into it ({name}[...] = values) "
+                             "instead of putting another in its place")
+    return property(lambda self: getattr(self, "_" + name), refuse, doc=doc)
+
+
 class Optimizer:
     """Owns the flat parameter and gradient buffers and the state of one algorithm.
 
@@ -143,12 +154,20 @@ class Optimizer:
             cls.__init__ = constructor(spec, Optimizer.__init__)
             ALGORITHMS[cls.__name__] = cls
 
+    # The buffers (and the views into them) are the optimizer's own: write into them.
+    flat_params = _own("flat_params", "The parameters, flat (their storage dtype).")
+    flat_grads = _own("flat_grads", "The gradients, flat, which the next step reads.")
+    master_params = _own("master_params", "The float32 master weights of 16-bit "
+                         "parameters (their low halves, uint16, for 'remainder'), or None.")
+    params = _own("params", "Views of the parameters, in the structure given.")
+    grads = _own("grads", "Views of the gradients, in the structure of the parameters.")
+
     def __init__(self, params, defaults, *, clip_grad_norm=None, clip_grad_value=None,
                  skip_nonfinite=False, master_weights="auto", state_dtype="float32",
                  grad_dtype=None, stochastic_rounding=False, seed=0):
         structures, groups, self._grouped = _split_groups(params, defaults)
         flat = flatten(structures, self._grouped, check_grad_dtype(grad_dtype))
-        self._backend, self._layouts, self.flat_params, self.flat_grads = flat
+        self._backend, self._layouts, self._flat_params, self._flat_grads = flat
         self._storage = Storage(type(self), self.state_names(), self.flat_params.dtype,
                                 master_weights, state_dtype, grad_dtype, stochastic_rounding,
                                 seed)
@@ -160,19 +179,19 @@ class Optimizer:
         self.clip_grad_value = clip_grad_value
         self.skip_nonfinite = skip_nonfinite
         self.defaults = dict(defaults)
-        self.master_params = None
+        self._master_params = None
         if self._storage.remainder:  # the master weights equal the parameters
-            self.master_params = self._backend.zeros(self.flat_params.size,
+            self._master_params = self._backend.zeros(self.flat_params.size,
                                                      self._storage.master_dtype)
         elif self._storage.master:
-            self.master_params = self._backend.float32_copy(self.flat_params)
+            self._master_params = self._backend.float32_copy(self.flat_params)
         names = [layout.prefix for layout in self._layouts]  # "params" or "params[i]"
         param_views = [layout.views(self.flat_params, name)
                        for layout, name in zip(self._layouts, names)]
         grad_views = [layout.views(self.flat_grads, "grads" + name[len("params"):])
                       for layout, name in zip(self._layouts, names)]
-        self.params = ViewList(param_views, "params") if self._grouped else param_views[0]
-        self.grads = ViewList(grad_views, "grads") if self._grouped else grad_views[0]
+        self._params = ViewList(param_views, "params") if self._grouped else param_views[0]
+        self._grads = ViewList(grad_views, "grads") if self._grouped else grad_views[0]
         self._grad_slices = [layout.slices(self.flat_grads) for layout in self._layouts]
         self.param_groups = [Group(params=views, **group)
                              for views, group in zip(param_views, groups)]
