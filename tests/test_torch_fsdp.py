@@ -158,8 +158,10 @@ def test_fsdp2_steps_every_elementwise_algorithm_bitwise_as_one_process(part, tm
 
 # -- whole-tensor norms and counts, over the ranks -------------------------------------
 
+# SWATS's eps of 0.01 passes its switch test (over whole tensors) at step 2 here and in
+# CUT_CASES, so that the steps after it run SGD.
 PER_TENSOR = [("LAMB", dict(lr=0.01, weight_decay=0.01)), ("LARS", dict(lr=0.1, momentum=0.9)),
-              ("SWATS", dict(lr=0.01)), ("Adam", dict(lr=0.01, caution=True)),
+              ("SWATS", dict(lr=0.01, eps=0.01)), ("Adam", dict(lr=0.01, caution=True)),
               ("Lion", dict(lr=0.001, caution=True))]
 
 
@@ -216,7 +218,7 @@ class CutModel(torch.nn.Module):
 
 CUT_CASES = [("AdamW", dict(lr=0.01, clip_grad_norm=50.0)),
              ("LAMB", dict(lr=0.01, weight_decay=0.01, clip_grad_norm=50.0)),
-             ("LARS", dict(lr=0.1, momentum=0.9)), ("SWATS", dict(lr=0.01)),
+             ("LARS", dict(lr=0.1, momentum=0.9)), ("SWATS", dict(lr=0.01, eps=0.01)),
              ("Adam", dict(lr=0.01, caution=True))]
 
 

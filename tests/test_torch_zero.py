@@ -47,6 +47,8 @@ CASES = [(name, OPTIONS.get(name, dict(lr=0.01)), torch.float32)
     # Each element draws its random bits by its place in the whole flat buffer.
     ("Adam", dict(lr=0.01, master_weights=None, state_dtype="bfloat16",
                   stochastic_rounding=True, seed=3), torch.bfloat16),
+    # An eps at which its switch test, on sums over whole tensors, passes within STEPS
+    ("SWATS", dict(lr=0.01, eps=0.01), torch.float32),
 ]
 
 
@@ -169,6 +171,7 @@ def test_cuts_inside_tensors_are_bitwise_the_one_process_step_too(world, zero_st
     threads, which Numba forbids in a child forked from a process that ran them: the
     ranks are forkserver children."""
     expected = [one_process(*case, width=1024) for case in CASES]
+    assert 1 < expected[-1][1][0]["switch_step"] < STEPS  # SWATS switched, and stepped SGD
     ranks = run_ranks(same_gradients_rank, (CASES, zero_stage, 1024), tmp_path, world=world,
                       timeout=300, context=FORKSERVER)
     assert Partition([30720, 30, 90, 3], 0, world).bounds[1] == 16384  # inside the weight
