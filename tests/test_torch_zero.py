@@ -295,6 +295,39 @@ def test_averaged_gradients_train_as_one_process_on_the_whole_batch(world, tmp_p
         assert norm > 0.1  # it clipped
 
 
+def inside_ddp_rank(rank, world, rendezvous):
+    """A DDP-wrapped model, each rank its part of the batch, under an lr schedule:
+    stepped by a process_group optimizer that takes DDP's averaged gradients
+    (``reduce_grads=False``), and by a plain one on every rank."""
+    _init(rank, world, rendezvous)
+    results = []
+    for group in (dist.group.WORLD, None):
+        net = torch.nn.parallel.DistributedDataParallel(model(width=1024))
+        opt = ft.AdamW(net.parameters(), lr=0.01, weight_decay=0.1, clip_grad_norm=0.5,
+                       process_group=group, reduce_grads=False)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=STEPS)
+        for t in range(STEPS):
+            opt.zero_grad()
+            x, y = batch(t, rank, world, width=1024)
+            ((net(x) - y) ** 2).mean().backward()
+            opt.step()
+            schedule.step()
+        results.append([p.detach().numpy().copy() for p in net.parameters()])
+    return results
+
+
+def test_inside_ddp_with_an_lr_schedule_it_steps_as_an_optimizer_on_every_rank(tmp_path):
+    """Given DDP's averaged gradients, the partitions (which cut the first weight) step
+    as a whole optimizer on each rank, bit for bit, through torch's OneCycleLR and the
+    clipping norm over the partitions. (Averaged again, three equal gradients would not
+    always stay themselves.)"""
+    for rank, (sharded, plain) in enumerate(run_ranks(inside_ddp_rank, (), tmp_path, world=3,
+                                                      context=FORKSERVER)):
+        for mine, theirs in zip(sharded, plain):
+            np.testing.assert_array_equal(mine, theirs, err_msg=f"rank {rank}")
+        assert not np.array_equal(sharded[0], model(width=1024)[0].weight.detach().numpy())
+
+
 def bucket_rank(rank, world, rendezvous, zero_stage, bucket_mb=BUCKET_MB):
     _init(rank, world, rendezvous)
     net = model()
