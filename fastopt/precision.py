@@ -141,6 +141,16 @@ def dequantize(codes, absmax, fmt):
     return codecs.QUANTIZED[fmt][0][codes] * scale
 
 
+def blocks_of(first, last):
+    """The 8-bit blocks (of ``codecs.BLOCK`` elements, from a tensor's first element) that
+    hold its elements ``[first, last)``, as ``(first block, last block)``: a piece of a
+    tensor begins on a block, and an empty piece holds none (even where its place is
+    inside the tensor's last block)."""
+    if last <= first:
+        return 0, 0
+    return first // codecs.BLOCK, -(-last // codecs.BLOCK)
+
+
 def _one_of(value, names):
     """Whether ``value`` is one of ``names`` (strings, or None) itself: a NumPy dtype
     compares equal to its name, and would pass ``in``."""

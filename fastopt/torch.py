@@ -148,7 +148,7 @@ _NOT_HYPERPARAMETERS = ("params", "param_names")
 _TORCH_SCALARS = {"step": torch.float32, "mu_product": torch.float64, "eta": torch.float32,
                   "mu": torch.float32}
 # What the optimizer builds for itself, and rebuilds after a copy or an unpickling.
-_RUNTIME = ("_stores", "_slots", "_group_slots", "_checked", "_seen")
+_RUNTIME = ("_stores", "_slots", "_group_slots", "_checked", "_seen", "_remainders")
 # The state entry that holds a 16-bit parameter's float32 master weights.
 MASTER = "master"
 # A store's float32 state of the parameters too small to quantize, beside the 8-bit
@@ -197,6 +197,7 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError(f"fastopt.torch.{type(self).__name__} does not support "
                                  f"{name}={value!r}")
         self._stores = None
+        self._remainders = {}  # loaded for float32 master weights, by parameter
         self._formats = (master_weights, state_dtype, stochastic_rounding, seed)
         for dtype in (torch.float32, torch.bfloat16):  # the options, checked (float16's later)
             self._storage_of(dtype)
@@ -264,14 +265,15 @@ class Optimizer(torch.optim.Optimizer):
             self._formats = ("auto", "float32", False, 0)  # unless pickled with them
             # A sharded one is not pickled.
             self._group, self.reduce_grads, self._zero_stage = None, True, 1
-            self._stores = None
+            self._stores, self._remainders = None, {}
             self.__dict__.update(options)
             self._relayout()
 
     def _collective_options(self):
         """What every rank of a process_group must choose alike."""
+        formats = tuple(sorted(f.items()) if isinstance(f, dict) else f for f in self._formats)
         return (type(self).__name__, self._zero_stage, self._bucket_size, self.reduce_grads,
-                self._formats)
+                formats)  # a dict of state dtypes in any order
 
     def _options(self):
         return {"_clip_grad_norm": self.clip_grad_norm,
@@ -394,7 +396,7 @@ class Optimizer(torch.optim.Optimizer):
                  for name, value in _in_order(_relaid(store, store.slots[p].local,
                                                        self.state.get(p, {})))
                  if isinstance(value, torch.Tensor) and name not in _TORCH_SCALARS
-                 and (name != MASTER or store.master) and not _remainders(store, name, value)]
+                 and (name != MASTER or store.master)]
         views = [store.view(name, p) for store, p, name, _ in moves]
         for (store, p, name, value), view in zip(moves, views):
             _check_state(names[p], name, value, view, _castable(store, name, p), like=p)
@@ -605,6 +607,9 @@ class Optimizer(torch.optim.Optimizer):
         for name in [name for name in self.algorithm.state_names()
                      if name in state and state[name] is None]:
             dict.__delitem__(state, name)
+        remainder = self._remainders.pop(p, None)
+        if remainder is not None:  # loaded: its master rebuilt from p's bits as they are now
+            dict.update(state, store.put(MASTER, p, remainder))
         replaced = [(name, value, store.view(name, p)) for name, value in _in_order(state)
                     if isinstance(value, torch.Tensor) and value is not slot.views.get(name)
                     and name not in _TORCH_SCALARS]
@@ -752,7 +757,7 @@ class Optimizer(torch.optim.Optimizer):
         number or one process: this rank's elements of it, from the files that hold
         them. A checkpoint of another algorithm or of other parameters raises a
         ValueError, and nothing changes."""
-        torch_checkpoint.load(self, path, *self._checkpoint_pieces("load")[1:])
+        torch_checkpoint.load(self, path, *self._checkpoint_pieces("load")[1:], _TORCH_SCALARS)
 
     def _checkpoint_pieces(self, verb):
         """For :mod:`fastopt.torch_checkpoint`, per parameter: the elements ``(first,
@@ -825,6 +830,7 @@ class Optimizer(torch.optim.Optimizer):
                    for index, state in state_dict["state"].items()}
         params = self._loaded_params(state_dict)
         super().load_state_dict(state_dict)
+        self._remainders = {}
         for index, values in scalars.items():
             for name, value in values.items():
                 self.state[params[index]][name] = int(value) if name == "step" else value
@@ -837,7 +843,9 @@ class Optimizer(torch.optim.Optimizer):
                 if dtype == torch.uint8 and value.is_floating_point():
                     dtype = torch.float32  # values, which the step encodes
                 if name == MASTER and value.dtype == torch.int16:
-                    dtype = torch.int16  # remainders, which the step rebuilds
+                    dtype = torch.int16  # remainders, rebuilt now and at the next step
+                    if not self._storage_of(p.dtype).remainder:
+                        self._remainders[p] = value.to(device=p.device)
                 self.state[p][name] = value.to(device=p.device, dtype=dtype)
         self._relayout()
 
@@ -887,7 +895,7 @@ class Optimizer(torch.optim.Optimizer):
                 elif value.shape == p.shape:
                     cut[name] = value.reshape(-1)[first:last].view(slot.shape)
                 elif name.endswith(ABSMAX) and name[:-len(ABSMAX)] in values:
-                    cut[name] = value[first // BLOCK:-(-last // BLOCK)]
+                    cut[name] = value[slice(*precision.blocks_of(first, last))]
                 else:
                     cut[name] = value  # Adafactor's factors, of a tensor this rank holds
         return {**state_dict, "state": state}
@@ -955,9 +963,9 @@ class Optimizer(torch.optim.Optimizer):
     def _loaded_master(self, p, value):
         """Loaded master weights of ``p`` in the kind its store keeps: float32 ones turn
         into remainders (their low halves, as int16 bits); remainders stay as they are,
-        and the step that takes them in rebuilds float32 ones from ``p``'s bits then
-        (``_Store.put``), not now: the model's weights may be loaded after the
-        optimizer's."""
+        and the store rebuilds float32 ones from ``p``'s bits (``_Store.put``): now, and
+        again at the next step, from the bits it has then (``_remainders``), since the
+        model's weights may be loaded after the optimizer's."""
         storage = self._storage_of(p.dtype)
         remainder = storage.remainder
         if remainder == (value.dtype == torch.int16) or p.dtype != torch.bfloat16:
@@ -1218,16 +1226,11 @@ def _castable(store, name, p):
     cast (``torch.zeros_like(p)``): ``p``'s, but for remainders, which are no values;
     float32 values for 8-bit codes, which are encoded; and remainders for float32 master
     weights."""
-    if name == MASTER:  # remainders stand for float32 master weights (see _Store.put)
-        return () if store.storage.remainder else (p.dtype, torch.int16)
+    if name == MASTER:  # bfloat16's remainders stand for float32 ones (see _Store.put)
+        if store.storage.remainder:
+            return ()
+        return (p.dtype, torch.int16) if p.dtype == torch.bfloat16 else (p.dtype,)
     return (p.dtype, torch.float32) if name in store.quantized else (p.dtype,)
-
-
-def _remainders(store, name, value):
-    """Whether ``value`` holds remainders (int16) for ``store``'s float32 master weights,
-    which wait for the step that takes them in (:meth:`_Store.put`): loaded before the
-    model's weights, they would be rebuilt from the parameters' old bits."""
-    return name == MASTER and value.dtype == torch.int16 and not store.storage.remainder
 
 
 def _in_order(state):

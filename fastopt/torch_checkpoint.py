@@ -26,9 +26,12 @@ writes its file into a new folder beside ``path``, ``<path>.partial-<token>``; o
 have, rank 0 writes the index and puts the folder in the place of ``path`` (a previous
 checkpoint there is renamed ``<path>.old-<token>``, then deleted). An error on any rank
 (a full disk) is raised on every rank; a rank that dies makes the others fail at the
-group's timeout; either way ``path`` is left as it was. Folders that killed saves left
-(``<path>.partial-*``) are deleted by the next save to ``path``. Every rank must see the
-same file system (as torch.distributed.checkpoint's ``FileSystemWriter`` needs).
+group's timeout; either way ``path`` is left as it was. The next save to ``path``
+deletes what killed saves left (``<path>.partial-*``, ``<path>.old-*``), but for a
+complete new folder where ``path`` is missing (a save killed between its two renames),
+which it puts in place first. Every rank must see the same file system (as
+torch.distributed.checkpoint's ``FileSystemWriter`` needs). A load is collective too:
+an error on one rank (a missing file) is raised on every rank, before any changes.
 
 DTensor parameters (FSDP2) are refused: ``torch.distributed.checkpoint`` saves and
 reshards their state.
@@ -44,8 +47,7 @@ import uuid
 import torch
 import torch.distributed as dist
 
-from .kernels.codecs import BLOCK
-from .precision import ABSMAX, CODES, STRIDES
+from .precision import ABSMAX, CODES, STRIDES, blocks_of
 
 FORMAT, VERSION, INDEX = "fastopt-torch-checkpoint", 1, "index.json"
 _ERRORS = {error.__name__: error for error in (ValueError, TypeError, OSError,
@@ -59,19 +61,11 @@ def save(opt, path, pieces):
     rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group else (0, 1)
     path = os.path.abspath(os.fspath(path))
     partial = _on_rank0(group, lambda: _prepare(path))
-    failure = _failure(lambda: _write_rank_file(opt, os.path.join(partial, f"rank{rank}.pt")))
-    failures = [failure]
-    if group is not None:
-        failures = [None] * world if rank == 0 else None
-        dist.gather_object(failure, failures, dst=dist.get_global_rank(group, 0), group=group)
+    _agreed(group, lambda: _write_rank_file(opt, os.path.join(partial, f"rank{rank}.pt")),
+            f"cannot save {path}, which was left as it was",
+            cleanup=lambda: rank == 0 and shutil.rmtree(partial, ignore_errors=True))
 
     def finish():
-        failed = [(r, f) for r, f in enumerate(failures) if f is not None]
-        if failed:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise _ERRORS.get(failed[0][1][0], RuntimeError)(
-                f"cannot save {path}, which was left as it was: " + "; ".join(
-                    f"rank {r}: {kind}: {message}" for r, (kind, message) in failed))
         _write_json(os.path.join(partial, INDEX), _index(opt, world, pieces))
         _fsync_folder(partial)
         _replace(path, partial)
@@ -79,11 +73,21 @@ def save(opt, path, pieces):
     _on_rank0(group, finish)
 
 
-def load(opt, path, pieces, shapes):
+def load(opt, path, pieces, shapes, scalars):
     """Load the checkpoint in the folder ``path`` into ``opt``, whose state_dict() holds
-    the elements ``pieces[i]`` of parameter ``i`` in the shape ``shapes[i]`` (see the
-    module's docstring); a ValueError, and nothing changes, where it does not fit."""
+    the elements ``pieces[i]`` of parameter ``i`` in the shape ``shapes[i]``, and the
+    per-parameter numbers ``scalars`` (the step count ...) whole (see the module's
+    docstring); a ValueError, and nothing changes, where it does not fit. With a
+    process_group, an error on one rank is raised on every rank."""
     path = os.path.abspath(os.fspath(path))
+    loaded = _agreed(opt._group, lambda: _assembled(opt, path, pieces, shapes, scalars),
+                     f"cannot load {path}, and nothing changed")
+    _agreed(opt._group, lambda: opt.load_state_dict(loaded),
+            f"cannot load {path} (the ranks that could, did)")
+
+
+def _assembled(opt, path, pieces, shapes, scalars):
+    """The state_dict that loads this rank's part of the checkpoint in ``path``."""
     index = _read_index(path)
     params = opt._all_params()
     if index["algorithm"] != type(opt).__name__:
@@ -97,17 +101,18 @@ def load(opt, path, pieces, shapes):
     suffix = opt._rank_suffix() if opt._group is not None else ""
     state = {}
     for i, (entry, piece, shape) in enumerate(zip(index["params"], pieces, shapes)):
-        taken = _taken(files, i, entry["pieces"], piece, shape, opt.algorithm.spec.factored)
-        if taken is not None:
+        taken = _taken(files, i, entry["pieces"], piece, shape, opt.algorithm.spec.factored,
+                       scalars)
+        if taken is not None:  # named as state_dict() names them
             state[i] = {name + suffix if isinstance(value, torch.Tensor) and value.dim()
                         else name: value for name, value in taken.items()}
-    opt.load_state_dict({**files.state_dict(0), "state": state})
+    return {**files.state_dict(0), "state": state}
 
 
-def _taken(files, i, pieces, piece, shape, factored):
+def _taken(files, i, pieces, piece, shape, factored, scalars):
     """This rank's state of parameter ``i``, of whose elements it holds ``piece`` (in
     ``shape``), from the files of the ranks that held ``pieces`` of it; None where no
-    file holds its state."""
+    file holds its state. ``scalars`` name the numbers per parameter."""
     held = [r for r, (a, b) in enumerate(pieces) if b > a]
     saved = files.state(held[0] if held else 0, i)
     if saved is None:
@@ -115,7 +120,7 @@ def _taken(files, i, pieces, piece, shape, factored):
     first, last = piece
     taken = {}
     for name, value in saved.items():
-        if not isinstance(value, torch.Tensor) or not value.dim():
+        if not isinstance(value, torch.Tensor) or name in scalars:
             # the step count ..., the same on every rank; copied out of the mapped file
             taken[name] = value.clone() if isinstance(value, torch.Tensor) else value
         elif name == STRIDES or first == last and factored:
@@ -128,8 +133,8 @@ def _taken(files, i, pieces, piece, shape, factored):
             taken[name] = files.state(whole[0], i)[name].clone()
         elif name.endswith(ABSMAX):  # by block: every piece begins on one
             taken[name] = files.joined(i, name, value.dtype,
-                                       [(a // BLOCK, -(-b // BLOCK)) for a, b in pieces],
-                                       first // BLOCK, -(-last // BLOCK))
+                                       [blocks_of(a, b) for a, b in pieces],
+                                       *blocks_of(first, last))
         else:
             taken[name] = files.joined(i, name, value.dtype, pieces, first, last).view(shape)
             if name.endswith(CODES):
@@ -187,8 +192,13 @@ def _read_index(path):
         with open(name) as file:
             index = json.load(file)
     except (OSError, ValueError) as error:
+        killed = [p for p in glob.glob(glob.escape(path) + ".partial-*")
+                  if os.path.exists(os.path.join(p, INDEX))] if not os.path.exists(path) else []
         raise ValueError(f"cannot load {path}: it is no fastopt.torch checkpoint folder "
-                         f"({name}: {error})") from None
+                         f"({name}: {error})" + (
+                             f"; a save killed while it renamed its folder left {killed[0]},"
+                             " which the next save to it puts in its place" if killed else "")
+                         ) from None
     if not isinstance(index, dict) or index.get("format") != FORMAT or \
             index.get("version") != VERSION:
         raise ValueError(f"cannot load {path}: {name} is no {FORMAT} of version {VERSION}")
@@ -239,6 +249,14 @@ def _prepare(path):
     folder = os.path.dirname(path)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"cannot save {path}: its folder does not exist")
+    for leftover in glob.glob(glob.escape(path) + ".partial-*"):  # killed saves'
+        if not os.path.exists(path) and os.path.exists(os.path.join(leftover, INDEX)):
+            os.rename(leftover, path)  # killed between its renames (see _replace)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+    if os.path.exists(path):
+        for old in glob.glob(glob.escape(path) + ".old-*"):
+            shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(path):
         try:
             _read_index(path)
@@ -246,8 +264,6 @@ def _prepare(path):
             if not os.path.isdir(path) or os.listdir(path):
                 raise ValueError(f"cannot save {path}: it exists and is no fastopt.torch "
                                  f"checkpoint folder, which a save replaces") from None
-    for leftover in glob.glob(glob.escape(path) + ".partial-*"):
-        shutil.rmtree(leftover, ignore_errors=True)  # a killed save's
     partial = f"{path}.partial-{uuid.uuid4().hex}"
     os.mkdir(partial)
     return partial
@@ -262,7 +278,7 @@ def _replace(path, partial):
     os.rename(partial, path)
     _fsync_folder(os.path.dirname(path))
     if old is not None:
-        shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)  # else the next save's (see _prepare)
 
 
 def _write_json(name, record):
@@ -280,14 +296,29 @@ def _fsync_folder(folder):
         os.close(handle)
 
 
-def _failure(action):
-    """None where ``action()`` succeeds, else its error as (class name, message), which
-    goes to the other ranks."""
+def _agreed(group, action, what, cleanup=lambda: None):
+    """``action()``'s result, run on every rank of ``group``; where it fails on some rank,
+    ``cleanup()`` and an error on every rank that names each failure (``what`` first),
+    or, without a group, ``action``'s own."""
+    if group is None:
+        try:
+            return action()
+        except Exception:
+            cleanup()
+            raise
+    result, failure = None, None
     try:
-        action()
+        result = action()
     except Exception as error:  # every rank must learn of it, whatever it is
-        return type(error).__name__, str(error)
-    return None
+        failure = type(error).__name__, str(error)
+    failures = [None] * dist.get_world_size(group)
+    dist.all_gather_object(failures, failure, group=group)
+    failed = [(r, f) for r, f in enumerate(failures) if f is not None]
+    if failed:
+        cleanup()
+        raise _ERRORS.get(failed[0][1][0], RuntimeError)(f"{what}: " + "; ".join(
+            f"rank {r}: {kind}: {message}" for r, (kind, message) in failed))
+    return result
 
 
 def _on_rank0(group, action):

@@ -129,3 +129,34 @@ def test_an_index_that_describes_no_checkpoint_is_refused(tmp_path):
         (tmp_path / "checkpoint" / "index.json").write_text(json.dumps(broken))
         with pytest.raises(ValueError, match="does not describe a checkpoint"):
             opt.load(tmp_path / "checkpoint")
+
+
+def test_a_save_killed_between_its_renames_is_put_in_place_by_the_next(tmp_path,
+                                                                      monkeypatch):
+    """The previous checkpoint renamed aside, the new one complete beside the place: a
+    load says so, and the next save puts the new one in place first (here a save that
+    then fails to write), deleting the previous."""
+    import fastopt.torch_checkpoint as checkpoints
+
+    net = model()
+    opt = ft.Adam(net.parameters(), lr=0.01)
+    train(net, opt, 1)
+    fastopt.save(opt, tmp_path / "previous")
+    train(net, opt, 1, first=1)
+    fastopt.save(opt, tmp_path / "new")
+    (tmp_path / "previous").rename(tmp_path / "checkpoint.old-1")
+    (tmp_path / "new").rename(tmp_path / "checkpoint.partial-1")
+    with pytest.raises(ValueError, match="checkpoint.partial-1, which the next save"):
+        opt.load(tmp_path / "checkpoint")
+
+    def fails(opt, name):
+        raise OSError("No space left on device")
+    monkeypatch.setattr(checkpoints, "_write_rank_file", fails)
+    with pytest.raises(OSError, match="No space left"):
+        fastopt.save(opt, tmp_path / "checkpoint")
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint"]
+    resumed = ft.Adam(model().parameters(), lr=0.01)
+    resumed.load(tmp_path / "checkpoint")
+    for mine, theirs in zip(state_of(resumed), state_of(opt)):
+        assert mine["step"] == theirs["step"] == 2
+        assert torch.equal(mine["exp_avg"], theirs["exp_avg"])

@@ -326,12 +326,14 @@ def test_state_dicts_carry_master_weights_between_float32_and_remainders():
         opt_halves.step()
     saved = copy.deepcopy(opt_halves.state_dict())
     assert saved["state"][0]["master"].dtype == torch.int16
-    # Remainders into float32 master weights: rebuilt from the parameters, exactly, by the
-    # step that takes them in, so that the model's weights may be loaded after them.
+    # Remainders into float32 master weights: rebuilt from the parameters, exactly, at the
+    # load and again by the next step, so that the model's weights may be loaded after.
     into_kept = [torch.nn.Parameter(torch.zeros_like(q)) for q in halves]
     opt = ft.Adam(into_kept, lr=1e-2, master_weights="float32")
     opt.load_state_dict(saved)
-    assert opt.state[into_kept[0]]["master"].dtype == torch.int16  # until that step
+    assert opt.state[into_kept[0]]["master"].dtype == torch.float32
+    assert not torch.equal(opt.state[into_kept[0]]["master"],  # from the zeros' bits
+                           _rebuilt(halves[0], opt_halves.state[halves[0]]["master"]))
     with torch.no_grad():
         for p, q in zip(into_kept, halves):
             p.copy_(q)  # model.load_state_dict, after the optimizer's

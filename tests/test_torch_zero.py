@@ -703,6 +703,102 @@ def test_fastopt_save_resumes_on_any_number_of_ranks_bitwise(tmp_path, case):
             np.testing.assert_array_equal(mine, theirs, err_msg=f"rank {rank} of 4")
 
 
+def odd_parameters():
+    """A tensor of 5000 elements (not a whole number of 8-bit blocks: a rank whose share
+    begins after it holds an empty piece inside its last block), one of 40000 (cut by
+    the shares) and a 0-dim one."""
+    generator = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(shape, generator=generator))
+            for shape in [(50, 100), (200, 200), ()]]
+
+
+def odd_steps(params, opt, first, steps):
+    for t in range(first, first + steps):
+        generator = torch.Generator().manual_seed(t)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator)
+        opt.step()
+
+
+def odd_rank(rank, world, rendezvous, folder, source, target):
+    """Load the checkpoint ``source`` (with the parameters saved beside it), step STEPS
+    more and save to ``target``; the parameters."""
+    _init(rank, world, rendezvous)
+    params = odd_parameters()
+    opt = ft.Adam(params, lr=0.01, state_dtype="int8", process_group=dist.group.WORLD,
+                  reduce_grads=False)
+    saved = torch.load(f"{folder}/{source}.pt")
+    with torch.no_grad():
+        for p, value in zip(params, saved["params"]):
+            p.copy_(value)
+    opt.load(f"{folder}/{source}")
+    odd_steps(params, opt, saved["step"], STEPS)
+    fastopt.save(opt, f"{folder}/{target}")
+    if rank == 0:
+        torch.save({"params": [p.detach() for p in params], "step": saved["step"] + STEPS},
+                   f"{folder}/{target}.pt")
+    return [p.detach().numpy().copy() for p in params]
+
+
+def test_checkpoints_of_pieces_inside_blocks_and_of_0_dim_tensors_resume(tmp_path):
+    """One process's 8-bit checkpoint resumed on two ranks, theirs on three, each as one
+    process not stopping, bit for bit; the empty pieces inside a tensor's last block
+    hold no scales, and the 0-dim tensor's state is cut as its one element."""
+    folder = subfolder(tmp_path, "files")
+    params = odd_parameters()
+    opt = ft.Adam(params, lr=0.01, state_dtype="int8")
+    odd_steps(params, opt, 0, STEPS)
+    fastopt.save(opt, folder / "alone")
+    torch.save({"params": [p.detach() for p in params], "step": STEPS}, folder / "alone.pt")
+    expected = []
+    for first in (STEPS, 2 * STEPS):
+        odd_steps(params, opt, first, STEPS)
+        expected.append([p.detach().numpy().copy() for p in params])
+    for world, source, target, theirs in ((2, "alone", "two", expected[0]),
+                                          (3, "two", "three", expected[1])):
+        for rank, mine in enumerate(run_ranks(odd_rank, (str(folder), source, target),
+                                              subfolder(tmp_path, target), world=world,
+                                              context=FORKSERVER)):
+            for a, b in zip(mine, theirs):
+                np.testing.assert_array_equal(a, b, err_msg=f"rank {rank} of {world}")
+
+
+def missing_file_rank(rank, world, rendezvous, folder):
+    _init(rank, world, rendezvous, timeout=20)
+    net = model(width=1024)
+    opt = ft.Adam(net.parameters(), lr=0.01, process_group=dist.group.WORLD)
+    train(net, opt, 1, width=1024)
+    fastopt.save(opt, f"{folder}/checkpoint")
+    weight = next(net.parameters())
+    before = [v.clone() for v in opt.state[weight].values() if isinstance(v, torch.Tensor)]
+    train(net, opt, 1, first=1, width=1024)
+    dist.barrier()
+    if rank == 0:
+        os.remove(f"{folder}/checkpoint/rank1.pt")  # which only rank 1 reads
+    dist.barrier()
+    after = [v.clone() for v in opt.state[weight].values() if isinstance(v, torch.Tensor)]
+    try:
+        opt.load(f"{folder}/checkpoint")
+    except ValueError as error:
+        message = str(error)
+    else:
+        message = "loaded"
+    now = [v for v in opt.state[weight].values() if isinstance(v, torch.Tensor)]
+    return message, all(torch.equal(a, b) for a, b in zip(now, after)), \
+        not all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_a_load_that_fails_on_one_rank_fails_on_every_rank(tmp_path):
+    """Rank 1's file is gone: rank 1 cannot take its piece, and rank 0, which could, does
+    not load either (else it would go on alone and wait in the next collective)."""
+    folder = subfolder(tmp_path, "files")
+    for message, unchanged, moved in run_ranks(missing_file_rank, (str(folder),), tmp_path,
+                                               timeout=120, context=FORKSERVER):
+        assert "rank 1: ValueError" in message and "rank1.pt does not read" in message, \
+            message
+        assert unchanged and moved
+
+
 def failed_save_rank(rank, world, rendezvous, folder, how):
     """Save, step, save again while rank 1 fails to write (``how="raises"``) or has
     left (``"leaves"``). Rank 1 returns its error; rank 0 its error, whether the step
