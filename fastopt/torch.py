@@ -48,9 +48,10 @@ step writes it rounded to nearest even; a parameter written since the last step
 (``model.load_state_dict``) no longer holds its master rounded, and steps from the
 written value. Master weights put in place (``opt.state[p]["master"] = t``) are taken
 in at the next step, and the parameter with them, rounded (a write into the master
-tensor itself would be taken for a write into the parameter, which wins). With ``master_weights="remainder"`` (bfloat16), ``"master"`` holds only
-the low 16 bits of the float32 master weights, as int16 bits, and the parameter is the
-master rounded with ties away from zero (see :class:`fastopt.Optimizer`).
+tensor itself would be taken for a write into the parameter, which wins). With
+``master_weights="remainder"`` (bfloat16), ``"master"`` holds only the low 16 bits of
+the float32 master weights, as int16 bits, and the parameter is the master rounded
+with ties away from zero (see :class:`fastopt.Optimizer`).
 ``state_dtype="bfloat16"`` (or a dict by state name) keeps the state in 16 bits, and
 ``state_dtype="int8"`` keeps moving averages in 8 bits as the NumPy API
 does: ``opt.state[p]["exp_avg"]`` holds ``p``'s uint8 codes (in ``p``'s layout on the
@@ -109,9 +110,9 @@ process uses; Adafactor's partitions cut between tensors (its factors need whole
 matrices). ``state_dict()`` is the rank's partition and
 :meth:`Optimizer.consolidated_state_dict` the whole state; ``fastopt.save(opt, path)``
 (:meth:`Optimizer.save`) writes every rank's partition, which :meth:`Optimizer.load`
-takes on any number of ranks (:mod:`fastopt.torch_checkpoint`). ``zero_stage=2`` reduces the
-gradients during backward instead, bucket by bucket from post-accumulate-grad hooks, into
-this rank's share, and drops each parameter's ``.grad`` once it is sent: ``p.grad`` is
+takes on any number of ranks (:mod:`fastopt.torch_checkpoint`). ``zero_stage=2``
+reduces the gradients during backward instead, bucket by bucket from
+post-accumulate-grad hooks, into this rank's share, and drops each parameter's ``.grad`` once it is sent: ``p.grad`` is
 None after backward, and the step reads the share. Micro-batches add up in the share
 until a step; the first backward after a step starts afresh (``model.zero_grad()`` or
 ``opt.zero_grad()`` between steps, as usual).
@@ -954,6 +955,12 @@ class Optimizer(torch.optim.Optimizer):
                 if isinstance(value, torch.Tensor) and key not in _TORCH_SCALARS:
                     _check_state(name, key, value, self._state_shape(key, p), loading=True,
                                  like=p)
+                    if key == MASTER and value.dtype == torch.int16 and \
+                            p.dtype != torch.bfloat16:
+                        raise ValueError(f"loaded state dict has {MASTER!r} of int16 for "
+                                         f"{name}: remainders are the low halves of the "
+                                         f"master weights of bfloat16 parameters, not of "
+                                         f"{p.dtype}")
                     if value.dtype == torch.uint8 and not (
                             self._state_dtype_of(key, p) == torch.uint8 and key + ABSMAX in state):
                         raise ValueError(f"loaded state dict has {key!r} of uint8 for {name}: "

@@ -374,3 +374,20 @@ def test_master_weights_put_in_place_are_taken_with_the_parameter_rounded():
     expected = torch.tensor(5.0) - torch.tensor(0.1) * torch.tensor(0.5)  # float32
     assert torch.equal(opt.state[p]["master"], expected.expand(8))
     assert torch.equal(p.detach(), expected.expand(8).to(torch.bfloat16))
+
+
+def test_remainders_are_refused_for_float16_master_weights_and_change_nothing():
+    """They are the low halves of bfloat16 parameters' master weights: read as numbers
+    (a cast to float32), they would be no master at all."""
+    q = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
+    halves = ft.SGD([q], lr=0.1, master_weights="remainder")
+    q.grad = torch.ones_like(q)
+    halves.step()
+    p = torch.nn.Parameter(torch.ones(8, dtype=torch.float16))
+    opt = ft.SGD([p], lr=0.1)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    before = opt.state[p]["master"].clone()
+    with pytest.raises(ValueError, match="remainders are the low halves.*not of torch.float16"):
+        opt.load_state_dict(halves.state_dict())
+    assert torch.equal(opt.state[p]["master"], before)
