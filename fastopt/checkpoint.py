@@ -247,11 +247,16 @@ def save(opt, path):
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
-    folder = os.open(folder, os.O_RDONLY)
+    fsync_folder(folder)  # the rename itself survives a crash
+
+
+def fsync_folder(folder):
+    """Flush ``folder``'s entries (a rename into it) to disk."""
+    handle = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(folder)  # the rename itself survives a crash
+        os.fsync(handle)
     finally:
-        os.close(folder)
+        os.close(handle)
 
 
 def _write(file, checkpoint):

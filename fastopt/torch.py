@@ -112,8 +112,9 @@ matrices). ``state_dict()`` is the rank's partition and
 (:meth:`Optimizer.save`) writes every rank's partition, which :meth:`Optimizer.load`
 takes on any number of ranks (:mod:`fastopt.torch_checkpoint`). ``zero_stage=2``
 reduces the gradients during backward instead, bucket by bucket from
-post-accumulate-grad hooks, into this rank's share, and drops each parameter's ``.grad`` once it is sent: ``p.grad`` is
-None after backward, and the step reads the share. Micro-batches add up in the share
+post-accumulate-grad hooks, into this rank's share, and drops each parameter's
+``.grad`` once it is sent: ``p.grad`` is None after backward, and the step reads the
+share. Micro-batches add up in the share
 until a step; the first backward after a step starts afresh (``model.zero_grad()`` or
 ``opt.zero_grad()`` between steps, as usual).
 """
@@ -329,16 +330,15 @@ class Optimizer(torch.optim.Optimizer):
         otherwise across the ranks than the old ones did (a parameter before it in its
         store changed size, or came or went): each rank holds the state of its old piece.
         Every rank sees every rank's cuts, so that all refuse together."""
-        old = {p: cuts for store in self._stores for p, cuts in _cuts(store).items()}
-        for store in stores:
-            for p, cuts in _cuts(store).items():
-                if self.state.get(p) and p in old and cuts != old[p]:
-                    raise ValueError(
-                        f"{names[p]} would be cut otherwise across the process_group's ranks, "
-                        "whose state holds its old pieces: a parameter changed size, or came "
-                        "or went, after the first step. Change parameters before the first "
-                        "step, or load consolidated_state_dict() into an optimizer of the new "
-                        "ones")
+        old = _cuts(self._stores)
+        for p, cuts in _cuts(stores).items():
+            if self.state.get(p) and p in old and cuts != old[p]:
+                raise ValueError(
+                    f"{names[p]} would be cut otherwise across the process_group's ranks, "
+                    "whose state holds its old pieces: a parameter changed size, or came "
+                    "or went, after the first step. Change parameters before the first "
+                    "step, or load consolidated_state_dict() into an optimizer of the new "
+                    "ones")
 
     def _partition(self, members):
         """The ``sharding.Partition`` of a store of ``members`` under ``process_group``,
@@ -772,7 +772,7 @@ class Optimizer(torch.optim.Optimizer):
         if self._group is None:
             return ([[(0, p.numel())] for p in params], [(0, p.numel()) for p in params],
                     [p.shape for p in params])
-        cuts = {p: pieces for store in self._stores for p, pieces in _cuts(store).items()}
+        cuts = _cuts(self._stores)
         slots = [self._slots[p][1] for p in params]
         return ([list(cuts[p]) for p in params], [slot.piece for slot in slots],
                 [slot.shape for slot in slots])
@@ -1011,12 +1011,15 @@ class Optimizer(torch.optim.Optimizer):
         return None if shape is None else torch.Size(shape)
 
 
-def _cuts(store):
-    """Per parameter of ``store``: the elements of it that each rank of the store's
+def _cuts(stores):
+    """Per parameter of ``stores``: the elements of it that each rank of its store's
     partition steps (each rank's pieces found once, for all the parameters)."""
-    partition = store.partition
-    by_rank = [partition.pieces_of(rank) for rank in range(partition.world)]
-    return dict(zip(store.slots, zip(*by_rank)))
+    cuts = {}
+    for store in stores:
+        partition = store.partition
+        by_rank = [partition.pieces_of(rank) for rank in range(partition.world)]
+        cuts.update(zip(store.slots, zip(*by_rank)))
+    return cuts
 
 
 def _signature(params):

@@ -47,6 +47,7 @@ import uuid
 import torch
 import torch.distributed as dist
 
+from .checkpoint import fsync_folder
 from .precision import ABSMAX, CODES, STRIDES, blocks_of
 
 FORMAT, VERSION, INDEX = "fastopt-torch-checkpoint", 1, "index.json"
@@ -67,7 +68,7 @@ def save(opt, path, pieces):
 
     def finish():
         _write_json(os.path.join(partial, INDEX), _index(opt, world, pieces))
-        _fsync_folder(partial)
+        fsync_folder(partial)
         _replace(path, partial)
 
     _on_rank0(group, finish)
@@ -257,7 +258,6 @@ def _prepare(path):
     if os.path.exists(path):
         for old in glob.glob(glob.escape(path) + ".old-*"):
             shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(path):
         try:
             _read_index(path)
         except ValueError:
@@ -276,7 +276,7 @@ def _replace(path, partial):
         old = path + ".old-" + partial.rsplit(".partial-", 1)[1]
         os.rename(path, old)
     os.rename(partial, path)
-    _fsync_folder(os.path.dirname(path))
+    fsync_folder(os.path.dirname(path))
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)  # else the next save's (see _prepare)
 
@@ -286,14 +286,6 @@ def _write_json(name, record):
         json.dump(record, file)
         file.flush()
         os.fsync(file.fileno())
-
-
-def _fsync_folder(folder):
-    handle = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
 
 
 def _agreed(group, action, what, cleanup=lambda: None):
