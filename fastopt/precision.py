@@ -217,7 +217,8 @@ class Storage:
             raise ValueError(f"{algorithm.__name__} keeps its state in float32 only (its "
                              f"factors move on the host), not state_dtype={state_dtype!r}")
         averages = algorithm.spec.averages
-        others = [name for name, value in chosen.items() if value == "int8" and name not in averages]
+        others = [name for name, value in chosen.items()
+                  if value == "int8" and name not in averages]
         if others:
             raise ValueError(
                 f"state_dtype='int8' keeps moving averages in 8 bits; {algorithm.__name__}'s "
