@@ -172,7 +172,9 @@ class Optimizer(torch.optim.Optimizer):
     parameters, as in :class:`fastopt.Optimizer`: the float32 master
     weights of a 16-bit parameter are its state entry ``"master"``, which
     ``state_dict()`` saves. Stochastic rounding indexes each element by its place in
-    its store (one store per device and dtype, each with a stream of its own).
+    its store (one store per device and dtype, each with a stream of its own), and each
+    step by its count: ``SGD``, whose state has no ``"step"`` in torch, keeps one when it
+    rounds stochastically.
 
     ``process_group`` (a ``torch.distributed`` group, every rank passing the same
     parameters) shards the state over its ranks, ZeRO stage 1 (see the module's doc),
@@ -201,6 +203,8 @@ class Optimizer(torch.optim.Optimizer):
         self._stores = None
         self._remainders = {}  # loaded for float32 master weights, by parameter
         self._formats = (master_weights, state_dtype, stochastic_rounding, seed)
+        if stochastic_rounding:  # each step draws its own bits: SGD counts them too
+            self.counts_steps = True
         for dtype in (torch.float32, torch.bfloat16):  # the options, checked (float16's later)
             self._storage_of(dtype)
         check_flag("reduce_grads", reduce_grads)

@@ -391,3 +391,40 @@ def test_remainders_are_refused_for_float16_master_weights_and_change_nothing():
     with pytest.raises(ValueError, match="remainders are the low halves.*not of torch.float16"):
         opt.load_state_dict(halves.state_dict())
     assert torch.equal(opt.state[p]["master"], before)
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("SGD", dict(lr=0.05, master_weights=None)),
+    ("SGD", dict(lr=0.05, momentum=0.9, state_dtype="bfloat16")),
+    ("Adam", dict(lr=1e-2, master_weights=None, state_dtype="bfloat16"))])
+def test_stochastic_rounding_draws_new_bits_each_step_as_the_numpy_front(name, kwargs):
+    """Each step's bits are a hash of (seed, step, element): a front that drew the same
+    bits every step (SGD, which keeps no step count in torch) would round each element
+    the same way every step, and differ from the NumPy front from the second step on."""
+    options = dict(kwargs, stochastic_rounding=True, seed=5)
+    dtype = torch.float32 if kwargs.get("master_weights", "auto") else torch.bfloat16
+    ours = params(dtype, seed=4)
+    opt = getattr(ft, name)(ours, **options)
+    flat = [p.detach().numpy().copy() if dtype == torch.float32 else
+            p.detach().float().numpy().astype(fastopt.precision.DTYPES["bfloat16"])
+            for p in ours]
+    numpy_opt = getattr(fastopt, name)(flat, **options)
+    for step in range(5):
+        grads = grads_for(ours, step)
+        for p, g in zip(ours, grads):
+            p.grad = g
+        opt.step()
+        numpy_opt.step([g.float().numpy().astype(numpy_opt.flat_grads.dtype) for g in grads])
+        if step == 1:  # a resumed optimizer goes on drawing where it stopped
+            resumed = getattr(ft, name)(ours, **options)
+            resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+            opt = resumed
+    bits = {torch.bfloat16: (torch.int16, np.int16), torch.float32: (torch.int32, np.int32)}
+    for p, view in zip(ours, numpy_opt.params):
+        np.testing.assert_array_equal(p.detach().view(bits[dtype][0]).numpy(),
+                                      view.view(bits[dtype][1]))
+    for state_name in ("momentum_buffer", "exp_avg"):
+        if state_name in numpy_opt.state:
+            ours_state = torch.cat([opt.state[p][state_name].reshape(-1) for p in ours])
+            np.testing.assert_array_equal(ours_state.view(torch.int16).numpy(),
+                                          numpy_opt.state[state_name].view(np.int16))
