@@ -5,7 +5,7 @@ import numbers
 
 import numpy as np
 
-from .optim.checks import real
+from .optim.checks import FLOAT32_MAX, real
 
 f32 = np.float32
 
@@ -56,7 +56,14 @@ class DynamicLossScaler:
 
     def step(self, optimizer, grads=None):
         """Step ``optimizer`` with the gradients divided by the scale, skipping the step
-        if any gradient is Inf or NaN. Returns True if the step was taken."""
+        if any gradient is Inf or NaN. Returns True if the step was taken. Raises
+        RuntimeError, and steps nothing, once the scale has backed off so far that
+        1/scale overflows float32 (about 150 skipped steps in a row from 2**16)."""
+        if not self.scale * FLOAT32_MAX >= 1.0:  # torch's goes on to 0 and skips forever
+            raise RuntimeError(
+                f"the loss scale has backed off to {self.scale:.3g}, where 1/scale "
+                "overflows float32: the gradients held an Inf or NaN at every scale tried; "
+                "look for one in the loss or the parameters")
         skipped = optimizer.skipped_steps
         optimizer.step(grads, grad_scale=self.scale, skip_nonfinite=True)
         applied = optimizer.skipped_steps == skipped

@@ -265,3 +265,47 @@ def test_a_bad_state_dict_is_refused_and_changes_nothing(change, error):
     with pytest.raises(ValueError, match="missing"):
         scaler.load_state_dict({"scale": 1.0})
     assert scaler.state_dict() == before
+
+
+@pytest.mark.parametrize("via", ["scaler", "skip_nonfinite", "torch"])
+def test_finite_gradients_that_overflow_once_unscaled_are_skipped(via):
+    """A scale below 1 multiplies the gradients: 3e38 / 0.5 overflows float32 in the
+    kernel, though every gradient and the float64 norm are finite. torch's GradScaler
+    takes such a step (its check reads the scaled gradients); the skip must not."""
+    g = np.array([3e38, 1.0, -2.0, 0.5], f32)
+    if via == "torch":
+        torch = pytest.importorskip("torch")
+        drop_in = pytest.importorskip("fastopt.torch")
+        p = torch.nn.Parameter(torch.zeros(4))
+        opt = drop_in.Adam([p], lr=1e-3, skip_nonfinite=True)
+        p.grad = torch.from_numpy(g)
+        opt.step(grad_scale=0.5)
+        assert opt.skipped_steps == 1 and not p.detach().any() and not opt.state[p]
+        return
+    opt = fastopt.Adam([np.zeros(4, f32)], lr=1e-3)
+    before = snapshot(opt)
+    if via == "scaler":
+        assert not fastopt.DynamicLossScaler(init_scale=0.5).step(opt, g)
+    else:
+        opt.step(g, grad_scale=0.5, skip_nonfinite=True)
+    assert opt.skipped_steps == 1 and opt.last_grad_norm > FLOAT32_MAX
+    assert_same(snapshot(opt), before, grads=False)
+    opt.step(g, skip_nonfinite=True)  # unscaled, the same gradients are finite: a step
+    assert opt.skipped_steps == 1 and opt.state["step"] == 1
+    assert np.isfinite(opt.flat_params).all()
+
+
+def test_a_scale_backed_off_beyond_float32_is_a_clear_error_that_steps_nothing():
+    opt = fastopt.SGD([initial_params(0, 5)], lr=0.1)
+    scaler = fastopt.DynamicLossScaler(init_scale=4e-38)
+    bad = poisoned(gradients(0, 5, 1)[0], "n")
+    assert not scaler.step(opt, bad)
+    scaler.update()  # 2e-38: 1/scale still fits float32
+    for _ in range(3):
+        assert not scaler.step(opt, bad)
+        scaler.update()
+    assert 1.0 / scaler.scale > FLOAT32_MAX  # 2.5e-39
+    before = snapshot(opt)
+    with pytest.raises(RuntimeError, match="backed off to 2.5e-39.*every scale"):
+        scaler.step(opt, gradients(0, 5, 1)[0])
+    assert_same(snapshot(opt), before)
