@@ -303,7 +303,8 @@ class Optimizer(torch.optim.Optimizer):
         for p, label in _labels(index, group):
             _check_parameter(p, label)
         for dtype in {p.dtype for p in group["params"]}:  # the options, for each dtype
-            self._storage_of(dtype)
+            if self._storage_of(dtype).quantized and group.get("caution"):
+                raise ValueError(f"{precision.TWO_PASSES} (in param_groups[{index}])")
         if callable(group["lr"]):
             raise TypeError(f"param_groups[{index}]['lr'] must be a number: schedule it with "
                             "a torch.optim.lr_scheduler")

@@ -244,10 +244,18 @@ def test_8_bit_state_is_refused_where_it_cannot_be_kept(name, kwargs, match):
 
 
 def test_caution_is_refused_with_8_bit_state_before_any_write():
-    opt = fastopt.Adam([np.ones(5000, f32)], state_dtype="int8", caution=True)
+    with pytest.raises(ValueError, match="caution=True takes two passes"):
+        fastopt.Adam([np.ones(5000, f32)], state_dtype="int8", caution=True)
+    opt = fastopt.Adam([np.ones(5000, f32)], state_dtype="int8")
+    opt.param_groups[0]["caution"] = True  # as a schedule may set it
     with pytest.raises(ValueError, match="caution=True takes two passes"):
         opt.step(np.ones(5000, f32))
     assert (opt.flat_params == 1).all() and opt.state["step"] == 0
+    snapshot = opt.snapshot()
+    opt.param_groups[0]["caution"] = False
+    with pytest.raises(ValueError, match="caution=True takes two passes"):
+        opt.restore(snapshot)
+    assert opt.param_groups[0]["caution"] is False
 
 
 def test_bfloat16_parameters_with_remainders_and_8_bit_state_step_as_with_float32_master():

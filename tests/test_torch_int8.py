@@ -358,7 +358,14 @@ def test_codes_copied_into_another_layout_still_meet_their_scales():
 
 def test_caution_is_refused_with_8_bit_state_before_any_write():
     params = _params()
-    opt = ft.AdamW(params, lr=1e-2, state_dtype="int8", caution=True)
+    with pytest.raises(ValueError, match="caution=True takes two passes"):
+        ft.AdamW(params, lr=1e-2, state_dtype="int8", caution=True)
+    opt = ft.AdamW(params, lr=1e-2, state_dtype="int8")
+    with pytest.raises(ValueError, match="caution=True takes two passes"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(5000))],
+                             "caution": True})
+    assert len(opt.param_groups) == 1
+    opt.param_groups[0]["caution"] = True  # as a schedule may set it
     for p, g in zip(params, _grads(SHAPES, 1)[0]):
         p.grad = g
     before = [p.detach().clone() for p in params]

@@ -531,6 +531,8 @@ class Optimizer:
     def _check_group(self, index, group):
         try:
             self._check(group)
+            if group.get("caution") and self._storage.quantized:
+                raise ValueError(TWO_PASSES)
         except (TypeError, ValueError) as error:
             if not self._grouped:
                 raise
