@@ -610,6 +610,8 @@ class Optimizer(torch.optim.Optimizer):
         ``state_dict()`` see the same numbers; and read the step count and host state
         again. A buffer set to None (torch's SGD's momentum_buffer before its first step)
         begins afresh, as in torch."""
+        for name in _TORCH_SCALARS.keys() & state.keys():
+            _check_number(self._name(p), name, state[name])
         for name in [name for name in self.algorithm.state_names()
                      if name in state and state[name] is None]:
             dict.__delitem__(state, name)
@@ -814,8 +816,10 @@ class Optimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         """Load a state_dict of this class or of its torch.optim namesake. One that does
-        not fit (another number of groups or of parameters in a group, or a state tensor
-        of another shape than the parameter's) raises a ValueError, and nothing changes."""
+        not fit (another number of groups or of parameters in a group, a state tensor of
+        another shape than the parameter's, state for no parameter of the groups, or a
+        step count that no step leaves) raises a ValueError (a TypeError for what is no
+        number), and nothing changes."""
         own = self._group is not None and self._own_partition(state_dict)
         if own:  # its names without this rank's suffix, before the codes' are read
             state_dict = own
@@ -954,9 +958,12 @@ class Optimizer(torch.optim.Optimizer):
                 where[saved] = (p, label)
         for saved, state in state_dict["state"].items():
             if saved not in where:
-                continue
+                raise ValueError(f"loaded state dict has state for {saved!r}, which none of "
+                                 f"its param_groups holds")
             p, name = where[saved]
             for key, value in state.items():
+                if key in _TORCH_SCALARS:
+                    _check_number(name, key, value)
                 if isinstance(value, torch.Tensor) and key not in _TORCH_SCALARS:
                     _check_state(name, key, value, self._state_shape(key, p), loading=True,
                                  like=p)
@@ -1289,6 +1296,25 @@ def _decoded(codes, absmax, fmt):
     values = precision.dequantize(_memory_order(local).cpu().numpy(),
                                   absmax.cpu().numpy(), fmt)
     return _like(codes, torch.from_numpy(values).as_strided(local.shape, local.stride()))
+
+
+def _check_number(param, name, value):
+    """Refuse a per-parameter number (``_TORCH_SCALARS``, a float or a one-element
+    tensor) that no step leaves: a step count must be a whole number >= 0, the others
+    finite."""
+    number = value
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            raise TypeError(f"state {name!r} of {param} must be a number or a one-element "
+                            f"real tensor, got a {value.dtype} tensor of shape "
+                            f"{tuple(value.shape)}")
+        number = value.item()
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise TypeError(f"state {name!r} of {param} must be a number, got {value!r}")
+    if name == "step" and not (math.isfinite(number) and number >= 0 and number % 1 == 0):
+        raise ValueError(f"state 'step' of {param} must be a whole number >= 0, got {number!r}")
+    if not math.isfinite(number):
+        raise ValueError(f"state {name!r} of {param} must be finite, got {number!r}")
 
 
 def _check_state(param, name, value, expected, castable=(), loading=False, like=None):

@@ -178,6 +178,45 @@ def test_a_state_dict_of_another_model_is_refused_and_nothing_changes():
         assert all(torch.equal(after["state"][index][k], v) for k, v in state.items())
 
 
+@pytest.mark.parametrize("edit, error, match", [
+    (lambda sd: sd["state"][0].update(step=torch.tensor(float("nan"))), ValueError,
+     r"'step' of param_groups\[0\]\['params'\]\[0\] must be a whole number >= 0, got nan"),
+    (lambda sd: sd["state"][1].update(step=torch.tensor(-3.0)), ValueError, "got -3.0"),
+    (lambda sd: sd["state"][1].update(step=2.5), ValueError, "got 2.5"),
+    (lambda sd: sd["state"][1].update(step="2"), TypeError, "must be a number, got '2'"),
+    (lambda sd: sd["state"][1].update(step=torch.ones(2)), TypeError, "one-element"),
+    (lambda sd: sd["state"].update({7: {"step": torch.tensor(1.0)}}), ValueError,
+     "state for 7, which none of its param_groups holds")])
+def test_a_state_dict_with_numbers_no_step_leaves_is_refused_and_nothing_changes(edit, error,
+                                                                                 match):
+    ours, our_opt, _, _, x, y = pair(model_name="mlp")
+    train(ours, our_opt, x, y, 2)
+    before = copy.deepcopy(our_opt.state_dict())
+    bad = copy.deepcopy(before)
+    bad["param_groups"][0]["lr"] = 0.5
+    edit(bad)
+    with pytest.raises(error, match=match):
+        our_opt.load_state_dict(bad)
+    after = our_opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for index, state in before["state"].items():
+        assert all(torch.equal(torch.as_tensor(after["state"][index][k]), torch.as_tensor(v))
+                   for k, v in state.items())
+    train(ours, our_opt, x, y, 1)  # and it steps on
+
+
+def test_a_step_count_set_by_hand_is_checked_before_the_step():
+    ours, our_opt, _, _, x, y = pair(model_name="mlp")
+    train(ours, our_opt, x, y, 1)
+    before = [p.detach().clone() for p in ours.parameters()]
+    our_opt.state[ours[0].weight]["step"] = -5
+    with pytest.raises(ValueError, match="'step' of param_groups.*got -5"):
+        train(ours, our_opt, x, y, 1)
+    assert all(torch.equal(p, q) for p, q in zip(ours.parameters(), before))
+    our_opt.state[ours[0].weight]["step"] = 1
+    train(ours, our_opt, x, y, 1)
+
+
 def test_a_submodule_saves_only_its_own_tensors():
     model = torch.nn.Sequential(torch.nn.Linear(1000, 1000), torch.nn.Linear(1000, 5))
     opt = ft.Adam(model.parameters())
