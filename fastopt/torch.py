@@ -149,6 +149,10 @@ _NOT_HYPERPARAMETERS = ("params", "param_names")
 # are float32 in torch too.
 _TORCH_SCALARS = {"step": torch.float32, "mu_product": torch.float64, "eta": torch.float32,
                   "mu": torch.float32}
+# fastopt's options of the whole optimizer, which a group of its own cannot change.
+_WHOLE_OPTIMIZER = {"clip_grad_norm", "clip_grad_value", "skip_nonfinite", "master_weights",
+                    "state_dtype", "stochastic_rounding", "seed", "process_group",
+                    "reduce_grads", "zero_stage", "bucket_cap_mb"}
 # What the optimizer builds for itself, and rebuilds after a copy or an unpickling.
 _RUNTIME = ("_stores", "_slots", "_group_slots", "_checked", "_seen", "_remainders")
 # The state entry that holds a 16-bit parameter's float32 master weights.
@@ -300,8 +304,20 @@ class Optimizer(torch.optim.Optimizer):
         return storage
 
     def _validate(self, index, group):
+        first = {}
         for p, label in _labels(index, group):
             _check_parameter(p, label)
+            if first.setdefault(id(p), label) != label:  # torch warns, and steps it twice
+                raise ValueError(f"{label} is {first[id(p)]} again: a parameter is stepped "
+                                 "once a step (torch.optim deprecates duplicates)")
+        for name, default in self._torch_defaults.items():
+            if name not in ("foreach", "fused") and group.get(name, default) != default:
+                raise ValueError(f"fastopt.torch.{type(self).__name__} does not support "
+                                 f"{name}={group[name]!r} (in param_groups[{index}])")
+        whole = sorted(_WHOLE_OPTIMIZER & group.keys())
+        if whole:
+            raise ValueError(f"{', '.join(whole)} in param_groups[{index}]: options of the "
+                             "whole optimizer, given to its constructor, not per group")
         for dtype in {p.dtype for p in group["params"]}:  # the options, for each dtype
             if self._storage_of(dtype).quantized and group.get("caution"):
                 raise ValueError(f"{precision.TWO_PASSES} (in param_groups[{index}])")
@@ -817,9 +833,9 @@ class Optimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         """Load a state_dict of this class or of its torch.optim namesake. One that does
         not fit (another number of groups or of parameters in a group, a state tensor of
-        another shape than the parameter's, state for no parameter of the groups, or a
-        step count that no step leaves) raises a ValueError (a TypeError for what is no
-        number), and nothing changes."""
+        another shape than the parameter's, state for no parameter of the groups, a step
+        count that no step leaves, or hyperparameters that the constructor refuses) raises
+        a ValueError (a TypeError for what is no number), and nothing changes."""
         own = self._group is not None and self._own_partition(state_dict)
         if own:  # its names without this rank's suffix, before the codes' are read
             state_dict = own
@@ -956,6 +972,8 @@ class Optimizer(torch.optim.Optimizer):
                                  "match the size of optimizer's group")
             for (p, label), saved in zip(_labels(index, ours), theirs["params"]):
                 where[saved] = (p, label)
+            # as __setstate__ completes a torch checkpoint's groups with fastopt's options
+            self._validate(index, {**self.defaults, **theirs, "params": ours["params"]})
         for saved, state in state_dict["state"].items():
             if saved not in where:
                 raise ValueError(f"loaded state dict has state for {saved!r}, which none of "

@@ -417,6 +417,42 @@ def test_bad_arguments_are_refused(kwargs, error, match):
         ft.Adam([torch.nn.Parameter(torch.zeros(3))], **kwargs)
 
 
+@pytest.mark.parametrize("group, match", [
+    ({"capturable": True}, r"does not support capturable=True \(in param_groups\[1\]\)"),
+    ({"differentiable": True}, "does not support differentiable=True"),
+    ({"state_dtype": "bfloat16"}, "state_dtype in param_groups.1.: options of the whole"),
+    ({"clip_grad_norm": 1.0, "seed": 3}, "clip_grad_norm, seed in param_groups.1."),
+    ({"duplicate": True}, r"param_groups\[1\]\['params'\]\[1\] is "
+                          r"param_groups\[1\]\['params'\]\[0\] again")])
+@pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate")
+def test_what_a_group_cannot_change_is_refused_added_set_or_loaded(group, match):
+    """A group's torch-only options, fastopt's options of the whole optimizer (which
+    a group would silently not change) and a parameter listed twice (which torch.optim
+    warns of and steps twice, counting both) are refused with nothing changed: in the
+    constructor, add_param_group, set between steps, or loaded."""
+    p, q = (torch.nn.Parameter(torch.ones(3)) for _ in range(2))
+    duplicate = group.pop("duplicate", False)
+    extra = {"params": [q, q] if duplicate else [q], **group}
+    with pytest.raises(ValueError, match=match):
+        ft.Adam([{"params": [p]}, extra], lr=0.1)
+    opt = ft.Adam([p], lr=0.1)
+    with pytest.raises(ValueError, match=match):
+        opt.add_param_group(extra)
+    assert len(opt.param_groups) == 1
+    if duplicate:
+        return
+    opt.add_param_group({"params": [q]})
+    saved = copy.deepcopy(opt.state_dict())
+    saved["param_groups"][1].update(group)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(saved)
+    opt.param_groups[1].update(group)
+    p.grad, q.grad = torch.ones(3), torch.ones(3)
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    assert torch.equal(p, torch.ones(3)) and torch.equal(q, torch.ones(3))
+
+
 def test_named_parameters_and_a_bad_lr_set_between_steps():
     model, _, x, y = twins("mlp")
     opt = ft.Adam(model.named_parameters(), lr=0.01)
