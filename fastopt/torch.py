@@ -1345,6 +1345,9 @@ def _check_state(param, name, value, expected, castable=(), loading=False, like=
     what = "loaded state dict has" if loading else "state has"
     if shape is None:
         raise ValueError(f"{what} {name!r} for {param}, which has no such state")
+    if value.is_meta:
+        raise TypeError(f"{what} {name!r} for {param} on the meta device, which holds no "
+                        "numbers")
     if value.shape != shape:
         raise ValueError(f"{what} {name!r} of shape {tuple(value.shape)} for {param}, which "
                          f"needs shape {tuple(shape)}")

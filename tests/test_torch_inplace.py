@@ -144,6 +144,9 @@ def test_a_replaced_state_tensor_of_the_wrong_shape_is_refused():
     our_opt.state[ours[0].weight]["exp_avg"] = torch.zeros(3)
     with pytest.raises(ValueError, match=r"'exp_avg' of shape \(3,\) for param_groups\[0\]"):
         our_opt.step()
+    our_opt.state[ours[0].weight]["exp_avg"] = torch.zeros_like(ours[0].weight, device="meta")
+    with pytest.raises(TypeError, match="'exp_avg' for param_groups.0.*on the meta device"):
+        our_opt.step()
 
 
 def test_a_reset_state_starts_afresh_like_torch():
