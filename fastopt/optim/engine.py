@@ -72,22 +72,24 @@ def inverse_loss_scale(grad_scale):
 
 
 # The largest gradient norm that float32 holds with room for the kernels' factor on the
-# gradients (rounded to float32, up to 2**-24 larger): beyond it a finite gradient that a
-# loss scale below 1 divides may overflow, and float32's norm (torch's) is inf.
+# gradients (rounded to float32, up to 2**-24 larger). A loss scale below 1 multiplies
+# the gradients in the kernel, where one may overflow while the float64 norm is finite;
+# past this norm such a step counts as non-finite (an element may be inf).
 FINITE_NORM = FLOAT32_MAX / (1.0 + 2.0 ** -23)
 
 
 def clip_or_skip(opt, skip_nonfinite, inverse_scale, sum_squares):
     """The coefficient that ``opt.clip_grad_norm`` scales the gradients by, or None for a
-    step to skip (``skip_nonfinite`` and a norm of the unscaled gradients that is NaN,
-    Inf or beyond ``FINITE_NORM``, counted in ``opt.skipped_steps``). ``sum_squares()``
-    gives the gradients' sum of squares, taken only where clipping or the skip needs
-    it; the norm goes to ``opt.last_grad_norm``."""
+    step to skip (``skip_nonfinite`` and a norm of the unscaled gradients that is NaN or
+    Inf, or beyond ``FINITE_NORM`` where a loss scale below 1 scales them up, counted in
+    ``opt.skipped_steps``). ``sum_squares()`` gives the gradients' sum of squares, taken
+    only where clipping or the skip needs it; the norm goes to ``opt.last_grad_norm``."""
     if not (skip_nonfinite or opt.clip_grad_norm is not None):
         return 1.0
     norm = math.sqrt(sum_squares()) * inverse_scale
     opt.last_grad_norm = norm
-    if skip_nonfinite and not norm <= FINITE_NORM:
+    if skip_nonfinite and not (math.isfinite(norm)
+                               and (inverse_scale <= 1.0 or norm <= FINITE_NORM)):
         opt.skipped_steps += 1
         return None
     return 1.0 if opt.clip_grad_norm is None else clip_coefficient(opt.clip_grad_norm, norm)
