@@ -124,6 +124,7 @@ import contextlib
 import functools
 import inspect
 import math
+import numbers
 import weakref
 
 import numpy as np
@@ -149,6 +150,12 @@ _NOT_HYPERPARAMETERS = ("params", "param_names")
 # are float32 in torch too.
 _TORCH_SCALARS = {"step": torch.float32, "mu_product": torch.float64, "eta": torch.float32,
                   "mu": torch.float32}
+# Arguments of torch.optim's classes that choose among its implementations, not the
+# numbers: fastopt has one, and takes any value. capturable=True (CUDA graphs, which do
+# not capture fastopt's step) is refused by the constructor, but taken in a group, where
+# torch.compile sets it for CUDA parameters and so torch.optim's checkpoints carry it.
+_IMPLEMENTATIONS = ("foreach", "fused")
+_IMPLEMENTATIONS_IN_GROUPS = _IMPLEMENTATIONS + ("capturable",)
 # fastopt's options of the whole optimizer, which a group of its own cannot change.
 _WHOLE_OPTIMIZER = {"clip_grad_norm", "clip_grad_value", "skip_nonfinite", "master_weights",
                     "state_dtype", "stochastic_rounding", "seed", "process_group",
@@ -191,7 +198,7 @@ class Optimizer(torch.optim.Optimizer):
     """
 
     algorithm = None  # the fastopt class whose math this optimizer runs
-    counts_steps = True  # torch keeps state["step"] (SGD does not)
+    _torch_counts_steps = True  # torch keeps state["step"] (SGD does not)
     _torch_defaults = {}  # the arguments that are torch's alone, with torch's defaults
 
     def __init__(self, params, defaults, torch_options, *, clip_grad_norm=None,
@@ -199,16 +206,14 @@ class Optimizer(torch.optim.Optimizer):
                  state_dtype="float32", stochastic_rounding=False, seed=0,
                  process_group=None, reduce_grads=True, zero_stage=1, bucket_cap_mb=25):
         for name, value in torch_options.items():
-            # foreach and fused choose among torch's implementations: fastopt has one. Any
-            # other argument that is torch's alone must keep torch's default.
-            if name not in ("foreach", "fused") and value != self._torch_defaults[name]:
+            # Any argument that is torch's alone but an implementation's must keep
+            # torch's default.
+            if name not in _IMPLEMENTATIONS and value != self._torch_defaults[name]:
                 raise ValueError(f"fastopt.torch.{type(self).__name__} does not support "
                                  f"{name}={value!r}")
         self._stores = None
         self._remainders = {}  # loaded for float32 master weights, by parameter
         self._formats = (master_weights, state_dtype, stochastic_rounding, seed)
-        if stochastic_rounding:  # each step draws its own bits: SGD counts them too
-            self.counts_steps = True
         for dtype in (torch.float32, torch.bfloat16):  # the options, checked (float16's later)
             self._storage_of(dtype)
         check_flag("reduce_grads", reduce_grads)
@@ -232,6 +237,12 @@ class Optimizer(torch.optim.Optimizer):
         self._relayout()
         if stochastic_rounding and not any(store.storage.stochastic for store in self._stores):
             raise ValueError(precision.NOTHING_TO_ROUND)
+
+    @property
+    def counts_steps(self):
+        """Whether ``state[p]["step"]`` counts the steps: as torch's does, and also in SGD
+        where stochastic rounding draws each step's bits by its count."""
+        return self._torch_counts_steps or self._formats[2]
 
     # The options are checked whenever they are set, as in fastopt.Optimizer.
     clip_grad_norm = _Flat.clip_grad_norm
@@ -304,14 +315,15 @@ class Optimizer(torch.optim.Optimizer):
         return storage
 
     def _validate(self, index, group):
-        first = {}
+        seen = {}
         for p, label in _labels(index, group):
             _check_parameter(p, label)
-            if first.setdefault(id(p), label) != label:  # torch warns, and steps it twice
-                raise ValueError(f"{label} is {first[id(p)]} again: a parameter is stepped "
+            if id(p) in seen:  # torch warns, and steps it twice
+                raise ValueError(f"{label} is {seen[id(p)]} again: a parameter is stepped "
                                  "once a step (torch.optim deprecates duplicates)")
+            seen[id(p)] = label
         for name, default in self._torch_defaults.items():
-            if name not in ("foreach", "fused") and group.get(name, default) != default:
+            if name not in _IMPLEMENTATIONS_IN_GROUPS and group.get(name, default) != default:
                 raise ValueError(f"fastopt.torch.{type(self).__name__} does not support "
                                  f"{name}={group[name]!r} (in param_groups[{index}])")
         whole = sorted(_WHOLE_OPTIMIZER & group.keys())
@@ -627,7 +639,7 @@ class Optimizer(torch.optim.Optimizer):
         again. A buffer set to None (torch's SGD's momentum_buffer before its first step)
         begins afresh, as in torch."""
         for name in _TORCH_SCALARS.keys() & state.keys():
-            _check_number(self._name(p), name, state[name])
+            _check_number(name, state[name], lambda: self._name(p))
         for name in [name for name in self.algorithm.state_names()
                      if name in state and state[name] is None]:
             dict.__delitem__(state, name)
@@ -907,7 +919,7 @@ class Optimizer(torch.optim.Optimizer):
         state = {}
         for key, values in state_dict["state"].items():
             p = params.get(key)
-            if p is None:
+            if p is None:  # no parameter's: _check_loadable says so
                 state[key] = values
                 continue
             store, slot = self._slots[p]
@@ -981,7 +993,7 @@ class Optimizer(torch.optim.Optimizer):
             p, name = where[saved]
             for key, value in state.items():
                 if key in _TORCH_SCALARS:
-                    _check_number(name, key, value)
+                    _check_number(key, value, lambda: name)
                 if isinstance(value, torch.Tensor) and key not in _TORCH_SCALARS:
                     _check_state(name, key, value, self._state_shape(key, p), loading=True,
                                  like=p)
@@ -1316,23 +1328,19 @@ def _decoded(codes, absmax, fmt):
     return _like(codes, torch.from_numpy(values).as_strided(local.shape, local.stride()))
 
 
-def _check_number(param, name, value):
-    """Refuse a per-parameter number (``_TORCH_SCALARS``, a float or a one-element
+def _check_number(name, value, param):
+    """Refuse a per-parameter number (``_TORCH_SCALARS``, a real number or a one-element
     tensor) that no step leaves: a step count must be a whole number >= 0, the others
-    finite."""
-    number = value
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.is_complex():
-            raise TypeError(f"state {name!r} of {param} must be a number or a one-element "
-                            f"real tensor, got a {value.dtype} tensor of shape "
-                            f"{tuple(value.shape)}")
-        number = value.item()
-    if isinstance(number, bool) or not isinstance(number, (int, float)):
-        raise TypeError(f"state {name!r} of {param} must be a number, got {value!r}")
+    finite. ``param()`` names the parameter, only for the error."""
+    number = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+    if isinstance(number, bool) or not isinstance(number, numbers.Real):
+        raise TypeError(f"state {name!r} of {param()} must be a number or a one-element real "
+                        f"tensor, got {value!r}")
     if name == "step" and not (math.isfinite(number) and number >= 0 and number % 1 == 0):
-        raise ValueError(f"state 'step' of {param} must be a whole number >= 0, got {number!r}")
+        raise ValueError(f"state 'step' of {param()} must be a whole number >= 0, got "
+                         f"{number!r}")
     if not math.isfinite(number):
-        raise ValueError(f"state {name!r} of {param} must be finite, got {number!r}")
+        raise ValueError(f"state {name!r} of {param()} must be finite, got {number!r}")
 
 
 def _check_state(param, name, value, expected, castable=(), loading=False, like=None):
@@ -1999,10 +2007,6 @@ def _check_gradient(grad, local):
 
 # -- the drop-in classes: torch.optim's signatures, fastopt's algorithms ------------------
 
-# Arguments of torch.optim's classes that choose an implementation, not the numbers.
-_IMPLEMENTATION_OPTIONS = ("foreach", "fused", "capturable", "differentiable")
-
-
 def _drop_in_class(algorithm):
     """The ``fastopt.torch`` class of one algorithm of the registry: the arguments of its
     torch.optim namesake (those that are fastopt's too, those that choose torch's
@@ -2039,7 +2043,7 @@ def _drop_in_class(algorithm):
     return type(name, (Optimizer,), {"__init__": init, "__doc__": doc, "algorithm": algorithm,
                                      "__module__": __name__, "__qualname__": name,
                                      "_torch_defaults": torch_options,
-                                     "counts_steps": spec.torch != "SGD"})
+                                     "_torch_counts_steps": spec.torch != "SGD"})
 
 
 for _name, _algorithm in ALGORITHMS.items():

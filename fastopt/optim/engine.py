@@ -72,9 +72,9 @@ def inverse_loss_scale(grad_scale):
 
 
 # The largest gradient norm that float32 holds with room for the kernels' factor on the
-# gradients (rounded to float32, up to 2**-24 larger). A loss scale below 1 multiplies
-# the gradients in the kernel, where one may overflow while the float64 norm is finite;
-# past this norm such a step counts as non-finite (an element may be inf).
+# gradients (rounded to float32, up to 2**-24 larger; the room is twice that). A loss
+# scale below 1 multiplies the gradients in the kernel, where one may overflow while the
+# float64 norm is finite: past this norm such a step counts as non-finite.
 FINITE_NORM = FLOAT32_MAX / (1.0 + 2.0 ** -23)
 
 
