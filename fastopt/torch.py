@@ -206,8 +206,8 @@ class Optimizer(torch.optim.Optimizer):
                  state_dtype="float32", stochastic_rounding=False, seed=0,
                  process_group=None, reduce_grads=True, zero_stage=1, bucket_cap_mb=25):
         for name, value in torch_options.items():
-            # Any argument that is torch's alone but an implementation's must keep
-            # torch's default.
+            # An argument that is torch's alone must keep torch's default, but for
+            # those that choose among torch's implementations.
             if name not in _IMPLEMENTATIONS and value != self._torch_defaults[name]:
                 raise ValueError(f"fastopt.torch.{type(self).__name__} does not support "
                                  f"{name}={value!r}")
@@ -242,7 +242,8 @@ class Optimizer(torch.optim.Optimizer):
     def counts_steps(self):
         """Whether ``state[p]["step"]`` counts the steps: as torch's does, and also in SGD
         where stochastic rounding draws each step's bits by its count."""
-        return self._torch_counts_steps or self._formats[2]
+        _, _, stochastic_rounding, _ = self._formats
+        return self._torch_counts_steps or stochastic_rounding
 
     # The options are checked whenever they are set, as in fastopt.Optimizer.
     clip_grad_norm = _Flat.clip_grad_norm
@@ -994,7 +995,7 @@ class Optimizer(torch.optim.Optimizer):
             for key, value in state.items():
                 if key in _TORCH_SCALARS:
                     _check_number(key, value, lambda: name)
-                if isinstance(value, torch.Tensor) and key not in _TORCH_SCALARS:
+                elif isinstance(value, torch.Tensor):
                     _check_state(name, key, value, self._state_shape(key, p), loading=True,
                                  like=p)
                     if key == MASTER and value.dtype == torch.int16 and \
