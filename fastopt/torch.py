@@ -127,6 +127,7 @@ import math
 import numbers
 import weakref
 
+import numba
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -470,6 +471,7 @@ class Optimizer(torch.optim.Optimizer):
         if skip_nonfinite is None:
             skip_nonfinite = self.skip_nonfinite
         check_flag("skip_nonfinite", skip_nonfinite)
+        _start_kernel_threads()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -1327,6 +1329,19 @@ def _decoded(codes, absmax, fmt):
     values = precision.dequantize(_memory_order(local).cpu().numpy(),
                                   absmax.cpu().numpy(), fmt)
     return _like(codes, torch.from_numpy(values).as_strided(local.shape, local.stride()))
+
+
+@functools.cache
+def _start_kernel_threads():
+    """Start the kernels' threads (Numba's pool), and give torch back its thread count:
+    under Numba's OpenMP layer, starting the pool sets OpenMP's thread count for the
+    whole process, which torch reads as its own (torchrun's OMP_NUM_THREADS=1 became
+    every core, and torch's gradients changed in their last bits with the count). Once a
+    process, at its first step, not at import: a process that forks after starting
+    OpenMP's threads cannot use them in its children."""
+    threads = torch.get_num_threads()
+    numba.get_num_threads()
+    torch.set_num_threads(threads)
 
 
 def _check_number(name, value, param):

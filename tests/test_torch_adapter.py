@@ -3,6 +3,9 @@ both ways, and the torch machinery around an optimizer (groups, schedulers, Grad
 frozen parameters, replaced gradients)."""
 
 import copy
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -609,3 +612,19 @@ def test_the_loss_scaler_drives_a_drop_in_optimizer():
     p.grad = torch.full((3,), 2.0)  # a scaled gradient: 2.0 at scale 2
     assert scaler.step(opt)
     assert torch.allclose(p.detach(), torch.full((3,), 0.9))
+
+
+def test_a_step_leaves_torchs_thread_count_as_it_was():
+    """Numba's OpenMP thread pool, started by the first step, sets OpenMP's thread count
+    for the process, which torch reads as its own: under torchrun's OMP_NUM_THREADS=1,
+    torch went on with every core (and gradients that differ in their last bits)."""
+    code = ("import numba, torch, fastopt.torch as ft\n"
+            "p = torch.nn.Parameter(torch.ones(100000)); p.grad = torch.ones(100000)\n"
+            "ft.Adam([p]).step()\n"
+            "print(torch.get_num_threads(), numba.get_num_threads(),"
+            " numba.config.NUMBA_NUM_THREADS)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    torch_threads, kernel_threads, configured = map(int, out.stdout.split())
+    assert torch_threads == 1 and kernel_threads == configured  # the kernels keep theirs
