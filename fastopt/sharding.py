@@ -92,6 +92,16 @@ def sums_over_ranks(groups, sums):
     return tuple(np.split(total, len(sums)))
 
 
+def on_any_rank(flags, group):
+    """Which of ``flags`` (a list of bools, as long on every rank) hold on some rank of
+    ``group``."""
+    if not flags:
+        return []
+    mask = torch.tensor(flags, dtype=torch.int32, device=_device(group))
+    dist.all_reduce(mask, op=dist.ReduceOp.MAX, group=group)
+    return mask.bool().tolist()
+
+
 def reduce_scatter(output, padded, group):
     """``output`` = this rank's share of ``padded`` averaged over ``group``. gloo's
     reduce-scatter took longer than its all-reduce of the whole buffer here (1M floats,

@@ -1628,10 +1628,13 @@ class _Store:
 
     def take_partition_gradients(self, group, reduce):
         """Set ``partition_gradients``: this rank's elements of each parameter's
-        gradient (None where the parameter has none), first averaged over ``group``
-        where ``reduce`` (and there are other ranks), in the local tensors' shapes."""
+        gradient, first averaged over ``group`` where ``reduce`` (and there are other
+        ranks), in the local tensors' shapes. Averaged here, a parameter that has a
+        gradient on some rank has one on every rank, the average with zeros for the
+        others, as DDP's with find_unused_parameters (else its owners would step their
+        elements or not, each as its own backward went); None where no rank has one."""
         slots = list(self.slots.values())
-        if self.reducer is not None:  # reduced during backward
+        if self.reducer is not None:  # during backward, every rank reaching the same
             has, share = self.reducer.take(), self.reducer.gradients
             grads = [share[s.start:s.stop] if s.index in has else None for s in slots]
         else:
@@ -1640,14 +1643,15 @@ class _Store:
                 grads = [flat if flat is None else flat[s.piece[0]:s.piece[1]]
                          for flat, s in zip(flats, slots)]
             else:  # a window of every share at a time, into this rank's share
+                reached = sharding.on_any_rank([flat is not None for flat in flats], group)
                 padded, own = self._partition_buffers()
                 partition = self.partition
                 for start, length in partition.windows(own.numel()):
-                    partition.pack(flats, padded, window=(start, length))
+                    partition.pack(flats, padded, window=(start, length))  # None: zeros
                     sharding.reduce_scatter(self._reduced[start:start + length],
                                             padded[:partition.world * length], group)
-                grads = [flat if flat is None else self._reduced[s.start:s.stop]
-                         for flat, s in zip(flats, slots)]
+                grads = [self._reduced[s.start:s.stop] if r else None
+                         for r, s in zip(reached, slots)]
         self.partition_gradients = [grad if grad is None else grad.view(s.shape)
                                     for grad, s in zip(grads, slots)]
 

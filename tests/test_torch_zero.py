@@ -1010,3 +1010,53 @@ def test_dcp_restores_each_ranks_partition_and_refuses_another_partition(tmp_pat
             np.testing.assert_array_equal(mine, theirs, err_msg=f"rank {rank}")
     for message in run_ranks(dcp_rank, (folder, False), tmp_path / "other", world=3):
         assert isinstance(message, str) and "@rank" in message, message
+
+
+def partly_reached_loss(a, b, ranks, reached, world, t):
+    """The loss of ``ranks``' batches at step ``t``, over ``world``: each through ``a``,
+    and through ``b`` too on the ranks in ``reached``."""
+    loss = 0.0
+    for rank in ranks:
+        h = a(torch.randn(4, 4, generator=torch.Generator().manual_seed(10 * t + rank)))
+        loss = loss + ((b(h) if rank in reached else h) ** 2).mean()
+    return loss / (world if len(ranks) > 1 else 1)
+
+
+def partly_reached_model():
+    torch.manual_seed(0)  # 9450 parameters: every cut of 2 or 3 falls in b's weight
+    return torch.nn.Linear(4, 30), torch.nn.Linear(30, 300)
+
+
+def partly_reached_rank(rank, world, rendezvous, reached):
+    _init(rank, world, rendezvous)
+    a, b = partly_reached_model()
+    params = [*a.parameters(), *b.parameters()]
+    opt = ft.Adam(params, lr=0.01, process_group=dist.group.WORLD)
+    for t in range(3):
+        opt.zero_grad()
+        partly_reached_loss(a, b, [rank], reached, world, t).backward()
+        opt.step()
+    return [p.detach().numpy().copy() for p in params]
+
+
+@pytest.mark.parametrize("world, reached", [(2, (0,)), (2, (1,)), (3, (1,))])
+def test_a_parameter_only_some_ranks_reach_steps_by_the_average_on_every_rank(
+        world, reached, tmp_path):
+    """Where some ranks' backward does not reach a parameter, its gradient averages in
+    their zeros, as DDP's with find_unused_parameters: every rank that holds a piece of
+    it steps it (before, a rank stepped its piece only if its own backward had reached
+    the parameter, so the tensor came out half stepped), as one process does with the
+    averaged loss. (Stage 2, which reduces during backward, needs every rank to reach
+    the same parameters, as DDP without find_unused_parameters.)"""
+    a, b = partly_reached_model()
+    params = [*a.parameters(), *b.parameters()]
+    opt = ft.Adam(params, lr=0.01)
+    for t in range(3):
+        opt.zero_grad()
+        partly_reached_loss(a, b, range(world), reached, world, t).backward()
+        opt.step()
+    for rank, mine in enumerate(run_ranks(partly_reached_rank, (reached,), tmp_path,
+                                          world=world)):
+        for index, (ours, theirs) in enumerate(zip(mine, params)):
+            np.testing.assert_allclose(ours, theirs.detach().numpy(), rtol=1e-5, atol=1e-6,
+                                       err_msg=f"rank {rank}, parameter {index}")
