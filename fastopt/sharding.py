@@ -163,8 +163,9 @@ def check_same_parameters(group, params, options):
     if len(set(seen)) > 1:
         raise ValueError("process_group: the ranks built different optimizers (its class, "
                          "zero_stage, bucket_cap_mb, reduce_grads, master_weights, "
-                         "state_dtype, stochastic_rounding or seed differ); every rank must "
-                         "build the same")
+                         "state_dtype, stochastic_rounding, seed, clip_grad_norm, "
+                         "clip_grad_value, skip_nonfinite or the groups' hyperparameters "
+                         "differ); every rank must build the same")
 
 
 class Partition:

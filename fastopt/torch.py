@@ -226,15 +226,15 @@ class Optimizer(torch.optim.Optimizer):
         self._bucket_size = _check_zero_stage(zero_stage, bucket_cap_mb, process_group)
         self._zero_stage = zero_stage
         super().__init__(params, {**defaults, **torch_options})
-        if process_group is not None:
-            sharding.check_same_parameters(process_group, self._all_params(),
-                                         self._collective_options())
         self.state = _State(self.state)
         self.clip_grad_norm = clip_grad_norm
         self.clip_grad_value = clip_grad_value
         self.skip_nonfinite = skip_nonfinite
         self.last_grad_norm = None
         self.skipped_steps = 0
+        if process_group is not None:
+            sharding.check_same_parameters(process_group, self._all_params(),
+                                           self._collective_options())
         self._relayout()
         if stochastic_rounding and not any(store.storage.stochastic for store in self._stores):
             raise ValueError(precision.NOTHING_TO_ROUND)
@@ -293,10 +293,14 @@ class Optimizer(torch.optim.Optimizer):
             self._relayout()
 
     def _collective_options(self):
-        """What every rank of a process_group must choose alike."""
+        """What every rank of a process_group must choose alike: what decides the
+        collectives (the clipping and the skip sum the gradients over the ranks), and
+        the numbers of every rank's share."""
         formats = tuple(sorted(f.items()) if isinstance(f, dict) else f for f in self._formats)
         return (type(self).__name__, self._zero_stage, self._bucket_size, self.reduce_grads,
-                formats)  # a dict of state dtypes in any order
+                formats,  # a dict of state dtypes in any order
+                self.clip_grad_norm, self.clip_grad_value, self.skip_nonfinite,
+                [sorted(_hyperparameters(group).items()) for group in self.param_groups])
 
     def _options(self):
         return {"_clip_grad_norm": self.clip_grad_norm,

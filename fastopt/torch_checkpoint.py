@@ -84,7 +84,7 @@ def load(opt, path, pieces, shapes, scalars):
     loaded = _agreed(opt._group, lambda: _assembled(opt, path, pieces, shapes, scalars),
                      f"cannot load {path}, and nothing changed")
     _agreed(opt._group, lambda: opt.load_state_dict(loaded),
-            f"cannot load {path} (the ranks that could, did)")
+            f"cannot load {path} on every rank (the ranks not named here loaded it)")
 
 
 def _assembled(opt, path, pieces, shapes, scalars):

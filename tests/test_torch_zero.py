@@ -895,16 +895,22 @@ def mismatch_rank(rank, world, rendezvous, what):
     _init(rank, world, rendezvous)
     net = model() if rank == 0 or what != "parameters" else torch.nn.Linear(20, 30)
     options = {"zero_stage": dict(zero_stage=2), "state_dtype": dict(state_dtype="int8"),
-               "parameters": {}}[what] if rank == 1 else {}
+               # the clipping and the skip gather sums: gloo aborted at the first step
+               "clip_grad_norm": dict(clip_grad_norm=1.0),
+               "skip_nonfinite": dict(skip_nonfinite=True),
+               "lr": dict(lr=0.02), "parameters": {}}[what] if rank == 1 else {}
     try:
-        ft.Adam(net.parameters(), lr=0.01, process_group=dist.group.WORLD, **options)
+        ft.Adam(net.parameters(), **{"lr": 0.01, **options}, process_group=dist.group.WORLD)
     except ValueError as error:
         return str(error)
 
 
 @pytest.mark.parametrize("what, match", [("parameters", "same parameters"),
                                          ("zero_stage", "build the same"),
-                                         ("state_dtype", "build the same")])
+                                         ("state_dtype", "build the same"),
+                                         ("clip_grad_norm", "build the same"),
+                                         ("skip_nonfinite", "build the same"),
+                                         ("lr", "build the same")])
 def test_ranks_with_other_parameters_or_options_fail_on_every_rank(tmp_path, what, match):
     for message in run_ranks(mismatch_rank, (what,), tmp_path, timeout=60):
         assert message and match in message, message
