@@ -26,6 +26,16 @@ def grads_for(ps, step):
     return [torch.randn(p.shape, generator=generator).to(p.dtype) for p in ps]
 
 
+def step_both_fronts(opt, numpy_opt, ours, step):
+    """One step of ``opt`` (fastopt.torch, on ``ours``) and of ``numpy_opt`` (the NumPy
+    front, on copies of them) with the same gradients."""
+    grads = grads_for(ours, step)
+    for p, g in zip(ours, grads):
+        p.grad = g
+    opt.step()
+    numpy_opt.step([g.float().numpy().astype(numpy_opt.flat_grads.dtype) for g in grads])
+
+
 @pytest.mark.parametrize("dtype", HALVES)
 @pytest.mark.parametrize("name, kwargs", [
     ("Adam", dict(lr=1e-2, weight_decay=0.1)), ("AdamW", dict(lr=1e-2, amsgrad=True)),
@@ -101,11 +111,7 @@ def test_bfloat16_state_and_parameters_agree_with_the_numpy_front(master_weights
     numpy_opt = fastopt.Adam(flat, lr=1e-2, state_dtype="bfloat16",
                              master_weights=master_weights)
     for step in range(8):
-        grads = grads_for(ours, step)
-        for p, g in zip(ours, grads):
-            p.grad = g
-        opt.step()
-        numpy_opt.step([g.float().numpy().astype(numpy_opt.flat_grads.dtype) for g in grads])
+        step_both_fronts(opt, numpy_opt, ours, step)
     for p, view in zip(ours, numpy_opt.params):
         np.testing.assert_array_equal(p.detach().view(torch.int16).numpy(),
                                       view.view(np.int16))
@@ -410,11 +416,7 @@ def test_stochastic_rounding_draws_new_bits_each_step_as_the_numpy_front(name, k
             for p in ours]
     numpy_opt = getattr(fastopt, name)(flat, **options)
     for step in range(5):
-        grads = grads_for(ours, step)
-        for p, g in zip(ours, grads):
-            p.grad = g
-        opt.step()
-        numpy_opt.step([g.float().numpy().astype(numpy_opt.flat_grads.dtype) for g in grads])
+        step_both_fronts(opt, numpy_opt, ours, step)
         if step == 1:  # a resumed optimizer goes on drawing where it stopped
             resumed = getattr(ft, name)(ours, **options)
             resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
