@@ -353,3 +353,20 @@ def test_the_buffers_cannot_be_put_aside_by_assignment():
     opt.grads["w"][:] = 1.0
     opt.step()
     np.testing.assert_array_equal(opt.params["w"], 0.5)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_a_groups_params_replaced_are_refused_at_the_step(grouped):
+    """A group's "params" are views of the buffer: new arrays in their place would not be
+    stepped (the step went on with the old ones, and the new ones showed unstepped)."""
+    w = {"w": np.zeros(3, np.float32)}
+    opt = fastopt.SGD([{"params": w}] if grouped else w, lr=0.5)
+    views = opt.param_groups[0]["params"]
+    opt.param_groups[0]["params"] = {"w": np.full(3, 5.0, np.float32)}
+    grads = {"w": np.ones(3, np.float32)}
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\] was replaced"):
+        opt.step([grads] if grouped else grads)
+    assert opt.state["step"] == 0 and not opt.flat_params.any()
+    opt.param_groups[0]["params"] = views
+    opt.step([grads] if grouped else grads)
+    np.testing.assert_array_equal(views["w"], -0.5)

@@ -22,8 +22,8 @@ class Adadelta(Optimizer):
     eps is inside both square roots.
 
     Args:
-        params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt`, or
-            a list of parameter-group dicts.
+        params: a dict, list or tuple of float32, bfloat16 or float16 arrays (copied),
+            :func:`fastopt.adopt`, or a list of parameter-group dicts.
         lr (γ), rho (ρ), eps (ε), weight_decay (λ), maximize: as in
         torch.optim.Adadelta, with the same defaults.
         **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see

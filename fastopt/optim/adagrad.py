@@ -13,8 +13,8 @@ class Adagrad(Optimizer):
         \theta_t &\leftarrow \theta_{t-1} - \tilde\gamma_t\,g_t / (\sqrt{s_t} + \epsilon)
 
     Args:
-        params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt`, or
-            a list of parameter-group dicts.
+        params: a dict, list or tuple of float32, bfloat16 or float16 arrays (copied),
+            :func:`fastopt.adopt`, or a list of parameter-group dicts.
         lr (γ), lr_decay (η), weight_decay (λ), initial_accumulator_value (s₀), eps (ε),
         maximize: as in torch.optim.Adagrad, with the same defaults.
         **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see

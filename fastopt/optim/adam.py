@@ -24,8 +24,8 @@ class Adam(Optimizer):
     The step count and the corrections are computed on the host in float64.
 
     Args:
-        params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt`, or
-            a list of parameter-group dicts.
+        params: a dict, list or tuple of float32, bfloat16 or float16 arrays (copied),
+            :func:`fastopt.adopt`, or a list of parameter-group dicts.
         lr (γ), betas (β₁, β₂), eps (ε), weight_decay (λ), amsgrad, maximize,
         decoupled_weight_decay: as in torch.optim.Adam, with the same defaults.
         bias_correction: fastopt's own; False skips both bias corrections.

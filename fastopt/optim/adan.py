@@ -26,8 +26,8 @@ class Adan(Optimizer):
     timm's operations in timm's order.
 
     Args:
-        params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt`, or
-            a list of parameter-group dicts.
+        params: a dict, list or tuple of float32, bfloat16 or float16 arrays (copied),
+            :func:`fastopt.adopt`, or a list of parameter-group dicts.
         lr (γ), betas (β₁, β₂, β₃), eps (ε), weight_decay (λ), no_prox, caution: as in
             timm.optim.Adan, with the same defaults (``caution``: see :class:`Adam`).
         maximize: fastopt's, as in the others: ascend instead.

@@ -23,8 +23,8 @@ class ASGD(Optimizer):
     rounded to float32 as torch keeps them.
 
     Args:
-        params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt`, or
-            a list of parameter-group dicts.
+        params: a dict, list or tuple of float32, bfloat16 or float16 arrays (copied),
+            :func:`fastopt.adopt`, or a list of parameter-group dicts.
         lr (γ), lambd (λ), alpha (α), t0 (t₀), weight_decay (λ_wd, an L2 penalty),
         maximize: as in torch.optim.ASGD, with the same defaults.
         **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see

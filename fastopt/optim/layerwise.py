@@ -67,9 +67,9 @@ class LAMB(LayerWise):
     independent of the thread count); the second recomputes :math:`u` and steps.
 
     Args:
-        params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt` with
-            ``shapes`` (each shape is one tensor; without shapes the whole buffer is one
-            tensor), or a list of parameter-group dicts.
+        params: a dict, list or tuple of float32, bfloat16 or float16 arrays (copied),
+            :func:`fastopt.adopt` with ``shapes`` (each shape is one tensor; without shapes
+            the whole buffer is one tensor), or a list of parameter-group dicts.
         lr (γ), betas (β₁, β₂), eps (ε), weight_decay (λ, decoupled: inside u), maximize.
         **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see
             :class:`fastopt.Optimizer`.
@@ -137,8 +137,8 @@ class LARS(LayerWise):
     independent of the thread count), then the update.
 
     Args:
-        params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt` with
-            ``shapes``, or a list of parameter-group dicts.
+        params: a dict, list or tuple of float32, bfloat16 or float16 arrays (copied),
+            :func:`fastopt.adopt` with ``shapes``, or a list of parameter-group dicts.
         lr (γ), momentum (m), weight_decay (β), trust_coefficient (η), maximize.
         **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see
             :class:`fastopt.Optimizer`.

@@ -19,8 +19,8 @@ class Lion(Optimizer):
     the parameter without a trace.
 
     Args:
-        params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt`, or
-            a list of parameter-group dicts.
+        params: a dict, list or tuple of float32, bfloat16 or float16 arrays (copied),
+            :func:`fastopt.adopt`, or a list of parameter-group dicts.
         lr (γ), betas (β₁, β₂), weight_decay (λ, decoupled as in AdamW), maximize.
         caution: the sign steps only where it agrees with the gradient, as in
             :class:`Adam` (and timm's Lion).

@@ -23,8 +23,8 @@ class NAdam(Optimizer):
     host in float64; ``state["mu_product"][i]`` holds :math:`\Pi_t` of group i.
 
     Args:
-        params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt`, or
-            a list of parameter-group dicts.
+        params: a dict, list or tuple of float32, bfloat16 or float16 arrays (copied),
+            :func:`fastopt.adopt`, or a list of parameter-group dicts.
         lr (γ), betas (β₁, β₂), eps (ε), weight_decay (λ), momentum_decay (ψ),
         decoupled_weight_decay, maximize: as in torch.optim.NAdam, with the same
         defaults.

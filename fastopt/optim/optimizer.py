@@ -101,7 +101,8 @@ class Optimizer:
       (about one element in 65536 a step, by one bfloat16 step). A parameter written
       since the last step starts from the written value plus the remainder, within
       half a bfloat16 step of it.
-    - ``state_dtype="float32"``, ``"bfloat16"`` or a dict of them by state buffer.
+    - ``state_dtype="float32"``, ``"bfloat16"``, ``"int8"`` (block-wise 8-bit moving
+      averages: see the README) or a dict of them by state buffer.
     - ``grad_dtype=None`` (the parameters' dtype), or ``"float32"``, ``"bfloat16"`` or
       ``"float16"`` (float32 gradients for 16-bit parameters, say).
     - ``stochastic_rounding=False``, ``seed=0``: round the 16-bit values stored without
@@ -109,7 +110,8 @@ class Optimizer:
       stochastically, unbiased, on a hash of (seed, step, element index): the same bits
       for any thread count.
 
-    Every algorithm but Adafactor takes 16-bit buffers, on the CPU, for now.
+    Every algorithm takes 16-bit parameters and gradients, on the CPU and on CUDA, and
+    every one but Adafactor (whose factors move on the host in float32) 16-bit state.
 
     **Threads.** Each optimizer holds a lock, so :meth:`step`, :meth:`zero_grad`,
     :meth:`state_dict`, :meth:`load_state_dict`, :meth:`load` and :func:`fastopt.save`
@@ -353,6 +355,11 @@ class Optimizer:
         keys, values, snapshot = self._checked[index] or ((), None, None)
         if not (values is not None and tuple(group) == keys
                 and all(map(operator.is_, group.values(), values))):
+            views = self._params[index] if self._grouped else self._params
+            if group.get("params") is not views:  # the step would go on with the old
+                raise TypeError(f"param_groups[{index}]['params'] was replaced: they are "
+                                "views into opt.flat_params, fixed at construction; write "
+                                "into them instead")
             checked = _checked(group)
             if checked[2] != snapshot:  # changed since the last step: validate again
                 self._check_group(index, group)

@@ -32,8 +32,8 @@ class RAdam(Optimizer):
     term and the bias corrections are computed on the host in float64.
 
     Args:
-        params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt`, or
-            a list of parameter-group dicts.
+        params: a dict, list or tuple of float32, bfloat16 or float16 arrays (copied),
+            :func:`fastopt.adopt`, or a list of parameter-group dicts.
         lr (γ), betas (β₁, β₂), eps (ε), weight_decay (λ), decoupled_weight_decay,
         maximize: as in torch.optim.RAdam, with the same defaults.
         **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see

@@ -20,8 +20,8 @@ class RMSprop(Optimizer):
     the step is :math:`\gamma\,g_t / a_t`.
 
     Args:
-        params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt`, or
-            a list of parameter-group dicts.
+        params: a dict, list or tuple of float32, bfloat16 or float16 arrays (copied),
+            :func:`fastopt.adopt`, or a list of parameter-group dicts.
         lr (γ), alpha (α), eps (ε), weight_decay (λ), momentum (μ), centered, maximize:
         as in torch.optim.RMSprop, with the same defaults.
         **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see

@@ -44,8 +44,8 @@ class Rprop(Optimizer):
     method: mini-batch noise flips the signs and shrinks every step size.
 
     Args:
-        params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt`, or
-            a list of parameter-group dicts.
+        params: a dict, list or tuple of float32, bfloat16 or float16 arrays (copied),
+            :func:`fastopt.adopt`, or a list of parameter-group dicts.
         lr (γ, the initial step size), etas (η₋, η₊), step_sizes (Γmin, Γmax),
         maximize: as in torch.optim.Rprop, with the same defaults.
         **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see

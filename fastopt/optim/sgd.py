@@ -21,8 +21,8 @@ class SGD(Optimizer):
     With ``momentum=0`` there is no buffer and :math:`d_t = g_t`.
 
     Args:
-        params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt`, or
-            a list of parameter-group dicts.
+        params: a dict, list or tuple of float32, bfloat16 or float16 arrays (copied),
+            :func:`fastopt.adopt`, or a list of parameter-group dicts.
         lr (γ), momentum (μ), dampening (τ), weight_decay (λ, an L2 penalty),
         nesterov, maximize: as in torch.optim.SGD, with the same defaults.
         **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see

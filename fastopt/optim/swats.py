@@ -35,8 +35,9 @@ class SWATS(Optimizer):
     paper, whatever ``lr`` does.
 
     Args:
-        params: a dict or list of float32 arrays (copied), :func:`fastopt.adopt`, or a
-            list of parameter-group dicts. Each group switches on its own.
+        params: a dict, list or tuple of float32, bfloat16 or float16 arrays (copied),
+            :func:`fastopt.adopt`, or a list of parameter-group dicts. Each group switches
+            on its own.
         lr (α), betas (β₁, β₂), eps (ε, in the Adam denominator and the switching test;
         the paper's 1e-9), weight_decay (an L2 penalty), maximize.
         **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see
