@@ -490,9 +490,6 @@ class Optimizer(torch.optim.Optimizer):
         plans = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
         inverse_scale = engine.inverse_loss_scale(grad_scale)
         runs = [run for _, group_runs in plans for run in group_runs]
-        if any(run.store.quantized and not engine.single_pass(self.algorithm, run.h)
-               for run in runs):
-            raise ValueError(precision.TWO_PASSES)
         for run in runs:
             with run.store.active():
                 run.take_gradients()

@@ -319,9 +319,6 @@ class Optimizer:
             step = self.state["step"] + 1
             plans = [self._plan(index, group, step)
                      for index, group in enumerate(self.param_groups)]
-            if self._storage.quantized and not all(engine.single_pass(self, plan[3])
-                                                   for plan in plans):
-                raise ValueError(TWO_PASSES)
             self._check_state(plans)
             if self.spec.host:  # every group's, before the first group moves
                 for index, (group, _, _, _, host) in enumerate(plans):
