@@ -2,8 +2,10 @@
 everything before they change anything."""
 
 import ast
+import copy
 import dataclasses
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -189,6 +191,21 @@ def test_state_dict_is_a_copy_and_round_trips_in_memory(trained):
     other.step(g)
     np.testing.assert_array_equal(other.flat_params, opt.flat_params)
     assert other.state["step"] == opt.state["step"] == 6
+
+
+@pytest.mark.parametrize("copy_it", [pickle.dumps, copy.copy, copy.deepcopy])
+def test_pickle_and_copy_are_refused_and_the_state_dict_pickles_instead(trained, copy_it):
+    # A copy made field by field would hold params that are no longer views into its
+    # flat buffers: its steps would silently not reach them.
+    opt, _ = trained
+    with pytest.raises(TypeError, match="cannot be pickled or copied.*state_dict"):
+        copy_it(opt)
+    other = make("Adam")
+    other.load_state_dict(pickle.loads(pickle.dumps(opt.state_dict())))
+    g = gradient(9, opt.flat_params)
+    opt.step(g)
+    other.step(g)
+    np.testing.assert_array_equal(other.flat_params, opt.flat_params)
 
 
 @pytest.mark.parametrize("name", ALGORITHMS)

@@ -286,6 +286,14 @@ class Optimizer:
         with checkpoint.naming(path):
             self.restore(checkpoint.snapshot_of(contents))
 
+    def __reduce_ex__(self, protocol):
+        # A copy's params would no longer be views into its flat buffers, so its steps
+        # would not reach them: refuse pickle and copy rather than copy that silently.
+        raise TypeError(f"a fastopt.{type(self).__name__} cannot be pickled or copied: its "
+                        f"params are views into its flat buffers. Take opt.state_dict() "
+                        f"or fastopt.save(opt, path), and continue from it with "
+                        f"load_state_dict, opt.load(path) or fastopt.load(path)")
+
     # -- the step -------------------------------------------------------------------
 
     def zero_grad(self):
