@@ -961,6 +961,9 @@ class Optimizer(torch.optim.Optimizer):
                     "uint8 with a float32 absmax per 256 of them (a torch.optim load casts "
                     f"them to floats), of a moving average of {self.algorithm.__name__} "
                     f"({', '.join(averages) or 'it has none'})")
+            if bool((absmax < 0).any()):  # which would flip the signs of a block's values
+                raise ValueError(f"loaded state dict has negative block scales in "
+                                 f"{name + ABSMAX!r}; a block's absmax is >= 0 (or NaN)")
             if strides is not None:  # laid out as they were kept: see STRIDES
                 if strides.shape != (codes.dim(),) or not _is_dense(torch.empty_strided(
                         codes.shape, tuple(strides.tolist()), device="meta")):

@@ -251,10 +251,10 @@ def test_a_snapshot_that_does_not_fit_is_refused_and_changes_nothing(trained):
     assert hyperparameters(fresh) == groups
 
 
-def test_a_snapshot_of_8_bit_state_without_its_scales_is_refused():
+def test_a_snapshot_of_8_bit_state_without_its_scales_or_with_negative_ones_is_refused():
     """An 8-bit buffer in a snapshot must come with its scales and its small tensors'
     values: restored without them, every later step failed (KeyError) instead of the
-    restore."""
+    restore. A negative scale would flip the sign of its block's every value."""
     rng = np.random.default_rng(0)
 
     def trained_int8():
@@ -269,6 +269,11 @@ def test_a_snapshot_of_8_bit_state_without_its_scales_is_refused():
         buffers = {k: v for k, v in taken.buffers.items() if k != dropped}
         with pytest.raises(ValueError, match=f"without {dropped}"):
             fresh.restore(dataclasses.replace(taken, buffers=buffers))
+    negative = taken.buffers["exp_avg_absmax"].copy()
+    negative[3] = -negative[3]
+    with pytest.raises(ValueError, match="exp_avg_absmax holds negative"):
+        fresh.restore(dataclasses.replace(taken, buffers={**taken.buffers,
+                                                          "exp_avg_absmax": negative}))
     assert_unchanged(fresh, before)
     assert hyperparameters(fresh) == groups
     fresh.restore(taken)  # whole, it is taken

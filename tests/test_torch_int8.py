@@ -250,6 +250,13 @@ def test_replaced_state_values_are_encoded_and_bad_codes_refused():
         with pytest.raises(ValueError, match="codes are uint8 .*a torch.optim load casts"):
             target.load_state_dict(cast)
     saved = opt.state_dict()
+    flipped = saved["state"][0]["exp_avg_absmax"].clone()  # not the live scales
+    flipped[2] *= -1  # which would flip the signs of a block's values
+    saved["state"][0]["exp_avg_absmax"] = flipped
+    for target in (ft.AdamW(params, lr=1e-2, state_dtype="int8"), ft.AdamW(params, lr=1e-2)):
+        with pytest.raises(ValueError, match="negative block scales in 'exp_avg_absmax'"):
+            target.load_state_dict(saved)
+    saved = opt.state_dict()
     saved["state"][0]["codes_strides"] = torch.tensor([1, 1])
     with pytest.raises(ValueError, match="no dense layout"):
         ft.AdamW(params, lr=1e-2, state_dtype="int8").load_state_dict(saved)

@@ -105,6 +105,11 @@ def _validated(opt, snapshot):
         if array.shape != (size,):
             raise ValueError(f"checkpoint array {name!r} is {array.dtype} {array.shape}, "
                              f"expected {dtype} {(size,)}")
+    for base in opt._storage.quantized & snapshot.buffers.keys():
+        # A negative scale would decode every value of its block with the wrong sign.
+        if np.any(snapshot.buffers[f"{base}_absmax"] < 0):
+            raise ValueError(f"the checkpoint's {base}_absmax holds negative block scales; "
+                             "a block's absmax is >= 0 (or NaN)")
     groups = _restored_groups(opt, snapshot.groups)
     _check_options(snapshot.options)
     step = _count("step", snapshot.step)
