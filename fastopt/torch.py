@@ -461,7 +461,7 @@ class Optimizer(torch.optim.Optimizer):
         self._slots = {p: (store, slot) for store in stores for p, slot in store.slots.items()}
         self._group_slots = [[(p, *self._slots[p]) for p in group["params"]]
                              for group in self.param_groups]
-        self._checked = [None] * len(self.param_groups)
+        self._checked = {}  # group index -> the hyperparameters last validated
         self._seen = None  # which state mapping, and which version of it, slots refer to
 
     # -- the step -------------------------------------------------------------------------
@@ -480,6 +480,10 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # What the call and the groups ask is checked before anything changes.
+        inverse_scale = engine.inverse_loss_scale(grad_scale)
+        hypers = [self._checked_hyperparameters(index, group)
+                  for index, group in enumerate(self.param_groups)]
         if self._moved():
             self._relayout()
         self._states()
@@ -487,8 +491,7 @@ class Optimizer(torch.optim.Optimizer):
             for store in self._stores:
                 with store.active():
                     store.take_partition_gradients(self._group, self.reduce_grads)
-        plans = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
-        inverse_scale = engine.inverse_loss_scale(grad_scale)
+        plans = [self._plan(index, hyper) for index, hyper in enumerate(hypers)]
         runs = [run for _, group_runs in plans for run in group_runs]
         for run in runs:
             with run.store.active():
@@ -580,13 +583,18 @@ class Optimizer(torch.optim.Optimizer):
                     slot.state, slot.attached = mine, True
             self._seen = (id(state), state.version)
 
-    def _plan(self, index, group):
-        """``(hyperparameters, runs)``: validated, with replaced state tensors taken in."""
+    def _checked_hyperparameters(self, index, group):
+        """The group's hyperparameters, validated where they changed since last checked."""
         hyper = _hyperparameters(group)
         snapshot = _snapshot(hyper)
-        if snapshot != self._checked[index]:
+        if snapshot != self._checked.get(index):
             self._validate(index, group)
             self._checked[index] = snapshot
+        return hyper
+
+    def _plan(self, index, hyper):
+        """``(hyper, runs)``: the runs of group ``index``, with replaced state tensors
+        taken in."""
         runs, run = [], None
         for p, store, slot in self._group_slots[index]:
             # Under process_group, this rank's elements of it, reduced.

@@ -221,6 +221,27 @@ def test_a_step_count_set_by_hand_is_checked_before_the_step():
     assert our_opt.state[ours[0].weight]["step"] == 2
 
 
+@pytest.mark.parametrize("refused", [
+    lambda opt: opt.step(grad_scale=0.0),
+    lambda opt: (opt.param_groups[1].update(lr=-1.0), opt.step()),
+])
+def test_a_refused_step_leaves_a_replaced_state_tensor_where_it_was(refused):
+    # The step checks its grad_scale and every group before it takes state in: the
+    # tensor set by the user stays the one in opt.state, with its values.
+    ours, _, _, _, x, y = pair(model_name="mlp")
+    our_opt = ft.Adam([{"params": [ours[0].weight]}, {"params": list(ours.parameters())[1:]}],
+                      lr=0.01)
+    train(ours, our_opt, x, y, 1)
+    mine = torch.full_like(ours[0].weight, 0.5)
+    our_opt.state[ours[0].weight]["exp_avg"] = mine
+    before = [p.detach().clone() for p in ours.parameters()]
+    with pytest.raises(ValueError, match="grad_scale|lr"):
+        refused(our_opt)
+    assert our_opt.state[ours[0].weight]["exp_avg"] is mine
+    assert torch.equal(mine, torch.full_like(mine, 0.5))
+    assert all(torch.equal(p, q) for p, q in zip(ours.parameters(), before))
+
+
 def test_a_submodule_saves_only_its_own_tensors():
     model = torch.nn.Sequential(torch.nn.Linear(1000, 1000), torch.nn.Linear(1000, 5))
     opt = ft.Adam(model.parameters())
