@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt import schedules
+from fastopt import checkpoint, schedules
 from conftest import assert_unchanged, snapshot
 from sealing import rewrite, seal
 
@@ -245,6 +245,9 @@ def test_a_snapshot_that_does_not_fit_is_refused_and_changes_nothing(trained):
     for other in bad:
         with pytest.raises(ValueError):
             fresh.restore(other)
+    made_up = dataclasses.replace(taken, buffers={**taken.buffers, "momentum": taken.params})
+    with pytest.raises(ValueError, match="'momentum', which Adam does not keep"):
+        fresh.restore(made_up)
     with pytest.raises(TypeError, match="Snapshot"):
         fresh.restore(opt.state_dict())
     assert_unchanged(fresh, before)
@@ -380,6 +383,31 @@ def test_a_process_killed_while_saving_leaves_the_previous_checkpoint(trained):
     fastopt.save(fresh, path)  # the next save to the folder removes the orphan
     assert not temporary[0].exists()
     assert sorted(p.name for p in path.parent.iterdir()) == ["adam.npz"]
+
+
+def test_an_adafactor_checkpoint_that_names_its_state_second_still_loads(tmp_path):
+    # Adafactor's checkpoints once recorded its float32 state under its rule's argument,
+    # "second", where its buffers are row_var, col_var and variance.
+    opt = make("Adafactor")
+    for t in range(3):
+        opt.step(gradient(t, opt.flat_params))
+    path = tmp_path / "adafactor.npz"
+    fastopt.save(opt, path)
+    storage = checkpoint.read(path)["meta"]["storage"]
+    assert storage["state_dtype"] == dict.fromkeys(("row_var", "col_var", "variance"),
+                                                   "float32")
+    rewrite(path, meta={"storage": {**storage, "state_dtype": {"second": "float32"}}})
+    resumed, into = fastopt.load(path), make("Adafactor")
+    into.load(path)
+    g = gradient(3, opt.flat_params)
+    for other in (opt, resumed, into):
+        other.step(g)
+    np.testing.assert_array_equal(resumed.flat_params, opt.flat_params)
+    np.testing.assert_array_equal(into.flat_params, opt.flat_params)
+    bfloat16 = {**storage, "state_dtype": {"second": "bfloat16"}}  # which it never kept
+    rewrite(path, meta={"storage": bfloat16})
+    with pytest.raises(ValueError, match="formats differ"):
+        into.load(path)
 
 
 def test_group_names_and_tuple_or_numpy_keys_survive_a_round_trip(tmp_path):

@@ -478,6 +478,17 @@ def test_unknown_formats_are_refused(kwargs, error, match):
         fastopt.Adam([np.zeros(3, bf16)], **kwargs)
 
 
+def test_adafactors_state_is_named_by_its_buffers_not_its_rules_arguments():
+    params = {"w": np.ones((8, 4), f32), "b": np.ones(4, f32)}
+    opt = fastopt.Adafactor(params, state_dtype={"row_var": "float32"})
+    opt.step({"w": np.ones((8, 4), f32), "b": np.ones(4, f32)})
+    assert {"row_var", "col_var", "variance"} <= opt.state.keys()
+    assert opt.snapshot().storage["state_dtype"].keys() == {"row_var", "col_var", "variance"}
+    with pytest.raises(ValueError, match=r"names \['second'\], which Adafactor does not "
+                                         r"keep; its state is \['row_var', 'col_var'"):
+        fastopt.Adafactor(params, state_dtype={"second": "float32"})
+
+
 def test_master_weights_for_float32_parameters_are_refused():
     with pytest.raises(ValueError, match="float32 already"):
         fastopt.Adam([np.zeros(3, f32)], master_weights="float32")

@@ -104,6 +104,10 @@ class Adafactor(Optimizer):
     def buffers(group, host):
         return {"row_var": 0.0, "col_var": 0.0, "variance": 0.0}
 
+    @classmethod
+    def state_names(cls):  # its passes' "second" is one of these, as each pass is given
+        return ("row_var", "col_var", "variance")
+
     @staticmethod
     def state_shape(name, shape):
         # An empty tensor has its (empty, or never moved) state, as in torch.

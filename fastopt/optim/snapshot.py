@@ -71,7 +71,7 @@ def _validated(opt, snapshot):
                             "the optimizer keeps master weights, which it does not hold"))
     if snapshot.master is not None:
         arrays["master"] = (snapshot.master, size, opt._storage.master_dtype)
-    theirs, ours = _storage(opt, snapshot.storage), opt._storage.record()
+    theirs, ours = _storage(opt, snapshot.storage), _uniform(opt._storage.record())
     differ = [key for key in ("master_weights", "state_dtype", "stochastic_rounding")
               if theirs[key] != ours[key]]
     if ours["stochastic_rounding"] and theirs["seed"] != ours["seed"]:
@@ -83,11 +83,11 @@ def _validated(opt, snapshot):
     kept = {array: (size, dtype) for base in opt.state_names()
             for array, size, dtype in opt._kept(base)}
     for name, array in snapshot.buffers.items():
-        if not (isinstance(name, str) and name.isidentifier()):
-            raise ValueError(f"the checkpoint holds a state buffer {name!r}; state buffers "
-                             "are named by identifiers")
-        size, dtype = kept.get(name, (opt._state_size(name), opt._storage.state(name)))
-        arrays[f"state.{name}"] = (array, size, dtype)
+        if name not in kept:
+            raise ValueError(f"the checkpoint holds a state buffer {name!r}, which "
+                             f"{type(opt).__name__} does not keep (it keeps "
+                             f"{', '.join(kept)})")
+        arrays[f"state.{name}"] = (array, *kept[name])
     for base in opt.state_names():  # an 8-bit buffer's codes come with their scales
         if base in snapshot.buffers:
             missing = [array for array, _, _ in opt._kept(base)
@@ -333,8 +333,17 @@ def _storage(opt, record):
     float32)."""
     if record is None:
         return {"master_weights": None, "grad_dtype": "float32", "stochastic_rounding": False,
-                "seed": 0, "state_dtype": dict.fromkeys(opt._storage.states, "float32")}
-    return _checked_storage(record)
+                "seed": 0, "state_dtype": "float32"}
+    return _uniform(_checked_storage(record))
+
+
+def _uniform(record):
+    """``record`` with a state_dtype that is one dtype for every buffer written as that
+    dtype, which is what a comparison and a new optimizer need of it. (Adafactor's
+    checkpoints before this named its float32 state "second", after its rule's
+    argument, where its buffers are row_var, col_var and variance.)"""
+    dtypes = set(record["state_dtype"].values())
+    return {**record, "state_dtype": dtypes.pop()} if len(dtypes) == 1 else record
 
 
 def _checked_storage(record):
@@ -355,7 +364,7 @@ def _checked_storage(record):
 def _formats(snapshot):
     """The storage options of the optimizer that saved ``snapshot``, to build one like
     it (fastopt's defaults for a file before version 3)."""
-    return {} if snapshot.storage is None else dict(_checked_storage(snapshot.storage))
+    return {} if snapshot.storage is None else _uniform(_checked_storage(snapshot.storage))
 
 
 def _key(saved):
