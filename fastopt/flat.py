@@ -1,4 +1,4 @@
-"""Flattening: many parameter arrays become one contiguous float32 buffer.
+"""Flattening: many parameter arrays become one contiguous buffer (float32, or 16-bit).
 
 The optimizer owns the buffer and hands out views of it, so a kernel sees one array and
 makes one pass, whatever the number of parameter tensors.
@@ -117,7 +117,8 @@ class Adopted:
 def adopt(buffer, shapes=None, *, grads=None):
     """Let an optimizer use ``buffer`` as its parameters, without copying.
 
-    ``buffer`` must be a 1-D, C-contiguous, writeable float32 array (NumPy or CUDA).
+    ``buffer`` must be a 1-D, C-contiguous, writeable float32, bfloat16 or float16 array
+    (NumPy or CUDA).
     The optimizer updates it in place, so every view the caller holds stays live.
     ``shapes`` gives ``opt.params`` and ``opt.grads`` a structure; the sizes must add up
     to ``buffer.size``:

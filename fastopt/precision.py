@@ -244,7 +244,7 @@ class Storage:
 
     def record(self):
         """The choices as JSON values, which a checkpoint keeps (``master_weights`` as
-        resolved: ``"float32"`` or None)."""
+        resolved: ``"float32"``, ``"remainder"`` or None)."""
         return {"master_weights": self.master_weights,
                 "state_dtype": dict(self.state_dtypes),
                 "grad_dtype": name_of(self.grads), "stochastic_rounding": self.stochastic,

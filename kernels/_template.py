@@ -243,8 +243,8 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
     ``loops`` is the function body: its first line ends the argument list. Its
     placeholders are filled with one statement each:
 
-    - ``{body}``, ``{segment_body}``: the rule on element ``i`` of the arrays, or of
-      the arrays at ``base + i`` (tensors) and ``state_base + i`` (states). The
+    - ``{body}``, ``{segment_body}`` (CUDA's): the rule on element ``i`` of the arrays,
+      or of the arrays at ``base + i`` (tensors) and ``state_base + i`` (states). The
       gradient is prepared with ``prepare(p, g, prepared)``; a rule without ``p``
       reads it as it is. ``{slices}`` binds the chunk slices ``<array>_c`` to
       ``[start:stop]`` of the arrays, ``{state_slices}`` those of the states alone.
@@ -260,12 +260,15 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
       them to ``partials[c, j]``; ``{block_sums}`` adds them over a CUDA block first.
     - ``{chunk}`` runs the rule over the chunk arrays ``<array>_c`` (binding the sums
       ``total0 ...``), and ``{whole}`` over the whole arrays, by calling
-      ``<driver>_chunk``, a function of its own that ``compile_chunk`` compiles. Its
+      ``<driver>_chunk``, a function of its own that ``compile_chunk`` compiles
+      (``{chunk_in_segment}``: over chunk ``c`` of a segment). Its
       scalars arrive as arguments, which the compiler keeps in registers through the
       loop. Written inline in a parallel loop's body, the loop reread them from
       memory that its stores may alias (Numba's parfor lowering hoists them out of
       the body), and the Adam kernel at 1e6 did not get faster with a second thread.
 
+    - ``{random_arguments}`` names ``key`` and ``first`` (the seed's key, and the global
+      index of element 0) where the pass rounds stochastically.
     - ``{block_arguments}`` names the absmax and small arrays of the 8-bit state
       buffers, and ``{block_chunk}`` runs the chunk function over blocks ``c *
       per_chunk`` on (see :func:`_block_chunk`), or ``{block_steps}`` (several

@@ -245,7 +245,8 @@ def dynamic_encode(x, buckets):
     """The code of the map value nearest to the float32 ``x`` (at most 1 in magnitude;
     larger magnitudes, and NaN, get the code nearest to 1 of their sign, which the NaN
     absmax of their block makes a NaN anyway), ties toward zero, through the map's table of
-    ``buckets`` (which the drivers hold as a constant: see ``QUANTIZED``). In int32
+    ``buckets`` (a constant of the CPU drivers, an argument of the CUDA ones: see
+    ``QUANTIZED``). In int32
     throughout (Numba widens integer arithmetic to 64 bits, which takes half as many
     elements per vector instruction: 8-bit Adam took 1.1x as long)."""
     bits = np.float32(x).view(u32)

@@ -54,8 +54,8 @@ from numpy import float64
 def returns(*names):
     """Declare what a rule returns, by name, where that is more than its new ``p`` and
     state values in order: a buffer's name stands for its new value, any other name for
-    a float64 term (``float64(x) * float64(y)``: exact, and never overflowing) that a pass
-    may sum."""
+    a float64 term that a pass may sum (most are ``float64(x) * float64(y)``: exact, and
+    never overflowing)."""
     def declare(rule):
         rule.returns = names
         return rule

@@ -155,8 +155,8 @@ class Work:
         segments: one ``Segments`` per tensor, the state laid out like the parameters.
         state: the flat state buffers of ``present``, by name.
         present: the state buffers this step uses, in the rule's order.
-        state_starts: ``name -> int64 array``: where each tensor's part of the buffer
-            ``name`` begins (-1 where it has none; see :func:`state_layout`).
+        state_starts: a function of a buffer's name to an int64 array: where each
+            tensor's part of the buffer ``name`` begins (-1 where it has none; see :func:`state_layout`).
         prep: the factors of ``rules.prepare``.
         keep_subnormals: the algorithm's ``Spec.keeps_subnormals``.
         cache: a dict the front keeps for this launch between steps (plans).

@@ -355,8 +355,8 @@ def _checked_storage(record):
             and isinstance(record["grad_dtype"], str)
             and isinstance(record["stochastic_rounding"], bool)
             and type(record["seed"]) is int and 0 <= record["seed"] < 2 ** 64):
-        raise ValueError(f"the checkpoint's storage must be {{'master_weights': 'float32' or "
-                         f"None, 'state_dtype': {{name: str}}, 'grad_dtype': str, "
+        raise ValueError(f"the checkpoint's storage must be {{'master_weights': 'float32', "
+                         f"'remainder' or None, 'state_dtype': {{name: str}}, 'grad_dtype': str, "
                          f"'stochastic_rounding': bool, 'seed': int >= 0}}, got {record!r}")
     return record
 
