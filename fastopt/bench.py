@@ -38,6 +38,7 @@ import numpy as np
 
 import fastopt
 from ._backend import is_cuda_array
+from .kernels import stream
 
 f32 = np.float32
 
@@ -50,7 +51,7 @@ COLUMNS = 1000
 DEFAULT_SIZES = [1_000, 100_000, 1_000_000, 20_000_000]
 QUICK = dict(algorithms=["Adam", "SGD"], sizes=[1_000, 100_000, 1_000_000, 10_000_000],
              rounds=5, model_tensors=50)
-TRIAD_BYTES = 12
+TRIAD_BYTES = stream.BYTES_PER_ELEMENT
 # The yardsticks and the bytes one element costs them: the in-place triad reads a and c
 # and writes a; the copy reads one buffer and writes another.
 YARDSTICK_BYTES = {"triad": TRIAD_BYTES, "copy": 8}

@@ -49,31 +49,26 @@ def best_time(fn, repeats, number):
     return min(per_call(fn, number) for _ in range(repeats))
 
 
-def numpy_adam(p, g, m, v, t, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8):
-    """Adam as one writes it in NumPy: one pass (and temporaries) per operation."""
-    m[:] = b1 * m + (1 - b1) * g
-    v[:] = b2 * v + (1 - b2) * g * g
-    p -= lr / (1 - b1 ** t) * m / (np.sqrt(v / (1 - b2 ** t)) + eps)
-
-
 def speed(n):
     """Adam at n parameters against naive NumPy and the in-place stream, in one run."""
     from fastopt.kernels import stream
 
+    from . import bench
+
     rng = np.random.default_rng(0)
     opt = fastopt.Adam(fastopt.adopt(rng.standard_normal(n).astype(np.float32)))
     opt.flat_grads[:] = rng.standard_normal(n).astype(np.float32)
-    p, g, m, v = (opt.flat_params.copy(), opt.flat_grads, np.zeros(n, np.float32),
-                  np.zeros(n, np.float32))
+    p, g, state = opt.flat_params.copy(), opt.flat_grads, {}
     c, scale = np.ones(n, np.float32), np.float32(1e-9)
     opt.step()
     stream.add_scaled(p, c, scale)
     number = max(1, int(2e7 // n))
     t_stream = best_time(lambda: stream.add_scaled(p, c, scale), 5, number)
     t_fast = best_time(opt.step, 5, number)
-    t_numpy = best_time(lambda: numpy_adam(p, g, m, v, 10), 3, max(1, number // 10))
+    t_numpy = best_time(lambda: bench.numpy_step("Adam", p, g, state, 10, 1e-3), 3,
+                        max(1, number // 10))
     stream_gbs = stream.BYTES_PER_ELEMENT * n / t_stream / 1e9
-    adam_gbs = 28 * n / t_fast / 1e9
+    adam_gbs = fastopt.Adam.spec.moves * n / t_fast / 1e9
     return t_fast, t_numpy, adam_gbs, stream_gbs
 
 
