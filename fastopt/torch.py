@@ -721,7 +721,10 @@ class Optimizer(torch.optim.Optimizer):
         only the same rank of as many loads it (torch.distributed.checkpoint, which
         would take same-named tensors of all ranks for copies, then saves every rank's
         and reloads them on as many ranks); :meth:`consolidated_state_dict` gives the
-        whole state."""
+        whole state.
+
+        Its post-hooks (``register_state_dict_post_hook``) see, and may replace, this
+        state_dict, as torch.optim's see theirs."""
         packed = self._packed()
         if self._group is not None:
             suffix = self._rank_suffix()
@@ -729,6 +732,8 @@ class Optimizer(torch.optim.Optimizer):
                                         and value.dim() else name): value
                                        for name, value in state.items()}
                                for index, state in packed["state"].items()}
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            packed = _or(hook(self, packed), packed)
         return packed
 
     def _rank_suffix(self):
@@ -736,8 +741,10 @@ class Optimizer(torch.optim.Optimizer):
                 f"of{torch.distributed.get_world_size(self._group)}")
 
     def _packed(self):
-        """torch's state_dict() in fastopt's names (see :meth:`state_dict`)."""
-        packed = super().state_dict()
+        """torch's state_dict() in fastopt's names (see :meth:`state_dict`), without its
+        post-hooks, which :meth:`state_dict` calls on its own."""
+        with _hooks_held(self, "_optimizer_state_dict_post_hooks"):
+            packed = super().state_dict()
         # torch packs the live per-parameter dicts; convert copies of them.
         packed["state"] = {index: dict(state) for index, state in packed["state"].items()}
         params = self._all_params()
@@ -747,6 +754,9 @@ class Optimizer(torch.optim.Optimizer):
                 if isinstance(state.get(name), (int, float)):
                     state[name] = torch.tensor(float(state[name]), dtype=dtype)
             for name in [n for n in state if n + ABSMAX in state]:
+                if state[name].is_floating_point():  # values put in, which a step encodes
+                    del state[name + ABSMAX]  # (and so does a load)
+                    continue
                 if _is_dtensor(p):  # blocks of this rank's shard: values, sharded as p
                     fmt = self._storage_of(p.dtype).quantized[name]
                     state[name] = _decoded(state[name], state.pop(name + ABSMAX), fmt)
@@ -859,7 +869,21 @@ class Optimizer(torch.optim.Optimizer):
         not fit (another number of groups or of parameters in a group, a state tensor of
         another shape than the parameter's, state for no parameter of the groups, a step
         count that no step leaves, or hyperparameters that the constructor refuses) raises
-        a ValueError (a TypeError for what is no number), and nothing changes."""
+        a ValueError (a TypeError for what is no number), and nothing changes.
+
+        Its pre-hooks (``register_load_state_dict_pre_hook``) may replace the state_dict
+        before anything is read of it, and its post-hooks run once the state is in
+        place, as in torch.optim."""
+        state_dict = dict(state_dict)  # which the pre-hooks may change, as in torch
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = _or(hook(self, state_dict), state_dict)
+        with _hooks_held(self, "_optimizer_load_state_dict_pre_hooks",
+                         "_optimizer_load_state_dict_post_hooks"):
+            self._load_state_dict(state_dict)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _load_state_dict(self, state_dict):
         own = self._group is not None and self._own_partition(state_dict)
         if own:  # its names without this rank's suffix, before the codes' are read
             state_dict = own
@@ -1273,6 +1297,26 @@ def _reduction(p):
         return None
     return tuple(p.device_mesh.get_group(d) for d, placement in enumerate(p.placements)
                  if placement.is_shard())
+
+
+@contextlib.contextmanager
+def _hooks_held(opt, *names):
+    """torch.optim's code run without ``opt``'s hooks ``names``, which fastopt calls
+    itself on the state_dicts that users give and get, where torch calls them on the
+    intermediate ones that fastopt converts."""
+    held = {name: getattr(opt, name) for name in names}
+    try:
+        for name in names:
+            setattr(opt, name, collections.OrderedDict())
+        yield
+    finally:
+        for name, hooks in held.items():
+            setattr(opt, name, hooks)
+
+
+def _or(result, state_dict):
+    """What a state_dict hook leaves: the state_dict it returned, or the one it was given."""
+    return state_dict if result is None else result
 
 
 def _is_dense(t):

@@ -3,6 +3,7 @@ both ways, and the torch machinery around an optimizer (groups, schedulers, Grad
 frozen parameters, replaced gradients)."""
 
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -612,6 +613,55 @@ def test_the_loss_scaler_drives_a_drop_in_optimizer():
     p.grad = torch.full((3,), 2.0)  # a scaled gradient: 2.0 at scale 2
     assert scaler.step(opt)
     assert torch.allclose(p.detach(), torch.full((3,), 0.9))
+
+
+@pytest.mark.parametrize("formats", [{}, dict(state_dtype="bfloat16"),
+                                     dict(state_dtype="int8"), dict(master_weights="float32")])
+def test_state_dict_hooks_see_and_change_what_torch_optims_would(formats):
+    # A load pre-hook's returned state_dict is the one loaded, a load post-hook's
+    # changes to the state stay, and a state_dict post-hook gets the state_dict that
+    # state_dict() returns: as in torch.optim, whatever fastopt converts underneath.
+    dtype = torch.bfloat16 if formats.get("master_weights") else torch.float32
+    seen = {}
+
+    def new_lr_and_no_momentum(opt, state_dict):
+        state_dict = copy.deepcopy(state_dict)
+        state_dict["param_groups"][0]["lr"] = 0.5
+        for state in state_dict["state"].values():
+            state["exp_avg"] = torch.zeros(5000)
+            state.pop("exp_avg_codes", None)
+            state.pop("exp_avg_absmax", None)
+        return state_dict
+
+    def no_second_moment(opt):
+        for state in opt.state.values():
+            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"], dtype=torch.float32)
+
+    def keys_of(opt, state_dict):
+        seen["keys"] = sorted(state_dict["state"][0])
+        return {**state_dict, "extra": 1}
+
+    results = []
+    for make in (lambda p: torch.optim.Adam(p, lr=0.01),
+                 lambda p: ft.Adam(p, lr=0.01, **formats)):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 5000).to(dtype))
+        opt = make([p])
+        p.grad = torch.linspace(1, 2, 5000).to(dtype)
+        opt.step()
+        opt.register_state_dict_post_hook(keys_of)
+        saved = opt.state_dict()
+        assert saved["extra"] == 1 and seen["keys"] == sorted(saved["state"][0])
+        opt.register_load_state_dict_pre_hook(new_lr_and_no_momentum)
+        opt.register_load_state_dict_post_hook(no_second_moment)
+        opt.load_state_dict(saved)
+        assert opt.param_groups[0]["lr"] == 0.5
+        before = p.detach().double()
+        opt.step()  # step 2 from zero moments: (0.1 g / 0.19) / sqrt(0.001 g² / 0.001999)
+        assert torch.allclose(p.detach().double(), before - 0.5 * 0.1 / 0.19 / math.sqrt(
+            0.001 / (1 - 0.999 ** 2)), rtol=0, atol=1e-2)
+        results.append(p.detach().float())
+    torch.testing.assert_close(results[1], results[0], rtol=0,
+                               atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
 
 
 def test_a_step_leaves_torchs_thread_count_as_it_was():

@@ -269,6 +269,29 @@ def test_replaced_state_values_are_encoded_and_bad_codes_refused():
     assert all(torch.equal(p, q) for p, q in zip(params, before))
 
 
+def test_values_put_in_before_a_step_are_saved_as_values_and_load_as_the_step_would():
+    # A float tensor put in the place of 8-bit state is encoded by the next step; a
+    # state_dict taken before it saved the floats as codes, beside the old scales,
+    # which no load took and decoded_state_dict() failed on.
+    params, opt = _trained(steps=2)
+    big = params[0]
+    opt.state[big]["exp_avg"] = torch.full_like(big, 0.25)
+    saved, decoded = opt.state_dict(), opt.decoded_state_dict()
+    assert "exp_avg_codes" not in saved["state"][0] and "exp_avg_absmax" not in saved["state"][0]
+    assert torch.equal(decoded["state"][0]["exp_avg"], torch.full_like(big, 0.25))
+    loaded = ft.AdamW([p.detach().clone().requires_grad_() for p in params], lr=1e-2,
+                      state_dtype="int8")
+    loaded.load_state_dict(saved)
+    grads = _grads(SHAPES, 1, seed=5)[0]
+    for ps, o in ((params, opt), (list(loaded.param_groups[0]["params"]), loaded)):
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        o.step()
+    theirs = loaded.param_groups[0]["params"]
+    assert all(torch.equal(p, q) for p, q in zip(params, theirs))
+    assert torch.equal(opt.state[big]["exp_avg"], loaded.state[theirs[0]]["exp_avg"])
+
+
 def test_a_skipped_step_leaves_codes_and_scales_bit_identical():
     params, opt = _trained(skip_nonfinite=True)
     kept = {k: v.clone() for k, v in opt.state[params[0]].items() if isinstance(v, torch.Tensor)}
