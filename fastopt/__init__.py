@@ -31,6 +31,9 @@ def save(opt, path):
     torch_front = sys.modules.get("fastopt.torch")  # loaded if opt can be one of its
     if torch_front is not None and isinstance(opt, torch_front.Optimizer):
         return opt.save(path)
+    if not isinstance(opt, Optimizer):
+        raise TypeError(f"save takes a fastopt optimizer (fastopt.Adam(...), or a "
+                        f"fastopt.torch one) and a path, got {type(opt).__name__}")
     return checkpoint.save(opt, path)
 
 

@@ -1,13 +1,14 @@
 """An exponential moving average of parameters, updated in one fused pass."""
 
 import contextlib
+import numbers
 
 import numpy as np
 
 from ._backend import backend_of, is_c_contiguous
 from .flat import check_dtype
 from .kernels import rules
-from .optim.checks import real
+from .optim.checks import check_flag, real
 from .optim.optimizer import Optimizer
 
 f32 = np.float32
@@ -36,12 +37,16 @@ class EMA:
         with ema.applied():
             evaluate(opt.params)
 
+    To resume, save :meth:`state_dict` beside the optimizer's checkpoint and give it to
+    :meth:`load_state_dict` of an EMA of the resumed parameters. An EMA cannot be
+    pickled or copied: it averages its arrays in place, which a copy would not reach.
+
     Args:
         params: an optimizer (its ``flat_params``, updated in one pass), or a dict or list
             of float32 arrays, NumPy or CUDA, each C-contiguous and writeable (one pass
             per array), or of one 16-bit dtype (bfloat16 or float16, on the CPU), whose
             average is float32 all the same. The arrays are tracked, not copied.
-        decay: β, in [0, 1).
+        decay: β, in [0, 1); may be changed between updates (``ema.decay = 0.9999``).
         bias_correction: divide by :math:`1 - \beta^t`; see above.
 
     Attributes:
@@ -50,12 +55,9 @@ class EMA:
     """
 
     def __init__(self, params, decay=0.999, bias_correction=True):
-        if not 0.0 <= real("decay", decay) < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay!r}")
-        if not isinstance(bias_correction, (bool, np.bool_)):
-            raise TypeError(f"bias_correction must be True or False, got {bias_correction!r}")
+        self.decay = decay
+        check_flag("bias_correction", bias_correction)
         self._backend, self._targets = _targets(params)
-        self.decay = float(decay)
         self.bias_correction = bool(bias_correction)
         self.updates = 0
         sizes = [a.size for a in self._targets]
@@ -67,6 +69,15 @@ class EMA:
             for shadow, target in zip(self._shadows, self._targets):
                 self._backend.copy(shadow, target)
         self._backup = None
+
+    @property
+    def decay(self):
+        """β, in [0, 1), checked when set."""
+        return self._decay
+
+    @decay.setter
+    def decay(self, value):
+        self._decay = _decay(value)
 
     def update(self):
         """Move the average towards the current parameters: one pass per array."""
@@ -113,6 +124,44 @@ class EMA:
         finally:
             self.restore()
 
+    def state_dict(self):
+        """``{"shadow": v_t (a NumPy copy), "updates": t, "decay": β, "bias_correction":
+        ...}``, what :meth:`load_state_dict` continues from."""
+        return {"shadow": self._backend.to_host(self.shadow), "updates": self.updates,
+                "decay": self.decay, "bias_correction": self.bias_correction}
+
+    def load_state_dict(self, state):
+        """Continue from a :meth:`state_dict` of an EMA of parameters of the same size.
+        Everything is checked first; on error (ValueError or TypeError) nothing
+        changes."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict, as EMA.state_dict() returns it, got "
+                            f"{type(state).__name__}")
+        if set(state) != set(STATE):
+            raise ValueError(f"state must hold {list(STATE)}, got {sorted(map(str, state))}")
+        shadow, updates = state["shadow"], state["updates"]
+        if not isinstance(shadow, np.ndarray):
+            raise TypeError(f"state['shadow'] must be a NumPy array, got {type(shadow).__name__}")
+        if shadow.dtype != np.float32 or shadow.shape != (self.shadow.size,):
+            raise ValueError(f"state['shadow'] must be float32 of shape {(self.shadow.size,)}, "
+                             f"as this EMA's, got {shadow.dtype} {shadow.shape}")
+        if isinstance(updates, bool) or not isinstance(updates, numbers.Integral):
+            raise TypeError(f"state['updates'] must be an int, got {updates!r}")
+        if updates < 0:
+            raise ValueError(f"state['updates'] must be >= 0, got {updates}")
+        decay = _decay(state["decay"])
+        check_flag("bias_correction", state["bias_correction"])
+        self._backend.copy(self.shadow, shadow)  # everything is checked: only writes
+        self.updates, self._decay = int(updates), decay
+        self.bias_correction = bool(state["bias_correction"])
+
+    def __reduce_ex__(self, protocol):
+        # A copy would average copies of the arrays, which no optimizer steps.
+        raise TypeError("a fastopt.EMA cannot be pickled or copied: it averages its "
+                        "parameter arrays in place, which a copy would not reach. Take "
+                        "ema.state_dict(), and continue from it with load_state_dict on "
+                        "an EMA of the resumed parameters")
+
     def _slices(self, flat):
         """The part of a flat buffer that belongs to each tracked array."""
         return [flat[start:stop] for start, stop in self._ranges]
@@ -120,6 +169,16 @@ class EMA:
     def __repr__(self):
         return (f"EMA({self.shadow.size} params, decay={self.decay}, "
                 f"bias_correction={self.bias_correction}, updates={self.updates})")
+
+
+# The keys of EMA.state_dict().
+STATE = ("shadow", "updates", "decay", "bias_correction")
+
+
+def _decay(value):
+    if not 0.0 <= real("decay", value) < 1.0:
+        raise ValueError(f"decay must be in [0, 1), got {value!r}")
+    return float(value)
 
 
 def _targets(params):

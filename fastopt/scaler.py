@@ -95,6 +95,9 @@ class DynamicLossScaler:
 
     def load_state_dict(self, state):
         """Load a :meth:`state_dict` (or torch.amp.GradScaler's); validated first."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict, as state_dict() returns it, got "
+                            f"{type(state).__name__}")
         missing = {"scale", "growth_factor", "backoff_factor", "growth_interval",
                    "_growth_tracker"} - set(state)
         if missing:

@@ -6,6 +6,7 @@ import sys
 import tracemalloc
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -173,6 +174,9 @@ def test_the_same_array_twice_is_refused():
     (fastopt.Rprop, dict(etas=(1.2, 0.5)), "eta"),
     (fastopt.Rprop, dict(step_sizes=(1.0, 0.1)), "step_sizes"),
     (fastopt.ASGD, dict(lambd=-1.0), "lambd"),
+    (fastopt.ASGD, dict(alpha=float("nan")), "alpha"),
+    (fastopt.ASGD, dict(t0=float("nan")), "t0"),
+    (fastopt.SGD, dict(momentum=0.9, dampening=float("nan")), "dampening"),
     (fastopt.Lion, dict(betas=(-0.1, 0.99)), "index 0"),
     (fastopt.LAMB, dict(eps=-1.0), "epsilon"),
     (fastopt.LARS, dict(trust_coefficient=-1.0), "trust_coefficient"),
@@ -184,6 +188,15 @@ def test_the_same_array_twice_is_refused():
 def test_bad_hyperparameters_raise_value_error(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cls([np.ones(3, f32)], **kwargs)
+
+
+def test_asgd_takes_negative_alpha_and_t0_as_torch_does():
+    """torch checks neither (only NaN, which no step can use, is refused)."""
+    opt = fastopt.ASGD([np.ones(3, f32)], lr=0.1, alpha=-0.5, t0=-2.0)
+    for _ in range(3):
+        opt.step(np.ones(3, f32))
+    assert np.isfinite(opt.flat_params).all() and np.isfinite(opt.state["ax"]).all()
+    assert opt.state["mu"] == [f32(1 / 5)]  # 1 / max(1, t - t0) after step 3
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -232,6 +245,36 @@ def test_gradients_aliasing_parameters_or_state_are_refused(rng, buffer):
     with pytest.raises(ValueError, match="share memory"):
         opt.step(aliased)
     assert_unchanged(opt, before)
+
+
+@pytest.mark.parametrize("source", ["exp_avg_sq", "a view of max_exp_avg_sq", "params",
+                                    "grads", "master weights", "read-only"])
+def test_a_state_buffer_replaced_by_one_sharing_memory_or_read_only_is_refused(rng, source):
+    """The kernels would write one buffer over the other (or fail on a read-only one):
+    a replacement must be an array of its own, as grads must be."""
+    if source == "master weights":
+        opt = fastopt.Adam([np.ones(16, ml_dtypes.bfloat16)], lr=0.1, amsgrad=True)
+        opt.step(np.ones(16, ml_dtypes.bfloat16))
+    else:
+        opt = stepped_adam(rng)
+    kept = opt.state["exp_avg"]
+    replacement = {"exp_avg_sq": lambda: opt.state["exp_avg_sq"],
+                   "a view of max_exp_avg_sq": lambda: opt.state["max_exp_avg_sq"][:],
+                   "params": lambda: opt.flat_params, "grads": lambda: opt.flat_grads,
+                   "master weights": lambda: opt.master_params,
+                   "read-only": kept.copy}[source]()
+    if source == "read-only":
+        replacement.flags.writeable = False
+    opt.state["exp_avg"] = replacement
+    before, master = snapshot(opt), np.copy(opt.master_params)
+    with pytest.raises(ValueError, match=r"state\['exp_avg'\] must (not share memory|be "
+                                         r"writeable)"):
+        opt.step()
+    assert_unchanged(opt, before)
+    np.testing.assert_array_equal(np.copy(opt.master_params), master)
+    opt.state["exp_avg"] = kept.copy()  # an array of its own: taken
+    opt.step()
+    assert opt.state["step"] == 2
 
 
 def test_list_params_want_list_gradients():
@@ -353,6 +396,30 @@ def test_the_buffers_cannot_be_put_aside_by_assignment():
     opt.grads["w"][:] = 1.0
     opt.step()
     np.testing.assert_array_equal(opt.params["w"], 0.5)
+
+
+@pytest.mark.parametrize("edit, error", [
+    (lambda opt: opt.param_groups.pop(), ValueError),
+    (lambda opt: opt.param_groups.__delitem__(0), ValueError),
+    (lambda opt: setattr(opt, "param_groups", []), ValueError),
+    (lambda opt: opt.param_groups.append(dict(opt.param_groups[0])), ValueError),
+    (lambda opt: setattr(opt, "param_groups", tuple(opt.param_groups)), TypeError),
+], ids=["pop", "del", "emptied", "append", "tuple"])
+@pytest.mark.parametrize("steady", [False, True], ids=["", "steady"])
+def test_a_group_removed_or_added_between_steps_is_refused(edit, error, steady):
+    """Each group's params are views into its segment of flat_params: a step went on
+    without a removed group (its parameters silently no longer stepped), and failed with
+    an IndexError on a group added."""
+    opt = fastopt.SGD([{"params": [np.ones(3, f32)]}, {"params": [np.ones(2, f32)]}], lr=0.1)
+    opt.grads[0][0][:] = opt.grads[1][0][:] = 1.0
+    opt.step()
+    if steady:  # the fast path is set up for the next step
+        opt.step()
+    edit(opt)
+    before = snapshot(opt)
+    with pytest.raises(error, match="2 (parameter )?groups"):
+        opt.step()
+    assert_unchanged(opt, before)
 
 
 @pytest.mark.parametrize("grouped", [False, True])

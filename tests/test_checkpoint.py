@@ -421,6 +421,43 @@ def test_group_names_and_tuple_or_numpy_keys_survive_a_round_trip(tmp_path):
     np.testing.assert_array_equal(loaded.flat_params, opt.flat_params)
 
 
+@pytest.mark.parametrize("name, kwargs", [
+    ("Adam", dict(lr=np.float32(1e-3))), ("Adam", dict(lr=np.int64(1))),
+    ("Adam", dict(amsgrad=np.True_)), ("Adam", dict(betas=(np.float32(0.9), 0.999))),
+    ("ASGD", dict(lr=np.float32(0.01), alpha=np.float32(0.7), t0=np.int64(3))),
+], ids=str)
+def test_numpy_scalar_hyperparameters_save_and_resume_bitwise(tmp_path, name, kwargs):
+    """NumPy scalars passed every check and stepped, but then the checkpoint did not
+    save (not JSON). They are kept as the Python numbers they equal, which the file
+    holds exactly, so the resumed run computes as the uninterrupted one (the host math
+    in float64 on both sides, where NumPy keeps a float32's in float32)."""
+    rng = np.random.default_rng(1)
+    opt = getattr(fastopt, name)([{"params": [rng.standard_normal(30).astype(f32)]},
+                                  {"params": [rng.standard_normal(7).astype(f32)]}], **kwargs)
+    for t in range(8):
+        if t == 2:
+            opt.param_groups[1]["lr"] = np.float32(0.02)  # between steps too
+        if t == 4:
+            fastopt.save(opt, tmp_path / "c.npz")
+            resumed = fastopt.load(tmp_path / "c.npz")
+        opt.step(gradient(t, opt.flat_params))
+        if t >= 4:
+            resumed.step(gradient(t, resumed.flat_params))
+    np.testing.assert_array_equal(resumed.flat_params, opt.flat_params)
+    for key, value in opt.state.items():
+        np.testing.assert_array_equal(resumed.state[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize("thing", [{"w": np.ones(3, f32)}, None, "opt.npz"])
+def test_saving_what_is_no_optimizer_is_a_type_error_naming_what_save_takes(tmp_path, thing):
+    with pytest.raises(TypeError, match="save takes a fastopt optimizer .* got "
+                                        f"{type(thing).__name__}"):
+        fastopt.save(thing, tmp_path / "c.npz")
+    with pytest.raises(TypeError, match="got EMA"):
+        fastopt.save(fastopt.EMA([np.ones(3, f32)]), tmp_path / "c.npz")
+    assert not list(tmp_path.iterdir())
+
+
 def test_saved_files_follow_the_umask_and_a_missing_folder_is_named(tmp_path):
     opt = fastopt.SGD([np.ones(2, f32)])
     old = os.umask(0o022)

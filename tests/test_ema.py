@@ -1,6 +1,9 @@
 """fastopt.EMA against a float64 reference: the update, bias correction, copy_to/restore,
 the structures it tracks, its errors, and the serial and parallel kernels."""
 
+import copy
+import pickle
+
 import numpy as np
 import pytest
 
@@ -212,6 +215,93 @@ def test_bad_arguments_are_refused(params, kwargs, error, match):
     params = [np.ones(3, f32)] if isinstance(params, str) else params
     with pytest.raises(error, match=match):
         fastopt.EMA(params, **kwargs)
+
+
+@pytest.mark.parametrize("value, error", [
+    (2.0, ValueError), (1.0, ValueError), (-0.1, ValueError), (float("nan"), ValueError),
+    ("0.5", TypeError), (None, TypeError), (True, TypeError),
+])
+def test_decay_set_later_is_checked_as_the_constructor_checks_it(value, error):
+    w = np.ones(4, f32)
+    ema = fastopt.EMA([w], decay=0.9, bias_correction=False)
+    with pytest.raises(error, match="decay"):
+        ema.decay = value
+    assert ema.decay == 0.9
+    ema.update()
+    np.testing.assert_array_equal(ema.shadow, 1.0)  # 0.9 * 1 + 0.1 * 1, not a diverging one
+    ema.decay = np.float32(0.5)  # any real number in [0, 1), kept as a float
+    assert type(ema.decay) is float and ema.decay == 0.5
+
+
+def trained_ema(decay=0.9, bias_correction=True, steps=4):
+    opt = fastopt.SGD([initial_params(4, 9)], lr=0.1, momentum=0.5)
+    ema = fastopt.EMA(opt, decay=decay, bias_correction=bias_correction)
+    for g in gradients(4, 9, steps):
+        opt.step(g)
+        ema.update()
+    return opt, ema
+
+
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_a_state_dict_resumes_the_average_exactly(bias_correction):
+    """The shadow and its count (which the bias correction divides by) were lost at a
+    resume: an EMA of the resumed parameters starts again from what state_dict holds."""
+    opt, ema = trained_ema(bias_correction=bias_correction)
+    state = pickle.loads(pickle.dumps(ema.state_dict()))  # plain: arrays and numbers
+    assert set(state) == {"shadow", "updates", "decay", "bias_correction"}
+    assert type(state["shadow"]) is np.ndarray and state["updates"] == 4
+    ema.state_dict()["shadow"][:] = 0  # a copy
+    assert ema.shadow.any()
+    resumed_opt = fastopt.SGD([np.zeros(9, f32)], lr=0.1, momentum=0.5)
+    resumed_opt.load_state_dict(opt.state_dict())
+    resumed = fastopt.EMA(resumed_opt, decay=0.5, bias_correction=not bias_correction)
+    resumed.load_state_dict(state)
+    assert (resumed.decay, resumed.bias_correction) == (0.9, bias_correction)
+    for either, o in ((ema, opt), (resumed, resumed_opt)):
+        for g in gradients(5, 9, 3):
+            o.step(g)
+            either.update()
+    assert resumed.updates == ema.updates == 7
+    np.testing.assert_array_equal(resumed.shadow, ema.shadow)
+    with ema.applied(), resumed.applied():
+        np.testing.assert_array_equal(resumed_opt.flat_params, opt.flat_params)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (None, TypeError, "state must be a dict"),
+    ({"shadow": None}, TypeError, "shadow"),
+    ({"shadow": np.zeros(8, f32)}, ValueError, r"shadow'\] must be float32 of shape \(9,\)"),
+    ({"shadow": np.zeros((9, 1), f32)}, ValueError, "shadow"),
+    ({"shadow": np.zeros(9)}, ValueError, "shadow"),
+    ({"updates": -1}, ValueError, "updates"),
+    ({"updates": 1.5}, TypeError, "updates"),
+    ({"updates": True}, TypeError, "updates"),
+    ({"decay": 1.0}, ValueError, "decay"),
+    ({"bias_correction": "yes"}, TypeError, "bias_correction"),
+    ({"extra": 1}, ValueError, "must hold"),
+], ids=["not a dict", "shadow None", "shadow short", "shadow 2-D", "shadow float64",
+        "updates < 0", "updates a float", "updates a bool", "decay 1", "bias_correction str",
+        "an extra key"])
+def test_a_bad_ema_state_dict_is_refused_and_changes_nothing(change, error, match):
+    _, ema = trained_ema()
+    state = None if change is None else {**ema.state_dict(), **change}
+    before = ema.state_dict()
+    with pytest.raises(error, match=match):
+        ema.load_state_dict(state)
+    with pytest.raises(ValueError, match="must hold"):
+        ema.load_state_dict({"shadow": before["shadow"]})
+    after = ema.state_dict()
+    np.testing.assert_array_equal(after.pop("shadow").view(np.uint32),
+                                  before.pop("shadow").view(np.uint32))
+    assert after == before
+
+
+@pytest.mark.parametrize("copy_it", [pickle.dumps, copy.copy, copy.deepcopy])
+def test_pickle_and_copy_of_an_ema_are_refused_pointing_to_its_state_dict(copy_it):
+    # A copy would average copies of the arrays, which no optimizer steps.
+    _, ema = trained_ema()
+    with pytest.raises(TypeError, match="EMA cannot be pickled or copied.*state_dict"):
+        copy_it(ema)
 
 
 @pytest.mark.parametrize("call", ["copy_to", "applied", "restore"])

@@ -267,6 +267,15 @@ def test_a_bad_state_dict_is_refused_and_changes_nothing(change, error):
     assert scaler.state_dict() == before
 
 
+@pytest.mark.parametrize("state", [None, "x", [("scale", 1.0)]], ids=str)
+def test_a_state_dict_that_is_no_dict_is_a_type_error_and_changes_nothing(state):
+    scaler = fastopt.DynamicLossScaler(init_scale=8.0)
+    before = scaler.state_dict()
+    with pytest.raises(TypeError, match=f"state must be a dict.* got {type(state).__name__}"):
+        scaler.load_state_dict(state)
+    assert scaler.state_dict() == before
+
+
 @pytest.mark.parametrize("via", ["scaler", "skip_nonfinite", "torch"])
 def test_finite_gradients_that_overflow_once_unscaled_are_skipped(via):
     """A scale below 1 multiplies the gradients: 3e38 / 0.5 overflows float32 in the

@@ -201,7 +201,7 @@ def _bypassing(group, key, value):
     lambda g: g.__setitem__("lr", 0.02),
     lambda g: g.update(lr=0.02),
     lambda g: g.__ior__({"lr": 0.02}),
-    lambda g: g.setdefault("note", "x"),
+    lambda g: g.setdefault("name", "x"),
     lambda g: (_bypassing(g, "note", 1), g.pop("note")),
     lambda g: (_bypassing(g, "note", 1), g.__delitem__("note")),
     lambda g: (_bypassing(g, "note", 1), g.popitem()),

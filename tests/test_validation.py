@@ -54,6 +54,11 @@ STEP_CASES = {
     "weight_decay < 0": (set_group("weight_decay", -0.1), ValueError, "weight_decay >= 0"),
     "amsgrad not a bool": (set_group("amsgrad", 1), TypeError, "amsgrad must be True or False"),
     "lr schedule returns < 0": (set_group("lr", lambda t: -1.0), ValueError, "lr schedule"),
+    "a group key that is no hyperparameter": (set_group("weight_decy", 0.5), ValueError,
+                                              r"param_groups\[0\] has unknown options "
+                                              r"\['weight_decy'\]; a group may set"),
+    "a hyperparameter deleted": (lambda o: (o.param_groups[0].pop("eps"), o.step()), ValueError,
+                                 r"param_groups\[0\] lacks the hyperparameters \['eps'\]"),
     "flat grads float64": (lambda o: o.step(np.ones(16)), TypeError, "grads must be float32"),
     "flat grads too short": (lambda o: o.step(np.ones(15, f32)), ValueError, "16 elements"),
     "flat grads 2-D": (lambda o: o.step(np.ones((4, 4), f32)), ValueError, "1-D"),
@@ -95,6 +100,59 @@ def test_bad_input_to_a_live_optimizer_changes_nothing(case, steady):
     with pytest.raises(error, match=match):
         bad(opt)
     assert_unchanged(opt, before)
+
+
+# Edits of opt.state between steps: (edit, error type, what the message must mention).
+STATE_CASES = {
+    "state emptied": (lambda o: setattr(o, "state", {}), ValueError, "state has no 'step'"),
+    "state not a dict": (lambda o: setattr(o, "state", [0]), TypeError, "state must be"),
+    "step < 0": (lambda o: o.state.update(step=-1), ValueError, r"state\['step'\] must be >= 0"),
+    "step a string": (lambda o: o.state.update(step="3"), TypeError, "must be an int"),
+    "step a float": (lambda o: o.state.update(step=1.5), TypeError, "must be an int"),
+    "step a bool": (lambda o: o.state.update(step=True), TypeError, "must be an int"),
+    "a begun buffer removed": (lambda o: o.state.pop("exp_avg"), ValueError,
+                               r"state\['exp_avg'\] was removed.*16 float32 elements"),
+}
+
+
+@pytest.mark.parametrize("case", STATE_CASES, ids=str)
+@pytest.mark.parametrize("steady", [False, True], ids=["", "steady"])
+def test_a_bad_step_count_or_a_removed_state_buffer_is_refused_and_changes_nothing(case,
+                                                                                     steady):
+    """These failed with a KeyError, ZeroDivisionError or a TypeError about str, or (a
+    float count) went on and saved a checkpoint that does not load."""
+    edit, error, match = STATE_CASES[case]
+    opt = fresh(steady)
+    edit(opt)
+    before = snapshot(opt) if isinstance(opt.state, dict) else None
+    with pytest.raises(error, match=match):
+        opt.step()
+    if before is not None:
+        assert_unchanged(opt, before)
+
+
+@pytest.mark.parametrize("name", ["exp_avg", "exp_avg_absmax", "exp_avg_small"])
+def test_an_8_bit_state_array_removed_is_refused_and_changes_nothing(name):
+    opt = fastopt.Adam({"w": np.ones(5000, f32), "b": np.ones(3, f32)}, state_dtype="int8")
+    opt.step(np.ones(5003, f32))
+    del opt.state[name]
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=rf"state\['{name}'\] was removed"):
+        opt.step(np.ones(5003, f32))
+    assert_unchanged(opt, before)
+
+
+@pytest.mark.parametrize("steady", [False, True], ids=["", "steady"])
+def test_a_numpy_integer_step_count_is_taken_as_the_int_it_equals(steady, tmp_path):
+    opt, twin = fresh(steady), fresh(steady)
+    opt.state["step"] = np.int64(opt.state["step"])
+    opt.step()
+    twin.step()
+    assert type(opt.state["step"]) is int and opt.state["step"] == twin.state["step"]
+    np.testing.assert_array_equal(opt.flat_params, twin.flat_params)
+    opt.state["step"] = np.int64(opt.state["step"])
+    fastopt.save(opt, tmp_path / "c.npz")  # saved as the int it equals
+    assert fastopt.load(tmp_path / "c.npz").state["step"] == twin.state["step"]
 
 
 def test_a_group_whose_host_state_overflows_stops_the_step_before_any_group_moves():
@@ -192,6 +250,6 @@ def test_hyperparameters_edited_in_place_or_replaced_by_an_equal_value_are_check
         opt.step()
     assert_unchanged(opt, before)
     del opt.param_groups[0]["eps"]
-    with pytest.raises(KeyError, match="eps"):
+    with pytest.raises(ValueError, match=r"param_groups\[0\] lacks the hyperparameters \['eps'\]"):
         opt.step()
     assert_unchanged(opt, before)

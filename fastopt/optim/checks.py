@@ -1,6 +1,7 @@
 """Checks of hyperparameter values, with torch's messages: each raises TypeError or
 ValueError naming the argument and what was expected."""
 
+import math
 import numbers
 
 import numpy as np
@@ -14,6 +15,13 @@ def real(name, value):
     if abs(value) > FLOAT32_MAX:
         raise ValueError(f"{name}={value} does not fit in float32")
     return float(value)
+
+
+def check_number(name, value):
+    """A real number of any sign, as torch takes it (ASGD's ``alpha`` and ``t0``), but
+    not NaN, which no step can use."""
+    if math.isnan(real(name, value)):
+        raise ValueError(f"Invalid {name} value: {value} (expected a number, not NaN)")
 
 
 def check_nonnegative(name, value, label=None):
@@ -44,6 +52,17 @@ def check_betas(betas, count=2):
 def check_flag(name, value):
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def plain(value):
+    """``value`` with NumPy scalars (also in a tuple) as the Python numbers they equal:
+    ``np.float32(0.1)`` becomes the float it holds exactly, so that the host math is
+    float64's (NumPy would keep it in float32) and the value saves to JSON."""
+    if isinstance(value, (np.bool_, np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, tuple) and any(isinstance(item, np.generic) for item in value):
+        return tuple(map(plain, value))
+    return value
 
 
 def positive_or_none(name, value):

@@ -3,6 +3,7 @@
 import bisect
 import functools
 import math
+import numbers
 import operator
 import threading
 
@@ -136,10 +137,13 @@ class Optimizer:
             its changes), one per group, holding the group's ``params``
             (views, fixed at construction) and its hyperparameters; change them between
             steps (``opt.param_groups[0]["lr"] = 1e-4``) and the next step uses the new
-            values, validated again.
-        state: ``step`` (the number of steps taken) and the state buffers, flat over all
-            groups, each created on the first step that needs it. Host-side values that
-            differ per group (NAdam's ``mu_product``) are lists with one entry per group.
+            values, validated again. The groups themselves are fixed at construction: a
+            step refuses a list that lost or gained one (an lr of 0 stops a group).
+        state: ``step`` (the number of steps taken, an int) and the state buffers, flat
+            over all groups, each created on the first step that needs it; one may be
+            replaced between steps by an array of its own of the same dtype and size.
+            Host-side values that differ per group (NAdam's ``mu_product``) are lists
+            with one entry per group.
         last_grad_norm: the global gradient norm (after unscaling, before clipping)
             measured by the last step that measured it, or None.
         skipped_steps: how many steps ``skip_nonfinite`` has skipped.
@@ -324,7 +328,8 @@ class Optimizer:
             plain = grads is None and grad_scale is None and skip_nonfinite is None
             if plain and self._steady is not None and self._steady.step(self):
                 return  # set up as the step before, which did all the checks
-            step = self.state["step"] + 1
+            self._check_group_count()
+            step = self._steps_taken() + 1
             plans = [self._plan(index, group, step)
                      for index, group in enumerate(self.param_groups)]
             self._check_state(plans)
@@ -352,6 +357,36 @@ class Optimizer:
                     self.state[name][index] = value
             self.state["step"] = step
             self._steady = Steady.of(self, plans) if plain else None
+
+    def _check_group_count(self):
+        """Refuse param_groups that no longer hold one group per group built, which the
+        step would silently go on without (or fail on)."""
+        groups, count = self.param_groups, len(self._layouts)
+        if not isinstance(groups, list):
+            raise TypeError(f"param_groups must be the list of the optimizer's {count} "
+                            f"groups, got {type(groups).__name__}")
+        if len(groups) != count:
+            raise ValueError(f"the optimizer was built with {count} parameter groups, but "
+                             f"param_groups holds {len(groups)}: they are fixed at "
+                             "construction, as their params are views into flat_params; to "
+                             "stop a group's training, set its lr to 0 instead of removing it")
+
+    def _steps_taken(self):
+        """``state["step"]``, checked: the count that the next step goes on from."""
+        if not isinstance(self.state, dict):
+            raise TypeError(f"state must be the optimizer's dict of 'step' and the state "
+                            f"buffers, got {type(self.state).__name__}")
+        if "step" not in self.state:
+            raise ValueError("state has no 'step', the number of steps taken, which the "
+                             "next step goes on from (with the state buffers)")
+        count = self.state["step"]
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral):
+            raise TypeError(f"state['step'] must be an int, the number of steps taken, "
+                            f"got {count!r}")
+        if count < 0:
+            raise ValueError(f"state['step'] must be >= 0, the number of steps taken, "
+                             f"got {count}")
+        return int(count)
 
     def _plan(self, index, group, step):
         """``(group, spec, fresh, h, host)`` for one group's part of step ``step``: the
@@ -404,6 +439,10 @@ class Optimizer:
         """:meth:`_check_state` of the arrays that hold the state buffer ``name``."""
         for array, size, dtype in self._kept(name):
             buffer = self.state.get(array)
+            if buffer is None and any(name in started for started in self._started):
+                raise ValueError(f"state['{array}'] was removed, but a group has begun it "
+                                 "and the next step goes on from it: put back an array of "
+                                 f"{size} {dtype} elements (zeros start it over)")
             if buffer is None or buffer is self._state_checked.get(array):
                 continue
             if (getattr(buffer, "dtype", None) != dtype
@@ -414,6 +453,14 @@ class Optimizer:
                                 f"shape {(size,)} on {self.device}, as the optimizer keeps "
                                 f"it; got {type(buffer).__name__} "
                                 f"{getattr(buffer, 'dtype', '')} {getattr(buffer, 'shape', '')}")
+            if not self._backend.is_writeable(buffer):
+                raise ValueError(f"state['{array}'] must be writeable: every step updates "
+                                 "it in place")
+            others = [*self._buffers(), ("the gradients", self.flat_grads)]
+            for other, value in others if size else ():
+                if other != f"state['{array}']" and self._backend.overlaps(buffer, value):
+                    raise ValueError(f"state['{array}'] must not share memory with {other}: "
+                                     "the step would write one over the other")
             self._state_checked[array] = buffer
 
     def _allocate_state(self, plans):
@@ -541,6 +588,13 @@ class Optimizer:
         return bisect.bisect_left(offsets, start), bisect.bisect_left(offsets, stop)
 
     def _check_group(self, index, group):
+        names = self.spec.defaults
+        _check_options(f"param_groups[{index}]", group, names)
+        missing = [name for name in names if name not in group]
+        if missing:
+            raise ValueError(f"param_groups[{index}] lacks the hyperparameters {missing}: "
+                             "a group holds every one (the optimizer's default where not "
+                             "given); set it instead of deleting it")
         try:
             self._check(group)
             if group.get("caution") and self._storage.quantized:
@@ -660,7 +714,7 @@ class Optimizer:
         if self.master_params is not None:
             yield "the master weights", self.master_params
         for name, value in self.state.items():
-            if hasattr(value, "shape"):
+            if hasattr(value, "shape") and not isinstance(value, np.generic):  # a NumPy count
                 yield f"state['{name}']", value
 
     def _copy_structured(self, grads):
@@ -783,19 +837,24 @@ def _split_groups(params, defaults):
     and whether params came as a list of group dicts."""
     if not (isinstance(params, (list, tuple)) and params and isinstance(params[0], dict)):
         return [params], [dict(defaults)], False
-    allowed = set(defaults) | {"params", "name"}
     structures, groups = [], []
     for index, group in enumerate(params):
         if not isinstance(group, dict) or "params" not in group:
             raise TypeError(f"params[{index}] must be a dict with a 'params' entry, like "
                             "the other parameter groups")
-        unknown = set(group) - allowed
-        if unknown:
-            raise ValueError(f"params[{index}] has unknown options {sorted(map(str, unknown))}; "
-                             f"a group may set {sorted(allowed - {'params'})}")
+        _check_options(f"params[{index}]", group, defaults)
         structures.append(group["params"])
         groups.append({**defaults, **{k: v for k, v in group.items() if k != "params"}})
     return structures, groups, True
+
+
+def _check_options(where, group, names):
+    """Refuse a key of ``group`` that is none of the hyperparameters ``names``, "params"
+    and "name": a typo that no step would read."""
+    unknown = set(group) - set(names) - {"params", "name"}
+    if unknown:
+        raise ValueError(f"{where} has unknown options {sorted(map(str, unknown))}; "
+                         f"a group may set {sorted({*names, 'name'})}")
 
 
 def _scheduled_lr(index, schedule, t):

@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import checkpoint
 from ..checkpoint import Snapshot
-from .checks import check_flag, positive_or_none
+from .checks import check_flag, plain, positive_or_none
 from .spec import ALGORITHMS
 
 OPTIONS = ("clip_grad_norm", "clip_grad_value", "skip_nonfinite")
@@ -38,11 +38,13 @@ def take(opt):
             started=[sorted(started) for started in opt._started],
             layout=[layout_record(layout) for layout in opt._layouts],
             storage=opt._storage.record())
-        record = json.loads(json.dumps(record))  # JSON values, copied before the lock opens
+        # JSON values, copied before the lock opens
+        record = json.loads(json.dumps(record, default=_json_number))
         master = None if opt.master_params is None else to_host(opt.master_params)
         return Snapshot(**record, params=to_host(opt.flat_params), master=master,
                         buffers={name: to_host(value) for name, value in opt.state.items()
-                                 if hasattr(value, "shape")})
+                                 if hasattr(value, "shape")
+                                 and not isinstance(value, np.generic)})  # a NumPy count
 
 
 def restore(opt, snapshot):
@@ -181,10 +183,19 @@ def _hyperparameters(group):
             value = {"schedule": repr(value)}
         saved[key] = value
     try:
-        json.dumps(saved)
+        json.dumps(saved, default=_json_number)
     except TypeError as error:
         raise TypeError(f"a hyperparameter cannot be saved: {error}") from None
     return saved
+
+
+def _json_number(value):
+    """A NumPy scalar (a hyperparameter or a step count the user set) as the Python
+    number it equals exactly, which JSON writes and a restore reads back as it was."""
+    number = plain(value)
+    if number is value or isinstance(number, np.generic):
+        raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+    return number
 
 
 def _restored_groups(opt, saved_groups):

@@ -165,7 +165,7 @@ def weight_decay(default=0.0):
 
 
 def number(name, default, **kinds):
-    return Hyperparameter(name, default, lambda value: checks.real(name, value), **kinds)
+    return Hyperparameter(name, default, lambda value: checks.check_number(name, value), **kinds)
 
 
 def flag(name, default=False, **kinds):

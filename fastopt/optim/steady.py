@@ -26,6 +26,7 @@ import operator
 
 from ..kernels._template import float32s
 from . import engine
+from .checks import plain
 
 
 class Group(dict):
@@ -35,16 +36,20 @@ class Group(dict):
     step at 1e3 parameters). A value changed in place (an element of a list) is not a
     change of the group: groups that hold lists take the plain path, which checks
     them. Neither are changes made through dict's own methods
-    (``dict.update(group, ...)``), which go around the group's."""
+    (``dict.update(group, ...)``), which go around the group's.
+
+    A NumPy scalar put in a group is kept as the Python number it equals
+    (``checks.plain``): a step's host math is then float64's whatever type the value
+    came in, as it is after a checkpoint, which saves it as that number."""
 
     changes = 0  # a class default: unpickling sets the items before the attributes
 
     def __init__(self, *args, **kwargs):  # also when called again, on a live group
-        super().__init__(*args, **kwargs)
+        super().__init__(_plain(*args, **kwargs))
         self.changes += 1
 
     def __setitem__(self, key, value):
-        super().__setitem__(key, value)
+        super().__setitem__(key, plain(value))
         self.changes += 1
 
     def __delitem__(self, key):
@@ -56,12 +61,12 @@ class Group(dict):
         return self
 
     def update(self, *args, **kwargs):
-        super().update(*args, **kwargs)
+        super().update(_plain(*args, **kwargs))
         self.changes += 1
 
     def setdefault(self, key, default=None):
         self.changes += 1
-        return super().setdefault(key, default)
+        return super().setdefault(key, plain(default))
 
     def pop(self, *args):
         self.changes += 1
@@ -74,6 +79,11 @@ class Group(dict):
     def clear(self):
         super().clear()
         self.changes += 1
+
+
+def _plain(*args, **kwargs):
+    """The items of ``dict(*args, **kwargs)``, their NumPy scalars as Python numbers."""
+    return {key: plain(value) for key, value in dict(*args, **kwargs).items()}
 
 
 class Steady:
@@ -126,7 +136,10 @@ class Steady:
         if not self._unchanged(opt):
             return False
         state, groups = self.state, self.groups
-        step = state["step"] + 1
+        count = state.get("step")
+        if type(count) is not int or count < 0:
+            return False  # the plain step refuses it, saying why
+        step = count + 1
         if self.host:
             return self._step_with_host(opt, step)
         # Every group's scalars before the first launch: one may raise.
