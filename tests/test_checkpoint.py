@@ -410,6 +410,25 @@ def test_an_adafactor_checkpoint_that_names_its_state_second_still_loads(tmp_pat
         into.load(path)
 
 
+@pytest.mark.parametrize("edit, error", [
+    (lambda opt: opt.param_groups[0].__setitem__("weight_decy", 0.5), ValueError),
+    (lambda opt: opt.param_groups[1].__setitem__("lr", -1.0), ValueError),
+    (lambda opt: opt.param_groups.pop(), ValueError),
+    (lambda opt: opt.state.__setitem__("step", 1.5), TypeError),
+], ids=["typo", "bad lr", "group removed", "fractional step"])
+def test_what_a_load_would_refuse_is_refused_by_the_save(trained, tmp_path, edit, error):
+    # Edited between steps, the groups and the step count were checked by the next
+    # step only: a save before it wrote a file that no load took.
+    opt, _ = trained
+    edit(opt)
+    path = tmp_path / "edited.npz"
+    with pytest.raises(error):
+        fastopt.save(opt, path)
+    with pytest.raises(error):
+        opt.state_dict()
+    assert not path.exists()
+
+
 def test_group_names_and_tuple_or_numpy_keys_survive_a_round_trip(tmp_path):
     opt = fastopt.SGD([{"params": {("block", 1): np.ones(2, f32), np.int64(3): np.ones(1, f32)},
                         "name": "body"}], lr=0.1)

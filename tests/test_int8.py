@@ -3,6 +3,8 @@ argmin over the dynamic map, the first step's codes against an independent quant
 and the steps against float32 Adam and against bitsandbytes' Adam8bit, measured the same
 way in the same test."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from numba import njit
@@ -251,10 +253,13 @@ def test_caution_is_refused_with_8_bit_state_before_any_write():
     with pytest.raises(ValueError, match="caution=True takes two passes"):
         opt.step(np.ones(5000, f32))
     assert (opt.flat_params == 1).all() and opt.state["step"] == 0
-    snapshot = opt.snapshot()
-    opt.param_groups[0]["caution"] = False
     with pytest.raises(ValueError, match="caution=True takes two passes"):
-        opt.restore(snapshot)
+        opt.snapshot()  # nor saved
+    opt.param_groups[0]["caution"] = False
+    taken = opt.snapshot()
+    cautious = dataclasses.replace(taken, groups=[{**taken.groups[0], "caution": True}])
+    with pytest.raises(ValueError, match="caution=True takes two passes"):
+        opt.restore(cautious)
     assert opt.param_groups[0]["caution"] is False
 
 

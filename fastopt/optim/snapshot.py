@@ -25,14 +25,20 @@ OPTIONS = ("clip_grad_norm", "clip_grad_value", "skip_nonfinite")
 
 
 def take(opt):
-    """The :class:`Snapshot` of ``opt``: copies, taken under its lock."""
+    """The :class:`Snapshot` of ``opt``: copies, taken under its lock. The groups and the
+    step count are checked as the next step checks them (they may have been edited
+    since the last), so that no checkpoint is written that a load would refuse."""
     with opt._lock:
+        opt._check_group_count()
+        step = opt._steps_taken()
+        for index, group in enumerate(opt.param_groups):
+            opt._check_group(index, group)
         to_host = opt._backend.to_host
         record = dict(
             algorithm=type(opt).__name__,
             groups=[_hyperparameters(group) for group in opt.param_groups],
             options={name: getattr(opt, name) for name in OPTIONS},
-            step=opt.state["step"], skipped_steps=opt.skipped_steps,
+            step=step, skipped_steps=opt.skipped_steps,
             last_grad_norm=opt.last_grad_norm,
             host={name: opt.state[name] for name in opt.spec.host},
             started=[sorted(started) for started in opt._started],
