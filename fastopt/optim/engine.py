@@ -156,7 +156,8 @@ class Work:
         state: the flat state buffers of ``present``, by name.
         present: the state buffers this step uses, in the rule's order.
         state_starts: a function of a buffer's name to an int64 array: where each
-            tensor's part of the buffer ``name`` begins (-1 where it has none; see :func:`state_layout`).
+            tensor's part of the buffer ``name`` begins (-1 where it has none; see
+            :func:`state_layout`).
         prep: the factors of ``rules.prepare``.
         keep_subnormals: the algorithm's ``Spec.keeps_subnormals``.
         cache: a dict the front keeps for this launch between steps (plans).

@@ -20,6 +20,7 @@ from ..precision import (MIN_QUANTIZED_SIZE, NOTHING_TO_ROUND, TWO_PASSES, Stora
 from . import engine
 from .checks import check_flag, check_lr, positive_or_none
 from .snapshot import restore as restore_snapshot
+from .snapshot import state_buffers
 from .snapshot import take as take_snapshot
 from .spec import ALGORITHMS, constructor
 from .steady import Group, Steady
@@ -713,9 +714,8 @@ class Optimizer:
         yield "the parameters", self.flat_params
         if self.master_params is not None:
             yield "the master weights", self.master_params
-        for name, value in self.state.items():
-            if hasattr(value, "shape") and not isinstance(value, np.generic):  # a NumPy count
-                yield f"state['{name}']", value
+        for name, value in state_buffers(self.state):
+            yield f"state['{name}']", value
 
     def _copy_structured(self, grads):
         if not self._grouped:

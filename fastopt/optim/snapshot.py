@@ -48,9 +48,15 @@ def take(opt):
         record = json.loads(json.dumps(record, default=_json_number))
         master = None if opt.master_params is None else to_host(opt.master_params)
         return Snapshot(**record, params=to_host(opt.flat_params), master=master,
-                        buffers={name: to_host(value) for name, value in opt.state.items()
-                                 if hasattr(value, "shape")
-                                 and not isinstance(value, np.generic)})  # a NumPy count
+                        buffers={name: to_host(value)
+                                 for name, value in state_buffers(opt.state)})
+
+
+def state_buffers(state):
+    """``(name, array)`` of each state buffer in an optimizer's ``state``: its arrays,
+    not its numbers (a step count set as a NumPy integer has a shape too)."""
+    return [(name, value) for name, value in state.items()
+            if hasattr(value, "shape") and not isinstance(value, np.generic)]
 
 
 def restore(opt, snapshot):
@@ -151,7 +157,7 @@ def _apply(opt, snapshot, groups, host, started):
     backend.copy(opt.flat_params, snapshot.params)
     if snapshot.master is not None:
         backend.copy(opt.master_params, snapshot.master)
-    for key in [key for key, value in opt.state.items() if hasattr(value, "shape")]:
+    for key, _ in state_buffers(opt.state):
         del opt.state[key]
     opt.state.update(buffers)
     for live, group in zip(opt.param_groups, groups):
