@@ -174,31 +174,37 @@ def _block_chunk(taken, quantized, writes, bits, body, stochastic):
     # Decoded in loops of their own: gathers (map[code]) in the loop that reads and
     # writes the tensors through their addresses keep LLVM from vectorising it (8-bit
     # Adam took 1.7x as long).
-    steps = []
-    for n in quantized:
-        steps += [f"{n}_scale = {n}_absmax[b]", "for i in range(size):",
-                  f"    {n}_old[i] = {quantized[n]}_map[{n}_b[i]] * {n}_scale"]
-    steps += ["for i in range(size):", f"    {stepped}"]
-    for n in written:
-        # The largest magnitude as the largest of the bits without the sign, which is
-        # a NaN where there is one (so every value of the block decodes as NaN), and
-        # a reduction over integers, which vectorises (one over floats does not).
-        steps += [f"{n}_bits = NO_BITS",
-                  "for i in range(size):",
-                  f"    {n}_bits = np.uint32(max({n}_bits, "
-                  f"np.float32({n}_new[i]).view(np.uint32) & MAGNITUDE))",
-                  f"{n}_top = np.uint32({n}_bits).view(np.float32)",
-                  f"{n}_absmax[b] = {n}_top",
-                  f"{n}_inverse = ONE / {n}_top if {n}_top > ZERO else ZERO",
-                  "for i in range(size):",
-                  f"    {n}_b[i] = dynamic_encode({n}_new[i] * {n}_inverse, "
-                  f"{quantized[n]}_buckets)"]
-    # A whole block's loops again with the constant trip count BLOCK, which LLVM
-    # vectorises without remainder loops: with size alone, 8-bit Adam took 1.15x as
-    # long at 2e7 elements (Intel Xeon, AVX-512).
-    lines += ["    if size == BLOCK:",
-              *(f"        {line.replace('range(size)', 'range(BLOCK)')}" for line in steps),
-              "    else:", *(f"        {line}" for line in steps)]
+    def steps(whole):
+        # A whole block's loops run BLOCK times, a constant, which LLVM vectorises
+        # without remainder loops (with size alone, 8-bit Adam took 1.15x as long at 2e7
+        # elements, Intel Xeon, AVX-512), and it is decoded by the driver's decode_block
+        # (kernels.x86's permutes, where they compile).
+        count = "BLOCK" if whole else "size"
+        lines = []
+        for n in quantized:
+            lines += ([f"decode_block({n}_b, {quantized[n]}_map, {n}_absmax[b], {n}_old)"]
+                      if whole else
+                      [f"{n}_scale = {n}_absmax[b]", "for i in range(size):",
+                       f"    {n}_old[i] = {quantized[n]}_map[{n}_b[i]] * {n}_scale"])
+        lines += [f"for i in range({count}):", f"    {stepped}"]
+        for n in written:
+            # The largest magnitude as the largest of the bits without the sign, which
+            # is a NaN where there is one (so every value of the block decodes as NaN),
+            # and a reduction over integers, which vectorises (one over floats does not).
+            lines += [f"{n}_bits = NO_BITS",
+                      f"for i in range({count}):",
+                      f"    {n}_bits = np.uint32(max({n}_bits, "
+                      f"np.float32({n}_new[i]).view(np.uint32) & MAGNITUDE))",
+                      f"{n}_top = np.uint32({n}_bits).view(np.float32)",
+                      f"{n}_absmax[b] = {n}_top",
+                      f"{n}_inverse = ONE / {n}_top if {n}_top > ZERO else ZERO"]
+            lines += [f"for i in range({count}):",
+                      f"    {n}_b[i] = dynamic_encode({n}_new[i] * {n}_inverse, "
+                      f"{quantized[n]}_buckets)"]
+        return lines
+
+    lines += ["    if size == BLOCK:", *(f"        {line}" for line in steps(True)),
+              "    else:", *(f"        {line}" for line in steps(False))]
     return arguments + "".join(f"    {line}\n" for line in lines) + "    return ()\n"
 
 

@@ -16,7 +16,7 @@ try:
 except ImportError:
     from numba import get_num_threads as thread_count
 
-from . import _fp_mode, _template, codecs, rules
+from . import _fp_mode, _template, codecs, rules, x86
 
 # Every element is independent, so the result does not depend on the thread count.
 # error_model="numpy" drops the division-by-zero check that would stop SIMD.
@@ -140,6 +140,18 @@ _prepare = _inline(rules.prepare)
 _CODECS = codecs.compiled(_inline)
 
 
+@njit(inline="always", error_model="numpy")
+def decode_block_by_lookups(codes, table, scale, out):
+    """``x86.decode_block``'s values by table lookups (gathers), for CPUs without
+    AVX-512."""
+    for i in range(codecs.BLOCK):
+        out[i] = table[codes[i]] * scale
+
+
+# How a whole block of 8-bit state is decoded (_template._block_chunk).
+_DECODE_BLOCK = x86.decode_block if x86.AVAILABLE else decode_block_by_lookups
+
+
 def _pointer_at(element):
     @intrinsic
     def at(typingctx, address):
@@ -209,13 +221,15 @@ def _driver(spec, loops):
         "denormals_off": _fp_mode.denormals_off,
         "restore_fp_mode": _fp_mode.restore,
         **_CODECS,
+        "decode_block": _DECODE_BLOCK,
     }
     # reassoc lets LLVM split the float64 sums over several accumulators (the order it
     # picks is fixed at compile time); without it their add latency bounds the loop.
     options = dict(_OPTIONS, fastmath={"reassoc"}) if spec.sums else _OPTIONS
     chunk_options = dict(options, parallel=False, inline="never")
     fingerprint = (repr((options, chunk_options, CHUNK, VECTOR, BLOCKS_PER_CHUNK))
-                   + inspect.getsource(_fp_mode))
+                   + inspect.getsource(_fp_mode) + inspect.getsource(x86)
+                   + repr(x86.AVAILABLE))
     driver = _template.build(spec, loops, namespace, __file__, fingerprint,
                              njit(**chunk_options))
     return njit(**options)(driver)

@@ -1,0 +1,94 @@
+"""A whole block of 8-bit state decoded with AVX-512 permutes, where the portable loop's
+table lookup (``map[code]``) compiles to a gather, which on AMD's Zen cores costs more
+than the rest of the decoding.
+
+AVX-512's two-table permute (``vpermi2ps``) finds 16 lanes' values in a 32-entry table
+held in two registers. So the map's 256 values are 16 registers, and a decode is eight
+permutes and a tree of selects on the codes' top three bits: the portable loop's
+result, bit for bit. What it saves, and why the encoding keeps its gathers: see
+docs/design-notes.md.
+
+Numba has no vector types, so this is an intrinsic that emits the LLVM IR of the whole
+block. It compiles only where LLVM may use AVX-512 (``AVAILABLE``); elsewhere the CPU
+drivers keep the portable loop.
+"""
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils, config
+from numba.core.extending import intrinsic
+
+from . import codecs
+
+LANES = 16
+_I32, _I64 = ir.IntType(32), ir.IntType(64)
+_FLOATS, _INTS = ir.VectorType(ir.FloatType(), LANES), ir.VectorType(_I32, LANES)
+
+
+def _available():
+    """Whether the code Numba compiles may use AVX-512F: the host has it, or the CPU
+    Numba is told to compile for (NUMBA_CPU_NAME, NUMBA_CPU_FEATURES) does."""
+    if config.CPU_FEATURES:
+        return "+avx512f" in config.CPU_FEATURES.split(",")
+    if config.CPU_NAME and config.CPU_NAME != "host":
+        return False  # a named CPU, whose features we would have to guess
+    try:
+        from llvmlite import binding
+        return bool(binding.get_host_cpu_features().get("avx512f", False))
+    except Exception:  # no feature list on this platform
+        return False
+
+
+AVAILABLE = _available()
+
+
+def _function(builder, name, returns, arguments):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(returns, arguments),
+                                          name)
+
+
+def _vector_at(builder, pointer, element):
+    """The pointer to the vector at ``pointer[element:]``, of ``pointer``'s element type."""
+    vector = ir.VectorType(pointer.type.pointee, LANES)
+    return builder.bitcast(builder.gep(pointer, [element]), vector.as_pointer())
+
+
+def _ints(value):
+    return ir.Constant(_INTS, [int(value)] * LANES)
+
+
+def _broadcast(builder, value):
+    undefined = ir.Constant(_FLOATS, ir.Undefined)
+    first = builder.insert_element(undefined, value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(first, undefined, _ints(0))
+
+
+@intrinsic
+def decode_block(typingctx, codes, table, scale, out):
+    """``out[i] = table[codes[i]] * scale`` for the BLOCK uint8 ``codes``, with ``table``
+    the 256 float32 values of a map and ``out`` float32 (contiguous arrays)."""
+    def codegen(context, builder, signature, arguments):
+        codes, table, scale, out = (
+            context.make_array(t)(context, builder, a).data if isinstance(t, types.Array)
+            else a for t, a in zip(signature.args, arguments))
+        permute = _function(builder, "llvm.x86.avx512.vpermi2var.ps.512", _FLOATS,
+                            [_FLOATS, _INTS, _FLOATS])
+        registers = [builder.load(_vector_at(builder, table, ir.Constant(_I64, k * LANES)),
+                                  align=4) for k in range(256 // LANES)]
+        scale = _broadcast(builder, scale)
+        with cgutils.for_range(builder, ir.Constant(_I64, codecs.BLOCK // LANES)) as loop:
+            first = builder.mul(loop.index, ir.Constant(_I64, LANES))
+            code = builder.zext(builder.load(_vector_at(builder, codes, first), align=1),
+                                _INTS)
+            # Index bits 0-4 pick in each pair of registers; bits 5, 6, 7 among the pairs.
+            found = [builder.call(permute, [low, code, high])
+                     for low, high in zip(registers[::2], registers[1::2])]
+            for bit in (5, 6, 7):
+                upper = builder.icmp_unsigned("!=", builder.and_(code, _ints(1 << bit)),
+                                              _ints(0))
+                found = [builder.select(upper, high, low)
+                         for low, high in zip(found[::2], found[1::2])]
+            builder.store(builder.fmul(found[0], scale), _vector_at(builder, out, first),
+                          align=4)
+        return context.get_dummy_value()
+    return types.void(codes, table, scale, out), codegen
