@@ -227,27 +227,33 @@ class HostBackend:
         16-bit stores stochastically with ``rounding = (key, first)`` (see
         ``_template.Pass.stochastic``); ``keep_subnormals`` where the rule's result hangs
         on subnormal numbers, which the kernels otherwise flush."""
+        key, first = rounding or (None, None)
+        self.launcher(rule, present, buffers, prep, keep_subnormals, formats, master,
+                      first)(h, key)
+
+    def launcher(self, rule, present, buffers, prep, keep_subnormals=False, formats=(),
+                 master=False, first=None):
+        """:meth:`run` as a function ``launch(h, key)`` of the scalars and the rounding
+        key (where ``first`` is given: the pass rounds stochastically), for steps that
+        repeat with new ones (see ``fastopt.optim.steady``): the kernel and its other
+        arguments are found once."""
         kernels = self._kernels
         if formats:
             kernel = kernels.kernel(*Pass(rule, present, formats=formats, master=master,
-                                          stochastic=rounding is not None))
+                                          stochastic=first is not None))
             buffers = [*map(precision.bits, buffers)]
         else:
             kernel = kernels.kernel(rule, present)
-        self._call(kernel, buffers[0].size, *buffers, float32s(prep), float32s(h),
-                   *(rounding or ()), flush=kernels.FLUSH_DENORMALS and not keep_subnormals)
-
-    def launcher(self, rule, present, buffers, prep, keep_subnormals=False):
-        """:meth:`run` of float32 ``buffers`` with ``prep`` as a function of ``h`` alone
-        (already ``float32s``), for steps that repeat with new scalars (see
-        ``fastopt.optim.steady``): the kernel and its other arguments are found once."""
-        kernel = self._kernels.kernel(rule, present)
         arguments = (*buffers, float32s(prep))
-        flush = self._kernels.FLUSH_DENORMALS and not keep_subnormals
+        flush = kernels.FLUSH_DENORMALS and not keep_subnormals
         size = buffers[0].size
-        if size < self._kernels.PARALLEL_MIN_SIZE:
-            return lambda h: kernel(*arguments, h, False, flush)
-        return lambda h: self._call(kernel, size, *arguments, h, flush=flush)
+        if first is not None:
+            return lambda h, key: self._call(kernel, size, *arguments, float32s(h), key,
+                                             first, flush=flush)
+        if size < kernels.PARALLEL_MIN_SIZE:
+            return lambda h, key=None: kernel(*arguments, float32s(h), False, flush)
+        return lambda h, key=None: self._call(kernel, size, *arguments, float32s(h),
+                                              flush=flush)
 
     def segments(self, sizes, state_starts, tensor=None, offsets=None, draws=None,
                  rows=None):
@@ -298,12 +304,23 @@ class HostBackend:
         ``(segment, offset, size, small)``, where each segment's state starts, the
         number of elements, and each 8-bit buffer's ``absmax`` and ``small`` arrays, in
         the order of ``spec.formats`` (see ``kernels.cpu.segment_kernel``)."""
+        self.blocks_launcher(spec, tensors, states, blocks, prep, keep_subnormals,
+                             first)(h, key)
+
+    def blocks_launcher(self, spec, tensors, states, blocks, prep, keep_subnormals=False,
+                        first=0):
+        """:meth:`run_blocks` as a function ``launch(h, key)``, as :meth:`launcher`."""
         rows, state_starts, size, arrays = blocks
         kernel, names = self._compiled(spec)
-        self._call(kernel, size, *(getattr(tensors, name) for name in names),
-                   *map(precision.bits, states), float32s(prep), float32s(h),
-                   *((key, first) if spec.stochastic else ()), rows, state_starts, *arrays,
-                   flush=self._kernels.FLUSH_DENORMALS and not keep_subnormals)
+        head = (*(getattr(tensors, name) for name in names), *map(precision.bits, states),
+                float32s(prep))
+        tail = (rows, state_starts, *arrays)
+        flush = self._kernels.FLUSH_DENORMALS and not keep_subnormals
+        if spec.stochastic:
+            return lambda h, key: self._call(kernel, size, *head, float32s(h), key, first,
+                                             *tail, flush=flush)
+        return lambda h, key=None: self._call(kernel, size, *head, float32s(h), *tail,
+                                              flush=flush)
 
     def _compiled(self, spec):
         """The segment kernel of the pass ``spec``, and which of p and g it takes (kept:
@@ -462,6 +479,19 @@ class CudaBackend:
                                       stochastic=rounding is not None))
         kernels.launch(kernel, buffers[0].size, *map(precision.bits, buffers), prep, h,
                        *(rounding or ()))
+
+    def launcher(self, rule, present, buffers, prep, keep_subnormals=False, formats=(),
+                 master=False, first=None):
+        """:meth:`run` as a function ``launch(h, key)`` (see ``HostBackend.launcher``)."""
+        return lambda h, key=None: self.run(rule, present, buffers, prep, h, keep_subnormals,
+                                            formats, master,
+                                            None if first is None else (key, first))
+
+    def blocks_launcher(self, spec, tensors, states, blocks, prep, keep_subnormals=False,
+                        first=0):
+        """:meth:`run_blocks` as a function ``launch(h, key)``."""
+        return lambda h, key=0: self.run_blocks(spec, tensors, states, blocks, prep, h,
+                                                keep_subnormals, key, first)
 
     def segments(self, sizes, state_starts, tensor=None, offsets=None, draws=None,
                  rows=None):

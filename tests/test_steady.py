@@ -99,17 +99,51 @@ def test_a_step_given_arguments_takes_the_plain_path(monkeypatch, step):
     assert len(plans) == 2
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(state_dtype="bfloat16")],
-                         ids=["bfloat16 params", "bfloat16 state"])
-def test_16_bit_buffers_take_the_plain_path(monkeypatch, kwargs):
-    import ml_dtypes
+# Parameter dtype and options of every kind of storage.
+FORMATS = {
+    "bf16 params, master weights": ("bfloat16", {}),
+    "bf16 params, remainders": ("bfloat16", dict(master_weights="remainder")),
+    "bf16 params, no master, stochastic": ("bfloat16", dict(master_weights=None,
+                                                           stochastic_rounding=True, seed=3)),
+    "float16 params, float32 grads": ("float16", dict(grad_dtype="float32")),
+    "bf16 state, stochastic": ("float32", dict(state_dtype="bfloat16",
+                                               stochastic_rounding=True)),
+    "int8 state": ("float32", dict(state_dtype="int8")),
+    "remainders, int8 and bf16 state, stochastic": (
+        "bfloat16", dict(master_weights="remainder", stochastic_rounding=True,
+                         state_dtype={"exp_avg": "int8", "exp_avg_sq": "bfloat16"})),
+}
 
-    dtype = f32 if kwargs else ml_dtypes.bfloat16
-    opt = fastopt.Adam([np.ones(8, dtype)], **kwargs)
+
+def stored(dtype, kwargs, schedule):
+    """AdamW in a storage format over two groups, with tensors large enough for 8-bit
+    state, one too small for it, and the second group's own lr (a schedule, if asked)."""
+    dtype = fastopt.precision.DTYPES[dtype]
+    rng = np.random.default_rng(3)
+    lr = fastopt.schedules.Exponential(0.005, 0.9) if schedule else 0.005
+    return fastopt.AdamW([
+        {"params": [rng.standard_normal((64, 80)).astype(dtype),
+                    rng.standard_normal(300).astype(dtype)]},
+        {"params": [rng.standard_normal(5000).astype(dtype)], "lr": lr}], lr=0.01, **kwargs)
+
+
+@pytest.mark.parametrize("schedule", [False, True], ids=["", "scheduled"])
+@pytest.mark.parametrize("storage", sorted(FORMATS))
+def test_every_storage_format_steps_steadily_and_bitwise_as_the_plain_path(
+        monkeypatch, storage, schedule):
+    dtype, kwargs = FORMATS[storage]
+    steady, plain = stored(dtype, kwargs, schedule), stored(dtype, kwargs, schedule)
+    grads = [g.astype(steady.flat_grads.dtype) for g in gradients(steady.flat_params.size)]
     plans = count_plans(monkeypatch)
-    for _ in range(3):
-        opt.step()
-    assert len(plans) == 3
+    run(steady, grads, plain=False)
+    assert len(plans) == 2  # the two groups of the first step
+    run(plain, grads, plain=True)
+    assert_same(snapshot(steady), snapshot(plain), grads=False)
+    if plain.master_params is not None:
+        np.testing.assert_array_equal(steady.master_params.view(np.uint8),
+                                      plain.master_params.view(np.uint8))
+    assert not np.array_equal(snapshot(steady)["params"], snapshot(stored(dtype, kwargs,
+                                                                          schedule))["params"])
 
 
 def test_options_set_between_steady_steps_take_effect():
@@ -189,6 +223,17 @@ def test_a_state_buffer_or_group_replaced_between_steady_steps_is_checked(change
         error, match = ValueError, "betas"
     before = snapshot(opt)
     with pytest.raises(error, match=match):
+        opt.step()
+    assert_unchanged(opt, before)
+
+
+@pytest.mark.parametrize("name", ["exp_avg_absmax", "exp_avg_small", "exp_avg_sq"])
+def test_an_8_bit_state_array_replaced_between_steady_steps_is_checked(name):
+    opt = stored("float32", dict(state_dtype="int8"), schedule=False)
+    run(opt, gradients(opt.flat_params.size, steps=2), plain=False)
+    opt.state[name] = opt.state[name].astype(np.float64)
+    before = snapshot(opt)
+    with pytest.raises(TypeError, match=rf"state\['{name}'\] must be"):
         opt.step()
     assert_unchanged(opt, before)
 

@@ -551,37 +551,46 @@ class Optimizer:
     def _launch(self, rule, spec, start, stop, g, prep, h, step):
         """Run ``rule`` over ``[start:stop]`` of the parameters, ``g``, the master
         weights (where they are kept) and the state, as step number ``step``."""
+        self._launcher(rule, spec, start, stop, g, prep)(h, step)
+
+    def _launcher(self, rule, spec, start, stop, g, prep):
+        """:meth:`_launch` as a function ``launch(h, step)``, everything else found once:
+        a steady step (``fastopt.optim.steady``) keeps it."""
         master = self.master_params is not None
         buffers = [self.flat_params, g, *map(self.state.__getitem__, spec)]
         if master:
             buffers.insert(2, self.master_params)
         if start or stop != self.flat_params.size:  # a group's part of the buffers
             buffers = [buffer[start:stop] for buffer in buffers]
-        storage = self._storage
+        storage, keep_subnormals = self._storage, self.spec.keeps_subnormals
         if not storage.converts:  # float32: nothing to look up
-            self._backend.run(rule, tuple(spec), buffers, prep, h, self.spec.keeps_subnormals)
-            return
+            launch = self._backend.launcher(rule, tuple(spec), buffers, prep, keep_subnormals)
+            return lambda h, step: launch(h)
         formats = tuple((name, storage.formats[name]) for name in ("p", "g", "w", *spec)
                         if name in storage.formats)
+        stochastic = storage.stochastic
         if any(name in storage.quantized for name in spec):
             # One segment, from start: the group's blocks.
             table, first, last = self._blocks().by_start[start]
             arrays = [array for name in spec if name in storage.quantized
                       for array in (self.state[f"{name}_absmax"][first:last],
                                     self.state[f"{name}_small"])]
-            self._backend.run_blocks(
+            launch = self._backend.blocks_launcher(
                 Pass(rule, tuple(spec), formats=formats, master=master,
                      stochastic=storage.stochastic),
                 self._backend.flat_tensors(self.flat_params, g, [start], self.master_params),
                 [self.state[name] for name in spec],
-                (table, np.array([start], np.int64), stop - start, arrays), prep, h,
-                self.spec.keeps_subnormals, storage.key(step) if storage.stochastic else 0)
-            return
-        # A pass with no 16-bit buffer (SGD without momentum, its state bfloat16) has
-        # nothing to round.
-        rounding = (storage.key(step), start) if storage.stochastic and formats else None
-        self._backend.run(rule, tuple(spec), buffers, prep, h, self.spec.keeps_subnormals,
-                          formats, master, rounding)
+                (table, np.array([start], np.int64), stop - start, arrays), prep,
+                keep_subnormals)
+        else:
+            # A pass with no 16-bit buffer (SGD without momentum, its state bfloat16) has
+            # nothing to round.
+            stochastic = stochastic and bool(formats)
+            launch = self._backend.launcher(rule, tuple(spec), buffers, prep, keep_subnormals,
+                                            formats, master, start if stochastic else None)
+        if not stochastic:
+            return lambda h, step: launch(h)
+        return lambda h, step: launch(h, storage.key(step))
 
     def _tensor_range(self, start, stop):
         """``(first, last)``: the tensors whose offsets lie in ``[start:stop]``."""

@@ -6,7 +6,7 @@ goes to checking the hyperparameters and the state buffers, looking up the kerne
 rounding ``prep`` to float32. In a training loop nothing of that changes from one step
 to the next but the step count.
 
-:class:`Steady` keeps what a plain step of float32 buffers on the CPU derived. The next
+:class:`Steady` keeps what a plain step on the CPU derived. The next
 step takes it after finding every group unchanged (a :class:`Group` counts the changes
 made to it), and the state dict, its buffers and the flat buffers to be the objects
 that step used. It computes only what the step count changes, with the functions the
@@ -16,15 +16,17 @@ is written. A schedule may change the optimizer as it runs: the checks run again
 it.
 
 Everything else takes the plain path: a step given gradients, a loss scale or
-``skip_nonfinite``, clipping by norm or the non-finite skip, 16-bit or 8-bit storage,
-a step of several passes (LAMB, caution ...), a list among the hyperparameters (it
-could change in place), CUDA, and the step after anything changed, which sets up the
-next Steady. The option setters and a restore drop it.
+``skip_nonfinite``, clipping by norm or the non-finite skip, a step of several passes
+(LAMB, caution ...), a list among the hyperparameters (it could change in place), CUDA,
+and the step after anything changed, which sets up the next Steady. The option setters
+and a restore drop it. Every storage format takes it (16-bit parameters, master weights,
+16-bit and 8-bit state, stochastic rounding): the launch, which the plain step builds
+(``Optimizer._launcher``), is kept, and each step passes it the step count, from which
+stochastic rounding draws.
 """
 
 import operator
 
-from ..kernels._template import float32s
 from . import engine
 from .checks import plain
 
@@ -103,9 +105,7 @@ class Steady:
         """The Steady of the plain step of ``opt`` that just took ``plans`` (those of
         ``Optimizer._plan``) over ``flat_grads``, without loss scale or a skip option
         passed to it; None where the next step must take the plain path."""
-        storage = opt._storage
-        if (opt.device != "cpu" or opt.clip_grad_norm is not None or opt.skip_nonfinite
-                or storage.converts or storage.quantized or opt.master_params is not None):
+        if opt.device != "cpu" or opt.clip_grad_norm is not None or opt.skip_nonfinite:
             return None
         if not all(engine.single_pass(opt, plan[3]) for plan in plans):
             return None  # first: the algorithms of several passes ask at every step
@@ -119,14 +119,14 @@ class Steady:
                     or tuple(live) != keys or not all(map(operator.is_, live.values(), values))
                     or not opt._started[index].issuperset(spec)):
                 return None
-            buffers.update((name, opt.state[name]) for name in spec)
+            # Every array of each buffer: 8-bit state's absmax and small ones too.
+            buffers.update((array, opt.state[array]) for name in spec
+                           for array, _, _ in opt._kept(name))
             layout = opt._layouts[index]
-            arrays = [array[layout.start:layout.stop] for array in
-                      (opt.flat_params, opt.flat_grads, *map(opt.state.__getitem__, spec))]
             # prep holds maximize, clip_grad_value and the L2 decay: never a scheduled lr.
             prep = engine.prep(type(opt), group, 1.0, 1.0, opt.clip_grad_value)
-            launch = opt._backend.launcher(opt.rule, tuple(spec), arrays, prep,
-                                           opt.spec.keeps_subnormals)
+            launch = opt._launcher(opt.rule, spec, layout.start, layout.stop, opt.flat_grads,
+                                   prep)
             groups.append(GroupStep(opt, index, spec, launch))
         return cls(opt, tuple(buffers.items()), tuple(groups))
 
@@ -143,12 +143,12 @@ class Steady:
         if self.host:
             return self._step_with_host(opt, step)
         # Every group's scalars before the first launch: one may raise.
-        scalars = [float32s(engine.fold(opt, group.at(opt, step), step, (), NO_HOST,
-                                        group.where)) for group in groups]
+        scalars = [engine.fold(opt, group.at(opt, step), step, (), NO_HOST, group.where)
+                   for group in groups]
         if self.scheduled and not self._unchanged(opt):
             return False  # a schedule changed the optimizer
         for group, h in zip(groups, scalars):
-            group.launch(h)
+            group.launch(h, step)
         state["step"] = step
         return True
 
@@ -183,7 +183,7 @@ class Steady:
         if self.scheduled and not self._unchanged(opt):
             return False
         for (group, _, _, h), after in zip(steps, afters):
-            group.launch(float32s(h))
+            group.launch(h, step)
             for name, value in after.items():
                 state[name][group.index] = value
         state["step"] = step
