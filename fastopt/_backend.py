@@ -490,8 +490,8 @@ class CudaBackend:
     def blocks_launcher(self, spec, tensors, states, blocks, prep, keep_subnormals=False,
                         first=0):
         """:meth:`run_blocks` as a function ``launch(h, key)``."""
-        return lambda h, key=0: self.run_blocks(spec, tensors, states, blocks, prep, h,
-                                                keep_subnormals, key, first)
+        return lambda h, key=None: self.run_blocks(spec, tensors, states, blocks, prep, h,
+                                                   keep_subnormals, key, first)
 
     def segments(self, sizes, state_starts, tensor=None, offsets=None, draws=None,
                  rows=None):

@@ -298,9 +298,14 @@ def _running(pid):
 
 def read(path):
     """The checkpoint in ``path``, as :func:`load_state_dict` takes it. A file that cannot
-    be opened raises its OSError; one whose contents are not an archive of arrays and a
-    JSON record raises ValueError naming it. The checksum is checked on load."""
+    be opened raises its OSError; a folder (a fastopt.torch checkpoint), or a file whose
+    contents are not an archive of arrays and a JSON record, raises ValueError naming it.
+    The checksum is checked on load."""
     name = os.fspath(path)
+    if os.path.isdir(name):  # what fastopt.save writes for a fastopt.torch optimizer
+        raise ValueError(f"{name} is a folder, not a checkpoint file: fastopt.save writes "
+                         "one for a fastopt.torch optimizer, which loads it "
+                         "(opt.load(path), on an optimizer built over the model)")
     with open(name, "rb") as file:
         try:
             with np.load(file, allow_pickle=False) as archive:

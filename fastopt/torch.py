@@ -429,7 +429,9 @@ class Optimizer(torch.optim.Optimizer):
                   for ordinal, ((device, dtype, reduction), members) in enumerate(kinds.items())]
         if self._group is not None and self._stores is not None:
             self._check_cuts_kept(stores, names)
-        # The master weights of a parameter no longer 16-bit (model.float()) are dropped.
+        # The master weights of a parameter no longer 16-bit (model.float()) are dropped,
+        # after it takes their values (_resumed_from_masters).
+        resumed = self._resumed_from_masters(stores)
         dropped = [(store, p) for store in stores for p in store.slots
                    if MASTER in self.state.get(p, {}) and not store.master]
         moves = [(store, p, name, value) for store in stores for p in store.slots
@@ -444,6 +446,13 @@ class Optimizer(torch.optim.Optimizer):
             del self.state[p][MASTER]
         for store, p, name, value in moves:
             self.state[p].update(store.put(name, p, value))
+        with torch.no_grad():
+            for p, local, master, values in resumed:
+                self._remainders.pop(p, None)  # rebuilt, from the bits p had
+                kept = self.state[p].get(MASTER)
+                if kept is not None and kept.dtype == torch.float32:  # float16 now
+                    _local(kept).copy_(master)
+                local.copy_(values)
         for store in stores:
             if store.partition is not None:
                 store.window = max(1, self._bucket_size // store.itemsize)
@@ -463,6 +472,41 @@ class Optimizer(torch.optim.Optimizer):
                              for group in self.param_groups]
         self._checked = {}  # group index -> the hyperparameters last validated
         self._seen = None  # which state mapping, and which version of it, slots refer to
+
+    def _resumed_from_masters(self, stores):
+        """``(p, local, master, values)`` for each parameter whose dtype changed
+        (``model.float()``, ``model.half()``) since its master weights were kept: their
+        float32 values ``master``, and the ``values`` that p's tensor ``local`` takes to go
+        on from them as a step would: them rounded to its new dtype (in float32, exactly)
+        where it holds what they were rounded to, and what was written into it since
+        elsewhere. (Master weights of another shape than p's are left to the checks.)"""
+        before = {p: store for store in self._stores or () for p in store.slots}
+        resumed = []
+        for store in stores:
+            for p, slot in store.slots.items():
+                master, local = self.state.get(p, {}).get(MASTER), slot.local
+                was = p in before and _TORCH_DTYPES.get(before[p].storage.formats.get("p"))
+                if (master is None or was in (None, False, local.dtype)
+                        or tuple(_local(master).shape) != tuple(local.shape)):
+                    continue
+                # Remainders, kept or loaded (and not yet rebuilt: _remainders), stand for
+                # the master weights with the bits p had: its values in its old dtype
+                # (p.data = p.data.float() keeps them exactly).
+                remainders = self._remainders.get(p, master if master.dtype == torch.int16
+                                                  else None)
+                if remainders is not None:
+                    bits = local.to(was).cpu().contiguous().view(torch.int16).numpy()
+                    low = _local(remainders).cpu().contiguous().numpy()
+                    master = torch.from_numpy(precision.rebuild_master(
+                        bits.view(precision.codecs.BITS), low.view(precision.REMAINDER_DTYPE)))
+                    master = master.view(local.shape).to(local.device)
+                    written = local.to(was).to(local.dtype) != local
+                else:
+                    master = _local(master)
+                    written = master.to(was).to(local.dtype) != local
+                resumed.append((p, local, master,
+                                torch.where(written, local, master.to(local.dtype))))
+        return resumed
 
     # -- the step -------------------------------------------------------------------------
 
@@ -1042,6 +1086,11 @@ class Optimizer(torch.optim.Optimizer):
                                          f"{name}: remainders are the low halves of the "
                                          f"master weights of bfloat16 parameters, not of "
                                          f"{p.dtype}")
+                    if key == MASTER and value.dtype not in (torch.float32, torch.int16):
+                        raise ValueError(f"loaded state dict has {MASTER!r} of {value.dtype} "
+                                         f"for {name}: master weights are float32 (or int16 "
+                                         "remainders), and are not cast: they are the exact "
+                                         "weights")
                     if value.dtype == torch.uint8 and not (
                             self._state_dtype_of(key, p) == torch.uint8 and key + ABSMAX in state):
                         raise ValueError(f"loaded state dict has {key!r} of uint8 for {name}: "

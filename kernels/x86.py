@@ -15,7 +15,7 @@ drivers keep the portable loop.
 
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils, config
+from numba.core import cgutils, codegen, config
 from numba.core.extending import intrinsic
 
 from . import codecs
@@ -26,17 +26,13 @@ _FLOATS, _INTS = ir.VectorType(ir.FloatType(), LANES), ir.VectorType(_I32, LANES
 
 
 def _available():
-    """Whether the code Numba compiles may use AVX-512F: the host has it, or the CPU
-    Numba is told to compile for (NUMBA_CPU_NAME, NUMBA_CPU_FEATURES) does."""
-    if config.CPU_FEATURES:
-        return "+avx512f" in config.CPU_FEATURES.split(",")
-    if config.CPU_NAME and config.CPU_NAME != "host":
-        return False  # a named CPU, whose features we would have to guess
-    try:
-        from llvmlite import binding
-        return bool(binding.get_host_cpu_features().get("avx512f", False))
-    except Exception:  # no feature list on this platform
+    """Whether the code Numba compiles may use AVX-512F: the features it compiles for
+    (NUMBA_CPU_FEATURES, or the host's less AVX where NUMBA_ENABLE_AVX is off) have it,
+    for the host's CPU (a CPU named by NUMBA_CPU_NAME has features we would guess)."""
+    if config.CPU_NAME and config.CPU_NAME != "host" and not config.CPU_FEATURES:
         return False
+    features = config.CPU_FEATURES or codegen.get_host_cpu_features()
+    return "+avx512f" in features.split(",")
 
 
 AVAILABLE = _available()
@@ -63,10 +59,19 @@ def _broadcast(builder, value):
     return builder.shuffle_vector(first, undefined, _ints(0))
 
 
+def _contiguous(array, dtype):
+    return (isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C"
+            and array.dtype == dtype)
+
+
 @intrinsic
 def decode_block(typingctx, codes, table, scale, out):
     """``out[i] = table[codes[i]] * scale`` for the BLOCK uint8 ``codes``, with ``table``
     the 256 float32 values of a map and ``out`` float32 (contiguous arrays)."""
+    if not (_contiguous(codes, types.uint8) and _contiguous(table, types.float32)
+            and _contiguous(out, types.float32) and scale == types.float32):
+        return None  # no match: a typing error at compile time
+
     def codegen(context, builder, signature, arguments):
         codes, table, scale, out = (
             context.make_array(t)(context, builder, a).data if isinstance(t, types.Array)

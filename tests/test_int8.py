@@ -319,6 +319,22 @@ def test_a_replaced_absmax_of_another_dtype_is_refused_before_any_write():
     np.testing.assert_array_equal(opt.flat_params, before)
 
 
+def test_a_replaced_absmax_with_negative_scales_is_refused_before_any_write():
+    """A negative scale would flip the signs of its block's values (as restore and
+    fastopt.torch's load_state_dict refuse it)."""
+    opt = fastopt.Adam([np.ones(5000, f32)], state_dtype="int8")
+    opt.step(np.ones(5000, f32))
+    flipped = opt.state["exp_avg_absmax"].copy()
+    flipped[3] *= -1
+    opt.state["exp_avg_absmax"] = flipped
+    before = opt.flat_params.copy()
+    with pytest.raises(ValueError, match=r"state\['exp_avg_absmax'\] holds negative block"):
+        opt.step()
+    np.testing.assert_array_equal(opt.flat_params, before)
+    opt.state["exp_avg_absmax"] = np.abs(flipped)
+    opt.step()
+
+
 def test_quantizing_decoded_values_to_fit_gives_back_their_codes():
     """What a fastopt.torch checkpoint of DTensor 8-bit state holds (decoded values)
     loads back into its codes: with ``fit``, a block whose largest magnitude is negative

@@ -70,6 +70,15 @@ def test_a_saved_folder_resumes_bit_for_bit(tmp_path, name, kwargs, dtype):
                 else mine[key] == value, key
 
 
+def test_fastopt_load_of_a_fastopt_torch_folder_says_what_loads_it(tmp_path):
+    net = model()
+    opt = ft.Adam(net.parameters(), lr=0.01)
+    train(net, opt, 1)
+    fastopt.save(opt, tmp_path / "checkpoint")
+    with pytest.raises(ValueError, match=r"is a folder, not a checkpoint file: .*opt\.load"):
+        fastopt.load(tmp_path / "checkpoint")
+
+
 def test_a_checkpoint_that_does_not_fit_is_refused_and_changes_nothing(tmp_path):
     net = model()
     opt = ft.Adam(net.parameters(), lr=0.01)

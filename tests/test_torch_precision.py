@@ -249,17 +249,98 @@ def test_a_group_whose_parameters_cannot_be_stored_is_refused_and_not_kept():
     opt.step()
 
 
-def test_a_model_made_float32_again_drops_its_master_weights_and_steps_on():
+@pytest.mark.parametrize("master_weights", ["float32", "remainder"])
+def test_a_model_made_float32_again_goes_on_from_its_master_weights(master_weights):
+    """model.float() after bfloat16 steps: the weights become the master weights (a
+    value written after the cast is kept), and the steps go on as torch.optim's in
+    float32 from them and the same state."""
+    torch.manual_seed(0)
     model = torch.nn.Linear(6, 3).bfloat16()
-    opt = ft.Adam(model.parameters(), lr=1e-2)
-    model(torch.randn(4, 6).bfloat16()).sum().backward()
-    opt.step()
+    opt = ft.Adam(model.parameters(), lr=1e-2, master_weights=master_weights)
+    for _ in range(3):
+        model.zero_grad()
+        model(torch.randn(4, 6).bfloat16()).sum().backward()
+        opt.step()
+    decoded = opt.decoded_state_dict()
+    masters = [opt.state[p]["master"].clone() if master_weights == "float32"
+               else _rebuilt(p, opt.state[p]["master"]).view(p.shape)
+               for p in model.parameters()]
+    assert not torch.equal(masters[0], model.weight.float())  # more exact than the weights
     model.float()
-    model.zero_grad(set_to_none=True)
-    model(torch.randn(4, 6)).sum().backward()
+    with torch.no_grad():
+        model.bias[0] = 5.001  # written after the cast (no bfloat16): kept
+    masters[1][0] = 5.001
+    reference = torch.nn.Linear(6, 3)
+    with torch.no_grad():
+        reference.weight.copy_(masters[0])
+        reference.bias.copy_(masters[1])
+    theirs = torch.optim.Adam(reference.parameters(), lr=1e-2)
+    state = {k: v for k, v in decoded["state"].items()}
+    theirs.load_state_dict({"state": {i: {k: v for k, v in s.items() if k != "master"}
+                                      for i, s in state.items()},
+                            "param_groups": decoded["param_groups"]})
+    for _ in range(2):
+        x = torch.randn(4, 6)
+        for m, o in ((model, opt), (reference, theirs)):
+            m.zero_grad(set_to_none=True)
+            m(x).sum().backward()
+            o.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert "master" not in opt.state[p] and p.dtype == torch.float32
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_a_model_made_float16_from_bfloat16_keeps_its_master_weights():
+    torch.manual_seed(1)
+    p = torch.nn.Parameter(torch.randn(300).bfloat16())
+    opt = ft.SGD([p], lr=1e-2)  # float32 master weights
+    for _ in range(2):
+        p.grad = torch.randn(300).bfloat16()
+        opt.step()
+    master = opt.state[p]["master"].clone()
+    p.data = p.data.half()
+    p.grad = torch.zeros(300, dtype=torch.float16)
+    opt.step()  # changes nothing: lr * 0
+    torch.testing.assert_close(opt.state[p]["master"], master, rtol=0, atol=0)
+    torch.testing.assert_close(p.detach(), master.half(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_loaded_remainders_go_on_into_a_parameter_cast_before_the_next_step(dtype):
+    """Loaded remainders wait for the next step to be rebuilt from the parameter's bits
+    (the model's weights may load after the optimizer): cast before it, the parameter
+    still gives the bits they belong to."""
+    torch.manual_seed(0)
+    source = torch.nn.Parameter(torch.randn(64, 80).bfloat16())
+    halves = ft.Adam([source], lr=1e-3, master_weights="remainder")
+    for _ in range(3):
+        source.grad = torch.randn_like(source)
+        halves.step()
+    master = _rebuilt(source, halves.state[source]["master"]).view(source.shape)
+    p = torch.nn.Parameter(source.detach().clone())
+    opt = ft.Adam([p], master_weights="float32")
+    opt.load_state_dict(halves.state_dict())
+    opt.param_groups[0]["lr"] = 0.0
+    p.data = p.data.to(dtype)
+    p.grad = torch.zeros_like(p)
+    opt.step()  # lr 0: nothing moves
+    assert torch.equal(p.detach(), master.to(dtype))
+    if dtype == torch.float16:
+        assert torch.equal(opt.state[p]["master"], master)
+    else:
+        assert "master" not in opt.state[p]
+
+
+def test_a_parameter_changing_shape_and_dtype_is_refused_as_a_change_of_shape():
+    p = torch.nn.Parameter(torch.randn(64, 80).bfloat16())
+    opt = ft.Adam([p], lr=1e-3)
+    p.grad = torch.ones_like(p)
     opt.step()
-    for p in model.parameters():
-        assert "master" not in opt.state[p] and opt.state[p]["exp_avg"].dtype == torch.float32
+    p.data = torch.randn(32, 80)
+    p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match=r"state has 'exp_avg' of shape \(64, 80\) .* "
+                                         r"needs shape \(32, 80\)"):
+        opt.step()
 
 
 def test_a_state_tensor_replaced_in_the_parameters_dtype_is_taken_cast():
@@ -366,6 +447,28 @@ def test_state_dicts_carry_master_weights_between_float32_and_remainders():
         q.grad = torch.ones_like(q)
     with pytest.raises(TypeError, match="'master'.*keeps it in torch.int16"):
         opt.step()
+
+
+@pytest.mark.parametrize("master_weights", ["float32", "remainder"])
+def test_master_weights_of_another_dtype_are_refused_not_cast(master_weights):
+    source = ft.AdamW(params(torch.bfloat16), lr=1e-2)
+    for p in source.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    source.step()
+    saved = copy.deepcopy(source.state_dict())
+    saved["state"][0]["master"] = saved["state"][0]["master"].double()  # more digits
+    ours = params(torch.bfloat16)
+    opt = ft.AdamW(ours, lr=1e-2, master_weights=master_weights)
+    for p in ours:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="'master' of torch.float64 .* are not cast"):
+        opt.load_state_dict(saved)
+    after = opt.state_dict()
+    for i, state in before["state"].items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(after["state"][i][key]))
 
 
 def test_master_weights_put_in_place_are_taken_with_the_parameter_rounded():

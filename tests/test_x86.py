@@ -8,7 +8,7 @@ from numba import njit
 
 from fastopt.kernels import codecs, cpu, x86
 
-pytestmark = pytest.mark.skipif(not x86.AVAILABLE, reason="this CPU has no AVX-512")
+needs_avx512 = pytest.mark.skipif(not x86.AVAILABLE, reason="this CPU has no AVX-512")
 
 f32 = np.float32
 BLOCK = codecs.BLOCK
@@ -25,10 +25,11 @@ def _blockwise(decode):
     return decode_blocks
 
 
-_by_permutes = _blockwise(x86.decode_block)
 _by_lookups = _blockwise(cpu.decode_block_by_lookups)
+_by_permutes = _blockwise(x86.decode_block) if x86.AVAILABLE else None
 
 
+@needs_avx512
 @pytest.mark.parametrize("name", sorted(codecs.QUANTIZED))
 @pytest.mark.parametrize("scale", [f32(0.37), f32(3e-39), f32(0), f32(-0.0), f32(np.inf),
                                    f32(np.nan)])
@@ -45,7 +46,37 @@ def test_a_block_decodes_to_the_maps_values_times_the_scale_bitwise(name, scale)
                                   _by_lookups(codes, values, scale).view(np.uint32))
 
 
+@needs_avx512
 def test_each_code_finds_its_own_entry_of_any_table():
     table = np.arange(256, dtype=f32) * f32(1.5) - f32(100)  # no map: every entry distinct
     codes = np.random.default_rng(4).permutation(np.tile(np.arange(256, dtype=np.uint8), 2))
     np.testing.assert_array_equal(_by_permutes(codes, table, f32(1)), table[codes])
+
+
+@pytest.mark.parametrize("cpu_name, cpu_features, enable_avx, host, available", [
+    (None, None, True, "+avx2,+avx512f,+fma", True),
+    (None, None, False, "+avx2,+avx512f,+fma", False),  # NUMBA_ENABLE_AVX=0: none of it
+    (None, None, True, "+avx2,-avx512f,+fma", False),  # an AVX2 host
+    (None, "+avx2,+avx512f", True, "+avx2,-avx512f", True),  # NUMBA_CPU_FEATURES decides
+    (None, "+avx2,-avx512f", True, "+avx2,+avx512f", False),
+    ("generic", None, True, "+avx2,+avx512f", False),  # a named CPU: not guessed
+])
+def test_the_permutes_compile_only_where_numba_compiles_for_avx512(
+        monkeypatch, cpu_name, cpu_features, enable_avx, host, available):
+    """Numba drops the host's AVX features where NUMBA_ENABLE_AVX is off; the intrinsic
+    would then abort the process in LLVM ("Do not know how to split ...")."""
+    from numba.core import config
+
+    monkeypatch.setattr(config, "CPU_NAME", cpu_name)
+    monkeypatch.setattr(config, "CPU_FEATURES", cpu_features)
+    monkeypatch.setattr(config, "ENABLE_AVX", enable_avx)
+    features = _Features((item[1:], item[0] == "+") for item in host.split(","))
+    monkeypatch.setattr("llvmlite.binding.get_host_cpu_features", lambda: features)
+    assert x86._available() is available
+
+
+class _Features(dict):
+    """llvmlite's feature map, as far as Numba reads it."""
+
+    def flatten(self):
+        return ",".join(("+" if on else "-") + name for name, on in self.items())

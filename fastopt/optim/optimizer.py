@@ -457,6 +457,10 @@ class Optimizer:
             if not self._backend.is_writeable(buffer):
                 raise ValueError(f"state['{array}'] must be writeable: every step updates "
                                  "it in place")
+            if array != name and array.endswith("_absmax") and np.any(
+                    self._backend.to_host(buffer) < 0):  # flipping its blocks' signs
+                raise ValueError(f"state['{array}'] holds negative block scales; a block's "
+                                 "absmax is >= 0 (or NaN)")
             others = [*self._buffers(), ("the gradients", self.flat_grads)]
             for other, value in others if size else ():
                 if other != f"state['{array}']" and self._backend.overlaps(buffer, value):
@@ -556,19 +560,10 @@ class Optimizer:
     def _launcher(self, rule, spec, start, stop, g, prep):
         """:meth:`_launch` as a function ``launch(h, step)``, everything else found once:
         a steady step (``fastopt.optim.steady``) keeps it."""
-        master = self.master_params is not None
-        buffers = [self.flat_params, g, *map(self.state.__getitem__, spec)]
-        if master:
-            buffers.insert(2, self.master_params)
-        if start or stop != self.flat_params.size:  # a group's part of the buffers
-            buffers = [buffer[start:stop] for buffer in buffers]
-        storage, keep_subnormals = self._storage, self.spec.keeps_subnormals
-        if not storage.converts:  # float32: nothing to look up
-            launch = self._backend.launcher(rule, tuple(spec), buffers, prep, keep_subnormals)
-            return lambda h, step: launch(h)
+        storage, keep_subnormals, master = (self._storage, self.spec.keeps_subnormals,
+                                            self.master_params is not None)
         formats = tuple((name, storage.formats[name]) for name in ("p", "g", "w", *spec)
                         if name in storage.formats)
-        stochastic = storage.stochastic
         if any(name in storage.quantized for name in spec):
             # One segment, from start: the group's blocks.
             table, first, last = self._blocks().by_start[start]
@@ -582,13 +577,19 @@ class Optimizer:
                 [self.state[name] for name in spec],
                 (table, np.array([start], np.int64), stop - start, arrays), prep,
                 keep_subnormals)
+            rounds = storage.stochastic
         else:
+            buffers = [self.flat_params, g, *map(self.state.__getitem__, spec)]
+            if master:
+                buffers.insert(2, self.master_params)
+            if start or stop != self.flat_params.size:  # a group's part of the buffers
+                buffers = [buffer[start:stop] for buffer in buffers]
             # A pass with no 16-bit buffer (SGD without momentum, its state bfloat16) has
             # nothing to round.
-            stochastic = stochastic and bool(formats)
+            rounds = storage.stochastic and bool(formats)
             launch = self._backend.launcher(rule, tuple(spec), buffers, prep, keep_subnormals,
-                                            formats, master, start if stochastic else None)
-        if not stochastic:
+                                            formats, master, start if rounds else None)
+        if not rounds:
             return lambda h, step: launch(h)
         return lambda h, step: launch(h, storage.key(step))
 
