@@ -351,8 +351,19 @@ class Optimizer(torch.optim.Optimizer):
         """Refuse what fastopt.torch cannot step on this rank's shards of DTensors:
         factored state (Adafactor's) of a tensor sharded along its last two dimensions,
         but for a matrix's rows (FSDP2's Shard(0)), whose column sums it adds over the
-        ranks. (``process_group``'s partitions cut between tensors for it.)"""
-        if self._group is not None or not self.algorithm.spec.factored:
+        ranks (``process_group``'s partitions cut between tensors for it); and stochastic
+        rounding with 8-bit state, whose blocks draw their bits by their state's place,
+        which on each rank begins at 0."""
+        if self._group is not None:
+            return
+        storage = self._storage_of(members[0].dtype)
+        if storage.stochastic and storage.quantized and any(_shard_dims(p) for p in members):
+            raise ValueError(f"{names[members[0]]} is a DTensor shard, and stochastic "
+                             "rounding with 8-bit state (state_dtype='int8') does not step "
+                             "shards yet: every rank would draw the same bits; round to "
+                             "nearest (stochastic_rounding=False) or keep float32 master "
+                             "weights")
+        if not self.algorithm.spec.factored:
             return
         for p in members:
             dims = [placement.dim % p.dim() for placement in p.placements
@@ -820,6 +831,12 @@ class Optimizer(torch.optim.Optimizer):
         if self._group is None:
             raise ValueError("consolidated_state_dict() is for an optimizer with a "
                              "process_group; state_dict() holds the whole state")
+        world = torch.distributed.get_world_size(self._group)
+        if not isinstance(to, numbers.Integral) or isinstance(to, bool):
+            raise TypeError(f"to must be a rank (an int), got {to!r}")
+        if not 0 <= to < world:
+            raise ValueError(f"to must be a rank of the process_group, 0 to {world - 1}, "
+                             f"got {to}")
         packed = self._packed()
         index = {p: i for i, p in enumerate(self._all_params())}
         mine = torch.distributed.get_rank(self._group) == to
@@ -917,7 +934,13 @@ class Optimizer(torch.optim.Optimizer):
 
         Its pre-hooks (``register_load_state_dict_pre_hook``) may replace the state_dict
         before anything is read of it, and its post-hooks run once the state is in
-        place, as in torch.optim."""
+        place, as in torch.optim.
+
+        8-bit state comes as codes (``"<name>_codes"``, ``"<name>_absmax"``) or as values
+        (``"<name>"``, encoded on load). Where a parameter's state holds both, the values
+        are taken: fastopt never writes both, and ``torch.distributed.checkpoint``'s
+        ``set_optimizer_state_dict(..., full_state_dict=True)`` puts a checkpoint's
+        values beside the optimizer's own codes."""
         state_dict = dict(state_dict)  # which the pre-hooks may change, as in torch
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = _or(hook(self, state_dict), state_dict)
@@ -1029,6 +1052,9 @@ class Optimizer(torch.optim.Optimizer):
         for key in [key for key in state if key.endswith(CODES)]:
             name = key[:-len(CODES)]
             codes, absmax = state.pop(key), state.get(name + ABSMAX)
+            if name in state:  # values beside the codes: see load_state_dict
+                state.pop(name + ABSMAX, None)
+                continue
             if name not in averages or codes.dtype != torch.uint8 or absmax is None or (
                     absmax.shape != (-(-codes.numel() // BLOCK),)):
                 raise ValueError(
@@ -1876,7 +1902,9 @@ class _Store:
             rows = [_row_length(p, slot.local, self.in_place) for p, slot in
                     zip(run.params, run.slots)] if shards and len(groups) == 1 \
                 else [0] * len(sizes)
+            draws = self.draws(run) if self.storage.stochastic and groups else None
             table = self.backend.segments(sizes, [slot.start for slot in run.slots],
+                                          draws=draws,
                                           rows=[row or size for row, size in zip(rows, sizes)])
             table.params = np.array([slot.address for slot in run.slots], np.int64)
             table.starts = np.array([slot.start for slot in run.slots], np.int64)
@@ -1891,6 +1919,28 @@ class _Store:
                 table.totals = sharding.ranks_totals(table.totals, groups)
             self._tables[key] = table
         return self._tables[key]
+
+    def draws(self, run):
+        """Where each DTensor shard of ``run`` draws its random bits: at its first
+        element's place among the whole tensors, where one process holding them whole
+        draws it, so that stochastic rounding gives the same bits on any number of ranks
+        (a replicated tensor draws alike on all). A ValueError for a tensor split
+        otherwise than by rows over one mesh dimension (FSDP2's Shard(0))."""
+        whole = np.cumsum([0] + [p.numel() for p in self.slots])
+        starts = dict(zip(self.slots, whole[:-1].tolist()))
+        first_rows = self.first_rows(run) if len(self.reduction) == 1 else None
+        draws = []
+        for index, p in enumerate(run.params):
+            if not _shard_dims(p):
+                draws.append(starts[p])
+            elif first_rows is not None and first_rows[index] >= 0:
+                draws.append(starts[p] + int(first_rows[index]) * (p.numel() // p.shape[0]))
+            else:
+                raise ValueError(f"a DTensor parameter of shape {tuple(p.shape)} split along "
+                                 f"dimensions {sorted(_shard_dims(p))} over {len(self.reduction)} "
+                                 "mesh dimensions: stochastic rounding draws the bits of "
+                                 "shards split by rows over one (FSDP2's Shard(0))")
+        return np.array(draws, np.int64)
 
     def sums_tensors(self, algorithm, h):
         """Whether a step of ``algorithm`` with the scalars ``h`` has passes that sum

@@ -202,6 +202,38 @@ def test_torch_optims_state_dict_loads_encoded():
     assert opt.state[big]["step"] == 2
 
 
+def test_a_full_torch_optim_checkpoint_loads_through_set_optimizer_state_dict():
+    """torch.distributed.checkpoint's full_state_dict load puts the checkpoint's values
+    beside the optimizer's own codes (it merges them into the optimizer's state_dict):
+    the values are what it loads, as load_state_dict encodes them."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint.state_dict")
+    full = dcp.StateDictOptions(full_state_dict=True)
+    models = []
+    for _ in range(3):
+        torch.manual_seed(0)
+        models.append(torch.nn.Linear(128, 64))  # weight: 8192 elements, in 8 bits
+    theirs = torch.optim.Adam(models[0].parameters(), lr=0.01)
+    for t in range(3):
+        theirs.zero_grad()
+        models[0](torch.randn(16, 128, generator=torch.Generator().manual_seed(t))
+                  ).square().mean().backward()
+        theirs.step()
+    saved = dcp.get_optimizer_state_dict(models[0], theirs, options=full)
+    through, direct = (ft.Adam(m.parameters(), lr=0.01, state_dtype="int8")
+                       for m in models[1:])
+    for m, opt in ((models[1], through), (models[2], direct)):  # state to merge into
+        m(torch.randn(2, 128)).sum().backward()
+        opt.step()
+    dcp.set_optimizer_state_dict(models[1], through, saved, options=full)
+    direct.load_state_dict(theirs.state_dict())
+    for p, q in zip(models[1].parameters(), models[2].parameters()):
+        for name in ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"):
+            if name in direct.state[q]:
+                assert torch.equal(through.state[p][name], direct.state[q][name]), name
+        assert through.state[p]["step"] == 3
+    assert through.state[models[1].weight]["exp_avg_absmax"].abs().max() > 0
+
+
 def test_a_fastopt_state_dict_resumes_bitwise_in_int8_and_decoded_in_float32():
     params, opt = _trained()
     saved = opt.state_dict()

@@ -878,15 +878,24 @@ def partition_mismatch_rank(rank, world, rendezvous, folder):
     else:
         message = None
     after = [v for v in opt.state[next(net.parameters())].values() if isinstance(v, torch.Tensor)]
-    return message, all(torch.equal(a, b) for a, b in zip(before, after))
+    refusals = []
+    for to in (world, -1, "0", 0.0):  # no rank of the group: refused on every rank alike
+        try:
+            opt.consolidated_state_dict(to=to)
+        except (TypeError, ValueError) as error:
+            refusals.append((type(error).__name__, str(error)))
+    return message, all(torch.equal(a, b) for a, b in zip(before, after)), refusals
 
 
 def test_another_ranks_partition_is_refused_and_changes_nothing(tmp_path):
     (tmp_path / "files").mkdir()
-    for message, unchanged in run_ranks(partition_mismatch_rank, (str(tmp_path / "files"),),
-                                        tmp_path):
+    for message, unchanged, refusals in run_ranks(
+            partition_mismatch_rank, (str(tmp_path / "files"),), tmp_path):
         assert message and "consolidated_state_dict" in message, message
         assert unchanged
+        assert [kind for kind, _ in refusals] == ["ValueError", "ValueError", "TypeError",
+                                                  "TypeError"], refusals
+        assert all(text.startswith("to must be a rank") for _, text in refusals), refusals
 
 
 # -- what goes wrong across ranks gives a clear error, not a hang ----------------------
