@@ -347,22 +347,27 @@ class Optimizer(torch.optim.Optimizer):
         except (TypeError, ValueError) as error:
             raise type(error)(f"{error} (in param_groups[{index}])") from None
 
-    def _check_sharded(self, members, names):
-        """Refuse what fastopt.torch cannot step on this rank's shards of DTensors:
-        factored state (Adafactor's) of a tensor sharded along its last two dimensions,
-        but for a matrix's rows (FSDP2's Shard(0)), whose column sums it adds over the
-        ranks (``process_group``'s partitions cut between tensors for it); and stochastic
-        rounding with 8-bit state, whose blocks draw their bits by their state's place,
-        which on each rank begins at 0."""
+    def _check_sharded(self, members, names, reduction):
+        """Refuse what fastopt.torch cannot step on this rank's shards of DTensors (summed
+        over the process groups ``reduction``): factored state (Adafactor's) of a tensor
+        sharded along its last two dimensions, but for a matrix's rows (FSDP2's
+        Shard(0)), whose column sums it adds over the ranks (``process_group``'s
+        partitions cut between tensors for it); and stochastic rounding of shards that
+        cannot draw their bits where one process would (``_Store.draws``): but by rows
+        over one mesh dimension, and with 8-bit state, whose blocks draw by their
+        state's place, which on each rank begins at 0."""
         if self._group is not None:
             return
         storage = self._storage_of(members[0].dtype)
-        if storage.stochastic and storage.quantized and any(_shard_dims(p) for p in members):
-            raise ValueError(f"{names[members[0]]} is a DTensor shard, and stochastic "
-                             "rounding with 8-bit state (state_dtype='int8') does not step "
-                             "shards yet: every rank would draw the same bits; round to "
-                             "nearest (stochastic_rounding=False) or keep float32 master "
-                             "weights")
+        for p in members if storage.stochastic else ():
+            dims = _shard_dims(p)
+            if dims and (storage.quantized or dims != {0} or len(reduction) != 1):
+                raise ValueError(f"{names[p]} is a DTensor split along dimensions "
+                                 f"{sorted(dims)} over {len(reduction)} mesh dimensions: "
+                                 "stochastic rounding steps shards split by rows over one "
+                                 "(FSDP2's Shard(0)), without 8-bit state "
+                                 "(state_dtype='int8'); round to nearest "
+                                 "(stochastic_rounding=False) or keep float32 master weights")
         if not self.algorithm.spec.factored:
             return
         for p in members:
@@ -427,7 +432,7 @@ class Optimizer(torch.optim.Optimizer):
             kinds.setdefault((p.device, p.dtype, reduction), []).append(p)
         for (device, dtype, reduction), members in kinds.items():
             if reduction is not None:
-                self._check_sharded(members, names)
+                self._check_sharded(members, names, reduction)
         kept = {_signature(members) for members in kinds.values()}
         if any(store.reducer and store.reducer.pending() and store.signature not in kept
                for store in self._stores or ()):
@@ -1924,23 +1929,14 @@ class _Store:
         """Where each DTensor shard of ``run`` draws its random bits: at its first
         element's place among the whole tensors, where one process holding them whole
         draws it, so that stochastic rounding gives the same bits on any number of ranks
-        (a replicated tensor draws alike on all). A ValueError for a tensor split
-        otherwise than by rows over one mesh dimension (FSDP2's Shard(0))."""
+        (a replicated tensor draws alike on all). A tensor split otherwise is refused at
+        construction (``Optimizer._check_sharded``)."""
         whole = np.cumsum([0] + [p.numel() for p in self.slots])
         starts = dict(zip(self.slots, whole[:-1].tolist()))
         first_rows = self.first_rows(run) if len(self.reduction) == 1 else None
-        draws = []
-        for index, p in enumerate(run.params):
-            if not _shard_dims(p):
-                draws.append(starts[p])
-            elif first_rows is not None and first_rows[index] >= 0:
-                draws.append(starts[p] + int(first_rows[index]) * (p.numel() // p.shape[0]))
-            else:
-                raise ValueError(f"a DTensor parameter of shape {tuple(p.shape)} split along "
-                                 f"dimensions {sorted(_shard_dims(p))} over {len(self.reduction)} "
-                                 "mesh dimensions: stochastic rounding draws the bits of "
-                                 "shards split by rows over one (FSDP2's Shard(0))")
-        return np.array(draws, np.int64)
+        return np.array([starts[p] if first_rows is None or first_rows[index] < 0
+                         else starts[p] + int(first_rows[index]) * (p.numel() // p.shape[0])
+                         for index, p in enumerate(run.params)], np.int64)
 
     def sums_tensors(self, algorithm, h):
         """Whether a step of ``algorithm`` with the scalars ``h`` has passes that sum

@@ -938,6 +938,9 @@ def fsdp2_refusals_rank(rank, world, rendezvous):
     columns = column_sharded(world)
     attempts = {
         "Adafactor": lambda: ft.Adafactor([("columns", columns)], lr=0.01),
+        "columns, stochastic": lambda: ft.Adam([("columns", columns)], lr=0.01,
+                                               state_dtype="bfloat16",
+                                               stochastic_rounding=True),
         "int8, stochastic": lambda: ft.Adam(
             sharded_model(world, torch.bfloat16).parameters(), lr=0.01, master_weights=None,
             state_dtype="int8", stochastic_rounding=True),
@@ -969,8 +972,9 @@ def test_fsdp2_what_is_not_stepped_on_shards_yet_is_refused_clearly(tmp_path):
             run_ranks(fsdp2_refusals_rank, (), tmp_path)):
         assert errors["Adafactor"][0] == "TypeError" and "columns" in errors["Adafactor"][1]
         assert "sharded by rows" in errors["Adafactor"][1]
-        assert errors["int8, stochastic"][0] == "ValueError"
-        assert "stochastic rounding with 8-bit state" in errors["int8, stochastic"][1]
+        for what in ("columns, stochastic", "int8, stochastic"):
+            assert errors[what][0] == "ValueError", errors
+            assert "stochastic rounding steps shards split by rows" in errors[what][1]
         assert "not a DTensor" in errors["plain state"][1], errors["plain state"]
         assert_close(refused[0], before[0], rtol=0, atol=0)  # the refused step wrote nothing
         assert sorted(refused[1][0]) == ["exp_avg_sq"]  # the plain exp_avg, as put there
