@@ -511,11 +511,8 @@ class Optimizer(torch.optim.Optimizer):
                 remainders = self._remainders.get(p, master if master.dtype == torch.int16
                                                   else None)
                 if remainders is not None:
-                    bits = local.to(was).cpu().contiguous().view(torch.int16).numpy()
-                    low = _local(remainders).cpu().contiguous().numpy()
-                    master = torch.from_numpy(precision.rebuild_master(
-                        bits.view(precision.codecs.BITS), low.view(precision.REMAINDER_DTYPE)))
-                    master = master.view(local.shape).to(local.device)
+                    master = _rebuilt_master(local.to(was), remainders).view(
+                        local.shape).to(local.device)
                     written = local.to(was).to(local.dtype) != local
                 else:
                     master = _local(master)
@@ -1300,6 +1297,15 @@ def _local(t):
     return t.to_local() if _is_dtensor(t) else t
 
 
+def _rebuilt_master(params, remainders):
+    """The float32 master weights, on the host, that the bfloat16 ``params`` (this rank's
+    tensor) and their int16 ``remainders`` stand for (``precision.rebuild_master``)."""
+    bits = params.detach().cpu().contiguous().view(torch.int16).numpy()
+    low = _local(remainders).detach().cpu().contiguous().numpy()
+    return torch.from_numpy(precision.rebuild_master(bits.view(precision.codecs.BITS),
+                                                     low.view(precision.REMAINDER_DTYPE)))
+
+
 def _like(p, local, shape=None):
     """``local`` as this rank's part of a DTensor sharded as ``p`` is (a view of the same
     memory), where ``p`` is a DTensor; else ``local``. ``shape``: the whole tensor's,
@@ -1740,10 +1746,7 @@ class _Store:
         low halves, whose high halves are ``p``'s bits now."""
         view = self.view(name, p)
         if name == MASTER and value.dtype == torch.int16 and view.dtype == torch.float32:
-            bits = self.slots[p].local.detach().cpu().contiguous().view(torch.int16).numpy()
-            low = _local(value).detach().cpu().contiguous().numpy()
-            value = torch.from_numpy(precision.rebuild_master(
-                bits.view(precision.codecs.BITS), low.view(precision.REMAINDER_DTYPE)))
+            value = _rebuilt_master(self.slots[p].local, value)
             _local(view).copy_(value.view(_local(view).shape))
             return [(name, view)]
         if name not in self.quantized or view.dtype != torch.uint8:
