@@ -134,6 +134,13 @@ def _rules_source():
     return inspect.getsource(rules) + inspect.getsource(codecs)
 
 
+def _encoded(n, fmt, at):
+    """The statements that encode element i of ``n``'s new values (``<n>_new[i]``) of a block
+    in 8-bit ``fmt`` into ``at``, by the block's ``<n>_inverse``."""
+    return [f"{n}_scaled = {n}_new[i] * {n}_inverse",
+            f"{at} = dynamic_code({n}_scaled, {fmt}_buckets[dynamic_bucket({n}_scaled)])"]
+
+
 def _block_chunk(taken, quantized, writes, bits, body, stochastic):
     """The arguments and body of the chunk function of a pass over blocks of 8-bit
     state (``codecs.QUANTIZED``): rows ``first_block`` to ``last_block`` of ``blocks``,
@@ -161,6 +168,7 @@ def _block_chunk(taken, quantized, writes, bits, body, stochastic):
               for a in taken]
     lines = [f"{n}_{kind} = np.empty(BLOCK, float32)"
              for n in quantized for kind in ("old", "new")] + [
+        "entries = np.empty(BLOCK, np.int32)",  # encode_block's scratch
         "for b in range(first_block, last_block):",
         "    segment, offset, size, small = blocks[b, 0], blocks[b, 1], blocks[b, 2], "
         "blocks[b, 3]",
@@ -177,8 +185,8 @@ def _block_chunk(taken, quantized, writes, bits, body, stochastic):
     def steps(whole):
         # A whole block's loops run BLOCK times, a constant, which LLVM vectorises
         # without remainder loops (with size alone, 8-bit Adam took 1.15x as long at 2e7
-        # elements, Intel Xeon, AVX-512), and it is decoded by the driver's decode_block
-        # (kernels.x86's permutes, where they compile).
+        # elements, Intel Xeon, AVX-512), and it is decoded and encoded by the driver's
+        # decode_block (kernels.x86's permutes, where they compile) and encode_block.
         count = "BLOCK" if whole else "size"
         lines = []
         for n in quantized:
@@ -198,9 +206,10 @@ def _block_chunk(taken, quantized, writes, bits, body, stochastic):
                       f"{n}_top = np.uint32({n}_bits).view(np.float32)",
                       f"{n}_absmax[b] = {n}_top",
                       f"{n}_inverse = ONE / {n}_top if {n}_top > ZERO else ZERO"]
-            lines += [f"for i in range({count}):",
-                      f"    {n}_b[i] = dynamic_encode({n}_new[i] * {n}_inverse, "
-                      f"{quantized[n]}_buckets)"]
+            lines += ([f"encode_block({n}_new, {n}_inverse, {quantized[n]}_buckets, {n}_b, "
+                       "entries)"] if whole else
+                      [f"for i in range({count}):",
+                       *(f"    {line}" for line in _encoded(n, quantized[n], f"{n}_b[i]"))])
         return lines
 
     lines += ["    if size == BLOCK:", *(f"        {line}" for line in steps(True)),
@@ -237,8 +246,7 @@ def _block_steps(quantized, writes, body, segment_at):
                   ".view(np.float32)",
                   f"if cuda.threadIdx.x == 0: {n}_absmax[b] = {n}_top",
                   f"{n}_inverse = ONE / {n}_top if {n}_top > ZERO else ZERO",
-                  *threads(f"{n}[state_base + i] = dynamic_encode({n}_new[i] * {n}_inverse, "
-                           f"{quantized[n]}_buckets)")]
+                  *threads(*_encoded(n, quantized[n], f"{n}[state_base + i]"))]
     return "\n    ".join(lines)
 
 

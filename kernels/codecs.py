@@ -201,6 +201,8 @@ _MANTISSA_BITS = 7
 _BUCKETS = i32(25 << _MANTISSA_BITS)  # per sign
 _BELOW = i32(23 - _MANTISSA_BITS)  # the bits of a magnitude below its bucket's
 _FIRST_BUCKET = i32(_LOW_EXPONENT << _MANTISSA_BITS)  # 2**-24's magnitude bits >> _BELOW
+_LOWEST_BITS = i32(_FIRST_BUCKET << _BELOW)  # 2**-24's magnitude bits
+_PLACES = i32((1 << _BELOW) - 1)  # the bits of a magnitude's place in its bucket
 _NO_MIDPOINT = 1 << int(_BELOW)  # beyond every place in a bucket
 _ONE_BITS = u32(0x3F800000)  # 1.0's
 
@@ -241,23 +243,31 @@ def _buckets(values):
 SIGNED_MAP, UNSIGNED_MAP = dynamic_map(True), dynamic_map(False)
 
 
-def dynamic_encode(x, buckets):
-    """The code of the map value nearest to the float32 ``x`` (at most 1 in magnitude;
-    larger magnitudes, and NaN, get the code nearest to 1 of their sign, which the NaN
-    absmax of their block makes a NaN anyway), ties toward zero, through the map's table of
-    ``buckets`` (a constant of the CPU drivers, an argument of the CUDA ones: see
-    ``QUANTIZED``). In int32
-    throughout (Numba widens integer arithmetic to 64 bits, which takes half as many
-    elements per vector instruction: 8-bit Adam took 1.1x as long)."""
+def dynamic_bucket(x):
+    """The row of a dynamic map's table of buckets (``QUANTIZED``) that encodes the float32
+    ``x``: the ``entry`` that :func:`dynamic_code` takes. In int32 throughout (Numba
+    widens integer arithmetic to 64 bits, which takes half as many elements per vector
+    instruction: 8-bit Adam took 1.1x as long)."""
     bits = np.float32(x).view(u32)
     magnitude = i32(min(bits & u32(0x7FFFFFFF), _ONE_BITS))
     bucket = i32(max(i32(i32(magnitude >> _BELOW) - _FIRST_BUCKET), i32(0)))  # below 2**-24: 0
-    place = i32(magnitude - i32(i32(bucket + _FIRST_BUCKET) << _BELOW))  # < 0 there
-    negative = bits >> u32(31)
-    entry = buckets[i32(bucket + _BUCKETS) if negative else bucket]
+    return i32(bucket + _BUCKETS) if bits >> u32(31) else bucket
+
+
+def dynamic_code(x, entry):
+    """The code of the map value nearest to the float32 ``x`` (at most 1 in magnitude;
+    larger magnitudes, and NaN, get the code nearest to 1 of their sign, which the NaN
+    absmax of their block makes a NaN anyway), ties toward zero, from ``entry``, the
+    row :func:`dynamic_bucket` of the map's table (``buckets[dynamic_bucket(x)]``). The
+    look-up is the caller's, so that the CPU drivers can do it in a loop of its own (see
+    ``kernels.cpu.encode_block_in_steps``)."""
+    bits = np.float32(x).view(u32)
+    magnitude = i32(min(bits & u32(0x7FFFFFFF), _ONE_BITS))
+    # Its place in its bucket; below 2**-24 (in the first bucket), before every place.
+    place = i32(magnitude & _PLACES) if magnitude >= _LOWEST_BITS else i32(-1)
     code = i32(entry & i32(255))
     if place > i32(entry >> i32(8)):
-        code = i32(code + (i32(-1) if negative else i32(1)))
+        code = i32(code + (i32(-1) if bits >> u32(31) else i32(1)))
     return np.uint8(code)
 
 
@@ -289,5 +299,5 @@ def compiled(compile):
                for kind, function in zip(("load", "store"), pair)},
             **{function.__name__: compile(function) for function in (
                 bfloat16_store_stochastic, float16_store_stochastic, bfloat16_upper,
-                bfloat16_remainder, bfloat16_rebuild, dynamic_encode)},
+                bfloat16_remainder, bfloat16_rebuild, dynamic_bucket, dynamic_code)},
             "random_bits": compile(random_bits)}

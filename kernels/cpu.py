@@ -148,8 +148,39 @@ def decode_block_by_lookups(codes, table, scale, out):
         out[i] = table[codes[i]] * scale
 
 
-# How a whole block of 8-bit state is decoded (_template._block_chunk).
+_dynamic_bucket, _dynamic_code = _CODECS["dynamic_bucket"], _CODECS["dynamic_code"]
+
+
+@njit(inline="always", error_model="numpy")
+def encode_block_by_lookups(values, inverse, table, codes, entries):
+    """``codes[i]``: the code of ``values[i] * inverse`` for the BLOCK float32 ``values``,
+    through ``table``, the map's buckets (``codecs.QUANTIZED``), in one loop whose table
+    look-up compiles to a gather where LLVM finds gathers fast (AVX-512). ``entries``
+    (BLOCK int32) is the scratch that :func:`encode_block_in_steps` takes."""
+    for i in range(codecs.BLOCK):
+        x = values[i] * inverse
+        codes[i] = _dynamic_code(x, table[_dynamic_bucket(x)])
+
+
+@njit(inline="always", error_model="numpy")
+def encode_block_in_steps(values, inverse, table, codes, entries):
+    """:func:`encode_block_by_lookups`' codes, with the look-ups in a loop of their own
+    (into ``entries``): where LLVM finds gathers slow (AVX2 on AMD Zen 3) it does not
+    vectorise a loop that holds one, and the two loops around this one vectorise (the
+    encoding took a third as long, 0.74 ns an element against 1.9)."""
+    for i in range(codecs.BLOCK):
+        entries[i] = _dynamic_bucket(values[i] * inverse)
+    for i in range(codecs.BLOCK):
+        entries[i] = table[entries[i]]
+    for i in range(codecs.BLOCK):
+        codes[i] = _dynamic_code(values[i] * inverse, entries[i])
+
+
+# How a whole block of 8-bit state is decoded and encoded (_template._block_chunk): on
+# AVX-512 with permutes and one loop with gathers, elsewhere by look-ups in loops of
+# their own.
 _DECODE_BLOCK = x86.decode_block if x86.AVAILABLE else decode_block_by_lookups
+_ENCODE_BLOCK = encode_block_by_lookups if x86.AVAILABLE else encode_block_in_steps
 
 
 def _pointer_at(element):
@@ -222,6 +253,7 @@ def _driver(spec, loops):
         "restore_fp_mode": _fp_mode.restore,
         **_CODECS,
         "decode_block": _DECODE_BLOCK,
+        "encode_block": _ENCODE_BLOCK,
     }
     # reassoc lets LLVM split the float64 sums over several accumulators (the order it
     # picks is fixed at compile time); without it their add latency bounds the loop.

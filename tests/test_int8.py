@@ -12,9 +12,10 @@ from numba import njit
 import fastopt
 from conftest import gradients, initial_params
 from fastopt import precision
-from fastopt.kernels import codecs
+from fastopt.kernels import codecs, cpu
 
 f32 = np.float32
+BLOCK = codecs.BLOCK
 MAPS = {"signed8": codecs.SIGNED_MAP, "unsigned8": codecs.UNSIGNED_MAP}
 
 
@@ -49,14 +50,49 @@ def test_the_dynamic_maps_are_bitsandbytes_maps():
         np.testing.assert_allclose(MAPS[name], theirs, rtol=2e-7, atol=0)
 
 
+@pytest.mark.parametrize("encode_block", [cpu.encode_block_by_lookups,
+                                          cpu.encode_block_in_steps])
+@pytest.mark.parametrize("name", sorted(MAPS))
+def test_a_whole_block_encodes_as_its_elements_do(encode_block, name):
+    # Both ways the CPU drivers encode a whole block (which one runs depends on the CPU)
+    # against the element-wise encoding that the last block of a tensor and CUDA run.
+    buckets = codecs.QUANTIZED[name][1]
+    bucket, code = (njit(inline="always", error_model="numpy")(f)
+                    for f in (codecs.dynamic_bucket, codecs.dynamic_code))
+
+    @njit(error_model="numpy")
+    def by_blocks(values, inverse):
+        codes, entries = np.empty(values.size, np.uint8), np.empty(BLOCK, np.int32)
+        for b in range(values.size // BLOCK):
+            encode_block(values[b * BLOCK:(b + 1) * BLOCK], inverse, buckets,
+                         codes[b * BLOCK:(b + 1) * BLOCK], entries)
+        return codes
+
+    @njit(error_model="numpy")
+    def by_elements(values, inverse):
+        return np.array([code(values[i] * inverse, buckets[bucket(values[i] * inverse)])
+                         for i in range(values.size)], np.uint8)
+
+    rng = np.random.default_rng(5)
+    values = (rng.standard_normal(64 * BLOCK) * 10.0 ** rng.uniform(-12, 1, 64 * BLOCK))
+    values = values.astype(f32)
+    values[:8] = [np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-40, -3.0]
+    if name == "unsigned8":
+        values = np.abs(values)
+    assert len(np.unique(by_elements(values, f32(1)))) > 200  # most codes are met
+    for inverse in (f32(1), f32(0.37), f32(0)):
+        np.testing.assert_array_equal(by_blocks(values, inverse), by_elements(values, inverse))
+
+
 @pytest.mark.parametrize("name", sorted(MAPS))
 def test_the_encoding_is_the_nearest_value_but_at_exact_ties(name):
     buckets = codecs.QUANTIZED[name][1]
-    encode = njit(inline="always", error_model="numpy")(codecs.dynamic_encode)
+    bucket, code = (njit(inline="always", error_model="numpy")(f)
+                    for f in (codecs.dynamic_bucket, codecs.dynamic_code))
 
     @njit(error_model="numpy")
     def encode_all(x):
-        return np.array([encode(x[i], buckets) for i in range(x.size)], np.uint8)
+        return np.array([code(x[i], buckets[bucket(x[i])]) for i in range(x.size)], np.uint8)
 
     values = MAPS[name]
     middles = ((values[:-1].astype(np.float64) + values[1:]) / 2).astype(f32)
