@@ -89,6 +89,7 @@ class Pass(NamedTuple):
     stochastic: bool = False
 
 
+@functools.cache  # inspect.signature took 35 of the 200 µs of a small bf16 model's step
 def buffer_names(rule):
     """The array arguments of ``rule``: everything before ``h``."""
     return tuple(inspect.signature(rule).parameters)[:-1]
