@@ -65,8 +65,9 @@ def main():
         params = parameters(args.tensors, args.size, dtype=dtype)
         steps[name] = make(params).step
     total = sum(p.numel() for p in params)
-    a, c = np.zeros(total, np.float32), np.ones(total, np.float32)
-    steps["triad"] = lambda: stream.add_scaled(a, c, np.float32(1e-9))
+    if not args.bfloat16:
+        a, c = np.zeros(total, np.float32), np.ones(total, np.float32)
+        steps["triad"] = lambda: stream.add_scaled(a, c, np.float32(1e-9))
     print(f"{args.tensors} tensors, {total / 1e6:.3f}M {dtype} parameters; torch threads "
           f"{torch.get_num_threads()}")
     for step in steps.values():
@@ -76,8 +77,8 @@ def main():
     for _ in range(args.rounds):
         for name, step in steps.items():
             best[name] = min(best[name], per_call(step, number))
-    bandwidth = stream.BYTES_PER_ELEMENT * total / best.pop("triad")
     if not args.bfloat16:
+        bandwidth = stream.BYTES_PER_ELEMENT * total / best.pop("triad")
         best["bound (28 B at triad)"] = ADAM_BYTES * total / bandwidth
     reference = best["torch Adam fused"]
     for name, seconds in best.items():

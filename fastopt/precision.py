@@ -105,7 +105,7 @@ def rebuild_master(params, remainders):
 def quantize(values, fmt, fit=False):
     """``(codes, absmax)``: float32 ``values`` in blocks of ``codecs.BLOCK`` (the last one
     shorter), each by the largest magnitude in it and the nearest value of the dynamic
-    map ``fmt`` (``codecs.QUANTIZED``, ties toward the lower code), as the kernels keep
+    map ``fmt`` (``codecs.QUANTIZED``, ties toward zero), as the kernels keep
     8-bit state: the value times ``1 / absmax`` in float32, as the kernels take it, then
     the nearest in float64.
 
@@ -127,7 +127,8 @@ def quantize(values, fmt, fit=False):
     normalized = (padded * inverse[:, None].astype(FLOAT32)).astype(np.float64).ravel()
     values_of = codecs.QUANTIZED[fmt][0].astype(np.float64)
     above = np.clip(np.searchsorted(values_of, normalized), 1, values_of.size - 1)
-    nearer_below = normalized - values_of[above - 1] <= values_of[above] - normalized
+    below, beyond = normalized - values_of[above - 1], values_of[above] - normalized
+    nearer_below = (below < beyond) | ((below == beyond) & (normalized > 0))
     codes = np.where(nearer_below, above - 1, above).astype(codecs.CODES)
     return codes[:values.size], absmax.astype(FLOAT32)
 

@@ -192,8 +192,8 @@ def dynamic_map(signed):
 # bucket per sign. The buckets are narrower than the gaps between the map's values, so a
 # bucket holds at most one midpoint between neighbours: its code, and that of the
 # neighbour beyond the midpoint where the magnitude exceeds it, is the nearest. One int32
-# per bucket holds both, so that the encoding loads one table entry (a gather, in the
-# vectorised loop): the code in the low 8 bits, above them the midpoint's place among
+# per bucket holds both, so that the encoding loads one table entry (a gather, where a
+# loop over the values vectorises): the code in the low 8 bits, above them the midpoint's place among
 # the bucket's 2**_BELOW float32 magnitudes (which compare as their bits do), or
 # _NO_MIDPOINT.
 _LOW_EXPONENT = 127 - 24

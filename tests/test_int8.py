@@ -345,6 +345,32 @@ def test_dequantize_decodes_the_state_within_half_a_step_of_the_map():
     assert agree.mean() > 0.9999  # but at exact ties
 
 
+@pytest.mark.parametrize("name", sorted(MAPS))
+def test_the_host_encodes_exact_ties_toward_zero_as_the_kernels_do(name):
+    # The float32 values halfway between two of the map's values take the one nearer
+    # zero, on the host (loads re-encode state with it) as in the kernels' encoding.
+    values = MAPS[name].astype(np.float64)
+    middles = (values[:-1] + values[1:]) / 2
+    exact = middles.astype(f32) == middles
+    ties = middles[exact].astype(f32)
+    toward_zero = np.where(np.abs(values[:-1]) < np.abs(values[1:]), values[:-1],
+                           values[1:])[exact]
+    assert ties.size > 100 and (name == "unsigned8" or (ties < 0).sum() > 50)
+    block = np.concatenate([[f32(1)], ties])  # absmax 1: each value is its own
+    codes, absmax = precision.quantize(block, name)
+    assert absmax[0] == 1
+    np.testing.assert_array_equal(values[codes[1:]], toward_zero)
+    buckets = codecs.QUANTIZED[name][1]
+    bucket, code = (njit(inline="always", error_model="numpy")(f)
+                    for f in (codecs.dynamic_bucket, codecs.dynamic_code))
+
+    @njit(error_model="numpy")
+    def kernels_codes(x):
+        return np.array([code(x[i], buckets[bucket(x[i])]) for i in range(x.size)], np.uint8)
+
+    np.testing.assert_array_equal(kernels_codes(ties), codes[1:])
+
+
 def test_a_replaced_absmax_of_another_dtype_is_refused_before_any_write():
     opt = fastopt.Adam([np.ones(5000, f32)], state_dtype="int8")
     opt.step(np.ones(5000, f32))
