@@ -19,6 +19,20 @@ BLOCK = codecs.BLOCK
 MAPS = {"signed8": codecs.SIGNED_MAP, "unsigned8": codecs.UNSIGNED_MAP}
 
 
+def element_encoder(name):
+    """The kernels' element-wise encoding in map ``name`` (what the last block of a
+    tensor and CUDA run): ``encode(values, inverse)``, the codes of ``values * inverse``."""
+    buckets = codecs.QUANTIZED[name][1]
+    bucket, code = (njit(inline="always", error_model="numpy")(f)
+                    for f in (codecs.dynamic_bucket, codecs.dynamic_code))
+
+    @njit(error_model="numpy")
+    def encode(values, inverse):
+        return np.array([code(values[i] * inverse, buckets[bucket(values[i] * inverse)])
+                         for i in range(values.size)], np.uint8)
+    return encode
+
+
 def nearest_codes(x, values):
     """The index of the value nearest to each float32 ``x`` in float64, and where two are
     equally near."""
@@ -57,8 +71,7 @@ def test_a_whole_block_encodes_as_its_elements_do(encode_block, name):
     # Both ways the CPU drivers encode a whole block (which one runs depends on the CPU)
     # against the element-wise encoding that the last block of a tensor and CUDA run.
     buckets = codecs.QUANTIZED[name][1]
-    bucket, code = (njit(inline="always", error_model="numpy")(f)
-                    for f in (codecs.dynamic_bucket, codecs.dynamic_code))
+    by_elements = element_encoder(name)
 
     @njit(error_model="numpy")
     def by_blocks(values, inverse):
@@ -67,11 +80,6 @@ def test_a_whole_block_encodes_as_its_elements_do(encode_block, name):
             encode_block(values[b * BLOCK:(b + 1) * BLOCK], inverse, buckets,
                          codes[b * BLOCK:(b + 1) * BLOCK], entries)
         return codes
-
-    @njit(error_model="numpy")
-    def by_elements(values, inverse):
-        return np.array([code(values[i] * inverse, buckets[bucket(values[i] * inverse)])
-                         for i in range(values.size)], np.uint8)
 
     rng = np.random.default_rng(5)
     values = (rng.standard_normal(64 * BLOCK) * 10.0 ** rng.uniform(-12, 1, 64 * BLOCK))
@@ -86,14 +94,6 @@ def test_a_whole_block_encodes_as_its_elements_do(encode_block, name):
 
 @pytest.mark.parametrize("name", sorted(MAPS))
 def test_the_encoding_is_the_nearest_value_but_at_exact_ties(name):
-    buckets = codecs.QUANTIZED[name][1]
-    bucket, code = (njit(inline="always", error_model="numpy")(f)
-                    for f in (codecs.dynamic_bucket, codecs.dynamic_code))
-
-    @njit(error_model="numpy")
-    def encode_all(x):
-        return np.array([code(x[i], buckets[bucket(x[i])]) for i in range(x.size)], np.uint8)
-
     values = MAPS[name]
     middles = ((values[:-1].astype(np.float64) + values[1:]) / 2).astype(f32)
     rng = np.random.default_rng(1)
@@ -106,7 +106,7 @@ def test_the_encoding_is_the_nearest_value_but_at_exact_ties(name):
         x = np.abs(x)
     x = np.clip(x, values.min(), 1).astype(f32)
     best, ties = nearest_codes(x, values)
-    got = encode_all(x)
+    got = element_encoder(name)(x, f32(1))
     np.testing.assert_array_equal(got[~ties], best[~ties])
     assert ties.sum() < 600  # the exact midpoints, and zeros near a negative zero
     # at a tie, one of the two nearest
@@ -360,15 +360,7 @@ def test_the_host_encodes_exact_ties_toward_zero_as_the_kernels_do(name):
     codes, absmax = precision.quantize(block, name)
     assert absmax[0] == 1
     np.testing.assert_array_equal(values[codes[1:]], toward_zero)
-    buckets = codecs.QUANTIZED[name][1]
-    bucket, code = (njit(inline="always", error_model="numpy")(f)
-                    for f in (codecs.dynamic_bucket, codecs.dynamic_code))
-
-    @njit(error_model="numpy")
-    def kernels_codes(x):
-        return np.array([code(x[i], buckets[bucket(x[i])]) for i in range(x.size)], np.uint8)
-
-    np.testing.assert_array_equal(kernels_codes(ties), codes[1:])
+    np.testing.assert_array_equal(element_encoder(name)(ties, f32(1)), codes[1:])
 
 
 def test_a_replaced_absmax_of_another_dtype_is_refused_before_any_write():
