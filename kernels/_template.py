@@ -72,10 +72,11 @@ class Pass(NamedTuple):
     (``codecs.bfloat16_rebuild``; a write into ``p`` then reads as ``p`` plus the
     remainder: within half a bfloat16 step of what was written). With ``stochastic``,
     the 16-bit stores (but ``p``'s to master weights' rounding) round stochastically,
-    on ``codecs.random_bits(key, first + index, buffer)``: the driver takes ``key`` and
-    ``first`` (the index of its first element) before ``parallel``; a segment pass
-    indexes each chunk's elements from its ``draw`` (``fastopt._backend.segment_chunks``),
-    a pass over blocks of 8-bit state from their state's place.
+    on ``codecs.random_bits`` of ``key`` and the index ``first + index``: the driver takes
+    ``key`` and ``first`` (the index of its first element) before ``parallel``; a
+    segment pass indexes each chunk's elements from its ``draw``
+    (``fastopt._backend.segment_chunks``), a pass over blocks of 8-bit state from their
+    state's place.
     """
 
     rule: str
@@ -142,6 +143,12 @@ def _encoded(n, fmt, at):
             f"{at} = dynamic_code({n}_scaled, {fmt}_buckets[dynamic_bucket({n}_scaled)])"]
 
 
+def _index_halves(first):
+    """The statement that binds ``low_base`` and ``high_base``, the halves of the index
+    ``first`` of a CPU loop's element 0, from which its body counts (see build's body)."""
+    return f"low_base = np.uint32({first}); high_base = np.uint32(({first}) >> 32)"
+
+
 def _block_chunk(taken, quantized, writes, bits, body, stochastic):
     """The arguments and body of the chunk function of a pass over blocks of 8-bit
     state (``codecs.QUANTIZED``): rows ``first_block`` to ``last_block`` of ``blocks``,
@@ -159,10 +166,10 @@ def _block_chunk(taken, quantized, writes, bits, body, stochastic):
                  + ", first_block, last_block, prepared, named"
                  + (", key, first" if stochastic else "") + "):\n")
     written = [n for n in quantized if n in writes]
-    # Each block's slices, indexed from 0, which LLVM vectorises (see cpu.CHUNK).
-    index = "first + state_base + i"
-    small = body(lambda n: f"{n}_s[i]" if n in quantized else f"{n}_b[i]", index)
-    stepped = body(lambda n: f"{n}_old[i]" if n in quantized else f"{n}_b[i]", index,
+    # Each block's slices, indexed from 0, which LLVM vectorises (see cpu.CHUNK); its
+    # elements' random bits counted from its first one's (see build's body).
+    small = body(lambda n: f"{n}_s[i]" if n in quantized else f"{n}_b[i]", None)
+    stepped = body(lambda n: f"{n}_old[i]" if n in quantized else f"{n}_b[i]", None,
                    blocks=True)
     slices = [f"{a}_b = tensor_part{'_bits' if a in bits else ''}({a}[segment], offset, "
               f"size)" if a in ADDRESSED else f"{a}_b = {a}[state_base:state_base + size]"
@@ -174,6 +181,7 @@ def _block_chunk(taken, quantized, writes, bits, body, stochastic):
         "    segment, offset, size, small = blocks[b, 0], blocks[b, 1], blocks[b, 2], "
         "blocks[b, 3]",
         "    state_base = state_starts[segment] + offset",
+        *(["    " + _index_halves("first + state_base")] if stochastic else []),
         "    " + "; ".join(slices),
         "    if small >= 0:",
         "        " + "; ".join(f"{n}_s = {n}_small[small:small + size]" for n in quantized),
@@ -276,9 +284,10 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
     - ``{begin_sums}`` zeroes the running sums ``total0 ...``; ``{store_sums}`` writes
       them to ``partials[c, j]``; ``{block_sums}`` adds them over a CUDA block first.
     - ``{chunk}`` runs the rule over the chunk arrays ``<array>_c`` (binding the sums
-      ``total0 ...``), and ``{whole}`` over the whole arrays, by calling
-      ``<driver>_chunk``, a function of its own that ``compile_chunk`` compiles
-      (``{chunk_in_segment}``: over chunk ``c`` of a segment). Its
+      ``total0 ...``), of at most ``LANES.size`` elements where the pass rounds
+      stochastically, by calling ``<driver>_chunk``, a function of its own that
+      ``compile_chunk`` compiles (``{chunk_in_segment}``: over chunk ``c`` of a
+      segment). Its
       scalars arrive as arguments, which the compiler keeps in registers through the
       loop. Written inline in a parallel loop's body, the loop reread them from
       memory that its stores may alias (Numba's parfor lowering hoists them out of
@@ -328,10 +337,19 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
         raise ValueError(f"pass {spec} writes or sums what rule {spec.rule} does not have")
 
     # The buffers written through a codec (or to the master weights and then p) take
-    # the rule's result as new_<name> first.
+    # the rule's result as new_<name> first; those rounded stochastically draw bits.
     encoded = [n for n in writes if n in formats]
+    drawn = [n for n in encoded if spec.stochastic and not (n == "p" and spec.master)]
 
     def body(at, index, blocks=False):
+        # index: the expression of element i's index, whose halves random_bits takes; or
+        # None in a CPU loop of at most LANES elements, which counts them from element
+        # 0's (low_base and high_base) in 32-bit lanes: LANES[i], a load, which LLVM does
+        # not widen to 64 bits as it does the loop's counter, and a carry into the high
+        # half. From an int64 index, the hash took 0.63 ns an element against 0.26 (AMD
+        # Zen 3, AVX2), where it is most of stochastic rounding's cost. Each call
+        # computes them anew: halves bound once for several buffers' calls were widened
+        # again (three bfloat16 buffers took 1.6x as long).
         # blocks: in a block of 8-bit state, whose values (decoded) are read at at(n) and
         # whose new values go to <name>_new[i].
         def value(n):
@@ -361,13 +379,16 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
         def encode(n):
             # A buffer's random stream is its place among the driver's arrays: a change of
             # that order changes the bits of every stochastic run (and its resumption).
-            if spec.stochastic and not (n == "p" and spec.master):
+            if n in drawn:
                 return (f"{formats[n]}_store_stochastic(new_{n}, "
-                        f"random_bits(key, {index}, {taken.index(n)}))")
+                        f"random_bits(key, {halves}, {taken.index(n)}))")
             if n == "p" and remainder:
                 return "bfloat16_upper(new_p)"
             return f"{formats[n]}_store(new_{n})"
 
+        low = "np.uint32(low_base + LANES[i])"
+        halves = (f"{low}, np.uint32(high_base + ({low} < low_base))" if index is None
+                  else f"np.uint32({index}), np.uint32(({index}) >> 32)")
         stores = [f"{at('w')} = {'bfloat16_remainder(new_p)' if remainder else 'new_p'}"
                   for n in encoded if n == "p" and spec.master]
         stores += [f"{at(n)} = {encode(n)}" for n in encoded]
@@ -398,10 +419,15 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
     sums_tuple = "".join(t + ", " for t in totals)  # "total0, total1, ", or nothing
     chunk_arrays = [f"{a}_c" for a in taken]
     random = ", key, base" if spec.stochastic else ""  # see codecs.random_bits
+    # A stochastic pass's chunk counts its elements' random bits in LANES (see body).
+    counted = (f"    if {taken[0]}_c.size > LANES.size:\n"
+               "        raise ValueError('a chunk longer than LANES')\n"
+               f"    {_index_halves('base')}\n") if spec.stochastic else ""
     chunk_text = (f"({', '.join(chunk_arrays)}, prepared, named{random}):\n"
+                  f"{counted}"
                   f"    {begin_sums}\n"
                   f"    for i in range({taken[0]}_c.size):\n"
-                  f"        {body(lambda n: f'{n}_c[i]', 'base + i')}\n"
+                  f"        {body(lambda n: f'{n}_c[i]', None)}\n"
                   f"    return ({sums_tuple})\n")
 
     def chunk_call(draw):  # draw: the index of the chunk's first element's random bits
@@ -431,8 +457,6 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
             if "p" in names and spec.grad else "prep"),
         chunk=chunk_call("first + start"),
         chunk_in_segment=chunk_call("first + chunks[c, 3]"),
-        whole=f"CHUNK_FUNCTION({', '.join(taken)}, prepared, named"
-              f"{', key, first' if spec.stochastic else ''})",
         first=taken[0],
         tensor_chunks="; ".join(
             f"{a}_c = segment_chunk{'_bits' if a in bits else ''}({a}, chunks, c)"

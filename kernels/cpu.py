@@ -36,6 +36,10 @@ CHUNK = 1 << 14
 # ends in a partial vector.
 VECTOR = 64
 
+# 0, 1, 2 ... as uint32, from which the loops of a stochastic pass, no longer than this,
+# count their elements' indices for the random bits (see _template.build's body).
+LANES = np.arange(max(CHUNK, _template.SEGMENT_CHUNK), dtype=np.uint32)
+
 # Subnormal numbers (below 1.2e-38) make x86 arithmetic 10-100x slower. With this set,
 # the kernels flush them to zero (the FTZ and DAZ bits of MXCSR, as
 # torch.set_flush_denormal(True) does); each kernel restores the caller's setting.
@@ -58,7 +62,11 @@ _LOOPS = """\
     else:
         {named}
         saved = denormals_off(flush_denormals)
-        {whole}
+        for c in range(({first}.size + CHUNK - 1) // CHUNK):
+            start = c * CHUNK
+            stop = min(start + CHUNK, {first}.size)
+            {slices}
+            {chunk}
         restore_fp_mode(saved)
 """
 
@@ -248,6 +256,7 @@ def _driver(spec, loops):
         "np": np,
         "CHUNK": CHUNK,
         "VECTOR": VECTOR,
+        "LANES": LANES,
         "BLOCK": codecs.BLOCK,
         "BLOCKS_PER_CHUNK": BLOCKS_PER_CHUNK,
         **codecs.tables(),
