@@ -105,9 +105,10 @@ def rebuild_master(params, remainders):
 def quantize(values, fmt, fit=False):
     """``(codes, absmax)``: float32 ``values`` in blocks of ``codecs.BLOCK`` (the last one
     shorter), each by the largest magnitude in it and the nearest value of the dynamic
-    map ``fmt`` (``codecs.QUANTIZED``, ties toward zero), as the kernels keep
-    8-bit state: the value times ``1 / absmax`` in float32, as the kernels take it, then
-    the nearest in float64.
+    map ``fmt`` (``codecs.QUANTIZED``, ties toward zero; in the unsigned map, a positive
+    value nearest to 0 takes the smallest positive one), as the kernels keep 8-bit
+    state: the value times ``1 / absmax`` in float32, as the kernels take it, then the
+    nearest in float64.
 
     ``fit``: each block's absmax the smallest that the map's range holds its values in
     instead: the signed map's most negative value is not -1 (-0.993), so a block whose
@@ -129,7 +130,10 @@ def quantize(values, fmt, fit=False):
     above = np.clip(np.searchsorted(values_of, normalized), 1, values_of.size - 1)
     below, beyond = normalized - values_of[above - 1], values_of[above] - normalized
     nearer_below = (below < beyond) | ((below == beyond) & (normalized > 0))
-    codes = np.where(nearer_below, above - 1, above).astype(codecs.CODES)
+    codes = np.where(nearer_below, above - 1, above)
+    if values_of[0] == 0:  # unsigned: a positive value is never stored as 0
+        codes = np.where((codes == 0) & (normalized > 0), 1, codes)
+    codes = codes.astype(codecs.CODES)
     return codes[:values.size], absmax.astype(FLOAT32)
 
 

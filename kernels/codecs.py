@@ -174,7 +174,10 @@ def rounding_key(seed, step, stream=0):
 # Quantization"). The dynamic map spends its 256 values on seven decades: decade d
 # (1e-6 ... 1) holds 2**d values (signed: each with its negative; unsigned, for buffers
 # that are never negative: 2**(d + 1)), evenly spaced means between 0.1 and 1 of it;
-# and 0 and 1 besides.
+# and 0 and 1 besides. An unsigned buffer is a second moment, which a step divides by,
+# so a positive value that is nearest to 0 takes the smallest positive value instead:
+# stored as 0 beside a first moment that the signed map holds (a gradient a thousandth
+# of its block's largest), the next step was the first moment over eps.
 
 BLOCK = 256
 
@@ -208,6 +211,7 @@ _FIRST_BUCKET = i32(_LOW_EXPONENT << _MANTISSA_BITS)  # 2**-24's magnitude bits 
 _LOWEST_BITS = i32(_FIRST_BUCKET << _BELOW)  # 2**-24's magnitude bits
 _PLACES = i32((1 << _BELOW) - 1)  # the bits of a magnitude's place in its bucket
 _NO_MIDPOINT = 1 << int(_BELOW)  # beyond every place in a bucket
+_ZERO_ONLY = -2  # an unsigned map's first midpoint: every magnitude but 0's is beyond it
 _ONE_BITS = u32(0x3F800000)  # 1.0's
 
 
@@ -215,7 +219,9 @@ def _buckets(values):
     """The int32 table of the buckets (negative ones after the positive): per bucket,
     the code nearest to its lowest magnitude, plus 256 times the place in the bucket of
     the largest float32 magnitude not beyond the midpoint past which the code one further
-    from zero is nearer (_NO_MIDPOINT where there is none)."""
+    from zero is nearer (_NO_MIDPOINT where there is none). In an unsigned map, every
+    positive magnitude whose nearest value is 0 takes the next (see above): the first
+    bucket's midpoint is _ZERO_ONLY, and the others hold that next code."""
     values = values.astype(np.float64)
     middles = (values[:-1] + values[1:]) / 2  # exact in float64
     bucket = np.arange(_BUCKETS)
@@ -240,7 +246,12 @@ def _buckets(values):
         place = threshold.view(np.uint32).astype(np.int64) - low_bits
         if (place[last > first] < 0).any():
             raise AssertionError("a midpoint below the first bucket's lowest magnitude")
-        table.append(nearest + 256 * np.where(last > first, place, _NO_MIDPOINT))
+        place = np.where(last > first, place, _NO_MIDPOINT)
+        if sign > 0 and values[0] == 0:  # unsigned: no positive magnitude is stored as 0
+            place = np.where(nearest == 0, _NO_MIDPOINT, place)
+            nearest = np.where(nearest == 0, 1, nearest)
+            nearest[0], place[0] = 0, _ZERO_ONLY
+        table.append(nearest + 256 * place)
     return np.concatenate(table).astype(np.int32)
 
 
@@ -261,14 +272,17 @@ def dynamic_bucket(x):
 def dynamic_code(x, entry):
     """The code of the map value nearest to the float32 ``x`` (at most 1 in magnitude;
     larger magnitudes, and NaN, get the code nearest to 1 of their sign, which the NaN
-    absmax of their block makes a NaN anyway), ties toward zero, from ``entry``, the
+    absmax of their block makes a NaN anyway), ties toward zero, but never an unsigned
+    map's 0 for a positive ``x`` (see ``QUANTIZED``), from ``entry``, the
     row :func:`dynamic_bucket` of the map's table (``buckets[dynamic_bucket(x)]``). The
     look-up is the caller's, so that the CPU drivers can do it in a loop of its own (see
     ``kernels.cpu.encode_block_in_steps``)."""
     bits = np.float32(x).view(u32)
     magnitude = i32(min(bits & u32(0x7FFFFFFF), _ONE_BITS))
-    # Its place in its bucket; below 2**-24 (in the first bucket), before every place.
-    place = i32(magnitude & _PLACES) if magnitude >= _LOWEST_BITS else i32(-1)
+    # Its place in its bucket; below 2**-24 (in the first bucket), before every place,
+    # and 0 before that (see _ZERO_ONLY).
+    place = (i32(magnitude & _PLACES) if magnitude >= _LOWEST_BITS
+             else i32(-1) if magnitude > i32(0) else i32(_ZERO_ONLY))
     code = i32(entry & i32(255))
     if place > i32(entry >> i32(8)):
         code = i32(code + (i32(-1) if bits >> u32(31) else i32(1)))

@@ -35,11 +35,14 @@ def element_encoder(name):
 
 def nearest_codes(x, values):
     """The index of the value nearest to each float32 ``x`` in float64, and where two are
-    equally near."""
+    equally near; but a positive ``x`` nearest to an unsigned map's 0 takes its smallest
+    positive value (a second moment stored as 0 would divide its first by eps)."""
     x, values = np.asarray(x, np.float64), values.astype(np.float64)
     distances = np.abs(x[:, None] - values[None, :])
     best = distances.argmin(axis=1)
     ties = (distances == distances.min(axis=1, keepdims=True)).sum(axis=1) > 1
+    if values.min() >= 0:
+        best = np.where((best == 0) & (x > 0), 1, best)
     return best, ties
 
 
@@ -109,6 +112,8 @@ def test_the_encoding_is_the_nearest_value_but_at_exact_ties(name):
     got = element_encoder(name)(x, f32(1))
     np.testing.assert_array_equal(got[~ties], best[~ties])
     assert ties.sum() < 600  # the exact midpoints, and zeros near a negative zero
+    if name == "unsigned8":  # every positive value below the first midpoint
+        assert ((best == 1) & (x < (values[1] / 2))).sum() > 1000
     # at a tie, one of the two nearest
     np.testing.assert_array_less(np.abs(values[got[ties]].astype(np.float64) - x[ties])
                                  - np.abs(values[best[ties]].astype(np.float64) - x[ties]), 1e-30)
@@ -228,6 +233,32 @@ def test_every_moving_average_steps_in_8_bits_close_to_float32(name, kwargs):
     moved = np.abs(ours.flat_params - np.concatenate([p.ravel() for p in params])).mean()
     assert np.mean(errors) < 0.05 * moved / 20 and moved > 0
     assert any(v.dtype == np.uint8 for v in ours.state.values() if hasattr(v, "dtype"))
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("Adam", {}), ("AdamW", {}), ("Adam", dict(amsgrad=True)), ("NAdam", {})])
+def test_a_small_gradient_after_a_large_one_does_not_step_by_lr_over_eps(name, kwargs):
+    # A gradient between about 3e-7 and 4e-4 of its block's largest has a first moment
+    # that the signed map holds but a second moment below half the unsigned map's
+    # smallest value: stored as 0 (the nearest), a zero gradient next moved the element
+    # by lr * m / eps (213 with lr 5e-3, where float32 state moved it by 0.0034). A
+    # positive value of an unsigned buffer is stored as its smallest value instead.
+    rng = np.random.default_rng(27)
+    w = rng.standard_normal(4096).astype(f32)
+    g = rng.standard_normal(4096).astype(f32)
+    g[::256] = 10.0  # each block's largest, and elements far below it
+    g[1::256] = 1e-3
+    options = {"state_dtype": "int8", **kwargs}
+    moved = {}
+    for state in ("int8", "float32"):
+        opt = getattr(fastopt, name)([w.copy()], lr=5e-3, **{
+            k: v for k, v in options.items() if state == "int8" or k != "state_dtype"})
+        opt.step([g])
+        before = opt.flat_params.copy()
+        opt.step([np.zeros_like(g)])
+        moved[state] = np.abs(opt.flat_params - before)
+    assert moved["float32"][1::256].min() > 0  # the small gradients' elements move
+    assert moved["int8"].max() <= 2 * moved["float32"].max()
 
 
 def test_a_checkpoint_resumes_8_bit_state_bitwise(tmp_path):
@@ -355,6 +386,8 @@ def test_the_host_encodes_exact_ties_toward_zero_as_the_kernels_do(name):
     ties = middles[exact].astype(f32)
     toward_zero = np.where(np.abs(values[:-1]) < np.abs(values[1:]), values[:-1],
                            values[1:])[exact]
+    if name == "unsigned8":  # but a positive value is never stored as 0
+        toward_zero[toward_zero == 0] = values[1]
     assert ties.size > 100 and (name == "unsigned8" or (ties < 0).sum() > 50)
     block = np.concatenate([[f32(1)], ties])  # absmax 1: each value is its own
     codes, absmax = precision.quantize(block, name)
