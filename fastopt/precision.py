@@ -67,6 +67,25 @@ def formats(names, arrays):
 TWO_PASSES = ("caution=True takes two passes, which 8-bit state (state_dtype='int8') does "
               "not step yet")
 
+# Centered RMSprop's variance is square_avg - grad_avg**2: of two buffers rounded apart, it
+# came out negative (a NaN parameter) where the gradient's mean outweighs its noise.
+CENTERED = ("centered=True subtracts grad_avg squared from square_avg, which 8-bit state "
+            "(state_dtype='int8') rounds apart: the variance can come out negative (a NaN "
+            "step) or near 0 (a step far too large), as bitsandbytes refuses it too; keep "
+            "them in float32 or bfloat16 (state_dtype={'momentum_buffer': 'int8'})")
+
+
+def refused_in_8_bits(group, quantized):
+    """Why the options of ``group`` cannot step with the 8-bit buffers ``quantized``
+    (names), or None."""
+    if not quantized:
+        return None
+    if group.get("caution"):
+        return TWO_PASSES
+    if group.get("centered") and {"square_avg", "grad_avg"} & set(quantized):
+        return CENTERED
+    return None
+
 NOTHING_TO_ROUND = ("stochastic_rounding=True has nothing to round: it rounds 16-bit "
                     "parameters without master weights (master_weights=None) and bfloat16 "
                     "state")

@@ -337,8 +337,9 @@ class Optimizer(torch.optim.Optimizer):
             raise ValueError(f"{', '.join(whole)} in param_groups[{index}]: options of the "
                              "whole optimizer, given to its constructor, not per group")
         for dtype in {p.dtype for p in group["params"]}:  # the options, for each dtype
-            if self._storage_of(dtype).quantized and group.get("caution"):
-                raise ValueError(f"{precision.TWO_PASSES} (in param_groups[{index}])")
+            refused = precision.refused_in_8_bits(group, self._storage_of(dtype).quantized)
+            if refused:
+                raise ValueError(f"{refused} (in param_groups[{index}])")
         if callable(group["lr"]):
             raise TypeError(f"param_groups[{index}]['lr'] must be a number: schedule it with "
                             "a torch.optim.lr_scheduler")

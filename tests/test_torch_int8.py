@@ -41,7 +41,7 @@ def _decode64(codes, absmax, fmt):
 
 @pytest.mark.parametrize("name, kwargs", [
     ("AdamW", dict(lr=1e-3, weight_decay=0.01)), ("Adam", dict(lr=1e-3, amsgrad=True)),
-    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True)), ("RMSprop", dict(lr=1e-3, centered=True)),
+    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True)), ("RMSprop", dict(lr=1e-3, momentum=0.5)),
     ("NAdam", {}), ("RAdam", {}), ("Adamax", {}), ("Adadelta", {}), ("Lion", dict(lr=1e-4))])
 def test_the_torch_front_steps_8_bit_state_bitwise_as_the_numpy_api(name, kwargs):
     params = _params()
@@ -432,6 +432,23 @@ def test_caution_is_refused_with_8_bit_state_before_any_write():
         p.grad = g
     before = [p.detach().clone() for p in params]
     with pytest.raises(ValueError, match="caution=True takes two passes"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before)) and not opt.state
+
+
+def test_centered_rmsprop_is_refused_with_8_bit_averages_before_any_write():
+    params = _params()
+    with pytest.raises(ValueError, match="centered=True subtracts grad_avg squared"):
+        ft.RMSprop(params, lr=1e-3, centered=True, state_dtype="int8")
+    opt = ft.RMSprop(params, lr=1e-3, state_dtype="int8")
+    with pytest.raises(ValueError, match="centered=True subtracts grad_avg squared"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(5000))],
+                             "centered": True})
+    opt.param_groups[0]["centered"] = True  # as a schedule may set it
+    for p, g in zip(params, _grads(SHAPES, 1)[0]):
+        p.grad = g
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match="centered=True subtracts grad_avg squared"):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(params, before)) and not opt.state
 

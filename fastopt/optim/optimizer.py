@@ -15,8 +15,8 @@ from ..flat import ViewList, flatten
 from ..kernels import Pass, rules
 from ..kernels._template import state_names
 from ..kernels.codecs import BLOCK
-from ..precision import (MIN_QUANTIZED_SIZE, NOTHING_TO_ROUND, TWO_PASSES, Storage,
-                         check_grad_dtype, quantize)
+from ..precision import (MIN_QUANTIZED_SIZE, NOTHING_TO_ROUND, Storage,
+                         check_grad_dtype, quantize, refused_in_8_bits)
 from . import engine
 from .checks import check_flag, check_lr, positive_or_none
 from .snapshot import restore as restore_snapshot
@@ -608,8 +608,9 @@ class Optimizer:
                              "given); set it instead of deleting it")
         try:
             self._check(group)
-            if group.get("caution") and self._storage.quantized:
-                raise ValueError(TWO_PASSES)
+            refused = refused_in_8_bits(group, self._storage.quantized)
+            if refused:
+                raise ValueError(refused)
         except (TypeError, ValueError) as error:
             if not self._grouped:
                 raise
