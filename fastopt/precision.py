@@ -143,8 +143,12 @@ def quantize(values, fmt, fit=False):
     if fit and lowest < 0:
         absmax = np.maximum(np.maximum(padded.max(axis=1), 0),
                             np.maximum(-padded.min(axis=1), 0) / -lowest).astype(FLOAT32)
-    inverse = np.where(absmax > 0, FLOAT32.type(1) / np.where(absmax > 0, absmax, 1), 0)
-    normalized = (padded * inverse[:, None].astype(FLOAT32)).astype(np.float64).ravel()
+    prescale = np.where(absmax > codecs.LARGEST_PLAIN_ABSMAX, codecs.PRESCALE,
+                        FLOAT32.type(1)).astype(FLOAT32)
+    scaled = (absmax * prescale).astype(FLOAT32)
+    inverse = np.where(absmax > 0, FLOAT32.type(1) / np.where(absmax > 0, scaled, 1), 0)
+    normalized = ((padded * prescale[:, None]) * inverse[:, None].astype(FLOAT32)
+                  ).astype(np.float64).ravel()
     values_of = codecs.QUANTIZED[fmt][0].astype(np.float64)
     above = np.clip(np.searchsorted(values_of, normalized), 1, values_of.size - 1)
     below, beyond = normalized - values_of[above - 1], values_of[above] - normalized

@@ -136,10 +136,18 @@ def _rules_source():
     return inspect.getsource(rules) + inspect.getsource(codecs)
 
 
+def _scales(n):
+    """The statements that bind ``<n>_prescale`` and ``<n>_inverse``, by which the new
+    values of a block with the absmax ``<n>_top`` are encoded (see
+    ``codecs.LARGEST_PLAIN_ABSMAX``)."""
+    return [f"{n}_prescale = PRESCALE if {n}_top > LARGEST_PLAIN_ABSMAX else ONE",
+            f"{n}_inverse = ONE / ({n}_top * {n}_prescale) if {n}_top > ZERO else ZERO"]
+
+
 def _encoded(n, fmt, at):
     """The statements that encode element i of ``n``'s new values (``<n>_new[i]``) of a block
-    in 8-bit ``fmt`` into ``at``, by the block's ``<n>_inverse``."""
-    return [f"{n}_scaled = {n}_new[i] * {n}_inverse",
+    in 8-bit ``fmt`` into ``at``, by the block's ``<n>_prescale`` and ``<n>_inverse``."""
+    return [f"{n}_scaled = {n}_new[i] * {n}_prescale * {n}_inverse",
             f"{at} = dynamic_code({n}_scaled, {fmt}_buckets[dynamic_bucket({n}_scaled)])"]
 
 
@@ -215,9 +223,10 @@ def _block_chunk(taken, quantized, writes, bits, body, stochastic):
                       f"    {n}_bits = max({n}_bits, "
                       f"np.int32(np.float32({n}_new[i]).view(np.int32) & MAGNITUDE))",
                       f"{n}_top = np.int32({n}_bits).view(np.float32)",
-                      f"{n}_absmax[b] = {n}_top",
-                      f"{n}_inverse = ONE / {n}_top if {n}_top > ZERO else ZERO"]
-            lines += ([f"encode_block({n}_new, {n}_inverse, {quantized[n]}_buckets, {n}_b, "
+                      f"{n}_absmax[b] = {n}_top", *_scales(n)]
+            lines += ([f"if {n}_prescale != ONE:",  # rare: the encoding's loops stay as they are
+                       f"    for i in range(BLOCK): {n}_new[i] *= {n}_prescale",
+                       f"encode_block({n}_new, {n}_inverse, {quantized[n]}_buckets, {n}_b, "
                        "entries)"] if whole else
                       [f"for i in range({count}):",
                        *(f"    {line}" for line in _encoded(n, quantized[n], f"{n}_b[i]"))])
@@ -255,8 +264,7 @@ def _block_steps(quantized, writes, body, segment_at):
     for n in written:
         lines += [f"{n}_top = np.uint32(block_reduce(shared_bits, {n}_bits, True))"
                   ".view(np.float32)",
-                  f"if cuda.threadIdx.x == 0: {n}_absmax[b] = {n}_top",
-                  f"{n}_inverse = ONE / {n}_top if {n}_top > ZERO else ZERO",
+                  f"if cuda.threadIdx.x == 0: {n}_absmax[b] = {n}_top", *_scales(n),
                   *threads(*_encoded(n, quantized[n], f"{n}[state_base + i]"))]
     return "\n    ".join(lines)
 

@@ -176,10 +176,18 @@ def rounding_key(seed, step, stream=0):
 # that are never negative: 2**(d + 1)), evenly spaced means between 0.1 and 1 of it;
 # and 0 and 1 besides. An unsigned buffer is a second moment, which a step divides by,
 # so a positive value that is nearest to 0 takes the smallest positive value instead:
-# stored as 0 beside a first moment that the signed map holds (a gradient a thousandth
-# of its block's largest), the next step was the first moment over eps.
+# stored as 0 beside a first moment that the signed map holds (a gradient about 3e-7 to
+# 4e-4 of its block's largest), the next step was the first moment over eps. (Where the
+# CPU kernels flush subnormal numbers, a value below 1.2e-38 of its absmax scales to 0
+# and is stored as 0; its first moment is 0 too unless their absmax differ by decades.)
 
 BLOCK = 256
+
+# Above this absmax, 1 / absmax is subnormal, which the CPU kernels flush to zero (every
+# code of the block was 0): such a block's values are scaled by PRESCALE first, and
+# encoded by 1 / (absmax * PRESCALE), a normal number, on every backend and the host.
+LARGEST_PLAIN_ABSMAX = np.float32(2.0 ** 126)
+PRESCALE = np.float32(2.0 ** -64)
 
 
 def dynamic_map(signed):
@@ -211,7 +219,10 @@ _FIRST_BUCKET = i32(_LOW_EXPONENT << _MANTISSA_BITS)  # 2**-24's magnitude bits 
 _LOWEST_BITS = i32(_FIRST_BUCKET << _BELOW)  # 2**-24's magnitude bits
 _PLACES = i32((1 << _BELOW) - 1)  # the bits of a magnitude's place in its bucket
 _NO_MIDPOINT = 1 << int(_BELOW)  # beyond every place in a bucket
-_ZERO_ONLY = -2  # an unsigned map's first midpoint: every magnitude but 0's is beyond it
+# The place of magnitude 0 (dynamic_code), before a tiny one's (-1), and the unsigned
+# map's first bucket's midpoint: every magnitude but 0's is beyond it. Every other
+# bucket's midpoint is a place (>= 0), which neither passes.
+_ZERO_ONLY = -2
 _ONE_BITS = u32(0x3F800000)  # 1.0's
 
 

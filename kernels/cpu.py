@@ -251,6 +251,8 @@ def _driver(spec, loops):
         "tensor_part_bits": _tensor_part_bits,
         "ZERO": ZERO,
         "ONE": np.float32(1),
+        "LARGEST_PLAIN_ABSMAX": codecs.LARGEST_PLAIN_ABSMAX,
+        "PRESCALE": codecs.PRESCALE,
         "NO_BITS": np.int32(0),
         "MAGNITUDE": np.int32(0x7FFFFFFF),
         "np": np,

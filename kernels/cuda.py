@@ -107,6 +107,8 @@ def _driver(spec, loops):
         "MAX_THREADS": MAX_THREADS,
         "ZERO": ZERO,
         "ONE": np.float32(1),
+        "LARGEST_PLAIN_ABSMAX": codecs.LARGEST_PLAIN_ABSMAX,
+        "PRESCALE": codecs.PRESCALE,
         "NO_BITS": np.uint32(0),
         "MAGNITUDE": np.uint32(0x7FFFFFFF),
         "BLOCK": codecs.BLOCK,

@@ -422,6 +422,25 @@ def test_formats_on_device_match_the_cpu(name, kwargs, fmt, monkeypatch):
     assert np.abs(moved).max() > 0
 
 
+def test_8_bit_blocks_beyond_2_to_the_126_encode_on_device_as_on_the_cpu():
+    # Their values are scaled down before 1 / absmax, which would be subnormal (the CPU
+    # flushes it to zero): the device does the same, and so gives the CPU's codes.
+    rng = np.random.default_rng(29)
+    g = (rng.uniform(-1, 1, 600) * np.float32(3e38)).astype(np.float32)  # two blocks and a part
+    options = dict(lr=1e-3, momentum=0.9, state_dtype="int8")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fastopt.optim.optimizer, "MIN_QUANTIZED_SIZE", 256)
+        on_gpu = fastopt.SGD([to_device(np.zeros(600, np.float32))], **options)
+        on_cpu = fastopt.SGD([np.zeros(600, np.float32)], **options)
+        on_gpu.step([to_device(g)])
+        on_cpu.step([g])
+    np.testing.assert_array_equal(host(on_gpu.state["momentum_buffer"]),
+                                  on_cpu.state["momentum_buffer"])
+    decoded = fastopt.precision.dequantize(on_cpu.state["momentum_buffer"],
+                                           on_cpu.state["momentum_buffer_absmax"], "signed8")
+    assert np.abs(decoded.astype(np.float64) - g).max() <= 0.008 * 3e38
+
+
 # -- fastopt.torch on the device ----------------------------------------------------------
 
 def torch_on_device(torch, monkeypatch):

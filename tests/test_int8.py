@@ -263,6 +263,32 @@ def test_a_small_gradient_after_a_large_one_does_not_step_by_lr_over_eps(name, k
     assert moved["int8"].max() <= 2 * moved["float32"].max()
 
 
+def test_a_block_whose_absmax_is_beyond_2_to_the_126_keeps_its_values():
+    # 1 / absmax is subnormal there, which the CPU kernels flush to zero: every code was
+    # 0, so SGD's momentum after a gradient of 1e38 decoded as 0, and Adamax stepped a
+    # parameter to -inf where float32 state moved it by 0.0015.
+    rng = np.random.default_rng(28)
+    g = (rng.uniform(-1, 1, 4096) * 10.0 ** rng.uniform(37.9, 38.5, 16).repeat(256)).astype(f32)
+    tops = np.abs(g).reshape(16, 256).max(axis=1)
+    assert (tops > 2.0 ** 126).all() and np.isfinite(g).all()
+    opt = fastopt.SGD([np.zeros(4096, f32)], lr=1e-3, momentum=0.9, state_dtype="int8")
+    opt.step([g])
+    codes, absmax = opt.state["momentum_buffer"], opt.state["momentum_buffer_absmax"]
+    np.testing.assert_array_equal(absmax, tops)
+    host_codes, _ = precision.quantize(g, "signed8")
+    np.testing.assert_array_equal(codes, host_codes)  # the host re-encodes as the kernels
+    decoded = precision.dequantize(codes, absmax, "signed8").astype(np.float64)
+    # within half the map's widest gap (0.9 / 64 near 1) of each block's absmax
+    assert (np.abs(decoded - g).reshape(16, 256).max(axis=1) <= 0.008 * tops).all()
+    moved = {}
+    for state in ("int8", "float32"):
+        adamax = fastopt.Adamax([np.zeros(4096, f32)], lr=1e-3, state_dtype=state)
+        adamax.step([g])
+        adamax.step([np.zeros_like(g)])
+        moved[state] = np.abs(adamax.flat_params)
+    assert np.isfinite(moved["int8"]).all() and moved["int8"].max() < 2 * moved["float32"].max()
+
+
 def test_a_checkpoint_resumes_8_bit_state_bitwise(tmp_path):
     def make():
         return fastopt.AdamW({"w": initial_params(26, 8192).reshape(64, 128),
