@@ -418,37 +418,22 @@ def test_codes_copied_into_another_layout_still_meet_their_scales():
     _step_side_by_side(opt, resumed, params, copies, shapes, seed=3)
 
 
-def test_caution_is_refused_with_8_bit_state_before_any_write():
+@pytest.mark.parametrize("name, option, match", [
+    ("AdamW", "caution", "caution=True takes two passes"),
+    ("RMSprop", "centered", "centered=True subtracts grad_avg squared")])
+def test_options_8_bit_state_cannot_step_are_refused_before_any_write(name, option, match):
     params = _params()
-    with pytest.raises(ValueError, match="caution=True takes two passes"):
-        ft.AdamW(params, lr=1e-2, state_dtype="int8", caution=True)
-    opt = ft.AdamW(params, lr=1e-2, state_dtype="int8")
-    with pytest.raises(ValueError, match="caution=True takes two passes"):
-        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(5000))],
-                             "caution": True})
+    with pytest.raises(ValueError, match=match):
+        getattr(ft, name)(params, lr=1e-3, state_dtype="int8", **{option: True})
+    opt = getattr(ft, name)(params, lr=1e-3, state_dtype="int8")
+    with pytest.raises(ValueError, match=match):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(5000))], option: True})
     assert len(opt.param_groups) == 1
-    opt.param_groups[0]["caution"] = True  # as a schedule may set it
+    opt.param_groups[0][option] = True  # as a schedule may set it
     for p, g in zip(params, _grads(SHAPES, 1)[0]):
         p.grad = g
     before = [p.detach().clone() for p in params]
-    with pytest.raises(ValueError, match="caution=True takes two passes"):
-        opt.step()
-    assert all(torch.equal(p, q) for p, q in zip(params, before)) and not opt.state
-
-
-def test_centered_rmsprop_is_refused_with_8_bit_averages_before_any_write():
-    params = _params()
-    with pytest.raises(ValueError, match="centered=True subtracts grad_avg squared"):
-        ft.RMSprop(params, lr=1e-3, centered=True, state_dtype="int8")
-    opt = ft.RMSprop(params, lr=1e-3, state_dtype="int8")
-    with pytest.raises(ValueError, match="centered=True subtracts grad_avg squared"):
-        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(5000))],
-                             "centered": True})
-    opt.param_groups[0]["centered"] = True  # as a schedule may set it
-    for p, g in zip(params, _grads(SHAPES, 1)[0]):
-        p.grad = g
-    before = [p.detach().clone() for p in params]
-    with pytest.raises(ValueError, match="centered=True subtracts grad_avg squared"):
+    with pytest.raises(ValueError, match=match):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(params, before)) and not opt.state
 
