@@ -86,6 +86,7 @@ def refused_in_8_bits(group, quantized):
         return CENTERED
     return None
 
+
 NOTHING_TO_ROUND = ("stochastic_rounding=True has nothing to round: it rounds 16-bit "
                     "parameters without master weights (master_weights=None) and bfloat16 "
                     "state")
