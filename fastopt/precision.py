@@ -146,8 +146,8 @@ def quantize(values, fmt, fit=False):
                             np.maximum(-padded.min(axis=1), 0) / -lowest).astype(FLOAT32)
     prescale = np.where(absmax > codecs.LARGEST_PLAIN_ABSMAX, codecs.PRESCALE,
                         FLOAT32.type(1)).astype(FLOAT32)
-    scaled = (absmax * prescale).astype(FLOAT32)
-    inverse = np.where(absmax > 0, FLOAT32.type(1) / np.where(absmax > 0, scaled, 1), 0)
+    inverse = np.where(absmax > 0,
+                       FLOAT32.type(1) / np.where(absmax > 0, absmax * prescale, 1), 0)
     normalized = ((padded * prescale[:, None]) * inverse[:, None].astype(FLOAT32)
                   ).astype(np.float64).ravel()
     values_of = codecs.QUANTIZED[fmt][0].astype(np.float64)
