@@ -146,6 +146,8 @@ def _inline(function):
 
 _prepare = _inline(rules.prepare)
 _CODECS = codecs.compiled(_inline)
+if x86.F16C:
+    _CODECS.update(float16_load=x86.float16_load, float16_store=x86.float16_store)
 
 
 @njit(inline="always", error_model="numpy")
@@ -274,7 +276,7 @@ def _driver(spec, loops):
     chunk_options = dict(options, parallel=False, inline="never")
     fingerprint = (repr((options, chunk_options, CHUNK, VECTOR, BLOCKS_PER_CHUNK))
                    + inspect.getsource(_fp_mode) + inspect.getsource(x86)
-                   + repr(x86.AVAILABLE))
+                   + repr((x86.AVAILABLE, x86.F16C)))
     driver = _template.build(spec, loops, namespace, __file__, fingerprint,
                              njit(**chunk_options))
     return njit(**options)(driver)

@@ -1,6 +1,14 @@
-"""A whole block of 8-bit state decoded with AVX-512 permutes, where the portable loop's
-table lookup (``map[code]``) compiles to a gather, which on AMD's Zen cores costs more
-than the rest of the decoding.
+"""x86 instructions that the portable code does not compile to: float16 conversions
+(F16C), and a whole block of 8-bit state decoded with AVX-512 permutes.
+
+F16C converts eight float16 to float32 and back in one instruction each, where the
+portable codecs (``codecs.float16_load``, ``float16_store``) take a dozen integer
+operations; LLVM emits them for its ``half`` type, which Numba does not have, hence
+intrinsics. They give the portable codecs' bits, NaNs included (checked over every
+input in tests/test_x86.py), and the CPU drivers take them where F16C compiles.
+
+The 8-bit decoding: the portable loop's table lookup (``map[code]``) compiles to a
+gather, which on AMD's Zen cores costs more than the rest of the decoding.
 
 AVX-512's two-table permute (``vpermi2ps``) finds 16 lanes' values in a 32-entry table
 held in two registers. So the map's 256 values are 16 registers, and a decode is eight
@@ -25,17 +33,45 @@ _I32, _I64 = ir.IntType(32), ir.IntType(64)
 _FLOATS, _INTS = ir.VectorType(ir.FloatType(), LANES), ir.VectorType(_I32, LANES)
 
 
-def _available():
-    """Whether the code Numba compiles may use AVX-512F: the features it compiles for
+def _available(feature):
+    """Whether the code Numba compiles may use ``feature``: the features it compiles for
     (NUMBA_CPU_FEATURES, or the host's less AVX where NUMBA_ENABLE_AVX is off) have it,
     for the host's CPU (a CPU named by NUMBA_CPU_NAME has features we would guess)."""
     if config.CPU_NAME and config.CPU_NAME != "host" and not config.CPU_FEATURES:
         return False
     features = config.CPU_FEATURES or codegen.get_host_cpu_features()
-    return "+avx512f" in features.split(",")
+    return f"+{feature}" in features.split(",")
 
 
-AVAILABLE = _available()
+AVAILABLE = _available("avx512f")  # decode_block compiles
+# float16_load and float16_store compile to F16C. Its instructions are AVX ones: where
+# Numba drops AVX (NUMBA_ENABLE_AVX=0), LLVM would call a conversion it cannot link.
+F16C = _available("f16c") and _available("avx")
+
+
+@intrinsic
+def float16_load(typingctx, bits):
+    """The float32 of the float16 ``bits`` (an integer, of which the low 16 bits)."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, arguments):
+        half = context.cast(builder, arguments[0], signature.args[0], types.uint16)
+        return builder.fpext(builder.bitcast(half, ir.HalfType()), ir.FloatType())
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def float16_store(typingctx, x):
+    """The float16 bits (a uint16) nearest to the float ``x`` as a float32 (ties to
+    even)."""
+    if not isinstance(x, types.Float):
+        return None
+
+    def codegen(context, builder, signature, arguments):
+        single = context.cast(builder, arguments[0], signature.args[0], types.float32)
+        return builder.bitcast(builder.fptrunc(single, ir.HalfType()), ir.IntType(16))
+    return types.uint16(x), codegen
 
 
 def _function(builder, name, returns, arguments):

@@ -1,14 +1,15 @@
-"""The AVX-512 decoding of a block of 8-bit state (``kernels.x86``) against NumPy's
-``map[codes] * scale`` and against the table lookups that other CPUs run, bit for
-bit."""
+"""``kernels.x86`` bit for bit against the portable code that other CPUs run: the
+AVX-512 decoding of a block of 8-bit state (and NumPy's ``map[codes] * scale``), and
+the F16C float16 conversions (and NumPy's casts)."""
 
 import numpy as np
 import pytest
-from numba import njit
+from numba import njit, prange
 
-from fastopt.kernels import codecs, cpu, x86
+from fastopt.kernels import _fp_mode, codecs, cpu, x86
 
 needs_avx512 = pytest.mark.skipif(not x86.AVAILABLE, reason="this CPU has no AVX-512")
+needs_f16c = pytest.mark.skipif(not x86.F16C, reason="this CPU has no F16C")
 
 f32 = np.float32
 BLOCK = codecs.BLOCK
@@ -72,7 +73,23 @@ def test_the_permutes_compile_only_where_numba_compiles_for_avx512(
     monkeypatch.setattr(config, "ENABLE_AVX", enable_avx)
     features = _Features((item[1:], item[0] == "+") for item in host.split(","))
     monkeypatch.setattr("llvmlite.binding.get_host_cpu_features", lambda: features)
-    assert x86._available() is available
+    assert x86._available("avx512f") is available
+
+
+@pytest.mark.parametrize("enable_avx, host, available", [
+    (True, "+avx,+avx2,+f16c", True),
+    (False, "+avx,+avx2,+f16c", False),  # NUMBA_ENABLE_AVX=0: F16C's are AVX instructions
+    (True, "+avx,+avx2,-f16c", False),
+])
+def test_f16c_compiles_only_with_avx(monkeypatch, enable_avx, host, available):
+    from numba.core import config
+
+    monkeypatch.setattr(config, "CPU_NAME", None)
+    monkeypatch.setattr(config, "CPU_FEATURES", None)
+    monkeypatch.setattr(config, "ENABLE_AVX", enable_avx)
+    features = _Features((item[1:], item[0] == "+") for item in host.split(","))
+    monkeypatch.setattr("llvmlite.binding.get_host_cpu_features", lambda: features)
+    assert (x86._available("f16c") and x86._available("avx")) is available
 
 
 class _Features(dict):
@@ -80,3 +97,68 @@ class _Features(dict):
 
     def flatten(self):
         return ",".join(("+" if on else "-") + name for name, on in self.items())
+
+
+_portable_load, _portable_store = (njit(inline="always")(f) for f in (
+    codecs.float16_load, codecs.float16_store))
+_F16C_LOAD, _F16C_STORE = x86.float16_load, x86.float16_store
+
+
+@njit(parallel=True)
+def _stores_that_differ(flush_denormals):
+    """How many of the 2**32 float32 bit patterns F16C stores other than the portable
+    codec, NaNs and subnormals included, with the kernels' denormal mode."""
+    differ = 0
+    for high in prange(1 << 16):
+        saved = _fp_mode.denormals_off(flush_denormals)
+        for low in range(1 << 16):
+            x = np.uint32((high << 16) | low).view(np.float32)
+            differ += _F16C_STORE(x) != _portable_store(x)
+        _fp_mode.restore(saved)
+    return differ
+
+
+@njit
+def _loads(flush_denormals):
+    saved = _fp_mode.denormals_off(flush_denormals)
+    f16c, portable = np.empty(1 << 16, np.float32), np.empty(1 << 16, np.float32)
+    for bits in range(1 << 16):
+        f16c[bits] = _F16C_LOAD(np.uint16(bits))
+        portable[bits] = _portable_load(np.uint16(bits))
+    _fp_mode.restore(saved)
+    return f16c, portable
+
+
+@needs_f16c
+@pytest.mark.parametrize("flush_denormals", [True, False])
+def test_f16c_conversions_give_the_portable_codecs_bits_for_every_input(flush_denormals):
+    f16c, portable = _loads(flush_denormals)
+    np.testing.assert_array_equal(f16c.view(np.uint32), portable.view(np.uint32))
+    assert _stores_that_differ(flush_denormals) == 0
+
+
+def test_the_portable_float16_codecs_round_as_numpy_and_keep_nans_quiet():
+    """What the F16C test compares against is right: NumPy's casts everywhere but NaNs,
+    which keep their sign and the top of their payload, made quiet (as F16C does)."""
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    loaded = np.array([_portable_load(b) for b in every], np.float32)
+    halves = every.view(np.float16)
+    nan = np.isnan(halves)
+    np.testing.assert_array_equal(loaded[~nan].view(np.uint32),
+                                  halves[~nan].astype(np.float32).view(np.uint32))
+    assert np.isnan(loaded[nan]).all()
+    quiet = np.uint32(0x400000)
+    np.testing.assert_array_equal(loaded[nan].view(np.uint32),
+                                  (every[nan].astype(np.uint32) & 0x8000) << 16
+                                  | 0x7F800000 | quiet
+                                  | (every[nan].astype(np.uint32) & 0x3FF) << 13)
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 1 << 32, 1 << 16, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    x[:6] = [65504, 65519.996, 65520, 2 ** -25, 3 * 2 ** -26, np.inf]
+    stored = np.array([_portable_store(v) for v in x], np.uint16)
+    finite = ~np.isnan(x)
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(stored[finite], x[finite].astype(np.float16).view(np.uint16))
+    bits = x[~finite].view(np.uint32)
+    np.testing.assert_array_equal(stored[~finite], (bits >> 16 & 0x8000) | 0x7E00
+                                  | (bits >> 13 & 0x1FF))
