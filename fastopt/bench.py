@@ -357,6 +357,8 @@ PRECISION_FORMATS = {
     "bf16, no master": ("bfloat16", dict(master_weights=None)),
     "bf16, no master, bf16 state": ("bfloat16", dict(master_weights=None,
                                                      state_dtype="bfloat16")),
+    "fp16 + fp32 master": ("float16", {}),
+    "fp16, no master": ("float16", dict(master_weights=None)),
 }
 PRECISION_SIZES = [4_000_000, 20_000_000]
 
