@@ -40,56 +40,49 @@ def bfloat16_store(x):
 
 # float16's exponent bias is 15, float32's 127.
 _HALF_SUBNORMAL_SCALE = np.float32(2.0 ** -24)  # the value of float16's last mantissa bit
-_REBIAS = i32((127 - 15) << 23)
+_REBIAS = u32((127 - 15) << 23)
 # Adding this float32 (0.5) to a magnitude below float16's smallest normal rounds it, in
 # float32 arithmetic and to nearest even, to a multiple of 2**-24: float16's subnormal
 # step; the difference of the bits is then the subnormal's mantissa.
 _HALF = np.float32(0.5)
-_SUBNORMAL_MAGIC = _HALF.view(np.int32)
-_HALF_NORMAL = i32(113 << 23)  # float16's smallest normal number, 2**-14, as float32 bits
-_FLOAT_NAN = i32(0x7FC00000)  # a quiet float32 NaN
-
-# The float16 codecs compute every case and select one, in int32 throughout (each
-# operation cast back, as dynamic_bucket's): with a branch per case, and with Numba's
-# 64-bit integers, LLVM vectorised their loops badly or not at all (Adam on float16
-# parameters took 1.4x as long, AMD Zen 3). A float32 magnitude is at most 0x7FFFFFFF,
-# so it compares as an int32. A NaN keeps its sign and the top of its payload, and
-# becomes quiet, as x86's F16C conversions do, which the CPU drivers take where they
-# compile (kernels.x86.F16C): every backend gives the same bits.
+_SUBNORMAL_MAGIC = _HALF.view(np.uint32)
+# A NaN keeps its sign and the top of its payload, and becomes quiet, as x86's F16C
+# conversions do, which the CPU drivers take where they compile (kernels.x86.F16C):
+# every backend gives the same bits. (Written with a branch per class of value, these
+# vectorise poorly on the CPU, which F16C's hosts do not run; computed in every case and
+# selected, they took the CUDA simulator, which runs them as Python, 1.6-3x as long.)
 
 
 def float16_load(bits):
     """The float32 of the float16 ``bits`` (exact: float32 holds every float16)."""
-    bits = i32(bits)
-    exponent = i32(bits & i32(0x7C00))
-    shifted = i32(i32(bits & i32(0x7FFF)) << i32(13))
-    # zero or subnormal: mantissa * 2**-24
-    small = np.float32(np.float32(i32(bits & i32(0x3FF))) * _HALF_SUBNORMAL_SCALE)
-    magnitude = (small.view(i32) if exponent == i32(0)
-                 else i32(shifted | _FLOAT_NAN) if i32(bits & i32(0x7FFF)) > i32(0x7C00)
-                 else i32(shifted | i32(0x7F800000)) if exponent == i32(0x7C00)  # infinity
-                 else i32(shifted + _REBIAS))
-    return i32(magnitude | i32(i32(bits & i32(0x8000)) << i32(16))).view(np.float32)
+    bits = u32(bits)
+    sign = u32((bits & u32(0x8000)) << u32(16))
+    exponent = (bits >> u32(10)) & u32(0x1F)
+    mantissa = u32(bits & u32(0x3FF))
+    if exponent == 0:  # zero or subnormal: mantissa * 2**-24
+        magnitude = np.float32(mantissa) * _HALF_SUBNORMAL_SCALE
+        return -magnitude if sign else magnitude
+    if exponent == 0x1F:  # infinity, or a NaN made quiet
+        quiet = _QUIET if mantissa else u32(0)
+        return u32(sign | u32(0x7F800000) | quiet | (mantissa << u32(13))).view(np.float32)
+    return u32(sign | (((bits & u32(0x7FFF)) << u32(13)) + _REBIAS)).view(np.float32)
 
 
 def float16_store(x):
     """The float16 bits nearest to the float32 ``x`` (ties to even)."""
-    bits = np.float32(x).view(i32)
-    magnitude = i32(bits & i32(0x7FFFFFFF))
-    # Below 2**-14: a subnormal or zero. (Found from at most 2**-14, so that where the
-    # case is not taken it neither overflows nor warns, as NumPy would in the CUDA
-    # simulator.)
-    below = i32(min(magnitude, _HALF_NORMAL)).view(np.float32)
-    small = i32(np.float32(below + _HALF).view(i32) - _SUBNORMAL_MAGIC)
-    odd = i32(i32(magnitude >> i32(13)) & i32(1))
-    # to nearest, ties to even; 65520 and up carry into infinity
-    normal = i32(i32(magnitude - _REBIAS + i32(0xFFF) + odd) >> i32(13))
-    half = (i32(i32(i32(magnitude >> i32(13)) & i32(0x1FF)) | i32(0x7E00))  # NaN
-            if magnitude > i32(0x7F800000)
-            else i32(0x7C00) if magnitude >= i32(143 << 23)  # 65536 and beyond, infinity
-            else small if magnitude < _HALF_NORMAL
-            else normal)
-    return np.uint16(i32(i32(i32(bits >> i32(16)) & i32(0x8000)) | half))
+    bits = np.float32(x).view(u32)
+    sign = u32((bits >> u32(16)) & u32(0x8000))
+    magnitude = u32(bits & u32(0x7FFFFFFF))
+    if magnitude > u32(0x7F800000):  # NaN
+        return np.uint16(sign | u32(0x7E00) | ((magnitude >> u32(13)) & u32(0x1FF)))
+    if magnitude >= u32(143 << 23):  # 65536 and beyond, infinity included
+        return np.uint16(sign | u32(0x7C00))
+    if magnitude < u32(113 << 23):  # below 2**-14: a subnormal or zero
+        rounded = np.float32(magnitude.view(np.float32) + _HALF).view(u32)
+        return np.uint16(sign | (rounded - _SUBNORMAL_MAGIC))
+    odd = (magnitude >> u32(13)) & u32(1)
+    rounded = magnitude - _REBIAS + u32(0xFFF) + odd  # to nearest, ties to even
+    return np.uint16(sign | (rounded >> u32(13)))  # 65520 and up carry into infinity
 
 
 def bfloat16_store_stochastic(x, random):
@@ -111,22 +104,20 @@ def float16_store_stochastic(x, random):
     uint32, of which the low 13 bits count, and 16 below float16's normal numbers)
     decides; so the rounding is unbiased. Beyond float16's largest number it rounds
     up into the infinity with that probability too."""
-    bits = np.float32(x).view(i32)
-    magnitude = i32(bits & i32(0x7FFFFFFF))
-    # below 2**-14: a multiple of 2**-24, the rest by chance
-    below = i32(min(magnitude, _HALF_NORMAL)).view(np.float32)  # see float16_store
-    steps = np.float32(below * _HALF_SUBNORMAL_STEPS)  # exact
-    whole = i32(steps)  # truncated: the floor of a magnitude (np.floor is CPU-only)
-    up = ((steps - np.float32(whole)) * np.float32(65536)
-          > np.float32(i32(u32(random) & u32(0xFFFF))))
-    small = i32(whole + i32(up))
-    normal = i32(i32(magnitude - _REBIAS + i32(u32(random) & u32(0x1FFF))) >> i32(13))
-    half = (i32(i32(i32(magnitude >> i32(13)) & i32(0x1FF)) | i32(0x7E00))  # NaN
-            if magnitude > i32(0x7F800000)
-            else i32(0x7C00) if magnitude >= i32(143 << 23)  # 65536 and beyond, infinity
-            else small if magnitude < _HALF_NORMAL
-            else normal)
-    return np.uint16(i32(i32(i32(bits >> i32(16)) & i32(0x8000)) | half))
+    bits = np.float32(x).view(u32)
+    sign = u32((bits >> u32(16)) & u32(0x8000))
+    magnitude = u32(bits & u32(0x7FFFFFFF))
+    if magnitude > u32(0x7F800000):  # NaN
+        return np.uint16(sign | u32(0x7E00) | ((magnitude >> u32(13)) & u32(0x1FF)))
+    if magnitude >= u32(143 << 23):  # 65536 and beyond, infinity included
+        return np.uint16(sign | u32(0x7C00))
+    if magnitude < u32(113 << 23):  # below 2**-14: a multiple of 2**-24, the rest by chance
+        steps = magnitude.view(np.float32) * _HALF_SUBNORMAL_STEPS  # exact
+        whole = u32(steps)  # truncated: the floor of a magnitude (np.floor is CPU-only)
+        up = ((steps - np.float32(whole)) * np.float32(65536)
+              > np.float32(u32(random) & u32(0xFFFF)))
+        return np.uint16(sign | u32(whole + u32(up)))
+    return np.uint16(sign | ((magnitude - _REBIAS + (u32(random) & u32(0x1FFF))) >> u32(13)))
 
 
 def bfloat16_upper(x):
@@ -149,15 +140,14 @@ def bfloat16_rebuild(bits, remainder):
     """The float32 whose ``bfloat16_upper`` is ``bits`` and whose ``bfloat16_remainder``
     is ``remainder``: exactly the value they were taken from. A pair that no float32
     gives (``bits`` written since, as a zero, an infinity or a NaN) reads as ``bits``."""
-    # In int32, as the float16 codecs, from the pair's 32 bits: from the halves alone,
-    # zero-extended from 16 bits, LLVM kept it in 64-bit lanes (4 per AVX2 vector).
-    pair = i32(i32(i32(bits) << i32(16)) | i32(remainder))
-    carried = i32(i32(pair >> i32(15)) & i32(1))  # 1 where the upper half was rounded up
-    x = i32(i32(i32(i32(pair >> i32(16)) - carried) << i32(16)) | i32(pair & i32(0xFFFF)))
-    # A NaN: one in bits, an infinity's pair, or a zero's carry (nothing rounds up to a
-    # zero), which borrows into the exponent.
-    unpaired = i32(x & i32(0x7FFFFFFF)) > i32(0x7F800000)
-    return i32(i32(pair & i32(-0x10000)) if unpaired else x).view(np.float32)
+    bits, remainder = u32(bits), u32(remainder)
+    carried = remainder >> u32(15)  # 1 where the upper half was rounded up
+    if carried > (bits & u32(0x7FFF)):  # nothing rounds up to a zero
+        return u32(bits << u32(16)).view(np.float32)
+    x = u32(u32(u32(bits - carried) << u32(16)) | remainder)
+    if (x & u32(0x7FFFFFFF)) > u32(0x7F800000):  # a NaN: one in bits, or an infinity's pair
+        return u32(bits << u32(16)).view(np.float32)
+    return x.view(np.float32)
 
 
 def random_bits(key, low, high, buffer):
