@@ -43,10 +43,15 @@ def _available(feature):
     return f"+{feature}" in features.split(",")
 
 
+def _f16c_available():
+    """Whether float16_load and float16_store compile to F16C. Its instructions are AVX
+    ones: where Numba drops AVX (NUMBA_ENABLE_AVX=0), LLVM would call a conversion it
+    cannot link."""
+    return _available("f16c") and _available("avx")
+
+
 AVAILABLE = _available("avx512f")  # decode_block compiles
-# float16_load and float16_store compile to F16C. Its instructions are AVX ones: where
-# Numba drops AVX (NUMBA_ENABLE_AVX=0), LLVM would call a conversion it cannot link.
-F16C = _available("f16c") and _available("avx")
+F16C = _f16c_available()
 
 
 @intrinsic
