@@ -141,7 +141,7 @@ def bfloat16_remainder(x):
 # carry (nothing rounds up to a zero) borrows into the exponent and reads as a NaN, which
 # the one comparison for an unpaired NaN catches. Computed from the pair's 32 bits, in
 # 32-bit lanes on the CPU (branches on the halves compared in 64-bit lanes: remainders
-# took 1.3x as long); the constants are names so that the CUDA simulator, which runs the
+# took 1.4x as long); the constants are names so that the CUDA simulator, which runs the
 # codecs as Python, does not build them at every call.
 _ROUNDED_UP = u32(0x8000)
 _SIXTEEN = u32(16)
