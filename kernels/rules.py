@@ -96,7 +96,7 @@ def prepare(p, g, prep):
     g = g * g_scale
     # Two selects, where an if/elif took seven vector operations: LLVM makes these a
     # maximum and a minimum, whose operand order lets a NaN through (clip > 0). Adam
-    # took 0.86-0.96x its time in the caches (AMD Zen 3, one thread, 1e5).
+    # took 0.86-0.98x its time in the caches (AMD Zen 3, one thread, 1e5).
     g = clip if g > clip else g
     g = -clip if g < -clip else g
     if weight_decay:
