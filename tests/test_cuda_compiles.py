@@ -49,10 +49,21 @@ def launches(tmp_path_factory):
     if missing and platform.system() != "Linux":  # the test extra's wheels are Linux's
         pytest.skip(f"cannot compile CUDA here ({missing.splitlines()[0]})")
     assert not missing, f"NVVM or NVRTC missing: install the test extra ({missing})"
-    out = tmp_path_factory.mktemp("launches") / "launches.json"
-    subprocess.run([sys.executable, "cuda_launches.py", str(out)], cwd=HERE, check=True,
-                   timeout=900, env={**os.environ, "NUMBA_ENABLE_CUDASIM": "1"})
-    return json.loads(out.read_text())
+    folder = tmp_path_factory.mktemp("launches")
+    parts = min(4, os.cpu_count() or 1)  # the simulator is one Python thread: one per core
+    outs = [folder / f"launches{part}.json" for part in range(parts)]
+    running = [subprocess.Popen([sys.executable, "cuda_launches.py", str(out), str(part),
+                                 str(parts)], cwd=HERE,
+                                env={**os.environ, "NUMBA_ENABLE_CUDASIM": "1"})
+               for part, out in enumerate(outs)]
+    try:
+        codes = [process.wait(timeout=900) for process in running]
+    finally:
+        for process in running:
+            process.kill()
+    assert codes == [0] * parts, f"cuda_launches.py exited with {codes}"
+    distinct = {json.dumps(entry): entry for out in outs for entry in json.loads(out.read_text())}
+    return list(distinct.values())
 
 
 def _numba_type(recorded):
