@@ -28,6 +28,11 @@ def bfloat16_load(bits):
 # LLVM packs each vector of results to 16 bits once, where a NaN returned on its own was
 # packed too, then blended (every bfloat16 format of Adam took 1.06-1.18x as long).
 _QUIET = u32(0x400000)
+# A float32's bits less its sign, and infinity's: a NaN's magnitude is above it. (Names, so
+# that the CUDA simulator, which runs the codecs as Python, does not build them at every
+# call.)
+_MAGNITUDE = u32(0x7FFFFFFF)
+_INFINITY = u32(0x7F800000)
 
 
 def bfloat16_store(x):
@@ -64,7 +69,7 @@ def float16_load(bits):
         return -magnitude if sign else magnitude
     if exponent == 0x1F:  # infinity, or a NaN made quiet
         quiet = _QUIET if mantissa else u32(0)
-        return u32(sign | u32(0x7F800000) | quiet | (mantissa << u32(13))).view(np.float32)
+        return u32(sign | _INFINITY | quiet | (mantissa << u32(13))).view(np.float32)
     return u32(sign | (((bits & u32(0x7FFF)) << u32(13)) + _REBIAS)).view(np.float32)
 
 
@@ -72,8 +77,8 @@ def float16_store(x):
     """The float16 bits nearest to the float32 ``x`` (ties to even)."""
     bits = np.float32(x).view(u32)
     sign = u32((bits >> u32(16)) & u32(0x8000))
-    magnitude = u32(bits & u32(0x7FFFFFFF))
-    if magnitude > u32(0x7F800000):  # NaN
+    magnitude = u32(bits & _MAGNITUDE)
+    if magnitude > _INFINITY:  # NaN
         return np.uint16(sign | u32(0x7E00) | ((magnitude >> u32(13)) & u32(0x1FF)))
     if magnitude >= u32(143 << 23):  # 65536 and beyond, infinity included
         return np.uint16(sign | u32(0x7C00))
@@ -106,8 +111,8 @@ def float16_store_stochastic(x, random):
     up into the infinity with that probability too."""
     bits = np.float32(x).view(u32)
     sign = u32((bits >> u32(16)) & u32(0x8000))
-    magnitude = u32(bits & u32(0x7FFFFFFF))
-    if magnitude > u32(0x7F800000):  # NaN
+    magnitude = u32(bits & _MAGNITUDE)
+    if magnitude > _INFINITY:  # NaN
         return np.uint16(sign | u32(0x7E00) | ((magnitude >> u32(13)) & u32(0x1FF)))
     if magnitude >= u32(143 << 23):  # 65536 and beyond, infinity included
         return np.uint16(sign | u32(0x7C00))
@@ -120,6 +125,10 @@ def float16_store_stochastic(x, random):
     return np.uint16(sign | ((magnitude - _REBIAS + (u32(random) & u32(0x1FFF))) >> u32(13)))
 
 
+# The half step that bfloat16_upper adds to round and bfloat16_rebuild takes back.
+_ROUNDED_UP = u32(0x8000)
+
+
 def bfloat16_upper(x):
     """The bfloat16 bits of the float32 ``x`` rounded to nearest, ties away from zero:
     its upper half, plus one where its lower half (``bfloat16_remainder``) is 0x8000
@@ -127,7 +136,7 @@ def bfloat16_upper(x):
     (``bfloat16_rebuild``): a tie rounded to even could have come from either
     neighbour."""
     bits = np.float32(x).view(u32)
-    rounded = bits | _QUIET if x != x else u32(bits + u32(0x8000))
+    rounded = bits | _QUIET if x != x else u32(bits + _ROUNDED_UP)
     return np.uint16(rounded >> u32(16))
 
 
@@ -141,13 +150,9 @@ def bfloat16_remainder(x):
 # carry (nothing rounds up to a zero) borrows into the exponent and reads as a NaN, which
 # the one comparison for an unpaired NaN catches. Computed from the pair's 32 bits, in
 # 32-bit lanes on the CPU (branches on the halves compared in 64-bit lanes: remainders
-# took 1.4x as long); the constants are names so that the CUDA simulator, which runs the
-# codecs as Python, does not build them at every call.
-_ROUNDED_UP = u32(0x8000)
+# took 1.4x as long).
 _SIXTEEN = u32(16)
 _UPPER = u32(0xFFFF0000)
-_MAGNITUDE = u32(0x7FFFFFFF)
-_INFINITY = u32(0x7F800000)
 
 
 def bfloat16_rebuild(bits, remainder):
@@ -295,7 +300,7 @@ def dynamic_bucket(x):
     widens integer arithmetic to 64 bits, which takes half as many elements per vector
     instruction: 8-bit Adam took 1.1x as long)."""
     bits = np.float32(x).view(u32)
-    magnitude = i32(min(bits & u32(0x7FFFFFFF), _ONE_BITS))
+    magnitude = i32(min(bits & _MAGNITUDE, _ONE_BITS))
     bucket = i32(max(i32(i32(magnitude >> _BELOW) - _FIRST_BUCKET), i32(0)))  # below 2**-24: 0
     return i32(bucket + _BUCKETS) if bits >> u32(31) else bucket
 
@@ -309,7 +314,7 @@ def dynamic_code(x, entry):
     look-up is the caller's, so that the CPU drivers can do it in a loop of its own (see
     ``kernels.cpu.encode_block_in_steps``)."""
     bits = np.float32(x).view(u32)
-    magnitude = i32(min(bits & u32(0x7FFFFFFF), _ONE_BITS))
+    magnitude = i32(min(bits & _MAGNITUDE, _ONE_BITS))
     # Its place in its bucket; below 2**-24 (in the first bucket), before every place,
     # and 0 before that (see _ZERO_ONLY).
     place = (i32(magnitude & _PLACES) if magnitude >= _LOWEST_BITS
