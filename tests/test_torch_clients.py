@@ -42,6 +42,8 @@ ALGO_IDS = [name for name, _ in ALGOS]
 
 needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
+# Children with deadlines: alone, not beside tests running in parallel (see pyproject.toml).
+pytestmark = pytest.mark.serial
 
 
 # -- the model, the data, the optimizers ----------------------------------------------------

@@ -22,7 +22,7 @@ from test_torch_clients import (FORK, FORKSERVER, _init_gloo, assert_close,  # n
                                 assert_moved, batch, needs_gloo, run_ranks, subfolder,
                                 tiny_model, warm)
 
-pytestmark = needs_gloo
+pytestmark = [needs_gloo, pytest.mark.serial]  # collectives with deadlines
 
 STEPS = 8
 # Every algorithm that steps element by element, with options that reach its state.

@@ -26,7 +26,7 @@ from fastopt.optim.spec import ALGORITHMS  # noqa: E402
 from fastopt.sharding import Partition  # noqa: E402
 from test_torch_clients import FORKSERVER, needs_gloo, run_ranks, subfolder  # noqa: E402
 
-pytestmark = needs_gloo
+pytestmark = [needs_gloo, pytest.mark.serial]  # collectives with deadlines
 
 STEPS = 5
 BUCKET_MB = 200 * 4 / 2 ** 20  # 200 floats: buckets cut through tensors and shares
