@@ -33,8 +33,6 @@ from fastopt.kernels import cuda as kernels  # noqa: E402
 
 HERE = Path(__file__).parent
 TARGET = (9, 0)  # the H100/H200's compute capability
-# One pytest-xdist worker for the module, so that the workload of ``launches`` runs once.
-pytestmark = pytest.mark.xdist_group("cuda_launches")
 
 
 def _nvvm_missing():

@@ -15,9 +15,6 @@ import pytest
 import fastopt
 from fastopt.kernels import Pass, cpu, rules
 
-# One pytest-xdist worker for the module, so that ``compiled`` compiles once.
-pytestmark = pytest.mark.xdist_group("kernel_probes")
-
 # One optimizer per rule, with the options that bring in every state buffer.
 EVERY_RULE = {"SGD": dict(momentum=0.9, nesterov=True), "Adagrad": {},
               "RMSprop": dict(momentum=0.9, centered=True), "Adadelta": {},
