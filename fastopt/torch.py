@@ -51,7 +51,8 @@ in at the next step, and the parameter with them, rounded (a write into the mast
 tensor itself would be taken for a write into the parameter, which wins). With
 ``master_weights="remainder"`` (bfloat16), ``"master"`` holds only the low 16 bits of
 the float32 master weights, as int16 bits, and the parameter is the master rounded
-with ties away from zero (see :class:`fastopt.Optimizer`).
+with ties away from zero (see :class:`fastopt.Optimizer`); ``state_dict()`` holds the
+float32 master weights they stand for.
 ``state_dtype="bfloat16"`` (or a dict by state name) keeps the state in 16 bits, and
 ``state_dtype="int8"`` keeps moving averages in 8 bits as the NumPy API
 does: ``opt.state[p]["exp_avg"]`` holds ``p``'s uint8 codes (in ``p``'s layout on the
@@ -774,6 +775,14 @@ class Optimizer(torch.optim.Optimizer):
         scale the smallest that holds its values in the map's range, which gives back
         the codes (and, but for a float32 step, the scales) of the same blocks.
 
+        ``"master"`` holds float32 master weights, also where the optimizer keeps
+        remainders (``master_weights="remainder"``): the weights they stand for, rebuilt
+        from the parameters' bits now. A load takes them into either kind exactly (but,
+        into remainders, at the ties, where float32's parameters were rounded to even),
+        and takes remainders (int16) too. Remainders are no numbers: a
+        ``torch.distributed.checkpoint`` load into float32 master weights would cast
+        them as numbers, and NCCL and gloo do not gather int16 (a full state dict).
+
         With ``process_group``, this rank's partition: each state tensor holds this
         rank's elements of its parameter (flat), named ``"<name>@rank<r>of<n>"``, so that
         only the same rank of as many loads it (torch.distributed.checkpoint, which
@@ -811,6 +820,9 @@ class Optimizer(torch.optim.Optimizer):
             for name, dtype in _TORCH_SCALARS.items():
                 if isinstance(state.get(name), (int, float)):
                     state[name] = torch.tensor(float(state[name]), dtype=dtype)
+            if MASTER in state:
+                state[MASTER] = _master_weights(p, self._slots[p][1].local if self._group
+                                                is not None else _local(p), state[MASTER])
             for name in [n for n in state if n + ABSMAX in state]:
                 if state[name].is_floating_point():  # values put in, which a step encodes
                     del state[name + ABSMAX]  # (and so does a load)
@@ -863,7 +875,13 @@ class Optimizer(torch.optim.Optimizer):
                     elif name in state:
                         state[name] = (small if name in store.quantized else wholes)[i].view(
                             p.shape)
-        return packed if mine else None
+        if not mine:
+            return None
+        for p, i in index.items():  # the remainders gathered: the weights they stand for
+            state = packed["state"].get(i, {})
+            if MASTER in state:
+                state[MASTER] = _master_weights(p, p, state[MASTER])
+        return packed
 
     def save(self, path):
         """Write this optimizer's state to the folder ``path``, atomically: one file per
@@ -1305,6 +1323,16 @@ def _rebuilt_master(params, remainders):
     low = _local(remainders).detach().cpu().contiguous().numpy()
     return torch.from_numpy(precision.rebuild_master(bits.view(precision.codecs.BITS),
                                                      low.view(precision.REMAINDER_DTYPE)))
+
+
+def _master_weights(p, bits, master):
+    """``master`` as float32 master weights, sharded as ``p`` is: remainders (int16)
+    rebuilt with the bfloat16 ``bits`` (the elements of ``p`` they go with, in the same
+    shape), as a state_dict holds them (see :meth:`Optimizer.state_dict`)."""
+    if master.dtype != torch.int16:
+        return master
+    local = _local(master)
+    return _like(p, _rebuilt_master(bits, local).view(local.shape).to(local.device))
 
 
 def _like(p, local, shape=None):

@@ -767,6 +767,55 @@ def test_fsdp2_state_dict_saves_with_torch_and_resumes_bitwise(kwargs, dtype, tm
         assert_close(resumed, uninterrupted, rtol=0, atol=0, what=f"rank {rank}")
 
 
+REMAINDERS = dict(lr=0.01, master_weights="remainder")
+
+
+def full_optimizer_state(model, opt):
+    """torch's full state dict of ``opt`` (gathered from the ranks where ``model`` is
+    sharded), as arrays by parameter name."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         get_optimizer_state_dict)
+
+    saved = get_optimizer_state_dict(model, opt,
+                                     options=StateDictOptions(full_state_dict=True))
+    return {name: {key: value.numpy() for key, value in state.items() if value.dim()}
+            for name, state in saved["state"].items()}
+
+
+def full_remainders_rank(rank, world, rendezvous):
+    _init_gloo(rank, world, rendezvous)
+    model = sharded_model(world, torch.bfloat16)
+    opt = ft.Adam(model.parameters(), **REMAINDERS)
+    train(model, opt, same_batch(torch.bfloat16), steps=3)
+    return full_optimizer_state(model, opt)
+
+
+def test_fsdp2_full_state_dict_of_remainders_gathers_their_master_weights(tmp_path):
+    """A full state dict (``get_optimizer_state_dict(..., full_state_dict=True)``, an
+    all-gather) of bfloat16 parameters with remainders holds their float32 master
+    weights, which gloo gathers (it has no int16, and neither has NCCL): one process's,
+    bit for bit, of which each parameter is the rounding that remainders rebuild from
+    (ties away from zero)."""
+    model = tiny_model().to(torch.bfloat16)
+    opt = ft.Adam(model.parameters(), **REMAINDERS)
+    train(model, opt, same_batch(torch.bfloat16), steps=3)
+    expected = full_optimizer_state(model, opt)
+    params = {name: p.detach().view(torch.int16).numpy().view(np.uint16)
+              for name, p in model.named_parameters()}
+    for name, state in expected.items():
+        master = state["master"].view(np.uint32)
+        assert state["master"].dtype == np.float32 and master.shape == params[name].shape
+        rounded = (master >> 16) + ((master & 0xFFFF) >= 0x8000)  # +1: away from zero
+        np.testing.assert_array_equal(rounded.astype(np.uint16), params[name])
+        assert (master & 0xFFFF).any(), name  # more than the parameters' bits
+    for rank, gathered in enumerate(run_ranks(full_remainders_rank, (), tmp_path)):
+        assert sorted(gathered) == sorted(expected), rank
+        for name, state in expected.items():
+            for key, value in state.items():
+                np.testing.assert_array_equal(gathered[name][key], value,
+                                              err_msg=f"rank {rank}: {name} {key}")
+
+
 # -- 8-bit state: blocks of each rank's shard, checkpoints as values ------------------
 
 def int8_sharded_model(world=None):

@@ -412,9 +412,20 @@ def test_state_dicts_carry_master_weights_between_float32_and_remainders():
         opt_kept.step()
         opt_halves.step()
     saved = copy.deepcopy(opt_halves.state_dict())
-    assert saved["state"][0]["master"].dtype == torch.int16
-    # Remainders into float32 master weights: rebuilt from the parameters, exactly, at the
-    # load and again by the next step, so that the model's weights may be loaded after.
+    # A state_dict holds the master weights that remainders stand for, as float32.
+    for i, q in enumerate(halves):
+        assert torch.equal(saved["state"][i]["master"],
+                           _rebuilt(q, opt_halves.state[q]["master"]))
+    into_kept = [torch.nn.Parameter(torch.zeros_like(q)) for q in halves]
+    opt = ft.Adam(into_kept, lr=1e-2, master_weights="float32")
+    opt.load_state_dict(saved)
+    for i, p in enumerate(into_kept):
+        assert torch.equal(opt.state[p]["master"], saved["state"][i]["master"])
+    # Remainders in a state_dict (fastopt's own, before it published master weights) into
+    # float32 master weights: rebuilt from the parameters, exactly, at the load and again
+    # by the next step, so that the model's weights may be loaded after.
+    for i, q in enumerate(halves):
+        saved["state"][i]["master"] = opt_halves.state[q]["master"].clone()
     into_kept = [torch.nn.Parameter(torch.zeros_like(q)) for q in halves]
     opt = ft.Adam(into_kept, lr=1e-2, master_weights="float32")
     opt.load_state_dict(saved)
@@ -447,6 +458,53 @@ def test_state_dicts_carry_master_weights_between_float32_and_remainders():
         q.grad = torch.ones_like(q)
     with pytest.raises(TypeError, match="'master'.*keeps it in torch.int16"):
         opt.step()
+
+
+@pytest.mark.parametrize("saved_as, loaded_as", [("remainder", "float32"),
+                                                 ("float32", "remainder")])
+def test_a_dcp_checkpoint_carries_master_weights_between_float32_and_remainders(
+        saved_as, loaded_as, tmp_path):
+    """torch.distributed.checkpoint reads a checkpoint into the resuming optimizer's
+    state_dict, casting each tensor to its dtype: the master weights are float32 in both
+    (remainders as int16 were cast as numbers, into master weights such as 8055.0)."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def trained(master_weights, steps):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(),
+                                    torch.nn.Linear(32, 4)).to(torch.bfloat16)
+        opt = ft.AdamW(model.parameters(), lr=1e-2, master_weights=master_weights)
+        for t in range(steps):
+            x = torch.randn(8, 16, generator=torch.Generator().manual_seed(t))
+            model(x.to(torch.bfloat16)).float().square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return model, opt
+
+    def masters(model, opt, kind):
+        return [opt.state[p]["master"] if kind == "float32" else
+                _rebuilt(p, opt.state[p]["master"]) for p in model.parameters()]
+
+    model, opt = trained(saved_as, 3)
+    dcp.save(dict(zip(("model", "optim"), get_state_dict(model, opt))),
+             checkpoint_id=str(tmp_path))
+    resumed_model, resumed = trained(loaded_as, 1)  # with state of its own kind to replace
+    state = dict(zip(("model", "optim"), get_state_dict(resumed_model, resumed)))
+    dcp.load(state, checkpoint_id=str(tmp_path))
+    set_state_dict(resumed_model, resumed, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q)
+    for saved, loaded in zip(masters(model, opt, saved_as),
+                             masters(resumed_model, resumed, loaded_as)):
+        assert loaded.dtype == torch.float32
+        # Remainders rebuild float32 master weights exactly but at the ties, where
+        # float32's parameters were rounded to even, and remainders' away from zero.
+        exact = ~_ties(saved) if loaded_as == "remainder" else saved == saved
+        assert torch.equal(loaded[exact], saved[exact])
+        assert torch.equal(loaded.to(torch.bfloat16), saved.to(torch.bfloat16))
+        assert (saved.view(torch.int32) & 0xFFFF).any()  # more than bfloat16's bits
 
 
 @pytest.mark.parametrize("master_weights", ["float32", "remainder"])
@@ -497,8 +555,10 @@ def test_remainders_are_refused_for_float16_master_weights_and_change_nothing():
     p.grad = torch.ones_like(p)
     opt.step()
     before = opt.state[p]["master"].clone()
+    saved = halves.state_dict()  # with the float32 master weights, which load
+    saved["state"][0]["master"] = halves.state[q]["master"].clone()  # the remainders
     with pytest.raises(ValueError, match="remainders are the low halves.*not of torch.float16"):
-        opt.load_state_dict(halves.state_dict())
+        opt.load_state_dict(saved)
     assert torch.equal(opt.state[p]["master"], before)
 
 
