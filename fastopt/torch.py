@@ -1112,15 +1112,16 @@ class Optimizer(torch.optim.Optimizer):
             if len(ours["params"]) != len(theirs["params"]):
                 raise ValueError("loaded state dict contains a parameter group that doesn't "
                                  "match the size of optimizer's group")
-            for (p, label), saved in zip(_labels(index, ours), theirs["params"]):
-                where[saved] = (p, label)
             # as __setstate__ completes a torch checkpoint's groups with fastopt's options
-            self._validate(index, {**self.defaults, **theirs, "params": ours["params"]})
+            group = {**self.defaults, **theirs, "params": ours["params"]}
+            self._validate(index, group)
+            for (p, label), saved in zip(_labels(index, ours), theirs["params"]):
+                where[saved] = (p, label, group)
         for saved, state in state_dict["state"].items():
             if saved not in where:
                 raise ValueError(f"loaded state dict has state for {saved!r}, which none of "
                                  f"its param_groups holds")
-            p, name = where[saved]
+            p, name, group = where[saved]
             for key, value in state.items():
                 if key in _TORCH_SCALARS:
                     _check_number(key, value, lambda: name)
@@ -1143,6 +1144,31 @@ class Optimizer(torch.optim.Optimizer):
                         raise ValueError(f"loaded state dict has {key!r} of uint8 for {name}: "
                                          "8-bit codes come as '<name>_codes' with "
                                          "'<name>_absmax'")
+            self._check_complete(state, p, name, _hyperparameters(group))
+
+    def _check_complete(self, state, p, name, hyper):
+        """Refuse the loaded ``state`` of a stepped parameter ``p`` without the numbers
+        and buffers its next step reads, which torch.optim fails at that step without
+        (a KeyError), and fastopt would begin afresh."""
+        step = _number(state.get("step", 0))
+        stepped = p if self._group is None else self._slots[p][1].local  # this rank's part
+        if not (isinstance(step, numbers.Number) and step > 0 and stepped.numel()):
+            return
+        algorithm = self.algorithm
+        missing = [key for key in algorithm.spec.host if key not in state]
+        if not missing:
+            host = {key: state[key] for key in algorithm.spec.host}
+            missing = [key for key in algorithm.buffers(hyper, host)
+                       if key not in algorithm.begun_afresh and key not in state
+                       and key + CODES not in state
+                       and self._state_shape(key, p) is not None]
+        if missing:
+            raise ValueError(
+                f"loaded state dict has state for {name} at step {step:g} without "
+                f"{missing}, which its next step reads. (torch.distributed.checkpoint "
+                "loads only the keys that the resuming optimizer's own state_dict() "
+                "holds: one whose options need fewer, or that has not reached that "
+                "phase, such as a SWATS before its switch.)")
 
     def _loaded_master(self, p, value):
         """Loaded master weights of ``p`` in the kind its store keeps: float32 ones turn

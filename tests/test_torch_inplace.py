@@ -208,6 +208,98 @@ def test_a_state_dict_with_numbers_no_step_leaves_is_refused_and_nothing_changes
     train(ours, our_opt, x, y, 1)  # and it steps on
 
 
+@pytest.mark.parametrize("name, kwargs, edit, missing", [
+    ("Adam", {}, lambda sd: sd["state"][0].pop("exp_avg_sq"), "exp_avg_sq"),
+    # as a torch.distributed.checkpoint load of amsgrad's groups into an optimizer
+    # without it, whose state_dict() has no such buffer to load into
+    ("Adam", {}, lambda sd: sd["param_groups"][0].update(amsgrad=True), "max_exp_avg_sq"),
+    ("NAdam", {}, lambda sd: sd["state"][1].pop("mu_product"), "mu_product"),
+    ("RMSprop", dict(momentum=0.5), lambda sd: sd["state"][2].pop("momentum_buffer"),
+     "momentum_buffer"),
+    ("ASGD", {}, lambda sd: sd["state"][0].pop("eta"), "eta")])
+def test_a_stepped_state_without_what_its_next_step_reads_is_refused(name, kwargs, edit,
+                                                                     missing):
+    """torch.optim fails at the load or the next step (a KeyError); fastopt would begin
+    the buffer or number afresh, a step unlike the run that saved it."""
+    ours, our_opt, theirs, their_opt, x, y = pair(name, model_name="mlp", **kwargs)
+    both(ours, our_opt, theirs, their_opt, x, y, 2)
+    bad = copy.deepcopy(their_opt.state_dict())
+    edit(bad)
+    with pytest.raises(KeyError, match=missing):
+        their_opt.load_state_dict(bad)
+        train(theirs, their_opt, x, y, 1)
+    before = copy.deepcopy(our_opt.state_dict())
+    with pytest.raises(ValueError, match=rf"state for param_groups\[0\]\['params'\]\[\d\] "
+                                         rf"at step 2 without \['{missing}'\]"):
+        our_opt.load_state_dict(bad)
+    after = our_opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for index, state in before["state"].items():
+        assert all(torch.equal(torch.as_tensor(after["state"][index][k]), torch.as_tensor(v))
+                   for k, v in state.items())
+
+
+def test_sgd_begins_a_momentum_missing_from_a_stepped_state_from_the_gradient():
+    """As torch's SGD does, at any step: a bfloat16 model rounded stochastically (without
+    master weights) counts its steps, and its loaded state without momentum loads."""
+    model = torch.nn.Linear(6, 3).to(torch.bfloat16)
+    opt = ft.SGD(model.parameters(), lr=0.1, momentum=0.9, master_weights=None,
+                 stochastic_rounding=True)
+    x = torch.randn(5, 6, dtype=torch.bfloat16)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).float().square().mean().backward()
+        opt.step()
+    saved = opt.state_dict()
+    for state in saved["state"].values():
+        assert state["step"] == 2
+        del state["momentum_buffer"]
+    opt.load_state_dict(saved)
+    opt.zero_grad()
+    model(x).float().square().mean().backward()
+    opt.step()
+    for p in model.parameters():
+        assert torch.equal(opt.state[p]["momentum_buffer"], p.grad.float())
+
+
+def test_a_swats_checkpoint_past_its_switch_is_refused_by_a_fresh_swats_through_dcp(tmp_path):
+    """DCP loads only the keys of the resuming optimizer's own state_dict(), and a SWATS
+    before its switch has no momentum: refused, where it was dropped (and the run went on
+    from a zero momentum). Through load_state_dict it resumes as not stopping."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 1)
+        return model, ft.SWATS(model.parameters(), lr=0.05, eps=1e-3)
+
+    def train_swats(model, opt, steps):
+        for t in range(steps):
+            x = torch.randn(16, 8, generator=torch.Generator().manual_seed(t))
+            opt.zero_grad()
+            (model(x) - x.sum(1, keepdim=True)).square().mean().backward()
+            opt.step()
+
+    model, opt = make()
+    train_swats(model, opt, 15)
+    assert opt.state[model.weight]["sgd_lr"] is not None  # switched
+    dcp.save(dict(zip(("model", "optim"), get_state_dict(model, opt))),
+             checkpoint_id=str(tmp_path))
+    fresh_model, fresh = make()
+    state = dict(zip(("model", "optim"), get_state_dict(fresh_model, fresh)))
+    dcp.load(state, checkpoint_id=str(tmp_path))
+    with pytest.raises(ValueError, match=r"at step 15 without \['momentum_buffer'\].*SWATS"):
+        set_state_dict(fresh_model, fresh, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+    resumed_model, resumed = make()
+    resumed_model.load_state_dict(model.state_dict())
+    resumed.load_state_dict(opt.state_dict())
+    train_swats(model, opt, 3)
+    train_swats(resumed_model, resumed, 3)
+    assert torch.equal(resumed_model.weight, model.weight)
+
+
 def test_a_step_count_set_by_hand_is_checked_before_the_step():
     ours, our_opt, _, _, x, y = pair(model_name="mlp")
     train(ours, our_opt, x, y, 1)

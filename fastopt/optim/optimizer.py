@@ -631,6 +631,12 @@ class Optimizer:
         order of the rule's arguments."""
         raise NotImplementedError
 
+    # The buffers that a step begins afresh wherever a loaded state lacks them, as torch's
+    # does (SGD's momentum, from the gradient). fastopt.torch refuses a loaded state of a
+    # stepped parameter without any other buffer its next step needs (torch.optim fails
+    # at that step), rather than begin that one at its initial value.
+    begun_afresh = ()
+
     @staticmethod
     def scalars(group, step, fresh, host):
         """The rule's ``h`` for step number ``step`` (1-based): its named tuple of numbers

@@ -43,6 +43,7 @@ class SGD(Optimizer):
                          hp.flag("nesterov"), hp.maximize()),
         constraints=(_check_nesterov,),
         bench=dict(lr=1e-3, momentum=0.9), check=dict(lr=0.05, momentum=0.9))
+    begun_afresh = ("momentum_buffer",)  # from the gradient, as torch's loaded without it
 
     @staticmethod
     def buffers(group, host):
