@@ -821,8 +821,7 @@ class Optimizer(torch.optim.Optimizer):
                 if isinstance(state.get(name), (int, float)):
                     state[name] = torch.tensor(float(state[name]), dtype=dtype)
             if MASTER in state:
-                state[MASTER] = _master_weights(p, self._slots[p][1].local if self._group
-                                                is not None else _local(p), state[MASTER])
+                state[MASTER] = _master_weights(p, self._stepped(p), state[MASTER])
             for name in [n for n in state if n + ABSMAX in state]:
                 if state[name].is_floating_point():  # values put in, which a step encodes
                     del state[name + ABSMAX]  # (and so does a load)
@@ -1151,8 +1150,7 @@ class Optimizer(torch.optim.Optimizer):
         and buffers its next step reads, which torch.optim fails at that step without
         (a KeyError), and fastopt would begin afresh."""
         step = _number(state.get("step", 0))
-        stepped = p if self._group is None else self._slots[p][1].local  # this rank's part
-        if not (isinstance(step, numbers.Number) and step > 0 and stepped.numel()):
+        if not (isinstance(step, numbers.Number) and step > 0 and self._stepped(p).numel()):
             return
         algorithm = self.algorithm
         missing = [key for key in algorithm.spec.host if key not in state]
@@ -1199,6 +1197,11 @@ class Optimizer(torch.optim.Optimizer):
         if name in storage.quantized and p.numel() < precision.MIN_QUANTIZED_SIZE:
             return torch.float32
         return _kept_dtype(storage, name)
+
+    def _stepped(self, p):
+        """The elements of ``p`` that this rank steps, and its state goes with: its part
+        in the process_group's partition, or its local tensor (a DTensor's shard)."""
+        return _local(p) if self._group is None else self._slots[p][1].local
 
     def _state_shape(self, name, p):
         """The shape of the state tensor ``name`` of ``p``, or None if it has none (of

@@ -507,6 +507,40 @@ def test_a_dcp_checkpoint_carries_master_weights_between_float32_and_remainders(
         assert (saved.view(torch.int32) & 0xFFFF).any()  # more than bfloat16's bits
 
 
+def test_a_dcp_checkpoint_of_int16_remainders_loads_into_an_int16_template(tmp_path):
+    """Before state_dict() held float32 master weights, a DCP checkpoint of remainders
+    held their int16 bits: as README says, a template whose "master" is int16 loads
+    them as they are, and the run resumes exactly."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(64, 32).to(torch.bfloat16)
+        return model, ft.AdamW(model.parameters(), lr=1e-2, master_weights="remainder")
+
+    model, opt = make()
+    for _ in range(3):
+        model(torch.randn(8, 64, dtype=torch.bfloat16)).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    model_state, optim_state = get_state_dict(model, opt)
+    named = dict(model.named_parameters())
+    for key, state in optim_state["state"].items():  # as fastopt saved them before
+        state["master"] = opt.state[named[key]]["master"].clone()
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp_path))
+    resumed_model, resumed = make()
+    model_state, optim_state = get_state_dict(resumed_model, resumed)
+    for state in optim_state["state"].values():
+        state["master"] = torch.empty_like(state["master"], dtype=torch.int16)
+    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp_path))
+    set_state_dict(resumed_model, resumed, model_state_dict=model_state,
+                   optim_state_dict=optim_state)
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["master"], resumed.state[q]["master"])
+
+
 @pytest.mark.parametrize("master_weights", ["float32", "remainder"])
 def test_master_weights_of_another_dtype_are_refused_not_cast(master_weights):
     source = ft.AdamW(params(torch.bfloat16), lr=1e-2)
