@@ -181,6 +181,15 @@ def test_a_state_dict_of_another_model_is_refused_and_nothing_changes():
         assert all(torch.equal(after["state"][index][k], v) for k, v in state.items())
 
 
+def assert_unchanged(opt, before):
+    """``opt.state_dict()`` is still ``before``, a deep copy of it."""
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for index, state in before["state"].items():
+        assert all(torch.equal(torch.as_tensor(after["state"][index][k]), torch.as_tensor(v))
+                   for k, v in state.items())
+
+
 @pytest.mark.parametrize("edit, error, match", [
     (lambda sd: sd["state"][0].update(step=torch.tensor(float("nan"))), ValueError,
      r"'step' of param_groups\[0\]\['params'\]\[0\] must be a whole number >= 0, got nan"),
@@ -200,11 +209,7 @@ def test_a_state_dict_with_numbers_no_step_leaves_is_refused_and_nothing_changes
     edit(bad)
     with pytest.raises(error, match=match):
         our_opt.load_state_dict(bad)
-    after = our_opt.state_dict()
-    assert after["param_groups"] == before["param_groups"]
-    for index, state in before["state"].items():
-        assert all(torch.equal(torch.as_tensor(after["state"][index][k]), torch.as_tensor(v))
-                   for k, v in state.items())
+    assert_unchanged(our_opt, before)
     train(ours, our_opt, x, y, 1)  # and it steps on
 
 
@@ -232,11 +237,7 @@ def test_a_stepped_state_without_what_its_next_step_reads_is_refused(name, kwarg
     with pytest.raises(ValueError, match=rf"state for param_groups\[0\]\['params'\]\[\d\] "
                                          rf"at step 2 without \['{missing}'\]"):
         our_opt.load_state_dict(bad)
-    after = our_opt.state_dict()
-    assert after["param_groups"] == before["param_groups"]
-    for index, state in before["state"].items():
-        assert all(torch.equal(torch.as_tensor(after["state"][index][k]), torch.as_tensor(v))
-                   for k, v in state.items())
+    assert_unchanged(our_opt, before)
 
 
 def test_sgd_begins_a_momentum_missing_from_a_stepped_state_from_the_gradient():
