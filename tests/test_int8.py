@@ -510,3 +510,24 @@ def test_a_group_whose_pass_keeps_no_state_steps_as_float32_does(options):
     np.testing.assert_array_equal(ours.params[0][0], plain.params[0][0])
     assert not np.array_equal(ours.params[0][0], p0[0])
     assert ours.state["momentum_buffer"].dtype != f32  # the momentum group's is the format's
+
+
+@pytest.mark.parametrize("empty", [[], [np.zeros((0, 4), f32)]])
+@pytest.mark.parametrize("where", [0, 1])
+def test_an_empty_group_beside_others_leaves_their_8_bit_steps_alone(empty, where):
+    """An empty group starts where the group after it does: it once took that group's
+    blocks and stepped them with its own lr, then the group stepped them again."""
+    rng = np.random.default_rng(29)
+    p0 = [rng.standard_normal(n).astype(f32) for n in (5000, 300)]
+    g = [rng.standard_normal(n).astype(f32) for n in (5000, 300)]
+    groups = [{"params": [p0[0].copy()], "lr": 1e-3}, {"params": [p0[1].copy()], "lr": 1e-2}]
+    groups.insert(where, {"params": list(empty), "lr": 1.0})
+    grads = [[x] for x in g]
+    grads.insert(where, list(empty))
+    opt = fastopt.SGD(groups, lr=1.0, momentum=0.9, state_dtype="int8")
+    opt.step(grads)
+    stepped = [opt.params[i][0] for i in range(3) if i != where]
+    for p, p_0, g_0, lr in zip(stepped, p0, g, (1e-3, 1e-2)):
+        # the first step of SGD with momentum is p - lr * g (the buffer starts at g)
+        np.testing.assert_allclose(p, p_0.astype(np.float64) - lr * g_0.astype(np.float64),
+                                   rtol=0, atol=1e-6)

@@ -566,7 +566,7 @@ class Optimizer:
                         if name in storage.formats)
         if any(name in storage.quantized for name in spec):
             # One segment, from start: the group's blocks.
-            table, first, last = self._blocks().by_start[start]
+            table, first, last = self._blocks().by_extent[start, stop]
             arrays = [array for name in spec if name in storage.quantized
                       for array in (self.state[f"{name}_absmax"][first:last],
                                     self.state[f"{name}_small"])]
@@ -808,11 +808,12 @@ class Blocks:
             start in the group, size, start in _small or -1)`` (int64; the group is
             one segment of ``kernels.cpu.segment_kernel``), which are blocks ``first``
             to ``last`` of the buffer.
-        by_start: the same, by the group's first element in the flat buffer.
+        by_extent: the same, by the group's ``(start, stop)`` in the flat buffer (an
+            empty group starts where the next one does).
     """
 
-    def __init__(self, count, small, groups, by_start):
-        self.count, self.small, self.groups, self.by_start = count, small, groups, by_start
+    def __init__(self, count, small, groups, by_extent):
+        self.count, self.small, self.groups, self.by_extent = count, small, groups, by_extent
 
     @classmethod
     def of(cls, layouts):
@@ -827,8 +828,9 @@ class Blocks:
                 small += size if kept else 0
             table = np.array(rows[first:], np.int64).reshape(-1, 4)
             groups.append((table, first, len(rows)))
-        by_start = {layout.start: group for layout, group in zip(layouts, groups)}
-        return cls(len(rows), small, groups, by_start)
+        by_extent = {(layout.start, layout.stop): group
+                     for layout, group in zip(layouts, groups)}
+        return cls(len(rows), small, groups, by_extent)
 
 
 def _address(a):
