@@ -18,12 +18,13 @@ class EMA:
     r"""A shadow copy of the parameters that follows them as an exponential moving average.
 
     .. math::
-        v_t \leftarrow \beta\,v_{t-1} + (1 - \beta)\,\theta_t, \qquad
-        \hat\theta_t = \frac{v_t}{1 - \beta^t}
+        v_t \leftarrow \beta_t\,v_{t-1} + (1 - \beta_t)\,\theta_t, \qquad
+        \hat\theta_t = \frac{v_t}{1 - \prod_{i \le t} \beta_i}
 
     With ``bias_correction=True`` the average starts at :math:`v_0 = 0` and is divided by
-    :math:`1 - \beta^t`, which removes the pull towards zero of the first updates (the
-    bias of a zero-initialised average). With ``bias_correction=False`` it starts at
+    :math:`1 - \prod_i \beta_i` (:math:`1 - \beta^t` for a constant decay), which removes
+    the pull towards zero of the first updates (the bias of a zero-initialised average):
+    the weight that the zero start still holds in :math:`v_t`. With ``bias_correction=False`` it starts at
     :math:`v_0 = \theta_0` and is used as it is, like most model-EMA code.
 
     Call :meth:`update` after every optimizer step. For evaluation, :meth:`copy_to`
@@ -46,12 +47,16 @@ class EMA:
             of float32 arrays, NumPy or CUDA, each C-contiguous and writeable (one pass
             per array), or of one 16-bit dtype (bfloat16 or float16, on the CPU), whose
             average is float32 all the same. The arrays are tracked, not copied.
-        decay: β, in [0, 1); may be changed between updates (``ema.decay = 0.9999``).
+        decay: β, in [0, 1); may be changed between updates (``ema.decay = 0.9999``,
+            or a warm-up such as ``min(0.999, (1 + t) / (10 + t))``): each update uses the
+            decay of its time, and the correction their product.
         bias_correction: divide by :math:`1 - \beta^t`; see above.
 
     Attributes:
         shadow: the flat float32 buffer holding :math:`v_t`.
         updates: t, the number of updates so far.
+        start_weight: :math:`\prod_{i \le t} \beta_i`, the weight of the start
+            :math:`v_0` in :math:`v_t` (1 before the first update).
     """
 
     def __init__(self, params, decay=0.999, bias_correction=True):
@@ -59,7 +64,7 @@ class EMA:
         check_flag("bias_correction", bias_correction)
         self._backend, self._targets = _targets(params)
         self.bias_correction = bool(bias_correction)
-        self.updates = 0
+        self.updates, self.start_weight = 0, 1.0
         sizes = [a.size for a in self._targets]
         offsets = np.cumsum([0] + sizes).tolist()
         self._ranges = list(zip(offsets, offsets[1:]))
@@ -85,15 +90,16 @@ class EMA:
         for shadow, target in zip(self._shadows, self._targets):
             self._backend.ema(shadow, target, h)
         self.updates += 1
+        self.start_weight *= self.decay
 
     def correction(self):
-        """The factor ``1 / (1 - decay**t)`` that removes the zero-start bias (1 without
-        bias correction)."""
+        """The factor ``1 / (1 - start_weight)`` that removes the zero-start bias (1
+        without bias correction)."""
         if not self.bias_correction:
             return 1.0
         if self.updates == 0:
             raise RuntimeError("the average is empty: call update() at least once first")
-        return 1.0 / (1.0 - self.decay ** self.updates)
+        return 1.0 / (1.0 - self.start_weight)
 
     def copy_to(self):
         """Save the live parameters, then overwrite them with the average."""
@@ -126,18 +132,20 @@ class EMA:
 
     def state_dict(self):
         """``{"shadow": v_t (a NumPy copy), "updates": t, "decay": β, "bias_correction":
-        ...}``, what :meth:`load_state_dict` continues from."""
+        ..., "start_weight": ∏ β_i}``, what :meth:`load_state_dict` continues from."""
         return {"shadow": self._backend.to_host(self.shadow), "updates": self.updates,
-                "decay": self.decay, "bias_correction": self.bias_correction}
+                "decay": self.decay, "bias_correction": self.bias_correction,
+                "start_weight": self.start_weight}
 
     def load_state_dict(self, state):
         """Continue from a :meth:`state_dict` of an EMA of parameters of the same size.
         Everything is checked first; on error (ValueError or TypeError) nothing
-        changes."""
+        changes. A state without ``"start_weight"`` (saved before it was kept) takes
+        ``decay ** updates``, which holds where the decay never changed."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, as EMA.state_dict() returns it, got "
                             f"{type(state).__name__}")
-        if set(state) != set(STATE):
+        if set(state) not in (set(STATE), set(STATE) - {"start_weight"}):
             raise ValueError(f"state must hold {list(STATE)}, got {sorted(map(str, state))}")
         shadow, updates = state["shadow"], state["updates"]
         if not isinstance(shadow, np.ndarray):
@@ -151,8 +159,14 @@ class EMA:
             raise ValueError(f"state['updates'] must be >= 0, got {updates}")
         decay = _decay(state["decay"])
         check_flag("bias_correction", state["bias_correction"])
+        start_weight = state.get("start_weight", decay ** updates)
+        if not 0.0 <= real("state['start_weight']", start_weight) <= 1.0:
+            raise ValueError(f"state['start_weight'] must be in [0, 1], got {start_weight!r}")
+        if start_weight == 1.0 and updates and state["bias_correction"]:
+            raise ValueError("state['start_weight'] is 1 after updates: the average would "
+                             "be divided by zero")
         self._backend.copy(self.shadow, shadow)  # everything is checked: only writes
-        self.updates, self._decay = int(updates), decay
+        self.updates, self._decay, self.start_weight = int(updates), decay, float(start_weight)
         self.bias_correction = bool(state["bias_correction"])
 
     def __reduce_ex__(self, protocol):
@@ -172,7 +186,7 @@ class EMA:
 
 
 # The keys of EMA.state_dict().
-STATE = ("shadow", "updates", "decay", "bias_correction")
+STATE = ("shadow", "updates", "decay", "bias_correction", "start_weight")
 
 
 def _decay(value):

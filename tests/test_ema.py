@@ -24,12 +24,13 @@ def assert_close(actual, expected, err_msg=""):
 
 def reference(history, decay, bias_correction):
     """``(v_t, the average copy_to writes)`` in float64. ``history[0]`` holds the
-    parameters when the EMA was made, ``history[t]`` those seen by update number t."""
+    parameters when the EMA was made, ``history[t]`` those seen by update number t;
+    ``decay`` is one number, or update t's at ``decay[t - 1]``."""
+    decays = np.broadcast_to(np.asarray(decay, np.float64), (len(history) - 1,))
     v = np.zeros(history[0].shape) if bias_correction else history[0].astype(np.float64)
-    for theta in history[1:]:
-        v = decay * v + (1.0 - decay) * theta.astype(np.float64)
-    t = len(history) - 1
-    return v, (v / (1.0 - decay ** t) if bias_correction else v)
+    for theta, beta in zip(history[1:], decays, strict=True):
+        v = beta * v + (1.0 - beta) * theta.astype(np.float64)
+    return v, (v / (1.0 - np.prod(decays)) if bias_correction else v)
 
 
 def bits(arrays):
@@ -248,7 +249,7 @@ def test_a_state_dict_resumes_the_average_exactly(bias_correction):
     resume: an EMA of the resumed parameters starts again from what state_dict holds."""
     opt, ema = trained_ema(bias_correction=bias_correction)
     state = pickle.loads(pickle.dumps(ema.state_dict()))  # plain: arrays and numbers
-    assert set(state) == {"shadow", "updates", "decay", "bias_correction"}
+    assert set(state) == {"shadow", "updates", "decay", "bias_correction", "start_weight"}
     assert type(state["shadow"]) is np.ndarray and state["updates"] == 4
     ema.state_dict()["shadow"][:] = 0  # a copy
     assert ema.shadow.any()
@@ -267,6 +268,49 @@ def test_a_state_dict_resumes_the_average_exactly(bias_correction):
         np.testing.assert_array_equal(resumed_opt.flat_params, opt.flat_params)
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_decay_changed_between_updates_is_corrected_by_the_product_of_the_decays(resume):
+    """The correction once took the current decay to the power of the count: parameters
+    held at 2 for ten updates at 0.9 and one at 0.999 averaged 119, not 2."""
+    opt = fastopt.SGD([initial_params(6, 9)], lr=0.1, momentum=0.5)
+    ema = fastopt.EMA(opt, decay=0.9)
+    history, decays = [opt.flat_params.copy()], []
+    for t, g in enumerate(gradients(6, 9, 12)):
+        if resume and t == 6:
+            state = ema.state_dict()
+            ema = fastopt.EMA(opt, decay=0.5)
+            ema.load_state_dict(state)
+        ema.decay = min(0.999, (1 + t) / (10 + t)) if t < 10 else 0.999  # timm's warm-up
+        opt.step(g)
+        ema.update()
+        history.append(opt.flat_params.copy())
+        decays.append(ema.decay)
+    v, averaged = reference(history, decays, True)
+    assert_close(ema.shadow, v)
+    with ema.applied():
+        assert_close(opt.flat_params, averaged)
+    held = np.full(3, 2.0, f32)
+    constant = fastopt.EMA([held], decay=0.9)
+    for t in range(11):
+        constant.decay = 0.999 if t == 10 else 0.9
+        constant.update()
+    with constant.applied():
+        np.testing.assert_allclose(held, 2.0, rtol=1e-6)
+
+
+def test_a_state_dict_saved_before_start_weight_was_kept_resumes_a_constant_decay():
+    opt, ema = trained_ema()
+    state = ema.state_dict()
+    del state["start_weight"]
+    resumed = fastopt.EMA(opt, decay=0.5)
+    resumed.load_state_dict(state)
+    assert resumed.start_weight == 0.9 ** 4
+    with ema.applied():
+        expected = opt.flat_params.copy()
+    with resumed.applied():
+        np.testing.assert_array_equal(opt.flat_params, expected)
+
+
 @pytest.mark.parametrize("change, error, match", [
     (None, TypeError, "state must be a dict"),
     ({"shadow": None}, TypeError, "shadow"),
@@ -279,9 +323,14 @@ def test_a_state_dict_resumes_the_average_exactly(bias_correction):
     ({"decay": 1.0}, ValueError, "decay"),
     ({"bias_correction": "yes"}, TypeError, "bias_correction"),
     ({"extra": 1}, ValueError, "must hold"),
+    ({"start_weight": 1.5}, ValueError, "start_weight"),
+    ({"start_weight": float("nan")}, ValueError, "start_weight"),
+    ({"start_weight": "0.5"}, TypeError, "start_weight"),
+    ({"start_weight": 1.0}, ValueError, "start_weight.*divided by zero"),
 ], ids=["not a dict", "shadow None", "shadow short", "shadow 2-D", "shadow float64",
         "updates < 0", "updates a float", "updates a bool", "decay 1", "bias_correction str",
-        "an extra key"])
+        "an extra key", "start_weight > 1", "start_weight NaN", "start_weight str",
+        "start_weight 1 after updates"])
 def test_a_bad_ema_state_dict_is_refused_and_changes_nothing(change, error, match):
     _, ema = trained_ema()
     state = None if change is None else {**ema.state_dict(), **change}
