@@ -248,6 +248,12 @@ class Storage:
         averages = algorithm.spec.averages
         others = [name for name, value in chosen.items()
                   if value == "int8" and name not in averages]
+        if others and not averages and not algorithm.spec.one_pass:
+            raise ValueError(
+                f"state_dtype='int8' keeps the moving averages of single-pass steps in 8 "
+                f"bits, a block at a time; {algorithm.__name__} steps in passes that sum "
+                f"over whole tensors ({' then '.join(algorithm.spec.passes)}), which 8-bit "
+                f"state does not step yet: keep its state in float32 or bfloat16")
         if others:
             raise ValueError(
                 f"state_dtype='int8' keeps moving averages in 8 bits; {algorithm.__name__}'s "

@@ -337,8 +337,11 @@ def test_a_schedule_is_resumed_by_an_optimizer_built_with_it(tmp_path):
     for t in range(4):
         opt.step(gradient(t, opt.flat_params))
     fastopt.save(opt, tmp_path / "s.npz")
-    with pytest.raises(ValueError, match="give the optimizer its schedule"):
+    with pytest.raises(ValueError, match=r"lr'\] is a schedule, which fastopt.load cannot "
+                       r"rebuild .*build the optimizer with its schedule and call opt.load"):
         fastopt.load(tmp_path / "s.npz")
+    with pytest.raises(ValueError, match="give the optimizer its schedule"):
+        fastopt.SGD([np.ones(4, f32)], lr=0.1).load(tmp_path / "s.npz")
     resumed = fastopt.SGD([np.ones(4, f32)], lr=schedule)
     resumed.load(tmp_path / "s.npz")
     for t in range(4, 8):

@@ -332,7 +332,8 @@ def test_a_skipped_step_leaves_codes_and_absmax_bit_identical():
 @pytest.mark.parametrize("name, kwargs, match", [
     ("Adagrad", dict(state_dtype="int8"), "Adagrad's sum is not one: it keeps none"),
     ("Adan", dict(state_dtype="int8"), "Adan's prev_grad is not one: ask it of exp_avg"),
-    ("LAMB", dict(state_dtype="int8"), "keeps none that 8 bits can hold"),
+    ("LAMB", dict(state_dtype="int8"), "LAMB steps in passes that sum over whole tensors"),
+    ("SWATS", dict(state_dtype="int8"), r"SWATS steps in passes .*\(map and reduce\)"),
     ("Adam", dict(state_dtype={"exp_avg": "int4"}), "state_dtype must be one of"),
 ])
 def test_8_bit_state_is_refused_where_it_cannot_be_kept(name, kwargs, match):
@@ -531,3 +532,20 @@ def test_an_empty_group_beside_others_leaves_their_8_bit_steps_alone(empty, wher
         # the first step of SGD with momentum is p - lr * g (the buffer starts at g)
         np.testing.assert_allclose(p, p_0.astype(np.float64) - lr * g_0.astype(np.float64),
                                    rtol=0, atol=1e-6)
+
+
+def test_a_finite_gradient_whose_second_moment_overflows_is_stepped_and_makes_its_block_nan():
+    """What the README says of it: skip_nonfinite sees a finite gradient, float32 state
+    holds the infinity in one element (as torch), 8 bits spread it over the block."""
+    g = np.full(5000, 1e-3, f32)
+    g[300] = 1e21  # in block 1; (1 - beta2) * g**2 overflows float32
+    stepped = {}
+    for state in ("float32", "int8"):
+        opt = fastopt.Adam([np.ones(5000, f32)], state_dtype=state, skip_nonfinite=True)
+        opt.step(g)
+        opt.step(g)
+        assert opt.skipped_steps == 0
+        stepped[state] = opt.flat_params
+    assert np.isfinite(stepped["float32"]).all()
+    assert np.isnan(stepped["int8"][256:512]).all()
+    assert np.isfinite(np.delete(stepped["int8"], np.s_[256:512])).all()

@@ -14,7 +14,6 @@ from ..kernels import Pass, rules
 from ..kernels._template import arrays
 from ..kernels.codecs import QUANTIZED
 from .checks import FLOAT32_MAX, real
-from .spec import MAP
 
 f32 = np.float32
 
@@ -244,7 +243,7 @@ def state_layout(algorithm, name, shapes):
 
 def single_pass(algorithm, h):
     """Whether this step is one pass of the rule (no ``update`` of several passes)."""
-    return algorithm.spec.passes == (MAP,) and not getattr(h, "caution", False)
+    return algorithm.spec.one_pass and not getattr(h, "caution", False)
 
 
 # timm clamps the share of a tensor that agrees with its gradient to at least this.

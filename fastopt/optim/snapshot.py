@@ -244,7 +244,7 @@ def _restored_group(index, group, saved, defaults):
     restored = {name: defaults[name] for name in missing}
     for key, value in saved.items():
         current = group[key]
-        if isinstance(value, dict) and set(value) == {"schedule"}:
+        if _is_schedule(value):
             if not callable(current):
                 raise ValueError(f"{where}[{key!r}] is the schedule {value['schedule']}; "
                                  "give the optimizer its schedule before loading")
@@ -313,6 +313,11 @@ def _is_real(value):
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _is_schedule(saved):
+    """Whether a saved group value stands for a schedule (which the file names only)."""
+    return isinstance(saved, dict) and set(saved) == {"schedule"}
+
+
 def load(path):
     """A new CPU optimizer, of the checkpoint's algorithm, continuing from ``path``.
 
@@ -323,6 +328,13 @@ def load(path):
     contents = checkpoint.read(path)
     with checkpoint.naming(path):
         snapshot = checkpoint.snapshot_of(contents)  # checked before anything is built on it
+        scheduled = [f"param_groups[{index}][{key!r}]"
+                     for index, group in enumerate(snapshot.groups) if isinstance(group, dict)
+                     for key, value in group.items() if _is_schedule(value)]
+        if scheduled:
+            raise ValueError(f"the checkpoint's {', '.join(scheduled)} is a schedule, which "
+                             "fastopt.load cannot rebuild from the file: build the "
+                             "optimizer with its schedule and call opt.load(path)")
         opt = _build(snapshot)
         opt.restore(snapshot)
     return opt

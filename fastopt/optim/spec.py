@@ -88,6 +88,12 @@ class Spec:
     check: Mapping = field(default_factory=dict)
 
     @property
+    def one_pass(self):
+        """Whether a step is one element-wise pass of the rule, which needs no sum over
+        a tensor (what 8-bit state is stepped in, a block at a time)."""
+        return self.passes == (MAP,)
+
+    @property
     def defaults(self):
         """Every hyperparameter's default, the fixed ones included."""
         return {**{h.name: h.default for h in self.hyperparameters}, **self.fixed}
