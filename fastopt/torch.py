@@ -22,8 +22,10 @@ more passes over them).
 The state (``exp_avg`` ...) is fastopt's: flat buffers per device, of which
 ``opt.state[p]`` holds views in ``p``'s shape and memory layout. A state tensor that
 you replace (``opt.state[p]["exp_avg"] = torch.zeros_like(p)``) is taken in at the next
-step, and ``state_dict()`` saves what the kernels use. ``state_dict()`` and
-``load_state_dict()`` use torch's layout and key names, so checkpoints move both ways
+step, and ``state_dict()`` saves what the kernels use. Entries of your own under other
+names (a wrapper's slow weights, a counter) stay yours, as in torch.optim.
+``state_dict()`` and ``load_state_dict()`` use torch's layout and key names, so
+checkpoints move both ways
 between fastopt.torch and torch.optim; a checkpoint that does not fit the parameters
 (another number of groups or parameters, state of another size) is refused with a
 ValueError before anything changes.
@@ -455,7 +457,7 @@ class Optimizer(torch.optim.Optimizer):
         moves = [(store, p, name, value) for store in stores for p in store.slots
                  for name, value in _in_order(_relaid(store, store.slots[p].local,
                                                        self.state.get(p, {})))
-                 if isinstance(value, torch.Tensor) and name not in _TORCH_SCALARS
+                 if isinstance(value, torch.Tensor) and _is_buffer(self.algorithm, name)
                  and (name != MASTER or store.master)]
         views = [store.view(name, p) for store, p, name, _ in moves]
         for (store, p, name, value), view in zip(moves, views):
@@ -719,7 +721,7 @@ class Optimizer(torch.optim.Optimizer):
             dict.update(state, store.put(MASTER, p, remainder))
         replaced = [(name, value, store.view(name, p)) for name, value in _in_order(state)
                     if isinstance(value, torch.Tensor) and value is not slot.views.get(name)
-                    and name not in _TORCH_SCALARS]
+                    and _is_buffer(self.algorithm, name)]
         for name, value, view in replaced:  # all checked before the first is copied
             _check_state(self._name(p), name, value, view, _castable(store, name, p), like=p)
         for name, value, _ in replaced:
@@ -896,7 +898,8 @@ class Optimizer(torch.optim.Optimizer):
         number or one process: this rank's elements of it, from the files that hold
         them. A checkpoint of another algorithm or of other parameters raises a
         ValueError, and nothing changes."""
-        torch_checkpoint.load(self, path, *self._checkpoint_pieces("load")[1:], _TORCH_SCALARS)
+        torch_checkpoint.load(self, path, *self._checkpoint_pieces("load")[1:],
+                              lambda name: not _is_buffer(self.algorithm, name))
 
     def _checkpoint_pieces(self, verb):
         """For :mod:`fastopt.torch_checkpoint`, per parameter: the elements ``(first,
@@ -987,7 +990,8 @@ class Optimizer(torch.optim.Optimizer):
         # It casts the state of a 16-bit parameter to 16 bits too: keep the originals,
         # which go to the dtypes the stores keep (float32 master weights ...).
         tensors = {index: {name: value for name, value in state.items()
-                           if isinstance(value, torch.Tensor) and name not in _TORCH_SCALARS}
+                           if isinstance(value, torch.Tensor)
+                           and _is_buffer(self.algorithm, name)}
                    for index, state in state_dict["state"].items()}
         params = self._loaded_params(state_dict)
         super().load_state_dict(state_dict)
@@ -1049,7 +1053,7 @@ class Optimizer(torch.optim.Optimizer):
             first, last = slot.piece
             state[key] = cut = {}
             for name, value in _relaid(store, p, values).items():  # codes in p's order
-                if not isinstance(value, torch.Tensor) or name in _TORCH_SCALARS:
+                if not isinstance(value, torch.Tensor) or not _is_buffer(self.algorithm, name):
                     cut[name] = value
                 elif store.partition.whole and first == last:
                     continue  # a tensor that another rank holds whole
@@ -1124,7 +1128,7 @@ class Optimizer(torch.optim.Optimizer):
             for key, value in state.items():
                 if key in _TORCH_SCALARS:
                     _check_number(key, value, lambda: name)
-                elif isinstance(value, torch.Tensor):
+                elif isinstance(value, torch.Tensor) and _is_buffer(self.algorithm, key):
                     _check_state(name, key, value, self._state_shape(key, p), loading=True,
                                  like=p)
                     if key == MASTER and value.dtype == torch.int16 and \
@@ -1486,6 +1490,18 @@ def _castable(store, name, p):
             return ()
         return (p.dtype, torch.int16) if p.dtype == torch.bfloat16 else (p.dtype,)
     return (p.dtype, torch.float32) if name in store.quantized else (p.dtype,)
+
+
+def _is_buffer(algorithm, name):
+    """Whether the state entry ``name`` is one that fastopt keeps in its stores (a buffer
+    of the algorithm's passes, the master weights, an 8-bit buffer's scales), or, in a
+    state_dict, saves of them (8-bit codes and their strides). Any other entry of
+    ``opt.state[p]`` (a number or tensor that a wrapper keeps there, as Lookahead does)
+    is the user's: fastopt leaves it as it is, as torch.optim does, and ``state_dict()``
+    carries it."""
+    average = name.removesuffix(ABSMAX).removesuffix(CODES)
+    return (name in algorithm.state_names() or name in (MASTER, STRIDES)
+            or average != name and average in algorithm.spec.averages)
 
 
 def _in_order(state):

@@ -74,20 +74,20 @@ def save(opt, path, pieces):
     _on_rank0(group, finish)
 
 
-def load(opt, path, pieces, shapes, scalars):
+def load(opt, path, pieces, shapes, whole):
     """Load the checkpoint in the folder ``path`` into ``opt``, whose state_dict() holds
-    the elements ``pieces[i]`` of parameter ``i`` in the shape ``shapes[i]``, and the
-    per-parameter numbers ``scalars`` (the step count ...) whole (see the module's
-    docstring); a ValueError, and nothing changes, where it does not fit. With a
+    the elements ``pieces[i]`` of parameter ``i`` in the shape ``shapes[i]``, and whole
+    the state entries named so by ``whole(name)`` (the step count ..., the user's; see
+    the module's docstring); a ValueError, and nothing changes, where it does not fit. With a
     process_group, an error on one rank is raised on every rank."""
     path = os.path.abspath(os.fspath(path))
-    loaded = _agreed(opt._group, lambda: _assembled(opt, path, pieces, shapes, scalars),
+    loaded = _agreed(opt._group, lambda: _assembled(opt, path, pieces, shapes, whole),
                      f"cannot load {path}, and nothing changed")
     _agreed(opt._group, lambda: opt.load_state_dict(loaded),
             f"cannot load {path} on every rank (the ranks not named here loaded it)")
 
 
-def _assembled(opt, path, pieces, shapes, scalars):
+def _assembled(opt, path, pieces, shapes, whole):
     """The state_dict that loads this rank's part of the checkpoint in ``path``."""
     index = _read_index(path)
     params = opt._all_params()
@@ -103,17 +103,17 @@ def _assembled(opt, path, pieces, shapes, scalars):
     state = {}
     for i, (entry, piece, shape) in enumerate(zip(index["params"], pieces, shapes)):
         taken = _taken(files, i, entry["pieces"], piece, shape, opt.algorithm.spec.factored,
-                       scalars)
+                       whole)
         if taken is not None:  # named as state_dict() names them
             state[i] = {name + suffix if isinstance(value, torch.Tensor) and value.dim()
                         else name: value for name, value in taken.items()}
     return {**files.state_dict(0), "state": state}
 
 
-def _taken(files, i, pieces, piece, shape, factored, scalars):
+def _taken(files, i, pieces, piece, shape, factored, whole):
     """This rank's state of parameter ``i``, of whose elements it holds ``piece`` (in
     ``shape``), from the files of the ranks that held ``pieces`` of it; None where no
-    file holds its state. ``scalars`` name the numbers per parameter."""
+    file holds its state. ``whole(name)`` says which entries are taken whole."""
     held = [r for r, (a, b) in enumerate(pieces) if b > a]
     saved = files.state(held[0] if held else 0, i)
     if saved is None:
@@ -121,17 +121,17 @@ def _taken(files, i, pieces, piece, shape, factored, scalars):
     first, last = piece
     taken = {}
     for name, value in saved.items():
-        if not isinstance(value, torch.Tensor) or name in scalars:
+        if not isinstance(value, torch.Tensor) or whole(name):
             # the step count ..., the same on every rank; copied out of the mapped file
             taken[name] = value.clone() if isinstance(value, torch.Tensor) else value
         elif name == STRIDES or first == last and factored:
             continue  # codes come in C order; an empty piece of Adafactor's has no factors
         elif factored:  # a whole tensor's factors, from the rank that held it whole
-            whole = [r for r in held if tuple(pieces[r]) == (first, last)]
-            if not whole:
+            holders = [r for r in held if tuple(pieces[r]) == (first, last)]
+            if not holders:
                 raise ValueError(f"cannot load {files.path}: no file holds all of the "
                                  f"parameter {i} ({name!r}) for Adafactor")
-            taken[name] = files.state(whole[0], i)[name].clone()
+            taken[name] = files.state(holders[0], i)[name].clone()
         elif name.endswith(ABSMAX):  # by block: every piece begins on one
             taken[name] = files.joined(i, name, value.dtype,
                                        [blocks_of(a, b) for a, b in pieces],

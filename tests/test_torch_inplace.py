@@ -417,3 +417,47 @@ def test_scalars_that_overflow_float32_are_refused_naming_the_hyperparameter():
     with pytest.raises(ValueError, match="lr"):
         opt.step()  # lr / (1 - beta1) is 1e39
     assert torch.equal(p.detach(), torch.ones(3)) and not opt.state[p]
+
+
+@pytest.mark.parametrize("options", [{}, dict(state_dtype="int8")])
+def test_entries_of_the_users_own_in_the_state_are_left_to_the_user_as_torch_leaves_them(
+        options, tmp_path):
+    """A wrapper may keep entries of its own in opt.state[p] (Lookahead's slow weights, a
+    counter): fastopt once copied each tensor into a store of its own (a lost reference,
+    and a buffer the size of the store) and refused any of another shape or dtype."""
+    ours, our_opt, theirs, their_opt, x, y = pair("Adam", "mlp")
+    our_opt = ft.Adam(ours.parameters(), lr=0.01, **options)
+    kept = {}
+    for model, opt in ((ours, our_opt), (theirs, their_opt)):
+        train(model, opt, x, y, 1)
+        for p in model.parameters():
+            slow = p.detach().clone()
+            opt.state[p].update(slow=slow, count=torch.zeros((), dtype=torch.int64),
+                                mask=torch.ones_like(p, dtype=torch.bool), note="mine")
+            kept[p] = slow
+
+        def lookahead(t, model=model, opt=opt):
+            with torch.no_grad():
+                for p in model.parameters():
+                    kept[p].lerp_(p, 0.5)  # through the reference, not opt.state
+                    opt.state[p]["count"] += 1
+        train(model, opt, x, y, 4, before_step=lookahead)
+    assert_same_params(ours, theirs)
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        state = our_opt.state[p]
+        assert state["slow"] is kept[p] and state["note"] == "mine"
+        assert state["count"].dtype == torch.int64 and int(state["count"]) == 4
+        assert state["mask"].dtype == torch.bool and bool(state["mask"].all())
+        torch.testing.assert_close(kept[p], kept[q])
+    saved = our_opt.state_dict()
+    assert all(saved["state"][i]["slow"] is kept[p] for i, p in enumerate(ours.parameters()))
+    for source in (saved, their_opt.state_dict()):  # both ways, with the user's entries
+        again = ft.Adam(ours.parameters(), lr=0.01, **options)
+        again.load_state_dict(source)
+        for p in ours.parameters():
+            assert int(again.state[p]["count"]) == 4  # (torch's load makes "note" no str)
+    our_opt.save(tmp_path / "ckpt")
+    again = ft.Adam(ours.parameters(), lr=0.01, **options)
+    again.load(tmp_path / "ckpt")
+    for p in ours.parameters():
+        torch.testing.assert_close(again.state[p]["slow"], kept[p], rtol=0, atol=0)
