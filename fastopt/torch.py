@@ -25,10 +25,9 @@ you replace (``opt.state[p]["exp_avg"] = torch.zeros_like(p)``) is taken in at t
 step, and ``state_dict()`` saves what the kernels use. Entries of your own under other
 names (a wrapper's slow weights, a counter) stay yours, as in torch.optim.
 ``state_dict()`` and ``load_state_dict()`` use torch's layout and key names, so
-checkpoints move both ways
-between fastopt.torch and torch.optim; a checkpoint that does not fit the parameters
-(another number of groups or parameters, state of another size) is refused with a
-ValueError before anything changes.
+checkpoints move both ways between fastopt.torch and torch.optim; a checkpoint that does
+not fit the parameters (another number of groups or parameters, state of another size)
+is refused with a ValueError before anything changes.
 
 **Nothing is trusted from one step to the next.** A parameter whose storage or shape
 changed since the last step (``p.data = t``, ``model.to(...)``, ``share_memory()``,
