@@ -974,6 +974,30 @@ def test_a_group_of_empty_parameters_steps_beside_the_others(tmp_path):
         np.testing.assert_allclose(weight, 1 - 0.1, rtol=1e-6)
 
 
+def float16_average_rank(rank, world, rendezvous, zero_stage):
+    _init(rank, world, rendezvous)
+    weight = torch.nn.Parameter(torch.zeros(4, dtype=torch.float16))
+    opt = ft.SGD([weight], lr=1.0, process_group=dist.group.WORLD, zero_stage=zero_stage,
+                 skip_nonfinite=True)
+    # each rank's gradient, and their average, fit in float16 (at most 65504); their sum
+    # does not
+    (weight * torch.tensor([40000.0, -40000.0, 20000.0 * (rank + 1), 1e-3],
+                           dtype=torch.float16)).sum().backward()
+    opt.step(grad_scale=1e4)
+    return weight.detach().float().numpy().copy(), opt.skipped_steps
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_16_bit_gradients_are_averaged_where_their_sum_would_overflow(tmp_path, zero_stage):
+    """As DDP: each rank's float16 gradients are divided by the number of ranks before
+    they are summed. Averaged as sums, they overflowed: the step was skipped, or, without
+    skip_nonfinite, went to -inf."""
+    for weight, skipped in run_ranks(float16_average_rank, (zero_stage,), tmp_path):
+        assert skipped == 0
+        expected = -np.array([40000.0, -40000.0, 30000.0, 1e-3]) / 1e4
+        np.testing.assert_allclose(weight, expected, rtol=1e-3, atol=1e-7)  # float16
+
+
 def test_a_parameter_that_is_not_contiguous_is_refused_clearly(tmp_path):
     for message in run_ranks(refusals_rank, (), tmp_path):
         assert message and "not contiguous" in message, message
