@@ -311,10 +311,12 @@ class BucketReducer:
     Over several backward passes (micro-batches) ``gradients`` adds up; a step takes
     it, and the first bucket after a step (or ``clear``, from ``zero_grad``) starts
     afresh, so ``model.zero_grad()`` is enough between steps. ``take`` first sends what
-    backward did not (gradients set by hand)."""
+    backward did not (gradients set by hand). ``check(grad, param)`` refuses a gradient
+    that the step could not take, before it is sent."""
 
-    def __init__(self, params, partition, group, reduce, capacity):
+    def __init__(self, params, partition, group, reduce, capacity, check):
         self.params, self.partition, self.group = params, partition, group
+        self.check = check
         self.capacity = capacity
         self.collective = reduce and partition.world > 1
         self.buckets = partition.buckets(capacity)
@@ -399,6 +401,9 @@ class BucketReducer:
         grads = [self.params[i].grad for i in self.members[b]]
         if all(grad is None for grad in grads):
             return  # on every rank: the same parameters have gradients
+        for i, grad in zip(self.members[b], grads):
+            if grad is not None:
+                self.check(grad, self.params[i])
         if self.taken:
             self.clear()
         self._receive()

@@ -480,7 +480,7 @@ class Optimizer(torch.optim.Optimizer):
             for store in stores:
                 store.reducer = sharding.BucketReducer(
                     list(store.slots), store.partition, self._group, self.reduce_grads,
-                    store.window)
+                    store.window, _check_gradient)
                 if store.signature in before:  # the same partition: its gradients
                     store.reducer.take_over(before[store.signature])
             for reducer in before.values():
@@ -1850,6 +1850,9 @@ class _Store:
             has, share = self.reducer.take(), self.reducer.gradients
             grads = [share[s.start:s.stop] if s.index in has else None for s in slots]
         else:
+            for p in self.slots:
+                if p.grad is not None:
+                    _check_gradient(p.grad, p)
             flats = [None if p.grad is None else p.grad.reshape(-1) for p in self.slots]
             if not reduce or self.partition.world == 1:
                 grads = [flat if flat is None else flat[s.piece[0]:s.piece[1]]

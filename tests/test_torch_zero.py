@@ -998,6 +998,27 @@ def test_16_bit_gradients_are_averaged_where_their_sum_would_overflow(tmp_path, 
         np.testing.assert_allclose(weight, expected, rtol=1e-3, atol=1e-7)  # float16
 
 
+def float32_gradient_rank(rank, world, rendezvous, zero_stage):
+    _init(rank, world, rendezvous)
+    weight = torch.nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
+    opt = ft.SGD([weight], lr=1.0, process_group=dist.group.WORLD, zero_stage=zero_stage)
+    weight.grad_dtype = None  # torch then takes a gradient of another dtype
+    weight.grad = torch.full((64,), 1.0 + 2 ** -10)  # no bfloat16 value
+    try:
+        opt.step()
+    except TypeError as error:
+        return str(error), weight.detach().float().numpy().copy()
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_a_gradient_of_another_dtype_is_refused_as_in_one_process(tmp_path, zero_stage):
+    """It was copied into the partition's bfloat16 buffer, rounded (to 1.0 here), and
+    stepped."""
+    for message, weight in run_ranks(float32_gradient_rank, (zero_stage,), tmp_path):
+        assert "a gradient of torch.float32 for a parameter of torch.bfloat16" in message
+        np.testing.assert_array_equal(weight, 1.0)
+
+
 def test_a_parameter_that_is_not_contiguous_is_refused_clearly(tmp_path):
     for message in run_ranks(refusals_rank, (), tmp_path):
         assert message and "not contiguous" in message, message
