@@ -42,7 +42,7 @@ matrix), which a step does not notice.
 What a parameter must be: float32, bfloat16 or float16, on the CPU or a CUDA device,
 and dense (contiguous, channels_last, transposed or any other layout without
 gaps or overlaps; a gradient in another layout than its parameter is copied for the
-step). One optimizer may mix dtypes (bfloat16 weights, float32 norms): each dtype has
+step), each in memory of its own (not two Parameters made of one tensor). One optimizer may mix dtypes (bfloat16 weights, float32 norms): each dtype has
 its stores. A 16-bit parameter keeps float32 master weights in its state entry
 ``"master"`` (``master_weights="auto"``; None steps it directly), from which every
 step writes it rounded to nearest even; a parameter written since the last step
@@ -429,6 +429,7 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError(f"{name} is {'a DTensor' if _is_dtensor(p) else 'not contiguous'}"
                                  ": process_group partitions plain contiguous tensors (FSDP2's "
                                  "DTensors are sharded already: leave process_group=None)")
+        _check_apart(names)
         kinds = {}
         for p in names:
             reduction = _reduction(p) if self._group is None else (self._group,)
@@ -1337,6 +1338,20 @@ def _check_parameter(p, name):
         raise ValueError(f"{name} has strides {p.stride()} for shape {tuple(p.shape)}, with "
                          "gaps or overlaps in memory; fastopt steps dense parameters only "
                          "(contiguous, channels_last, transposed ...)")
+
+
+def _check_apart(names):
+    """Refuse parameters that share memory (two Parameters made of one tensor): a step
+    writes every parameter at once, in threads that raced over the shared elements, where
+    torch.optim's steps them one after the other. ``names``: each parameter's label."""
+    extents = sorted((str(t.device), t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(),
+                      name) for p, name in names.items() for t in [_local(p)] if t.numel())
+    for (device, _, end, name), (other_device, start, _, other) in zip(extents, extents[1:]):
+        if device == other_device and start < end:
+            raise ValueError(f"{name} and {other} share memory; fastopt.torch steps "
+                             "parameters of memory of their own: tie weights as one "
+                             "Parameter (module.b.weight = module.a.weight), not two made "
+                             "of one tensor")
 
 
 def _is_dtensor(p):

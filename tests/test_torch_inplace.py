@@ -461,3 +461,30 @@ def test_entries_of_the_users_own_in_the_state_are_left_to_the_user_as_torch_lea
     again.load(tmp_path / "ckpt")
     for p in ours.parameters():
         torch.testing.assert_close(again.state[p]["slow"], kept[p], rtol=0, atol=0)
+
+
+def test_parameters_that_share_memory_are_refused_naming_both_and_neighbours_step():
+    """Two Parameters made of one tensor were stepped at once, in threads that raced:
+    elements took one update or both (torch.optim applies both)."""
+    w = torch.zeros(40)
+    shared = r"\['params'\]\[0\] and .*\['params'\]\[1\] share memory"
+    for a, b in ((w, w), (w[:20], w[10:30])):
+        with pytest.raises(ValueError, match=shared):  # at construction
+            ft.SGD([torch.nn.Parameter(a), torch.nn.Parameter(b)], lr=0.1)
+    a, b = torch.nn.Parameter(w[:20]), torch.nn.Parameter(w[20:])
+    opt = ft.SGD([a, b], lr=0.1)
+    b.data = w[10:30]  # or since the last step
+    a.grad, b.grad = torch.ones(20), torch.ones(20)
+    with pytest.raises(ValueError, match=shared):
+        opt.step()
+    assert not w.any()
+    ours, theirs = (torch.nn.Parameter(torch.zeros(40)) for _ in range(2))
+    for whole, make in ((ours, ft.SGD), (theirs, torch.optim.SGD)):
+        halves = [torch.nn.Parameter(whole.data[:20]), torch.nn.Parameter(whole.data[20:])]
+        opt = make(halves, lr=0.1, momentum=0.9)
+        for t in range(3):
+            for i, p in enumerate(halves):
+                p.grad = torch.full_like(p, float(i + t))
+            opt.step()
+    torch.testing.assert_close(ours, theirs)
+    assert ours.any()
