@@ -147,7 +147,6 @@ from .precision import ABSMAX, CODES, STRIDES
 
 __all__ = list(ALGORITHMS)  # one class per algorithm of the registry, built at the end
 
-_NOT_HYPERPARAMETERS = ("params", "param_names")
 # Per-parameter numbers that torch keeps as tensors. mu_product is saved in float64, which
 # fastopt computes it in (torch casts it to float32 when it loads it); ASGD's eta and mu
 # are float32 in torch too.
@@ -302,7 +301,7 @@ class Optimizer(torch.optim.Optimizer):
         return (type(self).__name__, self._zero_stage, self._bucket_size, self.reduce_grads,
                 formats,  # a dict of state dtypes in any order
                 self.clip_grad_norm, self.clip_grad_value, self.skip_nonfinite,
-                [sorted(_hyperparameters(group).items()) for group in self.param_groups])
+                [sorted(_hyperparameters(group, self.algorithm).items()) for group in self.param_groups])
 
     def _options(self):
         return {"_clip_grad_norm": self.clip_grad_norm,
@@ -346,7 +345,7 @@ class Optimizer(torch.optim.Optimizer):
             raise TypeError(f"param_groups[{index}]['lr'] must be a number: schedule it with "
                             "a torch.optim.lr_scheduler")
         try:
-            self.algorithm.spec.validate(_hyperparameters(group))
+            self.algorithm.spec.validate(_hyperparameters(group, self.algorithm))
         except (TypeError, ValueError) as error:
             raise type(error)(f"{error} (in param_groups[{index}])") from None
 
@@ -646,7 +645,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def _checked_hyperparameters(self, index, group):
         """The group's hyperparameters, validated where they changed since last checked."""
-        hyper = _hyperparameters(group)
+        hyper = _hyperparameters(group, self.algorithm)
         snapshot = _snapshot(hyper)
         if snapshot != self._checked.get(index):
             self._validate(index, group)
@@ -1147,7 +1146,7 @@ class Optimizer(torch.optim.Optimizer):
                         raise ValueError(f"loaded state dict has {key!r} of uint8 for {name}: "
                                          "8-bit codes come as '<name>_codes' with "
                                          "'<name>_absmax'")
-            self._check_complete(state, p, name, _hyperparameters(group))
+            self._check_complete(state, p, name, _hyperparameters(group, self.algorithm))
 
     def _check_complete(self, state, p, name, hyper):
         """Refuse the loaded ``state`` of a stepped parameter ``p`` without the numbers
@@ -1259,12 +1258,15 @@ def _kept_dtype(storage, name):
     return _TORCH_DTYPES[precision.name_of(storage.state(name))]
 
 
-def _hyperparameters(group):
-    """The group's hyperparameters, with the numbers that torch lets be tensors (a
-    tensor lr, tensor betas) as Python numbers."""
+def _hyperparameters(group, algorithm):
+    """The group's hyperparameters of ``algorithm``, with the numbers that torch lets be
+    tensors (a tensor lr, tensor betas) as Python numbers. The group's other entries
+    (torch's ``foreach`` ..., a scheduler's ``initial_lr``, the user's own) are not
+    read, as torch.optim does not read them."""
+    names = algorithm.spec.defaults
     return {k: (v.item() if isinstance(v, torch.Tensor) else
                 tuple(_number(x) for x in v) if isinstance(v, tuple) else v)
-            for k, v in group.items() if k not in _NOT_HYPERPARAMETERS}
+            for k, v in group.items() if k in names}
 
 
 def _number(x):

@@ -250,6 +250,23 @@ def test_param_groups_a_scheduler_and_add_param_group(name):
     assert_same_params(ours, theirs)
 
 
+def test_entries_of_the_users_own_in_a_group_are_left_alone_as_torch_leaves_them():
+    """A group may carry entries of any kind (a wrapper's arrays, a module): they were
+    read as hyperparameters, a tensor's ``item()`` raised, and a replaced array made
+    the check for changes compare arrays."""
+    ours, theirs, x, y = twins("mlp", seed=3)
+    optimizers = [ft.Adam(ours.parameters(), lr=0.01),
+                  torch.optim.Adam(theirs.parameters(), lr=0.01, foreach=False)]
+    for opt in optimizers:
+        opt.param_groups[0].update(meta=torch.arange(5.0), scales=(torch.ones(3), 2))
+    for t in range(4):
+        for model, opt in zip((ours, theirs), optimizers):
+            opt.param_groups[0].update(mask=np.arange(t + 2), names=[torch.zeros(2)] * t)
+            train(model, opt, x, y, 1)
+    assert_same_params(ours, theirs)
+    assert optimizers[0].state_dict()["param_groups"][0]["meta"].shape == (5,)
+
+
 @pytest.mark.parametrize("name", ["Adam", "SGD", "RMSprop", "NAdam", "ASGD", "Adafactor"])
 def test_frozen_parameters_and_missing_grads_are_left_untouched(name):
     ours, theirs, x, y = twins("mlp", seed=2)
