@@ -202,6 +202,7 @@ class Optimizer(torch.optim.Optimizer):
     algorithm = None  # the fastopt class whose math this optimizer runs
     _torch_counts_steps = True  # torch keeps state["step"] (SGD does not)
     _torch_defaults = {}  # the arguments that are torch's alone, with torch's defaults
+    _torch_signature = {}  # every argument of torch's namesake, with torch's defaults
 
     def __init__(self, params, defaults, torch_options, *, clip_grad_norm=None,
                  clip_grad_value=None, skip_nonfinite=False, master_weights="auto",
@@ -283,8 +284,7 @@ class Optimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self.state = _State(self.state)  # torch's load_state_dict comes through here
         for group in self.param_groups:  # a torch checkpoint lacks fastopt's own options
-            for name, value in self.defaults.items():
-                group.setdefault(name, value)
+            group.update(self._completed(group))
         if options is not None:  # unpickled or deep-copied: rebuild what is not pickled
             self._formats = ("auto", "float32", False, 0)  # unless pickled with them
             # A sharded one is not pickled.
@@ -292,6 +292,12 @@ class Optimizer(torch.optim.Optimizer):
             self._stores, self._remainders = None, {}
             self.__dict__.update(options)
             self._relayout()
+
+    def _completed(self, group):
+        """A loaded group with what it lacks: fastopt's own options as this optimizer
+        has them; torch's (a checkpoint of an older torch's, without ``nesterov``)
+        torch's defaults, as torch.optim's ``__setstate__`` fills them in."""
+        return {**self.defaults, **self._torch_signature, **group}
 
     def _collective_options(self):
         """What every rank of a process_group must choose alike: what decides the
@@ -301,7 +307,8 @@ class Optimizer(torch.optim.Optimizer):
         return (type(self).__name__, self._zero_stage, self._bucket_size, self.reduce_grads,
                 formats,  # a dict of state dtypes in any order
                 self.clip_grad_norm, self.clip_grad_value, self.skip_nonfinite,
-                [sorted(_hyperparameters(group, self.algorithm).items()) for group in self.param_groups])
+                [sorted(_hyperparameters(group, self.algorithm).items())
+                 for group in self.param_groups])
 
     def _options(self):
         return {"_clip_grad_norm": self.clip_grad_norm,
@@ -1115,7 +1122,7 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError("loaded state dict contains a parameter group that doesn't "
                                  "match the size of optimizer's group")
             # as __setstate__ completes a torch checkpoint's groups with fastopt's options
-            group = {**self.defaults, **theirs, "params": ours["params"]}
+            group = {**self._completed(theirs), "params": ours["params"]}
             self._validate(index, group)
             for (p, label), saved in zip(_labels(index, ours), theirs["params"]):
                 where[saved] = (p, label, group)
@@ -2301,6 +2308,9 @@ def _drop_in_class(algorithm):
         doc += (f" Parameters that step together (normally a whole group) share its host "
                 f"state ({', '.join(spec.host)}).")
     torch_options = {n: default for n, default in positional + keyword if n not in ours}
+    signature = {} if spec.torch is None else {  # fixed ones stay fixed (AdamW's decay)
+        n: default for n, default in positional + keyword
+        if n in named and n not in spec.fixed and default is not inspect.Parameter.empty}
     hyperparameters = ", ".join(f"{n}={n}" for n in ours)
     options = ", ".join(f"{n}={n}" for n in torch_options)
     init = define_init(positional, keyword,
@@ -2310,6 +2320,7 @@ def _drop_in_class(algorithm):
     return type(name, (Optimizer,), {"__init__": init, "__doc__": doc, "algorithm": algorithm,
                                      "__module__": __name__, "__qualname__": name,
                                      "_torch_defaults": torch_options,
+                                     "_torch_signature": signature,
                                      "_torch_counts_steps": spec.torch != "SGD"})
 
 

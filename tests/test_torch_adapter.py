@@ -267,6 +267,31 @@ def test_entries_of_the_users_own_in_a_group_are_left_alone_as_torch_leaves_them
     assert optimizers[0].state_dict()["param_groups"][0]["meta"].shape == (5,)
 
 
+@pytest.mark.parametrize("name, kwargs, missing", [
+    ("SGD", dict(lr=0.1, momentum=0.9), dict(nesterov=True)),
+    ("Adam", dict(lr=0.01, weight_decay=0.1), dict(decoupled_weight_decay=True)),
+    ("RMSprop", dict(lr=0.01), dict(centered=True))])
+def test_a_checkpoint_without_an_option_of_a_later_torch_takes_torchs_default(name, kwargs,
+                                                                              missing):
+    """As torch.optim's __setstate__ fills it in (the run that saved it had no such
+    option), not as this optimizer was made."""
+    ours, theirs, x, y = twins("mlp", seed=4)
+    saver = getattr(torch.optim, name)(theirs.parameters(), **kwargs)
+    train(theirs, saver, x, y, 2)
+    saved = saver.state_dict()
+    for group in saved["param_groups"]:
+        del group[next(iter(missing))]
+    ours.load_state_dict(theirs.state_dict())
+    optimizers = [getattr(module, name)(model.parameters(), **kwargs, **missing)
+                  for module, model in ((ft, ours), (torch.optim, theirs))]
+    for opt in optimizers:
+        opt.load_state_dict(copy.deepcopy(saved))
+        assert opt.param_groups[0][next(iter(missing))] is False
+    for model, opt in zip((ours, theirs), optimizers):
+        train(model, opt, x, y, 3)
+    assert_same_params(ours, theirs)
+
+
 @pytest.mark.parametrize("name", ["Adam", "SGD", "RMSprop", "NAdam", "ASGD", "Adafactor"])
 def test_frozen_parameters_and_missing_grads_are_left_untouched(name):
     ours, theirs, x, y = twins("mlp", seed=2)
