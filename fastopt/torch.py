@@ -938,12 +938,16 @@ class Optimizer(torch.optim.Optimizer):
             for i, values in part.items():
                 state.setdefault(i, {}).update(values)
 
-    def decoded_state_dict(self):
+    def decoded_state_dict(self, to=0):
         """:meth:`state_dict` with the 8-bit state decoded into float32 values (each
         code's map value times its block's absmax, the numbers the kernels step from),
         in torch.optim's format: torch.optim loads it, and so does fastopt.torch with
-        any ``state_dtype`` (encoding it again)."""
-        packed = self.state_dict()
+        any ``state_dtype`` (encoding it again). With ``process_group``, the whole
+        state, as :meth:`consolidated_state_dict` gathers it: every rank calls it, and
+        rank ``to`` receives it (None on the others)."""
+        packed = self.state_dict() if self._group is None else self.consolidated_state_dict(to)
+        if packed is None:
+            return None
         params = self._all_params()
         for index, state in packed["state"].items():
             quantized = self._storage_of(params[index].dtype).quantized

@@ -572,6 +572,42 @@ def test_int8_state_is_partitioned_on_its_blocks_bitwise(tmp_path):
         np.testing.assert_array_equal(mine.detach().numpy(), theirs)
 
 
+def decoded_rank(rank, world, rendezvous, path):
+    _init(rank, world, rendezvous)
+    decoded = decoded_after_steps(process_group=dist.group.WORLD, reduce_grads=False)
+    if decoded is not None:
+        torch.save(decoded, path)
+    return decoded is None
+
+
+def decoded_after_steps(**options):
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(96, 64))
+    opt = ft.AdamW([weight], lr=0.01, state_dtype="int8", **options)
+    for t in range(2):
+        weight.grad = torch.randn(96, 64, generator=torch.Generator().manual_seed(t))
+        opt.step()
+    return opt.decoded_state_dict()
+
+
+def test_decoded_state_dict_gathers_and_decodes_the_whole_state_on_one_rank(tmp_path):
+    """It once gave this rank's codes, under their ranked names, undecoded."""
+    expected = decoded_after_steps()["state"][0]
+    assert run_ranks(decoded_rank, (str(tmp_path / "decoded.pt"),),
+                     subfolder(tmp_path, "ranks")) == [False, True]
+    mine = torch.load(tmp_path / "decoded.pt")
+    assert sorted(mine["state"][0]) == sorted(expected)
+    for name, value in expected.items():
+        assert value.dtype == torch.float32, name
+        torch.testing.assert_close(mine["state"][0][name], value, rtol=0, atol=0)
+    weight = torch.nn.Parameter(torch.zeros(96, 64))
+    theirs = torch.optim.AdamW([weight], lr=0.01)
+    theirs.load_state_dict(mine)
+    weight.grad = torch.ones(96, 64)
+    theirs.step()  # torch.optim steps from it
+    assert int(theirs.state[weight]["step"]) == 3
+
+
 # -- checkpoints ----------------------------------------------------------------------
 
 def checkpoint_rank(rank, world, rendezvous, folder, source, steps, first):
