@@ -984,6 +984,12 @@ class Optimizer(torch.optim.Optimizer):
             hook(self)
 
     def _load_state_dict(self, state_dict):
+        if self._group is None and any("@rank" in str(name) for state in
+                                       state_dict["state"].values() for name in state):
+            raise ValueError("loaded state dict is one rank's partition of an optimizer with "
+                             "a process_group (its state names '<name>@rank<r>of<n>'): load "
+                             "that optimizer's consolidated_state_dict(), or the folder its "
+                             "save() wrote (opt.load), into one without")
         own = self._group is not None and self._own_partition(state_dict)
         if own:  # its names without this rank's suffix, before the codes' are read
             state_dict = own

@@ -920,6 +920,11 @@ def partition_mismatch_rank(rank, world, rendezvous, folder):
             opt.consolidated_state_dict(to=to)
         except (TypeError, ValueError) as error:
             refusals.append((type(error).__name__, str(error)))
+    plain = ft.Adam(model().parameters(), lr=0.01)  # no process_group
+    try:
+        plain.load_state_dict(torch.load(f"{folder}/rank{rank}.pt"))
+    except ValueError as error:
+        refusals.append(("plain", str(error), len(plain.state)))
     return message, all(torch.equal(a, b) for a, b in zip(before, after)), refusals
 
 
@@ -929,6 +934,8 @@ def test_another_ranks_partition_is_refused_and_changes_nothing(tmp_path):
             partition_mismatch_rank, (str(tmp_path / "files"),), tmp_path):
         assert message and "consolidated_state_dict" in message, message
         assert unchanged
+        kind, plain, kept = refusals.pop()
+        assert kind == "plain" and "one rank's partition" in plain and kept == 0, plain
         assert [kind for kind, _ in refusals] == ["ValueError", "ValueError", "TypeError",
                                                   "TypeError"], refusals
         assert all(text.startswith("to must be a rank") for _, text in refusals), refusals
