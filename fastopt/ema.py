@@ -24,8 +24,9 @@ class EMA:
     With ``bias_correction=True`` the average starts at :math:`v_0 = 0` and is divided by
     :math:`1 - \prod_i \beta_i` (:math:`1 - \beta^t` for a constant decay), which removes
     the pull towards zero of the first updates (the bias of a zero-initialised average):
-    the weight that the zero start still holds in :math:`v_t`. With ``bias_correction=False`` it starts at
-    :math:`v_0 = \theta_0` and is used as it is, like most model-EMA code.
+    the weight that the zero start still holds in :math:`v_t`. With
+    ``bias_correction=False`` it starts at :math:`v_0 = \theta_0` and is used as it is,
+    like most model-EMA code.
 
     Call :meth:`update` after every optimizer step. For evaluation, :meth:`copy_to`
     writes the (corrected) average into the live parameters after saving them, and
@@ -50,7 +51,7 @@ class EMA:
         decay: β, in [0, 1); may be changed between updates (``ema.decay = 0.9999``,
             or a warm-up such as ``min(0.999, (1 + t) / (10 + t))``): each update uses the
             decay of its time, and the correction their product.
-        bias_correction: divide by :math:`1 - \beta^t`; see above.
+        bias_correction: divide by :math:`1 - \prod_i \beta_i`; see above.
 
     Attributes:
         shadow: the flat float32 buffer holding :math:`v_t`.

@@ -42,9 +42,10 @@ matrix), which a step does not notice.
 What a parameter must be: float32, bfloat16 or float16, on the CPU or a CUDA device,
 and dense (contiguous, channels_last, transposed or any other layout without
 gaps or overlaps; a gradient in another layout than its parameter is copied for the
-step), each in memory of its own (not two Parameters made of one tensor). One optimizer may mix dtypes (bfloat16 weights, float32 norms): each dtype has
-its stores. A 16-bit parameter keeps float32 master weights in its state entry
-``"master"`` (``master_weights="auto"``; None steps it directly), from which every
+step), each in memory of its own (not two Parameters made of one tensor). One
+optimizer may mix dtypes (bfloat16 weights, float32 norms): each dtype has its stores.
+A 16-bit parameter keeps float32 master weights in its state entry ``"master"``
+(``master_weights="auto"``; None steps it directly), from which every
 step writes it rounded to nearest even; a parameter written since the last step
 (``model.load_state_dict``) no longer holds its master rounded, and steps from the
 written value. Master weights put in place (``opt.state[p]["master"] = t``) are taken
