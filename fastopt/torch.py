@@ -652,9 +652,13 @@ class Optimizer(torch.optim.Optimizer):
             self._seen = (id(state), state.version)
 
     def _checked_hyperparameters(self, index, group):
-        """The group's hyperparameters, validated where they changed since last checked."""
+        """The group's hyperparameters, validated where they or the options that
+        :meth:`_validate` refuses in a group (torch's ``differentiable`` ..., fastopt's
+        options of the whole optimizer) changed since last checked."""
         hyper = _hyperparameters(group, self.algorithm)
-        snapshot = _snapshot(hyper)
+        refusable = {name: group[name] for name in group.keys() & (
+            self._torch_defaults.keys() | _WHOLE_OPTIMIZER)}
+        snapshot = _snapshot({**hyper, **refusable})
         if snapshot != self._checked.get(index):
             self._validate(index, group)
             self._checked[index] = snapshot
