@@ -294,6 +294,13 @@ class Optimizer(torch.optim.Optimizer):
             self.__dict__.update(options)
             self._relayout()
 
+    def _numbers(self):
+        """The names of the per-parameter numbers in this optimizer's state (the step
+        count, NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``), which torch keeps as
+        tensors; others of those names are the user's."""
+        return (({"step"} if self.counts_steps else set())
+                | (_TORCH_SCALARS.keys() & self.algorithm.spec.host.keys()))
+
     def _completed(self, group):
         """A loaded group with what it lacks: fastopt's own options as this optimizer
         has them; torch's (a checkpoint of an older torch's, without ``nesterov``)
@@ -722,7 +729,7 @@ class Optimizer(torch.optim.Optimizer):
         ``state_dict()`` see the same numbers; and read the step count and host state
         again. A buffer set to None (torch's SGD's momentum_buffer before its first step)
         begins afresh, as in torch."""
-        for name in _TORCH_SCALARS.keys() & state.keys():
+        for name in self._numbers() & state.keys():
             _check_number(name, state[name], lambda: self._name(p))
         for name in [name for name in self.algorithm.state_names()
                      if name in state and state[name] is None]:
@@ -808,8 +815,9 @@ class Optimizer(torch.optim.Optimizer):
         packed = self._packed()
         if self._group is not None:
             suffix = self._rank_suffix()
-            packed["state"] = {index: {(name + suffix if isinstance(value, torch.Tensor)
-                                        and value.dim() else name): value
+            packed["state"] = {index: {(name + suffix if _is_buffer(self.algorithm, name)
+                                        and isinstance(value, torch.Tensor) and value.dim()
+                                        else name): value
                                        for name, value in state.items()}
                                for index, state in packed["state"].items()}
         for hook in self._optimizer_state_dict_post_hooks.values():
@@ -830,18 +838,19 @@ class Optimizer(torch.optim.Optimizer):
         params = self._all_params()
         for index, state in packed["state"].items():
             p = params[index]
-            for name, dtype in _TORCH_SCALARS.items():
+            for name in self._numbers():
                 if isinstance(state.get(name), (int, float)):
-                    state[name] = torch.tensor(float(state[name]), dtype=dtype)
+                    state[name] = torch.tensor(float(state[name]), dtype=_TORCH_SCALARS[name])
             if MASTER in state:
                 state[MASTER] = _master_weights(p, self._stepped(p), state[MASTER])
-            for name in [n for n in state if n + ABSMAX in state]:
+            averages = self.algorithm.spec.averages  # what 8-bit state may keep
+            for name in [n for n in averages if n in state and n + ABSMAX in state]:
                 if state[name].is_floating_point():  # values put in, which a step encodes
                     del state[name + ABSMAX]  # (and so does a load)
                     continue
                 if _is_dtensor(p):  # blocks of this rank's shard: values, sharded as p
-                    fmt = self._storage_of(p.dtype).quantized[name]
-                    state[name] = _decoded(state[name], state.pop(name + ABSMAX), fmt)
+                    state[name] = _decoded(state[name], state.pop(name + ABSMAX),
+                                           averages[name])
                     continue
                 state[STRIDES] = torch.tensor(state[name].stride(), dtype=torch.int64)
                 state[name + CODES] = state.pop(name)
@@ -933,7 +942,8 @@ class Optimizer(torch.optim.Optimizer):
         """Into ``state`` (on rank ``to``): the state tensors of the parameters of
         ``store`` from the ranks that hold them whole."""
         held = {index[p]: {name: value.detach().cpu() for name, value in self.state[p].items()
-                           if isinstance(value, torch.Tensor) and name not in _TORCH_SCALARS}
+                           if isinstance(value, torch.Tensor)
+                           and _is_buffer(self.algorithm, name)}
                 for p, slot in store.slots.items() if slot.piece == (0, p.numel()) and p.numel()}
         dist, group = torch.distributed, self._group
         mine = dist.get_rank(group) == to
@@ -1005,7 +1015,7 @@ class Optimizer(torch.optim.Optimizer):
         self._check_loadable(state_dict)
         # torch casts every loaded tensor to the parameter's dtype; read the per-parameter
         # numbers before it does, so that a float64 mu_product stays exact.
-        scalars = {index: {name: state[name].item() for name in _TORCH_SCALARS
+        scalars = {index: {name: state[name].item() for name in self._numbers()
                            if isinstance(state.get(name), torch.Tensor)}
                    for index, state in state_dict["state"].items()}
         # It casts the state of a 16-bit parameter to 16 bits too: keep the originals,
@@ -1047,7 +1057,7 @@ class Optimizer(torch.optim.Optimizer):
         one. Another rank's, or another number's, raises a ValueError."""
         suffix = self._rank_suffix()
         ranked = {name[name.index("@rank"):] for state in state_dict["state"].values()
-                  for name in state if "@rank" in name}
+                  for name in state if "@rank" in str(name)}
         if not ranked:
             return None
         if ranked != {suffix}:
@@ -1057,7 +1067,8 @@ class Optimizer(torch.optim.Optimizer):
                              "(consolidated_state_dict()), or a folder that fastopt.save "
                              "wrote (opt.load), into another partition")
         return {**state_dict, "state": {
-            index: {name.removesuffix(suffix): value for name, value in state.items()}
+            index: {torch_checkpoint.unranked(name, suffix): value
+                    for name, value in state.items()}
             for index, state in state_dict["state"].items()}}
 
     def _partitioned(self, state_dict):
@@ -1094,16 +1105,18 @@ class Optimizer(torch.optim.Optimizer):
         averages = self.algorithm.spec.averages
         state = dict(state)
         strides = state.pop(STRIDES, None)
-        for key in [key for key in state if key.endswith(CODES)]:
+        for key in [key for key in state if _is_buffer(self.algorithm, key)
+                    and key.endswith(CODES)]:
             name = key[:-len(CODES)]
             codes, absmax = state.pop(key), state.get(name + ABSMAX)
             if name in state:  # values beside the codes: see load_state_dict
                 state.pop(name + ABSMAX, None)
                 continue
-            if name not in averages or codes.dtype != torch.uint8 or absmax is None or (
+            if getattr(codes, "dtype", None) != torch.uint8 or absmax is None or (
                     absmax.shape != (-(-codes.numel() // BLOCK),)):
                 raise ValueError(
-                    f"loaded state dict has {key!r} of {codes.dtype} {tuple(codes.shape)} with "
+                    f"loaded state dict has {key!r} of {getattr(codes, 'dtype', codes)} "
+                    f"{tuple(getattr(codes, 'shape', ()))} with "
                     f"{name + ABSMAX!r} of {getattr(absmax, 'shape', None)}: 8-bit codes are "
                     "uint8 with a float32 absmax per 256 of them (a torch.optim load casts "
                     f"them to floats), of a moving average of {self.algorithm.__name__} "
@@ -1147,8 +1160,13 @@ class Optimizer(torch.optim.Optimizer):
                                  f"its param_groups holds")
             p, name, group = where[saved]
             for key, value in state.items():
-                if key in _TORCH_SCALARS:
+                if key in self._numbers():
                     _check_number(key, value, lambda: name)
+                elif key in _other_buffers(self.algorithm):
+                    raise ValueError(f"loaded state dict has {key!r} for {name}, a buffer "
+                                     f"of another algorithm's, not of "
+                                     f"{self.algorithm.__name__}'s (a checkpoint of "
+                                     "another optimizer?)")
                 elif isinstance(value, torch.Tensor) and _is_buffer(self.algorithm, key):
                     _check_state(name, key, value, self._state_shape(key, p), loading=True,
                                  like=p)
@@ -1537,15 +1555,26 @@ def _is_buffer(algorithm, name):
     ``opt.state[p]`` (a number or tensor that a wrapper keeps there, as Lookahead does)
     is the user's: fastopt leaves it as it is, as torch.optim does, and ``state_dict()``
     carries it."""
+    if not isinstance(name, str):  # torch.optim takes any key
+        return False
     average = name.removesuffix(ABSMAX).removesuffix(CODES)
     return (name in algorithm.state_names() or name in (MASTER, STRIDES)
             or average != name and average in algorithm.spec.averages)
 
 
+@functools.cache
+def _other_buffers(algorithm):
+    """The state buffers of the other algorithms, not of ``algorithm``: in a loaded
+    state, a checkpoint of another optimizer, not an entry of the user's own."""
+    return {name for other in ALGORITHMS.values() for name in other.state_names()} - set(
+        algorithm.state_names())
+
+
 def _in_order(state):
     """The items of a parameter's state, 8-bit scales first: codes go in after them, and
     values, encoded, set them."""
-    return sorted(state.items(), key=lambda item: not item[0].endswith(ABSMAX))
+    return sorted(state.items(),
+                  key=lambda item: not (isinstance(item[0], str) and item[0].endswith(ABSMAX)))
 
 
 def _relaid(store, local, state):

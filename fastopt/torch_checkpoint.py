@@ -106,7 +106,7 @@ def _assembled(opt, path, pieces, shapes, whole):
                        whole)
         if taken is not None:  # named as state_dict() names them
             state[i] = {name + suffix if isinstance(value, torch.Tensor) and value.dim()
-                        else name: value for name, value in taken.items()}
+                        and not whole(name) else name: value for name, value in taken.items()}
     return {**files.state_dict(0), "state": state}
 
 
@@ -164,7 +164,7 @@ class _Files:
         """Parameter ``i``'s state in rank ``rank``'s file, its names without the rank's
         suffix (``"@rank<r>of<n>"``)."""
         state = self.state_dict(rank)["state"].get(i)
-        return None if state is None else {name.split("@rank")[0]: value
+        return None if state is None else {unranked(name): value
                                            for name, value in state.items()}
 
     def joined(self, i, name, dtype, pieces, first, last):
@@ -228,12 +228,20 @@ def _index(opt, world, pieces):
                        for p, cuts in zip(opt._all_params(), pieces)]}
 
 
+def unranked(name, suffix="@rank"):
+    """A state name without its rank's ``suffix`` (any rank's by default); the user's
+    entries may have names of any kind."""
+    return name.split(suffix)[0] if isinstance(name, str) else name
+
+
 def _write_rank_file(opt, name):
     """``opt``'s state_dict, on the CPU, to the file ``name``."""
     contents = opt.state_dict()
     for i, state in contents["state"].items():
         for key, value in state.items():
-            if key.split("@rank")[0].endswith(CODES) and not value.is_contiguous():
+            base = str(unranked(key))
+            codes = base.endswith(CODES) and base[:-len(CODES)] in opt.algorithm.spec.averages
+            if codes and not value.is_contiguous():
                 raise ValueError(f"parameter {i} is not contiguous and keeps 8-bit state, "
                                  "whose blocks follow its memory: save opt.state_dict() "
                                  "with torch.save instead")

@@ -434,6 +434,9 @@ def test_entries_of_the_users_own_in_the_state_are_left_to_the_user_as_torch_lea
             slow = p.detach().clone()
             opt.state[p].update(slow=slow, count=torch.zeros((), dtype=torch.int64),
                                 mask=torch.ones_like(p, dtype=torch.bool), note="mine")
+            # names fastopt gives its numbers and 8-bit state elsewhere, and no str
+            opt.state[p].update({"eta": torch.ones(3), "foo": 1, "foo_absmax": torch.ones(2),
+                                 "hash_codes": torch.arange(4), 3: "three"})
             kept[p] = slow
 
         def lookahead(t, model=model, opt=opt):
@@ -451,11 +454,16 @@ def test_entries_of_the_users_own_in_the_state_are_left_to_the_user_as_torch_lea
         torch.testing.assert_close(kept[p], kept[q])
     saved = our_opt.state_dict()
     assert all(saved["state"][i]["slow"] is kept[p] for i, p in enumerate(ours.parameters()))
+    theirs_saved = their_opt.state_dict()
+    for i in saved["state"]:
+        for key in ("eta", "foo", "foo_absmax", "hash_codes", 3):
+            assert type(saved["state"][i][key]) is type(theirs_saved["state"][i][key]), key
     for source in (saved, their_opt.state_dict()):  # both ways, with the user's entries
         again = ft.Adam(ours.parameters(), lr=0.01, **options)
         again.load_state_dict(source)
         for p in ours.parameters():
             assert int(again.state[p]["count"]) == 4  # (torch's load makes "note" no str)
+            assert again.state[p]["hash_codes"].shape == (4,) and again.state[p][3]
     our_opt.save(tmp_path / "ckpt")
     again = ft.Adam(ours.parameters(), lr=0.01, **options)
     again.load(tmp_path / "ckpt")
@@ -488,3 +496,13 @@ def test_parameters_that_share_memory_are_refused_naming_both_and_neighbours_ste
             opt.step()
     torch.testing.assert_close(ours, theirs)
     assert ours.any()
+
+
+def test_a_state_dict_of_another_algorithm_is_refused_not_taken_for_the_users_own():
+    ours, our_opt, theirs, their_opt, x, y = pair("SGD", "mlp", momentum=0.9)
+    train(theirs, their_opt, x, y, 2)
+    adam = ft.Adam(ours.parameters(), lr=0.01)
+    with pytest.raises(ValueError, match="'momentum_buffer' for .*a buffer of another "
+                                         "algorithm's, not of Adam's"):
+        adam.load_state_dict(their_opt.state_dict())
+    assert not adam.state
