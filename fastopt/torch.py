@@ -263,7 +263,7 @@ class Optimizer(torch.optim.Optimizer):
             self._validate(index, self.param_groups[index])
             if self._stores is not None:
                 if self._group is not None:
-                    if any(self.state.values()):
+                    if any(map(self._has_state, self.state)):
                         raise ValueError("add_param_group with process_group: add every "
                                          "group before the first step")
                     sharding.check_same_parameters(self._group, self._all_params(),
@@ -300,6 +300,12 @@ class Optimizer(torch.optim.Optimizer):
         tensors; others of those names are the user's."""
         return (({"step"} if self.counts_steps else set())
                 | (_TORCH_SCALARS.keys() & self.algorithm.spec.host.keys()))
+
+    def _has_state(self, p):
+        """Whether ``p``'s state holds this optimizer's buffers or numbers (the user's
+        own entries are whole tensors, on every rank)."""
+        return any(_is_buffer(self.algorithm, name) or name in self._numbers()
+                   for name in self.state.get(p, ()))
 
     def _completed(self, group):
         """A loaded group with what it lacks: fastopt's own options as this optimizer
@@ -404,7 +410,7 @@ class Optimizer(torch.optim.Optimizer):
         Every rank sees every rank's cuts, so that all refuse together."""
         old = _cuts(self._stores)
         for p, cuts in _cuts(stores).items():
-            if self.state.get(p) and p in old and cuts != old[p]:
+            if self._has_state(p) and p in old and cuts != old[p]:
                 raise ValueError(
                     f"{names[p]} would be cut otherwise across the process_group's ranks, "
                     "whose state holds its old pieces: a parameter changed size, or came "
