@@ -1062,6 +1062,24 @@ def test_a_gradient_of_another_dtype_is_refused_as_in_one_process(tmp_path, zero
         np.testing.assert_array_equal(weight, 1.0)
 
 
+def user_entries_rank(rank, world, rendezvous):
+    _init(rank, world, rendezvous)
+    first, second = torch.nn.Parameter(torch.ones(8)), torch.nn.Parameter(torch.ones(8))
+    opt = ft.SGD([first], lr=0.5, process_group=dist.group.WORLD)
+    opt.state[first]["slow"] = torch.zeros(8)  # the user's own: no state that moves
+    opt.add_param_group({"params": [second]})
+    first.grad, second.grad = torch.ones(8), torch.ones(8)
+    opt.step()
+    state = opt.state_dict()["state"][0]
+    return first.detach().numpy().copy(), sorted(state), float(opt.state[first]["slow"].sum())
+
+
+def test_the_users_own_entries_are_no_state_that_a_new_group_would_move(tmp_path):
+    for weight, names, slow in run_ranks(user_entries_rank, (), tmp_path):
+        np.testing.assert_array_equal(weight, 0.5)
+        assert names == ["slow"] and slow == 0  # whole, under its own name
+
+
 def test_a_parameter_that_is_not_contiguous_is_refused_clearly(tmp_path):
     for message in run_ranks(refusals_rank, (), tmp_path):
         assert message and "not contiguous" in message, message
