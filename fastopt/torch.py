@@ -304,7 +304,8 @@ class Optimizer(torch.optim.Optimizer):
     def _has_state(self, p):
         """Whether ``p``'s state holds this optimizer's buffers or numbers (the user's
         own entries are whole tensors, on every rank)."""
-        return any(_is_buffer(self.algorithm, name) or name in self._numbers()
+        numbers = self._numbers()
+        return any(_is_buffer(self.algorithm, name) or name in numbers
                    for name in self.state.get(p, ()))
 
     def _completed(self, group):
@@ -669,8 +670,7 @@ class Optimizer(torch.optim.Optimizer):
         :meth:`_validate` refuses in a group (torch's ``differentiable`` ..., fastopt's
         options of the whole optimizer) changed since last checked."""
         hyper = _hyperparameters(group, self.algorithm)
-        refusable = {name: group[name] for name in group.keys() & (
-            self._torch_defaults.keys() | _WHOLE_OPTIMIZER)}
+        refusable = {name: group[name] for name in group.keys() & _refusable(type(self))}
         snapshot = _snapshot({**hyper, **refusable})
         if snapshot != self._checked.get(index):
             self._validate(index, group)
@@ -841,15 +841,15 @@ class Optimizer(torch.optim.Optimizer):
             packed = super().state_dict()
         # torch packs the live per-parameter dicts; convert copies of them.
         packed["state"] = {index: dict(state) for index, state in packed["state"].items()}
-        params = self._all_params()
+        params, numbers = self._all_params(), self._numbers()
+        averages = self.algorithm.spec.averages  # what 8-bit state may keep
         for index, state in packed["state"].items():
             p = params[index]
-            for name in self._numbers():
+            for name in numbers:
                 if isinstance(state.get(name), (int, float)):
                     state[name] = torch.tensor(float(state[name]), dtype=_TORCH_SCALARS[name])
             if MASTER in state:
                 state[MASTER] = _master_weights(p, self._stepped(p), state[MASTER])
-            averages = self.algorithm.spec.averages  # what 8-bit state may keep
             for name in [n for n in averages if n in state and n + ABSMAX in state]:
                 if state[name].is_floating_point():  # values put in, which a step encodes
                     del state[name + ABSMAX]  # (and so does a load)
@@ -1160,13 +1160,14 @@ class Optimizer(torch.optim.Optimizer):
             self._validate(index, group)
             for (p, label), saved in zip(_labels(index, ours), theirs["params"]):
                 where[saved] = (p, label, group)
+        numbers = self._numbers()
         for saved, state in state_dict["state"].items():
             if saved not in where:
                 raise ValueError(f"loaded state dict has state for {saved!r}, which none of "
                                  f"its param_groups holds")
             p, name, group = where[saved]
             for key, value in state.items():
-                if key in self._numbers():
+                if key in numbers:
                     _check_number(key, value, lambda: name)
                 elif key in _other_buffers(self.algorithm):
                     raise ValueError(f"loaded state dict has {key!r} for {name}, a buffer "
@@ -1309,10 +1310,21 @@ def _hyperparameters(group, algorithm):
     tensors (a tensor lr, tensor betas) as Python numbers. The group's other entries
     (torch's ``foreach`` ..., a scheduler's ``initial_lr``, the user's own) are not
     read, as torch.optim does not read them."""
-    names = algorithm.spec.defaults
+    names = _hyperparameter_names(algorithm)
     return {k: (v.item() if isinstance(v, torch.Tensor) else
                 tuple(_number(x) for x in v) if isinstance(v, tuple) else v)
             for k, v in group.items() if k in names}
+
+
+@functools.cache
+def _hyperparameter_names(algorithm):
+    return frozenset(algorithm.spec.defaults)  # (a dict built at each call)
+
+
+@functools.cache
+def _refusable(cls):
+    """The options that a group of ``cls`` is refused (see ``Optimizer._validate``)."""
+    return frozenset(cls._torch_defaults) | _WHOLE_OPTIMIZER
 
 
 def _number(x):
