@@ -2375,10 +2375,10 @@ def _drop_in_class(algorithm):
         if n in named and n not in spec.fixed and default is not inspect.Parameter.empty}
     hyperparameters = ", ".join(f"{n}={n}" for n in ours)
     options = ", ".join(f"{n}={n}" for n in torch_options)
-    init = define_init(positional, keyword,
+    init = define_init(f"{name}.__init__", positional, keyword,
                        f"Optimizer.__init__(self, params, dict({hyperparameters}, **fixed), "
                        f"dict({options}), **options)",
-                       {"Optimizer": Optimizer, "fixed": dict(spec.fixed)})
+                       {"Optimizer": Optimizer, "fixed": dict(spec.fixed)}, Optimizer.__init__)
     return type(name, (Optimizer,), {"__init__": init, "__doc__": doc, "algorithm": algorithm,
                                      "__module__": __name__, "__qualname__": name,
                                      "_torch_defaults": torch_options,

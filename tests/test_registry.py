@@ -5,6 +5,7 @@ the spec declares (and, in fastopt.torch, those of the torch.optim namesake)."""
 import inspect
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import cases
@@ -55,16 +56,27 @@ def test_every_algorithm_is_everywhere_an_algorithm_belongs(name):
     assert spec.bench.keys() <= set(spec.defaults) and spec.check.keys() <= set(spec.defaults)
 
 
+def _keyword_only(init):
+    return [(p.name, p.kind, p.default) for p in inspect.signature(init).parameters.values()
+            if p.kind is p.KEYWORD_ONLY]
+
+
 @pytest.mark.parametrize("name", REGISTERED)
-def test_the_numpy_class_takes_the_specs_hyperparameters(name):
-    spec = getattr(fastopt, name).spec
-    parameters = list(inspect.signature(getattr(fastopt, name)).parameters.values())
-    assert [p.name for p in parameters] == (
-        ["params"] + [h.name for h in spec.hyperparameters] + ["options"])
-    for p, h in zip(parameters[1:], spec.hyperparameters):
+def test_the_numpy_class_takes_the_specs_hyperparameters_then_every_option(name):
+    cls = getattr(fastopt, name)
+    parameters = list(inspect.signature(cls).parameters.values())
+    hyperparameters = cls.spec.hyperparameters
+    assert [p.name for p in parameters[:len(hyperparameters) + 1]] == (
+        ["params"] + [h.name for h in hyperparameters])
+    for p, h in zip(parameters[1:], hyperparameters):
         assert p.default == h.default
         assert (p.kind is p.KEYWORD_ONLY) == h.keyword_only
-    assert parameters[-1].kind is inspect.Parameter.VAR_KEYWORD
+    # the base class's options, named in the signature (help() shows them), not **options
+    assert ([(p.name, p.kind, p.default) for p in parameters[len(hyperparameters) + 1:]]
+            == _keyword_only(fastopt.optim.Optimizer.__init__))
+    with pytest.raises(TypeError, match=rf"^{name}\.__init__\(\) got an unexpected keyword "
+                       "argument 'clip_norm'"):
+        cls([np.zeros(3, np.float32)], clip_norm=1.0)
 
 
 @pytest.mark.parametrize("name", REGISTERED)
@@ -73,15 +85,22 @@ def test_the_torch_class_takes_its_namesakes_arguments_then_fastopts(name):
     import fastopt.torch as ft
 
     spec = getattr(fastopt, name).spec
-    ours = list(inspect.signature(getattr(ft, name)).parameters.values())
+    ours = [(p.name, p.kind, p.default)
+            for p in inspect.signature(getattr(ft, name)).parameters.values()]
+    options = _keyword_only(ft.Optimizer.__init__)
+    assert ours[-len(options):] == options
+    with pytest.raises(TypeError, match=rf"^{name}\.__init__\(\) got an unexpected keyword "
+                       "argument 'clip_norm'"):
+        getattr(ft, name)([torch.nn.Parameter(torch.zeros(3))], clip_norm=1.0)
+    described = ours[:-len(options)]
     if spec.torch is None:
-        assert ours == list(inspect.signature(getattr(fastopt, name)).parameters.values())
+        numpy_options = len(_keyword_only(fastopt.optim.Optimizer.__init__))
+        assert described == [(p.name, p.kind, p.default) for p in list(
+            inspect.signature(getattr(fastopt, name)).parameters.values())[:-numpy_options]]
         return
     theirs = list(inspect.signature(getattr(torch.optim, spec.torch)).parameters.values())
-    described = [(p.name, p.kind, p.default) for p in ours]
     assert described[:len(theirs)] == [(p.name, p.kind, p.default) for p in theirs]
-    extra = described[len(theirs):]
-    assert extra[-1][:2] == ("options", inspect.Parameter.VAR_KEYWORD)
     additions = {h.name: h.default for h in spec.hyperparameters
                  if h.name not in {p.name for p in theirs}}
-    assert extra[:-1] == [(n, inspect.Parameter.KEYWORD_ONLY, d) for n, d in additions.items()]
+    assert described[len(theirs):] == [(n, inspect.Parameter.KEYWORD_ONLY, d)
+                                       for n, d in additions.items()]

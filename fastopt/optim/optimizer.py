@@ -158,7 +158,7 @@ class Optimizer:
         spec = cls.__dict__.get("spec")
         if spec is not None:  # an algorithm: built from its spec, and listed
             cls.rule = spec.rule
-            cls.__init__ = constructor(spec, Optimizer.__init__)
+            cls.__init__ = constructor(cls.__name__, spec, Optimizer.__init__)
             ALGORITHMS[cls.__name__] = cls
 
     # The buffers (and the views into them) are the optimizer's own: write into them.

@@ -11,6 +11,7 @@ missing from any of them.
 """
 
 import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -121,30 +122,41 @@ class Spec:
         return dataclasses.replace(self, hyperparameters=hyperparameters, fixed=fixed, **changes)
 
 
-def define_init(positional, keyword, body, namespace):
-    """``__init__(self, params, <positional>, *, <keyword>, **options)`` running the
-    statement ``body``, defined from source so that its signature is real (as
-    dataclasses define theirs). ``positional`` and ``keyword`` are ``(name, default)``
-    pairs; ``body`` sees the arguments and ``namespace``."""
-    defaults = {name: default for name, default in positional + keyword}
+def define_init(qualname, positional, keyword, body, namespace, base):
+    """``__init__(self, params, <positional>, *, <keyword>, <base's keyword-only
+    arguments>)``, named ``qualname``, running the statement ``body`` with ``options``
+    bound to a dict of those last arguments, which it passes on to ``base``. Defined
+    from source so that its signature is real (as dataclasses define theirs), whole
+    (``help`` shows every option), and its errors name the class: an unknown argument
+    is refused by this function, not by ``base``. ``positional`` and ``keyword`` are
+    ``(name, default)`` pairs; ``body`` sees the arguments and ``namespace``."""
+    passed = [(p.name, p.default) for p in inspect.signature(base).parameters.values()
+              if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    defaults = dict(positional + keyword + passed)
     arguments = ["self", "params"] + [f"{name}=_defaults[{name!r}]" for name, _ in positional]
-    if keyword:
-        arguments += ["*"] + [f"{name}=_defaults[{name!r}]" for name, _ in keyword]
-    source = f"def __init__({', '.join(arguments + ['**options'])}):\n    {body}\n"
+    if keyword or passed:
+        arguments += ["*"] + [f"{name}=_defaults[{name!r}]" for name, _ in keyword + passed]
+    options = ", ".join(f"{name}={name}" for name, _ in passed)
+    source = (f"def __init__({', '.join(arguments)}):\n"
+              f"    options = dict({options})\n    {body}\n")
     scope = dict(namespace, _defaults=defaults)
     exec(source, scope)
-    return scope["__init__"]
+    init = scope["__init__"]
+    init.__qualname__ = qualname
+    return init
 
 
-def constructor(spec, base_init):
-    """The ``__init__`` of an algorithm class: its hyperparameters as arguments, passed
-    on as ``base_init(self, params, defaults, **options)`` with the fixed ones added."""
+def constructor(name, spec, base_init):
+    """The ``__init__`` of the algorithm class ``name``: its hyperparameters as
+    arguments, passed on as ``base_init(self, params, defaults, **options)`` with the
+    fixed ones added, then ``base_init``'s own keyword-only arguments."""
     hyperparameters = spec.hyperparameters
     group = ", ".join(f"{h.name}={h.name}" for h in hyperparameters)
-    return define_init([(h.name, h.default) for h in hyperparameters if not h.keyword_only],
+    return define_init(f"{name}.__init__",
+                       [(h.name, h.default) for h in hyperparameters if not h.keyword_only],
                        [(h.name, h.default) for h in hyperparameters if h.keyword_only],
                        f"base_init(self, params, dict({group}, **fixed), **options)",
-                       {"base_init": base_init, "fixed": dict(spec.fixed)})
+                       {"base_init": base_init, "fixed": dict(spec.fixed)}, base_init)
 
 
 # -- hyperparameters of the usual kinds, with torch's checks ----------------------------
