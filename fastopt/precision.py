@@ -113,12 +113,13 @@ def rebuild_master(params, remainders):
     (uint16, as ``master_weights="remainder"`` keeps them) stand for, as the kernels
     rebuild them (``kernels.codecs.bfloat16_rebuild``): a parameter holds the master's
     high 16 bits rounded to nearest with ties away from zero, the remainder its low 16
-    bits. NumPy arrays; a new array."""
+    bits; an infinity, a NaN, and a zero that nothing rounds up to stand for themselves.
+    NumPy arrays; a new array."""
     bits = np.asarray(params).view(codecs.BITS).astype(np.uint32)
     remainders = np.asarray(remainders, REMAINDER_DTYPE).astype(np.uint32)
     carried = remainders >> 15  # where the high half was rounded up
     rebuilt = ((bits - carried) << 16) | remainders  # wraps where bits is a zero: refused next
-    written = (carried > (bits & 0x7FFF)) | ((rebuilt & 0x7FFFFFFF) > 0x7F800000)
+    written = (carried > (bits & 0x7FFF)) | ((bits & 0x7FFF) >= 0x7F80)
     return np.where(written, bits << 16, rebuilt).astype(np.uint32).view(np.float32)
 
 

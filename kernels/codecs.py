@@ -148,20 +148,26 @@ def bfloat16_remainder(x):
 # Where the upper half was rounded up (bit 15 of the remainder set), the rebuilt upper
 # half is one less: flipping bit 15 and subtracting it borrows exactly there. A zero's
 # carry (nothing rounds up to a zero) borrows into the exponent and reads as a NaN, which
-# the one comparison for an unpaired NaN catches. Computed from the pair's 32 bits, in
-# 32-bit lanes on the CPU (branches on the halves compared in 64-bit lanes: remainders
-# took 1.4x as long).
+# the one comparison for an infinity or a NaN in ``bits`` catches. Computed from the
+# pair's 32 bits, in 32-bit lanes on the CPU (branches on the halves compared in 64-bit
+# lanes: remainders took 1.4x as long).
 _SIXTEEN = u32(16)
 _UPPER = u32(0xFFFF0000)
+# The largest float32 magnitude that bfloat16_upper keeps finite: above it, the pair
+# of an infinity, whether rounded up to or written.
+_BELOW_INFINITY = u32(0x7F7F7FFF)
 
 
 def bfloat16_rebuild(bits, remainder):
     """The float32 whose ``bfloat16_upper`` is ``bits`` and whose ``bfloat16_remainder``
-    is ``remainder``: exactly the value they were taken from. A pair that no float32
-    gives (``bits`` written since, as a zero, an infinity or a NaN) reads as ``bits``."""
+    is ``remainder``: exactly the value they were taken from, but where ``bits`` is an
+    infinity or a NaN, or a zero that no float32 rounds up to (``bits`` written since),
+    which reads as ``bits``. So a float32 within half a bfloat16 step of float32's
+    largest (above 3.3961e38), which rounds up to an infinity, reads as that infinity, as
+    a written one does (which its remainder could not tell apart)."""
     pair = u32(u32(u32(bits) << _SIXTEEN) | u32(remainder))
     x = u32(u32(pair ^ _ROUNDED_UP) - _ROUNDED_UP)
-    unpaired = u32(x & _MAGNITUDE) > _INFINITY  # a NaN: in bits, or a zero's or infinity's pair
+    unpaired = u32(x & _MAGNITUDE) > _BELOW_INFINITY  # an infinity, a NaN, a zero's carry
     return u32(u32(pair & _UPPER) if unpaired else x).view(np.float32)
 
 

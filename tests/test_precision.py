@@ -188,18 +188,25 @@ def test_the_remainder_codecs_round_ties_away_and_rebuild_every_float32_exactly(
     def rebuild(b, r):
         return np.array([codecs_rebuild(b[i], r[i]) for i in range(b.size)], np.float32)
     codecs_rebuild = njit(codecs.bfloat16_rebuild)
+    # Every float32 but those that round up to an infinity (above 3.3961e38), which
+    # rebuild as it, as an infinity written over a parameter does.
+    beyond = np.abs(values.astype(np.float64)) >= 2.0 ** 128 - 2.0 ** 119  # bf16's max + 1/2 step
+    assert beyond.sum() >= 4 and not np.isinf(values[beyond]).all()
+    expected = np.where(beyond, np.copysign(np.inf, values), values).astype(f32)
     np.testing.assert_array_equal(rebuild(upper, remainder).view(np.uint32),
-                                  values.view(np.uint32))
+                                  expected.view(np.uint32))
     np.testing.assert_array_equal(
         fastopt.precision.rebuild_master(upper.view(bf16), remainder).view(np.uint32),
-        values.view(np.uint32))
-    # A zero, an infinity or a NaN written over a parameter reads as itself, or
-    # (an infinity's own pair) as the float32 that rounds to it.
+        expected.view(np.uint32))
+    # A zero written over a parameter reads as a float32 that rounds to it (itself where
+    # the remainder says rounded up, which nothing rounds up to); an infinity or a NaN as
+    # itself, whatever the remainder left beside it.
     written = np.array([0x0000, 0x8000, 0x7F80, 0xFF80, 0x7FC0, 0xFFC0], np.uint16)
-    for remainder in (0x0001, 0x8000, 0xFFFF):
+    for remainder in (0x0001, 0x7FFF, 0x8000, 0xFFFF):
         remainders = np.full(written.size, remainder, np.uint16)
         got = rebuild(written, remainders)
-        np.testing.assert_array_equal(nearest_ties_away(got[:4]), written[:4])
+        np.testing.assert_array_equal(nearest_ties_away(got[:2]), written[:2])
+        np.testing.assert_array_equal(got[2:4], [np.inf, -np.inf])
         assert np.isnan(got[4:]).all()
         np.testing.assert_array_equal(
             fastopt.precision.rebuild_master(written.view(bf16), remainders).view(np.uint32),
@@ -250,6 +257,14 @@ def test_a_write_into_parameters_with_remainders_is_taken_within_half_a_step():
     opt.params[0][:5] = 0  # a zero the remainders cannot round to reads as zero
     opt.step(np.zeros(50, bf16))
     np.testing.assert_array_equal(opt.flat_params[:5].astype(f32), 0)
+    # An infinity, beside remainders that say rounded up or not, stays an infinity (the
+    # pair of a rounded-up one stood for a finite 3.39e38), as with float32 masters.
+    opt.master_params[5:10], opt.master_params[10:15] = 0x8001, 0x7FFF
+    opt.params[0][5:15] = np.inf
+    opt.step(np.ones(50, bf16))
+    np.testing.assert_array_equal(opt.flat_params[5:15].astype(f32), np.inf)
+    np.testing.assert_array_equal(
+        fastopt.precision.rebuild_master(opt.flat_params, opt.master_params)[5:15], np.inf)
 
 
 @pytest.mark.parametrize("half", sorted(HALVES))
