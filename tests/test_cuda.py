@@ -393,9 +393,41 @@ def assert_close_in_format(ours, theirs, what):
 def test_formats_on_device_match_the_cpu(name, kwargs, fmt, monkeypatch):
     # Two blocks of 8-bit state (one partial), and a tensor too small for 8 bits.
     monkeypatch.setattr(fastopt.optim.optimizer, "MIN_QUANTIZED_SIZE", 256)
+    assert_steps_as_on_the_cpu(name, kwargs, fmt, {"w": (8, 40), "b": (9,)})
+
+
+# The launch shape the kernels ship with, before small_launch shrinks it for each test.
+SHIPPED_LAUNCH = (cuda_kernels.threads_per_block, cuda_kernels.max_blocks)
+
+
+@pytest.mark.parametrize("name, kwargs, fmt", [
+    ("Adam", {}, "int8"),  # 8-bit blocks: a thread per element, the absmax across warps
+    ("LAMB", dict(clip_grad_norm=1.0), "bf16-master"),  # sums across warps and blocks
+    ("Adafactor", {}, "bf16-remainder"),  # column sums
+    ("AdamW", {}, "bf16-state-stochastic"),  # every element's random bits
+])
+def test_the_shipped_launch_shape_steps_as_the_cpu(name, kwargs, fmt, monkeypatch):
+    """Blocks of the shipped number of threads (several warps, whose sums and 8-bit
+    absmax meet in shared memory) and a full grid, which the other tests' small launch
+    never runs; on a GPU at about a million elements, in the simulator at a few blocks."""
+    from numba import config
+
+    monkeypatch.setattr(cuda_kernels, "threads_per_block", SHIPPED_LAUNCH[0])
+    monkeypatch.setattr(cuda_kernels, "max_blocks", SHIPPED_LAUNCH[1])
+    if config.ENABLE_CUDASIM:  # a simulated thread is a Python thread
+        monkeypatch.setattr(fastopt.optim.optimizer, "MIN_QUANTIZED_SIZE", 256)
+        shapes = {"w": (3, 200), "b": (37,)}
+    else:
+        shapes = {"w": (1024, 1030), "b": (1037,)}
+    assert_steps_as_on_the_cpu(name, kwargs, fmt, shapes)
+
+
+def assert_steps_as_on_the_cpu(name, kwargs, fmt, shapes):
+    """Three steps of ``name`` with ``kwargs`` in the format ``fmt`` on parameters of
+    ``shapes`` on the device and on the CPU: parameters, state and master weights
+    alike (``assert_close_in_format``)."""
     dtype, grad_dtype, options = FORMATS[fmt]
     rng = np.random.default_rng(7)
-    shapes = {"w": (8, 40), "b": (9,)}
     p0 = {k: (0.5 * rng.standard_normal(s)).astype(dtype) for k, s in shapes.items()}
     options = {**kwargs, **options}
     on_gpu = getattr(fastopt, name)({k: to_device(v) for k, v in p0.items()}, **options)
