@@ -965,7 +965,10 @@ class Optimizer(torch.optim.Optimizer):
         in torch.optim's format: torch.optim loads it, and so does fastopt.torch with
         any ``state_dtype`` (encoding it again). With ``process_group``, the whole
         state, as :meth:`consolidated_state_dict` gathers it: every rank calls it, and
-        rank ``to`` receives it (None on the others)."""
+        rank ``to`` receives it (None on the others). The post-hooks of
+        :meth:`state_dict` run on the state_dict it decodes without ``process_group``;
+        with one, as on :meth:`consolidated_state_dict`'s, they do not (they are for
+        each rank's partition)."""
         packed = self.state_dict() if self._group is None else self.consolidated_state_dict(to)
         if packed is None:
             return None
