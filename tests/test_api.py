@@ -423,7 +423,7 @@ def test_a_group_removed_or_added_between_steps_is_refused(edit, error, steady):
 
 
 @pytest.mark.parametrize("grouped", [False, True])
-def test_a_groups_params_replaced_are_refused_at_the_step(grouped):
+def test_a_groups_params_replaced_are_refused_at_the_step_and_the_save(grouped):
     """A group's "params" are views of the buffer: new arrays in their place would not be
     stepped (the step went on with the old ones, and the new ones showed unstepped)."""
     w = {"w": np.zeros(3, np.float32)}
@@ -434,6 +434,9 @@ def test_a_groups_params_replaced_are_refused_at_the_step(grouped):
     with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\] was replaced"):
         opt.step([grads] if grouped else grads)
     assert opt.state["step"] == 0 and not opt.flat_params.any()
+    # nor saved: the checkpoint would hold the optimizer's parameters, not the new ones
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\] was replaced"):
+        opt.state_dict()
     opt.param_groups[0]["params"] = views
     opt.step([grads] if grouped else grads)
     np.testing.assert_array_equal(views["w"], -0.5)

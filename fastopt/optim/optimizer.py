@@ -372,6 +372,15 @@ class Optimizer:
                              "construction, as their params are views into flat_params; to "
                              "stop a group's training, set its lr to 0 instead of removing it")
 
+    def _check_params_kept(self, index, group):
+        """Refuse a group whose ``"params"`` was replaced: a step, or a save, would go on
+        with the optimizer's own."""
+        views = self._params[index] if self._grouped else self._params
+        if group.get("params") is not views:
+            raise TypeError(f"param_groups[{index}]['params'] was replaced: they are "
+                            "views into opt.flat_params, fixed at construction; write "
+                            "into them instead")
+
     def _steps_taken(self):
         """``state["step"]``, checked: the count that the next step goes on from."""
         if not isinstance(self.state, dict):
@@ -396,11 +405,7 @@ class Optimizer:
         keys, values, snapshot = self._checked[index] or ((), None, None)
         if not (values is not None and tuple(group) == keys
                 and all(map(operator.is_, group.values(), values))):
-            views = self._params[index] if self._grouped else self._params
-            if group.get("params") is not views:  # the step would go on with the old
-                raise TypeError(f"param_groups[{index}]['params'] was replaced: they are "
-                                "views into opt.flat_params, fixed at construction; write "
-                                "into them instead")
+            self._check_params_kept(index, group)
             checked = _checked(group)
             if checked[2] != snapshot:  # changed since the last step: validate again
                 self._check_group(index, group)

@@ -32,6 +32,7 @@ def take(opt):
         opt._check_group_count()
         step = opt._steps_taken()
         for index, group in enumerate(opt.param_groups):
+            opt._check_params_kept(index, group)
             opt._check_group(index, group)
         to_host = opt._backend.to_host
         record = dict(
