@@ -1,5 +1,6 @@
 """Dynamic loss scaling for mixed-precision training, with torch.amp.GradScaler's policy."""
 
+import inspect
 import math
 import numbers
 
@@ -56,16 +57,25 @@ class DynamicLossScaler:
 
     def step(self, optimizer, grads=None):
         """Step ``optimizer`` with the gradients divided by the scale, skipping the step
-        if any gradient is Inf or NaN. Returns True if the step was taken. Raises
-        RuntimeError, and steps nothing, once the scale has backed off so far that
-        1/scale overflows float32 (about 150 skipped steps in a row from 2**16)."""
+        if any gradient is Inf or NaN. Returns True if the step was taken. ``grads``, as
+        a NumPy-API optimizer's ``step`` takes them (a ``fastopt.torch`` optimizer reads
+        ``p.grad``, and refuses them). Raises RuntimeError, and steps nothing, once the
+        scale has backed off so far that 1/scale overflows float32 (about 150 skipped
+        steps in a row from 2**16)."""
+        if grads is not None and "grads" not in inspect.signature(optimizer.step).parameters:
+            raise TypeError(f"grads: {type(optimizer).__name__}.step takes no gradients "
+                            "(a fastopt.torch optimizer reads each parameter's .grad): "
+                            "call scaler.step(optimizer)")
         if not self.scale * FLOAT32_MAX >= 1.0:  # torch's goes on to 0 and skips forever
             raise RuntimeError(
                 f"the loss scale has backed off to {self.scale:.3g}, where 1/scale "
                 "overflows float32: the gradients held an Inf or NaN at every scale tried; "
                 "look for one in the loss or the parameters")
         skipped = optimizer.skipped_steps
-        optimizer.step(grads, grad_scale=self.scale, skip_nonfinite=True)
+        if grads is None:
+            optimizer.step(grad_scale=self.scale, skip_nonfinite=True)
+        else:
+            optimizer.step(grads, grad_scale=self.scale, skip_nonfinite=True)
         applied = optimizer.skipped_steps == skipped
         self._found_inf = bool(self._found_inf) or not applied
         return applied

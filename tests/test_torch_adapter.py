@@ -655,6 +655,11 @@ def test_the_loss_scaler_drives_a_drop_in_optimizer():
     assert not scaler.step(opt) and torch.equal(p.detach(), torch.ones(3))
     scaler.update()
     p.grad = torch.full((3,), 2.0)  # a scaled gradient: 2.0 at scale 2
+    # gradients given as to a NumPy-API optimizer are refused, naming what to do (they
+    # went to step's closure: "'list' object is not callable")
+    with pytest.raises(TypeError, match=r"grads: SGD.step takes no gradients.*scaler.step\(opt"):
+        scaler.step(opt, [torch.full((3,), 1.0)])
+    assert torch.equal(p.detach(), torch.ones(3)) and scaler.scale == 2.0
     assert scaler.step(opt)
     assert torch.allclose(p.detach(), torch.full((3,), 0.9))
 
