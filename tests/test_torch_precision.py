@@ -563,6 +563,18 @@ def test_master_weights_of_another_dtype_are_refused_not_cast(master_weights):
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(after["state"][i][key]))
 
 
+def test_master_weights_into_an_optimizer_without_them_are_refused_saying_why():
+    source = ft.AdamW(params(torch.bfloat16), lr=1e-2)
+    for p in source.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    source.step()
+    opt = ft.AdamW(params(torch.bfloat16), lr=1e-2, master_weights=None)
+    with pytest.raises(ValueError, match="'master' .* keeps no master weights for it .*"
+                       "master_weights=None.*delete 'master' from the state dict"):
+        opt.load_state_dict(source.state_dict())
+    assert not opt.state
+
+
 def test_master_weights_put_in_place_are_taken_with_the_parameter_rounded():
     """Without the parameter rounded from them, the step would take the old parameter
     for one written since, and start from it (4.95 would be 0.95)."""
