@@ -144,12 +144,22 @@ def segment_kernel(*spec):
     return _driver(spec, _BLOCK_LOOPS if blocks else _SEGMENT_LOOPS)
 
 
+def _reducing_threads():
+    """``threads_per_block`` for a kernel whose blocks reduce (``_block_reduce``), which
+    a number of threads other than a power of two up to MAX_THREADS would get wrong."""
+    if not (0 < threads_per_block <= MAX_THREADS
+            and threads_per_block & (threads_per_block - 1) == 0):
+        raise ValueError("kernels.cuda.threads_per_block must be a power of two, at most "
+                         f"{MAX_THREADS}, got {threads_per_block!r}")
+    return threads_per_block
+
+
 def launch_segments(compiled, segments, starts, *args):
     """Run a :func:`segment_kernel` over ``segments`` (``fastopt._backend.Segments``),
     which start at ``starts`` of the flat buffers: a block per chunk."""
     blocks = segments.partials_host.shape[0]
     if blocks:
-        compiled[blocks, threads_per_block](
+        compiled[blocks, _reducing_threads()](
             *_by_value(args), segments.chunks, starts, segments.state_starts,
             segments.partials, segments.row_scalars)
 
@@ -206,7 +216,7 @@ def scale_into(out, a, s):
 def launch_blocks(compiled, blocks, *args):
     """Run ``compiled`` with ``blocks`` blocks."""
     if blocks:
-        compiled[blocks, threads_per_block](*_by_value(args))
+        compiled[blocks, _reducing_threads()](*_by_value(args))
 
 
 # The gradients' formats column_sums reads, by their index there: float32, or the bits

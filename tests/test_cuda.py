@@ -422,6 +422,15 @@ def test_the_shipped_launch_shape_steps_as_the_cpu(name, kwargs, fmt, monkeypatc
     assert_steps_as_on_the_cpu(name, kwargs, fmt, shapes)
 
 
+def test_a_launch_shape_whose_blocks_cannot_reduce_is_refused(monkeypatch):
+    """The block reductions halve the threads: 384 would drop a third of a sum."""
+    monkeypatch.setattr(cuda_kernels, "threads_per_block", 384)
+    opt = fastopt.LAMB([to_device(np.ones(300, np.float32))])
+    with pytest.raises(ValueError, match="threads_per_block must be a power of two, at "
+                       "most 1024, got 384"):
+        opt.step([to_device(np.ones(300, np.float32))])
+
+
 def assert_steps_as_on_the_cpu(name, kwargs, fmt, shapes):
     """Three steps of ``name`` with ``kwargs`` in the format ``fmt`` on parameters of
     ``shapes`` on the device and on the CPU: parameters, state and master weights
@@ -766,7 +775,7 @@ def test_fastopt_torch_steps_in_order_with_the_callers_stream():
             seen = []
             for g in on_device:
                 p.grad = torch.empty_like(p)
-                torch.cuda._sleep(1_000_000)  # the gradient lands late on this stream
+                torch.cuda._sleep(50_000_000)  # the gradient lands late (tens of ms) on this stream
                 p.grad.copy_(g)  # device to device: queued, the host goes on
                 opt.step()
                 seen.append(p.detach().clone())  # read on this stream, after the step
