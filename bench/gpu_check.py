@@ -78,30 +78,32 @@ def run_tests(out, args):
     then every process's failures and, last, their counts added up, as pytest's last
     line gives them. Returns pytest's exit status: the collection's if it failed (5:
     nothing collected), else that of a process that failed, else 0."""
+    pytest = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"]
     # -v: a line per test as it ends, so that a run its limit cuts short still says
     # which tests passed, failed, and were running (the script sets PYTHONUNBUFFERED).
-    pytest = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider"]
+    run = pytest + ["-v"]
     try:
         import xdist  # noqa: F401
     except ImportError:
         pass
     else:
-        return subprocess.call(pytest + ["-n", str(TEST_PROCESSES)] + args)
+        return subprocess.call(run + ["-n", str(TEST_PROCESSES)] + args)
     start = time.monotonic()
-    listed = subprocess.run(pytest + ["--collect-only"] + args, capture_output=True, text=True)
-    if listed.returncode:  # an error collecting (or nothing collected: 5)
-        print(listed.stdout + listed.stderr)
-        return listed.returncode
+    listed = subprocess.run(pytest + ["-q", "--collect-only"] + args, capture_output=True,
+                            text=True)
     root = Path(__file__).resolve().parent.parent  # pytest's rootdir: node ids are under it
     ids = [str(root / line) for line in listed.stdout.splitlines()
            if re.match(r"\S+\.py::", line)]
+    if listed.returncode or not ids:  # an error collecting, or nothing collected (5)
+        print(listed.stdout + listed.stderr)
+        return listed.returncode or 5
     count = min(TEST_PROCESSES, len(ids))
     shares = [ids[k * len(ids) // count:(k + 1) * len(ids) // count] for k in range(count)]
     logs = [Path(out) / f"tests-{k}.log" for k in range(count)]
     processes = []
     for share, log in zip(shares, logs):
         with open(log, "w") as file:
-            processes.append(subprocess.Popen(pytest + share, stdout=file,
+            processes.append(subprocess.Popen(run + share, stdout=file,
                                               stderr=subprocess.STDOUT))
     statuses = [process.wait() for process in processes]
     counts, failures = collections.Counter(), []

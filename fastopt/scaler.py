@@ -1,12 +1,12 @@
 """Dynamic loss scaling for mixed-precision training, with torch.amp.GradScaler's policy."""
 
-import inspect
 import math
 import numbers
 
 import numpy as np
 
 from .optim.checks import FLOAT32_MAX, real
+from .optim.optimizer import Optimizer
 
 f32 = np.float32
 
@@ -62,7 +62,7 @@ class DynamicLossScaler:
         ``p.grad``, and refuses them). Raises RuntimeError, and steps nothing, once the
         scale has backed off so far that 1/scale overflows float32 (about 150 skipped
         steps in a row from 2**16)."""
-        if grads is not None and "grads" not in inspect.signature(optimizer.step).parameters:
+        if grads is not None and not isinstance(optimizer, Optimizer):
             raise TypeError(f"grads: {type(optimizer).__name__}.step takes no gradients "
                             "(a fastopt.torch optimizer reads each parameter's .grad): "
                             "call scaler.step(optimizer)")
@@ -72,10 +72,7 @@ class DynamicLossScaler:
                 "overflows float32: the gradients held an Inf or NaN at every scale tried; "
                 "look for one in the loss or the parameters")
         skipped = optimizer.skipped_steps
-        if grads is None:
-            optimizer.step(grad_scale=self.scale, skip_nonfinite=True)
-        else:
-            optimizer.step(grads, grad_scale=self.scale, skip_nonfinite=True)
+        optimizer.step(grads, grad_scale=self.scale, skip_nonfinite=True)
         applied = optimizer.skipped_steps == skipped
         self._found_inf = bool(self._found_inf) or not applied
         return applied

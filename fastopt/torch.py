@@ -1672,10 +1672,13 @@ def _check_state(param, name, value, expected, castable=(), loading=False, like=
     shape = getattr(expected, "shape", expected)
     what = "loaded state dict has" if loading else "state has"
     if shape is None:
-        keeps = (": this optimizer keeps no master weights for it (a float32 parameter, or "
-                 "master_weights=None). They are more exact than the parameter: set the "
-                 "parameter from them, or delete 'master' from the state dict to go on "
-                 "without them" if name == MASTER else "")
+        keeps = ""
+        if name == MASTER:
+            keeps = (": this optimizer keeps no master weights for it (a float32 parameter, "
+                     "or master_weights=None)")
+            if loading:
+                keeps += ("; to go on without them, delete 'master' from the state dict "
+                          "(after setting a 16-bit parameter from them, which are more exact)")
         raise ValueError(f"{what} {name!r} for {param}, which has no such state{keeps}")
     if value.is_meta:
         raise TypeError(f"{what} {name!r} for {param} on the meta device, which holds no "

@@ -146,7 +146,9 @@ def segment_kernel(*spec):
 
 def _reducing_threads():
     """``threads_per_block`` for a kernel whose blocks reduce (``_block_reduce``), which
-    a number of threads other than a power of two up to MAX_THREADS would get wrong."""
+    a number of threads other than a power of two up to MAX_THREADS would get wrong
+    (checked for every launch of a block per row of a table: Adafactor's column sums,
+    which do not reduce, too)."""
     if not (0 < threads_per_block <= MAX_THREADS
             and threads_per_block & (threads_per_block - 1) == 0):
         raise ValueError("kernels.cuda.threads_per_block must be a power of two, at most "

@@ -100,3 +100,17 @@ def test_a_test_phase_cut_short_is_not_a_pass(tmp_path, monkeypatch, status, pro
     report = (tmp_path / "report.md").read_text()
     assert (f"- problem: {problem}" in report) == bool(problem)
     assert "- note: pip install failed (the check ran from a copy): error: no setuptools" in report
+
+
+def test_without_xdist_the_tests_run_in_processes_of_their_own(tmp_path, monkeypatch, capsys):
+    """The fallback shares the collected tests out among processes; a listing that
+    names no test (one printed as a tree: -v) ran none and passed."""
+    gpu_check = gpu_check_module()
+    monkeypatch.setitem(sys.modules, "xdist", None)  # its import raises ImportError
+    monkeypatch.setattr(gpu_check, "TEST_PROCESSES", 2)
+    registry = str(ROOT / "tests" / "test_registry.py")
+    assert gpu_check.run_tests(tmp_path, [registry, "-k", "numpy_class"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith(f"{len(fastopt.optim.ALGORITHMS)} passed in ")
+    assert lines[-1].endswith("(2 processes)")
+    assert gpu_check.run_tests(tmp_path, [registry, "-k", "no_such_test"]) == 5

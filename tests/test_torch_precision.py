@@ -573,6 +573,12 @@ def test_master_weights_into_an_optimizer_without_them_are_refused_saying_why():
                        "master_weights=None.*delete 'master' from the state dict"):
         opt.load_state_dict(source.state_dict())
     assert not opt.state
+    p = opt.param_groups[0]["params"][0]
+    p.grad = torch.ones_like(p)
+    opt.state[p]["master"] = torch.zeros_like(p, dtype=torch.float32)  # put, not loaded
+    with pytest.raises(ValueError, match=r"keeps no master weights for it \(a float32 "
+                       r"parameter, or master_weights=None\)$"):
+        opt.step()
 
 
 def test_master_weights_put_in_place_are_taken_with_the_parameter_rounded():

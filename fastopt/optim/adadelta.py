@@ -26,8 +26,8 @@ class Adadelta(Optimizer):
             :func:`fastopt.adopt`, or a list of parameter-group dicts.
         lr (γ), rho (ρ), eps (ε), weight_decay (λ), maximize: as in
         torch.optim.Adadelta, with the same defaults.
-        **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see
-            :class:`fastopt.Optimizer`.
+        clip_grad_norm ... seed: the options of every algorithm (clipping, the
+            non-finite skip, storage formats); see :class:`fastopt.Optimizer`.
 
     State: ``square_avg`` (v) and ``acc_delta`` (u), 8 bytes per parameter.
 

@@ -73,10 +73,9 @@ class Adafactor(Optimizer):
         lr (γ), beta2_decay (c), eps (ε₁, ε₂; ε₁ None means float32's machine epsilon),
         d, weight_decay (λ, decoupled), maximize: as in torch.optim.Adafactor, with the
         same defaults.
-        **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``, and the
-            storage options of 16-bit parameters (``master_weights`` ...); see
-            :class:`fastopt.Optimizer`. The state stays float32: the factors move on
-            the host.
+        clip_grad_norm ... seed: the options of every algorithm (clipping, the
+            non-finite skip, storage formats); see :class:`fastopt.Optimizer`. The
+            state stays float32: the factors move on the host.
 
     State: ``row_var`` and ``col_var``, the factors of all factored tensors one after
     the other, and ``variance`` for the vectors. A step moves 28 bytes per parameter

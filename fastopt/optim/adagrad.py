@@ -17,8 +17,8 @@ class Adagrad(Optimizer):
             :func:`fastopt.adopt`, or a list of parameter-group dicts.
         lr (γ), lr_decay (η), weight_decay (λ), initial_accumulator_value (s₀), eps (ε),
         maximize: as in torch.optim.Adagrad, with the same defaults.
-        **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see
-            :class:`fastopt.Optimizer`.
+        clip_grad_norm ... seed: the options of every algorithm (clipping, the
+            non-finite skip, storage formats); see :class:`fastopt.Optimizer`.
 
     State: ``sum`` (4 bytes per parameter), starting at ``initial_accumulator_value``.
 

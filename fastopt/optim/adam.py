@@ -34,8 +34,8 @@ class Adam(Optimizer):
             agrees in sign with :math:`g_t`, scaled by 1 / max(the share of its tensor
             that agrees, 1e-3). A cautious step takes two passes over the tensors: one
             counts the agreement, one steps.
-        **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see
-            :class:`fastopt.Optimizer`.
+        clip_grad_norm ... seed: the options of every algorithm (clipping, the
+            non-finite skip, storage formats); see :class:`fastopt.Optimizer`.
 
     State: ``exp_avg`` (m) and ``exp_avg_sq`` (v), plus ``max_exp_avg_sq`` with
     amsgrad: 8 or 12 bytes per parameter. A step moves 28 bytes per parameter (36 with

@@ -17,8 +17,8 @@ class Adamax(Optimizer):
             :func:`fastopt.adopt`, or a list of parameter-group dicts.
         lr (γ), betas (β₁, β₂), eps (ε), weight_decay (λ), maximize: as in
         torch.optim.Adamax, with the same defaults.
-        **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see
-            :class:`fastopt.Optimizer`.
+        clip_grad_norm ... seed: the options of every algorithm (clipping, the
+            non-finite skip, storage formats); see :class:`fastopt.Optimizer`.
 
     State: ``exp_avg`` (m) and ``exp_inf`` (u), 8 bytes per parameter.
 

@@ -31,8 +31,8 @@ class Adan(Optimizer):
         lr (γ), betas (β₁, β₂, β₃), eps (ε), weight_decay (λ), no_prox, caution: as in
             timm.optim.Adan, with the same defaults (``caution``: see :class:`Adam`).
         maximize: fastopt's, as in the others: ascend instead.
-        **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see
-            :class:`fastopt.Optimizer`.
+        clip_grad_norm ... seed: the options of every algorithm (clipping, the
+            non-finite skip, storage formats); see :class:`fastopt.Optimizer`.
 
     State: ``exp_avg`` (m), ``exp_avg_sq`` (n), ``exp_avg_diff`` (d) and ``prev_grad``
     (the gradient of the last step, as the kernel received it): 16 bytes per parameter;

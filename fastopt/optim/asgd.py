@@ -27,8 +27,8 @@ class ASGD(Optimizer):
             :func:`fastopt.adopt`, or a list of parameter-group dicts.
         lr (γ), lambd (λ), alpha (α), t0 (t₀), weight_decay (λ_wd, an L2 penalty),
         maximize: as in torch.optim.ASGD, with the same defaults.
-        **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see
-            :class:`fastopt.Optimizer`.
+        clip_grad_norm ... seed: the options of every algorithm (clipping, the
+            non-finite skip, storage formats); see :class:`fastopt.Optimizer`.
 
     State: ``ax``, 4 bytes per parameter; a step moves 20 bytes per parameter.
 

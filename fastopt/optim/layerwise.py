@@ -71,8 +71,8 @@ class LAMB(LayerWise):
             :func:`fastopt.adopt` with ``shapes`` (each shape is one tensor; without shapes
             the whole buffer is one tensor), or a list of parameter-group dicts.
         lr (γ), betas (β₁, β₂), eps (ε), weight_decay (λ, decoupled: inside u), maximize.
-        **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see
-            :class:`fastopt.Optimizer`.
+        clip_grad_norm ... seed: the options of every algorithm (clipping, the
+            non-finite skip, storage formats); see :class:`fastopt.Optimizer`.
 
     State: ``exp_avg`` (m) and ``exp_avg_sq`` (v), 8 bytes per parameter; a step moves
     40 bytes per parameter (24 in the first pass, 16 in the second).
@@ -140,8 +140,8 @@ class LARS(LayerWise):
         params: a dict, list or tuple of float32, bfloat16 or float16 arrays (copied),
             :func:`fastopt.adopt` with ``shapes``, or a list of parameter-group dicts.
         lr (γ), momentum (m), weight_decay (β), trust_coefficient (η), maximize.
-        **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see
-            :class:`fastopt.Optimizer`.
+        clip_grad_norm ... seed: the options of every algorithm (clipping, the
+            non-finite skip, storage formats); see :class:`fastopt.Optimizer`.
 
     State: ``momentum_buffer`` (v), 4 bytes per parameter, kept even with momentum 0;
     a step moves 28 bytes per parameter (8 in the first pass, 20 in the second).

@@ -24,8 +24,8 @@ class Lion(Optimizer):
         lr (γ), betas (β₁, β₂), weight_decay (λ, decoupled as in AdamW), maximize.
         caution: the sign steps only where it agrees with the gradient, as in
             :class:`Adam` (and timm's Lion).
-        **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see
-            :class:`fastopt.Optimizer`.
+        clip_grad_norm ... seed: the options of every algorithm (clipping, the
+            non-finite skip, storage formats); see :class:`fastopt.Optimizer`.
 
     State: ``exp_avg`` (m), 4 bytes per parameter; a step moves 20 bytes per
     parameter.

@@ -28,8 +28,8 @@ class NAdam(Optimizer):
         lr (γ), betas (β₁, β₂), eps (ε), weight_decay (λ), momentum_decay (ψ),
         decoupled_weight_decay, maximize: as in torch.optim.NAdam, with the same
         defaults.
-        **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see
-            :class:`fastopt.Optimizer`.
+        clip_grad_norm ... seed: the options of every algorithm (clipping, the
+            non-finite skip, storage formats); see :class:`fastopt.Optimizer`.
 
     State: ``exp_avg`` (m) and ``exp_avg_sq`` (v), 8 bytes per parameter.
 

@@ -24,8 +24,8 @@ class RMSprop(Optimizer):
             :func:`fastopt.adopt`, or a list of parameter-group dicts.
         lr (γ), alpha (α), eps (ε), weight_decay (λ), momentum (μ), centered, maximize:
         as in torch.optim.RMSprop, with the same defaults.
-        **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see
-            :class:`fastopt.Optimizer`.
+        clip_grad_norm ... seed: the options of every algorithm (clipping, the
+            non-finite skip, storage formats); see :class:`fastopt.Optimizer`.
 
     State: ``square_avg``, plus ``grad_avg`` if centered and ``momentum_buffer`` if
     momentum > 0 (4 to 12 bytes per parameter).

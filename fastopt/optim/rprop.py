@@ -48,8 +48,8 @@ class Rprop(Optimizer):
             :func:`fastopt.adopt`, or a list of parameter-group dicts.
         lr (γ, the initial step size), etas (η₋, η₊), step_sizes (Γmin, Γmax),
         maximize: as in torch.optim.Rprop, with the same defaults.
-        **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see
-            :class:`fastopt.Optimizer`.
+        clip_grad_norm ... seed: the options of every algorithm (clipping, the
+            non-finite skip, storage formats); see :class:`fastopt.Optimizer`.
 
     State: ``prev`` (the last gradient, zeroed where its sign flipped) and
     ``step_size``, 8 bytes per parameter; a step moves 28 bytes per parameter. Like

@@ -25,8 +25,8 @@ class SGD(Optimizer):
             :func:`fastopt.adopt`, or a list of parameter-group dicts.
         lr (γ), momentum (μ), dampening (τ), weight_decay (λ, an L2 penalty),
         nesterov, maximize: as in torch.optim.SGD, with the same defaults.
-        **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see
-            :class:`fastopt.Optimizer`.
+        clip_grad_norm ... seed: the options of every algorithm (clipping, the
+            non-finite skip, storage formats); see :class:`fastopt.Optimizer`.
 
     State: ``momentum_buffer`` when momentum > 0 (4 bytes per parameter).
 

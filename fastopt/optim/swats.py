@@ -40,8 +40,8 @@ class SWATS(Optimizer):
             on its own.
         lr (α), betas (β₁, β₂), eps (ε, in the Adam denominator and the switching test;
         the paper's 1e-9), weight_decay (an L2 penalty), maximize.
-        **options: ``clip_grad_norm``, ``clip_grad_value``, ``skip_nonfinite``; see
-            :class:`Optimizer`.
+        clip_grad_norm ... seed: the options of every algorithm (clipping, the
+            non-finite skip, storage formats); see :class:`Optimizer`.
 
     State: ``exp_avg`` (m) and ``exp_avg_sq`` (a) for the Adam phase, 8 bytes per
     parameter, and from the first switch ``momentum_buffer`` (v) too: 12 bytes, since the
