@@ -477,6 +477,8 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
     digest = hashlib.sha1((_rules_source() + chunk_text + text + fingerprint).encode())
     name = "__".join((spec.rule,) + tuple(spec.present) + (digest.hexdigest()[:10],))
     if "CHUNK_FUNCTION" in text:
+        arguments, chunk_body = chunk_text.split("\n", 1)
+        chunk_text = f"{arguments}\n    begin_chunk()\n{chunk_body}"
         exec(compile(f"def {name}_chunk{chunk_text}", filename, "exec"), namespace)
         namespace[f"{name}_chunk"] = compile_chunk(namespace[f"{name}_chunk"])
     source = f"def {name}({', '.join(taken + ('prep', 'h'))}{text}"

@@ -194,6 +194,15 @@ def encode_block_in_steps(values, inverse, table, codes, entries):
 _DECODE_BLOCK = x86.decode_block if x86.AVAILABLE else decode_block_by_lookups
 _ENCODE_BLOCK = encode_block_by_lookups if x86.AVAILABLE else encode_block_in_steps
 
+# Whether the chunk functions, where the passes' loops run, ask LLVM for 512-bit vectors
+# (x86.prefer_512_bit_vectors) where AVX-512 compiles.
+WIDE_VECTORS = x86.AVAILABLE
+
+
+@njit(inline="always")
+def _keep_vector_width():
+    pass
+
 
 def _pointer_at(element):
     @intrinsic
@@ -269,6 +278,7 @@ def _driver(spec, loops):
         **_CODECS,
         "decode_block": _DECODE_BLOCK,
         "encode_block": _ENCODE_BLOCK,
+        "begin_chunk": x86.prefer_512_bit_vectors if WIDE_VECTORS else _keep_vector_width,
     }
     # reassoc lets LLVM split the float64 sums over several accumulators (the order it
     # picks is fixed at compile time); without it their add latency bounds the loop.
@@ -276,7 +286,7 @@ def _driver(spec, loops):
     chunk_options = dict(options, parallel=False, inline="never")
     fingerprint = (repr((options, chunk_options, CHUNK, VECTOR, BLOCKS_PER_CHUNK))
                    + inspect.getsource(_fp_mode) + inspect.getsource(x86)
-                   + repr((x86.AVAILABLE, x86.F16C)))
+                   + repr((x86.AVAILABLE, x86.F16C, WIDE_VECTORS)))
     driver = _template.build(spec, loops, namespace, __file__, fingerprint,
                              njit(**chunk_options))
     return njit(**options)(driver)

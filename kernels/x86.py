@@ -1,5 +1,6 @@
 """x86 instructions that the portable code does not compile to: float16 conversions
-(F16C), and a whole block of 8-bit state decoded with AVX-512 permutes.
+(F16C), a whole block of 8-bit state decoded with AVX-512 permutes, and AVX-512's
+512-bit vectors where LLVM would not choose them.
 
 F16C converts eight float16 to float32 and back in one instruction each, where the
 portable codecs (``codecs.float16_load``, ``float16_store``) take a dozen integer
@@ -52,6 +53,21 @@ def _f16c_available():
 
 AVAILABLE = _available("avx512f")  # decode_block compiles
 F16C = _f16c_available()
+
+
+@intrinsic
+def prefer_512_bit_vectors(typingctx):
+    """Let LLVM vectorise the function that calls this 512 bits wide, where AVX-512
+    compiles. For Intel's AVX-512 cores LLVM prefers 256-bit vectors (the older ones
+    lower their clock for 512-bit work), which left the passes that convert formats
+    compute-bound: see docs/design-notes.md."""
+    def codegen(context, builder, signature, arguments):
+        # LLVM reads the width from this function attribute. llvmlite's attribute set
+        # accepts only keyword attributes, by a check in its add(), and writes each item
+        # as it is, where LLVM's IR takes "key"="value" pairs too.
+        set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        return context.get_dummy_value()
+    return types.void(), codegen
 
 
 @intrinsic

@@ -76,6 +76,50 @@ def test_the_permutes_compile_only_where_numba_compiles_for_avx512(
     assert x86._available("avx512f") is available
 
 
+def _adam_8bit_chunk():
+    """The chunk function (where the loops run) of 8-bit Adam's pass, after a step, and
+    the signature it was compiled for."""
+    import fastopt
+
+    opt = fastopt.Adam({"w": np.ones(8192, np.float32)}, lr=1e-3, state_dtype="int8")
+    opt.step()
+    kernel = cpu.segment_kernel(*next(iter(opt._backend._passes)))
+    chunk = kernel.py_func.__globals__[kernel.py_func.__name__ + "_chunk"]
+    if not chunk.signatures:  # the kernel came from Numba's cache: compile its calls
+        njit(parallel=True, error_model="numpy")(kernel.py_func).compile(kernel.signatures[0])
+    return chunk.py_func, chunk.signatures[0]
+
+
+@needs_avx512
+def test_the_passes_loops_run_in_512_bit_registers():
+    """LLVM prefers 256-bit vectors for Intel's AVX-512 CPUs, which left 8-bit Adam 1.4x
+    slower there in the caches (see docs/design-notes.md); the chunk functions ask for
+    512. Compiled again here (Numba's cache keeps no assembly); a chunk compiled without
+    the request is the control."""
+    source, signature = _adam_8bit_chunk()
+    assert cpu.WIDE_VECTORS
+    wide = njit(error_model="numpy")(source)
+    wide.compile(signature)
+    assembly = wide.inspect_asm(signature)
+    # Adam's arithmetic in zmm, not only x86.decode_block's permutes.
+    assert "vsqrtps\t%zmm" in assembly and "vdivps\t%zmm" in assembly
+    narrow = njit(error_model="numpy")(
+        type(source)(source.__code__, dict(source.__globals__, begin_chunk=cpu._keep_vector_width)))
+    narrow.compile(signature)
+    expected = "%zmm" if codegen_prefers_512() else "%ymm"
+    assert f"vsqrtps\t{expected}" in narrow.inspect_asm(signature)
+
+
+def codegen_prefers_512():
+    """Whether LLVM vectorises 512 bits wide for this CPU unasked (AMD's Zen 4 and 5)."""
+    @njit
+    def roots(x):
+        for i in range(x.size):
+            x[i] = np.sqrt(x[i])
+    roots.compile("void(float32[::1])")
+    return "vsqrtps\t%zmm" in roots.inspect_asm(roots.signatures[0])
+
+
 @pytest.mark.parametrize("enable_avx, host, available", [
     (True, "+avx,+avx2,+f16c", True),
     (False, "+avx,+avx2,+f16c", False),  # NUMBA_ENABLE_AVX=0: F16C's are AVX instructions
