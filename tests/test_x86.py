@@ -76,9 +76,9 @@ def test_the_permutes_compile_only_where_numba_compiles_for_avx512(
     assert x86._available("avx512f") is available
 
 
-def _adam_8bit_chunk():
-    """The chunk function (where the loops run) of 8-bit Adam's pass, after a step, and
-    the signature it was compiled for."""
+def _adam_8bit_chunk_assembly():
+    """The assembly of the chunk function (where the loops run) of 8-bit Adam's pass,
+    compiled again (Numba's cache keeps no assembly) for the signature a step took."""
     import fastopt
 
     opt = fastopt.Adam({"w": np.ones(8192, np.float32)}, lr=1e-3, state_dtype="int8")
@@ -87,27 +87,36 @@ def _adam_8bit_chunk():
     chunk = kernel.py_func.__globals__[kernel.py_func.__name__ + "_chunk"]
     if not chunk.signatures:  # the kernel came from Numba's cache: compile its calls
         njit(parallel=True, error_model="numpy")(kernel.py_func).compile(kernel.signatures[0])
-    return chunk.py_func, chunk.signatures[0]
+    again = njit(error_model="numpy")(chunk.py_func)
+    again.compile(chunk.signatures[0])
+    return again.inspect_asm(chunk.signatures[0])
+
+
+def _forget_kernels():
+    cpu._driver.cache_clear()
+    cpu.kernel.cache_clear()
+    cpu.segment_kernel.cache_clear()
 
 
 @needs_avx512
-def test_the_passes_loops_run_in_512_bit_registers():
-    """LLVM prefers 256-bit vectors for Intel's AVX-512 CPUs, which left 8-bit Adam 1.4x
+def test_the_passes_loops_run_in_512_bit_registers(monkeypatch):
+    """LLVM prefers 256-bit vectors for Intel's AVX-512 CPUs, which left 8-bit Adam 1.25x
     slower there in the caches (see docs/design-notes.md); the chunk functions ask for
-    512. Compiled again here (Numba's cache keeps no assembly); a chunk compiled without
-    the request is the control."""
-    source, signature = _adam_8bit_chunk()
+    512. The control: with ``WIDE_VECTORS`` off (the README's way to keep LLVM's
+    choice), what LLVM takes unasked."""
     assert cpu.WIDE_VECTORS
-    wide = njit(error_model="numpy")(source)
-    wide.compile(signature)
-    assembly = wide.inspect_asm(signature)
+    wide = _adam_8bit_chunk_assembly()
     # Adam's arithmetic in zmm, not only x86.decode_block's permutes.
-    assert "vsqrtps\t%zmm" in assembly and "vdivps\t%zmm" in assembly
-    narrow = njit(error_model="numpy")(
-        type(source)(source.__code__, dict(source.__globals__, begin_chunk=cpu._keep_vector_width)))
-    narrow.compile(signature)
+    assert "vsqrtps\t%zmm" in wide and "vdivps\t%zmm" in wide
+    monkeypatch.setattr(cpu, "WIDE_VECTORS", False)
+    _forget_kernels()
+    try:
+        narrow = _adam_8bit_chunk_assembly()
+    finally:
+        monkeypatch.undo()
+        _forget_kernels()
     expected = "%zmm" if codegen_prefers_512() else "%ymm"
-    assert f"vsqrtps\t{expected}" in narrow.inspect_asm(signature)
+    assert f"vsqrtps\t{expected}" in narrow
 
 
 def codegen_prefers_512():
