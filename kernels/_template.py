@@ -295,7 +295,8 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
       ``total0 ...``), of at most ``LANES.size`` elements where the pass rounds
       stochastically, by calling ``<driver>_chunk``, a function of its own that
       ``compile_chunk`` compiles (``{chunk_in_segment}``: over chunk ``c`` of a
-      segment). Its
+      segment), and which first calls the namespace's ``begin_chunk()`` (the CPU's
+      request for vectors of its width: see ``cpu.WIDE_VECTORS``). Its
       scalars arrive as arguments, which the compiler keeps in registers through the
       loop. Written inline in a parallel loop's body, the loop reread them from
       memory that its stores may alias (Numba's parfor lowering hoists them out of
