@@ -128,7 +128,6 @@ import functools
 import inspect
 import math
 import numbers
-import weakref
 
 import numba
 import numpy as np
@@ -1726,7 +1725,6 @@ class _Slot:
         self.start, self.stop = start, start + self.local.numel()
         self.address, self.shape = self.local.data_ptr(), self.local.shape
         self.views = {}
-        self.grad = None  # a weak reference to the last gradient checked
         self.state = None  # the parameter's dict, in opt.state once it is not empty
         self.attached = False  # whether it is in opt.state
         self.key = None  # what a run of parameters must share: see Optimizer._plan
@@ -2308,12 +2306,11 @@ class _Run:
             return
         grads = self.grads
         for i, (slot, grad) in enumerate(zip(self.slots, grads)):
-            if slot.grad is None or slot.grad() is not grad:  # not checked yet
-                _check_gradient(grad, slot.local)
-                if grad.stride() == slot.local.stride():
-                    slot.grad = weakref.ref(grad)
-                else:  # a copy in the parameter's layout, for this step (kept in grads)
-                    grads[i] = torch.empty_like(slot.local).copy_(grad)
+            # At every step, even for the same gradient object: assigning its .data
+            # gives it another dtype, shape and layout.
+            _check_gradient(grad, slot.local)
+            if grad.stride() != slot.local.stride():  # a copy in the parameter's layout,
+                grads[i] = torch.empty_like(slot.local).copy_(grad)  # for this step
         self.gradients = np.array([g.data_ptr() for g in grads], np.int64)
 
     def sum_squares(self):
@@ -2342,13 +2339,19 @@ def _shaped(algorithm):
 def _check_gradient(grad, local):
     """Refuse a gradient that the kernels cannot read as one of ``local``, the tensor
     they step. torch lets a gradient's dtype differ from its parameter's
-    (``p.grad_dtype``), which the kernels would read as the parameter's."""
-    if grad.is_sparse:
-        raise TypeError("fastopt.torch does not support sparse gradients")
+    (``p.grad_dtype``), which the kernels would read as the parameter's, and its shape
+    too (``p.grad.data = t``), where the kernels would read past its end."""
+    if grad.layout is not torch.strided:
+        raise TypeError(f"fastopt.torch does not support sparse gradients (a gradient of "
+                        f"{grad.layout} for a parameter of shape {tuple(local.shape)})")
     if grad.dtype != local.dtype:
         raise TypeError(f"a gradient of {grad.dtype} for a parameter of {local.dtype} (shape "
                         f"{tuple(local.shape)}): fastopt.torch steps gradients of their "
                         "parameters' dtype; cast it (p.grad = p.grad.to(p.dtype))")
+    if grad.shape != local.shape:
+        raise ValueError(f"a gradient of shape {tuple(grad.shape)} for a parameter of shape "
+                         f"{tuple(local.shape)}: fastopt.torch steps gradients of their "
+                         "parameters' shape")
 
 
 # -- the drop-in classes: torch.optim's signatures, fastopt's algorithms ------------------

@@ -94,6 +94,73 @@ def test_transposed_parameters_and_gradients_in_another_layout():
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
 
 
+def _stepped_sgd(dtype=torch.float32):
+    """A (64, 80) parameter and fastopt's and torch's SGD with momentum, after one step
+    (whose gradient fastopt has checked), and torch's twin."""
+    torch.manual_seed(0)
+    ours = torch.nn.Parameter(torch.randn(64, 80, dtype=dtype))
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    our_opt = ft.SGD([ours], lr=0.5, momentum=0.9)
+    their_opt = torch.optim.SGD([theirs], lr=0.5, momentum=0.9, foreach=False)
+    grad = torch.randn(64, 80, dtype=dtype)
+    for p, opt in ((ours, our_opt), (theirs, their_opt)):
+        p.grad = grad.clone()
+        opt.step()
+    return ours, our_opt, theirs, their_opt
+
+
+@pytest.mark.parametrize("shape", [(10, 80), (128, 80), (1, 80), (80,), (), (80, 64)])
+def test_a_gradient_of_another_shape_is_refused_with_nothing_changed(shape):
+    """``p.grad.data = t`` binds a gradient (the same object the last step checked) to a
+    tensor of any shape. Read from its address for the parameter's number of elements,
+    a smaller one was read past its end (heap garbage and NaN in the parameter), a
+    larger one cut, and one in another layout broadcast in its copy."""
+    ours, our_opt, _, _ = _stepped_sgd()
+    before = ours.detach().clone()
+    momentum = our_opt.state[ours]["momentum_buffer"].clone()
+    ours.grad.data = torch.ones(shape)
+    with pytest.raises(ValueError, match=rf"a gradient of shape \({', '.join(map(str, shape))}"
+                                         rf",?\) for a parameter of shape \(64, 80\)"):
+        our_opt.step()
+    assert torch.equal(ours.detach(), before)
+    assert torch.equal(our_opt.state[ours]["momentum_buffer"], momentum)
+
+
+def test_a_gradient_of_another_shape_is_refused_for_the_scratch_copy_too():
+    """Adafactor steps a parameter that is not C-contiguous through a scratch copy, into
+    which a (1, 80) gradient was broadcast."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(80, 64).t())
+    opt = ft.Adafactor([p], lr=0.01)
+    p.grad = torch.randn(64, 80)
+    opt.step()
+    before = p.detach().clone()
+    p.grad.data = torch.ones(1, 80)
+    with pytest.raises(ValueError, match=r"a gradient of shape \(1, 80\) for a parameter"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_gradient_rebound_after_a_step_is_checked_again(dtype):
+    """The step checked a gradient object once and then trusted it: its .data bound to
+    float64 was read as float32 bits, and to column-major memory in the wrong order."""
+    ours, our_opt, theirs, their_opt = _stepped_sgd(dtype)
+    before = ours.detach().clone()
+    ours.grad.data = ours.grad.data.double()
+    with pytest.raises(TypeError, match=f"a gradient of torch.float64 for a parameter of {dtype}"):
+        our_opt.step()
+    assert torch.equal(ours.detach(), before)
+    values = torch.arange(64 * 80.).reshape(64, 80).to(dtype) / 1000
+    for p, opt in ((ours, our_opt), (theirs, their_opt)):
+        p.grad.data = values.t().contiguous().t()  # the same values, column-major
+        opt.step()
+    # Read in the wrong order, elements differed by up to 5. With bfloat16, fastopt's
+    # float32 master weights and state round less than torch's bfloat16 ones: within a
+    # bfloat16 step of the values (at most 6 here).
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0 if dtype == torch.float32 else 2**-5)
+
+
 def test_parameters_with_gaps_or_overlaps_are_refused_by_name():
     fine = torch.nn.Parameter(torch.zeros(3))
     gaps = torch.nn.Parameter(torch.zeros(4, 4)[:, :2])
