@@ -743,8 +743,7 @@ class Optimizer(torch.optim.Optimizer):
         if remainder is not None:  # loaded: its master rebuilt from p's bits as they are now
             dict.update(state, store.put(MASTER, p, remainder))
         replaced = [(name, value, store.view(name, p)) for name, value in _in_order(state)
-                    if isinstance(value, torch.Tensor) and value is not slot.views.get(name)
-                    and _is_buffer(self.algorithm, name)]
+                    if value is not slot.views.get(name) and _is_buffer(self.algorithm, name)]
         for name, value, view in replaced:  # all checked before the first is copied
             _check_state(self._name(p), name, value, view, _castable(store, name, p), like=p)
         for name, value, _ in replaced:
@@ -1176,7 +1175,7 @@ class Optimizer(torch.optim.Optimizer):
                                      f"of another algorithm's, not of "
                                      f"{self.algorithm.__name__}'s (a checkpoint of "
                                      "another optimizer?)")
-                elif isinstance(value, torch.Tensor) and _is_buffer(self.algorithm, key):
+                elif value is not None and _is_buffer(self.algorithm, key):
                     _check_state(name, key, value, self._state_shape(key, p), loading=True,
                                  like=p)
                     if key == MASTER and value.dtype == torch.int16 and \
@@ -1679,6 +1678,9 @@ def _check_state(param, name, value, expected, castable=(), loading=False, like=
                 keeps += ("; to go on without them, delete 'master' from the state dict "
                           "(after setting a 16-bit parameter from them, which are more exact)")
         raise ValueError(f"{what} {name!r} for {param}, which has no such state{keeps}")
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{what} {name!r} for {param} that is a {type(value).__name__}, not "
+                        "a tensor (a torch.Tensor of its values, or None to begin it afresh)")
     if value.is_meta:
         raise TypeError(f"{what} {name!r} for {param} on the meta device, which holds no "
                         "numbers")

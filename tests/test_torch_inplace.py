@@ -216,6 +216,39 @@ def test_a_replaced_state_tensor_of_the_wrong_shape_or_on_the_meta_device_is_ref
         our_opt.step()
 
 
+@pytest.mark.parametrize("value", [np.zeros(4, np.float32), 0.0, [0.0] * 4])
+def test_a_state_buffer_replaced_by_what_is_not_a_tensor_is_refused(value):
+    """It was left out of what the step takes in: the step went on with the old buffer,
+    while ``opt.state`` and ``state_dict()`` showed (and saved) the replacement."""
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = ft.SGD([p], lr=1.0, momentum=0.9)
+    p.grad = torch.ones(4)
+    opt.step()
+    before = p.detach().clone()
+    opt.state[p]["momentum_buffer"] = value
+    with pytest.raises(TypeError, match=rf"'momentum_buffer' for param_groups\[0\]\['params'\]"
+                                        rf"\[0\] that is a {type(value).__name__}, not a tensor"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+    opt.state[p]["momentum_buffer"] = None  # torch's way to begin it afresh
+    opt.step()
+    torch.testing.assert_close(p.detach(), before - 1)
+
+
+@pytest.mark.parametrize("value", [0.0, np.zeros((30, 10), np.float32)])
+def test_a_state_dict_whose_buffer_is_not_a_tensor_is_refused_and_nothing_changes(value):
+    ours, our_opt, _, _, x, y = pair(model_name="mlp")
+    train(ours, our_opt, x, y, 2)
+    before = copy.deepcopy(our_opt.state_dict())
+    bad = copy.deepcopy(before)
+    bad["state"][1]["exp_avg"] = value
+    with pytest.raises(TypeError, match=r"loaded state dict has 'exp_avg' for "
+                                        r"param_groups\[0\]\['params'\]\[1\] that is a"):
+        our_opt.load_state_dict(bad)
+    assert_unchanged(our_opt, before)
+    train(ours, our_opt, x, y, 1)
+
+
 def test_a_reset_state_starts_afresh_like_torch():
     ours, our_opt, theirs, their_opt, x, y = pair()
     both(ours, our_opt, theirs, their_opt, x, y, 3)
