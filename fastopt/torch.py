@@ -1032,6 +1032,9 @@ class Optimizer(torch.optim.Optimizer):
                            and _is_buffer(self.algorithm, name)}
                    for index, state in state_dict["state"].items()}
         params = self._loaded_params(state_dict)
+        for index, values in tensors.items():  # converted before anything changes
+            if MASTER in values:
+                values[MASTER] = self._loaded_master(params[index], values[MASTER])
         super().load_state_dict(state_dict)
         self._remainders = {}
         for index, values in scalars.items():
@@ -1040,8 +1043,6 @@ class Optimizer(torch.optim.Optimizer):
         for index, values in tensors.items():
             p = params[index]
             for name, value in values.items():
-                if name == MASTER:
-                    value = self._loaded_master(p, value)
                 dtype = self._state_dtype_of(name, p)
                 if dtype == torch.uint8 and value.is_floating_point():
                     dtype = torch.float32  # values, which the step encodes
@@ -1237,7 +1238,8 @@ class Optimizer(torch.optim.Optimizer):
         value = _local(value).detach().cpu().contiguous().numpy()  # sharded as p: checked
         if not remainder:
             return _like(p, torch.from_numpy(value))  # the remainders: see above
-        low = (value.view(np.uint32) & 0xFFFF).astype(precision.REMAINDER_DTYPE)
+        # np.asarray: NumPy's operators make a 0-d array's result a scalar.
+        low = np.asarray(value.view(np.uint32) & 0xFFFF).astype(precision.REMAINDER_DTYPE)
         return _like(p, torch.from_numpy(low.view(np.int16)))
 
     def _state_dtype_of(self, name, p):

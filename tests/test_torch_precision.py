@@ -460,6 +460,31 @@ def test_state_dicts_carry_master_weights_between_float32_and_remainders():
         opt.step()
 
 
+def test_a_scalar_bfloat16_parameter_resumes_its_remainders_bitwise():
+    """A 0-d parameter (a logit scale): the load turned its float32 master weights into
+    remainders through NumPy, whose operators make a 0-d array's result a scalar, and
+    raised after it had loaded the rest, leaving an optimizer whose every step raised."""
+    def stepped(steps):
+        p = torch.nn.Parameter(torch.tensor(1.0, dtype=torch.bfloat16))
+        opt = ft.Adam([p], lr=1e-2, master_weights="remainder")
+        for step in range(steps):
+            p.grad = torch.tensor(0.5 + step, dtype=torch.bfloat16)
+            opt.step()
+        return p, opt
+
+    p, opt = stepped(3)
+    q, resumed = stepped(1)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    with torch.no_grad():
+        q.copy_(p)  # model.load_state_dict
+    for model_p, o in ((p, opt), (q, resumed)):
+        model_p.grad = torch.tensor(3.5, dtype=torch.bfloat16)
+        o.step()
+    assert torch.equal(q, p)
+    assert torch.equal(resumed.state[q]["master"], opt.state[p]["master"])
+    assert torch.equal(resumed.state[q]["exp_avg"], opt.state[p]["exp_avg"])
+
+
 @pytest.mark.parametrize("saved_as, loaded_as", [("remainder", "float32"),
                                                  ("float32", "remainder")])
 def test_a_dcp_checkpoint_carries_master_weights_between_float32_and_remainders(
