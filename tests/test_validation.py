@@ -233,7 +233,8 @@ def test_the_table_has_at_least_thirty_distinct_bad_inputs():
 
 def test_hyperparameters_edited_in_place_or_replaced_by_an_equal_value_are_checked_again():
     """A step re-checks a group whose values changed, also where the change keeps the
-    same object (a list edited in place) or an equal value (0 for False)."""
+    same object (a list edited in place) or an equal value (0 for False, a 0-d array in
+    a tuple for a float)."""
     opt = fresh()
     opt.param_groups[0]["betas"] = [0.9, 0.999]
     opt.step()
@@ -244,6 +245,12 @@ def test_hyperparameters_edited_in_place_or_replaced_by_an_equal_value_are_check
     assert_unchanged(opt, before)
     opt.param_groups[0]["betas"] = (0.9, 0.999)
     opt.step()
+    opt.param_groups[0]["betas"] = (np.array(0.9), 0.999)  # == (0.9, 0.999), no number
+    before = snapshot(opt)
+    with pytest.raises(TypeError, match=r"betas\[0\] must be a real number"):
+        opt.step()
+    assert_unchanged(opt, before)
+    opt.param_groups[0]["betas"] = (0.9, 0.999)
     opt.param_groups[0]["amsgrad"] = 1  # == True, but not a bool
     before = snapshot(opt)
     with pytest.raises(TypeError, match="amsgrad must be True or False"):

@@ -903,9 +903,16 @@ def _checked(group):
 
 def _snapshot(group):
     """The group's hyperparameters, with lists frozen so that an in-place edit shows as
-    a change, and types kept so that ``True`` replaced by ``1`` does too."""
-    return tuple((k, type(v), tuple(v) if isinstance(v, list) else v)
-                 for k, v in group.items() if k != "params")
+    a change, and types kept, inside tuples and lists too, so that ``True`` replaced by
+    ``1`` does too, and ``(0.9, 0.999)`` by ``(np.array(0.9), 0.999)``, which compares
+    equal."""
+    return tuple((k, _typed(v)) for k, v in group.items() if k != "params")
+
+
+def _typed(value):
+    if isinstance(value, (list, tuple)):
+        return type(value), tuple(map(_typed, value))
+    return type(value), value
 
 
 def decoupled_decay(group):
