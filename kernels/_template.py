@@ -182,7 +182,7 @@ def _block_chunk(taken, quantized, writes, bits, body, stochastic):
     slices = [f"{a}_b = tensor_part{'_bits' if a in bits else ''}({a}[segment], offset, "
               f"size)" if a in ADDRESSED else f"{a}_b = {a}[state_base:state_base + size]"
               for a in taken]
-    lines = [f"{n}_{kind} = np.empty(BLOCK, float32)"
+    lines = ["begin_chunk()"] + [f"{n}_{kind} = np.empty(BLOCK, float32)"
              for n in quantized for kind in ("old", "new")] + [
         "entries = np.empty(BLOCK, np.int32)",  # encode_block's scratch
         "for b in range(first_block, last_block):",
@@ -433,6 +433,7 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
                "        raise ValueError('a chunk longer than LANES')\n"
                f"    {_index_halves('base')}\n") if spec.stochastic else ""
     chunk_text = (f"({', '.join(chunk_arrays)}, prepared, named{random}):\n"
+                  "    begin_chunk()\n"
                   f"{counted}"
                   f"    {begin_sums}\n"
                   f"    for i in range({taken[0]}_c.size):\n"
@@ -478,8 +479,6 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
     digest = hashlib.sha1((_rules_source() + chunk_text + text + fingerprint).encode())
     name = "__".join((spec.rule,) + tuple(spec.present) + (digest.hexdigest()[:10],))
     if "CHUNK_FUNCTION" in text:
-        arguments, chunk_body = chunk_text.split("\n", 1)
-        chunk_text = f"{arguments}\n    begin_chunk()\n{chunk_body}"
         exec(compile(f"def {name}_chunk{chunk_text}", filename, "exec"), namespace)
         namespace[f"{name}_chunk"] = compile_chunk(namespace[f"{name}_chunk"])
     source = f"def {name}({', '.join(taken + ('prep', 'h'))}{text}"

@@ -95,8 +95,8 @@ def test_transposed_parameters_and_gradients_in_another_layout():
 
 
 def _stepped_sgd(dtype=torch.float32):
-    """A (64, 80) parameter and fastopt's and torch's SGD with momentum, after one step
-    (whose gradient fastopt has checked), and torch's twin."""
+    """fastopt's SGD with momentum on a (64, 80) parameter and torch's on its twin,
+    after one step (whose gradient fastopt has checked)."""
     torch.manual_seed(0)
     ours = torch.nn.Parameter(torch.randn(64, 80, dtype=dtype))
     theirs = torch.nn.Parameter(ours.detach().clone())

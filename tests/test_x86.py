@@ -115,11 +115,11 @@ def test_the_passes_loops_run_in_512_bit_registers(monkeypatch):
     finally:
         monkeypatch.undo()
         _forget_kernels()
-    expected = "%zmm" if codegen_prefers_512() else "%ymm"
+    expected = "%zmm" if _llvm_prefers_512_bits() else "%ymm"
     assert f"vsqrtps\t{expected}" in narrow
 
 
-def codegen_prefers_512():
+def _llvm_prefers_512_bits():
     """Whether LLVM vectorises 512 bits wide for this CPU unasked (AMD's Zen 4 and 5)."""
     @njit
     def roots(x):
