@@ -1015,8 +1015,8 @@ class Optimizer(torch.optim.Optimizer):
         own = self._group is not None and self._own_partition(state_dict)
         if own:  # its names without this rank's suffix, before the codes' are read
             state_dict = own
-        state_dict = {**state_dict, "state": {index: self._unpacked(state) for index, state
-                                              in state_dict["state"].items()}}
+        state_dict = {**state_dict, "state": {index: self._unpacked(index, state)
+                                              for index, state in state_dict["state"].items()}}
         if self._group is not None and not own:
             state_dict = self._partitioned(state_dict)
         self._check_loadable(state_dict)
@@ -1105,10 +1105,10 @@ class Optimizer(torch.optim.Optimizer):
                     cut[name] = value  # Adafactor's factors, of a tensor this rank holds
         return {**state_dict, "state": state}
 
-    def _unpacked(self, state):
-        """A loaded parameter's state with its 8-bit codes (``"<name>_codes"``) under the
-        name of their buffer where this optimizer keeps it in 8 bits, decoded into float32
-        values where it does not."""
+    def _unpacked(self, index, state):
+        """A loaded parameter's state (``state_dict["state"][index]``) with its 8-bit
+        codes (``"<name>_codes"``) under the name of their buffer where this optimizer
+        keeps it in 8 bits, decoded into float32 values where it does not."""
         quantized = self._storage_of(torch.float32).quantized
         averages = self.algorithm.spec.averages
         state = dict(state)
@@ -1120,6 +1120,14 @@ class Optimizer(torch.optim.Optimizer):
             if name in state:  # values beside the codes: see load_state_dict
                 state.pop(name + ABSMAX, None)
                 continue
+            for label, value in ((key, codes), (name + ABSMAX, absmax)):
+                if value is not None and not isinstance(value, torch.Tensor):
+                    raise TypeError(f"loaded state dict has {label!r} for parameter "
+                                    f"{index!r} of {_kind(value)}, not a tensor")
+            if absmax is not None and not absmax.is_floating_point():
+                raise TypeError(f"loaded state dict has {name + ABSMAX!r} of {absmax.dtype} "
+                                f"for parameter {index!r}: the 8-bit codes' block scales "
+                                "are real floats (float32)")
             if getattr(codes, "dtype", None) != torch.uint8 or absmax is None or (
                     absmax.shape != (-(-codes.numel() // BLOCK),)):
                 raise ValueError(
@@ -1132,6 +1140,11 @@ class Optimizer(torch.optim.Optimizer):
             if bool((absmax < 0).any()):  # which would flip the signs of a block's values
                 raise ValueError(f"loaded state dict has negative block scales in "
                                  f"{name + ABSMAX!r}; a block's absmax is >= 0 (or NaN)")
+            if strides is not None and not (isinstance(strides, torch.Tensor)
+                                            and _is_integer(strides.dtype)):
+                raise TypeError(f"loaded state dict has {STRIDES!r} for parameter {index!r} "
+                                f"of {_kind(strides)}: the strides of its 8-bit codes, as an "
+                                "integer tensor")
             if strides is not None:  # laid out as they were kept: see STRIDES
                 if strides.shape != (codes.dim(),) or not _is_dense(torch.empty_strided(
                         codes.shape, tuple(strides.tolist()), device="meta")):
@@ -1544,6 +1557,16 @@ def _or(result, state_dict):
     return state_dict if result is None else result
 
 
+def _is_integer(dtype):
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def _kind(value):
+    """What an error says it got: a tensor's dtype, or the type of anything else."""
+    return f"dtype {value.dtype}" if isinstance(value, torch.Tensor) else \
+        f"type {type(value).__name__}"
+
+
 def _is_dense(t):
     """Whether ``t``'s elements fill ``t.numel()`` consecutive places in memory, in some
     order: then a kernel can step it as a flat array from ``t.data_ptr()``."""
@@ -1686,6 +1709,9 @@ def _check_state(param, name, value, expected, castable=(), loading=False, like=
     if value.is_meta:
         raise TypeError(f"{what} {name!r} for {param} on the meta device, which holds no "
                         "numbers")
+    if value.is_complex() or value.dtype == torch.bool:  # which a cast would not keep
+        raise TypeError(f"{what} {name!r} of {value.dtype} for {param}, whose state holds "
+                        "real numbers")
     if value.shape != shape:
         raise ValueError(f"{what} {name!r} of shape {tuple(value.shape)} for {param}, which "
                          f"needs shape {tuple(shape)}")

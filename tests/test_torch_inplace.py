@@ -249,6 +249,23 @@ def test_a_state_dict_whose_buffer_is_not_a_tensor_is_refused_and_nothing_change
     train(ours, our_opt, x, y, 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.bool])
+def test_a_state_dict_whose_buffer_a_cast_would_not_keep_is_refused(dtype):
+    """torch.optim's load casts it to the parameter's dtype, dropping an imaginary part
+    or every magnitude; fastopt took it so too."""
+    ours, our_opt, _, _, x, y = pair(model_name="mlp")
+    train(ours, our_opt, x, y, 2)
+    before = copy.deepcopy(our_opt.state_dict())
+    bad = copy.deepcopy(before)
+    bad["state"][1]["exp_avg"] = (bad["state"][1]["exp_avg"] + 1).to(dtype)
+    with pytest.raises(TypeError, match=rf"loaded state dict has 'exp_avg' of {dtype} for "
+                                        r"param_groups\[0\]\['params'\]\[1\], whose state "
+                                        "holds real numbers"):
+        our_opt.load_state_dict(bad)
+    assert_unchanged(our_opt, before)
+    train(ours, our_opt, x, y, 1)
+
+
 def test_a_reset_state_starts_afresh_like_torch():
     ours, our_opt, theirs, their_opt, x, y = pair()
     both(ours, our_opt, theirs, their_opt, x, y, 3)

@@ -292,6 +292,22 @@ def test_replaced_state_values_are_encoded_and_bad_codes_refused():
     saved["state"][0]["codes_strides"] = torch.tensor([1, 1])
     with pytest.raises(ValueError, match="no dense layout"):
         ft.AdamW(params, lr=1e-2, state_dtype="int8").load_state_dict(saved)
+    # Pieces of another kind, which torch's own errors did not name (or a cast took):
+    # each refused, naming the key and the parameter's index.
+    for key, value, message in [
+            ("codes_strides", torch.tensor([100.0, 1.0]), "'codes_strides' for parameter 0 "
+                                                          "of dtype torch.float32"),
+            ("exp_avg_absmax", lambda v: v.to(torch.complex64), "block scales are real"),
+            ("exp_avg_absmax", lambda v: v.numpy(), "'exp_avg_absmax' for parameter 0 of "
+                                                   "type ndarray, not a tensor"),
+            ("exp_avg_codes", lambda v: v.numpy(), "'exp_avg_codes' for parameter 0 of "
+                                                  "type ndarray, not a tensor")]:
+        saved = opt.state_dict()
+        saved["state"][0][key] = value(saved["state"][0][key]) if callable(value) else value
+        for target in (ft.AdamW(params, lr=1e-2, state_dtype="int8"),
+                       ft.AdamW(params, lr=1e-2)):
+            with pytest.raises(TypeError, match=message):
+                target.load_state_dict(saved)
     opt.state[big]["exp_avg"] = torch.zeros(5, 5)
     with pytest.raises(ValueError, match="needs shape"):
         opt.step()
