@@ -48,7 +48,7 @@ def adam(n):
     opt.flat_grads[:] = rng.standard_normal(n).astype(f32)
     opt.step()
     kernel = cpu.kernel("adam", PRESENT)
-    prep = float32s((1.0, np.inf, 0.0))
+    prep = float32s((1.0, 1.0, np.inf, 0.0))
     h = float32s(opt.scalars(opt.param_groups[0], 2, [], {}))  # as the backend passes them
     arrays = (opt.flat_params, opt.flat_grads, opt.state["exp_avg"], opt.state["exp_avg_sq"])
     parallel = n >= cpu.PARALLEL_MIN_SIZE

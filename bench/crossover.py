@@ -18,7 +18,7 @@ def main():
     kernel = cpu.kernel("adam", ("exp_avg", "exp_avg_sq"))
     opt = fastopt.Adam([np.zeros(1, np.float32)])
     h = float32s(opt.scalars(opt.param_groups[0], 10, [], {}))  # as the backend passes them
-    prep = float32s((1.0, np.inf, 0.0))
+    prep = float32s((1.0, 1.0, np.inf, 0.0))
     print(f"threads: {numba.get_num_threads()}, PARALLEL_MIN_SIZE = {cpu.PARALLEL_MIN_SIZE}")
     print(f"{'size':>8s} {'serial':>10s} {'parallel':>10s}")
     for n in [1 << k for k in range(10, 19)]:

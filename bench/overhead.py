@@ -36,7 +36,7 @@ def main():
         opt.step()
         kernel = cpu.kernel("adam", ("exp_avg", "exp_avg_sq"))
         group = opt.param_groups[0]
-        prep = float32s((1.0, np.inf, 0.0))
+        prep = float32s((1.0, 1.0, np.inf, 0.0))
         h = float32s(opt.scalars(group, 2, [], {}))  # as the backend passes them
         arrays = (opt.flat_params, opt.flat_grads, opt.state["exp_avg"], opt.state["exp_avg_sq"])
         parallel = n >= cpu.PARALLEL_MIN_SIZE

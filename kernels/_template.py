@@ -463,7 +463,7 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
         state_slices="; ".join(f"{a}_c = {a}[start:stop]" for a in taken
                                if a not in ADDRESSED) or "pass",
         named=f"named = Scalars({', '.join(fields)}); prepared = " + (
-            "(float32(prep[0]), float32(prep[1]), float32(prep[2]))"
+            "(float32(prep[0]), float32(prep[1]), float32(prep[2]), float32(prep[3]))"
             if "p" in names and spec.grad else "prep"),
         chunk=chunk_call("first + start"),
         chunk_in_segment=chunk_call("first + chunks[c, 3]"),

@@ -361,7 +361,8 @@ def _column_sums(g, prep, table, out, k, bfloat16):
     rows, columns, out_start, continued = table[k, 0], table[k, 1], table[k, 2], table[k, 3]
     sums = out[out_start:out_start + columns]
     # Read once, not from memory that out may alias; float32 whatever the caller passed.
-    prepared = (np.float32(prep[0]), np.float32(prep[1]), np.float32(prep[2]))
+    prepared = (np.float32(prep[0]), np.float32(prep[1]), np.float32(prep[2]),
+                np.float32(prep[3]))
     if not continued:
         for c in range(columns):  # not sums[:] = 0: under parallel=True, a parfor of its own
             sums[c] = 0.0

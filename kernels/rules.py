@@ -80,20 +80,24 @@ def scalars(typename, fields):
 
 
 # The factors of prepare(), which every algorithm shares.
-Prep = namedtuple("Prep", "g_scale clip weight_decay")
+Prep = namedtuple("Prep", "g_scale g_downscale clip weight_decay")
 
 
 def prepare(p, g, prep):
     """The gradient a rule sees: scaled, clipped to [-clip, clip], plus L2 decay.
 
     ``g_scale`` folds the sign for ``maximize``, the inverse loss scale and the
-    gradient-norm clipping coefficient into one factor. ``clip`` is +inf when value
+    gradient-norm clipping coefficient into one factor (with ``g_downscale``, where it
+    is too small for a normal float32). ``clip`` is +inf when value
     clipping is off, and a NaN passes through the comparisons as it does through
     torch's clamp. Like torch, a zero weight decay adds nothing, so that an infinite
     parameter does not turn g into NaN.
     """
-    g_scale, clip, weight_decay = prep  # in the order of Prep's fields
-    g = g * g_scale
+    g_scale, g_downscale, clip, weight_decay = prep  # in the order of Prep's fields
+    # g_downscale is 1, or 2**-126 where g_scale alone would be a subnormal float32
+    # (a loss scale near 2**127, or one times a clipping coefficient), which the CPU
+    # kernels, flushing subnormals, would read as 0: every gradient zeroed, silently.
+    g = g * g_scale * g_downscale
     # Two selects, where an if/elif took seven vector operations: LLVM makes these a
     # maximum and a minimum, whose operand order lets a NaN through (clip > 0). Adam
     # took 0.86-0.98x its time in the caches (AMD Zen 3, one thread, 1e5).

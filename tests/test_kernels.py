@@ -68,7 +68,7 @@ for name, kwargs in json.loads(sys.argv[1]).items():
     asm[name] = "\n".join(cpu.kernel(opt.rule, spec).inspect_asm().values())
     # The in-place form, over the same memory by its address.
     p, g = opt.flat_params, opt.flat_grads
-    prep = (np.float32(1), np.float32(np.inf), np.float32(0))
+    prep = (np.float32(1), np.float32(1), np.float32(np.inf), np.float32(0))
     backend = HostBackend()
     segments = backend.segments([p.size], [0])
     backend.run_segments(Pass(opt.rule, spec), backend.flat_tensors(p, g, [0]),
@@ -202,7 +202,7 @@ def test_absent_state_reads_as_zero_and_is_not_written():
     f = np.float32
     p, g = np.ones(3, f), np.full(3, 2.0, f)
     buf = np.full(3, 5.0, f)
-    prep = (f(1), f(np.inf), f(0))  # g_scale, clip, weight_decay: g as it is
+    prep = (f(1), f(1), f(np.inf), f(0))  # g_scale, g_downscale, clip, weight_decay: g
     h = (f(0.5), f(0.9), f(1), False)  # lr, momentum, grad_weight, nesterov
     cpu.kernel("sgd", ())(p, g, prep, h, False, True)
     np.testing.assert_array_equal(p, 0.0)  # 1 - 0.5 * 2: the buffer read as 0, then dropped
@@ -225,7 +225,7 @@ def check_serial_and_parallel_loops_agree(n):
     rng = np.random.default_rng(0)
     opt = fastopt.Adam([np.zeros(1, np.float32)], lr=1e-2, amsgrad=True)
     h = opt.scalars(opt.param_groups[0], 1, [], {})
-    prep = (np.float32(0.5), np.float32(1.5), np.float32(0.1))  # scale, clip, L2
+    prep = (np.float32(0.5), np.float32(1), np.float32(1.5), np.float32(0.1))  # scales, clip, L2
     arrays = [rng.standard_normal(n).astype(np.float32) for _ in range(2)]
     arrays += [np.abs(rng.standard_normal(n)).astype(np.float32) for _ in range(3)]
     serial = [a.copy() for a in arrays]
@@ -315,7 +315,7 @@ def test_scalars_given_as_plain_floats_are_read_as_float32(name):
     group, host = opt.param_groups[0], dict(opt.spec.host)
     present = tuple(opt.buffers(group, host))
     h = opt.scalars(group, 3, [], host)
-    prep = (0.7, 2.5, 0.01)  # g_scale, clip, weight_decay
+    prep = (0.7, 1.0, 2.5, 0.01)  # g_scale, g_downscale, clip, weight_decay
     rng = np.random.default_rng(1)
     arrays = [rng.standard_normal(1000).astype(np.float32) for _ in range(2)]
     arrays += [np.abs(rng.standard_normal(1000)).astype(np.float32) + 0.1 for _ in present]

@@ -283,7 +283,7 @@ def test_segment_norms_match_float64_sums():
     p = (rng.standard_normal(n) * 3).astype(f32)
     g = (rng.standard_normal(n) * 0.5).astype(f32)
     backend = HostBackend()
-    prep = (f32(1), f32(np.inf), f32(0))
+    prep = (f32(1), f32(1), f32(np.inf), f32(0))
     param_sq, grad_sq = run_segment_norms(backend, p, g, prep, bounds)
     assert param_sq.dtype == grad_sq.dtype == np.float64
     assert param_sq.shape == grad_sq.shape == (len(bounds),)
@@ -295,7 +295,7 @@ def test_segment_norms_match_float64_sums():
     assert np.all((expected_p == 0) == [a == b for a, b in bounds])
 
     # The gradient as the kernels prepare it: scaled, clipped to [-clip, clip], plus decay.
-    prep = (f32(-2.0), f32(1.5), f32(0.25))
+    prep = (f32(-2.0), f32(1), f32(1.5), f32(0.25))
     _, grad_sq = run_segment_norms(backend, p, g, prep, bounds)
     prepared = (np.clip(g * f32(-2.0), f32(-1.5), f32(1.5)) + f32(0.25) * p).astype(np.float64)
     expected = np.array([np.sum(prepared[a:b] ** 2) for a, b in bounds])
@@ -315,7 +315,7 @@ def test_segment_norms_do_not_depend_on_the_thread_count():
     bounds, n = segment_bounds(13)
     rng = np.random.default_rng(14)
     p, g = rng.standard_normal((2, n)).astype(f32) * f32(7)
-    prep = (f32(1), f32(np.inf), f32(0))
+    prep = (f32(1), f32(1), f32(np.inf), f32(0))
     one, two = (with_threads(t, lambda: run_segment_norms(HostBackend(), p, g, prep, bounds))
                 for t in (1, 2))
     for a, b in zip(one, two):

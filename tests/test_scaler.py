@@ -318,3 +318,28 @@ def test_a_scale_backed_off_beyond_float32_is_a_clear_error_that_steps_nothing()
     with pytest.raises(RuntimeError, match="backed off to 2.5e-39.*every scale"):
         scaler.step(opt, gradients(0, 5, 1)[0])
     assert_same(snapshot(opt), before)
+
+
+@pytest.mark.parametrize("scale, clip", [(2.0 ** 127, None), (2.0 ** 126, None),
+                                         (2.0 ** 110, 1.0), (2.0 ** 110, 1e-4)])
+def test_a_gradient_factor_below_float32s_normal_numbers_still_unscales(scale, clip):
+    """1/grad_scale times the clipping coefficient, one float32 factor, was subnormal
+    here, and the CPU kernels (flushing subnormals) read it as 0: every step stood still,
+    uncounted, with the right last_grad_norm. DynamicLossScaler grows to 2**127."""
+    g = np.array([0.5, -0.25, 1.0, 0.125, 3e-3], f32) * (1e5 if clip else 1.0)
+    opt = fastopt.SGD([np.ones(5, f32)], lr=1.0, clip_grad_norm=clip, skip_nonfinite=True)
+    opt.step(g * f32(scale), grad_scale=scale)
+    g64 = g.astype(np.float64)
+    norm = np.linalg.norm(g64)
+    factor = 1.0 if clip is None else min(1.0, clip / (norm + 1e-6))
+    np.testing.assert_allclose(opt.flat_params, 1.0 - g64 * factor, rtol=1e-6, atol=1e-30)
+    assert opt.skipped_steps == 0 and opt.last_grad_norm == pytest.approx(norm)
+
+
+def test_a_scaler_at_its_largest_scale_steps_the_parameters():
+    p = np.ones(4, f32)
+    opt = fastopt.SGD([p], lr=0.5)
+    scaler = fastopt.DynamicLossScaler(init_scale=2.0 ** 127)
+    g = np.array([1.0, -1.5, 0.5, 0.0], f32)
+    assert scaler.step(opt, g * f32(scaler.scale))
+    np.testing.assert_array_equal(opt.flat_params, 1.0 - 0.5 * g)

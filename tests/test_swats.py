@@ -57,7 +57,7 @@ def test_swats_reduction_is_the_same_on_both_loop_paths():
     rng = np.random.default_rng(0)
     buffers = [rng.standard_normal(n).astype(f32) for _ in range(2)]
     buffers += [np.zeros(n, f32), np.zeros(n, f32)]
-    prep = (f32(1), f32(np.inf), f32(0))
+    prep = (f32(1), f32(1), f32(np.inf), f32(0))
     h = (f32(0.01), f32(1e-8), f32(0.1), f32(0.99), f32(0.01))
     kernel = cpu.segment_kernel(*fastopt.SWATS.ADAM_PHASE)
     backend, sums, results = HostBackend(), [], []

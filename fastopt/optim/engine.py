@@ -13,7 +13,7 @@ import numpy as np
 from ..kernels import Pass, rules
 from ..kernels._template import arrays
 from ..kernels.codecs import QUANTIZED
-from .checks import FLOAT32_MAX, real
+from .checks import FLOAT32_MAX, FLOAT32_TINY, real
 
 f32 = np.float32
 
@@ -103,7 +103,10 @@ def prep(algorithm, group, inverse_scale, coefficient, clip_grad_value):
     microsecond a step at small sizes."""
     sign = -1.0 if group.get("maximize") else 1.0
     clip = math.inf if clip_grad_value is None else clip_grad_value
-    return sign * inverse_scale * coefficient, clip, algorithm.l2(group)
+    g_scale = sign * inverse_scale * coefficient
+    if 0.0 < abs(g_scale) < FLOAT32_TINY:  # a subnormal float32, flushed: two normal ones
+        return g_scale / FLOAT32_TINY, FLOAT32_TINY, clip, algorithm.l2(group)
+    return g_scale, 1.0, clip, algorithm.l2(group)
 
 
 def clip_coefficient(max_norm, norm):
