@@ -180,6 +180,10 @@ class HostBackend:
 
     def asarray(self, x, what):
         """A zero-copy NumPy view of ``x``, or a TypeError naming ``what``."""
+        if isinstance(x, np.ma.MaskedArray):
+            raise TypeError(f"{what} is a NumPy masked array, whose mask the optimizer "
+                            "would drop (stepping, or reading, the masked elements): pass "
+                            "x.filled(value) for the values it should hold there")
         if isinstance(x, np.ndarray):
             return x
         if hasattr(x, "__array_interface__") or hasattr(x, "__array__"):

@@ -447,6 +447,8 @@ def test_group_names_and_tuple_or_numpy_keys_survive_a_round_trip(tmp_path):
 @pytest.mark.parametrize("name, kwargs", [
     ("Adam", dict(lr=np.float32(1e-3))), ("Adam", dict(lr=np.int64(1))),
     ("Adam", dict(amsgrad=np.True_)), ("Adam", dict(betas=(np.float32(0.9), 0.999))),
+    ("Adam", dict(betas=[np.float32(0.9), np.float32(0.999)])),  # in a list, too
+    ("Adan", dict(betas=[np.float32(0.98), np.float32(0.92), np.float32(0.99)])),
     ("ASGD", dict(lr=np.float32(0.01), alpha=np.float32(0.7), t0=np.int64(3))),
 ], ids=str)
 def test_numpy_scalar_hyperparameters_save_and_resume_bitwise(tmp_path, name, kwargs):

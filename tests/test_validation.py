@@ -1,6 +1,8 @@
 """Every kind of bad input, in one table: each raises a ValueError or TypeError that
 names the argument, and leaves the parameters, gradients and state bit-identical."""
 
+import fractions
+
 import numpy as np
 import pytest
 
@@ -81,6 +83,13 @@ STEP_CASES = {
                                  ValueError, "grads\\['w'\\] must have shape \\(3, 4\\)"),
     "grads float16": (lambda o: o.step(grads_like(o, b=np.ones(4, np.float16))), TypeError,
                       "grads\\['b'\\] must be float32"),
+    "grads masked, the mask dropped": (
+        lambda o: o.step(grads_like(o, b=np.ma.masked_array(np.ones(4, f32), [0, 1, 0, 0]))),
+        TypeError, r"grads\['b'\] is a NumPy masked array"),
+    "lr a Fraction, which no checkpoint saves": (set_group("lr", fractions.Fraction(1, 3)),
+                                                 TypeError, "lr must be a real number"),
+    "lr a long double, kept as one": (set_group("lr", np.longdouble(0.01)), TypeError,
+                                      "lr must be a real number"),
     "grad_scale = 0": (lambda o: o.step(grad_scale=0.0), ValueError, "grad_scale"),
     "grad_scale not a number": (lambda o: o.step(grad_scale="8"), TypeError, "grad_scale"),
     "skip_nonfinite not a bool": (lambda o: o.step(skip_nonfinite="yes"), TypeError,
@@ -185,6 +194,8 @@ CONSTRUCTION_CASES = {
     "params empty": (lambda: fastopt.SGD([]), ValueError, "empty"),
     "params float64": (lambda: fastopt.SGD([np.ones(3)]), TypeError, "params\\[0\\] has dtype"),
     "params int": (lambda: fastopt.SGD({"a": np.ones(3, int)}), TypeError, "params\\['a'\\]"),
+    "params masked": (lambda: fastopt.SGD({"a": np.ma.masked_array(ONE, [0, 1, 0])}),
+                      TypeError, r"params\['a'\] is a NumPy masked array"),
     "the same array twice": (lambda: fastopt.SGD([ONE, ONE]), ValueError, "same array"),
     "the same array in two groups": (lambda: fastopt.SGD([{"params": [ONE]}, {"params": [ONE]}]),
                                      ValueError, "same array"),

@@ -2,7 +2,6 @@
 ValueError naming the argument and what was expected."""
 
 import math
-import numbers
 
 import numpy as np
 
@@ -11,8 +10,11 @@ FLOAT32_TINY = 2.0 ** -126  # the smallest normal float32
 
 
 def real(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
+    # Other reals (Fraction, np.longdouble) would be kept in the group as they are,
+    # neither float64 in the host's math nor saved by a checkpoint.
+    if isinstance(value, (bool, np.longdouble)) or not isinstance(
+            value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number (an int or a float), got {value!r}")
     if abs(value) > FLOAT32_MAX:
         raise ValueError(f"{name}={value} does not fit in float32")
     return float(value)
@@ -61,13 +63,15 @@ def check_flag(name, value):
 
 
 def plain(value):
-    """``value`` with NumPy scalars (also in a tuple) as the Python numbers they equal:
-    ``np.float32(0.1)`` becomes the float it holds exactly, so that the host math is
-    float64's (NumPy would keep it in float32) and the value saves to JSON."""
-    if isinstance(value, (np.bool_, np.integer, np.floating)):
+    """``value`` with NumPy scalars (also in a tuple or list) as the Python numbers they
+    equal: ``np.float32(0.1)`` becomes the float it holds exactly, so that the host math
+    is float64's (NumPy would keep it in float32) and the value saves to JSON."""
+    if isinstance(value, (np.bool_, np.integer, np.floating)) and \
+            not isinstance(value, np.longdouble):  # which .item() keeps: see real
         return value.item()
-    if isinstance(value, tuple) and any(isinstance(item, np.generic) for item in value):
-        return tuple(map(plain, value))
+    if isinstance(value, (tuple, list)) and any(isinstance(item, np.generic)
+                                                for item in value):
+        return type(value)(map(plain, value))
     return value
 
 
