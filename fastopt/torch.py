@@ -484,8 +484,11 @@ class Optimizer(torch.optim.Optimizer):
             _check_state(names[p], name, value, view, _castable(store, name, p), like=p)
         for _, p in dropped:
             del self.state[p][MASTER]
+        ours = {id(view) for store in self._stores or () for slot in store.slots.values()
+                for view in slot.views.values()}
         for store, p, name, value in moves:
-            self.state[p].update(store.put(name, p, value))
+            self.state[p].update(_kept_objects(self.state[p], store.put(name, p, value),
+                                               store.slots[p], ours))
         with torch.no_grad():
             for p, local, master, values in resumed:
                 self._remainders.pop(p, None)  # rebuilt, from the bits p had
@@ -629,8 +632,10 @@ class Optimizer(torch.optim.Optimizer):
         return total
 
     def _moved(self):
-        """Whether a parameter came or went, or its storage or shape changed, since the
-        stores were built. (Another dtype or layout comes with other storage.)"""
+        """Whether a parameter came or went, or its storage, shape, dtype or layout
+        changed, since the stores were built. (A new dtype or layout often comes with
+        other storage, but the allocator may hand back the same address: ``lin.float();
+        lin.half()``.)"""
         if len(self.param_groups) != len(self._group_slots):
             return True
         for group, slots in zip(self.param_groups, self._group_slots):
@@ -641,7 +646,7 @@ class Optimizer(torch.optim.Optimizer):
                 if p is not q:
                     return True
                 local = p.to_local() if slot.sharded else p
-                if local.data_ptr() != slot.origin[0] or local.shape != slot.origin[1]:
+                if (local.data_ptr(), local.shape, local.dtype, local.stride()) != slot.origin:
                     return True
         return False
 
@@ -1006,6 +1011,7 @@ class Optimizer(torch.optim.Optimizer):
             hook(self)
 
     def _load_state_dict(self, state_dict):
+        state_dict = self._with_live_numbers(state_dict)
         if self._group is None and any("@rank" in str(name) for state in
                                        state_dict["state"].values() for name in state):
             raise ValueError("loaded state dict is one rank's partition of an optimizer with "
@@ -1052,6 +1058,29 @@ class Optimizer(torch.optim.Optimizer):
                         self._remainders[p] = value.to(device=p.device)
                 self.state[p][name] = value.to(device=p.device, dtype=dtype)
         self._relayout()
+
+    def _with_live_numbers(self, state_dict):
+        """``state_dict`` where the saved state of a parameter holds its live state
+        tensors (a ``state_dict()`` kept without a copy) with its numbers (``step`` ...)
+        taken from the live state too: torch.optim's are tensors stepped in place, so
+        such a state_dict keeps pace with the optimizer, and loading it changes nothing.
+        Its copies of the numbers would go back to the time it was taken, beside the
+        moments of now."""
+        held = {id(value) for live in self.state.values() for value in live.values()
+                if isinstance(value, torch.Tensor)}
+        state = dict(state_dict["state"])
+        kept = [index for index, saved in state.items() if isinstance(saved, dict)
+                and any(id(value) in held for value in saved.values())]
+        if not kept:  # the usual case: a copy, or a file's
+            return state_dict
+        params, numbers = self._loaded_params(state_dict), self._numbers()
+        for index in kept:
+            live = self.state.get(params.get(index), {})
+            mine = {id(value) for value in live.values()}
+            if any(id(value) in mine for value in state[index].values()):
+                state[index] = {**state[index], **{name: live[name] for name in numbers
+                                                   if name in live}}
+        return {**state_dict, "state": state}
 
     def _loaded_params(self, state_dict):
         """Which parameter each saved one is, as torch pairs them: by their places in
@@ -1367,6 +1396,25 @@ def _counted(cls, counter):
                  "setdefault", "__ior__"):
         setattr(cls, name, counting(getattr(cls.__mro__[1], name)))
     return cls
+
+
+def _kept_objects(state, pairs, slot, ours):
+    """The ``(name, view)`` pairs of a new store (:meth:`_Store.put`) for a parameter's
+    dict ``state`` of ``opt.state``, each view in the tensor object that ``state`` held
+    under its name where that was a view of the old stores (whose ids are ``ours``),
+    pointed at the new view's memory (``Tensor.set_``): torch.optim's state tensors
+    live for the whole run, so a reference to one that the user keeps (a monitor, a
+    reset, a ``state_dict()`` kept without a copy) must stay the state when another
+    parameter moves or a group comes."""
+    kept = []
+    for name, view in pairs:
+        old = state.get(name)
+        if (id(old) in ours and type(old) is torch.Tensor and type(view) is torch.Tensor
+                and old.dtype == view.dtype and old.device == view.device):
+            old.set_(view)
+            view = slot.views[name] = old
+        kept.append((name, view))
+    return kept
 
 
 @functools.partial(_counted, counter="changes")
@@ -1740,7 +1788,7 @@ class _Slot:
     def __init__(self, p, index, start, piece=None, shaped=False):
         self.sharded = _is_dtensor(p)
         whole = _local(p)  # this rank's shard of a DTensor
-        self.origin = (whole.data_ptr(), whole.shape)
+        self.origin = (whole.data_ptr(), whole.shape, whole.dtype, whole.stride())
         # What the kernels step: where a process_group partitions p, this rank's
         # elements of it, (first, last) in memory order (``piece``), a flat view; or,
         # where ``shaped`` (a partition of whole tensors, Adafactor's), p if it is all.
