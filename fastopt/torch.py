@@ -1410,7 +1410,8 @@ def _kept_objects(state, pairs, slot, ours):
     for name, view in pairs:
         old = state.get(name)
         if (id(old) in ours and type(old) is torch.Tensor and type(view) is torch.Tensor
-                and old.dtype == view.dtype and old.device == view.device):
+                and old.dtype == view.dtype and old.device == view.device
+                and not old.is_inference()):  # which only inference mode may change
             old.set_(view)
             view = slot.views[name] = old
         kept.append((name, view))

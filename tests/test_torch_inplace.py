@@ -730,3 +730,16 @@ def test_a_state_tensor_held_by_the_user_stays_the_state_when_the_stores_are_reb
         results.append(w.detach().clone())
     if not kwargs:
         torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-6)
+
+
+def test_stores_built_in_inference_mode_are_rebuilt_outside_it():
+    """Inference tensors can change only in inference mode: the state tensors of a step
+    taken in it are replaced, not kept, when another parameter moves after it."""
+    w, b = torch.nn.Parameter(torch.zeros(4, 4)), torch.nn.Parameter(torch.zeros(4))
+    opt = ft.SGD([w, b], lr=1.0, momentum=0.5)
+    w.grad, b.grad = torch.ones(4, 4), torch.ones(4)
+    with torch.inference_mode():
+        opt.step()
+    b.data = b.data.clone()
+    opt.step()
+    torch.testing.assert_close(w.detach(), torch.full((4, 4), -2.5))
