@@ -1011,7 +1011,6 @@ class Optimizer(torch.optim.Optimizer):
             hook(self)
 
     def _load_state_dict(self, state_dict):
-        state_dict = self._with_live_numbers(state_dict)
         if self._group is None and any("@rank" in str(name) for state in
                                        state_dict["state"].values() for name in state):
             raise ValueError("loaded state dict is one rank's partition of an optimizer with "
@@ -1058,29 +1057,6 @@ class Optimizer(torch.optim.Optimizer):
                         self._remainders[p] = value.to(device=p.device)
                 self.state[p][name] = value.to(device=p.device, dtype=dtype)
         self._relayout()
-
-    def _with_live_numbers(self, state_dict):
-        """``state_dict`` where the saved state of a parameter holds its live state
-        tensors (a ``state_dict()`` kept without a copy) with its numbers (``step`` ...)
-        taken from the live state too: torch.optim's are tensors stepped in place, so
-        such a state_dict keeps pace with the optimizer, and loading it changes nothing.
-        Its copies of the numbers would go back to the time it was taken, beside the
-        moments of now."""
-        held = {id(value) for live in self.state.values() for value in live.values()
-                if isinstance(value, torch.Tensor)}
-        state = dict(state_dict["state"])
-        kept = [index for index, saved in state.items() if isinstance(saved, dict)
-                and any(id(value) in held for value in saved.values())]
-        if not kept:  # the usual case: a copy, or a file's
-            return state_dict
-        params, numbers = self._loaded_params(state_dict), self._numbers()
-        for index in kept:
-            live = self.state.get(params.get(index), {})
-            mine = {id(value) for value in live.values()}
-            if any(id(value) in mine for value in state[index].values()):
-                state[index] = {**state[index], **{name: live[name] for name in numbers
-                                                   if name in live}}
-        return {**state_dict, "state": state}
 
     def _loaded_params(self, state_dict):
         """Which parameter each saved one is, as torch pairs them: by their places in

@@ -169,3 +169,30 @@ def test_a_save_killed_between_its_renames_is_put_in_place_by_the_next(tmp_path,
     for mine, theirs in zip(state_of(resumed), state_of(opt)):
         assert mine["step"] == theirs["step"] == 2
         assert torch.equal(mine["exp_avg"], theirs["exp_avg"])
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(state_dtype="int8")], ids=["", "int8"])
+def test_a_dcp_load_into_an_optimizer_that_has_stepped_resumes_bit_for_bit(tmp_path, kwargs):
+    """torch.distributed.checkpoint's usual resume: a step makes the state, whose
+    state_dict DCP loads into in place, and set_optimizer_state_dict loads that. The
+    buffers it holds are the live ones (DCP wrote the checkpoint into them); the step
+    counts are its copies, which hold the checkpoint's: the load must take those."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+    net = model()
+    opt = ft.AdamW(net.parameters(), lr=0.01, **kwargs)
+    train(net, opt, 5)
+    dcp.save({"optim": get_optimizer_state_dict(net, opt)}, checkpoint_id=tmp_path)
+    weights = {name: value.clone() for name, value in net.state_dict().items()}
+    train(net, opt, 3, first=5)
+    resumed = model()
+    resumed_opt = ft.AdamW(resumed.parameters(), lr=0.01, **kwargs)
+    train(resumed, resumed_opt, 1, first=100)
+    saved = get_optimizer_state_dict(resumed, resumed_opt)
+    dcp.load({"optim": saved}, checkpoint_id=tmp_path)
+    set_optimizer_state_dict(resumed, resumed_opt, optim_state_dict=saved)
+    resumed.load_state_dict(weights)
+    train(resumed, resumed_opt, 3, first=5)
+    for p, q in zip(net.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
