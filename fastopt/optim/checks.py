@@ -71,7 +71,7 @@ def plain(value):
         return value.item()
     if isinstance(value, (tuple, list)) and any(isinstance(item, np.generic)
                                                 for item in value):
-        return type(value)(map(plain, value))
+        return (list if isinstance(value, list) else tuple)(map(plain, value))
     return value
 
 
