@@ -145,6 +145,7 @@ def _inline(function):
 
 
 _prepare = _inline(rules.prepare)
+_HELPERS = {helper.__name__: _inline(helper) for helper in rules.HELPERS}
 _CODECS = codecs.compiled(_inline)
 if x86.F16C:
     _CODECS.update(float16_load=x86.float16_load, float16_store=x86.float16_store)
@@ -251,7 +252,7 @@ def _driver(spec, loops):
     # Cached by the Pass, so that every spelling of the same pass gets one driver.
     namespace = {
         "__name__": __name__,  # Numba's cache re-imports this module when loading
-        "rule": _inline(getattr(rules, spec.rule)),
+        "rule": _inline(rules.calling(getattr(rules, spec.rule), _HELPERS)),
         "prepare": _prepare,
         "prange": prange,
         "even_chunk": even_chunk,

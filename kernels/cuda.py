@@ -70,6 +70,7 @@ MAX_THREADS = 1024
 
 
 _prepare = cuda.jit(device=True)(rules.prepare)
+_HELPERS = {helper.__name__: cuda.jit(device=True)(helper) for helper in rules.HELPERS}
 _CODECS = codecs.compiled(cuda.jit(device=True))
 
 
@@ -97,7 +98,7 @@ def _driver(spec, loops):
     # Cached by the Pass, so that every spelling of the same pass gets one driver.
     namespace = {
         "__name__": __name__,
-        "rule": cuda.jit(device=True)(getattr(rules, spec.rule)),
+        "rule": cuda.jit(device=True)(rules.calling(getattr(rules, spec.rule), _HELPERS)),
         "prepare": _prepare,
         "block_reduce": _block_reduce,
         "np": np,

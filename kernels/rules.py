@@ -46,9 +46,10 @@ addcmul does, so that it overflows float32 exactly where torch's does.
 """
 
 import math
+import types
 from collections import namedtuple
 
-from numpy import float64
+from numpy import float32, float64
 
 
 def returns(*names):
@@ -77,6 +78,27 @@ def scalars(typename, fields):
     of.__qualname__ = f"{typename}.of"  # for the message of a missing field
     cls.of = staticmethod(of)
     return cls
+
+
+def lerp(start, end, weight):
+    """torch's ``start.lerp_(end, weight)``, the moving averages' update: from ``start``
+    for a weight below 0.5, else from ``end``, which a weight of 1 (beta1 = 0) gives
+    exactly, where ``start + weight * (end - start)`` loses it beside a large start."""
+    diff = end - start
+    if weight < 0.5:
+        return start + weight * diff
+    return end - diff * (float32(1.0) - weight)
+
+
+# The functions the rules call, which each backend compiles as it compiles the rules.
+HELPERS = (lerp,)
+
+
+def calling(rule, helpers):
+    """``rule`` calling ``helpers``, a backend's compiled :data:`HELPERS` by name, in
+    their place."""
+    return types.FunctionType(rule.__code__, {**rule.__globals__, **helpers}, rule.__name__,
+                              rule.__defaults__, rule.__closure__)
 
 
 # The factors of prepare(), which every algorithm shares.
@@ -138,7 +160,7 @@ RMSpropScalars = scalars("RMSpropScalars", ["lr", "alpha", "one_minus_alpha", "e
 def rmsprop(p, g, square_avg, grad_avg, momentum_buffer, h: RMSpropScalars):
     square_avg = h.alpha * square_avg + h.one_minus_alpha * g * g
     if h.centered:
-        grad_avg = grad_avg + h.one_minus_alpha * (g - grad_avg)
+        grad_avg = lerp(grad_avg, g, h.one_minus_alpha)
         variance = square_avg - grad_avg * grad_avg
         # torch fuses this multiply-add, so a finite grad_avg whose square overflows
         # leaves an infinite square_avg infinite there; unfused, inf - inf is NaN.
@@ -169,7 +191,7 @@ AdamScalars = scalars("AdamScalars", ["decay", "step_size", "inv_bc2_sqrt", "eps
 
 @returns("p", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "agreement")
 def adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, h: AdamScalars):
-    exp_avg = exp_avg + h.one_minus_beta1 * (g - exp_avg)
+    exp_avg = lerp(exp_avg, g, h.one_minus_beta1)
     exp_avg_sq = h.beta2 * exp_avg_sq + h.one_minus_beta2 * g * g
     if h.amsgrad:
         if exp_avg_sq > max_exp_avg_sq or exp_avg_sq != exp_avg_sq:
@@ -189,7 +211,7 @@ AdamaxScalars = scalars("AdamaxScalars", "clr eps one_minus_beta1 beta2")
 
 
 def adamax(p, g, exp_avg, exp_inf, h: AdamaxScalars):
-    exp_avg = exp_avg + h.one_minus_beta1 * (g - exp_avg)
+    exp_avg = lerp(exp_avg, g, h.one_minus_beta1)
     exp_inf = h.beta2 * exp_inf
     bound = abs(g) + h.eps
     if bound > exp_inf or bound != bound:
@@ -203,7 +225,7 @@ NAdamScalars = scalars("NAdamScalars", ["decay", "grad_coef", "avg_coef", "inv_b
 
 
 def nadam(p, g, exp_avg, exp_avg_sq, h: NAdamScalars):
-    exp_avg = exp_avg + h.one_minus_beta1 * (g - exp_avg)
+    exp_avg = lerp(exp_avg, g, h.one_minus_beta1)
     exp_avg_sq = h.beta2 * exp_avg_sq + h.one_minus_beta2 * g * g
     denom = math.sqrt(exp_avg_sq * h.inv_bc2) + h.eps
     # The Nesterov look-ahead: the gradient weighted by (1 - mu_t) / (1 - prod mu) and
@@ -217,7 +239,7 @@ RAdamScalars = scalars("RAdamScalars", ["decay", "step_size", "eps", "one_minus_
 
 
 def radam(p, g, exp_avg, exp_avg_sq, h: RAdamScalars):
-    exp_avg = exp_avg + h.one_minus_beta1 * (g - exp_avg)
+    exp_avg = lerp(exp_avg, g, h.one_minus_beta1)
     exp_avg_sq = h.beta2 * exp_avg_sq + h.one_minus_beta2 * g * g
     # step_size folds lr, the bias corrections and the rectification term. While the
     # variance estimate is not yet trusted (rho_t <= 5) the step is plain momentum.
@@ -279,7 +301,7 @@ def adan(p, g, exp_avg, exp_avg_sq, exp_avg_diff, prev_grad, h: AdanScalars):
     # divisions where it divides). On the first step there is no previous gradient and
     # the difference is g - g (NaN for an infinite g, as there).
     diff = g - prev_grad if h.has_prev_grad else g - g
-    exp_avg = exp_avg + h.one_minus_beta1 * (g - exp_avg)
+    exp_avg = lerp(exp_avg, g, h.one_minus_beta1)
     exp_avg_diff = h.beta2 * exp_avg_diff + h.one_minus_beta2 * diff
     update = diff * h.beta2 + g
     exp_avg_sq = h.beta3 * exp_avg_sq + h.one_minus_beta3 * update * update
@@ -322,7 +344,7 @@ def lamb(p, g, exp_avg, exp_avg_sq, h: LAMBScalars):
     sums ``param_sq`` and ``update_sq`` per tensor, the second recomputes u from them
     and steps with each tensor's ``trust_lr``."""
     if h.moving:
-        exp_avg = exp_avg + h.one_minus_beta1 * (g - exp_avg)
+        exp_avg = lerp(exp_avg, g, h.one_minus_beta1)
         exp_avg_sq = h.beta2 * exp_avg_sq + h.one_minus_beta2 * g * g
     ratio = (exp_avg * h.inv_bc1) / (math.sqrt(exp_avg_sq) * h.inv_bc2_sqrt + h.eps)
     update = ratio + h.weight_decay * p
@@ -355,7 +377,7 @@ def adafactor(p, g, second, h: AdafactorScalars):
     estimate. Also returns the term of RMS(u) (u*u computed without the square root),
     for the pass that sums it: ``step_size`` depends on that sum over the tensor."""
     if h.moving:
-        second = second + h.beta * (g * g - second)
+        second = lerp(second, g * g, h.beta)
     estimate = h.row_scale * second
     # torch clamps, which keeps a NaN.
     if estimate < h.eps1_sq:
@@ -372,7 +394,7 @@ SWATSAdamScalars = scalars("SWATSAdamScalars", ["coef", "eps", "one_minus_beta1"
 def swats_adam(p, g, exp_avg, exp_avg_sq, h: SWATSAdamScalars):
     """SWATS's Adam phase. Also returns the terms of d.d and d.g, where the step is
     -coef * d, for the switching test."""
-    exp_avg = exp_avg + h.one_minus_beta1 * (g - exp_avg)
+    exp_avg = lerp(exp_avg, g, h.one_minus_beta1)
     exp_avg_sq = h.beta2 * exp_avg_sq + h.one_minus_beta2 * g * g
     # eps is added to the uncorrected sqrt: the paper folds both corrections into coef.
     direction = exp_avg / (math.sqrt(exp_avg_sq) + h.eps)

@@ -65,3 +65,26 @@ def test_non_finite_gradients_propagate_as_in_torch(case):
         if isinstance(value, torch.Tensor) and value.numel() == n:
             np.testing.assert_array_equal(np.isnan(opt.state[key]), np.isnan(value.numpy()),
                                           err_msg=key)
+
+
+@pytest.mark.parametrize("name, kwargs, key", [
+    ("Adam", dict(betas=(0.0, 0.999)), "exp_avg"), ("AdamW", dict(betas=(0.0, 0.0)), "exp_avg"),
+    ("Adamax", dict(betas=(0.0, 0.999)), "exp_avg"), ("NAdam", dict(betas=(0.0, 0.999)), "exp_avg"),
+    ("RAdam", dict(betas=(0.0, 0.999)), "exp_avg"),
+    ("RMSprop", dict(alpha=0.0, centered=True), "grad_avg"),
+    ("Adafactor", dict(beta2_decay=0.0), "variance"),
+    ("Adafactor", dict(beta2_decay=0.0), "row_var")])  # a matrix's factors, on the host
+def test_an_average_moved_with_weight_one_is_the_new_value_as_in_torchs_lerp(name, kwargs, key):
+    """torch's lerp_ goes from its end for weights of 0.5 and more, which gives the end
+    exactly at 1 (beta1 = 0, alpha = 0): m + 1 * (g - m) lost a small gradient beside a
+    large average (2**-20 after 2**20 read as 0)."""
+    shape = (2, 3) if key == "row_var" else (6,)
+    p0 = np.zeros(shape, np.float32)
+    grads = [np.full(shape, 2.0 ** 20, np.float32), np.full(shape, 2.0 ** -20, np.float32)]
+    expected, torch_state = run_torch(name, dict(lr=1e-3, **kwargs), p0, grads)
+    assert torch_state[key].flatten()[0].item() == 2.0 ** (-40 if name == "Adafactor" else -20)
+    ours = getattr(fastopt, name)([p0.copy()], lr=1e-3, **kwargs)
+    for g in grads:
+        ours.step(g.ravel())
+    np.testing.assert_array_equal(ours.state[key], torch_state[key].numpy().ravel())
+    np.testing.assert_allclose(ours.flat_params, expected.ravel(), rtol=RTOL, atol=ATOL)

@@ -212,10 +212,13 @@ def _eps1(group):
 
 def _move(backend, factor, slots, target, weight):
     """``factor[slots]`` moved toward ``target`` by ``weight`` in float32, as torch's
-    lerp_ does, on the host; returns the factor's values there."""
+    lerp_ does (and ``rules.lerp``: from the target where the weight is 0.5 or more),
+    on the host; returns the factor's values there."""
     values = backend.on_host(factor)
-    current = values[slots]
-    values[slots] = current + np.float32(weight) * (target.astype(np.float32) - current)
+    current, weight = values[slots], np.float32(weight)
+    diff = target.astype(np.float32) - current
+    values[slots] = (current + weight * diff if weight < 0.5
+                     else target.astype(np.float32) - diff * (np.float32(1) - weight))
     if values is not factor:
         backend.copy(factor, values)
     return values
