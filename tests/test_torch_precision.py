@@ -261,7 +261,9 @@ def test_a_model_made_float32_again_goes_on_from_its_master_weights(master_weigh
         model.zero_grad()
         model(torch.randn(4, 6).bfloat16()).sum().backward()
         opt.step()
-    decoded = opt.decoded_state_dict()
+    # A copy: its float32 buffers are the live state, which torch's load would share
+    # (a cast to the same dtype is the same tensor), and both would step them.
+    decoded = copy.deepcopy(opt.decoded_state_dict())
     masters = [opt.state[p]["master"].clone() if master_weights == "float32"
                else _rebuilt(p, opt.state[p]["master"]).view(p.shape)
                for p in model.parameters()]
