@@ -2250,7 +2250,7 @@ class _Store:
         work = engine.Work(self.backend, self.tensors(run, master), self.shapes[first:last],
                            self.table(run), state, tuple(spec),
                            lambda name: self.layout(name)[0][first:last], prep,
-                           algorithm.spec.keeps_subnormals,
+                           engine.keeps_subnormals(algorithm, hyper),
                            self._caches.setdefault((first, last), {}), self.storage.formats,
                            self.master)
         if self.quantized:

@@ -8,6 +8,7 @@ from cases import TORCH_CASES, case_id
 from conftest import SIZES, gradients, initial_params
 
 torch = pytest.importorskip("torch")
+import fastopt.torch as ft  # noqa: E402
 
 # Both sides compute in float32 but round differently (torch fuses some multiply-adds
 # and divides where fastopt multiplies by a reciprocal), so a few ulps per step.
@@ -88,3 +89,29 @@ def test_an_average_moved_with_weight_one_is_the_new_value_as_in_torchs_lerp(nam
         ours.step(g.ravel())
     np.testing.assert_array_equal(ours.state[key], torch_state[key].numpy().ravel())
     np.testing.assert_allclose(ours.flat_params, expected.ravel(), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("Adam", dict(eps=0.0)), ("Adam", dict(eps=1e-30)), ("Adam", dict(eps=1e-40)),
+    ("AdamW", dict(eps=0.0)), ("NAdam", dict(eps=0.0)), ("RMSprop", dict(eps=0.0)),
+    ("Adagrad", dict(eps=0.0)), ("Adadelta", dict(eps=0.0)),
+    ("Adam", dict(eps=0.0, state_dtype="int8"))])
+def test_under_a_small_eps_the_kernels_keep_subnormals_as_torch_does(name, kwargs):
+    """Flushed, (1 - beta2) * g * g of a gradient of 1e-20 was 0, and m / (0 + eps)
+    took p to -inf (eps = 0) or 1e7 away (eps = 1e-30), where torch steps by lr; a
+    subnormal eps read as 0. Below eps 1e-10 the kernels keep subnormals."""
+    torch_kwargs = {k: v for k, v in kwargs.items() if k != "state_dtype"}
+    p0 = np.ones(5000, np.float32)
+    grads = [np.full(5000, 1e-20, np.float32)] * 3
+    expected, _ = run_torch(name, dict(lr=1e-3, **torch_kwargs), p0, grads)
+    ours = getattr(fastopt, name)([p0.copy()], lr=1e-3, **kwargs)
+    for g in grads:  # through opt.flat_grads: the second step on takes the steady path
+        ours.flat_grads[...] = g
+        ours.step()
+    p = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+    theirs = getattr(ft, name)([p], lr=1e-3, **kwargs)
+    for g in grads:
+        p.grad = torch.from_numpy(g)
+        theirs.step()
+    for result in (ours.flat_params, p.detach().numpy()):
+        np.testing.assert_allclose(result, expected, rtol=RTOL, atol=ATOL)

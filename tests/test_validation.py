@@ -50,9 +50,6 @@ STEP_CASES = {
     "grad_scale whose inverse overflows": (lambda o: o.step(grad_scale=1e-39), ValueError,
                                            "1/grad_scale overflows"),
     "eps < 0": (set_group("eps", -1e-8), ValueError, "eps >= 0"),
-    # which the CPU kernels flush to 0: a never-moved element would step by 0/0
-    "eps subnormal in float32": (set_group("eps", 1e-40), ValueError,
-                                 "1e-40 is subnormal in float32"),
     "beta1 = 1": (set_group("betas", (1.0, 0.999)), ValueError, "index 0"),
     "beta2 < 0": (set_group("betas", (0.9, -0.1)), ValueError, "index 1"),
     "betas not a pair": (set_group("betas", (0.9,)), TypeError, "betas must be a pair"),
@@ -208,8 +205,6 @@ CONSTRUCTION_CASES = {
     "nesterov with dampening": (lambda: fastopt.SGD([ONE], momentum=0.9, dampening=0.1,
                                                     nesterov=True), ValueError, "zero dampening"),
     "negative momentum": (lambda: fastopt.SGD([ONE], momentum=-0.5), ValueError, "momentum"),
-    "Adagrad eps subnormal": (lambda: fastopt.Adagrad([ONE], eps=1e-39), ValueError,
-                              "subnormal in float32"),
     "RMSprop alpha < 0": (lambda: fastopt.RMSprop([ONE], alpha=-0.1), ValueError, "alpha"),
     "Adadelta rho > 1": (lambda: fastopt.Adadelta([ONE], rho=1.5), ValueError, "rho"),
     "Adagrad lr_decay < 0": (lambda: fastopt.Adagrad([ONE], lr_decay=-1.0), ValueError,

@@ -39,11 +39,6 @@ def check_lr(value):
 
 def check_eps(value):
     check_nonnegative("eps", value, "epsilon value")
-    if 0.0 < value < FLOAT32_TINY:  # torch's eps keeps 0/0 from its zero moments
-        raise ValueError(f"Invalid epsilon value: {value} is subnormal in float32 (below "
-                         f"{FLOAT32_TINY:.6g}), which the CPU kernels flush to zero, so that "
-                         "an element whose gradients were all 0 would step by 0/0 = NaN; "
-                         f"take eps=0 or eps >= {FLOAT32_TINY:.6g}")
 
 
 def check_betas(betas, count=2):

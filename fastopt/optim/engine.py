@@ -109,6 +109,21 @@ def prep(algorithm, group, inverse_scale, coefficient, clip_grad_value):
     return g_scale, 1.0, clip, algorithm.l2(group)
 
 
+# Below this eps, the flush would show: a second moment under float32's normal numbers
+# (of gradients under about 1e-19) read as 0 leaves eps alone in the denominator, where
+# torch's sqrt of it is up to 1e-19 (3e-18 after Adam's bias correction), or 0/0 with
+# eps = 0. At 1e-10 that is 3e-8 of the denominator at most.
+SMALL_EPS = 1e-10
+
+
+def keeps_subnormals(algorithm, group):
+    """Whether the kernels must keep subnormal numbers for ``group``'s step (see
+    ``fastopt.kernels.cpu.FLUSH_DENORMALS``): where the algorithm needs them
+    (``Spec.keeps_subnormals``), or the group's ``eps`` is below ``SMALL_EPS``."""
+    eps = group.get("eps")
+    return algorithm.spec.keeps_subnormals or (isinstance(eps, (int, float)) and eps < SMALL_EPS)
+
+
 def clip_coefficient(max_norm, norm):
     """torch's ``min(1, max_norm / (norm + 1e-6))``; a NaN norm gives NaN, as in torch."""
     coefficient = max_norm / (norm + CLIP_NORM_EPS)

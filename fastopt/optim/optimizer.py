@@ -507,7 +507,7 @@ class Optimizer:
         host state ``host``; returns that host state after the step."""
         if engine.single_pass(self, h):
             after = self.host_after(group, step, host)  # first: if it raises, nothing moved
-            self._launch(self.rule, spec, start, stop, g, prep, h, step)
+            self._launcher(self.rule, spec, start, stop, g, prep, group)(h, step)
             return after
         return self.update(self._work(start, stop, spec, g, prep, step), group, step, h, host)
 
@@ -557,16 +557,13 @@ class Optimizer:
             self._kept_arrays[name] = kept
         return kept
 
-    def _launch(self, rule, spec, start, stop, g, prep, h, step):
-        """Run ``rule`` over ``[start:stop]`` of the parameters, ``g``, the master
-        weights (where they are kept) and the state, as step number ``step``."""
-        self._launcher(rule, spec, start, stop, g, prep)(h, step)
-
-    def _launcher(self, rule, spec, start, stop, g, prep):
-        """:meth:`_launch` as a function ``launch(h, step)``, everything else found once:
-        a steady step (``fastopt.optim.steady``) keeps it."""
-        storage, keep_subnormals, master = (self._storage, self.spec.keeps_subnormals,
-                                            self.master_params is not None)
+    def _launcher(self, rule, spec, start, stop, g, prep, group):
+        """A function ``launch(h, step)`` that runs ``rule`` over ``[start:stop]`` of the
+        parameters, ``g``, the master weights (where they are kept) and the state of
+        ``group``, as step number ``step``, everything else found once: a steady step
+        (``fastopt.optim.steady``) keeps it."""
+        storage, master = self._storage, self.master_params is not None
+        keep_subnormals = engine.keeps_subnormals(type(self), group)
         formats = tuple((name, storage.formats[name]) for name in ("p", "g", "w", *spec)
                         if name in storage.formats)
         if any(name in storage.quantized for name in spec):

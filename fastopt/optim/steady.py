@@ -126,7 +126,7 @@ class Steady:
             # prep holds maximize, clip_grad_value and the L2 decay: never a scheduled lr.
             prep = engine.prep(type(opt), group, 1.0, 1.0, opt.clip_grad_value)
             launch = opt._launcher(opt.rule, spec, layout.start, layout.stop, opt.flat_grads,
-                                   prep)
+                                   prep, group)
             groups.append(GroupStep(opt, index, spec, launch))
         return cls(opt, tuple(buffers.items()), tuple(groups))
 
