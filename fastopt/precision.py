@@ -145,6 +145,7 @@ def quantize(values, fmt, fit=False):
     if fit and lowest < 0:
         absmax = np.maximum(np.maximum(padded.max(axis=1), 0),
                             np.maximum(-padded.min(axis=1), 0) / -lowest).astype(FLOAT32)
+    absmax = np.where(absmax < np.inf, absmax, np.nan).astype(FLOAT32)  # as the kernels'
     prescale = np.where(absmax > codecs.LARGEST_PLAIN_ABSMAX, codecs.PRESCALE,
                         FLOAT32.type(1)).astype(FLOAT32)
     inverse = np.where(absmax > 0,

@@ -136,6 +136,14 @@ def _rules_source():
     return inspect.getsource(rules) + inspect.getsource(codecs)
 
 
+def _not_infinite(n):
+    """The statement that makes a block's absmax ``<n>_top`` NaN where it is infinite:
+    then every value of the block decodes as NaN. (An infinite absmax encoded the
+    infinity itself as inf * (1 / inf), a NaN, in the code of the map's most negative
+    value, and decoded it as -inf, beside NaN elsewhere.)"""
+    return f"{n}_top = {n}_top if {n}_top < INFINITY else NOT_A_NUMBER"
+
+
 def _scales(n):
     """The statements that bind ``<n>_prescale`` and ``<n>_inverse``, by which the new
     values of a block with the absmax ``<n>_top`` are encoded (see
@@ -222,7 +230,7 @@ def _block_chunk(taken, quantized, writes, bits, body, stochastic):
                       f"for i in range({count}):",
                       f"    {n}_bits = max({n}_bits, "
                       f"np.int32(np.float32({n}_new[i]).view(np.int32) & MAGNITUDE))",
-                      f"{n}_top = np.int32({n}_bits).view(np.float32)",
+                      f"{n}_top = np.int32({n}_bits).view(np.float32)", _not_infinite(n),
                       f"{n}_absmax[b] = {n}_top", *_scales(n)]
             lines += ([f"if {n}_prescale != ONE:",  # rare: the encoding's loops stay as they are
                        f"    for i in range(BLOCK): {n}_new[i] *= {n}_prescale",
@@ -263,7 +271,7 @@ def _block_steps(quantized, writes, body, segment_at):
                        "& MAGNITUDE)" for n in written])
     for n in written:
         lines += [f"{n}_top = np.uint32(block_reduce(shared_bits, {n}_bits, True))"
-                  ".view(np.float32)",
+                  ".view(np.float32)", _not_infinite(n),
                   f"if cuda.threadIdx.x == 0: {n}_absmax[b] = {n}_top", *_scales(n),
                   *threads(*_encoded(n, quantized[n], f"{n}[state_base + i]"))]
     return "\n    ".join(lines)

@@ -265,6 +265,8 @@ def _driver(spec, loops):
         "ONE": np.float32(1),
         "LARGEST_PLAIN_ABSMAX": codecs.LARGEST_PLAIN_ABSMAX,
         "PRESCALE": codecs.PRESCALE,
+        "INFINITY": np.float32(np.inf),
+        "NOT_A_NUMBER": np.float32(np.nan),
         "NO_BITS": np.int32(0),
         "MAGNITUDE": np.int32(0x7FFFFFFF),
         "np": np,

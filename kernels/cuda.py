@@ -110,6 +110,8 @@ def _driver(spec, loops):
         "ONE": np.float32(1),
         "LARGEST_PLAIN_ABSMAX": codecs.LARGEST_PLAIN_ABSMAX,
         "PRESCALE": codecs.PRESCALE,
+        "INFINITY": np.float32(np.inf),
+        "NOT_A_NUMBER": np.float32(np.nan),
         "NO_BITS": np.uint32(0),
         "MAGNITUDE": np.uint32(0x7FFFFFFF),
         "BLOCK": codecs.BLOCK,

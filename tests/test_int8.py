@@ -393,14 +393,23 @@ def test_bfloat16_parameters_with_remainders_and_8_bit_state_step_as_with_float3
     assert not np.array_equal(kept.master_params, p0.astype(f32))
 
 
-def test_a_nan_makes_its_blocks_absmax_nan_and_stays_out_of_the_others():
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_nan_or_infinity_makes_its_blocks_absmax_nan_and_stays_out_of_the_others(bad):
+    """An infinity made its block's absmax infinite, which encoded the infinity itself
+    as inf * (1 / inf), a NaN, in code 0: +inf read back as -inf, beside NaN."""
     opt = fastopt.Adam([np.ones(5000, f32)], state_dtype="int8")
     g = np.full(5000, 0.5, f32)
-    g[300] = np.nan  # in block 1
+    g[300] = bad  # in block 1
     opt.step(g)
     for name in ("exp_avg", "exp_avg_sq"):
         absmax = opt.state[name + "_absmax"]
         assert np.isnan(absmax[1]) and np.isfinite(np.delete(absmax, 1)).all()
+        decoded = fastopt.precision.dequantize(opt.state[name], absmax, "signed8" if
+                                               name == "exp_avg" else "unsigned8")
+        assert np.isnan(decoded[256:512]).all()
+        _, host_absmax = fastopt.precision.quantize(np.where(np.arange(5000) == 300, bad,
+                                                             0.5).astype(f32), "signed8")
+        assert np.isnan(host_absmax[1])  # the host's encoding, as the kernels'
     opt.step(np.full(5000, 0.5, f32))  # the block's state decodes as NaN, and so steps
     assert np.isnan(opt.flat_params[256:512]).all()
     assert np.isfinite(np.delete(opt.flat_params, np.s_[256:512])).all()
