@@ -80,14 +80,17 @@ def scalars(typename, fields):
     return cls
 
 
+HALF, ONE = float32(0.5), float32(1.0)  # constants of the compiled code, as float32
+
+
 def lerp(start, end, weight):
     """torch's ``start.lerp_(end, weight)``, the moving averages' update: from ``start``
     for a weight below 0.5, else from ``end``, which a weight of 1 (beta1 = 0) gives
     exactly, where ``start + weight * (end - start)`` loses it beside a large start."""
     diff = end - start
-    if weight < 0.5:
+    if weight < HALF:
         return start + weight * diff
-    return end - diff * (float32(1.0) - weight)
+    return end - diff * (ONE - weight)
 
 
 # The functions the rules call, which each backend compiles as it compiles the rules.
