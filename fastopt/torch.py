@@ -1145,12 +1145,11 @@ class Optimizer(torch.optim.Optimizer):
             if bool((absmax < 0).any()):  # which would flip the signs of a block's values
                 raise ValueError(f"loaded state dict has negative block scales in "
                                  f"{name + ABSMAX!r}; a block's absmax is >= 0 (or NaN)")
-            if strides is not None and not (isinstance(strides, torch.Tensor)
-                                            and _is_integer(strides.dtype)):
-                raise TypeError(f"loaded state dict has {STRIDES!r} for parameter {index!r} "
-                                f"of {_kind(strides)}: the strides of its 8-bit codes, as an "
-                                "integer tensor")
             if strides is not None:  # laid out as they were kept: see STRIDES
+                if not (isinstance(strides, torch.Tensor) and _is_integer(strides.dtype)):
+                    raise TypeError(f"loaded state dict has {STRIDES!r} for parameter "
+                                    f"{index!r} of {_kind(strides)}: the strides of its "
+                                    "8-bit codes, as an integer tensor")
                 if strides.shape != (codes.dim(),) or not _is_dense(torch.empty_strided(
                         codes.shape, tuple(strides.tolist()), device="meta")):
                     raise ValueError(f"loaded state dict has {STRIDES!r} "

@@ -212,13 +212,10 @@ def _eps1(group):
 
 def _move(backend, factor, slots, target, weight):
     """``factor[slots]`` moved toward ``target`` by ``weight`` in float32, as torch's
-    lerp_ does (and ``rules.lerp``: from the target where the weight is 0.5 or more),
-    on the host; returns the factor's values there."""
+    lerp_ does (``rules.lerp``, here on the host's arrays); returns the factor's values
+    there."""
     values = backend.on_host(factor)
-    current, weight = values[slots], np.float32(weight)
-    diff = target.astype(np.float32) - current
-    values[slots] = (current + weight * diff if weight < 0.5
-                     else target.astype(np.float32) - diff * (np.float32(1) - weight))
+    values[slots] = rules.lerp(values[slots], target.astype(np.float32), np.float32(weight))
     if values is not factor:
         backend.copy(factor, values)
     return values
