@@ -87,11 +87,14 @@ class EMA:
 
     def update(self):
         """Move the average towards the current parameters: one pass per array."""
-        h = rules.EMAScalars.of(decay=f32(self.decay), one_minus_decay=f32(1.0 - self.decay))
+        if self._backup is not None:
+            raise RuntimeError("update() inside applied() (or after copy_to()) would average "
+                               "the average into itself: restore() first")
+        weight, decay = _weight(self.decay)
         for shadow, target in zip(self._shadows, self._targets):
-            self._backend.ema(shadow, target, h)
+            self._backend.ema(shadow, target, rules.EMAScalars.of(one_minus_decay=weight))
         self.updates += 1
-        self.start_weight *= self.decay
+        self.start_weight *= decay
 
     def correction(self):
         """The factor ``1 / (1 - start_weight)`` that removes the zero-start bias (1
@@ -142,7 +145,7 @@ class EMA:
         """Continue from a :meth:`state_dict` of an EMA of parameters of the same size.
         Everything is checked first; on error (ValueError or TypeError) nothing
         changes. A state without ``"start_weight"`` (saved before it was kept) takes
-        ``decay ** updates``, which holds where the decay never changed."""
+        the decay's to the power ``updates``, which holds where it never changed."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, as EMA.state_dict() returns it, got "
                             f"{type(state).__name__}")
@@ -160,7 +163,7 @@ class EMA:
             raise ValueError(f"state['updates'] must be >= 0, got {updates}")
         decay = _decay(state["decay"])
         check_flag("bias_correction", state["bias_correction"])
-        start_weight = state.get("start_weight", decay ** updates)
+        start_weight = state.get("start_weight", _weight(decay)[1] ** updates)
         if not 0.0 <= real("state['start_weight']", start_weight) <= 1.0:
             raise ValueError(f"state['start_weight'] must be in [0, 1], got {start_weight!r}")
         if start_weight == 1.0 and updates and state["bias_correction"]:
@@ -188,6 +191,13 @@ class EMA:
 
 # The keys of EMA.state_dict().
 STATE = ("shadow", "updates", "decay", "bias_correction", "start_weight")
+
+
+def _weight(decay):
+    """``(weight, applied)``: the float32 weight ``1 - decay`` of an update, and the decay
+    that update applies, exactly 1 less that weight, which the correction multiplies."""
+    weight = f32(1.0 - decay)
+    return weight, 1.0 - float(weight)
 
 
 def _decay(value):

@@ -405,13 +405,16 @@ def swats_adam(p, g, exp_avg, exp_avg_sq, h: SWATSAdamScalars):
             float64(direction) * float64(g))
 
 
-EMAScalars = scalars("EMAScalars", "decay one_minus_decay")
+EMAScalars = scalars("EMAScalars", "one_minus_decay")
 
 
 @returns("average")
 def ema(average, value, h: EMAScalars):
-    """An exponential moving average: ``decay * average + (1 - decay) * value``."""
-    return h.decay * average + h.one_minus_decay * value
+    """An exponential moving average, as torch's ``average.lerp_(value, 1 - decay)``.
+    Not ``decay * average + (1 - decay) * value``: its two roundings of a slowly moving
+    average err the same way update after update, some ``2**-24 / (1 - decay)`` of it
+    (5.6e-4 on averages of 3 after 20,000 updates at 0.9999, against 1e-5 so)."""
+    return lerp(average, value, h.one_minus_decay)
 
 
 NoScalars = scalars("NoScalars", "")

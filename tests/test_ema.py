@@ -83,6 +83,47 @@ def test_bias_correction_removes_the_pull_towards_zero(decay):
     np.testing.assert_allclose(fastopt.EMA([c.copy()], decay=decay).shadow, 0.0)
 
 
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_a_long_average_errs_no_more_than_torchs_lerp(bias_correction):
+    """20,000 updates at decay 0.9999 of slowly moving parameters: each update rounds,
+    and ``decay * v + (1 - decay) * x`` rounded the same way update after update (5.6e-4
+    off on averages of 3-4), where torch's ``v.lerp_(x, 1 - decay)`` (its
+    ``get_ema_multi_avg_fn``, timm's ModelEmaV3) stays near 1e-5."""
+    torch = pytest.importorskip("torch")
+    n, decay, updates = 2048, 0.9999, 20_000
+    rng = np.random.default_rng(1)
+    opt = fastopt.SGD([rng.standard_normal(n).astype(f32)], lr=0.0)
+    ema = fastopt.EMA(opt, decay=decay, bias_correction=bias_correction)
+    theta = torch.from_numpy(opt.flat_params)  # shares memory: the live parameters
+    lerped = torch.zeros(n) if bias_correction else theta.clone()
+    exact = lerped.double()
+    for _ in range(updates):
+        opt.flat_params[:] += f32(1e-3) * rng.standard_normal(n).astype(f32)
+        ema.update()
+        lerped.lerp_(theta, 1.0 - decay)
+        exact = decay * exact + (1.0 - decay) * theta.double()
+    scale = 1.0 / (1.0 - decay ** updates) if bias_correction else 1.0
+    torch_error = (lerped.double() - exact).abs().max().item() * scale
+    error = np.abs(ema.shadow - exact.numpy()).max() * scale
+    assert torch_error < 5e-5
+    assert error <= 1.5 * torch_error
+    with ema.applied():
+        np.testing.assert_allclose(opt.flat_params, exact.numpy() * scale, atol=1.5 * torch_error)
+
+
+def test_an_update_while_the_average_is_applied_is_refused():
+    w = np.full(4, 3.0, f32)
+    ema = fastopt.EMA([w], decay=0.5)
+    ema.update()
+    shadow = ema.shadow.copy()
+    with ema.applied():
+        with pytest.raises(RuntimeError, match="restore"):
+            ema.update()
+    np.testing.assert_array_equal(ema.shadow, shadow)
+    assert ema.updates == 1
+    np.testing.assert_array_equal(w, 3.0)
+
+
 def params_with_special_values(rng):
     """Live parameters with values whose bits a float round trip might lose."""
     return {"w": rng.standard_normal((3, 4)).astype(f32), "b": rng.standard_normal(5).astype(f32)}
@@ -304,7 +345,7 @@ def test_a_state_dict_saved_before_start_weight_was_kept_resumes_a_constant_deca
     del state["start_weight"]
     resumed = fastopt.EMA(opt, decay=0.5)
     resumed.load_state_dict(state)
-    assert resumed.start_weight == 0.9 ** 4
+    assert resumed.start_weight == ema.start_weight  # (1 - float32(1 - 0.9)) ** 4
     with ema.applied():
         expected = opt.flat_params.copy()
     with resumed.applied():
@@ -403,7 +444,7 @@ def test_a_large_buffer_matches_the_reference_and_the_serial_kernel_bitwise(rng)
     np.testing.assert_array_equal(big, history[-1])
 
     value = rng.standard_normal(n).astype(f32)
-    h = (f32(0.95), f32(0.05))
+    h = (f32(0.05),)  # rules.EMAScalars: 1 - decay
     serial, parallel = whole.shadow.copy(), whole.shadow.copy()
     kernel = cpu.kernel("ema", ("average", "value"))
     kernel(serial, value, (), h, False, True)
