@@ -38,8 +38,9 @@ class DynamicLossScaler:
 
     def __init__(self, init_scale=2.0 ** 16, growth_factor=2.0, backoff_factor=0.5,
                  growth_interval=2000):
-        if not real("init_scale", init_scale) > 0.0:
-            raise ValueError(f"init_scale must be > 0, got {init_scale!r}")
+        if not 0.0 < _float32(real("init_scale", init_scale)) < math.inf:
+            raise ValueError(f"init_scale must be > 0 and finite as a float32 (in which the "
+                             f"scale is kept), got {init_scale!r}")
         if not real("growth_factor", growth_factor) > 1.0:
             raise ValueError(f"growth_factor must be > 1, got {growth_factor!r}")
         if not 0.0 < real("backoff_factor", backoff_factor) < 1.0:
@@ -50,6 +51,7 @@ class DynamicLossScaler:
         self.growth_interval = _count("growth_interval", growth_interval, 1)
         self.growth_tracker = 0
         self._found_inf = None  # None until a step since the last update
+        self._stepped = []  # the optimizers stepped since the last update
 
     def scale_loss(self, loss):
         """``loss * scale``: backpropagate this, not the loss itself."""
@@ -61,7 +63,9 @@ class DynamicLossScaler:
         a NumPy-API optimizer's ``step`` takes them (a ``fastopt.torch`` optimizer reads
         ``p.grad``, and refuses them). Raises RuntimeError, and steps nothing, once the
         scale has backed off so far that 1/scale overflows float32 (about 150 skipped
-        steps in a row from 2**16)."""
+        steps in a row from 2**16), or for a second step of ``optimizer`` before
+        :meth:`update`, as torch's GradScaler does: a loop without ``update`` would
+        never adapt the scale."""
         if grads is not None and not isinstance(optimizer, Optimizer):
             raise TypeError(f"grads: {type(optimizer).__name__}.step takes no gradients "
                             "(a fastopt.torch optimizer reads each parameter's .grad): "
@@ -71,8 +75,12 @@ class DynamicLossScaler:
                 f"the loss scale has backed off to {self.scale:.3g}, where 1/scale "
                 "overflows float32: the gradients held an Inf or NaN at every scale tried; "
                 "look for one in the loss or the parameters")
+        if any(stepped is optimizer for stepped in self._stepped):
+            raise RuntimeError("step() has already been called for this optimizer since the "
+                               "last update(): call scaler.update() after each step")
         skipped = optimizer.skipped_steps
         optimizer.step(grads, grad_scale=self.scale, skip_nonfinite=True)
+        self._stepped.append(optimizer)
         applied = optimizer.skipped_steps == skipped
         self._found_inf = bool(self._found_inf) or not applied
         return applied
@@ -91,7 +99,7 @@ class DynamicLossScaler:
             self.growth_tracker = 0
         else:
             self.growth_tracker += 1
-        self._found_inf = None
+        self._found_inf, self._stepped = None, []
 
     def state_dict(self):
         """The scale, the policy and the tracker, under torch.amp.GradScaler's keys, so
@@ -112,6 +120,9 @@ class DynamicLossScaler:
         loaded = DynamicLossScaler(state["scale"], state["growth_factor"],
                                    state["backoff_factor"], state["growth_interval"])
         loaded.growth_tracker = _count("_growth_tracker", state["_growth_tracker"], 0)
+        if loaded.growth_tracker >= loaded.growth_interval:  # it would never grow again
+            raise ValueError(f"_growth_tracker must be below growth_interval "
+                             f"({loaded.growth_interval}), got {loaded.growth_tracker}")
         vars(self).update(vars(loaded))
 
     def __repr__(self):

@@ -119,11 +119,12 @@ def test_skipped_steps_leave_parameters_and_state_bit_identical(name, kwargs, vi
     scaler = fastopt.DynamicLossScaler(init_scale=scale)
     for g, flag in zip(grads, flags):
         before = snapshot(opt)
-        scaled = poisoned(g, flag) * f32(scale)
+        scaled = poisoned(g, flag) * f32(scaler.scale)  # a power of two: exact
         if via == "scaler":
             scaler.step(opt, scaled)
+            scaler.update()
         else:
-            opt.step(scaled, grad_scale=scale, skip_nonfinite=True)
+            opt.step(scaled, grad_scale=scaler.scale, skip_nonfinite=True)
         if flag == ".":
             clean.step(g)
             assert opt.state["step"] == before["state"]["step"] + 1
@@ -167,11 +168,27 @@ def test_update_needs_a_step_first():
     assert scaler.scale == 16.0 and scaler.growth_tracker == 0
 
 
+def test_a_second_step_before_update_is_refused_and_steps_nothing():
+    scaler = fastopt.DynamicLossScaler(init_scale=2.0)
+    opt, other = fastopt.SGD([np.ones(3, f32)], lr=0.1), fastopt.SGD([np.ones(2, f32)], lr=0.1)
+    assert scaler.step(opt, np.full(3, 2.0, f32))
+    assert scaler.step(other, np.full(2, 2.0, f32))  # a shared scaler: one step each
+    with pytest.raises(RuntimeError, match=r"already been called.*update\(\)"):
+        scaler.step(opt, np.full(3, 2.0, f32))  # torch's GradScaler raises too
+    np.testing.assert_array_equal(opt.params[0], f32(0.9))
+    assert opt.state["step"] == 1
+    scaler.update()
+    assert scaler.step(opt, np.full(3, 2.0, f32))
+    np.testing.assert_array_equal(opt.params[0], f32(0.9) - f32(0.1))
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(init_scale=0.0), ValueError, "init_scale"),
     (dict(init_scale=-1.0), ValueError, "init_scale"),
     (dict(init_scale=float("nan")), ValueError, "init_scale"),
     (dict(init_scale=float("inf")), ValueError, "init_scale"),
+    (dict(init_scale=1e-46), ValueError, "init_scale"),  # 0 as the float32 it is kept in
+    (dict(init_scale=1e39), ValueError, "init_scale"),  # inf so
     (dict(init_scale="1024"), TypeError, "init_scale"),
     (dict(init_scale=None), TypeError, "init_scale"),
     (dict(growth_factor=1.0), ValueError, "growth_factor"),
@@ -256,6 +273,8 @@ def test_state_dicts_move_between_torch_and_fastopt():
 @pytest.mark.parametrize("change, error", [
     (dict(scale=-4.0), ValueError), (dict(_growth_tracker=-7), ValueError),
     (dict(growth_factor=0.5), ValueError), (dict(_growth_tracker=1.5), TypeError),
+    # a tracker at the interval would never grow the scale again
+    (dict(_growth_tracker=2000), ValueError),
 ])
 def test_a_bad_state_dict_is_refused_and_changes_nothing(change, error):
     scaler = fastopt.DynamicLossScaler(init_scale=8.0)
