@@ -740,7 +740,11 @@ class Optimizer(torch.optim.Optimizer):
         again. A buffer set to None (torch's SGD's momentum_buffer before its first step)
         begins afresh, as in torch."""
         for name in self._numbers() & state.keys():
-            _check_number(name, state[name], lambda: self._name(p))
+            number = _check_number(name, state[name], lambda: self._name(p))
+            # As a Python number, as torch reads one: a float32 tensor's arithmetic would
+            # round the bias corrections (a tensor step of Adam's at beta2 0.99999 erred
+            # 40x torch's error), and a step above 2**24 would stand still.
+            dict.__setitem__(state, name, int(number) if name == "step" else float(number))
         for name in [name for name in self.algorithm.state_names()
                      if name in state and state[name] is None]:
             dict.__delitem__(state, name)
@@ -850,7 +854,9 @@ class Optimizer(torch.optim.Optimizer):
             p = params[index]
             for name in numbers:
                 if isinstance(state.get(name), (int, float)):
-                    state[name] = torch.tensor(float(state[name]), dtype=_TORCH_SCALARS[name])
+                    # float32, as torch's step, while that holds it exactly (to 2**24)
+                    dtype = _TORCH_SCALARS[name] if state[name] <= 2 ** 24 else torch.float64
+                    state[name] = torch.tensor(float(state[name]), dtype=dtype)
             if MASTER in state:
                 state[MASTER] = _master_weights(p, self._stepped(p), state[MASTER])
             for name in [n for n in averages if n in state and n + ABSMAX in state]:
@@ -1696,9 +1702,10 @@ def _start_kernel_threads():
 
 
 def _check_number(name, value, param):
-    """Refuse a per-parameter number (``_TORCH_SCALARS``, a real number or a one-element
-    tensor) that no step leaves: a step count must be a whole number >= 0, the others
-    finite. ``param()`` names the parameter, only for the error."""
+    """A per-parameter number (``_TORCH_SCALARS``, a real number or a one-element
+    tensor) as a Python number; refused where no step leaves it: a step count must be a
+    whole number >= 0, the others finite. ``param()`` names the parameter, only for the
+    error."""
     number = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
     if isinstance(number, bool) or not isinstance(number, numbers.Real):
         raise TypeError(f"state {name!r} of {param()} must be a number or a one-element real "
@@ -1708,6 +1715,7 @@ def _check_number(name, value, param):
                          f"{number!r}")
     if not math.isfinite(number):
         raise ValueError(f"state {name!r} of {param()} must be finite, got {number!r}")
+    return number
 
 
 def _check_state(param, name, value, expected, castable=(), loading=False, like=None):
@@ -1733,6 +1741,9 @@ def _check_state(param, name, value, expected, castable=(), loading=False, like=
     if value.is_meta:
         raise TypeError(f"{what} {name!r} for {param} on the meta device, which holds no "
                         "numbers")
+    if value.layout != torch.strided:
+        raise TypeError(f"{what} {name!r} for {param} of layout {value.layout}; its state is "
+                        "dense (to_dense() it)")
     if value.is_complex() or value.dtype == torch.bool:  # which a cast would not keep
         raise TypeError(f"{what} {name!r} of {value.dtype} for {param}, whose state holds "
                         "real numbers")

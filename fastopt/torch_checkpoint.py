@@ -153,11 +153,17 @@ class _Files:
         if rank not in self._loaded:
             name = os.path.join(self.path, self.index["files"][rank])
             try:
-                self._loaded[rank] = torch.load(name, map_location="cpu", mmap=True,
-                                                weights_only=True)
+                contents = torch.load(name, map_location="cpu", mmap=True, weights_only=True)
             except (OSError, RuntimeError, EOFError) as error:
                 raise ValueError(f"cannot load {self.path}: its file {name} does not read: "
                                  f"{error}") from None
+            if not (isinstance(contents, dict) and isinstance(contents.get("state"), dict)
+                    and isinstance(contents.get("param_groups"), list)
+                    and all(isinstance(state, dict) for state in contents["state"].values())):
+                raise ValueError(f"cannot load {self.path}: its file {name} holds no "
+                                 "state_dict of an optimizer (a dict of 'state', a dict of "
+                                 "each parameter's dict, and 'param_groups', a list)")
+            self._loaded[rank] = contents
         return self._loaded[rank]
 
     def state(self, rank, i):

@@ -104,6 +104,20 @@ def test_a_checkpoint_that_does_not_fit_is_refused_and_changes_nothing(tmp_path)
     assert all(torch.equal(a["exp_avg"], b["exp_avg"]) for a, b in zip(state_of(opt), before))
 
 
+@pytest.mark.parametrize("contents", [[1, 2], {"state": {}}, {"param_groups": []},
+                                      {"state": {0: [1.0]}, "param_groups": []}], ids=str)
+def test_a_rank_file_that_holds_no_state_dict_is_refused_naming_it(tmp_path, contents):
+    net = model()
+    opt = ft.Adam(net.parameters(), lr=0.01)
+    train(net, opt, 2)
+    fastopt.save(opt, tmp_path / "adam")
+    torch.save(contents, tmp_path / "adam" / "rank0.pt")
+    before = state_of(opt)
+    with pytest.raises(ValueError, match="rank0.pt holds no state_dict of an optimizer"):
+        opt.load(tmp_path / "adam")
+    assert all(torch.equal(a["exp_avg"], b["exp_avg"]) for a, b in zip(state_of(opt), before))
+
+
 def test_a_save_that_cannot_be_made_writes_nothing(tmp_path):
     opt = ft.Adam(model().parameters(), lr=0.01)
     train(model(), opt, 1)

@@ -470,6 +470,92 @@ def test_a_step_count_set_by_hand_is_checked_before_the_step():
     assert our_opt.state[ours[0].weight]["step"] == 2
 
 
+@pytest.mark.parametrize("step", [torch.tensor(10.0), torch.tensor([10.0]), 10.0])
+def test_a_step_count_put_in_as_torch_keeps_it_steps_as_torch(step):
+    """A state moved over from torch.optim entry by entry holds a float32 tensor step:
+    fastopt kept it so, and its bias corrections in float32 erred 40x torch's own
+    rounding at beta2 = 0.99999 (a (1,)-shaped one crashed ASGD). torch reads it as a
+    Python number; so does fastopt now."""
+    torch.manual_seed(0)
+    p, q = (torch.nn.Parameter(torch.randn(64)) for _ in range(2))
+    q.data.copy_(p.data)
+    kwargs = dict(lr=1e-3, betas=(0.9, 0.99999))
+    theirs, ours = torch.optim.Adam([q], **kwargs), ft.Adam([p], **kwargs)
+    grads = [torch.randn(64) for _ in range(16)]
+    for g in grads[:10]:
+        q.grad = g.clone()
+        theirs.step()
+    p.data.copy_(q.data)
+    ours.state[p] = {**{k: v.clone() for k, v in theirs.state[q].items()},
+                     "step": step.clone() if isinstance(step, torch.Tensor) else step}
+    exact = {k: v.double() for k, v in theirs.state[q].items() if k != "step"}
+    w = q.detach().double()
+    for t, g in enumerate(grads[10:], start=11):
+        p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+        exact["exp_avg"] = 0.9 * exact["exp_avg"] + 0.1 * g.double()
+        exact["exp_avg_sq"] = 0.99999 * exact["exp_avg_sq"] + 1e-5 * g.double() ** 2
+        w = w - 1e-3 / (1 - 0.9 ** t) * exact["exp_avg"] / (
+            (exact["exp_avg_sq"] / (1 - 0.99999 ** t)).sqrt() + 1e-8)
+    assert type(ours.state[p]["step"]) is int and ours.state[p]["step"] == 16
+    ours_error = (p.detach().double() - w).abs().max().item()
+    torch_error = (q.detach().double() - w).abs().max().item()
+    assert ours_error <= 2 * torch_error + 1e-9, (ours_error, torch_error)
+    asgd = ft.ASGD([torch.nn.Parameter(torch.ones(3))], lr=0.1)
+    param = asgd.param_groups[0]["params"][0]
+    param.grad = torch.ones(3)
+    asgd.step()
+    asgd.state[param]["step"] = step.clone() if isinstance(step, torch.Tensor) else step
+    asgd.step()
+    assert asgd.state[param]["step"] == 11
+
+
+def test_a_step_count_past_float32s_integers_is_saved_exactly():
+    """torch's step tensors are float32, which holds every count only to 2**24: above it
+    a saved count came back one step behind (and stochastic rounding drew a past
+    step's bits)."""
+    p = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    opt = ft.Adam([p], lr=1e-3, master_weights=None, stochastic_rounding=True)
+    p.grad = torch.ones(4, dtype=torch.bfloat16)
+    opt.step()
+    opt.state[p]["step"] = 2 ** 24 + 1
+    saved = opt.state_dict()["state"][0]["step"]
+    assert saved.dtype == torch.float64 and saved.item() == 2 ** 24 + 1
+    resumed = ft.Adam([torch.nn.Parameter(p.detach().clone())], lr=1e-3, master_weights=None,
+                      stochastic_rounding=True)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    twin = resumed.param_groups[0]["params"][0]
+    assert resumed.state[twin]["step"] == 2 ** 24 + 1
+    twin.grad = p.grad.clone()
+    opt.step()
+    resumed.step()
+    assert torch.equal(twin, p)
+    assert opt.state_dict()["state"][0]["step"].item() == 2 ** 24 + 2
+    small = ft.Adam([torch.nn.Parameter(torch.ones(2))])
+    small.param_groups[0]["params"][0].grad = torch.ones(2)
+    small.step()
+    assert small.state_dict()["state"][0]["step"].dtype == torch.float32  # torch's
+
+
+def test_sparse_state_is_refused_and_nothing_changes():
+    ours, our_opt, _, _, x, y = pair(model_name="mlp")
+    train(ours, our_opt, x, y, 2)
+    before = copy.deepcopy(our_opt.state_dict())
+    bad = copy.deepcopy(before)
+    bad["state"][1]["exp_avg"] = bad["state"][1]["exp_avg"].to_sparse()
+    with pytest.raises(TypeError, match=r"'exp_avg' for param_groups\[0\]\['params'\]\[1\] "
+                                        "of layout torch.sparse_coo"):
+        our_opt.load_state_dict(bad)
+    assert_unchanged(our_opt, before)
+    weights = [p.detach().clone() for p in ours.parameters()]
+    first = next(iter(ours.parameters()))
+    our_opt.state[first]["exp_avg"] = torch.zeros_like(first).to_sparse()
+    with pytest.raises(TypeError, match="of layout torch.sparse_coo"):
+        our_opt.step()
+    assert all(torch.equal(p, w) for p, w in zip(ours.parameters(), weights))
+
+
 @pytest.mark.parametrize("refused", [
     lambda opt: opt.step(grad_scale=0.0),
     lambda opt: (opt.param_groups[1].update(lr=-1.0), opt.step()),
