@@ -146,8 +146,10 @@ def quantize(values, fmt, fit=False):
         absmax = np.maximum(np.maximum(padded.max(axis=1), 0),
                             np.maximum(-padded.min(axis=1), 0) / -lowest).astype(FLOAT32)
     absmax = np.where(absmax < np.inf, absmax, np.nan).astype(FLOAT32)  # as the kernels'
-    prescale = np.where(absmax > codecs.LARGEST_PLAIN_ABSMAX, codecs.PRESCALE,
-                        FLOAT32.type(1)).astype(FLOAT32)
+    prescale = np.select([absmax > codecs.LARGEST_PLAIN_ABSMAX,
+                          (absmax > 0) & (absmax < codecs.SMALLEST_PLAIN_ABSMAX)],
+                         [codecs.PRESCALE, codecs.SUBNORMAL_PRESCALE],
+                         FLOAT32.type(1)).astype(FLOAT32)
     inverse = np.where(absmax > 0,
                        FLOAT32.type(1) / np.where(absmax > 0, absmax * prescale, 1), 0)
     normalized = ((padded * prescale[:, None]) * inverse[:, None].astype(FLOAT32)

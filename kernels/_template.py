@@ -147,8 +147,10 @@ def _not_infinite(n):
 def _scales(n):
     """The statements that bind ``<n>_prescale`` and ``<n>_inverse``, by which the new
     values of a block with the absmax ``<n>_top`` are encoded (see
-    ``codecs.LARGEST_PLAIN_ABSMAX``)."""
+    ``codecs.LARGEST_PLAIN_ABSMAX`` and ``SMALLEST_PLAIN_ABSMAX``)."""
     return [f"{n}_prescale = PRESCALE if {n}_top > LARGEST_PLAIN_ABSMAX else ONE",
+            f"{n}_prescale = SUBNORMAL_PRESCALE if ZERO < {n}_top < SMALLEST_PLAIN_ABSMAX "
+            f"else {n}_prescale",
             f"{n}_inverse = ONE / ({n}_top * {n}_prescale) if {n}_top > ZERO else ZERO"]
 
 

@@ -219,6 +219,11 @@ BLOCK = 256
 # encoded by 1 / (absmax * PRESCALE), a normal number, on every backend and the host.
 LARGEST_PLAIN_ABSMAX = np.float32(2.0 ** 126)
 PRESCALE = np.float32(2.0 ** -64)
+# Below this absmax (a subnormal one, which CUDA and the CPU kernels that keep
+# subnormals reach), 1 / absmax overflows to inf: every value was stored as the code of
+# +-1 and a zero as that of the NaN 0 * inf. Such a block's values are scaled up alike.
+SMALLEST_PLAIN_ABSMAX = np.float32(2.0 ** -126)
+SUBNORMAL_PRESCALE = np.float32(2.0 ** 64)
 
 
 def dynamic_map(signed):

@@ -265,6 +265,8 @@ def _driver(spec, loops):
         "ONE": np.float32(1),
         "LARGEST_PLAIN_ABSMAX": codecs.LARGEST_PLAIN_ABSMAX,
         "PRESCALE": codecs.PRESCALE,
+        "SMALLEST_PLAIN_ABSMAX": codecs.SMALLEST_PLAIN_ABSMAX,
+        "SUBNORMAL_PRESCALE": codecs.SUBNORMAL_PRESCALE,
         "INFINITY": np.float32(np.inf),
         "NOT_A_NUMBER": np.float32(np.nan),
         "NO_BITS": np.int32(0),

@@ -20,6 +20,7 @@ cuda = pytest.importorskip("numba.cuda")
 if not cuda.is_available():
     pytest.skip("no GPU, and NUMBA_ENABLE_CUDASIM is not set", allow_module_level=True)
 
+from fastopt.kernels import cpu as cpu_kernels  # noqa: E402
 from fastopt.kernels import cuda as cuda_kernels  # noqa: E402
 from fastopt.precision import to_device  # noqa: E402
 
@@ -480,6 +481,28 @@ def test_8_bit_blocks_beyond_2_to_the_126_encode_on_device_as_on_the_cpu():
     decoded = fastopt.precision.dequantize(on_cpu.state["momentum_buffer"],
                                            on_cpu.state["momentum_buffer_absmax"], "signed8")
     assert np.abs(decoded.astype(np.float64) - g).max() <= 0.008 * 3e38
+
+
+def test_8_bit_blocks_of_subnormal_absmax_encode_on_device_as_on_a_cpu_that_keeps_them():
+    # 1 / absmax overflowed to inf: every value took the code of +-1 and a zero that of
+    # the NaN 0 * inf. The device keeps subnormals, as the CPU does with the flush off.
+    rng = np.random.default_rng(30)
+    g = (rng.uniform(-1, 1, 600) * np.float32(1e-39)).astype(np.float32)
+    g[::7] = 0.0
+    options = dict(lr=1e-3, momentum=0.9, state_dtype="int8")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fastopt.optim.optimizer, "MIN_QUANTIZED_SIZE", 256)
+        patch.setattr(cpu_kernels, "FLUSH_DENORMALS", False)
+        on_gpu = fastopt.SGD([to_device(np.zeros(600, np.float32))], **options)
+        on_cpu = fastopt.SGD([np.zeros(600, np.float32)], **options)
+        on_gpu.step([to_device(g)])
+        on_cpu.step([g])
+    codes = host(on_gpu.state["momentum_buffer"])
+    np.testing.assert_array_equal(codes, on_cpu.state["momentum_buffer"])
+    decoded = fastopt.precision.dequantize(codes, host(on_gpu.state["momentum_buffer_absmax"]),
+                                           "signed8")
+    np.testing.assert_array_equal(decoded[::7], 0.0)
+    assert np.abs(decoded.astype(np.float64) - g).max() <= 0.008 * 1e-39
 
 
 # -- fastopt.torch on the device ----------------------------------------------------------

@@ -289,6 +289,28 @@ def test_a_block_whose_absmax_is_beyond_2_to_the_126_keeps_its_values():
     assert np.isfinite(moved["int8"]).all() and moved["int8"].max() < 2 * moved["float32"].max()
 
 
+def test_a_block_whose_absmax_is_subnormal_keeps_its_values(monkeypatch):
+    # Where subnormals are kept (a small eps, CUDA, the flush off), 1 / absmax overflowed
+    # to inf: every value took the code of +-1 and a zero that of the NaN 0 * inf.
+    monkeypatch.setattr(cpu, "FLUSH_DENORMALS", False)
+    rng = np.random.default_rng(29)
+    g = (rng.uniform(-1, 1, 4096) * 10.0 ** rng.uniform(-44, -38.5, 16).repeat(256)).astype(f32)
+    g[::5] = 0.0
+    tops = np.abs(g).reshape(16, 256).max(axis=1)
+    assert (tops < 2.0 ** -126).all() and (tops > 0).all()
+    opt = fastopt.SGD([np.zeros(4096, f32)], lr=1e-3, momentum=0.9, state_dtype="int8")
+    opt.step([g])
+    codes, absmax = opt.state["momentum_buffer"], opt.state["momentum_buffer_absmax"]
+    np.testing.assert_array_equal(absmax, tops)
+    expected, ties = nearest_codes(g.astype(np.float64) / tops.astype(np.float64).repeat(256),
+                                   codecs.SIGNED_MAP)
+    assert (codes != expected)[~ties].mean() < 0.01  # but within a float32 step of a midpoint
+    np.testing.assert_array_equal(codes, precision.quantize(g, "signed8")[0])
+    decoded = precision.dequantize(codes, absmax, "signed8").astype(np.float64)
+    np.testing.assert_array_equal(decoded[::5], 0.0)
+    assert (np.abs(decoded - g).reshape(16, 256).max(axis=1) <= 0.008 * tops).all()
+
+
 def test_a_checkpoint_resumes_8_bit_state_bitwise(tmp_path):
     def make():
         return fastopt.AdamW({"w": initial_params(26, 8192).reshape(64, 128),
