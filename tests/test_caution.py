@@ -69,3 +69,17 @@ def test_caution_must_be_a_bool_and_a_bad_value_changes_nothing(name):
     with pytest.raises(TypeError, match="caution"):
         opt.step([np.ones(3, f32)])
     assert_unchanged(opt, before)
+
+
+def test_a_cautious_step_keeps_subnormals_under_a_small_eps_as_the_plain_step():
+    """The two passes of a cautious step flushed subnormals whatever the eps: with eps=0
+    a second moment of gradients of 1e-20 read as 0, and m / (0 + 0) took p to -inf,
+    where the plain step (and torch) moves it by lr."""
+    p0, g = np.ones(64, np.float32), np.full(64, 1e-20, np.float32)
+    plain = fastopt.Adam([p0.copy()], lr=1e-3, eps=0.0)
+    cautious = fastopt.Adam([p0.copy()], lr=1e-3, eps=0.0, caution=True)
+    for _ in range(3):  # every direction agrees with its gradient: the mask is all ones
+        plain.step(g)
+        cautious.step(g)
+    np.testing.assert_allclose(plain.flat_params, 1.0 - 3e-3, atol=3e-5)  # subnormals: few bits
+    np.testing.assert_array_equal(cautious.flat_params, plain.flat_params)

@@ -276,6 +276,28 @@ def run_segment_norms(backend, p, g, prep, bounds):
     return backend.run_segments(NORMS, tensors, [], prep, rules.NoScalars(), segments)
 
 
+@pytest.mark.parametrize("name, scale", [("LAMB", 1e-38), ("LARS", 1e-39), ("LARS", 1e-30)])
+def test_tiny_gradients_take_the_references_full_step(name, scale):
+    """The trust ratio scales a tensor's step to its parameters' norm, whatever the
+    gradients' size: flushed to 0, moments or gradients near 1e-38 stood still on the
+    CPU, where the float64 reference (and CUDA, which keeps subnormals) takes a full
+    step. (torch's float32 norm of such an update underflows to 0: timm's LAMB stands
+    still too, by a trust ratio of 1 for a zero norm, not by the reference's math.)"""
+    shapes = [(64,), (8, 4)]
+    rng = np.random.default_rng(11)
+    p0 = rng.standard_normal(96).astype(f32)
+    g = (rng.standard_normal(96) * scale).astype(f32)
+    lr = 0.01 if name == "LAMB" else 1.0  # LARS's step is trust_coefficient (1e-3) lr |w|
+    ours = getattr(fastopt, name)(np.split(p0.copy(), [64]), lr=lr)
+    theirs = getattr(reference, name)(shapes, lr=lr)
+    expected = p0.astype(np.float64)
+    for _ in range(3):
+        ours.step(g)
+        expected = theirs.step(expected, g.astype(np.float64))
+    np.testing.assert_allclose(ours.flat_params, expected, rtol=RTOL, atol=ATOL)
+    assert np.abs(expected - p0).max() > 100 * ATOL  # a step the size of lr
+
+
 def test_segment_norms_match_float64_sums():
     bounds, n = segment_bounds(11)
     assert n >= cpu.PARALLEL_MIN_SIZE  # the parallel loop

@@ -113,3 +113,32 @@ def test_caution_matches_timm(module, name, ours, kwargs):
         assert_close_in_ulps(a, b, f"params[{k}]")
         # the mask changed the result, by far more than the tolerance
         assert (a - c).abs().max().item() > 100 * ULPS * np.spacing(np.float32(3))
+
+
+def step_tiny(make, scale, steps):
+    """A (64,) parameter stepped on gradients of ``scale`` times a fixed direction, then
+    on zeros: the parameter after each step."""
+    rng = np.random.default_rng(9)
+    p = torch.nn.Parameter(torch.from_numpy(rng.standard_normal(64).astype(np.float32)))
+    opt = make([p])
+    direction = torch.from_numpy(rng.standard_normal(64).astype(np.float32))
+    history = []
+    for t in range(steps):
+        p.grad = direction * scale if t == 0 else torch.zeros(64)
+        opt.step()
+        history.append(p.detach().clone())
+    return history
+
+
+@pytest.mark.parametrize("scale", [1e-40, 1e-34])
+def test_lion_steps_on_subnormal_moments_as_timms(scale):
+    """Lion steps by lr times a sign: a subnormal update flushed to 0 left elements
+    standing, and a first moment decaying through the subnormals stopped some 1600
+    steps early (beta2 = 0.99) where torch's arithmetic keeps stepping."""
+    Lion = timm_optimizer("lion", "Lion")
+    theirs = step_tiny(lambda ps: Lion(ps, lr=0.01, foreach=False), scale, 3000)
+    ours = step_tiny(lambda ps: ft.Lion(ps, lr=0.01), scale, 3000)
+    for t, (a, b) in enumerate(zip(ours, theirs)):
+        assert torch.equal(a, b), f"step {t}"
+    assert (theirs[-1] - theirs[0]).abs().min() > 1.0  # every element kept stepping
+

@@ -176,7 +176,8 @@ class Work:
             tensor's part of the buffer ``name`` begins (-1 where it has none; see
             :func:`state_layout`).
         prep: the factors of ``rules.prepare``.
-        keep_subnormals: the algorithm's ``Spec.keeps_subnormals``.
+        keep_subnormals: whether the kernels keep subnormals for this step
+            (:func:`keeps_subnormals`).
         cache: a dict the front keeps for this launch between steps (plans).
         formats: the 16-bit buffers (``p``, ``g``, states) by name, with their format
             (``precision.DTYPES``' names); empty where every buffer is float32.

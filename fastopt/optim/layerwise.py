@@ -84,6 +84,10 @@ class LAMB(LayerWise):
 
     spec = hp.Spec(
         rule="lamb", moves=40, passes=(hp.MAP_REDUCE, hp.MAP), per_tensor=True,
+        # The trust ratio scales a tensor's update to the parameters' norm, however small:
+        # updates of gradients near 1e-38, flushed to 0, stood still where torch takes a
+        # full step.
+        keeps_subnormals=True,
         hyperparameters=(hp.lr(1e-3), hp.betas((0.9, 0.999)), hp.eps(1e-6), hp.weight_decay(),
                          hp.maximize()),
         bench=dict(lr=1e-3), check=dict(lr=0.05))
@@ -153,6 +157,7 @@ class LARS(LayerWise):
 
     spec = hp.Spec(
         rule="lars", moves=28, passes=(hp.REDUCE, hp.MAP), per_tensor=True,
+        keeps_subnormals=True,  # as LAMB: the trust ratio makes a full step of any gradient
         hyperparameters=(hp.lr(1.0), hp.nonnegative("momentum", 0.9), hp.weight_decay(),
                          hp.nonnegative("trust_coefficient", 1e-3), hp.maximize()),
         bench=dict(lr=1.0), check=dict(lr=5.0))

@@ -38,6 +38,9 @@ class Lion(Optimizer):
     spec = hp.Spec(
         averages={"exp_avg": hp.SIGNED},
         rule="lion", moves=20,
+        # It steps by lr times the sign of its update: a subnormal one flushed to 0 left
+        # an element standing where torch steps it by lr (frozen rows stopped early).
+        keeps_subnormals=True,
         hyperparameters=(hp.lr(1e-4), hp.betas((0.9, 0.99)), hp.weight_decay(), hp.flag("caution"),
                          hp.maximize()),
         bench=dict(lr=1e-4), check=dict(lr=0.005))

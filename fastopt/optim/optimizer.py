@@ -509,11 +509,12 @@ class Optimizer:
             after = self.host_after(group, step, host)  # first: if it raises, nothing moved
             self._launcher(self.rule, spec, start, stop, g, prep, group)(h, step)
             return after
-        return self.update(self._work(start, stop, spec, g, prep, step), group, step, h, host)
+        return self.update(self._work(start, stop, spec, g, prep, step, group), group, step, h,
+                           host)
 
-    def _work(self, start, stop, spec, g, prep, step):
+    def _work(self, start, stop, spec, g, prep, step, group):
         """The :class:`engine.Work` of the tensors in ``[start:stop]``, built once and
-        brought up to date for this step."""
+        brought up to date for this step of ``group``."""
         if (start, stop) not in self._works:
             first, last = self._tensor_range(start, stop)
             shapes = [shape for _, shape in self._all_tensors[first:last]]
@@ -521,7 +522,7 @@ class Optimizer:
             segments = self._backend.segments([math.prod(shape) for shape in shapes], offsets)
             work = engine.Work(self._backend, None, shapes, segments, None, None,
                                lambda name: self._state_layout(name)[0][first:last], None,
-                               self.spec.keeps_subnormals, {}, self._storage.formats,
+                               None, {}, self._storage.formats,
                                self.master_params is not None)
             own = self._backend.flat_tensors(self.flat_params, self.flat_grads, offsets,
                                              self.master_params)
@@ -532,6 +533,7 @@ class Optimizer:
             self.flat_params, g, offsets, self.master_params)
         work.state = dict(zip(spec, map(self.state.__getitem__, spec)))
         work.present, work.prep = tuple(spec), prep
+        work.keep_subnormals = engine.keeps_subnormals(type(self), group)
         if self._storage.stochastic:
             work.stochastic, work.key = True, self._storage.key(step)
         return work
