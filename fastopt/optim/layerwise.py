@@ -85,8 +85,8 @@ class LAMB(LayerWise):
     spec = hp.Spec(
         rule="lamb", moves=40, passes=(hp.MAP_REDUCE, hp.MAP), per_tensor=True,
         # The trust ratio scales a tensor's update to the parameters' norm, however small:
-        # updates of gradients near 1e-38, flushed to 0, stood still where torch takes a
-        # full step.
+        # updates of gradients near 1e-38, flushed to 0, stood still where the algorithm
+        # (and CUDA, which keeps subnormals) takes a full step.
         keeps_subnormals=True,
         hyperparameters=(hp.lr(1e-3), hp.betas((0.9, 0.999)), hp.eps(1e-6), hp.weight_decay(),
                          hp.maximize()),
