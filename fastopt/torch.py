@@ -11,7 +11,7 @@ arguments (plus fastopt's own options) and gives its numbers.
 **The model's tensors stay the model's.** A step reads every parameter and gradient where
 it lies and writes the parameter in place, as torch.optim does: fastopt holds no copy
 of them and never replaces their storage. On the CPU every algorithm steps the tensors
-where they lie: each pass (one for most algorithms; two to four for ``caution``, SWATS,
+where they lie: each pass (one for most algorithms; two to four for ``caution``,
 LAMB, LARS and Adafactor, whose per-tensor norms and factors come from the same kernels
 as in the NumPy API) is one kernel per run of parameters that share a group and a step
 count, over a table of (address, length) segments. Adafactor where a parameter does not
