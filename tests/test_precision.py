@@ -30,6 +30,15 @@ def bits(a):
     return np.asarray(a).view(np.uint16)
 
 
+def eps1_of(name, kwargs, dtype):
+    """``kwargs`` for a float32 twin or reference of ``name`` on ``dtype`` parameters:
+    Adafactor's eps1 None is the machine epsilon of the parameters' dtype, as in torch
+    (bfloat16's 2**-7), which theirs must be given."""
+    if name != "Adafactor" or kwargs.get("eps", (None,))[0] is not None:
+        return kwargs
+    return {**kwargs, "eps": (float(ml_dtypes.finfo(dtype).eps), kwargs.get("eps", (None, 1e-3))[1])}
+
+
 def rounded(a, dtype):
     """``a`` rounded to nearest even in ``dtype`` by ml_dtypes / NumPy."""
     with np.errstate(over="ignore", invalid="ignore"):
@@ -96,7 +105,8 @@ def test_master_weights_follow_the_float64_reference_and_round_into_the_paramete
     grads = [g.astype(dtype) for g in gradients(3, n)]
     opt = getattr(fastopt, name)([p0], **kwargs)
     assert opt.flat_params.dtype == dtype and opt.master_params.dtype == f32
-    ref = getattr(reference, name)([p0.shape] if name in LAYERWISE else n, **kwargs)
+    ref = getattr(reference, name)([p0.shape] if name in LAYERWISE else n,
+                                   **eps1_of(name, kwargs, dtype))
     p = p0.astype(np.float64)
     for g in grads:
         opt.step(g)
@@ -276,7 +286,7 @@ def test_16_bit_parameters_without_master_round_every_step(case, half):
     opt = getattr(fastopt, name)([p0], **kwargs, master_weights=None)
     assert opt.master_params is None
     # fastopt's float32 step, its parameters rounded by ml_dtypes after every step.
-    twin = getattr(fastopt, name)([p0.astype(f32)], **kwargs)
+    twin = getattr(fastopt, name)([p0.astype(f32)], **eps1_of(name, kwargs, dtype))
     for g in gradients(4, n, steps=10):
         opt.step(g.astype(dtype))
         twin.step(g.astype(dtype).astype(f32))
@@ -533,7 +543,7 @@ def test_adafactor_on_bfloat16_matrices_keeps_torchs_float32_master_weights(mast
     opt = fastopt.Adafactor([p.copy() for p in p0], lr=1e-2, weight_decay=0.1,
                             master_weights=master_weights, grad_dtype=grads, clip_grad_norm=0.5)
     theirs = [torch.tensor(p.astype(f32), requires_grad=True) for p in p0]
-    topt = torch.optim.Adafactor(theirs, lr=1e-2, weight_decay=0.1)
+    topt = torch.optim.Adafactor(theirs, lr=1e-2, weight_decay=0.1, eps=(2.0 ** -7, 1e-3))
     for _ in range(8):
         gs = [(0.01 * rng.standard_normal(s)).astype(bf16) for s in shapes]
         opt.step([g.astype(HALVES.get(grads, f32)) for g in gs])
@@ -661,7 +671,7 @@ def test_adafactor_without_master_weights_rounds_torchs_step_stochastically():
     opt = fastopt.Adafactor(ours, lr=1e-2, weight_decay=0.1, master_weights=None,
                             stochastic_rounding=True, seed=2)
     theirs = [torch.zeros(s, requires_grad=True) for s in shapes]
-    topt = torch.optim.Adafactor(theirs, lr=1e-2, weight_decay=0.1)
+    topt = torch.optim.Adafactor(theirs, lr=1e-2, weight_decay=0.1, eps=(2.0 ** -7, 1e-3))
     farther = []
     for _ in range(5):
         gs = [(0.01 * rng.standard_normal(s)).astype(bf16) for s in shapes]

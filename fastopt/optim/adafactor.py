@@ -1,15 +1,16 @@
 import math
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 
 from .._backend import SEGMENT_CHUNK
 from ..kernels import Pass, rules
+from ..precision import DTYPES
 from . import spec as hp
 from .checks import check_nonnegative, real
 from .optimizer import Optimizer
 
-FLOAT32_EPS = float(np.finfo(np.float32).eps)
 
 # The column sums of a matrix are taken over at most this many blocks of rows, in
 # parallel, and the blocks' sums are then added in order.
@@ -70,9 +71,10 @@ class Adafactor(Optimizer):
         params: a dict or list of float32, bfloat16 or float16 arrays (copied),
             :func:`fastopt.adopt` with ``shapes`` (the factoring needs each tensor's
             shape), or a list of parameter-group dicts.
-        lr (γ), beta2_decay (c), eps (ε₁, ε₂; ε₁ None means float32's machine epsilon),
-        d, weight_decay (λ, decoupled), maximize: as in torch.optim.Adafactor, with the
-        same defaults.
+        lr (γ), beta2_decay (c), eps (ε₁, ε₂; ε₁ None means, as in torch, the machine
+        epsilon of the parameters' dtype: float32's 2**-23, bfloat16's 2**-7,
+        float16's 2**-10, whatever the master weights), d, weight_decay (λ, decoupled),
+        maximize: as in torch.optim.Adafactor, with the same defaults.
         clip_grad_norm ... seed: the options of every algorithm (clipping, the
             non-finite skip, storage formats); see :class:`fastopt.Optimizer`. The
             state stays float32: the factors move on the host.
@@ -134,7 +136,7 @@ class Adafactor(Optimizer):
 
     @staticmethod
     def scalars(group, step, fresh, host):
-        eps1 = _eps1(group)
+        eps1 = _eps1(group, "float32")  # the parameters' dtype's: update() sets it
         # row_scale and step_size differ per row or tensor: the passes take their own.
         return rules.AdafactorScalars.of(beta=step ** group["beta2_decay"],
                                       eps1_sq=eps1 * eps1, moving=False,
@@ -147,7 +149,8 @@ class Adafactor(Optimizer):
         if "plan" not in work.cache:
             work.cache["plan"] = _Plan.of(work)
         plan, backend, state = work.cache["plan"], work.backend, work.state
-        beta, eps1 = float(h.beta), _eps1(group)
+        beta, eps1 = float(h.beta), _eps1(group, work.formats.get("p", "float32"))
+        h = h._replace(eps1_sq=eps1 * eps1)
         lr = group["lr"]
 
         # Pass 1: RMS(p) per tensor; g*g summed along the rows and down the columns.
@@ -206,8 +209,12 @@ class Adafactor(Optimizer):
 NORMS = Pass("norms", sums=("param_sq", "grad_sq"))
 
 
-def _eps1(group):
-    return FLOAT32_EPS if group["eps"][0] is None else group["eps"][0]
+def _eps1(group, dtype):
+    """The group's eps1; where None, the machine epsilon of ``dtype``, the parameters'
+    (a name of ``precision.DTYPES``), as torch takes it (bfloat16's 2**-7 stepped a
+    bfloat16 model's small gradients 7x as far as torch where it was float32's)."""
+    eps1 = group["eps"][0]
+    return float(ml_dtypes.finfo(DTYPES[dtype]).eps) if eps1 is None else eps1
 
 
 def _move(backend, factor, slots, target, weight):
