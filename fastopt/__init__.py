@@ -39,7 +39,8 @@ def save(opt, path):
 
 def set_num_threads(n):
     """Run the CPU kernels on ``n`` threads (at most ``NUMBA_NUM_THREADS``, which sets the
-    size of Numba's thread pool at start-up)."""
+    size of Numba's thread pool at start-up), for the steps taken from the Python thread
+    that calls it, as ``numba.set_num_threads``. No result depends on the count."""
     import numba
 
     numba.set_num_threads(n)

@@ -6,6 +6,7 @@ so the optimizers never branch on the device.
 """
 
 import functools
+import os
 import sys
 import threading
 import weakref
@@ -42,6 +43,27 @@ def is_c_contiguous(a):
 
 _WORKQUEUE_LOCK = threading.Lock()
 _THREAD_SAFE = []  # [True or False] once Numba's threading layer has started
+_SERIAL = []  # [True] in a process forked after its parent's kernel threads started
+
+
+def _after_fork_in_child():
+    """A child forked after its parent's kernel threads started cannot use them: GNU
+    OpenMP kills it (SIGTERM) at its first parallel loop, so that a fork start method's
+    multiprocessing Pool hung, and a DataLoader worker died. It runs every kernel's
+    serial loop instead, which gives the same bits (no result hangs on the thread
+    count). It also takes a lock of its own: the parent's may have been held, by a
+    thread that was stepping, and would never be released in the child."""
+    global _WORKQUEUE_LOCK
+    _WORKQUEUE_LOCK = threading.Lock()
+    if "numba" in sys.modules:
+        try:
+            sys.modules["numba"].threading_layer()
+        except ValueError:  # no parallel kernel has run: the child may start threads
+            return
+        _SERIAL.append(True)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _thread_safe_layer():
@@ -382,7 +404,7 @@ class HostBackend:
         threads where Numba's threading layer needs that (workqueue is not thread-safe).
         The callers pass ``prep`` and ``h`` as ``float32s``."""
         extra = () if flush is None else (flush,)
-        if size < self._kernels.PARALLEL_MIN_SIZE:
+        if size < self._kernels.PARALLEL_MIN_SIZE or _SERIAL:
             return kernel(*args, False, *extra)
         if _thread_safe_layer():
             return kernel(*args, True, *extra)

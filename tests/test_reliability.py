@@ -792,3 +792,26 @@ def test_scalars_are_refused_exactly_where_float32_rounds_them_to_infinity():
                                     nesterov=True))
     assert not _finite(rules.SGDScalars(lr=1e308, momentum=1e308, grad_weight=1.0,
                                         nesterov=True))
+
+
+def _three_steps(size):
+    opt = fastopt.Adam([np.ones(size, np.float32)], lr=1e-2)
+    for i in range(3):
+        opt.step([np.full(size, 0.5 + i, np.float32)])
+    return opt.flat_params.copy()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the fork start method of Linux")
+def test_a_process_forked_after_parallel_steps_steps_on_with_the_same_bits():
+    """GNU OpenMP (Numba's default threading layer here) kills a forked child at its
+    first parallel loop once the parent's threads have started: a fork-context Pool's
+    task never came back, a DataLoader worker died. The child runs the serial loops."""
+    import multiprocessing
+
+    from fastopt.kernels import cpu
+
+    size = 4 * cpu.PARALLEL_MIN_SIZE
+    expected = _three_steps(size)  # the parallel loop, here: the threads have started
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        got = pool.apply_async(_three_steps, (size,)).get(timeout=120)
+    np.testing.assert_array_equal(got, expected)
