@@ -43,24 +43,20 @@ def is_c_contiguous(a):
 
 _WORKQUEUE_LOCK = threading.Lock()
 _THREAD_SAFE = []  # [True or False] once Numba's threading layer has started
-_SERIAL = []  # [True] in a process forked after its parent's kernel threads started
+_SERIAL = []  # [True] in a forked child (see _after_fork_in_child)
 
 
 def _after_fork_in_child():
-    """A child forked after its parent's kernel threads started cannot use them: GNU
+    """A forked child cannot use OpenMP threads once its parent started them (fastopt's
+    kernels or torch's, each through a libgomp of its own, which no one can ask): GNU
     OpenMP kills it (SIGTERM) at its first parallel loop, so that a fork start method's
-    multiprocessing Pool hung, and a DataLoader worker died. It runs every kernel's
-    serial loop instead, which gives the same bits (no result hangs on the thread
+    multiprocessing Pool hung, and a DataLoader worker died. So a forked child runs
+    every kernel's serial loop, which gives the same bits (no result hangs on the thread
     count). It also takes a lock of its own: the parent's may have been held, by a
     thread that was stepping, and would never be released in the child."""
     global _WORKQUEUE_LOCK
     _WORKQUEUE_LOCK = threading.Lock()
-    if "numba" in sys.modules:
-        try:
-            sys.modules["numba"].threading_layer()
-        except ValueError:  # no parallel kernel has run: the child may start threads
-            return
-        _SERIAL.append(True)
+    _SERIAL.append(True)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

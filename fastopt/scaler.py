@@ -38,20 +38,22 @@ class DynamicLossScaler:
 
     def __init__(self, init_scale=2.0 ** 16, growth_factor=2.0, backoff_factor=0.5,
                  growth_interval=2000):
-        if not 0.0 < _float32(real("init_scale", init_scale)) < math.inf:
-            raise ValueError(f"init_scale must be > 0 and finite as a float32 (in which the "
-                             f"scale is kept), got {init_scale!r}")
+        scale = _float32(real("init_scale", init_scale))
+        if not (scale < math.inf and scale * FLOAT32_MAX >= 1.0):
+            raise ValueError(f"init_scale must be a float32 (in which the scale is kept) "
+                             f"whose inverse is finite, about 2.9e-39 to 3.4e38, got "
+                             f"{init_scale!r}")
         if not real("growth_factor", growth_factor) > 1.0:
             raise ValueError(f"growth_factor must be > 1, got {growth_factor!r}")
         if not 0.0 < real("backoff_factor", backoff_factor) < 1.0:
             raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor!r}")
-        self.scale = _float32(init_scale)
+        self.scale = scale
         self.growth_factor = float(growth_factor)
         self.backoff_factor = float(backoff_factor)
         self.growth_interval = _count("growth_interval", growth_interval, 1)
         self.growth_tracker = 0
         self._found_inf = None  # None until a step since the last update
-        self._stepped = []  # the optimizers stepped since the last update
+        self._stepped = set()  # the ids of the optimizers stepped since the last update
 
     def scale_loss(self, loss):
         """``loss * scale``: backpropagate this, not the loss itself."""
@@ -75,12 +77,12 @@ class DynamicLossScaler:
                 f"the loss scale has backed off to {self.scale:.3g}, where 1/scale "
                 "overflows float32: the gradients held an Inf or NaN at every scale tried; "
                 "look for one in the loss or the parameters")
-        if any(stepped is optimizer for stepped in self._stepped):
+        if id(optimizer) in self._stepped:
             raise RuntimeError("step() has already been called for this optimizer since the "
                                "last update(): call scaler.update() after each step")
         skipped = optimizer.skipped_steps
         optimizer.step(grads, grad_scale=self.scale, skip_nonfinite=True)
-        self._stepped.append(optimizer)
+        self._stepped.add(id(optimizer))
         applied = optimizer.skipped_steps == skipped
         self._found_inf = bool(self._found_inf) or not applied
         return applied
@@ -99,7 +101,7 @@ class DynamicLossScaler:
             self.growth_tracker = 0
         else:
             self.growth_tracker += 1
-        self._found_inf, self._stepped = None, []
+        self._found_inf, self._stepped = None, set()
 
     def state_dict(self):
         """The scale, the policy and the tracker, under torch.amp.GradScaler's keys, so

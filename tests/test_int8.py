@@ -290,7 +290,8 @@ def test_a_block_whose_absmax_is_beyond_2_to_the_126_keeps_its_values():
 
 
 def test_a_block_whose_absmax_is_subnormal_keeps_its_values(monkeypatch):
-    # Where subnormals are kept (a small eps, CUDA, the flush off), 1 / absmax overflowed
+    # Where subnormals are kept (CUDA; on the CPU Lion, LAMB, LARS, Rprop, a small eps,
+    # or the flush off), 1 / absmax overflowed
     # to inf: every value took the code of +-1 and a zero that of the NaN 0 * inf.
     monkeypatch.setattr(cpu, "FLUSH_DENORMALS", False)
     rng = np.random.default_rng(29)

@@ -188,6 +188,7 @@ def test_a_second_step_before_update_is_refused_and_steps_nothing():
     (dict(init_scale=float("nan")), ValueError, "init_scale"),
     (dict(init_scale=float("inf")), ValueError, "init_scale"),
     (dict(init_scale=1e-46), ValueError, "init_scale"),  # 0 as the float32 it is kept in
+    (dict(init_scale=1e-40), ValueError, "init_scale"),  # subnormal: 1/scale overflows
     (dict(init_scale=1e39), ValueError, "init_scale"),  # inf so
     (dict(init_scale="1024"), TypeError, "init_scale"),
     (dict(init_scale=None), TypeError, "init_scale"),
