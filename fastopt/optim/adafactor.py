@@ -211,8 +211,8 @@ NORMS = Pass("norms", sums=("param_sq", "grad_sq"))
 
 def _eps1(group, dtype):
     """The group's eps1; where None, the machine epsilon of ``dtype``, the parameters'
-    (a name of ``precision.DTYPES``), as torch takes it (bfloat16's 2**-7 stepped a
-    bfloat16 model's small gradients 7x as far as torch where it was float32's)."""
+    (a name of ``precision.DTYPES``), as torch takes it (float32's for every dtype
+    stepped a bfloat16 model's small gradients 7x as far as torch's 2**-7 did)."""
     eps1 = group["eps"][0]
     return float(ml_dtypes.finfo(DTYPES[dtype]).eps) if eps1 is None else eps1
 
