@@ -52,7 +52,7 @@ class DynamicLossScaler:
         self.backoff_factor = float(backoff_factor)
         self.growth_interval = _count("growth_interval", growth_interval, 1)
         self.growth_tracker = 0
-        self._found_inf = None  # None until a step since the last update
+        self._found_inf = False  # in a step since the last update
         self._stepped = set()  # the ids of the optimizers stepped since the last update
 
     def scale_loss(self, loss):
@@ -84,12 +84,12 @@ class DynamicLossScaler:
         optimizer.step(grads, grad_scale=self.scale, skip_nonfinite=True)
         self._stepped.add(id(optimizer))
         applied = optimizer.skipped_steps == skipped
-        self._found_inf = bool(self._found_inf) or not applied
+        self._found_inf = self._found_inf or not applied
         return applied
 
     def update(self):
         """Adapt the scale to the steps taken since the last update."""
-        if self._found_inf is None:
+        if not self._stepped:
             raise RuntimeError("update() needs a step() first")
         if self._found_inf:
             self.scale = _float32(self.scale * self.backoff_factor)
@@ -101,7 +101,7 @@ class DynamicLossScaler:
             self.growth_tracker = 0
         else:
             self.growth_tracker += 1
-        self._found_inf, self._stepped = None, set()
+        self._found_inf, self._stepped = False, set()
 
     def state_dict(self):
         """The scale, the policy and the tracker, under torch.amp.GradScaler's keys, so
