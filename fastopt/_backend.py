@@ -260,14 +260,14 @@ class HostBackend:
         repeat with new ones (see ``fastopt.optim.steady``): the kernel and its other
         arguments are found once."""
         kernels = self._kernels
+        flush = kernels.FLUSH_DENORMALS and not keep_subnormals
         if formats:
             kernel = kernels.kernel(*Pass(rule, present, formats=formats, master=master,
-                                          stochastic=first is not None))
+                                          stochastic=first is not None, flushes=flush))
             buffers = [*map(precision.bits, buffers)]
         else:
             kernel = kernels.kernel(rule, present)
         arguments = (*buffers, float32s(prep))
-        flush = kernels.FLUSH_DENORMALS and not keep_subnormals
         size = buffers[0].size
         if first is not None:
             return lambda h, key: self._call(kernel, size, *arguments, float32s(h), key,
@@ -306,7 +306,8 @@ class HostBackend:
         """
         if not segments.size:  # nothing to step (Adafactor's vectors, where it has none)
             return segments.totals(segments.partials, len(spec.sums)) if spec.sums else ()
-        kernel, names = self._compiled(spec)
+        flush = self._kernels.FLUSH_DENORMALS and not keep_subnormals
+        kernel, names = self._compiled(spec, flush)
         if values:
             segments.per_chunk(values)
         if spec.formats:
@@ -314,8 +315,7 @@ class HostBackend:
         self._call(kernel, segments.size, *segments.reach(tensors, names), *states,
                    float32s(prep), float32s(h), *((key, first) if spec.stochastic else ()),
                    segments.chunks, segments.state_starts,
-                   segments.partials, segments.row_scalars,
-                   flush=self._kernels.FLUSH_DENORMALS and not keep_subnormals)
+                   segments.partials, segments.row_scalars, flush=flush)
         return segments.totals(segments.partials, len(spec.sums)) if spec.sums else ()
 
     def run_blocks(self, spec, tensors, states, blocks, prep, h, keep_subnormals=False, key=0,
@@ -333,24 +333,26 @@ class HostBackend:
                         first=0):
         """:meth:`run_blocks` as a function ``launch(h, key)``, as :meth:`launcher`."""
         rows, state_starts, size, arrays = blocks
-        kernel, names = self._compiled(spec)
+        flush = self._kernels.FLUSH_DENORMALS and not keep_subnormals
+        kernel, names = self._compiled(spec, flush)
         head = (*(getattr(tensors, name) for name in names), *map(precision.bits, states),
                 float32s(prep))
         tail = (rows, state_starts, *arrays)
-        flush = self._kernels.FLUSH_DENORMALS and not keep_subnormals
         if spec.stochastic:
             return lambda h, key: self._call(kernel, size, *head, float32s(h), key, first,
                                              *tail, flush=flush)
         return lambda h, key=None: self._call(kernel, size, *head, float32s(h), *tail,
                                               flush=flush)
 
-    def _compiled(self, spec):
-        """The segment kernel of the pass ``spec``, and which of p and g it takes (kept:
-        a step looks them up for each of its passes)."""
-        found = self._passes.get(spec)
+    def _compiled(self, spec, flush=False):
+        """The segment kernel of the pass ``spec`` run with subnormals flushed or not
+        (``flush``; CUDA's never are), and which of p and g it takes (kept: a step looks them up for each
+        of its passes)."""
+        found = self._passes.get((spec, flush))
         if found is None:
-            found = self._passes[spec] = (self._kernels.segment_kernel(*spec),
-                                          tensor_arguments(spec))
+            found = self._passes[spec, flush] = (
+                self._kernels.segment_kernel(*spec._replace(flushes=flush)),
+                tensor_arguments(spec))
         return found
 
     def sum_squares(self, g):

@@ -77,6 +77,10 @@ class Pass(NamedTuple):
     segment pass indexes each chunk's elements from its ``draw``
     (``fastopt._backend.segment_chunks``), a pass over blocks of 8-bit state from their
     state's place.
+
+    ``flushes`` says that the driver will run with subnormal numbers flushed (its
+    ``flush_denormals``): a CPU driver may then round to bfloat16 by an instruction that
+    flushes them too (``kernels.x86.bfloat16_store``).
     """
 
     rule: str
@@ -88,6 +92,7 @@ class Pass(NamedTuple):
     formats: tuple = ()
     master: bool = False
     stochastic: bool = False
+    flushes: bool = False
 
 
 @functools.cache  # inspect.signature took 35 of the 200 µs of a small bf16 model's step
@@ -375,7 +380,10 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
             if n == "p" and remainder:
                 return f"bfloat16_rebuild({at('p')}, {at('w')})"
             if n == "p" and spec.master:  # the master, unless p was written since
-                return (f"({at('w')} if {formats['p']}_store({at('w')}) == {at('p')} "
+                # Compared by the portable rounding where the stores take AVX-512 BF16's
+                # (codecs.compiled): with that in the comparison too, LLVM left Adam's
+                # loop with bfloat16 state scalar (1.9 ns an element against 0.94).
+                return (f"({at('w')} if {formats['p']}_rounded({at('w')}) == {at('p')} "
                         f"else {formats['p']}_load({at('p')}))")
             return f"{formats[n]}_load({at(n)})" if n in formats else at(n)
 

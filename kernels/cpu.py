@@ -148,7 +148,8 @@ _prepare = _inline(rules.prepare)
 _HELPERS = {helper.__name__: _inline(helper) for helper in rules.HELPERS}
 _CODECS = codecs.compiled(_inline)
 if x86.F16C:
-    _CODECS.update(float16_load=x86.float16_load, float16_store=x86.float16_store)
+    _CODECS.update(float16_load=x86.float16_load, float16_store=x86.float16_store,
+                   float16_rounded=x86.float16_store)
 
 
 @njit(inline="always", error_model="numpy")
@@ -247,6 +248,16 @@ def _tensor_part_bits(address, offset, size):
     return carray(bits_at(address + 2 * offset), size)
 
 
+def _settled(spec):
+    """The ``_template.Pass`` ``spec``, whose ``flushes`` holds only where it changes the
+    driver: where the pass stores bfloat16 and AVX-512 BF16 compiles, whose conversion
+    then rounds (``x86.bfloat16_store``). (The stores took 0.69-0.83x the time of Adam's
+    formats with bfloat16 state in the caches, and 0.76-0.85x at 2e7 parameters on two
+    threads: see docs/design-notes.md.)"""
+    return spec._replace(flushes=bool(spec.flushes and x86.BF16
+                                      and "bfloat16" in dict(spec.formats).values()))
+
+
 @functools.cache
 def _driver(spec, loops):
     # Cached by the Pass, so that every spelling of the same pass gets one driver.
@@ -281,6 +292,7 @@ def _driver(spec, loops):
         "denormals_off": _fp_mode.denormals_off,
         "restore_fp_mode": _fp_mode.restore,
         **_CODECS,
+        **({"bfloat16_store": x86.bfloat16_store} if spec.flushes else {}),
         "decode_block": _DECODE_BLOCK,
         "encode_block": _ENCODE_BLOCK,
         "begin_chunk": x86.prefer_512_bit_vectors if WIDE_VECTORS else _keep_vector_width,
@@ -291,7 +303,7 @@ def _driver(spec, loops):
     chunk_options = dict(options, parallel=False, inline="never")
     fingerprint = (repr((options, chunk_options, CHUNK, VECTOR, BLOCKS_PER_CHUNK))
                    + inspect.getsource(_fp_mode) + inspect.getsource(x86)
-                   + repr((x86.AVAILABLE, x86.F16C, WIDE_VECTORS)))
+                   + repr((x86.AVAILABLE, x86.F16C, WIDE_VECTORS, spec.flushes)))
     driver = _template.build(spec, loops, namespace, __file__, fingerprint,
                              njit(**chunk_options))
     return njit(**options)(driver)
@@ -306,10 +318,11 @@ def kernel(*spec):
     ``spec`` are the fields of a ``_template.Pass`` (without sums): ``rule_name,
     present`` for a plain step. ``key`` and ``first`` come with ``Pass.stochastic``.
 
-    Pass ``parallel=p.size >= PARALLEL_MIN_SIZE`` and ``flush_denormals=FLUSH_DENORMALS``.
-    Compilation happens on the first call, or loads from Numba's on-disk cache.
+    Pass ``parallel=p.size >= PARALLEL_MIN_SIZE`` and ``flush_denormals=FLUSH_DENORMALS``
+    (true wherever ``Pass.flushes`` is). Compilation happens on the first call, or loads
+    from Numba's on-disk cache.
     """
-    return _driver(_template.Pass(*spec), _LOOPS)
+    return _driver(_settled(_template.Pass(*spec)), _LOOPS)
 
 
 @functools.cache
@@ -335,7 +348,7 @@ def segment_kernel(*spec):
     ``state_starts``, then each such buffer's ``absmax`` and ``small`` (see
     ``_template._block_chunk``), in place of ``chunks`` ... ``row_scalars``.
     """
-    spec = _template.Pass(*spec)
+    spec = _settled(_template.Pass(*spec))
     blocks = any(f in codecs.QUANTIZED for _, f in spec.formats)
     return _driver(spec, _BLOCK_LOOPS if blocks else _SEGMENT_LOOPS)
 

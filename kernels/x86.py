@@ -1,12 +1,20 @@
 """x86 instructions that the portable code does not compile to: float16 conversions
-(F16C), a whole block of 8-bit state decoded with AVX-512 permutes, and AVX-512's
-512-bit vectors where LLVM would not choose them.
+(F16C), bfloat16 rounding (AVX-512 BF16), a whole block of 8-bit state decoded with
+AVX-512 permutes, and AVX-512's 512-bit vectors where LLVM would not choose them.
 
 F16C converts eight float16 to float32 and back in one instruction each, where the
 portable codecs (``codecs.float16_load``, ``float16_store``) take a dozen integer
 operations; LLVM emits them for its ``half`` type, which Numba does not have, hence
 intrinsics. They give the portable codecs' bits, NaNs included (checked over every
 input in tests/test_x86.py), and the CPU drivers take them where F16C compiles.
+
+AVX-512 BF16 rounds sixteen float32 to bfloat16 in one instruction
+(``vcvtneps2bf16``), where the portable ``codecs.bfloat16_store`` takes some eight
+integer operations per vector, which left the formats with bfloat16 state compute-bound
+(see docs/design-notes.md). It gives the portable codec's bits, NaNs included, for every
+float32 but the subnormal ones, which it flushes to a zero of their sign whatever the
+denormal mode (checked over every input in tests/test_x86.py): so only the drivers of
+passes that flush subnormals take it (``_template.Pass.flushes``).
 
 The 8-bit decoding: the portable loop's table lookup (``map[code]``) compiles to a
 gather, which on AMD's Zen cores costs more than the rest of the decoding.
@@ -53,6 +61,7 @@ def _f16c_available():
 
 AVAILABLE = _available("avx512f")  # decode_block compiles
 F16C = _f16c_available()
+BF16 = _available("avx512bf16")  # bfloat16_store compiles
 
 
 @intrinsic
@@ -92,6 +101,32 @@ def float16_store(typingctx, x):
     def codegen(context, builder, signature, arguments):
         single = context.cast(builder, arguments[0], signature.args[0], types.float32)
         return builder.bitcast(builder.fptrunc(single, ir.HalfType()), ir.IntType(16))
+    return types.uint16(x), codegen
+
+
+class _BFloat(ir.Type):
+    """LLVM's ``bfloat``, which llvmlite does not name."""
+
+    def _to_string(self):
+        return "bfloat"
+
+    def __eq__(self, other):
+        return isinstance(other, _BFloat)
+
+    def __hash__(self):
+        return hash(_BFloat)
+
+
+@intrinsic
+def bfloat16_store(typingctx, x):
+    """The bfloat16 bits (a uint16) nearest to the float ``x`` as a float32 (ties to
+    even), but a zero of its sign where that float32 is subnormal."""
+    if not isinstance(x, types.Float):
+        return None
+
+    def codegen(context, builder, signature, arguments):
+        single = context.cast(builder, arguments[0], signature.args[0], types.float32)
+        return builder.bitcast(builder.fptrunc(single, _BFloat()), ir.IntType(16))
     return types.uint16(x), codegen
 
 

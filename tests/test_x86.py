@@ -76,20 +76,32 @@ def test_the_permutes_compile_only_where_numba_compiles_for_avx512(
     assert x86._available("avx512f") is available
 
 
-def _adam_8bit_chunk_assembly():
-    """The assembly of the chunk function (where the loops run) of 8-bit Adam's pass,
-    compiled again (Numba's cache keeps no assembly) for the signature a step took."""
+def _chunk_assembly(**options):
+    """The assembly of the chunk function (where the loops run) of the pass of Adam's
+    step with ``options`` over 8192 float32 parameters, compiled again (Numba's cache
+    keeps no assembly) for the signature the step took."""
     import fastopt
 
-    opt = fastopt.Adam({"w": np.ones(8192, np.float32)}, lr=1e-3, state_dtype="int8")
-    opt.step()
-    kernel = cpu.segment_kernel(*next(iter(opt._backend._passes)))
+    _forget_kernels()  # so that the step asks _driver for its kernel
+    made = []
+    original = cpu._driver
+    cpu._driver = lambda *a: made.append(original(*a)) or made[-1]
+    try:
+        opt = fastopt.Adam({"w": np.ones(8192, np.float32)}, lr=1e-3, **options)
+        opt.step()
+    finally:
+        cpu._driver = original
+    (kernel,) = made
     chunk = kernel.py_func.__globals__[kernel.py_func.__name__ + "_chunk"]
     if not chunk.signatures:  # the kernel came from Numba's cache: compile its calls
         njit(parallel=True, error_model="numpy")(kernel.py_func).compile(kernel.signatures[0])
     again = njit(error_model="numpy")(chunk.py_func)
     again.compile(chunk.signatures[0])
     return again.inspect_asm(chunk.signatures[0])
+
+
+def _adam_8bit_chunk_assembly():
+    return _chunk_assembly(state_dtype="int8")
 
 
 def _forget_kernels():
@@ -215,3 +227,71 @@ def test_the_portable_float16_codecs_round_as_numpy_and_keep_nans_quiet():
     bits = x[~finite].view(np.uint32)
     np.testing.assert_array_equal(stored[~finite], (bits >> 16 & 0x8000) | 0x7E00
                                   | (bits >> 13 & 0x1FF))
+
+
+needs_bf16 = pytest.mark.skipif(not x86.BF16, reason="this CPU has no AVX-512 BF16")
+_portable_bfloat16_store = njit(inline="always")(codecs.bfloat16_store)
+_BF16_STORE = x86.bfloat16_store
+
+
+@njit(parallel=True)
+def _bfloat16_stores_that_differ(flush_denormals):
+    """How many of the 2**32 float32 bit patterns AVX-512 BF16 stores other than the
+    portable codec: subnormal ones, and the others, with the kernels' denormal mode; and
+    how many subnormal ones it stores as anything but the zero of their sign."""
+    subnormal = other = not_zero = 0
+    for high in prange(1 << 16):
+        saved = _fp_mode.denormals_off(flush_denormals)
+        for low in range(1 << 16):
+            bits = np.uint32((high << 16) | low)
+            x = bits.view(np.float32)
+            stored = _BF16_STORE(x)
+            if bits & np.uint32(0x7F800000) == 0 and bits & np.uint32(0x7FFFFF) != 0:
+                subnormal += stored != _portable_bfloat16_store(x)
+                not_zero += stored != np.uint16(bits >> np.uint32(16) & np.uint32(0x8000))
+            else:
+                other += stored != _portable_bfloat16_store(x)
+        _fp_mode.restore(saved)
+    return subnormal, other, not_zero
+
+
+@needs_bf16
+@pytest.mark.parametrize("flush_denormals", [True, False])
+def test_bf16_rounding_gives_the_portable_bits_but_flushes_subnormals(flush_denormals):
+    """NaNs (quiet, sign and payload kept), infinities, ties to even and the carries into
+    infinity as the portable codec; subnormal inputs become zeros whatever the mode.
+    (The portable codec rounds most of them to a subnormal: the control.)"""
+    subnormal, other, not_zero = _bfloat16_stores_that_differ(flush_denormals)
+    assert other == 0 and not_zero == 0
+    assert subnormal == 2 * (0x7FFFFF - 0x8000)  # all but those the portable rounds to 0
+
+
+def _adam_bfloat16_state(eps):
+    import fastopt
+
+    g = np.full(4096, 1e-18, f32)  # exp_avg_sq = (1 - beta2) g**2 = 1e-39, subnormal
+    opt = fastopt.Adam([np.ones(4096, f32)], lr=1e-3, eps=eps, state_dtype="bfloat16")
+    opt.flat_grads[:] = g
+    opt.step()
+    return opt.state["exp_avg_sq"].view(np.uint16)
+
+
+def test_only_passes_that_flush_subnormals_round_bfloat16_by_an_instruction_that_does():
+    """A pass that keeps subnormals (eps below 1e-10: see fastopt.optim.engine) stores
+    them as the portable codec does, on every CPU; one that flushes them has none to store."""
+    import ml_dtypes
+
+    expected = np.float32(0.001 * 1e-36).astype(ml_dtypes.bfloat16).view(np.uint16)
+    assert expected != 0
+    np.testing.assert_array_equal(_adam_bfloat16_state(1e-12), expected)
+    np.testing.assert_array_equal(_adam_bfloat16_state(1e-8), 0)
+
+
+@needs_bf16
+def test_the_flushing_passes_round_bfloat16_by_avx512_bf16():
+    """Those that keep subnormals do not: the control."""
+    try:
+        assert "vcvtneps2bf16" in _chunk_assembly(state_dtype="bfloat16")
+        assert "vcvtneps2bf16" not in _chunk_assembly(state_dtype="bfloat16", eps=1e-12)
+    finally:
+        _forget_kernels()
