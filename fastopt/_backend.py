@@ -346,8 +346,8 @@ class HostBackend:
 
     def _compiled(self, spec, flush=False):
         """The segment kernel of the pass ``spec`` run with subnormals flushed or not
-        (``flush``; CUDA's never are), and which of p and g it takes (kept: a step looks them up for each
-        of its passes)."""
+        (``flush``; CUDA's never are), and which of p and g it takes (kept: a step looks
+        them up for each of its passes)."""
         found = self._passes.get((spec, flush))
         if found is None:
             found = self._passes[spec, flush] = (

@@ -251,9 +251,8 @@ def _tensor_part_bits(address, offset, size):
 def _settled(spec):
     """The ``_template.Pass`` ``spec``, whose ``flushes`` holds only where it changes the
     driver: where the pass stores bfloat16 and AVX-512 BF16 compiles, whose conversion
-    then rounds (``x86.bfloat16_store``). (The stores took 0.69-0.83x the time of Adam's
-    formats with bfloat16 state in the caches, and 0.76-0.85x at 2e7 parameters on two
-    threads: see docs/design-notes.md.)"""
+    then rounds (``x86.bfloat16_store``): Adam's bfloat16 formats took 0.81-0.91x their
+    time in the caches, 0.80-0.98x at 2e7 parameters (see docs/design-notes.md)."""
     return spec._replace(flushes=bool(spec.flushes and x86.BF16
                                       and "bfloat16" in dict(spec.formats).values()))
 
