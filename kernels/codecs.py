@@ -362,8 +362,11 @@ def compiled(compile):
     ``compile``. ``<format>_rounded`` is the store again, under the name by which the
     drivers check that a 16-bit parameter still holds its master weight rounded: a CPU
     driver may store by another instruction (``kernels.x86.bfloat16_store``)."""
-    return {**{f"{name}_{kind}": compile(function) for name, pair in CODECS.items()
-               for kind, function in zip(("load", "store", "rounded"), pair + pair[1:])},
+    named = {}
+    for name, (load, store) in CODECS.items():
+        named[f"{name}_load"] = compile(load)
+        named[f"{name}_store"] = named[f"{name}_rounded"] = compile(store)
+    return {**named,
             **{function.__name__: compile(function) for function in (
                 bfloat16_store_stochastic, float16_store_stochastic, bfloat16_upper,
                 bfloat16_remainder, bfloat16_rebuild, dynamic_bucket, dynamic_code)},

@@ -253,8 +253,10 @@ def _settled(spec):
     driver: where the pass stores bfloat16 and AVX-512 BF16 compiles, whose conversion
     then rounds (``x86.bfloat16_store``): Adam's bfloat16 formats took 0.81-0.91x their
     time in the caches, 0.80-0.98x at 2e7 parameters (see docs/design-notes.md)."""
-    return spec._replace(flushes=bool(spec.flushes and x86.BF16
-                                      and "bfloat16" in dict(spec.formats).values()))
+    stored = {name for name, fmt in spec.formats if fmt == "bfloat16" and name != "g"}
+    if spec.writes is not None:
+        stored &= set(spec.writes)
+    return spec._replace(flushes=bool(spec.flushes and x86.BF16 and stored))
 
 
 @functools.cache

@@ -59,9 +59,16 @@ def _f16c_available():
     return _available("f16c") and _available("avx")
 
 
+def _bf16_available():
+    """Whether bfloat16_store compiles to AVX-512 BF16's conversion. LLVM emits it only
+    with AVX-512VL too (which every CPU with AVX-512 BF16 has); without, it calls
+    __truncsfbf2, which nothing links here (the process crashed on the first call)."""
+    return _available("avx512bf16") and _available("avx512vl")
+
+
 AVAILABLE = _available("avx512f")  # decode_block compiles
 F16C = _f16c_available()
-BF16 = _available("avx512bf16")  # bfloat16_store compiles
+BF16 = _bf16_available()
 
 
 @intrinsic

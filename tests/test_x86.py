@@ -157,6 +157,24 @@ def test_f16c_compiles_only_with_avx(monkeypatch, enable_avx, host, available):
     assert x86._f16c_available() is available
 
 
+@pytest.mark.parametrize("enable_avx, host, available", [
+    (True, "+avx512f,+avx512vl,+avx512bf16", True),
+    (False, "+avx512f,+avx512vl,+avx512bf16", False),  # NUMBA_ENABLE_AVX=0
+    (True, "+avx512f,+avx512vl,-avx512bf16", False),
+    (True, "+avx512f,-avx512vl,+avx512bf16", False),  # LLVM would call __truncsfbf2
+])
+def test_bf16_rounding_compiles_only_with_avx512_bf16_and_vl(monkeypatch, enable_avx, host,
+                                                              available):
+    from numba.core import config
+
+    monkeypatch.setattr(config, "CPU_NAME", None)
+    monkeypatch.setattr(config, "CPU_FEATURES", None)
+    monkeypatch.setattr(config, "ENABLE_AVX", enable_avx)
+    features = _Features((item[1:], item[0] == "+") for item in host.split(","))
+    monkeypatch.setattr("llvmlite.binding.get_host_cpu_features", lambda: features)
+    assert x86._bf16_available() is available
+
+
 class _Features(dict):
     """llvmlite's feature map, as far as Numba reads it."""
 
