@@ -100,10 +100,6 @@ def _chunk_assembly(**options):
     return again.inspect_asm(chunk.signatures[0])
 
 
-def _adam_8bit_chunk_assembly():
-    return _chunk_assembly(state_dtype="int8")
-
-
 def _forget_kernels():
     cpu._driver.cache_clear()
     cpu.kernel.cache_clear()
@@ -117,13 +113,13 @@ def test_the_passes_loops_run_in_512_bit_registers(monkeypatch):
     512. The control: with ``WIDE_VECTORS`` off (the README's way to keep LLVM's
     choice), what LLVM takes unasked."""
     assert cpu.WIDE_VECTORS
-    wide = _adam_8bit_chunk_assembly()
+    wide = _chunk_assembly(state_dtype="int8")
     # Adam's arithmetic in zmm, not only x86.decode_block's permutes.
     assert "vsqrtps\t%zmm" in wide and "vdivps\t%zmm" in wide
     monkeypatch.setattr(cpu, "WIDE_VECTORS", False)
     _forget_kernels()
     try:
-        narrow = _adam_8bit_chunk_assembly()
+        narrow = _chunk_assembly(state_dtype="int8")
     finally:
         monkeypatch.undo()
         _forget_kernels()
@@ -141,12 +137,19 @@ def _llvm_prefers_512_bits():
     return "vsqrtps\t%zmm" in roots.inspect_asm(roots.signatures[0])
 
 
-@pytest.mark.parametrize("enable_avx, host, available", [
-    (True, "+avx,+avx2,+f16c", True),
-    (False, "+avx,+avx2,+f16c", False),  # NUMBA_ENABLE_AVX=0: F16C's are AVX instructions
-    (True, "+avx,+avx2,-f16c", False),
+@pytest.mark.parametrize("gate, enable_avx, host, available", [
+    ("_f16c_available", True, "+avx,+avx2,+f16c", True),
+    # NUMBA_ENABLE_AVX=0: F16C's are AVX instructions
+    ("_f16c_available", False, "+avx,+avx2,+f16c", False),
+    ("_f16c_available", True, "+avx,+avx2,-f16c", False),
+    ("_bf16_available", True, "+avx512f,+avx512vl,+avx512bf16", True),
+    ("_bf16_available", False, "+avx512f,+avx512vl,+avx512bf16", False),
+    ("_bf16_available", True, "+avx512f,+avx512vl,-avx512bf16", False),
+    # without AVX-512VL, LLVM would call __truncsfbf2
+    ("_bf16_available", True, "+avx512f,-avx512vl,+avx512bf16", False),
 ])
-def test_f16c_compiles_only_with_avx(monkeypatch, enable_avx, host, available):
+def test_the_conversions_compile_only_where_their_instructions_do(monkeypatch, gate,
+                                                                  enable_avx, host, available):
     from numba.core import config
 
     monkeypatch.setattr(config, "CPU_NAME", None)
@@ -154,25 +157,7 @@ def test_f16c_compiles_only_with_avx(monkeypatch, enable_avx, host, available):
     monkeypatch.setattr(config, "ENABLE_AVX", enable_avx)
     features = _Features((item[1:], item[0] == "+") for item in host.split(","))
     monkeypatch.setattr("llvmlite.binding.get_host_cpu_features", lambda: features)
-    assert x86._f16c_available() is available
-
-
-@pytest.mark.parametrize("enable_avx, host, available", [
-    (True, "+avx512f,+avx512vl,+avx512bf16", True),
-    (False, "+avx512f,+avx512vl,+avx512bf16", False),  # NUMBA_ENABLE_AVX=0
-    (True, "+avx512f,+avx512vl,-avx512bf16", False),
-    (True, "+avx512f,-avx512vl,+avx512bf16", False),  # LLVM would call __truncsfbf2
-])
-def test_bf16_rounding_compiles_only_with_avx512_bf16_and_vl(monkeypatch, enable_avx, host,
-                                                              available):
-    from numba.core import config
-
-    monkeypatch.setattr(config, "CPU_NAME", None)
-    monkeypatch.setattr(config, "CPU_FEATURES", None)
-    monkeypatch.setattr(config, "ENABLE_AVX", enable_avx)
-    features = _Features((item[1:], item[0] == "+") for item in host.split(","))
-    monkeypatch.setattr("llvmlite.binding.get_host_cpu_features", lambda: features)
-    assert x86._bf16_available() is available
+    assert getattr(x86, gate)() is available
 
 
 class _Features(dict):
