@@ -45,6 +45,18 @@ REMAINDER = "remainder"
 # The elements of a segment that one CPU thread or one CUDA block takes at a time.
 SEGMENT_CHUNK = 1 << 14
 
+# The constants the generated code names, the same in every backend's driver (which adds
+# the integer ones of its lanes, NO_BITS and MAGNITUDE).
+CONSTANTS = {"ZERO": np.float32(0),  # a state a driver does not hold reads as this
+             "ONE": np.float32(1),
+             "INFINITY": np.float32(np.inf),
+             "NOT_A_NUMBER": np.float32(np.nan),
+             "BLOCK": codecs.BLOCK,
+             "LARGEST_PLAIN_ABSMAX": codecs.LARGEST_PLAIN_ABSMAX,
+             "PRESCALE": codecs.PRESCALE,
+             "SMALLEST_PLAIN_ABSMAX": codecs.SMALLEST_PLAIN_ABSMAX,
+             "SUBNORMAL_PRESCALE": codecs.SUBNORMAL_PRESCALE}
+
 
 class Pass(NamedTuple):
     """One pass of ``rule`` (its name in ``kernels.rules``) over the buffers.

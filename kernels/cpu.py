@@ -45,7 +45,7 @@ LANES = np.arange(max(CHUNK, _template.SEGMENT_CHUNK), dtype=np.uint32)
 # torch.set_flush_denormal(True) does); each kernel restores the caller's setting.
 FLUSH_DENORMALS = True
 
-ZERO = np.float32(0)  # a state a driver does not hold reads as this
+ZERO = _template.CONSTANTS["ZERO"]
 
 _LOOPS = """\
 {random_arguments}, parallel, flush_denormals):
@@ -273,21 +273,13 @@ def _driver(spec, loops):
         "segment_chunk_bits": _segment_chunk_bits,
         "tensor_part": _tensor_part,
         "tensor_part_bits": _tensor_part_bits,
-        "ZERO": ZERO,
-        "ONE": np.float32(1),
-        "LARGEST_PLAIN_ABSMAX": codecs.LARGEST_PLAIN_ABSMAX,
-        "PRESCALE": codecs.PRESCALE,
-        "SMALLEST_PLAIN_ABSMAX": codecs.SMALLEST_PLAIN_ABSMAX,
-        "SUBNORMAL_PRESCALE": codecs.SUBNORMAL_PRESCALE,
-        "INFINITY": np.float32(np.inf),
-        "NOT_A_NUMBER": np.float32(np.nan),
+        **_template.CONSTANTS,
         "NO_BITS": np.int32(0),
         "MAGNITUDE": np.int32(0x7FFFFFFF),
         "np": np,
         "CHUNK": CHUNK,
         "VECTOR": VECTOR,
         "LANES": LANES,
-        "BLOCK": codecs.BLOCK,
         "BLOCKS_PER_CHUNK": BLOCKS_PER_CHUNK,
         **codecs.tables(),
         "denormals_off": _fp_mode.denormals_off,

@@ -16,7 +16,7 @@ from . import _template, codecs, rules
 threads_per_block = 256
 max_blocks = 1024
 
-ZERO = np.float32(0)  # a state a driver does not hold reads as this
+ZERO = _template.CONSTANTS["ZERO"]
 
 _LOOPS = """\
 {random_arguments}):
@@ -106,17 +106,9 @@ def _driver(spec, loops):
         "float64": float64,
         "uint32": uint32,
         "MAX_THREADS": MAX_THREADS,
-        "ZERO": ZERO,
-        "ONE": np.float32(1),
-        "LARGEST_PLAIN_ABSMAX": codecs.LARGEST_PLAIN_ABSMAX,
-        "PRESCALE": codecs.PRESCALE,
-        "SMALLEST_PLAIN_ABSMAX": codecs.SMALLEST_PLAIN_ABSMAX,
-        "SUBNORMAL_PRESCALE": codecs.SUBNORMAL_PRESCALE,
-        "INFINITY": np.float32(np.inf),
-        "NOT_A_NUMBER": np.float32(np.nan),
+        **_template.CONSTANTS,
         "NO_BITS": np.uint32(0),
         "MAGNITUDE": np.uint32(0x7FFFFFFF),
-        "BLOCK": codecs.BLOCK,
         **_CODECS,
     }
     return cuda.jit(cache=True)(_template.build(spec, loops, namespace, __file__,
