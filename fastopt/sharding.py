@@ -369,14 +369,21 @@ class BucketReducer:
         self._new_round()
 
     def take(self):
-        """The parameters (indices) whose elements of ``gradients`` hold a gradient,
-        for the step, which then owns them."""
+        """The parameters (indices) whose elements of ``gradients`` hold a gradient that
+        no step has used (see ``used``), for the step: none where no backward, and no
+        gradient set by hand, came since the last step (``p.grad`` is None then, as
+        after ``zero_grad`` in torch, which ``model.zero_grad()`` would not tell us)."""
         for b in range(len(self.buckets)):
             self._send(b)
         self._receive()
         self._new_round()  # should backward have stopped halfway, on an error
+        return set() if self.taken else self.has
+
+    def used(self):
+        """A step has used the gradients (or skipped them): the next bucket starts
+        afresh. Called once the step can no longer refuse, so that a step refused
+        after ``take`` (its arguments checked) can be called again on them."""
         self.taken = True
-        return self.has
 
     def pending(self):
         """Whether it holds gradients that no step has taken yet."""

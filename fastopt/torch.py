@@ -590,6 +590,9 @@ class Optimizer(torch.optim.Optimizer):
                 store.first_rows(run)
         coefficient = engine.clip_or_skip(self, skip_nonfinite, inverse_scale,
                                           lambda: self._sum_squares(runs))
+        for store in self._stores if self._group is not None else ():
+            if store.reducer is not None:
+                store.reducer.used()
         if coefficient is None:
             return loss
         for hyper, group_runs in plans:

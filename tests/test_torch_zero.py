@@ -406,6 +406,9 @@ def accumulating_rank(rank, world, rendezvous, moved):
             except ValueError as error:
                 return str(error)
         opt.step()
+        if t == 2:  # a step with no backward since the last: nothing to step
+            net.zero_grad()
+            opt.step()
     return [p.detach().numpy().copy() for p in net.parameters()], [bool(opt.state[p]) for p
                                                                  in net.parameters()]
 
@@ -415,9 +418,10 @@ def test_stage2_accumulates_micro_batches_and_skips_what_has_no_gradient(world, 
                                                                          tmp_path):
     """Gradient accumulation: each backward's buckets add into the rank's share until
     the step, and the first bucket after it starts afresh. Parameters without a
-    gradient (frozen, or not reached) are neither stepped nor given state. As one
-    process on the whole batches, to the rounding of the averages; also where a
-    parameter moves to other storage between backward and the step."""
+    gradient (frozen, or not reached) are neither stepped nor given state, and a step
+    with no backward since the last steps nothing (the reduced gradients are the last
+    step's). As one process on the whole batches, to the rounding of the averages; also
+    where a parameter moves to other storage between backward and the step."""
     net = accumulation_model()
     opt = ft.AdamW(net.parameters(), lr=0.01)
     for t in range(STEPS):
@@ -426,6 +430,9 @@ def test_stage2_accumulates_micro_batches_and_skips_what_has_no_gradient(world, 
             x, y = batch(2 * t + micro)
             ((net[0](x) - y) ** 2).mean().div(2).backward()
         opt.step()
+        if t == 2:
+            opt.zero_grad()
+            opt.step()
     expected = [p.detach().numpy() for p in net.parameters()]
     stateful = [bool(opt.state[p]) for p in net.parameters()]
     assert stateful == [True, False, True, True, False, False]
