@@ -1473,9 +1473,11 @@ def _local(t):
 
 
 def _rebuilt_master(params, remainders):
-    """The float32 master weights, on the host, that the bfloat16 ``params`` (this rank's
-    tensor) and their int16 ``remainders`` stand for (``precision.rebuild_master``)."""
-    bits = params.detach().cpu().contiguous().view(torch.int16).numpy()
+    """The float32 master weights, on the host, that ``params`` (this rank's tensor) and
+    their int16 ``remainders`` stand for (``precision.rebuild_master``). Remainders
+    complete bfloat16 bits: a parameter made float32 or float16 since gives them as its
+    values in bfloat16, as the next step takes them (exactly, from float32)."""
+    bits = params.detach().cpu().to(torch.bfloat16).contiguous().view(torch.int16).numpy()
     low = _local(remainders).detach().cpu().contiguous().numpy()
     return torch.from_numpy(precision.rebuild_master(bits.view(precision.codecs.BITS),
                                                      low.view(precision.REMAINDER_DTYPE)))
