@@ -1006,10 +1006,13 @@ class Optimizer(torch.optim.Optimizer):
         place, as in torch.optim.
 
         8-bit state comes as codes (``"<name>_codes"``, ``"<name>_absmax"``) or as values
-        (``"<name>"``, encoded on load). Where a parameter's state holds both, the values
-        are taken: fastopt never writes both, and ``torch.distributed.checkpoint``'s
-        ``set_optimizer_state_dict(..., full_state_dict=True)`` puts a checkpoint's
-        values beside the optimizer's own codes."""
+        (``"<name>"``, encoded on load). Where a parameter's state holds both, the
+        checkpoint's are taken: fastopt never writes both, and
+        ``torch.distributed.checkpoint``'s ``set_optimizer_state_dict(...,
+        full_state_dict=True)`` puts a checkpoint's values beside the optimizer's own
+        codes, or, for FSDP2's parameters (whose state_dict holds values), a plain
+        model's codes beside the optimizer's own values: those are DTensors, the codes
+        not."""
         state_dict = dict(state_dict)  # which the pre-hooks may change, as in torch
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = _or(hook(self, state_dict), state_dict)
@@ -1131,7 +1134,11 @@ class Optimizer(torch.optim.Optimizer):
                     and key.endswith(CODES)]:
             name = key[:-len(CODES)]
             codes, absmax = state.pop(key), state.get(name + ABSMAX)
-            if name in state:  # values beside the codes: see load_state_dict
+            # Values beside the codes: see load_state_dict. Sharded values beside a plain
+            # model's (whole) codes are the template's that DCP loads a full state into.
+            beside = state.get(name)
+            into_shards = _is_dtensor(beside) and not _is_dtensor(codes)
+            if beside is not None and not into_shards:
                 state.pop(name + ABSMAX, None)
                 continue
             for label, value in ((key, codes), (name + ABSMAX, absmax)):
@@ -1166,7 +1173,13 @@ class Optimizer(torch.optim.Optimizer):
                                      f"{key!r}, of shape {tuple(codes.shape)}")
                 codes = torch.empty_strided(codes.shape, tuple(strides.tolist()),
                                             dtype=torch.uint8).copy_(codes)
-            if name in quantized:
+            if into_shards:  # this rank's shard of their values, which a step encodes
+                from torch.distributed.tensor import distribute_tensor
+
+                decoded = _decoded(codes, state.pop(name + ABSMAX), averages[name])
+                state[name] = distribute_tensor(decoded.to(beside.device), beside.device_mesh,
+                                                beside.placements, src_data_rank=None)
+            elif name in quantized:
                 state[name] = codes
             else:
                 state[name] = _decoded(codes, state.pop(name + ABSMAX), averages[name])

@@ -911,6 +911,54 @@ def test_fsdp2_int8_state_quantizes_each_shard_and_checkpoints_its_values(tmp_pa
             assert_close(params, expected, rtol=tolerance, atol=tolerance / 10, what=what)
 
 
+def plain_int8_into_fsdp2_rank(rank, world, rendezvous, path):
+    """The checkpoint at ``path`` (a plain model's full state dict of 8-bit state, with
+    the model's) loaded under FSDP2 with ``set_state_dict(..., full_state_dict=True)``:
+    the decoded state as loaded, and the parameters after stepping on."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    _init_gloo(rank, world, rendezvous)
+    model = int8_sharded_model(world)
+    params = list(model.parameters())
+    opt = ft.Adam(params, lr=0.01, state_dtype="int8")
+    saved = torch.load(path, weights_only=False)
+    set_state_dict(model, opt, model_state_dict=saved["model"], optim_state_dict=saved["optim"],
+                   options=StateDictOptions(full_state_dict=True))
+    loaded = decoded(opt, params)
+    train(model, opt, lambda t: int8_batch(STEPS // 2 + t), steps=STEPS // 2)
+    return loaded, full(params)
+
+
+def test_fsdp2_loads_a_plain_models_full_state_dict_of_8_bit_codes(tmp_path):
+    """A plain model's state_dict holds 8-bit codes, which set_state_dict(...,
+    full_state_dict=True) puts beside the FSDP2 optimizer's own values (DTensors, of its
+    fresh state): the codes are taken, and each rank encodes its blocks of the values
+    they stand for (here one process's blocks), so the state is the plain one's to a
+    float32 step of the scales, and training goes on as the plain run does."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model = int8_sharded_model()
+    opt = ft.Adam(model.parameters(), lr=0.01, state_dtype="int8")
+    train(model, opt, int8_batch, steps=STEPS // 2)
+    expected_state = [{name: value.numpy().copy() for name, value in state.items()
+                       if value.dim()} for state in opt.decoded_state_dict()["state"].values()]
+    model_state, optim_state = get_state_dict(model, opt,
+                                              options=StateDictOptions(full_state_dict=True))
+    assert "exp_avg_codes" in optim_state["state"]["0.weight"]
+    torch.save({"model": model_state, "optim": optim_state}, tmp_path / "full.pt")
+    train(model, opt, lambda t: int8_batch(STEPS // 2 + t), steps=STEPS // 2)
+    expected = [p.detach().numpy() for p in model.parameters()]
+    for rank, (loaded, params) in enumerate(run_ranks(
+            plain_int8_into_fsdp2_rank, (str(tmp_path / "full.pt"),),
+            subfolder(tmp_path, "ranks"))):
+        for mine, theirs in zip(loaded, expected_state):
+            assert sorted(mine) == sorted(theirs)
+            for key in theirs:
+                np.testing.assert_allclose(mine[key], theirs[key], rtol=2.5e-7, atol=0,
+                                           err_msg=f"rank {rank} {key}")
+        assert_close(params, expected, rtol=1e-6, atol=1e-7, what=f"rank {rank}")
+
+
 def int8_relayout_rank(rank, world, rendezvous):
     """Per sharding of a matrix: this rank's parameters, codes and scales of two
     optimizers with 8-bit state that step it alike, the first given a new parameter
