@@ -463,10 +463,18 @@ class Optimizer(torch.optim.Optimizer):
             raise ValueError("zero_stage=2: a parameter changed size, dtype or device, or came "
                              "or went, after backward reduced the gradients into the "
                              "partition it cut; change parameters before backward")
+        # Stochastic rounding's random bits: a stream per device and dtype, each element
+        # drawing by its place among the whole tensors of its kind, so that one process
+        # and FSDP2 draw alike where it shards some of them (the others plain).
+        streams, places, counted = {}, {}, collections.Counter()
+        for p in names:
+            places[p] = counted[p.device, p.dtype]
+            counted[p.device, p.dtype] += p.numel()
         stores = [_Store(self.algorithm, members, _on_host(device) and (
                       not _shaped(self.algorithm) or all(p.is_contiguous() for p in members)),
-                         self._storage_of(dtype), ordinal, reduction, self._partition(members))
-                  for ordinal, ((device, dtype, reduction), members) in enumerate(kinds.items())]
+                         self._storage_of(dtype), streams.setdefault((device, dtype), len(streams)),
+                         reduction, self._partition(members), places)
+                  for (device, dtype, reduction), members in kinds.items()]
         if self._group is not None and self._stores is not None:
             self._check_cuts_kept(stores, names)
         # The master weights of a parameter no longer 16-bit (model.float()) are dropped,
@@ -1862,10 +1870,13 @@ class _Store:
     ``engine.state_layout``); in place, a part of the parameter's shape lies as the
     parameter does, so that the kernels walk both in memory order."""
 
-    def __init__(self, algorithm, params, in_place, storage, ordinal=0, reduction=None,
-                 partition=None):
+    def __init__(self, algorithm, params, in_place, storage, ordinal, reduction, partition,
+                 places):
         self.algorithm = algorithm
-        self.ordinal = ordinal  # among the optimizer's stores: its stream of random bits
+        self.ordinal = ordinal  # its stream of random bits (see _relayout)
+        # Where each parameter's elements draw their random bits from (see draws): its
+        # place among the whole tensors of the stream, p -> the first element's.
+        self.places = places
         # The process groups over which its sums are gathered, where its parameters are
         # shards (DTensors, or a process_group's partition: see _reduction).
         self.reduction = reduction
@@ -2163,7 +2174,8 @@ class _Store:
             rows = [_row_length(p, slot.local, self.in_place) for p, slot in
                     zip(run.params, run.slots)] if shards and len(groups) == 1 \
                 else [0] * len(sizes)
-            draws = self.draws(run) if self.storage.stochastic and groups else None
+            draws = self.draws(run) if self.storage.stochastic and self.partition is None \
+                else None
             table = self.backend.segments(sizes, [slot.start for slot in run.slots],
                                           draws=draws,
                                           rows=[row or size for row, size in zip(rows, sizes)])
@@ -2182,14 +2194,14 @@ class _Store:
         return self._tables[key]
 
     def draws(self, run):
-        """Where each DTensor shard of ``run`` draws its random bits: at its first
-        element's place among the whole tensors, where one process holding them whole
-        draws it, so that stochastic rounding gives the same bits on any number of ranks
-        (a replicated tensor draws alike on all). A tensor split otherwise is refused at
-        construction (``Optimizer._check_sharded``)."""
-        whole = np.cumsum([0] + [p.numel() for p in self.slots])
-        starts = dict(zip(self.slots, whole[:-1].tolist()))
-        first_rows = self.first_rows(run) if len(self.reduction) == 1 else None
+        """Where each tensor of ``run`` draws its random bits, a DTensor shard at its first
+        element's place among the whole tensors (``places``), where one process holding
+        them whole draws it, so that stochastic rounding gives the same bits on any
+        number of ranks (a replicated tensor draws alike on all). A tensor split otherwise
+        is refused at construction (``Optimizer._check_sharded``)."""
+        starts = self.places
+        first_rows = (self.first_rows(run) if self.reduction is not None
+                      and len(self.reduction) == 1 else None)
         return np.array([starts[p] if first_rows is None or first_rows[index] < 0
                          else starts[p] + int(first_rows[index]) * (p.numel() // p.shape[0])
                          for index, p in enumerate(run.params)], np.int64)

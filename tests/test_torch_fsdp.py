@@ -106,13 +106,16 @@ def own_batch(rank, world):
 
 # -- bitwise the one-process step ------------------------------------------------------
 
+ROUNDED = dict(lr=0.01, master_weights=None, state_dtype="bfloat16", stochastic_rounding=True,
+               seed=3)
+
+
 CASES = [(name, kwargs, torch.float32) for name, kwargs in ELEMENTWISE] + [
     ("AdamW", dict(lr=0.01, weight_decay=0.1), torch.bfloat16),  # float32 master weights
     ("Adam", dict(lr=0.01, master_weights="remainder", state_dtype="bfloat16"),
      torch.bfloat16),
     # Each element draws its bits by its place in the whole tensors, on any rank.
-    ("Adam", dict(lr=0.01, master_weights=None, state_dtype="bfloat16",
-                  stochastic_rounding=True, seed=3), torch.bfloat16),
+    ("Adam", ROUNDED, torch.bfloat16),
     ("SGD", dict(lr=0.05, momentum=0.9, state_dtype="bfloat16", stochastic_rounding=True),
      torch.float32),
 ]
@@ -136,6 +139,30 @@ def fsdp2_same_batch_rank(rank, world, rendezvous, cases):
                         [type(v).__name__ for v in opt.state[next(model.parameters())].values()
                          if isinstance(v, torch.Tensor) and v.dim() > 0]))
     return results
+
+
+def partly_sharded_rank(rank, world, rendezvous):
+    """FSDP2 on the last layer alone: its parameters DTensors, the first layer's plain."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    _init_gloo(rank, world, rendezvous)
+    model = tiny_model().to(torch.bfloat16)
+    fully_shard(model[2], mesh=init_device_mesh("cpu", (world,)))
+    opt = ft.Adam(model.parameters(), **ROUNDED)
+    train(model, opt, same_batch(torch.bfloat16))
+    return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().float().numpy()
+            for p in model.parameters()]
+
+
+def test_fsdp2_of_some_layers_rounds_stochastically_as_one_process(tmp_path):
+    """Sharded and plain parameters of one dtype draw their random bits from one stream,
+    each element by its place among the whole tensors, as in one process."""
+    _, expected, _ = one_process("Adam", ROUNDED, torch.bfloat16)
+    for rank, params in enumerate(run_ranks(partly_sharded_rank, (), tmp_path)):
+        assert_moved([p.detach().float().numpy() for p in tiny_model().parameters()], params)
+        for mine, theirs in zip(params, expected):
+            np.testing.assert_array_equal(mine, theirs, err_msg=f"rank {rank}")
 
 
 @pytest.mark.parametrize("part", [0, 1], ids=["first half", "second half"])
