@@ -381,8 +381,9 @@ class BucketReducer:
 
     def used(self):
         """A step has used the gradients (or skipped them): the next bucket starts
-        afresh. Called once the step can no longer refuse, so that a step refused
-        after ``take`` (its arguments checked) can be called again on them."""
+        afresh. Called once the step is done, so that a step that failed after
+        ``take`` (a refused argument, memory for the state) can be called again on
+        them, as on torch's ``p.grad``."""
         self.taken = True
 
     def pending(self):

@@ -598,21 +598,26 @@ class Optimizer(torch.optim.Optimizer):
                 store.first_rows(run)
         coefficient = engine.clip_or_skip(self, skip_nonfinite, inverse_scale,
                                           lambda: self._sum_squares(runs))
-        for store in self._stores if self._group is not None else ():
-            if store.reducer is not None:
-                store.reducer.used()
         if coefficient is None:
+            self._gradients_used()
             return loss
         for hyper, group_runs in plans:
             prep = engine.prep(self.algorithm, hyper, inverse_scale, coefficient,
                                self.clip_grad_value)
             for run in group_runs:
                 self._apply(hyper, run, prep)
+        self._gradients_used()
         if self._group is not None:  # every rank its parameters from the others' steps
             for store in self._stores:
                 with store.active():
                     store.gather_parameters(self._group)
         return loss
+
+    def _gradients_used(self):
+        """With ``zero_stage=2``: a step has used (or skipped) the reduced gradients,
+        which a step that failed before it would take again."""
+        for store in self._stores if self._zero_stage == 2 else ():
+            store.reducer.used()
 
     def zero_grad(self, set_to_none=True):
         """As torch's; with ``zero_stage=2``, also the reduced gradients."""

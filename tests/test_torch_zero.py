@@ -447,6 +447,37 @@ def test_stage2_accumulates_micro_batches_and_skips_what_has_no_gradient(world, 
                 np.testing.assert_array_equal(mine, untouched[index])
 
 
+def failed_step_rank(rank, world, rendezvous):
+    """Stage 2: one backward, a step that fails halfway (no memory for the state,
+    simulated once), then the step again."""
+    _init(rank, world, rendezvous)
+    net = model()
+    opt = ft.Adam(net.parameters(), lr=0.01, process_group=dist.group.WORLD, zero_stage=2)
+    x, y = batch(0)
+    ((net(x) - y) ** 2).mean().backward()
+    begin_state = ft._Store.begin_state
+
+    def fails_once(*args):
+        ft._Store.begin_state = begin_state
+        raise torch.OutOfMemoryError("simulated")
+
+    ft._Store.begin_state = fails_once
+    with pytest.raises(torch.OutOfMemoryError):
+        opt.step()
+    opt.step()
+    return [p.detach().numpy().copy() for p in net.parameters()]
+
+
+def test_stage2_steps_again_on_the_gradients_of_a_step_that_failed(tmp_path):
+    """The reduced gradients are used once a step is done, not when it begins: as
+    torch.optim's step on p.grad, the step called again after a failure takes them."""
+    expected, _ = one_process("Adam", dict(lr=0.01), torch.float32, steps=1)
+    for rank, params in enumerate(run_ranks(failed_step_rank, (), tmp_path)):
+        for mine, theirs in zip(params, expected):
+            np.testing.assert_allclose(mine, theirs, rtol=1e-6, atol=1e-7,
+                                       err_msg=f"rank {rank}")
+
+
 def test_stage2_refuses_a_parameter_resized_after_backward(tmp_path):
     """The reduced gradients lie where the old partition put them."""
     for message in run_ranks(accumulating_rank, ("resized",), tmp_path):
