@@ -1187,11 +1187,13 @@ class Optimizer(torch.optim.Optimizer):
                 codes = torch.empty_strided(codes.shape, tuple(strides.tolist()),
                                             dtype=torch.uint8).copy_(codes)
             if into_shards:  # this rank's shard of their values, which a step encodes
-                from torch.distributed.tensor import distribute_tensor
+                from torch.distributed.tensor import Replicate
 
                 decoded = _decoded(codes, state.pop(name + ABSMAX), averages[name])
-                state[name] = distribute_tensor(decoded.to(beside.device), beside.device_mesh,
-                                                beside.placements, src_data_rank=None)
+                mesh = beside.device_mesh  # every rank holds them whole: cut, not sent
+                state[name] = type(beside).from_local(
+                    decoded.to(beside.device), mesh, [Replicate()] * mesh.ndim,
+                    run_check=False).redistribute(mesh, beside.placements)
             elif name in quantized:
                 state[name] = codes
             else:
