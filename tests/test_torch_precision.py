@@ -308,18 +308,24 @@ def test_a_model_made_float16_from_bfloat16_keeps_its_master_weights():
     torch.testing.assert_close(p.detach(), master.half(), rtol=0, atol=0)
 
 
+def _stepped_with_remainders():
+    """A bfloat16 parameter after three steps of Adam with remainders, the optimizer,
+    and the float32 master weights they stand for."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, 80).bfloat16())
+    opt = ft.Adam([p], lr=1e-3, master_weights="remainder")
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    return p, opt, _rebuilt(p, opt.state[p]["master"]).view(p.shape)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_loaded_remainders_go_on_into_a_parameter_cast_before_the_next_step(dtype):
     """Loaded remainders wait for the next step to be rebuilt from the parameter's bits
     (the model's weights may load after the optimizer): cast before it, the parameter
     still gives the bits they belong to."""
-    torch.manual_seed(0)
-    source = torch.nn.Parameter(torch.randn(64, 80).bfloat16())
-    halves = ft.Adam([source], lr=1e-3, master_weights="remainder")
-    for _ in range(3):
-        source.grad = torch.randn_like(source)
-        halves.step()
-    master = _rebuilt(source, halves.state[source]["master"]).view(source.shape)
+    source, halves, master = _stepped_with_remainders()
     p = torch.nn.Parameter(source.detach().clone())
     opt = ft.Adam([p], master_weights="float32")
     opt.load_state_dict(halves.state_dict())
@@ -340,13 +346,7 @@ def test_the_state_dict_of_a_parameter_cast_since_its_last_step_holds_its_master
     """Remainders complete the bfloat16 bits that the parameter had at its last step: a
     state_dict() taken after a cast, before the next step, rebuilds the master weights
     from those (the parameter's values in bfloat16), not from the new dtype's bits."""
-    torch.manual_seed(0)
-    p = torch.nn.Parameter(torch.randn(64, 80).bfloat16())
-    opt = ft.Adam([p], lr=1e-3, master_weights="remainder")
-    for _ in range(3):
-        p.grad = torch.randn_like(p)
-        opt.step()
-    master = _rebuilt(p, opt.state[p]["master"]).view(p.shape)
+    p, opt, master = _stepped_with_remainders()
     assert not torch.equal(master, p.detach().float())  # more exact than the weights
     p.data = p.data.to(dtype)
     assert torch.equal(opt.state_dict()["state"][0]["master"], master)
