@@ -181,10 +181,10 @@ class Optimizer(torch.optim.Optimizer):
     (see :class:`fastopt.Optimizer`), validated whenever they are set; the norm is
     taken over the parameters that have a gradient, as
     torch.nn.utils.clip_grad_norm_ takes it. ``master_weights``, ``state_dtype``,
-    ``stochastic_rounding`` and ``seed`` choose the storage of bfloat16 and float16
-    parameters, as in :class:`fastopt.Optimizer`: the float32 master
-    weights of a 16-bit parameter are its state entry ``"master"``, which
-    ``state_dict()`` saves. Stochastic rounding indexes each element by its place in
+    ``stochastic_rounding`` and ``seed`` choose the storage formats, as in
+    :class:`fastopt.Optimizer`: the master weights of a 16-bit parameter are its state
+    entry ``"master"`` (float32, or the int16 low halves of them with
+    ``master_weights="remainder"``), which ``state_dict()`` saves as float32. Stochastic rounding indexes each element by its place in
     its store (one store per device and dtype, each with a stream of its own), and each
     step by its count: ``SGD``, whose state has no ``"step"`` in torch, keeps one when it
     rounds stochastically.
@@ -1799,6 +1799,9 @@ def _check_state(param, name, value, expected, castable=(), loading=False, like=
         raise TypeError(f"state {name!r} of {param} has dtype {value.dtype}; fastopt keeps "
                         f"it in {dtype} "
                         f"({'master_weights' if name == MASTER else 'state_dtype'})")
+    if name.endswith(ABSMAX) and bool((value < 0).any()):  # flipping its blocks' signs
+        raise ValueError(f"{what} {name!r} for {param} with negative block scales; a block's "
+                         "absmax is >= 0 (or NaN)")
 
 
 class _Slot:

@@ -308,11 +308,17 @@ def test_replaced_state_values_are_encoded_and_bad_codes_refused():
                        ft.AdamW(params, lr=1e-2)):
             with pytest.raises(TypeError, match=message):
                 target.load_state_dict(saved)
+    codes = opt.state[big]["exp_avg"]
     opt.state[big]["exp_avg"] = torch.zeros(5, 5)
     with pytest.raises(ValueError, match="needs shape"):
         opt.step()
     opt.state[big]["exp_avg"] = torch.zeros(big.shape, dtype=torch.int32)
     with pytest.raises(TypeError, match="torch.uint8"):
+        opt.step()
+    flipped = opt.state[big]["exp_avg_absmax"].clone()
+    flipped[1] *= -1  # which would flip the signs of a block's values, as a load would
+    opt.state[big]["exp_avg"], opt.state[big]["exp_avg_absmax"] = codes, flipped
+    with pytest.raises(ValueError, match="'exp_avg_absmax' .* negative block scales"):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(params, before))
 
