@@ -81,7 +81,8 @@ class Snapshot:
         layout: per group, the parameters' names (or None), shapes and offsets in the
             flat buffer, and the prefix of their names (``"params"``, ``"params[1]"``).
         params: the flat parameters, a NumPy copy (float32, bfloat16 or float16).
-        buffers: each flat state buffer by name, NumPy copies (float32 or bfloat16).
+        buffers: each flat state buffer by name, NumPy copies (float32 or bfloat16; for
+            8-bit state uint8 codes, beside ``<name>_absmax`` and ``<name>_small``).
         master: the master weights of 16-bit parameters as kept (float32, or uint16
             remainders), a NumPy copy, or None.
         storage: the optimizer's storage options (``precision.Storage.record``; None in

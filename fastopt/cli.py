@@ -170,7 +170,8 @@ def _check_bench(parser, args):
     if args.precision and (args.quick or args.threads):
         parser.error("argument --precision: runs without --quick or --threads")
     if args.precision and "Adafactor" in (args.algorithms or ()):
-        parser.error("argument --precision: Adafactor steps float32 buffers only, for now")
+        parser.error("argument --precision: Adafactor keeps its state in float32 only, and "
+                     "its bytes are not those of one pass over its buffers")
     if args.threads is not None:
         import numba
 
@@ -213,12 +214,15 @@ def main(argv=None):
     bench_parser.add_argument("--threads", type=_positive,
                               help="CPU threads for the kernels (at most NUMBA_NUM_THREADS)")
     bench_parser.add_argument("--precision", action="store_true",
-                              help="time each storage format (float32, bfloat16 parameters "
-                                   "with or without master weights, bfloat16 state) of "
-                                   "--algorithms (default Adam) at --sizes (default 4e6,2e7)")
+                              help="time each storage format (float32, bfloat16 and float16 "
+                                   "parameters with float32 master weights, remainders or "
+                                   "none, bfloat16 and int8 state) of --algorithms (default "
+                                   "Adam, not Adafactor) at --sizes (default 4e6,2e7), "
+                                   "without --quick or --threads")
     bench_parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     bench_parser.add_argument("--out", default="fastopt-bench",
-                              help="folder for results.json and throughput.png")
+                              help="folder for results.json and throughput.png "
+                                   "(precision.json with --precision)")
     bench_parser.set_defaults(run=bench)
     demo_parser = commands.add_parser(
         "demo", help="draw the classic optimizer pictures (needs matplotlib: fastopt[plot])")

@@ -6,9 +6,9 @@ reads it back. The folder holds:
 
 - ``index.json``: ``format`` (``"fastopt-torch-checkpoint"``), ``version`` (1),
   ``algorithm`` (the class name), ``world`` (how many ranks wrote it: 1 without a
-  process_group), and per parameter, in the order of the groups, its ``shape`` and each
-  rank's ``pieces``: the elements ``[first, last)`` of it, in C order, whose state that
-  rank's file holds;
+  process_group), ``files`` (each rank's file name, by rank), and per parameter, in the
+  order of the groups, its ``shape`` and each rank's ``pieces``: the elements
+  ``[first, last)`` of it, in C order, whose state that rank's file holds;
 - ``rank<r>.pt``: rank r's ``opt.state_dict()`` (``torch.save``; it loads with
   ``weights_only=True``), its partition with a process_group (see
   ``fastopt.torch.Optimizer.state_dict``), else the whole state.
