@@ -72,8 +72,9 @@ class Pass(NamedTuple):
     other pass it is False, whatever ``h`` says.
 
     ``formats`` stores buffers in fewer bits: ``(name, format)`` pairs, a format of
-    ``codecs.CODECS``, whose array holds the bits (``codecs.BITS``); the rule reads and
-    writes float32 through the codec. With ``master``, the driver also takes ``w``, a
+    ``codecs.CODECS`` (16 bits, whose array holds the bits, ``codecs.BITS``) or, for
+    state, of ``codecs.QUANTIZED`` (uint8 codes, in blocks with a scale each: see
+    :func:`_block_chunk`); the rule reads and writes float32 through the codec. With ``master``, the driver also takes ``w``, a
     float32 copy of the 16-bit ``p`` (master weights): the rule reads ``w`` as its
     ``p``, and the new value goes to ``w`` and, rounded, to ``p`` (in a segment pass
     ``w`` is reached as ``p`` is, through each segment's start).
@@ -433,7 +434,8 @@ def build(spec, loops, namespace, filename, fingerprint, compile_chunk=None):
         stores += [f"{at(n)} = {encode(n)}" for n in encoded]
         if blocks:
             stores += [f"{n}_new[i] = new_{n}" for n in quantized if n in writes]
-        return "; ".join([line] + stores + [f"total{j} += term{j}" for j in range(len(sums))])
+        return "; ".join([line] + stores + [f"total{j} = add_to_sum(total{j}, term{j})"
+                                             for j in range(len(sums))])
 
     def segment_at(n):
         return f"{n}[base + i]" if n in ADDRESSED else f"{n}[state_base + i]"

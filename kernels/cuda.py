@@ -93,6 +93,12 @@ def _block_reduce(shared, value, largest):
     return total
 
 
+@cuda.jit(device=True)
+def _add_to_sum(total, term):
+    """A running sum's add (on the CPU, one that LLVM may reassociate)."""
+    return total + term
+
+
 @functools.cache
 def _driver(spec, loops):
     # Cached by the Pass, so that every spelling of the same pass gets one driver.
@@ -101,6 +107,7 @@ def _driver(spec, loops):
         "rule": cuda.jit(device=True)(rules.calling(getattr(rules, spec.rule), _HELPERS)),
         "prepare": _prepare,
         "block_reduce": _block_reduce,
+        "add_to_sum": _add_to_sum,
         "np": np,
         "cuda": cuda,
         "float64": float64,
@@ -117,16 +124,17 @@ def _driver(spec, loops):
 
 @functools.cache
 def kernel(*spec):
-    """The compiled CUDA kernel ``kernel[grid, block](*arrays, prep, h)`` of the
-    ``_template.Pass`` with the fields ``spec`` (``rule_name, present`` for a plain
-    step) over flat buffers."""
+    """The compiled CUDA kernel ``kernel[grid, block](*arrays, prep, h, [key, first])`` of
+    the ``_template.Pass`` with the fields ``spec`` (``rule_name, present`` for a plain
+    step) over flat buffers (``key`` and ``first`` with ``Pass.stochastic``)."""
     return _driver(_template.Pass(*spec), _LOOPS)
 
 
 @functools.cache
 def segment_kernel(*spec):
-    """The compiled CUDA kernel ``kernel[chunks, block](*arrays, prep, h, chunks, starts,
-    state_starts, partials, row_scalars)`` of a ``_template.Pass`` over segments: see
+    """The compiled CUDA kernel ``kernel[chunks, block](*arrays, prep, h, [key, first,]
+    chunks, starts, state_starts, partials, row_scalars)`` of a ``_template.Pass`` over
+    segments (``key, first`` where it rounds stochastically): see
     ``fastopt._backend.Segments``; ``p`` and ``g`` are flat, indexed from ``starts``.
     Launch it with :func:`launch_segments`.
 
@@ -161,6 +169,13 @@ def launch_segments(compiled, segments, starts, *args):
         compiled[blocks, _reducing_threads()](
             *_by_value(args), segments.chunks, starts, segments.state_starts,
             segments.partials, segments.row_scalars)
+
+
+def launch_blocks(compiled, count, *args):
+    """Run ``compiled`` (a pass over blocks of 8-bit state, or ``column_sums``) with
+    ``count`` CUDA blocks."""
+    if count:
+        compiled[count, _reducing_threads()](*_by_value(args))
 
 
 @cuda.jit(cache=True)
@@ -210,12 +225,6 @@ def scale_into(out, a, s):
 
 
 # -- Adafactor's column sums (see kernels.cpu) ----------------------------------------
-
-
-def launch_blocks(compiled, blocks, *args):
-    """Run ``compiled`` with ``blocks`` blocks."""
-    if blocks:
-        compiled[blocks, _reducing_threads()](*_by_value(args))
 
 
 # The gradients' formats column_sums reads, by their index there: float32, or the bits

@@ -212,6 +212,21 @@ def test_absent_state_reads_as_zero_and_is_not_written():
     np.testing.assert_allclose(buf, 0.9 * 5.0 + 2.0)
 
 
+@pytest.mark.parametrize("name, options", [("Adam", {}), ("Adam", dict(caution=True)),
+                                           ("LAMB", {}), ("SWATS", {})])
+def test_a_pass_that_sums_keeps_its_rules_order_of_operations(name, options):
+    """(1 - beta2) * g * g multiplies from the left, as torch's addcmul: finite for these
+    gradients, whose squares alone overflow float32. (LAMB's and SWATS's passes, which
+    sum, were compiled with fastmath reassoc, which made their second moments infinite
+    and their parameters stand still.)"""
+    g = np.array([1e19, -2e19, 1e20, 5e20], np.float32)
+    opt = getattr(fastopt, name)([np.ones(4, np.float32)], lr=0.01, **options)
+    opt.step([g])
+    exact = 0.001 * g.astype(np.float64) ** 2  # betas (0.9, 0.999), from zero
+    np.testing.assert_allclose(opt.state["exp_avg_sq"], exact, rtol=3e-7)
+    np.testing.assert_array_equal(np.sign(1 - opt.flat_params), np.sign(g))  # all moved
+
+
 @pytest.mark.parametrize("threads", sorted({1, numba.config.NUMBA_NUM_THREADS}))
 @pytest.mark.parametrize("n", [3 * cpu.PARALLEL_MIN_SIZE + 11, 100_000, 7 * cpu.CHUNK])
 def test_serial_and_parallel_loops_agree_bitwise(n, threads):
