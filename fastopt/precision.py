@@ -54,7 +54,7 @@ def to_device(a):
     include dtype 'E' in a buffer")."""
     from numba import cuda
 
-    a = np.ascontiguousarray(a)
+    a = np.asarray(a, order="C")  # ascontiguousarray would make a 0-d array 1-d
     return cuda.to_device(bits(a)).view(a.dtype)
 
 
@@ -267,7 +267,7 @@ class Storage:
                    "it keeps none that 8 bits can hold (the single-pass algorithms' "
                    "averages: Adam, AdamW, NAdam, RAdam, Adamax, SGD's momentum, RMSprop, "
                    "Adadelta, Lion, Adan)"))
-        self.state_dtypes = chosen  # the names, as a checkpoint records them
+        self.state_dtype_names = chosen  # as a checkpoint records them
         # The 8-bit buffers with their map's format (codecs.QUANTIZED): codes, uint8.
         self.quantized = {name: averages[name] for name, value in chosen.items()
                           if value == "int8"}
@@ -279,14 +279,13 @@ class Storage:
                         if dtype != FLOAT32}
         if self.remainder:
             self.formats["w"] = REMAINDER
-        self.converts = bool(self.formats)  # some buffer is not float32
         self.stochastic, self.seed = _rounding(self, stochastic_rounding, seed)
 
     def record(self):
         """The choices as JSON values, which a checkpoint keeps (``master_weights`` as
         resolved: ``"float32"``, ``"remainder"`` or None)."""
         return {"master_weights": self.master_weights,
-                "state_dtype": dict(self.state_dtypes),
+                "state_dtype": dict(self.state_dtype_names),
                 "grad_dtype": name_of(self.grads), "stochastic_rounding": self.stochastic,
                 "seed": self.seed}
 

@@ -861,6 +861,19 @@ def test_formats_on_device_resume_exactly(tmp_path):
                                       err_msg=key)
 
 
+def test_a_0_d_bfloat16_parameter_on_device_keeps_its_shape_and_loads_a_cpu_checkpoint(
+        tmp_path):
+    params = {"scale": np.array(1.5, ml_dtypes.bfloat16), "w": np.ones(3, ml_dtypes.bfloat16)}
+    on_cpu = fastopt.Adam(params, lr=0.1)
+    on_cpu.step({name: np.ones_like(p) for name, p in params.items()})
+    fastopt.save(on_cpu, tmp_path / "cpu.npz")
+    on_gpu = fastopt.Adam({name: to_device(p) for name, p in params.items()}, lr=0.1)
+    assert on_gpu.params["scale"].shape == ()  # to_device made it (1,), whose load failed
+    on_gpu.load(tmp_path / "cpu.npz")
+    np.testing.assert_array_equal(host(on_gpu.flat_params).view(np.uint16),
+                                  on_cpu.flat_params.view(np.uint16))
+
+
 @pytest.mark.parametrize("dtype, options", [
     (ml_dtypes.bfloat16, dict(state_dtype="int8")),
     (np.float16, dict(master_weights=None, stochastic_rounding=True))],
