@@ -136,12 +136,12 @@ import torch.distributed as dist
 
 from . import precision, sharding, torch_checkpoint
 from ._backend import GRAD_SQUARES, CudaBackend, HostBackend, Tensors
-from .kernels import Pass
 from .kernels._template import SEGMENT_CHUNK
 from .kernels.codecs import BLOCK
 from .optim import engine
+from .optim.checks import check_flag
 from .optim.optimizer import Optimizer as _Flat
-from .optim.optimizer import _snapshot, check_flag
+from .optim.optimizer import _snapshot
 from .optim.spec import ALGORITHMS, define_init
 from .precision import ABSMAX, CODES, STRIDES
 
@@ -184,9 +184,11 @@ class Optimizer(torch.optim.Optimizer):
     ``stochastic_rounding`` and ``seed`` choose the storage formats, as in
     :class:`fastopt.Optimizer`: the master weights of a 16-bit parameter are its state
     entry ``"master"`` (float32, or the int16 low halves of them with
-    ``master_weights="remainder"``), which ``state_dict()`` saves as float32. Stochastic rounding indexes each element by its place in
-    its store (one store per device and dtype, each with a stream of its own), and each
-    step by its count: ``SGD``, whose state has no ``"step"`` in torch, keeps one when it
+    ``master_weights="remainder"``), which ``state_dict()`` saves as float32. Stochastic
+    rounding indexes each element by its place in memory among the parameters of its
+    device and dtype (a stream each; so a parameter laid out anew, ``p.data =
+    p.data.t().contiguous().t()``, draws other bits from then on), and each step by its
+    count: ``SGD``, whose state has no ``"step"`` in torch, keeps one when it
     rounds stochastically.
 
     ``process_group`` (a ``torch.distributed`` group, every rank passing the same
@@ -2297,12 +2299,13 @@ class _Store:
         state = {name: _array(self._flat[name]) for name in spec}
         master = _array(self._flat[MASTER]) if self.master else None
         first, last = run.slots[0].index, run.slots[-1].index + 1
-        work = engine.Work(self.backend, self.tensors(run, master), self.shapes[first:last],
-                           self.table(run), state, tuple(spec),
-                           lambda name: self.layout(name)[0][first:last], prep,
-                           engine.keeps_subnormals(algorithm, hyper),
-                           self._caches.setdefault((first, last), {}), self.storage.formats,
-                           self.master)
+        work = engine.Work(self.backend, tensors=self.tensors(run, master),
+                           shapes=self.shapes[first:last], segments=self.table(run),
+                           state=state, present=tuple(spec),
+                           state_starts=lambda name: self.layout(name)[0][first:last],
+                           prep=prep, keep_subnormals=engine.keeps_subnormals(algorithm, hyper),
+                           cache=self._caches.setdefault((first, last), {}),
+                           formats=self.storage.formats, master=self.master)
         if self.quantized:
             work.blocks = self._blocks.launch(run, {name: (
                 _array(self._flat[name + ABSMAX]), _array(self._flat[name + SMALL]))
@@ -2323,11 +2326,7 @@ class _Store:
                 work.first_rows = self.first_rows(run)
                 work.in_row_order = functools.partial(sharding.in_row_order,
                                                       self.reduction[0])
-        if engine.single_pass(algorithm, h):
-            host = algorithm.host_after(hyper, step, host)  # first: it may raise
-            work.run(Pass(algorithm.rule, tuple(spec)), h)
-        else:
-            host = algorithm.update(work, hyper, step, h, host)
+        host = algorithm.update(work, hyper, step, h, host)
         if not self.in_place:
             for slot in run.slots:
                 slot.local.copy_(self.scratch_params[slot.start:slot.stop].view(slot.shape))
@@ -2485,8 +2484,9 @@ def _drop_in_class(algorithm):
     if spec.per_tensor:
         doc += " Each parameter tensor is one tensor for its per-tensor norms and factors."
     if spec.host:
-        doc += (f" Parameters that step together (normally a whole group) share its host "
-                f"state ({', '.join(spec.host)}).")
+        doc += (f" Parameters that step together (normally a whole group: a run of "
+                f"neighbours of one dtype and device with gradients) share its host state "
+                f"({', '.join(spec.host)}).")
     torch_options = {n: default for n, default in positional + keyword if n not in ours}
     signature = {} if spec.torch is None else {  # fixed ones stay fixed (AdamW's decay)
         n: default for n, default in positional + keyword

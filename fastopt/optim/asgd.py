@@ -1,6 +1,8 @@
+import numpy as np
+
 from ..kernels import rules
 from . import spec as hp
-from .optimizer import Optimizer, f32
+from .optimizer import Optimizer
 
 
 class ASGD(Optimizer):
@@ -51,7 +53,7 @@ class ASGD(Optimizer):
     @staticmethod
     def scalars(group, step, fresh, host):
         eta = group["lr"] if host["eta"] is None else host["eta"]
-        eta = float(f32(eta))
+        eta = float(np.float32(eta))
         return rules.ASGDScalars.of(decay=1.0 - group["lambd"] * eta, eta=eta,
                                  mu=host["mu"], averaging=host["mu"] != 1.0)
 
@@ -59,4 +61,5 @@ class ASGD(Optimizer):
     def host_after(group, step, host):
         lr, lambd = group["lr"], group["lambd"]
         eta = lr / (1.0 + lambd * lr * step) ** group["alpha"]
-        return {"eta": float(f32(eta)), "mu": float(f32(1.0 / max(1.0, step - group["t0"])))}
+        mu = 1.0 / max(1.0, step - group["t0"])
+        return {"eta": float(np.float32(eta)), "mu": float(np.float32(mu))}

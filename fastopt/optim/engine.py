@@ -182,8 +182,8 @@ class Work:
         formats: the 16-bit buffers (``p``, ``g``, states) by name, with their format
             (``precision.DTYPES``' names); empty where every buffer is float32.
         master: whether 16-bit parameters keep master weights (``tensors.w``).
-        key: the step's rounding key (``codecs.rounding_key``) where ``stochastic``:
-            the 16-bit stores round stochastically.
+        stochastic: whether the 16-bit stores round stochastically (default False).
+        key: the step's rounding key (``codecs.rounding_key``) where ``stochastic``.
         first: the index in the random draw of the state buffers' first element (the
             start of a ZeRO partition, whose elements then draw the bits that they
             draw in one process).

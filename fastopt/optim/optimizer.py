@@ -25,8 +25,6 @@ from .snapshot import take as take_snapshot
 from .spec import ALGORITHMS, constructor
 from .steady import Group, Steady
 
-f32 = np.float32
-
 
 def _own(name, doc):
     """A read-only attribute ``name`` of an optimizer (``_<name>`` underneath), whose
@@ -520,10 +518,13 @@ class Optimizer:
             shapes = [shape for _, shape in self._all_tensors[first:last]]
             offsets = np.array([offset for offset, _ in self._all_tensors[first:last]], np.int64)
             segments = self._backend.segments([math.prod(shape) for shape in shapes], offsets)
-            work = engine.Work(self._backend, None, shapes, segments, None, None,
-                               lambda name: self._state_layout(name)[0][first:last], None,
-                               None, {}, self._storage.formats,
-                               self.master_params is not None)
+            # The tensors, state, present names, prep and keep_subnormals: per step.
+            work = engine.Work(self._backend, tensors=None, shapes=shapes, segments=segments,
+                               state=None, present=None,
+                               state_starts=lambda name: self._state_layout(name)[0][first:last],
+                               prep=None, keep_subnormals=None, cache={},
+                               formats=self._storage.formats,
+                               master=self.master_params is not None)
             own = self._backend.flat_tensors(self.flat_params, self.flat_grads, offsets,
                                              self.master_params)
             self._works[start, stop] = (work, offsets, own)

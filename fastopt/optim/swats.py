@@ -1,8 +1,10 @@
 import math
 
+import numpy as np
+
 from ..kernels import Pass, rules
 from . import spec as hp
-from .optimizer import Optimizer, f32
+from .optimizer import Optimizer
 
 
 class SWATS(Optimizer):
@@ -79,7 +81,7 @@ class SWATS(Optimizer):
                                     grad_weight=1.0, nesterov=False)
         coef = group["lr"] * math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
         # coef in float32 here, as the kernel steps by it: the switch test reads it back.
-        return rules.SWATSAdamScalars.of(coef=f32(coef), eps=group["eps"],
+        return rules.SWATSAdamScalars.of(coef=np.float32(coef), eps=group["eps"],
                                       one_minus_beta1=1.0 - beta1, beta2=beta2,
                                       one_minus_beta2=1.0 - beta2)
 
