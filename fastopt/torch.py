@@ -606,8 +606,8 @@ class Optimizer(torch.optim.Optimizer):
         for hyper, group_runs in plans:
             prep = engine.prep(self.algorithm, hyper, inverse_scale, coefficient,
                                self.clip_grad_value)
-            for run in group_runs:
-                self._apply(hyper, run, prep)
+            for runs in _together(group_runs):
+                self._apply(hyper, runs, prep)
         self._gradients_used()
         if self._group is not None:  # every rank its parameters from the others' steps
             for store in self._stores:
@@ -786,25 +786,32 @@ class Optimizer(torch.optim.Optimizer):
                     tuple(name in state for name in store.names))
         state.changes = 0
 
-    def _apply(self, hyper, run, prep):
-        """Step ``run``, and write the step count and host state after it into its
-        parameters' state, where ``_plan`` reads them as the slots' keys."""
-        store, step = run.store, run.step
-        with store.active():
-            store.begin_state(run, run.spec, run.fresh)
-            host = store.update(self.algorithm, hyper, step, run.spec, prep, run.h, run,
-                                run.host)
-        counted = {"step": step} if self.counts_steps else {}
-        head = (store, counted.get("step", run.key[1]), tuple(host[name] for name in run.host))
-        keys = {}  # one per set of begun buffers: Adafactor's matrices and vectors differ
-        for p, slot in zip(run.params, run.slots):
-            dict.update(slot.state, counted, **host)
-            if not slot.attached and slot.state:
-                self.state[p] = slot.state
-                slot.attached = True
-            if store.shaped or not keys:
-                begun = tuple(name in slot.state for name in store.names)
-            slot.key = keys.setdefault(begun, head + (begun,))
+    def _apply(self, hyper, runs, prep):
+        """Step ``runs``, which step together (see :func:`_together`), and write the step
+        count and host state after them into their parameters' state, where ``_plan``
+        reads them as the slots' keys."""
+        first = runs[0]
+        with first.store.active():
+            for run in runs:
+                run.store.begin_state(run, run.spec, run.fresh)
+            works = [run.store.work(self.algorithm, hyper, prep, run) for run in runs]
+            host = self.algorithm.update_runs(works, hyper, first.step, first.h, first.host)
+            for run in runs:
+                run.store.copy_back(run)
+        counted = {"step": first.step} if self.counts_steps else {}
+        for run in runs:
+            store = run.store
+            head = (store, counted.get("step", run.key[1]),
+                    tuple(host[name] for name in run.host))
+            keys = {}  # one per set of begun buffers: Adafactor's matrices and vectors differ
+            for p, slot in zip(run.params, run.slots):
+                dict.update(slot.state, counted, **host)
+                if not slot.attached and slot.state:
+                    self.state[p] = slot.state
+                    slot.attached = True
+                if store.shaped or not keys:
+                    begun = tuple(name in slot.state for name in store.names)
+                slot.key = keys.setdefault(begun, head + (begun,))
 
     # -- checkpoints in torch's layout ------------------------------------------------
 
@@ -2290,8 +2297,10 @@ class _Store:
         return self.backend.flat_tensors(_array(self.scratch_params), _array(self.scratch_grads),
                                          table.starts, master)
 
-    def update(self, algorithm, hyper, step, spec, prep, h, run, host):
-        """Step ``run``'s parameters; returns the host state after the step."""
+    def work(self, algorithm, hyper, prep, run):
+        """The ``engine.Work`` that steps ``run``'s parameters (copied into the scratch
+        buffer first where they are not stepped in place: see :meth:`copy_back`)."""
+        spec, h = run.spec, run.h
         if not self.in_place:
             for slot in run.slots:
                 self.scratch_params[slot.start:slot.stop].view(slot.shape).copy_(slot.local)
@@ -2311,7 +2320,7 @@ class _Store:
                 _array(self._flat[name + ABSMAX]), _array(self._flat[name + SMALL]))
                 for name in self.quantized if name in spec})
         if self.storage.stochastic:
-            work.stochastic, work.key = True, self.storage.key(step, self.ordinal)
+            work.stochastic, work.key = True, self.storage.key(run.step, self.ordinal)
             if self.partition is not None:
                 work.first = self.partition.bounds[self.partition.rank]
         if self.reduction is not None:  # shards: counts and sums of the whole tensors
@@ -2326,11 +2335,14 @@ class _Store:
                 work.first_rows = self.first_rows(run)
                 work.in_row_order = functools.partial(sharding.in_row_order,
                                                       self.reduction[0])
-        host = algorithm.update(work, hyper, step, h, host)
+        return work
+
+    def copy_back(self, run):
+        """Write ``run``'s stepped parameters back from the scratch buffer, where they
+        are not stepped in place."""
         if not self.in_place:
             for slot in run.slots:
                 slot.local.copy_(self.scratch_params[slot.start:slot.stop].view(slot.shape))
-        return host
 
 
 _ANYWHERE = contextlib.nullcontext()
@@ -2433,6 +2445,17 @@ class _Run:
         return math.fsum(total)
 
 
+def _together(runs):
+    """The runs of one group that step together: those of one device with the same step
+    count, host state and scalars (in stores of several dtypes, or apart in one, where a
+    parameter without a gradient lies between them), whose host state after the step is
+    one, decided on all their sums where it comes from sums (SWATS's switch)."""
+    together = {}
+    for run in runs:
+        together.setdefault((run.key[1:3], run.h, run.store.device), []).append(run)
+    return together.values()
+
+
 def _shaped(algorithm):
     """Whether ``algorithm`` keeps state of other shapes than the parameters' (Adafactor's
     factors): then its step reads each tensor's rows, which must lie in C order to be
@@ -2484,8 +2507,8 @@ def _drop_in_class(algorithm):
     if spec.per_tensor:
         doc += " Each parameter tensor is one tensor for its per-tensor norms and factors."
     if spec.host:
-        doc += (f" Parameters that step together (normally a whole group: a run of "
-                f"neighbours of one dtype and device with gradients) share its host state "
+        doc += (f" A group's parameters that step together (with a gradient, of the same "
+                f"step count, on one device) share its host state "
                 f"({', '.join(spec.host)}).")
     torch_options = {n: default for n, default in positional + keyword if n not in ours}
     signature = {} if spec.torch is None else {  # fixed ones stay fixed (AdamW's decay)

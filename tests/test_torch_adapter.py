@@ -439,6 +439,36 @@ def test_fastopt_only_algorithms_match_the_numpy_api(case):
         np.testing.assert_array_equal(ours.detach().numpy(), expected)
 
 
+def test_swats_switches_a_group_as_one_across_dtypes_and_parameters_without_gradients():
+    """SWATS decides a group's switch on sums over all of it: a group of bfloat16 and
+    float32 parameters (stepped in a run per dtype), or one with a frozen parameter
+    between others, switches as its float32 twin does, at the same step with the same
+    SGD learning rate, bit for bit."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(24, 16), (16,), (3, 5, 7), (40,)]
+    start = [torch.randn(s, generator=generator).bfloat16().float() for s in shapes]
+    mean = [torch.randn(s, generator=generator) for s in shapes]
+
+    def run(dtypes, frozen=False):
+        params = [torch.nn.Parameter(p.to(dtype, copy=True)) for p, dtype in zip(start, dtypes)]
+        held = params[:1] + [torch.nn.Parameter(torch.ones(7))] * frozen + params[1:]
+        opt = ft.SWATS(held, lr=1e-2, eps=1e-3)
+        for step in range(4):
+            noise = torch.Generator().manual_seed(step)
+            for p, m in zip(params, mean):  # bfloat16 values, whatever the dtype
+                p.grad = (m + 0.1 * torch.randn(m.shape, generator=noise)).bfloat16().to(p.dtype)
+            opt.step()
+        return opt, params
+
+    twin, twins = run([torch.float32] * 4)
+    assert twin.state[twins[0]]["switch_step"] == 2  # the sums decide it
+    for opt, params in (run([torch.bfloat16, torch.float32] * 2), run([torch.float32] * 4, True)):
+        for p, q in zip(params, twins):
+            for key in ("lr_estimate", "sgd_lr", "switch_step"):
+                assert opt.state[p][key] == twin.state[q][key], key
+            assert torch.equal(opt.state[p].get("master", p).float(), q.detach())
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex64])
 def test_other_dtypes_are_refused_at_construction(dtype):
     good = torch.nn.Parameter(torch.zeros(3))

@@ -673,6 +673,16 @@ class Optimizer:
         return after
 
     @classmethod
+    def update_runs(cls, works, group, step, h, host):
+        """:meth:`update` over several launches that step together with one host state
+        (``fastopt.torch`` steps a group in runs: of parameters of one dtype, next to
+        each other); returns the host state after them. Each launch gives the same,
+        where it does not come from sums over the parameters (SWATS's switch)."""
+        for work in works:
+            after = cls.update(work, group, step, h, host)
+        return after
+
+    @classmethod
     @functools.cache
     def state_names(cls):
         """Every state buffer the algorithm's passes may hold: its rule's, then those of

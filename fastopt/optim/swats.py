@@ -87,11 +87,17 @@ class SWATS(Optimizer):
 
     @classmethod
     def update(cls, work, group, step, h, host):
+        return cls.update_runs([work], group, step, h, host)
+
+    @classmethod
+    def update_runs(cls, works, group, step, h, host):
         if host["sgd_lr"] is not None:
-            work.run(cls.SGD_PHASE, h)
+            for work in works:
+                work.run(cls.SGD_PHASE, h)
             return host
-        # The sums over the whole group: the tensors' sums, added exactly.
-        direction_sq, direction_g = map(math.fsum, work.run(cls.ADAM_PHASE, h))
+        # The sums over the whole group: every tensor's sums, added exactly.
+        sums = [work.run(cls.ADAM_PHASE, h) for work in works]
+        direction_sq, direction_g = (math.fsum(np.concatenate(parts)) for parts in zip(*sums))
         return _estimate(group, step, host, float(h.coef), direction_sq, direction_g)
 
 
