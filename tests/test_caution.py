@@ -83,3 +83,18 @@ def test_a_cautious_step_keeps_subnormals_under_a_small_eps_as_the_plain_step():
         cautious.step(g)
     np.testing.assert_allclose(plain.flat_params, 1.0 - 3e-3, atol=3e-5)  # subnormals: few bits
     np.testing.assert_array_equal(cautious.flat_params, plain.flat_params)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_cautious_step_counts_tiny_gradients_that_agree(name):
+    """m * g of a gradient of 1e-20 is subnormal: flushed, it read as disagreeing, was
+    masked, and halved the tensor's share, so that the other half stepped twice as far
+    as timm's and the float64 reference's."""
+    p0, g = np.ones(100, np.float32), np.ones(100, np.float32)
+    g[50:] = 1e-20
+    kwargs = dict(lr=1e-3, weight_decay=0.0)
+    opt = getattr(fastopt, name)([p0.copy()], caution=True, **kwargs)
+    opt.step(g.copy())
+    expected = getattr(reference, name)(100, caution=True, **kwargs).step(
+        p0.astype(np.float64), g.astype(np.float64))
+    np.testing.assert_allclose(opt.flat_params, expected, rtol=0, atol=1e-7)

@@ -119,9 +119,13 @@ SMALL_EPS = 1e-10
 def keeps_subnormals(algorithm, group):
     """Whether the kernels must keep subnormal numbers for ``group``'s step (see
     ``fastopt.kernels.cpu.FLUSH_DENORMALS``): where the algorithm needs them
-    (``Spec.keeps_subnormals``), or the group's ``eps`` is below ``SMALL_EPS``."""
+    (``Spec.keeps_subnormals``), the group's ``eps`` is below ``SMALL_EPS``, or it steps
+    with ``caution``, whose mask tests ``m * g > 0``: subnormal for gradients below
+    about 3e-19, and flushed, it masked them, which also lowered the tensor's share, so
+    that its other elements stepped up to twice as far as timm's."""
     eps = group.get("eps")
-    return algorithm.spec.keeps_subnormals or (isinstance(eps, (int, float)) and eps < SMALL_EPS)
+    return (algorithm.spec.keeps_subnormals or bool(group.get("caution"))
+            or (isinstance(eps, (int, float)) and eps < SMALL_EPS))
 
 
 def clip_coefficient(max_norm, norm):
