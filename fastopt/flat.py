@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._backend import FLOAT32, backend_of, is_c_contiguous, is_cuda_array
-from .precision import DTYPES, name_of
+from .precision import grads_dtype, name_of
 
 
 @dataclass(frozen=True)
@@ -227,11 +227,7 @@ def flatten(groups, grouped=False, grad_dtype=None):
     slices = [s for layout in layouts for s in layout.slices(flat_params)]
     for destination, source in zip(slices, views):
         backend.copy(destination, source)
-    return backend, layouts, flat_params, backend.zeros(size, _grad_dtype(dtype, grad_dtype))
-
-
-def _grad_dtype(params_dtype, grad_dtype):
-    return params_dtype if grad_dtype is None else DTYPES[grad_dtype]
+    return backend, layouts, flat_params, backend.zeros(size, grads_dtype(dtype, grad_dtype))
 
 
 def _structure(prefix, params):
@@ -272,7 +268,7 @@ def _adopt(adopted, grad_dtype):
     if layout.size != flat_params.size:
         raise ValueError(f"shapes add up to {layout.size} elements but the adopted "
                          f"buffer has {flat_params.size}")
-    dtype = _grad_dtype(flat_params.dtype, grad_dtype)
+    dtype = grads_dtype(flat_params.dtype, grad_dtype)
     if adopted.grads is None:
         flat_grads = backend.zeros(layout.size, dtype)
     else:

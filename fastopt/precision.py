@@ -24,13 +24,14 @@ MIN_QUANTIZED_SIZE = 4096
 MASTER_WEIGHTS = ("auto", "float32", "remainder", None)
 # The dtype of master weights kept as the low halves of their float32 bits.
 REMAINDER_DTYPE = np.dtype(np.uint16)
-# fastopt.torch's names of a buffer kept in 8 bits: "<name>_absmax" holds the scales of
-# its blocks (in opt.state[p] and state dicts). state_dict() saves the codes as
-# "<name>_codes", which torch.optim does not know (it would read codes as values); and,
-# once per parameter, the strides of the layout in whose memory order their blocks run,
-# so that a copy of them in another layout (.contiguous()) still pairs each code with
-# its block's absmax.
-ABSMAX, CODES, STRIDES = "_absmax", "_codes", "codes_strides"
+# The names of a buffer kept in 8 bits: "<name>_absmax" holds the scales of its blocks
+# (in opt.state, fastopt.torch's opt.state[p] and state dicts) and "<name>_small" the
+# float32 state of the tensors too small to quantize. fastopt.torch's state_dict() saves
+# the codes as "<name>_codes", which torch.optim does not know (it would read codes as
+# values); and, once per parameter, the strides of the layout in whose memory order
+# their blocks run, so that a copy of them in another layout (.contiguous()) still pairs
+# each code with its block's absmax.
+ABSMAX, SMALL, CODES, STRIDES = "_absmax", "_small", "_codes", "codes_strides"
 
 
 _HALVES = (DTYPES["bfloat16"], DTYPES["float16"])
@@ -199,6 +200,12 @@ def check_grad_dtype(grad_dtype):
     return grad_dtype
 
 
+def grads_dtype(params_dtype, grad_dtype):
+    """The gradients' dtype: ``grad_dtype`` (a name of ``DTYPES``), or None for the
+    parameters' ``params_dtype``."""
+    return params_dtype if grad_dtype is None else DTYPES[grad_dtype]
+
+
 class Storage:
     """An optimizer's choice of formats, checked: ``master`` (master weights for 16-bit
     parameters; ``remainder``: as the low halves of their bits), ``grads`` (the
@@ -233,7 +240,7 @@ class Storage:
                              f"{name_of(params_dtype)} parameters need 'float32'")
         self.master = master_weights is not None and not float32_params
         self.remainder = master_weights == REMAINDER
-        self.grads = params_dtype if check_grad_dtype(grad_dtype) is None else DTYPES[grad_dtype]
+        self.grads = grads_dtype(params_dtype, check_grad_dtype(grad_dtype))
         if isinstance(state_dtype, dict):
             unknown = set(state_dtype) - set(state_names)
             if unknown:

@@ -143,7 +143,7 @@ from .optim.checks import check_flag
 from .optim.optimizer import Optimizer as _Flat
 from .optim.optimizer import _snapshot
 from .optim.spec import ALGORITHMS, define_init
-from .precision import ABSMAX, CODES, STRIDES
+from .precision import ABSMAX, CODES, SMALL, STRIDES
 
 __all__ = list(ALGORITHMS)  # one class per algorithm of the registry, built at the end
 
@@ -166,9 +166,6 @@ _WHOLE_OPTIMIZER = {"clip_grad_norm", "clip_grad_value", "skip_nonfinite", "mast
 _RUNTIME = ("_stores", "_slots", "_group_slots", "_checked", "_seen", "_remainders")
 # The state entry that holds a 16-bit parameter's float32 master weights.
 MASTER = "master"
-# A store's float32 state of the parameters too small to quantize, beside the 8-bit
-# buffer of the others (whose other names are precision.ABSMAX, CODES and STRIDES).
-SMALL = "_small"
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _TORCH_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}
 

@@ -15,7 +15,7 @@ from ..flat import ViewList, flatten
 from ..kernels import Pass, rules
 from ..kernels._template import state_names
 from ..kernels.codecs import BLOCK
-from ..precision import (MIN_QUANTIZED_SIZE, NOTHING_TO_ROUND, Storage,
+from ..precision import (ABSMAX, MIN_QUANTIZED_SIZE, NOTHING_TO_ROUND, SMALL, Storage,
                          check_grad_dtype, quantize, refused_in_8_bits)
 from . import engine
 from .checks import check_flag, check_lr, positive_or_none
@@ -460,7 +460,7 @@ class Optimizer:
             if not self._backend.is_writeable(buffer):
                 raise ValueError(f"state['{array}'] must be writeable: every step updates "
                                  "it in place")
-            if array != name and array.endswith("_absmax") and np.any(
+            if array != name and array.endswith(ABSMAX) and np.any(
                     self._backend.to_host(buffer) < 0):  # flipping its blocks' signs
                 raise ValueError(f"state['{array}'] holds negative block scales; a block's "
                                  "absmax is >= 0 (or NaN)")
@@ -495,10 +495,10 @@ class Optimizer:
         fmt = self._storage.quantized[name]
         codes, absmax = quantize(np.full(1, value, FLOAT32), fmt)  # one block of one value
         self.state[name][layout.start:layout.stop] = codes[0]
-        self.state[name + "_absmax"][first:last] = absmax[0]
+        self.state[name + ABSMAX][first:last] = absmax[0]
         for _, start, size, small in table:
             if small >= 0:
-                self.state[name + "_small"][small:small + size] = value
+                self.state[name + SMALL][small:small + size] = value
 
     def _update(self, group, step, spec, g, prep, h, start, stop, host):
         """Apply step number ``step`` to ``[start:stop]`` of the buffers, which share the
@@ -555,8 +555,8 @@ class Optimizer:
             kept = [(name, self._state_size(name), self._storage.state(name))]
             if name in self._storage.quantized:
                 blocks = self._blocks()
-                kept += [(f"{name}_absmax", blocks.count, FLOAT32),
-                         (f"{name}_small", blocks.small, FLOAT32)]
+                kept += [(name + ABSMAX, blocks.count, FLOAT32),
+                         (name + SMALL, blocks.small, FLOAT32)]
             self._kept_arrays[name] = kept
         return kept
 
@@ -573,8 +573,8 @@ class Optimizer:
             # One segment, from start: the group's blocks.
             table, first, last = self._blocks().by_extent[start, stop]
             arrays = [array for name in spec if name in storage.quantized
-                      for array in (self.state[f"{name}_absmax"][first:last],
-                                    self.state[f"{name}_small"])]
+                      for array in (self.state[name + ABSMAX][first:last],
+                                    self.state[name + SMALL])]
             launch = self._backend.blocks_launcher(
                 Pass(rule, tuple(spec), formats=formats, master=master,
                      stochastic=storage.stochastic),

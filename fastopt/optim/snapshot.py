@@ -18,6 +18,7 @@ import numpy as np
 
 from .. import checkpoint
 from ..checkpoint import Snapshot
+from ..precision import ABSMAX
 from .checks import check_flag, plain, positive_or_none
 from .spec import ALGORITHMS
 
@@ -122,8 +123,8 @@ def _validated(opt, snapshot):
                              f"expected {dtype} {(size,)}")
     for base in opt._storage.quantized & snapshot.buffers.keys():
         # A negative scale would decode every value of its block with the wrong sign.
-        if np.any(snapshot.buffers[f"{base}_absmax"] < 0):
-            raise ValueError(f"the checkpoint's {base}_absmax holds negative block scales; "
+        if np.any(snapshot.buffers[base + ABSMAX] < 0):
+            raise ValueError(f"the checkpoint's {base + ABSMAX} holds negative block scales; "
                              "a block's absmax is >= 0 (or NaN)")
     groups = _restored_groups(opt, snapshot.groups)
     _check_options(snapshot.options)
