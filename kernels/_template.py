@@ -74,10 +74,11 @@ class Pass(NamedTuple):
     ``formats`` stores buffers in fewer bits: ``(name, format)`` pairs, a format of
     ``codecs.CODECS`` (16 bits, whose array holds the bits, ``codecs.BITS``) or, for
     state, of ``codecs.QUANTIZED`` (uint8 codes, in blocks with a scale each: see
-    :func:`_block_chunk`); the rule reads and writes float32 through the codec. With ``master``, the driver also takes ``w``, a
-    float32 copy of the 16-bit ``p`` (master weights): the rule reads ``w`` as its
-    ``p``, and the new value goes to ``w`` and, rounded, to ``p`` (in a segment pass
-    ``w`` is reached as ``p`` is, through each segment's start).
+    :func:`_block_chunk`); the rule reads and writes float32 through the codec. With
+    ``master``, the driver also takes ``w``, a float32 copy of the 16-bit ``p`` (master
+    weights): the rule reads ``w`` as its ``p``, and the new value goes to ``w`` and,
+    rounded, to ``p`` (in a segment pass ``w`` is reached as ``p`` is, through each
+    segment's start).
     Where ``p`` no longer holds ``w`` rounded, someone wrote into it since the last
     step, and the rule reads ``p`` instead: a write is never lost. The format
     ``("w", REMAINDER)`` keeps only the low 16 bits of the master weights, for a
