@@ -3,9 +3,9 @@
 Every rule computes in float32; a buffer kept in 16 bits is read into float32 and
 written back rounded (to nearest, ties to even; stochastically with
 ``stochastic_rounding``; with ties away from zero beside remainders) inside the step's
-single pass (``kernels.codecs``). Parameters and gradients may be float32, bfloat16 (ml_dtypes)
-or float16; the state float32, bfloat16, or for moving averages int8: block-wise codes
-of a dynamic map (see :func:`quantize`).
+single pass (``kernels.codecs``). Parameters and gradients may be float32, bfloat16
+(ml_dtypes) or float16; the state float32, bfloat16, or for moving averages int8:
+block-wise codes of a dynamic map (see :func:`quantize`).
 """
 
 import ml_dtypes
