@@ -91,7 +91,8 @@ class Segments:
     fixed order into a row of ``partials``, and the host adds a segment's chunk sums in
     order (``totals``; the tables of a ZeRO partition, and those by which DTensor shards
     sum, add every rank's: see ``sharding.WholeTotals``): its sums do not depend on the
-    CPU's thread count, nor on CUDA's grid.
+    CPU's thread count, nor on CUDA's number of blocks (a chunk's order on CUDA does on
+    its threads per block, ``kernels.cuda.threads_per_block``).
     """
 
     def __init__(self, sizes, state_starts, tensor, offsets, to_device, draws=None,
