@@ -305,14 +305,13 @@ def _driver(spec, loops):
         "begin_chunk": x86.prefer_512_bit_vectors if WIDE_VECTORS else _keep_vector_width,
         "add_to_sum": add_to_sum,
     }
-    options = _OPTIONS
-    chunk_options = dict(options, parallel=False, inline="never")
-    fingerprint = (repr((options, chunk_options, CHUNK, VECTOR, BLOCKS_PER_CHUNK))
+    chunk_options = dict(_OPTIONS, parallel=False, inline="never")
+    fingerprint = (repr((_OPTIONS, chunk_options, CHUNK, VECTOR, BLOCKS_PER_CHUNK))
                    + inspect.getsource(_fp_mode) + inspect.getsource(x86)
                    + repr((x86.AVAILABLE, x86.F16C, WIDE_VECTORS, spec.flushes)))
     driver = _template.build(spec, loops, namespace, __file__, fingerprint,
                              njit(**chunk_options))
-    return njit(**options)(driver)
+    return njit(**_OPTIONS)(driver)
 
 
 @functools.cache
