@@ -237,8 +237,15 @@ class Optimizer(torch.optim.Optimizer):
             sharding.check_same_parameters(process_group, self._all_params(),
                                            self._collective_options())
         self._relayout()
-        if stochastic_rounding and not any(store.storage.stochastic for store in self._stores):
+        if stochastic_rounding and self.rounding_seed is None:
             raise ValueError(precision.NOTHING_TO_ROUND)
+
+    @property
+    def rounding_seed(self):
+        """The seed that stochastic rounding draws from; None where nothing is rounded
+        stochastically."""
+        _, _, _, seed = self._formats
+        return seed if any(store.storage.stochastic for store in self._stores) else None
 
     @property
     def counts_steps(self):
@@ -844,6 +851,10 @@ class Optimizer(torch.optim.Optimizer):
         would take same-named tensors of all ranks for copies, then saves every rank's
         and reloads them on as many ranks); :meth:`consolidated_state_dict` gives the
         whole state.
+
+        torch's layout has no place for the seed of stochastic rounding: an optimizer
+        that loads it rounds from the seed it was built with (:meth:`save` records the
+        seed, and :meth:`load` refuses another).
 
         Its post-hooks (``register_state_dict_post_hook``) see, and may replace, this
         state_dict, as torch.optim's see theirs."""

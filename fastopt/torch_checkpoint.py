@@ -8,7 +8,11 @@ reads it back. The folder holds:
   ``algorithm`` (the class name), ``world`` (how many ranks wrote it: 1 without a
   process_group), ``files`` (each rank's file name, by rank), and per parameter, in the
   order of the groups, its ``shape`` and each rank's ``pieces``: the elements
-  ``[first, last)`` of it, in C order, whose state that rank's file holds;
+  ``[first, last)`` of it, in C order, whose state that rank's file holds; and
+  ``seed``, the one stochastic rounding drew from (null where nothing was rounded
+  stochastically, and absent from the folders of fastopt before it was recorded), which
+  a load into an optimizer that rounds stochastically from another refuses: it would
+  go on with other bits (a state_dict has no place for it);
 - ``rank<r>.pt``: rank r's ``opt.state_dict()`` (``torch.save``; it loads with
   ``weights_only=True``), its partition with a process_group (see
   ``fastopt.torch.Optimizer.state_dict``), else the whole state.
@@ -98,6 +102,11 @@ def _assembled(opt, path, pieces, shapes, whole):
         raise ValueError(f"cannot load {path}: its parameters have the shapes "
                          f"{[tuple(e['shape']) for e in index['params']]}, this optimizer's "
                          f"{[tuple(p.shape) for p in params]}")
+    seed, ours = index.get("seed"), opt.rounding_seed
+    if seed is not None and ours is not None and seed != ours:
+        raise ValueError(f"cannot load {path}: its stochastic rounding drew from seed {seed}, "
+                         f"this optimizer's draws from seed {ours}: build it with "
+                         f"seed={seed} to go on with the same bits")
     files = _Files(path, index)
     suffix = opt._rank_suffix() if opt._group is not None else ""
     state = {}
@@ -216,13 +225,14 @@ def _read_index(path):
                                for f in index["files"])
                        and all(len(entry["pieces"]) == world and all(
                            0 <= a <= b <= math.prod(entry["shape"]) for a, b in entry["pieces"])
-                               for entry in index["params"]))
+                               for entry in index["params"])
+                       and (index.get("seed") is None or type(index["seed"]) is int))
     except (KeyError, TypeError, ValueError):
         well_formed = False
     if not well_formed:
         raise ValueError(f"cannot load {path}: {name} does not describe a checkpoint: an "
-                         "algorithm, as many files as ranks, and per parameter a shape "
-                         "and each rank's piece of it")
+                         "algorithm, as many files as ranks, per parameter a shape "
+                         "and each rank's piece of it, and a seed (an int or null)")
     return index
 
 
@@ -230,6 +240,7 @@ def _index(opt, world, pieces):
     """The index of ``opt``'s checkpoint, written by ``world`` ranks."""
     return {"format": FORMAT, "version": VERSION, "algorithm": type(opt).__name__,
             "world": world, "files": [f"rank{r}.pt" for r in range(world)],
+            "seed": opt.rounding_seed,
             "params": [{"shape": list(p.shape), "pieces": [list(c) for c in cuts]}
                        for p, cuts in zip(opt._all_params(), pieces)]}
 

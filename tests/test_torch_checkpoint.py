@@ -148,10 +148,45 @@ def test_an_index_that_describes_no_checkpoint_is_refused(tmp_path):
     for broken in ({**index, "files": ["../rank0.pt"]}, {**index, "world": 2},
                    {**index, "params": [{**index["params"][0], "pieces": [[0, 10 ** 9]]},
                                         *index["params"][1:]]},
-                   {k: v for k, v in index.items() if k != "algorithm"}):
+                   {k: v for k, v in index.items() if k != "algorithm"},
+                   {**index, "seed": "5"}):
         (tmp_path / "checkpoint" / "index.json").write_text(json.dumps(broken))
         with pytest.raises(ValueError, match="does not describe a checkpoint"):
             opt.load(tmp_path / "checkpoint")
+
+
+def test_a_checkpoint_rounded_from_another_seed_is_refused_and_changes_nothing(tmp_path):
+    """Its bits would go on from another stream: refused where both round
+    stochastically, taken where either does not draw (or the folder predates the seed)."""
+    import json
+
+    def optimizer(net, **options):
+        return ft.AdamW(net.parameters(), lr=0.01, master_weights=None, **options)
+
+    net = model(torch.bfloat16)
+    opt = optimizer(net, stochastic_rounding=True, seed=5)
+    train(net, opt, 2)
+    fastopt.save(opt, tmp_path / "seed5")
+    other = optimizer(model(torch.bfloat16), stochastic_rounding=True, seed=6)
+    train(model(torch.bfloat16), other, 1)
+    before = state_of(other)
+    with pytest.raises(ValueError, match="drew from seed 5, this optimizer's draws from seed 6"):
+        other.load(tmp_path / "seed5")
+    for mine, theirs in zip(state_of(other), before):
+        assert all(torch.equal(mine[k], v) if isinstance(v, torch.Tensor) else mine[k] == v
+                   for k, v in theirs.items())
+    same = optimizer(model(torch.bfloat16), stochastic_rounding=True, seed=5)
+    same.load(tmp_path / "seed5")
+    assert same.state[next(iter(same.state))]["step"] == 2
+    optimizer(model(torch.bfloat16)).load(tmp_path / "seed5")  # rounds to nearest
+    fastopt.save(optimizer(model(torch.bfloat16)), tmp_path / "nearest")
+    index = json.loads((tmp_path / "nearest" / "index.json").read_text())
+    assert index["seed"] is None
+    other.load(tmp_path / "nearest")
+    index = json.loads((tmp_path / "seed5" / "index.json").read_text())
+    del index["seed"]
+    (tmp_path / "seed5" / "index.json").write_text(json.dumps(index))
+    other.load(tmp_path / "seed5")
 
 
 def test_a_save_killed_between_its_renames_is_put_in_place_by_the_next(tmp_path,
