@@ -73,8 +73,10 @@ NAdam's momentum product are kept per parameter. Hyperparameters are read from
 torch.amp.GradScaler. ``torch.compile`` leaves the step to run eagerly (a graph break).
 
 Differences from torch.optim: ``foreach`` and ``fused`` are accepted and ignored (every
-step is fused); ``capturable`` and ``differentiable`` must stay False; ``lr`` must be a
-number (use a torch.optim.lr_scheduler).
+step is fused); ``capturable`` and ``differentiable`` must stay False; ``lr`` is a
+number or a one-element tensor, as in torch, not a fastopt schedule (use a
+torch.optim.lr_scheduler). NumPy scalars among the hyperparameters are taken as the
+Python numbers they hold.
 
 **DTensor parameters** (FSDP2's ``fully_shard``, tensor parallelism): each rank steps
 its local shard of every parameter in place, and the state is DTensors sharded as the
@@ -139,7 +141,7 @@ from ._backend import GRAD_SQUARES, CudaBackend, HostBackend, Tensors
 from .kernels._template import SEGMENT_CHUNK
 from .kernels.codecs import BLOCK
 from .optim import engine
-from .optim.checks import check_flag
+from .optim.checks import check_flag, plain
 from .optim.optimizer import Optimizer as _Flat
 from .optim.optimizer import _snapshot
 from .optim.spec import ALGORITHMS, define_init
@@ -1381,12 +1383,13 @@ def _kept_dtype(storage, name):
 
 def _hyperparameters(group, algorithm):
     """The group's hyperparameters of ``algorithm``, with the numbers that torch lets be
-    tensors (a tensor lr, tensor betas) as Python numbers. The group's other entries
-    (torch's ``foreach`` ..., a scheduler's ``initial_lr``, the user's own) are not
-    read, as torch.optim does not read them."""
+    tensors (a tensor lr, tensor betas), and NumPy scalars, as Python numbers, as the
+    host math and the checks take them (an ``np.float32`` eps of 0 was no number that
+    keeps subnormals: its step divided by a flushed second moment). The group's other
+    entries (torch's ``foreach`` ..., a scheduler's ``initial_lr``, the user's own) are
+    not read, as torch.optim does not read them."""
     names = _hyperparameter_names(algorithm)
-    return {k: (v.item() if isinstance(v, torch.Tensor) else
-                tuple(_number(x) for x in v) if isinstance(v, tuple) else v)
+    return {k: tuple(map(_number, v)) if isinstance(v, tuple) else _number(v)
             for k, v in group.items() if k in names}
 
 
@@ -1402,7 +1405,7 @@ def _refusable(cls):
 
 
 def _number(x):
-    return x.item() if isinstance(x, torch.Tensor) else x
+    return x.item() if isinstance(x, torch.Tensor) else plain(x)
 
 
 def _labels(index, group):

@@ -651,6 +651,27 @@ def test_tensor_betas_are_taken_as_torch_takes_them():
         assert torch.equal(p.detach(), params[0].detach())
 
 
+@pytest.mark.parametrize("name", ["Adam", "RMSprop", "Adagrad"])
+@pytest.mark.parametrize("eps", [np.float32(0.0), np.float32(1e-30)], ids=repr)
+def test_numpy_scalar_hyperparameters_step_as_the_numbers_they_hold(name, eps):
+    """A NumPy eps (from a config read with NumPy) is the number it holds: one of 0 or
+    1e-30 keeps the subnormal second moments of gradients of 1e-20, as torch.optim's
+    step does (fastopt.torch took np.float32 for no small eps, flushed them, and
+    divided by eps: to -inf or 3e7)."""
+    results = []
+    for optimizer, value in ((getattr(torch.optim, name), float(eps)),
+                             (getattr(ft, name), eps), (getattr(ft, name), float(eps))):
+        p = torch.nn.Parameter(torch.ones(5000))
+        opt = optimizer([p], lr=np.float32(1e-3), eps=value)
+        for _ in range(3):
+            p.grad = torch.full((5000,), 1e-20)
+            opt.step()
+        results.append(p.detach())
+    theirs, ours, ours_of_a_float = results
+    assert torch.equal(ours, ours_of_a_float)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+
+
 def test_a_group_whose_host_state_overflows_stops_the_step_before_any_group_moves():
     """ASGD's eta of the second group overflows a float ((1 + lambd*lr*step)**alpha),
     where torch.optim raises OverflowError after it has stepped the first group:
