@@ -9,8 +9,9 @@ Each class is a real :class:`torch.optim.Optimizer` that takes its torch.optim n
 arguments (plus fastopt's own options) and gives its numbers.
 
 **The model's tensors stay the model's.** A step reads every parameter and gradient where
-it lies and writes the parameter in place, as torch.optim does: fastopt holds no copy
-of them and never replaces their storage. On the CPU every algorithm steps the tensors
+it lies and writes the parameter in place, as torch.optim does (counting the write in
+its autograd version, as torch's in-place update does): fastopt holds no copy of them
+and never replaces their storage. On the CPU every algorithm steps the tensors
 where they lie: each pass (one for most algorithms; two to four for ``caution``,
 LAMB, LARS and Adafactor, whose per-tensor norms and factors come from the same kernels
 as in the NumPy API) is one kernel per run of parameters that share a group and a step
@@ -612,9 +613,12 @@ class Optimizer(torch.optim.Optimizer):
         for hyper, group_runs in plans:
             prep = engine.prep(self.algorithm, hyper, inverse_scale, coefficient,
                                self.clip_grad_value)
-            for runs in _together(group_runs):
-                self._apply(hyper, runs, prep)
+            for joint in _together(group_runs):
+                self._apply(hyper, joint, prep)
         self._gradients_used()
+        # The kernels wrote through views that autograd does not see: a graph that saved
+        # a parameter before this step must fail at its backward, as torch.optim's does.
+        torch.autograd.graph.increment_version([p for run in runs for p in run.params])
         if self._group is not None:  # every rank its parameters from the others' steps
             for store in self._stores:
                 with store.active():

@@ -117,6 +117,37 @@ def test_channels_last_is_kept_and_so_is_its_state():
     assert_same_params(ours, theirs)
 
 
+@pytest.mark.parametrize("name, kwargs, dtype", [
+    ("SGD", dict(lr=0.5), torch.float32), ("Adam", dict(lr=0.1), torch.bfloat16),
+    ("AdamW", dict(lr=0.1, state_dtype="int8"), torch.float32),
+    ("AdamW", dict(lr=0.1, master_weights="remainder"), torch.bfloat16),
+    ("LAMB", dict(lr=0.1), torch.float32)], ids=str)
+def test_a_step_between_a_forward_and_its_backward_fails_the_backward_as_torchs(
+        name, kwargs, dtype):
+    """A step writes the parameters in place, as torch.optim's does, so a graph that saved
+    them before it cannot be differentiated after it: torch.optim's in-place update
+    raises at that backward; fastopt's kernels, writing through views that autograd did
+    not see, gave a gradient of the old activations and the new weights."""
+    torch_options = {"lr": kwargs["lr"]}  # LAMB: no torch.optim namesake
+    for optimizer, options in ((getattr(torch.optim, name, None), torch_options),
+                               (getattr(ft, name), kwargs)):
+        if optimizer is None:
+            continue
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(64, 80).to(dtype)  # 5120 weights: 8-bit state
+        frozen = torch.nn.Parameter(torch.ones(80, dtype=dtype))
+        opt = optimizer([*layer.parameters(), frozen], **options)
+        x = torch.randn(3, 64, dtype=dtype, requires_grad=True)
+        layer(x).float().square().sum().backward()
+        out = (layer(x) * frozen).float().square().sum()
+        frozen.grad = None
+        versions = (layer.weight._version, frozen._version)
+        opt.step()
+        assert layer.weight._version > versions[0] and frozen._version == versions[1]
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.backward()
+
+
 def test_transposed_parameters_and_gradients_in_another_layout():
     torch.manual_seed(0)
     base = torch.randn(6, 4)
