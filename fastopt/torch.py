@@ -1493,6 +1493,10 @@ def _check_parameter(p, name):
                         "float16 parameters")
     if p.layout != torch.strided:
         raise TypeError(f"{name} is not a dense tensor")
+    if p.is_neg():
+        raise TypeError(f"{name} is a negated view (is_neg()), whose memory holds the "
+                        "opposite of its values, which the kernels would step: give the "
+                        "optimizer a tensor of its own values (p.resolve_neg())")
     if p.device.type not in ("cpu", "cuda"):
         raise TypeError(f"{name} is on {p.device}; fastopt steps CPU and CUDA tensors")
     if not _is_dense(p):
@@ -2440,8 +2444,10 @@ class _Run:
             # At every step, even for the same gradient object: assigning its .data
             # gives it another dtype, shape and layout.
             _check_gradient(grad, slot.local)
-            if grad.stride() != slot.local.stride():  # a copy in the parameter's layout,
-                grads[i] = torch.empty_like(slot.local).copy_(grad)  # for this step
+            # A copy in the parameter's layout, for this step; also of a negated view
+            # (is_neg()), whose memory holds the opposite of its values.
+            if grad.stride() != slot.local.stride() or grad.is_neg():
+                grads[i] = torch.empty_like(slot.local).copy_(grad)
         self.gradients = np.array([g.data_ptr() for g in grads], np.int64)
 
     def sum_squares(self):

@@ -164,6 +164,30 @@ def test_transposed_parameters_and_gradients_in_another_layout():
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
 
 
+def test_negated_views_are_read_as_their_values_or_refused():
+    """A tensor with torch's lazy negation (is_neg(): ``z.conj().imag``) holds the
+    opposite of its values in memory, which the kernels read: such a gradient steps as
+    its values (a copy), and such a parameter, which the step would write the opposite
+    of, is refused."""
+    torch.manual_seed(0)
+    base, grads = torch.randn(6), torch.randn(3, 6)
+    ours, theirs = torch.nn.Parameter(base.clone()), torch.nn.Parameter(base.clone())
+    our_opt, their_opt = ft.Adam([ours], lr=0.1), torch.optim.Adam([theirs], lr=0.1)
+    for grad in grads:
+        ours.grad, theirs.grad = torch._neg_view(-grad), grad.clone()
+        assert ours.grad.is_neg() and torch.equal(ours.grad, grad)
+        our_opt.step()
+        their_opt.step()
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    scalar = torch.nn.Parameter(torch.tensor(1.0))
+    opt = ft.SGD([scalar], lr=0.1)
+    scalar.grad = torch.complex(torch.tensor(0.0), torch.tensor(0.5)).conj().imag  # -0.5
+    opt.step()
+    assert scalar.item() == pytest.approx(1.05)
+    with pytest.raises(TypeError, match=r"negated view \(is_neg\(\)\)"):
+        ft.SGD([torch.nn.Parameter(torch._neg_view(torch.ones(3)))], lr=0.1)
+
+
 def _stepped_sgd(dtype=torch.float32):
     """fastopt's SGD with momentum on a (64, 80) parameter and torch's on its twin,
     after one step (whose gradient fastopt has checked)."""
