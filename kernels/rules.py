@@ -334,9 +334,9 @@ def lion(p, g, exp_avg, h: LionScalars):
             float64(agrees))
 
 
-LAMBScalars = scalars("LAMBScalars", ["trust_lr", "weight_decay", "inv_bc1", "inv_bc2_sqrt",
-                                         "eps", "one_minus_beta1", "beta2", "one_minus_beta2",
-                                         "moving"])
+LAMBScalars = scalars("LAMBScalars", ["trust_lr", "trust_scale", "weight_decay", "inv_bc1",
+                                         "inv_bc2_sqrt", "eps", "one_minus_beta1", "beta2",
+                                         "one_minus_beta2", "moving"])
 
 
 @returns("p", "exp_avg", "exp_avg_sq", "param_sq", "update_sq")
@@ -345,23 +345,27 @@ def lamb(p, g, exp_avg, exp_avg_sq, h: LAMBScalars):
     ``p - trust_lr * u`` and ``trust_lr`` depends on the norms of p and u over the whole
     tensor. So LAMB takes two passes: the first moves the moments (``moving``) and
     sums ``param_sq`` and ``update_sq`` per tensor, the second recomputes u from them
-    and steps with each tensor's ``trust_lr``."""
+    and steps with each tensor's ``trust_lr`` times ``trust_scale``, a power of two that
+    is 1 but where their product lies beyond float32's range (see
+    ``fastopt.optim.layerwise.in_float32_range``)."""
     if h.moving:
         exp_avg = lerp(exp_avg, g, h.one_minus_beta1)
         exp_avg_sq = h.beta2 * exp_avg_sq + h.one_minus_beta2 * g * g
     ratio = (exp_avg * h.inv_bc1) / (math.sqrt(exp_avg_sq) * h.inv_bc2_sqrt + h.eps)
     update = ratio + h.weight_decay * p
-    return (p - h.trust_lr * update, exp_avg, exp_avg_sq, float64(p) * float64(p),
+    step = h.trust_lr * (update * h.trust_scale)
+    return (p - step, exp_avg, exp_avg_sq, float64(p) * float64(p),
             float64(update) * float64(update))
 
 
-LARSScalars = scalars("LARSScalars", "trust_lr momentum weight_decay")
+LARSScalars = scalars("LARSScalars", "trust_lr trust_scale momentum weight_decay")
 
 
 def lars(p, g, momentum_buffer, h: LARSScalars):
-    """LARS's step, with ``trust_lr`` the lr times the tensor's local learning rate,
-    which a first pass of :func:`norms` measures."""
-    momentum_buffer = h.momentum * momentum_buffer + h.trust_lr * (g + h.weight_decay * p)
+    """LARS's step, with ``trust_lr`` times ``trust_scale`` the lr times the tensor's
+    local learning rate, which a first pass of :func:`norms` measures (split as LAMB's)."""
+    momentum_buffer = (h.momentum * momentum_buffer
+                       + h.trust_lr * ((g + h.weight_decay * p) * h.trust_scale))
     return p - momentum_buffer, momentum_buffer
 
 

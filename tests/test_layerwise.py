@@ -276,7 +276,8 @@ def run_segment_norms(backend, p, g, prep, bounds):
     return backend.run_segments(NORMS, tensors, [], prep, rules.NoScalars(), segments)
 
 
-@pytest.mark.parametrize("name, scale", [("LAMB", 1e-38), ("LARS", 1e-39), ("LARS", 1e-30)])
+@pytest.mark.parametrize("name, scale", [("LAMB", 1e-38), ("LARS", 1e-39), ("LARS", 1e-30),
+                                         ("LARS", 1e-42)])
 def test_tiny_gradients_take_the_references_full_step(name, scale):
     """The trust ratio scales a tensor's step to its parameters' norm, whatever the
     gradients' size: flushed to 0, moments or gradients near 1e-38 stood still on the
@@ -296,6 +297,23 @@ def test_tiny_gradients_take_the_references_full_step(name, scale):
         expected = theirs.step(expected, g.astype(np.float64))
     np.testing.assert_allclose(ours.flat_params, expected, rtol=RTOL, atol=ATOL)
     assert np.abs(expected - p0).max() > 100 * ATOL  # a step the size of lr
+
+
+def test_lamb_steps_a_tensor_whose_moments_faded_by_its_parameters_norm():
+    """After long zero gradients a tensor's first moment fades into the subnormals while
+    its second stays, so its update's norm falls so far below its parameters' that lr
+    times the trust ratio lies beyond float32 (here 5e39; LARS's with gradients of 1e-42
+    above): multiplied in as a float32, it made the parameters -inf, then NaN. LAMB
+    moves a tensor by lr times its norm, whatever its update's size."""
+    rng = np.random.default_rng(5)
+    opt = fastopt.LAMB([rng.standard_normal(64).astype(f32)], lr=1e-3)
+    opt.step(rng.standard_normal(64).astype(f32))
+    opt.state["exp_avg"][:] = (rng.standard_normal(64) * 1e-42).astype(f32)
+    opt.state["exp_avg_sq"][:] = 1.0
+    before = opt.flat_params.astype(np.float64)
+    opt.step(np.zeros(64, f32))
+    moved = np.linalg.norm(opt.flat_params - before)
+    np.testing.assert_allclose(moved, 1e-3 * np.linalg.norm(before), rtol=1e-4)
 
 
 def test_segment_norms_match_float64_sums():

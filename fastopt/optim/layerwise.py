@@ -35,6 +35,20 @@ def lamb_trust_ratio(param_sq, update_sq):
     return ratio
 
 
+def in_float32_range(values):
+    """``values`` (float64, per tensor) as two columns whose products they are, which
+    the kernels take as float32: the values, and 1; but a value beyond float32's normal
+    range, divided by a power of two, and that power. A tensor whose update (LAMB's
+    moments after long zero gradients) or gradient (LARS's) is near 0 against its
+    parameters has a trust ratio beyond float32 (1e39, an lr times it infinite: the step
+    made the parameters -inf, then NaN), whose step the kernels then take exactly as
+    ``trust_lr * (u * scale)``: ``u * scale`` scales a small u exactly."""
+    mantissa, exponent = np.frexp(values)
+    shift = np.where(exponent > 127, exponent - 127, np.where(exponent < -125, exponent + 125, 0))
+    shift = np.clip(shift, -126, 127)  # the power of two itself in float32's normal range
+    return [np.ldexp(values, -shift), np.ldexp(1.0, shift)]
+
+
 @njit(cache=True, error_model="numpy")
 def lars_local_lr(param_sq, grad_sq, coefficient, weight_decay):
     """Per tensor, ``η‖w‖ / (‖g‖ + β‖w‖)`` from the two sums of squares, or 1 where
@@ -96,7 +110,7 @@ class LAMB(LayerWise):
     MOMENTS = Pass("lamb", ("exp_avg", "exp_avg_sq"), writes=("exp_avg", "exp_avg_sq"),
                    sums=("param_sq", "update_sq"))
     STEP = Pass("lamb", ("exp_avg", "exp_avg_sq"), writes=("p",), grad=False,
-                per_segment=("trust_lr",))
+                per_segment=("trust_lr", "trust_scale"))
 
     @staticmethod
     def buffers(group, host):
@@ -106,7 +120,8 @@ class LAMB(LayerWise):
     def scalars(group, step, fresh, host):
         beta1, beta2 = group["betas"]
         # trust_lr differs per tensor: the second pass takes each tensor's own.
-        return rules.LAMBScalars.of(trust_lr=0.0, weight_decay=group["weight_decay"],
+        return rules.LAMBScalars.of(trust_lr=0.0, trust_scale=1.0,
+                                 weight_decay=group["weight_decay"],
                                  inv_bc1=1.0 / (1.0 - beta1 ** step),
                                  inv_bc2_sqrt=1.0 / math.sqrt(1.0 - beta2 ** step),
                                  eps=group["eps"], one_minus_beta1=1.0 - beta1,
@@ -116,7 +131,7 @@ class LAMB(LayerWise):
     def update(cls, work, group, step, h, host):
         param_sq, update_sq = work.run(cls.MOMENTS, h)
         trust_lr = group["lr"] * lamb_trust_ratio(param_sq, update_sq)
-        work.run(cls.STEP, h._replace(moving=False), values=[trust_lr])
+        work.run(cls.STEP, h._replace(moving=False), values=in_float32_range(trust_lr))
         return host
 
 
@@ -164,7 +179,7 @@ class LARS(LayerWise):
 
     # The first pass sums the norms, the second steps.
     NORMS = Pass("norms", sums=("param_sq", "grad_sq"))
-    STEP = Pass("lars", ("momentum_buffer",), per_segment=("trust_lr",))
+    STEP = Pass("lars", ("momentum_buffer",), per_segment=("trust_lr", "trust_scale"))
 
     @staticmethod
     def buffers(group, host):
@@ -173,7 +188,7 @@ class LARS(LayerWise):
     @staticmethod
     def scalars(group, step, fresh, host):
         # trust_lr differs per tensor: the kernel takes each tensor's from an array.
-        return rules.LARSScalars.of(trust_lr=0.0, momentum=group["momentum"],
+        return rules.LARSScalars.of(trust_lr=0.0, trust_scale=1.0, momentum=group["momentum"],
                                  weight_decay=group["weight_decay"])
 
     @classmethod
@@ -181,5 +196,5 @@ class LARS(LayerWise):
         param_sq, grad_sq = work.run(cls.NORMS, rules.NoScalars.of())
         local_lr = lars_local_lr(param_sq, grad_sq, float(group["trust_coefficient"]),
                                  float(group["weight_decay"]))
-        work.run(cls.STEP, h, values=[group["lr"] * local_lr])
+        work.run(cls.STEP, h, values=in_float32_range(group["lr"] * local_lr))
         return host
