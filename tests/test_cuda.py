@@ -249,6 +249,18 @@ def test_per_tensor_algorithms_on_device(name, extra, monkeypatch):
     assert np.abs(on_cpu.flat_params - np.concatenate([p.ravel() for p in p0])).max() > 1e-3
 
 
+def test_a_trust_ratio_beyond_float32_steps_on_device_as_on_the_cpu():
+    """LARS's lr times its trust ratio for gradients of 1e-42 is 1e39, which the host
+    hands either backend as a float32 and a power of two (``layerwise.in_float32_range``):
+    each parameter steps by lr * trust_coefficient * |p| / 8, 1e-3."""
+    p0, g = np.ones(64, np.float32), np.full(64, 1e-42, np.float32)
+    on_gpu, on_cpu = fastopt.LARS([to_device(p0)]), fastopt.LARS([p0.copy()])
+    on_gpu.step(to_device(g))
+    on_cpu.step(g)
+    np.testing.assert_allclose(host(on_gpu.flat_params), on_cpu.flat_params, rtol=1e-7)
+    np.testing.assert_allclose(on_cpu.flat_params, 0.999, rtol=1e-7)
+
+
 def test_device_sum_of_squares_is_exact_enough_and_repeatable():
     g = np.random.default_rng(2).standard_normal(1001).astype(np.float32)
     backend = fastopt.SGD([to_device(g)])._backend
