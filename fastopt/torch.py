@@ -366,7 +366,11 @@ class Optimizer(torch.optim.Optimizer):
         whole = sorted(_WHOLE_OPTIMIZER & group.keys())
         if whole:
             raise ValueError(f"{', '.join(whole)} in param_groups[{index}]: options of the "
-                             "whole optimizer, given to its constructor, not per group")
+                             "whole optimizer, given to its constructor, not per group (a "
+                             "wrapper that puts its keyword arguments in every group, as "
+                             "torch's ZeroRedundancyOptimizer does, takes them bound: "
+                             f"functools.partial(fastopt.torch.{type(self).__name__}, "
+                             f"{whole[0]}=...))")
         for dtype in {p.dtype for p in group["params"]}:  # the options, for each dtype
             refused = precision.refused_in_8_bits(group, self._storage_of(dtype).quantized)
             if refused:
@@ -776,6 +780,14 @@ class Optimizer(torch.optim.Optimizer):
         for name in [name for name in self.algorithm.state_names()
                      if name in state and state[name] is None]:
             dict.__delitem__(state, name)
+        if any(_is_buffer(self.algorithm, name) and (name == STRIDES or name.endswith(CODES))
+               for name in state):
+            # A state of state_dict() put in place (torch's ZeroRedundancyOptimizer loads
+            # so): its codes taken as load_state_dict takes them.
+            unpacked = self._unpacked(self._name(p), state)
+            for name in state.keys() - unpacked.keys():
+                dict.__delitem__(state, name)
+            dict.update(state, unpacked)
         remainder = self._remainders.pop(p, None)
         if remainder is not None:  # loaded: its master rebuilt from p's bits as they are now
             dict.update(state, store.put(MASTER, p, remainder))
@@ -784,12 +796,13 @@ class Optimizer(torch.optim.Optimizer):
         for name, value, view in replaced:  # all checked before the first is copied
             _check_state(self._name(p), name, value, view, _castable(store, name, p), like=p)
         for name, value, _ in replaced:
-            dict.update(state, store.put(name, p, value))
             if name == MASTER and value.is_floating_point():
                 # The parameter becomes the new master weights rounded, as every step
-                # leaves it: else the step would take it for one written since.
+                # leaves it: else the step would take it for one written since (and
+                # remainders are their low halves beside it).
                 with torch.no_grad():
-                    slot.local.copy_(_local(state[MASTER]).view(slot.local.shape))
+                    slot.local.copy_(_local(value).reshape(slot.local.shape))
+            dict.update(state, store.put(name, p, value))
         host = self.algorithm.spec.host  # the values of parameters not yet stepped
         slot.key = (store, state.get("step", 0),
                     tuple(state.get(name, value) for name, value in host.items()),
@@ -1312,12 +1325,8 @@ class Optimizer(torch.optim.Optimizer):
             raise ValueError(f"loaded state dict has {MASTER!r} of {value.dtype} "
                              f"{tuple(value.shape)} for {self._name(p)}, whose master weights "
                              f"are {_kept_dtype(storage, MASTER)} {tuple(shape)}")
-        value = _local(value).detach().cpu().contiguous().numpy()  # sharded as p: checked
-        if not remainder:
-            return _like(p, torch.from_numpy(value))  # the remainders: see above
-        # np.asarray: NumPy's operators make a 0-d array's result a scalar.
-        low = np.asarray(value.view(np.uint32) & 0xFFFF).astype(precision.REMAINDER_DTYPE)
-        return _like(p, torch.from_numpy(low.view(np.int16)))
+        value = _local(value).detach().cpu()  # sharded as p: checked
+        return _like(p, _low_halves(value) if remainder else value)  # remainders: see above
 
     def _state_dtype_of(self, name, p):
         """The torch dtype in which the state tensor ``name`` of ``p`` is kept."""
@@ -1671,14 +1680,21 @@ def _is_dense(t):
     return True
 
 
+def _low_halves(master):
+    """The remainders (int16 bits) of the float32 master weights ``master``: their low
+    halves."""
+    low = master.contiguous().view(torch.int32) & 0xFFFF
+    return (low - (low >= 0x8000) * 0x10000).to(torch.int16)
+
+
 def _castable(store, name, p):
     """The dtypes besides its own that ``p``'s state tensor ``name`` may be replaced with,
-    cast (``torch.zeros_like(p)``): ``p``'s, but for remainders, which are no values;
-    float32 values for 8-bit codes, which are encoded; and remainders for float32 master
-    weights."""
+    cast (``torch.zeros_like(p)``): ``p``'s, but for remainders, which are no values and
+    take float32 master weights (what ``state_dict()`` saves of them); float32 values for
+    8-bit codes, which are encoded; and remainders for float32 master weights."""
     if name == MASTER:  # bfloat16's remainders stand for float32 ones (see _Store.put)
         if store.storage.remainder:
-            return ()
+            return (torch.float32,)  # master weights, whose low halves the store keeps
         return (p.dtype, torch.int16) if p.dtype == torch.bfloat16 else (p.dtype,)
     return (p.dtype, torch.float32) if name in store.quantized else (p.dtype,)
 
@@ -2042,12 +2058,15 @@ class _Store:
         for an 8-bit buffer are encoded, block by block in the memory order of
         :meth:`codes_layout`, as the kernels encode them (``precision.quantize``), which
         sets their scales too. Remainders (int16) for float32 master weights are their
-        low halves, whose high halves are ``p``'s bits now."""
+        low halves, whose high halves are ``p``'s bits now; float32 ones for remainders
+        give their low halves (the caller writes ``p``)."""
         view = self.view(name, p)
         if name == MASTER and value.dtype == torch.int16 and view.dtype == torch.float32:
             value = _rebuilt_master(self.slots[p].local, value)
             _local(view).copy_(value.view(_local(view).shape))
             return [(name, view)]
+        if name == MASTER and value.dtype == torch.float32 and view.dtype == torch.int16:
+            value = _low_halves(_local(value))
         if name not in self.quantized or view.dtype != torch.uint8:
             _local(view).copy_(_local(value))  # a DTensor's sharded as p's: see _check_state
             return [(name, view)]

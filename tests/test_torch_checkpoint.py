@@ -70,6 +70,46 @@ def test_a_saved_folder_resumes_bit_for_bit(tmp_path, name, kwargs, dtype):
                 else mine[key] == value, key
 
 
+@pytest.mark.parametrize("kwargs, dtype", [
+    (dict(state_dtype="int8"), torch.float32),
+    (dict(master_weights="remainder", state_dtype="int8"), torch.bfloat16)], ids=str)
+def test_a_saved_state_put_in_place_resumes_as_a_loaded_one(kwargs, dtype):
+    """torch's ZeroRedundancyOptimizer loads a checkpoint by putting each parameter's
+    saved state in place (``opt.state[p] = saved``): 8-bit codes and float32 master
+    weights as state_dict() saves them, which are taken as load_state_dict takes them
+    (the codes' strides were taken for a buffer of the wrong shape, and remainders
+    refused float32 master weights)."""
+    import copy
+
+    net = model(dtype)
+    opt = ft.AdamW(net.parameters(), lr=0.01, **kwargs)
+    train(net, opt, 3)
+    saved = copy.deepcopy(opt.state_dict())
+    assert any(name.endswith("_codes") for name in saved["state"][0])
+    twins = []
+    for put_in_place in (False, True):
+        twin = model(dtype)
+        with torch.no_grad():
+            for mine, theirs in zip(twin.parameters(), net.parameters()):
+                mine.copy_(theirs)
+        resumed = ft.AdamW(twin.parameters(), lr=0.01, **kwargs)
+        if put_in_place:
+            for p, state in zip(twin.parameters(), copy.deepcopy(saved)["state"].values()):
+                resumed.state[p] = state
+        else:
+            resumed.load_state_dict(copy.deepcopy(saved))
+        train(twin, resumed, 3, first=3)
+        twins.append((twin, resumed))
+    (loaded, by_load), (put, by_put) = twins
+    for mine, theirs in zip(put.parameters(), loaded.parameters()):
+        assert torch.equal(mine, theirs)
+    for mine, theirs in zip(state_of(by_put), state_of(by_load)):
+        assert mine.keys() == theirs.keys()
+        for key, value in theirs.items():
+            assert torch.equal(mine[key], value) if isinstance(value, torch.Tensor) \
+                else mine[key] == value, key
+
+
 def test_fastopt_load_of_a_fastopt_torch_folder_says_what_loads_it(tmp_path):
     net = model()
     opt = ft.Adam(net.parameters(), lr=0.01)
