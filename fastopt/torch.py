@@ -1443,6 +1443,15 @@ def _counted(cls, counter):
     return cls
 
 
+def _alias(view):
+    """``view``'s memory in a tensor of its own, no view of the buffer: a state tensor,
+    which :func:`_kept_objects` points at a new buffer when the stores are rebuilt, kept
+    the old one alive as its view base (each add_param_group or load_state_dict left
+    a whole state's worth of memory behind)."""
+    return view.new_empty(0).set_(view.untyped_storage(), view.storage_offset(),
+                                  view.shape, view.stride())
+
+
 def _kept_objects(state, pairs, slot, ours):
     """The ``(name, view)`` pairs of a new store (:meth:`_Store.put`) for a parameter's
     dict ``state`` of ``opt.state``, each view in the tensor object that ``state`` held
@@ -2024,9 +2033,9 @@ class _Store:
             if shape is None:
                 view = None
             elif self.in_place and shape == tuple(local.shape):
-                view = flat.as_strided(local.shape, local.stride(), start)
+                view = _alias(flat.as_strided(local.shape, local.stride(), start))
             else:
-                view = flat[start:start + math.prod(shape)].view(shape)
+                view = _alias(flat[start:start + math.prod(shape)].view(shape))
             whole = p.shape if name == MASTER else self.algorithm.state_shape(name,
                                                                               tuple(p.shape))
             slot.views[name] = view if view is None else _like(p, view, whole)
@@ -2045,12 +2054,12 @@ class _Store:
         slot, flat = self.slots[p], self.flat(codes)
         first, last, small = self._blocks.of[slot.index]
         if name in self.scales:
-            return None if small >= 0 else self._flat[name][first:last]
+            return None if small >= 0 else _alias(self._flat[name][first:last])
         layout = self.codes_layout(slot.local)
         if small >= 0:
-            return _like(p, self._flat[name + SMALL].as_strided(layout.shape, layout.stride(),
-                                                                small))
-        return _like(p, flat.as_strided(layout.shape, layout.stride(), slot.start))
+            return _like(p, _alias(self._flat[name + SMALL].as_strided(
+                layout.shape, layout.stride(), small)))
+        return _like(p, _alias(flat.as_strided(layout.shape, layout.stride(), slot.start)))
 
     def put(self, name, p, value):
         """Write ``value`` into ``p``'s part of the state buffer ``name``; returns the
@@ -2465,7 +2474,7 @@ class _Run:
             _check_gradient(grad, slot.local)
             # A copy in the parameter's layout, for this step; also of a negated view
             # (is_neg()), whose memory holds the opposite of its values.
-            if grad.stride() != slot.local.stride() or grad.is_neg():
+            if not _same_layout(grad, slot.local) or grad.is_neg():
                 grads[i] = torch.empty_like(slot.local).copy_(grad)
         self.gradients = np.array([g.data_ptr() for g in grads], np.int64)
 
@@ -2501,6 +2510,15 @@ def _shaped(algorithm):
     factors): then its step reads each tensor's rows, which must lie in C order to be
     stepped in place."""
     return algorithm.state_shape is not _Flat.state_shape
+
+
+def _same_layout(grad, local):
+    """Whether ``grad`` lies in memory as ``local``, of its shape, does: their strides
+    agree, but where a dimension has one element (autograd gives a (1, n) weight's
+    gradient through einsum strides (1, 1): copied every step, it cost a parameter's
+    size in memory and time)."""
+    return all(a == b for size, a, b in zip(local.shape, grad.stride(), local.stride())
+               if size > 1)
 
 
 def _check_gradient(grad, local):

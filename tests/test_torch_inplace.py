@@ -148,6 +148,35 @@ def test_a_step_between_a_forward_and_its_backward_fails_the_backward_as_torchs(
             out.backward()
 
 
+@pytest.mark.parametrize("kwargs, dtype", [
+    ({}, torch.float32), (dict(state_dtype="int8"), torch.float32),
+    (dict(master_weights="remainder"), torch.bfloat16)], ids=str)
+def test_rebuilt_stores_free_their_old_buffers(kwargs, dtype):
+    """A state tensor stays the same object when the stores are rebuilt for a group added
+    (and, where kept under its own name and dtype, for a load), pointed at the new
+    buffers: made as a view of the old buffer, it kept that alive as its view base, a
+    whole state's worth of memory left behind per rebuild."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5000, dtype=dtype)) for _ in range(2)]
+    opt = ft.AdamW([params[0]], lr=0.01, **kwargs)
+    for rebuild, keeps in ((lambda: opt.add_param_group({"params": [params[1]]}), True),
+                           (lambda: opt.load_state_dict(opt.state_dict()), not kwargs)):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        kept = dict(opt.state[params[0]])
+        old = [weakref.ref(buffer) for store in opt._stores for buffer in store._flat.values()]
+        rebuild()
+        opt.step()
+        gc.collect()
+        assert not keeps or all(opt.state[params[0]][name] is value for name, value in
+                                kept.items() if isinstance(value, torch.Tensor))
+        assert [ref() for ref in old if ref() is not None] == []
+
+
 def test_transposed_parameters_and_gradients_in_another_layout():
     torch.manual_seed(0)
     base = torch.randn(6, 4)
@@ -186,6 +215,31 @@ def test_negated_views_are_read_as_their_values_or_refused():
     assert scalar.item() == pytest.approx(1.05)
     with pytest.raises(TypeError, match=r"negated view \(is_neg\(\)\)"):
         ft.SGD([torch.nn.Parameter(torch._neg_view(torch.ones(3)))], lr=0.1)
+
+
+def test_a_gradient_strided_otherwise_only_in_dimensions_of_one_is_read_in_place(monkeypatch):
+    """autograd gives a (1, n) weight's gradient through einsum strides (1, 1) where the
+    weight has (n, 1): the same memory order, which the kernels read where it lies (a
+    copy each step cost the parameter's size in memory and time), as torch steps it."""
+    torch.manual_seed(0)
+    ours, theirs = (torch.nn.Parameter(torch.randn(1, 300)) for _ in range(2))
+    with torch.no_grad():
+        theirs.copy_(ours)
+    our_opt, their_opt = ft.Adam([ours], lr=0.1), torch.optim.Adam([theirs], lr=0.1)
+    copies = []
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: copies.append(a) or empty_like(
+        *a, **k))
+    for _ in range(3):
+        x = torch.randn(4, 300)
+        for p in (ours, theirs):
+            p.grad = None
+            torch.einsum("on,bn->bo", p, x).square().sum().backward()
+        assert ours.grad.stride() == (1, 1) and ours.stride() == (300, 1)
+        our_opt.step()
+        their_opt.step()
+    assert copies == []
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
 
 
 def _stepped_sgd(dtype=torch.float32):
