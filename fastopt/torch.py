@@ -1914,8 +1914,10 @@ class _Blocks:
         first, last = run.slots[0].index, run.slots[-1].index + 1
         if (first, last) not in self._launches:
             low, high = self.of[first][0], self.of[last - 1][1]
-            rows = self.rows[low:high].copy()
-            rows[:, 0] -= first  # the run's segments are its parameters
+            rows = self.rows[low:high]  # a view where the run begins with the store
+            if first:  # the run's segments are its parameters
+                rows = rows.copy()
+                rows[:, 0] -= first
             starts = np.array([slot.start for slot in run.slots], np.int64)
             self._launches[first, last] = (rows, starts, run.stop - run.start, low, high)
         rows, starts, size, low, high = self._launches[first, last]
