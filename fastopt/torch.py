@@ -247,8 +247,8 @@ class Optimizer(torch.optim.Optimizer):
     def rounding_seed(self):
         """The seed that stochastic rounding draws from; None where nothing is rounded
         stochastically."""
-        _, _, _, seed = self._formats
-        return seed if any(store.storage.stochastic for store in self._stores) else None
+        _, _, _, seed = self._formats  # (an np.integer too, which JSON does not write)
+        return int(seed) if any(store.storage.stochastic for store in self._stores) else None
 
     @property
     def counts_steps(self):
@@ -783,8 +783,9 @@ class Optimizer(torch.optim.Optimizer):
         if any(_is_buffer(self.algorithm, name) and (name == STRIDES or name.endswith(CODES))
                for name in state):
             # A state of state_dict() put in place (torch's ZeroRedundancyOptimizer loads
-            # so): its codes taken as load_state_dict takes them.
-            unpacked = self._unpacked(self._name(p), state)
+            # so): its codes taken as load_state_dict takes them (decoded where they lie
+            # otherwise than the store keeps them).
+            unpacked = _relaid(store, slot.local, self._unpacked(self._name(p), state))
             for name in state.keys() - unpacked.keys():
                 dict.__delitem__(state, name)
             dict.update(state, unpacked)
@@ -796,13 +797,12 @@ class Optimizer(torch.optim.Optimizer):
         for name, value, view in replaced:  # all checked before the first is copied
             _check_state(self._name(p), name, value, view, _castable(store, name, p), like=p)
         for name, value, _ in replaced:
+            dict.update(state, store.put(name, p, value))
             if name == MASTER and value.is_floating_point():
                 # The parameter becomes the new master weights rounded, as every step
-                # leaves it: else the step would take it for one written since (and
-                # remainders are their low halves beside it).
+                # leaves it: else the step would take it for one written since.
                 with torch.no_grad():
-                    slot.local.copy_(_local(value).reshape(slot.local.shape))
-            dict.update(state, store.put(name, p, value))
+                    slot.local.copy_(_local(state[MASTER]).view(slot.local.shape))
         host = self.algorithm.spec.host  # the values of parameters not yet stepped
         slot.key = (store, state.get("step", 0),
                     tuple(state.get(name, value) for name, value in host.items()),
@@ -1698,12 +1698,12 @@ def _low_halves(master):
 
 def _castable(store, name, p):
     """The dtypes besides its own that ``p``'s state tensor ``name`` may be replaced with,
-    cast (``torch.zeros_like(p)``): ``p``'s, but for remainders, which are no values and
-    take float32 master weights (what ``state_dict()`` saves of them); float32 values for
-    8-bit codes, which are encoded; and remainders for float32 master weights."""
+    cast (``torch.zeros_like(p)``): ``p``'s, but for remainders, which are no values;
+    float32 values for 8-bit codes, which are encoded; and remainders for float32 master
+    weights."""
     if name == MASTER:  # bfloat16's remainders stand for float32 ones (see _Store.put)
         if store.storage.remainder:
-            return (torch.float32,)  # master weights, whose low halves the store keeps
+            return ()
         return (p.dtype, torch.int16) if p.dtype == torch.bfloat16 else (p.dtype,)
     return (p.dtype, torch.float32) if name in store.quantized else (p.dtype,)
 
@@ -1756,6 +1756,9 @@ def _relaid(store, local, state):
 
 
 def _same_layout(a, b):
+    """Whether the dense tensors ``a`` and ``b``, of one shape, lie alike in memory: their
+    strides agree but where a dimension has one element (autograd gives a (1, n)
+    weight's gradient through einsum strides (1, 1), which a step copied every time)."""
     return all(x == y for size, x, y in zip(a.shape, a.stride(), b.stride()) if size != 1)
 
 
@@ -2069,15 +2072,12 @@ class _Store:
         for an 8-bit buffer are encoded, block by block in the memory order of
         :meth:`codes_layout`, as the kernels encode them (``precision.quantize``), which
         sets their scales too. Remainders (int16) for float32 master weights are their
-        low halves, whose high halves are ``p``'s bits now; float32 ones for remainders
-        give their low halves (the caller writes ``p``)."""
+        low halves, whose high halves are ``p``'s bits now."""
         view = self.view(name, p)
         if name == MASTER and value.dtype == torch.int16 and view.dtype == torch.float32:
             value = _rebuilt_master(self.slots[p].local, value)
             _local(view).copy_(value.view(_local(view).shape))
             return [(name, view)]
-        if name == MASTER and value.dtype == torch.float32 and view.dtype == torch.int16:
-            value = _low_halves(_local(value))
         if name not in self.quantized or view.dtype != torch.uint8:
             _local(view).copy_(_local(value))  # a DTensor's sharded as p's: see _check_state
             return [(name, view)]
@@ -2512,15 +2512,6 @@ def _shaped(algorithm):
     factors): then its step reads each tensor's rows, which must lie in C order to be
     stepped in place."""
     return algorithm.state_shape is not _Flat.state_shape
-
-
-def _same_layout(grad, local):
-    """Whether ``grad`` lies in memory as ``local``, of its shape, does: their strides
-    agree, but where a dimension has one element (autograd gives a (1, n) weight's
-    gradient through einsum strides (1, 1): copied every step, it cost a parameter's
-    size in memory and time)."""
-    return all(a == b for size, a, b in zip(local.shape, grad.stride(), local.stride())
-               if size > 1)
 
 
 def _check_gradient(grad, local):

@@ -70,17 +70,18 @@ def test_a_saved_folder_resumes_bit_for_bit(tmp_path, name, kwargs, dtype):
                 else mine[key] == value, key
 
 
-@pytest.mark.parametrize("kwargs, dtype", [
-    (dict(state_dtype="int8"), torch.float32),
-    (dict(master_weights="remainder", state_dtype="int8"), torch.bfloat16)], ids=str)
-def test_a_saved_state_put_in_place_resumes_as_a_loaded_one(kwargs, dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("relaid", [False, True], ids=["same layout", "transposed"])
+def test_a_saved_state_put_in_place_resumes_as_a_loaded_one(dtype, relaid):
     """torch's ZeroRedundancyOptimizer loads a checkpoint by putting each parameter's
-    saved state in place (``opt.state[p] = saved``): 8-bit codes and float32 master
-    weights as state_dict() saves them, which are taken as load_state_dict takes them
-    (the codes' strides were taken for a buffer of the wrong shape, and remainders
-    refused float32 master weights)."""
+    saved state in place (``opt.state[p] = saved``): 8-bit codes as state_dict() saves
+    them, which are taken as load_state_dict takes them (their strides were taken for a
+    buffer of the wrong shape), decoded and encoded again into a parameter laid out
+    otherwise (whose blocks run through other elements); float32 master weights beside
+    them for a bfloat16 model."""
     import copy
 
+    kwargs = dict(state_dtype="int8")
     net = model(dtype)
     opt = ft.AdamW(net.parameters(), lr=0.01, **kwargs)
     train(net, opt, 3)
@@ -92,6 +93,8 @@ def test_a_saved_state_put_in_place_resumes_as_a_loaded_one(kwargs, dtype):
         with torch.no_grad():
             for mine, theirs in zip(twin.parameters(), net.parameters()):
                 mine.copy_(theirs)
+                if relaid and mine.dim() == 2:
+                    mine.data = mine.data.t().contiguous().t()
         resumed = ft.AdamW(twin.parameters(), lr=0.01, **kwargs)
         if put_in_place:
             for p, state in zip(twin.parameters(), copy.deepcopy(saved)["state"].values()):
@@ -108,6 +111,28 @@ def test_a_saved_state_put_in_place_resumes_as_a_loaded_one(kwargs, dtype):
         for key, value in theirs.items():
             assert torch.equal(mine[key], value) if isinstance(value, torch.Tensor) \
                 else mine[key] == value, key
+
+
+def test_float32_master_weights_put_in_place_into_remainders_are_refused_unchanged():
+    """Remainders hold the low halves of master weights beside a parameter rounded ties
+    away from zero: float32 ones put in place are refused (load_state_dict takes them),
+    rather than split beside a parameter rounded otherwise."""
+    import copy
+
+    net = model(torch.bfloat16)
+    opt = ft.AdamW(net.parameters(), lr=0.01, master_weights="remainder")
+    train(net, opt, 2)
+    saved = copy.deepcopy(opt.state_dict())
+    p = next(net.parameters())
+    before, weights = state_of(opt), p.detach().clone()
+    opt.state[p] = saved["state"][0]
+    with pytest.raises(TypeError, match="has dtype torch.float32; fastopt keeps it in torch.int16"):
+        train(net, opt, 1, first=2)
+    assert torch.equal(p.detach(), weights)
+    assert all(torch.equal(a["master"], b["master"])
+               for a, b in zip(state_of(opt)[1:], before[1:]))
+    opt.load_state_dict(saved)
+    train(net, opt, 1, first=2)
 
 
 def test_fastopt_load_of_a_fastopt_torch_folder_says_what_loads_it(tmp_path):
@@ -204,7 +229,7 @@ def test_a_checkpoint_rounded_from_another_seed_is_refused_and_changes_nothing(t
         return ft.AdamW(net.parameters(), lr=0.01, master_weights=None, **options)
 
     net = model(torch.bfloat16)
-    opt = optimizer(net, stochastic_rounding=True, seed=5)
+    opt = optimizer(net, stochastic_rounding=True, seed=np.int64(5))  # JSON writes an int
     train(net, opt, 2)
     fastopt.save(opt, tmp_path / "seed5")
     other = optimizer(model(torch.bfloat16), stochastic_rounding=True, seed=6)
