@@ -38,6 +38,17 @@ def state_of(opt):
              for name, value in opt.state[p].items()} for p in opt._all_params()]
 
 
+def assert_same_runs(ours, theirs):
+    """Two (model, optimizer) pairs with the same parameters and state, bit for bit."""
+    for mine, other in zip(ours[0].parameters(), theirs[0].parameters()):
+        assert torch.equal(mine, other)
+    for mine, other in zip(state_of(ours[1]), state_of(theirs[1])):
+        assert mine.keys() == other.keys()
+        for key, value in other.items():
+            assert torch.equal(mine[key], value) if isinstance(value, torch.Tensor) \
+                else mine[key] == value, key
+
+
 CASES = [(name, OPTIONS.get(name, dict(lr=0.01)), torch.float32) for name in ALGORITHMS] + [
     ("AdamW", dict(lr=0.01, state_dtype="int8"), torch.float32),
     ("AdamW", dict(lr=0.01, master_weights="remainder", state_dtype="bfloat16"),
@@ -61,13 +72,7 @@ def test_a_saved_folder_resumes_bit_for_bit(tmp_path, name, kwargs, dtype):
     resumed = getattr(ft, name)(again.parameters(), **kwargs)
     resumed.load(tmp_path / "checkpoint")
     train(again, resumed, 3, first=3)
-    for mine, theirs in zip(again.parameters(), net.parameters()):
-        assert torch.equal(mine, theirs)
-    for mine, theirs in zip(state_of(resumed), state_of(opt)):
-        assert mine.keys() == theirs.keys()
-        for key, value in theirs.items():
-            assert torch.equal(mine[key], value) if isinstance(value, torch.Tensor) \
-                else mine[key] == value, key
+    assert_same_runs((again, resumed), (net, opt))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -103,14 +108,7 @@ def test_a_saved_state_put_in_place_resumes_as_a_loaded_one(dtype, relaid):
             resumed.load_state_dict(copy.deepcopy(saved))
         train(twin, resumed, 3, first=3)
         twins.append((twin, resumed))
-    (loaded, by_load), (put, by_put) = twins
-    for mine, theirs in zip(put.parameters(), loaded.parameters()):
-        assert torch.equal(mine, theirs)
-    for mine, theirs in zip(state_of(by_put), state_of(by_load)):
-        assert mine.keys() == theirs.keys()
-        for key, value in theirs.items():
-            assert torch.equal(mine[key], value) if isinstance(value, torch.Tensor) \
-                else mine[key] == value, key
+    assert_same_runs(*twins)
 
 
 def test_float32_master_weights_put_in_place_into_remainders_are_refused_unchanged():
