@@ -43,7 +43,7 @@ def in_float32_range(values):
     parameters has a trust ratio beyond float32 (1e39, an lr times it infinite: the step
     made the parameters -inf, then NaN), whose step the kernels then take exactly as
     ``trust_lr * (u * scale)``: ``u * scale`` scales a small u exactly."""
-    mantissa, exponent = np.frexp(values)
+    _, exponent = np.frexp(values)
     shift = np.where(exponent > 127, exponent - 127, np.where(exponent < -125, exponent + 125, 0))
     shift = np.clip(shift, -126, 127)  # the power of two itself in float32's normal range
     return [np.ldexp(values, -shift), np.ldexp(1.0, shift)]
