@@ -35,6 +35,7 @@ def lamb_trust_ratio(param_sq, update_sq):
     return ratio
 
 
+@njit(cache=True, error_model="numpy")
 def in_float32_range(values):
     """``values`` (float64, per tensor) as two columns whose products they are, which
     the kernels take as float32: the values, and 1; but a value beyond float32's normal
@@ -43,10 +44,17 @@ def in_float32_range(values):
     parameters has a trust ratio beyond float32 (1e39, an lr times it infinite: the step
     made the parameters -inf, then NaN), whose step the kernels then take exactly as
     ``trust_lr * (u * scale)``: ``u * scale`` scales a small u exactly."""
-    _, exponent = np.frexp(values)
-    shift = np.where(exponent > 127, exponent - 127, np.where(exponent < -125, exponent + 125, 0))
-    shift = np.clip(shift, -126, 127)  # the power of two itself in float32's normal range
-    return [np.ldexp(values, -shift), np.ldexp(1.0, shift)]
+    scaled, scale = values.copy(), np.ones(values.size)
+    for k in range(values.size):
+        if values[k] == 0 or not math.isfinite(values[k]):
+            continue
+        exponent = math.frexp(values[k])[1]
+        shift = (exponent - 127 if exponent > 127 else exponent + 125 if exponent < -125
+                 else 0)
+        shift = min(max(shift, -126), 127)  # the power of two itself a normal float32
+        if shift:
+            scaled[k], scale[k] = math.ldexp(values[k], -shift), math.ldexp(1.0, shift)
+    return scaled, scale
 
 
 @njit(cache=True, error_model="numpy")
