@@ -129,9 +129,9 @@ def quantize(values, fmt, fit=False):
     """``(codes, absmax)``: float32 ``values`` in blocks of ``codecs.BLOCK`` (the last one
     shorter), each by the largest magnitude in it and the nearest value of the dynamic
     map ``fmt`` (``codecs.QUANTIZED``, ties toward zero; in the unsigned map, a positive
-    value nearest to 0 takes the smallest positive one), as the kernels keep 8-bit
-    state: the value times ``1 / absmax`` in float32, as the kernels take it, then the
-    nearest in float64.
+    value nearest to 0, or scaled to 0, takes the smallest positive one), as the kernels
+    keep 8-bit state: the value times ``1 / absmax`` in float32, as the kernels take it,
+    then the nearest in float64.
 
     ``fit``: each block's absmax the smallest that the map's range holds its values in
     instead: the signed map's most negative value is not -1 (-0.993), so a block whose
@@ -144,9 +144,10 @@ def quantize(values, fmt, fit=False):
     padded = padded.reshape(blocks, codecs.BLOCK)
     absmax = np.abs(padded).max(axis=1)
     lowest = codecs.QUANTIZED[fmt][0][0]
-    if fit and lowest < 0:
-        absmax = np.maximum(np.maximum(padded.max(axis=1), 0),
+    if fit and lowest < 0:  # (within float32 where the values are: -3.4e38 / 0.993 is not)
+        fitted = np.maximum(np.maximum(padded.max(axis=1), 0),
                             np.maximum(-padded.min(axis=1), 0) / -lowest).astype(FLOAT32)
+        absmax = np.where(absmax < np.inf, np.minimum(fitted, np.finfo(FLOAT32).max), fitted)
     absmax = np.where(absmax < np.inf, absmax, np.nan).astype(FLOAT32)  # as the kernels'
     prescale = np.select([absmax > codecs.LARGEST_PLAIN_ABSMAX,
                           (absmax > 0) & (absmax < codecs.SMALLEST_PLAIN_ABSMAX)],
@@ -161,8 +162,8 @@ def quantize(values, fmt, fit=False):
     below, beyond = normalized - values_of[above - 1], values_of[above] - normalized
     nearer_below = (below < beyond) | ((below == beyond) & (normalized > 0))
     codes = np.where(nearer_below, above - 1, above)
-    if values_of[0] == 0:  # unsigned: a positive value is never stored as 0
-        codes = np.where((codes == 0) & (normalized > 0), 1, codes)
+    if values_of[0] == 0:  # unsigned: a positive value is never stored as 0, even one
+        codes = np.where((codes == 0) & (padded.ravel() > 0), 1, codes)  # scaled to 0
     codes = codes.astype(codecs.CODES)
     return codes[:values.size], absmax.astype(FLOAT32)
 

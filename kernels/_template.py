@@ -176,7 +176,8 @@ def _scales(n):
 def _encoded(n, fmt, at):
     """The statements that encode element i of ``n``'s new values (``<n>_new[i]``) of a block
     in 8-bit ``fmt`` into ``at``, by the block's ``<n>_prescale`` and ``<n>_inverse``."""
-    return [f"{n}_scaled = {n}_new[i] * {n}_prescale * {n}_inverse",
+    return [f"{n}_scaled = scaled_positive({n}_new[i] * {n}_prescale * {n}_inverse, "
+            f"{n}_new[i])",
             f"{at} = dynamic_code({n}_scaled, {fmt}_buckets[dynamic_bucket({n}_scaled)])"]
 
 
@@ -254,7 +255,8 @@ def _block_chunk(taken, quantized, writes, bits, body, stochastic):
                       f"{n}_top = np.int32({n}_bits).view(np.float32)", _not_infinite(n),
                       f"{n}_absmax[b] = {n}_top", *_scales(n)]
             lines += ([f"if {n}_prescale != ONE:",  # rare: the encoding's loops stay as they are
-                       f"    for i in range(BLOCK): {n}_new[i] *= {n}_prescale",
+                       f"    for i in range(BLOCK): {n}_new[i] = scaled_positive("
+                       f"{n}_new[i] * {n}_prescale, {n}_new[i])",
                        f"encode_block({n}_new, {n}_inverse, {quantized[n]}_buckets, {n}_b, "
                        "entries)"] if whole else
                       [f"for i in range({count}):",

@@ -208,9 +208,11 @@ def rounding_key(seed, step, stream=0):
 # and 0 and 1 besides. An unsigned buffer is a second moment, which a step divides by,
 # so a positive value that is nearest to 0 takes the smallest positive value instead:
 # stored as 0 beside a first moment that the signed map holds (a gradient about 3e-7 to
-# 4e-4 of its block's largest), the next step was the first moment over eps. (Where the
-# CPU kernels flush subnormal numbers, a value below 1.2e-38 of its absmax scales to 0
-# and is stored as 0; its first moment is 0 too unless their absmax differ by decades.)
+# 4e-4 of its block's largest), the next step was the first moment over eps. A positive
+# value that scales to 0 (below 1.2e-38 of its absmax where the CPU kernels flush
+# subnormal numbers, below 1.4e-45 elsewhere) is encoded as SMALLEST_NORMAL instead, for
+# the same reason: its first moment, in a block of other decades (after a gradient of
+# 1e19 beside ordinary ones), held it up and stepped by it over eps, a million times lr.
 
 BLOCK = 256
 
@@ -224,6 +226,7 @@ PRESCALE = np.float32(2.0 ** -64)
 # +-1 and a zero as that of the NaN 0 * inf. Such a block's values are scaled up alike.
 SMALLEST_PLAIN_ABSMAX = np.float32(2.0 ** -126)
 SUBNORMAL_PRESCALE = np.float32(2.0 ** 64)
+SMALLEST_NORMAL = np.float32(2.0 ** -126)
 
 
 def dynamic_map(signed):
@@ -316,6 +319,13 @@ def dynamic_bucket(x):
     return i32(bucket + _BUCKETS) if bits >> u32(31) else bucket
 
 
+def scaled_positive(scaled, value):
+    """``scaled``, the float32 ``value`` times its block's scale, which the dynamic map
+    encodes; but ``SMALLEST_NORMAL`` where that is 0 and ``value`` positive: a signed map
+    stores either as 0, an unsigned one as its smallest positive value (see above)."""
+    return SMALLEST_NORMAL if scaled == np.float32(0) and value > np.float32(0) else scaled
+
+
 def dynamic_code(x, entry):
     """The code of the map value nearest to the float32 ``x`` (at most 1 in magnitude;
     larger magnitudes, and NaN, get the code nearest to 1 of their sign, which the NaN
@@ -369,5 +379,6 @@ def compiled(compile):
     return {**named,
             **{function.__name__: compile(function) for function in (
                 bfloat16_store_stochastic, float16_store_stochastic, bfloat16_upper,
-                bfloat16_remainder, bfloat16_rebuild, dynamic_bucket, dynamic_code)},
+                bfloat16_remainder, bfloat16_rebuild, dynamic_bucket, dynamic_code,
+                scaled_positive)},
             "random_bits": compile(random_bits)}

@@ -160,7 +160,8 @@ def decode_block_by_lookups(codes, table, scale, out):
         out[i] = table[codes[i]] * scale
 
 
-_dynamic_bucket, _dynamic_code = _CODECS["dynamic_bucket"], _CODECS["dynamic_code"]
+_dynamic_bucket, _dynamic_code, _scaled_positive = (
+    _CODECS["dynamic_bucket"], _CODECS["dynamic_code"], _CODECS["scaled_positive"])
 
 
 @njit(inline="always", error_model="numpy")
@@ -170,7 +171,7 @@ def encode_block_by_lookups(values, inverse, table, codes, entries):
     look-up compiles to a gather where LLVM finds gathers fast (AVX-512). ``entries``
     (BLOCK int32) is the scratch that :func:`encode_block_in_steps` takes."""
     for i in range(codecs.BLOCK):
-        x = values[i] * inverse
+        x = _scaled_positive(values[i] * inverse, values[i])
         codes[i] = _dynamic_code(x, table[_dynamic_bucket(x)])
 
 
@@ -183,11 +184,11 @@ def encode_block_in_steps(values, inverse, table, codes, entries):
     take it wherever they do not take AVX-512's permutes, on CPUs where it is not
     measured too (Intel's without AVX-512, ARM): its codes are the same either way."""
     for i in range(codecs.BLOCK):
-        entries[i] = _dynamic_bucket(values[i] * inverse)
+        entries[i] = _dynamic_bucket(_scaled_positive(values[i] * inverse, values[i]))
     for i in range(codecs.BLOCK):
         entries[i] = table[entries[i]]
     for i in range(codecs.BLOCK):
-        codes[i] = _dynamic_code(values[i] * inverse, entries[i])
+        codes[i] = _dynamic_code(_scaled_positive(values[i] * inverse, values[i]), entries[i])
 
 
 # How a whole block of 8-bit state is decoded and encoded (_template._block_chunk): on

@@ -517,6 +517,27 @@ def test_8_bit_blocks_of_subnormal_absmax_encode_on_device_as_on_a_cpu_that_keep
     assert np.abs(decoded.astype(np.float64) - g).max() <= 0.008 * 1e-39
 
 
+def test_a_positive_second_moment_that_scales_to_0_is_not_stored_as_0_on_device():
+    # Below 1.4e-45 of its block's absmax it underflowed to 0 and took the code of 0,
+    # whose next step divided its first moment by eps (see test_int8).
+    g = np.zeros(600, np.float32)  # two blocks and a part
+    g[::256] = 1e19
+    small = np.zeros(600, np.float32)
+    small[1::256] = 1e-5
+    options = dict(lr=1e-3, eps=1e-12, state_dtype="int8")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fastopt.optim.optimizer, "MIN_QUANTIZED_SIZE", 256)
+        patch.setattr(cpu_kernels, "FLUSH_DENORMALS", False)
+        on_gpu = fastopt.Adam([to_device(np.zeros(600, np.float32))], **options)
+        on_cpu = fastopt.Adam([np.zeros(600, np.float32)], **options)
+        for grad in (g, small):
+            on_gpu.step([to_device(grad)])
+            on_cpu.step([grad])
+    codes = host(on_gpu.state["exp_avg_sq"])
+    np.testing.assert_array_equal(codes[1::256], 1)  # the unsigned map's smallest positive
+    np.testing.assert_array_equal(codes, on_cpu.state["exp_avg_sq"])
+
+
 # -- fastopt.torch on the device ----------------------------------------------------------
 
 def torch_on_device(torch, monkeypatch):

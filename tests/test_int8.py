@@ -263,6 +263,34 @@ def test_a_small_gradient_after_a_large_one_does_not_step_by_lr_over_eps(name, k
     assert moved["int8"].max() <= 2 * moved["float32"].max()
 
 
+@pytest.mark.parametrize("flush", [True, False])
+def test_a_positive_second_moment_that_scales_to_0_is_not_stored_as_0(monkeypatch, flush):
+    # Beside a gradient of 1e19 in its block, a second moment of 1e-13 is below 1e-48 of
+    # the block's absmax: times 1 / absmax it underflowed (or was flushed) to 0 and was
+    # stored as 0, so that where its first moment held up (in a block of other decades)
+    # a zero gradient stepped by it over eps: 927 where float32 state stepped 9e-4.
+    monkeypatch.setattr(cpu, "FLUSH_DENORMALS", flush)
+    size = 16 * BLOCK + 100  # whole blocks and a short last one
+    g = np.zeros(size, f32)
+    g[::BLOCK] = 1e19
+    opt = fastopt.Adam([np.zeros(size, f32)], lr=1e-3, eps=1e-8 if flush else 1e-12,
+                       state_dtype="int8")
+    opt.step([g])
+    small = np.zeros(size, f32)
+    small[1::BLOCK] = 1e-5
+    opt.step([small])
+    codes, absmax = opt.state["exp_avg_sq"], opt.state["exp_avg_sq_absmax"]
+    beta2 = 0.999
+    exact = beta2 * (1 - beta2) * g.astype(np.float64) ** 2 + (1 - beta2) * small.astype(
+        np.float64) ** 2
+    scale = np.repeat(absmax.astype(np.float64), BLOCK)[:size]
+    assert (exact[1::BLOCK] / scale[1::BLOCK] < 1.4e-45).all()  # below float32's range
+    expected, ties = nearest_codes(exact / scale, codecs.UNSIGNED_MAP)
+    np.testing.assert_array_equal(codes[1::BLOCK], 1)
+    np.testing.assert_array_equal(codes[~ties], expected[~ties])
+    np.testing.assert_array_equal(precision.quantize(exact.astype(f32), "unsigned8")[0], codes)
+
+
 def test_a_block_whose_absmax_is_beyond_2_to_the_126_keeps_its_values():
     # 1 / absmax is subnormal there, which the CPU kernels flush to zero: every code was
     # 0, so SGD's momentum after a gradient of 1e38 decoded as 0, and Adamax stepped a
@@ -520,6 +548,19 @@ def test_quantizing_decoded_values_to_fit_gives_back_their_codes():
     _, shrunk = precision.quantize(decoded, "signed8")
     np.testing.assert_array_equal(shrunk[~negative], absmax[~negative])
     assert (shrunk[negative] < absmax[negative]).all()
+
+
+def test_quantizing_to_fit_a_value_near_float32s_largest_keeps_a_finite_scale():
+    # -3.4e38 / 0.993 overflows: the scale was NaN, and so every value of its block.
+    values = np.linspace(-1, 1, 300).astype(f32)
+    values[5] = -3.4e38
+    codes, absmax = precision.quantize(values, "signed8", fit=True)
+    assert absmax[0] == np.finfo(f32).max
+    decoded = precision.dequantize(codes, absmax, "signed8").astype(np.float64)
+    gap = np.diff(codecs.SIGNED_MAP.astype(np.float64)).max()
+    assert codes[5] == 0  # the map's most negative value, the nearest to -0.9992
+    np.testing.assert_array_less(np.abs(decoded[:BLOCK] - values[:BLOCK]), absmax[0] * gap)
+    np.testing.assert_array_equal(absmax[1], 1.0)
 
 
 @pytest.mark.parametrize("options", [dict(state_dtype="int8"),

@@ -202,6 +202,31 @@ def test_torch_optims_state_dict_loads_encoded():
     assert opt.state[big]["step"] == 2
 
 
+def test_torch_optims_momentum_near_float32s_largest_loads_with_a_finite_scale():
+    # Fitted to the signed map's -0.993, a block's scale overflowed to NaN: after the
+    # load, every parameter of the block stepped to NaN, where torch.optim's stayed finite.
+    params = _params([(33, 257)])
+    theirs = torch.optim.SGD(params, lr=1e-2, momentum=0.9)
+    params[0].grad = 0.01 * torch.ones(33, 257)
+    theirs.step()
+    saved = theirs.state_dict()
+    saved["state"][0]["momentum_buffer"].view(-1)[300] = -3.4e38
+    opt = ft.SGD(params, lr=1e-2, momentum=0.9, state_dtype="int8")
+    opt.load_state_dict(saved)
+    theirs.load_state_dict(saved)
+    before = params[0].detach().clone()
+    opt.step()
+    ours = params[0].detach().clone()
+    params[0].data.copy_(before)
+    theirs.step()
+    assert torch.isfinite(ours).all() and torch.isfinite(params[0]).all()
+    # within 8 bits of torch's momentum: -0.993 of float32's largest, and beside it the
+    # others' 0 (at most 0.9 * lr * g from torch's)
+    expected = params[0].detach().view(-1)
+    torch.testing.assert_close(ours.view(-1)[300], expected[300], atol=0, rtol=0.01)
+    torch.testing.assert_close(ours.view(-1)[256:300], expected[256:300], atol=1e-4, rtol=0)
+
+
 def test_a_full_torch_optim_checkpoint_loads_through_set_optimizer_state_dict():
     """torch.distributed.checkpoint's full_state_dict load puts the checkpoint's values
     beside the optimizer's own codes (it merges them into the optimizer's state_dict):
