@@ -3,6 +3,7 @@ torch.optim run in float32 on the same (upcast) gradients, 16-bit state, mixed d
 one optimizer, and state_dicts both ways."""
 
 import copy
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -481,6 +482,23 @@ def test_state_dicts_carry_master_weights_between_float32_and_remainders():
         q.grad = torch.ones_like(q)
     with pytest.raises(TypeError, match="'master'.*keeps it in torch.int16"):
         opt.step()
+
+
+def test_a_state_dict_of_remainders_needs_little_more_than_its_master_weights():
+    # Rebuilt from remainders at once, a state_dict's master weights took 25 bytes a
+    # parameter of temporaries (NumPy's, which tracemalloc sees) for the 4 it holds.
+    p = torch.nn.Parameter(torch.randn(2 ** 21).to(torch.bfloat16))
+    opt = ft.AdamW([p], lr=1e-3, master_weights="remainder")
+    p.grad = torch.randn_like(p)
+    opt.step()
+    tracemalloc.start()
+    try:
+        saved = opt.state_dict()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert saved["state"][0]["master"].dtype == torch.float32
+    assert peak < 5 * p.numel(), peak / p.numel()
 
 
 def test_a_scalar_bfloat16_parameter_resumes_its_remainders_bitwise():
