@@ -185,6 +185,20 @@ def dequantize(codes, absmax, fmt):
     return codecs.QUANTIZED[fmt][0][codes] * scale
 
 
+def block_rows(segment, start, size, small):
+    """The rows ``(segment, offset, size, small)`` (int64) of the 8-bit blocks of a
+    tensor of ``size`` elements from ``start`` of segment ``segment``, as the kernels
+    take them: each block's offset in the segment, its size (the last one shorter), and
+    where its float32 state begins in the ``_small`` buffer (``small + ...``) or -1 for
+    a quantized tensor's (``small`` < 0)."""
+    at = np.arange(0, size, codecs.BLOCK, dtype=np.int64)
+    rows = np.empty((at.size, 4), np.int64)
+    rows[:, 0], rows[:, 1] = segment, start + at
+    rows[:, 2] = np.minimum(codecs.BLOCK, size - at)
+    rows[:, 3] = small + at if small >= 0 else -1
+    return rows
+
+
 def blocks_of(first, last):
     """The 8-bit blocks (of ``codecs.BLOCK`` elements, from a tensor's first element) that
     hold its elements ``[first, last)``, as ``(first block, last block)``: a piece of a

@@ -1898,17 +1898,15 @@ class _Blocks:
     ``sizes`` (a process_group's piece begins on a block of its parameter)."""
 
     def __init__(self, params, sizes):
-        rows, self.of, self.small = [], [], 0
+        rows, self.of, self.small, self.count = [np.empty((0, 4), np.int64)], [], 0, 0
         for index, (p, whole) in enumerate(zip(params, sizes)):
             size = p.numel()
             small = self.small if whole < precision.MIN_QUANTIZED_SIZE else -1
-            first = len(rows)
-            rows += [(index, at, min(BLOCK, size - at), small + at if small >= 0 else -1)
-                     for at in range(0, size, BLOCK)]
-            self.of.append((first, len(rows), small))
+            rows.append(precision.block_rows(index, 0, size, small))
+            self.of.append((self.count, self.count + len(rows[-1]), small))
+            self.count += len(rows[-1])
             self.small += size if small >= 0 else 0
-        self.rows = np.array(rows, np.int64).reshape(-1, 4)
-        self.count = len(rows)
+        self.rows = np.concatenate(rows)
         self._launches = {}
 
     def launch(self, run, arrays):

@@ -14,9 +14,8 @@ from .._backend import FLOAT32, _extent, is_c_contiguous, is_cuda_array
 from ..flat import ViewList, flatten
 from ..kernels import Pass, rules
 from ..kernels._template import state_names
-from ..kernels.codecs import BLOCK
 from ..precision import (ABSMAX, MIN_QUANTIZED_SIZE, NOTHING_TO_ROUND, SMALL, Storage,
-                         check_grad_dtype, quantize, refused_in_8_bits)
+                         block_rows, check_grad_dtype, quantize, refused_in_8_bits)
 from . import engine
 from .checks import check_flag, check_lr, positive_or_none
 from .snapshot import restore as restore_snapshot
@@ -832,20 +831,20 @@ class Blocks:
 
     @classmethod
     def of(cls, layouts):
-        rows, small, groups = [], 0, []
+        count, small, groups = 0, 0, []
         for layout in layouts:
-            first = len(rows)
+            tables = [np.empty((0, 4), np.int64)]
             for offset, shape in zip(layout.offsets, layout.shapes):
                 size = math.prod(shape)
                 kept = size < MIN_QUANTIZED_SIZE
-                rows += [(0, offset - layout.start + at, min(BLOCK, size - at),
-                          small + at if kept else -1) for at in range(0, size, BLOCK)]
+                tables.append(block_rows(0, offset - layout.start, size, small if kept else -1))
                 small += size if kept else 0
-            table = np.array(rows[first:], np.int64).reshape(-1, 4)
-            groups.append((table, first, len(rows)))
+            table = np.concatenate(tables)
+            groups.append((table, count, count + len(table)))
+            count += len(table)
         by_extent = {(layout.start, layout.stop): group
                      for layout, group in zip(layouts, groups)}
-        return cls(len(rows), small, groups, by_extent)
+        return cls(count, small, groups, by_extent)
 
 
 def _address(a):
