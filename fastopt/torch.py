@@ -596,6 +596,8 @@ class Optimizer(torch.optim.Optimizer):
             for store in self._stores:
                 with store.active():
                     store.take_partition_gradients(self._group, self.reduce_grads)
+        for store in self._stores:
+            store.forget_stale_runs()
         plans = [self._plan(index, hyper) for index, hyper in enumerate(hypers)]
         runs = [run for _, group_runs in plans for run in group_runs]
         for run in runs:
@@ -1907,23 +1909,27 @@ class _Blocks:
             self.count += len(rows[-1])
             self.small += size if small >= 0 else 0
         self.rows = np.concatenate(rows)
-        self._launches = {}
 
-    def launch(self, run, arrays):
+    def launch(self, run, arrays, cache):
         """``work.blocks`` (see ``engine.Work``) for ``run``, whose 8-bit buffers have
-        the absmax and small ``arrays``, by name."""
-        first, last = run.slots[0].index, run.slots[-1].index + 1
-        if (first, last) not in self._launches:
+        the absmax and small ``arrays``, by name; its rows kept in the run's ``cache``."""
+        if "blocks" not in cache:
+            first, last = run.span
             low, high = self.of[first][0], self.of[last - 1][1]
             rows = self.rows[low:high]  # a view where the run begins with the store
             if first:  # the run's segments are its parameters
                 rows = rows.copy()
                 rows[:, 0] -= first
             starts = np.array([slot.start for slot in run.slots], np.int64)
-            self._launches[first, last] = (rows, starts, run.stop - run.start, low, high)
-        rows, starts, size, low, high = self._launches[first, last]
+            cache["blocks"] = (rows, starts, run.stop - run.start, low, high)
+        rows, starts, size, low, high = cache["blocks"]
         return rows, starts, size, {name: (absmax[low:high], small)
                                     for name, (absmax, small) in arrays.items()}
+
+
+# A store forgets what a run kept for its next steps (tables, block rows, plans) where
+# none of this many steps took it (_Store.forget_stale_runs).
+CACHED_STEPS = 8
 
 
 class _Store:
@@ -1974,7 +1980,11 @@ class _Store:
         self.scales = {name + ABSMAX: name for name in self.quantized}
         self._blocks = _Blocks(locals_, [p.numel() for p in params]) if self.quantized \
             else None
-        self._flat, self._layouts, self._tables, self._caches = {}, {}, {}, {}
+        self._flat, self._layouts = {}, {}
+        # What the steps of each run (by its span) keep for the next ones: its tables,
+        # block rows and Adafactor's plan; and the step (of self.steps) that last took
+        # it. A run no step took for CACHED_STEPS is forgotten (forget_stale_runs).
+        self._caches, self._taken, self.steps = {}, {}, 0
         # The partition's collectives' buffers, and the window (in elements) of each
         # share that they move at a time: a bucket's length.
         self._padded = self._own = self._reduced = None
@@ -2221,6 +2231,21 @@ class _Store:
                     _local(view).copy_(slot.local)
                 dict.__setitem__(slot.state, MASTER, view)
 
+    def cache(self, run):
+        """What the steps of ``run`` keep for the next ones (a dict)."""
+        self._taken[run.span] = self.steps
+        return self._caches.setdefault(run.span, {})
+
+    def forget_stale_runs(self):
+        """Count a step, and forget the caches of the runs that none of the last
+        ``CACHED_STEPS`` took: where gradients come and go (experts that no token
+        reached), the runs differ from step to step, and their caches piled up (a
+        contrived pattern's to nine times the 8-bit state of its model)."""
+        self.steps += 1
+        for span in [span for span, step in self._taken.items()
+                     if step <= self.steps - CACHED_STEPS]:
+            del self._taken[span], self._caches[span]
+
     def table(self, run, summing=False):
         """One segment per parameter of ``run``, the state laid out like the parameters,
         kept for the next steps (the store is rebuilt when a parameter moves); with the
@@ -2234,8 +2259,8 @@ class _Store:
         every rank's chunks from the tensors' shapes, as torch.chunk cuts them."""
         groups = self.reduction if self.partition is None else None
         shards = summing and groups is not None
-        key = (run.slots[0].index, run.slots[-1].index + 1, shards)
-        if key not in self._tables:
+        cache = self.cache(run)
+        if ("table", shards) not in cache:
             sizes = [slot.stop - slot.start for slot in run.slots]
             rows = [_row_length(p, slot.local, self.in_place) for p, slot in
                     zip(run.params, run.slots)] if shards and len(groups) == 1 \
@@ -2250,14 +2275,14 @@ class _Store:
             partition = self.partition
             if partition is not None and partition.world > 1 and not partition.whole:
                 table.totals = sharding.WholeTotals(
-                    partition.counts(SEGMENT_CHUNK, range(*key[:2])), self.reduction[0])
+                    partition.counts(SEGMENT_CHUNK, range(*run.span)), self.reduction[0])
             elif shards and len(groups) == 1:
                 table.totals = sharding.WholeTotals(self._shard_counts(run, rows, table),
                                                     groups[0])
             elif shards and groups:  # several mesh dimensions (a replicated DTensor: none)
                 table.totals = sharding.ranks_totals(table.totals, groups)
-            self._tables[key] = table
-        return self._tables[key]
+            cache["table", shards] = table
+        return cache["table", shards]
 
     def draws(self, run):
         """Where each tensor of ``run`` draws its random bits, a DTensor shard at its first
@@ -2311,7 +2336,7 @@ class _Store:
         elements), as torch.chunk cuts them; -1 for the others. A ValueError where
         this rank's piece is not torch.chunk's. Kept for the next steps, as the
         tables are."""
-        cache = self._caches.setdefault((run.slots[0].index, run.slots[-1].index + 1), {})
+        cache = self.cache(run)
         if "first_rows" in cache:
             return cache["first_rows"]
         group = self.reduction[0]
@@ -2354,18 +2379,18 @@ class _Store:
         # share_memory_() of a state view moves the whole buffer: look it up each step.
         state = {name: _array(self._flat[name]) for name in spec}
         master = _array(self._flat[MASTER]) if self.master else None
-        first, last = run.slots[0].index, run.slots[-1].index + 1
+        first, last = run.span
         work = engine.Work(self.backend, tensors=self.tensors(run, master),
                            shapes=self.shapes[first:last], segments=self.table(run),
                            state=state, present=tuple(spec),
                            state_starts=lambda name: self.layout(name)[0][first:last],
                            prep=prep, keep_subnormals=engine.keeps_subnormals(algorithm, hyper),
-                           cache=self._caches.setdefault((first, last), {}),
+                           cache=self.cache(run),
                            formats=self.storage.formats, master=self.master)
         if self.quantized:
             work.blocks = self._blocks.launch(run, {name: (
                 _array(self._flat[name + ABSMAX]), _array(self._flat[name + SMALL]))
-                for name in self.quantized if name in spec})
+                for name in self.quantized if name in spec}, self.cache(run))
         if self.storage.stochastic:
             work.stochastic, work.key = True, self.storage.key(run.step, self.ordinal)
             if self.partition is not None:
@@ -2457,6 +2482,11 @@ class _Run:
         self.slots.append(slot)
         self.grads.append(grad)
         self.stop = slot.stop
+
+    @property
+    def span(self):
+        """The store's parameters it steps: ``(first, last + 1)``, by their index."""
+        return self.slots[0].index, self.slots[-1].index + 1
 
     def take_gradients(self):
         """Make the gradients readable by the kernels: their addresses (each in its
