@@ -19,6 +19,9 @@ f32 = np.float32
 bf16 = np.dtype(ml_dtypes.bfloat16)
 f16 = np.dtype(np.float16)
 HALVES = {"bfloat16": bf16, "float16": f16}
+# Tests that compare the kernels' bits on one thread and on two.
+TWO_THREADS = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2,
+                                 reason="compares 1 and 2 threads: NUMBA_NUM_THREADS < 2")
 
 # Every algorithm takes 16-bit parameters; all but Adafactor (whose factors move on the
 # host) 16-bit state.
@@ -338,6 +341,7 @@ def test_state_dtype_per_buffer_and_float32_gradients_for_bfloat16_parameters():
     np.testing.assert_array_equal(opt.state["exp_avg"], twin.state["exp_avg"])
 
 
+@TWO_THREADS
 def test_the_parallel_loop_gives_the_bits_of_the_serial_one():
     n = 3 * cpu.PARALLEL_MIN_SIZE + 17
     results = []
@@ -590,6 +594,35 @@ def test_stochastic_rounding_is_unbiased_where_rounding_to_nearest_is_not():
     assert abs(nearest.astype(np.float64).mean() - exact) > 1e-3
 
 
+def test_stochastic_rounding_draws_new_bits_at_every_step():
+    # A quarter of a bfloat16 step up at each of 40 steps: each element rounds up at
+    # Binomial(40, 1/4) of them, from 1.0 (2**-7 a step) to at most 1.3125. With the
+    # same bits at every step, each element went up at none or at all of them.
+    n, steps = 2000, 40
+    opt = fastopt.SGD([np.ones(n, bf16)], lr=1.0, master_weights=None,
+                      stochastic_rounding=True, seed=3)
+    for _ in range(steps):
+        opt.step([np.full(n, -2.0 ** -9, bf16)])
+    ups = (opt.flat_params.astype(np.float64) - 1.0) / 2.0 ** -7
+    assert abs(ups.mean() - steps / 4) < 0.3  # 5 standard deviations of the mean
+    assert 6.0 < ups.var() < 9.0  # 40 * 1/4 * 3/4 = 7.5
+
+
+def test_stochastic_rounding_draws_other_bits_for_each_buffer():
+    # The momentum 1 + 2**-9 rounds up with probability 1/4, the parameter 3 - (1 +
+    # 2**-9) with 3/4: both up with 3/16 where their bits are independent, and with 1/4
+    # where one element's buffers shared its bits.
+    n = 20000
+    opt = fastopt.SGD([np.full(n, 3.0, bf16)], lr=1.0, momentum=0.9, master_weights=None,
+                      state_dtype="bfloat16", grad_dtype="float32",
+                      stochastic_rounding=True, seed=5)
+    opt.step([np.full(n, 1 + 2.0 ** -9, f32)])
+    p_up = opt.flat_params.astype(np.float64) == 2.0
+    momentum_up = opt.state["momentum_buffer"].astype(np.float64) == 1.0078125
+    assert abs(p_up.mean() - 0.75) < 0.015 and abs(momentum_up.mean() - 0.25) < 0.015
+    assert abs((p_up & momentum_up).mean() - 3 / 16) < 0.015  # 5 standard deviations
+
+
 # Every finite float16 magnitude in float64, ascending, and 65536 for the infinity.
 with np.errstate(invalid="ignore"):  # the NaN patterns
     _HALF_MAGNITUDES = np.unique(np.arange(1 << 15, dtype=np.uint16).view(f16).astype(np.float64))
@@ -691,6 +724,7 @@ def test_adafactor_without_master_weights_rounds_torchs_step_stochastically():
     assert 0.15 < share < 0.35, share
 
 
+@TWO_THREADS
 def test_adafactor_rounds_stochastically_alike_for_any_threads_groups_and_front():
     shapes = [(300, 257), (4, 5, 6), (70,)]
     rng = np.random.default_rng(22)
@@ -735,6 +769,7 @@ def test_float16_parameters_without_master_weights_round_stochastically_unbiased
     assert set(np.unique(opt.flat_params)) == {np.float16(1.0), np.float16(1.0009765625)}
 
 
+@TWO_THREADS
 def test_stochastic_rounding_gives_the_same_bits_for_any_threads_groups_and_front():
     n = 3 * cpu.PARALLEL_MIN_SIZE + 17
     p0 = initial_params(15, n).astype(bf16)
