@@ -21,15 +21,16 @@ MAPS = {"signed8": codecs.SIGNED_MAP, "unsigned8": codecs.UNSIGNED_MAP}
 
 def element_encoder(name):
     """The kernels' element-wise encoding in map ``name`` (what the last block of a
-    tensor and CUDA run): ``encode(values, inverse)``, the codes of ``values * inverse``."""
+    tensor and CUDA run): ``encode(values, inverse)``, the codes of ``values * inverse``
+    (a positive value's never scaled to 0: ``codecs.scaled_positive``)."""
     buckets = codecs.QUANTIZED[name][1]
-    bucket, code = (njit(inline="always", error_model="numpy")(f)
-                    for f in (codecs.dynamic_bucket, codecs.dynamic_code))
+    bucket, code, positive = (njit(inline="always", error_model="numpy")(f) for f in (
+        codecs.dynamic_bucket, codecs.dynamic_code, codecs.scaled_positive))
 
     @njit(error_model="numpy")
     def encode(values, inverse):
-        return np.array([code(values[i] * inverse, buckets[bucket(values[i] * inverse)])
-                         for i in range(values.size)], np.uint8)
+        scaled = [positive(values[i] * inverse, values[i]) for i in range(values.size)]
+        return np.array([code(x, buckets[bucket(x)]) for x in scaled], np.uint8)
     return encode
 
 
