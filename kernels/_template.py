@@ -173,11 +173,16 @@ def _scales(n):
             f"{n}_inverse = ONE / ({n}_top * {n}_prescale) if {n}_top > ZERO else ZERO"]
 
 
+def _scaled(n, fmt, value):
+    """``value``, element i of ``n``'s new values (``<n>_new[i]``) times scales, as 8-bit
+    ``fmt`` encodes it: never 0 for a positive ``<n>_new[i]`` in an unsigned map."""
+    return f"scaled_positive({value}, {n}_new[i])" if fmt in codecs.UNSIGNED else value
+
+
 def _encoded(n, fmt, at):
     """The statements that encode element i of ``n``'s new values (``<n>_new[i]``) of a block
     in 8-bit ``fmt`` into ``at``, by the block's ``<n>_prescale`` and ``<n>_inverse``."""
-    return [f"{n}_scaled = scaled_positive({n}_new[i] * {n}_prescale * {n}_inverse, "
-            f"{n}_new[i])",
+    return [f"{n}_scaled = {_scaled(n, fmt, f'{n}_new[i] * {n}_prescale * {n}_inverse')}",
             f"{at} = dynamic_code({n}_scaled, {fmt}_buckets[dynamic_bucket({n}_scaled)])"]
 
 
@@ -255,10 +260,10 @@ def _block_chunk(taken, quantized, writes, bits, body, stochastic):
                       f"{n}_top = np.int32({n}_bits).view(np.float32)", _not_infinite(n),
                       f"{n}_absmax[b] = {n}_top", *_scales(n)]
             lines += ([f"if {n}_prescale != ONE:",  # rare: the encoding's loops stay as they are
-                       f"    for i in range(BLOCK): {n}_new[i] = scaled_positive("
-                       f"{n}_new[i] * {n}_prescale, {n}_new[i])",
+                       f"    for i in range(BLOCK): "
+                       f"{n}_new[i] = {_scaled(n, quantized[n], f'{n}_new[i] * {n}_prescale')}",
                        f"encode_block({n}_new, {n}_inverse, {quantized[n]}_buckets, {n}_b, "
-                       "entries)"] if whole else
+                       f"entries, {quantized[n] in codecs.UNSIGNED})"] if whole else
                       [f"for i in range({count}):",
                        *(f"    {line}" for line in _encoded(n, quantized[n], f"{n}_b[i]"))])
         return lines

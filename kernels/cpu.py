@@ -165,18 +165,21 @@ _dynamic_bucket, _dynamic_code, _scaled_positive = (
 
 
 @njit(inline="always", error_model="numpy")
-def encode_block_by_lookups(values, inverse, table, codes, entries):
+def encode_block_by_lookups(values, inverse, table, codes, entries, unsigned):
     """``codes[i]``: the code of ``values[i] * inverse`` for the BLOCK float32 ``values``,
     through ``table``, the map's buckets (``codecs.QUANTIZED``), in one loop whose table
     look-up compiles to a gather where LLVM finds gathers fast (AVX-512). ``entries``
-    (BLOCK int32) is the scratch that :func:`encode_block_in_steps` takes."""
+    (BLOCK int32) is the scratch that :func:`encode_block_in_steps` takes. ``unsigned``
+    (a constant where the drivers inline it): the map is unsigned, which never stores a
+    positive value as 0 (``codecs.scaled_positive``)."""
     for i in range(codecs.BLOCK):
-        x = _scaled_positive(values[i] * inverse, values[i])
+        x = values[i] * inverse
+        x = _scaled_positive(x, values[i]) if unsigned else x
         codes[i] = _dynamic_code(x, table[_dynamic_bucket(x)])
 
 
 @njit(inline="always", error_model="numpy")
-def encode_block_in_steps(values, inverse, table, codes, entries):
+def encode_block_in_steps(values, inverse, table, codes, entries, unsigned):
     """:func:`encode_block_by_lookups`' codes, with the look-ups in a loop of their own
     (into ``entries``): where LLVM finds gathers slow (AVX2 on AMD Zen 3) it does not
     vectorise a loop that holds one, and the two loops around this one vectorise (the
@@ -184,11 +187,13 @@ def encode_block_in_steps(values, inverse, table, codes, entries):
     take it wherever they do not take AVX-512's permutes, on CPUs where it is not
     measured too (Intel's without AVX-512, ARM): its codes are the same either way."""
     for i in range(codecs.BLOCK):
-        entries[i] = _dynamic_bucket(_scaled_positive(values[i] * inverse, values[i]))
+        x = values[i] * inverse
+        entries[i] = _dynamic_bucket(_scaled_positive(x, values[i]) if unsigned else x)
     for i in range(codecs.BLOCK):
         entries[i] = table[entries[i]]
     for i in range(codecs.BLOCK):
-        codes[i] = _dynamic_code(_scaled_positive(values[i] * inverse, values[i]), entries[i])
+        x = values[i] * inverse
+        codes[i] = _dynamic_code(_scaled_positive(x, values[i]) if unsigned else x, entries[i])
 
 
 # How a whole block of 8-bit state is decoded and encoded (_template._block_chunk): on

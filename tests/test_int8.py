@@ -22,14 +22,17 @@ MAPS = {"signed8": codecs.SIGNED_MAP, "unsigned8": codecs.UNSIGNED_MAP}
 def element_encoder(name):
     """The kernels' element-wise encoding in map ``name`` (what the last block of a
     tensor and CUDA run): ``encode(values, inverse)``, the codes of ``values * inverse``
-    (a positive value's never scaled to 0: ``codecs.scaled_positive``)."""
+    (in an unsigned map a positive value's never scaled to 0: ``codecs.scaled_positive``)."""
     buckets = codecs.QUANTIZED[name][1]
     bucket, code, positive = (njit(inline="always", error_model="numpy")(f) for f in (
         codecs.dynamic_bucket, codecs.dynamic_code, codecs.scaled_positive))
 
+    unsigned = name in codecs.UNSIGNED
+
     @njit(error_model="numpy")
     def encode(values, inverse):
-        scaled = [positive(values[i] * inverse, values[i]) for i in range(values.size)]
+        scaled = [positive(values[i] * inverse, values[i]) if unsigned else values[i] * inverse
+                  for i in range(values.size)]
         return np.array([code(x, buckets[bucket(x)]) for x in scaled], np.uint8)
     return encode
 
@@ -74,7 +77,7 @@ def test_the_dynamic_maps_are_bitsandbytes_maps():
 def test_a_whole_block_encodes_as_its_elements_do(encode_block, name):
     # Both ways the CPU drivers encode a whole block (which one runs depends on the CPU)
     # against the element-wise encoding that the last block of a tensor and CUDA run.
-    buckets = codecs.QUANTIZED[name][1]
+    buckets, unsigned = codecs.QUANTIZED[name][1], name in codecs.UNSIGNED
     by_elements = element_encoder(name)
 
     @njit(error_model="numpy")
@@ -82,7 +85,7 @@ def test_a_whole_block_encodes_as_its_elements_do(encode_block, name):
         codes, entries = np.empty(values.size, np.uint8), np.empty(BLOCK, np.int32)
         for b in range(values.size // BLOCK):
             encode_block(values[b * BLOCK:(b + 1) * BLOCK], inverse, buckets,
-                         codes[b * BLOCK:(b + 1) * BLOCK], entries)
+                         codes[b * BLOCK:(b + 1) * BLOCK], entries, unsigned)
         return codes
 
     rng = np.random.default_rng(5)
