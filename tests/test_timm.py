@@ -1,4 +1,5 @@
-"""fastopt against timm's optimizers, where timm has the algorithm (Adan).
+"""fastopt against timm's optimizers, where timm has the algorithm (Adan, LAMB, LARS,
+and the Cautious Optimizers' mask).
 
 timm is a test-only dependency, installed without its dependencies: its package imports
 torchvision, which cannot load next to the CPU build of torch, so each optimizer
@@ -42,17 +43,21 @@ def timm_optimizer(module, name):
                 sys.modules[key] = value
 
 
-def tensors(seed):
+def tensors(seed, zero_bias=False):
+    """Three tensors; with ``zero_bias``, the vector of them starts at zero (a bias)."""
     rng = np.random.default_rng(seed)
     shapes = [(7, 5), (13,), (3, 2, 4)]
-    return [torch.nn.Parameter(torch.from_numpy(rng.standard_normal(s).astype(np.float32)))
-            for s in shapes]
+    params = [torch.nn.Parameter(torch.from_numpy(rng.standard_normal(s).astype(np.float32)))
+              for s in shapes]
+    if zero_bias:
+        params[1].data.zero_()
+    return params
 
 
-def train(make, seed, steps=STEPS):
+def train(make, seed, steps=STEPS, zero_bias=False):
     """Steps on a fixed quadratic, 0.5 * sum(c * p**2) plus a fixed tilt per step: the
     gradient depends on the parameters, smoothly (no chaos to amplify rounding)."""
-    params = tensors(seed)
+    params = tensors(seed, zero_bias)
     opt = make(params)
     rng = np.random.default_rng(seed + 1)
     curvature = [torch.from_numpy(rng.uniform(0.5, 2.0, p.shape).astype(np.float32))
@@ -92,6 +97,31 @@ def test_adan_matches_timm(kwargs):
         # timm keeps minus the last gradient; fastopt keeps the gradient
         assert_close_in_ulps(our_opt.state[a]["prev_grad"], -their_opt.state[b]["neg_pre_grad"],
                              f"state[{k}][prev_grad]")
+
+
+# timm's options beside: no clipping of its own, and the trust ratio without weight decay
+# too (where timm's default, as NVIDIA's apex, leaves it out). (timm's Lamb decays 0.01 by
+# default, fastopt's 0.)
+LAYERWISE = [("lamb", "Lamb", "LAMB", dict(lr=0.01, weight_decay=0.0),
+              dict(max_grad_norm=None, always_adapt=True)),
+             ("lamb", "Lamb", "LAMB", dict(lr=0.01, weight_decay=0.1), dict(max_grad_norm=None)),
+             ("lars", "Lars", "LARS", dict(lr=0.1, momentum=0.9), dict(eps=0.0, always_adapt=True)),
+             ("lars", "Lars", "LARS", dict(lr=0.1, momentum=0.9, weight_decay=0.01),
+              dict(eps=0.0))]
+
+
+@pytest.mark.parametrize("module, name, ours, kwargs, theirs_only", LAYERWISE,
+                         ids=[f"{c[2]}{c[3]}" for c in LAYERWISE])
+def test_layerwise_steps_match_timm_and_move_a_tensor_that_starts_at_zero(
+        module, name, ours, kwargs, theirs_only):
+    """LAMB's and LARS's per-tensor trust ratios, 1 where a tensor's norm is 0: a bias
+    that starts at zero moves from the first step."""
+    Theirs = timm_optimizer(module, name)
+    theirs, _ = train(lambda ps: Theirs(ps, **kwargs, **theirs_only), seed=7, zero_bias=True)
+    mine, _ = train(lambda ps: getattr(ft, ours)(ps, **kwargs), seed=7, zero_bias=True)
+    assert mine[1].abs().min().item() > 100 * ULPS * np.spacing(np.float32(1))
+    for k, (a, b) in enumerate(zip(mine, theirs)):
+        assert_close_in_ulps(a, b, f"params[{k}]")
 
 
 CAUTIOUS = [("adamw", "AdamWLegacy", "AdamW", dict(lr=0.01, weight_decay=0.1)),
