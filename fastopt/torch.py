@@ -2243,7 +2243,7 @@ class _Store:
         contrived pattern's to nine times the 8-bit state of its model)."""
         self.steps += 1
         for span in [span for span, step in self._taken.items()
-                     if step <= self.steps - CACHED_STEPS]:
+                     if step < self.steps - CACHED_STEPS]:
             del self._taken[span], self._caches[span]
 
     def table(self, run, summing=False):
