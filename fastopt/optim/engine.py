@@ -277,8 +277,9 @@ def cautious_step(work, rule, h):
     """A step of ``rule`` with ``h.caution`` over the tensors of ``work``: the first pass
     counts, per tensor, where the momentum agrees with the gradient (the rule's
     ``agreement``) and writes nothing; the second steps with
-    ``caution_scale = 1 / max(share, 1e-3)``, the share exact, rounded to float32
-    (timm's mask.mean(), a float32 mean, can be 1 ulp off above 2**24 elements)."""
+    ``caution_scale = 1 / max(share, 1e-3)``, the share a float64 quotient rounded to
+    float32 (timm's mask.mean(), a float32 mean, can be 1 ulp off above 2**24
+    elements; this, rounded twice, above about 5e8)."""
     agree, = work.run(Pass(rule, work.present, writes=(), sums=("agreement",)), h)
     share = (agree / np.maximum(work.sizes, 1)).astype(f32)
     scale = f32(1) / np.maximum(share, CAUTION_MIN_SHARE)
