@@ -2248,8 +2248,8 @@ class _Store:
 
     def table(self, run, summing=False):
         """One segment per parameter of ``run``, the state laid out like the parameters,
-        kept for the next steps (the store is rebuilt when a parameter moves); with the
-        parameters' addresses where they are stepped in place. Where the parameters are
+        kept for the next steps (see :meth:`cache`); with the parameters' addresses
+        where they are stepped in place. Where the parameters are
         pieces of a ZeRO partition, its sums are the whole tensors' (``WholeTotals``),
         and so are those of DTensor shards (the gradient norm, and passes that sum:
         ``summing``). Over one mesh dimension (FSDP2's) these take a table of their
@@ -2380,17 +2380,18 @@ class _Store:
         state = {name: _array(self._flat[name]) for name in spec}
         master = _array(self._flat[MASTER]) if self.master else None
         first, last = run.span
+        cache = self.cache(run)
         work = engine.Work(self.backend, tensors=self.tensors(run, master),
                            shapes=self.shapes[first:last], segments=self.table(run),
                            state=state, present=tuple(spec),
                            state_starts=lambda name: self.layout(name)[0][first:last],
                            prep=prep, keep_subnormals=engine.keeps_subnormals(algorithm, hyper),
-                           cache=self.cache(run),
+                           cache=cache,
                            formats=self.storage.formats, master=self.master)
         if self.quantized:
             work.blocks = self._blocks.launch(run, {name: (
                 _array(self._flat[name + ABSMAX]), _array(self._flat[name + SMALL]))
-                for name in self.quantized if name in spec}, self.cache(run))
+                for name in self.quantized if name in spec}, cache)
         if self.storage.stochastic:
             work.stochastic, work.key = True, self.storage.key(run.step, self.ordinal)
             if self.partition is not None:

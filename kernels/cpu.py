@@ -165,6 +165,14 @@ _dynamic_bucket, _dynamic_code, _scaled_positive = (
 
 
 @njit(inline="always", error_model="numpy")
+def _scaled(value, inverse, unsigned):
+    """``value * inverse`` as the map encodes it: in an unsigned map, never 0 for a
+    positive ``value`` (``codecs.scaled_positive``)."""
+    x = value * inverse
+    return _scaled_positive(x, value) if unsigned else x
+
+
+@njit(inline="always", error_model="numpy")
 def encode_block_by_lookups(values, inverse, table, codes, entries, unsigned):
     """``codes[i]``: the code of ``values[i] * inverse`` for the BLOCK float32 ``values``,
     through ``table``, the map's buckets (``codecs.QUANTIZED``), in one loop whose table
@@ -173,8 +181,7 @@ def encode_block_by_lookups(values, inverse, table, codes, entries, unsigned):
     (a constant where the drivers inline it): the map is unsigned, which never stores a
     positive value as 0 (``codecs.scaled_positive``)."""
     for i in range(codecs.BLOCK):
-        x = values[i] * inverse
-        x = _scaled_positive(x, values[i]) if unsigned else x
+        x = _scaled(values[i], inverse, unsigned)
         codes[i] = _dynamic_code(x, table[_dynamic_bucket(x)])
 
 
@@ -187,13 +194,11 @@ def encode_block_in_steps(values, inverse, table, codes, entries, unsigned):
     take it wherever they do not take AVX-512's permutes, on CPUs where it is not
     measured too (Intel's without AVX-512, ARM): its codes are the same either way."""
     for i in range(codecs.BLOCK):
-        x = values[i] * inverse
-        entries[i] = _dynamic_bucket(_scaled_positive(x, values[i]) if unsigned else x)
+        entries[i] = _dynamic_bucket(_scaled(values[i], inverse, unsigned))
     for i in range(codecs.BLOCK):
         entries[i] = table[entries[i]]
     for i in range(codecs.BLOCK):
-        x = values[i] * inverse
-        codes[i] = _dynamic_code(_scaled_positive(x, values[i]) if unsigned else x, entries[i])
+        codes[i] = _dynamic_code(_scaled(values[i], inverse, unsigned), entries[i])
 
 
 # How a whole block of 8-bit state is decoded and encoded (_template._block_chunk): on
